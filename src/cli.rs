@@ -1,0 +1,127 @@
+//! The command line: clap types and what each subcommand runs.
+//!
+//! Owns: the argument grammar of SPEC section 6, the runtime each command
+//! runs on, and exit codes. Every command is a call into the library, so
+//! `main` stays a one-liner.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+use crate::routing::{self, Weight};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cohort",
+    version,
+    about = "Sticky-routing canary reverse proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, default_value = "config/cohort.toml")]
+        config: PathBuf,
+        /// Re-seed the live state from the config instead of the state file.
+        #[arg(long)]
+        reset_state: bool,
+    },
+    /// Validate a config file: prints `ok`, or every problem by its key.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start two demo upstreams and the proxy in front of them with a 10% canary.
+    Demo,
+    /// Print the bucket and cohort of each key.
+    Route {
+        /// The bucket salt (`routing.salt`, or the canary's name).
+        #[arg(long)]
+        salt: String,
+        /// The canary weight in percent.
+        #[arg(long)]
+        weight: f64,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+/// Runs a parsed command line to completion.
+#[must_use]
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve {
+            config,
+            reset_state: _,
+        } => serve(&config),
+        Command::Check { config } => check(&config),
+        Command::Demo => runtime(0)
+            .and_then(|rt| rt.block_on(crate::demo::run()).map_err(|e| e.to_string()))
+            .map_or_else(fail, |()| ExitCode::SUCCESS),
+        Command::Route { salt, weight, keys } => route(&salt, weight, &keys),
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return fail(error.to_string()),
+    };
+    let result = runtime(config.listen.workers).and_then(|rt| {
+        rt.block_on(crate::serve::run(config))
+            .map_err(|e| e.to_string())
+    });
+    result.map_or_else(fail, |()| ExitCode::SUCCESS)
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Invalid(problems)) => {
+            for problem in problems {
+                eprintln!("{problem}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(error) => fail(error.to_string()),
+    }
+}
+
+fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {
+    let weight = match Weight::from_percent(weight) {
+        Ok(weight) => weight,
+        Err(message) => return fail(format!("--weight: {message}")),
+    };
+    for key in keys {
+        let placement = routing::place(salt.as_bytes(), weight, key.as_bytes());
+        println!("{key}\t{}\t{}", placement.bucket, placement.cohort.as_str());
+    }
+    ExitCode::SUCCESS
+}
+
+/// A multi-threaded runtime with `workers` threads (0: one per core).
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("cohort: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,1129 @@
+//! Configuration: TOML text -> raw serde structs -> `validate()` -> [`Config`].
+//!
+//! Owns: the whole schema of SPEC section 7 (every table, including those for
+//! rollouts, TLS, health and shadow traffic, so a config written for them is
+//! never rejected), the defaults, and the problems a config can have, each
+//! named by its dotted key. Does not own: what the values do at run time.
+//!
+//! Parsing happens in two steps. Serde rejects unknown keys and wrong types;
+//! `validate` then checks every value and reports *all* problems at once, so
+//! `cohort check` can list every mistake in one run.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::routing::{KeySource, Weight};
+use crate::upstream::UpstreamAddr;
+
+/// A validated configuration: every value typed and in range.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    pub routing: RoutingConfig,
+    pub versions: VersionsConfig,
+    pub admin: AdminConfig,
+    pub state: StateConfig,
+    pub metrics: MetricsConfig,
+    pub rollout: Option<RolloutConfig>,
+    pub health: HealthConfig,
+    pub shadow: Option<ShadowConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    pub addr: SocketAddr,
+    /// Worker threads; `0` in the file means one per core and is resolved here.
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    /// Time to the upstream's response headers; a streaming body is not cut.
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Draw a random id, route by it and hand it to the client as a cookie.
+    Cookie,
+    /// The peer's IP address is the key.
+    ClientIp,
+    /// Keyless requests go to stable.
+    Stable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRollback {
+    /// Open streams and upgraded connections on the canary run on.
+    Drain,
+    /// They are closed at once.
+    Close,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub salt: Option<String>,
+    pub sticky_keys: Vec<KeySource>,
+    pub fallback: Fallback,
+    pub cookie_name: String,
+    pub cookie_max_age: Duration,
+    pub version_header: HeaderName,
+    pub override_header: Option<HeaderName>,
+    pub on_rollback: OnRollback,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VersionConfig {
+    pub name: String,
+    pub upstreams: Vec<UpstreamAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionsConfig {
+    pub stable: VersionConfig,
+    pub canary: Option<(VersionConfig, Weight)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub metrics_auth: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub path: PathBuf,
+    pub audit_log: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    pub tokens_header: Option<HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    Weight { weight: Weight, duration: Duration },
+    Pause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSuccess {
+    Promote,
+    Hold,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    pub interval: Duration,
+    pub failure_limit: u32,
+    pub min_requests: u64,
+    /// Evaluations in a row without enough data before a stage counts it as a failure.
+    pub inconclusive_limit: u32,
+    pub on_success: OnSuccess,
+    pub stages: Vec<Stage>,
+    pub guardrails: Guardrails,
+    pub webhooks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guardrails {
+    pub success_rate_min: Option<f64>,
+    pub success_rate_drop_max: Option<f64>,
+    pub p95_latency_ratio_max: Option<f64>,
+    pub p95_latency_ms_max: Option<f64>,
+    pub tokens_ratio_max: Option<f64>,
+    pub eval_score_min: Option<f64>,
+    pub confidence: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryUnavailable {
+    Stable,
+    Error,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub eject_after_errors: u32,
+    pub eject_for: Duration,
+    pub canary_unavailable: CanaryUnavailable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShadowConfig {
+    pub name: String,
+    pub upstreams: Vec<UpstreamAddr>,
+    pub percent: Weight,
+    pub max_body: u64,
+    pub methods: Vec<http::Method>,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One invalid value, named by its dotted key (`versions.canary.weight`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in syntax errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: raw::Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        raw.validate().map_err(ConfigError::Invalid)
+    }
+
+    /// The salt the bucket is drawn with: `routing.salt`, else the canary's name.
+    pub fn salt(&self) -> Option<&str> {
+        self.routing.salt.as_deref().or(self
+            .versions
+            .canary
+            .as_ref()
+            .map(|(canary, _)| canary.name.as_str()))
+    }
+}
+
+/// Parses a duration written as `"250ms"`, `"30s"` or `"2h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration such as \"250ms\", \"30s\" or \"2h\" ({e})")
+    })
+}
+
+/// Parses a byte size written as `"512"`, `"64KiB"`, `"1MiB"`, `"1MB"` or `"2GiB"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size such as \"64KiB\" or \"1MiB\""
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("{text:?} is not a size such as \"64KiB\" or \"1MiB\""))
+}
+
+/// The serde mirror of the file: every key optional, unknown keys refused.
+mod raw {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        #[serde(default)]
+        listen: Listen,
+        #[serde(default)]
+        upstream: Upstream,
+        #[serde(default)]
+        routing: Routing,
+        versions: Option<Versions>,
+        #[serde(default)]
+        admin: Admin,
+        #[serde(default)]
+        state: State,
+        #[serde(default)]
+        metrics: Metrics,
+        rollout: Option<Rollout>,
+        #[serde(default)]
+        health: Health,
+        shadow: Option<Shadow>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Listen {
+        addr: Option<String>,
+        workers: Option<usize>,
+        drain_timeout: Option<String>,
+        header_read_timeout: Option<String>,
+        max_connections: Option<usize>,
+        tls: Option<Tls>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        alpn: Option<Vec<String>>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Upstream {
+        connect_timeout: Option<String>,
+        response_timeout: Option<String>,
+        idle_timeout: Option<String>,
+        max_idle_per_host: Option<usize>,
+        ca_file: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Routing {
+        salt: Option<String>,
+        sticky_keys: Option<Vec<String>>,
+        fallback: Option<String>,
+        cookie_name: Option<String>,
+        cookie_max_age: Option<String>,
+        version_header: Option<String>,
+        override_header: Option<String>,
+        on_rollback: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Versions {
+        stable: Option<Version>,
+        canary: Option<Version>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Version {
+        name: Option<String>,
+        upstreams: Option<Vec<String>>,
+        weight: Option<f64>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Admin {
+        addr: Option<String>,
+        token_file: Option<PathBuf>,
+        metrics_auth: Option<bool>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct State {
+        path: Option<PathBuf>,
+        audit_log: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Metrics {
+        tokens_header: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rollout {
+        pub interval: Option<String>,
+        pub failure_limit: Option<u32>,
+        pub min_requests: Option<u64>,
+        pub inconclusive_limit: Option<u32>,
+        pub on_success: Option<String>,
+        pub stages: Option<Vec<StageEntry>>,
+        pub guardrails: Option<GuardrailLimits>,
+        pub webhooks: Option<Vec<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct StageEntry {
+        pub weight: Option<f64>,
+        pub duration: Option<String>,
+        pub pause: Option<bool>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct GuardrailLimits {
+        pub success_rate_min: Option<f64>,
+        pub success_rate_drop_max: Option<f64>,
+        pub p95_latency_ratio_max: Option<f64>,
+        pub p95_latency_ms_max: Option<f64>,
+        pub tokens_ratio_max: Option<f64>,
+        pub eval_score_min: Option<f64>,
+        pub confidence: Option<f64>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Health {
+        path: Option<String>,
+        interval: Option<String>,
+        timeout: Option<String>,
+        healthy_threshold: Option<u32>,
+        unhealthy_threshold: Option<u32>,
+        eject_after_errors: Option<u32>,
+        eject_for: Option<String>,
+        canary_unavailable: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Shadow {
+        name: Option<String>,
+        upstreams: Option<Vec<String>>,
+        percent: Option<f64>,
+        max_body: Option<String>,
+        methods: Option<Vec<String>>,
+    }
+
+    /// Collects problems while values are converted, so all are reported at once.
+    #[derive(Default)]
+    pub(super) struct Checker {
+        pub problems: Vec<Problem>,
+    }
+
+    impl Checker {
+        pub fn problem(&mut self, key: &str, message: impl Into<String>) {
+            self.problems.push(Problem {
+                key: key.to_owned(),
+                message: message.into(),
+            });
+        }
+
+        /// Converts `value` with `parse`, or records the problem and yields `default`.
+        fn value<T, R>(
+            &mut self,
+            key: &str,
+            value: Option<R>,
+            default: T,
+            parse: impl FnOnce(R) -> Result<T, String>,
+        ) -> T {
+            match value.map(parse) {
+                None => default,
+                Some(Ok(v)) => v,
+                Some(Err(message)) => {
+                    self.problem(key, message);
+                    default
+                }
+            }
+        }
+
+        fn duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
+            self.value(key, value, default, |s| parse_duration(&s))
+        }
+
+        fn positive_duration(
+            &mut self,
+            key: &str,
+            value: Option<String>,
+            default: Duration,
+        ) -> Duration {
+            self.value(key, value, default, |s| {
+                parse_duration(&s).and_then(|d| {
+                    if d.is_zero() {
+                        Err(format!("{s:?} must be longer than zero"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+            })
+        }
+
+        fn header(&mut self, key: &str, value: Option<String>) -> Option<HeaderName> {
+            self.value(key, value, None, |s| {
+                HeaderName::from_bytes(s.as_bytes())
+                    .map(Some)
+                    .map_err(|_| format!("{s:?} is not a valid header name"))
+            })
+        }
+
+        fn socket_addr(&mut self, key: &str, value: Option<String>, default: &str) -> SocketAddr {
+            let default = default.parse().expect("default addresses are valid");
+            self.value(key, value, default, |s| {
+                s.parse()
+                    .map_err(|_| format!("{s:?} is not an address such as \"127.0.0.1:8080\""))
+            })
+        }
+
+        fn weight(&mut self, key: &str, value: Option<f64>) -> Option<Weight> {
+            self.value(key, value, None, |w| Weight::from_percent(w).map(Some))
+        }
+
+        fn fraction(&mut self, key: &str, value: Option<f64>) -> Option<f64> {
+            self.value(key, value, None, |v| {
+                if (0.0..=1.0).contains(&v) {
+                    Ok(Some(v))
+                } else {
+                    Err(format!("{v} is not within 0.0..=1.0"))
+                }
+            })
+        }
+
+        fn positive(&mut self, key: &str, value: Option<f64>) -> Option<f64> {
+            self.value(key, value, None, |v| {
+                if v.is_finite() && v > 0.0 {
+                    Ok(Some(v))
+                } else {
+                    Err(format!("{v} must be a number above 0"))
+                }
+            })
+        }
+
+        fn at_least_one(&mut self, key: &str, value: Option<u32>, default: u32) -> u32 {
+            self.value(key, value, default, |n| {
+                if n >= 1 {
+                    Ok(n)
+                } else {
+                    Err("must be at least 1".to_owned())
+                }
+            })
+        }
+
+        fn upstreams(&mut self, key: &str, value: Option<Vec<String>>) -> Vec<UpstreamAddr> {
+            let Some(list) = value else {
+                self.problem(key, "is required: a list such as [\"127.0.0.1:9001\"]");
+                return Vec::new();
+            };
+            if list.is_empty() {
+                self.problem(key, "must name at least one upstream");
+            }
+            let mut seen = HashSet::new();
+            let mut parsed = Vec::with_capacity(list.len());
+            for (i, text) in list.iter().enumerate() {
+                match UpstreamAddr::parse(text) {
+                    Ok(addr) if !seen.insert(addr.to_string()) => {
+                        self.problem(&format!("{key}[{i}]"), format!("{text:?} is listed twice"))
+                    }
+                    Ok(addr) => parsed.push(addr),
+                    Err(message) => self.problem(&format!("{key}[{i}]"), message),
+                }
+            }
+            parsed
+        }
+
+        fn version_name(&mut self, key: &str, value: Option<String>) -> String {
+            match value {
+                None => {
+                    self.problem(key, "is required");
+                    String::new()
+                }
+                Some(name) => {
+                    if let Err(message) = check_version_name(&name) {
+                        self.problem(key, message);
+                    }
+                    name
+                }
+            }
+        }
+    }
+
+    impl Config {
+        pub fn validate(self) -> Result<super::Config, Vec<Problem>> {
+            let mut c = Checker::default();
+
+            let listen = ListenConfig {
+                addr: c.socket_addr("listen.addr", self.listen.addr, "0.0.0.0:8080"),
+                workers: match self.listen.workers {
+                    None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    Some(n) => n,
+                },
+                drain_timeout: c.duration(
+                    "listen.drain_timeout",
+                    self.listen.drain_timeout,
+                    Duration::from_secs(30),
+                ),
+                header_read_timeout: c.positive_duration(
+                    "listen.header_read_timeout",
+                    self.listen.header_read_timeout,
+                    Duration::from_secs(10),
+                ),
+                max_connections: c.value(
+                    "listen.max_connections",
+                    self.listen.max_connections,
+                    10_000,
+                    |n| {
+                        if n >= 1 {
+                            Ok(n)
+                        } else {
+                            Err("must be at least 1".into())
+                        }
+                    },
+                ),
+                tls: self.listen.tls.map(|tls| TlsConfig {
+                    cert: tls.cert,
+                    key: tls.key,
+                    alpn: c.value(
+                        "listen.tls.alpn",
+                        tls.alpn,
+                        vec!["h2".into(), "http/1.1".into()],
+                        |list| match list.iter().find(|p| *p != "h2" && *p != "http/1.1") {
+                            Some(p) => Err(format!("{p:?} is not one of \"h2\", \"http/1.1\"")),
+                            None => Ok(list),
+                        },
+                    ),
+                }),
+            };
+
+            let upstream = UpstreamConfig {
+                connect_timeout: c.positive_duration(
+                    "upstream.connect_timeout",
+                    self.upstream.connect_timeout,
+                    Duration::from_secs(5),
+                ),
+                response_timeout: c.positive_duration(
+                    "upstream.response_timeout",
+                    self.upstream.response_timeout,
+                    Duration::from_secs(60),
+                ),
+                idle_timeout: c.positive_duration(
+                    "upstream.idle_timeout",
+                    self.upstream.idle_timeout,
+                    Duration::from_secs(90),
+                ),
+                max_idle_per_host: self.upstream.max_idle_per_host.unwrap_or(256),
+                ca_file: self.upstream.ca_file,
+            };
+
+            let r = self.routing;
+            let routing = RoutingConfig {
+                salt: r.salt,
+                sticky_keys: match r.sticky_keys {
+                    None => vec![KeySource::Header(HeaderName::from_static("x-user-id"))],
+                    Some(list) => list
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| match KeySource::parse(s) {
+                            Ok(source) => Some(source),
+                            Err(message) => {
+                                c.problem(&format!("routing.sticky_keys[{i}]"), message);
+                                None
+                            }
+                        })
+                        .collect(),
+                },
+                fallback: c.value(
+                    "routing.fallback",
+                    r.fallback,
+                    Fallback::Cookie,
+                    |s| match s.as_str() {
+                        "cookie" => Ok(Fallback::Cookie),
+                        "client_ip" => Ok(Fallback::ClientIp),
+                        "stable" => Ok(Fallback::Stable),
+                        _ => Err(format!(
+                            "{s:?} is not one of \"cookie\", \"client_ip\", \"stable\""
+                        )),
+                    },
+                ),
+                cookie_name: c.value(
+                    "routing.cookie_name",
+                    r.cookie_name,
+                    "cohort_id".to_owned(),
+                    |s| {
+                        let token = !s.is_empty()
+                            && s.bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+                            });
+                        if token {
+                            Ok(s)
+                        } else {
+                            Err(format!("{s:?} is not a valid cookie name"))
+                        }
+                    },
+                ),
+                cookie_max_age: c.duration(
+                    "routing.cookie_max_age",
+                    r.cookie_max_age,
+                    Duration::from_secs(30 * 24 * 3600),
+                ),
+                version_header: c
+                    .header("routing.version_header", r.version_header)
+                    .unwrap_or(HeaderName::from_static("x-agent-version")),
+                override_header: c.header("routing.override_header", r.override_header),
+                on_rollback: c.value(
+                    "routing.on_rollback",
+                    r.on_rollback,
+                    OnRollback::Drain,
+                    |s| match s.as_str() {
+                        "drain" => Ok(OnRollback::Drain),
+                        "close" => Ok(OnRollback::Close),
+                        _ => Err(format!("{s:?} is not one of \"drain\", \"close\"")),
+                    },
+                ),
+            };
+
+            let versions = match self.versions {
+                None => {
+                    c.problem("versions.stable", "is required");
+                    None
+                }
+                Some(v) => validate_versions(&mut c, v),
+            };
+
+            let admin = AdminConfig {
+                addr: c.socket_addr("admin.addr", self.admin.addr, "127.0.0.1:9901"),
+                token_file: self.admin.token_file,
+                metrics_auth: self.admin.metrics_auth.unwrap_or(false),
+            };
+
+            let state = StateConfig {
+                path: self
+                    .state
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("cohort-state.json")),
+                audit_log: self
+                    .state
+                    .audit_log
+                    .unwrap_or_else(|| PathBuf::from("cohort-audit.jsonl")),
+            };
+
+            let metrics = MetricsConfig {
+                tokens_header: c.header("metrics.tokens_header", self.metrics.tokens_header),
+            };
+
+            let rollout = self.rollout.map(|r| validate_rollout(&mut c, "rollout", r));
+
+            let h = self.health;
+            let health = HealthConfig {
+                path: c.value("health.path", h.path, "/health".to_owned(), |p| {
+                    if p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok() {
+                        Ok(p)
+                    } else {
+                        Err(format!("{p:?} is not a path starting with '/'"))
+                    }
+                }),
+                interval: c.positive_duration(
+                    "health.interval",
+                    h.interval,
+                    Duration::from_secs(5),
+                ),
+                timeout: c.positive_duration("health.timeout", h.timeout, Duration::from_secs(1)),
+                healthy_threshold: c.at_least_one(
+                    "health.healthy_threshold",
+                    h.healthy_threshold,
+                    2,
+                ),
+                unhealthy_threshold: c.at_least_one(
+                    "health.unhealthy_threshold",
+                    h.unhealthy_threshold,
+                    3,
+                ),
+                eject_after_errors: c.at_least_one(
+                    "health.eject_after_errors",
+                    h.eject_after_errors,
+                    5,
+                ),
+                eject_for: c.positive_duration(
+                    "health.eject_for",
+                    h.eject_for,
+                    Duration::from_secs(30),
+                ),
+                canary_unavailable: c.value(
+                    "health.canary_unavailable",
+                    h.canary_unavailable,
+                    CanaryUnavailable::Stable,
+                    |s| match s.as_str() {
+                        "stable" => Ok(CanaryUnavailable::Stable),
+                        "error" => Ok(CanaryUnavailable::Error),
+                        _ => Err(format!("{s:?} is not one of \"stable\", \"error\"")),
+                    },
+                ),
+            };
+
+            let shadow = self.shadow.map(|s| ShadowConfig {
+                name: c.version_name("shadow.name", s.name),
+                upstreams: c.upstreams("shadow.upstreams", s.upstreams),
+                percent: c
+                    .weight("shadow.percent", s.percent)
+                    .unwrap_or(Weight::ZERO),
+                max_body: c.value("shadow.max_body", s.max_body, 1 << 20, |s| parse_size(&s)),
+                methods: s.methods.map_or_else(
+                    || vec![http::Method::GET, http::Method::HEAD],
+                    |list| {
+                        list.iter()
+                            .enumerate()
+                            .filter_map(|(i, m)| {
+                                match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                                    Ok(method) => Some(method),
+                                    Err(_) => {
+                                        c.problem(
+                                            &format!("shadow.methods[{i}]"),
+                                            format!("{m:?} is not an HTTP method"),
+                                        );
+                                        None
+                                    }
+                                }
+                            })
+                            .collect()
+                    },
+                ),
+            });
+
+            if let (Some(versions), Some(shadow)) = (&versions, &shadow) {
+                let mut names = vec![&versions.stable.name];
+                names.extend(versions.canary.as_ref().map(|(c, _)| &c.name));
+                if names.contains(&&shadow.name) {
+                    c.problem(
+                        "shadow.name",
+                        format!("{:?} is already a version's name", shadow.name),
+                    );
+                }
+            }
+
+            match versions {
+                Some(versions) if c.problems.is_empty() => Ok(super::Config {
+                    listen,
+                    upstream,
+                    routing,
+                    versions,
+                    admin,
+                    state,
+                    metrics,
+                    rollout,
+                    health,
+                    shadow,
+                }),
+                _ => Err(c.problems),
+            }
+        }
+    }
+
+    fn validate_versions(c: &mut Checker, v: Versions) -> Option<VersionsConfig> {
+        let stable = match v.stable {
+            None => {
+                c.problem("versions.stable", "is required");
+                None
+            }
+            Some(s) => {
+                if s.weight.is_some() {
+                    c.problem(
+                        "versions.stable.weight",
+                        "is not allowed: stable takes whatever the canary does not",
+                    );
+                }
+                Some(VersionConfig {
+                    name: c.version_name("versions.stable.name", s.name),
+                    upstreams: c.upstreams("versions.stable.upstreams", s.upstreams),
+                })
+            }
+        };
+        let canary = v.canary.map(|s| {
+            let version = VersionConfig {
+                name: c.version_name("versions.canary.name", s.name),
+                upstreams: c.upstreams("versions.canary.upstreams", s.upstreams),
+            };
+            let weight = c
+                .weight("versions.canary.weight", s.weight)
+                .unwrap_or(Weight::ZERO);
+            (version, weight)
+        });
+        if let (Some(stable), Some((canary, _))) = (&stable, &canary)
+            && stable.name == canary.name
+            && !stable.name.is_empty()
+        {
+            c.problem(
+                "versions.canary.name",
+                format!("{:?} is also the stable version's name", canary.name),
+            );
+        }
+        stable.map(|stable| VersionsConfig { stable, canary })
+    }
+
+    /// Validates a rollout plan; `prefix` is the key it sits under in the document.
+    pub(super) fn validate_rollout(c: &mut Checker, prefix: &str, r: Rollout) -> RolloutConfig {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let stages = match r.stages {
+            None => {
+                c.problem(
+                    &key("stages"),
+                    "is required: a list of { weight, duration } or { pause = true }",
+                );
+                Vec::new()
+            }
+            Some(list) => {
+                if list.is_empty() {
+                    c.problem(&key("stages"), "must hold at least one stage");
+                }
+                list.into_iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        let k = format!("{prefix}.stages[{i}]");
+                        match (s.pause, s.weight, s.duration) {
+                            (Some(true), None, None) => Some(Stage::Pause),
+                            (None | Some(false), Some(w), Some(d)) => {
+                                let weight = c.weight(&format!("{k}.weight"), Some(w))?;
+                                let duration =
+                                    c.value(&format!("{k}.duration"), Some(d), None, |d| {
+                                        parse_duration(&d).map(Some)
+                                    })?;
+                                Some(Stage::Weight { weight, duration })
+                            }
+                            _ => {
+                                c.problem(
+                                    &k,
+                                    "must be either { weight, duration } or { pause = true }",
+                                );
+                                None
+                            }
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let g = r.guardrails.unwrap_or_default();
+        let guardrails = Guardrails {
+            success_rate_min: c.fraction(&key("guardrails.success_rate_min"), g.success_rate_min),
+            success_rate_drop_max: c.fraction(
+                &key("guardrails.success_rate_drop_max"),
+                g.success_rate_drop_max,
+            ),
+            p95_latency_ratio_max: c.positive(
+                &key("guardrails.p95_latency_ratio_max"),
+                g.p95_latency_ratio_max,
+            ),
+            p95_latency_ms_max: c
+                .positive(&key("guardrails.p95_latency_ms_max"), g.p95_latency_ms_max),
+            tokens_ratio_max: c.positive(&key("guardrails.tokens_ratio_max"), g.tokens_ratio_max),
+            eval_score_min: c.fraction(&key("guardrails.eval_score_min"), g.eval_score_min),
+            confidence: c.value(&key("guardrails.confidence"), g.confidence, 0.95, |v| {
+                if v > 0.5 && v < 1.0 {
+                    Ok(v)
+                } else {
+                    Err(format!("{v} is not within 0.5..1.0 (exclusive)"))
+                }
+            }),
+        };
+        RolloutConfig {
+            interval: c.positive_duration(&key("interval"), r.interval, Duration::from_secs(30)),
+            failure_limit: c.at_least_one(&key("failure_limit"), r.failure_limit, 2),
+            min_requests: r.min_requests.unwrap_or(200),
+            inconclusive_limit: c.at_least_one(
+                &key("inconclusive_limit"),
+                r.inconclusive_limit,
+                20,
+            ),
+            on_success: c.value(
+                &key("on_success"),
+                r.on_success,
+                OnSuccess::Promote,
+                |s| match s.as_str() {
+                    "promote" => Ok(OnSuccess::Promote),
+                    "hold" => Ok(OnSuccess::Hold),
+                    _ => Err(format!("{s:?} is not one of \"promote\", \"hold\"")),
+                },
+            ),
+            stages,
+            guardrails,
+            webhooks: r.webhooks.unwrap_or_default(),
+        }
+    }
+}
+
+/// Parses a rollout plan written as TOML: either a bare plan or one under `[rollout]`.
+pub fn parse_rollout_plan(text: &str) -> Result<RolloutConfig, ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wrapped {
+        rollout: raw::Rollout,
+    }
+    let syntax = |e: toml::de::Error| ConfigError::Syntax {
+        path: "rollout plan".to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    };
+    let (prefix, plan) = if text.lines().any(|l| l.trim() == "[rollout]") {
+        (
+            "rollout",
+            toml::from_str::<Wrapped>(text).map_err(syntax)?.rollout,
+        )
+    } else {
+        (
+            "rollout",
+            toml::from_str::<raw::Rollout>(text).map_err(syntax)?,
+        )
+    };
+    let mut c = raw::Checker::default();
+    let plan = raw::validate_rollout(&mut c, prefix, plan);
+    if c.problems.is_empty() {
+        Ok(plan)
+    } else {
+        Err(ConfigError::Invalid(c.problems))
+    }
+}
+
+/// A version name is a header value and a metrics label: keep it short and printable.
+pub fn check_version_name(name: &str) -> Result<(), String> {
+    let printable = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:+@".contains(&b));
+    if name.is_empty() || name.len() > 128 || !printable {
+        Err(format!(
+            "{name:?} is not a version name: 1 to 128 characters of letters, digits and -_.:+@"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [versions.stable]
+        name = "v1"
+        upstreams = ["127.0.0.1:9001"]
+    "#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "test") {
+            Err(ConfigError::Invalid(problems)) => problems.iter().map(|p| p.to_string()).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = Config::parse(MINIMAL, "test").unwrap();
+        assert_eq!(config.listen.addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.routing.cookie_name, "cohort_id");
+        assert_eq!(config.routing.version_header, "x-agent-version");
+        assert_eq!(config.routing.fallback, Fallback::Cookie);
+        assert!(config.versions.canary.is_none());
+        assert_eq!(config.admin.addr, "127.0.0.1:9901".parse().unwrap());
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_key() {
+        let found = problems(
+            r#"
+            [listen]
+            drain_timeout = "soon"
+            [routing]
+            sticky_keys = ["header:x-user", "body:user"]
+            [versions.stable]
+            name = "v1"
+            upstreams = ["127.0.0.1:9001"]
+            [versions.canary]
+            name = "v2"
+            upstreams = ["nohost"]
+            weight = 150
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listen.drain_timeout",
+                "routing.sticky_keys[1]",
+                "versions.canary.upstreams[0]",
+                "versions.canary.weight"
+            ],
+            "{found:?}"
+        );
+        assert!(found.contains(&"versions.canary.weight: 150 is not within 0..=100".to_owned()));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse(&format!("{MINIMAL}\n[listen]\nport = 80\n"), "test").unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn later_sections_are_accepted() {
+        let text = format!(
+            r#"{MINIMAL}
+            [listen.tls]
+            cert = "c.pem"
+            key = "k.pem"
+            [rollout]
+            interval = "30s"
+            stages = [ {{ weight = 1, duration = "30m" }}, {{ pause = true }} ]
+            [rollout.guardrails]
+            success_rate_min = 0.97
+            [health]
+            canary_unavailable = "error"
+            [shadow]
+            name = "v3-shadow"
+            upstreams = ["127.0.0.1:9003"]
+            percent = 10
+            max_body = "1MiB"
+            "#
+        );
+        let config = Config::parse(&text, "test").unwrap();
+        let rollout = config.rollout.unwrap();
+        assert_eq!(rollout.stages.len(), 2);
+        assert_eq!(config.shadow.unwrap().max_body, 1 << 20);
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    }
+}

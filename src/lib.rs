@@ -1,0 +1,35 @@
+//! Cohort: a sticky-routing canary reverse proxy.
+//!
+//! Cohort stands in front of the containers of an HTTP service where nginx
+//! would, pins every user to the stable or the canary version by a hash of
+//! their sticky key, tags every response with the version that served it,
+//! and lets an operator move the canary's share or roll it back without
+//! dropping a connection.
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML -> validated [`config::Config`]; every problem named by its key.
+//! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
+//! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
+//! - [`upstream`]: upstream addresses and the pooled client.
+//! - [`proxy`]: the data path: accept, route, forward, tag, record.
+//! - [`metrics`]: metric names, help texts and per-version handles.
+//! - [`admin`]: the admin listener: health, readiness, metrics.
+//! - [`serve`]: the composition root that builds and runs all of the above.
+//! - [`signals`]: OS signals as typed events.
+//! - [`demo`]: built-in demo upstreams for `cohort demo`.
+//! - [`cli`]: the command line.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod serve;
+pub mod signals;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,199 @@
+//! Metric names, help texts, label values and per-version handles.
+//!
+//! Owns: every metric Cohort exports (SPEC section 5 plus the proxy's own
+//! health), described once at start-up, and [`VersionMetrics`], the handles a
+//! version resolves once when a route table is built so that recording a
+//! request allocates nothing. Does not own: when to record (the proxy's
+//! `handle` does, once per request) or serving `/metrics` (`admin`).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::StatusCode;
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::routing::Cohort;
+
+pub const REQUESTS_TOTAL: &str = "cohort_requests_total";
+pub const REQUEST_DURATION: &str = "cohort_request_duration_seconds";
+pub const RESPONSE_DURATION: &str = "cohort_response_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "cohort_upstream_errors_total";
+pub const REQUESTS_IN_FLIGHT: &str = "cohort_requests_in_flight";
+pub const TOKENS_TOTAL: &str = "cohort_tokens_total";
+pub const CANARY_WEIGHT: &str = "cohort_canary_weight_percent";
+pub const ROUTE_GENERATION: &str = "cohort_route_generation";
+pub const ROLLBACKS_TOTAL: &str = "cohort_rollbacks_total";
+pub const UPSTREAM_HEALTHY: &str = "cohort_upstream_healthy";
+pub const CANARY_FALLBACKS_TOTAL: &str = "cohort_canary_fallbacks_total";
+pub const SHADOW_DROPPED_TOTAL: &str = "cohort_shadow_dropped_total";
+pub const CLIENT_CONNECTIONS: &str = "cohort_client_connections";
+pub const BUILD_INFO: &str = "cohort_build_info";
+
+/// Histogram buckets, in seconds, for proxied agent calls: from a cached
+/// answer in about a millisecond to a long tool-using turn of a minute.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// Why an upstream exchange failed; the `kind` label of `cohort_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), DURATION_BUCKETS)
+                .expect("the bucket list is not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => option_env!("COHORT_GIT_COMMIT").unwrap_or("unknown"))
+                .set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by version, cohort and status code."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from the request to the response headers: the wait a user feels."
+    );
+    describe_histogram!(
+        RESPONSE_DURATION,
+        metrics::Unit::Seconds,
+        "Time from the request to the end of the response body, streams included."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Failed upstream exchanges, by kind: connect, timeout, reset, protocol."
+    );
+    describe_gauge!(
+        REQUESTS_IN_FLIGHT,
+        "Requests, streams and upgraded connections open right now."
+    );
+    describe_counter!(
+        TOKENS_TOTAL,
+        "Sum of the tokens header of upstream responses."
+    );
+    describe_gauge!(CANARY_WEIGHT, "The canary's share of buckets, in percent.");
+    describe_gauge!(ROUTE_GENERATION, "Generation of the live route table.");
+    describe_counter!(
+        ROLLBACKS_TOTAL,
+        "Rollbacks, by source: api, signal, guardrail."
+    );
+    describe_gauge!(
+        UPSTREAM_HEALTHY,
+        "1 when the upstream passes its health checks, else 0."
+    );
+    describe_counter!(
+        CANARY_FALLBACKS_TOTAL,
+        "Canary-cohort requests served by stable because no canary upstream was healthy."
+    );
+    describe_counter!(SHADOW_DROPPED_TOTAL, "Shadow copies not sent, by reason.");
+    describe_gauge!(CLIENT_CONNECTIONS, "Client connections open right now.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; labels carry the build's version and commit."
+    );
+}
+
+/// Handles for one version in one cohort, resolved once per route-table build.
+#[derive(Debug)]
+pub struct VersionMetrics {
+    name: String,
+    cohort: Cohort,
+    /// One counter per status code (100..=599), created on first use.
+    requests: Box<[OnceLock<Counter>]>,
+    pub request_duration: Histogram,
+    pub response_duration: Histogram,
+    pub in_flight: Gauge,
+    pub tokens: Counter,
+    upstream_errors: [Counter; 4],
+}
+
+impl VersionMetrics {
+    #[must_use]
+    pub fn new(name: &str, cohort: Cohort) -> VersionMetrics {
+        let labels = [
+            ("version", name.to_owned()),
+            ("cohort", cohort.as_str().to_owned()),
+        ];
+        VersionMetrics {
+            name: name.to_owned(),
+            cohort,
+            requests: (100..600).map(|_| OnceLock::new()).collect(),
+            request_duration: histogram!(REQUEST_DURATION, &labels),
+            response_duration: histogram!(RESPONSE_DURATION, &labels),
+            in_flight: gauge!(REQUESTS_IN_FLIGHT, &labels),
+            tokens: counter!(TOKENS_TOTAL, &labels),
+            upstream_errors: UpstreamErrorKind::ALL.map(|kind| {
+                counter!(UPSTREAM_ERRORS_TOTAL, "version" => name.to_owned(), "cohort" => cohort.as_str(), "kind" => kind.as_str())
+            }),
+        }
+    }
+
+    /// Counts one answered request with `status` and the time to its headers.
+    pub fn record_response(&self, status: StatusCode, to_headers: Duration) {
+        let index = usize::from(status.as_u16()).saturating_sub(100);
+        if let Some(slot) = self.requests.get(index) {
+            slot.get_or_init(|| {
+                counter!(REQUESTS_TOTAL, "version" => self.name.clone(), "cohort" => self.cohort.as_str(), "code" => status.as_str().to_owned())
+            })
+            .increment(1);
+        }
+        self.request_duration.record(to_headers);
+    }
+
+    pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].increment(1);
+    }
+}
+
+/// Publishes the live table's weight and generation.
+pub fn record_table(weight_percent: f64, generation: u64) {
+    gauge!(CANARY_WEIGHT).set(weight_percent);
+    // Generations stay far below 2^53, where f64 is exact.
+    gauge!(ROUTE_GENERATION).set(generation as f64);
+}
+
+/// The gauge of open client connections.
+pub fn client_connections() -> Gauge {
+    gauge!(CLIENT_CONNECTIONS)
+}

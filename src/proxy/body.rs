@@ -1,0 +1,152 @@
+//! The response body the proxy hands to hyper, and the in-flight guard it carries.
+//!
+//! Owns: streaming an upstream body through frame by frame (never buffered
+//! whole), the proxy's own small bodies, and [`InFlight`], which holds a
+//! version's in-flight gauge from the request's start to the body's end (or
+//! the client's disconnect) and then records the response duration. Also
+//! ends a stream whose version was rolled back with `on_rollback = "close"`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Instant;
+
+use crate::table::Version;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request of `version` that has not finished yet: counted in
+/// `cohort_requests_in_flight` until dropped, when it records the response
+/// duration.
+#[derive(Debug)]
+pub struct InFlight {
+    version: Arc<Version>,
+    started: Instant,
+}
+
+impl InFlight {
+    #[must_use]
+    pub fn start(version: Arc<Version>, started: Instant) -> InFlight {
+        version.metrics.in_flight.increment(1.0);
+        InFlight { version, started }
+    }
+
+    /// Resolves when this version's open streams are to be closed (a rollback
+    /// with `on_rollback = "close"`).
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.version.closed()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let metrics = &self.version.metrics;
+        metrics.in_flight.decrement(1.0);
+        metrics.response_duration.record(self.started.elapsed());
+    }
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// A response body: an upstream's, streamed, or one the proxy wrote.
+pub struct ResponseBody {
+    inner: Inner,
+    in_flight: Option<InFlight>,
+    /// Created only once the upstream body makes us wait, so short responses
+    /// pay nothing for the rollback watch.
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl ResponseBody {
+    #[must_use]
+    pub fn upstream(body: Incoming, in_flight: InFlight) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Upstream(body),
+            in_flight: Some(in_flight),
+            closing: None,
+        }
+    }
+
+    #[must_use]
+    pub fn full(bytes: impl Into<Bytes>, in_flight: Option<InFlight>) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full(Some(bytes.into())),
+            in_flight,
+            closing: None,
+        }
+    }
+
+    #[must_use]
+    pub fn empty(in_flight: Option<InFlight>) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full(None),
+            in_flight,
+            closing: None,
+        }
+    }
+
+    /// Reads the whole body; for the proxy's own small bodies and tests.
+    pub async fn into_bytes(self) -> Result<Bytes, BoxError> {
+        Ok(self.collect().await?.to_bytes())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
+                Poll::Pending => {
+                    if let Some(in_flight) = &this.in_flight {
+                        let closing = this
+                            .closing
+                            .get_or_insert_with(|| Box::pin(in_flight.closed()));
+                        if closing.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Some(Err(
+                                "stream closed: its version was rolled back".into(),
+                            )));
+                        }
+                    }
+                    Poll::Pending
+                }
+            },
+        };
+        if let Poll::Ready(None) = polled {
+            // The body is complete: stop counting it as in flight now, not when hyper drops it.
+            this.in_flight.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(body) => body.size_hint(),
+            Inner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}

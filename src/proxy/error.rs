@@ -1,0 +1,123 @@
+//! The one error funnel: every way a request can fail, as a tagged response.
+//!
+//! Owns: [`ProxyError`], the classification of upstream client failures into
+//! the `kind` labels of SPEC section 5, and the 400/502/503/504 JSON bodies of
+//! SPEC section 2. Does not own: tagging the version header (`proxy::tag`).
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::{InFlight, ResponseBody};
+use crate::metrics::UpstreamErrorKind;
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request could be read two ways, or cannot be forwarded at all.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The version has no upstream to send to.
+    #[error("no upstream of this version is available")]
+    NoUpstream,
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream did not answer in time: {0}")]
+    Timeout(String),
+    #[error("the upstream closed the connection: {0}")]
+    Reset(String),
+    #[error("the upstream's response is not valid HTTP: {0}")]
+    Protocol(String),
+}
+
+impl ProxyError {
+    /// Classifies a failure of the pooled upstream client.
+    #[must_use]
+    pub fn from_client(error: hyper_util::client::legacy::Error) -> ProxyError {
+        let detail = chain(&error);
+        let io_kind = std::iter::successors(std::error::Error::source(&error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
+        let hyper = std::iter::successors(std::error::Error::source(&error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<hyper::Error>());
+        use std::io::ErrorKind::*;
+        match io_kind {
+            Some(TimedOut) => ProxyError::Timeout(detail),
+            _ if error.is_connect() => ProxyError::Connect(detail),
+            Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) => {
+                ProxyError::Reset(detail)
+            }
+            _ if hyper
+                .is_some_and(|h| h.is_incomplete_message() || h.is_canceled() || h.is_closed()) =>
+            {
+                ProxyError::Reset(detail)
+            }
+            _ => ProxyError::Protocol(detail),
+        }
+    }
+
+    /// The `kind` label, for failures of the upstream exchange.
+    #[must_use]
+    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::NoUpstream => None,
+            ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
+            ProxyError::Timeout(_) => Some(UpstreamErrorKind::Timeout),
+            ProxyError::Reset(_) => Some(UpstreamErrorKind::Reset),
+            ProxyError::Protocol(_) => Some(UpstreamErrorKind::Protocol),
+        }
+    }
+
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect(_) | ProxyError::Reset(_) | ProxyError::Protocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The `error` field of the JSON body.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoUpstream => "unavailable",
+            _ => self
+                .upstream_kind()
+                .map_or("internal", UpstreamErrorKind::as_str),
+        }
+    }
+
+    /// `{"error": kind, "version": name, "detail": text}` with the matching status.
+    #[must_use]
+    pub fn into_response(
+        self,
+        version: &str,
+        in_flight: Option<InFlight>,
+    ) -> Response<ResponseBody> {
+        let body = serde_json::json!({
+            "error": self.kind(),
+            "version": version,
+            "detail": self.to_string(),
+        });
+        let mut rsp = Response::new(ResponseBody::full(body.to_string(), in_flight));
+        *rsp.status_mut() = self.status();
+        rsp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        rsp
+    }
+}
+
+/// An error and its causes, as one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,260 @@
+//! What the proxy changes on the way through, and upgraded-connection tunnels.
+//!
+//! Owns: refusing request framing that could smuggle a second request,
+//! stripping hop-by-hop headers both ways (and those named in `Connection`),
+//! the upstream request (absolute URI, version header, `x-forwarded-*`), the
+//! tokens header, and the byte tunnel of an upgraded connection. Does not
+//! own: choosing where to send (`routing`, `table`) or what a failure looks
+//! like (`error`).
+
+use std::net::SocketAddr;
+
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::body::InFlight;
+use super::error::ProxyError;
+use crate::upstream::UpstreamAddr;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Refuses framing that two HTTP parsers could read differently: a request
+/// smuggled past us inside another's body must never reach an upstream.
+/// (hyper itself refuses malformed and oversized heads, and conflicting
+/// `Content-Length` values, before a request gets here.)
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let headers = req.headers();
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest(
+            "a request must not carry both content-length and transfer-encoding",
+        ));
+    }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next()
+        && lengths.any(|other| other != first)
+    {
+        return Err(ProxyError::BadRequest("conflicting content-length headers"));
+    }
+    Ok(())
+}
+
+/// Whether the client asks to switch protocols (WebSocket and other `Upgrade`s).
+#[must_use]
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+/// Turns a client request into the request for `upstream`.
+pub fn upstream_request(
+    req: Request<Incoming>,
+    upstream: &UpstreamAddr,
+    version_header: &HeaderName,
+    version_name: &str,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Request<Incoming>, ProxyError> {
+    let upgrade = is_upgrade(&req)
+        .then(|| req.headers().get(UPGRADE).cloned())
+        .flatten();
+    let (mut parts, body) = req.into_parts();
+
+    // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`.
+    let host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    let headers = &mut parts.headers;
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        headers.entry(HOST).or_insert(host);
+    }
+    append_forwarded_for(headers, peer);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    if let Ok(value) = HeaderValue::from_str(version_name) {
+        headers.insert(version_header.clone(), value);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, upgrade);
+    }
+
+    let mut uri = parts.uri.into_parts();
+    uri.scheme = Some(upstream.scheme());
+    uri.authority = Some(upstream.authority.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri)
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Strips hop-by-hop headers from an upstream response, keeping the
+/// handshake headers of a `101 Switching Protocols`.
+#[must_use]
+pub fn downstream_response(mut rsp: Response<Incoming>) -> Response<Incoming> {
+    let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| rsp.headers().get(UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(rsp.headers_mut());
+    if let Some(upgrade) = upgrade {
+        rsp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        rsp.headers_mut().insert(UPGRADE, upgrade);
+    }
+    rsp
+}
+
+/// The numeric value of the tokens header, if set and numeric; anything else is skipped.
+#[must_use]
+pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
+    let text = headers.get(name?)?.to_str().ok()?.trim();
+    text.parse::<u64>().ok().or_else(|| {
+        let value = text.parse::<f64>().ok()?;
+        // Finite and non-negative, so the saturating cast is the rounded value.
+        (value.is_finite() && value >= 0.0).then(|| value.round() as u64)
+    })
+}
+
+/// Pipes bytes both ways between an upgraded client and upstream connection,
+/// holding the version's in-flight gauge until both sides are done.
+pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        let closed = in_flight.closed();
+        tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "upgraded connection ended");
+                }
+            }
+            () = closed => tracing::debug!("upgraded connection closed by rollback"),
+        }
+        drop(in_flight);
+    });
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 section 7.6.1 and any header
+/// the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Appends the peer to any `x-forwarded-for` chain the client sent.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let mut chain = String::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(v) = value.to_str() {
+            chain.push_str(v.trim());
+            chain.push_str(", ");
+        }
+    }
+    chain.push_str(&ip);
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, "1.1.1.1".parse().unwrap());
+        h.append(&X_FORWARDED_FOR, "2.2.2.2".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+    }
+
+    #[test]
+    fn tokens_are_numeric_or_skipped() {
+        let name = HeaderName::from_static("x-tokens");
+        let mut h = HeaderMap::new();
+        assert_eq!(tokens(&h, Some(&name)), None);
+        h.insert(&name, "42".parse().unwrap());
+        assert_eq!(tokens(&h, Some(&name)), Some(42));
+        assert_eq!(tokens(&h, None), None);
+        h.insert(&name, "7.6".parse().unwrap());
+        assert_eq!(tokens(&h, Some(&name)), Some(8));
+        h.insert(&name, "many".parse().unwrap());
+        assert_eq!(tokens(&h, Some(&name)), None);
+        h.insert(&name, "-3".parse().unwrap());
+        assert_eq!(tokens(&h, Some(&name)), None);
+    }
+}

@@ -1,0 +1,226 @@
+//! The data path: route, forward, tag, record, for one request.
+//!
+//! Owns: [`Proxy::handle`], which reads top to bottom in the order a request
+//! lives: load the table snapshot, read the sticky key, decide the cohort,
+//! forward to one of the version's upstreams, tag the response, record it.
+//! Does not own: accepting connections ([`listener`]), header rewriting
+//! ([`forward`]), the mapping of failures to responses ([`error`]), or the
+//! routing rule itself (`routing`).
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod listener;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::SET_COOKIE;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::Fallback;
+use crate::routing::{self, key};
+use crate::table::{RouteTable, Table, Version};
+use crate::upstream::UpstreamClient;
+
+pub use body::ResponseBody;
+pub use error::ProxyError;
+
+/// Everything a request needs, shared by every connection of a listener.
+#[derive(Debug)]
+pub struct Proxy {
+    table: Arc<Table>,
+    client: UpstreamClient,
+    response_timeout: Duration,
+    /// Whether clients reach this listener over TLS (`x-forwarded-proto`, `Secure` cookies).
+    tls: bool,
+}
+
+impl Proxy {
+    #[must_use]
+    pub fn new(
+        table: Arc<Table>,
+        client: UpstreamClient,
+        response_timeout: Duration,
+        tls: bool,
+    ) -> Proxy {
+        Proxy {
+            table,
+            client,
+            response_timeout,
+            tls,
+        }
+    }
+
+    /// Proxies one request. Never fails: every error becomes a tagged response.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        // One snapshot for the whole request: a concurrent change applies to the next one.
+        let table = self.table.snapshot();
+        let routing = &table.policy.routing;
+
+        // Route: the first sticky key, else the configured fallback.
+        let mut new_cookie = None;
+        let peer_ip;
+        let key = match key::extract(
+            req.headers(),
+            req.uri(),
+            &routing.sticky_keys,
+            &routing.cookie_name,
+        ) {
+            Some(key) => Some(key),
+            None => match routing.fallback {
+                Fallback::Cookie => {
+                    Some(Cow::Borrowed(new_cookie.insert(key::fresh_id()).as_bytes()))
+                }
+                Fallback::ClientIp => {
+                    peer_ip = peer.ip().to_string();
+                    Some(Cow::Borrowed(peer_ip.as_bytes()))
+                }
+                Fallback::Stable => None,
+            },
+        };
+        let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
+        let decision = routing::decide(&table, key.as_deref(), forced);
+        let version = Arc::clone(table.version(decision.cohort));
+
+        // Forward, with the version's in-flight gauge held until the body ends.
+        let in_flight = body::InFlight::start(Arc::clone(&version), started);
+        let result = match forward::check_framing(&req) {
+            Err(error) => Err(error),
+            Ok(()) => {
+                let client_upgrade =
+                    forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+                self.forward(req, &table, &version, peer)
+                    .await
+                    .map(|rsp| (rsp, client_upgrade))
+            }
+        };
+
+        // Tag and record, on success and failure alike.
+        let mut rsp = match result {
+            Ok((mut rsp, client_upgrade)) => {
+                if let Some(tokens) =
+                    forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref())
+                {
+                    version.metrics.tokens.increment(tokens);
+                }
+                if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    match client_upgrade {
+                        Some(client) => {
+                            forward::tunnel(client, hyper::upgrade::on(&mut rsp), in_flight);
+                            rsp.map(|_| ResponseBody::empty(None))
+                        }
+                        // A 101 the client never asked for cannot be honoured.
+                        None => ProxyError::Protocol("upgrade without a request to upgrade".into())
+                            .into_response(&version.name, Some(in_flight)),
+                    }
+                } else {
+                    rsp.map(|incoming| ResponseBody::upstream(incoming, in_flight))
+                }
+            }
+            Err(error) => {
+                if let Some(kind) = error.upstream_kind() {
+                    version.metrics.record_upstream_error(kind);
+                }
+                tracing::debug!(version = %version.name, %error, "request failed");
+                error.into_response(&version.name, Some(in_flight))
+            }
+        };
+        tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
+        version
+            .metrics
+            .record_response(rsp.status(), started.elapsed());
+        access::log(&version.name, decision, peer, rsp.status(), started);
+        rsp
+    }
+
+    /// Sends `req` to one of `version`'s upstreams and waits for the response headers.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        table: &RouteTable,
+        version: &Version,
+        peer: SocketAddr,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let upstream = version.pick().ok_or(ProxyError::NoUpstream)?;
+        let req = forward::upstream_request(
+            req,
+            upstream,
+            &table.policy.routing.version_header,
+            &version.name,
+            peer,
+            self.tls,
+        )?;
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
+            Ok(Err(error)) => Err(ProxyError::from_client(error)),
+            Err(_) => Err(ProxyError::Timeout(format!(
+                "no response headers within {:?}",
+                self.response_timeout
+            ))),
+        }
+    }
+}
+
+/// Adds the version header and, for a client we just gave a key, its cookie.
+fn tag(
+    rsp: &mut Response<ResponseBody>,
+    table: &RouteTable,
+    version: &Version,
+    new_cookie: Option<&str>,
+    tls: bool,
+) {
+    let routing = &table.policy.routing;
+    if let Ok(value) = HeaderValue::from_str(&version.name) {
+        rsp.headers_mut()
+            .insert(routing.version_header.clone(), value);
+    }
+    if let Some(id) = new_cookie {
+        let cookie = format!(
+            "{}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+            routing.cookie_name,
+            routing.cookie_max_age.as_secs(),
+            if tls { "; Secure" } else { "" }
+        );
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            rsp.headers_mut().append(SET_COOKIE, value);
+        }
+    }
+}
+
+/// The access log: one line per request, off unless the filter enables its
+/// target (`RUST_LOG=info,cohort::proxy::access=info`).
+mod access {
+    use std::net::SocketAddr;
+
+    use http::StatusCode;
+    use tokio::time::Instant;
+
+    use crate::routing::Decision;
+
+    pub fn log(
+        version: &str,
+        decision: Decision,
+        peer: SocketAddr,
+        status: StatusCode,
+        started: Instant,
+    ) {
+        tracing::info!(
+            agent.version = version,
+            cohort = decision.cohort.as_str(),
+            bucket = decision.bucket,
+            client.addr = %peer,
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+}

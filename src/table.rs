@@ -1,0 +1,189 @@
+//! The live route table: one immutable snapshot, swapped whole.
+//!
+//! Owns: [`RouteTable`] (versions, their upstreams, the canary weight, the
+//! salt, the routing policy, status and generation) and [`Table`], the
+//! `ArcSwap` handle through which requests load it and the control plane
+//! replaces it. A request loads the snapshot once and uses it to the end, so
+//! it never sees half a change; the next request, on any connection, sees the
+//! new one. Does not own: deciding a cohort (`routing`), persisting changes
+//! (`state`), or who may change it (`admin`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
+
+use crate::config::{Config, MetricsConfig, RoutingConfig, VersionConfig};
+use crate::metrics::VersionMetrics;
+use crate::routing::{Cohort, Weight};
+use crate::upstream::UpstreamAddr;
+
+/// Where a release stands, as reported in `GET /admin/state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Steady,
+    Progressing,
+    Paused,
+    RolledBack,
+}
+
+/// A named release and its upstreams.
+#[derive(Debug)]
+pub struct Version {
+    pub name: String,
+    pub upstreams: Vec<UpstreamAddr>,
+    /// Round-robin cursor; shared by every request of every table this version is in.
+    next: AtomicUsize,
+    /// Metric handles resolved once for this version, so recording allocates nothing.
+    pub metrics: VersionMetrics,
+    /// Flips to `true` when this version's open streams and upgraded
+    /// connections must end (a rollback with `on_rollback = "close"`).
+    closing: watch::Sender<bool>,
+}
+
+impl Version {
+    #[must_use]
+    pub fn new(config: &VersionConfig, cohort: Cohort) -> Version {
+        Version {
+            metrics: VersionMetrics::new(&config.name, cohort),
+            name: config.name.clone(),
+            upstreams: config.upstreams.clone(),
+            next: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
+        }
+    }
+
+    /// Ends this version's open streams and upgraded connections.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Version::close_streams`] has been called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            if closing.wait_for(|closed| *closed).await.is_err() {
+                // The version is gone, so nothing can close its streams any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The next upstream in round-robin order; `None` when there is none.
+    #[must_use]
+    pub fn pick(&self) -> Option<&UpstreamAddr> {
+        match self.upstreams.len() {
+            0 => None,
+            1 => self.upstreams.first(),
+            n => self
+                .upstreams
+                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+        }
+    }
+
+    #[must_use]
+    pub fn config(&self) -> VersionConfig {
+        VersionConfig {
+            name: self.name.clone(),
+            upstreams: self.upstreams.clone(),
+        }
+    }
+}
+
+/// The canary and the share of buckets it serves.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub version: Arc<Version>,
+    pub weight: Weight,
+}
+
+/// What a request needs to know besides the versions: read once per request
+/// with the table, so a reload changes it atomically too.
+#[derive(Debug)]
+pub struct Policy {
+    pub routing: RoutingConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// One immutable snapshot of everything routing depends on.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Bumped on every change, so clients can tell snapshots apart.
+    pub generation: u64,
+    pub status: Status,
+    pub stable: Arc<Version>,
+    pub canary: Option<Canary>,
+    /// The bucket salt: `routing.salt`, else the canary's name.
+    pub salt: String,
+    pub policy: Arc<Policy>,
+}
+
+impl RouteTable {
+    /// The table a config describes, at generation 1.
+    #[must_use]
+    pub fn from_config(config: &Config) -> RouteTable {
+        let policy = Arc::new(Policy {
+            routing: config.routing.clone(),
+            metrics: config.metrics.clone(),
+        });
+        RouteTable {
+            generation: 1,
+            status: Status::Steady,
+            stable: Arc::new(Version::new(&config.versions.stable, Cohort::Stable)),
+            canary: config
+                .versions
+                .canary
+                .as_ref()
+                .map(|(version, weight)| Canary {
+                    version: Arc::new(Version::new(version, Cohort::Canary)),
+                    weight: *weight,
+                }),
+            salt: config.salt().unwrap_or_default().to_owned(),
+            policy,
+        }
+    }
+
+    /// The version serving `cohort`; stable when there is no canary.
+    #[must_use]
+    pub fn version(&self, cohort: Cohort) -> &Arc<Version> {
+        match (cohort, &self.canary) {
+            (Cohort::Canary, Some(canary)) => &canary.version,
+            _ => &self.stable,
+        }
+    }
+
+    #[must_use]
+    pub fn weight(&self) -> Weight {
+        self.canary.as_ref().map_or(Weight::ZERO, |c| c.weight)
+    }
+}
+
+/// The handle requests load the live table through.
+#[derive(Debug)]
+pub struct Table(ArcSwap<RouteTable>);
+
+impl Table {
+    #[must_use]
+    pub fn new(table: RouteTable) -> Table {
+        Table(ArcSwap::from_pointee(table))
+    }
+
+    /// The live snapshot; cheap, lock-free, and consistent for as long as it is held.
+    #[must_use]
+    pub fn load(&self) -> Guard<Arc<RouteTable>> {
+        self.0.load()
+    }
+
+    /// A full reference to the live snapshot, for holders that outlive a request.
+    #[must_use]
+    pub fn snapshot(&self) -> Arc<RouteTable> {
+        self.0.load_full()
+    }
+
+    /// Installs `table` as the live snapshot.
+    pub fn store(&self, table: RouteTable) {
+        self.0.store(Arc::new(table));
+    }
+}
