@@ -51,6 +51,46 @@ pub enum Command {
         #[arg(required = true)]
         keys: Vec<String>,
     },
+    /// Drive a running proxy through its admin API.
+    Ctl {
+        /// The admin API's base URL.
+        #[arg(long, env = "COHORT_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// The admin bearer token.
+        #[arg(long, env = "COHORT_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show the live state.
+    Status,
+    /// Set the canary's weight in percent.
+    Weight {
+        weight: f64,
+        /// Raise the weight of a rolled-back canary.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send everyone to stable now.
+    Rollback {
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Make the canary the stable version.
+    Promote,
+    /// Install a new canary.
+    Canary {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "upstream", required = true)]
+        upstreams: Vec<String>,
+        #[arg(long)]
+        weight: Option<f64>,
+    },
 }
 
 /// Runs a parsed command line to completion.
@@ -59,23 +99,59 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve {
             config,
-            reset_state: _,
-        } => serve(&config),
+            reset_state,
+        } => serve(&config, reset_state),
         Command::Check { config } => check(&config),
         Command::Demo => runtime(0)
             .and_then(|rt| rt.block_on(crate::demo::run()).map_err(|e| e.to_string()))
             .map_or_else(fail, |()| ExitCode::SUCCESS),
         Command::Route { salt, weight, keys } => route(&salt, weight, &keys),
+        Command::Ctl {
+            admin,
+            token,
+            command,
+        } => ctl(&admin, token.as_deref(), command),
     }
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
+    use crate::ctl::{Call, render_state, send};
+    let call = match command {
+        CtlCommand::Status => Call::status(),
+        CtlCommand::Weight { weight, force } => Call::weight(weight, force),
+        CtlCommand::Rollback { reason } => Call::rollback(reason),
+        CtlCommand::Promote => Call::promote(),
+        CtlCommand::Canary {
+            name,
+            upstreams,
+            weight,
+        } => Call::canary(name, upstreams, weight),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(format!("cannot start the runtime: {error}")),
+    };
+    match runtime.block_on(send(admin, token, call)) {
+        Ok(state) => {
+            print!("{}", render_state(&state));
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(error.to_string()),
+    }
+}
+
+fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
+    // Read here for the worker count; `serve::run` reads it again (and on SIGHUP).
+    let workers = match Config::load(path) {
+        Ok(config) => config.listen.workers,
         Err(error) => return fail(error.to_string()),
     };
-    let result = runtime(config.listen.workers).and_then(|rt| {
-        rt.block_on(crate::serve::run(config))
+    let options = crate::serve::StartOptions { reset_state };
+    let result = runtime(workers).and_then(|rt| {
+        rt.block_on(crate::serve::run(path, options))
             .map_err(|e| e.to_string())
     });
     result.map_or_else(fail, |()| ExitCode::SUCCESS)

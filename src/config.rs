@@ -728,6 +728,19 @@ mod raw {
                 token_file: self.admin.token_file,
                 metrics_auth: self.admin.metrics_auth.unwrap_or(false),
             };
+            // The one rule that reads the environment: the token may come from it.
+            if !admin.addr.ip().is_loopback()
+                && admin.token_file.is_none()
+                && std::env::var_os("COHORT_ADMIN_TOKEN").is_none()
+            {
+                c.problem(
+                    "admin.addr",
+                    format!(
+                        "{} is not a loopback address, so the admin API needs a token: set admin.token_file or COHORT_ADMIN_TOKEN",
+                        admin.addr
+                    ),
+                );
+            }
 
             let state = StateConfig {
                 path: self

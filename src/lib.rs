@@ -13,11 +13,14 @@
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
 //! - [`upstream`]: upstream addresses and the pooled client.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.
+//! - [`control`]: every change of the live state: weight, rollback, promote, canary, reload.
+//! - [`state`]: the state file, the audit log, and the start-up restore rule.
 //! - [`metrics`]: metric names, help texts and per-version handles.
-//! - [`admin`]: the admin listener: health, readiness, metrics.
+//! - [`admin`]: the admin listener: health, readiness, metrics, the admin API.
 //! - [`serve`]: the composition root that builds and runs all of the above.
 //! - [`signals`]: OS signals as typed events.
 //! - [`demo`]: built-in demo upstreams for `cohort demo`.
+//! - [`ctl`]: `cohort ctl`, the admin API from the command line.
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -25,11 +28,14 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod serve;
 pub mod signals;
+pub mod state;
 pub mod table;
 pub mod upstream;

@@ -197,3 +197,8 @@ pub fn record_table(weight_percent: f64, generation: u64) {
 pub fn client_connections() -> Gauge {
     gauge!(CLIENT_CONNECTIONS)
 }
+
+/// Counts one rollback by `source` (`api`, `signal`, `guardrail`).
+pub fn record_rollback(source: &'static str) {
+    counter!(ROLLBACKS_TOTAL, "source" => source).increment(1);
+}

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -16,9 +17,13 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::control::Control;
 use crate::proxy::{Proxy, listener};
 use crate::signals::{Signal, Signals};
-use crate::table::{RouteTable, Table};
+use crate::state::audit::AuditLog;
+use crate::state::file::FileStore;
+use crate::state::{self, Source, StateError};
+use crate::table::{Policy, Table};
 use crate::upstream::{self, Protocol};
 
 /// Why the proxy could not start.
@@ -34,10 +39,28 @@ pub enum ServeError {
         "admin.addr {0} is not a loopback address, so the admin API needs a token: set admin.token_file or COHORT_ADMIN_TOKEN"
     )]
     AdminExposed(SocketAddr),
+    #[error("{0}")]
+    Config(String),
     #[error("{0} is not supported by this build yet")]
     Unsupported(&'static str),
     #[error("cannot register signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot read the admin token from {path}: {source}")]
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the admin token is empty ({0})")]
+    EmptyToken(&'static str),
+}
+
+/// How to start besides the config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Re-seed the live state from the config instead of the state file.
+    pub reset_state: bool,
 }
 
 /// A running proxy: its listeners' addresses and the handles to stop it.
@@ -45,15 +68,21 @@ pub enum ServeError {
 pub struct Server {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
-    table: Arc<Table>,
+    control: Arc<Control>,
     admin: Arc<Admin>,
     shutdown: watch::Sender<bool>,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
 }
 
-/// Binds the listeners and starts serving; returns once both accept connections.
+/// Loads the state, binds the listeners and starts serving; returns once
+/// both accept connections.
 pub async fn start(config: Config) -> Result<Server, ServeError> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// [`start`], with options.
+pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, ServeError> {
     if config.listen.tls.is_some() {
         return Err(ServeError::Unsupported("listen.tls"));
     }
@@ -62,21 +91,24 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     if versions.any(|v| v.upstreams.iter().any(|u| u.protocol != Protocol::Http1)) {
         return Err(ServeError::Unsupported("an https:// or h2c:// upstream"));
     }
-    if !config.admin.addr.ip().is_loopback()
-        && config.admin.token_file.is_none()
-        && std::env::var_os("COHORT_ADMIN_TOKEN").is_none()
-    {
+    let token = admin_token(&config)?;
+    if token.is_none() && !config.admin.addr.ip().is_loopback() {
         return Err(ServeError::AdminExposed(config.admin.addr));
     }
 
     let metrics = crate::metrics::install();
-    let route_table = RouteTable::from_config(&config);
-    crate::metrics::record_table(route_table.weight().percent(), route_table.generation);
-    let table = Arc::new(Table::new(route_table));
+    let store = FileStore::new(config.state.path.clone());
+    let (saved, origin, previous) = state::restore(&store, &config.versions, options.reset_state)?;
+    let control = Arc::new(Control::new(
+        saved,
+        Arc::new(Policy::from_config(&config)),
+        Box::new(store),
+        AuditLog::new(config.state.audit_log.clone()),
+    ));
+    control.record_start(origin, previous.as_ref().map(|p| &p.live));
     let proxy = Arc::new(Proxy::new(
-        Arc::clone(&table),
+        Arc::clone(control.table()),
         upstream::client(&config.upstream),
-        config.upstream.response_timeout,
         config.listen.tls.is_some(),
     ));
 
@@ -86,7 +118,12 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     let admin_addr = local_addr(&admin_listener, "admin.addr", config.admin.addr)?;
 
     let (shutdown, _) = watch::channel(false);
-    let admin = Arc::new(Admin::new(metrics));
+    let admin = Arc::new(Admin::new(
+        metrics,
+        Arc::clone(&control),
+        token,
+        config.admin.metrics_auth,
+    ));
     let listen = config.listen.clone();
     let proxy_task = tokio::spawn({
         let stop = stopped(&shutdown);
@@ -101,7 +138,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     Ok(Server {
         proxy_addr,
         admin_addr,
-        table,
+        control,
         admin,
         shutdown,
         proxy_task,
@@ -110,19 +147,61 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
 }
 
 /// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+/// SIGUSR1 rolls back; SIGHUP reloads the config at `path`.
+pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
+    let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
     let mut signals = Signals::register().map_err(ServeError::Signals)?;
-    let server = start(config).await?;
+    let server = start_with(config, options).await?;
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {
         match signals.recv().await {
             Signal::Shutdown => break,
-            other => tracing::warn!(signal = ?other, "signal not handled by this build"),
+            Signal::Rollback => match server.control.rollback("SIGUSR1 received", Source::Signal) {
+                Ok(state) => {
+                    tracing::warn!(generation = state.generation, "rolled back by SIGUSR1")
+                }
+                Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
+            },
+            Signal::Reload => match Config::load(path) {
+                Ok(config) => {
+                    if let Err(error) = server.control.reload(&config) {
+                        tracing::error!(%error, "config reload failed; the old one keeps running");
+                    }
+                }
+                Err(error) => {
+                    for line in error.to_string().lines() {
+                        tracing::error!(
+                            problem = line,
+                            "config reload refused; the old one keeps running"
+                        );
+                    }
+                }
+            },
         }
     }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// The admin token: `admin.token_file`, else `COHORT_ADMIN_TOKEN`, else none.
+fn admin_token(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(path) = &config.admin.token_file {
+        let token = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ServeError::EmptyToken("admin.token_file"));
+        }
+        return Ok(Some(token.to_owned()));
+    }
+    match std::env::var("COHORT_ADMIN_TOKEN") {
+        Ok(token) if token.trim().is_empty() => Err(ServeError::EmptyToken("COHORT_ADMIN_TOKEN")),
+        Ok(token) => Ok(Some(token.trim().to_owned())),
+        Err(_) => Ok(None),
+    }
 }
 
 impl Server {
@@ -139,7 +218,13 @@ impl Server {
     /// The live route table.
     #[must_use]
     pub fn table(&self) -> &Arc<Table> {
-        &self.table
+        self.control.table()
+    }
+
+    /// The control plane, for changes made in-process.
+    #[must_use]
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),

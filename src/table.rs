@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
@@ -105,12 +106,25 @@ pub struct Canary {
 pub struct Policy {
     pub routing: RoutingConfig,
     pub metrics: MetricsConfig,
+    /// Time allowed for an upstream's response headers.
+    pub response_timeout: Duration,
+}
+
+impl Policy {
+    #[must_use]
+    pub fn from_config(config: &Config) -> Policy {
+        Policy {
+            routing: config.routing.clone(),
+            metrics: config.metrics.clone(),
+            response_timeout: config.upstream.response_timeout,
+        }
+    }
 }
 
 /// One immutable snapshot of everything routing depends on.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
-    /// Bumped on every change, so clients can tell snapshots apart.
+    /// Bumped on every change of the live state, so snapshots can be told apart.
     pub generation: u64,
     pub status: Status,
     pub stable: Arc<Version>,
@@ -121,28 +135,60 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// A table for these versions. Versions of `previous` with the same name,
+    /// upstreams and cohort are reused, so their round-robin cursors, metric
+    /// handles and open streams carry over.
+    #[must_use]
+    pub fn build(
+        generation: u64,
+        status: Status,
+        stable: &VersionConfig,
+        canary: Option<&(VersionConfig, Weight)>,
+        policy: Arc<Policy>,
+        previous: Option<&RouteTable>,
+    ) -> RouteTable {
+        let reuse = |config: &VersionConfig, cohort: Cohort| {
+            let candidate = previous.and_then(|p| match cohort {
+                Cohort::Canary => p.canary.as_ref().map(|c| &c.version),
+                _ => Some(&p.stable),
+            });
+            match candidate {
+                Some(v) if v.name == config.name && v.upstreams == config.upstreams => {
+                    Arc::clone(v)
+                }
+                _ => Arc::new(Version::new(config, cohort)),
+            }
+        };
+        let salt = policy
+            .routing
+            .salt
+            .clone()
+            .or_else(|| canary.map(|(c, _)| c.name.clone()))
+            .unwrap_or_default();
+        RouteTable {
+            generation,
+            status,
+            stable: reuse(stable, Cohort::Stable),
+            canary: canary.map(|(version, weight)| Canary {
+                version: reuse(version, Cohort::Canary),
+                weight: *weight,
+            }),
+            salt,
+            policy,
+        }
+    }
+
     /// The table a config describes, at generation 1.
     #[must_use]
     pub fn from_config(config: &Config) -> RouteTable {
-        let policy = Arc::new(Policy {
-            routing: config.routing.clone(),
-            metrics: config.metrics.clone(),
-        });
-        RouteTable {
-            generation: 1,
-            status: Status::Steady,
-            stable: Arc::new(Version::new(&config.versions.stable, Cohort::Stable)),
-            canary: config
-                .versions
-                .canary
-                .as_ref()
-                .map(|(version, weight)| Canary {
-                    version: Arc::new(Version::new(version, Cohort::Canary)),
-                    weight: *weight,
-                }),
-            salt: config.salt().unwrap_or_default().to_owned(),
-            policy,
-        }
+        RouteTable::build(
+            1,
+            Status::Steady,
+            &config.versions.stable,
+            config.versions.canary.as_ref(),
+            Arc::new(Policy::from_config(config)),
+            None,
+        )
     }
 
     /// The version serving `cohort`; stable when there is no canary.

@@ -1,13 +1,20 @@
 //! The admin listener, separate from client traffic.
 //!
-//! Endpoints:
+//! Endpoints (SPEC section 3):
 //! - `GET /health`: liveness; 200 while the process runs.
 //! - `GET /ready`: readiness; 200 once the listeners are up and the state is
 //!   loaded, 503 before that and while draining.
-//! - `GET /metrics`: Prometheus text exposition.
+//! - `GET /metrics`: Prometheus text exposition (token only with `admin.metrics_auth`).
+//! - `GET /admin/state`, `PUT /admin/weight`, `POST /admin/rollback`,
+//!   `POST /admin/promote`, `PUT /admin/canary`, `GET /admin/route?key=K`:
+//!   the control plane, behind `Authorization: Bearer <token>` when a token
+//!   is configured.
 //!
-//! Owns: the admin accept loop and the one `match` on (method, path). Does
-//! not own: what the metrics are (`metrics`).
+//! Owns: the admin accept loop, authentication, the one `match` on (method,
+//! path), and the JSON error shape. Does not own what the calls do
+//! (`control`, via [`handlers`]).
+
+mod handlers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,42 +22,120 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
+use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 
-/// What the admin endpoints read.
+use crate::control::{Control, ControlError};
+
+/// What the admin endpoints read and drive.
 #[derive(Debug)]
 pub struct Admin {
     /// Set once the proxy is serving; cleared when it starts draining.
     pub ready: AtomicBool,
-    pub metrics: PrometheusHandle,
+    metrics: PrometheusHandle,
+    control: Arc<Control>,
+    /// The bearer token `/admin/*` requires; `None` only on loopback.
+    token: Option<String>,
+    metrics_auth: bool,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// Why an admin call failed, with the status SPEC section 3 gives it.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("a valid \"Authorization: Bearer <token>\" header is required")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0} is not allowed here")]
+    MethodNotAllowed(Method),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<ControlError> for AdminError {
+    fn from(error: ControlError) -> AdminError {
+        match error {
+            ControlError::Conflict(m) => AdminError::Conflict(m),
+            ControlError::Invalid(m) => AdminError::Unprocessable(m),
+            ControlError::Persist(e) => AdminError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl Admin {
     #[must_use]
-    pub fn new(metrics: PrometheusHandle) -> Admin {
+    pub fn new(
+        metrics: PrometheusHandle,
+        control: Arc<Control>,
+        token: Option<String>,
+        metrics_auth: bool,
+    ) -> Admin {
         Admin {
             ready: AtomicBool::new(false),
             metrics,
+            control,
+            token,
+            metrics_auth,
         }
     }
 
     async fn handle(&self, req: Request<Incoming>) -> AdminResponse {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        let result = self.route(req).await;
+        result.unwrap_or_else(|error| {
+            json(
+                error.status(),
+                &serde_json::json!({ "error": error.to_string() }),
+            )
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<AdminResponse, AdminError> {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let needs_token = path.starts_with("/admin/") || (path == "/metrics" && self.metrics_auth);
+        if needs_token {
+            self.authorize(&req)?;
+        }
+        let ok = |value: serde_json::Value| Ok(json(StatusCode::OK, &value));
+        match (&method, path.as_str()) {
+            (&Method::GET, "/health") => ok(serde_json::json!({"status": "ok"})),
             (&Method::GET, "/ready") => {
                 if self.ready.load(Ordering::Acquire) {
-                    json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+                    ok(serde_json::json!({"status": "ready"}))
                 } else {
-                    error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    Ok(json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": "not ready"}),
+                    ))
                 }
             }
             (&Method::GET, "/metrics") => {
@@ -59,15 +144,47 @@ impl Admin {
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
-                rsp
+                Ok(rsp)
             }
-            (_, "/health" | "/ready" | "/metrics") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            (&Method::GET, "/admin/state") => ok(to_json(&self.control.state())),
+            (&Method::PUT, "/admin/weight") => {
+                ok(to_json(&handlers::weight(&self.control, req).await?))
             }
-            (_, path) => error(
-                StatusCode::NOT_FOUND,
-                &format!("no admin endpoint at {path}"),
-            ),
+            (&Method::POST, "/admin/rollback") => {
+                ok(to_json(&handlers::rollback(&self.control, req).await?))
+            }
+            (&Method::POST, "/admin/promote") => {
+                ok(to_json(&handlers::promote(&self.control, req).await?))
+            }
+            (&Method::PUT, "/admin/canary") => {
+                ok(to_json(&handlers::canary(&self.control, req).await?))
+            }
+            (&Method::GET, "/admin/route") => ok(to_json(&handlers::route(&self.control, &req)?)),
+            (
+                _,
+                "/health" | "/ready" | "/metrics" | "/admin/state" | "/admin/weight"
+                | "/admin/rollback" | "/admin/promote" | "/admin/canary" | "/admin/route",
+            ) => Err(AdminError::MethodNotAllowed(method)),
+            (_, path) => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
+        }
+    }
+
+    /// Checks the bearer token in constant time; no token configured means
+    /// the listener is on loopback (enforced at start) and open.
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), AdminError> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(AdminError::Unauthorized)?;
+        if bool::from(presented.trim().as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(())
+        } else {
+            Err(AdminError::Unauthorized)
         }
     }
 }
@@ -101,14 +218,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
     }
 }
 
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("admin responses serialise to JSON")
+}
+
 fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
     let mut rsp = Response::new(Full::from(value.to_string()));
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     rsp
-}
-
-fn error(status: StatusCode, message: &str) -> AdminResponse {
-    json(status, &serde_json::json!({ "error": message }))
 }

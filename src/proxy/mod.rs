@@ -15,7 +15,6 @@ pub mod listener;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -35,25 +34,14 @@ pub use error::ProxyError;
 pub struct Proxy {
     table: Arc<Table>,
     client: UpstreamClient,
-    response_timeout: Duration,
     /// Whether clients reach this listener over TLS (`x-forwarded-proto`, `Secure` cookies).
     tls: bool,
 }
 
 impl Proxy {
     #[must_use]
-    pub fn new(
-        table: Arc<Table>,
-        client: UpstreamClient,
-        response_timeout: Duration,
-        tls: bool,
-    ) -> Proxy {
-        Proxy {
-            table,
-            client,
-            response_timeout,
-            tls,
-        }
+    pub fn new(table: Arc<Table>, client: UpstreamClient, tls: bool) -> Proxy {
+        Proxy { table, client, tls }
     }
 
     /// Proxies one request. Never fails: every error becomes a tagged response.
@@ -160,12 +148,12 @@ impl Proxy {
             peer,
             self.tls,
         )?;
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let response_timeout = table.policy.response_timeout;
+        match tokio::time::timeout(response_timeout, self.client.request(req)).await {
             Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
             Ok(Err(error)) => Err(ProxyError::from_client(error)),
             Err(_) => Err(ProxyError::Timeout(format!(
-                "no response headers within {:?}",
-                self.response_timeout
+                "no response headers within {response_timeout:?}"
             ))),
         }
     }

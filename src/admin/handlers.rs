@@ -1,0 +1,111 @@
+//! One function per control-plane endpoint: parse the JSON, call `control`.
+//!
+//! Owns: the request bodies of SPEC section 3 (unknown fields refused, bad
+//! JSON a 400, out-of-range values a 422). Does not own the effects.
+
+use http::Request;
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::AdminError;
+use crate::control::{Control, Explanation};
+use crate::routing::Weight;
+use crate::state::{LiveState, Source};
+
+/// Admin bodies are small; a larger one is refused rather than buffered.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: f64,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryBody {
+    name: String,
+    upstreams: Vec<String>,
+    #[serde(default)]
+    weight: Option<f64>,
+}
+
+pub async fn weight(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+    let body: WeightBody = read_json(req)
+        .await?
+        .ok_or_else(|| AdminError::BadRequest("a JSON body {\"weight\": N} is required".into()))?;
+    let weight = Weight::from_percent(body.weight)
+        .map_err(|m| AdminError::Unprocessable(format!("weight: {m}")))?;
+    Ok(control.set_weight(weight, body.force)?)
+}
+
+pub async fn rollback(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+    let body: RollbackBody = read_json(req).await?.unwrap_or_default();
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "rollback requested through the admin API".into());
+    Ok(control.rollback(&reason, Source::Api)?)
+}
+
+pub async fn promote(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+    // No body is expected; one that is there must at least be an empty object.
+    let _: Option<Empty> = read_json(req).await?;
+    Ok(control.promote()?)
+}
+
+pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+    let body: CanaryBody = read_json(req).await?.ok_or_else(|| {
+        AdminError::BadRequest(
+            "a JSON body {\"name\", \"upstreams\", \"weight\"} is required".into(),
+        )
+    })?;
+    let weight = match body.weight {
+        None => Weight::ZERO,
+        Some(w) => Weight::from_percent(w)
+            .map_err(|m| AdminError::Unprocessable(format!("weight: {m}")))?,
+    };
+    Ok(control.install_canary(&body.name, &body.upstreams, weight)?)
+}
+
+pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, AdminError> {
+    let key = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(name, _)| name == "key"))
+        .map(|(_, value)| value.into_owned())
+        .filter(|key| !key.is_empty())
+        .ok_or_else(|| {
+            AdminError::BadRequest("the query parameter key is required: /admin/route?key=K".into())
+        })?;
+    Ok(control.explain(&key))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+/// Reads a JSON body; `None` when the body is empty.
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option<T>, AdminError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| AdminError::BadRequest(format!("cannot read the body: {e}")))?
+        .to_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,406 @@
+//! The control plane: every change of the live route table, in one place.
+//!
+//! Owns: the operations of SPEC section 3 (set the weight, roll back,
+//! promote, install a canary, explain a key, reload the config), the
+//! rollback latch, and the order each change is made in: check, persist
+//! (state file, then audit log), swap the table, publish metrics. Changes are
+//! serialised by one lock, so two admin calls never interleave. Does not own:
+//! HTTP (`admin`), the file format (`state`), or routing (`routing`).
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::config::{Config, VersionConfig, check_version_name};
+use crate::routing::{self, Cohort, Weight};
+use crate::state::audit::{AuditLog, Entry};
+use crate::state::{
+    CanaryState, LiveState, Origin, Rollback, SavedState, Source, StateError, StateStore,
+    VersionState,
+};
+use crate::table::{Policy, RouteTable, Status, Table};
+use crate::upstream::UpstreamAddr;
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The change contradicts the current state (SPEC: 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// A value is out of range or malformed (SPEC: 422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The change could not be made durable, so it was not made.
+    #[error(transparent)]
+    Persist(#[from] StateError),
+}
+
+/// Where one key lands under the live table (`GET /admin/route`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub key: String,
+    pub bucket: u16,
+    pub cohort: &'static str,
+    pub version: String,
+    pub weight: f64,
+    pub salt: String,
+    pub generation: u64,
+}
+
+/// The one owner of the live state.
+#[derive(Debug)]
+pub struct Control {
+    table: Arc<Table>,
+    store: Box<dyn StateStore>,
+    audit: AuditLog,
+    current: Mutex<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    saved: SavedState,
+    policy: Arc<Policy>,
+}
+
+impl Control {
+    /// Takes over `saved` as the live state and builds the table from it.
+    #[must_use]
+    pub fn new(
+        saved: SavedState,
+        policy: Arc<Policy>,
+        store: Box<dyn StateStore>,
+        audit: AuditLog,
+    ) -> Control {
+        let table = Arc::new(Table::new(build(&saved.live, &policy, None)));
+        publish(&saved.live);
+        Control {
+            table,
+            store,
+            audit,
+            current: Mutex::new(Current { saved, policy }),
+        }
+    }
+
+    /// The table requests are routed by.
+    #[must_use]
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    /// The live state.
+    #[must_use]
+    pub fn state(&self) -> LiveState {
+        self.lock().saved.live.clone()
+    }
+
+    /// Records how the live state was chosen on start.
+    pub fn record_start(&self, origin: Origin, previous: Option<&LiveState>) {
+        let current = self.lock();
+        let reason = match origin {
+            Origin::Seeded => "no saved state: seeded from the config",
+            Origin::Restored => "restored the saved state",
+            Origin::Reseeded => {
+                "the config's [versions] changed since the state was seeded: re-seeded from the config"
+            }
+            Origin::Reset => "--reset-state: re-seeded from the config",
+        };
+        tracing::info!(
+            origin = origin.as_str(),
+            generation = current.saved.live.generation,
+            "{reason}"
+        );
+        self.write_audit(
+            origin.as_str(),
+            previous,
+            &current.saved.live,
+            Some(reason),
+            "start",
+        );
+    }
+
+    /// Sets the canary's weight. After a rollback only `force` may raise it.
+    pub fn set_weight(&self, weight: Weight, force: bool) -> Result<LiveState, ControlError> {
+        self.change("weight", None, Source::Api, |live| {
+            let rolled_back = live.status == Status::RolledBack;
+            let canary = live
+                .canary
+                .as_mut()
+                .ok_or_else(|| ControlError::Conflict("there is no canary to weigh; install one with PUT /admin/canary".into()))?;
+            if rolled_back && weight > Weight::ZERO && !force {
+                return Err(ControlError::Conflict(format!(
+                    "the canary {:?} was rolled back; send \"force\": true or install a new canary to raise its weight",
+                    canary.name
+                )));
+            }
+            canary.weight = weight.percent();
+            if rolled_back && weight > Weight::ZERO {
+                live.status = Status::Steady;
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends everyone to stable at once and latches until a new canary or a
+    /// forced weight. Idempotent: rolling back a rolled-back canary changes nothing.
+    pub fn rollback(&self, reason: &str, source: Source) -> Result<LiveState, ControlError> {
+        let previous = self.table.snapshot();
+        let result = self.change("rollback", Some(reason), source, |live| {
+            let Some(canary) = live.canary.as_mut() else {
+                return Ok(());
+            };
+            if live.status == Status::RolledBack && canary.weight == 0.0 {
+                return Ok(());
+            }
+            canary.weight = 0.0;
+            live.status = Status::RolledBack;
+            live.last_rollback = Some(Rollback {
+                at: crate::state::now_rfc3339(),
+                reason: reason.to_owned(),
+                source,
+            });
+            crate::metrics::record_rollback(source.as_str());
+            Ok(())
+        });
+        if result.is_ok()
+            && self.table.load().status == Status::RolledBack
+            && previous.policy.routing.on_rollback == crate::config::OnRollback::Close
+            && let Some(canary) = &previous.canary
+        {
+            canary.version.close_streams();
+        }
+        result
+    }
+
+    /// Makes the canary the stable version; there is no canary after.
+    pub fn promote(&self) -> Result<LiveState, ControlError> {
+        self.change("promote", None, Source::Api, |live| {
+            let canary = live
+                .canary
+                .take()
+                .ok_or_else(|| ControlError::Conflict("there is no canary to promote".into()))?;
+            if live.status == Status::RolledBack {
+                live.canary = Some(canary);
+                return Err(ControlError::Conflict(
+                    "the canary was rolled back; install a new canary instead of promoting it"
+                        .into(),
+                ));
+            }
+            live.stable = VersionState {
+                name: canary.name,
+                upstreams: canary.upstreams,
+            };
+            live.status = Status::Steady;
+            Ok(())
+        })
+    }
+
+    /// Installs a new canary (replacing any), which clears the rollback latch.
+    pub fn install_canary(
+        &self,
+        name: &str,
+        upstreams: &[String],
+        weight: Weight,
+    ) -> Result<LiveState, ControlError> {
+        check_version_name(name).map_err(|m| ControlError::Invalid(format!("name: {m}")))?;
+        if upstreams.is_empty() {
+            return Err(ControlError::Invalid(
+                "upstreams: must name at least one upstream".into(),
+            ));
+        }
+        let upstreams = upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                UpstreamAddr::parse(u)
+                    .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.change("canary", None, Source::Api, |live| {
+            if live.stable.name == name {
+                return Err(ControlError::Conflict(format!(
+                    "{name:?} is the stable version's name"
+                )));
+            }
+            live.canary = Some(CanaryState {
+                name: name.to_owned(),
+                upstreams,
+                weight: weight.percent(),
+            });
+            live.status = Status::Steady;
+            Ok(())
+        })
+    }
+
+    /// Where `key` lands under the live table.
+    #[must_use]
+    pub fn explain(&self, key: &str) -> Explanation {
+        let table = self.table.load();
+        let placement = routing::place(table.salt.as_bytes(), table.weight(), key.as_bytes());
+        let cohort = if table.canary.is_some() {
+            placement.cohort
+        } else {
+            Cohort::Stable
+        };
+        Explanation {
+            key: key.to_owned(),
+            bucket: placement.bucket,
+            cohort: cohort.as_str(),
+            version: table.version(cohort).name.clone(),
+            weight: table.weight().percent(),
+            salt: table.salt.clone(),
+            generation: table.generation,
+        }
+    }
+
+    /// Applies a reloaded config: routing options always; `[versions]` only
+    /// when it changed since the live state was seeded from it.
+    pub fn reload(&self, config: &Config) -> Result<LiveState, ControlError> {
+        let policy = Arc::new(Policy::from_config(config));
+        let digest = crate::state::versions_digest(&config.versions);
+        let mut current = self.lock();
+        if digest == current.saved.versions_digest {
+            current.policy = policy;
+            self.table.store(build(
+                &current.saved.live,
+                &current.policy,
+                Some(&self.table.snapshot()),
+            ));
+            tracing::info!("config reloaded; [versions] unchanged, the live state stays");
+            return Ok(current.saved.live.clone());
+        }
+        let before = current.saved.live.clone();
+        let next = SavedState {
+            versions_digest: digest,
+            live: LiveState::seed(&config.versions, before.generation + 1),
+        };
+        self.store.write(Some(before.generation), &next)?;
+        current.saved = next;
+        current.policy = policy;
+        self.table.store(build(
+            &current.saved.live,
+            &current.policy,
+            Some(&self.table.snapshot()),
+        ));
+        publish(&current.saved.live);
+        self.write_audit(
+            "reseed",
+            Some(&before),
+            &current.saved.live,
+            Some("config reloaded with a changed [versions]"),
+            "signal",
+        );
+        tracing::info!(
+            generation = current.saved.live.generation,
+            "config reloaded; [versions] changed, re-seeded"
+        );
+        Ok(current.saved.live.clone())
+    }
+
+    /// Applies `edit` to a copy of the live state; if it changed anything,
+    /// persists it, swaps the table and audits it. A rollback swaps first,
+    /// so traffic leaves the canary even if the disk is slow or failing.
+    fn change(
+        &self,
+        action: &str,
+        reason: Option<&str>,
+        source: Source,
+        edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
+    ) -> Result<LiveState, ControlError> {
+        let mut current = self.lock();
+        let before = current.saved.live.clone();
+        let mut next = before.clone();
+        edit(&mut next)?;
+        if next == before {
+            return Ok(before);
+        }
+        next.generation = before.generation + 1;
+        let next = SavedState {
+            versions_digest: current.saved.versions_digest.clone(),
+            live: next,
+        };
+        let swap_first = action == "rollback";
+        let previous_table = self.table.snapshot();
+        if swap_first {
+            self.table
+                .store(build(&next.live, &current.policy, Some(&previous_table)));
+        }
+        if let Err(error) = self.store.write(Some(before.generation), &next) {
+            if swap_first {
+                // Traffic is already off the canary: keep it so, in memory at least.
+                tracing::error!(%error, "rolled back, but the state could not be saved");
+                current.saved = next;
+                publish(&current.saved.live);
+            }
+            return Err(error.into());
+        }
+        if !swap_first {
+            self.table
+                .store(build(&next.live, &current.policy, Some(&previous_table)));
+        }
+        current.saved = next;
+        publish(&current.saved.live);
+        self.write_audit(
+            action,
+            Some(&before),
+            &current.saved.live,
+            reason,
+            source.as_str(),
+        );
+        Ok(current.saved.live.clone())
+    }
+
+    fn write_audit(
+        &self,
+        action: &str,
+        before: Option<&LiveState>,
+        after: &LiveState,
+        reason: Option<&str>,
+        source: &str,
+    ) {
+        let entry = Entry {
+            action,
+            before,
+            after: Some(after),
+            reason,
+            source,
+        };
+        if let Err(error) = self.audit.append(&entry) {
+            tracing::error!(%error, action, "cannot append to the audit log");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        // A panic while holding the lock leaves the state as last persisted; carry on.
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Builds the route table for `live`, reusing `previous`'s versions where
+/// they are unchanged, so their round-robin cursors, metric handles and open
+/// streams carry over.
+fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTable>>) -> RouteTable {
+    let stable = live.stable.config();
+    let canary = live.canary.as_ref().map(|c| {
+        (
+            VersionConfig {
+                name: c.name.clone(),
+                upstreams: c.upstreams.clone(),
+            },
+            live.weight(),
+        )
+    });
+    RouteTable::build(
+        live.generation,
+        live.status,
+        &stable,
+        canary.as_ref(),
+        Arc::clone(policy),
+        previous.map(AsRef::as_ref),
+    )
+}
+
+fn publish(live: &LiveState) {
+    crate::metrics::record_table(live.weight().percent(), live.generation);
+}

@@ -1,0 +1,186 @@
+//! `cohort ctl`: the admin API from the command line.
+//!
+//! Owns: turning ctl subcommands into admin calls, printing the live state
+//! readably, and exiting non-zero with the server's message on failure.
+//! Does not own the API's behaviour (`admin`, `control`).
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// A ctl call that failed, with what to tell the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("--admin {0:?} is not a URL such as http://127.0.0.1:9901")]
+    BadUrl(String),
+    #[error("cannot reach the admin API at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("{status}: {message}")]
+    Refused { status: StatusCode, message: String },
+}
+
+/// One admin call: method, path and JSON body.
+#[derive(Debug)]
+pub struct Call {
+    pub method: Method,
+    pub path: &'static str,
+    pub body: Option<Value>,
+}
+
+impl Call {
+    #[must_use]
+    pub fn status() -> Call {
+        Call {
+            method: Method::GET,
+            path: "/admin/state",
+            body: None,
+        }
+    }
+
+    #[must_use]
+    pub fn weight(weight: f64, force: bool) -> Call {
+        Call {
+            method: Method::PUT,
+            path: "/admin/weight",
+            body: Some(json!({"weight": weight, "force": force})),
+        }
+    }
+
+    #[must_use]
+    pub fn rollback(reason: Option<String>) -> Call {
+        let body = reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}));
+        Call {
+            method: Method::POST,
+            path: "/admin/rollback",
+            body: Some(body),
+        }
+    }
+
+    #[must_use]
+    pub fn promote() -> Call {
+        Call {
+            method: Method::POST,
+            path: "/admin/promote",
+            body: None,
+        }
+    }
+
+    #[must_use]
+    pub fn canary(name: String, upstreams: Vec<String>, weight: Option<f64>) -> Call {
+        let mut body = json!({"name": name, "upstreams": upstreams});
+        if let Some(weight) = weight {
+            body["weight"] = json!(weight);
+        }
+        Call {
+            method: Method::PUT,
+            path: "/admin/canary",
+            body: Some(body),
+        }
+    }
+}
+
+/// Sends `call` to the admin API at `admin` and returns the JSON answer.
+pub async fn send(admin: &str, token: Option<&str>, call: Call) -> Result<Value, CtlError> {
+    let base = admin.trim_end_matches('/');
+    if !base.starts_with("http://") {
+        return Err(CtlError::BadUrl(admin.to_owned()));
+    }
+    let url = format!("{base}{}", call.path);
+    let mut req = Request::builder().method(call.method).uri(&url);
+    if let Some(token) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = call
+        .body
+        .map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let req = req
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|_| CtlError::BadUrl(admin.to_owned()))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let unreachable = |detail: String| CtlError::Unreachable {
+        url: url.clone(),
+        detail,
+    };
+    let rsp = client
+        .request(req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = rsp.status();
+    let bytes = rsp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
+    if status.is_success() {
+        Ok(value)
+    } else {
+        let message = value["error"]
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_owned);
+        Err(CtlError::Refused { status, message })
+    }
+}
+
+/// The live state as a few readable lines.
+#[must_use]
+pub fn render_state(state: &Value) -> String {
+    let mut out = String::new();
+    let upstreams = |v: &Value| {
+        v["upstreams"].as_array().map_or_else(String::new, |list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    };
+    let _ = writeln!(
+        out,
+        "status      {}  (generation {})",
+        text(&state["status"]),
+        state["generation"]
+    );
+    let _ = writeln!(
+        out,
+        "stable      {}  [{}]",
+        text(&state["stable"]["name"]),
+        upstreams(&state["stable"])
+    );
+    match &state["canary"] {
+        Value::Null => {
+            let _ = writeln!(out, "canary      none");
+        }
+        canary => {
+            let _ = writeln!(
+                out,
+                "canary      {}  [{}]  weight {}%",
+                text(&canary["name"]),
+                upstreams(canary),
+                canary["weight"]
+            );
+        }
+    }
+    if let rollback @ Value::Object(_) = &state["last_rollback"] {
+        let _ = writeln!(
+            out,
+            "rollback    {} by {}: {}",
+            text(&rollback["at"]),
+            text(&rollback["source"]),
+            text(&rollback["reason"])
+        );
+    }
+    out
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("-")
+}

@@ -1,0 +1,113 @@
+//! The state file: written atomically, read strictly.
+//!
+//! Owns: the on-disk form of [`SavedState`] at `state.path` and the atomic
+//! replace (temp file in the same directory, fsync, rename, fsync the
+//! directory), so a crash at any point leaves either the old file or the new
+//! one, never a torn one. Does not own what the state means.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{SavedState, StateError, StateStore};
+
+/// A [`StateStore`] kept in one JSON file.
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    /// Serialises writers within this process; the generation check below
+    /// then holds because the file has no other writer.
+    lock: Mutex<()>,
+}
+
+impl FileStore {
+    #[must_use]
+    pub fn new(path: PathBuf) -> FileStore {
+        FileStore {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn read(&self) -> Result<Option<SavedState>, StateError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path: self.path.display().to_string(),
+                message: e.to_string(),
+            })
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<SavedState>, StateError> {
+        self.read()
+    }
+
+    fn write(&self, expected: Option<u64>, state: &SavedState) -> Result<(), StateError> {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(expected) = expected {
+            // An unreadable file is being replaced on purpose (re-seed): no check.
+            if let Ok(Some(current)) = self.read()
+                && current.live.generation != expected
+            {
+                return Err(StateError::Conflict {
+                    expected,
+                    found: current.live.generation,
+                });
+            }
+        }
+        let mut text = serde_json::to_vec_pretty(state).expect("the state serialises to JSON");
+        text.push(b'\n');
+        write_atomically(&self.path, &text).map_err(|source| StateError::Write {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Replaces `path` with `contents` so that readers and crashes see the old
+/// file or the new one, whole.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the state path names no file"))?;
+    let mut temp_name = file_name.to_owned();
+    temp_name.push(format!(".tmp.{}", std::process::id()));
+    let temp = dir.join(temp_name);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        // The rename is durable only once the directory entry is.
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
