@@ -250,3 +250,91 @@ pub fn restore(
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::file::FileStore;
+    use super::*;
+    use crate::config::Config;
+
+    fn versions(canary_weight: u32) -> VersionsConfig {
+        let text = format!(
+            r#"
+            [versions.stable]
+            name = "v1"
+            upstreams = ["127.0.0.1:9001"]
+            [versions.canary]
+            name = "v2"
+            upstreams = ["127.0.0.1:9002"]
+            weight = {canary_weight}
+            "#
+        );
+        Config::parse(&text, "test").unwrap().versions
+    }
+
+    fn store() -> (FileStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cohort-state-test-{}", rand::random::<u64>()));
+        let path = dir.join("state.json");
+        (FileStore::new(path.clone()), path)
+    }
+
+    #[test]
+    fn seeds_then_restores_then_reseeds_when_versions_change() {
+        let (store, _) = store();
+        let (saved, origin, _) = restore(&store, &versions(10), false).unwrap();
+        assert_eq!((origin, saved.live.generation), (Origin::Seeded, 1));
+
+        // A change made at run time survives a restart with the same config.
+        let mut changed = saved.clone();
+        changed.live.generation = 2;
+        changed.live.canary.as_mut().unwrap().weight = 50.0;
+        store.write(Some(1), &changed).unwrap();
+        let (restored, origin, _) = restore(&store, &versions(10), false).unwrap();
+        assert_eq!(origin, Origin::Restored);
+        assert_eq!(restored.live.weight().basis_points(), 5000);
+
+        // An edited [versions] is the newer intent.
+        let (reseeded, origin, previous) = restore(&store, &versions(20), false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert_eq!(reseeded.live.weight().basis_points(), 2000);
+        assert_eq!(reseeded.live.generation, 3);
+        assert_eq!(previous.unwrap().live.generation, 2);
+
+        let (reset, origin, _) = restore(&store, &versions(20), true).unwrap();
+        assert_eq!((origin, reset.live.generation), (Origin::Reset, 4));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_stops_the_start() {
+        let (store, path) = store();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{\"generation\": 3, \"stat").unwrap();
+        let error = restore(&store, &versions(10), false).unwrap_err();
+        assert!(matches!(error, StateError::Corrupt { .. }), "{error}");
+        assert!(error.to_string().contains("--reset-state"), "{error}");
+        // The file is left as it was for the operator to inspect.
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"generation\": 3, \"stat");
+        // --reset-state replaces it.
+        let (saved, origin, _) = restore(&store, &versions(10), true).unwrap();
+        assert_eq!((origin, saved.live.generation), (Origin::Reset, 1));
+    }
+
+    #[test]
+    fn writes_check_the_generation_and_leave_no_temp_files() {
+        let (store, path) = store();
+        let (saved, _, _) = restore(&store, &versions(10), false).unwrap();
+        let error = store.write(Some(7), &saved).unwrap_err();
+        assert!(matches!(
+            error,
+            StateError::Conflict {
+                expected: 7,
+                found: 1
+            }
+        ));
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+}
