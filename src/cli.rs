@@ -91,6 +91,19 @@ pub enum CtlCommand {
         #[arg(long)]
         weight: Option<f64>,
     },
+    /// Start, approve or abort a progressive rollout.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout from a plan: TOML, or an AgentRelease manifest (YAML).
+    Start { file: PathBuf },
+    /// Pass the approval gate of a paused rollout.
+    Approve,
+    /// Abort the rollout, which rolls the canary back.
+    Abort,
 }
 
 /// Runs a parsed command line to completion.
@@ -126,6 +139,18 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
             upstreams,
             weight,
         } => Call::canary(name, upstreams, weight),
+        CtlCommand::Rollout(RolloutCommand::Start { file }) => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(error) => return fail(format!("cannot read {}: {error}", file.display())),
+            };
+            match crate::rollout::plan::document(&text) {
+                Ok(plan) => Call::rollout_start(plan),
+                Err(error) => return fail(format!("{}: {error}", file.display())),
+            }
+        }
+        CtlCommand::Rollout(RolloutCommand::Approve) => Call::rollout_approve(),
+        CtlCommand::Rollout(RolloutCommand::Abort) => Call::rollout_abort(),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -995,30 +995,15 @@ mod raw {
     }
 }
 
-/// Parses a rollout plan written as TOML: either a bare plan or one under `[rollout]`.
-pub fn parse_rollout_plan(text: &str) -> Result<RolloutConfig, ConfigError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Wrapped {
-        rollout: raw::Rollout,
-    }
-    let syntax = |e: toml::de::Error| ConfigError::Syntax {
+/// Validates a rollout plan given as JSON in the shape of the `[rollout]`
+/// table (the admin API's `POST /admin/rollout` body).
+pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
+    let plan: raw::Rollout = serde_json::from_value(value).map_err(|e| ConfigError::Syntax {
         path: "rollout plan".to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    };
-    let (prefix, plan) = if text.lines().any(|l| l.trim() == "[rollout]") {
-        (
-            "rollout",
-            toml::from_str::<Wrapped>(text).map_err(syntax)?.rollout,
-        )
-    } else {
-        (
-            "rollout",
-            toml::from_str::<raw::Rollout>(text).map_err(syntax)?,
-        )
-    };
+        message: e.to_string(),
+    })?;
     let mut c = raw::Checker::default();
-    let plan = raw::validate_rollout(&mut c, prefix, plan);
+    let plan = raw::validate_rollout(&mut c, "rollout", plan);
     if c.problems.is_empty() {
         Ok(plan)
     } else {

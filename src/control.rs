@@ -118,9 +118,15 @@ impl Control {
         );
     }
 
-    /// Sets the canary's weight. After a rollback only `force` may raise it.
+    /// Sets the canary's weight. After a rollback only `force` may raise it;
+    /// during a rollout it is the rollout's to set.
     pub fn set_weight(&self, weight: Weight, force: bool) -> Result<LiveState, ControlError> {
-        self.change("weight", None, Source::Api, |live| {
+        self.change("weight", None, "api", |live| {
+            if matches!(live.status, Status::Progressing | Status::Paused) {
+                return Err(ControlError::Conflict(
+                    "a rollout is in progress and sets the weight; abort it first".into(),
+                ));
+            }
             let rolled_back = live.status == Status::RolledBack;
             let canary = live
                 .canary
@@ -144,7 +150,7 @@ impl Control {
     /// forced weight. Idempotent: rolling back a rolled-back canary changes nothing.
     pub fn rollback(&self, reason: &str, source: Source) -> Result<LiveState, ControlError> {
         let previous = self.table.snapshot();
-        let result = self.change("rollback", Some(reason), source, |live| {
+        let result = self.change("rollback", Some(reason), source.as_str(), |live| {
             let Some(canary) = live.canary.as_mut() else {
                 return Ok(());
             };
@@ -173,7 +179,7 @@ impl Control {
 
     /// Makes the canary the stable version; there is no canary after.
     pub fn promote(&self) -> Result<LiveState, ControlError> {
-        self.change("promote", None, Source::Api, |live| {
+        self.change("promote", None, "api", |live| {
             let canary = live
                 .canary
                 .take()
@@ -190,6 +196,14 @@ impl Control {
                 upstreams: canary.upstreams,
             };
             live.status = Status::Steady;
+            if let Some(rollout) = live.rollout.as_mut().and_then(|r| r.as_object_mut())
+                && matches!(
+                    rollout.get("phase").and_then(|p| p.as_str()),
+                    Some("progressing" | "paused")
+                )
+            {
+                rollout.insert("phase".into(), "superseded".into());
+            }
             Ok(())
         })
     }
@@ -215,18 +229,32 @@ impl Control {
                     .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.change("canary", None, Source::Api, |live| {
+        self.change("canary", None, "api", |live| {
             if live.stable.name == name {
                 return Err(ControlError::Conflict(format!(
                     "{name:?} is the stable version's name"
                 )));
             }
+            live.rollout = None;
             live.canary = Some(CanaryState {
                 name: name.to_owned(),
                 upstreams,
                 weight: weight.percent(),
             });
             live.status = Status::Steady;
+            Ok(())
+        })
+    }
+
+    /// A change made by the rollout controller (progress, weight, status).
+    pub fn rollout_change(
+        &self,
+        action: &str,
+        reason: Option<&str>,
+        edit: impl FnOnce(&mut LiveState),
+    ) -> Result<LiveState, ControlError> {
+        self.change(action, reason, "rollout", |live| {
+            edit(live);
             Ok(())
         })
     }
@@ -303,7 +331,7 @@ impl Control {
         &self,
         action: &str,
         reason: Option<&str>,
-        source: Source,
+        source: &'static str,
         edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         let mut current = self.lock();
@@ -339,13 +367,7 @@ impl Control {
         }
         current.saved = next;
         publish(&current.saved.live);
-        self.write_audit(
-            action,
-            Some(&before),
-            &current.saved.live,
-            reason,
-            source.as_str(),
-        );
+        self.write_audit(action, Some(&before), &current.saved.live, reason, source);
         Ok(current.saved.live.clone())
     }
 

@@ -83,6 +83,33 @@ impl Call {
             body: Some(body),
         }
     }
+
+    #[must_use]
+    pub fn rollout_start(plan: Value) -> Call {
+        Call {
+            method: Method::POST,
+            path: "/admin/rollout",
+            body: Some(plan),
+        }
+    }
+
+    #[must_use]
+    pub fn rollout_approve() -> Call {
+        Call {
+            method: Method::POST,
+            path: "/admin/rollout/approve",
+            body: None,
+        }
+    }
+
+    #[must_use]
+    pub fn rollout_abort() -> Call {
+        Call {
+            method: Method::POST,
+            path: "/admin/rollout/abort",
+            body: None,
+        }
+    }
 }
 
 /// Sends `call` to the admin API at `admin` and returns the JSON answer.
@@ -167,6 +194,56 @@ pub fn render_state(state: &Value) -> String {
                 upstreams(canary),
                 canary["weight"]
             );
+        }
+    }
+    if let rollout @ Value::Object(_) = &state["rollout"] {
+        let stage = rollout["stage"].as_u64().unwrap_or(0);
+        let time_left = rollout["time_left_ms"].as_u64().map_or_else(
+            || "-".to_owned(),
+            |ms| {
+                format!(
+                    "{}",
+                    humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+                )
+            },
+        );
+        let _ = writeln!(
+            out,
+            "rollout     {}  stage {}/{}  weight {}%  time left {}  evaluations {}",
+            text(&rollout["phase"]),
+            (stage + 1).min(rollout["stages"].as_u64().unwrap_or(0)),
+            rollout["stages"],
+            rollout["weight"],
+            time_left,
+            rollout["evaluations"],
+        );
+        if let Some(evaluations) = rollout["last_evaluation"]
+            .as_array()
+            .filter(|e| !e.is_empty())
+        {
+            let _ = writeln!(
+                out,
+                "            {:<20} {:>12} {:>12} {:>12}  verdict",
+                "guardrail", "stable", "canary", "limit"
+            );
+            for e in evaluations {
+                let number = |v: &Value| {
+                    v.as_f64()
+                        .map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"))
+                };
+                let _ = writeln!(
+                    out,
+                    "            {:<20} {:>12} {:>12} {:>12}  {}",
+                    text(&e["guardrail"]),
+                    number(&e["stable"]),
+                    number(&e["canary"]),
+                    number(&e["limit"]),
+                    text(&e["verdict"]),
+                );
+            }
+        }
+        if let Some(reason) = rollout["reason"].as_str() {
+            let _ = writeln!(out, "            {reason}");
         }
     }
     if let rollback @ Value::Object(_) = &state["last_rollback"] {

@@ -14,6 +14,7 @@
 //! - [`upstream`]: upstream addresses and the pooled client.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.
 //! - [`control`]: every change of the live state: weight, rollback, promote, canary, reload.
+//! - [`rollout`]: progressive rollouts: plans, the stage controller, guardrail judging, webhooks.
 //! - [`state`]: the state file, the audit log, and the start-up restore rule.
 //! - [`metrics`]: metric names, help texts and per-version handles.
 //! - [`admin`]: the admin listener: health, readiness, metrics, the admin API.
@@ -33,6 +34,7 @@ pub mod ctl;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
+pub mod rollout;
 pub mod routing;
 pub mod serve;
 pub mod signals;

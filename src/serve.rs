@@ -19,10 +19,13 @@ use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::control::Control;
 use crate::proxy::{Proxy, listener};
+use crate::rollout::controller::Rollouts;
+use crate::rollout::plan;
+use crate::rollout::webhook::Webhooks;
 use crate::signals::{Signal, Signals};
 use crate::state::audit::AuditLog;
 use crate::state::file::FileStore;
-use crate::state::{self, Source, StateError};
+use crate::state::{self, Origin, Source, StateError};
 use crate::table::{Policy, Table};
 use crate::upstream::{self, Protocol};
 
@@ -106,6 +109,28 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         AuditLog::new(config.state.audit_log.clone()),
     ));
     control.record_start(origin, previous.as_ref().map(|p| &p.live));
+    let rollouts = Rollouts::new(
+        Arc::clone(&control),
+        config.rollout.as_ref().map(plan::to_document),
+        Webhooks::new(
+            config
+                .rollout
+                .as_ref()
+                .map(|r| r.webhooks.clone())
+                .unwrap_or_default(),
+        ),
+    );
+    match origin {
+        // A saved rollout carries on where it stopped.
+        Origin::Restored => rollouts.resume(),
+        // A canary fresh from the config starts the config's plan, if any.
+        _ if config.rollout.is_some() && config.versions.canary.is_some() => {
+            if let Err(error) = rollouts.start(None) {
+                tracing::error!(%error, "cannot start the configured rollout");
+            }
+        }
+        _ => {}
+    }
     let proxy = Arc::new(Proxy::new(
         Arc::clone(control.table()),
         upstream::client(&config.upstream),
@@ -121,6 +146,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     let admin = Arc::new(Admin::new(
         metrics,
         Arc::clone(&control),
+        rollouts,
         token,
         config.admin.metrics_auth,
     ));

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::AdminError;
+use std::sync::Arc;
+
 use crate::control::{Control, Explanation};
+use crate::rollout::controller::Rollouts;
 use crate::routing::Weight;
 use crate::state::{LiveState, Source};
 
@@ -89,6 +92,34 @@ pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, 
             AdminError::BadRequest("the query parameter key is required: /admin/route?key=K".into())
         })?;
     Ok(control.explain(&key))
+}
+
+/// `POST /admin/rollout`: the body is a plan document, or empty for the config's plan.
+pub async fn rollout_start(
+    rollouts: &Arc<Rollouts>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
+    let plan: Option<serde_json::Value> = read_json(req).await?;
+    Ok(rollouts.start(plan)?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    version: String,
+    eval_score: f64,
+}
+
+/// `POST /admin/signals`: an outside judgement of a version.
+pub async fn signals(
+    rollouts: &Rollouts,
+    req: Request<Incoming>,
+) -> Result<serde_json::Value, AdminError> {
+    let body: SignalBody = read_json(req).await?.ok_or_else(|| {
+        AdminError::BadRequest("a JSON body {\"version\", \"eval_score\"} is required".into())
+    })?;
+    rollouts.record_eval_score(&body.version, body.eval_score)?;
+    Ok(serde_json::json!({"version": body.version, "eval_score": body.eval_score}))
 }
 
 #[derive(Debug, Deserialize)]

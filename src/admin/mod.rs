@@ -6,8 +6,9 @@
 //!   loaded, 503 before that and while draining.
 //! - `GET /metrics`: Prometheus text exposition (token only with `admin.metrics_auth`).
 //! - `GET /admin/state`, `PUT /admin/weight`, `POST /admin/rollback`,
-//!   `POST /admin/promote`, `PUT /admin/canary`, `GET /admin/route?key=K`:
-//!   the control plane, behind `Authorization: Bearer <token>` when a token
+//!   `POST /admin/promote`, `PUT /admin/canary`, `GET /admin/route?key=K`,
+//!   `POST /admin/rollout`, `POST /admin/rollout/approve`,
+//!   `POST /admin/rollout/abort`, `POST /admin/signals`: the control plane, behind `Authorization: Bearer <token>` when a token
 //!   is configured.
 //!
 //! Owns: the admin accept loop, authentication, the one `match` on (method,
@@ -33,6 +34,7 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 
 use crate::control::{Control, ControlError};
+use crate::rollout::controller::Rollouts;
 
 /// What the admin endpoints read and drive.
 #[derive(Debug)]
@@ -41,6 +43,7 @@ pub struct Admin {
     pub ready: AtomicBool,
     metrics: PrometheusHandle,
     control: Arc<Control>,
+    rollouts: Arc<Rollouts>,
     /// The bearer token `/admin/*` requires; `None` only on loopback.
     token: Option<String>,
     metrics_auth: bool,
@@ -96,6 +99,7 @@ impl Admin {
     pub fn new(
         metrics: PrometheusHandle,
         control: Arc<Control>,
+        rollouts: Arc<Rollouts>,
         token: Option<String>,
         metrics_auth: bool,
     ) -> Admin {
@@ -103,6 +107,7 @@ impl Admin {
             ready: AtomicBool::new(false),
             metrics,
             control,
+            rollouts,
             token,
             metrics_auth,
         }
@@ -160,10 +165,29 @@ impl Admin {
                 ok(to_json(&handlers::canary(&self.control, req).await?))
             }
             (&Method::GET, "/admin/route") => ok(to_json(&handlers::route(&self.control, &req)?)),
+            (&Method::POST, "/admin/rollout") => ok(to_json(
+                &handlers::rollout_start(&self.rollouts, req).await?,
+            )),
+            (&Method::POST, "/admin/rollout/approve") => ok(to_json(&self.rollouts.approve()?)),
+            (&Method::POST, "/admin/rollout/abort") => ok(to_json(&self.rollouts.abort()?)),
+            (&Method::POST, "/admin/signals") => {
+                ok(to_json(&handlers::signals(&self.rollouts, req).await?))
+            }
             (
                 _,
-                "/health" | "/ready" | "/metrics" | "/admin/state" | "/admin/weight"
-                | "/admin/rollback" | "/admin/promote" | "/admin/canary" | "/admin/route",
+                "/health"
+                | "/ready"
+                | "/metrics"
+                | "/admin/state"
+                | "/admin/weight"
+                | "/admin/rollback"
+                | "/admin/promote"
+                | "/admin/canary"
+                | "/admin/route"
+                | "/admin/rollout"
+                | "/admin/rollout/approve"
+                | "/admin/rollout/abort"
+                | "/admin/signals",
             ) => Err(AdminError::MethodNotAllowed(method)),
             (_, path) => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
         }

@@ -1,0 +1,468 @@
+//! The rollout controller: steps a canary through a plan's stages.
+//!
+//! Owns: starting, approving and aborting a rollout, the stage machine (set
+//! the weight, wait the duration, judge at every interval, go on; wait at a
+//! pause for approval), the consecutive-failure rule that rolls back, the end
+//! (promote or hold), resuming after a restart with the time already spent
+//! counted, and webhook events. It changes the world only through
+//! `Control`, and its progress lives in the live state under `rollout`.
+//! Does not own the statistics (`judge`, `stats`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::judge::{self, Verdict};
+use super::webhook::Webhooks;
+use crate::config::{OnSuccess, RolloutConfig, Stage, rollout_from_json};
+use crate::control::{Control, ControlError};
+use crate::state::{LiveState, Source};
+use crate::table::Status;
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Progressing,
+    /// Waiting at a `{ pause = true }` stage for `rollout approve`.
+    Paused,
+    Promoted,
+    Held,
+    RolledBack,
+    Aborted,
+    /// Ended by a change made outside the rollout (rollback, promote, new canary).
+    Superseded,
+}
+
+impl Phase {
+    fn is_active(self) -> bool {
+        matches!(self, Phase::Progressing | Phase::Paused)
+    }
+}
+
+/// The rollout's progress, as kept in the live state under `rollout`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The plan document, re-validated on resume.
+    pub plan: Value,
+    /// The canary this rollout is for.
+    pub canary: String,
+    pub phase: Phase,
+    /// Index into the plan's stages.
+    pub stage: usize,
+    pub stages: usize,
+    pub weight: f64,
+    /// Time spent in the current stage, in milliseconds, saved at every evaluation.
+    pub stage_elapsed_ms: u64,
+    /// Time left in the current stage, in milliseconds (`null` at a pause).
+    pub time_left_ms: Option<u64>,
+    pub consecutive_failures: u32,
+    pub consecutive_inconclusive: u32,
+    pub evaluations: u64,
+    /// Every guardrail's last evaluation: stable value, canary value, limit, verdict.
+    pub last_evaluation: Vec<judge::Evaluation>,
+    pub reason: Option<String>,
+}
+
+enum Command {
+    Approve,
+    Abort,
+}
+
+/// Runs at most one rollout at a time.
+#[derive(Debug)]
+pub struct Rollouts {
+    control: Arc<Control>,
+    /// The `[rollout]` plan from the config, used when a start names none.
+    default_plan: Option<Value>,
+    webhooks: Webhooks,
+    running: Mutex<Option<mpsc::Sender<Command>>>,
+    /// The latest outside judgement per version (`POST /admin/signals`).
+    eval_scores: Mutex<HashMap<String, f64>>,
+}
+
+impl Rollouts {
+    #[must_use]
+    pub fn new(
+        control: Arc<Control>,
+        default_plan: Option<Value>,
+        webhooks: Webhooks,
+    ) -> Arc<Rollouts> {
+        Arc::new(Rollouts {
+            control,
+            default_plan,
+            webhooks,
+            running: Mutex::new(None),
+            eval_scores: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts `plan` (or the config's) for the installed canary.
+    pub fn start(self: &Arc<Self>, plan: Option<Value>) -> Result<LiveState, ControlError> {
+        let document = plan.or_else(|| self.default_plan.clone()).ok_or_else(|| {
+            ControlError::Invalid("no plan given and the config has no [rollout]".into())
+        })?;
+        let plan = rollout_from_json(document.clone())
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let mut running = self.running();
+        if running.as_ref().is_some_and(|tx| !tx.is_closed()) {
+            return Err(ControlError::Conflict(
+                "a rollout is already running; abort it first".into(),
+            ));
+        }
+        let live = self.control.state();
+        let canary = live.canary.as_ref().ok_or_else(|| {
+            ControlError::Conflict(
+                "there is no canary to roll out; install one with PUT /admin/canary".into(),
+            )
+        })?;
+        let progress = Progress {
+            plan: document,
+            canary: canary.name.clone(),
+            phase: Phase::Progressing,
+            stage: 0,
+            stages: plan.stages.len(),
+            weight: canary.weight,
+            stage_elapsed_ms: 0,
+            time_left_ms: None,
+            consecutive_failures: 0,
+            consecutive_inconclusive: 0,
+            evaluations: 0,
+            last_evaluation: Vec::new(),
+            reason: None,
+        };
+        let state = self.save(&progress, "rollout_start", None)?;
+        *running = Some(self.spawn(plan, progress));
+        Ok(state)
+    }
+
+    /// Resumes a rollout the live state says was running when the process stopped.
+    pub fn resume(self: &Arc<Self>) {
+        let Some(progress) = self
+            .control
+            .state()
+            .rollout
+            .and_then(|v| serde_json::from_value::<Progress>(v).ok())
+        else {
+            return;
+        };
+        if !progress.phase.is_active() {
+            return;
+        }
+        match rollout_from_json(progress.plan.clone()) {
+            Ok(plan) => {
+                tracing::info!(
+                    stage = progress.stage,
+                    elapsed_ms = progress.stage_elapsed_ms,
+                    "resuming the rollout"
+                );
+                *self.running() = Some(self.spawn(plan, progress));
+            }
+            Err(error) => {
+                tracing::error!(%error, "the saved rollout plan is no longer valid; not resuming")
+            }
+        }
+    }
+
+    /// Passes the approval gate of a paused rollout.
+    pub fn approve(&self) -> Result<LiveState, ControlError> {
+        let paused = self.progress().is_some_and(|p| p.phase == Phase::Paused);
+        if !paused {
+            return Err(ControlError::Conflict(
+                "no rollout is waiting for approval".into(),
+            ));
+        }
+        self.command(Command::Approve)?;
+        Ok(self.control.state())
+    }
+
+    /// Aborts the running rollout, which rolls the canary back.
+    pub fn abort(&self) -> Result<LiveState, ControlError> {
+        self.command(Command::Abort)?;
+        // Roll back here, not in the task, so the caller sees the result.
+        let state = self.control.rollback("rollout aborted", Source::Api)?;
+        Ok(state)
+    }
+
+    /// Records an outside judgement of `version` (`POST /admin/signals`).
+    pub fn record_eval_score(&self, version: &str, score: f64) -> Result<(), ControlError> {
+        if !(0.0..=1.0).contains(&score) {
+            return Err(ControlError::Invalid(format!(
+                "eval_score: {score} is not within 0.0..=1.0"
+            )));
+        }
+        let live = self.control.state();
+        let known =
+            live.stable.name == version || live.canary.as_ref().is_some_and(|c| c.name == version);
+        if !known {
+            return Err(ControlError::Conflict(format!(
+                "{version:?} is neither the stable nor the canary version"
+            )));
+        }
+        self.eval_scores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(version.to_owned(), score);
+        Ok(())
+    }
+
+    fn progress(&self) -> Option<Progress> {
+        self.control
+            .state()
+            .rollout
+            .and_then(|v| serde_json::from_value(v).ok())
+    }
+
+    fn command(&self, command: Command) -> Result<(), ControlError> {
+        let running = self.running();
+        let sender = running
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+            .ok_or_else(|| ControlError::Conflict("no rollout is running".into()))?;
+        sender
+            .try_send(command)
+            .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Command>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(self: &Arc<Self>, plan: RolloutConfig, progress: Progress) -> mpsc::Sender<Command> {
+        let (tx, rx) = mpsc::channel(4);
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.run(plan, progress, rx).await });
+        tx
+    }
+
+    /// The stage machine. Returns when the rollout ends, however it ends.
+    async fn run(
+        self: Arc<Self>,
+        plan: RolloutConfig,
+        mut progress: Progress,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
+        while progress.stage < plan.stages.len() {
+            let outcome = match plan.stages[progress.stage] {
+                Stage::Pause => self.pause(&plan, &mut progress, &mut commands).await,
+                Stage::Weight { weight, duration } => {
+                    self.weight_stage(
+                        &plan,
+                        &mut progress,
+                        weight.percent(),
+                        duration,
+                        &mut commands,
+                    )
+                    .await
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    progress.stage += 1;
+                    progress.stage_elapsed_ms = 0;
+                    progress.consecutive_failures = 0;
+                    progress.consecutive_inconclusive = 0;
+                }
+                Err(end) => return self.end(progress, end),
+            }
+        }
+        let end = match plan.on_success {
+            OnSuccess::Promote => Phase::Promoted,
+            OnSuccess::Hold => Phase::Held,
+        };
+        self.end(progress, end);
+    }
+
+    async fn pause(
+        &self,
+        plan: &RolloutConfig,
+        progress: &mut Progress,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), Phase> {
+        progress.phase = Phase::Paused;
+        progress.time_left_ms = None;
+        self.save_or_end(progress, "rollout_pause")?;
+        self.webhooks.send("pause", &self.control.state());
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Approve) => break,
+                    Some(Command::Abort) | None => return Err(Phase::Aborted),
+                },
+                () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
+            }
+        }
+        progress.phase = Phase::Progressing;
+        Ok(())
+    }
+
+    async fn weight_stage(
+        &self,
+        plan: &RolloutConfig,
+        progress: &mut Progress,
+        weight: f64,
+        duration: Duration,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), Phase> {
+        progress.phase = Phase::Progressing;
+        progress.weight = weight;
+        let started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
+        progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
+        self.save_or_end(progress, "rollout_stage")?;
+        self.webhooks.send("stage", &self.control.state());
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Approve) => continue,
+                    Some(Command::Abort) | None => return Err(Phase::Aborted),
+                },
+                () = tokio::time::sleep(plan.interval) => {}
+            }
+            self.still_ours(progress)?;
+            let elapsed = started.elapsed();
+            let evaluation = judge::evaluate(
+                &self.control.table().snapshot(),
+                plan,
+                elapsed,
+                &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            progress.evaluations += 1;
+            progress.stage_elapsed_ms = millis(elapsed);
+            progress.time_left_ms = Some(millis(duration.saturating_sub(elapsed)));
+            let verdict = judge::overall(&evaluation);
+            progress.last_evaluation = evaluation;
+            match verdict {
+                Verdict::Pass => {
+                    progress.consecutive_failures = 0;
+                    progress.consecutive_inconclusive = 0;
+                }
+                Verdict::Inconclusive => {
+                    progress.consecutive_inconclusive += 1;
+                    // Waiting forever for data is a failure too.
+                    if progress.consecutive_inconclusive >= plan.inconclusive_limit {
+                        progress.consecutive_inconclusive = 0;
+                        progress.consecutive_failures += 1;
+                    }
+                }
+                Verdict::Fail => {
+                    progress.consecutive_inconclusive = 0;
+                    progress.consecutive_failures += 1;
+                }
+            }
+            if progress.consecutive_failures >= plan.failure_limit {
+                progress.reason = Some(judge::failure_reason(
+                    &progress.last_evaluation,
+                    plan.failure_limit,
+                ));
+                return Err(Phase::RolledBack);
+            }
+            self.save_or_end(progress, "rollout_evaluation")?;
+            // A stage ends only on a passing evaluation: an inconclusive one waits.
+            if elapsed >= duration && verdict == Verdict::Pass {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Ends the rollout as `phase`, making the change it implies.
+    fn end(&self, mut progress: Progress, phase: Phase) {
+        progress.phase = phase;
+        progress.time_left_ms = None;
+        let result = match phase {
+            Phase::RolledBack => {
+                let reason = progress
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "guardrail failed".into());
+                self.control
+                    .rollback(&reason, Source::Guardrail)
+                    .and_then(|_| self.save(&progress, "rollout_rolled_back", Some(&reason)))
+            }
+            Phase::Promoted => self
+                .save(&progress, "rollout_done", None)
+                .and_then(|_| self.control.promote()),
+            Phase::Held => self.control.rollout_change("rollout_done", None, |live| {
+                live.status = Status::Steady;
+                live.rollout = serde_json::to_value(&progress).ok();
+            }),
+            // An abort rolled back already (in `abort`); a superseded rollout only records that.
+            Phase::Aborted | Phase::Superseded | Phase::Progressing | Phase::Paused => self
+                .control
+                .rollout_change("rollout_end", progress.reason.as_deref(), |live| {
+                    live.rollout = serde_json::to_value(&progress).ok();
+                }),
+        };
+        match result {
+            Ok(state) => {
+                let event = match phase {
+                    Phase::RolledBack | Phase::Aborted => "rollback",
+                    Phase::Promoted => "promotion",
+                    _ => "end",
+                };
+                self.webhooks.send(event, &state);
+                tracing::info!(phase = ?phase, "rollout ended");
+            }
+            Err(error) => {
+                tracing::error!(%error, phase = ?phase, "cannot record the end of the rollout")
+            }
+        }
+    }
+
+    /// Fails with `Superseded` when a change outside the rollout ended it.
+    fn still_ours(&self, progress: &mut Progress) -> Result<(), Phase> {
+        let live = self.control.state();
+        let ours = live.status != Status::RolledBack
+            && live
+                .canary
+                .as_ref()
+                .is_some_and(|c| c.name == progress.canary);
+        if ours {
+            Ok(())
+        } else {
+            progress.reason = Some("ended by a change outside the rollout".into());
+            Err(Phase::Superseded)
+        }
+    }
+
+    fn save_or_end(&self, progress: &Progress, action: &str) -> Result<(), Phase> {
+        self.still_ours(&mut progress.clone())?;
+        self.save(progress, action, None)
+            .map(|_| ())
+            .map_err(|error| {
+                tracing::error!(%error, "cannot save the rollout's progress");
+                Phase::Superseded
+            })
+    }
+
+    /// Writes `progress` into the live state with the weight and status it implies.
+    fn save(
+        &self,
+        progress: &Progress,
+        action: &str,
+        reason: Option<&str>,
+    ) -> Result<LiveState, ControlError> {
+        let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
+        self.control.rollout_change(action, reason, |live| {
+            if progress.phase.is_active() {
+                if let Some(canary) = live.canary.as_mut() {
+                    canary.weight = progress.weight;
+                }
+                live.status = if progress.phase == Phase::Paused {
+                    Status::Paused
+                } else {
+                    Status::Progressing
+                };
+            }
+            live.rollout = Some(value);
+        })
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
