@@ -231,4 +231,12 @@ rollout:
         assert_eq!(plan.guardrails.eval_score_min, Some(0.9));
         assert!(document("kind: Deployment\n").is_err());
     }
+
+    #[test]
+    fn shipped_examples_are_valid_plans() {
+        for text in [include_str!("../../config/rollout.toml"), include_str!("../../config/agent-release.yaml")] {
+            let plan = rollout_from_json(document(text).unwrap()).unwrap();
+            assert_eq!(plan.stages.len(), 5);
+        }
+    }
 }
