@@ -400,8 +400,9 @@ impl Control {
 }
 
 /// Builds the route table for `live`, reusing `previous`'s versions where
-/// they are unchanged, so their round-robin cursors, metric handles and open
-/// streams carry over.
+/// they are unchanged, so their round-robin cursors, metric handles, health
+/// and open streams carry over. A canary new at run time (there is a
+/// `previous`) passes the readiness gate before it gets traffic.
 fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTable>>) -> RouteTable {
     let stable = live.stable.config();
     let canary = live.canary.as_ref().map(|c| {
@@ -420,6 +421,7 @@ fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTabl
         canary.as_ref(),
         Arc::clone(policy),
         previous.map(AsRef::as_ref),
+        previous.is_some(),
     )
 }
 

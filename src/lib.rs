@@ -12,6 +12,7 @@
 //! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
 //! - [`upstream`]: upstream addresses and the pooled client.
+//! - [`health`]: active health checks, passive ejection, the readiness gate.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.
 //! - [`control`]: every change of the live state: weight, rollback, promote, canary, reload.
 //! - [`rollout`]: progressive rollouts: plans, the stage controller, guardrail judging, webhooks.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod rollout;

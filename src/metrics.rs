@@ -202,3 +202,8 @@ pub fn client_connections() -> Gauge {
 pub fn record_rollback(source: &'static str) {
     counter!(ROLLBACKS_TOTAL, "source" => source).increment(1);
 }
+
+/// Counts one canary-cohort request served by stable (no healthy canary upstream).
+pub fn record_canary_fallback() {
+    counter!(CANARY_FALLBACKS_TOTAL).increment(1);
+}

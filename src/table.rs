@@ -15,7 +15,8 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
-use crate::config::{Config, MetricsConfig, RoutingConfig, VersionConfig};
+use crate::config::{Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig};
+use crate::health::{self, Health};
 use crate::metrics::VersionMetrics;
 use crate::routing::{Cohort, Weight};
 use crate::upstream::UpstreamAddr;
@@ -39,15 +40,24 @@ pub struct Version {
     next: AtomicUsize,
     /// Metric handles resolved once for this version, so recording allocates nothing.
     pub metrics: VersionMetrics,
+    /// One entry per upstream, in the same order.
+    pub health: Box<[Health]>,
     /// Flips to `true` when this version's open streams and upgraded
     /// connections must end (a rollback with `on_rollback = "close"`).
     closing: watch::Sender<bool>,
 }
 
 impl Version {
+    /// A version; `gated` ones (canaries installed at run time) take no
+    /// traffic until an upstream passes its health check.
     #[must_use]
-    pub fn new(config: &VersionConfig, cohort: Cohort) -> Version {
+    pub fn new(config: &VersionConfig, cohort: Cohort, gated: bool) -> Version {
         Version {
+            health: config
+                .upstreams
+                .iter()
+                .map(|u| Health::new(&config.name, &u.to_string(), !gated))
+                .collect(),
             metrics: VersionMetrics::new(&config.name, cohort),
             name: config.name.clone(),
             upstreams: config.upstreams.clone(),
@@ -72,16 +82,21 @@ impl Version {
         }
     }
 
-    /// The next upstream in round-robin order; `None` when there is none.
+    /// The next available upstream in round-robin order, with its index;
+    /// `None` when none is healthy.
     #[must_use]
-    pub fn pick(&self) -> Option<&UpstreamAddr> {
-        match self.upstreams.len() {
-            0 => None,
-            1 => self.upstreams.first(),
-            n => self
-                .upstreams
-                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
-        }
+    pub fn pick(&self) -> Option<(usize, &UpstreamAddr)> {
+        let n = self.upstreams.len();
+        let start = if n > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            0
+        };
+        let now = health::now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.health[i].is_available(now))
+            .map(|i| (i, &self.upstreams[i]))
     }
 
     #[must_use]
@@ -108,6 +123,7 @@ pub struct Policy {
     pub metrics: MetricsConfig,
     /// Time allowed for an upstream's response headers.
     pub response_timeout: Duration,
+    pub health: HealthConfig,
 }
 
 impl Policy {
@@ -117,6 +133,7 @@ impl Policy {
             routing: config.routing.clone(),
             metrics: config.metrics.clone(),
             response_timeout: config.upstream.response_timeout,
+            health: config.health.clone(),
         }
     }
 }
@@ -146,6 +163,7 @@ impl RouteTable {
         canary: Option<&(VersionConfig, Weight)>,
         policy: Arc<Policy>,
         previous: Option<&RouteTable>,
+        gate_new_canary: bool,
     ) -> RouteTable {
         let reuse = |config: &VersionConfig, cohort: Cohort| {
             let candidate = previous.and_then(|p| match cohort {
@@ -156,7 +174,11 @@ impl RouteTable {
                 Some(v) if v.name == config.name && v.upstreams == config.upstreams => {
                     Arc::clone(v)
                 }
-                _ => Arc::new(Version::new(config, cohort)),
+                _ => Arc::new(Version::new(
+                    config,
+                    cohort,
+                    gate_new_canary && cohort == Cohort::Canary,
+                )),
             }
         };
         let salt = policy
@@ -188,6 +210,7 @@ impl RouteTable {
             config.versions.canary.as_ref(),
             Arc::new(Policy::from_config(config)),
             None,
+            false,
         )
     }
 

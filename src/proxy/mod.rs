@@ -21,10 +21,10 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::config::Fallback;
-use crate::routing::{self, key};
+use crate::config::{CanaryUnavailable, Fallback};
+use crate::routing::{self, Cohort, key};
 use crate::table::{RouteTable, Table, Version};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{UpstreamAddr, UpstreamClient};
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
@@ -78,7 +78,18 @@ impl Proxy {
         };
         let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
         let decision = routing::decide(&table, key.as_deref(), forced);
-        let version = Arc::clone(table.version(decision.cohort));
+        // A canary with no healthy upstream hands its cohort to stable, if so configured.
+        let mut version = table.version(decision.cohort);
+        let mut upstream = version.pick();
+        if upstream.is_none()
+            && decision.cohort == Cohort::Canary
+            && table.policy.health.canary_unavailable == CanaryUnavailable::Stable
+        {
+            crate::metrics::record_canary_fallback();
+            version = &table.stable;
+            upstream = version.pick();
+        }
+        let version = Arc::clone(version);
 
         // Forward, with the version's in-flight gauge held until the body ends.
         let in_flight = body::InFlight::start(Arc::clone(&version), started);
@@ -87,7 +98,7 @@ impl Proxy {
             Ok(()) => {
                 let client_upgrade =
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-                self.forward(req, &table, &version, peer)
+                self.forward(req, &table, &version, upstream, peer)
                     .await
                     .map(|rsp| (rsp, client_upgrade))
             }
@@ -137,9 +148,10 @@ impl Proxy {
         req: Request<Incoming>,
         table: &RouteTable,
         version: &Version,
+        upstream: Option<(usize, &UpstreamAddr)>,
         peer: SocketAddr,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let upstream = version.pick().ok_or(ProxyError::NoUpstream)?;
+        let (index, upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let req = forward::upstream_request(
             req,
             upstream,
@@ -149,13 +161,20 @@ impl Proxy {
             self.tls,
         )?;
         let response_timeout = table.policy.response_timeout;
-        match tokio::time::timeout(response_timeout, self.client.request(req)).await {
+        let result = match tokio::time::timeout(response_timeout, self.client.request(req)).await {
             Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
             Ok(Err(error)) => Err(ProxyError::from_client(error)),
             Err(_) => Err(ProxyError::Timeout(format!(
                 "no response headers within {response_timeout:?}"
             ))),
-        }
+        };
+        // Passive health: consecutive connect errors and 5xx eject the upstream.
+        let ok = match &result {
+            Ok(rsp) => !rsp.status().is_server_error(),
+            Err(error) => error.upstream_kind().is_none(),
+        };
+        version.health[index].record_outcome(ok, &table.policy.health);
+        result
     }
 }
 

@@ -234,7 +234,10 @@ rollout:
 
     #[test]
     fn shipped_examples_are_valid_plans() {
-        for text in [include_str!("../../config/rollout.toml"), include_str!("../../config/agent-release.yaml")] {
+        for text in [
+            include_str!("../../config/rollout.toml"),
+            include_str!("../../config/agent-release.yaml"),
+        ] {
             let plan = rollout_from_json(document(text).unwrap()).unwrap();
             assert_eq!(plan.stages.len(), 5);
         }

@@ -1,0 +1,211 @@
+//! Upstream health: active checks, passive ejection and the readiness gate.
+//!
+//! Owns: the health of each upstream of each version ([`Health`]), the
+//! background task that probes every upstream of the live table
+//! ([`run_checks`]), and the rules of SPEC section 10: an upstream is
+//! marked unhealthy after `unhealthy_threshold` failed probes and healthy
+//! again after `healthy_threshold` good ones; it is ejected for `eject_for`
+//! after `eject_after_errors` consecutive connect errors or 5xx on real
+//! traffic; a canary installed at run time starts unhealthy, so it gets no
+//! traffic until one of its upstreams passes a probe. Does not own choosing
+//! among upstreams (`table::Version::pick`) or the fallback to stable
+//! (`proxy`).
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http::header::USER_AGENT;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use metrics::Gauge;
+
+use crate::config::HealthConfig;
+use crate::table::{Table, Version};
+
+/// Milliseconds since the first call in this process: a cheap monotonic clock
+/// that fits in an atomic.
+#[must_use]
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The health of one upstream of one version. Updated with relaxed atomics:
+/// each field is a hint for routing, and a request that reads a stale value
+/// is at worst sent where the previous one was.
+#[derive(Debug)]
+pub struct Health {
+    healthy: AtomicBool,
+    good_probes: AtomicU32,
+    bad_probes: AtomicU32,
+    /// Consecutive connect errors or 5xx on real traffic.
+    errors: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    /// When the next active probe is due (0: as soon as possible).
+    next_probe_ms: AtomicU64,
+    /// Set for a canary installed at run time until its first good probe,
+    /// which alone opens it (the readiness gate).
+    gated: AtomicBool,
+    gauge: Gauge,
+}
+
+/// One upstream's health as reported in `GET /admin/state`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub upstream: String,
+    pub healthy: bool,
+    pub ejected: bool,
+}
+
+impl Health {
+    /// `healthy` is the starting verdict: true for versions from the config,
+    /// false for a canary installed at run time (the readiness gate).
+    #[must_use]
+    pub fn new(version: &str, upstream: &str, healthy: bool) -> Health {
+        let gauge = metrics::gauge!(crate::metrics::UPSTREAM_HEALTHY, "version" => version.to_owned(), "upstream" => upstream.to_owned());
+        gauge.set(if healthy { 1.0 } else { 0.0 });
+        Health {
+            healthy: AtomicBool::new(healthy),
+            good_probes: AtomicU32::new(0),
+            bad_probes: AtomicU32::new(0),
+            errors: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            next_probe_ms: AtomicU64::new(0),
+            gated: AtomicBool::new(!healthy),
+            gauge,
+        }
+    }
+
+    /// Whether requests may go to this upstream now.
+    #[must_use]
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Counts the outcome of a real request: consecutive failures eject.
+    pub fn record_outcome(&self, ok: bool, config: &HealthConfig) {
+        if ok {
+            if self.errors.load(Ordering::Relaxed) != 0 {
+                self.errors.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if self.errors.fetch_add(1, Ordering::Relaxed) + 1 >= config.eject_after_errors {
+            self.errors.store(0, Ordering::Relaxed);
+            let until = now_ms()
+                .saturating_add(u64::try_from(config.eject_for.as_millis()).unwrap_or(u64::MAX));
+            self.ejected_until_ms.store(until, Ordering::Relaxed);
+            tracing::warn!(eject_for = ?config.eject_for, "upstream ejected after consecutive errors");
+        }
+    }
+
+    /// Counts the outcome of an active probe.
+    fn record_probe(&self, ok: bool, config: &HealthConfig) {
+        if ok {
+            self.bad_probes.store(0, Ordering::Relaxed);
+            let good = self.good_probes.fetch_add(1, Ordering::Relaxed) + 1;
+            // A gated upstream opens on its first good probe; a failed one needs the threshold.
+            let threshold = if self.gated.swap(false, Ordering::Relaxed) {
+                1
+            } else {
+                config.healthy_threshold
+            };
+            if good >= threshold && !self.healthy.swap(true, Ordering::Relaxed) {
+                self.gauge.set(1.0);
+                self.ejected_until_ms.store(0, Ordering::Relaxed);
+            }
+        } else {
+            self.good_probes.store(0, Ordering::Relaxed);
+            let bad = self.bad_probes.fetch_add(1, Ordering::Relaxed) + 1;
+            if bad >= config.unhealthy_threshold && self.healthy.swap(false, Ordering::Relaxed) {
+                self.gauge.set(0.0);
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn report(&self, upstream: String) -> Report {
+        Report {
+            upstream,
+            healthy: self.healthy.load(Ordering::Relaxed),
+            ejected: self.ejected_until_ms.load(Ordering::Relaxed) > now_ms(),
+        }
+    }
+}
+
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Probes every upstream of the live table until `shutdown` resolves. New
+/// versions are probed at once; the others every `config.interval`.
+pub async fn run_checks(
+    table: std::sync::Arc<Table>,
+    config: HealthConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.timeout));
+    connector.set_nodelay(true);
+    let client: ProbeClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build(connector);
+    // Short enough that a new canary is probed promptly, long enough to cost nothing.
+    let tick = config.interval.min(Duration::from_millis(200));
+    tokio::pin!(shutdown);
+    loop {
+        let snapshot = table.snapshot();
+        let versions =
+            std::iter::once(&snapshot.stable).chain(snapshot.canary.as_ref().map(|c| &c.version));
+        for version in versions {
+            probe_due(&client, version, &config);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = &mut shutdown => return,
+        }
+    }
+}
+
+/// Starts a probe of each upstream of `version` whose turn has come.
+fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &HealthConfig) {
+    let now = now_ms();
+    for (index, upstream) in version.upstreams.iter().enumerate() {
+        let health = &version.health[index];
+        let due = health.next_probe_ms.load(Ordering::Relaxed);
+        if due > now {
+            continue;
+        }
+        let interval = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
+        health
+            .next_probe_ms
+            .store(now.saturating_add(interval).max(1), Ordering::Relaxed);
+        let uri = format!("http://{}{}", upstream.authority, config.path);
+        let (client, version, config) = (
+            client.clone(),
+            std::sync::Arc::clone(version),
+            config.clone(),
+        );
+        tokio::spawn(async move {
+            let ok = probe(&client, &uri, config.timeout).await;
+            version.health[index].record_probe(ok, &config);
+        });
+    }
+}
+
+/// One probe: any HTTP answer below 500 within the timeout is healthy, so an
+/// upstream without a health endpoint (404) still counts as up.
+async fn probe(client: &ProbeClient, uri: &str, timeout: Duration) -> bool {
+    let Ok(req) = Request::get(uri)
+        .header(USER_AGENT, "cohort-health-check")
+        .body(Empty::new())
+    else {
+        return false;
+    };
+    matches!(tokio::time::timeout(timeout, client.request(req)).await, Ok(Ok(rsp)) if rsp.status().as_u16() < 500)
+}
