@@ -1,0 +1,246 @@
+//! The `cohort` binary, run as a process.
+//!
+//! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
+//! names every problem by its key), `cohort route` (the SPEC reference
+//! vectors), and `cohort serve` (answers on its port, exits 0 on SIGTERM).
+//! Does not own: the behaviour behind these commands, which the library
+//! tests cover in depth.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::{Backend, Http, STABLE, within};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+const COHORT: &str = env!("CARGO_BIN_EXE_cohort");
+
+/// A scratch directory for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("cohort-cli-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Scratch(dir)
+    }
+
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.0.join(file);
+        std::fs::write(&path, text).expect("write a scratch file");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cohort(args: &[&str]) -> Output {
+    Command::new(COHORT)
+        .args(args)
+        .output()
+        .expect("run the cohort binary")
+}
+
+/// Stdout and stderr together, as an operator reads them in a terminal.
+fn printed(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn check(path: &Path) -> Output {
+    cohort(&["check", "--config", path.to_str().expect("a UTF-8 path")])
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cohort.toml");
+    let output = check(&shipped);
+    assert!(output.status.success(), "{}", printed(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+}
+
+const BAD_VALUES: &str = r#"
+[listen]
+drain_timeout = "soon"
+
+[routing]
+sticky_keys = ["header:x-user-id", "body:user"]
+
+[versions.stable]
+name = "v1"
+upstreams = ["127.0.0.1:9001"]
+
+[versions.canary]
+name = "v2"
+upstreams = ["127.0.0.1:9002"]
+weight = 150
+"#;
+
+#[test]
+fn check_names_every_bad_value_by_its_key() {
+    let scratch = Scratch::new("bad-values");
+    let output = check(&scratch.write("bad.toml", BAD_VALUES));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    assert!(
+        text.lines()
+            .any(|l| l == "versions.canary.weight: 150 is not within 0..=100"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("listen.drain_timeout: ") && l.contains("soon")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("routing.sticky_keys[1]: ") && l.contains("body:user")),
+        "{text}"
+    );
+    assert!(!text.contains("\nok"), "{text}");
+}
+
+#[test]
+fn check_names_an_unknown_key() {
+    let scratch = Scratch::new("unknown-key");
+    let text = "[routing]\ncolour = \"blue\"\n\n[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\"]\n";
+    let output = check(&scratch.write("unknown.toml", text));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert!(printed(&output).contains("colour"), "{}", printed(&output));
+}
+
+#[test]
+#[ignore = "an unknown key stops `check` at the TOML error, hiding every other problem (config.rs, Config::parse)"]
+fn check_reports_an_unknown_key_together_with_bad_values() {
+    let scratch = Scratch::new("everything-bad");
+    let text = BAD_VALUES.replace("[routing]\n", "[routing]\ncolour = \"blue\"\n");
+    let output = check(&scratch.write("bad.toml", &text));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    for needle in [
+        "versions.canary.weight: 150 is not within 0..=100",
+        "listen.drain_timeout: ",
+        "routing.sticky_keys[1]: ",
+        "routing.colour",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn check_fails_on_a_missing_file() {
+    let output = cohort(&["check", "--config", "no/such/cohort.toml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert!(printed(&output).contains("no/such/cohort.toml"));
+}
+
+#[test]
+fn route_prints_bucket_and_cohort_per_key() {
+    let output = cohort(&["route", "--salt", "v2", "--weight", "50", "alice", "bob"]);
+    assert!(output.status.success(), "{}", printed(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [["alice", "4727", "canary"], ["bob", "9112", "stable"]],
+        "{stdout}"
+    );
+}
+
+#[test]
+fn route_refuses_a_weight_out_of_range() {
+    let output = cohort(&["route", "--salt", "v2", "--weight", "150", "alice"]);
+    assert!(!output.status.success(), "{}", printed(&output));
+    assert!(
+        printed(&output).contains("--weight"),
+        "{}",
+        printed(&output)
+    );
+}
+
+/// The `proxy.addr` the serve log announces, if `line` is that announcement.
+fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = &line[line.find("proxy.addr")? + "proxy.addr".len()..];
+    // Skip `=` and any colour codes up to the address itself.
+    let start = rest.find(|c: char| c.is_ascii_digit())?;
+    let addr: String = rest[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
+    let backend = Backend::start(STABLE).await;
+    let scratch = Scratch::new("serve");
+    let state = scratch.0.join("state.json");
+    let audit = scratch.0.join("audit.jsonl");
+    let config = scratch.write(
+        "cohort.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\ndrain_timeout = \"5s\"\n\n\
+             [admin]\naddr = \"127.0.0.1:0\"\n\n\
+             [state]\npath = {state:?}\naudit_log = {audit:?}\n\n\
+             [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+
+    let mut child = tokio::process::Command::new(COHORT)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(&scratch.0)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort serve");
+    let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+
+    let proxy = within("cohort serve to announce its address", async {
+        loop {
+            let line = log
+                .next_line()
+                .await
+                .expect("read the log")
+                .expect("cohort serve exited before it announced its address");
+            if let Some(addr) = announced_proxy_addr(&line) {
+                return addr;
+            }
+        }
+    })
+    .await;
+    // Keep draining the log so the child never blocks on a full pipe.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let reply = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(reply.backend(), STABLE);
+
+    let pid = child.id().expect("the child is running").to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("cohort serve to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for cohort serve");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let _ = within("the log to end", drain).await;
+}

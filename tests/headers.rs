@@ -1,0 +1,155 @@
+//! What the proxy adds to and removes from traffic, seen on the wire.
+//!
+//! Owns: the version header and `x-forwarded-*` on the upstream request, and
+//! the removal of hop-by-hop headers (the fixed list and those named in
+//! `Connection`) in both directions. Requests go as raw bytes so that the
+//! test, not a client library, decides exactly which headers are sent.
+//! Does not own: which version is chosen (`tests/routing.rs`).
+
+mod support;
+
+use support::{Backend, CANARY, Http, STABLE, cohort, raw_exchange};
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+#[tokio::test]
+async fn the_upstream_sees_the_version_and_forwarded_headers() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), "").await;
+    let http = Http::new(server.proxy_addr());
+
+    // alice is on the canary at 50% under salt v2, bob on stable (SPEC vectors).
+    for (key, version) in [("alice", CANARY), ("bob", STABLE)] {
+        let reply = http
+            .get(
+                "/chat",
+                &[
+                    ("x-user-id", key),
+                    ("host", "agent.example.com"),
+                    ("x-forwarded-for", "203.0.113.7"),
+                    // A client must not be able to pick the version header the upstream reads.
+                    ("x-agent-version", "forged"),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.seen("x-agent-version"), [version], "{key}");
+        assert_eq!(
+            reply.seen("x-forwarded-for"),
+            ["203.0.113.7, 127.0.0.1"],
+            "the peer is appended to the incoming chain"
+        );
+        assert_eq!(reply.seen("x-forwarded-proto"), ["http"]);
+        assert_eq!(reply.seen("x-forwarded-host"), ["agent.example.com"]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_a_forwarded_chain_starts_one() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let reply = Http::new(server.proxy_addr())
+        .get("/", &[("host", "svc.internal:8443")])
+        .await;
+    assert_eq!(reply.seen("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(reply.seen("x-forwarded-host"), ["svc.internal:8443"]);
+    assert_eq!(reply.seen("x-agent-version"), [STABLE]);
+}
+
+#[tokio::test]
+async fn several_forwarded_for_lines_are_joined_in_order() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let reply = Http::new(server.proxy_addr())
+        .get(
+            "/",
+            &[
+                ("x-forwarded-for", "198.51.100.1, 198.51.100.2"),
+                ("x-forwarded-for", "198.51.100.3"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        reply.seen("x-forwarded-for"),
+        ["198.51.100.1, 198.51.100.2, 198.51.100.3, 127.0.0.1"]
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_do_not_reach_the_upstream() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET /chat HTTP/1.1\r\n\
+                   Host: agent.example.com\r\n\
+                   Connection: x-client-secret\r\n\
+                   X-Client-Secret: 1\r\n\
+                   Keep-Alive: timeout=5\r\n\
+                   TE: trailers\r\n\
+                   Trailer: x-checksum\r\n\
+                   Upgrade: websocket\r\n\
+                   Proxy-Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n\
+                   X-End-To-End: kept\r\n\
+                   \r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let echo = reply.json();
+    let seen: Vec<&str> = echo["headers"]
+        .as_array()
+        .expect("the echo lists headers")
+        .iter()
+        .map(|pair| pair[0].as_str().expect("a header name"))
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&["x-client-secret"]) {
+        assert!(
+            !seen.contains(name),
+            "{name} reached the upstream: {seen:?}"
+        );
+    }
+    assert!(seen.contains(&"x-end-to-end"), "{seen:?}");
+    assert_eq!(stable.hits(), 1);
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_do_not_reach_the_client() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET / HTTP/1.1\r\nHost: a\r\nX-Want-Hop-By-Hop: 1\r\n\r\n";
+    // The control: asked directly, the backend does send every one of them.
+    let direct = raw_exchange(stable.addr, request.as_bytes()).await;
+    for name in [
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
+        "x-backend-secret",
+    ] {
+        assert!(
+            direct.header(name).is_some(),
+            "the backend did not send {name}: {:?}",
+            direct.headers
+        );
+    }
+
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    for name in HOP_BY_HOP.iter().chain(&["x-backend-secret"]) {
+        assert!(
+            reply.header(name).is_none(),
+            "{name} reached the client: {:?}",
+            reply.headers
+        );
+    }
+    assert_eq!(reply.header("x-kept"), Some("1"), "{:?}", reply.headers);
+    assert_eq!(reply.header("x-agent-version"), Some(STABLE));
+    assert_eq!(reply.json()["backend"], STABLE);
+}

@@ -1,0 +1,739 @@
+//! Shared parts of the black-box tests: real backends, a real Cohort, clients.
+//!
+//! Owns: backends on `127.0.0.1:0` built on hyper (an echo backend that
+//! answers with its name and the request it saw, an SSE backend paced by the
+//! test, a WebSocket echo backend, a slow backend released by the test), a
+//! dead address, starting Cohort from a TOML snippet, and small HTTP clients
+//! (hyper's pooled client, and raw bytes over a `TcpStream`). Does not own any
+//! assertion about Cohort's behaviour: those live in the test files.
+//!
+//! Nothing here sleeps to synchronise: backends signal through shared
+//! counters and channels, and [`eventually`] polls with a deadline.
+
+// Every test binary compiles this module but uses only part of it.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cohort::routing::{self, Cohort, Weight};
+use cohort::serve::Server;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+/// The stable and canary version names every test config uses.
+pub const STABLE: &str = "v1";
+pub const CANARY: &str = "v2";
+
+/// How long any single wait in a test may take before it counts as a failure.
+/// Generous, because a loaded CI machine is slow; a passing test never waits it out.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// An HTTP backend that answers every request with its name and what it saw.
+///
+/// The JSON body is `{"backend", "method", "uri", "headers": [[name, value]...],
+/// "body_len", "body_sha256"}`; the response also carries `x-backend: <name>`.
+/// A request with `x-want-hop-by-hop: 1` gets a response that carries
+/// hop-by-hop headers (and `x-kept: 1`, which is not one).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    body_bytes: Arc<AtomicU64>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = bind().await;
+        let backend = Backend {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+            hits: Arc::default(),
+            body_bytes: Arc::default(),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |req| {
+            let state = state.clone();
+            async move { state.answer(req).await }
+        }));
+        backend
+    }
+
+    /// Requests this backend has received (counted when their head arrives).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Request body bytes received so far, over all requests, counted per frame.
+    pub fn body_bytes_seen(&self) -> u64 {
+        self.body_bytes.load(Ordering::SeqCst)
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<BackendBody> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        let (parts, mut body) = req.into_parts();
+        let mut digest = Sha256::new();
+        let mut body_len: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                digest.update(data);
+                body_len += data.len() as u64;
+                self.body_bytes
+                    .fetch_add(data.len() as u64, Ordering::SeqCst);
+            }
+        }
+        let headers: Vec<[String; 2]> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                [
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                ]
+            })
+            .collect();
+        let json = serde_json::json!({
+            "backend": self.name,
+            "method": parts.method.as_str(),
+            "uri": parts.uri.to_string(),
+            "headers": headers,
+            "body_len": body_len,
+            "body_sha256": hex(&digest.finalize()),
+        });
+        let mut rsp = Response::new(full(json.to_string()));
+        let h = rsp.headers_mut();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-backend", value(&self.name));
+        if parts.headers.get("x-want-hop-by-hop").is_some() {
+            h.insert("connection", HeaderValue::from_static("x-backend-secret"));
+            h.insert("x-backend-secret", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("upgrade", HeaderValue::from_static("h2c"));
+            h.insert("trailer", HeaderValue::from_static("x-checksum"));
+            h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+        }
+        rsp
+    }
+}
+
+/// A server-sent-events backend: sends `data: one`, then waits for
+/// [`SseBackend::send_second`] before it sends `data: two` and ends.
+#[derive(Debug, Clone)]
+pub struct SseBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    release: Arc<Notify>,
+    second_sent: Arc<AtomicBool>,
+}
+
+impl SseBackend {
+    pub const FIRST: &'static str = "data: one\n\n";
+    pub const SECOND: &'static str = "data: two\n\n";
+
+    pub async fn start(name: &str) -> SseBackend {
+        let listener = bind().await;
+        let backend = SseBackend {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+            release: Arc::new(Notify::new()),
+            second_sent: Arc::default(),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |_req| {
+            let state = state.clone();
+            async move { state.answer() }
+        }));
+        backend
+    }
+
+    /// Lets the (single) stream send its second event and end.
+    pub fn send_second(&self) {
+        // `notify_one` stores a permit, so the order of this call and the wait does not matter.
+        self.release.notify_one();
+    }
+
+    pub fn second_sent(&self) -> bool {
+        self.second_sent.load(Ordering::SeqCst)
+    }
+
+    fn answer(&self) -> Response<BackendBody> {
+        let state = self.clone();
+        let events = futures_util::stream::unfold(0u8, move |step| {
+            let state = state.clone();
+            async move {
+                match step {
+                    0 => Some((
+                        Ok(Frame::data(Bytes::from_static(Self::FIRST.as_bytes()))),
+                        1,
+                    )),
+                    1 => {
+                        state.release.notified().await;
+                        state.second_sent.store(true, Ordering::SeqCst);
+                        Some((
+                            Ok(Frame::data(Bytes::from_static(Self::SECOND.as_bytes()))),
+                            2,
+                        ))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        let mut rsp = Response::new(StreamBody::new(events).boxed_unsync());
+        let h = rsp.headers_mut();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert("cache-control", HeaderValue::from_static("no-cache"));
+        h.insert("x-backend", value(&self.name));
+        rsp
+    }
+}
+
+/// A backend that holds every request until the test calls [`SlowBackend::release`].
+#[derive(Debug, Clone)]
+pub struct SlowBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    release: watch::Sender<bool>,
+}
+
+impl SlowBackend {
+    pub const BODY: &'static str = "finally";
+
+    pub async fn start(name: &str) -> SlowBackend {
+        let listener = bind().await;
+        let backend = SlowBackend {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+            hits: Arc::default(),
+            release: watch::Sender::new(false),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |_req| {
+            let state = state.clone();
+            async move {
+                state.hits.fetch_add(1, Ordering::SeqCst);
+                let mut released = state.release.subscribe();
+                // An error means the backend is gone; answer anyway.
+                let _ = released.wait_for(|r| *r).await;
+                let mut rsp = Response::new(full(Self::BODY));
+                rsp.headers_mut().insert("x-backend", value(&state.name));
+                rsp
+            }
+        }));
+        backend
+    }
+
+    /// Requests that have arrived (held or answered).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Answers every held request, and every later one at once.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// A WebSocket backend that answers each text message `m` with `<name>:m`
+/// and echoes binary messages unchanged.
+#[derive(Debug, Clone)]
+pub struct WsBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl WsBackend {
+    pub async fn start(name: &str) -> WsBackend {
+        let listener = bind().await;
+        let backend = WsBackend {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+        };
+        let name = backend.name.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    use tokio_tungstenite::tungstenite::Message;
+                    while let Some(Ok(message)) = ws.next().await {
+                        let reply = match message {
+                            Message::Text(text) => Message::text(format!("{name}:{text}")),
+                            Message::Binary(data) => Message::Binary(data),
+                            Message::Close(_) => break,
+                            _ => continue,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        backend
+    }
+}
+
+/// An address where nothing listens: bound, read, and released.
+pub async fn dead_addr() -> SocketAddr {
+    let listener = bind().await;
+    local_addr(&listener)
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port")
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler`, one task per connection.
+async fn serve_http<F, Fut>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<BackendBody>> + Send + 'static,
+{
+    while let Ok((stream, _)) = listener.accept().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            // A client that goes away mid-request is not the backend's problem.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> BackendBody {
+    Full::new(body.into()).boxed_unsync()
+}
+
+fn value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).expect("a test header value")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of `bytes` in hex, as the echo backend reports a body.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+// ---------------------------------------------------------------------------
+// Cohort
+
+/// A config for Cohort on loopback port 0 (proxy and admin), with `extra`
+/// (whole sections, e.g. `[routing]`) and versions `v1` (stable) on `stable`
+/// and, if given, `v2` (canary) on its upstreams at its weight in percent.
+pub fn config(stable: &[SocketAddr], canary: Option<(&[SocketAddr], f64)>, extra: &str) -> String {
+    let list = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ndrain_timeout = \"10s\"\n\n\
+         [admin]\naddr = \"127.0.0.1:0\"\n\n\
+         {extra}\n\n\
+         [versions.stable]\nname = \"{STABLE}\"\nupstreams = [{}]\n",
+        list(stable)
+    );
+    if let Some((upstreams, weight)) = canary {
+        text.push_str(&format!(
+            "\n[versions.canary]\nname = \"{CANARY}\"\nupstreams = [{}]\nweight = {weight}\n",
+            list(upstreams)
+        ));
+    }
+    text
+}
+
+/// Starts Cohort from a whole TOML config.
+pub async fn start_cohort(toml: &str) -> Server {
+    let config = cohort::config::Config::parse(toml, "test")
+        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    cohort::serve::start(config)
+        .await
+        .expect("cohort starts on loopback")
+}
+
+/// Starts Cohort in front of `stable` and an optional canary; see [`config`].
+pub async fn cohort(
+    stable: &[SocketAddr],
+    canary: Option<(&[SocketAddr], f64)>,
+    extra: &str,
+) -> Server {
+    start_cohort(&config(stable, canary, extra)).await
+}
+
+/// The version name `place()` predicts for `key`.
+pub fn predicted(salt: &str, weight_percent: f64, key: &str) -> &'static str {
+    let weight = Weight::from_percent(weight_percent).expect("a weight in 0..=100");
+    match routing::place(salt.as_bytes(), weight, key.as_bytes()).cohort {
+        Cohort::Canary => CANARY,
+        _ => STABLE,
+    }
+}
+
+/// The first key `{prefix}-N` that lands on `version` under `salt` and `weight_percent`.
+pub fn key_on(salt: &str, weight_percent: f64, version: &str, prefix: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|key| predicted(salt, weight_percent, key) == version)
+        .expect("some key lands on each side of a weight strictly between 0 and 100")
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The `x-agent-version` the proxy tagged the response with.
+    pub fn version(&self) -> &str {
+        self.headers
+            .get("x-agent-version")
+            .map(|v| v.to_str().expect("a printable version header"))
+            .unwrap_or_else(|| panic!("response without x-agent-version: {self:?}"))
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The echo backend that answered.
+    pub fn backend(&self) -> String {
+        self.json()["backend"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no backend in {:?}", self.body))
+            .to_owned()
+    }
+
+    /// Every value of header `name` the echo backend received.
+    pub fn seen(&self, name: &str) -> Vec<String> {
+        self.json()["headers"]
+            .as_array()
+            .expect("the echo lists headers")
+            .iter()
+            .filter(|pair| pair[0] == name)
+            .map(|pair| pair[1].as_str().expect("a header value").to_owned())
+            .collect()
+    }
+
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().expect("a printable cookie").to_owned())
+            .collect()
+    }
+}
+
+/// A pooled HTTP/1.1 client aimed at one address.
+#[derive(Clone)]
+pub struct Http {
+    addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr) -> Http {
+        Http {
+            addr,
+            client: client(),
+        }
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send(Method::GET, path, headers, Bytes::new()).await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
+        let req = request(method, self.addr, path, headers, Full::new(body));
+        let rsp = within("the response", self.client.request(req))
+            .await
+            .expect("the proxy answers");
+        read_whole(rsp).await
+    }
+
+    /// Sends a GET and returns the response with its body unread.
+    pub async fn get_streaming(&self, path: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+        let req = request(
+            Method::GET,
+            self.addr,
+            path,
+            headers,
+            Full::new(Bytes::new()),
+        );
+        within("the response head", self.client.request(req))
+            .await
+            .expect("the proxy answers")
+    }
+}
+
+/// A pooled client for any request body type.
+pub fn client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A request to `http://addr{path}` with `headers`.
+pub fn request<B>(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: B,
+) -> Request<B> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = format!("http://{addr}{path}")
+        .parse()
+        .expect("a valid test URI");
+    for (name, val) in headers {
+        req.headers_mut().append(
+            HeaderName::from_bytes(name.as_bytes()).expect("a valid test header name"),
+            value(val),
+        );
+    }
+    req
+}
+
+/// Reads a response's body to the end.
+pub async fn read_whole(rsp: Response<Incoming>) -> Reply {
+    let (parts, body) = rsp.into_parts();
+    let body = within("the response body", body.collect())
+        .await
+        .expect("the body arrives whole")
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A response as raw bytes parsed it: status, headers in wire order, body.
+pub struct RawReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawReply")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Writes `bytes` to a fresh connection to `addr` and reads one response.
+///
+/// Write errors are ignored: a server may answer and close before it has read
+/// everything (a 431 for an oversized head), and the answer is what matters.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawReply {
+    within("a raw exchange", async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the proxy");
+        let _ = stream.write_all(bytes).await;
+        read_raw_response(&mut stream).await
+    })
+    .await
+}
+
+async fn read_raw_response(stream: &mut TcpStream) -> RawReply {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        assert!(
+            n > 0,
+            "connection ended before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut rest = buf[head_end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let body = if let Some(len) = find("content-length") {
+        let len: usize = len.parse().expect("a numeric content-length");
+        while rest.len() < len {
+            let mut chunk = [0u8; 8192];
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            assert!(n > 0, "connection ended inside a body");
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        rest
+    } else if find("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+        read_chunked(stream, rest).await
+    } else {
+        let _ = stream.read_to_end(&mut rest).await;
+        rest
+    };
+    RawReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            fill(stream, &mut buf).await;
+        };
+        let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
+        buf.drain(..line_end + 2);
+        if size == 0 {
+            return body;
+        }
+        while buf.len() < size + 2 {
+            fill(stream, &mut buf).await;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+    }
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 8192];
+    let n = stream.read(&mut chunk).await.unwrap_or(0);
+    assert!(n > 0, "connection ended inside a chunked body");
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+// ---------------------------------------------------------------------------
+// Waiting
+
+/// Awaits `future`, failing the test if it takes longer than [`DEADLINE`].
+pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {DEADLINE:?}"))
+}
+
+/// Polls `condition` until it holds, failing the test after [`DEADLINE`].
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Polls an async `condition` until it holds, failing the test after [`DEADLINE`].
+pub async fn eventually_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
