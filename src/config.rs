@@ -228,11 +228,18 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in syntax errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: raw::Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        let syntax = |e: toml::de::Error| ConfigError::Syntax {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
-        })?;
-        raw.validate().map_err(ConfigError::Invalid)
+        };
+        let document = toml::de::Deserializer::parse(text).map_err(syntax)?;
+        // Unknown keys are collected, not fatal at once, so that they are
+        // reported by their full path together with every other problem.
+        let mut unknown = Vec::new();
+        let raw: raw::Config =
+            serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
+                .map_err(syntax)?;
+        raw.validate(unknown).map_err(ConfigError::Invalid)
     }
 
     /// The salt the bucket is drawn with: `routing.salt`, else the canary's name.
@@ -285,7 +292,6 @@ mod raw {
     use super::*;
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct Config {
         #[serde(default)]
         listen: Listen,
@@ -307,7 +313,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Listen {
         addr: Option<String>,
         workers: Option<usize>,
@@ -318,7 +323,6 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Tls {
         cert: PathBuf,
         key: PathBuf,
@@ -326,7 +330,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Upstream {
         connect_timeout: Option<String>,
         response_timeout: Option<String>,
@@ -336,7 +339,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Routing {
         salt: Option<String>,
         sticky_keys: Option<Vec<String>>,
@@ -349,14 +351,12 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Versions {
         stable: Option<Version>,
         canary: Option<Version>,
     }
 
     #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Version {
         name: Option<String>,
         upstreams: Option<Vec<String>>,
@@ -364,7 +364,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Admin {
         addr: Option<String>,
         token_file: Option<PathBuf>,
@@ -372,20 +371,17 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct State {
         path: Option<PathBuf>,
         audit_log: Option<PathBuf>,
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Metrics {
         tokens_header: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct Rollout {
         pub interval: Option<String>,
         pub failure_limit: Option<u32>,
@@ -398,7 +394,6 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct StageEntry {
         pub weight: Option<f64>,
         pub duration: Option<String>,
@@ -406,7 +401,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct GuardrailLimits {
         pub success_rate_min: Option<f64>,
         pub success_rate_drop_max: Option<f64>,
@@ -418,7 +412,6 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Health {
         path: Option<String>,
         interval: Option<String>,
@@ -431,7 +424,6 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
     struct Shadow {
         name: Option<String>,
         upstreams: Option<Vec<String>>,
@@ -582,8 +574,11 @@ mod raw {
     }
 
     impl Config {
-        pub fn validate(self) -> Result<super::Config, Vec<Problem>> {
+        pub fn validate(self, unknown: Vec<String>) -> Result<super::Config, Vec<Problem>> {
             let mut c = Checker::default();
+            for key in unknown {
+                c.problem(&key, "is not a known key");
+            }
 
             let listen = ListenConfig {
                 addr: c.socket_addr("listen.addr", self.listen.addr, "0.0.0.0:8080"),
@@ -998,11 +993,18 @@ mod raw {
 /// Validates a rollout plan given as JSON in the shape of the `[rollout]`
 /// table (the admin API's `POST /admin/rollout` body).
 pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
-    let plan: raw::Rollout = serde_json::from_value(value).map_err(|e| ConfigError::Syntax {
+    let mut unknown = Vec::new();
+    let plan: raw::Rollout = serde_ignored::deserialize(value, |path| {
+        unknown.push(path.to_string())
+    })
+    .map_err(|e| ConfigError::Syntax {
         path: "rollout plan".to_owned(),
         message: e.to_string(),
     })?;
     let mut c = raw::Checker::default();
+    for key in unknown {
+        c.problem(&format!("rollout.{key}"), "is not a known key");
+    }
     let plan = raw::validate_rollout(&mut c, "rollout", plan);
     if c.problems.is_empty() {
         Ok(plan)
@@ -1085,9 +1087,9 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_refused() {
+    fn unknown_keys_are_refused_by_their_full_path() {
         let err = Config::parse(&format!("{MINIMAL}\n[listen]\nport = 80\n"), "test").unwrap_err();
-        assert!(err.to_string().contains("port"), "{err}");
+        assert_eq!(err.to_string(), "listen.port: is not a known key");
     }
 
     #[test]

@@ -155,6 +155,11 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         let stop = stopped(&shutdown);
         async move { listener::serve(proxy_listener, proxy, &listen, stop).await }
     });
+    tokio::spawn(crate::health::run_checks(
+        Arc::clone(control.table()),
+        config.health.clone(),
+        stopped(&shutdown),
+    ));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&admin),

@@ -118,7 +118,6 @@ fn check_names_an_unknown_key() {
 }
 
 #[test]
-#[ignore = "an unknown key stops `check` at the TOML error, hiding every other problem (config.rs, Config::parse)"]
 fn check_reports_an_unknown_key_together_with_bad_values() {
     let scratch = Scratch::new("everything-bad");
     let text = BAD_VALUES.replace("[routing]\n", "[routing]\ncolour = \"blue\"\n");

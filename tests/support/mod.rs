@@ -330,9 +330,16 @@ where
     while let Ok((stream, _)) = listener.accept().await {
         let handler = handler.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
+                async move {
+                    // Cohort's health probes are answered here, so they never
+                    // count as traffic a test is watching for.
+                    if is_health_probe(&req) {
+                        return Ok::<_, Infallible>(Response::new(full("ok")));
+                    }
+                    Ok::<_, Infallible>(handler(req).await)
+                }
             });
             // A client that goes away mid-request is not the backend's problem.
             let _ = hyper::server::conn::http1::Builder::new()
@@ -340,6 +347,13 @@ where
                 .await;
         });
     }
+}
+
+/// Whether `req` is one of Cohort's active health checks.
+pub fn is_health_probe<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(hyper::header::USER_AGENT)
+        .is_some_and(|ua| ua == "cohort-health-check")
 }
 
 fn full(body: impl Into<Bytes>) -> BackendBody {
@@ -373,11 +387,15 @@ pub fn config(stable: &[SocketAddr], canary: Option<(&[SocketAddr], f64)>, extra
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let state = scratch_dir();
     let mut text = format!(
         "[listen]\naddr = \"127.0.0.1:0\"\ndrain_timeout = \"10s\"\n\n\
          [admin]\naddr = \"127.0.0.1:0\"\n\n\
+         [state]\npath = {:?}\naudit_log = {:?}\n\n\
          {extra}\n\n\
          [versions.stable]\nname = \"{STABLE}\"\nupstreams = [{}]\n",
+        state.join("state.json"),
+        state.join("audit.jsonl"),
         list(stable)
     );
     if let Some((upstreams, weight)) = canary {
@@ -387,6 +405,26 @@ pub fn config(stable: &[SocketAddr], canary: Option<(&[SocketAddr], f64)>, extra
         ));
     }
     text
+}
+
+/// A fresh directory for one Cohort's state file and audit log.
+pub fn scratch_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cohort-test-{}-{:016x}",
+        std::process::id(),
+        rand_id()
+    ));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (NEXT.fetch_add(1, Ordering::SeqCst) << 48)
 }
 
 /// Starts Cohort from a whole TOML config.
