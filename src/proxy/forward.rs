@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::InFlight;
 use super::error::ProxyError;
+use super::framing::AmbiguousFraming;
 use crate::upstream::UpstreamAddr;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -32,8 +33,13 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Refuses framing that two HTTP parsers could read differently: a request
 /// smuggled past us inside another's body must never reach an upstream.
 /// (hyper itself refuses malformed and oversized heads, and conflicting
-/// `Content-Length` values, before a request gets here.)
-pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+/// `Content-Length` values, before a request gets here. It drops
+/// `Content-Length` when `Transfer-Encoding` is present too, so that case is
+/// caught on the raw bytes by the connection's guard, whose flag is `framing`.)
+pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<(), ProxyError> {
+    if let Some(reason) = framing.refusal() {
+        return Err(ProxyError::BadRequest(reason));
+    }
     let headers = req.headers();
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(ProxyError::BadRequest(

@@ -2,8 +2,9 @@
 //!
 //! Owns: accepting client connections (up to `listen.max_connections` at a
 //! time), serving each with hyper (HTTP/1.1 with upgrades, or HTTP/2 with
-//! prior knowledge), the client header-read timeout, and the graceful drain
-//! on shutdown. Does not own: what happens to a request (`Proxy::handle`).
+//! prior knowledge) behind a [`FramingGuard`], the client header-read
+//! timeout, and the graceful drain on shutdown. Does not own: what happens
+//! to a request (`Proxy::handle`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,11 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::Proxy;
+use super::framing::FramingGuard;
 use crate::config::ListenConfig;
 
 /// Largest request head (request line and headers) accepted, like nginx's
 /// `large_client_header_buffers`; a larger one is answered 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Accepts and serves connections until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`.
@@ -66,10 +68,14 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NODELAY");
         }
+        // hyper hides a request that carries both lengths; the guard does not.
+        let stream = FramingGuard::new(stream);
+        let framing = stream.framing();
         let proxy = Arc::clone(&proxy);
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let framing = framing.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, &framing).await) }
         });
         let connection = graceful.watch(
             builder

@@ -10,6 +10,7 @@
 pub mod body;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod listener;
 
 use std::borrow::Cow;
@@ -28,6 +29,7 @@ use crate::upstream::{UpstreamAddr, UpstreamClient};
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
+pub use framing::AmbiguousFraming;
 
 /// Everything a request needs, shared by every connection of a listener.
 #[derive(Debug)]
@@ -45,10 +47,12 @@ impl Proxy {
     }
 
     /// Proxies one request. Never fails: every error becomes a tagged response.
+    /// `framing` is the flag of the client connection's [`framing::FramingGuard`].
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        framing: &AmbiguousFraming,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         // One snapshot for the whole request: a concurrent change applies to the next one.
@@ -93,7 +97,7 @@ impl Proxy {
 
         // Forward, with the version's in-flight gauge held until the body ends.
         let in_flight = body::InFlight::start(Arc::clone(&version), started);
-        let result = match forward::check_framing(&req) {
+        let result = match forward::check_framing(&req, framing) {
             Err(error) => Err(error),
             Ok(()) => {
                 let client_upgrade =
