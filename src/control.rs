@@ -164,7 +164,7 @@ impl Control {
                 reason: reason.to_owned(),
                 source,
             });
-            crate::metrics::record_rollback(source.as_str());
+            crate::metrics::record_rollback(source);
             Ok(())
         });
         if result.is_ok()

@@ -68,7 +68,7 @@ impl Health {
     /// false for a canary installed at run time (the readiness gate).
     #[must_use]
     pub fn new(version: &str, upstream: &str, healthy: bool) -> Health {
-        let gauge = metrics::gauge!(crate::metrics::UPSTREAM_HEALTHY, "version" => version.to_owned(), "upstream" => upstream.to_owned());
+        let gauge = crate::metrics::upstream_healthy(version, upstream);
         gauge.set(if healthy { 1.0 } else { 0.0 });
         Health {
             healthy: AtomicBool::new(healthy),

@@ -1,7 +1,9 @@
 //! Metric names, help texts, label values and per-version handles.
 //!
 //! Owns: every metric Cohort exports (SPEC section 5 plus the proxy's own
-//! health), described once at start-up, and [`VersionMetrics`], the handles a
+//! health), described once at start-up, the bounded label values
+//! ([`UpstreamErrorKind`], [`ShadowDropReason`]), the
+//! recorder's upkeep, and [`VersionMetrics`], the handles a
 //! version resolves once when a route table is built so that recording a
 //! request allocates nothing. Does not own: when to record (the proxy's
 //! `handle` does, once per request) or serving `/metrics` (`admin`).
@@ -17,6 +19,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::routing::Cohort;
+use crate::state::Source;
 
 pub const REQUESTS_TOTAL: &str = "cohort_requests_total";
 pub const REQUEST_DURATION: &str = "cohort_request_duration_seconds";
@@ -31,6 +34,7 @@ pub const UPSTREAM_HEALTHY: &str = "cohort_upstream_healthy";
 pub const CANARY_FALLBACKS_TOTAL: &str = "cohort_canary_fallbacks_total";
 pub const SHADOW_DROPPED_TOTAL: &str = "cohort_shadow_dropped_total";
 pub const CLIENT_CONNECTIONS: &str = "cohort_client_connections";
+pub const UPSTREAM_CONNECTIONS: &str = "cohort_upstream_connections";
 pub const BUILD_INFO: &str = "cohort_build_info";
 
 /// Histogram buckets, in seconds, for proxied agent calls: from a cached
@@ -67,22 +71,92 @@ impl UpstreamErrorKind {
     }
 }
 
-/// Installs the Prometheus recorder (once per process) and describes every metric.
+/// Why a shadow copy was not sent; the `reason` label of `cohort_shadow_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowDropReason {
+    /// The shadow's queue was full.
+    QueueFull,
+    /// The shadow was too slow to take the copy in time.
+    Timeout,
+    /// The request body is larger than `shadow.max_body`.
+    TooLarge,
+}
+
+impl ShadowDropReason {
+    pub const ALL: [ShadowDropReason; 3] = [
+        ShadowDropReason::QueueFull,
+        ShadowDropReason::Timeout,
+        ShadowDropReason::TooLarge,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowDropReason::QueueFull => "queue_full",
+            ShadowDropReason::Timeout => "timeout",
+            ShadowDropReason::TooLarge => "too_large",
+        }
+    }
+}
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes: without it, an unscraped proxy's memory grows with its traffic.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The commit this binary was built from (`build.rs`), or `"unknown"`.
+pub const GIT_COMMIT: &str = match option_env!("COHORT_GIT_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
+/// Installs the Prometheus recorder (once per process), describes every
+/// metric and registers those that must read 0 before their first event.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), DURATION_BUCKETS)
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_duration_seconds".into()),
+                    DURATION_BUCKETS,
+                )
                 .expect("the bucket list is not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
             describe();
-            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => option_env!("COHORT_GIT_COMMIT").unwrap_or("unknown"))
-                .set(1.0);
+            register_process_metrics();
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cohort-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(error) = spawned {
+                // Scrapes still drain the histograms; only an unscraped proxy grows.
+                tracing::warn!(%error, "cannot start the metrics upkeep thread");
+            }
             handle
         })
         .clone()
+}
+
+/// The proxy's own series, present from the first scrape on.
+fn register_process_metrics() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => GIT_COMMIT).set(1.0);
+    for source in Source::ALL {
+        counter!(ROLLBACKS_TOTAL, "source" => source.as_str()).increment(0);
+    }
+    for reason in ShadowDropReason::ALL {
+        counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+    counter!(CANARY_FALLBACKS_TOTAL).increment(0);
+    gauge!(CLIENT_CONNECTIONS).increment(0.0);
+    gauge!(UPSTREAM_CONNECTIONS).increment(0.0);
+    gauge!(CANARY_WEIGHT).increment(0.0);
+    gauge!(ROUTE_GENERATION).increment(0.0);
 }
 
 fn describe() {
@@ -129,6 +203,10 @@ fn describe() {
     describe_counter!(SHADOW_DROPPED_TOTAL, "Shadow copies not sent, by reason.");
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open right now.");
     describe_gauge!(
+        UPSTREAM_CONNECTIONS,
+        "Upstream connections open right now, pooled idle ones included."
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; labels carry the build's version and commit."
     );
@@ -139,7 +217,8 @@ fn describe() {
 pub struct VersionMetrics {
     name: String,
     cohort: Cohort,
-    /// One counter per status code (100..=599), created on first use.
+    /// One counter per status code (100..=999, all that `http` can hold),
+    /// created on first use.
     requests: Box<[OnceLock<Counter>]>,
     pub request_duration: Histogram,
     pub response_duration: Histogram,
@@ -158,7 +237,7 @@ impl VersionMetrics {
         VersionMetrics {
             name: name.to_owned(),
             cohort,
-            requests: (100..600).map(|_| OnceLock::new()).collect(),
+            requests: (100..1000).map(|_| OnceLock::new()).collect(),
             request_duration: histogram!(REQUEST_DURATION, &labels),
             response_duration: histogram!(RESPONSE_DURATION, &labels),
             in_flight: gauge!(REQUESTS_IN_FLIGHT, &labels),
@@ -198,12 +277,28 @@ pub fn client_connections() -> Gauge {
     gauge!(CLIENT_CONNECTIONS)
 }
 
-/// Counts one rollback by `source` (`api`, `signal`, `guardrail`).
-pub fn record_rollback(source: &'static str) {
-    counter!(ROLLBACKS_TOTAL, "source" => source).increment(1);
+/// The gauge of open upstream connections, resolved once by the pooled client's connector.
+pub fn upstream_connections() -> Gauge {
+    gauge!(UPSTREAM_CONNECTIONS)
 }
 
-/// Counts one canary-cohort request served by stable (no healthy canary upstream).
+/// Counts one rollback by `source`.
+pub fn record_rollback(source: Source) {
+    counter!(ROLLBACKS_TOTAL, "source" => source.as_str()).increment(1);
+}
+
+/// Counts one canary-cohort request served by stable.
 pub fn record_canary_fallback() {
     counter!(CANARY_FALLBACKS_TOTAL).increment(1);
+}
+
+/// Counts one shadow copy not sent, by `reason`.
+pub fn record_shadow_dropped(reason: ShadowDropReason) {
+    counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
+/// The health gauge of one upstream of `version`, for the health checker to
+/// resolve once per upstream and set to 1 (healthy) or 0.
+pub fn upstream_healthy(version: &str, upstream: &str) -> Gauge {
+    gauge!(UPSTREAM_HEALTHY, "version" => version.to_owned(), "upstream" => upstream.to_owned())
 }

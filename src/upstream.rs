@@ -2,18 +2,26 @@
 //!
 //! Owns: the upstream address forms of SPEC section 9 (`host:port`,
 //! `https://host:port`, `h2c://host:port`), and the keep-alive connection
-//! pool shared by every version. Does not own: choosing a version (`routing`)
+//! pool shared by every version, whose open connections it counts in
+//! `cohort_upstream_connections`. Does not own: choosing a version (`routing`)
 //! or an upstream within it (`table::Version::pick`), nor turning failures
 //! into responses (`proxy::error`).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::Uri;
 use http::uri::{Authority, Scheme};
 use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use metrics::Gauge;
+use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 
@@ -99,7 +107,7 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 }
 
 /// The pooled HTTP/1.1 client every proxied request goes through.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<CountingConnector, Incoming>;
 
 /// Builds the pooled client: kept-alive connections, `TCP_NODELAY`, the
 /// connect timeout, and idle connections closed after `idle_timeout`.
@@ -114,12 +122,190 @@ pub fn client(config: &UpstreamConfig) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.idle_timeout)
         .pool_max_idle_per_host(config.max_idle_per_host)
-        .build(connector)
+        .build(CountingConnector::new(
+            connector,
+            crate::metrics::upstream_connections(),
+        ))
+}
+
+/// An [`HttpConnector`] whose connections count themselves in
+/// `cohort_upstream_connections` from connect to close, so the gauge covers
+/// connections in use and idle in the pool alike.
+#[derive(Debug, Clone)]
+pub struct CountingConnector {
+    inner: HttpConnector,
+    open: Gauge,
+}
+
+impl CountingConnector {
+    /// Counts the connections `inner` opens in `open`.
+    #[must_use]
+    pub fn new(inner: HttpConnector, open: Gauge) -> CountingConnector {
+        CountingConnector { inner, open }
+    }
+}
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = CountedConnection;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    // One allocation per new connection, not per request: the pool reuses them.
+    type Future = Pin<Box<dyn Future<Output = Result<CountedConnection, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let open = self.open.clone();
+        Box::pin(async move {
+            let io = connecting.await?;
+            open.increment(1.0);
+            Ok(CountedConnection { io, open })
+        })
+    }
+}
+
+/// An open upstream connection, counted until it is dropped.
+#[derive(Debug)]
+pub struct CountedConnection {
+    io: TokioIo<TcpStream>,
+    open: Gauge,
+}
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
+impl Connection for CountedConnection {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl Read for CountedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for CountedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::service::service_fn;
+
     use super::*;
+
+    /// A gauge of whole numbers this test can read.
+    #[derive(Debug, Default)]
+    struct Count(AtomicI64);
+
+    impl metrics::GaugeFn for Count {
+        fn increment(&self, value: f64) {
+            self.0.fetch_add(value as i64, Ordering::SeqCst);
+        }
+        fn decrement(&self, value: f64) {
+            self.0.fetch_sub(value as i64, Ordering::SeqCst);
+        }
+        fn set(&self, value: f64) {
+            self.0.store(value as i64, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_pooled_connections_from_connect_to_close() {
+        // A backend that serves keep-alive connections until told to stop.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let backend = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            let mut stopped = stopped;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let (stream, _) = accepted.unwrap();
+                        let service = service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service);
+                        connections.spawn(conn);
+                    }
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+            }
+            // Aborting the connections closes their sockets.
+            connections.shutdown().await;
+        });
+
+        let count = Arc::new(Count::default());
+        let client: Client<CountingConnector, Empty<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build(CountingConnector::new(
+                HttpConnector::new(),
+                Gauge::from_arc(count.clone()),
+            ));
+        for _ in 0..3 {
+            let rsp = client
+                .get(format!("http://{addr}/").parse().unwrap())
+                .await
+                .unwrap();
+            rsp.into_body().collect().await.unwrap();
+        }
+        // Sequential requests reuse the one pooled connection.
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+
+        stop.send_replace(true);
+        backend.await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while count.0.load(Ordering::SeqCst) != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the closed connection is still counted: {}",
+                count.0.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     #[test]
     fn address_forms() {

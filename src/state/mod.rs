@@ -57,6 +57,8 @@ pub enum Source {
 }
 
 impl Source {
+    pub const ALL: [Source; 3] = [Source::Api, Source::Signal, Source::Guardrail];
+
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
