@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Load comparison of Cohort with nginx and HAProxy doing the same sticky
+# canary split on loopback, each proxy pinned to one core.
+#
+# Usage: [ROUNDS=3] benches/compare.sh [duration_s] [connections]
+#
+# Installs nginx, haproxy, wrk and curl when missing (Debian, as root or
+# through sudo), builds the release binary, runs the shared comparison
+# script (../shared/bench/compare.sh from the repository root, or the path in
+# COMPARE_SH) with ROUNDS interleaved rounds, then prints the median of each
+# contender and Cohort's ratio to the best peer. The goal: CPU per request at
+# most 0.8x the best peer's, p99 no worse than the best peer's.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { printf 'compare: %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+# command -> Debian package (taskset is in util-linux, part of every Debian)
+declare -A PROVIDER=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [curl]=curl [taskset]=util-linux)
+missing=()
+for tool in "${!PROVIDER[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${PROVIDER[$tool]}")
+done
+if ((${#missing[@]})); then
+  log "installing: ${missing[*]}"
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install ${missing[*]} by hand"
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "not root and no sudo; install ${missing[*]} by hand"
+    sudo=(sudo)
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update
+  "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# The Debian packages start their own nginx/haproxy services on ports the
+# comparison does not use; the shared script checks its ports before it starts.
+
+[ "$(nproc)" -ge 2 ] || log "warning: fewer than 2 cores; proxy and load generator will share one"
+
+COMPARE_SH=${COMPARE_SH:-$ROOT/../shared/bench/compare.sh}
+if [ ! -f "$COMPARE_SH" ]; then
+  die "no comparison script at $COMPARE_SH.
+It is kept outside the repository (it starts nginx, HAProxy and wrk with
+configs for the same 90/10 sticky split); put it at ../shared/bench/compare.sh
+next to this checkout or point COMPARE_SH at it."
+fi
+
+log "cargo build --release"
+cargo build --release --locked --bin cohort
+export COHORT_BIN=$ROOT/target/release/cohort
+export ROUNDS=${ROUNDS:-3}
+
+log "running $COMPARE_SH ${*:-} with ROUNDS=$ROUNDS"
+raw=$(mktemp)
+trap 'rm -f "$raw"' EXIT
+bash "$COMPARE_SH" "$@" | tee "$raw"
+
+echo
+awk '
+  # wrk latency ("850.00us", "1.23ms", "1.02s") in microseconds
+  function us(t) {
+    if (t ~ /us$/) return t + 0
+    if (t ~ /ms$/) return (t + 0) * 1000
+    if (t ~ /m$/)  return (t + 0) * 60e6
+    if (t ~ /s$/)  return (t + 0) * 1e6
+    return t + 0
+  }
+  function median(list,   a, n, i, j, x) {
+    n = split(list, a, " ")
+    for (i = 2; i <= n; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  /^[a-z]+ +rps=/ {
+    name = $1
+    if (!(name in seen)) { seen[name] = 1; order[++names] = name }
+    for (f = 2; f <= NF; f++) {
+      split($f, kv, "=")
+      if (kv[1] == "rps") rps[name] = rps[name] " " kv[2]
+      if (kv[1] == "p50") p50[name] = p50[name] " " us(kv[2])
+      if (kv[1] == "p99") p99[name] = p99[name] " " us(kv[2])
+      if (kv[1] == "cpu_us_per_req") cpu[name] = cpu[name] " " kv[2]
+    }
+    rounds[name]++
+    if ($0 ~ /errors=.+/) errs[name]++
+  }
+  END {
+    if (!names) { print "compare: no results to summarise" > "/dev/stderr"; exit 1 }
+    printf "%-9s %6s %10s %10s %10s %16s %s\n", "median", "rounds", "rps", "p50_us", "p99_us", "cpu_us_per_req", "rounds_with_errors"
+    for (i = 1; i <= names; i++) {
+      n = order[i]
+      m_cpu[n] = median(cpu[n]); m_p99[n] = median(p99[n])
+      printf "%-9s %6d %10.0f %10.0f %10.0f %16.2f %d\n", n, rounds[n], median(rps[n]), median(p50[n]), m_p99[n], m_cpu[n], errs[n]
+      if (n != "direct" && n != "cohort") {
+        if (best_cpu == "" || m_cpu[n] < m_cpu[best_cpu]) best_cpu = n
+        if (best_p99 == "" || m_p99[n] < m_p99[best_p99]) best_p99 = n
+      }
+    }
+    if (!("cohort" in seen) || best_cpu == "") exit 0
+    printf "\ncohort vs best peer (goal: cpu <= 0.80x, p99 <= 1.00x)\n"
+    r = m_cpu["cohort"] / m_cpu[best_cpu]
+    printf "  cpu per request: %.2fx %s (%.2f vs %.2f us)  %s\n", r, best_cpu, m_cpu["cohort"], m_cpu[best_cpu], (r <= 0.8 ? "meets goal" : "misses goal")
+    r = m_p99["cohort"] / m_p99[best_p99]
+    printf "  p99 latency:     %.2fx %s (%.0f vs %.0f us)  %s\n", r, best_p99, m_p99["cohort"], m_p99[best_p99], (r <= 1.0 ? "meets goal" : "misses goal")
+  }
+' "$raw"
