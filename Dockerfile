@@ -25,8 +25,11 @@ RUN mkdir -p src benches \
  && cargo build --release --locked \
  && rm -rf src benches
 
+COPY build.rs ./
 COPY src ./src
 COPY benches ./benches
+# The demo embeds config/cohort.toml and the tests the example plans.
+COPY config ./config
 ARG COHORT_GIT_COMMIT=unknown
 ENV COHORT_GIT_COMMIT=${COHORT_GIT_COMMIT}
 # touch: the stub build left newer artefacts than the copied sources' mtimes.

@@ -13,7 +13,7 @@
 //!
 //! Owns: the admin accept loop, authentication, the one `match` on (method,
 //! path), and the JSON error shape. Does not own what the calls do
-//! (`control`, via [`handlers`]).
+//! (`control`, via `handlers`).
 
 mod handlers;
 

@@ -4,7 +4,7 @@
 //! [`Decision`] (cohort, bucket, and why). Pure: no I/O, no clock. The proxy,
 //! `cohort route`, `GET /admin/route` and the tests all call [`place`], so
 //! they cannot disagree. Does not own: reading the key off the request
-//! ([`key`]), the bucket formula ([`bucket`]), the table's lifecycle
+//! ([`key`]), the bucket formula ([`mod@bucket`]), the table's lifecycle
 //! (`table`), or forwarding.
 
 pub mod bucket;
