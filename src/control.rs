@@ -1,7 +1,8 @@
 //! The control plane: every change of the live route table, in one place.
 //!
 //! Owns: the operations of SPEC section 3 (set the weight, roll back,
-//! promote, install a canary, explain a key, reload the config), the
+//! promote, install a canary, install or remove the shadow, explain a key,
+//! reload the config), the
 //! rollback latch, and the order each change is made in: check, persist
 //! (state file, then audit log), swap the table, publish metrics. Changes are
 //! serialised by one lock, so two admin calls never interleave. Does not own:
@@ -15,11 +16,11 @@ use crate::config::{Config, VersionConfig, check_version_name};
 use crate::routing::{self, Cohort, Weight};
 use crate::state::audit::{AuditLog, Entry};
 use crate::state::{
-    CanaryState, LiveState, Origin, Rollback, SavedState, Source, StateError, StateStore,
-    VersionState,
+    CanaryState, LiveState, Origin, Rollback, SavedState, ShadowState, Source, StateError,
+    StateStore, VersionState,
 };
 use crate::table::{Policy, RouteTable, Status, Table};
-use crate::upstream::UpstreamAddr;
+use crate::upstream::{Protocol, UpstreamAddr};
 
 /// Why a change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -216,23 +217,16 @@ impl Control {
         weight: Weight,
     ) -> Result<LiveState, ControlError> {
         check_version_name(name).map_err(|m| ControlError::Invalid(format!("name: {m}")))?;
-        if upstreams.is_empty() {
-            return Err(ControlError::Invalid(
-                "upstreams: must name at least one upstream".into(),
-            ));
-        }
-        let upstreams = upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                UpstreamAddr::parse(u)
-                    .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let upstreams = parse_upstreams(upstreams)?;
         self.change("canary", None, "api", |live| {
             if live.stable.name == name {
                 return Err(ControlError::Conflict(format!(
                     "{name:?} is the stable version's name"
+                )));
+            }
+            if live.shadow.as_ref().is_some_and(|s| s.name == name) {
+                return Err(ControlError::Conflict(format!(
+                    "{name:?} is the shadow's name"
                 )));
             }
             live.rollout = None;
@@ -244,6 +238,77 @@ impl Control {
             live.status = Status::Steady;
             Ok(())
         })
+    }
+
+    /// Installs, changes or removes (`None`) the shadow version.
+    pub fn set_shadow(
+        &self,
+        shadow: Option<(&str, &[String], Weight)>,
+    ) -> Result<LiveState, ControlError> {
+        let Some((name, upstreams, percent)) = shadow else {
+            return self.change("shadow", Some("shadow removed"), "api", |live| {
+                live.shadow = None;
+                Ok(())
+            });
+        };
+        check_version_name(name).map_err(|m| ControlError::Invalid(format!("name: {m}")))?;
+        let upstreams = parse_upstreams(upstreams)?;
+        if let Some((i, _)) = upstreams
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.protocol != Protocol::Http1)
+        {
+            return Err(ControlError::Invalid(format!(
+                "upstreams[{i}]: a shadow is reached over plain HTTP/1.1; write it \"host:port\""
+            )));
+        }
+        self.change("shadow", None, "api", |live| {
+            if live.stable.name == name || live.canary.as_ref().is_some_and(|c| c.name == name) {
+                return Err(ControlError::Conflict(format!(
+                    "{name:?} is already a version's name"
+                )));
+            }
+            live.shadow = Some(ShadowState {
+                name: name.to_owned(),
+                upstreams,
+                percent: percent.percent(),
+            });
+            Ok(())
+        })
+    }
+
+    /// The live state as `GET /admin/state` shows it: with the health of
+    /// every upstream of every version, read from the live table (health is
+    /// observed, never saved).
+    #[must_use]
+    pub fn state_with_health(&self) -> serde_json::Value {
+        let current = self.lock();
+        let table = self.table.snapshot();
+        let mut value = serde_json::to_value(&current.saved.live).unwrap_or_default();
+        let versions = [
+            ("stable", Some(&table.stable)),
+            ("canary", table.canary.as_ref().map(|c| &c.version)),
+            ("shadow", table.shadow.as_ref().map(|s| &s.version)),
+        ];
+        for (field, version) in versions {
+            if let (Some(version), Some(object)) = (
+                version,
+                value.get_mut(field).and_then(|v| v.as_object_mut()),
+            ) && object.get("name").and_then(|n| n.as_str()) == Some(version.name.as_str())
+            {
+                let health: Vec<_> = version
+                    .upstreams
+                    .iter()
+                    .zip(version.health.iter())
+                    .map(|(upstream, health)| health.report(upstream.to_string()))
+                    .collect();
+                object.insert(
+                    "health".into(),
+                    serde_json::to_value(health).unwrap_or_default(),
+                );
+            }
+        }
+        value
     }
 
     /// A change made by the rollout controller (progress, weight, status).
@@ -299,7 +364,11 @@ impl Control {
         let before = current.saved.live.clone();
         let next = SavedState {
             versions_digest: digest,
-            live: LiveState::seed(&config.versions, before.generation + 1),
+            live: LiveState::seed(
+                &config.versions,
+                config.shadow.as_ref(),
+                before.generation + 1,
+            ),
         };
         self.store.write(Some(before.generation), &next)?;
         current.saved = next;
@@ -399,6 +468,23 @@ impl Control {
     }
 }
 
+/// Parses the upstreams of an admin call; at least one.
+fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlError> {
+    if upstreams.is_empty() {
+        return Err(ControlError::Invalid(
+            "upstreams: must name at least one upstream".into(),
+        ));
+    }
+    upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            UpstreamAddr::parse(u)
+                .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))
+        })
+        .collect()
+}
+
 /// Builds the route table for `live`, reusing `previous`'s versions where
 /// they are unchanged, so their round-robin cursors, metric handles, health
 /// and open streams carry over. A canary new at run time (there is a
@@ -414,11 +500,21 @@ fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTabl
             live.weight(),
         )
     });
+    let shadow = live.shadow.as_ref().map(|s| {
+        (
+            VersionConfig {
+                name: s.name.clone(),
+                upstreams: s.upstreams.clone(),
+            },
+            s.weight(),
+        )
+    });
     RouteTable::build(
         live.generation,
         live.status,
         &stable,
         canary.as_ref(),
+        shadow.as_ref(),
         Arc::clone(policy),
         previous.map(AsRef::as_ref),
         previous.is_some(),

@@ -1,7 +1,7 @@
 //! Upstream health: active checks, passive ejection and the readiness gate.
 //!
 //! Owns: the health of each upstream of each version ([`Health`]), the
-//! background task that probes every upstream of the live table
+//! background task that probes every upstream of the live table (the shadow's too)
 //! ([`run_checks`]), and the rules of SPEC section 10: an upstream is
 //! marked unhealthy after `unhealthy_threshold` failed probes and healthy
 //! again after `healthy_threshold` good ones; it is ejected for `eject_for`
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http::header::USER_AGENT;
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -27,6 +27,7 @@ use metrics::Gauge;
 
 use crate::config::HealthConfig;
 use crate::table::{Table, Version};
+use crate::upstream::Protocol;
 
 /// Milliseconds since the first call in this process: a cheap monotonic clock
 /// that fits in an atomic.
@@ -52,6 +53,8 @@ pub struct Health {
     /// Set for a canary installed at run time until its first good probe,
     /// which alone opens it (the readiness gate).
     gated: AtomicBool,
+    /// Set while a probe is out, so a slow upstream is never probed twice at once.
+    probing: AtomicBool,
     gauge: Gauge,
 }
 
@@ -78,6 +81,7 @@ impl Health {
             ejected_until_ms: AtomicU64::new(0),
             next_probe_ms: AtomicU64::new(0),
             gated: AtomicBool::new(!healthy),
+            probing: AtomicBool::new(false),
             gauge,
         }
     }
@@ -160,8 +164,9 @@ pub async fn run_checks(
     tokio::pin!(shutdown);
     loop {
         let snapshot = table.snapshot();
-        let versions =
-            std::iter::once(&snapshot.stable).chain(snapshot.canary.as_ref().map(|c| &c.version));
+        let versions = std::iter::once(&snapshot.stable)
+            .chain(snapshot.canary.as_ref().map(|c| &c.version))
+            .chain(snapshot.shadow.as_ref().map(|s| &s.version));
         for version in versions {
             probe_due(&client, version, &config);
         }
@@ -176,9 +181,14 @@ pub async fn run_checks(
 fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &HealthConfig) {
     let now = now_ms();
     for (index, upstream) in version.upstreams.iter().enumerate() {
+        // The probe speaks plain HTTP/1.1; TLS and h2c upstreams are left to
+        // passive ejection rather than failed by a probe they cannot answer.
+        if upstream.protocol != Protocol::Http1 {
+            continue;
+        }
         let health = &version.health[index];
         let due = health.next_probe_ms.load(Ordering::Relaxed);
-        if due > now {
+        if due > now || health.probing.swap(true, Ordering::Relaxed) {
             continue;
         }
         let interval = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
@@ -193,7 +203,9 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
         );
         tokio::spawn(async move {
             let ok = probe(&client, &uri, config.timeout).await;
-            version.health[index].record_probe(ok, &config);
+            let health = &version.health[index];
+            health.record_probe(ok, &config);
+            health.probing.store(false, Ordering::Relaxed);
         });
     }
 }
@@ -207,5 +219,20 @@ async fn probe(client: &ProbeClient, uri: &str, timeout: Duration) -> bool {
     else {
         return false;
     };
-    matches!(tokio::time::timeout(timeout, client.request(req)).await, Ok(Ok(rsp)) if rsp.status().as_u16() < 500)
+    let deadline = tokio::time::Instant::now() + timeout;
+    let Ok(Ok(rsp)) = tokio::time::timeout_at(deadline, client.request(req)).await else {
+        return false;
+    };
+    let healthy = rsp.status().as_u16() < 500;
+    // Read the (small) answer to the end within the same time, so the
+    // connection is reused by the next probe; the verdict is the status's.
+    let mut body = http_body_util::Limited::new(rsp.into_body(), PROBE_BODY_LIMIT);
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    healthy
 }
+
+/// How much of a health answer is read; the rest is left unread.
+const PROBE_BODY_LIMIT: usize = 64 * 1024;

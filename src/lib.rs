@@ -19,6 +19,7 @@
 //! - [`state`]: the state file, the audit log, and the start-up restore rule.
 //! - [`metrics`]: metric names, help texts and per-version handles.
 //! - [`admin`]: the admin listener: health, readiness, metrics, the admin API.
+//! - [`shadow`]: shadow traffic: mirrored copies, dropped and counted, never in the way.
 //! - [`serve`]: the composition root that builds and runs all of the above.
 //! - [`signals`]: OS signals as typed events.
 //! - [`demo`]: built-in demo upstreams for `cohort demo`.
@@ -39,6 +40,7 @@ pub mod proxy;
 pub mod rollout;
 pub mod routing;
 pub mod serve;
+pub mod shadow;
 pub mod signals;
 pub mod state;
 pub mod table;

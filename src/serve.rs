@@ -101,7 +101,12 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 
     let metrics = crate::metrics::install();
     let store = FileStore::new(config.state.path.clone());
-    let (saved, origin, previous) = state::restore(&store, &config.versions, options.reset_state)?;
+    let (saved, origin, previous) = state::restore(
+        &store,
+        &config.versions,
+        config.shadow.as_ref(),
+        options.reset_state,
+    )?;
     let control = Arc::new(Control::new(
         saved,
         Arc::new(Policy::from_config(&config)),

@@ -1,7 +1,7 @@
 //! The live route table: one immutable snapshot, swapped whole.
 //!
 //! Owns: [`RouteTable`] (versions, their upstreams, the canary weight, the
-//! salt, the routing policy, status and generation) and [`Table`], the
+//! salt, the shadow, the routing policy, status and generation) and [`Table`], the
 //! `ArcSwap` handle through which requests load it and the control plane
 //! replaces it. A request loads the snapshot once and uses it to the end, so
 //! it never sees half a change; the next request, on any connection, sees the
@@ -19,6 +19,7 @@ use crate::config::{Config, HealthConfig, MetricsConfig, RoutingConfig, VersionC
 use crate::health::{self, Health};
 use crate::metrics::VersionMetrics;
 use crate::routing::{Cohort, Weight};
+use crate::shadow::{Shadow, ShadowPolicy};
 use crate::upstream::UpstreamAddr;
 
 /// Where a release stands, as reported in `GET /admin/state`.
@@ -124,6 +125,8 @@ pub struct Policy {
     /// Time allowed for an upstream's response headers.
     pub response_timeout: Duration,
     pub health: HealthConfig,
+    /// How shadow copies are made, whichever shadow is installed.
+    pub shadow: ShadowPolicy,
 }
 
 impl Policy {
@@ -134,6 +137,7 @@ impl Policy {
             metrics: config.metrics.clone(),
             response_timeout: config.upstream.response_timeout,
             health: config.health.clone(),
+            shadow: ShadowPolicy::from_config(config),
         }
     }
 }
@@ -148,19 +152,23 @@ pub struct RouteTable {
     pub canary: Option<Canary>,
     /// The bucket salt: `routing.salt`, else the canary's name.
     pub salt: String,
+    /// The version that receives copies of a share of requests, if any.
+    pub shadow: Option<Shadow>,
     pub policy: Arc<Policy>,
 }
 
 impl RouteTable {
     /// A table for these versions. Versions of `previous` with the same name,
     /// upstreams and cohort are reused, so their round-robin cursors, metric
-    /// handles and open streams carry over.
+    /// handles and open streams carry over (and the shadow's client).
     #[must_use]
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         generation: u64,
         status: Status,
         stable: &VersionConfig,
         canary: Option<&(VersionConfig, Weight)>,
+        shadow: Option<&(VersionConfig, Weight)>,
         policy: Arc<Policy>,
         previous: Option<&RouteTable>,
         gate_new_canary: bool,
@@ -196,6 +204,14 @@ impl RouteTable {
                 weight: *weight,
             }),
             salt,
+            shadow: shadow.map(|(version, percent)| {
+                Shadow::build(
+                    version,
+                    *percent,
+                    &policy,
+                    previous.and_then(|p| p.shadow.as_ref()),
+                )
+            }),
             policy,
         }
     }
@@ -203,11 +219,21 @@ impl RouteTable {
     /// The table a config describes, at generation 1.
     #[must_use]
     pub fn from_config(config: &Config) -> RouteTable {
+        let shadow = config.shadow.as_ref().map(|s| {
+            (
+                VersionConfig {
+                    name: s.name.clone(),
+                    upstreams: s.upstreams.clone(),
+                },
+                s.percent,
+            )
+        });
         RouteTable::build(
             1,
             Status::Steady,
             &config.versions.stable,
             config.versions.canary.as_ref(),
+            shadow.as_ref(),
             Arc::new(Policy::from_config(config)),
             None,
             false,

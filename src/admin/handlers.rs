@@ -81,6 +81,30 @@ pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveSta
     Ok(control.install_canary(&body.name, &body.upstreams, weight)?)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowBody {
+    name: String,
+    upstreams: Vec<String>,
+    percent: f64,
+}
+
+/// `PUT /admin/shadow`: `{"name", "upstreams", "percent"}` installs or changes it, `null` removes it.
+pub async fn shadow(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+    let body: Option<ShadowBody> = read_json(req).await?.ok_or_else(|| {
+        AdminError::BadRequest(
+            "a JSON body {\"name\", \"upstreams\", \"percent\"}, or null to remove the shadow, is required"
+                .into(),
+        )
+    })?;
+    let Some(body) = body else {
+        return Ok(control.set_shadow(None)?);
+    };
+    let percent = Weight::from_percent(body.percent)
+        .map_err(|m| AdminError::Unprocessable(format!("percent: {m}")))?;
+    Ok(control.set_shadow(Some((&body.name, &body.upstreams, percent)))?)
+}
+
 pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, AdminError> {
     let key = req
         .uri()

@@ -5,11 +5,12 @@
 //! - `GET /ready`: readiness; 200 once the listeners are up and the state is
 //!   loaded, 503 before that and while draining.
 //! - `GET /metrics`: Prometheus text exposition (token only with `admin.metrics_auth`).
-//! - `GET /admin/state`, `PUT /admin/weight`, `POST /admin/rollback`,
-//!   `POST /admin/promote`, `PUT /admin/canary`, `GET /admin/route?key=K`,
-//!   `POST /admin/rollout`, `POST /admin/rollout/approve`,
-//!   `POST /admin/rollout/abort`, `POST /admin/signals`: the control plane, behind `Authorization: Bearer <token>` when a token
-//!   is configured.
+//! - `GET /admin/state` (with the health of every upstream), `PUT /admin/weight`,
+//!   `POST /admin/rollback`, `POST /admin/promote`, `PUT /admin/canary`,
+//!   `PUT /admin/shadow`, `GET /admin/route?key=K`, `POST /admin/rollout`,
+//!   `POST /admin/rollout/approve`, `POST /admin/rollout/abort`,
+//!   `POST /admin/signals`: the control plane, behind
+//!   `Authorization: Bearer <token>` when a token is configured.
 //!
 //! Owns: the admin accept loop, authentication, the one `match` on (method,
 //! path), and the JSON error shape. Does not own what the calls do
@@ -151,7 +152,7 @@ impl Admin {
                 );
                 Ok(rsp)
             }
-            (&Method::GET, "/admin/state") => ok(to_json(&self.control.state())),
+            (&Method::GET, "/admin/state") => ok(self.control.state_with_health()),
             (&Method::PUT, "/admin/weight") => {
                 ok(to_json(&handlers::weight(&self.control, req).await?))
             }
@@ -163,6 +164,9 @@ impl Admin {
             }
             (&Method::PUT, "/admin/canary") => {
                 ok(to_json(&handlers::canary(&self.control, req).await?))
+            }
+            (&Method::PUT, "/admin/shadow") => {
+                ok(to_json(&handlers::shadow(&self.control, req).await?))
             }
             (&Method::GET, "/admin/route") => ok(to_json(&handlers::route(&self.control, &req)?)),
             (&Method::POST, "/admin/rollout") => ok(to_json(
@@ -183,6 +187,7 @@ impl Admin {
                 | "/admin/rollback"
                 | "/admin/promote"
                 | "/admin/canary"
+                | "/admin/shadow"
                 | "/admin/route"
                 | "/admin/rollout"
                 | "/admin/rollout/approve"

@@ -63,15 +63,16 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         && connection_has(req.headers(), "upgrade")
 }
 
-/// Turns a client request into the request for `upstream`.
-pub fn upstream_request(
-    req: Request<Incoming>,
+/// Turns a client request into the request for `upstream` (also used for
+/// the shadow's copies, so both follow the same header rules).
+pub fn upstream_request<B>(
+    req: Request<B>,
     upstream: &UpstreamAddr,
     version_header: &HeaderName,
     version_name: &str,
     peer: SocketAddr,
     tls: bool,
-) -> Result<Request<Incoming>, ProxyError> {
+) -> Result<Request<B>, ProxyError> {
     let upgrade = is_upgrade(&req)
         .then(|| req.headers().get(UPGRADE).cloned())
         .flatten();

@@ -2,7 +2,8 @@
 //!
 //! Owns: [`Proxy::handle`], which reads top to bottom in the order a request
 //! lives: load the table snapshot, read the sticky key, decide the cohort,
-//! forward to one of the version's upstreams, tag the response, record it.
+//! offer the shadow a copy, forward to one of the version's upstreams, tag
+//! the response, record it.
 //! Does not own: accepting connections ([`listener`]), header rewriting
 //! ([`forward`]), the mapping of failures to responses ([`error`]), or the
 //! routing rule itself (`routing`).
@@ -100,6 +101,10 @@ impl Proxy {
         let result = match forward::check_framing(&req, framing) {
             Err(error) => Err(error),
             Ok(()) => {
+                // A copy for the shadow, if it takes this request; never waits.
+                if let Some(shadow) = &table.shadow {
+                    shadow.offer(&req, key.as_deref(), &table.policy, peer, self.tls);
+                }
                 let client_upgrade =
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
                 self.forward(req, &table, &version, upstream, peer)

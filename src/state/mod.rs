@@ -13,7 +13,7 @@ pub mod file;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{VersionConfig, VersionsConfig};
+use crate::config::{ShadowConfig, VersionConfig, VersionsConfig};
 use crate::routing::Weight;
 use crate::table::Status;
 use crate::upstream::UpstreamAddr;
@@ -27,7 +27,7 @@ pub struct LiveState {
     pub stable: VersionState,
     pub canary: Option<CanaryState>,
     pub last_rollback: Option<Rollback>,
-    pub shadow: Option<serde_json::Value>,
+    pub shadow: Option<ShadowState>,
     pub rollout: Option<serde_json::Value>,
 }
 
@@ -45,6 +45,34 @@ pub struct CanaryState {
     pub upstreams: Vec<UpstreamAddr>,
     /// Percent, in 0.01 steps.
     pub weight: f64,
+}
+
+/// The shadow version (SPEC section 11): who receives mirrored copies, and what share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowState {
+    pub name: String,
+    pub upstreams: Vec<UpstreamAddr>,
+    /// Percent of keys mirrored, in 0.01 steps.
+    pub percent: f64,
+}
+
+impl ShadowState {
+    /// The share of buckets mirrored (0 when the saved value is out of range).
+    #[must_use]
+    pub fn weight(&self) -> Weight {
+        Weight::from_percent(self.percent).unwrap_or(Weight::ZERO)
+    }
+}
+
+impl From<&ShadowConfig> for ShadowState {
+    fn from(s: &ShadowConfig) -> ShadowState {
+        ShadowState {
+            name: s.name.clone(),
+            upstreams: s.upstreams.clone(),
+            percent: s.percent.percent(),
+        }
+    }
 }
 
 /// Who asked for a rollback; the `source` label of `cohort_rollbacks_total`.
@@ -89,9 +117,13 @@ pub struct SavedState {
 }
 
 impl LiveState {
-    /// The state a config's `[versions]` section describes, at `generation`.
+    /// The state a config's `[versions]` and `[shadow]` sections describe, at `generation`.
     #[must_use]
-    pub fn seed(versions: &VersionsConfig, generation: u64) -> LiveState {
+    pub fn seed(
+        versions: &VersionsConfig,
+        shadow: Option<&ShadowConfig>,
+        generation: u64,
+    ) -> LiveState {
         LiveState {
             generation,
             status: Status::Steady,
@@ -105,7 +137,7 @@ impl LiveState {
                     weight: weight.percent(),
                 }),
             last_rollback: None,
-            shadow: None,
+            shadow: shadow.map(ShadowState::from),
             rollout: None,
         }
     }
@@ -222,9 +254,12 @@ impl Origin {
 /// Decides the live state on start: the saved state, unless there is none,
 /// the config's `[versions]` changed since it was seeded, or `reset` asks
 /// for a fresh seed. A state that cannot be read is an error, never a reset.
+/// A seed takes its shadow from the config's `[shadow]`; a restored state
+/// keeps the shadow it had (set or removed through the admin API).
 pub fn restore(
     store: &dyn StateStore,
     versions: &VersionsConfig,
+    shadow: Option<&ShadowConfig>,
     reset: bool,
 ) -> Result<(SavedState, Origin, Option<SavedState>), StateError> {
     let digest = versions_digest(versions);
@@ -241,7 +276,7 @@ pub fn restore(
     };
     let seeded = SavedState {
         versions_digest: digest,
-        live: LiveState::seed(versions, next_generation(&previous)),
+        live: LiveState::seed(versions, shadow, next_generation(&previous)),
     };
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
     Ok((seeded, origin, previous))
@@ -283,7 +318,7 @@ mod tests {
     #[test]
     fn seeds_then_restores_then_reseeds_when_versions_change() {
         let (store, _) = store();
-        let (saved, origin, _) = restore(&store, &versions(10), false).unwrap();
+        let (saved, origin, _) = restore(&store, &versions(10), None, false).unwrap();
         assert_eq!((origin, saved.live.generation), (Origin::Seeded, 1));
 
         // A change made at run time survives a restart with the same config.
@@ -291,18 +326,18 @@ mod tests {
         changed.live.generation = 2;
         changed.live.canary.as_mut().unwrap().weight = 50.0;
         store.write(Some(1), &changed).unwrap();
-        let (restored, origin, _) = restore(&store, &versions(10), false).unwrap();
+        let (restored, origin, _) = restore(&store, &versions(10), None, false).unwrap();
         assert_eq!(origin, Origin::Restored);
         assert_eq!(restored.live.weight().basis_points(), 5000);
 
         // An edited [versions] is the newer intent.
-        let (reseeded, origin, previous) = restore(&store, &versions(20), false).unwrap();
+        let (reseeded, origin, previous) = restore(&store, &versions(20), None, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
         assert_eq!(reseeded.live.weight().basis_points(), 2000);
         assert_eq!(reseeded.live.generation, 3);
         assert_eq!(previous.unwrap().live.generation, 2);
 
-        let (reset, origin, _) = restore(&store, &versions(20), true).unwrap();
+        let (reset, origin, _) = restore(&store, &versions(20), None, true).unwrap();
         assert_eq!((origin, reset.live.generation), (Origin::Reset, 4));
     }
 
@@ -311,20 +346,20 @@ mod tests {
         let (store, path) = store();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{\"generation\": 3, \"stat").unwrap();
-        let error = restore(&store, &versions(10), false).unwrap_err();
+        let error = restore(&store, &versions(10), None, false).unwrap_err();
         assert!(matches!(error, StateError::Corrupt { .. }), "{error}");
         assert!(error.to_string().contains("--reset-state"), "{error}");
         // The file is left as it was for the operator to inspect.
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"generation\": 3, \"stat");
         // --reset-state replaces it.
-        let (saved, origin, _) = restore(&store, &versions(10), true).unwrap();
+        let (saved, origin, _) = restore(&store, &versions(10), None, true).unwrap();
         assert_eq!((origin, saved.live.generation), (Origin::Reset, 1));
     }
 
     #[test]
     fn writes_check_the_generation_and_leave_no_temp_files() {
         let (store, path) = store();
-        let (saved, _, _) = restore(&store, &versions(10), false).unwrap();
+        let (saved, _, _) = restore(&store, &versions(10), None, false).unwrap();
         let error = store.write(Some(7), &saved).unwrap_err();
         assert!(matches!(
             error,

@@ -1,0 +1,270 @@
+//! Shadow traffic: mirrored copies of a share of requests (SPEC section 11).
+//!
+//! Owns: [`Shadow`], the shadow version of a route table and the share of
+//! keys it mirrors; the choice of which requests are copied (the bucket rule
+//! salted with the shadow's name, `shadow.methods`, the body limit); sending
+//! each copy from its own task through the shadow's own pooled client with a
+//! timeout, reading its response and throwing it away; and the shadow's
+//! metrics under `cohort="shadow"`. A copy never delays or fails the real
+//! request: at most [`MAX_IN_FLIGHT`] copies are open per shadow, and one
+//! more is dropped and counted in `cohort_shadow_dropped_total`, as is a copy
+//! that times out. Does not own: the real request (`proxy`), when the shadow
+//! is installed or removed (`control`), or its health (`health`).
+//!
+//! Request bodies are not copied: the real request's body streams to its
+//! upstream as hyper's `Incoming`, which the pooled upstream client is typed
+//! on. So only bodiless requests are mirrored, and a request with a body of
+//! any size is dropped with reason `too_large`, as if `max_body` were 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Body;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{Config, VersionConfig};
+use crate::metrics::{ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
+use crate::proxy::{ProxyError, forward};
+use crate::routing::{Cohort, Weight, bucket};
+use crate::table::{Policy, Version};
+
+/// The header every shadow copy carries, so the shadow can tell copies from users.
+pub static X_COHORT_SHADOW: HeaderName = HeaderName::from_static("x-cohort-shadow");
+
+/// Copies open at once per shadow; one more is dropped (`queue_full`).
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// What the config says about copies, whichever shadow is installed.
+#[derive(Debug, Clone)]
+pub struct ShadowPolicy {
+    /// Requests with a larger body are not mirrored.
+    pub max_body: u64,
+    /// The methods that may be mirrored.
+    pub methods: Vec<Method>,
+    /// Time allowed to connect to a shadow upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed for a whole copy: response headers and body.
+    pub timeout: Duration,
+}
+
+impl ShadowPolicy {
+    #[must_use]
+    pub fn from_config(config: &Config) -> ShadowPolicy {
+        let shadow = config.shadow.as_ref();
+        ShadowPolicy {
+            max_body: shadow.map_or(1 << 20, |s| s.max_body),
+            methods: shadow.map_or_else(|| vec![Method::GET, Method::HEAD], |s| s.methods.clone()),
+            connect_timeout: config.upstream.connect_timeout,
+            timeout: config.upstream.response_timeout,
+        }
+    }
+}
+
+type ShadowClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// What outlives a change of the shadow's share: its client and its copy slots.
+#[derive(Debug)]
+struct Sender {
+    client: ShadowClient,
+    slots: Arc<Semaphore>,
+}
+
+/// The shadow of a route table: a version that receives copies of `percent` of the keys.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    /// Its name, upstreams, round-robin cursor, health and `cohort="shadow"` metrics.
+    pub version: Arc<Version>,
+    pub percent: Weight,
+    sender: Arc<Sender>,
+}
+
+impl Shadow {
+    /// The shadow `config` at `percent`, reusing `previous`'s version, client
+    /// and slots when its name and upstreams are the same.
+    #[must_use]
+    pub fn build(
+        config: &VersionConfig,
+        percent: Weight,
+        policy: &Policy,
+        previous: Option<&Shadow>,
+    ) -> Shadow {
+        if let Some(previous) = previous
+            && previous.version.name == config.name
+            && previous.version.upstreams == config.upstreams
+        {
+            return Shadow {
+                version: Arc::clone(&previous.version),
+                percent,
+                sender: Arc::clone(&previous.sender),
+            };
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(policy.shadow.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(MAX_IN_FLIGHT)
+            .build(connector);
+        Shadow {
+            version: Arc::new(Version::new(config, Cohort::Shadow, false)),
+            percent,
+            sender: Arc::new(Sender {
+                client,
+                slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            }),
+        }
+    }
+
+    /// Whether a request with sticky `key` is mirrored: the bucket rule,
+    /// salted with the shadow's name.
+    #[must_use]
+    pub fn covers(&self, key: &[u8]) -> bool {
+        self.percent
+            .covers(bucket(self.version.name.as_bytes(), key))
+    }
+
+    /// Sends a copy of `req` to the shadow if the rules pick it. Returns at
+    /// once: the copy is sent by its own task, or dropped and counted.
+    /// `key` is the request's sticky key (or the fallback key drawn for it);
+    /// keyless requests are not mirrored.
+    pub fn offer<B: Body>(
+        &self,
+        req: &Request<B>,
+        key: Option<&[u8]>,
+        policy: &Policy,
+        peer: SocketAddr,
+        tls: bool,
+    ) {
+        let Some(key) = key else { return };
+        if !policy.shadow.methods.contains(req.method()) || !self.covers(key) {
+            return;
+        }
+        if forward::is_upgrade(req) {
+            return;
+        }
+        if !bodiless(req) {
+            record_shadow_dropped(ShadowDropReason::TooLarge);
+            return;
+        }
+        let Ok(slot) = Arc::clone(&self.sender.slots).try_acquire_owned() else {
+            record_shadow_dropped(ShadowDropReason::QueueFull);
+            return;
+        };
+        let Some((_, upstream)) = self.version.pick() else {
+            // As the real path would answer: counted as a 503 of the shadow.
+            self.version
+                .metrics
+                .record_response(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
+            return;
+        };
+        let mut copy = Request::new(Empty::new());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        let copy = match forward::upstream_request(
+            copy,
+            upstream,
+            &policy.routing.version_header,
+            &self.version.name,
+            peer,
+            tls,
+        ) {
+            Ok(mut copy) => {
+                copy.headers_mut()
+                    .insert(X_COHORT_SHADOW.clone(), HeaderValue::from_static("1"));
+                copy
+            }
+            Err(error) => {
+                tracing::debug!(%error, "request cannot be mirrored");
+                return;
+            }
+        };
+        tokio::spawn(send(
+            self.sender.client.clone(),
+            copy,
+            Arc::clone(&self.version),
+            policy.shadow.timeout,
+            slot,
+        ));
+    }
+}
+
+/// Whether `req` has no body at all.
+fn bodiless<B: Body>(req: &Request<B>) -> bool {
+    req.body().is_end_stream() || req.body().size_hint().exact() == Some(0)
+}
+
+/// Sends one copy, reads its response to the end and discards it, and
+/// records it under `cohort="shadow"`; gives up after `shadow.timeout`.
+async fn send(
+    client: ShadowClient,
+    copy: Request<Empty<Bytes>>,
+    version: Arc<Version>,
+    timeout: Duration,
+    slot: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let metrics = &version.metrics;
+    metrics.in_flight.increment(1.0);
+    let result = match tokio::time::timeout_at(deadline, client.request(copy)).await {
+        Ok(Ok(rsp)) => Ok(rsp),
+        Ok(Err(error)) => Err(ProxyError::from_client(error)),
+        Err(_) => Err(ProxyError::Timeout("shadow copy timed out".into())),
+    };
+    // No passive ejection here: a shadow that fails is what its metrics are
+    // for, and every copy it is sent is measured. Active probes still apply.
+    match result {
+        Ok(rsp) => {
+            metrics.record_response(rsp.status(), started.elapsed());
+            let mut body = rsp.into_body();
+            let drained = tokio::time::timeout_at(deadline, async {
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if drained.is_err() {
+                record_shadow_dropped(ShadowDropReason::Timeout);
+            }
+        }
+        Err(error) => {
+            if let Some(kind) = error.upstream_kind() {
+                metrics.record_upstream_error(kind);
+                if kind == UpstreamErrorKind::Timeout {
+                    record_shadow_dropped(ShadowDropReason::Timeout);
+                }
+            }
+            tracing::debug!(version = %version.name, %error, "shadow copy failed");
+            metrics.record_response(error.status(), started.elapsed());
+        }
+    }
+    metrics.in_flight.decrement(1.0);
+    metrics.response_duration.record(started.elapsed());
+    drop(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodiless_requests_are_told_apart() {
+        let empty = Request::new(Empty::<Bytes>::new());
+        assert!(bodiless(&empty));
+        let full = Request::new(http_body_util::Full::new(Bytes::from_static(b"x")));
+        assert!(!bodiless(&full));
+    }
+}

@@ -1,0 +1,319 @@
+//! Black-box tests of upstream health (SPEC section 10).
+//!
+//! Owns: checking, over real sockets, that active probes take a dead
+//! upstream out of rotation and let it back in, that a canary installed at
+//! run time is gated until its first good probe (its cohort served by
+//! stable, or answered 503 with `canary_unavailable = "error"`), and that
+//! health shows in `cohort_upstream_healthy` and `GET /admin/state`. Does not
+//! own the routing rule or the data path's other behaviour.
+//!
+//! The backends here can be really stopped (listener and open connections
+//! closed) and started again on the same port, which the shared support
+//! backends cannot.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use cohort::routing::{self, Cohort, Weight};
+use cohort::serve::Server;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::{JoinHandle, JoinSet};
+
+use support::{Http, Reply, STABLE, eventually_async, is_health_probe};
+
+/// Probes every 100 ms; two failures mark an upstream down, two successes up.
+/// Passive ejection is pushed out of the way so the active checks are what is tested.
+const FAST_HEALTH: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\n\
+    unhealthy_threshold = 2\nhealthy_threshold = 2\neject_after_errors = 1000\n";
+
+/// An HTTP backend that answers with its name and can be stopped and started
+/// again on the same port.
+struct Backend {
+    name: String,
+    addr: SocketAddr,
+    /// Requests received, health probes not counted.
+    hits: Arc<AtomicUsize>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Backend {
+    async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend = Backend {
+            name: name.to_owned(),
+            addr: listener.local_addr().expect("a bound address"),
+            hits: Arc::default(),
+            task: Mutex::new(None),
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (name, hits) = (self.name.clone(), Arc::clone(&self.hits));
+        let task = tokio::spawn(async move {
+            // Dropped with this task when it is aborted: every connection closes too.
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (name, hits) = (name.clone(), Arc::clone(&hits));
+                let service = service_fn(move |req: Request<Incoming>| {
+                    if !is_health_probe(&req) {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut rsp = Response::new(Full::new(Bytes::from(name.clone())));
+                    rsp.headers_mut()
+                        .insert("x-backend", name.parse().expect("a header value"));
+                    async move { Ok::<_, Infallible>(rsp) }
+                });
+                connections.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        *self.task.lock().expect("not poisoned") = Some(task);
+    }
+
+    /// Closes the listener and every open connection.
+    async fn stop(&self) {
+        let task = self.task.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Listens on the same port again.
+    async fn restart(&self) {
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket.bind(self.addr).expect("the same port again");
+        self.serve(socket.listen(128).expect("listen"));
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn admin(server: &Server, method: Method, path: &str, body: &str) -> Reply {
+    Http::new(server.admin_addr())
+        .send(
+            method,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_owned()),
+        )
+        .await
+}
+
+/// The value of the series `name` whose labels include all of `labels`.
+async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = admin(server, Method::GET, "/metrics", "").await.body;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+async fn healthy_gauge(server: &Server, version: &str, upstream: SocketAddr) -> Option<f64> {
+    metric(
+        server,
+        "cohort_upstream_healthy",
+        &[("version", version), ("upstream", &upstream.to_string())],
+    )
+    .await
+}
+
+/// `health` of `upstream` under the `field` version object of `GET /admin/state`.
+async fn state_health(server: &Server, field: &str, upstream: SocketAddr) -> Option<bool> {
+    let state = admin(server, Method::GET, "/admin/state", "").await.json();
+    state[field]["health"]
+        .as_array()?
+        .iter()
+        .find(|h| h["upstream"] == upstream.to_string())?["healthy"]
+        .as_bool()
+}
+
+/// The first key `{prefix}-N` that lands on `cohort` under `salt` at `weight` percent.
+fn key_on(salt: &str, weight: f64, cohort: Cohort, prefix: &str) -> String {
+    let weight = Weight::from_percent(weight).expect("a weight");
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|k| routing::place(salt.as_bytes(), weight, k.as_bytes()).cohort == cohort)
+        .expect("a key on each side")
+}
+
+#[tokio::test]
+async fn a_dead_upstream_leaves_rotation_and_rejoins_when_it_is_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let server = support::cohort(&[a.addr, b.addr], None, FAST_HEALTH).await;
+    let client = Http::new(server.proxy_addr());
+
+    // Both serve while both are up.
+    eventually_async("both upstreams take requests", || async {
+        client.get("/", &[]).await;
+        a.hits() > 0 && b.hits() > 0
+    })
+    .await;
+    assert_eq!(healthy_gauge(&server, STABLE, a.addr).await, Some(1.0));
+    assert_eq!(state_health(&server, "stable", a.addr).await, Some(true));
+
+    a.stop().await;
+    eventually_async("the dead upstream is marked unhealthy", || async {
+        healthy_gauge(&server, STABLE, a.addr).await == Some(0.0)
+    })
+    .await;
+    assert_eq!(state_health(&server, "stable", a.addr).await, Some(false));
+    assert_eq!(state_health(&server, "stable", b.addr).await, Some(true));
+    assert_eq!(healthy_gauge(&server, STABLE, b.addr).await, Some(1.0));
+
+    // After the threshold every request succeeds, on the other upstream.
+    let before = b.hits();
+    for _ in 0..20 {
+        let reply = client.get("/", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.headers["x-backend"], "b");
+    }
+    assert_eq!(b.hits(), before + 20);
+
+    a.restart().await;
+    eventually_async("the upstream is healthy again", || async {
+        healthy_gauge(&server, STABLE, a.addr).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(state_health(&server, "stable", a.addr).await, Some(true));
+    let before = a.hits();
+    for _ in 0..20 {
+        let reply = client.get("/", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    assert!(
+        a.hits() > before,
+        "the upstream that came back gets no requests"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_canary_is_gated_until_its_first_good_probe() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("gated").await;
+    canary.stop().await;
+    let extra = format!("[routing]\nsticky_keys = [\"header:x-user\"]\n\n{FAST_HEALTH}");
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+
+    let installed = admin(
+        &server,
+        Method::PUT,
+        "/admin/canary",
+        &format!(
+            r#"{{"name": "v2-gated", "upstreams": ["{}"], "weight": 50}}"#,
+            canary.addr
+        ),
+    )
+    .await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    // The salt is the canary's name.
+    let on_canary = key_on("v2-gated", 50.0, Cohort::Canary, "user");
+    let on_stable = key_on("v2-gated", 50.0, Cohort::Stable, "user");
+
+    let fallbacks = metric(&server, "cohort_canary_fallbacks_total", &[])
+        .await
+        .expect("the fallback counter is registered");
+    for _ in 0..5 {
+        let reply = client.get("/", &[("x-user", &on_canary)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.version(), STABLE);
+        assert_eq!(reply.headers["x-backend"], "stable");
+        let reply = client.get("/", &[("x-user", &on_stable)]).await;
+        assert_eq!(reply.version(), STABLE);
+    }
+    let after = metric(&server, "cohort_canary_fallbacks_total", &[])
+        .await
+        .expect("the fallback counter");
+    assert!(after >= fallbacks + 5.0, "{fallbacks} -> {after}");
+    assert_eq!(
+        healthy_gauge(&server, "v2-gated", canary.addr).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        state_health(&server, "canary", canary.addr).await,
+        Some(false)
+    );
+
+    // Once something answers there, the first good probe opens the gate.
+    canary.restart().await;
+    eventually_async("the canary's cohort reaches the canary", || async {
+        client.get("/", &[("x-user", &on_canary)]).await.version() == "v2-gated"
+    })
+    .await;
+    assert!(canary.hits() > 0);
+    assert_eq!(
+        healthy_gauge(&server, "v2-gated", canary.addr).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        state_health(&server, "canary", canary.addr).await,
+        Some(true)
+    );
+    let reply = client.get("/", &[("x-user", &on_stable)]).await;
+    assert_eq!(reply.version(), STABLE);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn canary_unavailable_error_answers_its_cohort_with_503() {
+    let stable = Backend::start("stable").await;
+    let dead = support::dead_addr().await;
+    let extra = format!(
+        "[routing]\nsticky_keys = [\"header:x-user\"]\n\n{FAST_HEALTH}canary_unavailable = \"error\"\n"
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+    let installed = admin(
+        &server,
+        Method::PUT,
+        "/admin/canary",
+        &format!(r#"{{"name": "v2-down", "upstreams": ["{dead}"], "weight": 50}}"#),
+    )
+    .await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    let on_canary = key_on("v2-down", 50.0, Cohort::Canary, "user");
+    let on_stable = key_on("v2-down", 50.0, Cohort::Stable, "user");
+
+    let reply = client.get("/", &[("x-user", &on_canary)]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert_eq!(reply.version(), "v2-down");
+    let body = reply.json();
+    assert_eq!(body["error"], "unavailable");
+    assert_eq!(body["version"], "v2-down");
+    let reply = client.get("/", &[("x-user", &on_stable)]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.version(), STABLE);
+
+    assert_eq!(healthy_gauge(&server, "v2-down", dead).await, Some(0.0));
+    assert_eq!(state_health(&server, "canary", dead).await, Some(false));
+    server.shutdown().await;
+}

@@ -1,0 +1,373 @@
+//! Black-box tests of shadow traffic (SPEC section 11).
+//!
+//! Owns: checking, over real sockets, that the shadow receives copies of
+//! exactly the keys the bucket rule (salted with its name) picks, marked
+//! `x-cohort-shadow: 1`; that its answers never reach a client; that a shadow
+//! which does not answer leaves the clients' throughput as it was; that POST
+//! is not mirrored by default; its `cohort="shadow"` metrics; and that
+//! `PUT /admin/shadow` installs and removes it durably. Does not own the
+//! routing of the real request (`tests/routing.rs`).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cohort::routing::{Weight, bucket};
+use cohort::serve::Server;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use support::{Backend, Http, Reply, STABLE, eventually, is_health_probe};
+
+const ROUTING: &str = "[routing]\nsticky_keys = [\"header:x-user\"]\n";
+
+/// One request as the shadow saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    user: Option<String>,
+    shadow_header: Option<String>,
+    version_header: Option<String>,
+}
+
+/// A shadow backend that records what it receives and answers `shadow says
+/// no` with a 500, or holds every request until [`ShadowBackend::release`].
+#[derive(Clone)]
+struct ShadowBackend {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    release: watch::Sender<bool>,
+}
+
+impl ShadowBackend {
+    async fn start(hold: bool) -> ShadowBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend = ShadowBackend {
+            addr: listener.local_addr().expect("an address"),
+            seen: Arc::default(),
+            release: watch::Sender::new(!hold),
+        };
+        let state = backend.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = state.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(state.answer(req).await) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        backend
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if is_health_probe(&req) {
+            return Response::new(Full::new(Bytes::from_static(b"ok")));
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().expect("printable").to_owned())
+        };
+        let seen = Seen {
+            method: req.method().clone(),
+            user: header("x-user"),
+            shadow_header: header("x-cohort-shadow"),
+            version_header: header("x-agent-version"),
+        };
+        self.seen.lock().expect("not poisoned").push(seen);
+        let _ = self.release.subscribe().wait_for(|r| *r).await;
+        let mut rsp = Response::new(Full::new(Bytes::from_static(b"shadow says no")));
+        *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        rsp.headers_mut()
+            .insert("x-backend", "shadow".parse().expect("a header value"));
+        rsp
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("not poisoned").clone()
+    }
+
+    fn users(&self) -> BTreeSet<String> {
+        self.seen().into_iter().filter_map(|s| s.user).collect()
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+async fn admin(server: &Server, method: Method, path: &str, body: &str) -> Reply {
+    Http::new(server.admin_addr())
+        .send(
+            method,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_owned()),
+        )
+        .await
+}
+
+/// The value of the series `name` whose labels include all of `labels`.
+async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = admin(server, Method::GET, "/metrics", "").await.body;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    text.lines()
+        .filter(|line| line.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+fn shadow_body(name: &str, upstream: SocketAddr, percent: f64) -> String {
+    format!(r#"{{"name": "{name}", "upstreams": ["{upstream}"], "percent": {percent}}}"#)
+}
+
+/// Checks that a client reply came from the stable echo backend, untouched by the shadow.
+fn assert_real(reply: &Reply, stable: &Backend) {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(reply.backend(), stable.name);
+    assert!(
+        reply
+            .headers
+            .get("x-backend")
+            .is_some_and(|b| b == &stable.name)
+    );
+}
+
+#[tokio::test]
+async fn the_shadow_gets_exactly_the_keys_the_bucket_rule_picks() {
+    let stable = Backend::start("real").await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = format!(
+        "{ROUTING}\n[shadow]\nname = \"sh-keys\"\nupstreams = [\"{}\"]\npercent = 30\n",
+        shadow.addr
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+
+    let keys: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+    let weight = Weight::from_percent(30.0).expect("a weight");
+    let expected: BTreeSet<String> = keys
+        .iter()
+        .filter(|k| weight.covers(bucket(b"sh-keys", k.as_bytes())))
+        .cloned()
+        .collect();
+    assert!((60..=120).contains(&expected.len()), "{}", expected.len());
+
+    for key in &keys {
+        // The shadow answers 500 with its own body; the client never sees it.
+        let reply = client.get("/", &[("x-user", key)]).await;
+        assert_real(&reply, &stable);
+    }
+    eventually("the shadow has seen every picked key", || {
+        shadow.users().len() >= expected.len()
+    })
+    .await;
+    assert_eq!(shadow.users(), expected);
+    for seen in shadow.seen() {
+        assert_eq!(seen.method, Method::GET);
+        assert_eq!(seen.shadow_header.as_deref(), Some("1"), "{seen:?}");
+        assert_eq!(seen.version_header.as_deref(), Some("sh-keys"), "{seen:?}");
+    }
+
+    // Its answers are counted under cohort="shadow", apart from stable's.
+    let count = expected.len() as f64;
+    support::eventually_async("the shadow's metrics count every copy", || async {
+        metric(
+            &server,
+            "cohort_requests_total",
+            &[
+                ("version", "sh-keys"),
+                ("cohort", "shadow"),
+                ("code", "500"),
+            ],
+        )
+        .await
+            == Some(count)
+    })
+    .await;
+    assert!(
+        metric(
+            &server,
+            "cohort_request_duration_seconds_count",
+            &[("version", "sh-keys"), ("cohort", "shadow")],
+        )
+        .await
+        .is_some_and(|n| n >= count)
+    );
+
+    // POST is not among the default methods: never mirrored.
+    let picked = expected.iter().next().expect("a picked key").clone();
+    for _ in 0..5 {
+        let reply = client
+            .send(Method::POST, "/", &[("x-user", &picked)], Bytes::new())
+            .await;
+        assert_real(&reply, &stable);
+    }
+    // A GET afterwards is the marker that the copies before it had their chance.
+    let marker = expected.iter().nth(1).expect("a second picked key").clone();
+    let before = shadow.seen().len();
+    client.get("/", &[("x-user", &marker)]).await;
+    eventually("the marker copy arrives", || shadow.seen().len() > before).await;
+    assert!(
+        shadow.seen().iter().all(|s| s.method == Method::GET),
+        "{:?}",
+        shadow.seen()
+    );
+    server.shutdown().await;
+}
+
+/// Sequential requests that complete within `window`.
+async fn completed_within(client: &Http, stable: &Backend, window: Duration) -> usize {
+    let deadline = Instant::now() + window;
+    let mut done = 0;
+    while Instant::now() < deadline {
+        let reply = client.get("/", &[("x-user", &format!("t-{done}"))]).await;
+        assert_real(&reply, stable);
+        done += 1;
+    }
+    done
+}
+
+#[tokio::test]
+async fn a_shadow_that_never_answers_does_not_slow_the_clients() {
+    let stable = Backend::start("fast").await;
+    // Holds every copy until the end of the test.
+    let shadow = ShadowBackend::start(true).await;
+    let server = support::cohort(&[stable.addr], None, ROUTING).await;
+    let client = Http::new(server.proxy_addr());
+    let window = Duration::from_secs(2);
+
+    let without = completed_within(&client, &stable, window).await;
+    let installed = admin(
+        &server,
+        Method::PUT,
+        "/admin/shadow",
+        &shadow_body("sh-slow", shadow.addr, 100.0),
+    )
+    .await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    let dropped_before = metric(
+        &server,
+        "cohort_shadow_dropped_total",
+        &[("reason", "queue_full")],
+    )
+    .await
+    .expect("the drop counter is registered");
+    let with = completed_within(&client, &stable, window).await;
+
+    // A count in the same window, with a generous margin for a busy machine.
+    assert!(
+        with * 3 >= without,
+        "{without} requests without the shadow, {with} with it"
+    );
+    // Copies were really sent (and are held), and the rest dropped and counted.
+    assert!(!shadow.seen().is_empty());
+    assert!(shadow.seen().len() <= cohort::shadow::MAX_IN_FLIGHT);
+    if with > cohort::shadow::MAX_IN_FLIGHT {
+        let dropped = metric(
+            &server,
+            "cohort_shadow_dropped_total",
+            &[("reason", "queue_full")],
+        )
+        .await
+        .expect("the drop counter");
+        assert!(
+            dropped - dropped_before >= (with - cohort::shadow::MAX_IN_FLIGHT) as f64,
+            "{dropped_before} -> {dropped} after {with} requests"
+        );
+    }
+    shadow.release();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn put_admin_shadow_installs_and_removes_it_across_restarts() {
+    let stable = Backend::start("kept").await;
+    let shadow = ShadowBackend::start(false).await;
+    let toml = support::config(&[stable.addr], None, ROUTING);
+    let server = support::start_cohort(&toml).await;
+    assert!(admin(&server, Method::GET, "/admin/state", "").await.json()["shadow"].is_null());
+
+    // Refusals: unknown field, out-of-range percent, a taken name, no body.
+    let refused = [
+        (
+            r#"{"name": "x", "upstreams": [], "percent": 1, "extra": 1}"#,
+            400,
+        ),
+        (&shadow_body("sh-api", shadow.addr, 101.0) as &str, 422),
+        (&shadow_body(STABLE, shadow.addr, 10.0), 409),
+        (r#"{"name": "sh-api", "upstreams": [], "percent": 10}"#, 422),
+        ("", 400),
+    ];
+    for (body, status) in refused {
+        let reply = admin(&server, Method::PUT, "/admin/shadow", body).await;
+        assert_eq!(reply.status.as_u16(), status, "{body}: {reply:?}");
+        assert!(reply.json()["error"].is_string());
+    }
+
+    let reply = admin(
+        &server,
+        Method::PUT,
+        "/admin/shadow",
+        &shadow_body("sh-api", shadow.addr, 100.0),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["shadow"]["name"], "sh-api");
+    assert_eq!(reply.json()["shadow"]["percent"], 100.0);
+    server.shutdown().await;
+
+    // It survives a restart, and mirrors.
+    let server = support::start_cohort(&toml).await;
+    let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+    assert_eq!(state["shadow"]["name"], "sh-api");
+    assert_eq!(state["shadow"]["upstreams"][0], shadow.addr.to_string());
+    assert_eq!(state["shadow"]["health"][0]["healthy"], true);
+    let client = Http::new(server.proxy_addr());
+    assert_real(
+        &client.get("/", &[("x-user", "after-restart")]).await,
+        &stable,
+    );
+    eventually("the restored shadow gets its copy", || {
+        shadow.users().contains("after-restart")
+    })
+    .await;
+
+    // A changed share applies at once; null removes it, for good.
+    let reply = admin(
+        &server,
+        Method::PUT,
+        "/admin/shadow",
+        &shadow_body("sh-api", shadow.addr, 12.5),
+    )
+    .await;
+    assert_eq!(reply.json()["shadow"]["percent"], 12.5);
+    let reply = admin(&server, Method::PUT, "/admin/shadow", "null").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(reply.json()["shadow"].is_null());
+    server.shutdown().await;
+    let server = support::start_cohort(&toml).await;
+    assert!(admin(&server, Method::GET, "/admin/state", "").await.json()["shadow"].is_null());
+    server.shutdown().await;
+}
