@@ -93,6 +93,12 @@ impl Health {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// Whether the active checks pass, ejected or not.
+    #[must_use]
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
     /// Counts the outcome of a real request: consecutive failures eject.
     pub fn record_outcome(&self, ok: bool, config: &HealthConfig) {
         if ok {

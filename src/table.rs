@@ -84,7 +84,9 @@ impl Version {
     }
 
     /// The next available upstream in round-robin order, with its index;
-    /// `None` when none is healthy.
+    /// `None` when none passes its health checks. When every healthy
+    /// upstream is ejected for errors, they are tried anyway: ejection sheds
+    /// load from a bad upstream, it must not take the whole version down.
     #[must_use]
     pub fn pick(&self) -> Option<(usize, &UpstreamAddr)> {
         let n = self.upstreams.len();
@@ -94,9 +96,10 @@ impl Version {
             0
         };
         let now = health::now_ms();
-        (0..n)
-            .map(|i| (start + i) % n)
+        let order = || (0..n).map(|i| (start + i) % n);
+        order()
             .find(|&i| self.health[i].is_available(now))
+            .or_else(|| order().find(|&i| self.health[i].is_healthy()))
             .map(|i| (i, &self.upstreams[i]))
     }
 
