@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`config`]: TOML -> validated [`config::Config`]; every problem named by its key.
+//! - [`rollout`]: guardrail measurements (a sliding window per cohort) and statistics.
 //! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
 //! - [`upstream`]: upstream addresses and the pooled client.
@@ -33,6 +34,7 @@ pub mod ctl;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
+pub mod rollout;
 pub mod routing;
 pub mod serve;
 pub mod signals;
