@@ -200,7 +200,15 @@ pub fn evaluate(
         });
     };
     if let Some(floor) = g.success_rate_min {
-        let p = binomial_at_most(canary.successes, canary.requests, floor);
+        let p = if at_most_expected(
+            canary.requests - canary.successes,
+            canary.requests,
+            1.0 - floor,
+        ) {
+            1.0
+        } else {
+            binomial_at_most(canary.successes, canary.requests, floor)
+        };
         push(
             "success_rate",
             rate(stable),
@@ -396,10 +404,8 @@ fn p95_micros(sample: &Sample) -> Option<f64> {
     Some((lower + upper) as f64 / 2.0)
 }
 
-/// The p-value of "at most 5% of the canary is slower than `limit_micros`",
-/// counting only bins wholly at or above it.
-fn exceedance_p(canary: &Sample, limit_micros: f64) -> f64 {
-    // The first bin whose lower edge is at or above the limit.
+/// Canary requests in the bins wholly at or above `limit_micros`.
+fn count_at_or_above(sample: &Sample, limit_micros: f64) -> u64 {
     let limit = limit_micros.max(0.0).ceil();
     let first = if limit >= u64::MAX as f64 {
         LATENCY_BINS
@@ -411,13 +417,47 @@ fn exceedance_p(canary: &Sample, limit_micros: f64) -> f64 {
             bin + 1
         }
     };
-    let above: u64 = canary.latency.iter().skip(first).sum();
+    sample.latency.iter().skip(first).sum()
+}
+
+/// Whether `count` of `n` is on the null's side of `share * n`. A binomial
+/// count at or below its mean has an upper-tail p-value of at least 1/2
+/// (the median is the mean rounded either way), at or above it a
+/// lower-tail one; such a p-value is never significant (`alpha < 1/2`), so
+/// the exact tail need not be computed: it is the common case for a
+/// healthy canary, and the exact tail is the costly part of a look.
+fn at_most_expected(count: u64, n: u64, share: f64) -> bool {
+    count as f64 <= share * n as f64
+}
+
+/// The p-value of "at most 5% of the canary is slower than `limit_micros`",
+/// counting only bins wholly at or above it (1 when not above 5%).
+fn exceedance_p(canary: &Sample, limit_micros: f64) -> f64 {
+    let above = count_at_or_above(canary, limit_micros);
+    if at_most_expected(above, canary.requests, 0.05) {
+        return 1.0;
+    }
     binomial_at_least(above, canary.requests, 0.05)
 }
 
 /// The p-value of the ratio test given an upper bound of the stable p95 at
 /// level `bound_alpha`; 1 when the stable sample is too small to bound it.
 fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -> f64 {
+    if stable.requests == 0 {
+        return 1.0;
+    }
+    // The bound is at or above the point estimate's bin (its rank is at
+    // least the nearest rank for any bound_alpha < 1/2): if the canary is
+    // not above 5% even at the point estimate, it is not at the bound.
+    let nearest = (0.95 * stable.requests as f64).ceil() as u64;
+    let (lower, _) = latency_bin_edges(bin_of_rank(&stable.latency, nearest.max(1)));
+    if at_most_expected(
+        count_at_or_above(canary, ratio * lower as f64),
+        canary.requests,
+        0.05,
+    ) {
+        return 1.0;
+    }
     match p95_upper_rank(stable.requests, bound_alpha) {
         None => 1.0,
         Some(rank) => {
@@ -438,20 +478,41 @@ pub fn p95_upper_rank(n: u64, alpha: f64) -> Option<u64> {
     if n == 0 || !covers(n) {
         return None;
     }
-    // cdf is increasing in k: find the first k in 1..=n that covers,
-    // starting from a bracket around the normal approximation (k is near
-    // 0.95 n + z sqrt(0.0475 n)) and widening to 1..=n if it misses.
-    let sd = (0.0475 * n as f64).sqrt();
-    let guess = 0.95 * n as f64 + 4.0 * sd;
-    let (mut lo, mut hi) = (
-        (guess - 8.0 * sd).max(1.0) as u64,
-        (guess + 2.0 * sd).ceil() as u64,
-    );
-    if lo > 1 && covers(lo - 1) {
-        lo = 1;
-    }
-    if hi >= n || !covers(hi) {
-        hi = n;
+    // `covers` is monotone in k. Start at the normal approximation, gallop
+    // to a bracket [lo, hi] with covers(hi) and (lo = 1 or !covers(lo - 1)),
+    // then bisect: a handful of exact tails instead of log2(n).
+    let z = standard_normal().inverse_cdf((1.0 - alpha).clamp(0.5, 1.0 - 1e-16));
+    let guess = 0.95 * n as f64 + z * (0.0475 * n as f64).sqrt() + 0.5;
+    let start = (guess.ceil() as u64).clamp(1, n);
+    let (mut lo, mut hi);
+    let mut step = 1;
+    if covers(start) {
+        hi = start;
+        loop {
+            if hi == 1 {
+                lo = 1;
+                break;
+            }
+            let probe = hi.saturating_sub(step).max(1);
+            if covers(probe) {
+                hi = probe;
+                step *= 2;
+            } else {
+                lo = probe + 1;
+                break;
+            }
+        }
+    } else {
+        lo = start + 1;
+        loop {
+            let probe = (start + step).min(n);
+            if covers(probe) {
+                hi = probe;
+                break;
+            }
+            lo = probe + 1;
+            step *= 2;
+        }
     }
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -526,6 +587,21 @@ mod tests {
         assert_eq!(p95_upper_rank(100, 0.05), Some(99));
         // Ten observations cannot bound a p95 at 97.5%: 0.95^10 = 0.60.
         assert_eq!(p95_upper_rank(10, 0.025), None);
+    }
+
+    #[test]
+    fn p95_upper_rank_agrees_with_a_linear_scan() {
+        for (n, alpha) in [
+            (20, 0.3),
+            (59, 0.05),
+            (100, 0.025),
+            (1_000, 1e-4),
+            (34_000, 3e-5),
+        ] {
+            let binomial = Binomial::new(0.95, n).expect("valid");
+            let first = (1..=n).find(|&k| binomial.cdf(k - 1) >= 1.0 - alpha);
+            assert_eq!(p95_upper_rank(n, alpha), first, "n = {n}, alpha = {alpha}");
+        }
     }
 
     #[test]
