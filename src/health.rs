@@ -12,9 +12,8 @@
 //! (`proxy`).
 
 use std::future::Future;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -33,8 +32,7 @@ use crate::upstream::Protocol;
 /// that fits in an atomic.
 #[must_use]
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(crate::clock::since_start().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The health of one upstream of one version. Updated with relaxed atomics:

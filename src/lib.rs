@@ -15,7 +15,8 @@
 //! - [`health`]: active health checks, passive ejection, the readiness gate.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.
 //! - [`control`]: every change of the live state: weight, rollback, promote, canary, reload.
-//! - [`rollout`]: progressive rollouts: plans, the stage controller, guardrail judging, webhooks.
+//! - [`rollout`]: progressive rollouts: plans, the stage controller, per-version windows,
+//!   guardrail statistics, webhooks.
 //! - [`state`]: the state file, the audit log, and the start-up restore rule.
 //! - [`metrics`]: metric names, help texts and per-version handles.
 //! - [`admin`]: the admin listener: health, readiness, metrics, the admin API.
@@ -24,12 +25,14 @@
 //! - [`signals`]: OS signals as typed events.
 //! - [`demo`]: built-in demo upstreams for `cohort demo`.
 //! - [`ctl`]: `cohort ctl`, the admin API from the command line.
+//! - [`clock`]: the process-wide monotonic clock shared by health and rollout windows.
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod ctl;

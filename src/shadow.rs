@@ -115,7 +115,12 @@ impl Shadow {
             .pool_max_idle_per_host(MAX_IN_FLIGHT)
             .build(connector);
         Shadow {
-            version: Arc::new(Version::new(config, Cohort::Shadow, false)),
+            version: Arc::new(Version::new(
+                config,
+                Cohort::Shadow,
+                false,
+                policy.window_slot,
+            )),
             percent,
             sender: Arc::new(Sender {
                 client,

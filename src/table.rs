@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::config::{Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig};
 use crate::health::{self, Health};
 use crate::metrics::VersionMetrics;
+use crate::rollout::window::Window;
 use crate::routing::{Cohort, Weight};
 use crate::shadow::{Shadow, ShadowPolicy};
 use crate::upstream::UpstreamAddr;
@@ -43,6 +44,8 @@ pub struct Version {
     pub metrics: VersionMetrics,
     /// One entry per upstream, in the same order.
     pub health: Box<[Health]>,
+    /// What the rollout guardrails judge: this version's recent requests.
+    pub window: Window,
     /// Flips to `true` when this version's open streams and upgraded
     /// connections must end (a rollback with `on_rollback = "close"`).
     closing: watch::Sender<bool>,
@@ -52,8 +55,14 @@ impl Version {
     /// A version; `gated` ones (canaries installed at run time) take no
     /// traffic until an upstream passes its health check.
     #[must_use]
-    pub fn new(config: &VersionConfig, cohort: Cohort, gated: bool) -> Version {
+    pub fn new(
+        config: &VersionConfig,
+        cohort: Cohort,
+        gated: bool,
+        window_slot: Duration,
+    ) -> Version {
         Version {
+            window: Window::new(window_slot),
             health: config
                 .upstreams
                 .iter()
@@ -130,6 +139,9 @@ pub struct Policy {
     pub health: HealthConfig,
     /// How shadow copies are made, whichever shadow is installed.
     pub shadow: ShadowPolicy,
+    /// One slot of the versions' rollout windows (which hold
+    /// [`Window::SLOTS`] of them): the config's rollout interval, else 30 s.
+    pub window_slot: Duration,
 }
 
 impl Policy {
@@ -140,6 +152,10 @@ impl Policy {
             metrics: config.metrics.clone(),
             response_timeout: config.upstream.response_timeout,
             health: config.health.clone(),
+            window_slot: config
+                .rollout
+                .as_ref()
+                .map_or(Duration::from_secs(30), |r| r.interval),
             shadow: ShadowPolicy::from_config(config),
         }
     }
@@ -189,6 +205,7 @@ impl RouteTable {
                     config,
                     cohort,
                     gate_new_canary && cohort == Cohort::Canary,
+                    policy.window_slot,
                 )),
             }
         };

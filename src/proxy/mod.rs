@@ -23,7 +23,9 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::clock;
 use crate::config::{CanaryUnavailable, Fallback};
+use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{UpstreamAddr, UpstreamClient};
@@ -114,11 +116,12 @@ impl Proxy {
         };
 
         // Tag and record, on success and failure alike.
+        let mut tokens = None;
         let mut rsp = match result {
             Ok((mut rsp, client_upgrade)) => {
-                if let Some(tokens) =
-                    forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref())
-                {
+                tokens =
+                    forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref());
+                if let Some(tokens) = tokens {
                     version.metrics.tokens.increment(tokens);
                 }
                 if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -144,9 +147,16 @@ impl Proxy {
             }
         };
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
-        version
-            .metrics
-            .record_response(rsp.status(), started.elapsed());
+        let to_headers = started.elapsed();
+        version.metrics.record_response(rsp.status(), to_headers);
+        version.window.record(
+            clock::since_start(),
+            Observation {
+                success: !rsp.status().is_server_error(),
+                latency: to_headers,
+                tokens,
+            },
+        );
         access::log(&version.name, decision, peer, rsp.status(), started);
         rsp
     }

@@ -325,13 +325,13 @@ impl Rollouts {
             }
             self.still_ours(progress)?;
             let elapsed = started.elapsed();
+            progress.evaluations += 1;
             let evaluation = judge::evaluate(
                 &self.control.table().snapshot(),
                 plan,
-                elapsed,
+                u32::try_from(progress.evaluations).unwrap_or(u32::MAX),
                 &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
             );
-            progress.evaluations += 1;
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(millis(duration.saturating_sub(elapsed)));
             let verdict = judge::overall(&evaluation);

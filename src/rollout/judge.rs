@@ -1,61 +1,49 @@
 //! Judging a rollout stage: the guardrails over the live table's windows.
 //!
-//! Owns: collecting both cohorts' samples from the live table, asking the
-//! statistics for a verdict on each configured guardrail, and summing them
-//! up (any failure fails; else any inconclusive waits; else pass). Does not
-//! own the statistical method (`stats`).
+//! Owns: taking both cohorts' samples from the live table over the same
+//! window, asking [`stats`](super::stats) for a verdict on each configured
+//! guardrail, summing them up (any failure fails; else any inconclusive
+//! waits; else pass), and wording the rollback reason. Does not own the
+//! statistical method.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use super::stats::{self, Look};
+use crate::clock;
 use crate::config::RolloutConfig;
 use crate::table::RouteTable;
 
-/// One guardrail's verdict at one evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    Pass,
-    Fail,
-    Inconclusive,
-}
+pub use super::stats::{Evaluation, Verdict};
 
-/// One guardrail's last evaluation, as shown under `rollout` in the state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Evaluation {
-    pub guardrail: String,
-    pub stable: Option<f64>,
-    pub canary: Option<f64>,
-    pub limit: f64,
-    pub verdict: Verdict,
-}
-
-/// Evaluates every configured guardrail for the current stage.
+/// Evaluates every configured guardrail at look number `look` (from 1,
+/// counted over the whole rollout). Without a canary there is nothing to
+/// judge, which passes.
 #[must_use]
 pub fn evaluate(
     table: &RouteTable,
     plan: &RolloutConfig,
-    _elapsed: Duration,
+    look: u32,
     eval_scores: &HashMap<String, f64>,
 ) -> Vec<Evaluation> {
-    let mut evaluations = Vec::new();
-    if let (Some(limit), Some(canary)) = (plan.guardrails.eval_score_min, &table.canary) {
-        let canary_score = eval_scores.get(&canary.version.name).copied();
-        evaluations.push(Evaluation {
-            guardrail: "eval_score".into(),
-            stable: eval_scores.get(&table.stable.name).copied(),
-            canary: canary_score,
-            limit,
-            verdict: match canary_score {
-                None => Verdict::Inconclusive,
-                Some(score) if score >= limit => Verdict::Pass,
-                Some(_) => Verdict::Fail,
-            },
-        });
-    }
-    evaluations
+    let Some(canary) = &table.canary else {
+        return Vec::new();
+    };
+    let now = clock::since_start();
+    // The whole span: at 1% a canary needs most of it to reach `min_requests`.
+    let span = table.stable.window.span().min(canary.version.window.span());
+    let stable = table.stable.window.snapshot(now, span);
+    let canary_sample = canary.version.window.snapshot(now, span);
+    stats::evaluate(
+        &plan.guardrails,
+        &stable,
+        &canary_sample,
+        eval_scores.get(&canary.version.name).copied(),
+        plan.min_requests,
+        Look {
+            index: look,
+            planned: stats::planned_looks(plan),
+        },
+    )
 }
 
 /// The stage's verdict: any failure fails; else any inconclusive waits.
@@ -91,7 +79,9 @@ pub fn failure_reason(evaluations: &[Evaluation], failure_limit: u32) -> String 
         })
         .collect();
     if failing.is_empty() {
-        format!("guardrails inconclusive for too long ({failure_limit} evaluations in a row)")
+        format!(
+            "guardrails inconclusive for too long ({failure_limit} failed evaluations in a row)"
+        )
     } else {
         format!(
             "guardrail failed {failure_limit} evaluations in a row: {}",

@@ -1,0 +1,15 @@
+//! A process-wide monotonic clock, as time since its first use.
+//!
+//! Owns: one origin that health ejection and the rollout windows share, so
+//! their timestamps fit in atomics and compare across threads. Does not own
+//! time inside requests (they use `tokio::time::Instant`, which tests can pause).
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Time since the first call in this process.
+#[must_use]
+pub fn since_start() -> Duration {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed()
+}

@@ -1,0 +1,764 @@
+//! Guardrail statistics: the verdict of every guardrail at one look.
+//!
+//! Owns: judging a canary [`Sample`] against a stable one over the same
+//! window, for each configured guardrail, at a significance level that
+//! keeps the false-rollback rate of a whole rollout at `1 - confidence`.
+//! Pure: no I/O, no clock. Does not own: collecting the samples
+//! (`rollout::window`), counting failures in a row, stages or timers (the
+//! controller).
+//!
+//! # Verdicts
+//!
+//! - `inconclusive`: either cohort has fewer than `min_requests` requests
+//!   in the window (for `tokens_ratio`: requests that reported tokens), or
+//!   no `eval_score` has been reported.
+//! - `fail`: the data show that the limit is breached: the test of "the
+//!   canary is within the limit" rejects at this look's level.
+//! - `pass`: enough data and no significant breach. The gate does not ask
+//!   the canary to prove itself within the limit at every look: with a 1%
+//!   canary that proof needs far more requests than a stage sees, so a
+//!   proof-based gate would sit at `inconclusive` and stall healthy
+//!   rollouts. The error this module budgets is the false rollback; the
+//!   protection against passing a bad canary on too little data is
+//!   `min_requests`, and power grows as the window fills and the canary's
+//!   share grows (a regression too small to show at 1% shows at 10%).
+//!
+//! # Tests
+//!
+//! Each is one-sided, asking "is the canary worse than the limit?":
+//!
+//! - `success_rate` (floor `m`): exact binomial test of the canary's
+//!   successes against `m` (statrs `Binomial`).
+//! - `success_rate_drop` (stable minus canary at most `d`): two-proportion
+//!   score test with the margin `d` (Farrington and Manning, 1990); the
+//!   variance is taken at the maximum-likelihood rates restricted to
+//!   `p_stable - p_canary = d`, found by bisection on the score. At `d = 0`
+//!   it is the classic pooled two-proportion z-test.
+//! - `p95_latency_ms` (ceiling `L`): if the canary's p95 were at most `L`,
+//!   at most 5% of its requests would be slower than `L`; exact binomial
+//!   test of the count above `L` against 5%. Only histogram bins wholly
+//!   above `L` count, which can only understate the count.
+//! - `p95_latency_ratio` (canary p95 / stable p95 at most `r`): the same
+//!   test with `L = r * U`, where `U` is an upper confidence bound of the
+//!   stable p95 (an order statistic, distribution-free, rounded up to its
+//!   bin's upper edge); the look's level is split between the bound and the
+//!   test. This tests the p95 itself. A rank test such as Mann-Whitney
+//!   compares whole distributions (`P(canary > stable)`), so it would fail
+//!   a canary whose median rose with an unchanged p95 and pass one whose
+//!   tail alone doubled; it answers a different question than this
+//!   guardrail asks.
+//! - `tokens_ratio` (canary mean / stable mean at most `r`): Welch-type
+//!   z-test of `mean_c - r * mean_s > 0` (large-sample normal).
+//! - `eval_score` (at least `e`): a single number reported from outside,
+//!   with no sample to test: `fail` below `e`, `pass` otherwise.
+//!
+//! # Repeated looks
+//!
+//! The controller evaluates every interval, on overlapping windows, and a
+//! test run at level `a` on every look would raise a false alarm far more
+//! often than `a` over a rollout. The level `alpha = 1 - confidence` is
+//! therefore spent across the looks and guardrails (an alpha-spending
+//! plan with a linear spending function, Lan and DeMets, 1983), and the
+//! union bound makes the spent levels add up: the probability that any
+//! statistical guardrail fails any look while the canary is within every
+//! limit is at most `alpha`, whatever the correlation between looks. That
+//! correlation is why a sliding window rules out the sharper boundaries
+//! of group-sequential designs (O'Brien-Fleming) and the always-valid
+//! mixture SPRT / confidence sequences (Johari et al., 2017; Howard et al.,
+//! 2021): those assume that each look sees the data of the previous one
+//! plus more, and a sliding window also forgets. The union bound needs no
+//! such assumption.
+//!
+//! Look `k` of `P` planned looks gets `0.9 * alpha / P`. Looks beyond the
+//! plan (a pause that waits for approval, a held last stage) share the
+//! remaining `0.1 * alpha` as `0.1 * alpha * P / (k * (k - 1))`, a series
+//! that sums to it, so no number of extra looks can spend more than
+//! `alpha`. Each look's level is divided equally among the statistical
+//! guardrails configured. Requiring `failure_limit` failures in a row
+//! lowers the false-rollback rate further; no credit is taken for it.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+
+use crate::config::{Guardrails, RolloutConfig, Stage};
+use crate::rollout::window::{LATENCY_BINS, Sample, latency_bin, latency_bin_edges};
+
+/// The share of alpha spent on the planned looks; the rest covers overruns.
+const PLANNED_SHARE: f64 = 0.9;
+
+/// The outcome of one guardrail at one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+/// Which look this is: `index` counts from 1 over the whole rollout;
+/// `planned` is [`planned_looks`] of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Look {
+    pub index: u32,
+    pub planned: u32,
+}
+
+/// One guardrail's evaluation, as `GET /admin/state` shows it.
+///
+/// `stable` and `canary` are each cohort's value of the measured quantity
+/// (success rate; p95 latency in milliseconds for both p95 guardrails; mean
+/// tokens per request; the reported eval score for the canary), `None` when
+/// the cohort has no data for it. `limit` is the configured limit in the
+/// guardrail's own terms: a floor, a drop, a ratio, milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Owned when read back from the saved state, a literal when fresh.
+    pub guardrail: Cow<'static, str>,
+    pub stable: Option<f64>,
+    pub canary: Option<f64>,
+    pub limit: f64,
+    pub verdict: Verdict,
+}
+
+/// The looks a plan makes if every stage ends on time: one per `interval`
+/// of every weighted stage (pauses have no planned length), at least one.
+#[must_use]
+pub fn planned_looks(config: &RolloutConfig) -> u32 {
+    let interval = config.interval.as_millis().max(1);
+    let looks: u128 = config
+        .stages
+        .iter()
+        .map(|stage| match stage {
+            Stage::Weight { duration, .. } => duration.as_millis().div_ceil(interval),
+            Stage::Pause => 0,
+        })
+        .sum();
+    u32::try_from(looks).unwrap_or(u32::MAX).max(1)
+}
+
+/// The significance level of one statistical guardrail at `look`, when
+/// `guardrails` of them are configured (see the module doc).
+#[must_use]
+pub fn look_alpha(confidence: f64, look: Look, guardrails: usize) -> f64 {
+    let alpha = (1.0 - confidence).clamp(0.0, 1.0);
+    let planned = f64::from(look.planned.max(1));
+    let k = f64::from(look.index.max(1));
+    let share = if k <= planned {
+        PLANNED_SHARE / planned
+    } else {
+        (1.0 - PLANNED_SHARE) * planned / (k * (k - 1.0))
+    };
+    alpha * share / guardrails.max(1) as f64
+}
+
+/// Judges every configured guardrail at one look. The stable and canary
+/// samples must cover the same window.
+#[must_use]
+pub fn evaluate(
+    guardrails: &Guardrails,
+    stable: &Sample,
+    canary: &Sample,
+    eval_score: Option<f64>,
+    min_requests: u64,
+    look: Look,
+) -> Vec<Evaluation> {
+    let g = guardrails;
+    let tests = [
+        g.success_rate_min,
+        g.success_rate_drop_max,
+        g.p95_latency_ratio_max,
+        g.p95_latency_ms_max,
+        g.tokens_ratio_max,
+    ]
+    .iter()
+    .filter(|limit| limit.is_some())
+    .count();
+    let alpha = look_alpha(g.confidence, look, tests);
+    let enough = stable.requests >= min_requests && canary.requests >= min_requests;
+    let judge = |enough: bool, p_breach: f64| {
+        if !enough {
+            Verdict::Inconclusive
+        } else if p_breach <= alpha {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        }
+    };
+    let rate = |s: &Sample| (s.requests > 0).then(|| s.successes as f64 / s.requests as f64);
+    let p95_ms = |s: &Sample| p95_micros(s).map(|us| us / 1_000.0);
+    let (stable_p95, canary_p95) = (p95_ms(stable), p95_ms(canary));
+    let mean_tokens =
+        |s: &Sample| (s.token_requests > 0).then(|| s.token_sum as f64 / s.token_requests as f64);
+
+    let mut out = Vec::new();
+    let mut push = |guardrail: &'static str, stable, canary, limit, verdict| {
+        out.push(Evaluation {
+            guardrail: Cow::Borrowed(guardrail),
+            stable,
+            canary,
+            limit,
+            verdict,
+        });
+    };
+    if let Some(floor) = g.success_rate_min {
+        let p = if at_most_expected(
+            canary.requests - canary.successes,
+            canary.requests,
+            1.0 - floor,
+        ) {
+            1.0
+        } else {
+            binomial_at_most(canary.successes, canary.requests, floor)
+        };
+        push(
+            "success_rate",
+            rate(stable),
+            rate(canary),
+            floor,
+            judge(enough, p),
+        );
+    }
+    if let Some(drop) = g.success_rate_drop_max {
+        let z = drop_z(
+            stable.successes,
+            stable.requests,
+            canary.successes,
+            canary.requests,
+            drop,
+        );
+        push(
+            "success_rate_drop",
+            rate(stable),
+            rate(canary),
+            drop,
+            judge(enough, upper_p(z)),
+        );
+    }
+    if let Some(ratio) = g.p95_latency_ratio_max {
+        let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
+        // Half the level went to the bound of the stable p95.
+        let verdict = judge(enough, p * 2.0);
+        push("p95_latency_ratio", stable_p95, canary_p95, ratio, verdict);
+    }
+    if let Some(ceiling_ms) = g.p95_latency_ms_max {
+        let p = exceedance_p(canary, ceiling_ms * 1_000.0);
+        push(
+            "p95_latency_ms",
+            stable_p95,
+            canary_p95,
+            ceiling_ms,
+            judge(enough, p),
+        );
+    }
+    if let Some(ratio) = g.tokens_ratio_max {
+        let enough = stable.token_requests >= min_requests.max(2)
+            && canary.token_requests >= min_requests.max(2);
+        let z = if enough {
+            tokens_z(stable, canary, ratio)
+        } else {
+            0.0
+        };
+        push(
+            "tokens_ratio",
+            mean_tokens(stable),
+            mean_tokens(canary),
+            ratio,
+            judge(enough, upper_p(z)),
+        );
+    }
+    if let Some(floor) = g.eval_score_min {
+        let verdict = match eval_score {
+            None => Verdict::Inconclusive,
+            Some(score) if score < floor => Verdict::Fail,
+            Some(_) => Verdict::Pass,
+        };
+        push("eval_score", None, eval_score, floor, verdict);
+    }
+    out
+}
+
+fn standard_normal() -> Normal {
+    Normal::standard()
+}
+
+/// `P(Z >= z)` for a standard normal `Z`: the one-sided p-value of a z score.
+#[must_use]
+pub fn upper_p(z: f64) -> f64 {
+    if z.is_nan() {
+        1.0
+    } else {
+        standard_normal().sf(z)
+    }
+}
+
+/// `P(X <= successes)` for `X ~ Binomial(requests, floor)`: the p-value of
+/// "the success rate is at least `floor`".
+#[must_use]
+pub fn binomial_at_most(successes: u64, requests: u64, floor: f64) -> f64 {
+    if requests == 0 || successes >= requests {
+        return 1.0;
+    }
+    match Binomial::new(floor.clamp(0.0, 1.0), requests) {
+        Ok(b) => b.cdf(successes),
+        Err(_) => 1.0,
+    }
+}
+
+/// `P(X >= count)` for `X ~ Binomial(requests, share)`: the p-value of "at
+/// most `share` of the requests exceed".
+#[must_use]
+pub fn binomial_at_least(count: u64, requests: u64, share: f64) -> f64 {
+    if count == 0 || requests == 0 {
+        return 1.0;
+    }
+    match Binomial::new(share.clamp(0.0, 1.0), requests) {
+        Ok(b) => b.sf(count - 1),
+        Err(_) => 1.0,
+    }
+}
+
+/// Farrington-Manning score statistic for `p_stable - p_canary > drop`
+/// (stable: `x1` successes of `n1`; canary: `x2` of `n2`). Positive when the
+/// canary is further below the stable than `drop`. At `drop = 0` this is
+/// the pooled two-proportion z statistic.
+#[must_use]
+pub fn drop_z(x1: u64, n1: u64, x2: u64, n2: u64, drop: f64) -> f64 {
+    if n1 == 0 || n2 == 0 {
+        return 0.0;
+    }
+    let (x1, n1, x2, n2) = (x1 as f64, n1 as f64, x2 as f64, n2 as f64);
+    let observed = x1 / n1 - x2 / n2 - drop;
+    if observed <= 0.0 {
+        return 0.0;
+    }
+    let drop = drop.clamp(0.0, 1.0);
+    // Restricted MLE: maximise the likelihood over p2 with p1 = p2 + drop.
+    // The score below is strictly decreasing in p2, so bisect its root.
+    let score = |p2: f64| {
+        let p1 = p2 + drop;
+        let term = |count: f64, value: f64| if count > 0.0 { count / value } else { 0.0 };
+        term(x1, p1) - term(n1 - x1, 1.0 - p1) + term(x2, p2) - term(n2 - x2, 1.0 - p2)
+    };
+    let (mut lo, mut hi) = (0.0, 1.0 - drop);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if score(mid) > 0.0 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let p2 = 0.5 * (lo + hi);
+    let p1 = p2 + drop;
+    let variance = p1 * (1.0 - p1) / n1 + p2 * (1.0 - p2) / n2;
+    if variance > 0.0 {
+        observed / variance.sqrt()
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// Welch-type statistic for `mean_canary - ratio * mean_stable > 0`.
+fn tokens_z(stable: &Sample, canary: &Sample, ratio: f64) -> f64 {
+    let moments = |s: &Sample| {
+        let n = s.token_requests as f64;
+        let mean = s.token_sum as f64 / n;
+        // Exact integer numerator: n * sum(x^2) - sum(x)^2.
+        let spread = u128::from(s.token_requests) * s.token_sum_sq
+            - u128::from(s.token_sum) * u128::from(s.token_sum);
+        (n, mean, spread as f64 / (n * (n - 1.0)))
+    };
+    let (ns, ms, vs) = moments(stable);
+    let (nc, mc, vc) = moments(canary);
+    let excess = mc - ratio * ms;
+    let variance = vc / nc + ratio * ratio * vs / ns;
+    if variance > 0.0 {
+        excess / variance.sqrt()
+    } else if excess > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// The bin holding the `rank`-th smallest latency (1-based).
+fn bin_of_rank(latency: &[u64; LATENCY_BINS], rank: u64) -> usize {
+    let mut seen = 0;
+    let mut bin = 0;
+    while bin < LATENCY_BINS - 1 {
+        seen += latency[bin];
+        if seen >= rank {
+            break;
+        }
+        bin += 1;
+    }
+    bin
+}
+
+/// The p95 (nearest rank) as its bin's midpoint, in microseconds.
+fn p95_micros(sample: &Sample) -> Option<f64> {
+    if sample.requests == 0 {
+        return None;
+    }
+    let rank = (0.95 * sample.requests as f64).ceil() as u64;
+    let (lower, upper) = latency_bin_edges(bin_of_rank(&sample.latency, rank.max(1)));
+    Some((lower + upper) as f64 / 2.0)
+}
+
+/// Canary requests in the bins wholly at or above `limit_micros`.
+fn count_at_or_above(sample: &Sample, limit_micros: f64) -> u64 {
+    let limit = limit_micros.max(0.0).ceil();
+    let first = if limit >= u64::MAX as f64 {
+        LATENCY_BINS
+    } else {
+        let bin = latency_bin(limit as u64);
+        if latency_bin_edges(bin).0 >= limit as u64 {
+            bin
+        } else {
+            bin + 1
+        }
+    };
+    sample.latency.iter().skip(first).sum()
+}
+
+/// Whether `count` of `n` is on the null's side of `share * n`. A binomial
+/// count at or below its mean has an upper-tail p-value of at least 1/2
+/// (the median is the mean rounded either way), at or above it a
+/// lower-tail one; such a p-value is never significant (`alpha < 1/2`), so
+/// the exact tail need not be computed: it is the common case for a
+/// healthy canary, and the exact tail is the costly part of a look.
+fn at_most_expected(count: u64, n: u64, share: f64) -> bool {
+    count as f64 <= share * n as f64
+}
+
+/// The p-value of "at most 5% of the canary is slower than `limit_micros`",
+/// counting only bins wholly at or above it (1 when not above 5%).
+fn exceedance_p(canary: &Sample, limit_micros: f64) -> f64 {
+    let above = count_at_or_above(canary, limit_micros);
+    if at_most_expected(above, canary.requests, 0.05) {
+        return 1.0;
+    }
+    binomial_at_least(above, canary.requests, 0.05)
+}
+
+/// The p-value of the ratio test given an upper bound of the stable p95 at
+/// level `bound_alpha`; 1 when the stable sample is too small to bound it.
+fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -> f64 {
+    if stable.requests == 0 {
+        return 1.0;
+    }
+    // The bound is at or above the point estimate's bin (its rank is at
+    // least the nearest rank for any bound_alpha < 1/2): if the canary is
+    // not above 5% even at the point estimate, it is not at the bound.
+    let nearest = (0.95 * stable.requests as f64).ceil() as u64;
+    let (lower, _) = latency_bin_edges(bin_of_rank(&stable.latency, nearest.max(1)));
+    if at_most_expected(
+        count_at_or_above(canary, ratio * lower as f64),
+        canary.requests,
+        0.05,
+    ) {
+        return 1.0;
+    }
+    match p95_upper_rank(stable.requests, bound_alpha) {
+        None => 1.0,
+        Some(rank) => {
+            let (_, upper) = latency_bin_edges(bin_of_rank(&stable.latency, rank));
+            exceedance_p(canary, ratio * upper as f64)
+        }
+    }
+}
+
+/// The smallest `k` such that the `k`-th smallest of `n` observations is at
+/// or above the true p95 with probability at least `1 - alpha`:
+/// `P(Binomial(n, 0.95) <= k - 1) >= 1 - alpha`. `None` if even the
+/// largest observation is not enough.
+#[must_use]
+pub fn p95_upper_rank(n: u64, alpha: f64) -> Option<u64> {
+    let binomial = Binomial::new(0.95, n).ok()?;
+    let covers = |k: u64| binomial.cdf(k - 1) >= 1.0 - alpha;
+    if n == 0 || !covers(n) {
+        return None;
+    }
+    // `covers` is monotone in k. Start at the normal approximation, gallop
+    // to a bracket [lo, hi] with covers(hi) and (lo = 1 or !covers(lo - 1)),
+    // then bisect: a handful of exact tails instead of log2(n).
+    let z = standard_normal().inverse_cdf((1.0 - alpha).clamp(0.5, 1.0 - 1e-16));
+    let guess = 0.95 * n as f64 + z * (0.0475 * n as f64).sqrt() + 0.5;
+    let start = (guess.ceil() as u64).clamp(1, n);
+    let (mut lo, mut hi);
+    let mut step = 1;
+    if covers(start) {
+        hi = start;
+        loop {
+            if hi == 1 {
+                lo = 1;
+                break;
+            }
+            let probe = hi.saturating_sub(step).max(1);
+            if covers(probe) {
+                hi = probe;
+                step *= 2;
+            } else {
+                lo = probe + 1;
+                break;
+            }
+        }
+    } else {
+        lo = start + 1;
+        loop {
+            let probe = (start + step).min(n);
+            if covers(probe) {
+                hi = probe;
+                break;
+            }
+            lo = probe + 1;
+            step *= 2;
+        }
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if covers(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rollout::window::Observation;
+
+    fn close(a: f64, b: f64, tolerance: f64) -> bool {
+        (a - b).abs() <= tolerance
+    }
+
+    #[test]
+    fn pooled_two_proportion_z_matches_hand_computation() {
+        // 90/100 vs 80/100: pooled p = 0.85, se = sqrt(0.85 * 0.15 * 2 / 100)
+        // = 0.0504975, z = 0.10 / 0.0504975 = 1.98030, one-sided p = 0.023835.
+        let z = drop_z(90, 100, 80, 100, 0.0);
+        assert!(close(z, 1.980_30, 1e-4), "{z}");
+        assert!(close(upper_p(z), 0.023_835, 1e-5), "{}", upper_p(z));
+        // A canary at least as good as the stable has nothing to test.
+        assert_eq!(drop_z(80, 100, 90, 100, 0.0), 0.0);
+    }
+
+    #[test]
+    fn margin_score_test_uses_the_restricted_mle() {
+        let (x1, n1, x2, n2, d) = (990.0, 1000.0, 180.0, 200.0, 0.02);
+        // Brute-force the restricted maximum likelihood on a fine grid.
+        let loglik = |p2: f64| {
+            let p1 = p2 + d;
+            x1 * p1.ln() + (n1 - x1) * (1.0 - p1).ln() + x2 * p2.ln() + (n2 - x2) * (1.0 - p2).ln()
+        };
+        let p2 = (1..98_000)
+            .map(|i| f64::from(i) / 100_000.0)
+            .max_by(|a, b| loglik(*a).total_cmp(&loglik(*b)))
+            .unwrap_or(0.0);
+        let p1 = p2 + d;
+        let expected = (0.99 - 0.9 - d) / (p1 * (1.0 - p1) / n1 + p2 * (1.0 - p2) / n2).sqrt();
+        let z = drop_z(990, 1000, 180, 200, d);
+        assert!(close(z, expected, 1e-3), "{z} vs {expected}");
+        // The margin makes the same data less damning.
+        assert!(z < drop_z(990, 1000, 180, 200, 0.0));
+    }
+
+    #[test]
+    fn binomial_tails_match_hand_computation() {
+        // P(X <= 7), X ~ Bin(10, 0.9) = 1 - (0.193710 + 0.387420 + 0.348678).
+        assert!(close(binomial_at_most(7, 10, 0.9), 0.070_191, 1e-5));
+        // P(X >= 2), X ~ Bin(10, 0.05) = 1 - 0.95^10 - 10 * 0.05 * 0.95^9.
+        let expected = 1.0 - 0.95f64.powi(10) - 0.5 * 0.95f64.powi(9);
+        assert!(close(binomial_at_least(2, 10, 0.05), expected, 1e-9));
+        assert_eq!(binomial_at_most(10, 10, 0.9), 1.0);
+        assert_eq!(binomial_at_least(0, 10, 0.05), 1.0);
+    }
+
+    #[test]
+    fn p95_upper_rank_matches_hand_computation() {
+        // n = 100: P(Bin <= 98) = 1 - P(99) - P(100) = 0.96292 < 0.975,
+        // P(Bin <= 99) = 0.99408: the bound is the largest observation.
+        assert_eq!(p95_upper_rank(100, 0.025), Some(100));
+        // At alpha = 0.05, rank 99 covers.
+        assert_eq!(p95_upper_rank(100, 0.05), Some(99));
+        // Ten observations cannot bound a p95 at 97.5%: 0.95^10 = 0.60.
+        assert_eq!(p95_upper_rank(10, 0.025), None);
+    }
+
+    #[test]
+    fn p95_upper_rank_agrees_with_a_linear_scan() {
+        for (n, alpha) in [
+            (20, 0.3),
+            (59, 0.05),
+            (100, 0.025),
+            (1_000, 1e-4),
+            (34_000, 3e-5),
+        ] {
+            let binomial = Binomial::new(0.95, n).expect("valid");
+            let first = (1..=n).find(|&k| binomial.cdf(k - 1) >= 1.0 - alpha);
+            assert_eq!(p95_upper_rank(n, alpha), first, "n = {n}, alpha = {alpha}");
+        }
+    }
+
+    #[test]
+    fn alpha_spending_adds_up_to_at_most_alpha() {
+        let planned = 120;
+        let spent: f64 = (1..=100_000)
+            .map(|index| look_alpha(0.95, Look { index, planned }, 1))
+            .sum();
+        assert!(spent <= 0.05 + 1e-12 && spent > 0.0499, "{spent}");
+        let planned_only: f64 = (1..=planned)
+            .map(|index| look_alpha(0.95, Look { index, planned }, 1))
+            .sum();
+        assert!(close(planned_only, 0.045, 1e-12));
+        assert!(close(
+            look_alpha(0.95, Look { index: 1, planned }, 5),
+            0.045 / 600.0,
+            1e-15
+        ));
+    }
+
+    fn sample(requests: u64, successes: u64, latency_ms: impl Fn(u64) -> u64) -> Sample {
+        let mut s = Sample::default();
+        for i in 0..requests {
+            s.add(Observation {
+                success: i < successes,
+                latency: Duration::from_millis(latency_ms(i)),
+                tokens: Some(100 + i % 50),
+            });
+        }
+        s
+    }
+
+    fn all_guardrails() -> Guardrails {
+        Guardrails {
+            success_rate_min: Some(0.97),
+            success_rate_drop_max: Some(0.02),
+            p95_latency_ratio_max: Some(1.2),
+            p95_latency_ms_max: Some(8_000.0),
+            tokens_ratio_max: Some(1.15),
+            eval_score_min: Some(0.9),
+            confidence: 0.95,
+        }
+    }
+
+    #[test]
+    fn identical_cohorts_pass_and_small_ones_are_inconclusive() {
+        let stable = sample(5_000, 4_950, |i| 500 + i % 1_000);
+        let canary = sample(500, 495, |i| 500 + (i * 10) % 1_000);
+        let look = Look {
+            index: 10,
+            planned: 120,
+        };
+        let evals = evaluate(&all_guardrails(), &stable, &canary, Some(0.95), 200, look);
+        let names: Vec<_> = evals.iter().map(|e| e.guardrail.as_ref()).collect();
+        assert_eq!(
+            names,
+            [
+                "success_rate",
+                "success_rate_drop",
+                "p95_latency_ratio",
+                "p95_latency_ms",
+                "tokens_ratio",
+                "eval_score"
+            ]
+        );
+        assert!(
+            evals.iter().all(|e| e.verdict == Verdict::Pass),
+            "{evals:?}"
+        );
+        let drop = &evals[1];
+        assert_eq!(
+            (drop.stable, drop.canary, drop.limit),
+            (Some(0.99), Some(0.99), 0.02)
+        );
+
+        let evals = evaluate(&all_guardrails(), &stable, &canary, None, 1_000, look);
+        assert!(
+            evals.iter().all(|e| e.verdict == Verdict::Inconclusive),
+            "{evals:?}"
+        );
+    }
+
+    #[test]
+    fn clear_breaches_fail_and_name_the_guardrail() {
+        let stable = sample(20_000, 19_800, |i| 500 + i % 1_000);
+        // 85% success, latencies doubled, 9 s tail on a tenth of requests.
+        let canary = sample(2_000, 1_700, |i| {
+            if i % 10 == 0 {
+                9_000
+            } else {
+                2 * (500 + (i * 10) % 1_000)
+            }
+        });
+        let look = Look {
+            index: 60,
+            planned: 120,
+        };
+        let evals = evaluate(&all_guardrails(), &stable, &canary, Some(0.5), 200, look);
+        let verdict = |name| {
+            evals
+                .iter()
+                .find(|e| e.guardrail == name)
+                .map(|e| e.verdict)
+        };
+        for name in [
+            "success_rate",
+            "success_rate_drop",
+            "p95_latency_ratio",
+            "p95_latency_ms",
+            "eval_score",
+        ] {
+            assert_eq!(verdict(name), Some(Verdict::Fail), "{name}: {evals:?}");
+        }
+        // Same tokens: no breach there.
+        assert_eq!(verdict("tokens_ratio"), Some(Verdict::Pass));
+    }
+
+    #[test]
+    fn a_breach_within_noise_is_not_failed() {
+        // 2 failures of 200 against a 0.98 floor: 0.99 observed, no breach;
+        // 7 failures of 200 (0.965) is below the floor but not significantly.
+        let stable = sample(10_000, 9_900, |_| 800);
+        let canary = sample(200, 193, |_| 800);
+        let g = Guardrails {
+            success_rate_min: Some(0.98),
+            ..all_guardrails()
+        };
+        let evals = evaluate(
+            &g,
+            &stable,
+            &canary,
+            Some(0.95),
+            200,
+            Look {
+                index: 1,
+                planned: 120,
+            },
+        );
+        assert_eq!(evals[0].verdict, Verdict::Pass, "{evals:?}");
+        assert!(evals[0].canary.is_some_and(|c| c < 0.98));
+    }
+
+    #[test]
+    fn planned_looks_counts_intervals_of_weighted_stages() {
+        let text = r#"
+            [rollout]
+            interval = "30s"
+            stages = [ { weight = 1, duration = "30m" }, { pause = true },
+                       { weight = 10, duration = "45s" } ]
+        "#;
+        let config = crate::config::rollout_from_json(
+            super::super::plan::document(text).expect("a TOML plan"),
+        )
+        .expect("plan parses");
+        assert_eq!(planned_looks(&config), 60 + 2);
+    }
+}
