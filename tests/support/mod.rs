@@ -775,3 +775,445 @@ where
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Control plane: a ticking SSE backend, one keep-alive connection, the admin
+// API, and `cohort serve` as a child process.
+
+/// A server-sent-events backend whose every open stream first sends
+/// `data: ready`, then `data: N` each time the test calls [`SseTicker::tick`]
+/// (N counts the ticks), and never ends on its own.
+#[derive(Debug, Clone)]
+pub struct SseTicker {
+    pub name: String,
+    pub addr: SocketAddr,
+    ticks: Arc<watch::Sender<u64>>,
+}
+
+impl SseTicker {
+    pub const READY: &'static str = "data: ready\n\n";
+
+    pub async fn start(name: &str) -> SseTicker {
+        let listener = bind().await;
+        let backend = SseTicker {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+            ticks: Arc::new(watch::Sender::new(0)),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |_req| {
+            let state = state.clone();
+            async move { state.answer() }
+        }));
+        backend
+    }
+
+    /// Makes every open stream send its next event; returns that event.
+    pub fn tick(&self) -> String {
+        let mut n = 0;
+        self.ticks.send_modify(|ticks| {
+            *ticks += 1;
+            n = *ticks;
+        });
+        Self::event(n)
+    }
+
+    pub fn event(n: u64) -> String {
+        format!("data: {n}\n\n")
+    }
+
+    fn answer(&self) -> Response<BackendBody> {
+        let mut ticks = self.ticks.subscribe();
+        ticks.mark_unchanged();
+        let events = futures_util::stream::unfold((true, ticks), |(first, mut ticks)| async move {
+            if first {
+                let ready = Frame::data(Bytes::from_static(Self::READY.as_bytes()));
+                return Some((Ok(ready), (false, ticks)));
+            }
+            // An error means the backend is gone: end the stream.
+            ticks.changed().await.ok()?;
+            let n = *ticks.borrow_and_update();
+            Some((Ok(Frame::data(Bytes::from(Self::event(n)))), (false, ticks)))
+        });
+        let mut rsp = Response::new(StreamBody::new(events).boxed_unsync());
+        let h = rsp.headers_mut();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert("x-backend", value(&self.name));
+        rsp
+    }
+}
+
+/// Reads `body` until the bytes received end with `needle`; `Err` with what
+/// was read if the stream ends or fails first. Fails the test after [`DEADLINE`].
+pub async fn read_until(body: &mut Incoming, needle: &str) -> Result<(), String> {
+    within("the next event", async {
+        let mut seen = Vec::new();
+        while !seen.ends_with(needle.as_bytes()) {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        seen.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(format!("{e} after {:?}", String::from_utf8_lossy(&seen)));
+                }
+                None => {
+                    return Err(format!(
+                        "end of stream after {:?}",
+                        String::from_utf8_lossy(&seen)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// One HTTP/1.1 connection kept open for many requests: if the server drops
+/// it, every later request fails instead of silently reconnecting.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = within("connect", TcpStream::connect(addr))
+            .await
+            .expect("connect to the proxy");
+        let (sender, connection) = within(
+            "the handshake",
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        )
+        .await
+        .expect("an HTTP/1.1 handshake");
+        tokio::spawn(connection);
+        KeepAlive { addr, sender }
+    }
+
+    /// Sends a GET of `path` with `headers`; `Err` if the connection failed.
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = path.parse().map_err(|e| format!("bad path {path}: {e}"))?;
+        let host = value(&self.addr.to_string());
+        req.headers_mut().insert(hyper::header::HOST, host);
+        for (name, val) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a valid test header name"),
+                value(val),
+            );
+        }
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("the connection is gone: {e}"))?;
+        let rsp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("the request failed: {e}"))?;
+        let (parts, body) = rsp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("the body failed: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+/// The admin API over HTTP, with an optional bearer token.
+#[derive(Clone)]
+pub struct AdminApi {
+    http: Http,
+    token: Option<String>,
+}
+
+impl AdminApi {
+    pub fn new(addr: SocketAddr) -> AdminApi {
+        AdminApi {
+            http: Http::new(addr),
+            token: None,
+        }
+    }
+
+    pub fn with_token(addr: SocketAddr, token: &str) -> AdminApi {
+        AdminApi {
+            http: Http::new(addr),
+            token: Some(token.to_owned()),
+        }
+    }
+
+    /// Sends `body` as is (it need not be valid JSON).
+    pub async fn raw(&self, method: Method, path: &str, body: &str) -> Reply {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("authorization", auth));
+        }
+        self.http
+            .send(method, path, &headers, Bytes::from(body.to_owned()))
+            .await
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: serde_json::Value) -> Reply {
+        let text = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        self.raw(method, path, &text).await
+    }
+
+    /// `GET /admin/state`, which must succeed.
+    pub async fn state(&self) -> serde_json::Value {
+        let reply = self.raw(Method::GET, "/admin/state", "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()
+    }
+
+    /// `PUT /admin/weight`, which must succeed; returns the new state.
+    pub async fn set_weight(&self, weight: f64, force: bool) -> serde_json::Value {
+        let body = serde_json::json!({"weight": weight, "force": force});
+        let reply = self.call(Method::PUT, "/admin/weight", body).await;
+        assert_eq!(reply.status, StatusCode::OK, "weight {weight}: {reply:?}");
+        reply.json()
+    }
+
+    /// `POST /admin/rollback`, which must succeed; returns the new state.
+    pub async fn rollback(&self, reason: &str) -> serde_json::Value {
+        let body = serde_json::json!({"reason": reason});
+        let reply = self.call(Method::POST, "/admin/rollback", body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()
+    }
+}
+
+/// The `cohort` binary under test.
+pub const COHORT_BIN: &str = env!("CARGO_BIN_EXE_cohort");
+
+/// `cohort serve` as a child process, its addresses read from its log.
+pub struct Process {
+    child: tokio::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// How a `cohort serve` that never started serving ended.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: Option<i32>,
+    pub log: String,
+}
+
+impl Process {
+    /// Starts `cohort serve --config <config> <args>` and waits until it serves.
+    pub async fn serve(config: &std::path::Path, args: &[&str]) -> Process {
+        Self::try_serve(config, args)
+            .await
+            .unwrap_or_else(|refused| panic!("cohort serve did not start: {refused:?}"))
+    }
+
+    /// As [`Process::serve`], but a process that exits before it serves is an `Err`.
+    pub async fn try_serve(config: &std::path::Path, args: &[&str]) -> Result<Process, Refused> {
+        let mut child = tokio::process::Command::new(COHORT_BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start cohort serve");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let reader = tokio::spawn({
+            let log = Arc::clone(&log);
+            async move {
+                use tokio::io::AsyncBufReadExt as _;
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    log.lock().expect("the log lock").push(strip_ansi(&line));
+                }
+            }
+        });
+        let announced = within("cohort serve to serve or exit", async {
+            loop {
+                let found = log
+                    .lock()
+                    .expect("the log lock")
+                    .iter()
+                    .find(|l| l.contains("cohort is serving"))
+                    .cloned();
+                if let Some(line) = found {
+                    return Ok(line);
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(status);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        match announced {
+            Ok(line) => Ok(Process {
+                child,
+                proxy: announced_addr(&line, "proxy.addr")
+                    .unwrap_or_else(|| panic!("no proxy.addr in {line:?}")),
+                admin: announced_addr(&line, "admin.addr")
+                    .unwrap_or_else(|| panic!("no admin.addr in {line:?}")),
+                log,
+            }),
+            Err(status) => {
+                let _ = within("the log to end", reader).await;
+                let log = log.lock().expect("the log lock").join("\n");
+                Err(Refused {
+                    code: status.code(),
+                    log,
+                })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().expect("the child is running").to_string()
+    }
+
+    /// Sends `signal` (e.g. `"USR1"`) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// SIGKILL, then waits for the process to be gone.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().expect("SIGKILL cohort serve");
+        within("cohort serve to die", self.child.wait())
+            .await
+            .expect("wait for cohort serve");
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit code.
+    pub async fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        within("cohort serve to exit", self.child.wait())
+            .await
+            .expect("wait for cohort serve")
+            .code()
+    }
+
+    /// The log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("the log lock").clone()
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns it.
+    pub async fn log_line(&self, needles: &[&str]) -> String {
+        let mut found = None;
+        eventually(&format!("a log line with {needles:?}"), || {
+            found = self
+                .log()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)));
+            found.is_some()
+        })
+        .await;
+        found.expect("found above")
+    }
+}
+
+/// `line` without ANSI colour codes.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip up to and including the final letter of the escape.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The address logged as `field=ADDR` in `line`.
+pub fn announced_addr(line: &str, field: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(&format!("{field}="))? + field.len() + 1..];
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.parse().ok()
+}
+
+/// The JSON lines of the audit log at `path`.
+pub fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the audit log {}: {e}", path.display()))
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line {line:?}: {e}"))
+        })
+        .collect()
+}
+
+/// A scratch directory in memory (`/dev/shm`) where the system has one, else
+/// [`scratch_dir`]: for tests that make a thousand durable changes, where
+/// each fsync to a real disk would cost milliseconds and measure the disk.
+pub fn memory_scratch_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return scratch_dir();
+    }
+    let dir = shm.join(format!(
+        "cohort-test-{}-{:016x}",
+        std::process::id(),
+        rand_id()
+    ));
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => dir,
+        Err(_) => scratch_dir(),
+    }
+}
+
+/// `toml` (from [`config`]) with its state file and audit log moved into `dir`.
+pub fn with_state_in(toml: &str, dir: &std::path::Path) -> String {
+    let parsed = cohort::config::Config::parse(toml, "test")
+        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    let state = format!("path = {:?}", parsed.state.path);
+    let audit = format!("audit_log = {:?}", parsed.state.audit_log);
+    assert!(toml.contains(&state) && toml.contains(&audit), "{toml}");
+    toml.replacen(&state, &format!("path = {:?}", dir.join("state.json")), 1)
+        .replacen(
+            &audit,
+            &format!("audit_log = {:?}", dir.join("audit.jsonl")),
+            1,
+        )
+}

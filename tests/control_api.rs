@@ -1,0 +1,493 @@
+//! The admin API over HTTP, against a real proxy on loopback.
+//!
+//! Owns: authentication with a token from `admin.token_file`, every error
+//! path of SPEC section 3 (400, 401, 404, 405, 409, 422, each with a body of
+//! exactly `{"error": "..."}`), the rollback latch and what clears it,
+//! `GET /admin/route` against `place()`, and a monotone ramp through the API
+//! observed through real requests. Does not own: `cohort ctl`
+//! (`control_ctl`), load (`control_load`), restarts (`control_persistence`),
+//! signals (`control_signals`) or open streams (`control_streams`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cohort::serve::Server;
+use http::Method;
+use serde_json::{Value, json};
+use support::{
+    AdminApi, Backend, CANARY, Http, Reply, STABLE, config, predicted, scratch_dir, start_cohort,
+};
+
+const TOKEN: &str = "correct-horse-battery";
+
+/// Cohort with its admin token in a file, and an admin client holding it.
+async fn with_token(
+    stable: &[SocketAddr],
+    canary: Option<(&[SocketAddr], f64)>,
+) -> (Server, AdminApi) {
+    let token_file = scratch_dir().join("admin.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token file");
+    let plain = config(stable, canary, "");
+    let admin_section = "[admin]\naddr = \"127.0.0.1:0\"\n";
+    assert!(plain.contains(admin_section), "{plain}");
+    let text = plain.replacen(
+        admin_section,
+        &format!("{admin_section}token_file = {token_file:?}\n"),
+        1,
+    );
+    let server = start_cohort(&text).await;
+    let admin = AdminApi::with_token(server.admin_addr(), TOKEN);
+    (server, admin)
+}
+
+/// Asserts `reply` is an error with `status` and a body of exactly
+/// `{"error": "<non-empty text>"}`; returns the text.
+fn error_text(reply: &Reply, status: u16) -> String {
+    assert_eq!(reply.status, status, "{reply:?}");
+    let body = reply.json();
+    let object = body
+        .as_object()
+        .unwrap_or_else(|| panic!("error body is not an object: {body}"));
+    assert_eq!(
+        object.keys().collect::<Vec<_>>(),
+        ["error"],
+        "error body has other fields: {body}"
+    );
+    let text = object["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error is not a string: {body}"));
+    assert!(!text.is_empty(), "empty error text: {body}");
+    text.to_owned()
+}
+
+#[tokio::test]
+async fn the_admin_api_requires_the_configured_token() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 10.0))).await;
+    let anonymous = AdminApi::new(server.admin_addr());
+    let wrong = AdminApi::with_token(server.admin_addr(), "correct-horse-battery-staple");
+    let http = Http::new(server.admin_addr());
+
+    for client in [&anonymous, &wrong] {
+        error_text(&client.raw(Method::GET, "/admin/state", "").await, 401);
+        let change = client
+            .call(Method::PUT, "/admin/weight", json!({"weight": 90}))
+            .await;
+        error_text(&change, 401);
+        error_text(
+            &client
+                .call(Method::POST, "/admin/rollback", json!({}))
+                .await,
+            401,
+        );
+        // Unknown admin paths are behind the token too: nothing is revealed.
+        error_text(&client.raw(Method::GET, "/admin/nothing", "").await, 401);
+    }
+    // The right token in the wrong scheme is no token.
+    let basic = http
+        .get(
+            "/admin/state",
+            &[("authorization", &format!("Basic {TOKEN}"))],
+        )
+        .await;
+    error_text(&basic, 401);
+
+    // None of the refused calls changed anything.
+    let state = admin.state().await;
+    assert_eq!(state["generation"], 1, "{state}");
+    assert_eq!(state["canary"]["weight"], 10.0, "{state}");
+    assert_eq!(state["status"], "steady", "{state}");
+
+    // Liveness and readiness need no token.
+    assert_eq!(http.get("/health", &[]).await.status, 200);
+    assert_eq!(http.get("/ready", &[]).await.status, 200);
+    // The right token works.
+    let changed = admin.set_weight(20.0, false).await;
+    assert_eq!(changed["canary"]["weight"], 20.0, "{changed}");
+}
+
+#[tokio::test]
+async fn bad_bodies_are_400_and_values_out_of_range_422() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (_server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 10.0))).await;
+
+    for (method, path, body) in [
+        (Method::PUT, "/admin/weight", "{\"weight\": "),
+        (Method::PUT, "/admin/weight", "weight=10"),
+        (Method::PUT, "/admin/weight", "{\"weight\": \"ten\"}"),
+        (Method::PUT, "/admin/weight", ""),
+        (Method::PUT, "/admin/weight", "{}"),
+        (Method::POST, "/admin/rollback", "{\"reason\": 5}"),
+        (Method::PUT, "/admin/canary", "{\"name\": \"v3\"}"),
+        (Method::PUT, "/admin/canary", "[1, 2]"),
+    ] {
+        let reply = admin.raw(method.clone(), path, body).await;
+        let text = error_text(&reply, 400);
+        assert!(
+            !text.contains("internal"),
+            "{method} {path} {body:?}: {text}"
+        );
+    }
+
+    // An unknown field is refused by name, on every endpoint that takes a body.
+    for (method, path, body) in [
+        (
+            Method::PUT,
+            "/admin/weight",
+            json!({"weight": 30, "wieght": 40}),
+        ),
+        (
+            Method::POST,
+            "/admin/rollback",
+            json!({"reason": "x", "urgency": "high"}),
+        ),
+        (
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": ["127.0.0.1:1"], "colour": "red"}),
+        ),
+        (Method::POST, "/admin/promote", json!({"now": true})),
+    ] {
+        let field = ["wieght", "urgency", "colour", "now"]
+            .into_iter()
+            .find(|f| body.get(f).is_some())
+            .expect("each body has one unknown field");
+        let text = error_text(&admin.call(method.clone(), path, body).await, 400);
+        assert!(
+            text.contains(field),
+            "{path}: {text:?} does not name {field}"
+        );
+    }
+
+    for weight in [150.0, 100.01, -1.0, -0.01] {
+        let reply = admin
+            .call(Method::PUT, "/admin/weight", json!({"weight": weight}))
+            .await;
+        let text = error_text(&reply, 422);
+        assert!(text.contains("weight"), "{weight}: {text}");
+    }
+    let reply = admin
+        .call(
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": ["127.0.0.1:1"], "weight": 101}),
+        )
+        .await;
+    error_text(&reply, 422);
+    let reply = admin
+        .call(
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": []}),
+        )
+        .await;
+    assert!(error_text(&reply, 422).contains("upstreams"));
+
+    // Nothing that was refused changed the state.
+    let state = admin.state().await;
+    assert_eq!(state["generation"], 1, "{state}");
+    assert_eq!(state["canary"]["name"], CANARY, "{state}");
+    assert_eq!(state["canary"]["weight"], 10.0, "{state}");
+}
+
+#[tokio::test]
+async fn a_rollback_latches_until_forced_or_a_new_canary() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 50.0))).await;
+    let proxy = Http::new(server.proxy_addr());
+    // alice is on the canary at 50% under salt v2 (SPEC vector).
+    assert_eq!(
+        proxy.get("/", &[("x-user-id", "alice")]).await.version(),
+        CANARY
+    );
+
+    let rolled_back = admin.rollback("error rate").await;
+    assert_eq!(rolled_back["status"], "rolled_back", "{rolled_back}");
+    assert_eq!(rolled_back["canary"]["weight"], 0.0, "{rolled_back}");
+    assert_eq!(rolled_back["last_rollback"]["reason"], "error rate");
+    assert_eq!(rolled_back["last_rollback"]["source"], "api");
+    let generation = rolled_back["generation"].as_u64().expect("a generation");
+    assert_eq!(
+        proxy.get("/", &[("x-user-id", "alice")]).await.version(),
+        STABLE
+    );
+
+    // Idempotent: a second rollback changes nothing.
+    let again = admin.rollback("still bad").await;
+    assert_eq!(again["generation"], generation, "{again}");
+    assert_eq!(again["last_rollback"]["reason"], "error rate", "{again}");
+
+    // The latch: no raise without force, no promote of a rolled-back canary.
+    let refused = admin
+        .call(Method::PUT, "/admin/weight", json!({"weight": 30}))
+        .await;
+    assert!(error_text(&refused, 409).contains("force"));
+    let refused = admin
+        .call(
+            Method::PUT,
+            "/admin/weight",
+            json!({"weight": 30, "force": false}),
+        )
+        .await;
+    error_text(&refused, 409);
+    error_text(
+        &admin
+            .call(Method::POST, "/admin/promote", Value::Null)
+            .await,
+        409,
+    );
+    let state = admin.state().await;
+    assert_eq!(state["generation"], generation, "{state}");
+    assert_eq!(state["status"], "rolled_back", "{state}");
+
+    // Force passes it and clears it.
+    let forced = admin.set_weight(60.0, true).await;
+    assert_eq!(forced["status"], "steady", "{forced}");
+    assert_eq!(forced["canary"]["weight"], 60.0, "{forced}");
+    assert_eq!(
+        proxy.get("/", &[("x-user-id", "alice")]).await.version(),
+        CANARY
+    );
+    let unforced = admin.set_weight(70.0, false).await;
+    assert_eq!(unforced["canary"]["weight"], 70.0, "{unforced}");
+
+    // A new canary clears it too.
+    admin.rollback("again").await;
+    error_text(
+        &admin
+            .call(Method::PUT, "/admin/weight", json!({"weight": 5}))
+            .await,
+        409,
+    );
+    let installed = admin
+        .call(
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": [canary.addr.to_string()], "weight": 5}),
+        )
+        .await;
+    assert_eq!(installed.status, 200, "{installed:?}");
+    let installed = installed.json();
+    assert_eq!(installed["status"], "steady", "{installed}");
+    assert_eq!(installed["canary"]["name"], "v3", "{installed}");
+    assert_eq!(installed["canary"]["weight"], 5.0, "{installed}");
+    let raised = admin.set_weight(25.0, false).await;
+    assert_eq!(raised["canary"]["weight"], 25.0, "{raised}");
+    assert_eq!(raised["status"], "steady", "{raised}");
+}
+
+#[tokio::test]
+async fn promote_without_a_canary_is_a_conflict() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 10.0))).await;
+
+    let promoted = admin
+        .call(Method::POST, "/admin/promote", Value::Null)
+        .await;
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    let promoted = promoted.json();
+    assert_eq!(promoted["stable"]["name"], CANARY, "{promoted}");
+    assert_eq!(promoted["canary"], Value::Null, "{promoted}");
+    let generation = promoted["generation"].clone();
+    // Everyone is on the promoted version now, tagged with its name.
+    let proxy = Http::new(server.proxy_addr());
+    for key in ["alice", "bob", "user-42"] {
+        let reply = proxy.get("/", &[("x-user-id", key)]).await;
+        assert_eq!((reply.version(), reply.backend()), (CANARY, CANARY.into()));
+    }
+
+    let text = error_text(
+        &admin
+            .call(Method::POST, "/admin/promote", Value::Null)
+            .await,
+        409,
+    );
+    assert!(text.contains("canary"), "{text}");
+    let text = error_text(
+        &admin
+            .call(Method::PUT, "/admin/weight", json!({"weight": 10}))
+            .await,
+        409,
+    );
+    assert!(text.contains("canary"), "{text}");
+    // Rolling back nothing is not a conflict, and changes nothing.
+    let state = admin.rollback("nothing to roll back").await;
+    assert_eq!(state["generation"], generation, "{state}");
+    assert_eq!(state["status"], "steady", "{state}");
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_wrong_methods_405() {
+    let stable = Backend::start(STABLE).await;
+    let (server, admin) = with_token(&[stable.addr], None).await;
+    let http = Http::new(server.admin_addr());
+
+    error_text(&admin.raw(Method::GET, "/admin/nothing", "").await, 404);
+    error_text(&admin.raw(Method::POST, "/admin/weights", "{}").await, 404);
+    error_text(&http.get("/nothing", &[]).await, 404);
+
+    for (method, path) in [
+        (Method::GET, "/admin/weight"),
+        (Method::POST, "/admin/weight"),
+        (Method::DELETE, "/admin/state"),
+        (Method::GET, "/admin/rollback"),
+        (Method::PUT, "/admin/promote"),
+        (Method::POST, "/admin/route"),
+    ] {
+        let reply = admin.raw(method.clone(), path, "").await;
+        let text = error_text(&reply, 405);
+        assert!(text.contains(method.as_str()), "{method} {path}: {text}");
+    }
+    error_text(
+        &http
+            .send(Method::POST, "/health", &[], bytes::Bytes::new())
+            .await,
+        405,
+    );
+}
+
+#[tokio::test]
+#[ignore = "src/admin/mod.rs: a 405 carries no Allow header (RFC 9110 section 15.5.6 requires one)"]
+async fn a_405_names_the_allowed_methods() {
+    let stable = Backend::start(STABLE).await;
+    let (_server, admin) = with_token(&[stable.addr], None).await;
+    let reply = admin.raw(Method::GET, "/admin/weight", "").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(
+        reply.headers.get("allow").map(|v| v.as_bytes()),
+        Some(&b"PUT"[..])
+    );
+}
+
+#[tokio::test]
+async fn route_explains_a_key_as_place_does() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 50.0))).await;
+    let proxy = Http::new(server.proxy_addr());
+
+    let explain = |key: &str| {
+        let admin = admin.clone();
+        let path = format!(
+            "/admin/route?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("key", key)
+                .finish()
+        );
+        async move {
+            let reply = admin.raw(Method::GET, &path, "").await;
+            assert_eq!(reply.status, 200, "{reply:?}");
+            reply.json()
+        }
+    };
+
+    // The SPEC vectors: salt v2 (the canary's name), alice 4727, bob 9112.
+    let alice = explain("alice").await;
+    assert_eq!(alice["key"], "alice", "{alice}");
+    assert_eq!(alice["bucket"], 4727, "{alice}");
+    assert_eq!(alice["cohort"], "canary", "{alice}");
+    assert_eq!(alice["version"], CANARY, "{alice}");
+    assert_eq!(alice["salt"], CANARY, "{alice}");
+    assert_eq!(alice["weight"], 50.0, "{alice}");
+    let bob = explain("bob").await;
+    assert_eq!(
+        (&bob["bucket"], &bob["cohort"], &bob["version"]),
+        (&json!(9112), &json!("stable"), &json!(STABLE)),
+        "{bob}"
+    );
+
+    // Any key, any weight: the explanation is place()'s answer and the proxy's choice.
+    for weight in [50.0, 12.34, 0.0, 100.0] {
+        if weight != 50.0 {
+            admin.set_weight(weight, false).await;
+        }
+        for key in ["user-42", "a b&c=d", "ünïcode", "x"] {
+            let expected = predicted(CANARY, weight, key);
+            let placement = cohort::routing::place(
+                CANARY.as_bytes(),
+                cohort::routing::Weight::from_percent(weight).expect("a weight"),
+                key.as_bytes(),
+            );
+            let explained = explain(key).await;
+            assert_eq!(explained["key"], key, "{explained}");
+            assert_eq!(explained["bucket"], placement.bucket, "{explained}");
+            assert_eq!(
+                explained["cohort"],
+                placement.cohort.as_str(),
+                "{explained}"
+            );
+            assert_eq!(explained["version"], expected, "{explained}");
+            assert_eq!(explained["weight"], weight, "{explained}");
+            let served = proxy.get("/", &[("x-user-id", key)]).await;
+            if key.is_ascii() {
+                assert_eq!(served.version(), expected, "{key} at {weight}");
+            }
+        }
+    }
+
+    let missing = admin.raw(Method::GET, "/admin/route", "").await;
+    assert!(error_text(&missing, 400).contains("key"));
+    let empty = admin.raw(Method::GET, "/admin/route?key=", "").await;
+    error_text(&empty, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monotone_ramp_never_sends_a_canary_user_back() {
+    const KEYS: usize = 2_000;
+    const WORKERS: usize = 8;
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 0.0))).await;
+    let proxy = Http::new(server.proxy_addr());
+    let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("ramp-{i}")).collect());
+
+    let mut on_canary = vec![false; KEYS];
+    let mut previous_share = 0;
+    for weight in [5.0, 20.0, 50.0] {
+        admin.set_weight(weight, false).await;
+        // Every key through the proxy, on a few connections at once.
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..WORKERS {
+            let (proxy, keys) = (proxy.clone(), Arc::clone(&keys));
+            tasks.spawn(async move {
+                let mut seen = Vec::new();
+                for i in (worker..KEYS).step_by(WORKERS) {
+                    let reply = proxy.get("/", &[("x-user-id", &keys[i])]).await;
+                    assert_eq!(reply.status, 200, "{reply:?}");
+                    assert_eq!(reply.version(), reply.backend(), "{reply:?}");
+                    seen.push((i, reply.version() == CANARY));
+                }
+                seen
+            });
+        }
+        let mut share = 0;
+        while let Some(seen) = tasks.join_next().await {
+            for (i, canary_now) in seen.expect("a worker") {
+                let key = &keys[i];
+                assert_eq!(
+                    canary_now,
+                    predicted(CANARY, weight, key) == CANARY,
+                    "{key} at {weight}%"
+                );
+                assert!(
+                    canary_now || !on_canary[i],
+                    "{key} was on the canary and came back to stable at {weight}%"
+                );
+                on_canary[i] = canary_now;
+                share += usize::from(canary_now);
+            }
+        }
+        assert!(share > previous_share, "raising to {weight}% moved nobody");
+        previous_share = share;
+    }
+    // The share is the weight, within sampling error (50% of 2,000: sd ~22).
+    assert!((880..=1120).contains(&previous_share), "{previous_share}");
+    // A key that was always stable exists too: the test saw both sides.
+    assert!(on_canary.iter().any(|c| !c));
+}

@@ -1,0 +1,240 @@
+//! `cohort ctl`, the binary, against a running proxy.
+//!
+//! Owns: every ctl command of SPEC section 6 (status, weight, weight
+//! --force, rollback --reason, promote, canary) run as a process: exit code
+//! 0 and the state printed readably on success, non-zero with the server's
+//! message on a refusal, an unreachable admin API, or a missing token; and
+//! that each command's effect shows in `GET /admin/state`. Does not own: the
+//! admin API's own error paths (`control_api`), rollouts.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Output;
+
+use support::{
+    AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, config, dead_addr, scratch_dir,
+    start_cohort, within,
+};
+
+const TOKEN: &str = "ctl-token";
+
+/// Runs `cohort ctl --admin http://<admin> [--token T] <args>`.
+async fn ctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(COHORT_BIN);
+    command
+        .arg("ctl")
+        .arg("--admin")
+        .arg(format!("http://{admin}"))
+        .env_remove("COHORT_ADMIN")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    if let Some(token) = token {
+        command.arg("--token").arg(token);
+    }
+    command.args(args);
+    within(&format!("cohort ctl {args:?}"), command.output())
+        .await
+        .expect("run cohort ctl")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn ok(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what}: {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+    stdout(output)
+}
+
+/// Asserts failure and returns stderr.
+fn refused(output: &Output, what: &str) -> String {
+    assert!(
+        !output.status.success(),
+        "{what} succeeded:\n{}",
+        stdout(output)
+    );
+    assert_ne!(output.status.code(), None, "{what} died by a signal");
+    stderr(output)
+}
+
+/// The printed line that starts with `label`.
+fn line<'a>(printed: &'a str, label: &str) -> &'a str {
+    printed
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{printed}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ctl_command_drives_a_running_proxy() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let next = Backend::start("v3").await;
+    let token_file = scratch_dir().join("admin.token");
+    std::fs::write(&token_file, TOKEN).expect("write the token file");
+    let admin_section = "[admin]\naddr = \"127.0.0.1:0\"\n";
+    let toml = config(&[stable.addr], Some((&[canary.addr], 10.0)), "").replacen(
+        admin_section,
+        &format!("{admin_section}token_file = {token_file:?}\n"),
+        1,
+    );
+    let server = start_cohort(&toml).await;
+    let addr = server.admin_addr();
+    let api = AdminApi::with_token(addr, TOKEN);
+    let token = Some(TOKEN);
+
+    // status
+    let printed = ok(&ctl(addr, token, &["status"]).await, "status");
+    assert!(line(&printed, "status").contains("steady"), "{printed}");
+    assert!(
+        line(&printed, "status").contains("generation 1"),
+        "{printed}"
+    );
+    let stable_line = line(&printed, "stable");
+    assert!(
+        stable_line.contains(STABLE) && stable_line.contains(&stable.addr.to_string()),
+        "{printed}"
+    );
+    let canary_line = line(&printed, "canary");
+    assert!(
+        canary_line.contains(CANARY) && canary_line.contains("weight 10"),
+        "{printed}"
+    );
+
+    // weight
+    let printed = ok(&ctl(addr, token, &["weight", "30"]).await, "weight 30");
+    assert!(line(&printed, "canary").contains("weight 30"), "{printed}");
+    assert_eq!(api.state().await["canary"]["weight"], 30.0);
+
+    // rollback --reason
+    let printed = ok(
+        &ctl(addr, token, &["rollback", "--reason", "p95 too high"]).await,
+        "rollback",
+    );
+    assert!(
+        line(&printed, "status").contains("rolled_back"),
+        "{printed}"
+    );
+    let rollback_line = line(&printed, "rollback");
+    assert!(
+        rollback_line.contains("p95 too high") && rollback_line.contains("api"),
+        "{printed}"
+    );
+    let state = api.state().await;
+    assert_eq!(state["last_rollback"]["reason"], "p95 too high", "{state}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state}");
+
+    // A refusal: non-zero, with the status and the server's own message.
+    let message = refused(&ctl(addr, token, &["weight", "40"]).await, "weight 40");
+    assert!(message.contains("409"), "{message}");
+    assert!(
+        message.contains("rolled back") && message.contains("force"),
+        "{message}"
+    );
+    assert_eq!(api.state().await["canary"]["weight"], 0.0);
+
+    // weight --force
+    let printed = ok(
+        &ctl(addr, token, &["weight", "40", "--force"]).await,
+        "weight --force",
+    );
+    assert!(line(&printed, "status").contains("steady"), "{printed}");
+    assert!(line(&printed, "canary").contains("weight 40"), "{printed}");
+
+    // promote
+    let printed = ok(&ctl(addr, token, &["promote"]).await, "promote");
+    assert!(line(&printed, "stable").contains(CANARY), "{printed}");
+    assert!(line(&printed, "canary").contains("none"), "{printed}");
+    assert_eq!(api.state().await["stable"]["name"], CANARY);
+    let reply = Http::new(server.proxy_addr())
+        .get("/", &[("x-user-id", "anyone")])
+        .await;
+    assert_eq!(reply.version(), CANARY);
+    let message = refused(&ctl(addr, token, &["promote"]).await, "promote again");
+    assert!(
+        message.contains("409") && message.contains("no canary"),
+        "{message}"
+    );
+
+    // canary --name --upstream --weight
+    let upstream = next.addr.to_string();
+    let printed = ok(
+        &ctl(
+            addr,
+            token,
+            &[
+                "canary",
+                "--name",
+                "v3",
+                "--upstream",
+                &upstream,
+                "--weight",
+                "15",
+            ],
+        )
+        .await,
+        "canary",
+    );
+    let canary_line = line(&printed, "canary");
+    assert!(
+        canary_line.contains("v3")
+            && canary_line.contains(&upstream)
+            && canary_line.contains("weight 15"),
+        "{printed}"
+    );
+    let state = api.state().await;
+    assert_eq!(state["canary"]["name"], "v3", "{state}");
+    assert_eq!(state["canary"]["weight"], 15.0, "{state}");
+    assert_eq!(state["canary"]["upstreams"][0], upstream, "{state}");
+    // A value out of range is the server's 422, reported as such.
+    let message = refused(
+        &ctl(
+            addr,
+            token,
+            &[
+                "canary",
+                "--name",
+                "v4",
+                "--upstream",
+                &upstream,
+                "--weight",
+                "101",
+            ],
+        )
+        .await,
+        "canary at 101%",
+    );
+    assert!(
+        message.contains("422") && message.contains("weight"),
+        "{message}"
+    );
+
+    // No token, a wrong token: the server's 401.
+    for token in [None, Some("not-the-token")] {
+        let message = refused(
+            &ctl(addr, token, &["status"]).await,
+            "status without the token",
+        );
+        assert!(message.contains("401"), "{message}");
+        assert!(message.contains("Authorization"), "{message}");
+    }
+    // Nobody there: a clear message naming the address.
+    let nowhere = dead_addr().await;
+    let message = refused(&ctl(nowhere, token, &["status"]).await, "status of nothing");
+    assert!(
+        message.contains("cannot reach") && message.contains(&nowhere.to_string()),
+        "{message}"
+    );
+}

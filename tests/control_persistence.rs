@@ -1,0 +1,255 @@
+//! State that survives, with the real binary: `cohort serve` killed and restarted.
+//!
+//! Owns: a weight change acknowledged by the admin API survives `kill -9`;
+//! a restart with the same config keeps the live state; an edited
+//! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
+//! file stops the start with a message naming the file; `--reset-state`
+//! re-seeds; every audit line is JSON with time, action, before, after,
+//! reason and source. Does not own: the restore rule's unit tests
+//! (`state`), signals (`control_signals`).
+
+mod support;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use support::{
+    AdminApi, Backend, CANARY, Http, Process, STABLE, audit_lines, config, key_on, predicted,
+};
+
+/// A config file for `cohort serve`, next to its state file and audit log.
+struct Files {
+    config: PathBuf,
+    state: PathBuf,
+    audit: PathBuf,
+    text: String,
+}
+
+impl Files {
+    fn new(text: String) -> Files {
+        let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
+        let state = parsed.state.path.clone();
+        let config = state.with_file_name("cohort.toml");
+        std::fs::write(&config, &text).expect("write the config");
+        Files {
+            config,
+            state,
+            audit: parsed.state.audit_log.clone(),
+            text,
+        }
+    }
+
+    fn rewrite(&mut self, from: &str, to: &str) {
+        assert!(self.text.contains(from), "{from:?} not in\n{}", self.text);
+        self.text = self.text.replacen(from, to, 1);
+        std::fs::write(&self.config, &self.text).expect("rewrite the config");
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        let lines = audit_lines(&self.audit);
+        for line in &lines {
+            assert_audit_shape(line);
+        }
+        lines
+    }
+
+    fn last_audit(&self) -> Value {
+        self.audit().pop().expect("an audit line")
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        if let Some(dir) = self.state.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// An audit line has exactly the SPEC's fields, with an RFC 3339 time.
+fn assert_audit_shape(line: &Value) {
+    let object = line.as_object().expect("an audit line is a JSON object");
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["action", "after", "before", "reason", "source", "time"],
+        "{line}"
+    );
+    let time = line["time"].as_str().expect("a time string");
+    humantime::parse_rfc3339(time).unwrap_or_else(|e| panic!("time {time:?}: {e}"));
+    assert!(
+        line["action"].is_string() && line["source"].is_string(),
+        "{line}"
+    );
+    assert!(line["after"].is_object(), "{line}");
+    assert!(
+        line["before"].is_object() || line["before"].is_null(),
+        "{line}"
+    );
+    assert!(
+        line["reason"].is_string() || line["reason"].is_null(),
+        "{line}"
+    );
+}
+
+async fn canary_weight(process: &Process) -> (f64, u64, Value) {
+    let state = AdminApi::new(process.admin).state().await;
+    let weight = state["canary"]["weight"].as_f64().expect("a canary weight");
+    let generation = state["generation"].as_u64().expect("a generation");
+    (weight, generation, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_change_survives_kill_9_and_a_restart() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+
+    let first = Process::serve(&files.config, &[]).await;
+    assert_eq!(files.last_audit()["action"], "seed");
+    let changed = AdminApi::new(first.admin).set_weight(37.5, false).await;
+    let generation = changed["generation"].as_u64().expect("a generation");
+    // Killed the moment the change is acknowledged: no chance to flush anything later.
+    first.kill9().await;
+
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, restored_generation, state) = canary_weight(&second).await;
+    assert_eq!((weight, restored_generation), (37.5, generation), "{state}");
+    assert_eq!(state["status"], "steady", "{state}");
+    // Traffic follows the restored weight, not the config's.
+    let key = (0..10_000)
+        .map(|i| format!("restored-{i}"))
+        .find(|k| predicted(CANARY, 37.5, k) == CANARY && predicted(CANARY, 10.0, k) == STABLE)
+        .expect("a key between 10% and 37.5%");
+    let reply = Http::new(second.proxy)
+        .get("/", &[("x-user-id", &key)])
+        .await;
+    assert_eq!(reply.version(), CANARY);
+    second.log_line(&["restored the saved state"]).await;
+    let last = files.last_audit();
+    assert_eq!(
+        (&last["action"], &last["source"]),
+        (&"restore".into(), &"start".into()),
+        "{last}"
+    );
+
+    // A clean restart with the same config keeps the live state too.
+    assert_eq!(second.stop().await, Some(0));
+    let third = Process::serve(&files.config, &[]).await;
+    let (weight, again, state) = canary_weight(&third).await;
+    assert_eq!((weight, again), (37.5, generation), "{state}");
+
+    // The audit log holds the whole story, line by line.
+    let actions: Vec<String> = files
+        .audit()
+        .iter()
+        .map(|l| l["action"].as_str().expect("an action").to_owned())
+        .collect();
+    assert_eq!(actions, ["seed", "weight", "restore", "restore"]);
+    let weight_line = &files.audit()[1];
+    assert_eq!(
+        weight_line["before"]["canary"]["weight"], 10.0,
+        "{weight_line}"
+    );
+    assert_eq!(
+        weight_line["after"]["canary"]["weight"], 37.5,
+        "{weight_line}"
+    );
+    assert_eq!(weight_line["source"], "api", "{weight_line}");
+    assert_eq!(third.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_versions_section_reseeds_and_says_so() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+
+    let first = Process::serve(&files.config, &[]).await;
+    let changed = AdminApi::new(first.admin).set_weight(60.0, false).await;
+    let generation = changed["generation"].as_u64().expect("a generation");
+    assert_eq!(first.stop().await, Some(0));
+
+    files.rewrite("weight = 10\n", "weight = 25\n");
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, reseeded, state) = canary_weight(&second).await;
+    assert_eq!(
+        weight, 25.0,
+        "the edited config is the newer intent: {state}"
+    );
+    assert_eq!(reseeded, generation + 1, "{state}");
+    second.log_line(&["re-seeded", "[versions]"]).await;
+    let last = files.last_audit();
+    assert_eq!(last["action"], "reseed", "{last}");
+    assert_eq!(last["source"], "start", "{last}");
+    assert_eq!(last["before"]["canary"]["weight"], 60.0, "{last}");
+    assert_eq!(last["after"]["canary"]["weight"], 25.0, "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("[versions]")),
+        "{last}"
+    );
+    let key = key_on(CANARY, 25.0, CANARY, "reseeded");
+    let reply = Http::new(second.proxy)
+        .get("/", &[("x-user-id", &key)])
+        .await;
+    assert_eq!(reply.version(), CANARY);
+    assert_eq!(second.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_stops_the_start_until_reset() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+
+    let first = Process::serve(&files.config, &[]).await;
+    AdminApi::new(first.admin).set_weight(70.0, false).await;
+    assert_eq!(first.stop().await, Some(0));
+
+    let torn = b"{\"versions_digest\": \"abc\", \"generation\": 2, \"sta";
+    std::fs::write(&files.state, torn).expect("corrupt the state file");
+    let refused = Process::try_serve(&files.config, &[])
+        .await
+        .err()
+        .expect("cohort serve refuses a corrupt state file");
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(refused.code.is_some(), "died by a signal: {refused:?}");
+    let path = files.state.display().to_string();
+    assert!(
+        refused.log.contains(&path),
+        "the file is not named: {refused:?}"
+    );
+    assert!(refused.log.contains("--reset-state"), "{refused:?}");
+    assert!(!refused.log.contains("cohort is serving"), "{refused:?}");
+    // Never a silent reset: the file is left for the operator.
+    assert_eq!(std::fs::read(&files.state).expect("the state file"), torn);
+
+    let reset = Process::serve(&files.config, &["--reset-state"]).await;
+    let (weight, _, state) = canary_weight(&reset).await;
+    assert_eq!(weight, 10.0, "re-seeded from the config: {state}");
+    assert_eq!(state["status"], "steady", "{state}");
+    let last = files.last_audit();
+    assert_eq!(
+        (&last["action"], &last["source"]),
+        (&"reset".into(), &"start".into())
+    );
+    let saved: Value = serde_json::from_slice(&std::fs::read(&files.state).expect("state"))
+        .expect("the state file is whole again");
+    assert_eq!(saved["canary"]["weight"], 10.0, "{saved}");
+
+    // --reset-state over a good state file re-seeds it as well.
+    let changed = AdminApi::new(reset.admin).set_weight(80.0, false).await;
+    let generation = changed["generation"].as_u64().expect("a generation");
+    assert_eq!(reset.stop().await, Some(0));
+    let again = Process::serve(&files.config, &["--reset-state"]).await;
+    let (weight, reset_generation, state) = canary_weight(&again).await;
+    assert_eq!(weight, 10.0, "{state}");
+    assert!(reset_generation > generation, "{state}");
+    let last = files.last_audit();
+    assert_eq!(last["action"], "reset", "{last}");
+    assert_eq!(last["before"]["canary"]["weight"], 80.0, "{last}");
+    assert_eq!(again.stop().await, Some(0));
+}

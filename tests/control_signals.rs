@@ -1,0 +1,204 @@
+//! OS signals to the running binary: `kill -USR1` and `kill -HUP`.
+//!
+//! Owns: SIGUSR1 rolls back with source `signal` (in `/admin/state`, the
+//! audit log and traffic); SIGHUP applies an edited config to the next
+//! request without dropping an open keep-alive connection; SIGHUP with an
+//! invalid config is refused in the log while the old config keeps serving.
+//! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
+//! (`control_persistence`).
+
+mod support;
+
+use std::path::PathBuf;
+
+use support::{
+    AdminApi, Backend, CANARY, KeepAlive, Process, STABLE, audit_lines, config, eventually_async,
+    within,
+};
+
+/// Writes `text` as the config file of a fresh state directory.
+fn write_config(text: &str) -> (PathBuf, PathBuf) {
+    let parsed = cohort::config::Config::parse(text, "test").expect("a valid test config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, text).expect("write the config");
+    (path, parsed.state.audit_log.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_rolls_back_with_source_signal() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (path, audit) = write_config(&config(&[stable.addr], Some((&[canary.addr], 50.0)), ""));
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let mut connection = KeepAlive::connect(process.proxy).await;
+    // alice is on the canary at 50% under salt v2 (SPEC vector).
+    let reply = connection.get("/", &[("x-user-id", "alice")]).await;
+    assert_eq!(reply.expect("a response").version(), CANARY);
+
+    process.signal("USR1");
+    eventually_async("the rollback by SIGUSR1", || {
+        let admin = admin.clone();
+        async move { admin.state().await["status"] == "rolled_back" }
+    })
+    .await;
+    let state = admin.state().await;
+    assert_eq!(state["last_rollback"]["source"], "signal", "{state}");
+    assert!(
+        state["last_rollback"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SIGUSR1")),
+        "{state}"
+    );
+    assert_eq!(state["canary"]["weight"], 0.0, "{state}");
+    let reply = connection.get("/", &[("x-user-id", "alice")]).await;
+    assert_eq!(reply.expect("the connection stays up").version(), STABLE);
+    let last = audit_lines(&audit).pop().expect("an audit line");
+    assert_eq!(
+        (&last["action"], &last["source"]),
+        (&"rollback".into(), &"signal".into()),
+        "{last}"
+    );
+    process.log_line(&["rolled back by SIGUSR1"]).await;
+
+    // The latch holds as for an API rollback; a second signal changes nothing.
+    let generation = state["generation"].clone();
+    process.signal("USR1");
+    eventually_async("the second SIGUSR1 to be handled", || async {
+        process
+            .log()
+            .iter()
+            .filter(|l| l.contains("rolled back by SIGUSR1"))
+            .count()
+            >= 2
+    })
+    .await;
+    let refused = admin
+        .call(
+            http::Method::PUT,
+            "/admin/weight",
+            serde_json::json!({"weight": 50}),
+        )
+        .await;
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(admin.state().await["generation"], generation);
+    assert_eq!(process.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_an_edited_config_to_the_next_request_on_an_open_connection() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(
+        &[stable.addr],
+        Some((&[canary.addr], 50.0)),
+        "[routing]\nfallback = \"cookie\"\n",
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let before = admin.state().await;
+    let mut connection = KeepAlive::connect(process.proxy).await;
+    // bob is on stable at 50% (SPEC vector); no override header is configured yet.
+    let bob = [("x-user-id", "bob"), ("x-cohort", "canary")];
+    let reply = connection.get("/", &bob).await.expect("a response");
+    assert_eq!(reply.version(), STABLE);
+    assert!(reply.headers.get("x-served-by").is_none());
+
+    let edited = text.replacen(
+        "[routing]\n",
+        "[routing]\nversion_header = \"x-served-by\"\noverride_header = \"x-cohort\"\n",
+        1,
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&path, edited).expect("edit the config");
+    process.signal("HUP");
+
+    // Poll on the same connection: it must stay up through the reload.
+    let mut reply = None;
+    within("the reloaded config to apply", async {
+        loop {
+            let next = connection
+                .get("/", &bob)
+                .await
+                .expect("the keep-alive connection survives the reload");
+            if next.headers.contains_key("x-served-by") {
+                reply = Some(next);
+                return;
+            }
+            assert_eq!(next.version(), STABLE, "{next:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let reply = reply.expect("set above");
+    assert_eq!(reply.headers["x-served-by"], CANARY, "{reply:?}");
+    assert!(!reply.headers.contains_key("x-agent-version"), "{reply:?}");
+    assert_eq!(
+        reply.backend(),
+        CANARY,
+        "the override header forced the canary"
+    );
+    assert!(!connection.is_closed());
+
+    // [versions] did not change, so the live state stays as it was.
+    let after = admin.state().await;
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(after["canary"], before["canary"], "{after}");
+    assert_eq!(process.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_an_invalid_config_keeps_the_old_one() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(
+        &[stable.addr],
+        Some((&[canary.addr], 50.0)),
+        "[routing]\nfallback = \"cookie\"\n",
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let before = admin.state().await;
+    let mut connection = KeepAlive::connect(process.proxy).await;
+
+    // A bad value next to a good change: nothing of it may apply.
+    let invalid = text.replacen(
+        "[routing]\nfallback = \"cookie\"\n",
+        "[routing]\nfallback = \"sometimes\"\nversion_header = \"x-served-by\"\n",
+        1,
+    );
+    std::fs::write(&path, &invalid).expect("break the config");
+    process.signal("HUP");
+    let line = process
+        .log_line(&["config reload refused", "routing.fallback"])
+        .await;
+    assert!(line.contains("sometimes"), "{line}");
+
+    // And a file that is not TOML at all.
+    std::fs::write(&path, "[routing\nthis is not toml").expect("break the config");
+    process.signal("HUP");
+    eventually_async("the second refusal in the log", || async {
+        process
+            .log()
+            .iter()
+            .filter(|l| l.contains("config reload refused"))
+            .count()
+            >= 2
+    })
+    .await;
+
+    // Still serving, with the old config, on the same connection.
+    for key in ["alice", "bob"] {
+        let reply = connection
+            .get("/", &[("x-user-id", key)])
+            .await
+            .expect("the connection stays up");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(reply.headers.contains_key("x-agent-version"), "{reply:?}");
+        assert!(!reply.headers.contains_key("x-served-by"), "{reply:?}");
+    }
+    assert_eq!(admin.state().await, before);
+    assert_eq!(process.stop().await, Some(0));
+}
