@@ -18,6 +18,7 @@ use tls_support::{
     Pki, alpn, get, h1_over, h2_over, have, listen_tls, peer_cert, run, send_h1, send_h2,
     tls_client, tls_connect,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SALT: &str = "tls-tests";
 
@@ -298,4 +299,54 @@ async fn nghttp_and_h2load_speak_http2_over_tls() {
     assert!(out.contains("Application protocol: h2"), "{out}");
     assert_eq!(stable.hits(), 41);
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_framing_guard_reads_the_decrypted_stream() {
+    let pki = Pki::new();
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&pki.leaf("guard"))).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+
+    // Both lengths in one head, hiding a second request in the body: refused.
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = format!(
+        "POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+        5 + smuggled.len()
+    );
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    assert_eq!(stable.hits(), 0, "a smuggled request reached the upstream");
+
+    // A plain request on a TLS connection is not mistaken for one.
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream
+        .write_all(b"POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
+}
+
+/// Reads a response head (to the blank line) from `stream`.
+async fn read_head(stream: &mut tls_support::ClientTls) -> String {
+    within("a response head", async {
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before a head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
 }

@@ -329,6 +329,7 @@ impl H2Backend {
         let (parts, body) = req.into_parts();
         let _ = body.collect().await;
         if parts.uri.path() == "/grpc" {
+            let te = parts.headers.get("te").cloned();
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             trailers.insert("grpc-message", HeaderValue::from_static("ok"));
@@ -339,6 +340,10 @@ impl H2Backend {
             let mut rsp = Response::new(StreamBody::new(frames).boxed_unsync());
             rsp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/grpc"));
+            // What gRPC servers require of a request: `te: trailers`.
+            if let Some(te) = te {
+                rsp.headers_mut().insert("x-saw-te", te);
+            }
             rsp.headers_mut().insert(
                 "x-backend",
                 HeaderValue::from_str(&self.name).expect("a name"),
