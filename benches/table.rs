@@ -37,6 +37,7 @@ fn next_table(config: &Config, previous: &RouteTable, weight: Weight) -> RouteTa
         Status::Steady,
         &config.versions.stable,
         Some(&(canary, weight)),
+        None,
         Arc::clone(&previous.policy),
         Some(previous),
         true,

@@ -19,14 +19,11 @@ use bytes::Bytes;
 use http::Request;
 use http::header::USER_AGENT;
 use http_body_util::{BodyExt as _, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use metrics::Gauge;
 
 use crate::config::HealthConfig;
 use crate::table::{Table, Version};
-use crate::upstream::Protocol;
+use crate::upstream::{UpstreamAddr, UpstreamClient};
 
 /// Milliseconds since the first call in this process: a cheap monotonic clock
 /// that fits in an atomic.
@@ -148,21 +145,18 @@ impl Health {
     }
 }
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+type ProbeClient = UpstreamClient<Empty<Bytes>>;
 
 /// Probes every upstream of the live table until `shutdown` resolves. New
 /// versions are probed at once; the others every `config.interval`.
 pub async fn run_checks(
     table: std::sync::Arc<Table>,
     config: HealthConfig,
+    tls: std::sync::Arc<rustls::ClientConfig>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.timeout));
-    connector.set_nodelay(true);
-    let client: ProbeClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1)
-        .build(connector);
+    // Probes speak to each upstream the way requests do (HTTP/1.1, h2c or TLS).
+    let client: ProbeClient = crate::upstream::probe_client(config.timeout, tls);
     // Short enough that a new canary is probed promptly, long enough to cost nothing.
     let tick = config.interval.min(Duration::from_millis(200));
     tokio::pin!(shutdown);
@@ -185,11 +179,6 @@ pub async fn run_checks(
 fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &HealthConfig) {
     let now = now_ms();
     for (index, upstream) in version.upstreams.iter().enumerate() {
-        // The probe speaks plain HTTP/1.1; TLS and h2c upstreams are left to
-        // passive ejection rather than failed by a probe they cannot answer.
-        if upstream.protocol != Protocol::Http1 {
-            continue;
-        }
         let health = &version.health[index];
         let due = health.next_probe_ms.load(Ordering::Relaxed);
         if due > now || health.probing.swap(true, Ordering::Relaxed) {
@@ -199,14 +188,20 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
         health
             .next_probe_ms
             .store(now.saturating_add(interval).max(1), Ordering::Relaxed);
-        let uri = format!("http://{}{}", upstream.authority, config.path);
-        let (client, version, config) = (
+        let uri = format!(
+            "{}://{}{}",
+            upstream.scheme(),
+            upstream.authority,
+            config.path
+        );
+        let (client, upstream, version, config) = (
             client.clone(),
+            upstream.clone(),
             std::sync::Arc::clone(version),
             config.clone(),
         );
         tokio::spawn(async move {
-            let ok = probe(&client, &uri, config.timeout).await;
+            let ok = probe(&client, &upstream, &uri, config.timeout).await;
             let health = &version.health[index];
             health.record_probe(ok, &config);
             health.probing.store(false, Ordering::Relaxed);
@@ -216,7 +211,12 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
 
 /// One probe: any HTTP answer below 500 within the timeout is healthy, so an
 /// upstream without a health endpoint (404) still counts as up.
-async fn probe(client: &ProbeClient, uri: &str, timeout: Duration) -> bool {
+async fn probe(
+    client: &ProbeClient,
+    upstream: &UpstreamAddr,
+    uri: &str,
+    timeout: Duration,
+) -> bool {
     let Ok(req) = Request::get(uri)
         .header(USER_AGENT, "cohort-health-check")
         .body(Empty::new())
@@ -224,7 +224,7 @@ async fn probe(client: &ProbeClient, uri: &str, timeout: Duration) -> bool {
         return false;
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let Ok(Ok(rsp)) = tokio::time::timeout_at(deadline, client.request(req)).await else {
+    let Ok(Ok(rsp)) = tokio::time::timeout_at(deadline, client.request(upstream, req)).await else {
         return false;
     };
     let healthy = rsp.status().as_u16() < 500;

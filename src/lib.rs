@@ -11,7 +11,8 @@
 //! - [`config`]: TOML -> validated [`config::Config`]; every problem named by its key.
 //! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
-//! - [`upstream`]: upstream addresses and the pooled client.
+//! - [`upstream`]: upstream addresses and the pooled clients (HTTP/1.1, h2c, https).
+//! - [`tls`]: the listener's certificate (reloadable) and the roots for `https://` upstreams.
 //! - [`health`]: active health checks, passive ejection, the readiness gate.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.
 //! - [`control`]: every change of the live state: weight, rollback, promote, canary, reload.
@@ -47,4 +48,5 @@ pub mod shadow;
 pub mod signals;
 pub mod state;
 pub mod table;
+pub mod tls;
 pub mod upstream;

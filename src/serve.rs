@@ -1,7 +1,7 @@
 //! The composition root: build everything from a [`Config`], run it, drain it.
 //!
 //! Owns: the order of start-up (metrics, route table, upstream client,
-//! listeners, readiness) and of shutdown (not ready, stop accepting, drain,
+//! TLS, listeners, readiness) and of shutdown (not ready, stop accepting, drain,
 //! stop the admin listener), and what each OS signal does. Does not own any
 //! of the pieces it wires together.
 
@@ -27,7 +27,8 @@ use crate::state::audit::AuditLog;
 use crate::state::file::FileStore;
 use crate::state::{self, Origin, Source, StateError};
 use crate::table::{Policy, Table};
-use crate::upstream::{self, Protocol};
+use crate::tls::{self, ServerTls, TlsError};
+use crate::upstream;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,8 @@ pub enum ServeError {
     AdminExposed(SocketAddr),
     #[error("{0}")]
     Config(String),
-    #[error("{0} is not supported by this build yet")]
-    Unsupported(&'static str),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot register signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -73,6 +74,7 @@ pub struct Server {
     admin_addr: SocketAddr,
     control: Arc<Control>,
     admin: Arc<Admin>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
@@ -86,14 +88,14 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
 
 /// [`start`], with options.
 pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, ServeError> {
-    if config.listen.tls.is_some() {
-        return Err(ServeError::Unsupported("listen.tls"));
-    }
-    let mut versions = std::iter::once(&config.versions.stable)
-        .chain(config.versions.canary.as_ref().map(|(v, _)| v));
-    if versions.any(|v| v.upstreams.iter().any(|u| u.protocol != Protocol::Http1)) {
-        return Err(ServeError::Unsupported("an https:// or h2c:// upstream"));
-    }
+    let server_tls = config
+        .listen
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()?
+        .map(Arc::new);
+    let upstream_tls = tls::client_config(config.upstream.ca_file.as_deref())?;
     let token = admin_token(&config)?;
     if token.is_none() && !config.admin.addr.ip().is_loopback() {
         return Err(ServeError::AdminExposed(config.admin.addr));
@@ -138,8 +140,8 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     }
     let proxy = Arc::new(Proxy::new(
         Arc::clone(control.table()),
-        upstream::client(&config.upstream),
-        config.listen.tls.is_some(),
+        upstream::client(&config.upstream, Arc::clone(&upstream_tls)),
+        server_tls.is_some(),
     ));
 
     let proxy_listener = bind("listen.addr", config.listen.addr).await?;
@@ -158,11 +160,13 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     let listen = config.listen.clone();
     let proxy_task = tokio::spawn({
         let stop = stopped(&shutdown);
-        async move { listener::serve(proxy_listener, proxy, &listen, stop).await }
+        let server_tls = server_tls.clone();
+        async move { listener::serve(proxy_listener, proxy, &listen, server_tls, stop).await }
     });
     tokio::spawn(crate::health::run_checks(
         Arc::clone(control.table()),
         config.health.clone(),
+        upstream_tls,
         stopped(&shutdown),
     ));
     let admin_task = tokio::spawn(admin::serve(
@@ -176,6 +180,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         admin_addr,
         control,
         admin,
+        tls: server_tls,
         shutdown,
         proxy_task,
         admin_task,
@@ -183,7 +188,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 }
 
 /// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns.
-/// SIGUSR1 rolls back; SIGHUP reloads the config at `path`.
+/// SIGUSR1 rolls back; SIGHUP reloads the config at `path` and the TLS certificate.
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
     let mut signals = Signals::register().map_err(ServeError::Signals)?;
@@ -198,26 +203,42 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
                 }
                 Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
             },
-            Signal::Reload => match Config::load(path) {
-                Ok(config) => {
-                    if let Err(error) = server.control.reload(&config) {
-                        tracing::error!(%error, "config reload failed; the old one keeps running");
-                    }
+            Signal::Reload => {
+                reload_config(&server, path);
+                // The certificate files are read again whether or not the config changed.
+                match server.reload_tls() {
+                    Ok(true) => tracing::info!("TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(
+                        %error,
+                        "TLS certificate reload refused; the old certificate keeps serving"
+                    ),
                 }
-                Err(error) => {
-                    for line in error.to_string().lines() {
-                        tracing::error!(
-                            problem = line,
-                            "config reload refused; the old one keeps running"
-                        );
-                    }
-                }
-            },
+            }
         }
     }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP's config half: a config that fails to load or apply changes nothing.
+fn reload_config(server: &Server, path: &Path) {
+    match Config::load(path) {
+        Ok(config) => {
+            if let Err(error) = server.control.reload(&config) {
+                tracing::error!(%error, "config reload failed; the old one keeps running");
+            }
+        }
+        Err(error) => {
+            for line in error.to_string().lines() {
+                tracing::error!(
+                    problem = line,
+                    "config reload refused; the old one keeps running"
+                );
+            }
+        }
+    }
 }
 
 /// The admin token: `admin.token_file`, else `COHORT_ADMIN_TOKEN`, else none.
@@ -261,6 +282,17 @@ impl Server {
     #[must_use]
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// Reads the listener's certificate and key files again (what SIGHUP
+    /// does): new connections get the new pair, open ones keep theirs. A bad
+    /// pair changes nothing and the error names the file. `Ok(false)` when
+    /// the listener has no TLS.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),

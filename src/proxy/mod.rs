@@ -28,7 +28,7 @@ use crate::config::{CanaryUnavailable, Fallback};
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::table::{RouteTable, Table, Version};
-use crate::upstream::{UpstreamAddr, UpstreamClient};
+use crate::upstream::{self, Protocol, UpstreamAddr, UpstreamClient};
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
@@ -171,7 +171,9 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (index, upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
-        let req = forward::upstream_request(
+        let trailers =
+            upstream.protocol != Protocol::Http1 && upstream::wants_trailers(req.headers());
+        let mut req = forward::upstream_request(
             req,
             upstream,
             &table.policy.routing.version_header,
@@ -179,8 +181,13 @@ impl Proxy {
             peer,
             self.tls,
         )?;
+        if trailers {
+            req.headers_mut()
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         let response_timeout = table.policy.response_timeout;
-        let result = match tokio::time::timeout(response_timeout, self.client.request(req)).await {
+        let sent = self.client.request(upstream, req);
+        let result = match tokio::time::timeout(response_timeout, sent).await {
             Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
             Ok(Err(error)) => Err(ProxyError::from_client(error)),
             Err(_) => Err(ProxyError::Timeout(format!(

@@ -1,0 +1,266 @@
+//! TLS settings: the listener's certificate and the roots `https://` upstreams are checked against.
+//!
+//! Owns: reading the PEM certificate chain and private key of `[listen.tls]`
+//! into a rustls server config (TLS 1.2 and 1.3, ALPN from `listen.tls.alpn`),
+//! swapping in a new pair on reload while a bad pair leaves the old one
+//! serving ([`ServerTls`]), and the client config for `https://` upstreams:
+//! the system's roots, or only those of `upstream.ca_file` ([`client_config`]).
+//! Does not own: the handshake on accepted connections (`proxy::listener`),
+//! connecting to upstreams (`upstream`), or when a reload happens (`serve`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// Why a certificate, key or CA file cannot be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{} holds no PEM private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error("{} is not valid PEM: {detail}", path.display())]
+    Pem { path: PathBuf, detail: String },
+    #[error(
+        "the key in {} cannot serve the certificate in {}: {source}",
+        key.display(),
+        cert.display()
+    )]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{} holds a certificate that cannot be a trust root: {source}", path.display())]
+    Root {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+/// The listener's TLS server config, replaceable while connections are open.
+///
+/// Each handshake takes the config current when it starts; a connection
+/// keeps the certificate it was served with until it closes.
+#[derive(Debug)]
+pub struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    alpn: Vec<Vec<u8>>,
+    current: ArcSwap<ServerConfig>,
+}
+
+impl ServerTls {
+    /// Reads the certificate chain and key named by `config`.
+    pub fn load(config: &TlsConfig) -> Result<ServerTls, TlsError> {
+        let alpn: Vec<Vec<u8>> = config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let current = server_config(&config.cert, &config.key, &alpn)?;
+        Ok(ServerTls {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            alpn,
+            current: ArcSwap::from_pointee(current),
+        })
+    }
+
+    /// Reads the certificate and key files again and serves new handshakes
+    /// with them. On error the old pair keeps serving.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = server_config(&self.cert, &self.key, &self.alpn)?;
+        self.current.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// An acceptor for one handshake, with the current certificate.
+    #[must_use]
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+}
+
+/// The client config for `https://` upstreams: ALPN `h2` then `http/1.1`,
+/// and as roots the certificates in `ca_file` if set, else the system's.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in read_certs(path)? {
+                roots.add(cert).map_err(|source| TlsError::Root {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::warn!(%error, "skipping unreadable system root certificates");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::debug!(added, ignored, "loaded the system root certificates");
+        }
+    }
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
+    let chain = read_certs(cert)?;
+    let private_key = read_key(key)?;
+    // Also checks that the key belongs to the first certificate.
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|source| TlsError::Pair {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+    config.alpn_protocols = alpn.to_vec();
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every certificate in the PEM file at `path`, in order; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::Pem {
+            path: path.to_owned(),
+            detail: error.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in the PEM file at `path`.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| match error {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.to_owned(),
+        },
+        other => TlsError::Pem {
+            path: path.to_owned(),
+            detail: other.to_string(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cohort-tls-unit-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn a_bad_pair_is_refused_by_name_and_the_old_one_stays() {
+        let dir = scratch("pairs");
+        let (cert, key) = write_pair(&dir, "a");
+        let (other_cert, _) = write_pair(&dir, "b");
+        let config = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            alpn: vec!["h2".into(), "http/1.1".into()],
+        };
+        let tls = ServerTls::load(&config).unwrap();
+        let before = tls.current.load_full();
+        assert_eq!(
+            before.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        // A certificate whose key is elsewhere.
+        std::fs::copy(&other_cert, &cert).unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(matches!(error, TlsError::Pair { .. }), "{error}");
+        assert!(
+            error.to_string().contains(&*cert.to_string_lossy()),
+            "{error}"
+        );
+        assert!(Arc::ptr_eq(&before, &tls.current.load_full()));
+
+        // Garbage where the key was.
+        std::fs::write(&key, "not a key").unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(matches!(error, TlsError::NoKey { .. }), "{error}");
+        assert!(
+            error.to_string().contains(&*key.to_string_lossy()),
+            "{error}"
+        );
+
+        // A missing file.
+        std::fs::remove_file(&cert).unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(matches!(error, TlsError::Read { .. }), "{error}");
+        assert!(Arc::ptr_eq(&before, &tls.current.load_full()));
+
+        // A good pair again is taken.
+        let (good_cert, good_key) = write_pair(&dir, "c");
+        std::fs::copy(&good_cert, &cert).unwrap();
+        std::fs::copy(&good_key, &key).unwrap();
+        tls.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &tls.current.load_full()));
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let dir = scratch("ca");
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "nothing here").unwrap();
+        let error = client_config(Some(&path)).unwrap_err();
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+        let (cert, _) = write_pair(&dir, "root");
+        let config = client_config(Some(&cert)).unwrap();
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+    }
+}

@@ -1,0 +1,601 @@
+//! HTTP/2 (SPEC section 9, with sections 1 and 2 over HTTP/2): clients with
+//! prior knowledge on a plain listener, `h2c://` and `https://` upstreams,
+//! gRPC trailers, real HTTP/2 tools, and malformed HTTP/2 input.
+//!
+//! Owns: sticky routing, version tags, forwarded headers, streaming,
+//! metrics and rollback for HTTP/2 clients; upstreams reached over h2c and
+//! over TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
+//! that speak their protocol; a gRPC-style response's trailers reaching an
+//! HTTP/2 client; curl, nghttp and h2load with prior knowledge; a bad
+//! preface, an oversized header block and a stream reset mid-body, each
+//! refused without a panic while another connection carries on. Does not
+//! own: the TLS listener and its certificate (`tests/tls.rs`).
+
+mod support;
+mod tls_support;
+
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use cohort::serve::Server;
+use cohort::state::Source;
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt as _, Full};
+use support::{
+    Backend, CANARY, Http, STABLE, SseBackend, cohort, eventually, eventually_async, key_on,
+    start_cohort, within,
+};
+use tls_support::{
+    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS, PREFACE, Pki,
+    RST_STREAM, RawH2, frame, get, h2c, have, listen_tls, request_block, run, seen_version,
+    send_h2, tls_client, tls_connect,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const SALT: &str = "h2-tests";
+
+fn routing() -> String {
+    format!("[routing]\nsalt = \"{SALT}\"\n")
+}
+
+fn url(server: &Server, path: &str) -> String {
+    format!("http://{}{path}", server.proxy_addr())
+}
+
+/// Starts Cohort from `support::config`, with the versions renamed so that
+/// this test's metric series are its own.
+async fn cohort_named(
+    stable: (&str, &[String]),
+    canary: Option<(&str, &[String], f64)>,
+    extra: &str,
+) -> Server {
+    let list = |addrs: &[String]| {
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut toml = support::config(&[], None, extra).replace(
+        &format!("name = \"{STABLE}\"\nupstreams = []"),
+        &format!("name = \"{}\"\nupstreams = [{}]", stable.0, list(stable.1)),
+    );
+    if let Some((name, upstreams, weight)) = canary {
+        toml.push_str(&format!(
+            "\n[versions.canary]\nname = \"{name}\"\nupstreams = [{}]\nweight = {weight}\n",
+            list(upstreams)
+        ));
+    }
+    start_cohort(&toml).await
+}
+
+/// The sum of `name`'s series whose labels include every one of `labels`.
+async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let reply = Http::new(server.admin_addr()).get("/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// The data path over HTTP/2
+
+#[tokio::test]
+async fn prior_knowledge_clients_are_routed_tagged_and_forwarded() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &routing()).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    for i in 0..10 {
+        let key = format!("h2-user-{i}");
+        let expected = support::predicted(SALT, 50.0, &key);
+        let (version, reply) = send_h2(
+            &mut h2,
+            get(&url(&server, "/chat?x=1"), &[("x-user-id", &key)]),
+        )
+        .await;
+        assert_eq!(version, Version::HTTP_2);
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.version(), expected, "key {key}");
+        assert_eq!(reply.backend(), expected, "key {key}");
+        assert_eq!(reply.json()["uri"], "/chat?x=1");
+        assert_eq!(reply.seen("x-agent-version"), [expected]);
+        assert_eq!(reply.seen("x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(reply.seen("x-forwarded-proto"), ["http"]);
+        assert_eq!(
+            reply.seen("x-forwarded-host"),
+            [server.proxy_addr().to_string()]
+        );
+        assert_eq!(reply.seen("host"), [server.proxy_addr().to_string()]);
+    }
+    // A keyless HTTP/2 client gets the fallback cookie, without Secure on a plain listener.
+    let (_, reply) = send_h2(&mut h2, get(&url(&server, "/"), &[])).await;
+    let cookies = reply.set_cookies();
+    assert_eq!(cookies.len(), 1, "{reply:?}");
+    assert!(!cookies[0].contains("Secure"), "{cookies:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
+    let stable = Backend::start(STABLE).await;
+    let canary = SseBackend::start(CANARY).await;
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &routing()).await;
+    let key = key_on(SALT, 50.0, CANARY, "h2-stream");
+    let mut h2 = h2c(server.proxy_addr()).await;
+
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the stream's head",
+        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", &key)])),
+    )
+    .await
+    .expect("a response");
+    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
+    let mut body = rsp.into_body();
+    let first = within("the first event", body.frame())
+        .await
+        .expect("a frame")
+        .expect("a good frame")
+        .into_data()
+        .expect("data");
+    // The first event arrives while the second is not even sent: nothing is buffered whole.
+    assert_eq!(&first[..], SseBackend::FIRST.as_bytes());
+    assert!(!canary.second_sent());
+
+    // Rolled back: the same user's next request, on the same connection, goes to stable.
+    server
+        .control()
+        .rollback("test", Source::Api)
+        .expect("a rollback");
+    let (_, reply) = send_h2(&mut h2, get(&url(&server, "/"), &[("x-user-id", &key)])).await;
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(reply.backend(), STABLE);
+
+    // The canary stream drains (the default) to its end.
+    canary.send_second();
+    let rest = within("the rest of the stream", body.collect())
+        .await
+        .expect("the stream ends cleanly")
+        .to_bytes();
+    assert_eq!(&rest[..], SseBackend::SECOND.as_bytes());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_requests_are_counted_per_version() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = cohort_named(
+        ("h2-metrics-stable", &[stable.addr.to_string()]),
+        Some(("h2-metrics-canary", &[canary.addr.to_string()], 50.0)),
+        &routing(),
+    )
+    .await;
+    let on_canary = key_on(SALT, 50.0, CANARY, "h2-metrics");
+    let on_stable = key_on(SALT, 50.0, STABLE, "h2-metrics");
+    let mut h2 = h2c(server.proxy_addr()).await;
+    for _ in 0..3 {
+        send_h2(
+            &mut h2,
+            get(&url(&server, "/"), &[("x-user-id", &on_canary)]),
+        )
+        .await;
+    }
+    send_h2(
+        &mut h2,
+        get(&url(&server, "/"), &[("x-user-id", &on_stable)]),
+    )
+    .await;
+
+    let canary_200 = [("version", "h2-metrics-canary"), ("code", "200")];
+    let stable_200 = [("version", "h2-metrics-stable"), ("code", "200")];
+    assert_eq!(
+        metric(&server, "cohort_requests_total", &canary_200).await,
+        3.0
+    );
+    assert_eq!(
+        metric(&server, "cohort_requests_total", &stable_200).await,
+        1.0
+    );
+    let idle = [("version", "h2-metrics-canary")];
+    assert_eq!(
+        metric(&server, "cohort_requests_in_flight", &idle).await,
+        0.0
+    );
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Upstreams over h2c and TLS
+
+#[tokio::test]
+async fn an_h2c_upstream_is_spoken_to_over_http2() {
+    let backend = H2Backend::h2c(STABLE).await;
+    let server = cohort_named((STABLE, &[format!("h2c://{}", backend.addr)]), None, "").await;
+    // An HTTP/1.1 client and an HTTP/2 client alike.
+    let reply = Http::new(server.proxy_addr()).get("/one", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.backend(), STABLE);
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(seen_version(&reply), "HTTP/2.0");
+    assert_eq!(reply.seen("x-agent-version"), [STABLE]);
+    assert_eq!(reply.seen("x-forwarded-proto"), ["http"]);
+
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let (_, reply) = send_h2(&mut h2, get(&url(&server, "/two"), &[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(seen_version(&reply), "HTTP/2.0");
+    assert_eq!(backend.hits(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
+    let pki = Pki::new();
+    let backend = H2Backend::tls(STABLE, &pki.leaf("upstream")).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = cohort_named((STABLE, std::slice::from_ref(&upstream)), None, &ca).await;
+    let reply = Http::new(server.proxy_addr()).get("/secure", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.backend(), STABLE);
+    assert_eq!(reply.version(), STABLE);
+    // ALPN chose HTTP/2 on the way to the upstream.
+    assert_eq!(seen_version(&reply), "HTTP/2.0");
+    assert_eq!(backend.hits(), 1);
+    server.shutdown().await;
+
+    // Without the test CA the upstream's certificate is not trusted.
+    let server = cohort_named((STABLE, &[upstream]), None, "").await;
+    let reply = Http::new(server.proxy_addr()).get("/secure", &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    assert_eq!(reply.json()["error"], "connect");
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(backend.hits(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_probes_speak_each_upstreams_protocol() {
+    let pki = Pki::new();
+    let h2c_backend = H2Backend::h2c(STABLE).await;
+    let tls_backend = H2Backend::tls(CANARY, &pki.leaf("probed")).await;
+    let extra = format!(
+        "[upstream]\nca_file = {:?}\n\n\
+         [health]\ninterval = \"20ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 1\n\n{}",
+        pki.ca,
+        routing()
+    );
+    let server = cohort_named(
+        (STABLE, &[format!("h2c://{}", h2c_backend.addr)]),
+        Some((
+            CANARY,
+            &[format!("https://127.0.0.1:{}", tls_backend.addr.port())],
+            50.0,
+        )),
+        &extra,
+    )
+    .await;
+    // Several probes have been answered by each: one failed probe would mark it down.
+    eventually("three probes of each upstream", || {
+        h2c_backend.probes() >= 3 && tls_backend.probes() >= 3
+    })
+    .await;
+    let http = Http::new(server.proxy_addr());
+    for (version, prefix) in [(STABLE, "probe-s"), (CANARY, "probe-c")] {
+        let key = key_on(SALT, 50.0, version, prefix);
+        let reply = http.get("/", &[("x-user-id", &key)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.backend(), version, "{reply:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_trailers_pass_through_to_an_http2_client() {
+    let backend = H2Backend::h2c(STABLE).await;
+    let server = cohort_named((STABLE, &[format!("h2c://{}", backend.addr)]), None, "").await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url(&server, "/grpc"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .expect("a request");
+    h2.ready().await.expect("an open connection");
+    let rsp = within("the gRPC response", h2.send_request(req))
+        .await
+        .expect("a response");
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.headers()["content-type"], "application/grpc");
+    assert_eq!(rsp.headers()["x-agent-version"], STABLE);
+    assert_eq!(rsp.headers()["x-saw-te"], "trailers");
+    let collected = within("the gRPC body", rsp.into_body().collect())
+        .await
+        .expect("a whole body");
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    assert_eq!(&collected.to_bytes()[..], H2Backend::GRPC_MESSAGE);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/2 tools no one here wrote
+
+#[tokio::test]
+async fn curl_speaks_http2_with_prior_knowledge() {
+    if !have("curl") {
+        return;
+    }
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let (ok, out) = run(
+        "curl",
+        &[
+            "--http2-prior-knowledge",
+            "--silent",
+            "--show-error",
+            "--include",
+            "-H",
+            "x-user-id: curl-user",
+            &url(&server, "/via-curl"),
+        ],
+    )
+    .await;
+    assert!(ok, "curl failed:\n{out}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains(&format!("x-agent-version: {STABLE}")), "{out}");
+    assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn nghttp_and_h2load_speak_h2c() {
+    if !have("nghttp") || !have("h2load") {
+        return;
+    }
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let target = url(&server, "/via-nghttp");
+    let (ok, out) = run("nghttp", &["--verbose", &target]).await;
+    assert!(ok, "nghttp failed:\n{out}");
+    assert!(out.contains(":status: 200"), "{out}");
+    assert!(out.contains(&format!("x-agent-version: {STABLE}")), "{out}");
+
+    let (ok, out) = run("h2load", &["-n", "40", "-c", "4", "-m", "4", &target]).await;
+    assert!(ok, "h2load failed:\n{out}");
+    assert!(out.contains("40 succeeded, 0 failed, 0 errored"), "{out}");
+    assert!(out.contains("status codes: 40 2xx"), "{out}");
+    assert!(out.contains("Application protocol: h2c"), "{out}");
+    assert_eq!(stable.hits(), 41);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Malformed HTTP/2
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts panics anywhere in this test process (the proxy's tasks included).
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+/// A proxy in front of one echo backend (its version named `version`, so
+/// that its metric series are this test's own), and a good HTTP/2
+/// connection to it opened before the test's bad one.
+async fn proxy_with_a_good_connection(version: &str) -> (Backend, Server, H2) {
+    count_panics();
+    let stable = Backend::start(STABLE).await;
+    let server = cohort_named((version, &[stable.addr.to_string()]), None, "").await;
+    let good = h2c(server.proxy_addr()).await;
+    (stable, server, good)
+}
+
+/// The good connection still works, and nothing panicked.
+async fn still_good(server: &Server, good: &mut H2) {
+    let (_, reply) = send_h2(good, get(&url(server, "/after"), &[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.backend(), STABLE);
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
+
+#[tokio::test]
+async fn a_bad_preface_is_refused() {
+    let (stable, server, mut good) = proxy_with_a_good_connection("h2-preface").await;
+
+    // Almost the preface: read as HTTP/1.1, whose parser refuses it.
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    within("the refusal", stream.read_to_end(&mut answer))
+        .await
+        .expect("read to the end");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+
+    // The real preface, then a frame that may not come first (DATA on stream 0).
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(DATA, 0, 0, b"junk"));
+    stream.write_all(&bytes).await.expect("write");
+    let mut raw = RawH2 { stream };
+    let goaway = raw
+        .until(|f| f.kind == GOAWAY)
+        .await
+        .expect("a GOAWAY before the connection ends");
+    // GOAWAY: the last stream id (4 bytes), then the error code; 1 = PROTOCOL_ERROR.
+    assert_eq!(
+        goaway.payload.get(4..8),
+        Some(&[0, 0, 0, 1][..]),
+        "{goaway:?}"
+    );
+
+    // Over TLS, where ALPN chose h2, an HTTP/1.1 request instead of the preface.
+    let pki = Pki::new();
+    let tls_server = cohort(&[stable.addr], None, &listen_tls(&pki.leaf("preface"))).await;
+    let mut tls = tls_connect(tls_server.proxy_addr(), &tls_client(&pki.ca, &["h2"])).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    // The server's SETTINGS at most, then the end of the connection: no HTTP/1.1 answer.
+    let _ = within("the end of the connection", tls.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.windows(8).any(|w| w == b"HTTP/1.1"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    assert_eq!(stable.hits(), 0, "a bad preface reached the upstream");
+    still_good(&server, &mut good).await;
+    tls_server.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_header_block_is_refused() {
+    let (stable, server, mut good) = proxy_with_a_good_connection("h2-oversized").await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+
+    // 100 KiB of one header: over the 64 KiB limit, sent as HEADERS plus CONTINUATIONs.
+    let big = "a".repeat(100 * 1024);
+    let block = request_block(
+        Method::GET,
+        &server.proxy_addr().to_string(),
+        "/",
+        &[("x-big", &big)],
+    );
+    let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    let mut bytes = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let (kind, flags) = if i == 0 {
+            (HEADERS, END_STREAM)
+        } else {
+            (CONTINUATION, 0)
+        };
+        bytes.extend(frame(
+            kind,
+            flags | if last { END_HEADERS } else { 0 },
+            1,
+            chunk,
+        ));
+    }
+    raw.write(&bytes).await;
+
+    // A 431 response, a reset stream, or the connection closed: never a request upstream.
+    let answer = raw
+        .until(|f| {
+            (f.stream == 1 && (f.kind == HEADERS || f.kind == RST_STREAM)) || f.kind == GOAWAY
+        })
+        .await;
+    match &answer {
+        Some(f) if f.kind == HEADERS => {
+            // `:status` (static index 8) with the value 431, plain or Huffman-coded.
+            let status_431 = [
+                &[0x48, 0x03, b'4', b'3', b'1'][..],
+                &[0x48, 0x83, 0x69, 0x90, 0xff],
+            ];
+            assert!(
+                status_431.iter().any(|s| f.payload.starts_with(s)),
+                "a response other than 431: {f:?}"
+            );
+        }
+        Some(_) | None => {}
+    }
+    assert_eq!(stable.hits(), 0, "an oversized head reached the upstream");
+    still_good(&server, &mut good).await;
+    // A raw client answers no PING, which a graceful drain would wait out.
+    drop(raw);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_reset_mid_body_leaves_its_connection_and_others_working() {
+    let (stable, server, mut good) = proxy_with_a_good_connection("h2-reset").await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    let authority = server.proxy_addr().to_string();
+
+    // A POST that promises 100 bytes, sends 10, and is reset (CANCEL).
+    let mut bytes = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &request_block(
+            Method::POST,
+            &authority,
+            "/upload",
+            &[("content-length", "100")],
+        ),
+    );
+    bytes.extend(frame(DATA, 0, 1, &[b'x'; 10]));
+    raw.write(&bytes).await;
+    eventually("the upload reaches the upstream", || {
+        stable.body_bytes_seen() == 10
+    })
+    .await;
+    raw.write(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .await;
+
+    // The same connection serves the next stream.
+    raw.write(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &request_block(Method::GET, &authority, "/next", &[]),
+    ))
+    .await;
+    let head = raw
+        .until(|f| f.stream == 3 && f.kind == HEADERS)
+        .await
+        .expect("stream 3 is answered");
+    // 0x88 is `:status: 200` from HPACK's static table.
+    assert_eq!(head.payload.first(), Some(&0x88), "{head:?}");
+    let end = raw
+        .until(|f| f.stream == 3 && f.flags & END_STREAM != 0)
+        .await
+        .expect("stream 3 ends");
+    assert!(end.kind == DATA || end.kind == HEADERS, "{end:?}");
+
+    // The reset request is no longer in flight.
+    eventually_async("the reset request leaves the in-flight gauge", || async {
+        metric(
+            &server,
+            "cohort_requests_in_flight",
+            &[("version", "h2-reset")],
+        )
+        .await
+            == 0.0
+    })
+    .await;
+    still_good(&server, &mut good).await;
+    drop(raw);
+    server.shutdown().await;
+}

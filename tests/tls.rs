@@ -1,0 +1,352 @@
+//! TLS termination (SPEC section 9): a TLS listener with ALPN, its
+//! certificate reload, and real HTTP/2 clients over TLS.
+//!
+//! Owns: routing and tagging over TLS with HTTP/1.1 and HTTP/2 clients (by
+//! ALPN), the `Secure` fallback cookie, `x-forwarded-proto: https`, reload
+//! of the certificate while a stream runs on an old connection, a broken
+//! pair refused with the old certificate still served, and curl, nghttp and
+//! h2load against the TLS listener. Certificates are made at test time.
+//! Does not own: HTTP/2 without TLS and upstream protocols (`tests/http2.rs`).
+
+mod support;
+mod tls_support;
+
+use http::{StatusCode, Version};
+use http_body_util::BodyExt as _;
+use support::{Backend, CANARY, STABLE, SseBackend, cohort, key_on, within};
+use tls_support::{
+    Pki, alpn, get, h1_over, h2_over, have, listen_tls, peer_cert, run, send_h1, send_h2,
+    tls_client, tls_connect,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const SALT: &str = "tls-tests";
+
+fn routing() -> String {
+    format!("[routing]\nsalt = \"{SALT}\"\n")
+}
+
+#[tokio::test]
+async fn http1_and_http2_clients_are_routed_and_tagged_over_tls() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("first");
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let extra = format!("{}\n{}", listen_tls(&leaf), routing());
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
+    let addr = server.proxy_addr();
+    let on_canary = key_on(SALT, 50.0, CANARY, "tls");
+    let on_stable = key_on(SALT, 50.0, STABLE, "tls");
+
+    // HTTP/1.1, chosen by ALPN.
+    let stream = tls_connect(addr, &tls_client(&pki.ca, &["http/1.1"])).await;
+    assert_eq!(alpn(&stream).as_deref(), Some("http/1.1"));
+    let mut h1 = h1_over(stream).await;
+    let (version, reply) = send_h1(
+        &mut h1,
+        get(
+            &format!("https://localhost:{}/a", addr.port()),
+            &[("x-user-id", &on_canary)],
+        ),
+    )
+    .await;
+    assert_eq!(version, Version::HTTP_11);
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.version(), CANARY);
+    assert_eq!(reply.backend(), CANARY);
+    assert_eq!(reply.seen("x-forwarded-proto"), ["https"]);
+
+    // HTTP/2, chosen by ALPN; both keys on one connection, each to its version.
+    let stream = tls_connect(addr, &tls_client(&pki.ca, &["h2", "http/1.1"])).await;
+    assert_eq!(alpn(&stream).as_deref(), Some("h2"));
+    let mut h2 = h2_over(stream).await;
+    for (key, expected) in [
+        (&on_stable, STABLE),
+        (&on_canary, CANARY),
+        (&on_stable, STABLE),
+    ] {
+        let (version, reply) = send_h2(
+            &mut h2,
+            get(
+                &format!("https://localhost:{}/b", addr.port()),
+                &[("x-user-id", key)],
+            ),
+        )
+        .await;
+        assert_eq!(version, Version::HTTP_2);
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.version(), expected, "key {key}");
+        assert_eq!(reply.backend(), expected, "key {key}");
+        assert_eq!(reply.seen("x-forwarded-proto"), ["https"]);
+        assert_eq!(
+            reply.seen("x-forwarded-host"),
+            [format!("localhost:{}", addr.port())]
+        );
+    }
+
+    // A keyless client gets the fallback cookie, marked Secure, and sticks by it.
+    let (_, first) = send_h2(
+        &mut h2,
+        get(&format!("https://localhost:{}/c", addr.port()), &[]),
+    )
+    .await;
+    let cookies = first.set_cookies();
+    assert_eq!(cookies.len(), 1, "{first:?}");
+    assert!(cookies[0].starts_with("cohort_id="), "{cookies:?}");
+    assert!(cookies[0].ends_with("; Secure"), "{cookies:?}");
+    let pair = cookies[0].split(';').next().expect("a name=value pair");
+    for _ in 0..3 {
+        let (_, again) = send_h2(
+            &mut h2,
+            get(
+                &format!("https://localhost:{}/c", addr.port()),
+                &[("cookie", pair)],
+            ),
+        )
+        .await;
+        assert_eq!(again.version(), first.version());
+        assert!(again.set_cookies().is_empty(), "{again:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_connections_while_an_old_stream_finishes() {
+    let pki = Pki::new();
+    let first = pki.leaf("first");
+    // Stable streams events; the canary answers at once.
+    let sse = SseBackend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let extra = format!("{}\n{}", listen_tls(&first), routing());
+    let server = cohort(&[sse.addr], Some((&[canary.addr], 50.0)), &extra).await;
+    let addr = server.proxy_addr();
+    let client = tls_client(&pki.ca, &["h2"]);
+
+    // A stream opened with the first certificate, its first event read.
+    let old = tls_connect(addr, &client).await;
+    assert_eq!(peer_cert(&old), first.der);
+    let mut h2 = h2_over(old).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the stream's head",
+        h2.send_request(get(
+            &format!("https://localhost:{}/events", addr.port()),
+            &[("x-user-id", &key_on(SALT, 50.0, STABLE, "reload"))],
+        )),
+    )
+    .await
+    .expect("a response");
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let mut body = rsp.into_body();
+    let event = within("the first event", body.frame())
+        .await
+        .expect("a frame")
+        .expect("a good frame")
+        .into_data()
+        .expect("data");
+    assert_eq!(&event[..], SseBackend::FIRST.as_bytes());
+
+    // The files are replaced and reloaded, as SIGHUP does.
+    let second = pki.leaf("second");
+    std::fs::copy(&second.cert, &first.cert).expect("replace the certificate");
+    std::fs::copy(&second.key, &first.key).expect("replace the key");
+    assert!(server.reload_tls().expect("the new pair loads"));
+
+    let fresh = tls_connect(addr, &client).await;
+    assert_eq!(
+        peer_cert(&fresh),
+        second.der,
+        "a new connection gets the new certificate"
+    );
+    let mut fresh = h2_over(fresh).await;
+    let (_, reply) = send_h2(
+        &mut fresh,
+        get(
+            &format!("https://localhost:{}/", addr.port()),
+            &[("x-user-id", &key_on(SALT, 50.0, CANARY, "reload"))],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.backend(), CANARY);
+
+    // The old stream runs on to its end.
+    sse.send_second();
+    let rest = within("the rest of the stream", body.collect())
+        .await
+        .expect("the stream ends cleanly")
+        .to_bytes();
+    assert_eq!(&rest[..], SseBackend::SECOND.as_bytes());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broken_pair_is_refused_by_file_name_and_the_old_certificate_stays() {
+    let pki = Pki::new();
+    let first = pki.leaf("first");
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&first)).await;
+    let addr = server.proxy_addr();
+    let client = tls_client(&pki.ca, &["h2"]);
+    let original_cert = std::fs::read(&first.cert).expect("read");
+    let original_key = std::fs::read(&first.key).expect("read");
+
+    // A certificate whose key is not the one on disk.
+    let other = pki.leaf("other");
+    std::fs::copy(&other.cert, &first.cert).expect("replace the certificate");
+    let error = server
+        .reload_tls()
+        .expect_err("a mismatched pair is refused");
+    let text = error.to_string();
+    assert!(text.contains(&*first.cert.to_string_lossy()), "{text}");
+    assert!(text.contains(&*first.key.to_string_lossy()), "{text}");
+    assert_eq!(peer_cert(&tls_connect(addr, &client).await), first.der);
+
+    // Garbage where the key was.
+    std::fs::write(&first.cert, &original_cert).expect("restore");
+    std::fs::write(&first.key, b"-----BEGIN GARBAGE-----\nnot a key\n").expect("write");
+    let error = server.reload_tls().expect_err("a garbage key is refused");
+    assert!(
+        error.to_string().contains(&*first.key.to_string_lossy()),
+        "{error}"
+    );
+    // Garbage where the certificate was.
+    std::fs::write(&first.key, &original_key).expect("restore");
+    std::fs::write(&first.cert, b"garbage").expect("write");
+    let error = server
+        .reload_tls()
+        .expect_err("a garbage certificate is refused");
+    assert!(
+        error.to_string().contains(&*first.cert.to_string_lossy()),
+        "{error}"
+    );
+
+    // The old certificate still serves, and serves requests.
+    let stream = tls_connect(addr, &client).await;
+    assert_eq!(peer_cert(&stream), first.der);
+    let mut h2 = h2_over(stream).await;
+    let (_, reply) = send_h2(
+        &mut h2,
+        get(&format!("https://localhost:{}/", addr.port()), &[]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.backend(), STABLE);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn curl_speaks_http2_over_tls() {
+    if !have("curl") {
+        return;
+    }
+    let pki = Pki::new();
+    let leaf = pki.leaf("curl");
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&leaf)).await;
+    let url = format!("https://localhost:{}/via-curl", server.proxy_addr().port());
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let resolve = format!("localhost:{}:127.0.0.1", server.proxy_addr().port());
+    let (ok, out) = run(
+        "curl",
+        &[
+            "--http2",
+            "--silent",
+            "--show-error",
+            "--include",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "-H",
+            "x-user-id: curl-user",
+            &url,
+        ],
+    )
+    .await;
+    assert!(ok, "curl failed:\n{out}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains(&format!("x-agent-version: {STABLE}")), "{out}");
+    assert!(out.contains("\"backend\":\"v1\""), "{out}");
+    assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn nghttp_and_h2load_speak_http2_over_tls() {
+    if !have("nghttp") || !have("h2load") {
+        return;
+    }
+    let pki = Pki::new();
+    let leaf = pki.leaf("nghttp");
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&leaf)).await;
+    let url = format!(
+        "https://127.0.0.1:{}/via-nghttp",
+        server.proxy_addr().port()
+    );
+
+    let (ok, out) = run("nghttp", &["--verbose", "--stat", &url]).await;
+    assert!(ok, "nghttp failed:\n{out}");
+    assert!(out.contains("The negotiated protocol: h2"), "{out}");
+    assert!(out.contains(":status: 200"), "{out}");
+    assert!(out.contains(&format!("x-agent-version: {STABLE}")), "{out}");
+
+    let (ok, out) = run("h2load", &["-n", "40", "-c", "4", "-m", "4", &url]).await;
+    assert!(ok, "h2load failed:\n{out}");
+    assert!(out.contains("40 succeeded, 0 failed, 0 errored"), "{out}");
+    assert!(out.contains("status codes: 40 2xx"), "{out}");
+    assert!(out.contains("Application protocol: h2"), "{out}");
+    assert_eq!(stable.hits(), 41);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_framing_guard_reads_the_decrypted_stream() {
+    let pki = Pki::new();
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&pki.leaf("guard"))).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+
+    // Both lengths in one head, hiding a second request in the body: refused.
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = format!(
+        "POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+        5 + smuggled.len()
+    );
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    assert_eq!(stable.hits(), 0, "a smuggled request reached the upstream");
+
+    // A plain request on a TLS connection is not mistaken for one.
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream
+        .write_all(b"POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
+}
+
+/// Reads a response head (to the blank line) from `stream`.
+async fn read_head(stream: &mut tls_support::ClientTls) -> String {
+    within("a response head", async {
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before a head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
+}

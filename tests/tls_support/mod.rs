@@ -1,0 +1,577 @@
+//! Shared parts of the TLS and HTTP/2 black-box tests.
+//!
+//! Owns: certificates made at test time with rcgen (a CA and leaves for
+//! `localhost` and 127.0.0.1, written to a scratch directory), TLS client
+//! connections that report the certificate they were served, hyper's own
+//! HTTP/1.1 and HTTP/2 client connections over any stream, an HTTP/2
+//! backend (h2c, or TLS with ALPN) that echoes what it saw and answers
+//! `/grpc` with trailers, raw HTTP/2 frames for malformed input, and running
+//! HTTP/2 tools (curl, nghttp, h2load) that may be absent. Does not own any
+//! assertion about Cohort's behaviour. Builds on `support` (declared by the
+//! test file next to this module).
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::support::{DEADLINE, Reply, is_health_probe, scratch_dir, within};
+
+// ---------------------------------------------------------------------------
+// Certificates
+
+/// A test CA, its certificate written to `ca`, able to issue leaves.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A leaf certificate for `localhost` and 127.0.0.1 and its key, as files.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate's DER bytes, to compare with what a server presents.
+    pub der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = scratch_dir();
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Cohort test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("a CA key");
+        let issuer = CertifiedIssuer::self_signed(params, key).expect("a CA certificate");
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, issuer.pem()).expect("write the CA");
+        Pki { dir, ca, issuer }
+    }
+
+    /// Issues a leaf named `name` (its common name) into `<dir>/<name>.crt` and `.key`.
+    pub fn leaf(&self, name: &str) -> Leaf {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("a leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("a leaf certificate");
+        let leaf = Leaf {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+            der: cert.der().to_vec(),
+        };
+        std::fs::write(&leaf.cert, cert.pem()).expect("write the leaf");
+        std::fs::write(&leaf.key, key.serialize_pem()).expect("write the key");
+        leaf
+    }
+}
+
+/// The `[listen.tls]` section serving `leaf`.
+pub fn listen_tls(leaf: &Leaf) -> String {
+    format!(
+        "[listen.tls]\ncert = {:?}\nkey = {:?}\n",
+        leaf.cert, leaf.key
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// A TLS client that trusts only `ca` and offers `alpn`.
+pub fn tls_client(ca: &Path, alpn: &[&str]) -> TlsConnector {
+    let pem = std::fs::read(ca).expect("read the CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.expect("a PEM certificate")).expect("a root");
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+use rustls::pki_types::pem::PemObject as _;
+
+pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Connects to `addr` over TLS as `localhost`, checking the chain against the client's CA.
+pub async fn tls_connect(addr: SocketAddr, client: &TlsConnector) -> ClientTls {
+    within("a TLS handshake", async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        client
+            .connect(ServerName::try_from("localhost").expect("a name"), tcp)
+            .await
+            .expect("the handshake succeeds")
+    })
+    .await
+}
+
+/// The leaf certificate the server presented, DER.
+pub fn peer_cert(stream: &ClientTls) -> Vec<u8> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.to_vec())
+        .expect("the server presented a certificate")
+}
+
+/// The protocol ALPN chose.
+pub fn alpn(stream: &ClientTls) -> Option<String> {
+    stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
+pub type H1 = http1::SendRequest<Full<Bytes>>;
+pub type H2 = http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1.1 client connection over `io` (hyper's own).
+pub async fn h1_over<IO>(io: IO) -> H1
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .expect("an HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An HTTP/2 client connection over `io` (hyper's own; prior knowledge on a plain stream).
+pub async fn h2_over<IO>(io: IO) -> H2
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An HTTP/2 connection with prior knowledge to a plain listener.
+pub async fn h2c(addr: SocketAddr) -> H2 {
+    h2_over(TcpStream::connect(addr).await.expect("connect")).await
+}
+
+/// A GET of `uri` (absolute) with `headers` and an empty body.
+pub fn get(uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut req = Request::builder().method(Method::GET).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::new(Bytes::new())).expect("a test request")
+}
+
+/// Sends `req` on an HTTP/2 connection and reads the whole response.
+pub async fn send_h2(sender: &mut H2, req: Request<Full<Bytes>>) -> (Version, Reply) {
+    within("an HTTP/2 response", async {
+        sender.ready().await.expect("the connection is open");
+        let rsp = sender.send_request(req).await.expect("a response");
+        (rsp.version(), read(rsp).await)
+    })
+    .await
+}
+
+/// Sends `req` on an HTTP/1.1 connection and reads the whole response.
+pub async fn send_h1(sender: &mut H1, req: Request<Full<Bytes>>) -> (Version, Reply) {
+    within("an HTTP/1.1 response", async {
+        sender.ready().await.expect("the connection is open");
+        let rsp = sender.send_request(req).await.expect("a response");
+        (rsp.version(), read(rsp).await)
+    })
+    .await
+}
+
+async fn read(rsp: Response<Incoming>) -> Reply {
+    let (parts, body) = rsp.into_parts();
+    let body = body.collect().await.expect("a whole body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+
+type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// An upstream that speaks HTTP/2: with prior knowledge (h2c), or over TLS
+/// with ALPN (`h2` or `http/1.1`). Answers like `support::Backend` (JSON
+/// with `backend` and the `headers` it saw, plus the HTTP `version`), and
+/// `/grpc` with a gRPC-style body and `grpc-status: 0` trailers.
+#[derive(Debug, Clone)]
+pub struct H2Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    probes: Arc<AtomicUsize>,
+}
+
+impl H2Backend {
+    pub const GRPC_MESSAGE: &'static [u8] = b"\0\0\0\0\x05hello";
+
+    /// An h2c backend.
+    pub async fn h2c(name: &str) -> H2Backend {
+        Self::start(name, None).await
+    }
+
+    /// A TLS backend serving `leaf`, HTTP/2 or HTTP/1.1 by ALPN.
+    pub async fn tls(name: &str, leaf: &Leaf) -> H2Backend {
+        let cert = rustls::pki_types::CertificateDer::pem_file_iter(&leaf.cert)
+            .expect("read the leaf")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("a PEM certificate");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&leaf.key).expect("a PEM key");
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(cert, key)
+            .expect("a server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start(name, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start(name: &str, tls: Option<TlsAcceptor>) -> H2Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend = H2Backend {
+            name: name.to_owned(),
+            addr: listener.local_addr().expect("an address"),
+            hits: Arc::default(),
+            probes: Arc::default(),
+        };
+        let state = backend.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let state = state.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.answer(req).await) }
+                    });
+                    match tls {
+                        None => {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            let _ =
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                        }
+                    }
+                });
+            }
+        });
+        backend
+    }
+
+    /// Requests other than health probes.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Cohort's health probes answered.
+    pub fn probes(&self) -> usize {
+        self.probes.load(Ordering::SeqCst)
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<BackendBody> {
+        if is_health_probe(&req) {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            return Response::new(Full::new(Bytes::from_static(b"ok")).boxed_unsync());
+        }
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        let (parts, body) = req.into_parts();
+        let _ = body.collect().await;
+        if parts.uri.path() == "/grpc" {
+            let te = parts.headers.get("te").cloned();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert("grpc-message", HeaderValue::from_static("ok"));
+            let frames = futures_util::stream::iter([
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(Self::GRPC_MESSAGE))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            let mut rsp = Response::new(StreamBody::new(frames).boxed_unsync());
+            rsp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            // What gRPC servers require of a request: `te: trailers`.
+            if let Some(te) = te {
+                rsp.headers_mut().insert("x-saw-te", te);
+            }
+            rsp.headers_mut().insert(
+                "x-backend",
+                HeaderValue::from_str(&self.name).expect("a name"),
+            );
+            return rsp;
+        }
+        let headers: Vec<[String; 2]> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                [
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                ]
+            })
+            .collect();
+        let json = serde_json::json!({
+            "backend": self.name,
+            "version": format!("{:?}", parts.version),
+            "uri": parts.uri.to_string(),
+            "headers": headers,
+        });
+        let mut rsp = Response::new(Full::new(Bytes::from(json.to_string())).boxed_unsync());
+        rsp.headers_mut().insert(
+            "x-backend",
+            HeaderValue::from_str(&self.name).expect("a name"),
+        );
+        rsp
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/2
+
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+pub const DATA: u8 = 0x0;
+pub const HEADERS: u8 = 0x1;
+pub const RST_STREAM: u8 = 0x3;
+pub const SETTINGS: u8 = 0x4;
+pub const GOAWAY: u8 = 0x7;
+pub const CONTINUATION: u8 = 0x9;
+
+pub const END_STREAM: u8 = 0x1;
+pub const ACK: u8 = 0x1;
+pub const END_HEADERS: u8 = 0x4;
+
+/// One frame: 9-byte header and payload.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("a small frame");
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK integer with an `n`-bit prefix, the first byte's high bits set to `high`.
+fn hpack_int(high: u8, n: u32, mut value: usize, out: &mut Vec<u8>) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(high | value as u8);
+        return;
+    }
+    out.push(high | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A header field as an HPACK literal without indexing, with a new name (no Huffman).
+pub fn hpack_literal(name: &str, value: &str, out: &mut Vec<u8>) {
+    out.push(0x00);
+    hpack_int(0, 7, name.len(), out);
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(0, 7, value.len(), out);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The header block of a request to `path` on `authority` (`method` GET or POST).
+pub fn request_block(
+    method: Method,
+    authority: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Static table: 2 = :method GET, 3 = :method POST, 6 = :scheme http.
+    out.push(if method == Method::POST { 0x83 } else { 0x82 });
+    out.push(0x86);
+    // :path (index 4) and :authority (index 1) as literals with indexed names.
+    out.push(0x04);
+    hpack_int(0, 7, path.len(), &mut out);
+    out.extend_from_slice(path.as_bytes());
+    out.push(0x01);
+    hpack_int(0, 7, authority.len(), &mut out);
+    out.extend_from_slice(authority.as_bytes());
+    for (name, value) in extra {
+        hpack_literal(name, value, &mut out);
+    }
+    out
+}
+
+/// A frame read from a raw HTTP/2 connection.
+#[derive(Debug)]
+pub struct RawFrame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+/// A client speaking raw HTTP/2 frames with prior knowledge.
+pub struct RawH2 {
+    pub stream: TcpStream,
+}
+
+impl RawH2 {
+    /// Connects, sends the preface and empty SETTINGS, and acknowledges the server's SETTINGS.
+    pub async fn open(addr: SocketAddr) -> RawH2 {
+        let mut raw = RawH2 {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+        };
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        raw.write(&hello).await;
+        loop {
+            let f = raw
+                .next_frame()
+                .await
+                .expect("the server's SETTINGS arrive");
+            if f.kind == SETTINGS && f.flags & ACK == 0 {
+                raw.write(&frame(SETTINGS, ACK, 0, &[])).await;
+                return raw;
+            }
+        }
+    }
+
+    /// Writes `bytes`; a server that already closed is not an error here.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn next_frame(&mut self) -> Option<RawFrame> {
+        within("an HTTP/2 frame or the end", async {
+            let mut head = [0u8; 9];
+            if self.stream.read_exact(&mut head).await.is_err() {
+                return None;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if self.stream.read_exact(&mut payload).await.is_err() {
+                return None;
+            }
+            Some(RawFrame {
+                kind: head[3],
+                flags: head[4],
+                stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+                payload,
+            })
+        })
+        .await
+    }
+
+    /// Reads frames until one for which `stop` holds, skipping SETTINGS,
+    /// PING, WINDOW_UPDATE and the like; `None` if the connection ends first.
+    pub async fn until(&mut self, mut stop: impl FnMut(&RawFrame) -> bool) -> Option<RawFrame> {
+        loop {
+            let f = self.next_frame().await?;
+            if stop(&f) {
+                return Some(f);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tools
+
+/// Whether `program` can be run; prints why a test is skipped if not.
+pub fn have(program: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        println!("skipped: {program} is not installed (Debian package curl / nghttp2-client)");
+    }
+    found
+}
+
+/// Runs `program` with `args` to its end (within the deadline); returns its status and output.
+pub async fn run(program: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(program)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {DEADLINE:?}"))
+    .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// The JSON of an echo `Reply` as the H2 backend writes it: the HTTP version it saw.
+pub fn seen_version(reply: &Reply) -> String {
+    reply.json()["version"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no version in {:?}", reply.body))
+        .to_owned()
+}
+
+/// Whether `status` is the one the test expects, with the reply in the message.
+pub fn status_is(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status, "{reply:?}");
+}
