@@ -353,7 +353,6 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
 }
 
 #[tokio::test]
-#[ignore = "src/admin/mod.rs: a 405 carries no Allow header (RFC 9110 section 15.5.6 requires one)"]
 async fn a_405_names_the_allowed_methods() {
     let stable = Backend::start(STABLE).await;
     let (_server, admin) = with_token(&[stable.addr], None).await;

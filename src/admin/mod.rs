@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -61,8 +61,8 @@ pub enum AdminError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
-    #[error("{0} is not allowed here")]
-    MethodNotAllowed(Method),
+    #[error("{method} is not allowed here; use {allow}")]
+    MethodNotAllowed { method: Method, allow: &'static str },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -77,7 +77,7 @@ impl AdminError {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -117,10 +117,15 @@ impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> AdminResponse {
         let result = self.route(req).await;
         result.unwrap_or_else(|error| {
-            json(
+            let mut rsp = json(
                 error.status(),
                 &serde_json::json!({ "error": error.to_string() }),
-            )
+            );
+            if let AdminError::MethodNotAllowed { allow, .. } = error {
+                rsp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            rsp
         })
     }
 
@@ -177,24 +182,10 @@ impl Admin {
             (&Method::POST, "/admin/signals") => {
                 ok(to_json(&handlers::signals(&self.rollouts, req).await?))
             }
-            (
-                _,
-                "/health"
-                | "/ready"
-                | "/metrics"
-                | "/admin/state"
-                | "/admin/weight"
-                | "/admin/rollback"
-                | "/admin/promote"
-                | "/admin/canary"
-                | "/admin/shadow"
-                | "/admin/route"
-                | "/admin/rollout"
-                | "/admin/rollout/approve"
-                | "/admin/rollout/abort"
-                | "/admin/signals",
-            ) => Err(AdminError::MethodNotAllowed(method)),
-            (_, path) => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
+            (_, path) => match allowed_method(path) {
+                Some(allow) => Err(AdminError::MethodNotAllowed { method, allow }),
+                None => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
+            },
         }
     }
 
@@ -245,6 +236,21 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
             }
         });
     }
+}
+
+/// The method each endpoint answers, for the `Allow` header of a 405.
+fn allowed_method(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/health" | "/ready" | "/metrics" | "/admin/state" | "/admin/route" => "GET",
+        "/admin/weight" | "/admin/canary" | "/admin/shadow" => "PUT",
+        "/admin/rollback"
+        | "/admin/promote"
+        | "/admin/rollout"
+        | "/admin/rollout/approve"
+        | "/admin/rollout/abort"
+        | "/admin/signals" => "POST",
+        _ => return None,
+    })
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
