@@ -9,7 +9,7 @@
 //! (`state`), or who may change it (`admin`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -46,9 +46,14 @@ pub struct Version {
     pub health: Box<[Health]>,
     /// What the rollout guardrails judge: this version's recent requests.
     pub window: Window,
-    /// Flips to `true` when this version's open streams and upgraded
-    /// connections must end (a rollback with `on_rollback = "close"`).
-    closing: watch::Sender<bool>,
+    /// How many times this version's open streams and upgraded connections
+    /// were ordered closed (a rollback with `on_rollback = "close"`). A
+    /// stream remembers the count it started under and ends when it grows,
+    /// so streams opened after a close (the version may serve again after a
+    /// forced weight) are not affected.
+    closes: watch::Sender<u64>,
+    /// The same count, for a check on every body frame that costs one atomic load.
+    close_count: AtomicU64,
 }
 
 impl Version {
@@ -72,20 +77,31 @@ impl Version {
             name: config.name.clone(),
             upstreams: config.upstreams.clone(),
             next: AtomicUsize::new(0),
-            closing: watch::Sender::new(false),
+            closes: watch::Sender::new(0),
+            close_count: AtomicU64::new(0),
         }
     }
 
-    /// Ends this version's open streams and upgraded connections.
+    /// Ends the streams and upgraded connections open on this version now.
     pub fn close_streams(&self) {
-        self.closing.send_replace(true);
+        self.close_count.fetch_add(1, Ordering::AcqRel);
+        self.closes.send_modify(|count| *count += 1);
     }
 
-    /// Resolves once [`Version::close_streams`] has been called.
-    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut closing = self.closing.subscribe();
+    /// The close count a stream starting now remembers.
+    #[must_use]
+    pub fn close_epoch(&self) -> u64 {
+        self.close_count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once [`Version::close_streams`] is called after `epoch`.
+    pub fn closed_after(
+        &self,
+        epoch: u64,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closes = self.closes.subscribe();
         async move {
-            if closing.wait_for(|closed| *closed).await.is_err() {
+            if closes.wait_for(|count| *count > epoch).await.is_err() {
                 // The version is gone, so nothing can close its streams any more.
                 std::future::pending::<()>().await;
             }

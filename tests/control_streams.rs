@@ -241,3 +241,23 @@ async fn on_rollback_close_ends_canary_streams_at_once() {
         .await
         .expect("stable's stream runs on");
 }
+
+#[tokio::test]
+async fn streams_opened_after_a_close_rollback_and_a_forced_weight_run_on() {
+    let mut rolled = open_then_roll_back("close").await;
+    assert_ws_ends(&mut rolled.ws).await;
+    let sse_server = &rolled._servers[0];
+    let state = AdminApi::new(sse_server.admin_addr())
+        .set_weight(WEIGHT, true)
+        .await;
+    assert_eq!(state["status"], "steady", "{state}");
+
+    // The same canary version serves again: a stream it opens now is not cut.
+    let canary_key = key_on(CANARY, WEIGHT, CANARY, "on");
+    let mut stream = open_sse(sse_server, &canary_key, CANARY).await;
+    for _ in 0..2 {
+        read_until(&mut stream, &rolled.sse.tick())
+            .await
+            .expect("a canary stream opened after the close runs on");
+    }
+}

@@ -27,19 +27,31 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct InFlight {
     version: Arc<Version>,
     started: Instant,
+    /// The version's close count when this request started.
+    close_epoch: u64,
 }
 
 impl InFlight {
     #[must_use]
     pub fn start(version: Arc<Version>, started: Instant) -> InFlight {
         version.metrics.in_flight.increment(1.0);
-        InFlight { version, started }
+        let close_epoch = version.close_epoch();
+        InFlight {
+            version,
+            started,
+            close_epoch,
+        }
     }
 
-    /// Resolves when this version's open streams are to be closed (a rollback
-    /// with `on_rollback = "close"`).
+    /// Whether the version's streams were ordered closed since this one started.
+    fn is_closed(&self) -> bool {
+        self.version.close_epoch() > self.close_epoch
+    }
+
+    /// Resolves when the version's streams are ordered closed (a rollback
+    /// with `on_rollback = "close"`) after this one started.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.version.closed()
+        self.version.closed_after(self.close_epoch)
     }
 }
 
@@ -108,6 +120,14 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // Checked before every frame, so a stream that always has data ready
+        // is closed as promptly as an idle one.
+        if this.in_flight.as_ref().is_some_and(InFlight::is_closed) {
+            this.in_flight.take();
+            return Poll::Ready(Some(Err(
+                "stream closed: its version was rolled back".into()
+            )));
+        }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
