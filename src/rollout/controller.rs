@@ -121,6 +121,13 @@ impl Rollouts {
                 "there is no canary to roll out; install one with PUT /admin/canary".into(),
             )
         })?;
+        // A rollout raises the weight: it must not lift the rollback latch,
+        // which only a new canary or a forced weight clears.
+        if live.status == Status::RolledBack {
+            return Err(ControlError::Conflict(
+                "the canary was rolled back; install a new canary to roll it out".into(),
+            ));
+        }
         let progress = Progress {
             plan: document,
             canary: canary.name.clone(),
@@ -415,13 +422,7 @@ impl Rollouts {
 
     /// Fails with `Superseded` when a change outside the rollout ended it.
     fn still_ours(&self, progress: &mut Progress) -> Result<(), Phase> {
-        let live = self.control.state();
-        let ours = live.status != Status::RolledBack
-            && live
-                .canary
-                .as_ref()
-                .is_some_and(|c| c.name == progress.canary);
-        if ours {
+        if is_ours(&self.control.state(), &progress.canary) {
             Ok(())
         } else {
             progress.reason = Some("ended by a change outside the rollout".into());
@@ -449,6 +450,12 @@ impl Rollouts {
         let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
         self.control.rollout_change(action, reason, |live| {
             if progress.phase.is_active() {
+                // Checked again under the state's lock: a rollback, promote or
+                // new canary since `still_ours` must not be undone by this
+                // save. The next `still_ours` ends the rollout.
+                if !is_ours(live, &progress.canary) {
+                    return;
+                }
                 if let Some(canary) = live.canary.as_mut() {
                     canary.weight = progress.weight;
                 }
@@ -461,6 +468,11 @@ impl Rollouts {
             live.rollout = Some(value);
         })
     }
+}
+
+/// Whether `live` still has `canary` as its canary, not rolled back.
+fn is_ours(live: &LiveState, canary: &str) -> bool {
+    live.status != Status::RolledBack && live.canary.as_ref().is_some_and(|c| c.name == canary)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -1217,3 +1217,65 @@ pub fn with_state_in(toml: &str, dir: &std::path::Path) -> String {
             1,
         )
 }
+
+// ---------------------------------------------------------------------------
+// Rollouts: a backend with a set failure rate, delay and token count.
+
+/// How a [`TunedBackend`] answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// Every `n`-th request (counted from 1) is answered 500.
+    pub fail_every: Option<usize>,
+    /// Added before every answer: the backend's own latency.
+    pub delay: Duration,
+    /// Sent as `x-tokens: <tokens + request number % 11 - 5>`, a spread of ±5.
+    pub tokens: Option<u64>,
+}
+
+/// A backend that answers `ok` after [`Tuning::delay`], fails every
+/// [`Tuning::fail_every`]-th request with a 500 and reports tokens.
+#[derive(Debug, Clone)]
+pub struct TunedBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl TunedBackend {
+    pub async fn start(name: &str, tuning: Tuning) -> TunedBackend {
+        let listener = bind().await;
+        let backend = TunedBackend {
+            name: name.to_owned(),
+            addr: local_addr(&listener),
+            hits: Arc::default(),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |_req| {
+            let state = state.clone();
+            async move {
+                let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
+                if !tuning.delay.is_zero() {
+                    tokio::time::sleep(tuning.delay).await;
+                }
+                let failing = tuning.fail_every.is_some_and(|every| n.is_multiple_of(every));
+                let mut rsp = Response::new(full(if failing { "failed" } else { "ok" }));
+                if failing {
+                    *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                let h = rsp.headers_mut();
+                h.insert("x-backend", value(&state.name));
+                if let Some(tokens) = tuning.tokens {
+                    let tokens = (tokens + (n as u64 % 11)).saturating_sub(5);
+                    h.insert("x-tokens", value(&tokens.to_string()));
+                }
+                rsp
+            }
+        }));
+        backend
+    }
+
+    /// Requests answered or being answered (health probes not counted).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,977 @@
+//! Progressive rollouts end to end (SPEC section 8, and the rollout calls of
+//! section 3).
+//!
+//! Owns: a real Cohort in front of real backends with a set failure rate,
+//! delay and token count, under continuous keyed traffic, driven through a
+//! rollout by its controller: a healthy canary walked through every stage
+//! and promoted; canaries rolled back by the success-rate, p95-latency-ratio,
+//! tokens-ratio and eval-score guardrails with the failing metric named; the
+//! approval gate and abort; a rollout that survives `kill -9` of `cohort
+//! serve` with its stage time counted; an AgentRelease manifest started and
+//! shown by `cohort ctl`; and `POST /admin/signals` input checks. Does not
+//! own: the statistics of the guardrails (`rollout_statistics` and the unit
+//! tests of `rollout::stats`), or the admin API's error paths outside
+//! rollouts (`control_api`).
+//!
+//! Stages last about a second and the guardrails judge every 100 ms over
+//! windows of 60 such slots: the `[rollout]` table of each config sets that
+//! interval, which sizes the windows even when the plan comes from the API.
+//! Tests wait on `GET /admin/state` with a deadline, never on a sleep.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cohort::serve::Server;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+use support::{
+    AdminApi, Backend, CANARY, COHORT_BIN, Http, Process, STABLE, TunedBackend, Tuning, client,
+    config, request, scratch_dir, start_cohort, within,
+};
+
+/// How long a whole rollout may take before the test fails. Stages are
+/// short; this is room for a loaded machine, never waited out when passing.
+const ROLLOUT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The judging interval of every plan here; also the windows' slot.
+const INTERVAL: &str = "100ms";
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// Keyed GETs sent continuously by `clients` tasks, each over many keys,
+/// until dropped; counts the answers per version.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    stable: Arc<AtomicU64>,
+    canary: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(proxy: SocketAddr, clients: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stable = Arc::new(AtomicU64::default());
+        let canary = Arc::new(AtomicU64::default());
+        let tasks = (0..clients)
+            .map(|id| {
+                let (stop, stable, canary) =
+                    (Arc::clone(&stop), Arc::clone(&stable), Arc::clone(&canary));
+                tokio::spawn(async move {
+                    let http = client::<Full<Bytes>>();
+                    let mut n: u64 = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        // Many keys, so both cohorts get traffic at any weight.
+                        let key = format!("user-{id}-{}", n % 5_000);
+                        let req = request(
+                            Method::GET,
+                            proxy,
+                            "/",
+                            &[("x-user-id", &key)],
+                            Full::new(Bytes::new()),
+                        );
+                        let Ok(rsp) = http.request(req).await else {
+                            continue;
+                        };
+                        let version = rsp
+                            .headers()
+                            .get("x-agent-version")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        let _ = rsp.into_body().collect().await;
+                        match version.as_deref() {
+                            Some(STABLE) => stable.fetch_add(1, Ordering::SeqCst),
+                            Some(CANARY) => canary.fetch_add(1, Ordering::SeqCst),
+                            _ => 0,
+                        };
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            stable,
+            canary,
+            tasks,
+        }
+    }
+
+    fn answered(&self) -> (u64, u64) {
+        (
+            self.stable.load(Ordering::SeqCst),
+            self.canary.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `GET /admin/state`, handing every state to `each`, until `done`
+/// holds; returns that state. Fails the test after `limit`.
+async fn poll_state(
+    admin: &AdminApi,
+    what: &str,
+    limit: Duration,
+    mut each: impl FnMut(&Value),
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let state = admin.state().await;
+        each(&state);
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen within {limit:?}; last state: {state:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `done` holds of the state; returns that state.
+async fn wait_state(admin: &AdminApi, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    poll_state(admin, what, ROLLOUT_DEADLINE, |_| {}, done).await
+}
+
+fn rollout_phase(state: &Value) -> &str {
+    state["rollout"]["phase"].as_str().unwrap_or("")
+}
+
+/// The last evaluation of `guardrail` in the state's rollout, if any.
+fn evaluation<'a>(state: &'a Value, guardrail: &str) -> Option<&'a Value> {
+    state["rollout"]["last_evaluation"]
+        .as_array()?
+        .iter()
+        .find(|e| e["guardrail"] == guardrail)
+}
+
+fn verdict<'a>(state: &'a Value, guardrail: &str) -> &'a str {
+    evaluation(state, guardrail)
+        .and_then(|e| e["verdict"].as_str())
+        .unwrap_or("")
+}
+
+/// `[rollout]` with the short interval, `plan` (more keys of the table) and
+/// `[rollout.guardrails]` with `guardrails` and confidence 0.95.
+fn rollout_table(plan: &str, guardrails: &str) -> String {
+    format!(
+        "[rollout]\ninterval = {INTERVAL:?}\nfailure_limit = 2\n{plan}\n\n\
+         [rollout.guardrails]\n{guardrails}\nconfidence = 0.95\n"
+    )
+}
+
+/// Health checks every 100 ms, so a canary installed through the API
+/// passes its readiness gate quickly.
+const FAST_HEALTH: &str = "[health]\ninterval = \"100ms\"\n";
+
+const TOKENS_HEADER: &str = "[metrics]\ntokens_header = \"x-tokens\"\n";
+
+/// A server and a running rollout rolled back by a guardrail: the common
+/// part of the guardrail tests. The config's plan has one long stage at
+/// `weight`, so only a rollback ends it; it starts by itself, the canary
+/// coming from the config.
+async fn rolled_back_by(
+    stable: Tuning,
+    canary: Tuning,
+    weight: u32,
+    min_requests: u64,
+    guardrails: &str,
+    extra: &str,
+    clients: usize,
+) -> (Server, Value, Vec<Value>) {
+    let stable = TunedBackend::start(STABLE, stable).await;
+    let canary = TunedBackend::start(CANARY, canary).await;
+    let plan = format!(
+        "min_requests = {min_requests}\ninconclusive_limit = 1000\n\
+         stages = [ {{ weight = {weight}, duration = \"20s\" }} ]"
+    );
+    let extra = format!("{extra}\n{}", rollout_table(&plan, guardrails));
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let traffic = Traffic::start(server.proxy_addr(), clients);
+    let mut seen = Vec::new();
+    let state = poll_state(
+        &admin,
+        "a guardrail rollback",
+        ROLLOUT_DEADLINE,
+        |s| seen.push(s.clone()),
+        |s| s["status"] == "rolled_back",
+    )
+    .await;
+    let (_, on_canary) = traffic.answered();
+    assert!(on_canary > 0, "the canary never answered");
+    drop(traffic);
+    // The guardrail's rollback is complete: traffic off the canary, the
+    // rollout recorded as rolled back by the guardrail.
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    assert_eq!(state["last_rollback"]["source"], "guardrail", "{state:#}");
+    let state = wait_state(&admin, "the rollout to record its end", |s| {
+        rollout_phase(s) == "rolled_back"
+    })
+    .await;
+    assert_eq!(
+        state["rollout"]["reason"], state["last_rollback"]["reason"],
+        "{state:#}"
+    );
+    (server, state, seen)
+}
+
+/// Answers of a few fresh keys, which must all come from stable.
+async fn all_on_stable(proxy: SocketAddr) {
+    let http = Http::new(proxy);
+    for i in 0..20 {
+        let key = format!("after-rollback-{i}");
+        let reply = http.get("/", &[("x-user-id", &key)]).await;
+        assert_eq!(reply.version(), STABLE, "{key}: {reply:?}");
+    }
+}
+
+/// The reason of the state's last rollback.
+fn rollback_reason(state: &Value) -> String {
+    state["last_rollback"]["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no rollback reason in {state:#}"))
+        .to_owned()
+}
+
+/// The value of a guardrail's evaluation as the rollback reason prints it.
+fn shown(value: &Value) -> String {
+    format!("{:.4}", value.as_f64().expect("a number"))
+}
+
+// ---------------------------------------------------------------------------
+// Stages and promotion
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_canary_goes_through_every_stage_and_is_promoted() {
+    let same = Tuning {
+        tokens: Some(100),
+        ..Tuning::default()
+    };
+    let stable = TunedBackend::start(STABLE, same).await;
+    let canary = TunedBackend::start(CANARY, same).await;
+    let plan = "min_requests = 40\ninconclusive_limit = 1000\non_success = \"promote\"\n\
+                stages = [ { weight = 20, duration = \"1s\" }, { weight = 50, duration = \"1s\" },\n\
+                           { weight = 100, duration = \"1s\" } ]";
+    let guardrails = "success_rate_min = 0.97\nsuccess_rate_drop_max = 0.02\n\
+                      p95_latency_ms_max = 8000\ntokens_ratio_max = 1.15";
+    let extra = format!("{TOKENS_HEADER}\n{}", rollout_table(plan, guardrails));
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let traffic = Traffic::start(server.proxy_addr(), 4);
+
+    // (stage, rollout weight, canary weight) of every progressing state seen.
+    let mut stages: Vec<(u64, f64, f64)> = Vec::new();
+    let mut phases = BTreeSet::new();
+    let state = poll_state(
+        &admin,
+        "the promotion",
+        ROLLOUT_DEADLINE,
+        |s| {
+            phases.insert(rollout_phase(s).to_owned());
+            if rollout_phase(s) == "progressing" {
+                assert_eq!(s["status"], "progressing", "{s:#}");
+                stages.push((
+                    s["rollout"]["stage"].as_u64().expect("a stage"),
+                    s["rollout"]["weight"].as_f64().expect("a weight"),
+                    s["canary"]["weight"].as_f64().expect("a canary weight"),
+                ));
+            }
+        },
+        |s| s["stable"]["name"] == CANARY,
+    )
+    .await;
+    let (on_stable, on_canary) = traffic.answered();
+    drop(traffic);
+
+    // Every stage was seen, in order, each at its weight, and the canary's
+    // weight in the table was the stage's.
+    assert!(
+        stages.windows(2).all(|w| w[0].0 <= w[1].0),
+        "stages went backwards: {stages:?}"
+    );
+    for (stage, weight) in [(0, 20.0), (1, 50.0), (2, 100.0)] {
+        assert!(
+            stages.contains(&(stage, weight, weight)),
+            "stage {stage} at {weight}% never seen: {stages:?}"
+        );
+    }
+    assert!(
+        stages.iter().all(|&(_, w, c)| w == c),
+        "the canary's weight differed from its stage's: {stages:?}"
+    );
+    assert!(!phases.contains("rolled_back"), "{phases:?}");
+    assert!(on_stable > 0 && on_canary > 0, "{on_stable} / {on_canary}");
+
+    // Promoted: the canary is the stable version, there is no canary.
+    assert_eq!(state["stable"]["name"], CANARY, "{state:#}");
+    assert_eq!(
+        state["stable"]["upstreams"],
+        json!([canary.addr.to_string()]),
+        "{state:#}"
+    );
+    assert!(state["canary"].is_null(), "{state:#}");
+    assert_eq!(state["status"], "steady", "{state:#}");
+    assert!(state["last_rollback"].is_null(), "{state:#}");
+    let rollout = &state["rollout"];
+    assert_eq!(rollout["phase"], "promoted", "{state:#}");
+    assert_eq!(rollout["stage"], 3, "{state:#}");
+    assert_eq!(rollout["stages"], 3, "{state:#}");
+    // The last stage ended on a passing evaluation of every guardrail.
+    for guardrail in [
+        "success_rate",
+        "success_rate_drop",
+        "p95_latency_ms",
+        "tokens_ratio",
+    ] {
+        assert_eq!(verdict(&state, guardrail), "pass", "{guardrail}: {state:#}");
+    }
+    assert_eq!(
+        evaluation(&state, "tokens_ratio").map(|e| e["limit"].clone()),
+        Some(json!(1.15)),
+        "{state:#}"
+    );
+    // Every request now goes to the promoted version.
+    let http = Http::new(server.proxy_addr());
+    for i in 0..10 {
+        let reply = http.get("/", &[("x-user-id", &format!("after-{i}"))]).await;
+        assert_eq!(reply.version(), CANARY, "{reply:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Guardrails
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_failing_one_request_in_five_is_rolled_back_by_the_success_rate() {
+    const FAILURE_LIMIT: u64 = 2;
+    let (server, state, seen) = rolled_back_by(
+        Tuning::default(),
+        Tuning {
+            fail_every: Some(5),
+            ..Tuning::default()
+        },
+        50,
+        50,
+        "success_rate_min = 0.97\nsuccess_rate_drop_max = 0.02",
+        "",
+        4,
+    )
+    .await;
+
+    // The reason names the guardrail and its values.
+    let reason = rollback_reason(&state);
+    let rate = evaluation(&state, "success_rate").expect("a success_rate evaluation");
+    assert_eq!(rate["verdict"], "fail", "{state:#}");
+    let canary_rate = rate["canary"].as_f64().expect("a canary success rate");
+    assert!(
+        (0.7..0.9).contains(&canary_rate),
+        "one in five fails, yet the canary's rate is {canary_rate}"
+    );
+    assert_eq!(rate["stable"], 1.0, "{state:#}");
+    let expected = format!(
+        "success_rate: canary {} vs stable {} (limit 0.97)",
+        shown(&rate["canary"]),
+        shown(&rate["stable"])
+    );
+    assert!(reason.contains(&expected), "{reason:?} lacks {expected:?}");
+    assert!(
+        reason.contains(&format!("{FAILURE_LIMIT} evaluations in a row")),
+        "{reason:?}"
+    );
+
+    // Rolled back within `failure_limit` evaluations of the first one that
+    // had enough samples to judge (an earlier one may have been missed by
+    // the polling, which only makes this bound looser).
+    let first_judged = seen
+        .iter()
+        .filter(|s| !matches!(verdict(s, "success_rate"), "" | "inconclusive"))
+        .filter_map(|s| s["rollout"]["evaluations"].as_u64())
+        .min()
+        .unwrap_or_else(|| {
+            state["rollout"]["evaluations"]
+                .as_u64()
+                .expect("evaluations")
+        });
+    let rolled_back_at = state["rollout"]["evaluations"]
+        .as_u64()
+        .expect("evaluations");
+    assert!(
+        rolled_back_at < first_judged + FAILURE_LIMIT,
+        "first judged at evaluation {first_judged}, rolled back at {rolled_back_at}"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| !matches!(verdict(s, "success_rate"), "pass")),
+        "a canary failing 20% passed the success-rate guardrail"
+    );
+
+    all_on_stable(server.proxy_addr()).await;
+
+    // The rollback latches: the same canary cannot be rolled out again.
+    let admin = AdminApi::new(server.admin_addr());
+    let again = admin
+        .call(Method::POST, "/admin/rollout", Value::Null)
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{again:?}");
+    let state = admin.state().await;
+    assert_eq!(state["status"], "rolled_back", "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    assert_eq!(rollout_phase(&state), "rolled_back", "{state:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_canary_is_rolled_back_by_the_latency_ratio() {
+    // Six times slower, far beyond the 1.5 allowed, so that scheduling
+    // noise on a loaded machine cannot hide it.
+    let (server, state, _) = rolled_back_by(
+        Tuning {
+            delay: Duration::from_millis(20),
+            ..Tuning::default()
+        },
+        Tuning {
+            delay: Duration::from_millis(120),
+            ..Tuning::default()
+        },
+        20,
+        40,
+        "p95_latency_ratio_max = 1.5",
+        "",
+        8,
+    )
+    .await;
+    let reason = rollback_reason(&state);
+    let latency = evaluation(&state, "p95_latency_ratio").expect("a latency evaluation");
+    assert_eq!(latency["verdict"], "fail", "{state:#}");
+    let (stable_ms, canary_ms) = (
+        latency["stable"].as_f64().expect("a stable p95"),
+        latency["canary"].as_f64().expect("a canary p95"),
+    );
+    assert!(
+        stable_ms >= 20.0 && canary_ms >= 120.0,
+        "p95s {stable_ms} ms / {canary_ms} ms"
+    );
+    let expected = format!(
+        "p95_latency_ratio: canary {} vs stable {} (limit 1.5)",
+        shown(&latency["canary"]),
+        shown(&latency["stable"])
+    );
+    assert!(reason.contains(&expected), "{reason:?} lacks {expected:?}");
+    all_on_stable(server.proxy_addr()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_spending_more_tokens_is_rolled_back_by_the_tokens_ratio() {
+    let (server, state, _) = rolled_back_by(
+        Tuning {
+            tokens: Some(100),
+            ..Tuning::default()
+        },
+        Tuning {
+            tokens: Some(130),
+            ..Tuning::default()
+        },
+        50,
+        40,
+        "tokens_ratio_max = 1.15",
+        TOKENS_HEADER,
+        4,
+    )
+    .await;
+    let reason = rollback_reason(&state);
+    let tokens = evaluation(&state, "tokens_ratio").expect("a tokens evaluation");
+    assert_eq!(tokens["verdict"], "fail", "{state:#}");
+    let (stable, canary) = (
+        tokens["stable"].as_f64().expect("stable tokens"),
+        tokens["canary"].as_f64().expect("canary tokens"),
+    );
+    assert!(
+        (95.0..=105.0).contains(&stable) && (125.0..=135.0).contains(&canary),
+        "mean tokens {stable} / {canary}"
+    );
+    let expected = format!(
+        "tokens_ratio: canary {} vs stable {} (limit 1.15)",
+        shown(&tokens["canary"]),
+        shown(&tokens["stable"])
+    );
+    assert!(reason.contains(&expected), "{reason:?} lacks {expected:?}");
+    all_on_stable(server.proxy_addr()).await;
+}
+
+/// A server whose config has a `[rollout]` (for the windows' slot and the
+/// plan an empty start uses) but no canary; the canary is installed through
+/// the API at weight 0.
+async fn server_with_api_canary(plan: &str, guardrails: &str, extra: &str) -> Server {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let extra = format!(
+        "{FAST_HEALTH}\n{extra}\n{}",
+        rollout_table(plan, guardrails)
+    );
+    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_score_below_its_floor_rolls_back() {
+    let server = server_with_api_canary(
+        "inconclusive_limit = 1000\nstages = [ { weight = 20, duration = \"30s\" } ]",
+        "eval_score_min = 0.9",
+        "",
+    )
+    .await;
+    let admin = AdminApi::new(server.admin_addr());
+    // An empty body starts the config's plan.
+    let started = admin
+        .call(Method::POST, "/admin/rollout", Value::Null)
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    assert_eq!(rollout_phase(&started.json()), "progressing");
+
+    let signal = |body: Value| {
+        let admin = admin.clone();
+        async move { admin.call(Method::POST, "/admin/signals", body).await }
+    };
+    // Checked before any score is recorded: none of these may count.
+    for (body, status) in [
+        (
+            json!({"version": "v9", "eval_score": 0.5}),
+            StatusCode::CONFLICT,
+        ),
+        (
+            json!({"version": CANARY, "eval_score": 1.5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"version": CANARY, "eval_score": -0.1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!({"version": CANARY}), StatusCode::BAD_REQUEST),
+        (
+            json!({"version": CANARY, "eval_score": 0.5, "extra": 1}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let reply = signal(body.clone()).await;
+        assert_eq!(reply.status, status, "{body}: {reply:?}");
+        assert!(reply.json()["error"].is_string(), "{reply:?}");
+    }
+    // Without a score the guardrail cannot judge.
+    let state = wait_state(&admin, "an evaluation without a score", |s| {
+        evaluation(s, "eval_score").is_some()
+    })
+    .await;
+    let eval = evaluation(&state, "eval_score").expect("seen above");
+    assert_eq!(eval["verdict"], "inconclusive", "{state:#}");
+    assert!(eval["canary"].is_null(), "{state:#}");
+
+    // A low score for the stable version judges nothing; a good one for the
+    // canary passes.
+    assert_eq!(
+        signal(json!({"version": STABLE, "eval_score": 0.5}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let reply = signal(json!({"version": CANARY, "eval_score": 0.95})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["eval_score"], 0.95);
+    let state = wait_state(&admin, "the good score judged", |s| {
+        verdict(s, "eval_score") == "pass"
+    })
+    .await;
+    assert_eq!(
+        evaluation(&state, "eval_score").map(|e| e["canary"].clone()),
+        Some(json!(0.95))
+    );
+    assert_eq!(state["status"], "progressing", "{state:#}");
+
+    // A bad one rolls back, naming the guardrail and the score.
+    let reply = signal(json!({"version": CANARY, "eval_score": 0.5})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let state = wait_state(&admin, "the eval-score rollback", |s| {
+        s["status"] == "rolled_back" && rollout_phase(s) == "rolled_back"
+    })
+    .await;
+    assert_eq!(state["last_rollback"]["source"], "guardrail", "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    let reason = rollback_reason(&state);
+    assert!(
+        reason.contains("eval_score: canary 0.5000") && reason.contains("(limit 0.9)"),
+        "{reason:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Approval gate and abort
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_waits_for_approval_and_abort_rolls_back() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    // A plan with no guardrails: every evaluation passes, so only the
+    // stage machine decides.
+    let plan = json!({
+        "interval": INTERVAL,
+        "stages": [
+            {"weight": 10, "duration": "300ms"},
+            {"pause": true},
+            {"weight": 50, "duration": "30s"},
+        ],
+    });
+    let started = admin
+        .call(Method::POST, "/admin/rollout", plan.clone())
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let again = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{again:?}");
+
+    let paused = wait_state(&admin, "the pause", |s| rollout_phase(s) == "paused").await;
+    assert_eq!(paused["status"], "paused", "{paused:#}");
+    assert_eq!(paused["rollout"]["stage"], 1, "{paused:#}");
+    assert!(paused["rollout"]["time_left_ms"].is_null(), "{paused:#}");
+    assert_eq!(paused["canary"]["weight"], 10.0, "{paused:#}");
+
+    // It stays paused, unchanged, over several intervals.
+    let since = Instant::now();
+    let generation = paused["generation"].clone();
+    poll_state(
+        &admin,
+        "five intervals of pause",
+        ROLLOUT_DEADLINE,
+        |s| {
+            assert_eq!(rollout_phase(s), "paused", "{s:#}");
+            assert_eq!(s["status"], "paused", "{s:#}");
+            assert_eq!(s["generation"], generation, "{s:#}");
+            assert_eq!(s["canary"]["weight"], 10.0, "{s:#}");
+        },
+        |_| since.elapsed() >= Duration::from_millis(500),
+    )
+    .await;
+
+    // Approval moves on to the next stage.
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    let moved = wait_state(&admin, "the stage after the pause", |s| {
+        s["rollout"]["stage"] == 2
+    })
+    .await;
+    assert_eq!(rollout_phase(&moved), "progressing", "{moved:#}");
+    assert_eq!(moved["status"], "progressing", "{moved:#}");
+    assert_eq!(moved["canary"]["weight"], 50.0, "{moved:#}");
+    assert_eq!(moved["rollout"]["weight"], 50.0, "{moved:#}");
+    // There is nothing to approve now.
+    let extra = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(extra.status, StatusCode::CONFLICT, "{extra:?}");
+
+    // Abort is a rollback.
+    let aborted = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
+    let state = aborted.json();
+    assert_eq!(state["status"], "rolled_back", "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    assert_eq!(state["last_rollback"]["source"], "api", "{state:#}");
+    let ended = wait_state(&admin, "the rollout to end", |s| {
+        matches!(rollout_phase(s), "aborted" | "superseded")
+    })
+    .await;
+    assert_eq!(ended["status"], "rolled_back", "{ended:#}");
+    assert_eq!(ended["canary"]["weight"], 0.0, "{ended:#}");
+    all_on_stable(server.proxy_addr()).await;
+}
+
+// ---------------------------------------------------------------------------
+// Restart
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_stage_resumes_with_the_time_spent() {
+    const STAGE_MS: u64 = 30_000;
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "min_requests = 10\ninconclusive_limit = 1000\n\
+                stages = [ { weight = 10, duration = \"30s\" }, { weight = 100, duration = \"30s\" } ]";
+    let extra = rollout_table(plan, "p95_latency_ms_max = 8000");
+    let dir = scratch_dir();
+    let path = dir.join("cohort.toml");
+    std::fs::write(
+        &path,
+        config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra),
+    )
+    .expect("write the config");
+
+    let first = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    let traffic = Traffic::start(first.proxy, 2);
+    let before = wait_state(&admin, "time spent in the first stage", |s| {
+        s["rollout"]["stage_elapsed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 500)
+            && verdict(s, "p95_latency_ms") == "pass"
+    })
+    .await;
+    drop(traffic);
+    first.kill9().await;
+    let spent = before["rollout"]["stage_elapsed_ms"]
+        .as_u64()
+        .expect("seen above");
+    let evaluations = before["rollout"]["evaluations"]
+        .as_u64()
+        .expect("evaluations");
+
+    let second = Process::serve(&path, &[]).await;
+    second.log_line(&["resuming the rollout", "stage=0"]).await;
+    let admin = AdminApi::new(second.admin);
+    let resumed = admin.state().await;
+    let rollout = &resumed["rollout"];
+    assert_eq!(rollout["stage"], 0, "{resumed:#}");
+    assert_eq!(rollout["phase"], "progressing", "{resumed:#}");
+    assert_eq!(resumed["status"], "progressing", "{resumed:#}");
+    assert_eq!(resumed["canary"]["weight"], 10.0, "{resumed:#}");
+    assert!(
+        rollout["stage_elapsed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= spent),
+        "the stage's time was reset: {spent} ms before, now {resumed:#}"
+    );
+    assert!(
+        rollout["time_left_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms <= STAGE_MS - spent),
+        "{resumed:#}"
+    );
+    // The last evaluation survived the restart too.
+    assert!(
+        evaluation(&resumed, "p95_latency_ms").is_some(),
+        "{resumed:#}"
+    );
+
+    // It carries on from there: three more evaluations, each at least an
+    // interval apart, add at least 300 ms to the time restored.
+    let restored = (
+        rollout["evaluations"].as_u64().expect("evaluations"),
+        rollout["stage_elapsed_ms"].as_u64().expect("checked above"),
+    );
+    assert!(restored.0 >= evaluations, "{resumed:#}");
+    let traffic = Traffic::start(second.proxy, 2);
+    let later = wait_state(&admin, "the resumed stage to progress", |s| {
+        s["rollout"]["evaluations"]
+            .as_u64()
+            .is_some_and(|n| n >= restored.0 + 3)
+    })
+    .await;
+    drop(traffic);
+    assert_eq!(later["rollout"]["stage"], 0, "{later:#}");
+    assert_eq!(rollout_phase(&later), "progressing", "{later:#}");
+    assert!(
+        later["rollout"]["stage_elapsed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= restored.1 + 300),
+        "the time before the restart was not counted: {restored:?} restored, now {later:#}"
+    );
+    assert_eq!(second.stop().await, Some(0));
+}
+
+// ---------------------------------------------------------------------------
+// AgentRelease manifest and `cohort ctl`
+
+/// Runs `cohort ctl --admin http://<admin> <args>`.
+async fn ctl(admin: SocketAddr, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(COHORT_BIN);
+    command
+        .arg("ctl")
+        .arg("--admin")
+        .arg(format!("http://{admin}"))
+        .args(args)
+        .env_remove("COHORT_ADMIN")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    within(&format!("cohort ctl {args:?}"), command.output())
+        .await
+        .expect("run cohort ctl")
+}
+
+/// Asserts `output` succeeded; returns its stdout.
+fn ok(output: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what}: {:?}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+const MANIFEST: &str = r"# Shaped like config/agent-release.yaml, with short stages.
+apiVersion: cohort/v1
+kind: AgentRelease
+metadata:
+  name: support-agent-test
+  description: a short rollout for the tests
+rollout:
+  interval: 100ms
+  failure_limit: 2
+  min_requests: 30
+  stages:
+    - { traffic: 20, duration: 1s }
+    - { pause: true }
+    - { traffic: 50, duration: 30s }
+  guardrails:
+    task_success_rate: { min: 0.97 }
+    p95_latency_ms: { max: 8000 }
+    token_spend_delta: { max: 0.15 }
+    eval_score: { min: 0.9 }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_release_manifest_drives_a_rollout_through_ctl() {
+    let same = Tuning {
+        tokens: Some(100),
+        ..Tuning::default()
+    };
+    let stable = TunedBackend::start(STABLE, same).await;
+    let canary = TunedBackend::start(CANARY, same).await;
+    let extra = format!(
+        "{FAST_HEALTH}\n{TOKENS_HEADER}\n{}",
+        rollout_table("stages = [ { weight = 1, duration = \"1s\" } ]", "")
+    );
+    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let traffic = Traffic::start(server.proxy_addr(), 4);
+
+    let manifest = scratch_dir().join("release.yaml");
+    std::fs::write(&manifest, MANIFEST).expect("write the manifest");
+    let manifest = manifest.to_str().expect("a UTF-8 path");
+    let out = ok(
+        &ctl(server.admin_addr(), &["rollout", "start", manifest]).await,
+        "rollout start",
+    );
+    assert!(out.contains("rollout     progressing  stage 1/3"), "{out}");
+    let reply = admin
+        .call(
+            Method::POST,
+            "/admin/signals",
+            json!({"version": CANARY, "eval_score": 0.95}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    // The first stage passes on every guardrail the manifest names, mapped
+    // onto the plan's, and the rollout stops at the approval gate.
+    let paused = wait_state(&admin, "the manifest's pause", |s| {
+        rollout_phase(s) == "paused"
+    })
+    .await;
+    let limits: Vec<(String, Value, String)> = paused["rollout"]["last_evaluation"]
+        .as_array()
+        .expect("an evaluation")
+        .iter()
+        .map(|e| {
+            (
+                e["guardrail"].as_str().unwrap_or("").to_owned(),
+                e["limit"].clone(),
+                e["verdict"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let pass = || "pass".to_owned();
+    assert_eq!(
+        limits,
+        [
+            ("success_rate".to_owned(), json!(0.97), pass()),
+            ("p95_latency_ms".to_owned(), json!(8000.0), pass()),
+            ("tokens_ratio".to_owned(), json!(1.15), pass()),
+            ("eval_score".to_owned(), json!(0.9), pass()),
+        ],
+        "{paused:#}"
+    );
+    assert_eq!(paused["canary"]["weight"], 20.0, "{paused:#}");
+
+    // `ctl status` shows the rollout line and the guardrail table.
+    let out = ok(&ctl(server.admin_addr(), &["status"]).await, "status");
+    assert!(out.contains("status      paused"), "{out}");
+    assert!(
+        out.contains("rollout     paused  stage 2/3  weight 20.0%  time left -"),
+        "{out}"
+    );
+    let header = out
+        .lines()
+        .find(|l| l.contains("guardrail"))
+        .unwrap_or_else(|| panic!("no guardrail table in {out}"));
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(
+        columns,
+        ["guardrail", "stable", "canary", "limit", "verdict"],
+        "{out}"
+    );
+    for (guardrail, limit) in [
+        ("success_rate", "0.9700"),
+        ("p95_latency_ms", "8000.0000"),
+        ("tokens_ratio", "1.1500"),
+        ("eval_score", "0.9000"),
+    ] {
+        let row: Vec<&str> = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(guardrail))
+            .unwrap_or_else(|| panic!("no {guardrail} row in {out}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row.len(), 5, "{row:?}");
+        assert_eq!((row[3], row[4]), (limit, "pass"), "{out}");
+    }
+
+    // `ctl rollout approve` passes the gate; `ctl rollout abort` rolls back.
+    let out = ok(
+        &ctl(server.admin_addr(), &["rollout", "approve"]).await,
+        "approve",
+    );
+    assert!(out.contains("rollout"), "{out}");
+    let moved = wait_state(&admin, "the stage after approval", |s| {
+        s["rollout"]["stage"] == 2
+    })
+    .await;
+    assert_eq!(moved["canary"]["weight"], 50.0, "{moved:#}");
+    let out = ok(
+        &ctl(server.admin_addr(), &["rollout", "abort"]).await,
+        "abort",
+    );
+    assert!(out.contains("status      rolled_back"), "{out}");
+    assert!(out.contains("by api: rollout aborted"), "{out}");
+    drop(traffic);
+    wait_state(&admin, "the aborted rollout to end", |s| {
+        matches!(rollout_phase(s), "aborted" | "superseded")
+    })
+    .await;
+}
