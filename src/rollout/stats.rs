@@ -237,9 +237,12 @@ pub fn evaluate(
         );
     }
     if let Some(ratio) = g.p95_latency_ratio_max {
-        let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
-        // Half the level went to the bound of the stable p95.
-        let verdict = judge(enough, p * 2.0);
+        // Half the level goes to the bound of the stable p95; without that
+        // bound the ratio cannot be judged, which is not a pass.
+        let verdict = match p95_ratio_p(stable, canary, ratio, alpha / 2.0) {
+            Some(p) => judge(enough, p * 2.0),
+            None => Verdict::Inconclusive,
+        };
         push("p95_latency_ratio", stable_p95, canary_p95, ratio, verdict);
     }
     if let Some(ceiling_ms) = g.p95_latency_ms_max {
@@ -444,10 +447,10 @@ fn exceedance_p(canary: &Sample, limit_micros: f64) -> f64 {
 }
 
 /// The p-value of the ratio test given an upper bound of the stable p95 at
-/// level `bound_alpha`; 1 when the stable sample is too small to bound it.
-fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -> f64 {
+/// level `bound_alpha`; `None` when the stable sample is too small to bound it.
+fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -> Option<f64> {
     if stable.requests == 0 {
-        return 1.0;
+        return None;
     }
     // The bound is at or above the point estimate's bin (its rank is at
     // least the nearest rank for any bound_alpha < 1/2): if the canary is
@@ -459,15 +462,12 @@ fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -
         canary.requests,
         0.05,
     ) {
-        return 1.0;
+        return Some(1.0);
     }
-    match p95_upper_rank(stable.requests, bound_alpha) {
-        None => 1.0,
-        Some(rank) => {
-            let (_, upper) = latency_bin_edges(bin_of_rank(&stable.latency, rank));
-            exceedance_p(canary, ratio * upper as f64)
-        }
-    }
+    // Too few stable requests to bound its p95: nothing to compare with yet.
+    let rank = p95_upper_rank(stable.requests, bound_alpha)?;
+    let (_, upper) = latency_bin_edges(bin_of_rank(&stable.latency, rank));
+    Some(exceedance_p(canary, ratio * upper as f64))
 }
 
 /// The smallest `k` such that the `k`-th smallest of `n` observations is at
@@ -685,6 +685,28 @@ mod tests {
             evals.iter().all(|e| e.verdict == Verdict::Inconclusive),
             "{evals:?}"
         );
+    }
+
+    #[test]
+    fn a_latency_ratio_without_a_stable_bound_is_inconclusive_not_a_pass() {
+        // Enough requests for min_requests, too few to bound stable's p95 at
+        // this level; the canary is far slower, but that cannot be judged yet.
+        let stable = sample(40, 40, |i| 100 + i);
+        let canary = sample(40, 40, |i| 1_000 + i);
+        let g = Guardrails {
+            p95_latency_ratio_max: Some(1.2),
+            ..all_guardrails()
+        };
+        let look = Look {
+            index: 1,
+            planned: 120,
+        };
+        let evals = evaluate(&g, &stable, &canary, Some(0.95), 20, look);
+        let ratio = evals
+            .iter()
+            .find(|e| e.guardrail == "p95_latency_ratio")
+            .expect("the ratio guardrail");
+        assert_eq!(ratio.verdict, Verdict::Inconclusive, "{ratio:?}");
     }
 
     #[test]

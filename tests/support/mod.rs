@@ -1257,7 +1257,9 @@ impl TunedBackend {
                 if !tuning.delay.is_zero() {
                     tokio::time::sleep(tuning.delay).await;
                 }
-                let failing = tuning.fail_every.is_some_and(|every| n.is_multiple_of(every));
+                let failing = tuning
+                    .fail_every
+                    .is_some_and(|every| n.is_multiple_of(every));
                 let mut rsp = Response::new(full(if failing { "failed" } else { "ok" }));
                 if failing {
                     *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
