@@ -11,22 +11,29 @@
 //! that times out. Does not own: the real request (`proxy`), when the shadow
 //! is installed or removed (`control`), or its health (`health`).
 //!
-//! Request bodies are not copied: the real request's body streams to its
-//! upstream as hyper's `Incoming`, which the pooled upstream client is typed
-//! on. So only bodiless requests are mirrored, and a request with a body of
-//! any size is dropped with reason `too_large`, as if `max_body` were 0.
+//! Request bodies are copied while they stream to the real upstream, never
+//! buffered first: the real request's body is a [`TeeBody`] that hands a
+//! clone of each data frame to the copy's [`CopyBody`] through a small
+//! bounded channel, without waiting. A copy whose body turns out larger than
+//! `shadow.max_body` (reason `too_large`), or that falls [`COPY_FRAMES`]
+//! frames behind (reason `queue_full`), is abandoned: its request to the
+//! shadow fails; the real request never notices.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Body;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -68,7 +75,151 @@ impl ShadowPolicy {
     }
 }
 
-type ShadowClient = Client<HttpConnector, Empty<Bytes>>;
+type ShadowClient = Client<HttpConnector, CopyBody>;
+
+/// How many body frames a copy may fall behind the real request before it
+/// is abandoned.
+pub const COPY_FRAMES: usize = 16;
+
+/// The real request's body on its way upstream: every frame passes through
+/// unchanged and, when the request is mirrored, a clone of each data frame
+/// (a reference count, not a copy of the bytes) goes to the shadow's copy.
+/// Without a shadow this is one `Option` check per frame.
+#[derive(Debug)]
+pub struct TeeBody {
+    inner: Incoming,
+    tap: Option<Tap>,
+}
+
+/// The sending end of a copy's body.
+#[derive(Debug)]
+pub struct Tap {
+    frames: mpsc::Sender<Bytes>,
+    /// Set before the sender is dropped when the real body ended whole, so
+    /// the copy can tell a complete body from an abandoned one.
+    complete: Arc<AtomicBool>,
+    /// Bytes the copy may still take under `shadow.max_body`.
+    left: u64,
+}
+
+impl TeeBody {
+    #[must_use]
+    pub fn new(inner: Incoming, tap: Option<Tap>) -> TeeBody {
+        TeeBody { inner, tap }
+    }
+
+    /// Passes `frame` to the copy; `false` when the copy must be abandoned.
+    fn feed(tap: &mut Tap, frame: &Frame<Bytes>) -> bool {
+        let Some(data) = frame.data_ref() else {
+            // Trailers are not mirrored; the copy's body ends without them.
+            return true;
+        };
+        let len = data.len() as u64;
+        if len > tap.left {
+            record_shadow_dropped(ShadowDropReason::TooLarge);
+            return false;
+        }
+        tap.left -= len;
+        match tap.frames.try_send(data.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                record_shadow_dropped(ShadowDropReason::QueueFull);
+                false
+            }
+            // The copy is over already (timed out, or the shadow answered early).
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(tap) = &mut this.tap {
+            let keep = match &frame {
+                Some(Ok(frame)) => Self::feed(tap, frame),
+                Some(Err(_)) => false,
+                None => {
+                    tap.complete.store(true, Ordering::Release);
+                    false
+                }
+            };
+            // hyper may stop polling once the body says it has ended.
+            if keep && this.inner.is_end_stream() {
+                tap.complete.store(true, Ordering::Release);
+                this.tap = None;
+            } else if !keep {
+                this.tap = None;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A copy's body: the real request's data frames as they pass, ending in an
+/// error if the copy was abandoned, so the shadow never sees a truncated
+/// body as a whole one.
+#[derive(Debug)]
+pub struct CopyBody {
+    frames: mpsc::Receiver<Bytes>,
+    complete: Arc<AtomicBool>,
+}
+
+impl CopyBody {
+    /// A body and the tap that feeds it.
+    fn channel(max_body: u64) -> (CopyBody, Tap) {
+        let (tx, rx) = mpsc::channel(COPY_FRAMES);
+        let complete = Arc::new(AtomicBool::new(false));
+        let body = CopyBody {
+            frames: rx,
+            complete: Arc::clone(&complete),
+        };
+        let tap = Tap {
+            frames: tx,
+            complete,
+            left: max_body,
+        };
+        (body, tap)
+    }
+
+    /// An empty, complete body.
+    fn empty() -> CopyBody {
+        let (body, tap) = CopyBody::channel(0);
+        tap.complete.store(true, Ordering::Release);
+        body
+    }
+}
+
+impl Body for CopyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match ready!(self.frames.poll_recv(cx)) {
+            Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            None if self.complete.load(Ordering::Acquire) => Poll::Ready(None),
+            None => Poll::Ready(Some(Err("the shadow copy was abandoned".into()))),
+        }
+    }
+}
 
 /// What outlives a change of the shadow's share: its client and its copy slots.
 #[derive(Debug)]
@@ -138,7 +289,9 @@ impl Shadow {
     }
 
     /// Sends a copy of `req` to the shadow if the rules pick it. Returns at
-    /// once: the copy is sent by its own task, or dropped and counted.
+    /// once: the copy is sent by its own task, or dropped and counted. When
+    /// the request has a body, the returned [`Tap`] must go into the real
+    /// request's [`TeeBody`], which feeds the copy as the body streams.
     /// `key` is the request's sticky key (or the fallback key drawn for it);
     /// keyless requests are not mirrored.
     pub fn offer<B: Body>(
@@ -148,30 +301,37 @@ impl Shadow {
         policy: &Policy,
         peer: SocketAddr,
         tls: bool,
-    ) {
-        let Some(key) = key else { return };
+    ) -> Option<Tap> {
+        let key = key?;
         if !policy.shadow.methods.contains(req.method()) || !self.covers(key) {
-            return;
+            return None;
         }
         if forward::is_upgrade(req) {
-            return;
+            return None;
         }
-        if !bodiless(req) {
+        let declared = req.body().size_hint().exact();
+        if declared.is_some_and(|len| len > policy.shadow.max_body) {
             record_shadow_dropped(ShadowDropReason::TooLarge);
-            return;
+            return None;
         }
         let Ok(slot) = Arc::clone(&self.sender.slots).try_acquire_owned() else {
             record_shadow_dropped(ShadowDropReason::QueueFull);
-            return;
+            return None;
         };
         let Some((_, upstream)) = self.version.pick() else {
             // As the real path would answer: counted as a 503 of the shadow.
             self.version
                 .metrics
                 .record_response(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
-            return;
+            return None;
         };
-        let mut copy = Request::new(Empty::new());
+        let (body, tap) = if bodiless(req) {
+            (CopyBody::empty(), None)
+        } else {
+            let (body, tap) = CopyBody::channel(policy.shadow.max_body);
+            (body, Some(tap))
+        };
+        let mut copy = Request::new(body);
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
@@ -191,7 +351,7 @@ impl Shadow {
             }
             Err(error) => {
                 tracing::debug!(%error, "request cannot be mirrored");
-                return;
+                return None;
             }
         };
         tokio::spawn(send(
@@ -201,6 +361,7 @@ impl Shadow {
             policy.shadow.timeout,
             slot,
         ));
+        tap
     }
 }
 
@@ -213,7 +374,7 @@ fn bodiless<B: Body>(req: &Request<B>) -> bool {
 /// records it under `cohort="shadow"`; gives up after `shadow.timeout`.
 async fn send(
     client: ShadowClient,
-    copy: Request<Empty<Bytes>>,
+    copy: Request<CopyBody>,
     version: Arc<Version>,
     timeout: Duration,
     slot: OwnedSemaphorePermit,
@@ -267,7 +428,7 @@ mod tests {
 
     #[test]
     fn bodiless_requests_are_told_apart() {
-        let empty = Request::new(Empty::<Bytes>::new());
+        let empty = Request::new(http_body_util::Empty::<Bytes>::new());
         assert!(bodiless(&empty));
         let full = Request::new(http_body_util::Full::new(Bytes::from_static(b"x")));
         assert!(!bodiless(&full));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -33,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::UpstreamConfig;
+use crate::shadow::TeeBody;
 
 /// How an upstream is spoken to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,7 +123,7 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 /// with the HTTP/1.1 ones. Generic over the request body so that health
 /// probes reach every upstream form the way requests do.
 #[derive(Debug, Clone)]
-pub struct UpstreamClient<B = Incoming> {
+pub struct UpstreamClient<B = TeeBody> {
     http: Client<CountingConnector, B>,
     h2c: Client<CountingConnector, B>,
 }

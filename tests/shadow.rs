@@ -20,7 +20,7 @@ use bytes::Bytes;
 use cohort::routing::{Weight, bucket};
 use cohort::serve::Server;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -39,6 +39,8 @@ struct Seen {
     user: Option<String>,
     shadow_header: Option<String>,
     version_header: Option<String>,
+    /// The whole request body, or `None` if it could not be read whole.
+    body: Option<Bytes>,
 }
 
 /// A shadow backend that records what it receives and answers `shadow says
@@ -84,11 +86,19 @@ impl ShadowBackend {
                 .get(name)
                 .map(|v| v.to_str().expect("printable").to_owned())
         };
+        let (method, user, shadow_header, version_header) = (
+            req.method().clone(),
+            header("x-user"),
+            header("x-cohort-shadow"),
+            header("x-agent-version"),
+        );
+        let body = req.into_body().collect().await.ok().map(|b| b.to_bytes());
         let seen = Seen {
-            method: req.method().clone(),
-            user: header("x-user"),
-            shadow_header: header("x-cohort-shadow"),
-            version_header: header("x-agent-version"),
+            method,
+            user,
+            shadow_header,
+            version_header,
+            body,
         };
         self.seen.lock().expect("not poisoned").push(seen);
         let _ = self.release.subscribe().wait_for(|r| *r).await;
@@ -369,5 +379,75 @@ async fn put_admin_shadow_installs_and_removes_it_across_restarts() {
     server.shutdown().await;
     let server = support::start_cohort(&toml).await;
     assert!(admin(&server, Method::GET, "/admin/state", "").await.json()["shadow"].is_null());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_bodies_are_mirrored_while_they_stream_up_to_max_body() {
+    let stable = Backend::start("real-bodies").await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = format!(
+        "{ROUTING}\n[shadow]\nname = \"sh-bodies\"\nupstreams = [\"{}\"]\npercent = 100\n\
+         methods = [\"POST\"]\nmax_body = \"64KiB\"\n",
+        shadow.addr
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+
+    // A body under the limit reaches both the real upstream and the shadow, whole.
+    let small: Bytes = (0..40_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let reply = client
+        .send(Method::POST, "/", &[("x-user", "poster")], small.clone())
+        .await;
+    assert_real(&reply, &stable);
+    assert_eq!(reply.json()["body_len"], small.len());
+    eventually("the shadow gets the mirrored POST", || {
+        !shadow.seen().is_empty()
+    })
+    .await;
+    let seen = shadow.seen().remove(0);
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(
+        seen.body.as_deref(),
+        Some(&small[..]),
+        "the copy's body differs"
+    );
+
+    // A body over the limit is not mirrored; the real request is untouched.
+    let large: Bytes = vec![7u8; 100_000].into();
+    let reply = client
+        .send(Method::POST, "/", &[("x-user", "poster")], large.clone())
+        .await;
+    assert_real(&reply, &stable);
+    assert_eq!(reply.json()["body_len"], large.len());
+    support::eventually_async("the oversized copy is counted as too_large", || async {
+        metric(
+            &server,
+            "cohort_shadow_dropped_total",
+            &[("reason", "too_large")],
+        )
+        .await
+        .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    // A GET is not among these methods, so a further POST is the marker.
+    client
+        .send(
+            Method::POST,
+            "/",
+            &[("x-user", "poster")],
+            Bytes::from_static(b"marker"),
+        )
+        .await;
+    eventually("the marker copy arrives", || shadow.seen().len() >= 2).await;
+    let bodies: Vec<_> = shadow.seen().into_iter().map(|s| s.body).collect();
+    assert_eq!(
+        bodies,
+        [Some(small), Some(Bytes::from_static(b"marker"))],
+        "only bodies within max_body are mirrored"
+    );
     server.shutdown().await;
 }

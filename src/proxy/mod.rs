@@ -27,6 +27,7 @@ use crate::clock;
 use crate::config::{CanaryUnavailable, Fallback};
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
+use crate::shadow::TeeBody;
 use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{self, Protocol, UpstreamAddr, UpstreamClient};
 
@@ -104,11 +105,12 @@ impl Proxy {
             Err(error) => Err(error),
             Ok(()) => {
                 // A copy for the shadow, if it takes this request; never waits.
-                if let Some(shadow) = &table.shadow {
-                    shadow.offer(&req, key.as_deref(), &table.policy, peer, self.tls);
-                }
+                let tap = table.shadow.as_ref().and_then(|shadow| {
+                    shadow.offer(&req, key.as_deref(), &table.policy, peer, self.tls)
+                });
                 let client_upgrade =
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+                let req = req.map(|body| TeeBody::new(body, tap));
                 self.forward(req, &table, &version, upstream, peer)
                     .await
                     .map(|rsp| (rsp, client_upgrade))
@@ -164,7 +166,7 @@ impl Proxy {
     /// Sends `req` to one of `version`'s upstreams and waits for the response headers.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<TeeBody>,
         table: &RouteTable,
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,
