@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{Http, Reply, STABLE, eventually_async, is_health_probe};
+use support::{Http, Reply, STABLE, admin, eventually_async, is_health_probe, metric};
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
 /// Passive ejection is pushed out of the way so the active checks are what is tested.
@@ -105,34 +105,6 @@ impl Backend {
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
-}
-
-async fn admin(server: &Server, method: Method, path: &str, body: &str) -> Reply {
-    Http::new(server.admin_addr())
-        .send(
-            method,
-            path,
-            &[("content-type", "application/json")],
-            Bytes::from(body.to_owned()),
-        )
-        .await
-}
-
-/// The value of the series `name` whose labels include all of `labels`.
-async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = admin(server, Method::GET, "/metrics", "").await.body;
-    let text = String::from_utf8_lossy(&text).into_owned();
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 async fn healthy_gauge(server: &Server, version: &str, upstream: SocketAddr) -> Option<f64> {

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cohort::routing::{Weight, bucket};
-use cohort::serve::Server;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
@@ -28,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use support::{Backend, Http, Reply, STABLE, eventually, is_health_probe};
+use support::{Backend, Http, Reply, STABLE, admin, eventually, is_health_probe, metric};
 
 const ROUTING: &str = "[routing]\nsticky_keys = [\"header:x-user\"]\n";
 
@@ -120,31 +119,6 @@ impl ShadowBackend {
     fn release(&self) {
         self.release.send_replace(true);
     }
-}
-
-async fn admin(server: &Server, method: Method, path: &str, body: &str) -> Reply {
-    Http::new(server.admin_addr())
-        .send(
-            method,
-            path,
-            &[("content-type", "application/json")],
-            Bytes::from(body.to_owned()),
-        )
-        .await
-}
-
-/// The value of the series `name` whose labels include all of `labels`.
-async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = admin(server, Method::GET, "/metrics", "").await.body;
-    let text = String::from_utf8_lossy(&text).into_owned();
-    text.lines()
-        .filter(|line| line.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 fn shadow_body(name: &str, upstream: SocketAddr, percent: f64) -> String {

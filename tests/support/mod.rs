@@ -1281,3 +1281,33 @@ impl TunedBackend {
         self.hits.load(Ordering::SeqCst)
     }
 }
+
+/// A call to the admin API of `server` with a JSON body (may be empty).
+pub async fn admin(server: &Server, method: Method, path: &str, body: &str) -> Reply {
+    Http::new(server.admin_addr())
+        .send(
+            method,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_owned()),
+        )
+        .await
+}
+
+/// The value of the series `name` (with or without labels) whose labels
+/// include all of `labels`, scraped from `server`'s `/metrics`.
+pub async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = admin(server, Method::GET, "/metrics", "").await.body;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
