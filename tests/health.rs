@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{Http, Reply, STABLE, admin, eventually_async, is_health_probe, metric};
+use support::{Http, STABLE, admin, eventually_async, is_health_probe, metric};
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
 /// Passive ejection is pushed out of the way so the active checks are what is tested.
