@@ -169,16 +169,18 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
 }
 
 fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
-    // Read here for the worker count; `serve::run` reads it again (and on SIGHUP).
-    let workers = match Config::load(path) {
-        Ok(config) => config.listen.workers,
-        Err(error) => return fail(error.to_string()),
-    };
+    // The proxy workers run on threads of their own (`serve::start`); this
+    // runtime carries the admin listener, health checks, the rollout
+    // controller and signals, which need little, so it has one thread.
     let options = crate::serve::StartOptions { reset_state };
-    let result = runtime(workers).and_then(|rt| {
-        rt.block_on(crate::serve::run(path, options))
-            .map_err(|e| e.to_string())
-    });
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| {
+            rt.block_on(crate::serve::run(path, options))
+                .map_err(|e| e.to_string())
+        });
     result.map_or_else(fail, |()| ExitCode::SUCCESS)
 }
 

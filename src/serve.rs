@@ -2,8 +2,13 @@
 //!
 //! Owns: the order of start-up (metrics, route table, upstream client,
 //! TLS, listeners, readiness) and of shutdown (not ready, stop accepting, drain,
-//! stop the admin listener), and what each OS signal does. Does not own any
-//! of the pieces it wires together.
+//! stop the admin listener), what each OS signal does, and the thread layout:
+//! `listen.workers` proxy workers, each a thread with its own single-threaded
+//! runtime, listening socket (`SO_REUSEPORT` on one address when there are
+//! several), `Proxy` and upstream connection pools, so a request never
+//! crosses threads; the admin listener, health checks and the rollout
+//! controller run on the caller's runtime. Does not own any of the pieces it
+//! wires together.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,8 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Admin};
@@ -49,6 +54,11 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("cannot register signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start proxy worker {index}: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("cannot read the admin token from {path}: {source}")]
@@ -76,7 +86,9 @@ pub struct Server {
     admin: Arc<Admin>,
     tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
-    proxy_task: JoinHandle<()>,
+    /// One per proxy worker thread; each resolves (or errs, if the thread
+    /// died) once that worker has drained.
+    workers: Vec<oneshot::Receiver<()>>,
     admin_task: JoinHandle<()>,
 }
 
@@ -138,16 +150,22 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         }
         _ => {}
     }
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(control.table()),
-        upstream::client(&config.upstream, Arc::clone(&upstream_tls)),
-        server_tls.is_some(),
-    ));
-
-    let proxy_listener = bind("listen.addr", config.listen.addr).await?;
+    let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
     let admin_listener = bind("admin.addr", config.admin.addr).await?;
-    let proxy_addr = local_addr(&proxy_listener, "listen.addr", config.listen.addr)?;
-    let admin_addr = local_addr(&admin_listener, "admin.addr", config.admin.addr)?;
+    let proxy_addr = proxy_listeners[0]
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "listen.addr",
+            addr: config.listen.addr,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "admin.addr",
+            addr: config.admin.addr,
+            source,
+        })?;
 
     let (shutdown, _) = watch::channel(false);
     let admin = Arc::new(Admin::new(
@@ -157,12 +175,20 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         token,
         config.admin.metrics_auth,
     ));
-    let listen = config.listen.clone();
-    let proxy_task = tokio::spawn({
-        let stop = stopped(&shutdown);
-        let server_tls = server_tls.clone();
-        async move { listener::serve(proxy_listener, proxy, &listen, server_tls, stop).await }
+    let shared = Arc::new(WorkerShared {
+        table: Arc::clone(control.table()),
+        listen: config.listen.clone(),
+        upstream: config.upstream.clone(),
+        upstream_tls: Arc::clone(&upstream_tls),
+        server_tls: server_tls.clone(),
+        permits: Arc::new(Semaphore::new(config.listen.max_connections)),
     });
+    let mut workers = Vec::with_capacity(proxy_listeners.len());
+    for (index, listener) in proxy_listeners.into_iter().enumerate() {
+        let done = spawn_worker(index, listener, Arc::clone(&shared), stopped(&shutdown))
+            .map_err(|source| ServeError::Worker { index, source })?;
+        workers.push(done);
+    }
     tokio::spawn(crate::health::run_checks(
         Arc::clone(control.table()),
         config.health.clone(),
@@ -182,7 +208,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         admin,
         tls: server_tls,
         shutdown,
-        proxy_task,
+        workers,
         admin_task,
     })
 }
@@ -300,8 +326,10 @@ impl Server {
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
-        if let Err(error) = self.proxy_task.await {
-            tracing::error!(%error, "proxy listener task failed");
+        for (index, done) in self.workers.into_iter().enumerate() {
+            if done.await.is_err() {
+                tracing::error!(worker = index, "proxy worker ended without draining");
+            }
         }
         self.admin_task.abort();
     }
@@ -313,14 +341,98 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
         .map_err(|source| ServeError::Bind { what, addr, source })
 }
 
-fn local_addr(
-    listener: &TcpListener,
-    what: &'static str,
-    addr: SocketAddr,
-) -> Result<SocketAddr, ServeError> {
-    listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { what, addr, source })
+/// The proxy's listening sockets, one per worker, all on `addr`: the first
+/// is bound as configured (port 0 picks a port), the rest to its address.
+/// With more than one, each carries `SO_REUSEPORT` and the kernel spreads
+/// new connections over them; a single listener does not set it, so it can
+/// never silently share its port with a leftover process.
+fn bind_proxy(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    let error = |source| ServeError::Bind {
+        what: "listen.addr",
+        addr,
+        source,
+    };
+    let reuse_port = workers > 1;
+    let first = bind_one(addr, reuse_port).map_err(error)?;
+    let bound = first.local_addr().map_err(error)?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(bind_one(bound, reuse_port).map_err(error)?);
+    }
+    Ok(listeners)
+}
+
+/// Binds one listening socket with the options `TcpListener::bind` uses
+/// (`SO_REUSEADDR`, a backlog of 1024), detached from the current runtime so
+/// that a worker can register it with its own.
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+/// What every proxy worker builds its own `Proxy` from.
+struct WorkerShared {
+    table: Arc<Table>,
+    listen: crate::config::ListenConfig,
+    upstream: crate::config::UpstreamConfig,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    server_tls: Option<Arc<ServerTls>>,
+    permits: Arc<Semaphore>,
+}
+
+/// Starts proxy worker `index`: a thread running a single-threaded runtime
+/// that serves `listener` with its own `Proxy` and upstream pools until
+/// `stop`, then drains. The receiver resolves once it has drained.
+fn spawn_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<WorkerShared>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, drained) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("cohort-proxy-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(worker = index, %error, "cannot register the listener");
+                        return;
+                    }
+                };
+                let proxy = Arc::new(Proxy::new(
+                    Arc::clone(&shared.table),
+                    upstream::client(&shared.upstream, Arc::clone(&shared.upstream_tls)),
+                    shared.server_tls.is_some(),
+                ));
+                listener::serve(
+                    listener,
+                    proxy,
+                    &shared.listen,
+                    shared.server_tls.clone(),
+                    Arc::clone(&shared.permits),
+                    stop,
+                )
+                .await;
+            });
+            // Upgraded tunnels and idle upstream connections end with the runtime.
+            drop(runtime);
+            let _ = done.send(());
+        })?;
+    Ok(drained)
 }
 
 /// A future that resolves once `shutdown` flips to `true`.

@@ -34,12 +34,15 @@ pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Accepts and serves connections until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
 /// `tls`, each connection first completes a TLS handshake (within
-/// `header_read_timeout`) and speaks HTTP/2 if ALPN chose `h2`.
+/// `header_read_timeout`) and speaks HTTP/2 if ALPN chose `h2`. Each open
+/// connection holds one of `permits` (`listen.max_connections`, shared by
+/// every worker's listener).
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     config: &ListenConfig,
     tls: Option<Arc<ServerTls>>,
+    permits: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -59,7 +62,6 @@ pub async fn serve(
     });
 
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(config.max_connections));
     let open_connections = crate::metrics::client_connections();
     let handshake_timeout = config.header_read_timeout;
     tokio::pin!(shutdown);
