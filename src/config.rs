@@ -36,7 +36,7 @@ pub struct Config {
     pub shadow: Option<ShadowConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenConfig {
     pub addr: SocketAddr,
     /// Worker threads; `0` in the file means one per core and is resolved here.
@@ -47,14 +47,14 @@ pub struct ListenConfig {
     pub tls: Option<TlsConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub alpn: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time to the upstream's response headers; a streaming body is not cut.

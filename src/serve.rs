@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, ListenConfig, UpstreamConfig};
 use crate::control::Control;
 use crate::proxy::{Proxy, listener};
 use crate::rollout::controller::Rollouts;
@@ -86,10 +86,26 @@ pub struct Server {
     admin: Arc<Admin>,
     tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
-    /// One per proxy worker thread; each resolves (or errs, if the thread
-    /// died) once that worker has drained.
+    /// The running generation of proxy workers; a reload that changes
+    /// `[listen]` or `[upstream]` starts a new one and drains this one.
+    generation: WorkerGeneration,
+    /// One per proxy worker thread of every generation; each resolves (or
+    /// errs, if the thread died) once that worker has drained.
     workers: Vec<oneshot::Receiver<()>>,
+    upstream_tls: Arc<rustls::ClientConfig>,
     admin_task: JoinHandle<()>,
+}
+
+/// A set of proxy workers built from one `[listen]` and `[upstream]`.
+#[derive(Debug)]
+struct WorkerGeneration {
+    listen: ListenConfig,
+    upstream: UpstreamConfig,
+    /// Duplicates of the workers' listening sockets, so that the next
+    /// generation can take over the same sockets without a gap.
+    listeners: Vec<std::net::TcpListener>,
+    /// Tells this generation's workers to stop accepting and drain.
+    stop: watch::Sender<bool>,
 }
 
 /// Loads the state, binds the listeners and starts serving; returns once
@@ -175,24 +191,18 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         token,
         config.admin.metrics_auth,
     ));
-    let shared = Arc::new(WorkerShared {
-        table: Arc::clone(control.table()),
-        listen: config.listen.clone(),
-        upstream: config.upstream.clone(),
-        upstream_tls: Arc::clone(&upstream_tls),
-        server_tls: server_tls.clone(),
-        permits: Arc::new(Semaphore::new(config.listen.max_connections)),
-    });
-    let mut workers = Vec::with_capacity(proxy_listeners.len());
-    for (index, listener) in proxy_listeners.into_iter().enumerate() {
-        let done = spawn_worker(index, listener, Arc::clone(&shared), stopped(&shutdown))
-            .map_err(|source| ServeError::Worker { index, source })?;
-        workers.push(done);
-    }
+    let (generation, workers) = spawn_generation(
+        proxy_listeners,
+        &config,
+        Arc::clone(control.table()),
+        Arc::clone(&upstream_tls),
+        server_tls.clone(),
+        &shutdown,
+    )?;
     tokio::spawn(crate::health::run_checks(
         Arc::clone(control.table()),
         config.health.clone(),
-        upstream_tls,
+        Arc::clone(&upstream_tls),
         stopped(&shutdown),
     ));
     let admin_task = tokio::spawn(admin::serve(
@@ -208,7 +218,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         admin,
         tls: server_tls,
         shutdown,
+        generation,
         workers,
+        upstream_tls,
         admin_task,
     })
 }
@@ -218,7 +230,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
     let mut signals = Signals::register().map_err(ServeError::Signals)?;
-    let server = start_with(config, options).await?;
+    let mut server = start_with(config, options).await?;
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {
         match signals.recv().await {
@@ -230,7 +242,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
                 Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
             },
             Signal::Reload => {
-                reload_config(&server, path);
+                reload_config(&mut server, path);
                 // The certificate files are read again whether or not the config changed.
                 match server.reload_tls() {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),
@@ -249,11 +261,23 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
 }
 
 /// SIGHUP's config half: a config that fails to load or apply changes nothing.
-fn reload_config(server: &Server, path: &Path) {
+fn reload_config(server: &mut Server, path: &Path) {
     match Config::load(path) {
         Ok(config) => {
             if let Err(error) = server.control.reload(&config) {
                 tracing::error!(%error, "config reload failed; the old one keeps running");
+                return;
+            }
+            match server.reload_workers(&config) {
+                Ok(true) => tracing::info!(
+                    proxy.addr = %server.proxy_addr(),
+                    "proxy workers restarted with the reloaded [listen] and [upstream]; the previous ones drain"
+                ),
+                Ok(false) => {}
+                Err(error) => tracing::error!(
+                    %error,
+                    "the reloaded [listen] or [upstream] cannot be applied; the running workers keep serving"
+                ),
             }
         }
         Err(error) => {
@@ -323,6 +347,56 @@ impl Server {
 
     /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),
     /// then stops the admin listener.
+    /// Applies a reloaded `[listen]` and `[upstream]`: when they differ from
+    /// the running workers', starts a new generation of workers on the same
+    /// listening sockets (or on new ones, when `listen.addr` changed), then
+    /// tells the old generation to stop accepting and drain, so no connection
+    /// is dropped and no accept is missed. Returns whether it did. TLS files
+    /// and admin settings are not part of it.
+    pub fn reload_workers(&mut self, config: &Config) -> Result<bool, ServeError> {
+        let current = &self.generation;
+        if config.listen == current.listen && config.upstream == current.upstream {
+            return Ok(false);
+        }
+        if config.listen.tls != current.listen.tls {
+            tracing::warn!(
+                "listen.tls paths take a restart; the certificate files are re-read in place"
+            );
+        }
+        let same_addr = config.listen.addr == current.listen.addr;
+        let listeners = if same_addr {
+            (0..config.listen.workers.max(1))
+                .map(|i| current.listeners[i % current.listeners.len()].try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|source| ServeError::Bind {
+                    what: "listen.addr",
+                    addr: self.proxy_addr,
+                    source,
+                })?
+        } else {
+            bind_proxy(config.listen.addr, config.listen.workers)?
+        };
+        let mut config = config.clone();
+        config.listen.tls.clone_from(&current.listen.tls);
+        let (generation, workers) = spawn_generation(
+            listeners,
+            &config,
+            Arc::clone(self.control.table()),
+            Arc::clone(&self.upstream_tls),
+            self.tls.clone(),
+            &self.shutdown,
+        )?;
+        if let Some(listener) = generation.listeners.first()
+            && let Ok(addr) = listener.local_addr()
+        {
+            self.proxy_addr = addr;
+        }
+        let previous = std::mem::replace(&mut self.generation, generation);
+        previous.stop.send_replace(true);
+        self.workers.extend(workers);
+        Ok(true)
+    }
+
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
@@ -377,6 +451,48 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     }
     socket.bind(addr)?;
     socket.listen(1024)?.into_std()
+}
+
+/// Starts one proxy worker per listener, built from `config`'s `[listen]`
+/// and `[upstream]`; they stop on `shutdown` or on the generation's own stop.
+fn spawn_generation(
+    listeners: Vec<std::net::TcpListener>,
+    config: &Config,
+    table: Arc<Table>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    server_tls: Option<Arc<ServerTls>>,
+    shutdown: &watch::Sender<bool>,
+) -> Result<(WorkerGeneration, Vec<oneshot::Receiver<()>>), ServeError> {
+    let (stop, _) = watch::channel(false);
+    let shared = Arc::new(WorkerShared {
+        table,
+        listen: config.listen.clone(),
+        upstream: config.upstream.clone(),
+        upstream_tls,
+        server_tls,
+        permits: Arc::new(Semaphore::new(config.listen.max_connections)),
+    });
+    let mut kept = Vec::with_capacity(listeners.len());
+    let mut workers = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let error = |source| ServeError::Worker { index, source };
+        kept.push(listener.try_clone().map_err(error)?);
+        let (global, own) = (stopped(shutdown), stopped(&stop));
+        let either = async move {
+            tokio::select! {
+                () = global => {}
+                () = own => {}
+            }
+        };
+        workers.push(spawn_worker(index, listener, Arc::clone(&shared), either).map_err(error)?);
+    }
+    let generation = WorkerGeneration {
+        listen: config.listen.clone(),
+        upstream: config.upstream.clone(),
+        listeners: kept,
+        stop,
+    };
+    Ok((generation, workers))
 }
 
 /// What every proxy worker builds its own `Proxy` from.

@@ -2,8 +2,10 @@
 //!
 //! Owns: SIGUSR1 rolls back with source `signal` (in `/admin/state`, the
 //! audit log and traffic); SIGHUP applies an edited config to the next
-//! request without dropping an open keep-alive connection; SIGHUP with an
-//! invalid config is refused in the log while the old config keeps serving.
+//! request without dropping an open keep-alive connection; SIGHUP with a
+//! moved listener and new upstream settings starts new workers while a
+//! request in flight finishes on the old ones; SIGHUP with an invalid config
+//! is refused in the log while the old config keeps serving.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -12,8 +14,8 @@ mod support;
 use std::path::PathBuf;
 
 use support::{
-    AdminApi, Backend, CANARY, KeepAlive, Process, STABLE, audit_lines, config, eventually_async,
-    within,
+    AdminApi, Backend, CANARY, Http, KeepAlive, Process, STABLE, SlowBackend, audit_lines, config,
+    eventually_async, within,
 };
 
 /// Writes `text` as the config file of a fresh state directory.
@@ -201,4 +203,59 @@ async fn sighup_with_an_invalid_config_keeps_the_old_one() {
     }
     assert_eq!(admin.state().await, before);
     assert_eq!(process.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_the_listener_and_lets_requests_in_flight_finish() {
+    let slow = SlowBackend::start(STABLE).await;
+    let text = config(
+        &[slow.addr],
+        None,
+        "[upstream]\nresponse_timeout = \"60s\"\n",
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let old = process.proxy;
+
+    // A request in flight on the first listener, held by the backend.
+    let in_flight = tokio::spawn(async move { Http::new(old).get("/", &[]).await });
+    eventually_async("the held request to reach the backend", || async {
+        slow.hits() == 1
+    })
+    .await;
+
+    // Move the listener and change an upstream timeout.
+    let new = free_port();
+    let edited = text
+        .replacen("addr = \"127.0.0.1:0\"", &format!("addr = \"{new}\""), 1)
+        .replacen(
+            "response_timeout = \"60s\"",
+            "response_timeout = \"30s\"",
+            1,
+        );
+    assert_ne!(edited, text);
+    std::fs::write(&path, edited).expect("edit the config");
+    process.signal("HUP");
+    process.log_line(&["proxy workers restarted"]).await;
+
+    // New connections are served on the new address...
+    slow.release();
+    let reply = within("the new listener to answer", Http::new(new).get("/", &[])).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.version(), STABLE);
+    // ...and the request that was in flight on the old one finishes there.
+    let held = in_flight.await.expect("the in-flight request's task");
+    assert_eq!(held.status, 200, "{held:?}");
+    // The old listener is closed once its workers have drained.
+    eventually_async("the old address to refuse connections", || async {
+        tokio::net::TcpStream::connect(old).await.is_err()
+    })
+    .await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address")
 }
