@@ -400,6 +400,9 @@ impl Server {
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
+        // The kept duplicates would hold the listening sockets open (and
+        // the kernel would go on queueing connections) after the workers stop.
+        drop(self.generation);
         for (index, done) in self.workers.into_iter().enumerate() {
             if done.await.is_err() {
                 tracing::error!(worker = index, "proxy worker ended without draining");

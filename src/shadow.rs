@@ -340,7 +340,7 @@ impl Shadow {
             copy,
             upstream,
             &policy.routing.version_header,
-            &self.version.name,
+            &self.version.header_value,
             peer,
             tls,
         ) {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
+use http::HeaderValue;
 use tokio::sync::watch;
 
 use crate::config::{Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig};
@@ -37,6 +38,8 @@ pub enum Status {
 #[derive(Debug)]
 pub struct Version {
     pub name: String,
+    /// `name` as the version header's value, built once rather than per request.
+    pub header_value: HeaderValue,
     pub upstreams: Vec<UpstreamAddr>,
     /// Round-robin cursor; shared by every request of every table this version is in.
     next: AtomicUsize,
@@ -75,6 +78,12 @@ impl Version {
                 .collect(),
             metrics: VersionMetrics::new(&config.name, cohort),
             name: config.name.clone(),
+            // Names from the config and the API are checked to be printable;
+            // one from a hand-edited state file might not be.
+            header_value: HeaderValue::from_str(&config.name).unwrap_or_else(|_| {
+                tracing::warn!(version = %config.name.escape_debug(), "version name is not a valid header value");
+                HeaderValue::from_static("invalid-version-name")
+            }),
             upstreams: config.upstreams.clone(),
             next: AtomicUsize::new(0),
             closes: watch::Sender::new(0),

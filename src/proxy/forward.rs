@@ -69,7 +69,7 @@ pub fn upstream_request<B>(
     req: Request<B>,
     upstream: &UpstreamAddr,
     version_header: &HeaderName,
-    version_name: &str,
+    version: &HeaderValue,
     peer: SocketAddr,
     tls: bool,
 ) -> Result<Request<B>, ProxyError> {
@@ -96,9 +96,7 @@ pub fn upstream_request<B>(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    if let Ok(value) = HeaderValue::from_str(version_name) {
-        headers.insert(version_header.clone(), value);
-    }
+    headers.insert(version_header.clone(), version.clone());
     if let Some(upgrade) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, upgrade);
@@ -210,16 +208,17 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Appends the peer to any `x-forwarded-for` chain the client sent.
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let mut chain = String::new();
+    use std::fmt::Write as _;
+    // One buffer, handed to the header value without a copy.
+    let mut chain = String::with_capacity(48);
     for value in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(v) = value.to_str() {
             chain.push_str(v.trim());
             chain.push_str(", ");
         }
     }
-    chain.push_str(&ip);
-    if let Ok(value) = HeaderValue::from_str(&chain) {
+    let _ = write!(chain, "{}", peer.ip());
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
 }

@@ -179,7 +179,7 @@ impl Proxy {
             req,
             upstream,
             &table.policy.routing.version_header,
-            &version.name,
+            &version.header_value,
             peer,
             self.tls,
         )?;
@@ -215,10 +215,8 @@ fn tag(
     tls: bool,
 ) {
     let routing = &table.policy.routing;
-    if let Ok(value) = HeaderValue::from_str(&version.name) {
-        rsp.headers_mut()
-            .insert(routing.version_header.clone(), value);
-    }
+    rsp.headers_mut()
+        .insert(routing.version_header.clone(), version.header_value.clone());
     if let Some(id) = new_cookie {
         let cookie = format!(
             "{}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
