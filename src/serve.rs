@@ -7,8 +7,9 @@
 //! runtime, listening socket (`SO_REUSEPORT` on one address when there are
 //! several), `Proxy` and upstream connection pools, so a request never
 //! crosses threads; the admin listener, health checks and the rollout
-//! controller run on the caller's runtime. Does not own any of the pieces it
-//! wires together.
+//! controller run on the caller's runtime. A reload that changes `[listen]`
+//! or `[upstream]` starts a new generation of workers on the same sockets
+//! and drains the old one. Does not own any of the pieces it wires together.
 
 use std::future::Future;
 use std::net::SocketAddr;
