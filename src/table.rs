@@ -136,14 +136,6 @@ impl Version {
             .or_else(|| order().find(|&i| self.health[i].is_healthy()))
             .map(|i| (i, &self.upstreams[i]))
     }
-
-    #[must_use]
-    pub fn config(&self) -> VersionConfig {
-        VersionConfig {
-            name: self.name.clone(),
-            upstreams: self.upstreams.clone(),
-        }
-    }
 }
 
 /// The canary and the share of buckets it serves.

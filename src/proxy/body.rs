@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -103,11 +102,6 @@ impl ResponseBody {
             in_flight,
             closing: None,
         }
-    }
-
-    /// Reads the whole body; for the proxy's own small bodies and tests.
-    pub async fn into_bytes(self) -> Result<Bytes, BoxError> {
-        Ok(self.collect().await?.to_bytes())
     }
 }
 
