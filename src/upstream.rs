@@ -120,8 +120,10 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 /// of speaking: `host:port` and `https://` share one (an `https://`
 /// connection speaks HTTP/2 or HTTP/1.1 as ALPN decides), `h2c://` has its
 /// own, HTTP/2 only, since its pool keys (`http://host:port`) would collide
-/// with the HTTP/1.1 ones. Generic over the request body so that health
-/// probes reach every upstream form the way requests do.
+/// with the HTTP/1.1 ones. Requests carry the real request's body as a
+/// `shadow::TeeBody` (which also feeds a shadow copy, when there is one);
+/// generic over the body so that health probes reach every upstream form the
+/// way requests do.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient<B = TeeBody> {
     http: Client<CountingConnector, B>,
