@@ -164,8 +164,12 @@ if [ "$MODE" = rss ]; then
     before=$(rss $pid)
     coproc HOLD { taskset -c 0 python3 $W/idle.py ${PORT[$name]} $N; }
     read -r line <&"${HOLD[0]}"
-    sleep 1
+    # Cohort frees an idle connection's HTTP/1.1 buffers after one to two
+    # seconds idle; every proxy gets the same wait.
+    sleep 3
     after=$(rss $pid)
+    [ $name = cohort ] && curl -s http://127.0.0.1:9903/metrics | grep '^cohort_client_connections'
+
     exec {HOLD[1]}>&-; wait $HOLD_PID 2>/dev/null || true
     awk -v n=$name -v b=$before -v a=$after -v c=$N \
       'BEGIN{printf "%-8s idle_conns=%d rss_before_kib=%d rss_after_kib=%d kib_per_conn=%.2f\n", n, c, b, a, (a-b)/c}'

@@ -43,6 +43,8 @@ pub struct ListenConfig {
     pub workers: usize,
     pub drain_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// How long an idle keep-alive client connection is kept open.
+    pub keepalive_timeout: Duration,
     pub max_connections: usize,
     pub tls: Option<TlsConfig>,
 }
@@ -318,6 +320,7 @@ mod raw {
         workers: Option<usize>,
         drain_timeout: Option<String>,
         header_read_timeout: Option<String>,
+        keepalive_timeout: Option<String>,
         max_connections: Option<usize>,
         tls: Option<Tls>,
     }
@@ -595,6 +598,12 @@ mod raw {
                     "listen.header_read_timeout",
                     self.listen.header_read_timeout,
                     Duration::from_secs(10),
+                ),
+                // nginx's `keepalive_timeout` default.
+                keepalive_timeout: c.positive_duration(
+                    "listen.keepalive_timeout",
+                    self.listen.keepalive_timeout,
+                    Duration::from_secs(75),
                 ),
                 max_connections: c.value(
                     "listen.max_connections",

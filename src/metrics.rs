@@ -34,6 +34,7 @@ pub const UPSTREAM_HEALTHY: &str = "cohort_upstream_healthy";
 pub const CANARY_FALLBACKS_TOTAL: &str = "cohort_canary_fallbacks_total";
 pub const SHADOW_DROPPED_TOTAL: &str = "cohort_shadow_dropped_total";
 pub const CLIENT_CONNECTIONS: &str = "cohort_client_connections";
+pub const IDLE_CLIENT_CONNECTIONS: &str = "cohort_client_connections_idle";
 pub const UPSTREAM_CONNECTIONS: &str = "cohort_upstream_connections";
 pub const BUILD_INFO: &str = "cohort_build_info";
 
@@ -154,6 +155,7 @@ fn register_process_metrics() {
     }
     counter!(CANARY_FALLBACKS_TOTAL).increment(0);
     gauge!(CLIENT_CONNECTIONS).increment(0.0);
+    gauge!(IDLE_CLIENT_CONNECTIONS).increment(0.0);
     gauge!(UPSTREAM_CONNECTIONS).increment(0.0);
     gauge!(CANARY_WEIGHT).increment(0.0);
     gauge!(ROUTE_GENERATION).increment(0.0);
@@ -202,6 +204,10 @@ fn describe() {
     );
     describe_counter!(SHADOW_DROPPED_TOTAL, "Shadow copies not sent, by reason.");
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open right now.");
+    describe_gauge!(
+        IDLE_CLIENT_CONNECTIONS,
+        "Client connections idle between requests, their HTTP/1.1 buffers freed."
+    );
     describe_gauge!(
         UPSTREAM_CONNECTIONS,
         "Upstream connections open right now, pooled idle ones included."
@@ -275,6 +281,11 @@ pub fn record_table(weight_percent: f64, generation: u64) {
 /// The gauge of open client connections.
 pub fn client_connections() -> Gauge {
     gauge!(CLIENT_CONNECTIONS)
+}
+
+/// The gauge of idle client connections whose HTTP/1.1 buffers were freed.
+pub fn idle_client_connections() -> Gauge {
+    gauge!(IDLE_CLIENT_CONNECTIONS)
 }
 
 /// The gauge of open upstream connections, resolved once by the pooled client's connector.

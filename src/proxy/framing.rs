@@ -94,6 +94,20 @@ impl<T> FramingGuard<T> {
     pub fn framing(&self) -> AmbiguousFraming {
         self.sniffer.flag.clone()
     }
+
+    /// Whether the bytes read so far end exactly after a request (its head
+    /// and body), so nothing of a next request has arrived yet. False once
+    /// the guard stopped watching, and after a head that may upgrade.
+    #[must_use]
+    pub fn between_requests(&self) -> bool {
+        self.sniffer.between_requests()
+    }
+
+    /// The wrapped connection.
+    #[must_use]
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
@@ -263,6 +277,10 @@ impl Sniffer {
             upgrade: false,
             flag,
         }
+    }
+
+    fn between_requests(&self) -> bool {
+        self.state == State::Head && self.head.is_empty() && !self.upgrade
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
@@ -618,6 +636,33 @@ mod tests {
             b"POST /e HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
         );
         assert_eq!(outcome(&bytes).refusal, BOTH);
+    }
+
+    #[test]
+    fn between_requests_only_when_no_part_of_a_request_is_pending() {
+        let between = |reads: &[&[u8]]| run(reads).between_requests();
+        assert!(between(&[]));
+        assert!(between(&[b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"]));
+        assert!(between(&[
+            b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\nab"
+        ]));
+        assert!(!between(&[b"GET / HTTP/1.1\r\nhost"]), "half a head");
+        assert!(
+            !between(&[b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\na"]),
+            "half a body"
+        );
+        assert!(
+            !between(&[b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n"]),
+            "an unfinished chunked body"
+        );
+        assert!(
+            !between(&[b"GET / HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"]),
+            "an upgrade may follow"
+        );
+        assert!(
+            !between(&[b"\x00garbage\r\n\r\n"]),
+            "the guard stopped watching"
+        );
     }
 
     #[test]

@@ -1,35 +1,52 @@
 //! The proxy's accept loop and connection lifecycle.
 //!
 //! Owns: accepting client connections (up to `listen.max_connections` at a
-//! time), the TLS handshake on a TLS listener and the protocol its ALPN
-//! chose, serving each connection with hyper (HTTP/1.1 with upgrades, or
-//! HTTP/2: by ALPN, or with prior knowledge on a plain listener) behind a
-//! [`FramingGuard`] on the decrypted bytes, the client header-read timeout,
-//! and the graceful drain on shutdown. Does not own: what happens to a
-//! request (`Proxy::handle`) or the certificate (`tls`).
+//! time), the TLS handshake on a TLS listener, choosing HTTP/1.1 (with
+//! upgrades) or HTTP/2 (by ALPN, or with prior knowledge on a plain
+//! listener), serving each connection with hyper behind a
+//! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
+//! taking an idle HTTP/1.1 connection back from hyper to free its buffers
+//! (see [`idle`](super::idle)), the client timeouts, and the graceful drain
+//! on shutdown. Does not own: what happens to a request (`Proxy::handle`)
+//! or the certificate (`tls`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use bytes::BytesMut;
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
+use hyper::service::{HttpService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::server::TlsStream;
 
-use super::Proxy;
-use super::framing::FramingGuard;
+use super::framing::AmbiguousFraming;
+use super::idle::{Activity, ClientIo, Tracked};
+use super::{Proxy, ResponseBody};
 use crate::config::ListenConfig;
 use crate::tls::ServerTls;
 
 /// Largest request head (request line and headers) accepted, like nginx's
 /// `large_client_header_buffers`; a larger one is answered 431.
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What an HTTP/2 client with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How often a serving HTTP/1.1 connection is checked for idleness, at
+/// most. A connection idle for a whole check is taken back from hyper, so
+/// an idle connection holds hyper's buffers for one to two checks. Checking
+/// after every response instead cost about 12% of throughput.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Accepts and serves connections until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
@@ -45,25 +62,11 @@ pub async fn serve(
     permits: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
-    // The same limit on a request's headers as over HTTP/1.1 (HPACK-decoded size).
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
-    let builders = Arc::new(Builders {
-        h2: builder.clone().http2_only(),
-        auto: builder,
-    });
-
-    let graceful = GracefulShutdown::new();
+    let settings = Arc::new(Settings::new(config));
+    // Sent once to start the drain; every connection holds a receiver, so
+    // the sender learns when the last one has ended.
+    let (drain, draining) = watch::channel(false);
     let open_connections = crate::metrics::client_connections();
-    let handshake_timeout = config.header_read_timeout;
     tokio::pin!(shutdown);
     loop {
         // Take a permit before accepting, so a full proxy leaves new
@@ -87,22 +90,27 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NODELAY");
         }
-        // Watched from here, so a drain also waits for a handshake under way.
-        let watcher = graceful.watcher();
-        let proxy = Arc::clone(&proxy);
-        let builders = Arc::clone(&builders);
+        let connection = Connection {
+            proxy: Arc::clone(&proxy),
+            peer,
+            settings: Arc::clone(&settings),
+            // Held from here, so a drain also waits for a handshake under way.
+            drain: draining.clone(),
+        };
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let open_connections = open_connections.clone();
-        tokio::spawn(async move {
+        let task = async move {
             open_connections.increment(1.0);
             let result = match acceptor {
-                None => serve_connection(stream, false, peer, proxy, &builders, watcher).await,
+                None => connection.serve_plain(stream).await,
+                // Boxed, like HTTP/2 below: a task is as large as its
+                // largest state, and most connections never need these.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_connection(stream, h2, peer, proxy, &builders, watcher).await
-                        }
+                    let handshake = Box::pin(acceptor.accept(stream));
+                    match tokio::time::timeout(connection.settings.header_read_timeout, handshake)
+                        .await
+                    {
+                        Ok(Ok(stream)) => Box::pin(connection.serve_tls(stream)).await,
                         Ok(Err(error)) => Err(format!("TLS handshake failed: {error}").into()),
                         Err(_) => Err("TLS handshake timed out".into()),
                     }
@@ -113,11 +121,15 @@ pub async fn serve(
             }
             open_connections.decrement(1.0);
             drop(permit);
-        });
+        };
+        eprintln!("SIZE task {}", std::mem::size_of_val(&task));
+        tokio::spawn(task);
     }
     drop(listener);
+    drop(draining);
     tracing::info!(timeout = ?config.drain_timeout, "draining open connections");
-    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+    let _ = drain.send(true);
+    if tokio::time::timeout(config.drain_timeout, drain.closed())
         .await
         .is_err()
     {
@@ -125,50 +137,271 @@ pub async fn serve(
     }
 }
 
-/// The connection builders: `auto` reads the first bytes and serves
-/// HTTP/1.1 (with upgrades) or HTTP/2 with prior knowledge; `h2` serves a
-/// TLS connection whose ALPN chose `h2`.
-struct Builders {
-    auto: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+/// How every connection of a listener is served.
+struct Settings {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
+    /// How often a serving HTTP/1.1 connection is checked for idleness.
+    idle_check: Duration,
+    /// Connections waiting for a request with nothing of hyper's.
+    idle_connections: metrics::Gauge,
+}
+
+impl Settings {
+    fn new(config: &ListenConfig) -> Settings {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // The same limit on a request's headers as over HTTP/1.1 (HPACK-decoded size).
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
+        Settings {
+            http1,
+            http2,
+            header_read_timeout: config.header_read_timeout,
+            keepalive_timeout: config.keepalive_timeout,
+            // Often enough that a connection is taken back well before
+            // hyper's header-read timer would close it, and that the
+            // keep-alive timeout is kept to within half of itself.
+            idle_check: IDLE_CHECK
+                .min(config.header_read_timeout / 3)
+                .min(config.keepalive_timeout / 2),
+            idle_connections: crate::metrics::idle_client_connections(),
+        }
+    }
 }
 
 type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves one client connection (plain, or already decrypted) to its end.
-async fn serve_connection<IO>(
-    io: IO,
-    h2: bool,
-    peer: SocketAddr,
+/// A client socket the listener can wait on without reading it.
+trait Socket: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// What a request handler needs from its client connection.
+struct Client {
     proxy: Arc<Proxy>,
-    builders: &Builders,
-    watcher: Watcher,
+    peer: SocketAddr,
+    framing: AmbiguousFraming,
+    activity: Arc<Activity>,
+}
+
+/// Serves `Proxy::handle` to one client connection, each response body
+/// counted open (see [`Activity`]) until hyper drops it.
+fn service(
+    client: Client,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked<ResponseBody>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked<ResponseBody>>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    let client = Arc::new(client);
+    service_fn(move |req| {
+        let client = Arc::clone(&client);
+        let open = client.activity.open_request();
+        async move {
+            let rsp = client.proxy.handle(req, client.peer, &client.framing).await;
+            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, open)))
+        }
+    })
+}
+
+/// One accepted client connection, until it ends.
+struct Connection {
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    drain: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// A plain connection: HTTP/2 if it opens with the HTTP/2 preface, else HTTP/1.1.
+    async fn serve_plain(self, stream: TcpStream) -> Result<(), ConnectionError> {
+        let mut io = ClientIo::new(stream);
+        let opening = tokio::time::timeout(self.settings.header_read_timeout, opens_h2(&mut io));
+        match opening.await {
+            Ok(Ok(h2)) => self.serve(io, h2).await,
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err("no request within the header read timeout".into()),
+        }
+    }
+
+    /// A TLS connection: HTTP/2 if ALPN chose it, else HTTP/1.1.
+    async fn serve_tls(self, stream: TlsStream<TcpStream>) -> Result<(), ConnectionError> {
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve(ClientIo::new(stream), h2).await
+    }
+
+    async fn serve<S: Socket>(mut self, io: ClientIo<S>, h2: bool) -> Result<(), ConnectionError> {
+        let service = service(Client {
+            proxy: Arc::clone(&self.proxy),
+            peer: self.peer,
+            framing: io.framing(),
+            activity: Arc::clone(io.activity()),
+        });
+        if h2 {
+            // Boxed where it is made: a binding would keep room for it in
+            // the task after the move.
+            let conn = Box::pin(
+                self.settings
+                    .http2
+                    .serve_connection(TokioIo::new(io), service),
+            );
+            return until_drained(conn, &mut self.drain).await;
+        }
+        let activity = Arc::clone(io.activity());
+        let mut io = io;
+        let mut service = service;
+        loop {
+            // Boxed, so that once hyper hands the socket back nothing of
+            // its connection stays in the task: a task is as large as its
+            // largest state.
+            let conn = Box::pin(
+                self.settings
+                    .http1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            );
+            match self.serve_until_idle(conn, &activity).await? {
+                Some(parts) => {
+                    io = parts.io.into_inner();
+                    io.rewind(parts.read_buf);
+                    service = parts.service;
+                }
+                None => return Ok(()),
+            }
+            if !io.has_rewound() {
+                self.settings.idle_connections.increment(1.0);
+                let waited = self.wait_for_request(&io).await;
+                self.settings.idle_connections.decrement(1.0);
+                if !waited? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 with hyper until the connection ends (`None`), or
+    /// until it has been idle for a whole check and hyper has handed the
+    /// socket back (`Some`).
+    async fn serve_until_idle<S, Svc, B>(
+        &mut self,
+        mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>>,
+        activity: &Activity,
+    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, hyper::Error>
+    where
+        S: Socket,
+        Svc: HttpService<Incoming, ResBody = B>,
+        Svc::Error: Into<ConnectionError>,
+        B: Body + 'static,
+        B::Error: Into<ConnectionError>,
+    {
+        let check = self.settings.idle_check;
+        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
+        let mut reads = activity.reads();
+        let mut releasing = false;
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => {
+                    result?;
+                    break;
+                }
+                _ = self.drain.wait_for(|&drain| drain), if !draining => {
+                    draining = true;
+                    if !releasing {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                _ = checks.tick(), if !releasing && !draining => {
+                    let now = activity.reads();
+                    if now == reads && activity.is_between_requests() {
+                        // hyper ends an idle connection at once, without
+                        // reading from it; its shutdown of the socket is
+                        // held back, so the socket stays open.
+                        releasing = true;
+                        activity.keep_open(true);
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    reads = now;
+                }
+            }
+        }
+        activity.keep_open(false);
+        // An upgraded connection has no parts: the tunnel holds the socket.
+        Ok(releasing
+            .then(|| Pin::into_inner(conn).into_parts())
+            .flatten())
+    }
+
+    /// Waits, holding only the socket, for the client's next request:
+    /// `true` once it sends something, `false` if the keep-alive time runs
+    /// out or a drain starts first.
+    async fn wait_for_request<S: Socket>(&mut self, io: &ClientIo<S>) -> std::io::Result<bool> {
+        // The connection was idle for one check before it was taken back.
+        let left = self
+            .settings
+            .keepalive_timeout
+            .saturating_sub(self.settings.idle_check);
+        tokio::select! {
+            ready = io.get_ref().tcp().readable() => ready.map(|()| true),
+            () = tokio::time::sleep(left) => Ok(false),
+            _ = self.drain.wait_for(|&drain| drain) => Ok(false),
+        }
+    }
+}
+
+/// Drives `conn` to its end, shutting it down gracefully once a drain starts.
+/// `conn` comes boxed: a task is as large as its largest state.
+async fn until_drained<C>(
+    mut conn: Pin<Box<C>>,
+    drain: &mut watch::Receiver<bool>,
 ) -> Result<(), ConnectionError>
 where
-    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: GracefulConnection,
+    C::Error: Into<ConnectionError>,
 {
-    // hyper hides a request that carries both lengths; the guard, reading
-    // the bytes hyper reads (decrypted, on a TLS connection), does not.
-    let io = FramingGuard::new(io);
-    let framing = io.framing();
-    let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        let framing = framing.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, peer, &framing).await) }
-    });
-    let io = TokioIo::new(io);
-    if h2 {
-        watcher
-            .watch(builders.h2.serve_connection(io, service).into_owned())
-            .await
-    } else {
-        watcher
-            .watch(
-                builders
-                    .auto
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned(),
-            )
-            .await
+    tokio::select! {
+        biased;
+        result = conn.as_mut() => return result.map_err(Into::into),
+        _ = drain.wait_for(|&drain| drain) => conn.as_mut().graceful_shutdown(),
     }
+    conn.await.map_err(Into::into)
+}
+
+/// Reads the start of a plain connection: whether it is the HTTP/2 preface.
+/// What was read is rewound for hyper, which reads it again.
+async fn opens_h2<S: Socket>(io: &mut ClientIo<S>) -> std::io::Result<bool> {
+    // Room for a typical request head, so that HTTP/1.1 costs no extra read.
+    let mut start = BytesMut::with_capacity(1024);
+    while start.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&start) {
+        if io.read_buf(&mut start).await? == 0 {
+            break;
+        }
+    }
+    let h2 = start.starts_with(H2_PREFACE);
+    io.rewind(start.freeze());
+    Ok(h2)
 }

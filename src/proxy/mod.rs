@@ -12,6 +12,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod idle;
 pub mod listener;
 
 use std::borrow::Cow;

@@ -1,0 +1,252 @@
+//! What the listener needs to free an idle HTTP/1.1 connection's buffers.
+//!
+//! hyper keeps a connection's read buffer (8 KiB) and write buffer for as
+//! long as it serves the connection, and has no setting to release them
+//! while the connection waits for its next request. The listener therefore
+//! takes the socket back from hyper once a connection has been idle for a
+//! while, waits for the next request holding nothing but the socket, and
+//! then serves it with a fresh hyper connection.
+//!
+//! Owns: [`ClientIo`], the client connection as hyper reads and writes it
+//! (behind the framing guard, with the bytes hyper had read but not parsed
+//! served again first), and [`Activity`], what the connection's task reads
+//! to tell that hyper is idle: reads, open requests, and whether the bytes
+//! so far end between two requests; [`Tracked`], the response body that
+//! keeps its request counted open until hyper drops it.
+//! Does not own: when to take a socket back, or the serving loop
+//! (`listener`).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::framing::{AmbiguousFraming, FramingGuard};
+
+/// One client connection's activity, written by its [`ClientIo`] and
+/// [`Tracked`] bodies (inside hyper) and read by the connection's task
+/// between polls of hyper. Everything runs on the connection's task, so
+/// relaxed ordering is enough; the atomics only make it `Send`.
+#[derive(Debug)]
+pub struct Activity {
+    /// Reads that returned bytes.
+    reads: AtomicU64,
+    /// Requests whose response body hyper has not dropped yet.
+    open_requests: AtomicUsize,
+    /// The last read ended between two requests.
+    between_requests: AtomicBool,
+    /// Set while the socket is being taken back: hyper's closing
+    /// `shutdown` must not reach it.
+    keep_open: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            reads: AtomicU64::new(0),
+            open_requests: AtomicUsize::new(0),
+            between_requests: AtomicBool::new(true),
+            keep_open: AtomicBool::new(false),
+        }
+    }
+
+    /// A count that changes whenever the client's bytes are read.
+    #[must_use]
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// No request is open and no part of a next one has been read: hyper
+    /// is waiting for a request head and holds none of it.
+    #[must_use]
+    pub fn is_between_requests(&self) -> bool {
+        self.open_requests.load(Ordering::Relaxed) == 0
+            && self.between_requests.load(Ordering::Relaxed)
+    }
+
+    /// Makes the connection's `shutdown` a no-op (`true`), so that hyper,
+    /// told to end an idle connection, leaves the socket open for
+    /// `into_parts`; or lets it through again (`false`).
+    pub fn keep_open(&self, keep: bool) {
+        self.keep_open.store(keep, Ordering::Relaxed);
+    }
+
+    /// Counts a request open until the returned guard is dropped.
+    #[must_use]
+    pub fn open_request(self: &Arc<Self>) -> OpenRequest {
+        self.open_requests.fetch_add(1, Ordering::Relaxed);
+        OpenRequest(Arc::clone(self))
+    }
+}
+
+/// A request counted in [`Activity`] until dropped.
+#[derive(Debug)]
+pub struct OpenRequest(Arc<Activity>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request open (see [`Activity`]) until
+/// hyper has written it and dropped it, or the client went away.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    body: B,
+    _open: OpenRequest,
+}
+
+impl<B> Tracked<B> {
+    #[must_use]
+    pub fn new(body: B, open: OpenRequest) -> Tracked<B> {
+        Tracked { body, _open: open }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client connection behind its [`FramingGuard`], reporting to its
+/// [`Activity`]. Bytes handed back with [`ClientIo::rewind`] are read
+/// again before the socket.
+#[derive(Debug)]
+pub struct ClientIo<T> {
+    guard: FramingGuard<T>,
+    /// Read from the socket (and seen by the guard) but not parsed yet.
+    rewound: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<T> ClientIo<T> {
+    #[must_use]
+    pub fn new(io: T) -> ClientIo<T> {
+        ClientIo {
+            guard: FramingGuard::new(io),
+            rewound: Bytes::new(),
+            activity: Arc::new(Activity::new()),
+        }
+    }
+
+    /// The framing guard's flag, for the connection's request handler.
+    #[must_use]
+    pub fn framing(&self) -> AmbiguousFraming {
+        self.guard.framing()
+    }
+
+    #[must_use]
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// The wrapped connection.
+    #[must_use]
+    pub fn get_ref(&self) -> &T {
+        self.guard.get_ref()
+    }
+
+    /// Puts back bytes already read, to be read again before the socket.
+    pub fn rewind(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.rewound = if self.rewound.is_empty() {
+            bytes
+        } else {
+            [bytes, std::mem::take(&mut self.rewound)].concat().into()
+        };
+    }
+
+    /// Whether rewound bytes are waiting to be read.
+    #[must_use]
+    pub fn has_rewound(&self) -> bool {
+        !self.rewound.is_empty()
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        if this.rewound.is_empty() {
+            ready!(Pin::new(&mut this.guard).poll_read(cx, buf))?;
+            this.activity
+                .between_requests
+                .store(this.guard.between_requests(), Ordering::Relaxed);
+        } else {
+            let n = this.rewound.len().min(buf.remaining());
+            buf.put_slice(&this.rewound[..n]);
+            this.rewound.advance(n);
+            if this.rewound.is_empty() {
+                // An empty slice still holds its whole buffer.
+                this.rewound = Bytes::new();
+            }
+        }
+        if buf.filled().len() > before {
+            // A plain load and store: only this task writes the count.
+            let reads = &this.activity.reads;
+            reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().guard).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().guard).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.guard.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().guard).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.activity.keep_open.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.guard).poll_shutdown(cx)
+    }
+}

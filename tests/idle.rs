@@ -1,0 +1,323 @@
+//! Idle keep-alive client connections: after about a second idle the proxy
+//! takes the socket back from hyper (freeing its buffers), and the
+//! connection still serves its next request, pipelined requests, an
+//! upgrade and a smuggling refusal; it closes after `keepalive_timeout`
+//! and does not hold up a drain.
+//!
+//! The tests share one process-wide `cohort_client_connections_idle`
+//! gauge, so they run one at a time.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::BodyExt as _;
+use support::{Backend, CANARY, STABLE, WsBackend, client, config, start_cohort, within};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// The `[listen]` keys of most tests: a short header read timeout, so that
+/// idleness is checked every 200 ms.
+const QUICK: &str = "header_read_timeout = \"600ms\"";
+
+/// A config whose `[listen]` section has the keys in `listen`.
+fn idle_config(
+    stable: &[SocketAddr],
+    canary: Option<(&[SocketAddr], f64)>,
+    listen: &str,
+) -> String {
+    config(stable, canary, "").replace("drain_timeout = \"10s\"\n", &format!("{listen}\n"))
+}
+
+/// The `cohort_client_connections_idle` gauge, scraped from the admin API.
+async fn idle_connections(admin: SocketAddr) -> f64 {
+    let rsp = client::<http_body_util::Empty<bytes::Bytes>>()
+        .get(format!("http://{admin}/metrics").parse().expect("a uri"))
+        .await
+        .expect("a scrape");
+    let body = rsp.into_body().collect().await.expect("a body").to_bytes();
+    let text = String::from_utf8(body.to_vec()).expect("UTF-8");
+    text.lines()
+        .find_map(|line| line.strip_prefix("cohort_client_connections_idle "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the idle connections gauge")
+}
+
+/// Polls the idle gauge until it reads `expected`.
+async fn wait_for_idle(admin: SocketAddr, expected: f64) {
+    within(&format!("{expected} idle connections"), async {
+        while idle_connections(admin).await != expected {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// A response read off a kept-alive connection.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    version: String,
+    body: String,
+}
+
+/// Reads `count` responses (with `content-length` bodies) in order.
+async fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<Answer> {
+    within("the responses", async {
+        let mut buf = Vec::new();
+        let mut answers = Vec::new();
+        while answers.len() < count {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut rsp = httparse::Response::new(&mut headers);
+            let parsed = rsp.parse(&buf).expect("a well-formed response");
+            if let httparse::Status::Complete(head) = parsed {
+                let header = |name: &str| {
+                    rsp.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                };
+                let length: usize = header("content-length")
+                    .expect("a content-length")
+                    .parse()
+                    .expect("a number");
+                if buf.len() >= head + length {
+                    answers.push(Answer {
+                        status: rsp.code.expect("a status"),
+                        version: header("x-agent-version").unwrap_or_default(),
+                        body: String::from_utf8_lossy(&buf[head..head + length]).into_owned(),
+                    });
+                    buf.drain(..head + length);
+                    continue;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("a read");
+            assert!(n > 0, "the proxy closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        answers
+    })
+    .await
+}
+
+fn get(path: &str, user: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: cohort\r\nx-user-id: {user}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_freed_and_still_serves_requests_pipelined_or_not() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK)).await;
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+
+    stream
+        .write_all(get("/first", "alice").as_bytes())
+        .await
+        .expect("write");
+    let first = read_answers(&mut stream, 1).await;
+    assert_eq!((first[0].status, first[0].version.as_str()), (200, STABLE));
+    wait_for_idle(server.admin_addr(), 1.0).await;
+
+    // The next request on the freed connection is served by a fresh hyper connection.
+    stream
+        .write_all(get("/second", "alice").as_bytes())
+        .await
+        .expect("write");
+    let second = read_answers(&mut stream, 1).await;
+    assert_eq!(second[0].status, 200);
+    assert!(second[0].body.contains("/second"), "{second:?}");
+    wait_for_idle(server.admin_addr(), 1.0).await;
+
+    // Three pipelined requests in one write, after the connection was freed again.
+    let pipelined = [get("/a", "alice"), get("/b", "bob"), get("/c", "carol")].concat();
+    stream.write_all(pipelined.as_bytes()).await.expect("write");
+    let answers = read_answers(&mut stream, 3).await;
+    for (answer, path) in answers.iter().zip(["/a", "/b", "/c"]) {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(
+            answer.body.contains(&format!("\"uri\":\"{path}\"")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(backend.hits(), 5);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_head_cut_in_two_by_a_long_pause_is_served() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    // Checks every second; the split head must beat the header read timeout.
+    let toml = idle_config(&[backend.addr], None, "header_read_timeout = \"8s\"");
+    let server = start_cohort(&toml).await;
+    let admin = server.admin_addr();
+    let mut half = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    half.write_all(get("/first", "alice").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut half, 1).await;
+    let mut other = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    other
+        .write_all(get("/other", "bob").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut other, 1).await;
+    wait_for_idle(admin, 2.0).await;
+
+    // Half a head arrives on a freed connection, then idle checks pass (the
+    // other connection is freed again after a request), then the rest.
+    let head = get("/split", "alice");
+    let (start, end) = head.split_at(20);
+    half.write_all(start.as_bytes()).await.expect("write");
+    wait_for_idle(admin, 1.0).await;
+    other
+        .write_all(get("/other", "bob").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut other, 1).await;
+    wait_for_idle(admin, 1.0).await;
+    half.write_all(end.as_bytes()).await.expect("write");
+    let split = read_answers(&mut half, 1).await;
+    assert_eq!(split[0].status, 200);
+    assert!(split[0].body.contains("/split"), "{split:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_freed_connection_still_refuses_smuggling_and_upgrades_to_a_websocket() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let stable = Backend::start(STABLE).await;
+    let canary = WsBackend::start(CANARY).await;
+    // At 50% under salt v2, alice is on the canary and bob on stable (SPEC vectors).
+    let toml = idle_config(&[stable.addr], Some((&[canary.addr], 50.0)), QUICK);
+    let server = start_cohort(&toml).await;
+
+    // Smuggling: both lengths, sent after the connection was freed.
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(get("/", "bob").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    let smuggling = "POST / HTTP/1.1\r\nhost: cohort\r\nx-user-id: bob\r\n\
+                     content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    stream.write_all(smuggling.as_bytes()).await.expect("write");
+    assert_eq!(read_answers(&mut stream, 1).await[0].status, 400);
+    assert_eq!(
+        stable.hits(),
+        1,
+        "the smuggling request reached the upstream"
+    );
+
+    // An upgrade: a WebSocket handshake on a connection freed after a plain request.
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(get("/", "bob").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_answers(&mut stream, 1).await[0].version, STABLE);
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    let mut handshake = format!("ws://{}/socket", server.proxy_addr())
+        .into_client_request()
+        .expect("a ws URL");
+    handshake
+        .headers_mut()
+        .insert("x-user-id", "alice".parse().expect("a header value"));
+    let (mut ws, rsp) = within(
+        "the handshake",
+        tokio_tungstenite::client_async(handshake, stream),
+    )
+    .await
+    .expect("the handshake succeeds");
+    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
+    ws.send(Message::text("hello")).await.expect("send");
+    let echo = within("the echo", ws.next())
+        .await
+        .expect("the tunnel is open")
+        .expect("a good message");
+    assert_eq!(echo, Message::text(format!("{CANARY}:hello")));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_closes_after_the_keepalive_timeout() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let toml = idle_config(
+        &[backend.addr],
+        None,
+        &format!("{QUICK}\nkeepalive_timeout = \"1s\""),
+    );
+    let server = start_cohort(&toml).await;
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(get("/", "alice").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut stream, 1).await;
+
+    let mut rest = Vec::new();
+    let read = within("the keep-alive close", stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+    wait_for_idle(server.admin_addr(), 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_drain_closes_idle_connections_without_waiting_for_them() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    // A drain that waited for the idle connection would outlast the test's deadline.
+    let server = start_cohort(&idle_config(
+        &[backend.addr],
+        None,
+        &format!("{QUICK}\ndrain_timeout = \"60s\""),
+    ))
+    .await;
+    let mut freed = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    freed
+        .write_all(get("/", "alice").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut freed, 1).await;
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    // And one still held by hyper, just served.
+    let mut fresh = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    fresh
+        .write_all(get("/", "bob").as_bytes())
+        .await
+        .expect("write");
+    read_answers(&mut fresh, 1).await;
+
+    within("the drain", server.shutdown()).await;
+    for stream in [&mut freed, &mut fresh] {
+        let mut rest = Vec::new();
+        let read = within("the close", stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+    }
+}
