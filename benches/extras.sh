@@ -7,9 +7,10 @@
 #                                            for coordinated omission): p50, p99, p99.9
 #
 # `rss` opens `connections` (default 5000) keep-alive connections to each
-# proxy, sends one request on each, and reports the growth of the proxy
-# process's resident set divided by the connections; then, for Cohort, runs
-# wrk twice for 10 s and reports the resident set after each run with the
+# proxy, sends one request on each, waits 12 s, and reports the growth of
+# the proxy process's resident set divided by the connections; then, for
+# Cohort, runs wrk LOAD_RUNS times (default 3) for LOAD_SECONDS each
+# (default 10) and reports the resident set after each run with the
 # connections closed (no growth under load).
 # `rate` runs `oha -q rps -z seconds -c 64 --latency-correction` against
 # each proxy (default 10000 rps for 20 s). oha must be on PATH or in OHA.
@@ -165,8 +166,9 @@ if [ "$MODE" = rss ]; then
     coproc HOLD { taskset -c 0 python3 $W/idle.py ${PORT[$name]} $N; }
     read -r line <&"${HOLD[0]}"
     # Cohort frees an idle connection's HTTP/1.1 buffers after one to two
-    # seconds idle; every proxy gets the same wait.
-    sleep 3
+    # seconds idle, and its allocator hands the freed pages back to the
+    # kernel over about ten seconds; every proxy gets the same wait.
+    sleep 12
     after=$(rss $pid)
     [ $name = cohort ] && curl -s http://127.0.0.1:9903/metrics | grep '^cohort_client_connections'
 
@@ -176,8 +178,8 @@ if [ "$MODE" = rss ]; then
   done
   pid=${PID[cohort]}
   echo "cohort rss_kib start=$(rss $pid)"
-  for i in 1 2 3; do
-    taskset -c 0 wrk -t1 -c64 -d10s -s $W/users.lua http://127.0.0.1:9203/ >/dev/null
+  for i in $(seq "${LOAD_RUNS:-3}"); do
+    taskset -c 0 wrk -t1 -c64 -d${LOAD_SECONDS:-10}s -s $W/users.lua http://127.0.0.1:9203/ >/dev/null
     sleep 1
     echo "cohort rss_kib after_wrk_run_$i=$(rss $pid)"
   done

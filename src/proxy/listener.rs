@@ -27,6 +27,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::framing::AmbiguousFraming;
@@ -90,7 +91,7 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NODELAY");
         }
-        let connection = Connection {
+        let mut connection = Connection {
             proxy: Arc::clone(&proxy),
             peer,
             settings: Arc::clone(&settings),
@@ -99,31 +100,14 @@ pub async fn serve(
         };
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let open_connections = open_connections.clone();
-        let task = async move {
+        tokio::spawn(async move {
             open_connections.increment(1.0);
-            let result = match acceptor {
-                None => connection.serve_plain(stream).await,
-                // Boxed, like HTTP/2 below: a task is as large as its
-                // largest state, and most connections never need these.
-                Some(acceptor) => {
-                    let handshake = Box::pin(acceptor.accept(stream));
-                    match tokio::time::timeout(connection.settings.header_read_timeout, handshake)
-                        .await
-                    {
-                        Ok(Ok(stream)) => Box::pin(connection.serve_tls(stream)).await,
-                        Ok(Err(error)) => Err(format!("TLS handshake failed: {error}").into()),
-                        Err(_) => Err("TLS handshake timed out".into()),
-                    }
-                }
-            };
-            if let Err(error) = result {
+            if let Err(error) = connection.run(stream, acceptor).await {
                 tracing::debug!(%error, client.addr = %peer, "connection ended with an error");
             }
             open_connections.decrement(1.0);
             drop(permit);
-        };
-        eprintln!("SIZE task {}", std::mem::size_of_val(&task));
-        tokio::spawn(task);
+        });
     }
     drop(listener);
     drop(draining);
@@ -236,24 +220,51 @@ struct Connection {
 }
 
 impl Connection {
-    /// A plain connection: HTTP/2 if it opens with the HTTP/2 preface, else HTTP/1.1.
-    async fn serve_plain(self, stream: TcpStream) -> Result<(), ConnectionError> {
-        let mut io = ClientIo::new(stream);
-        let opening = tokio::time::timeout(self.settings.header_read_timeout, opens_h2(&mut io));
-        match opening.await {
-            Ok(Ok(h2)) => self.serve(io, h2).await,
-            Ok(Err(error)) => Err(error.into()),
-            Err(_) => Err("no request within the header read timeout".into()),
-        }
-    }
-
-    /// A TLS connection: HTTP/2 if ALPN chose it, else HTTP/1.1.
-    async fn serve_tls(self, stream: TlsStream<TcpStream>) -> Result<(), ConnectionError> {
+    /// Serves the connection to its end: on a plain listener HTTP/2 if it
+    /// opens with the HTTP/2 preface, else HTTP/1.1; with `tls`, after the
+    /// handshake, HTTP/2 if ALPN chose it.
+    ///
+    /// The connection's task is as large as the largest state of this
+    /// future, for the connection's whole life, so whatever most
+    /// connections never need (TLS, HTTP/2) or need only while busy
+    /// (hyper's connection) is boxed, and values are borrowed rather than
+    /// moved into callees (a moved-from binding keeps its room).
+    async fn run(
+        &mut self,
+        stream: TcpStream,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<(), ConnectionError> {
+        let Some(acceptor) = tls else {
+            return self.serve(ClientIo::new(stream), None).await;
+        };
+        let handshake = Box::pin(acceptor.accept(stream));
+        let stream = match tokio::time::timeout(self.settings.header_read_timeout, handshake).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}").into()),
+            Err(_) => return Err("TLS handshake timed out".into()),
+        };
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        self.serve(ClientIo::new(stream), h2).await
+        Box::pin(self.serve(ClientIo::new(stream), Some(h2))).await
     }
 
-    async fn serve<S: Socket>(mut self, io: ClientIo<S>, h2: bool) -> Result<(), ConnectionError> {
+    /// Serves HTTP/2 if `h2`, else HTTP/1.1; with `h2` unset, tells by
+    /// whether the connection opens with the HTTP/2 preface.
+    async fn serve<S: Socket>(
+        &mut self,
+        mut io: ClientIo<S>,
+        h2: Option<bool>,
+    ) -> Result<(), ConnectionError> {
+        let h2 = match h2 {
+            Some(h2) => h2,
+            None => {
+                let opening = opens_h2(&mut io);
+                match tokio::time::timeout(self.settings.header_read_timeout, opening).await {
+                    Ok(opened) => opened?,
+                    Err(_) => return Err("no request within the header read timeout".into()),
+                }
+            }
+        };
         let service = service(Client {
             proxy: Arc::clone(&self.proxy),
             peer: self.peer,
@@ -271,7 +282,6 @@ impl Connection {
             return until_drained(conn, &mut self.drain).await;
         }
         let activity = Arc::clone(io.activity());
-        let mut io = io;
         let mut service = service;
         loop {
             // Boxed, so that once hyper hands the socket back nothing of
