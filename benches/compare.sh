@@ -2,14 +2,22 @@
 # Load comparison of Cohort with nginx and HAProxy doing the same sticky
 # canary split on loopback, each proxy pinned to one core.
 #
-# Usage: [ROUNDS=3] benches/compare.sh [duration_s] [connections]
+# Usage: [ROUNDS=3] [EXTRAS=1] benches/compare.sh [duration_s] [connections]
 #
-# Installs nginx, haproxy, wrk and curl when missing (Debian, as root or
-# through sudo), builds the release binary, runs the shared comparison
-# script (../shared/bench/compare.sh from the repository root, or the path in
-# COMPARE_SH) with ROUNDS interleaved rounds, then prints the median of each
-# contender and Cohort's ratio to the best peer. The goal: CPU per request at
-# most 0.8x the best peer's, p99 no worse than the best peer's.
+# Installs nginx, haproxy, wrk, curl and python3 when missing (Debian, as
+# root or through sudo) and the fixed-rate load generator oha (cargo install,
+# into target/bench-tools), builds the release binary, runs the shared
+# comparison script (../shared/bench/compare.sh from the repository root, or
+# the path in COMPARE_SH) with ROUNDS interleaved rounds, then prints the
+# median of each contender and Cohort's ratio to the best peer. The goal:
+# CPU per request at most 0.8x the best peer's, p99 no worse than the best
+# peer's.
+#
+# Then, unless EXTRAS=0, benches/extras.sh measures each proxy's resident
+# memory per idle keep-alive connection (IDLE_CONNS, default 5000; goal: at
+# most 4 KB) and its latency at a fixed rate below saturation (RATE requests
+# per second, default 20000, for RATE_SECONDS, default 15), and the summary
+# adds Cohort's memory ratio to the best peer.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +26,7 @@ log() { printf 'compare: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 # command -> Debian package (taskset is in util-linux, part of every Debian)
-declare -A PROVIDER=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [curl]=curl [taskset]=util-linux)
+declare -A PROVIDER=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [curl]=curl [taskset]=util-linux [python3]=python3)
 missing=()
 for tool in "${!PROVIDER[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${PROVIDER[$tool]}")
@@ -48,6 +56,14 @@ configs for the same 90/10 sticky split); put it at ../shared/bench/compare.sh
 next to this checkout or point COMPARE_SH at it."
 fi
 
+# oha corrects for coordinated omission (`--latency-correction`), which wrk does not.
+OHA=${OHA:-$(command -v oha || echo "$ROOT/target/bench-tools/bin/oha")}
+if [ "${EXTRAS:-1}" = 1 ] && [ ! -x "$OHA" ]; then
+  log "installing oha into target/bench-tools"
+  cargo install oha --locked --version 1.16.0 --root "$ROOT/target/bench-tools"
+fi
+export OHA
+
 log "cargo build --release"
 cargo build --release --locked --bin cohort
 export COHORT_BIN=$ROOT/target/release/cohort
@@ -55,7 +71,8 @@ export ROUNDS=${ROUNDS:-3}
 
 log "running $COMPARE_SH ${*:-} with ROUNDS=$ROUNDS"
 raw=$(mktemp)
-trap 'rm -f "$raw"' EXIT
+extras=$(mktemp)
+trap 'rm -f "$raw" "$extras"' EXIT
 bash "$COMPARE_SH" "$@" | tee "$raw"
 
 echo
@@ -106,3 +123,20 @@ awk '
     printf "  p99 latency:     %.2fx %s (%.0f vs %.0f us)  %s\n", r, best_p99, m_p99["cohort"], m_p99[best_p99], (r <= 1.0 ? "meets goal" : "misses goal")
   }
 ' "$raw"
+
+[ "${EXTRAS:-1}" = 1 ] || exit 0
+echo
+log "memory per idle connection: benches/extras.sh rss ${IDLE_CONNS:-5000}"
+"$ROOT/benches/extras.sh" rss "${IDLE_CONNS:-5000}" | tee -a "$extras"
+log "latency at a fixed rate: benches/extras.sh rate ${RATE:-20000} ${RATE_SECONDS:-15}"
+"$ROOT/benches/extras.sh" rate "${RATE:-20000}" "${RATE_SECONDS:-15}" | tee -a "$extras"
+echo
+awk '
+  $2 ~ /^idle_conns=/ { for (f = 2; f <= NF; f++) { split($f, kv, "="); if (kv[1] == "kib_per_conn") mem[$1] = kv[2] + 0 } }
+  END {
+    if (!("cohort" in mem)) exit 0
+    for (n in mem) if (n != "cohort" && (best == "" || mem[n] < mem[best])) best = n
+    kb = mem["cohort"] * 1.024
+    printf "cohort memory per idle connection: %.2f KiB (%.2f KB), %.2fx %s (%.2f KiB)  %s\n", mem["cohort"], kb, mem["cohort"] / mem[best], best, mem[best], (kb <= 4 ? "meets goal (<= 4 KB)" : "misses goal (<= 4 KB)")
+  }
+' "$extras"

@@ -170,7 +170,9 @@ if [ "$MODE" = rss ]; then
     # kernel over about ten seconds; every proxy gets the same wait.
     sleep 12
     after=$(rss $pid)
-    [ $name = cohort ] && curl -s http://127.0.0.1:9903/metrics | grep '^cohort_client_connections'
+    if [ $name = cohort ]; then  # how many of them Cohort holds as freed idle connections
+      curl -s http://127.0.0.1:9903/metrics | grep '^cohort_client_connections' >&2 || true
+    fi
 
     exec {HOLD[1]}>&-; wait $HOLD_PID 2>/dev/null || true
     awk -v n=$name -v b=$before -v a=$after -v c=$N \

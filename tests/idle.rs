@@ -1,20 +1,24 @@
-//! Idle keep-alive client connections: after about a second idle the proxy
-//! takes the socket back from hyper (freeing its buffers), and the
+//! Idle keep-alive client connections: after one to two idle checks the
+//! proxy takes the socket back from hyper (freeing its buffers), and the
 //! connection still serves its next request, pipelined requests, an
-//! upgrade and a smuggling refusal; it closes after `keepalive_timeout`
-//! and does not hold up a drain.
+//! upgrade and a smuggling refusal, over TCP and TLS; it closes after
+//! `keepalive_timeout` (a connection that never sent a request, after
+//! `header_read_timeout`), and neither it nor a silent new connection holds
+//! up a drain.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.
 
 mod support;
+mod tls_support;
 
 use std::net::SocketAddr;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use support::{Backend, CANARY, STABLE, WsBackend, client, config, start_cohort, within};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tls_support::{Pki, listen_tls, tls_client, tls_connect};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,17 +30,24 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 /// idleness is checked every 200 ms.
 const QUICK: &str = "header_read_timeout = \"600ms\"";
 
-/// A config whose `[listen]` section has the keys in `listen`.
+/// A config whose `[listen]` section has the keys in `listen`, with `extra` sections.
 fn idle_config(
     stable: &[SocketAddr],
     canary: Option<(&[SocketAddr], f64)>,
     listen: &str,
+    extra: &str,
 ) -> String {
-    config(stable, canary, "").replace("drain_timeout = \"10s\"\n", &format!("{listen}\n"))
+    let base = config(stable, canary, extra);
+    let listen_keys = "drain_timeout = \"10s\"\n";
+    assert!(
+        base.contains(listen_keys),
+        "the test config changed: {base}"
+    );
+    base.replace(listen_keys, &format!("{listen}\n"))
 }
 
-/// The `cohort_client_connections_idle` gauge, scraped from the admin API.
-async fn idle_connections(admin: SocketAddr) -> f64 {
+/// The gauge `name` (no labels), scraped from the admin API.
+async fn gauge(admin: SocketAddr, name: &str) -> f64 {
     let rsp = client::<http_body_util::Empty<bytes::Bytes>>()
         .get(format!("http://{admin}/metrics").parse().expect("a uri"))
         .await
@@ -44,15 +55,15 @@ async fn idle_connections(admin: SocketAddr) -> f64 {
     let body = rsp.into_body().collect().await.expect("a body").to_bytes();
     let text = String::from_utf8(body.to_vec()).expect("UTF-8");
     text.lines()
-        .find_map(|line| line.strip_prefix("cohort_client_connections_idle "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-        .expect("the idle connections gauge")
+        .unwrap_or_else(|| panic!("no gauge {name}"))
 }
 
 /// Polls the idle gauge until it reads `expected`.
 async fn wait_for_idle(admin: SocketAddr, expected: f64) {
     within(&format!("{expected} idle connections"), async {
-        while idle_connections(admin).await != expected {
+        while gauge(admin, "cohort_client_connections_idle").await != expected {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })
@@ -68,7 +79,7 @@ struct Answer {
 }
 
 /// Reads `count` responses (with `content-length` bodies) in order.
-async fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<Answer> {
+async fn read_answers(stream: &mut (impl AsyncRead + Unpin), count: usize) -> Vec<Answer> {
     within("the responses", async {
         let mut buf = Vec::new();
         let mut answers = Vec::new();
@@ -115,7 +126,7 @@ fn get(path: &str, user: &str) -> String {
 async fn an_idle_connection_is_freed_and_still_serves_requests_pipelined_or_not() {
     let _one = ONE_AT_A_TIME.lock().await;
     let backend = Backend::start(STABLE).await;
-    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK)).await;
+    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, "")).await;
     let mut stream = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
@@ -158,7 +169,7 @@ async fn a_request_head_cut_in_two_by_a_long_pause_is_served() {
     let _one = ONE_AT_A_TIME.lock().await;
     let backend = Backend::start(STABLE).await;
     // Checks every second; the split head must beat the header read timeout.
-    let toml = idle_config(&[backend.addr], None, "header_read_timeout = \"8s\"");
+    let toml = idle_config(&[backend.addr], None, "header_read_timeout = \"8s\"", "");
     let server = start_cohort(&toml).await;
     let admin = server.admin_addr();
     let mut half = TcpStream::connect(server.proxy_addr())
@@ -203,7 +214,7 @@ async fn a_freed_connection_still_refuses_smuggling_and_upgrades_to_a_websocket(
     let stable = Backend::start(STABLE).await;
     let canary = WsBackend::start(CANARY).await;
     // At 50% under salt v2, alice is on the canary and bob on stable (SPEC vectors).
-    let toml = idle_config(&[stable.addr], Some((&[canary.addr], 50.0)), QUICK);
+    let toml = idle_config(&[stable.addr], Some((&[canary.addr], 50.0)), QUICK, "");
     let server = start_cohort(&toml).await;
 
     // Smuggling: both lengths, sent after the connection was freed.
@@ -262,12 +273,10 @@ async fn a_freed_connection_still_refuses_smuggling_and_upgrades_to_a_websocket(
 async fn an_idle_connection_closes_after_the_keepalive_timeout() {
     let _one = ONE_AT_A_TIME.lock().await;
     let backend = Backend::start(STABLE).await;
-    let toml = idle_config(
-        &[backend.addr],
-        None,
-        &format!("{QUICK}\nkeepalive_timeout = \"1s\""),
-    );
-    let server = start_cohort(&toml).await;
+    // hyper alone would close an idle connection at the header read timeout
+    // (8 s); the freed connection must close at the keep-alive timeout.
+    let listen = "header_read_timeout = \"8s\"\nkeepalive_timeout = \"2s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
     let mut stream = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
@@ -276,6 +285,7 @@ async fn an_idle_connection_closes_after_the_keepalive_timeout() {
         .await
         .expect("write");
     read_answers(&mut stream, 1).await;
+    wait_for_idle(server.admin_addr(), 1.0).await;
 
     let mut rest = Vec::new();
     let read = within("the keep-alive close", stream.read_to_end(&mut rest)).await;
@@ -285,16 +295,57 @@ async fn an_idle_connection_closes_after_the_keepalive_timeout() {
 }
 
 #[tokio::test]
+async fn a_tls_connection_is_freed_and_serves_its_next_request() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let backend = Backend::start(STABLE).await;
+    let tls = listen_tls(&pki.leaf("idle"));
+    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, &tls)).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream
+        .write_all(get("/first", "alice").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+    wait_for_idle(server.admin_addr(), 1.0).await;
+
+    stream
+        .write_all(get("/second", "alice").as_bytes())
+        .await
+        .expect("write");
+    let second = read_answers(&mut stream, 1).await;
+    assert_eq!(second[0].status, 200);
+    assert!(second[0].body.contains("/second"), "{second:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tls_client_that_never_sends_a_request_is_closed_at_the_header_read_timeout() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let backend = Backend::start(STABLE).await;
+    let tls = listen_tls(&pki.leaf("silent"));
+    // The keep-alive timeout (75 s) is far past the test's deadline.
+    let listen = "header_read_timeout = \"1s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, &tls)).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+
+    // The proxy closes without a close_notify, which rustls reports as an error.
+    let mut rest = Vec::new();
+    let _ = within("the close", stream.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_drain_closes_idle_connections_without_waiting_for_them() {
     let _one = ONE_AT_A_TIME.lock().await;
     let backend = Backend::start(STABLE).await;
-    // A drain that waited for the idle connection would outlast the test's deadline.
-    let server = start_cohort(&idle_config(
-        &[backend.addr],
-        None,
-        &format!("{QUICK}\ndrain_timeout = \"60s\""),
-    ))
-    .await;
+    // A drain that waited for an idle connection would outlast the test's deadline.
+    let listen = "header_read_timeout = \"30s\"\ndrain_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
     let mut freed = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
@@ -313,9 +364,20 @@ async fn a_drain_closes_idle_connections_without_waiting_for_them() {
         .await
         .expect("write");
     read_answers(&mut fresh, 1).await;
+    // And one that has not sent anything yet, once the proxy has accepted it.
+    let open = gauge(server.admin_addr(), "cohort_client_connections").await;
+    let mut silent = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    within("the silent connection's accept", async {
+        while gauge(server.admin_addr(), "cohort_client_connections").await != open + 1.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     within("the drain", server.shutdown()).await;
-    for stream in [&mut freed, &mut fresh] {
+    for stream in [&mut freed, &mut fresh, &mut silent] {
         let mut rest = Vec::new();
         let read = within("the close", stream.read_to_end(&mut rest)).await;
         assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");

@@ -9,10 +9,11 @@
 //!
 //! Owns: [`ClientIo`], the client connection as hyper reads and writes it
 //! (behind the framing guard, with the bytes hyper had read but not parsed
-//! served again first), and [`Activity`], what the connection's task reads
-//! to tell that hyper is idle: reads, open requests, and whether the bytes
-//! so far end between two requests; [`Tracked`], the response body that
-//! keeps its request counted open until hyper drops it.
+//! served again first); [`Activity`], what the connection's task reads to
+//! tell that hyper is idle (bytes moved, open requests, whether the bytes
+//! read so far end between two requests); and [`OpenRequest`] and
+//! [`Tracked`], which keep a request counted open until hyper drops its
+//! response body.
 //! Does not own: when to take a socket back, or the serving loop
 //! (`listener`).
 
@@ -30,12 +31,16 @@ use super::framing::{AmbiguousFraming, FramingGuard};
 
 /// One client connection's activity, written by its [`ClientIo`] and
 /// [`Tracked`] bodies (inside hyper) and read by the connection's task
-/// between polls of hyper. Everything runs on the connection's task, so
-/// relaxed ordering is enough; the atomics only make it `Send`.
+/// between polls of hyper. Over HTTP/1.1 all of it happens on that one
+/// task, so relaxed ordering is enough (the atomics only make it `Sync`);
+/// HTTP/2 connections, whose streams run on tasks of their own, are never
+/// taken back.
 #[derive(Debug)]
 pub struct Activity {
-    /// Reads that returned bytes.
-    reads: AtomicU64,
+    /// Reads and writes that moved bytes.
+    transfers: AtomicU64,
+    /// Requests started so far.
+    requests: AtomicU64,
     /// Requests whose response body hyper has not dropped yet.
     open_requests: AtomicUsize,
     /// The last read ended between two requests.
@@ -48,21 +53,29 @@ pub struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
-            reads: AtomicU64::new(0),
+            transfers: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
             between_requests: AtomicBool::new(true),
             keep_open: AtomicBool::new(false),
         }
     }
 
-    /// A count that changes whenever the client's bytes are read.
+    /// A count that changes whenever bytes are read from or written to the client.
     #[must_use]
-    pub fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
+    pub fn transfers(&self) -> u64 {
+        self.transfers.load(Ordering::Relaxed)
     }
 
-    /// No request is open and no part of a next one has been read: hyper
-    /// is waiting for a request head and holds none of it.
+    /// How many requests the connection has started.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// No request is open and no part of a next one has been read. (hyper
+    /// may still be flushing the last response: the caller also wants no
+    /// transfers for a while.)
     #[must_use]
     pub fn is_between_requests(&self) -> bool {
         self.open_requests.load(Ordering::Relaxed) == 0
@@ -80,6 +93,7 @@ impl Activity {
     #[must_use]
     pub fn open_request(self: &Arc<Self>) -> OpenRequest {
         self.open_requests.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         OpenRequest(Arc::clone(self))
     }
 }
@@ -209,12 +223,26 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
             }
         }
         if buf.filled().len() > before {
-            // A plain load and store: only this task writes the count.
-            let reads = &this.activity.reads;
-            reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            this.activity.count_transfer();
         }
         Poll::Ready(Ok(()))
     }
+}
+
+impl Activity {
+    fn count_transfer(&self) {
+        // A plain load and store: only the connection's task writes the count.
+        let transfers = &self.transfers;
+        transfers.store(transfers.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a write that moved bytes.
+fn counted(activity: &Activity, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(Ok(1..)) = written {
+        activity.count_transfer();
+    }
+    written
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
@@ -223,7 +251,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().guard).poll_write(cx, buf)
+        let this = self.get_mut();
+        counted(
+            &this.activity,
+            Pin::new(&mut this.guard).poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -231,7 +263,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().guard).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.guard).poll_write_vectored(cx, bufs);
+        counted(&this.activity, written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -12,9 +12,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -27,6 +29,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -66,7 +69,7 @@ pub async fn serve(
     let settings = Arc::new(Settings::new(config));
     // Sent once to start the drain; every connection holds a receiver, so
     // the sender learns when the last one has ended.
-    let (drain, draining) = watch::channel(false);
+    let (drain, drain_signal) = watch::channel(false);
     let open_connections = crate::metrics::client_connections();
     tokio::pin!(shutdown);
     loop {
@@ -96,7 +99,7 @@ pub async fn serve(
             peer,
             settings: Arc::clone(&settings),
             // Held from here, so a drain also waits for a handshake under way.
-            drain: draining.clone(),
+            drain: drain_signal.clone(),
         };
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let open_connections = open_connections.clone();
@@ -110,7 +113,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    drop(draining);
+    drop(drain_signal);
     tracing::info!(timeout = ?config.drain_timeout, "draining open connections");
     let _ = drain.send(true);
     if tokio::time::timeout(config.drain_timeout, drain.closed())
@@ -130,7 +133,7 @@ struct Settings {
     /// How often a serving HTTP/1.1 connection is checked for idleness.
     idle_check: Duration,
     /// Connections waiting for a request with nothing of hyper's.
-    idle_connections: metrics::Gauge,
+    idle_connections: ::metrics::Gauge,
 }
 
 impl Settings {
@@ -153,9 +156,11 @@ impl Settings {
             // Often enough that a connection is taken back well before
             // hyper's header-read timer would close it, and that the
             // keep-alive timeout is kept to within half of itself.
+            // (Not below a millisecond, whatever the timeouts.)
             idle_check: IDLE_CHECK
                 .min(config.header_read_timeout / 3)
-                .min(config.keepalive_timeout / 2),
+                .min(config.keepalive_timeout / 2)
+                .max(Duration::from_millis(1)),
             idle_connections: crate::metrics::idle_client_connections(),
         }
     }
@@ -244,8 +249,13 @@ impl Connection {
             Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}").into()),
             Err(_) => return Err("TLS handshake timed out".into()),
         };
-        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        Box::pin(self.serve(ClientIo::new(stream), Some(h2))).await
+        // Without ALPN, the opening bytes tell, as on a plain listener.
+        let h2 = stream
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|protocol| protocol == b"h2");
+        Box::pin(self.serve(ClientIo::new(stream), h2)).await
     }
 
     /// Serves HTTP/2 if `h2`, else HTTP/1.1; with `h2` unset, tells by
@@ -255,13 +265,19 @@ impl Connection {
         mut io: ClientIo<S>,
         h2: Option<bool>,
     ) -> Result<(), ConnectionError> {
+        let started = Instant::now();
         let h2 = match h2 {
             Some(h2) => h2,
             None => {
                 let opening = opens_h2(&mut io);
-                match tokio::time::timeout(self.settings.header_read_timeout, opening).await {
-                    Ok(opened) => opened?,
-                    Err(_) => return Err("no request within the header read timeout".into()),
+                tokio::select! {
+                    opened = tokio::time::timeout(self.settings.header_read_timeout, opening) => {
+                        match opened {
+                            Ok(opened) => opened?,
+                            Err(_) => return Err("no request within the header read timeout".into()),
+                        }
+                    }
+                    () = draining(&mut self.drain) => return Ok(()),
                 }
             }
         };
@@ -283,6 +299,8 @@ impl Connection {
         }
         let activity = Arc::clone(io.activity());
         let mut service = service;
+        // When the connection last served a request, and how many it had then.
+        let mut served = (started, 0);
         loop {
             // Boxed, so that once hyper hands the socket back nothing of
             // its connection stays in the task: a task is as large as its
@@ -301,9 +319,24 @@ impl Connection {
                 }
                 None => return Ok(()),
             }
+            if activity.requests() != served.1 {
+                // Taken back at the first idle check that saw no transfers,
+                // so the last one was about one or two checks ago.
+                served = (Instant::now(), activity.requests());
+            }
+            // A first request must come within the header read timeout of
+            // the connection's start (however often the client makes the
+            // socket readable without one), a next one within the
+            // keep-alive timeout.
+            let deadline = served.0
+                + if served.1 == 0 {
+                    self.settings.header_read_timeout
+                } else {
+                    self.settings.keepalive_timeout
+                };
             if !io.has_rewound() {
                 self.settings.idle_connections.increment(1.0);
-                let waited = self.wait_for_request(&io).await;
+                let waited = self.wait_for_request(&io, deadline).await;
                 self.settings.idle_connections.decrement(1.0);
                 if !waited? {
                     return Ok(());
@@ -328,10 +361,15 @@ impl Connection {
         B::Error: Into<ConnectionError>,
     {
         let check = self.settings.idle_check;
-        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
-        let mut reads = activity.reads();
-        let mut releasing = false;
-        let mut draining = false;
+        let mut checks = tokio::time::interval_at(Instant::now() + check, check);
+        // Checks that fell behind must not fire back to back: each one
+        // stands for a whole check period without transfers.
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut transfers = activity.transfers();
+        // hyper gave the socket back.
+        let mut released = false;
+        // hyper was told to close (a drain, or a release it was too busy for).
+        let mut closing = false;
         loop {
             tokio::select! {
                 biased;
@@ -339,48 +377,68 @@ impl Connection {
                     result?;
                     break;
                 }
-                _ = self.drain.wait_for(|&drain| drain), if !draining => {
-                    draining = true;
-                    if !releasing {
-                        conn.as_mut().graceful_shutdown();
-                    }
+                () = draining(&mut self.drain), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
                 }
-                _ = checks.tick(), if !releasing && !draining => {
-                    let now = activity.reads();
-                    if now == reads && activity.is_between_requests() {
-                        // hyper ends an idle connection at once, without
-                        // reading from it; its shutdown of the socket is
-                        // held back, so the socket stays open.
-                        releasing = true;
+                _ = checks.tick(), if !closing => {
+                    let now = activity.transfers();
+                    if now == transfers && activity.is_between_requests() {
+                        // An idle hyper connection ends on its next poll,
+                        // without reading from or writing to the socket;
+                        // its shutdown of the socket is held back, so the
+                        // socket stays open.
                         activity.keep_open(true);
                         conn.as_mut().graceful_shutdown();
+                        match poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await {
+                            Poll::Ready(result) => {
+                                activity.keep_open(false);
+                                result?;
+                                released = true;
+                                break;
+                            }
+                            // Still busy after all (a body to drain, bytes
+                            // to flush): it finishes the exchange and then
+                            // closes for real, as on a drain.
+                            Poll::Pending => {
+                                activity.keep_open(false);
+                                closing = true;
+                            }
+                        }
                     }
-                    reads = now;
+                    transfers = now;
                 }
             }
         }
-        activity.keep_open(false);
         // An upgraded connection has no parts: the tunnel holds the socket.
-        Ok(releasing
+        Ok(released
             .then(|| Pin::into_inner(conn).into_parts())
             .flatten())
     }
 
     /// Waits, holding only the socket, for the client's next request:
-    /// `true` once it sends something, `false` if the keep-alive time runs
-    /// out or a drain starts first.
-    async fn wait_for_request<S: Socket>(&mut self, io: &ClientIo<S>) -> std::io::Result<bool> {
-        // The connection was idle for one check before it was taken back.
-        let left = self
-            .settings
-            .keepalive_timeout
-            .saturating_sub(self.settings.idle_check);
+    /// `true` once it sends something, `false` if `deadline` passes or a
+    /// drain starts first.
+    ///
+    /// Over TLS the TCP socket's readiness is the right thing to wait on:
+    /// hyper was idle, so its last read through rustls found no decrypted
+    /// bytes left and the socket empty.
+    async fn wait_for_request<S: Socket>(
+        &mut self,
+        io: &ClientIo<S>,
+        deadline: Instant,
+    ) -> std::io::Result<bool> {
         tokio::select! {
             ready = io.get_ref().tcp().readable() => ready.map(|()| true),
-            () = tokio::time::sleep(left) => Ok(false),
-            _ = self.drain.wait_for(|&drain| drain) => Ok(false),
+            () = tokio::time::sleep_until(deadline) => Ok(false),
+            () = draining(&mut self.drain) => Ok(false),
         }
     }
+}
+
+/// Resolves once the listener's drain has started (or its sender is gone).
+async fn draining(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|&drain| drain).await;
 }
 
 /// Drives `conn` to its end, shutting it down gracefully once a drain starts.
@@ -396,7 +454,7 @@ where
     tokio::select! {
         biased;
         result = conn.as_mut() => return result.map_err(Into::into),
-        _ = drain.wait_for(|&drain| drain) => conn.as_mut().graceful_shutdown(),
+        () = draining(drain) => conn.as_mut().graceful_shutdown(),
     }
     conn.await.map_err(Into::into)
 }

@@ -4,7 +4,8 @@
 //! lives: load the table snapshot, read the sticky key, decide the cohort,
 //! offer the shadow a copy, forward to one of the version's upstreams, tag
 //! the response, record it.
-//! Does not own: accepting connections ([`listener`]), header rewriting
+//! Does not own: accepting connections and their lifecycle ([`listener`],
+//! with [`idle`] for freeing idle ones), header rewriting
 //! ([`forward`]), the mapping of failures to responses ([`error`]), or the
 //! routing rule itself (`routing`).
 
