@@ -227,7 +227,8 @@ struct Connection {
 impl Connection {
     /// Serves the connection to its end: on a plain listener HTTP/2 if it
     /// opens with the HTTP/2 preface, else HTTP/1.1; with `tls`, after the
-    /// handshake, HTTP/2 if ALPN chose it.
+    /// handshake, HTTP/2 if ALPN chose it (by the preface if no protocol
+    /// was negotiated).
     ///
     /// The connection's task is as large as the largest state of this
     /// future, for the connection's whole life, so whatever most
