@@ -14,11 +14,14 @@ mod tls_support;
 
 use std::net::SocketAddr;
 
+use cohort::serve::Server;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
-use support::{Backend, CANARY, STABLE, WsBackend, client, config, start_cohort, within};
+use support::{
+    Backend, CANARY, STABLE, WsBackend, client, config, eventually_async, start_cohort, within,
+};
 use tls_support::{Pki, listen_tls, tls_client, tls_connect};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,14 +63,40 @@ async fn gauge(admin: SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no gauge {name}"))
 }
 
-/// Polls the idle gauge until it reads `expected`.
-async fn wait_for_idle(admin: SocketAddr, expected: f64) {
-    within(&format!("{expected} idle connections"), async {
-        while gauge(admin, "cohort_client_connections_idle").await != expected {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+/// Polls the gauge `name` until it reads `expected`.
+async fn wait_for_gauge(admin: SocketAddr, name: &str, expected: f64) {
+    eventually_async(&format!("{name} = {expected}"), || async {
+        gauge(admin, name).await == expected
     })
     .await;
+}
+
+/// Polls the idle gauge until it reads `expected`.
+async fn wait_for_idle(admin: SocketAddr, expected: f64) {
+    wait_for_gauge(admin, "cohort_client_connections_idle", expected).await;
+}
+
+async fn connect(server: &Server) -> TcpStream {
+    TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect to the proxy")
+}
+
+async fn send(stream: &mut (impl AsyncWrite + Unpin), bytes: &str) {
+    stream.write_all(bytes.as_bytes()).await.expect("write");
+}
+
+/// Sends a GET of `path` as `user` and reads its answer.
+async fn ask(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), path: &str, user: &str) -> Answer {
+    send(stream, &get(path, user)).await;
+    read_answers(stream, 1).await.remove(0)
+}
+
+/// Reads until the proxy closes the connection, expecting nothing more.
+async fn assert_closed(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let read = within("the close", stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
 }
 
 /// A response read off a kept-alive connection.
@@ -127,31 +156,24 @@ async fn an_idle_connection_is_freed_and_still_serves_requests_pipelined_or_not(
     let _one = ONE_AT_A_TIME.lock().await;
     let backend = Backend::start(STABLE).await;
     let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, "")).await;
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
+    let mut stream = connect(&server).await;
 
-    stream
-        .write_all(get("/first", "alice").as_bytes())
-        .await
-        .expect("write");
-    let first = read_answers(&mut stream, 1).await;
-    assert_eq!((first[0].status, first[0].version.as_str()), (200, STABLE));
+    let first = ask(&mut stream, "/first", "alice").await;
+    assert_eq!((first.status, first.version.as_str()), (200, STABLE));
     wait_for_idle(server.admin_addr(), 1.0).await;
 
     // The next request on the freed connection is served by a fresh hyper connection.
-    stream
-        .write_all(get("/second", "alice").as_bytes())
-        .await
-        .expect("write");
-    let second = read_answers(&mut stream, 1).await;
-    assert_eq!(second[0].status, 200);
-    assert!(second[0].body.contains("/second"), "{second:?}");
+    let second = ask(&mut stream, "/second", "alice").await;
+    assert_eq!(second.status, 200);
+    assert!(second.body.contains("/second"), "{second:?}");
     wait_for_idle(server.admin_addr(), 1.0).await;
 
     // Three pipelined requests in one write, after the connection was freed again.
-    let pipelined = [get("/a", "alice"), get("/b", "bob"), get("/c", "carol")].concat();
-    stream.write_all(pipelined.as_bytes()).await.expect("write");
+    send(
+        &mut stream,
+        &[get("/a", "alice"), get("/b", "bob"), get("/c", "carol")].concat(),
+    )
+    .await;
     let answers = read_answers(&mut stream, 3).await;
     for (answer, path) in answers.iter().zip(["/a", "/b", "/c"]) {
         assert_eq!(answer.status, 200, "{answer:?}");
@@ -172,36 +194,21 @@ async fn a_request_head_cut_in_two_by_a_long_pause_is_served() {
     let toml = idle_config(&[backend.addr], None, "header_read_timeout = \"8s\"", "");
     let server = start_cohort(&toml).await;
     let admin = server.admin_addr();
-    let mut half = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    half.write_all(get("/first", "alice").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut half, 1).await;
-    let mut other = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    other
-        .write_all(get("/other", "bob").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut other, 1).await;
+    let mut half = connect(&server).await;
+    ask(&mut half, "/first", "alice").await;
+    let mut other = connect(&server).await;
+    ask(&mut other, "/other", "bob").await;
     wait_for_idle(admin, 2.0).await;
 
     // Half a head arrives on a freed connection, then idle checks pass (the
     // other connection is freed again after a request), then the rest.
     let head = get("/split", "alice");
     let (start, end) = head.split_at(20);
-    half.write_all(start.as_bytes()).await.expect("write");
+    send(&mut half, start).await;
     wait_for_idle(admin, 1.0).await;
-    other
-        .write_all(get("/other", "bob").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut other, 1).await;
+    ask(&mut other, "/other", "bob").await;
     wait_for_idle(admin, 1.0).await;
-    half.write_all(end.as_bytes()).await.expect("write");
+    send(&mut half, end).await;
     let split = read_answers(&mut half, 1).await;
     assert_eq!(split[0].status, 200);
     assert!(split[0].body.contains("/split"), "{split:?}");
@@ -218,18 +225,12 @@ async fn a_freed_connection_still_refuses_smuggling_and_upgrades_to_a_websocket(
     let server = start_cohort(&toml).await;
 
     // Smuggling: both lengths, sent after the connection was freed.
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(get("/", "bob").as_bytes())
-        .await
-        .expect("write");
-    assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+    let mut stream = connect(&server).await;
+    assert_eq!(ask(&mut stream, "/", "bob").await.status, 200);
     wait_for_idle(server.admin_addr(), 1.0).await;
     let smuggling = "POST / HTTP/1.1\r\nhost: cohort\r\nx-user-id: bob\r\n\
                      content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
-    stream.write_all(smuggling.as_bytes()).await.expect("write");
+    send(&mut stream, smuggling).await;
     assert_eq!(read_answers(&mut stream, 1).await[0].status, 400);
     assert_eq!(
         stable.hits(),
@@ -238,14 +239,8 @@ async fn a_freed_connection_still_refuses_smuggling_and_upgrades_to_a_websocket(
     );
 
     // An upgrade: a WebSocket handshake on a connection freed after a plain request.
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(get("/", "bob").as_bytes())
-        .await
-        .expect("write");
-    assert_eq!(read_answers(&mut stream, 1).await[0].version, STABLE);
+    let mut stream = connect(&server).await;
+    assert_eq!(ask(&mut stream, "/", "bob").await.version, STABLE);
     wait_for_idle(server.admin_addr(), 1.0).await;
     let mut handshake = format!("ws://{}/socket", server.proxy_addr())
         .into_client_request()
@@ -277,19 +272,11 @@ async fn an_idle_connection_closes_after_the_keepalive_timeout() {
     // (8 s); the freed connection must close at the keep-alive timeout.
     let listen = "header_read_timeout = \"8s\"\nkeepalive_timeout = \"2s\"";
     let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(get("/", "alice").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut stream, 1).await;
+    let mut stream = connect(&server).await;
+    ask(&mut stream, "/", "alice").await;
     wait_for_idle(server.admin_addr(), 1.0).await;
 
-    let mut rest = Vec::new();
-    let read = within("the keep-alive close", stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+    assert_closed(&mut stream).await;
     wait_for_idle(server.admin_addr(), 0.0).await;
     server.shutdown().await;
 }
@@ -303,20 +290,12 @@ async fn a_tls_connection_is_freed_and_serves_its_next_request() {
     let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, &tls)).await;
     let client = tls_client(&pki.ca, &["http/1.1"]);
     let mut stream = tls_connect(server.proxy_addr(), &client).await;
-    stream
-        .write_all(get("/first", "alice").as_bytes())
-        .await
-        .expect("write");
-    assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+    assert_eq!(ask(&mut stream, "/first", "alice").await.status, 200);
     wait_for_idle(server.admin_addr(), 1.0).await;
 
-    stream
-        .write_all(get("/second", "alice").as_bytes())
-        .await
-        .expect("write");
-    let second = read_answers(&mut stream, 1).await;
-    assert_eq!(second[0].status, 200);
-    assert!(second[0].body.contains("/second"), "{second:?}");
+    let second = ask(&mut stream, "/second", "alice").await;
+    assert_eq!(second.status, 200);
+    assert!(second.body.contains("/second"), "{second:?}");
     server.shutdown().await;
 }
 
@@ -346,40 +325,20 @@ async fn a_drain_closes_idle_connections_without_waiting_for_them() {
     // A drain that waited for an idle connection would outlast the test's deadline.
     let listen = "header_read_timeout = \"30s\"\ndrain_timeout = \"60s\"";
     let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
-    let mut freed = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    freed
-        .write_all(get("/", "alice").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut freed, 1).await;
-    wait_for_idle(server.admin_addr(), 1.0).await;
+    let admin = server.admin_addr();
+    let mut freed = connect(&server).await;
+    ask(&mut freed, "/", "alice").await;
+    wait_for_idle(admin, 1.0).await;
     // And one still held by hyper, just served.
-    let mut fresh = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    fresh
-        .write_all(get("/", "bob").as_bytes())
-        .await
-        .expect("write");
-    read_answers(&mut fresh, 1).await;
+    let mut fresh = connect(&server).await;
+    ask(&mut fresh, "/", "bob").await;
     // And one that has not sent anything yet, once the proxy has accepted it.
-    let open = gauge(server.admin_addr(), "cohort_client_connections").await;
-    let mut silent = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    within("the silent connection's accept", async {
-        while gauge(server.admin_addr(), "cohort_client_connections").await != open + 1.0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let open = gauge(admin, "cohort_client_connections").await;
+    let mut silent = connect(&server).await;
+    wait_for_gauge(admin, "cohort_client_connections", open + 1.0).await;
 
     within("the drain", server.shutdown()).await;
     for stream in [&mut freed, &mut fresh, &mut silent] {
-        let mut rest = Vec::new();
-        let read = within("the close", stream.read_to_end(&mut rest)).await;
-        assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+        assert_closed(stream).await;
     }
 }
