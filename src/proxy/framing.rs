@@ -27,7 +27,7 @@ use super::listener::MAX_HEAD_BYTES;
 const MAX_HEADERS: usize = 100;
 
 /// What an HTTP/2 client with prior knowledge sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const CLEAR: u8 = 0;
 const BOTH_LENGTHS: u8 = 1;

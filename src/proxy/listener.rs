@@ -33,7 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::framing::AmbiguousFraming;
+use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::idle::{Activity, ClientIo, Tracked};
 use super::{Proxy, ResponseBody};
 use crate::config::ListenConfig;
@@ -42,9 +42,6 @@ use crate::tls::ServerTls;
 /// Largest request head (request line and headers) accepted, like nginx's
 /// `large_client_header_buffers`; a larger one is answered 431.
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// What an HTTP/2 client with prior knowledge sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How often a serving HTTP/1.1 connection is checked for idleness, at
 /// most. A connection idle for a whole check is taken back from hyper, so
