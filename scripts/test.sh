@@ -2,9 +2,10 @@
 # The project's one test command: installs what the tests need when it is
 # missing, then runs every test target (and the doc tests, if there are any).
 #
-# Needs a Rust toolchain. The tests call promtool (prometheus), curl and
-# nghttp (nghttp2-client); on Debian they are installed with apt-get when
-# missing, as root or through sudo. Safe to run any number of times.
+# Needs a Rust toolchain. The build needs make (for jemalloc), and the tests
+# call promtool (prometheus), curl and nghttp (nghttp2-client); on Debian
+# they are installed with apt-get when missing, as root or through sudo.
+# Safe to run any number of times.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ die() { log "$*"; exit 1; }
 
 # command -> Debian package that provides it
 declare -A PROVIDER=(
+  [make]=make
   [promtool]=prometheus
   [prometheus]=prometheus
   [curl]=curl
@@ -45,7 +47,7 @@ if ((${#missing[@]})); then
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' is still missing after apt-get install"
   done
 else
-  log "promtool, prometheus, curl and nghttp are present"
+  log "${!PROVIDER[*]} are present"
 fi
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain (https://rustup.rs)"
