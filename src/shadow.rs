@@ -336,24 +336,17 @@ impl Shadow {
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
         *copy.headers_mut() = req.headers().clone();
-        let copy = match forward::upstream_request(
+        let mut copy = forward::upstream_request(
             copy,
             upstream,
             &policy.routing.version_header,
             &self.version.header_value,
             peer,
             tls,
-        ) {
-            Ok(mut copy) => {
-                copy.headers_mut()
-                    .insert(X_COHORT_SHADOW.clone(), HeaderValue::from_static("1"));
-                copy
-            }
-            Err(error) => {
-                tracing::debug!(%error, "request cannot be mirrored");
-                return None;
-            }
-        };
+        );
+        crate::upstream::address(&mut copy, upstream);
+        copy.headers_mut()
+            .insert(X_COHORT_SHADOW.clone(), HeaderValue::from_static("1"));
         tokio::spawn(send(
             self.sender.client.clone(),
             copy,
@@ -385,7 +378,7 @@ async fn send(
     metrics.in_flight.increment(1.0);
     let result = match tokio::time::timeout_at(deadline, client.request(copy)).await {
         Ok(Ok(rsp)) => Ok(rsp),
-        Ok(Err(error)) => Err(ProxyError::from_client(error)),
+        Ok(Err(error)) => Err(ProxyError::from_client(&error)),
         Err(_) => Err(ProxyError::Timeout("shadow copy timed out".into())),
     };
     // No passive ejection here: a shadow that fails is what its metrics are

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::shadow::TeeBody;
 use crate::table::Version;
+use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -63,7 +65,7 @@ impl Drop for InFlight {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody<TeeBody>),
     Full(Option<Bytes>),
 }
 
@@ -78,7 +80,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     #[must_use]
-    pub fn upstream(body: Incoming, in_flight: InFlight) -> ResponseBody {
+    pub fn upstream(body: UpstreamBody<TeeBody>, in_flight: InFlight) -> ResponseBody {
         ResponseBody {
             inner: Inner::Upstream(body),
             in_flight: Some(in_flight),

@@ -30,18 +30,29 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies a failure of the pooled upstream client.
+    /// Classifies a failure of the upstream exchange.
     #[must_use]
-    pub fn from_client(error: hyper_util::client::legacy::Error) -> ProxyError {
-        let detail = chain(&error);
-        let io_kind = std::iter::successors(std::error::Error::source(&error), |e| e.source())
-            .find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
-        let hyper = std::iter::successors(std::error::Error::source(&error), |e| e.source())
-            .find_map(|e| e.downcast_ref::<hyper::Error>());
+    pub fn from_upstream(error: &crate::upstream::Error) -> ProxyError {
+        ProxyError::classify(error, error.is_connect())
+    }
+
+    /// Classifies a failure of a hyper-util pooled client (the shadow's).
+    #[must_use]
+    pub fn from_client(error: &hyper_util::client::legacy::Error) -> ProxyError {
+        ProxyError::classify(error, error.is_connect())
+    }
+
+    /// By the first I/O error or hyper error among `error` and its causes.
+    fn classify(error: &(dyn std::error::Error + 'static), is_connect: bool) -> ProxyError {
+        let detail = chain(error);
+        let causes = || std::iter::successors(Some(error), |e| e.source());
+        let io_kind =
+            causes().find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
+        let hyper = causes().find_map(|e| e.downcast_ref::<hyper::Error>());
         use std::io::ErrorKind::*;
         match io_kind {
             Some(TimedOut) => ProxyError::Timeout(detail),
-            _ if error.is_connect() => ProxyError::Connect(detail),
+            _ if is_connect => ProxyError::Connect(detail),
             Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) => {
                 ProxyError::Reset(detail)
             }

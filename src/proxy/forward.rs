@@ -13,9 +13,7 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
-use http::uri::{PathAndQuery, Uri};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -64,7 +62,9 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Turns a client request into the request for `upstream` (also used for
-/// the shadow's copies, so both follow the same header rules).
+/// the shadow's copies, so both follow the same header rules). The URI is
+/// left in origin form (path and query); the client that sends it names the
+/// upstream where its way of connecting needs it.
 pub fn upstream_request<B>(
     req: Request<B>,
     upstream: &UpstreamAddr,
@@ -72,13 +72,14 @@ pub fn upstream_request<B>(
     version: &HeaderValue,
     peer: SocketAddr,
     tls: bool,
-) -> Result<Request<B>, ProxyError> {
+) -> Request<B> {
     let upgrade = is_upgrade(&req)
         .then(|| req.headers().get(UPGRADE).cloned())
         .flatten();
     let (mut parts, body) = req.into_parts();
 
-    // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`.
+    // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`;
+    // a client that names neither is given the upstream's.
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
@@ -87,9 +88,16 @@ pub fn upstream_request<B>(
     });
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        headers.entry(HOST).or_insert(host);
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            headers.entry(HOST).or_insert(host);
+        }
+        None => {
+            if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+                headers.insert(HOST, host);
+            }
+        }
     }
     append_forwarded_for(headers, peer);
     headers.insert(
@@ -102,22 +110,15 @@ pub fn upstream_request<B>(
         headers.insert(UPGRADE, upgrade);
     }
 
-    let mut uri = parts.uri.into_parts();
-    uri.scheme = Some(upstream.scheme());
-    uri.authority = Some(upstream.authority.clone());
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    parts.uri = Uri::from_parts(uri)
-        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
+    crate::upstream::origin_form(&mut parts.uri);
     parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, body))
+    Request::from_parts(parts, body)
 }
 
 /// Strips hop-by-hop headers from an upstream response, keeping the
 /// handshake headers of a `101 Switching Protocols`.
 #[must_use]
-pub fn downstream_response(mut rsp: Response<Incoming>) -> Response<Incoming> {
+pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
     let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| rsp.headers().get(UPGRADE).cloned())
         .flatten();

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use crate::clock;
@@ -32,6 +33,9 @@ use crate::routing::{self, Cohort, key};
 use crate::shadow::TeeBody;
 use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{self, Protocol, UpstreamAddr, UpstreamClient};
+
+/// An upstream's response body as the proxy receives it.
+type UpstreamBody = upstream::UpstreamBody<TeeBody>;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
@@ -129,17 +133,19 @@ impl Proxy {
                     version.metrics.tokens.increment(tokens);
                 }
                 if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    match client_upgrade {
-                        Some(client) => {
-                            forward::tunnel(client, hyper::upgrade::on(&mut rsp), in_flight);
+                    // hyper keeps a response's upgrade in its extensions.
+                    let upstream_upgrade = rsp.extensions_mut().remove::<OnUpgrade>();
+                    match (client_upgrade, upstream_upgrade) {
+                        (Some(client), Some(upstream)) => {
+                            forward::tunnel(client, upstream, in_flight);
                             rsp.map(|_| ResponseBody::empty(None))
                         }
                         // A 101 the client never asked for cannot be honoured.
-                        None => ProxyError::Protocol("upgrade without a request to upgrade".into())
+                        _ => ProxyError::Protocol("upgrade without a request to upgrade".into())
                             .into_response(&version.name, Some(in_flight)),
                     }
                 } else {
-                    rsp.map(|incoming| ResponseBody::upstream(incoming, in_flight))
+                    rsp.map(|body| ResponseBody::upstream(body, in_flight))
                 }
             }
             Err(error) => {
@@ -173,7 +179,7 @@ impl Proxy {
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,
         peer: SocketAddr,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (index, upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let trailers =
             upstream.protocol != Protocol::Http1 && upstream::wants_trailers(req.headers());
@@ -184,7 +190,7 @@ impl Proxy {
             &version.header_value,
             peer,
             self.tls,
-        )?;
+        );
         if trailers {
             req.headers_mut()
                 .insert(http::header::TE, HeaderValue::from_static("trailers"));
@@ -193,7 +199,7 @@ impl Proxy {
         let sent = self.client.request(upstream, req);
         let result = match tokio::time::timeout(response_timeout, sent).await {
             Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
-            Ok(Err(error)) => Err(ProxyError::from_client(error)),
+            Ok(Err(error)) => Err(ProxyError::from_upstream(&error)),
             Err(_) => Err(ProxyError::Timeout(format!(
                 "no response headers within {response_timeout:?}"
             ))),

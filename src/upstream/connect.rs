@@ -1,29 +1,24 @@
-//! Upstreams: where a version's requests go and the pooled client that takes them there.
+//! Opening connections to upstreams: TCP, and TLS on top for `https://`.
 //!
-//! Owns: the upstream address forms of SPEC section 9 (`host:port`,
-//! `https://host:port`, `h2c://host:port`), and the keep-alive connection
-//! pools shared by every version (HTTP/1.1, HTTP/2 with prior knowledge, and
-//! TLS with HTTP/2 or HTTP/1.1 by ALPN), whose open connections it counts in
-//! `cohort_upstream_connections`. Does not own: the trust roots for TLS
-//! (`tls`), choosing a version (`routing`)
-//! or an upstream within it (`table::Version::pick`), nor turning failures
-//! into responses (`proxy::error`).
+//! Owns: the TCP settings of every upstream connection (`TCP_NODELAY`,
+//! keep-alive probes, the connect timeout), the TLS handshake with the
+//! upstream's server name, and counting each open connection in
+//! `cohort_upstream_connections` from connect to close. Does not own: which
+//! connections are kept for reuse (the pools in this module's parent), nor
+//! the trust roots (`tls`).
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use http::uri::{Authority, Scheme};
-use http::{Request, Uri, Version};
-use hyper::body::Body;
+use http::Uri;
+use http::uri::Scheme;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use metrics::Gauge;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -32,185 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::UpstreamConfig;
-use crate::shadow::TeeBody;
-
-/// How an upstream is spoken to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    /// `host:port`: HTTP/1.1 over TCP.
-    Http1,
-    /// `h2c://host:port`: HTTP/2 with prior knowledge, no TLS.
-    H2c,
-    /// `https://host:port`: TLS, HTTP/2 or HTTP/1.1 by ALPN.
-    Https,
-}
-
-/// One upstream address, as written in the config.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UpstreamAddr {
-    pub protocol: Protocol,
-    pub authority: Authority,
-}
-
-impl UpstreamAddr {
-    /// Parses `host:port`, `h2c://host:port` or `https://host:port`.
-    pub fn parse(text: &str) -> Result<UpstreamAddr, String> {
-        let (protocol, rest) = if let Some(rest) = text.strip_prefix("https://") {
-            (Protocol::Https, rest)
-        } else if let Some(rest) = text.strip_prefix("h2c://") {
-            (Protocol::H2c, rest)
-        } else if let Some(rest) = text.strip_prefix("http://") {
-            (Protocol::Http1, rest)
-        } else if text.contains("://") {
-            return Err(format!(
-                "{text:?}: only \"host:port\", \"http://\", \"h2c://\" and \"https://\" upstreams are supported"
-            ));
-        } else {
-            (Protocol::Http1, text)
-        };
-        let authority: Authority = rest
-            .parse()
-            .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:9001\""))?;
-        if authority.port_u16().is_none() || authority.host().is_empty() || rest.contains('@') {
-            return Err(format!(
-                "{text:?} needs a host and a port, such as \"127.0.0.1:9001\""
-            ));
-        }
-        Ok(UpstreamAddr {
-            protocol,
-            authority,
-        })
-    }
-
-    /// The scheme the pooled client connects with.
-    #[must_use]
-    pub fn scheme(&self) -> Scheme {
-        match self.protocol {
-            Protocol::Https => Scheme::HTTPS,
-            Protocol::Http1 | Protocol::H2c => Scheme::HTTP,
-        }
-    }
-}
-
-impl fmt::Display for UpstreamAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.protocol {
-            Protocol::Http1 => write!(f, "{}", self.authority),
-            Protocol::H2c => write!(f, "h2c://{}", self.authority),
-            Protocol::Https => write!(f, "https://{}", self.authority),
-        }
-    }
-}
-
-impl serde::Serialize for UpstreamAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for UpstreamAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        UpstreamAddr::parse(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// The pooled clients every proxied request goes through, one pool per way
-/// of speaking: `host:port` and `https://` share one (an `https://`
-/// connection speaks HTTP/2 or HTTP/1.1 as ALPN decides), `h2c://` has its
-/// own, HTTP/2 only, since its pool keys (`http://host:port`) would collide
-/// with the HTTP/1.1 ones. Requests carry the real request's body as a
-/// `shadow::TeeBody` (which also feeds a shadow copy, when there is one);
-/// generic over the body so that health probes reach every upstream form the
-/// way requests do.
-#[derive(Debug, Clone)]
-pub struct UpstreamClient<B = TeeBody> {
-    http: Client<CountingConnector, B>,
-    h2c: Client<CountingConnector, B>,
-}
-
-impl<B> UpstreamClient<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    /// Sends `req`, whose URI already names `upstream`, the way `upstream` is spoken to.
-    pub fn request(&self, upstream: &UpstreamAddr, mut req: Request<B>) -> ResponseFuture {
-        match upstream.protocol {
-            Protocol::Http1 | Protocol::Https => self.http.request(req),
-            Protocol::H2c => {
-                *req.version_mut() = Version::HTTP_2;
-                self.h2c.request(req)
-            }
-        }
-    }
-}
-
-/// Whether a client's `TE` header accepts trailers. `TE` is hop-by-hop, but
-/// an HTTP/2 upstream (gRPC) needs `te: trailers` passed on to send them.
-#[must_use]
-pub fn wants_trailers(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-}
-
-/// Builds the proxy's pooled clients: kept-alive connections, `TCP_NODELAY`,
-/// the connect timeout, idle connections closed after `idle_timeout`, each
-/// connection counted in `cohort_upstream_connections`; `tls` for `https://`.
-#[must_use]
-pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
-    let connector = CountingConnector::new(
-        http_connector(config.connect_timeout),
-        tls,
-        crate::metrics::upstream_connections(),
-    );
-    let build = |http2_only: bool| {
-        Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_idle_per_host)
-            .http2_only(http2_only)
-            .build(connector.clone())
-    };
-    UpstreamClient {
-        http: build(false),
-        h2c: build(true),
-    }
-}
-
-/// Clients for health probes: like [`client`], but keeping one idle
-/// connection per upstream and not counted as upstream connections.
-#[must_use]
-pub fn probe_client<B>(connect_timeout: Duration, tls: Arc<ClientConfig>) -> UpstreamClient<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-{
-    let connector = CountingConnector::new(http_connector(connect_timeout), tls, Gauge::noop());
-    let build = |http2_only: bool| {
-        Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .http2_only(http2_only)
-            .build(connector.clone())
-    };
-    UpstreamClient {
-        http: build(false),
-        h2c: build(true),
-    }
-}
-
-fn http_connector(connect_timeout: Duration) -> HttpConnector {
+pub fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -285,7 +102,7 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A byte stream to an upstream: TCP, or TLS over TCP.
 #[derive(Debug)]
@@ -424,11 +241,12 @@ impl Write for CountedConnection {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
 
     use http_body_util::{BodyExt as _, Empty};
     use hyper::service::service_fn;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
 
     use super::*;
 
@@ -506,26 +324,6 @@ mod tests {
                 count.0.load(Ordering::SeqCst)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[test]
-    fn address_forms() {
-        let a = UpstreamAddr::parse("127.0.0.1:9001").unwrap();
-        assert_eq!(
-            (a.protocol, a.to_string().as_str()),
-            (Protocol::Http1, "127.0.0.1:9001")
-        );
-        assert_eq!(
-            UpstreamAddr::parse("h2c://agent:80").unwrap().protocol,
-            Protocol::H2c
-        );
-        assert_eq!(
-            UpstreamAddr::parse("https://agent:443").unwrap().protocol,
-            Protocol::Https
-        );
-        for bad in ["agent", "ftp://agent:21", "", ":80", "u@agent:80"] {
-            assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,0 +1,514 @@
+//! The HTTP/1.1 connection pool of plain `host:port` upstreams.
+//!
+//! Owns: keeping open HTTP/1.1 connections per upstream, lending one to each
+//! exchange and taking it back when the response body has been read to its
+//! end ([`UpstreamBody`] carries it until then), sending a request again on
+//! a new connection when a pooled one closed before the request was written,
+//! and closing connections idle longer than `idle_timeout`.
+//!
+//! Each worker has its own pool, so a request never waits on another thread;
+//! and because a connection comes back from the body that used it, no task is
+//! spawned per request to watch for it going idle.
+//!
+//! Does not own: opening connections (`connect`), nor HTTP/2 and TLS
+//! upstreams, which go through hyper-util's pooled client (`super`).
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use tokio::time::Instant;
+
+use super::Error;
+use super::connect::CountingConnector;
+
+/// Idle HTTP/1.1 connections, by upstream. Cheap to clone: clones share the pool.
+pub struct Http1Pool<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B> Clone for Http1Pool<B> {
+    fn clone(&self) -> Self {
+        Http1Pool {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Http1Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http1Pool")
+            .field("idle_timeout", &self.shared.idle_timeout)
+            .field("max_idle_per_host", &self.shared.max_idle_per_host)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<B> {
+    connector: CountingConnector,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    /// A short list: a route table names a handful of upstreams, so a scan
+    /// beats hashing the authority on every request.
+    idle: Mutex<Vec<Host<B>>>,
+    /// Whether the task that closes expired connections has been started
+    /// (on the first connection, so on the runtime that uses the pool).
+    sweeping: AtomicBool,
+}
+
+struct Host<B> {
+    authority: Authority,
+    /// Oldest first; connections are lent newest first.
+    connections: Vec<Idle<B>>,
+}
+
+struct Idle<B> {
+    sender: SendRequest<B>,
+    since: Instant,
+}
+
+impl<B> Http1Pool<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    /// A pool that connects with `connector`, keeps at most
+    /// `max_idle_per_host` idle connections per upstream, and closes those
+    /// idle longer than `idle_timeout`.
+    #[must_use]
+    pub fn new(
+        connector: CountingConnector,
+        idle_timeout: Duration,
+        max_idle_per_host: usize,
+    ) -> Http1Pool<B> {
+        Http1Pool {
+            shared: Arc::new(Shared {
+                connector,
+                idle_timeout,
+                max_idle_per_host,
+                idle: Mutex::new(Vec::new()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `req` to `authority` on a pooled connection, or a new one.
+    pub async fn send(
+        &self,
+        authority: &Authority,
+        mut req: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, Error> {
+        // The request line names only the path: the connection is the authority.
+        super::origin_form(req.uri_mut());
+        let mut pooled = self.shared.checkout(authority);
+        loop {
+            let reused = pooled.is_some();
+            let mut sender = match pooled.take() {
+                Some(sender) => sender,
+                None => self.connect(authority).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    // An upgraded connection belongs to its tunnel from now on.
+                    let lease = (rsp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
+                        pool: Arc::clone(&self.shared),
+                        authority: authority.clone(),
+                        sender,
+                    });
+                    return Ok(rsp.map(|incoming| UpstreamBody { incoming, lease }));
+                }
+                Err(mut error) => match error.take_message() {
+                    // The pooled connection closed before a byte of the request
+                    // was written, so sending it again cannot repeat it.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(Error::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, Error> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| Error::Connect(e.into()))?;
+        let mut connector = self.shared.connector.clone();
+        let io = tower_service::Service::call(&mut connector, uri)
+            .await
+            .map_err(Error::Connect)?;
+        let (sender, connection) = http1::handshake(io)
+            .await
+            .map_err(|e| Error::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
+        if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&self.shared)));
+        }
+        Ok(sender)
+    }
+}
+
+impl<B> Shared<B> {
+    /// The newest idle connection to `authority` that can take a request now.
+    fn checkout(&self, authority: &Authority) -> Option<SendRequest<B>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let host = idle.iter_mut().find(|host| host.authority == *authority)?;
+        // Closed ones go; so does one still finishing its last exchange (an
+        // answer that came before its request body was all sent): it closes
+        // when that ends, rather than making this request wait.
+        while let Some(Idle { sender, .. }) = host.connections.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, authority: Authority, sender: SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        let since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = match idle.iter().position(|host| host.authority == authority) {
+            Some(index) => index,
+            None => {
+                idle.push(Host {
+                    authority,
+                    connections: Vec::new(),
+                });
+                idle.len() - 1
+            }
+        };
+        let connections = &mut idle[index].connections;
+        if connections.len() < self.max_idle_per_host {
+            connections.push(Idle { sender, since });
+        }
+    }
+
+    /// Closes the connections idle since before `deadline`, and forgets
+    /// upstreams left with none.
+    fn close_idle_since(&self, deadline: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        for host in idle.iter_mut() {
+            host.connections
+                .retain(|conn| conn.since > deadline && !conn.sender.is_closed());
+        }
+        idle.retain(|host| !host.connections.is_empty());
+    }
+}
+
+/// Closes expired idle connections until the pool is gone: dropping an idle
+/// connection's sender ends its connection task, which closes the socket.
+async fn sweep<B>(pool: Weak<Shared<B>>) {
+    let Some(every) = pool.upgrade().map(|pool| pool.idle_timeout / 2) else {
+        return;
+    };
+    let every = every.max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(deadline) = now.checked_sub(pool.idle_timeout) {
+            pool.close_idle_since(deadline);
+        }
+    }
+}
+
+/// A pooled connection lent to one exchange.
+struct Lease<B> {
+    pool: Arc<Shared<B>>,
+    authority: Authority,
+    sender: SendRequest<B>,
+}
+
+impl<B> Lease<B> {
+    fn give_back(self) {
+        self.pool.put_back(self.authority, self.sender);
+    }
+}
+
+/// An upstream response body. For a pooled HTTP/1.1 connection, it gives
+/// the connection back to the pool once read to its end; dropped earlier,
+/// the connection closes instead, since the rest of the body is still on it.
+pub struct UpstreamBody<B> {
+    incoming: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+impl<B> UpstreamBody<B> {
+    /// A body whose connection is not this pool's to take back.
+    #[must_use]
+    pub fn unpooled(incoming: Incoming) -> UpstreamBody<B> {
+        UpstreamBody {
+            incoming,
+            lease: None,
+        }
+    }
+}
+
+impl<B> Body for UpstreamBody<B> {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(lease) = this.lease.take()
+        {
+            lease.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl<B> Drop for UpstreamBody<B> {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304, `content-length: 0`) may never be
+        // polled, yet its connection is free.
+        if let Some(lease) = self.lease.take()
+            && self.incoming.is_end_stream()
+        {
+            lease.give_back();
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for UpstreamBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("incoming", &self.incoming)
+            .field("pooled", &self.lease.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::upstream::connect::http_connector;
+
+    /// What a test backend has seen: connections accepted, and still open.
+    #[derive(Default)]
+    struct Seen {
+        accepted: AtomicUsize,
+        open: AtomicUsize,
+    }
+
+    /// A keep-alive HTTP/1.1 backend whose every answer has a body of `size` bytes.
+    async fn backend(size: usize) -> (Authority, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (authority(addr), seen)
+    }
+
+    fn authority(addr: SocketAddr) -> Authority {
+        addr.to_string().parse().unwrap()
+    }
+
+    fn pool(idle_timeout: Duration) -> Http1Pool<Empty<Bytes>> {
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let connector = CountingConnector::new(
+            http_connector(Duration::from_secs(5)),
+            Arc::new(tls),
+            metrics::Gauge::noop(),
+        );
+        Http1Pool::new(connector, idle_timeout, 8)
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::get("/").body(Empty::new()).unwrap()
+    }
+
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_the_end_is_reused() {
+        let (upstream, seen) = backend(100_000).await;
+        let pool = pool(Duration::from_secs(60));
+        for _ in 0..5 {
+            let rsp = pool.send(&upstream, get()).await.unwrap();
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 100_000);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_never_polled_still_frees_its_connection() {
+        let (upstream, seen) = backend(0).await;
+        let pool = pool(Duration::from_secs(60));
+        for _ in 0..3 {
+            let rsp = pool.send(&upstream, get()).await.unwrap();
+            assert!(rsp.body().is_end_stream());
+            drop(rsp);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_read_closes_its_connection() {
+        let (upstream, seen) = backend(1_000_000).await;
+        let pool = pool(Duration::from_secs(60));
+        let mut body = pool.send(&upstream, get()).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        // The rest of that body is still on the first connection: a new one serves this.
+        let rsp = pool.send(&upstream, get()).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        wait_until("the half-read connection is closed", || {
+            seen.open.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_idle_timeout() {
+        let (upstream, seen) = backend(10).await;
+        let pool = pool(Duration::from_millis(200));
+        let rsp = pool.send(&upstream, get()).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.open.load(Ordering::SeqCst), 1);
+        wait_until("the idle connection is closed", || {
+            seen.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        // Answers one request per connection with a keep-alive response,
+        // then closes the connection without saying so.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = authority(listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let read = stream.read(&mut buf).await.unwrap();
+                    assert!(read > 0, "the client closed before a full request head");
+                    head.extend_from_slice(&buf[..read]);
+                }
+                let body = format!("answer {n}");
+                let rsp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(rsp.as_bytes()).await.unwrap();
+            }
+        });
+        let pool = pool(Duration::from_secs(60));
+        for n in 0..3 {
+            let rsp = pool.send(&upstream, get()).await.unwrap();
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("answer {n}").as_bytes());
+            wait_until("the pooled connection is seen closed", || {
+                let idle = pool.shared.idle.lock().unwrap();
+                idle.iter()
+                    .flat_map(|host| &host.connections)
+                    .all(|conn| conn.sender.is_closed())
+            })
+            .await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_absolute_uri_is_sent_in_origin_form() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = authority(listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (seen, saw) = tokio::sync::oneshot::channel();
+            let seen = std::sync::Mutex::new(Some(seen));
+            let service = service_fn(move |req: Request<Incoming>| {
+                if let Some(seen) = seen.lock().unwrap().take() {
+                    let _ = seen.send(req.uri().to_string());
+                }
+                async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            saw.await.unwrap()
+        });
+        let pool = pool(Duration::from_secs(60));
+        let req = Request::get(format!("http://{upstream}/health?deep=1"))
+            .body(Empty::new())
+            .unwrap();
+        pool.send(&upstream, req).await.unwrap();
+        drop(pool);
+        assert_eq!(served.await.unwrap(), "/health?deep=1");
+    }
+}

@@ -1,0 +1,302 @@
+//! Upstreams: where a version's requests go and the pooled clients that take them there.
+//!
+//! Owns: the upstream address forms of SPEC section 9 (`host:port`,
+//! `https://host:port`, `h2c://host:port`), and the keep-alive connection
+//! pools shared by every version of a worker: Cohort's own for plain
+//! HTTP/1.1 ([`http1`]), hyper-util's for HTTP/2 with prior knowledge and for
+//! TLS with HTTP/2 or HTTP/1.1 by ALPN. Does not own: opening connections
+//! and counting them ([`connect`]), the trust roots for TLS (`tls`),
+//! choosing a version (`routing`) or an upstream within it
+//! (`table::Version::pick`), nor turning failures into responses
+//! (`proxy::error`).
+
+pub mod connect;
+pub mod http1;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Body;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use metrics::Gauge;
+use rustls::ClientConfig;
+
+use crate::config::UpstreamConfig;
+use crate::shadow::TeeBody;
+use connect::{BoxError, CountingConnector, http_connector};
+use http1::Http1Pool;
+pub use http1::UpstreamBody;
+
+/// How an upstream is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `host:port`: HTTP/1.1 over TCP.
+    Http1,
+    /// `h2c://host:port`: HTTP/2 with prior knowledge, no TLS.
+    H2c,
+    /// `https://host:port`: TLS, HTTP/2 or HTTP/1.1 by ALPN.
+    Https,
+}
+
+/// One upstream address, as written in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamAddr {
+    pub protocol: Protocol,
+    pub authority: Authority,
+}
+
+impl UpstreamAddr {
+    /// Parses `host:port`, `h2c://host:port` or `https://host:port`.
+    pub fn parse(text: &str) -> Result<UpstreamAddr, String> {
+        let (protocol, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (Protocol::Https, rest)
+        } else if let Some(rest) = text.strip_prefix("h2c://") {
+            (Protocol::H2c, rest)
+        } else if let Some(rest) = text.strip_prefix("http://") {
+            (Protocol::Http1, rest)
+        } else if text.contains("://") {
+            return Err(format!(
+                "{text:?}: only \"host:port\", \"http://\", \"h2c://\" and \"https://\" upstreams are supported"
+            ));
+        } else {
+            (Protocol::Http1, text)
+        };
+        let authority: Authority = rest
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:9001\""))?;
+        if authority.port_u16().is_none() || authority.host().is_empty() || rest.contains('@') {
+            return Err(format!(
+                "{text:?} needs a host and a port, such as \"127.0.0.1:9001\""
+            ));
+        }
+        Ok(UpstreamAddr {
+            protocol,
+            authority,
+        })
+    }
+
+    /// The scheme the pooled client connects with.
+    #[must_use]
+    pub fn scheme(&self) -> Scheme {
+        match self.protocol {
+            Protocol::Https => Scheme::HTTPS,
+            Protocol::Http1 | Protocol::H2c => Scheme::HTTP,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.protocol {
+            Protocol::Http1 => write!(f, "{}", self.authority),
+            Protocol::H2c => write!(f, "h2c://{}", self.authority),
+            Protocol::Https => write!(f, "https://{}", self.authority),
+        }
+    }
+}
+
+impl serde::Serialize for UpstreamAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for UpstreamAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        UpstreamAddr::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The pooled clients every proxied request goes through, one pool per way
+/// of speaking: `host:port` through Cohort's HTTP/1.1 pool, `https://`
+/// through hyper-util's (an `https://` connection speaks HTTP/2 or HTTP/1.1
+/// as ALPN decides), and `h2c://` through another of hyper-util's, HTTP/2
+/// only. Requests carry the real request's body as a `shadow::TeeBody`
+/// (which also feeds a shadow copy, when there is one); generic over the
+/// body so that health probes reach every upstream form the way requests do.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient<B = TeeBody> {
+    http1: Http1Pool<B>,
+    https: Client<CountingConnector, B>,
+    h2c: Client<CountingConnector, B>,
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting failed")]
+    Connect(#[source] BoxError),
+    #[error("the HTTP/1.1 exchange failed")]
+    Exchange(#[source] hyper::Error),
+    #[error("the pooled client failed")]
+    Pooled(#[source] hyper_util::client::legacy::Error),
+}
+
+impl Error {
+    /// Whether no connection could be made (nothing was sent).
+    #[must_use]
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Error::Connect(_) => true,
+            Error::Exchange(_) => false,
+            Error::Pooled(error) => error.is_connect(),
+        }
+    }
+}
+
+impl<B> UpstreamClient<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Sends `req` to `upstream`, the way `upstream` is spoken to, and
+    /// resolves to the response once its headers are in.
+    pub async fn request(
+        &self,
+        upstream: &UpstreamAddr,
+        mut req: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, Error> {
+        let pooled = match upstream.protocol {
+            Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
+            Protocol::Https => {
+                address(&mut req, upstream);
+                self.https.request(req)
+            }
+            Protocol::H2c => {
+                address(&mut req, upstream);
+                *req.version_mut() = Version::HTTP_2;
+                self.h2c.request(req)
+            }
+        };
+        let rsp = pooled.await.map_err(Error::Pooled)?;
+        Ok(rsp.map(UpstreamBody::unpooled))
+    }
+}
+
+/// Names `upstream` in `req`'s URI (absolute form), which is how
+/// hyper-util's pooled client knows where to connect.
+pub fn address<B>(req: &mut Request<B>, upstream: &UpstreamAddr) {
+    let mut uri = std::mem::take(req.uri_mut()).into_parts();
+    uri.scheme = Some(upstream.scheme());
+    uri.authority = Some(upstream.authority.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    // Scheme, authority and path are all set, which is all `from_parts` checks.
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+}
+
+/// Leaves only the path and query of an absolute-form URI (an HTTP/2
+/// client's, or a probe's): what the request line to an HTTP/1.1 upstream names.
+pub fn origin_form(uri: &mut Uri) {
+    if uri.authority().is_some() {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *uri = Uri::from(path);
+    }
+}
+
+/// Whether a client's `TE` header accepts trailers. `TE` is hop-by-hop, but
+/// an HTTP/2 upstream (gRPC) needs `te: trailers` passed on to send them.
+#[must_use]
+pub fn wants_trailers(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Builds the proxy's pooled clients: kept-alive connections, `TCP_NODELAY`,
+/// the connect timeout, idle connections closed after `idle_timeout`, each
+/// connection counted in `cohort_upstream_connections`; `tls` for `https://`.
+#[must_use]
+pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
+    let connector = CountingConnector::new(
+        http_connector(config.connect_timeout),
+        tls,
+        crate::metrics::upstream_connections(),
+    );
+    let build = |http2_only: bool| {
+        Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_max_idle_per_host(config.max_idle_per_host)
+            .http2_only(http2_only)
+            .build(connector.clone())
+    };
+    UpstreamClient {
+        http1: Http1Pool::new(
+            connector.clone(),
+            config.idle_timeout,
+            config.max_idle_per_host,
+        ),
+        https: build(false),
+        h2c: build(true),
+    }
+}
+
+/// How long a probe connection may sit idle (hyper-util's default).
+const PROBE_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Clients for health probes: like [`client`], but keeping one idle
+/// connection per upstream and not counted as upstream connections.
+#[must_use]
+pub fn probe_client<B>(connect_timeout: Duration, tls: Arc<ClientConfig>) -> UpstreamClient<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connector = CountingConnector::new(http_connector(connect_timeout), tls, Gauge::noop());
+    let build = |http2_only: bool| {
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .http2_only(http2_only)
+            .build(connector.clone())
+    };
+    UpstreamClient {
+        http1: Http1Pool::new(connector.clone(), PROBE_IDLE_TIMEOUT, 1),
+        https: build(false),
+        h2c: build(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_forms() {
+        let a = UpstreamAddr::parse("127.0.0.1:9001").unwrap();
+        assert_eq!(
+            (a.protocol, a.to_string().as_str()),
+            (Protocol::Http1, "127.0.0.1:9001")
+        );
+        assert_eq!(
+            UpstreamAddr::parse("h2c://agent:80").unwrap().protocol,
+            Protocol::H2c
+        );
+        assert_eq!(
+            UpstreamAddr::parse("https://agent:443").unwrap().protocol,
+            Protocol::Https
+        );
+        for bad in ["agent", "ftp://agent:21", "", ":80", "u@agent:80"] {
+            assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
