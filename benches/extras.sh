@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Two measurements beside the load comparison (benches/compare.sh), with the
+# Three measurements beside the load comparison (benches/compare.sh), with the
 # same peers and the same 90/10 sticky split on loopback:
 #
 #   benches/extras.sh rss [connections]      memory per idle keep-alive client connection
 #   benches/extras.sh rate [rps] [seconds]   latency at a fixed request rate (oha, corrected
 #                                            for coordinated omission): p50, p99, p99.9
+#   benches/extras.sh cpu [seconds]          CPU per request at saturation, split into
+#                                            user space and kernel
 #
 # `rss` opens `connections` (default 5000) keep-alive connections to each
 # proxy, sends one request on each, waits 12 s, and reports the growth of
@@ -14,6 +16,10 @@
 # connections closed (no growth under load).
 # `rate` runs `oha -q rps -z seconds -c 64 --latency-correction` against
 # each proxy (default 10000 rps for 20 s). oha must be on PATH or in OHA.
+# `cpu` runs wrk as the comparison does (1 thread, 64 connections, default
+# 10 s) against each proxy and divides the process's user and system time
+# (/proc/PID/stat) by the requests served: every proxy makes the same
+# socket calls per request, so the kernel part is a floor they share.
 #
 # Backends (one nginx worker) and the load generators run on core 0, each
 # proxy is pinned to core 1 with one worker (Cohort: `listen.workers = 1`,
@@ -24,7 +30,8 @@ MODE=${1:-}
 case $MODE in
   rss) N=${2:-5000} ;;
   rate) RATE=${2:-10000}; SECS=${3:-20} ;;
-  *) echo "usage: $0 rss [connections] | rate [rps] [seconds]" >&2; exit 2 ;;
+  cpu) SECS=${2:-10} ;;
+  *) echo "usage: $0 rss [connections] | rate [rps] [seconds] | cpu [seconds]" >&2; exit 2 ;;
 esac
 COHORT_BIN=$(realpath -e -- "${COHORT_BIN:-$ROOT/target/release/cohort}")
 OHA=${OHA:-oha}
@@ -184,6 +191,18 @@ if [ "$MODE" = rss ]; then
     taskset -c 0 wrk -t1 -c64 -d${LOAD_SECONDS:-10}s -s $W/users.lua http://127.0.0.1:9203/ >/dev/null
     sleep 1
     echo "cohort rss_kib after_wrk_run_$i=$(rss $pid)"
+  done
+elif [ "$MODE" = cpu ]; then
+  hz=$(getconf CLK_TCK)
+  cpu_ticks() { awk '{print $14, $15}' /proc/$1/stat; }  # user and system clock ticks
+  for name in nginx haproxy cohort; do
+    pid=${PID[$name]}
+    read -r user0 sys0 < <(cpu_ticks $pid)
+    out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}/ 2>&1)
+    read -r user1 sys1 < <(cpu_ticks $pid)
+    awk -v n=$name -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz=$hz \
+      -v r="$(awk '/requests in/{print $1}' <<<"$out")" \
+      'BEGIN{printf "%-8s requests=%d user_us_per_req=%.2f system_us_per_req=%.2f\n", n, r, 1e6*u/hz/r, 1e6*s/hz/r}'
   done
 else
   for name in nginx haproxy cohort; do
