@@ -15,9 +15,10 @@
 #
 # Then, unless EXTRAS=0, benches/extras.sh measures each proxy's resident
 # memory per idle keep-alive connection (IDLE_CONNS, default 5000; goal: at
-# most 4 KB) and its latency at a fixed rate below saturation (RATE requests
-# per second, default 20000, for RATE_SECONDS, default 15), and the summary
-# adds Cohort's memory ratio to the best peer.
+# most 4 KB), its latency at a fixed rate below saturation (RATE requests
+# per second, default 20000, for RATE_SECONDS, default 15) and its CPU per
+# request split into user space and kernel (CPU_SECONDS, default 10), and
+# the summary adds Cohort's memory ratio to the best peer.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -130,6 +131,8 @@ log "memory per idle connection: benches/extras.sh rss ${IDLE_CONNS:-5000}"
 "$ROOT/benches/extras.sh" rss "${IDLE_CONNS:-5000}" | tee -a "$extras"
 log "latency at a fixed rate: benches/extras.sh rate ${RATE:-20000} ${RATE_SECONDS:-15}"
 "$ROOT/benches/extras.sh" rate "${RATE:-20000}" "${RATE_SECONDS:-15}" | tee -a "$extras"
+log "CPU per request, user space and kernel: benches/extras.sh cpu ${CPU_SECONDS:-10}"
+"$ROOT/benches/extras.sh" cpu "${CPU_SECONDS:-10}" | tee -a "$extras"
 echo
 awk '
   $2 ~ /^idle_conns=/ { for (f = 2; f <= NF; f++) { split($f, kv, "="); if (kv[1] == "kib_per_conn") mem[$1] = kv[2] + 0 } }
