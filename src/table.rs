@@ -136,6 +136,18 @@ impl Version {
             .or_else(|| order().find(|&i| self.health[i].is_healthy()))
             .map(|i| (i, &self.upstreams[i]))
     }
+
+    /// Where to send a request that `failed` could not be reached for: the
+    /// next available upstream after it, if another one is.
+    #[must_use]
+    pub fn pick_other(&self, failed: usize) -> Option<(usize, &UpstreamAddr)> {
+        let n = self.upstreams.len();
+        let now = health::now_ms();
+        (1..n)
+            .map(|i| (failed + i) % n)
+            .find(|&i| self.health[i].is_available(now))
+            .map(|i| (i, &self.upstreams[i]))
+    }
 }
 
 /// The canary and the share of buckets it serves.

@@ -3,13 +3,16 @@
 //! Owns: 502 for an upstream that refuses connections or answers with
 //! something that is not HTTP, 504 for one that does not answer in
 //! `upstream.response_timeout`, the exact JSON body of SPEC section 2, the
-//! version tag on errors, and that one version's failure does not touch the
-//! other's traffic. Does not own: malformed client requests
+//! version tag on errors, that one version's failure does not touch the
+//! other's traffic, and that a refused connection moves on to the version's
+//! next upstream. Does not own: malformed client requests
 //! (`tests/smuggling.rs`).
 
 mod support;
 
-use support::{Backend, CANARY, Http, STABLE, SlowBackend, cohort, dead_addr, key_on, within};
+use support::{
+    Backend, CANARY, Http, STABLE, SlowBackend, cohort, dead_addr, key_on, metric, within,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
@@ -53,6 +56,29 @@ async fn a_dead_canary_gives_502_to_its_cohort_only() {
         assert_eq!(reply.backend(), STABLE);
     }
     assert_eq!(stable.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_refused_connection_goes_to_the_versions_next_upstream() {
+    let live = Backend::start(STABLE).await;
+    let dead = dead_addr().await;
+    // One probe at start (below the unhealthy threshold) and no passive
+    // ejection: the dead upstream stays in the rotation, so every other
+    // request meets it first.
+    let health = "[health]\ninterval = \"1h\"\neject_after_errors = 1000\n";
+    let server = cohort(&[dead, live.addr], None, health).await;
+    let http = Http::new(server.proxy_addr());
+
+    for _ in 0..6 {
+        let reply = http.get("/", &[("x-user-id", "u")]).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.backend(), STABLE);
+    }
+    assert_eq!(live.hits(), 6);
+    // The refusals are still counted, though no client saw them.
+    let labels = [("version", STABLE), ("kind", "connect")];
+    let refused = metric(&server, "cohort_upstream_errors_total", &labels).await;
+    assert!(refused.is_some_and(|n| n >= 3.0), "{refused:?}");
 }
 
 #[tokio::test]

@@ -171,7 +171,11 @@ impl Proxy {
         rsp
     }
 
-    /// Sends `req` to one of `version`'s upstreams and waits for the response headers.
+    /// Sends `req` to one of `version`'s upstreams and waits for the response
+    /// headers. An upstream that cannot be connected to has been sent
+    /// nothing, so the request goes on to the version's next available
+    /// upstream, as nginx's `proxy_next_upstream error timeout` does; each
+    /// is tried once, all within the one response timeout.
     async fn forward(
         &self,
         req: Request<TeeBody>,
@@ -180,7 +184,7 @@ impl Proxy {
         upstream: Option<(usize, &UpstreamAddr)>,
         peer: SocketAddr,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let (index, upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
+        let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let trailers =
             upstream.protocol != Protocol::Http1 && upstream::wants_trailers(req.headers());
         let mut req = forward::upstream_request(
@@ -196,13 +200,37 @@ impl Proxy {
                 .insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
         let response_timeout = table.policy.response_timeout;
-        let sent = self.client.request(upstream, req);
-        let result = match tokio::time::timeout(response_timeout, sent).await {
-            Ok(Ok(rsp)) => Ok(forward::downstream_response(rsp)),
-            Ok(Err(error)) => Err(ProxyError::from_upstream(&error)),
-            Err(_) => Err(ProxyError::Timeout(format!(
-                "no response headers within {response_timeout:?}"
-            ))),
+        let deadline = Instant::now() + response_timeout;
+        let mut tries = 1;
+        let result = loop {
+            let sent = self.client.request(upstream, req);
+            let failed = match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
+                Ok(Err(failed)) => failed,
+                Err(_) => {
+                    break Err(ProxyError::Timeout(format!(
+                        "no response headers within {response_timeout:?}"
+                    )));
+                }
+            };
+            let error = ProxyError::from_upstream(&failed.error);
+            // Given back only when no connection could be made (refused or
+            // timed out): nothing reached that upstream.
+            if let Some(unsent) = failed.unsent
+                && tries < version.upstreams.len()
+                && let Some(next) = version.pick_other(index)
+            {
+                tracing::debug!(version = %version.name, %error, "trying another upstream");
+                if let Some(kind) = error.upstream_kind() {
+                    version.metrics.record_upstream_error(kind);
+                }
+                version.health[index].record_outcome(false, &table.policy.health);
+                (index, upstream) = next;
+                req = unsent;
+                tries += 1;
+                continue;
+            }
+            break Err(error);
         };
         // Passive health: consecutive connect errors and 5xx eject the upstream.
         let ok = match &result {

@@ -26,8 +26,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::time::Instant;
 
-use super::Error;
 use super::connect::CountingConnector;
+use super::{Error, SendError};
 
 /// Idle HTTP/1.1 connections, by upstream. Cheap to clone: clones share the pool.
 pub struct Http1Pool<B> {
@@ -100,12 +100,13 @@ where
         }
     }
 
-    /// Sends `req` to `authority` on a pooled connection, or a new one.
+    /// Sends `req` to `authority` on a pooled connection, or a new one. If
+    /// no connection can be made, the request comes back with the error.
     pub async fn send(
         &self,
         authority: &Authority,
         mut req: Request<B>,
-    ) -> Result<Response<UpstreamBody<B>>, Error> {
+    ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
         // The request line names only the path: the connection is the authority.
         super::origin_form(req.uri_mut());
         let mut pooled = self.shared.checkout(authority);
@@ -113,7 +114,15 @@ where
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => self.connect(authority).await?,
+                None => match self.connect(authority).await {
+                    Ok(sender) => sender,
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            unsent: Some(req),
+                        });
+                    }
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
@@ -129,7 +138,7 @@ where
                     // The pooled connection closed before a byte of the request
                     // was written, so sending it again cannot repeat it.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(Error::Exchange(error.into_error())),
+                    _ => return Err(Error::Exchange(error.into_error()).into()),
                 },
             }
         }

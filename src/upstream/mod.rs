@@ -137,6 +137,31 @@ pub enum Error {
     Pooled(#[source] hyper_util::client::legacy::Error),
 }
 
+/// A failed exchange, with the request given back when none of it was sent
+/// (so another upstream can take it).
+pub struct SendError<B> {
+    pub error: Error,
+    pub unsent: Option<Request<B>>,
+}
+
+impl<B> fmt::Debug for SendError<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("error", &self.error)
+            .field("unsent", &self.unsent.is_some())
+            .finish()
+    }
+}
+
+impl<B> From<Error> for SendError<B> {
+    fn from(error: Error) -> Self {
+        SendError {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 impl Error {
     /// Whether no connection could be made (nothing was sent).
     #[must_use]
@@ -156,12 +181,13 @@ where
     B::Error: Into<BoxError>,
 {
     /// Sends `req` to `upstream`, the way `upstream` is spoken to, and
-    /// resolves to the response once its headers are in.
+    /// resolves to the response once its headers are in. A `host:port`
+    /// upstream that cannot be connected to gives the request back.
     pub async fn request(
         &self,
         upstream: &UpstreamAddr,
         mut req: Request<B>,
-    ) -> Result<Response<UpstreamBody<B>>, Error> {
+    ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
         let pooled = match upstream.protocol {
             Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
             Protocol::Https => {
