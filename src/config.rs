@@ -256,10 +256,21 @@ impl Config {
 
 /// Parses a duration written as `"250ms"`, `"30s"` or `"2h"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
         format!("{text:?} is not a duration such as \"250ms\", \"30s\" or \"2h\" ({e})")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{text:?} is longer than the 10 years a duration may be"
+        ));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any setting takes: far beyond a sensible one, and
+/// short enough that adding it to a clock reading cannot overflow.
+/// (A year of 365.25 days, as the duration syntax counts one.)
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Parses a byte size written as `"512"`, `"64KiB"`, `"1MiB"`, `"1MB"` or `"2GiB"`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -1134,5 +1145,7 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("100y").is_ok());
+        assert!(parse_duration("101y").unwrap_err().contains("longer than"));
     }
 }

@@ -338,7 +338,6 @@ impl Shadow {
         *copy.headers_mut() = req.headers().clone();
         let mut copy = forward::upstream_request(
             copy,
-            upstream,
             &policy.routing.version_header,
             &self.version.header_value,
             peer,

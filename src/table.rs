@@ -137,14 +137,17 @@ impl Version {
             .map(|i| (i, &self.upstreams[i]))
     }
 
-    /// Where to send a request that `failed` could not be reached for: the
-    /// next available upstream after it, if another one is.
+    /// Where to send a request that could not reach `last`, having started
+    /// at `first` and gone on in order from there: the next available
+    /// upstream after `last`, short of coming back round to `first`, so
+    /// each upstream gets one try.
     #[must_use]
-    pub fn pick_other(&self, failed: usize) -> Option<(usize, &UpstreamAddr)> {
+    pub fn pick_other(&self, first: usize, last: usize) -> Option<(usize, &UpstreamAddr)> {
         let n = self.upstreams.len();
         let now = health::now_ms();
-        (1..n)
-            .map(|i| (failed + i) % n)
+        let tried = (last + n - first) % n + 1;
+        (tried..n)
+            .map(|step| (first + step) % n)
             .find(|&i| self.health[i].is_available(now))
             .map(|i| (i, &self.upstreams[i]))
     }
@@ -329,5 +332,31 @@ impl Table {
     /// Installs `table` as the live snapshot.
     pub fn store(&self, table: RouteTable) {
         self.0.store(Arc::new(table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failure_each_other_upstream_gets_one_try_in_order() {
+        let config = VersionConfig {
+            name: "v1".into(),
+            upstreams: ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+                .iter()
+                .map(|a| UpstreamAddr::parse(a).unwrap())
+                .collect(),
+        };
+        let version = Version::new(&config, Cohort::Stable, false, Duration::from_secs(1));
+        let next = |first, last| version.pick_other(first, last).map(|(i, _)| i);
+        assert_eq!(
+            (next(0, 0), next(0, 1), next(0, 2)),
+            (Some(1), Some(2), None)
+        );
+        assert_eq!(
+            (next(2, 2), next(2, 0), next(2, 1)),
+            (Some(0), Some(1), None)
+        );
     }
 }

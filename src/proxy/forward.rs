@@ -2,7 +2,7 @@
 //!
 //! Owns: refusing request framing that could smuggle a second request,
 //! stripping hop-by-hop headers both ways (and those named in `Connection`),
-//! the upstream request (absolute URI, version header, `x-forwarded-*`), the
+//! the upstream request (origin-form URI, version header, `x-forwarded-*`), the
 //! tokens header, and the byte tunnel of an upgraded connection. Does not
 //! own: choosing where to send (`routing`, `table`) or what a failure looks
 //! like (`error`).
@@ -20,7 +20,6 @@ use hyper_util::rt::TokioIo;
 use super::body::InFlight;
 use super::error::ProxyError;
 use super::framing::AmbiguousFraming;
-use crate::upstream::UpstreamAddr;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -61,13 +60,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         && connection_has(req.headers(), "upgrade")
 }
 
-/// Turns a client request into the request for `upstream` (also used for
+/// Turns a client request into the request for an upstream (also used for
 /// the shadow's copies, so both follow the same header rules). The URI is
-/// left in origin form (path and query); the client that sends it names the
-/// upstream where its way of connecting needs it.
+/// left in origin form (path and query): the client that sends it names the
+/// upstream where its way of connecting needs it, so a request that moves
+/// on to another upstream needs no change.
 pub fn upstream_request<B>(
     req: Request<B>,
-    upstream: &UpstreamAddr,
     version_header: &HeaderName,
     version: &HeaderValue,
     peer: SocketAddr,
@@ -79,7 +78,8 @@ pub fn upstream_request<B>(
     let (mut parts, body) = req.into_parts();
 
     // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`;
-    // a client that names neither is given the upstream's.
+    // for a client that names neither, the upstream client names the
+    // upstream it connects to.
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
@@ -88,16 +88,9 @@ pub fn upstream_request<B>(
     });
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-            headers.entry(HOST).or_insert(host);
-        }
-        None => {
-            if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
-                headers.insert(HOST, host);
-            }
-        }
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        headers.entry(HOST).or_insert(host);
     }
     append_forwarded_for(headers, peer);
     headers.insert(

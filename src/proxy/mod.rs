@@ -189,7 +189,6 @@ impl Proxy {
             upstream.protocol != Protocol::Http1 && upstream::wants_trailers(req.headers());
         let mut req = forward::upstream_request(
             req,
-            upstream,
             &table.policy.routing.version_header,
             &version.header_value,
             peer,
@@ -201,7 +200,7 @@ impl Proxy {
         }
         let response_timeout = table.policy.response_timeout;
         let deadline = Instant::now() + response_timeout;
-        let mut tries = 1;
+        let first = index;
         let result = loop {
             let sent = self.client.request(upstream, req);
             let failed = match tokio::time::timeout_at(deadline, sent).await {
@@ -217,8 +216,7 @@ impl Proxy {
             // Given back only when no connection could be made (refused or
             // timed out): nothing reached that upstream.
             if let Some(unsent) = failed.unsent
-                && tries < version.upstreams.len()
-                && let Some(next) = version.pick_other(index)
+                && let Some(next) = version.pick_other(first, index)
             {
                 tracing::debug!(version = %version.name, %error, "trying another upstream");
                 if let Some(kind) = error.upstream_kind() {
@@ -227,7 +225,6 @@ impl Proxy {
                 version.health[index].record_outcome(false, &table.policy.health);
                 (index, upstream) = next;
                 req = unsent;
-                tries += 1;
                 continue;
             }
             break Err(error);

@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::{Entry, HOST};
 use http::uri::Authority;
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::time::Instant;
@@ -107,7 +108,13 @@ where
         authority: &Authority,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
-        // The request line names only the path: the connection is the authority.
+        // The request line names only the path: the connection is the
+        // authority, which `Host` must then name (hyper does not add it).
+        if let Entry::Vacant(host) = req.headers_mut().entry(HOST)
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            host.insert(value);
+        }
         super::origin_form(req.uri_mut());
         let mut pooled = self.shared.checkout(authority);
         loop {
@@ -175,10 +182,18 @@ impl<B> Shared<B> {
     fn checkout(&self, authority: &Authority) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let host = idle.iter_mut().find(|host| host.authority == *authority)?;
+        // Checked here as well as by the sweeper, which runs only every half
+        // timeout: an upstream's own keep-alive timeout may be just past ours.
+        let now = Instant::now();
         // Closed ones go; so does one still finishing its last exchange (an
         // answer that came before its request body was all sent): it closes
         // when that ends, rather than making this request wait.
-        while let Some(Idle { sender, .. }) = host.connections.pop() {
+        while let Some(Idle { sender, since }) = host.connections.pop() {
+            if now.saturating_duration_since(since) >= self.idle_timeout {
+                // The older ones have been idle longer still.
+                host.connections.clear();
+                break;
+            }
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -494,7 +509,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_absolute_uri_is_sent_in_origin_form() {
+    async fn an_absolute_uri_is_sent_in_origin_form_with_its_host() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = authority(listener.local_addr().unwrap());
         let served = tokio::spawn(async move {
@@ -503,7 +518,11 @@ mod tests {
             let seen = std::sync::Mutex::new(Some(seen));
             let service = service_fn(move |req: Request<Incoming>| {
                 if let Some(seen) = seen.lock().unwrap().take() {
-                    let _ = seen.send(req.uri().to_string());
+                    let host = req
+                        .headers()
+                        .get(HOST)
+                        .map(|h| h.to_str().unwrap().to_owned());
+                    let _ = seen.send((req.uri().to_string(), host));
                 }
                 async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) }
             });
@@ -518,6 +537,8 @@ mod tests {
             .unwrap();
         pool.send(&upstream, req).await.unwrap();
         drop(pool);
-        assert_eq!(served.await.unwrap(), "/health?deep=1");
+        let (target, host) = served.await.unwrap();
+        assert_eq!(target, "/health?deep=1");
+        assert_eq!(host.as_deref(), Some(upstream.as_str()));
     }
 }
