@@ -1,8 +1,9 @@
 //! Requests that two HTTP parsers could read differently never reach an upstream.
 //!
 //! Owns: ambiguous framing (conflicting `Content-Length`s, `Content-Length`
-//! with `Transfer-Encoding` in either order), an oversized head, and a
-//! malformed request line, each sent as raw bytes; the answer is a 4xx and
+//! with `Transfer-Encoding` in either order), an oversized head, a
+//! malformed request line, and `CONNECT` (a tunnel to whatever the client
+//! names), each sent as raw bytes; the answer is a 4xx and
 //! the upstream's request counter stays at zero. Does not own: upstream
 //! failures (`tests/errors.rs`).
 
@@ -18,6 +19,16 @@ async fn refused(what: &str, bytes: &[u8], status: u16) {
     let reply = raw_exchange(server.proxy_addr(), bytes).await;
     assert_eq!(reply.status, status, "{what}: {reply:?}");
     assert_eq!(stable.hits(), 0, "{what}: the upstream saw a request");
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    refused(
+        "CONNECT",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        400,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -46,7 +57,6 @@ async fn a_content_length_list_that_disagrees_is_refused() {
 const SMUGGLED: &str = "GET /admin HTTP/1.1\r\nHost: a\r\n\r\n";
 
 #[tokio::test]
-
 async fn content_length_then_transfer_encoding_is_refused() {
     let request = format!(
         "POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}",

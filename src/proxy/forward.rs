@@ -1,11 +1,11 @@
 //! What the proxy changes on the way through, and upgraded-connection tunnels.
 //!
-//! Owns: refusing request framing that could smuggle a second request,
-//! stripping hop-by-hop headers both ways (and those named in `Connection`),
-//! the upstream request (origin-form URI, version header, `x-forwarded-*`), the
-//! tokens header, and the byte tunnel of an upgraded connection. Does not
-//! own: choosing where to send (`routing`, `table`) or what a failure looks
-//! like (`error`).
+//! Owns: refusing request framing that could smuggle a second request (and
+//! `CONNECT`), stripping hop-by-hop headers both ways (and those named in
+//! `Connection`), the upstream request (origin-form URI, version header,
+//! `x-forwarded-*`), the tokens header, and the byte tunnel of an upgraded
+//! connection. Does not own: choosing where to send (`routing`, `table`) or
+//! what a failure looks like (`error`).
 
 use std::net::SocketAddr;
 
@@ -13,7 +13,7 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -33,9 +33,15 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `Content-Length` values, before a request gets here. It drops
 /// `Content-Length` when `Transfer-Encoding` is present too, so that case is
 /// caught on the raw bytes by the connection's guard, whose flag is `framing`.)
+/// Refuses `CONNECT` too: its tunnel would carry bytes no parser reads.
 pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<(), ProxyError> {
     if let Some(reason) = framing.refusal() {
         return Err(ProxyError::BadRequest(reason));
+    }
+    // A tunnel to wherever the client names is a forward proxy's job; past
+    // a 2xx, the bytes would reach the upstream unread (nginx refuses it too).
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not forwarded"));
     }
     let headers = req.headers();
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
