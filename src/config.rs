@@ -19,7 +19,7 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use crate::routing::{KeySource, Weight};
-use crate::upstream::UpstreamAddr;
+use crate::upstream::{Protocol, UpstreamAddr};
 
 /// A validated configuration: every value typed and in range.
 #[derive(Debug, Clone)]
@@ -571,6 +571,21 @@ mod raw {
             parsed
         }
 
+        /// A shadow's upstreams: as [`Self::upstreams`], `host:port` only,
+        /// since copies go out over plain HTTP/1.1 (as `PUT /admin/shadow` checks too).
+        fn shadow_upstreams(&mut self, key: &str, value: Option<Vec<String>>) -> Vec<UpstreamAddr> {
+            let upstreams = self.upstreams(key, value);
+            for (i, upstream) in upstreams.iter().enumerate() {
+                if upstream.protocol != Protocol::Http1 {
+                    self.problem(
+                        &format!("{key}[{i}]"),
+                        "a shadow is reached over plain HTTP/1.1; write it \"host:port\"",
+                    );
+                }
+            }
+            upstreams
+        }
+
         fn version_name(&mut self, key: &str, value: Option<String>) -> String {
             match value {
                 None => {
@@ -823,7 +838,7 @@ mod raw {
 
             let shadow = self.shadow.map(|s| ShadowConfig {
                 name: c.version_name("shadow.name", s.name),
-                upstreams: c.upstreams("shadow.upstreams", s.upstreams),
+                upstreams: c.shadow_upstreams("shadow.upstreams", s.upstreams),
                 percent: c
                     .weight("shadow.percent", s.percent)
                     .unwrap_or(Weight::ZERO),
@@ -1104,6 +1119,15 @@ mod tests {
             "{found:?}"
         );
         assert!(found.contains(&"versions.canary.weight: 150 is not within 0..=100".to_owned()));
+    }
+
+    #[test]
+    fn a_shadow_upstream_must_be_plain_http() {
+        let found = problems(&format!(
+            "{MINIMAL}\n[shadow]\nname = \"v3\"\nupstreams = [\"127.0.0.1:9003\", \"https://eval:443\"]\n"
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("shadow.upstreams[1]: "), "{found:?}");
     }
 
     #[test]
