@@ -315,8 +315,10 @@ impl<B> Body for UpstreamBody<B> {
 
 impl<B> Drop for UpstreamBody<B> {
     fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304, `content-length: 0`) may never be
-        // polled, yet its connection is free.
+        // hyper stops polling a body once it reports its end: an empty one
+        // (HEAD, 204, 304, `content-length: 0`) is never polled, and one with
+        // a `content-length` is dropped after its last byte. Either way its
+        // connection is free.
         if let Some(lease) = self.lease.take()
             && self.incoming.is_end_stream()
         {
