@@ -438,6 +438,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_dropped_after_its_last_byte_frees_its_connection() {
+        // What hyper's server does with a `content-length` body: it stops
+        // polling once the body says it has ended.
+        let (upstream, seen) = backend(100).await;
+        let pool = pool(Duration::from_secs(60));
+        for _ in 0..3 {
+            let mut body = pool.send(&upstream, get()).await.unwrap().into_body();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap().len(), 100);
+            assert!(body.is_end_stream());
+            drop(body);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_body_dropped_half_read_closes_its_connection() {
         let (upstream, seen) = backend(1_000_000).await;
         let pool = pool(Duration::from_secs(60));
