@@ -368,6 +368,10 @@ impl Connection {
         let mut released = false;
         // hyper was told to close (a drain, or a release it was too busy for).
         let mut closing = false;
+        // One wait for the drain across the loop: a fresh one on every
+        // wake-up would join the watch's list of waiters and leave it again.
+        let drain = draining(&mut self.drain);
+        tokio::pin!(drain);
         loop {
             tokio::select! {
                 biased;
@@ -375,7 +379,8 @@ impl Connection {
                     result?;
                     break;
                 }
-                () = draining(&mut self.drain), if !closing => {
+                // Polled until it resolves once: `closing` is set then.
+                () = &mut drain, if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
