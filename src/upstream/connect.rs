@@ -4,8 +4,8 @@
 //! keep-alive probes, the connect timeout), the TLS handshake with the
 //! upstream's server name, and counting each open connection in
 //! `cohort_upstream_connections` from connect to close. Does not own: which
-//! connections are kept for reuse (the pools in this module's parent), nor
-//! the trust roots (`tls`).
+//! connections are kept for reuse (the HTTP/1.1 pool in `http1`, hyper-util's
+//! pools in `super`), nor the trust roots (`tls`).
 
 use std::fmt;
 use std::future::Future;
@@ -316,14 +316,9 @@ mod tests {
 
         stop.send_replace(true);
         backend.await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while count.0.load(Ordering::SeqCst) != 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the closed connection is still counted: {}",
-                count.0.load(Ordering::SeqCst)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::upstream::tests::wait_until("the closed connection is no longer counted", || {
+            count.0.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
 }

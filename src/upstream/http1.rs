@@ -351,6 +351,7 @@ mod tests {
 
     use super::*;
     use crate::upstream::connect::http_connector;
+    use crate::upstream::tests::wait_until;
 
     /// What a test backend has seen: connections accepted, and still open.
     #[derive(Default)]
@@ -403,14 +404,6 @@ mod tests {
 
     fn get() -> Request<Empty<Bytes>> {
         Request::get("/").body(Empty::new()).unwrap()
-    }
-
-    async fn wait_until(what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     #[tokio::test]
