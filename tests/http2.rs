@@ -331,6 +331,42 @@ async fn grpc_trailers_pass_through_to_an_http2_client() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_retry_onto_an_http2_upstream_passes_on_te_trailers() {
+    let backend = H2Backend::h2c(STABLE).await;
+    let dead = support::dead_addr().await;
+    // No passive ejection and no probe before the test ends: the refused
+    // HTTP/1.1 upstream stays in the rotation, so every other request is
+    // retried onto the h2c one.
+    let health = "[health]\ninterval = \"1h\"\neject_after_errors = 1000\n";
+    let upstreams = [dead.to_string(), format!("h2c://{}", backend.addr)];
+    let server = cohort_named((STABLE, &upstreams), None, health).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    for _ in 0..4 {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(url(&server, "/grpc"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .expect("a request");
+        h2.ready().await.expect("an open connection");
+        let rsp = within("the gRPC response", h2.send_request(req))
+            .await
+            .expect("a response");
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["x-saw-te"], "trailers");
+    }
+    let refused = metric(
+        &server,
+        "cohort_upstream_errors_total",
+        &[("version", STABLE), ("kind", "connect")],
+    )
+    .await;
+    assert!(refused >= 2.0, "the dead upstream was tried: {refused}");
+    server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // HTTP/2 tools no one here wrote
 

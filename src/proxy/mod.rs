@@ -185,8 +185,8 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
-        let trailers =
-            upstream.protocol != Protocol::Http1 && upstream::wants_trailers(req.headers());
+        // Read before the hop-by-hop `TE` is stripped.
+        let trailers = upstream::wants_trailers(req.headers());
         let mut req = forward::upstream_request(
             req,
             &table.policy.routing.version_header,
@@ -194,14 +194,13 @@ impl Proxy {
             peer,
             self.tls,
         );
-        if trailers {
-            req.headers_mut()
-                .insert(http::header::TE, HeaderValue::from_static("trailers"));
-        }
         let response_timeout = table.policy.response_timeout;
         let deadline = Instant::now() + response_timeout;
         let first = index;
         let result = loop {
+            if trailers {
+                set_trailers(req.headers_mut(), upstream.protocol);
+            }
             let sent = self.client.request(upstream, req);
             let failed = match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
@@ -236,6 +235,17 @@ impl Proxy {
         };
         version.health[index].record_outcome(ok, &table.policy.health);
         result
+    }
+}
+
+/// Passes on a client's `te: trailers` to an HTTP/2 upstream (gRPC needs it
+/// to send trailers), and not to an HTTP/1.1 one: set per attempt, since a
+/// retry may go to an upstream of the other kind.
+fn set_trailers(headers: &mut http::HeaderMap, protocol: Protocol) {
+    if protocol == Protocol::Http1 {
+        headers.remove(http::header::TE);
+    } else {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
