@@ -2,9 +2,9 @@
 //! proxy takes the socket back from hyper (freeing its buffers), and the
 //! connection still serves its next request, pipelined requests, an
 //! upgrade and a smuggling refusal, over TCP and TLS; it closes after
-//! `keepalive_timeout` (a connection that never sent a request, after
-//! `header_read_timeout`), and neither it nor a silent new connection holds
-//! up a drain.
+//! `keepalive_timeout` (a connection that never sent a request, or sent
+//! its first head too slowly, at `header_read_timeout` after the accept),
+//! and neither it nor a silent new connection holds up a drain.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.
@@ -315,6 +315,68 @@ async fn a_tls_client_that_never_sends_a_request_is_closed_at_the_header_read_ti
     let mut rest = Vec::new();
     let _ = within("the close", stream.read_to_end(&mut rest)).await;
     assert!(rest.is_empty(), "{rest:?}");
+    server.shutdown().await;
+}
+
+/// Plays a slow client on a new connection, from `connected`: nothing for
+/// 1.2 s, then the start of a head, the rest of it at 2.8 s, then reads
+/// what comes back: nothing if the proxy closed the connection. The
+/// proxy's header read timeout is 2 s, counted from the accept, so it must
+/// close before the head is whole; a timer started by the first bytes
+/// would serve it. (The pauses are the client's pace, not a wait for the
+/// proxy.)
+async fn dribble_first_head<S>(connected: tokio::time::Instant, stream: S) -> Vec<u8>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut stream = stream;
+    let head = get("/late", "alice");
+    let (start, rest) = head.split_at(16);
+    tokio::time::sleep_until(connected + std::time::Duration::from_millis(1200)).await;
+    send(&mut stream, start).await;
+    tokio::time::sleep_until(connected + std::time::Duration::from_millis(2800)).await;
+    // The proxy may have closed already: a failed write is the expected end.
+    let _ = stream.write_all(rest.as_bytes()).await;
+    let mut answer = vec![0; 1024];
+    let read = within("a close or an answer", stream.read(&mut answer)).await;
+    answer.truncate(read.unwrap_or(0));
+    answer
+}
+
+#[tokio::test]
+async fn a_first_head_must_come_within_the_header_read_timeout_of_the_accept() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let listen = "header_read_timeout = \"2s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let connected = tokio::time::Instant::now();
+    let stream = connect(&server).await;
+    let answer = dribble_first_head(connected, stream).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(backend.hits(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_tls_the_handshake_and_first_head_share_the_header_read_timeout() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let backend = Backend::start(STABLE).await;
+    let tls = listen_tls(&pki.leaf("late"));
+    let listen = "header_read_timeout = \"2s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, &tls)).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let connected = tokio::time::Instant::now();
+    let tcp = connect(&server).await;
+    // The handshake at 1 s, the head's first bytes at 1.2 s.
+    tokio::time::sleep_until(connected + std::time::Duration::from_millis(1000)).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let stream = within("a TLS handshake", client.connect(name, tcp))
+        .await
+        .expect("the handshake succeeds");
+    let answer = dribble_first_head(connected, stream).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(backend.hits(), 0);
     server.shutdown().await;
 }
 

@@ -20,6 +20,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::future::OptionFuture;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
@@ -237,12 +238,14 @@ impl Connection {
         stream: TcpStream,
         tls: Option<TlsAcceptor>,
     ) -> Result<(), ConnectionError> {
+        // The TLS handshake and the first request head share one deadline,
+        // as nginx's `client_header_timeout` counts from the accept.
+        let first_head = Instant::now() + self.settings.header_read_timeout;
         let Some(acceptor) = tls else {
-            return self.serve(ClientIo::new(stream), None).await;
+            return self.serve(ClientIo::new(stream), None, first_head).await;
         };
         let handshake = Box::pin(acceptor.accept(stream));
-        let stream = match tokio::time::timeout(self.settings.header_read_timeout, handshake).await
-        {
+        let stream = match tokio::time::timeout_at(first_head, handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}").into()),
             Err(_) => return Err("TLS handshake timed out".into()),
@@ -253,23 +256,24 @@ impl Connection {
             .1
             .alpn_protocol()
             .map(|protocol| protocol == b"h2");
-        Box::pin(self.serve(ClientIo::new(stream), h2)).await
+        Box::pin(self.serve(ClientIo::new(stream), h2, first_head)).await
     }
 
     /// Serves HTTP/2 if `h2`, else HTTP/1.1; with `h2` unset, tells by
-    /// whether the connection opens with the HTTP/2 preface.
+    /// whether the connection opens with the HTTP/2 preface. Over HTTP/1.1
+    /// the first request head must be in by `first_head`.
     async fn serve<S: Socket>(
         &mut self,
         mut io: ClientIo<S>,
         h2: Option<bool>,
+        first_head: Instant,
     ) -> Result<(), ConnectionError> {
-        let started = Instant::now();
         let h2 = match h2 {
             Some(h2) => h2,
             None => {
                 let opening = opens_h2(&mut io);
                 tokio::select! {
-                    opened = tokio::time::timeout(self.settings.header_read_timeout, opening) => {
+                    opened = tokio::time::timeout_at(first_head, opening) => {
                         match opened {
                             Ok(opened) => opened?,
                             Err(_) => return Err("no request within the header read timeout".into()),
@@ -298,7 +302,7 @@ impl Connection {
         let activity = Arc::clone(io.activity());
         let mut service = service;
         // When the connection last served a request, and how many it had then.
-        let mut served = (started, 0);
+        let mut served = (Instant::now(), 0);
         loop {
             // Boxed, so that once hyper hands the socket back nothing of
             // its connection stays in the task: a task is as large as its
@@ -309,7 +313,8 @@ impl Connection {
                     .serve_connection(TokioIo::new(io), service)
                     .with_upgrades(),
             );
-            match self.serve_until_idle(conn, &activity).await? {
+            let head_due = (activity.requests() == 0).then_some(first_head);
+            match self.serve_until_idle(conn, &activity, head_due).await? {
                 Some(parts) => {
                     io = parts.io.into_inner();
                     io.rewind(parts.read_buf);
@@ -322,16 +327,14 @@ impl Connection {
                 // so the last one was about one or two checks ago.
                 served = (Instant::now(), activity.requests());
             }
-            // A first request must come within the header read timeout of
-            // the connection's start (however often the client makes the
-            // socket readable without one), a next one within the
-            // keep-alive timeout.
-            let deadline = served.0
-                + if served.1 == 0 {
-                    self.settings.header_read_timeout
-                } else {
-                    self.settings.keepalive_timeout
-                };
+            // A first request must come by `first_head` (however often the
+            // client makes the socket readable without one), a next one
+            // within the keep-alive timeout.
+            let deadline = if served.1 == 0 {
+                first_head
+            } else {
+                served.0 + self.settings.keepalive_timeout
+            };
             if !io.has_rewound() {
                 self.settings.idle_connections.increment(1.0);
                 let waited = self.wait_for_request(&io, deadline).await;
@@ -345,12 +348,15 @@ impl Connection {
 
     /// Serves HTTP/1.1 with hyper until the connection ends (`None`), or
     /// until it has been idle for a whole check and hyper has handed the
-    /// socket back (`Some`).
+    /// socket back (`Some`). With `head_due`, the connection is closed if
+    /// no request head has come by then: hyper's own header-read timer
+    /// starts only when hyper does, which may be well after the accept.
     async fn serve_until_idle<S, Svc, B>(
         &mut self,
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>>,
         activity: &Activity,
-    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, hyper::Error>
+        head_due: Option<Instant>,
+    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, ConnectionError>
     where
         S: Socket,
         Svc: HttpService<Incoming, ResBody = B>,
@@ -372,12 +378,21 @@ impl Connection {
         // wake-up would join the watch's list of waiters and leave it again.
         let drain = draining(&mut self.drain);
         tokio::pin!(drain);
+        // Boxed: only a connection's first request waits on it, and the
+        // task keeps room for whatever any of its states holds.
+        let mut head_timer = head_due.map(|due| Box::pin(tokio::time::sleep_until(due)));
         loop {
             tokio::select! {
                 biased;
                 result = conn.as_mut() => {
                     result?;
                     break;
+                }
+                Some(()) = OptionFuture::from(head_timer.as_mut()), if head_timer.is_some() => {
+                    if activity.requests() == 0 {
+                        return Err("no request within the header read timeout".into());
+                    }
+                    head_timer = None;
                 }
                 // Polled until it resolves once: `closing` is set then.
                 () = &mut drain, if !closing => {
