@@ -3,10 +3,11 @@
 //! gRPC trailers, real HTTP/2 tools, and malformed HTTP/2 input.
 //!
 //! Owns: sticky routing, version tags, forwarded headers, streaming,
-//! metrics and rollback for HTTP/2 clients; upstreams reached over h2c and
-//! over TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
+//! metrics and rollback for HTTP/2 clients, and their idle connections
+//! closed at the keep-alive timeout; upstreams reached over h2c and over
+//! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
 //! that speak their protocol; a gRPC-style response's trailers reaching an
-//! HTTP/2 client; curl, nghttp and h2load with prior knowledge; a bad
+//! HTTP/2 client, also on a retry from a refused HTTP/1.1 upstream; curl, nghttp and h2load with prior knowledge; a bad
 //! preface, an oversized header block and a stream reset mid-body, each
 //! refused without a panic while another connection carries on. Does not
 //! own: the TLS listener and its certificate (`tests/tls.rs`).
@@ -14,6 +15,7 @@
 mod support;
 mod tls_support;
 
+use std::net::SocketAddr;
 use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -163,6 +165,66 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
 
     // The canary stream drains (the default) to its end.
     canary.send_second();
+    let rest = within("the rest of the stream", body.collect())
+        .await
+        .expect("the stream ends cleanly")
+        .to_bytes();
+    assert_eq!(&rest[..], SseBackend::SECOND.as_bytes());
+    server.shutdown().await;
+}
+
+/// Starts Cohort in front of `stable` with a 1 s keep-alive timeout.
+async fn cohort_with_short_keepalive(stable: SocketAddr) -> Server {
+    let toml = support::config(&[stable], None, &routing()).replace(
+        "drain_timeout = \"10s\"\n",
+        "drain_timeout = \"10s\"\nkeepalive_timeout = \"1s\"\n",
+    );
+    start_cohort(&toml).await
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
+    let backend = Backend::start(STABLE).await;
+    let server = cohort_with_short_keepalive(backend.addr).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let (_, reply) = send_h2(&mut h2, get(&url(&server, "/"), &[("x-user-id", "a")])).await;
+    assert_eq!(reply.status, 200);
+    eventually("the idle connection is closed", || h2.is_closed()).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_stream_keeps_its_http2_connection_past_the_keepalive_timeout() {
+    let sse = SseBackend::start(STABLE).await;
+    let server = cohort_with_short_keepalive(sse.addr).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the stream's head",
+        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", "a")])),
+    )
+    .await
+    .expect("a response");
+    let mut body = rsp.into_body();
+    within("the first event", body.frame()).await;
+
+    // Two idle connections opened one after the other close in turn: by
+    // then the stream has sent nothing for well over the timeout.
+    for _ in 0..2 {
+        let idle = h2c(server.proxy_addr()).await;
+        eventually("an idle connection is closed", || idle.is_closed()).await;
+    }
+    // Not sent a GOAWAY: it still takes new streams.
+    h2.ready().await.expect("an open connection");
+    let second = within(
+        "a second stream's head",
+        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", "a")])),
+    )
+    .await
+    .expect("a response");
+    assert_eq!(second.status(), StatusCode::OK);
+    drop(second);
+    sse.send_second();
     let rest = within("the rest of the stream", body.collect())
         .await
         .expect("the stream ends cleanly")

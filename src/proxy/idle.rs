@@ -73,13 +73,18 @@ impl Activity {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Whether a request's response body is still open (a stream, say).
+    #[must_use]
+    pub fn has_open_requests(&self) -> bool {
+        self.open_requests.load(Ordering::Relaxed) > 0
+    }
+
     /// No request is open and no part of a next one has been read. (hyper
     /// may still be flushing the last response: the caller also wants no
     /// transfers for a while.)
     #[must_use]
     pub fn is_between_requests(&self) -> bool {
-        self.open_requests.load(Ordering::Relaxed) == 0
-            && self.between_requests.load(Ordering::Relaxed)
+        !self.has_open_requests() && self.between_requests.load(Ordering::Relaxed)
     }
 
     /// Makes the connection's `shutdown` a no-op (`true`), so that hyper,

@@ -283,11 +283,12 @@ impl Connection {
                 }
             }
         };
+        let activity = Arc::clone(io.activity());
         let service = service(Client {
             proxy: Arc::clone(&self.proxy),
             peer: self.peer,
             framing: io.framing(),
-            activity: Arc::clone(io.activity()),
+            activity: Arc::clone(&activity),
         });
         if h2 {
             // Boxed where it is made: a binding would keep room for it in
@@ -297,9 +298,8 @@ impl Connection {
                     .http2
                     .serve_connection(TokioIo::new(io), service),
             );
-            return until_drained(conn, &mut self.drain).await;
+            return self.serve_h2(conn, &activity).await;
         }
-        let activity = Arc::clone(io.activity());
         let mut service = service;
         // When the connection last served a request, and how many it had then.
         let mut served = (Instant::now(), 0);
@@ -434,6 +434,49 @@ impl Connection {
             .flatten())
     }
 
+    /// Serves HTTP/2 to the connection's end. It is shut down gracefully
+    /// (`GOAWAY`, then open streams finish) once a drain starts, or once it
+    /// has had no open stream and no traffic for the keep-alive timeout, as
+    /// nginx's `keepalive_timeout` closes an idle HTTP/2 connection: hyper
+    /// would keep it, and its buffers, open for as long as the client does.
+    /// `conn` comes boxed: a task is as large as its largest state.
+    async fn serve_h2<C>(
+        &mut self,
+        mut conn: Pin<Box<C>>,
+        activity: &Activity,
+    ) -> Result<(), ConnectionError>
+    where
+        C: GracefulConnection,
+        C::Error: Into<ConnectionError>,
+    {
+        let keepalive = self.settings.keepalive_timeout;
+        let check = self.settings.idle_check;
+        let mut checks = tokio::time::interval_at(Instant::now() + check, check);
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut transfers = activity.transfers();
+        let mut last_active = Instant::now();
+        let drain = draining(&mut self.drain);
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return result.map_err(Into::into),
+                () = &mut drain => break,
+                now = checks.tick() => {
+                    let seen = activity.transfers();
+                    if seen != transfers || activity.has_open_requests() {
+                        transfers = seen;
+                        last_active = now;
+                    } else if now.saturating_duration_since(last_active) >= keepalive {
+                        break;
+                    }
+                }
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.await.map_err(Into::into)
+    }
+
     /// Waits, holding only the socket, for the client's next request:
     /// `true` once it sends something, `false` if `deadline` passes or a
     /// drain starts first.
@@ -457,24 +500,6 @@ impl Connection {
 /// Resolves once the listener's drain has started (or its sender is gone).
 async fn draining(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|&drain| drain).await;
-}
-
-/// Drives `conn` to its end, shutting it down gracefully once a drain starts.
-/// `conn` comes boxed: a task is as large as its largest state.
-async fn until_drained<C>(
-    mut conn: Pin<Box<C>>,
-    drain: &mut watch::Receiver<bool>,
-) -> Result<(), ConnectionError>
-where
-    C: GracefulConnection,
-    C::Error: Into<ConnectionError>,
-{
-    tokio::select! {
-        biased;
-        result = conn.as_mut() => return result.map_err(Into::into),
-        () = draining(drain) => conn.as_mut().graceful_shutdown(),
-    }
-    conn.await.map_err(Into::into)
 }
 
 /// Reads the start of a plain connection: whether it is the HTTP/2 preface.
