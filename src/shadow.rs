@@ -19,7 +19,6 @@
 //! frames behind (reason `queue_full`), is abandoned: its request to the
 //! shadow fails; the real request never notices.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +38,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
-use crate::proxy::{ProxyError, forward};
+use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Policy, Version};
 
@@ -299,7 +298,7 @@ impl Shadow {
         req: &Request<B>,
         key: Option<&[u8]>,
         policy: &Policy,
-        peer: SocketAddr,
+        peer: &Peer,
         tls: bool,
     ) -> Option<Tap> {
         let key = key?;

@@ -3,12 +3,13 @@
 //! Owns: refusing request framing that could smuggle a second request (and
 //! `CONNECT`), stripping hop-by-hop headers both ways (and those named in
 //! `Connection`), the upstream request (origin-form URI, version header,
-//! `x-forwarded-*`), the tokens header, and the byte tunnel of an upgraded
-//! connection. Does not own: choosing where to send (`routing`, `table`) or
+//! `x-forwarded-*`, with the client's address as a [`Peer`]), the tokens
+//! header, and the byte tunnel of an upgraded connection. Does not own: choosing where to send (`routing`, `table`) or
 //! what a failure looks like (`error`).
 
 use std::net::SocketAddr;
 
+use http::header::Entry;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
@@ -26,6 +27,46 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers of RFC 9110 section 7.6.1, and the obsolete
+/// `Keep-Alive` and `Proxy-Connection`. `Connection` comes first.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+];
+
+/// A client connection's address, with its IP rendered once for the
+/// connection's requests (`x-forwarded-for`, the client-IP routing key):
+/// formatting it per request showed in profiles.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    #[must_use]
+    pub fn new(addr: SocketAddr) -> Peer {
+        // An IP address renders as digits, hex, dots and colons: always a
+        // valid header value.
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+
+    /// The client's IP address as text.
+    #[must_use]
+    pub fn ip(&self) -> &[u8] {
+        self.ip.as_bytes()
+    }
+}
 
 /// Refuses framing that two HTTP parsers could read differently: a request
 /// smuggled past us inside another's body must never reach an upstream.
@@ -75,7 +116,7 @@ pub fn upstream_request<B>(
     req: Request<B>,
     version_header: &HeaderName,
     version: &HeaderValue,
-    peer: SocketAddr,
+    peer: &Peer,
     tls: bool,
 ) -> Request<B> {
     let upgrade = is_upgrade(&req)
@@ -167,33 +208,40 @@ pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
     });
 }
 
-/// Removes the hop-by-hop headers of RFC 9110 section 7.6.1 and any header
-/// the `Connection` header names.
+/// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]) and any header the
+/// `Connection` header names.
+///
+/// Finds them in one pass over the names first: most messages carry none,
+/// or only `Connection: keep-alive`, and each removal costs a hash lookup.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
+            present[index] = true;
+        }
+    }
+    if present[0] {
+        let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+        let named = values
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
+            .map(str::trim)
+            // Options, not header names (`Keep-Alive` is in the list above).
+            .filter(|name| {
+                !name.is_empty()
+                    && !name.eq_ignore_ascii_case("close")
+                    && !name.eq_ignore_ascii_case("keep-alive")
+            });
         for name in named {
+            // A name that is not a valid header name matches nothing.
             headers.remove(name);
         }
     }
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -207,17 +255,20 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Appends the peer to any `x-forwarded-for` chain the client sent.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    use std::fmt::Write as _;
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    let Entry::Occupied(sent) = headers.entry(&X_FORWARDED_FOR) else {
+        headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
+        return;
+    };
     // One buffer, handed to the header value without a copy.
-    let mut chain = String::with_capacity(48);
-    for value in headers.get_all(&X_FORWARDED_FOR) {
+    let mut chain = Vec::with_capacity(64);
+    for value in sent.iter() {
         if let Ok(v) = value.to_str() {
-            chain.push_str(v.trim());
-            chain.push_str(", ");
+            chain.extend_from_slice(v.trim().as_bytes());
+            chain.extend_from_slice(b", ");
         }
     }
-    let _ = write!(chain, "{}", peer.ip());
+    chain.extend_from_slice(peer.ip());
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -240,11 +291,43 @@ mod tests {
     }
 
     #[test]
+    fn every_connection_value_is_read_and_odd_tokens_are_skipped() {
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, "Keep-Alive, X-One".parse().unwrap());
+        h.append(CONNECTION, "CLOSE, not a name, ,x-two".parse().unwrap());
+        h.insert("x-one", "1".parse().unwrap());
+        h.insert("x-two", "2".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.append("x-many", "1".parse().unwrap());
+        h.append("x-many", "2".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn forwarded_for_is_the_peer_when_the_client_sent_none() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &Peer::new("[2001:db8::1]:443".parse().unwrap()));
+        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
+    }
+
+    #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, "1.1.1.1".parse().unwrap());
         h.append(&X_FORWARDED_FOR, "2.2.2.2".parse().unwrap());
-        append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
+        append_forwarded_for(&mut h, &Peer::new("127.0.0.1:5".parse().unwrap()));
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
     }
 

@@ -36,7 +36,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::idle::{Activity, ClientIo, Tracked};
-use super::{Proxy, ResponseBody};
+use super::{Peer, Proxy, ResponseBody};
 use crate::config::ListenConfig;
 use crate::tls::ServerTls;
 
@@ -186,7 +186,7 @@ impl Socket for TlsStream<TcpStream> {
 /// What a request handler needs from its client connection.
 struct Client {
     proxy: Arc<Proxy>,
-    peer: SocketAddr,
+    peer: Peer,
     framing: AmbiguousFraming,
     activity: Arc<Activity>,
 }
@@ -208,7 +208,10 @@ fn service(
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
         async move {
-            let rsp = client.proxy.handle(req, client.peer, &client.framing).await;
+            let rsp = client
+                .proxy
+                .handle(req, &client.peer, &client.framing)
+                .await;
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, open)))
         }
     })
@@ -286,7 +289,7 @@ impl Connection {
         let activity = Arc::clone(io.activity());
         let service = service(Client {
             proxy: Arc::clone(&self.proxy),
-            peer: self.peer,
+            peer: Peer::new(self.peer),
             framing: io.framing(),
             activity: Arc::clone(&activity),
         });

@@ -17,7 +17,6 @@ pub mod idle;
 pub mod listener;
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::SET_COOKIE;
@@ -39,6 +38,7 @@ type UpstreamBody = upstream::UpstreamBody<TeeBody>;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
+pub use forward::Peer;
 pub use framing::AmbiguousFraming;
 
 /// Everything a request needs, shared by every connection of a listener.
@@ -61,7 +61,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         framing: &AmbiguousFraming,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -71,7 +71,6 @@ impl Proxy {
 
         // Route: the first sticky key, else the configured fallback.
         let mut new_cookie = None;
-        let peer_ip;
         let key = match key::extract(
             req.headers(),
             req.uri(),
@@ -83,10 +82,7 @@ impl Proxy {
                 Fallback::Cookie => {
                     Some(Cow::Borrowed(new_cookie.insert(key::fresh_id()).as_bytes()))
                 }
-                Fallback::ClientIp => {
-                    peer_ip = peer.ip().to_string();
-                    Some(Cow::Borrowed(peer_ip.as_bytes()))
-                }
+                Fallback::ClientIp => Some(Cow::Borrowed(peer.ip())),
                 Fallback::Stable => None,
             },
         };
@@ -167,7 +163,7 @@ impl Proxy {
                 tokens,
             },
         );
-        access::log(&version.name, decision, peer, rsp.status(), started);
+        access::log(&version.name, decision, peer.addr, rsp.status(), started);
         rsp
     }
 
@@ -182,7 +178,7 @@ impl Proxy {
         table: &RouteTable,
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         // Read before the hop-by-hop `TE` is stripped.
