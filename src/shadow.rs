@@ -84,9 +84,12 @@ pub const COPY_FRAMES: usize = 16;
 /// unchanged and, when the request is mirrored, a clone of each data frame
 /// (a reference count, not a copy of the bytes) goes to the shadow's copy.
 /// Without a shadow this is one `Option` check per frame.
-#[derive(Debug)]
+///
+/// The default is an empty body, for a bodiless request sent again.
+#[derive(Debug, Default)]
 pub struct TeeBody {
-    inner: Incoming,
+    /// `None` for an empty body.
+    inner: Option<Incoming>,
     tap: Option<Tap>,
 }
 
@@ -104,7 +107,10 @@ pub struct Tap {
 impl TeeBody {
     #[must_use]
     pub fn new(inner: Incoming, tap: Option<Tap>) -> TeeBody {
-        TeeBody { inner, tap }
+        TeeBody {
+            inner: Some(inner),
+            tap,
+        }
     }
 
     /// Passes `frame` to the copy; `false` when the copy must be abandoned.
@@ -140,7 +146,10 @@ impl Body for TeeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
         if let Some(tap) = &mut this.tap {
             let keep = match &frame {
                 Some(Ok(frame)) => Self::feed(tap, frame),
@@ -151,7 +160,7 @@ impl Body for TeeBody {
                 }
             };
             // hyper may stop polling once the body says it has ended.
-            if keep && this.inner.is_end_stream() {
+            if keep && inner.is_end_stream() {
                 tap.complete.store(true, Ordering::Release);
                 this.tap = None;
             } else if !keep {
@@ -162,11 +171,13 @@ impl Body for TeeBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

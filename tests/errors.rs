@@ -4,17 +4,24 @@
 //! something that is not HTTP, 504 for one that does not answer in
 //! `upstream.response_timeout`, the exact JSON body of SPEC section 2, the
 //! version tag on errors, that one version's failure does not touch the
-//! other's traffic, and that a refused connection moves on to the version's
-//! next upstream. Does not own: malformed client requests
-//! (`tests/smuggling.rs`).
+//! other's traffic, that a refused connection moves on to the version's
+//! next upstream, and that an idempotent request lost on a kept-alive
+//! connection the upstream closed is sent again (and a `POST` is not).
+//! Does not own: malformed client requests (`tests/smuggling.rs`).
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
 use support::{
     Backend, CANARY, Http, STABLE, SlowBackend, cohort, dead_addr, key_on, metric, within,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Checks the SPEC error body: exactly `error`, `version` and a non-empty
 /// string `detail`, with `application/json`.
@@ -136,4 +143,102 @@ async fn an_upstream_that_hangs_up_gives_502() {
     let reply = Http::new(server.proxy_addr()).get("/", &[]).await;
     assert_eq!(reply.status, 502, "{reply:?}");
     assert_error_body(&reply, "reset", STABLE);
+}
+
+/// An upstream that answers the first request on each connection, keeping
+/// it alive, and closes it, unanswered, on reading the next: what a server
+/// whose keep-alive timeout runs out just as a request arrives does.
+struct ClosingBackend {
+    addr: SocketAddr,
+    /// The request lines read, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl ClosingBackend {
+    async fn start() -> ClosingBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(stream, Arc::clone(&log)));
+            }
+        });
+        ClosingBackend { addr, seen }
+    }
+
+    async fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+        let mut stream = BufReader::new(stream);
+        for answered in [true, false] {
+            let Some(line) = read_request(&mut stream).await else {
+                return;
+            };
+            seen.lock().expect("the log").push(line);
+            if answered {
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.get_mut().write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn seen(&self, request_line: &str) -> usize {
+        let seen = self.seen.lock().expect("the log");
+        seen.iter().filter(|line| *line == request_line).count()
+    }
+}
+
+/// Reads one request (head, and a `content-length` body) and returns its
+/// request line; `None` at the end of the connection.
+async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut request_line = String::new();
+    if stream.read_line(&mut request_line).await.ok()? == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(request_line.trim_end().to_owned())
+}
+
+#[tokio::test]
+async fn a_get_lost_on_a_closed_keepalive_connection_is_sent_again_and_a_post_is_not() {
+    let upstream = ClosingBackend::start().await;
+    // No probe after the first, which would meet the closing upstream too.
+    let health = "[health]\ninterval = \"1h\"\n";
+    let server = cohort(&[upstream.addr], None, health).await;
+    let http = Http::new(server.proxy_addr());
+    let user = [("x-user-id", "alice")];
+    assert_eq!(http.get("/first", &user).await.status, 200);
+
+    // Only a connection idle for a second or more keeps a copy to send
+    // again, so the client pauses that long (the idleness is what is tested).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = http.get("/second", &user).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(upstream.seen("GET /second HTTP/1.1"), 2);
+
+    // The new connection has answered once: the next request meets the close.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let body = Bytes::from_static(b"do it once");
+    let reply = http.send(Method::POST, "/third", &user, body).await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_error_body(&reply, "reset", STABLE);
+    assert_eq!(upstream.seen("POST /third HTTP/1.1"), 1);
 }

@@ -3,8 +3,9 @@
 //! Owns: keeping open HTTP/1.1 connections per upstream, lending one to each
 //! exchange and taking it back when the response body has been read to its
 //! end ([`UpstreamBody`] carries it until then), sending a request again on
-//! a new connection when a pooled one closed before the request was written,
-//! and closing connections idle longer than `idle_timeout`.
+//! a new connection when a pooled one closed before the request was written
+//! (or, for an idempotent request without a body, closed unanswered after
+//! a long idle), and closing connections idle longer than `idle_timeout`.
 //!
 //! Each worker has its own pool, so a request never waits on another thread;
 //! and because a connection comes back from the body that used it, no task is
@@ -29,6 +30,14 @@ use tokio::time::Instant;
 
 use super::connect::CountingConnector;
 use super::{Error, SendError};
+
+/// A pooled connection idle this long may be closed by the upstream just as
+/// a request goes out on it (its own keep-alive timeout ran out: 2 to 5 s is
+/// common), and the request is then lost unanswered. An idempotent request
+/// without a body sent on one keeps a copy of its head, and is sent again
+/// on a new connection if that happens, as nginx does on a cached
+/// connection. Busier connections are not worth the copy.
+const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Idle HTTP/1.1 connections, by upstream. Cheap to clone: clones share the pool.
 pub struct Http1Pool<B> {
@@ -77,7 +86,7 @@ struct Idle<B> {
 
 impl<B> Http1Pool<B>
 where
-    B: Body + Send + 'static,
+    B: Body + Default + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
@@ -103,6 +112,7 @@ where
 
     /// Sends `req` to `authority` on a pooled connection, or a new one. If
     /// no connection can be made, the request comes back with the error.
+    /// (A `B::default()` is the empty body of a request sent again.)
     pub async fn send(
         &self,
         authority: &Authority,
@@ -119,8 +129,14 @@ where
         let mut pooled = self.shared.checkout(authority);
         loop {
             let reused = pooled.is_some();
+            let mut resend = None;
             let mut sender = match pooled.take() {
-                Some(sender) => sender,
+                Some((sender, idle_for)) => {
+                    if idle_for >= RESEND_AFTER_IDLE {
+                        resend = head_to_resend(&req);
+                    }
+                    sender
+                }
                 None => match self.connect(authority).await {
                     Ok(sender) => sender,
                     Err(error) => {
@@ -141,10 +157,16 @@ where
                     });
                     return Ok(rsp.map(|incoming| UpstreamBody { incoming, lease }));
                 }
-                Err(mut error) => match error.take_message() {
+                Err(mut error) => match (error.take_message(), resend) {
                     // The pooled connection closed before a byte of the request
                     // was written, so sending it again cannot repeat it.
-                    Some(unsent) if reused => req = unsent,
+                    (Some(unsent), _) if reused => req = unsent,
+                    // Written, but the connection closed with no answer: an
+                    // idempotent request may be sent again (RFC 9110 9.2.2).
+                    (None, Some(head)) if closed_unanswered(error.error()) => {
+                        tracing::debug!(upstream = %authority, "idle connection closed unanswered; sending again");
+                        req = Request::from_parts(head, B::default());
+                    }
                     _ => return Err(Error::Exchange(error.into_error()).into()),
                 },
             }
@@ -178,8 +200,9 @@ where
 }
 
 impl<B> Shared<B> {
-    /// The newest idle connection to `authority` that can take a request now.
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<B>> {
+    /// The newest idle connection to `authority` that can take a request
+    /// now, and how long it has been idle.
+    fn checkout(&self, authority: &Authority) -> Option<(SendRequest<B>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let host = idle.iter_mut().find(|host| host.authority == *authority)?;
         // Checked here as well as by the sweeper, which runs only every half
@@ -189,13 +212,14 @@ impl<B> Shared<B> {
         // answer that came before its request body was all sent): it closes
         // when that ends, rather than making this request wait.
         while let Some(Idle { sender, since }) = host.connections.pop() {
-            if now.saturating_duration_since(since) >= self.idle_timeout {
+            let idle_for = now.saturating_duration_since(since);
+            if idle_for >= self.idle_timeout {
                 // The older ones have been idle longer still.
                 host.connections.clear();
                 break;
             }
             if sender.is_ready() {
-                return Some(sender);
+                return Some((sender, idle_for));
             }
         }
         None
@@ -233,6 +257,41 @@ impl<B> Shared<B> {
         }
         idle.retain(|host| !host.connections.is_empty());
     }
+}
+
+/// A copy of `req`'s head, if it may be sent again: an idempotent method
+/// and no body.
+fn head_to_resend<B: Body>(req: &Request<B>) -> Option<http::request::Parts> {
+    if !req.method().is_idempotent() || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    Some(head.into_parts().0)
+}
+
+/// Whether the connection closed (or was reset) before the response was
+/// whole: what an upstream closing an idle connection looks like.
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Closes expired idle connections until the pool is gone: dropping an idle
@@ -404,6 +463,28 @@ mod tests {
 
     fn get() -> Request<Empty<Bytes>> {
         Request::get("/").body(Empty::new()).unwrap()
+    }
+
+    #[test]
+    fn only_an_idempotent_request_without_a_body_is_kept_to_send_again() {
+        let head = head_to_resend(
+            &Request::get("/a?b")
+                .header("x-k", "v")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .expect("a GET without a body");
+        assert_eq!(
+            (head.method, head.uri.to_string()),
+            (http::Method::GET, "/a?b".to_owned())
+        );
+        assert_eq!(head.headers["x-k"], "v");
+        let post = Request::post("/").body(Empty::<Bytes>::new()).unwrap();
+        assert!(head_to_resend(&post).is_none());
+        let put = Request::put("/")
+            .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert!(head_to_resend(&put).is_none());
     }
 
     #[tokio::test]

@@ -176,7 +176,7 @@ impl Error {
 
 impl<B> UpstreamClient<B>
 where
-    B: Body + Send + Unpin + 'static,
+    B: Body + Default + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
@@ -284,7 +284,7 @@ const PROBE_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 #[must_use]
 pub fn probe_client<B>(connect_timeout: Duration, tls: Arc<ClientConfig>) -> UpstreamClient<B>
 where
-    B: Body + Send + Unpin + 'static,
+    B: Body + Default + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
