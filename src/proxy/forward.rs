@@ -4,14 +4,14 @@
 //! `CONNECT`), stripping hop-by-hop headers both ways (and those named in
 //! `Connection`), the upstream request (origin-form URI, version header,
 //! `x-forwarded-*`, with the client's address as a [`Peer`]), the tokens
-//! header, and the byte tunnel of an upgraded connection. Does not own: choosing where to send (`routing`, `table`) or
-//! what a failure looks like (`error`).
+//! header, and the byte tunnel of an upgraded connection. Does not own:
+//! choosing where to send (`routing`, `table`) or what a failure looks
+//! like (`error`).
 
 use std::net::SocketAddr;
 
-use http::header::Entry;
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    CONNECTION, CONTENT_LENGTH, Entry, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
