@@ -363,22 +363,28 @@ async fn health_probes_speak_each_upstreams_protocol() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn grpc_trailers_pass_through_to_an_http2_client() {
-    let backend = H2Backend::h2c(STABLE).await;
-    let server = cohort_named((STABLE, &[format!("h2c://{}", backend.addr)]), None, "").await;
-    let mut h2 = h2c(server.proxy_addr()).await;
+/// Sends a gRPC-style call (`te: trailers`) through `server` on `h2`, and
+/// returns the response with its body unread.
+async fn grpc_call(h2: &mut H2, server: &Server) -> http::Response<hyper::body::Incoming> {
     let req = Request::builder()
         .method(Method::POST)
-        .uri(url(&server, "/grpc"))
+        .uri(url(server, "/grpc"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
         .expect("a request");
     h2.ready().await.expect("an open connection");
-    let rsp = within("the gRPC response", h2.send_request(req))
+    within("the gRPC response", h2.send_request(req))
         .await
-        .expect("a response");
+        .expect("a response")
+}
+
+#[tokio::test]
+async fn grpc_trailers_pass_through_to_an_http2_client() {
+    let backend = H2Backend::h2c(STABLE).await;
+    let server = cohort_named((STABLE, &[format!("h2c://{}", backend.addr)]), None, "").await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let rsp = grpc_call(&mut h2, &server).await;
     assert_eq!(rsp.status(), StatusCode::OK);
     assert_eq!(rsp.headers()["content-type"], "application/grpc");
     assert_eq!(rsp.headers()["x-agent-version"], STABLE);
@@ -405,17 +411,7 @@ async fn a_retry_onto_an_http2_upstream_passes_on_te_trailers() {
     let server = cohort_named((STABLE, &upstreams), None, health).await;
     let mut h2 = h2c(server.proxy_addr()).await;
     for _ in 0..4 {
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(url(&server, "/grpc"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
-            .expect("a request");
-        h2.ready().await.expect("an open connection");
-        let rsp = within("the gRPC response", h2.send_request(req))
-            .await
-            .expect("a response");
+        let rsp = grpc_call(&mut h2, &server).await;
         assert_eq!(rsp.status(), StatusCode::OK);
         assert_eq!(rsp.headers()["x-saw-te"], "trailers");
     }
