@@ -234,10 +234,10 @@ async fn a_get_lost_on_a_closed_keepalive_connection_is_sent_again_and_a_post_is
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(upstream.seen("GET /second HTTP/1.1"), 2);
 
-    // The new connection has answered once: the next request meets the close.
+    // The new connection has answered once: the next request meets the
+    // close. A POST, even without a body, is not sent twice.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let body = Bytes::from_static(b"do it once");
-    let reply = http.send(Method::POST, "/third", &user, body).await;
+    let reply = http.send(Method::POST, "/third", &user, Bytes::new()).await;
     assert_eq!(reply.status, 502, "{reply:?}");
     assert_error_body(&reply, "reset", STABLE);
     assert_eq!(upstream.seen("POST /third HTTP/1.1"), 1);

@@ -4,7 +4,7 @@
 //!
 //! Owns: sticky routing, version tags, forwarded headers, streaming,
 //! metrics and rollback for HTTP/2 clients, and their idle connections
-//! closed at the keep-alive timeout; upstreams reached over h2c and over
+//! closed at the keep-alive timeout (dropped if the client stalls the close); upstreams reached over h2c and over
 //! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
 //! that speak their protocol; a gRPC-style response's trailers reaching an
 //! HTTP/2 client, also on a retry from a refused HTTP/1.1 upstream; curl, nghttp and h2load with prior knowledge; a bad
@@ -190,6 +190,21 @@ async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
     let (_, reply) = send_h2(&mut h2, get(&url(&server, "/"), &[("x-user-id", "a")])).await;
     assert_eq!(reply.status, 200);
     eventually("the idle connection is closed", || h2.is_closed()).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_http2_client_that_ignores_the_goaway_is_dropped() {
+    let backend = Backend::start(STABLE).await;
+    let server = cohort_with_short_keepalive(backend.addr).await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    // From here on the client answers nothing, not even the ping that h2
+    // waits on before its last GOAWAY: the grace period ends it instead.
+    let mut kinds = Vec::new();
+    while let Some(frame) = raw.next_frame().await {
+        kinds.push(frame.kind);
+    }
+    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
     server.shutdown().await;
 }
 

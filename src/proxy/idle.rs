@@ -32,9 +32,10 @@ use super::framing::{AmbiguousFraming, FramingGuard};
 /// One client connection's activity, written by its [`ClientIo`] and
 /// [`Tracked`] bodies (inside hyper) and read by the connection's task
 /// between polls of hyper. Over HTTP/1.1 all of it happens on that one
-/// task, so relaxed ordering is enough (the atomics only make it `Sync`);
+/// task, so relaxed ordering is enough (the atomics only make it `Sync`).
 /// HTTP/2 connections, whose streams run on tasks of their own, are never
-/// taken back.
+/// taken back; their idle close reads the counts only to see whether
+/// anything moved or is open, and each worker's runtime runs on one thread.
 #[derive(Debug)]
 pub struct Activity {
     /// Reads and writes that moved bytes.

@@ -50,6 +50,12 @@ pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// after every response instead cost about 12% of throughput.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// How long an idle HTTP/2 connection told to close may take over it: h2
+/// sends its last `GOAWAY` only once the client acknowledges a ping, and a
+/// client that has gone (or never sent the preface) would hold the
+/// connection until TCP gives up. Past this it is dropped.
+const H2_IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Accepts and serves connections until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
 /// `tls`, each connection first completes a TLS handshake (within
@@ -445,7 +451,8 @@ impl Connection {
     /// has had no open stream and no traffic for the keep-alive timeout, as
     /// nginx's `keepalive_timeout` closes an idle HTTP/2 connection: hyper
     /// would keep it, and its buffers, open for as long as the client does.
-    /// `conn` comes boxed: a task is as large as its largest state.
+    /// An idle one that has not closed within [`H2_IDLE_CLOSE_GRACE`] is
+    /// dropped. `conn` comes boxed: a task is as large as its largest state.
     async fn serve_h2<C>(
         &mut self,
         mut conn: Pin<Box<C>>,
@@ -463,24 +470,31 @@ impl Connection {
         let mut last_active = Instant::now();
         let drain = draining(&mut self.drain);
         tokio::pin!(drain);
-        loop {
+        let idle = loop {
             tokio::select! {
                 biased;
                 result = conn.as_mut() => return result.map_err(Into::into),
-                () = &mut drain => break,
+                () = &mut drain => break false,
                 now = checks.tick() => {
                     let seen = activity.transfers();
                     if seen != transfers || activity.has_open_requests() {
                         transfers = seen;
                         last_active = now;
                     } else if now.saturating_duration_since(last_active) >= keepalive {
-                        break;
+                        break true;
                     }
                 }
             }
-        }
+        };
         conn.as_mut().graceful_shutdown();
-        conn.await.map_err(Into::into)
+        if !idle {
+            // Open streams finish, within the listener's drain timeout.
+            return conn.await.map_err(Into::into);
+        }
+        match tokio::time::timeout(H2_IDLE_CLOSE_GRACE, conn).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err("idle HTTP/2 connection did not close in time".into()),
+        }
     }
 
     /// Waits, holding only the socket, for the client's next request:

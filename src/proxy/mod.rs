@@ -209,7 +209,9 @@ impl Proxy {
             };
             let error = ProxyError::from_upstream(&failed.error);
             // Given back only when no connection could be made (refused or
-            // timed out): nothing reached that upstream.
+            // timed out): nothing went out on it. (The pool's resend of an
+            // idempotent request, lost on a closed kept-alive connection,
+            // comes back this way too if its new connection fails.)
             if let Some(unsent) = failed.unsent
                 && let Some(next) = version.pick_other(first, index)
             {

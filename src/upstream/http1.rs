@@ -273,8 +273,10 @@ fn head_to_resend<B: Body>(req: &Request<B>) -> Option<http::request::Parts> {
     Some(head.into_parts().0)
 }
 
-/// Whether the connection closed (or was reset) before the response was
-/// whole: what an upstream closing an idle connection looks like.
+/// Whether the connection closed (or was reset) before a whole response
+/// head came back: what an upstream closing an idle connection looks like.
+/// (A partial head, or a `1xx`, before the close counts too: the method is
+/// idempotent, so a second run of it is allowed, RFC 9110 9.2.2.)
 fn closed_unanswered(error: &hyper::Error) -> bool {
     if error.is_incomplete_message() {
         return true;
