@@ -4,7 +4,8 @@
 //!
 //! Owns: sticky routing, version tags, forwarded headers, streaming,
 //! metrics and rollback for HTTP/2 clients, and their idle connections
-//! closed at the keep-alive timeout (dropped if the client stalls the close); upstreams reached over h2c and over
+//! closed at the keep-alive timeout, or at the header read timeout if no
+//! stream was opened (dropped if the client stalls the close); upstreams reached over h2c and over
 //! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
 //! that speak their protocol; a gRPC-style response's trailers reaching an
 //! HTTP/2 client, also on a retry from a refused HTTP/1.1 upstream; curl, nghttp and h2load with prior knowledge; a bad
@@ -200,6 +201,24 @@ async fn an_idle_http2_client_that_ignores_the_goaway_is_dropped() {
     let mut raw = RawH2::open(server.proxy_addr()).await;
     // From here on the client answers nothing, not even the ping that h2
     // waits on before its last GOAWAY: the grace period ends it instead.
+    let mut kinds = Vec::new();
+    while let Some(frame) = raw.next_frame().await {
+        kinds.push(frame.kind);
+    }
+    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_opens_no_stream_is_closed_at_the_header_read_timeout() {
+    let backend = Backend::start(STABLE).await;
+    // The keep-alive timeout (75 s) is far past the test's deadline.
+    let toml = support::config(&[backend.addr], None, &routing()).replace(
+        "drain_timeout = \"10s\"\n",
+        "drain_timeout = \"10s\"\nheader_read_timeout = \"1s\"\n",
+    );
+    let server = start_cohort(&toml).await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
     let mut kinds = Vec::new();
     while let Some(frame) = raw.next_frame().await {
         kinds.push(frame.kind);

@@ -269,8 +269,9 @@ impl Connection {
     }
 
     /// Serves HTTP/2 if `h2`, else HTTP/1.1; with `h2` unset, tells by
-    /// whether the connection opens with the HTTP/2 preface. Over HTTP/1.1
-    /// the first request head must be in by `first_head`.
+    /// whether the connection opens with the HTTP/2 preface. The first
+    /// request head (over HTTP/2, the first stream) must be in by
+    /// `first_head`.
     async fn serve<S: Socket>(
         &mut self,
         mut io: ClientIo<S>,
@@ -307,7 +308,7 @@ impl Connection {
                     .http2
                     .serve_connection(TokioIo::new(io), service),
             );
-            return self.serve_h2(conn, &activity).await;
+            return self.serve_h2(conn, &activity, first_head).await;
         }
         let mut service = service;
         // When the connection last served a request, and how many it had then.
@@ -451,12 +452,16 @@ impl Connection {
     /// has had no open stream and no traffic for the keep-alive timeout, as
     /// nginx's `keepalive_timeout` closes an idle HTTP/2 connection: hyper
     /// would keep it, and its buffers, open for as long as the client does.
-    /// An idle one that has not closed within [`H2_IDLE_CLOSE_GRACE`] is
-    /// dropped. `conn` comes boxed: a task is as large as its largest state.
+    /// One that has opened no stream by `first_head` is closed the same
+    /// way (to within a check), as an HTTP/1.1 connection with no request
+    /// is. An idle one that has not closed within [`H2_IDLE_CLOSE_GRACE`]
+    /// is dropped. `conn` comes boxed: a task is as large as its largest
+    /// state.
     async fn serve_h2<C>(
         &mut self,
         mut conn: Pin<Box<C>>,
         activity: &Activity,
+        first_head: Instant,
     ) -> Result<(), ConnectionError>
     where
         C: GracefulConnection,
@@ -476,6 +481,9 @@ impl Connection {
                 result = conn.as_mut() => return result.map_err(Into::into),
                 () = &mut drain => break false,
                 now = checks.tick() => {
+                    if activity.requests() == 0 && now >= first_head {
+                        break true;
+                    }
                     let seen = activity.transfers();
                     if seen != transfers || activity.has_open_requests() {
                         transfers = seen;
