@@ -25,6 +25,7 @@ use cohort::serve::Server;
 use cohort::state::Source;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 use support::{
     Backend, CANARY, Http, STABLE, SseBackend, cohort, eventually, eventually_async, key_on,
     start_cohort, within,
@@ -165,22 +166,35 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
     assert_eq!(reply.backend(), STABLE);
 
     // The canary stream drains (the default) to its end.
-    canary.send_second();
-    let rest = within("the rest of the stream", body.collect())
-        .await
-        .expect("the stream ends cleanly")
-        .to_bytes();
-    assert_eq!(&rest[..], SseBackend::SECOND.as_bytes());
+    canary.finish(body).await;
     server.shutdown().await;
+}
+
+/// Starts Cohort in front of `stable` with `listen_key` (a `key = value`
+/// line) added to its `[listen]` section.
+async fn cohort_listening_with(stable: SocketAddr, listen_key: &str) -> Server {
+    let toml = support::config(&[stable], None, &routing()).replace(
+        "drain_timeout = \"10s\"\n",
+        &format!("drain_timeout = \"10s\"\n{listen_key}\n"),
+    );
+    start_cohort(&toml).await
 }
 
 /// Starts Cohort in front of `stable` with a 1 s keep-alive timeout.
 async fn cohort_with_short_keepalive(stable: SocketAddr) -> Server {
-    let toml = support::config(&[stable], None, &routing()).replace(
-        "drain_timeout = \"10s\"\n",
-        "drain_timeout = \"10s\"\nkeepalive_timeout = \"1s\"\n",
-    );
-    start_cohort(&toml).await
+    cohort_listening_with(stable, "keepalive_timeout = \"1s\"").await
+}
+
+/// Opens a raw HTTP/2 connection that, past its SETTINGS, sends nothing
+/// and answers nothing (not even the ping h2 waits on before its last
+/// GOAWAY), and checks that the proxy sends a GOAWAY and then closes it.
+async fn assert_a_silent_client_is_sent_goaway_and_closed(server: &Server) {
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    let mut kinds = Vec::new();
+    while let Some(frame) = raw.next_frame().await {
+        kinds.push(frame.kind);
+    }
+    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
 }
 
 #[tokio::test]
@@ -198,14 +212,8 @@ async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
 async fn an_idle_http2_client_that_ignores_the_goaway_is_dropped() {
     let backend = Backend::start(STABLE).await;
     let server = cohort_with_short_keepalive(backend.addr).await;
-    let mut raw = RawH2::open(server.proxy_addr()).await;
-    // From here on the client answers nothing, not even the ping that h2
-    // waits on before its last GOAWAY: the grace period ends it instead.
-    let mut kinds = Vec::new();
-    while let Some(frame) = raw.next_frame().await {
-        kinds.push(frame.kind);
-    }
-    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
+    // The idle close cannot finish: the grace period ends it instead.
+    assert_a_silent_client_is_sent_goaway_and_closed(&server).await;
     server.shutdown().await;
 }
 
@@ -213,18 +221,17 @@ async fn an_idle_http2_client_that_ignores_the_goaway_is_dropped() {
 async fn an_http2_connection_that_opens_no_stream_is_closed_at_the_header_read_timeout() {
     let backend = Backend::start(STABLE).await;
     // The keep-alive timeout (75 s) is far past the test's deadline.
-    let toml = support::config(&[backend.addr], None, &routing()).replace(
-        "drain_timeout = \"10s\"\n",
-        "drain_timeout = \"10s\"\nheader_read_timeout = \"1s\"\n",
-    );
-    let server = start_cohort(&toml).await;
-    let mut raw = RawH2::open(server.proxy_addr()).await;
-    let mut kinds = Vec::new();
-    while let Some(frame) = raw.next_frame().await {
-        kinds.push(frame.kind);
-    }
-    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
+    let server = cohort_listening_with(backend.addr, "header_read_timeout = \"1s\"").await;
+    assert_a_silent_client_is_sent_goaway_and_closed(&server).await;
     server.shutdown().await;
+}
+
+/// Sends `req` on `h2` and returns the response once its head is in.
+async fn response_head(h2: &mut H2, req: Request<Full<Bytes>>) -> http::Response<Incoming> {
+    h2.ready().await.expect("an open connection");
+    within("a response head", h2.send_request(req))
+        .await
+        .expect("a response")
 }
 
 #[tokio::test]
@@ -232,14 +239,12 @@ async fn an_open_stream_keeps_its_http2_connection_past_the_keepalive_timeout() 
     let sse = SseBackend::start(STABLE).await;
     let server = cohort_with_short_keepalive(sse.addr).await;
     let mut h2 = h2c(server.proxy_addr()).await;
-    h2.ready().await.expect("an open connection");
-    let rsp = within(
-        "the stream's head",
-        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", "a")])),
+    let mut body = response_head(
+        &mut h2,
+        get(&url(&server, "/events"), &[("x-user-id", "a")]),
     )
     .await
-    .expect("a response");
-    let mut body = rsp.into_body();
+    .into_body();
     within("the first event", body.frame()).await;
 
     // Two idle connections opened one after the other close in turn: by
@@ -249,21 +254,14 @@ async fn an_open_stream_keeps_its_http2_connection_past_the_keepalive_timeout() 
         eventually("an idle connection is closed", || idle.is_closed()).await;
     }
     // Not sent a GOAWAY: it still takes new streams.
-    h2.ready().await.expect("an open connection");
-    let second = within(
-        "a second stream's head",
-        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", "a")])),
+    let second = response_head(
+        &mut h2,
+        get(&url(&server, "/events"), &[("x-user-id", "a")]),
     )
-    .await
-    .expect("a response");
+    .await;
     assert_eq!(second.status(), StatusCode::OK);
     drop(second);
-    sse.send_second();
-    let rest = within("the rest of the stream", body.collect())
-        .await
-        .expect("the stream ends cleanly")
-        .to_bytes();
-    assert_eq!(&rest[..], SseBackend::SECOND.as_bytes());
+    sse.finish(body).await;
     server.shutdown().await;
 }
 
@@ -397,20 +395,15 @@ async fn health_probes_speak_each_upstreams_protocol() {
     server.shutdown().await;
 }
 
-/// Sends a gRPC-style call (`te: trailers`) through `server` on `h2`, and
-/// returns the response with its body unread.
-async fn grpc_call(h2: &mut H2, server: &Server) -> http::Response<hyper::body::Incoming> {
-    let req = Request::builder()
+/// A gRPC-style call (`te: trailers`) through `server`.
+fn grpc_request(server: &Server) -> Request<Full<Bytes>> {
+    Request::builder()
         .method(Method::POST)
         .uri(url(server, "/grpc"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
-        .expect("a request");
-    h2.ready().await.expect("an open connection");
-    within("the gRPC response", h2.send_request(req))
-        .await
-        .expect("a response")
+        .expect("a request")
 }
 
 #[tokio::test]
@@ -418,7 +411,7 @@ async fn grpc_trailers_pass_through_to_an_http2_client() {
     let backend = H2Backend::h2c(STABLE).await;
     let server = cohort_named((STABLE, &[format!("h2c://{}", backend.addr)]), None, "").await;
     let mut h2 = h2c(server.proxy_addr()).await;
-    let rsp = grpc_call(&mut h2, &server).await;
+    let rsp = response_head(&mut h2, grpc_request(&server)).await;
     assert_eq!(rsp.status(), StatusCode::OK);
     assert_eq!(rsp.headers()["content-type"], "application/grpc");
     assert_eq!(rsp.headers()["x-agent-version"], STABLE);
@@ -445,7 +438,7 @@ async fn a_retry_onto_an_http2_upstream_passes_on_te_trailers() {
     let server = cohort_named((STABLE, &upstreams), None, health).await;
     let mut h2 = h2c(server.proxy_addr()).await;
     for _ in 0..4 {
-        let rsp = grpc_call(&mut h2, &server).await;
+        let rsp = response_head(&mut h2, grpc_request(&server)).await;
         assert_eq!(rsp.status(), StatusCode::OK);
         assert_eq!(rsp.headers()["x-saw-te"], "trailers");
     }

@@ -180,6 +180,18 @@ impl SseBackend {
         self.second_sent.load(Ordering::SeqCst)
     }
 
+    /// Lets the stream send its second event, and checks that `body`, the
+    /// stream as the client receives it past its first event, brings just
+    /// that and then ends cleanly.
+    pub async fn finish(&self, body: Incoming) {
+        self.send_second();
+        let rest = within("the rest of the stream", body.collect())
+            .await
+            .expect("the stream ends cleanly")
+            .to_bytes();
+        assert_eq!(&rest[..], Self::SECOND.as_bytes());
+    }
+
     fn answer(&self) -> Response<BackendBody> {
         let state = self.clone();
         let events = futures_util::stream::unfold(0u8, move |step| {
