@@ -261,7 +261,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })?;
     if duration > MAX_DURATION {
         return Err(format!(
-            "{text:?} is longer than the 10 years a duration may be"
+            "{text:?} is longer than the 100 years a duration may be"
         ));
     }
     Ok(duration)
