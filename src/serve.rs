@@ -548,7 +548,8 @@ fn spawn_worker(
                 )
                 .await;
             });
-            // Upgraded tunnels and idle upstream connections end with the runtime.
+            // Whatever outlived the drain timeout (requests, streams, tunnels)
+            // and idle upstream connections end with the runtime.
             drop(runtime);
             let _ = done.send(());
         })?;

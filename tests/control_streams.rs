@@ -3,9 +3,10 @@
 //! Owns: an SSE stream and a WebSocket opened on the canary run on through a
 //! weight change and a promote; on a rollback they run on with
 //! `routing.on_rollback = "drain"` and end at once with `"close"` (while a
-//! stable stream runs on). Changes go through the admin API. Does not own:
-//! streaming itself (`streaming`), or requests that are not streams
-//! (`control_load`).
+//! stable stream runs on). Changes go through the admin API. An open
+//! WebSocket also outlives a restart of the proxy workers (a reload of
+//! `[upstream]`), and holds up a shutdown. Does not own: streaming itself (`streaming`), or requests
+//! that are not streams (`control_load`).
 
 mod support;
 
@@ -260,4 +261,42 @@ async fn streams_opened_after_a_close_rollback_and_a_forced_weight_run_on() {
             .await
             .expect("a canary stream opened after the close runs on");
     }
+}
+
+#[tokio::test]
+async fn an_open_websocket_survives_a_worker_restart_and_holds_up_a_shutdown() {
+    let stable = WsBackend::start(STABLE).await;
+    let text = support::config(&[stable.addr], None, "");
+    let mut server = support::start_cohort(&text).await;
+    let mut ws = open_ws(&server, "alice", STABLE).await;
+    echo(&mut ws, STABLE, "before").await;
+
+    // A reloaded [upstream] starts new workers; the old ones drain, and the
+    // tunnel they hold runs on.
+    let edited = format!("{text}\n[upstream]\nidle_timeout = \"7s\"\n");
+    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    assert!(server.reload_workers(&edited).expect("the reload"));
+    let mut fresh = open_ws(&server, "bob", STABLE).await;
+    echo(&mut fresh, STABLE, "on the new workers").await;
+    for i in 0..3 {
+        echo(&mut ws, STABLE, &format!("after the restart {i}")).await;
+    }
+    drop(fresh);
+
+    // A shutdown waits for the tunnel (up to `drain_timeout`), which works meanwhile.
+    let proxy = server.proxy_addr();
+    let stopping = tokio::spawn(server.shutdown());
+    support::eventually_async("new connections being refused", || async {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+    echo(&mut ws, STABLE, "during the drain").await;
+    assert!(
+        !stopping.is_finished(),
+        "shutdown must wait for the open WebSocket"
+    );
+    drop(ws);
+    within("the drain to finish once the tunnel closes", stopping)
+        .await
+        .expect("shutdown ran to the end");
 }

@@ -182,10 +182,38 @@ pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
     })
 }
 
-/// Pipes bytes both ways between an upgraded client and upstream connection,
-/// holding the version's in-flight gauge until both sides are done.
-pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
-    tokio::spawn(async move {
+/// The byte tunnel of an upgraded connection, from the `101` on.
+///
+/// Run by the client connection's task (see `listener`) once hyper has
+/// sent the `101` and handed the socket over, so that the tunnel keeps the
+/// connection's place in the listener's drain and in
+/// `listen.max_connections`, as any other open connection does.
+#[derive(Debug)]
+pub struct Tunnel {
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    /// The version's in-flight gauge, held until both sides are done.
+    in_flight: InFlight,
+}
+
+impl Tunnel {
+    #[must_use]
+    pub fn new(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) -> Tunnel {
+        Tunnel {
+            client,
+            upstream,
+            in_flight,
+        }
+    }
+
+    /// Pipes bytes both ways until either side closes, or until the
+    /// version's streams are ordered closed (`on_rollback = "close"`).
+    pub async fn run(self) {
+        let Tunnel {
+            client,
+            upstream,
+            in_flight,
+        } = self;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(error) => {
@@ -195,17 +223,16 @@ pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
-        let closed = in_flight.closed();
         tokio::select! {
             result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "upgraded connection ended");
                 }
             }
-            () = closed => tracing::debug!("upgraded connection closed by rollback"),
+            () = in_flight.closed() => tracing::debug!("upgraded connection closed by rollback"),
         }
         drop(in_flight);
-    });
+    }
 }
 
 /// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]) and any header the

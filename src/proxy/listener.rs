@@ -6,16 +6,17 @@
 //! listener), serving each connection with hyper behind a
 //! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
-//! (see [`idle`](super::idle)), the client timeouts, and the graceful drain
-//! on shutdown. Does not own: what happens to a request (`Proxy::handle`)
-//! or the certificate (`tls`).
+//! (see [`idle`](super::idle)), the client timeouts, running an upgraded
+//! connection's tunnel on the connection's task, and the graceful drain on
+//! shutdown (which waits for tunnels too). Does not own: what happens to a
+//! request (`Proxy::handle`) or the certificate (`tls`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::idle::{Activity, ClientIo, Tracked};
-use super::{Peer, Proxy, ResponseBody};
+use super::{Peer, Proxy, ResponseBody, Tunnel};
 use crate::config::ListenConfig;
 use crate::tls::ServerTls;
 
@@ -195,12 +196,26 @@ struct Client {
     peer: Peer,
     framing: AmbiguousFraming,
     activity: Arc<Activity>,
+    /// The tunnel of a `101` sent on this connection, for the connection's
+    /// task to run once hyper hands the socket over. Boxed: few connections
+    /// ever upgrade, and every one holds the slot.
+    tunnel: Mutex<Option<Box<Tunnel>>>,
+}
+
+impl Client {
+    fn take_tunnel(&self) -> Option<Box<Tunnel>> {
+        self.tunnel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// Serves `Proxy::handle` to one client connection, each response body
-/// counted open (see [`Activity`]) until hyper drops it.
+/// counted open (see [`Activity`]) until hyper drops it, and an upgrade's
+/// tunnel kept in the client's slot.
 fn service(
-    client: Client,
+    client: Arc<Client>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Tracked<ResponseBody>>,
@@ -209,15 +224,18 @@ fn service(
 > + Clone
 + Send
 + 'static {
-    let client = Arc::new(client);
     service_fn(move |req| {
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
         async move {
-            let rsp = client
+            let (rsp, tunnel) = client
                 .proxy
                 .handle(req, &client.peer, &client.framing)
                 .await;
+            if let Some(tunnel) = tunnel {
+                *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Box::new(tunnel));
+            }
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, open)))
         }
     })
@@ -294,12 +312,14 @@ impl Connection {
             }
         };
         let activity = Arc::clone(io.activity());
-        let service = service(Client {
+        let client = Arc::new(Client {
             proxy: Arc::clone(&self.proxy),
             peer: Peer::new(self.peer),
             framing: io.framing(),
             activity: Arc::clone(&activity),
+            tunnel: Mutex::new(None),
         });
+        let service = service(Arc::clone(&client));
         if h2 {
             // Boxed where it is made: a binding would keep room for it in
             // the task after the move.
@@ -330,7 +350,16 @@ impl Connection {
                     io.rewind(parts.read_buf);
                     service = parts.service;
                 }
-                None => return Ok(()),
+                None => {
+                    // After an upgrade the tunnel carries the connection on,
+                    // still counted open and still holding up a drain
+                    // (until `drain_timeout`), as nginx's old workers keep
+                    // their WebSockets on a reload.
+                    if let Some(tunnel) = client.take_tunnel() {
+                        Box::pin(tunnel.run()).await;
+                    }
+                    return Ok(());
+                }
             }
             if activity.requests() != served.1 {
                 // Taken back at the first idle check that saw no transfers,

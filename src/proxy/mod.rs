@@ -38,7 +38,7 @@ type UpstreamBody = upstream::UpstreamBody<TeeBody>;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
-pub use forward::Peer;
+pub use forward::{Peer, Tunnel};
 pub use framing::AmbiguousFraming;
 
 /// Everything a request needs, shared by every connection of a listener.
@@ -58,12 +58,14 @@ impl Proxy {
 
     /// Proxies one request. Never fails: every error becomes a tagged response.
     /// `framing` is the flag of the client connection's [`framing::FramingGuard`].
+    /// A `101 Switching Protocols` comes with the [`Tunnel`] that the client
+    /// connection runs once the response is sent.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         peer: &Peer,
         framing: &AmbiguousFraming,
-    ) -> Response<ResponseBody> {
+    ) -> (Response<ResponseBody>, Option<Tunnel>) {
         let started = Instant::now();
         // One snapshot for the whole request: a concurrent change applies to the next one.
         let table = self.table.snapshot();
@@ -121,6 +123,7 @@ impl Proxy {
 
         // Tag and record, on success and failure alike.
         let mut tokens = None;
+        let mut tunnel = None;
         let mut rsp = match result {
             Ok((mut rsp, client_upgrade)) => {
                 tokens =
@@ -133,7 +136,7 @@ impl Proxy {
                     let upstream_upgrade = rsp.extensions_mut().remove::<OnUpgrade>();
                     match (client_upgrade, upstream_upgrade) {
                         (Some(client), Some(upstream)) => {
-                            forward::tunnel(client, upstream, in_flight);
+                            tunnel = Some(Tunnel::new(client, upstream, in_flight));
                             rsp.map(|_| ResponseBody::empty(None))
                         }
                         // A 101 the client never asked for cannot be honoured.
@@ -164,7 +167,7 @@ impl Proxy {
             },
         );
         access::log(&version.name, decision, peer.addr, rsp.status(), started);
-        rsp
+        (rsp, tunnel)
     }
 
     /// Sends `req` to one of `version`'s upstreams and waits for the response
