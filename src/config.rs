@@ -1027,24 +1027,49 @@ mod raw {
 
 /// Validates a rollout plan given as JSON in the shape of the `[rollout]`
 /// table (the admin API's `POST /admin/rollout` body).
+///
+/// A wrong type or an unknown key is a [`ConfigError::Syntax`]: the document
+/// is malformed (SPEC section 3: 400). A value out of range is a
+/// [`ConfigError::Invalid`] (422).
 pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
+    let syntax = |message: String| ConfigError::Syntax {
+        path: "rollout plan".to_owned(),
+        message,
+    };
     let mut unknown = Vec::new();
     let plan: raw::Rollout = serde_ignored::deserialize(value, |path| {
-        unknown.push(path.to_string())
+        unknown.push(format!("rollout.{}: is not a known key", dotted_key(&path)))
     })
-    .map_err(|e| ConfigError::Syntax {
-        path: "rollout plan".to_owned(),
-        message: e.to_string(),
-    })?;
-    let mut c = raw::Checker::default();
-    for key in unknown {
-        c.problem(&format!("rollout.{key}"), "is not a known key");
+    .map_err(|e| syntax(e.to_string()))?;
+    // Unlike a config file's, a plan's unknown keys are not listed with the
+    // values out of range: the admin API answers them with another status.
+    if !unknown.is_empty() {
+        return Err(syntax(unknown.join("; ")));
     }
+    let mut c = raw::Checker::default();
     let plan = raw::validate_rollout(&mut c, "rollout", plan);
     if c.problems.is_empty() {
         Ok(plan)
     } else {
         Err(ConfigError::Invalid(c.problems))
+    }
+}
+
+/// The key serde_ignored reports, spelt as problems name keys
+/// (`guardrails.bogus`, `stages[0].bogus`): its own spelling marks every step
+/// into an `Option` with a `?` (`guardrails.?.bogus`).
+fn dotted_key(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", dotted_key(parent)),
+        Path::Map { parent, key } => match dotted_key(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => dotted_key(parent),
     }
 }
 
@@ -1134,6 +1159,33 @@ mod tests {
     fn unknown_keys_are_refused_by_their_full_path() {
         let err = Config::parse(&format!("{MINIMAL}\n[listen]\nport = 80\n"), "test").unwrap_err();
         assert_eq!(err.to_string(), "listen.port: is not a known key");
+    }
+
+    #[test]
+    fn a_plans_unknown_keys_and_wrong_types_are_syntax_and_its_ranges_invalid() {
+        let syntax = |plan: serde_json::Value| match rollout_from_json(plan) {
+            Err(ConfigError::Syntax { message, .. }) => message,
+            other => panic!("expected a syntax error, got {other:?}"),
+        };
+        let stage = serde_json::json!({"weight": 10, "duration": "1s"});
+        assert_eq!(
+            syntax(serde_json::json!({
+                "stages": [{"weight": 10, "duration": "1s", "pace": 2}],
+                "guardrails": {"succes_rate_min": 0.9},
+            })),
+            "rollout.guardrails.succes_rate_min: is not a known key; \
+             rollout.stages[0].pace: is not a known key"
+        );
+        assert!(
+            syntax(serde_json::json!({"stages": [stage], "failure_limit": "two"})).contains("u32")
+        );
+        match rollout_from_json(serde_json::json!({"stages": [{"weight": -5, "duration": "1s"}]})) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert_eq!(problems[0].key, "rollout.stages[0].weight");
+            }
+            other => panic!("expected a problem, got {other:?}"),
+        }
     }
 
     #[test]

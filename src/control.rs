@@ -25,6 +25,9 @@ use crate::upstream::{Protocol, UpstreamAddr};
 /// Why a change was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The request is malformed: a wrong type or an unknown key (SPEC: 400).
+    #[error("{0}")]
+    BadRequest(String),
     /// The change contradicts the current state (SPEC: 409).
     #[error("{0}")]
     Conflict(String),

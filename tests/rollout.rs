@@ -8,10 +8,10 @@
 //! tokens-ratio and eval-score guardrails with the failing metric named; the
 //! approval gate and abort; a rollout that survives `kill -9` of `cohort
 //! serve` with its stage time counted; an AgentRelease manifest started and
-//! shown by `cohort ctl`; and `POST /admin/signals` input checks. Does not
-//! own: the statistics of the guardrails (`rollout_statistics` and the unit
-//! tests of `rollout::stats`), or the admin API's error paths outside
-//! rollouts (`control_api`).
+//! shown by `cohort ctl`; and the input checks of `POST /admin/rollout` and
+//! `POST /admin/signals`. Does not own: the statistics of the guardrails
+//! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
+//! admin API's error paths outside rollouts (`control_api`).
 //!
 //! Stages last about a second and the guardrails judge every 100 ms over
 //! windows of 60 such slots: the `[rollout]` table of each config sets that
@@ -622,6 +622,72 @@ async fn eval_score_below_its_floor_rolls_back() {
         reason.contains("eval_score: canary 0.5000") && reason.contains("(limit 0.9)"),
         "{reason:?}"
     );
+}
+
+#[tokio::test]
+async fn a_malformed_plan_is_400_and_a_value_out_of_range_422() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), "")).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let stage = json!({"weight": 10, "duration": "1s"});
+
+    // SPEC section 3: an unknown key or a wrong type is a bad request,
+    // named by its key where the key is what is wrong.
+    for (plan, named) in [
+        (
+            json!({"stages": [stage], "bogus": 1}),
+            Some("rollout.bogus"),
+        ),
+        (
+            json!({"stages": [stage], "guardrails": {"succes_rate_min": 0.9}}),
+            Some("rollout.guardrails.succes_rate_min"),
+        ),
+        (
+            json!({"stages": [{"weight": "ten", "duration": "1s"}]}),
+            None,
+        ),
+        (json!({"stages": [stage], "failure_limit": "two"}), None),
+        (json!([stage]), None),
+    ] {
+        let reply = admin
+            .call(Method::POST, "/admin/rollout", plan.clone())
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{plan}: {reply:?}");
+        let text = reply.json()["error"].as_str().unwrap_or("").to_owned();
+        assert!(!text.is_empty(), "{plan}: {reply:?}");
+        if let Some(key) = named {
+            assert!(text.contains(key), "{plan}: {text:?} does not name {key}");
+        }
+    }
+
+    // A well-formed plan with a value out of range is a 422, named by its key.
+    for (plan, key) in [
+        (
+            json!({"stages": [{"weight": -5, "duration": "1s"}]}),
+            "rollout.stages[0].weight",
+        ),
+        (
+            json!({"stages": [stage], "failure_limit": 0}),
+            "rollout.failure_limit",
+        ),
+    ] {
+        let reply = admin
+            .call(Method::POST, "/admin/rollout", plan.clone())
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{plan}: {reply:?}"
+        );
+        let text = reply.json()["error"].as_str().unwrap_or("").to_owned();
+        assert!(text.contains(key), "{plan}: {text:?} does not name {key}");
+    }
+
+    // Nothing refused started a rollout or moved the weight.
+    let state = admin.state().await;
+    assert!(state["rollout"].is_null(), "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
 }
 
 // ---------------------------------------------------------------------------

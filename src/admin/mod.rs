@@ -88,6 +88,7 @@ impl AdminError {
 impl From<ControlError> for AdminError {
     fn from(error: ControlError) -> AdminError {
         match error {
+            ControlError::BadRequest(m) => AdminError::BadRequest(m),
             ControlError::Conflict(m) => AdminError::Conflict(m),
             ControlError::Invalid(m) => AdminError::Unprocessable(m),
             ControlError::Persist(e) => AdminError::Internal(e.to_string()),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::judge::{self, Verdict};
 use super::webhook::Webhooks;
-use crate::config::{OnSuccess, RolloutConfig, Stage, rollout_from_json};
+use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError};
 use crate::state::{LiveState, Source};
 use crate::table::Status;
@@ -107,8 +107,12 @@ impl Rollouts {
         let document = plan.or_else(|| self.default_plan.clone()).ok_or_else(|| {
             ControlError::Invalid("no plan given and the config has no [rollout]".into())
         })?;
-        let plan = rollout_from_json(document.clone())
-            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let plan = rollout_from_json(document.clone()).map_err(|e| match e {
+            ConfigError::Syntax { .. } => ControlError::BadRequest(e.to_string()),
+            ConfigError::Invalid(_) | ConfigError::Read { .. } => {
+                ControlError::Invalid(e.to_string())
+            }
+        })?;
         let mut running = self.running();
         if running.as_ref().is_some_and(|tx| !tx.is_closed()) {
             return Err(ControlError::Conflict(
