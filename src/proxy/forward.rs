@@ -171,15 +171,22 @@ pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
     rsp
 }
 
-/// The numeric value of the tokens header, if set and numeric; anything else is skipped.
+/// The most tokens one response may report. No response spends four
+/// billion tokens, so a larger value is junk; summed, it could wrap
+/// `cohort_tokens_total` and the guardrails' token sums.
+const MAX_TOKENS: u64 = u32::MAX as u64;
+
+/// The numeric value of the tokens header, if set, numeric and at most
+/// [`MAX_TOKENS`]; anything else is skipped.
 #[must_use]
 pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
     let text = headers.get(name?)?.to_str().ok()?.trim();
-    text.parse::<u64>().ok().or_else(|| {
+    let tokens = text.parse::<u64>().ok().or_else(|| {
         let value = text.parse::<f64>().ok()?;
         // Finite and non-negative, so the saturating cast is the rounded value.
         (value.is_finite() && value >= 0.0).then(|| value.round() as u64)
-    })
+    })?;
+    (tokens <= MAX_TOKENS).then_some(tokens)
 }
 
 /// The byte tunnel of an upgraded connection, from the `101` on.
@@ -372,5 +379,11 @@ mod tests {
         assert_eq!(tokens(&h, Some(&name)), None);
         h.insert(&name, "-3".parse().unwrap());
         assert_eq!(tokens(&h, Some(&name)), None);
+        h.insert(&name, "4294967295".parse().unwrap());
+        assert_eq!(tokens(&h, Some(&name)), Some(4_294_967_295));
+        for junk in ["4294967296", "1e30", "18446744073709551615"] {
+            h.insert(&name, junk.parse().unwrap());
+            assert_eq!(tokens(&h, Some(&name)), None, "{junk}");
+        }
     }
 }
