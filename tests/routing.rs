@@ -12,7 +12,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 
 use cohort::routing::bucket;
-use support::{Backend, CANARY, Http, STABLE, cohort, key_on, predicted};
+use support::{AdminApi, Backend, CANARY, Http, STABLE, cohort, key_on, predicted};
 
 /// A stable and a canary echo backend, named after their versions.
 async fn two_versions() -> (Backend, Backend) {
@@ -181,6 +181,17 @@ async fn the_override_header_forces_a_cohort() {
     // Keyless requests obey it as well.
     let reply = http.get("/", &[("x-cohort", "canary")]).await;
     assert_eq!(reply.version(), CANARY);
+
+    // After a rollback it no longer reaches the canary.
+    AdminApi::new(server.admin_addr())
+        .rollback("bad canary")
+        .await;
+    for key in [&on_stable, &on_canary] {
+        let reply = http
+            .get("/", &[("x-user-id", key), ("x-cohort", "canary")])
+            .await;
+        assert_eq!(reply.version(), STABLE, "key {key} after the rollback");
+    }
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ pub mod key;
 pub use bucket::{BUCKETS, Weight, bucket};
 pub use key::KeySource;
 
-use crate::table::RouteTable;
+use crate::table::{RouteTable, Status};
 
 /// Which side of a release a request belongs to; also the `cohort` metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,7 +75,8 @@ pub struct Decision {
 }
 
 /// Decides the cohort of a request with sticky `key` (if any) under `table`;
-/// `forced` is the override header's cohort.
+/// `forced` is the override header's cohort, obeyed unless it asks for a
+/// rolled-back canary.
 pub fn decide(table: &RouteTable, key: Option<&[u8]>, forced: Option<Cohort>) -> Decision {
     let Some(canary) = &table.canary else {
         return Decision {
@@ -84,6 +85,9 @@ pub fn decide(table: &RouteTable, key: Option<&[u8]>, forced: Option<Cohort>) ->
             reason: Reason::Default,
         };
     };
+    // A rollback flips everyone back to stable, insiders with the override
+    // included: a rolled-back canary is there only to be replaced.
+    let forced = forced.filter(|&c| c != Cohort::Canary || table.status != Status::RolledBack);
     if let Some(cohort) = forced {
         return Decision {
             cohort,
