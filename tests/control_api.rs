@@ -101,6 +101,17 @@ async fn the_admin_api_requires_the_configured_token() {
     assert_eq!(state["canary"]["weight"], 10.0, "{state}");
     assert_eq!(state["status"], "steady", "{state}");
 
+    // The scheme's name is case-insensitive; the token is not.
+    for (auth, status) in [
+        (format!("bearer {TOKEN}"), 200),
+        (format!("BEARER {TOKEN}"), 200),
+        (format!("Bearer {}", TOKEN.to_uppercase()), 401),
+        (format!("Bearer{TOKEN}"), 401),
+    ] {
+        let reply = http.get("/admin/state", &[("authorization", &auth)]).await;
+        assert_eq!(reply.status, status, "{auth}: {reply:?}");
+    }
+
     // Liveness and readiness need no token.
     assert_eq!(http.get("/health", &[]).await.status, 200);
     assert_eq!(http.get("/ready", &[]).await.status, 200);

@@ -200,7 +200,7 @@ impl Admin {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_credentials)
             .ok_or(AdminError::Unauthorized)?;
         if bool::from(presented.trim().as_bytes().ct_eq(expected.as_bytes())) {
             Ok(())
@@ -208,6 +208,14 @@ impl Admin {
             Err(AdminError::Unauthorized)
         }
     }
+}
+
+/// The credentials of an `Authorization: Bearer ...` value. The scheme's
+/// name is case-insensitive (RFC 9110 section 11.1): curl users write
+/// `bearer` as often as `Bearer`.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
 }
 
 /// Serves the admin endpoints until `shutdown` resolves.
