@@ -171,8 +171,9 @@ impl Control {
             crate::metrics::record_rollback(source);
             Ok(())
         });
-        if result.is_ok()
-            && self.table.load().status == Status::RolledBack
+        // The table is swapped before the state is saved, so the rollback
+        // is in effect even when saving it failed: so is the close.
+        if self.table.load().status == Status::RolledBack
             && previous.policy.routing.on_rollback == crate::config::OnRollback::Close
             && let Some(canary) = &previous.canary
         {

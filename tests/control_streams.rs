@@ -300,3 +300,41 @@ async fn an_open_websocket_survives_a_worker_restart_and_holds_up_a_shutdown() {
         .await
         .expect("shutdown ran to the end");
 }
+
+#[tokio::test]
+async fn on_rollback_close_ends_canary_streams_even_when_the_state_cannot_be_saved() {
+    let canary_key = key_on(CANARY, WEIGHT, CANARY, "unsaved");
+    let stable = SseTicker::start(STABLE).await;
+    let sse = SseTicker::start(CANARY).await;
+    let text = support::config(
+        &[stable.addr],
+        Some((&[sse.addr], WEIGHT)),
+        "[routing]\non_rollback = \"close\"\n",
+    );
+    let state_path = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .path;
+    let server = support::start_cohort(&text).await;
+    let mut stream = open_sse(&server, &canary_key, CANARY).await;
+
+    // A non-empty directory where the state file was: no save can replace it.
+    std::fs::remove_file(&state_path).expect("remove the state file");
+    std::fs::create_dir_all(state_path.join("in-the-way")).expect("block the state path");
+    let reply = AdminApi::new(server.admin_addr())
+        .call(
+            http::Method::POST,
+            "/admin/rollback",
+            serde_json::json!({"reason": "unsaved"}),
+        )
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+
+    // The rollback is in effect all the same, the close included.
+    let ended = read_until(&mut stream, "data: never\n\n").await;
+    assert!(ended.is_err(), "the canary's stream is still open");
+    let reply = Http::new(server.proxy_addr())
+        .get_streaming("/events", &[("x-user-id", &canary_key)])
+        .await;
+    assert_eq!(reply.headers()["x-agent-version"], STABLE);
+}
