@@ -472,21 +472,26 @@ impl Control {
     }
 }
 
-/// Parses the upstreams of an admin call; at least one.
+/// Parses the upstreams of an admin call: at least one, each once (as the
+/// config requires: a repeated upstream would take twice its share).
 fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlError> {
     if upstreams.is_empty() {
         return Err(ControlError::Invalid(
             "upstreams: must name at least one upstream".into(),
         ));
     }
-    upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            UpstreamAddr::parse(u)
-                .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))
-        })
-        .collect()
+    let mut parsed: Vec<UpstreamAddr> = Vec::with_capacity(upstreams.len());
+    for (i, text) in upstreams.iter().enumerate() {
+        let addr = UpstreamAddr::parse(text)
+            .map_err(|m| ControlError::Invalid(format!("upstreams[{i}]: {m}")))?;
+        if parsed.contains(&addr) {
+            return Err(ControlError::Invalid(format!(
+                "upstreams[{i}]: {text:?} is listed twice"
+            )));
+        }
+        parsed.push(addr);
+    }
+    Ok(parsed)
 }
 
 /// Builds the route table for `live`, reusing `previous`'s versions where

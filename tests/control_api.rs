@@ -197,6 +197,21 @@ async fn bad_bodies_are_400_and_values_out_of_range_422() {
         )
         .await;
     assert!(error_text(&reply, 422).contains("upstreams"));
+    // An upstream listed twice would take twice its share, as in the config.
+    for (path, body) in [
+        (
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": ["127.0.0.1:1", "127.0.0.1:1"]}),
+        ),
+        (
+            "/admin/shadow",
+            json!({"name": "v3", "upstreams": ["127.0.0.1:1", "127.0.0.1:1"], "percent": 5}),
+        ),
+    ] {
+        let text = error_text(&admin.call(Method::PUT, path, body).await, 422);
+        assert!(text.contains("upstreams[1]"), "{path}: {text}");
+        assert!(text.contains("listed twice"), "{path}: {text}");
+    }
 
     // Nothing that was refused changed the state.
     let state = admin.state().await;
