@@ -68,14 +68,18 @@ struct Current {
 
 impl Control {
     /// Takes over `saved` as the live state and builds the table from it.
+    /// With `gate_canary`, the canary takes no traffic until it passes a
+    /// health probe: one restored from the state file may have been
+    /// installed through the API and never have passed one.
     #[must_use]
     pub fn new(
         saved: SavedState,
+        gate_canary: bool,
         policy: Arc<Policy>,
         store: Box<dyn StateStore>,
         audit: AuditLog,
     ) -> Control {
-        let table = Arc::new(Table::new(build(&saved.live, &policy, None)));
+        let table = Arc::new(Table::new(build(&saved.live, &policy, None, gate_canary)));
         publish(&saved.live);
         Control {
             table,
@@ -361,6 +365,7 @@ impl Control {
                 &current.saved.live,
                 &current.policy,
                 Some(&self.table.snapshot()),
+                true,
             ));
             tracing::info!("config reloaded; [versions] unchanged, the live state stays");
             return Ok(current.saved.live.clone());
@@ -381,6 +386,7 @@ impl Control {
             &current.saved.live,
             &current.policy,
             Some(&self.table.snapshot()),
+            true,
         ));
         publish(&current.saved.live);
         self.write_audit(
@@ -422,8 +428,12 @@ impl Control {
         let swap_first = action == "rollback";
         let previous_table = self.table.snapshot();
         if swap_first {
-            self.table
-                .store(build(&next.live, &current.policy, Some(&previous_table)));
+            self.table.store(build(
+                &next.live,
+                &current.policy,
+                Some(&previous_table),
+                true,
+            ));
         }
         if let Err(error) = self.store.write(Some(before.generation), &next) {
             if swap_first {
@@ -435,8 +445,12 @@ impl Control {
             return Err(error.into());
         }
         if !swap_first {
-            self.table
-                .store(build(&next.live, &current.policy, Some(&previous_table)));
+            self.table.store(build(
+                &next.live,
+                &current.policy,
+                Some(&previous_table),
+                true,
+            ));
         }
         current.saved = next;
         publish(&current.saved.live);
@@ -496,9 +510,14 @@ fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlErr
 
 /// Builds the route table for `live`, reusing `previous`'s versions where
 /// they are unchanged, so their round-robin cursors, metric handles, health
-/// and open streams carry over. A canary new at run time (there is a
-/// `previous`) passes the readiness gate before it gets traffic.
-fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTable>>) -> RouteTable {
+/// and open streams carry over. With `gate_new_canary`, a canary not in
+/// `previous` passes the readiness gate before it gets traffic.
+fn build(
+    live: &LiveState,
+    policy: &Arc<Policy>,
+    previous: Option<&Arc<RouteTable>>,
+    gate_new_canary: bool,
+) -> RouteTable {
     let stable = live.stable.config();
     let canary = live.canary.as_ref().map(|c| {
         (
@@ -526,7 +545,7 @@ fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTabl
         shadow.as_ref(),
         Arc::clone(policy),
         previous.map(AsRef::as_ref),
-        previous.is_some(),
+        gate_new_canary,
     )
 }
 

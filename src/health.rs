@@ -6,8 +6,10 @@
 //! marked unhealthy after `unhealthy_threshold` failed probes and healthy
 //! again after `healthy_threshold` good ones; it is ejected for `eject_for`
 //! after `eject_after_errors` consecutive connect errors or 5xx on real
-//! traffic; a canary installed at run time starts unhealthy, so it gets no
-//! traffic until one of its upstreams passes a probe. Does not own choosing
+//! traffic; a canary installed at run time, or restored from the state
+//! file on start, starts unhealthy, so it gets no traffic until one of its
+//! upstreams passes a probe ([`probe_gated`] probes a restored one before
+//! the proxy accepts). Does not own choosing
 //! among upstreams (`table::Version::pick`) or the fallback to stable
 //! (`proxy`).
 
@@ -63,7 +65,8 @@ pub struct Report {
 
 impl Health {
     /// `healthy` is the starting verdict: true for versions from the config,
-    /// false for a canary installed at run time (the readiness gate).
+    /// false for a canary installed at run time or restored on start (the
+    /// readiness gate).
     #[must_use]
     pub fn new(version: &str, upstream: &str, healthy: bool) -> Health {
         let gauge = crate::metrics::upstream_healthy(version, upstream);
@@ -175,6 +178,37 @@ pub async fn run_checks(
     }
 }
 
+/// Probes the gated upstreams of the live table's canary once, all at
+/// once, within `config.timeout`: a gated upstream that answers is open
+/// when this returns.
+pub async fn probe_gated(
+    table: &Table,
+    config: &HealthConfig,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) {
+    let snapshot = table.snapshot();
+    let Some(canary) = &snapshot.canary else {
+        return;
+    };
+    let version = &canary.version;
+    let client: ProbeClient =
+        crate::upstream::probe_client(config.timeout, std::sync::Arc::clone(tls));
+    let probes = version
+        .upstreams
+        .iter()
+        .zip(version.health.iter())
+        .filter(|(_, health)| health.gated.load(Ordering::Relaxed))
+        .map(|(upstream, health)| {
+            let uri = probe_uri(upstream, config);
+            let client = &client;
+            async move {
+                let ok = probe(client, upstream, &uri, config.timeout).await;
+                health.record_probe(ok, config);
+            }
+        });
+    futures_util::future::join_all(probes).await;
+}
+
 /// Starts a probe of each upstream of `version` whose turn has come.
 fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &HealthConfig) {
     let now = now_ms();
@@ -188,12 +222,7 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
         health
             .next_probe_ms
             .store(now.saturating_add(interval).max(1), Ordering::Relaxed);
-        let uri = format!(
-            "{}://{}{}",
-            upstream.scheme(),
-            upstream.authority,
-            config.path
-        );
+        let uri = probe_uri(upstream, config);
         let (client, upstream, version, config) = (
             client.clone(),
             upstream.clone(),
@@ -207,6 +236,16 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
             health.probing.store(false, Ordering::Relaxed);
         });
     }
+}
+
+/// What a probe of `upstream` asks for.
+fn probe_uri(upstream: &UpstreamAddr, config: &HealthConfig) -> String {
+    format!(
+        "{}://{}{}",
+        upstream.scheme(),
+        upstream.authority,
+        config.path
+    )
 }
 
 /// One probe: any HTTP answer below 500 within the timeout is healthy, so an

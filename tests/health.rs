@@ -3,7 +3,9 @@
 //! Owns: checking, over real sockets, that active probes take a dead
 //! upstream out of rotation and let it back in, that a canary installed at
 //! run time is gated until its first good probe (its cohort served by
-//! stable, or answered 503 with `canary_unavailable = "error"`), and that
+//! stable, or answered 503 with `canary_unavailable = "error"`), as is one
+//! restored from the state file on a restart (probed before the first
+//! request, so a live one keeps its users), and that
 //! health shows in `cohort_upstream_healthy` and `GET /admin/state`. Does not
 //! own the routing rule or the data path's other behaviour.
 //!
@@ -288,4 +290,43 @@ async fn canary_unavailable_error_answers_its_cohort_with_503() {
     assert_eq!(healthy_gauge(&server, "v2-down", dead).await, Some(0.0));
     assert_eq!(state_health(&server, "canary", dead).await, Some(false));
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restored_canary_is_probed_before_the_first_request() {
+    let stable = Backend::start("stable").await;
+    let live = Backend::start("live").await;
+    let dead = support::dead_addr().await;
+    // One probe round at the start, the next an hour later: what the first
+    // requests see is decided by the gate and the probe before them.
+    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [health]\ninterval = \"1h\"\nunhealthy_threshold = 2\n";
+    let text = support::config(&[stable.addr], None, extra);
+
+    for (name, upstream, expected) in [("v2-dead", dead, STABLE), ("v2-live", live.addr, "v2-live")]
+    {
+        let server = support::start_cohort(&text).await;
+        let installed = admin(
+            &server,
+            Method::PUT,
+            "/admin/canary",
+            &format!(r#"{{"name": "{name}", "upstreams": ["{upstream}"], "weight": 50}}"#),
+        )
+        .await;
+        assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+        server.shutdown().await;
+
+        // Restarted on the same state file: the API's canary is restored.
+        let server = support::start_cohort(&text).await;
+        let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+        assert_eq!(state["canary"]["name"], name, "{state}");
+        let on_canary = key_on(name, 50.0, Cohort::Canary, "user");
+        let reply = Http::new(server.proxy_addr())
+            .get("/", &[("x-user", &on_canary)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{name}: {reply:?}");
+        assert_eq!(reply.version(), expected, "{name}: {reply:?}");
+        server.shutdown().await;
+    }
+    assert_eq!(live.hits(), 1);
 }
