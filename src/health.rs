@@ -151,26 +151,35 @@ impl Health {
 type ProbeClient = UpstreamClient<Empty<Bytes>>;
 
 /// Probes every upstream of the live table until `shutdown` resolves. New
-/// versions are probed at once; the others every `config.interval`.
+/// versions are probed at once; the others every `health.interval`. The
+/// `[health]` settings are the live table's, so a reloaded config applies
+/// from the next probe on.
 pub async fn run_checks(
     table: std::sync::Arc<Table>,
-    config: HealthConfig,
     tls: std::sync::Arc<rustls::ClientConfig>,
     shutdown: impl Future<Output = ()>,
 ) {
-    // Probes speak to each upstream the way requests do (HTTP/1.1, h2c or TLS).
-    let client: ProbeClient = crate::upstream::probe_client(config.timeout, tls);
-    // Short enough that a new canary is probed promptly, long enough to cost nothing.
-    let tick = config.interval.min(Duration::from_millis(200));
+    // Probes speak to each upstream the way requests do (HTTP/1.1, h2c or
+    // TLS), and connect within the probe timeout: a new one makes a new client.
+    let mut timeout = table.snapshot().policy.health.timeout;
+    let mut client: ProbeClient =
+        crate::upstream::probe_client(timeout, std::sync::Arc::clone(&tls));
     tokio::pin!(shutdown);
     loop {
         let snapshot = table.snapshot();
+        let config = &snapshot.policy.health;
+        if config.timeout != timeout {
+            timeout = config.timeout;
+            client = crate::upstream::probe_client(timeout, std::sync::Arc::clone(&tls));
+        }
         let versions = std::iter::once(&snapshot.stable)
             .chain(snapshot.canary.as_ref().map(|c| &c.version))
             .chain(snapshot.shadow.as_ref().map(|s| &s.version));
         for version in versions {
-            probe_due(&client, version, &config);
+            probe_due(&client, version, config);
         }
+        // Short enough that a new canary is probed promptly, long enough to cost nothing.
+        let tick = config.interval.min(Duration::from_millis(200));
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
             () = &mut shutdown => return,

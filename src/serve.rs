@@ -207,7 +207,6 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     )?;
     tokio::spawn(crate::health::run_checks(
         Arc::clone(control.table()),
-        config.health.clone(),
         Arc::clone(&upstream_tls),
         stopped(&shutdown),
     ));

@@ -6,7 +6,8 @@
 //! stable, or answered 503 with `canary_unavailable = "error"`), as is one
 //! restored from the state file on a restart (probed before the first
 //! request, so a live one keeps its users), and that
-//! health shows in `cohort_upstream_healthy` and `GET /admin/state`. Does not
+//! health shows in `cohort_upstream_healthy` and `GET /admin/state`; a
+//! reloaded `[health]` applies to the running checks. Does not
 //! own the routing rule or the data path's other behaviour.
 //!
 //! The backends here can be really stopped (listener and open connections
@@ -45,6 +46,8 @@ struct Backend {
     addr: SocketAddr,
     /// Requests received, health probes not counted.
     hits: Arc<AtomicUsize>,
+    /// The paths health probes asked for, in order.
+    probes: Arc<Mutex<Vec<String>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -55,6 +58,7 @@ impl Backend {
             name: name.to_owned(),
             addr: listener.local_addr().expect("a bound address"),
             hits: Arc::default(),
+            probes: Arc::default(),
             task: Mutex::new(None),
         };
         backend.serve(listener);
@@ -62,14 +66,21 @@ impl Backend {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let (name, hits) = (self.name.clone(), Arc::clone(&self.hits));
+        let (name, hits, probes) = (
+            self.name.clone(),
+            Arc::clone(&self.hits),
+            Arc::clone(&self.probes),
+        );
         let task = tokio::spawn(async move {
             // Dropped with this task when it is aborted: every connection closes too.
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (name, hits) = (name.clone(), Arc::clone(&hits));
+                let (name, hits, probes) = (name.clone(), Arc::clone(&hits), Arc::clone(&probes));
                 let service = service_fn(move |req: Request<Incoming>| {
-                    if !is_health_probe(&req) {
+                    if is_health_probe(&req) {
+                        let path = req.uri().path().to_owned();
+                        probes.lock().expect("not poisoned").push(path);
+                    } else {
                         hits.fetch_add(1, Ordering::SeqCst);
                     }
                     let mut rsp = Response::new(Full::new(Bytes::from(name.clone())));
@@ -106,6 +117,11 @@ impl Backend {
 
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The path of the last health probe.
+    fn last_probe(&self) -> Option<String> {
+        self.probes.lock().expect("not poisoned").last().cloned()
     }
 }
 
@@ -329,4 +345,24 @@ async fn a_restored_canary_is_probed_before_the_first_request() {
         server.shutdown().await;
     }
     assert_eq!(live.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_reloaded_health_section_applies_to_the_running_checks() {
+    let stable = Backend::start("stable").await;
+    let health = |path: &str| format!("[health]\ninterval = \"50ms\"\npath = \"{path}\"\n");
+    let server = support::cohort(&[stable.addr], None, &health("/before")).await;
+    eventually_async("a probe of /before", || async {
+        stable.last_probe().as_deref() == Some("/before")
+    })
+    .await;
+
+    let edited = support::config(&[stable.addr], None, &health("/after"));
+    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    server.control().reload(&edited).expect("the reload");
+    eventually_async("a probe of /after", || async {
+        stable.last_probe().as_deref() == Some("/after")
+    })
+    .await;
+    server.shutdown().await;
 }
