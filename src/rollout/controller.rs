@@ -2,11 +2,12 @@
 //!
 //! Owns: starting, approving and aborting a rollout, the stage machine (set
 //! the weight, wait the duration, judge at every interval, go on; wait at a
-//! pause for approval), the consecutive-failure rule that rolls back, the end
-//! (promote or hold), resuming after a restart with the time already spent
-//! counted, and webhook events. It changes the world only through
-//! `Control`, and its progress lives in the live state under `rollout`.
-//! Does not own the statistics (`judge`, `stats`).
+//! pause for approval), rolling back when a guardrail fails `failure_limit`
+//! looks in a row, the end (promote or hold), resuming after a restart with
+//! the time already spent counted, and webhook events. It changes the world
+//! only through `Control`, and its progress lives in the live state under
+//! `rollout`. Does not own the statistics or the counting of failed looks
+//! (`judge`, `stats`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,7 +62,15 @@ pub struct Progress {
     pub stage_elapsed_ms: u64,
     /// Time left in the current stage, in milliseconds (`null` at a pause).
     pub time_left_ms: Option<u64>,
+    /// The longest of `failure_runs`, kept for readers from before the runs
+    /// were counted per guardrail.
     pub consecutive_failures: u32,
+    /// Each guardrail's run of failed evaluations in a row, and the
+    /// `inconclusive_limit` rule's ([`judge::count_failures`]). Absent from
+    /// state files written before it existed.
+    #[serde(default)]
+    pub failure_runs: judge::FailureRuns,
+    /// Evaluations in a row whose overall verdict was inconclusive.
     pub consecutive_inconclusive: u32,
     pub evaluations: u64,
     /// Every guardrail's last evaluation: stable value, canary value, limit, verdict.
@@ -142,6 +151,7 @@ impl Rollouts {
             stage_elapsed_ms: 0,
             time_left_ms: None,
             consecutive_failures: 0,
+            failure_runs: judge::FailureRuns::new(),
             consecutive_inconclusive: 0,
             evaluations: 0,
             last_evaluation: Vec::new(),
@@ -277,6 +287,7 @@ impl Rollouts {
                     progress.stage += 1;
                     progress.stage_elapsed_ms = 0;
                     progress.consecutive_failures = 0;
+                    progress.failure_runs.clear();
                     progress.consecutive_inconclusive = 0;
                 }
                 Err(end) => return self.end(progress, end),
@@ -346,28 +357,19 @@ impl Rollouts {
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(millis(duration.saturating_sub(elapsed)));
             let verdict = judge::overall(&evaluation);
+            let tripped = judge::count_failures(
+                &mut progress.failure_runs,
+                &mut progress.consecutive_inconclusive,
+                &evaluation,
+                plan,
+            );
+            progress.consecutive_failures =
+                progress.failure_runs.values().copied().max().unwrap_or(0);
             progress.last_evaluation = evaluation;
-            match verdict {
-                Verdict::Pass => {
-                    progress.consecutive_failures = 0;
-                    progress.consecutive_inconclusive = 0;
-                }
-                Verdict::Inconclusive => {
-                    progress.consecutive_inconclusive += 1;
-                    // Waiting forever for data is a failure too.
-                    if progress.consecutive_inconclusive >= plan.inconclusive_limit {
-                        progress.consecutive_inconclusive = 0;
-                        progress.consecutive_failures += 1;
-                    }
-                }
-                Verdict::Fail => {
-                    progress.consecutive_inconclusive = 0;
-                    progress.consecutive_failures += 1;
-                }
-            }
-            if progress.consecutive_failures >= plan.failure_limit {
+            if !tripped.is_empty() {
                 progress.reason = Some(judge::failure_reason(
                     &progress.last_evaluation,
+                    &tripped,
                     plan.failure_limit,
                 ));
                 return Err(Phase::RolledBack);
@@ -481,4 +483,56 @@ fn is_ours(live: &LiveState, canary: &str) -> bool {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// `rollout` in a state file written before failure runs were kept per
+    /// guardrail.
+    fn saved_by_an_older_version() -> Value {
+        json!({
+            "plan": {"stages": [{"weight": 10, "duration": "1h"}]},
+            "canary": "v2",
+            "phase": "progressing",
+            "stage": 0,
+            "stages": 1,
+            "weight": 10.0,
+            "stage_elapsed_ms": 1500,
+            "time_left_ms": 3_598_500,
+            "consecutive_failures": 1,
+            "consecutive_inconclusive": 0,
+            "evaluations": 3,
+            "last_evaluation": [],
+            "reason": null,
+        })
+    }
+
+    #[test]
+    fn progress_without_failure_runs_still_loads() {
+        let progress: Progress = serde_json::from_value(saved_by_an_older_version())
+            .expect("an older state file resumes");
+        assert!(progress.failure_runs.is_empty());
+        assert_eq!(progress.consecutive_failures, 1);
+    }
+
+    #[test]
+    fn failure_runs_survive_a_save_and_load() {
+        let mut progress: Progress =
+            serde_json::from_value(saved_by_an_older_version()).expect("loads");
+        progress.failure_runs.insert("success_rate".into(), 1);
+        progress
+            .failure_runs
+            .insert(judge::INCONCLUSIVE_RUN.into(), 1);
+        let saved = serde_json::to_value(&progress).expect("serialises");
+        assert_eq!(
+            saved["failure_runs"],
+            json!({"inconclusive": 1, "success_rate": 1})
+        );
+        let loaded: Progress = serde_json::from_value(saved).expect("loads");
+        assert_eq!(loaded, progress);
+    }
 }

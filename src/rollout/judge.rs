@@ -3,10 +3,11 @@
 //! Owns: taking both cohorts' samples from the live table over the same
 //! window, asking [`stats`](super::stats) for a verdict on each configured
 //! guardrail, summing them up (any failure fails; else any inconclusive
-//! waits; else pass), and wording the rollback reason. Does not own the
-//! statistical method.
+//! waits; else pass), counting each guardrail's failed looks in a row
+//! against `failure_limit`, and wording the rollback reason. Does not own
+//! the statistical method.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::stats::{self, Look};
 use crate::clock;
@@ -61,13 +62,73 @@ pub fn overall(evaluations: &[Evaluation]) -> Verdict {
     }
 }
 
-/// The rollback reason: the failing guardrails with both values and the limit.
+/// The name of the run the `inconclusive_limit` rule keeps beside the
+/// guardrails' own, as if it were one more guardrail: `inconclusive_limit`
+/// inconclusive looks in a row are one failed look of it.
+pub const INCONCLUSIVE_RUN: &str = "inconclusive";
+
+/// Each guardrail's run of failed looks in a row, by guardrail name; a
+/// guardrail without a run has no entry.
+pub type FailureRuns = BTreeMap<String, u32>;
+
+/// Counts one look's `evaluations` into `runs` and returns the guardrails
+/// whose run reached the plan's `failure_limit`: none means go on.
+///
+/// A guardrail that fails extends its own run and one that passes ends it;
+/// one that is inconclusive leaves it as it was. So one guardrail failing
+/// at one look and another at the next is no run at all. `inconclusive_looks`
+/// counts the looks in a row whose overall verdict is inconclusive; at
+/// `inconclusive_limit` they extend the [`INCONCLUSIVE_RUN`], which a look
+/// that passes overall ends.
 #[must_use]
-pub fn failure_reason(evaluations: &[Evaluation], failure_limit: u32) -> String {
+pub fn count_failures(
+    runs: &mut FailureRuns,
+    inconclusive_looks: &mut u32,
+    evaluations: &[Evaluation],
+    plan: &RolloutConfig,
+) -> Vec<String> {
+    for evaluation in evaluations {
+        match evaluation.verdict {
+            Verdict::Fail => *runs.entry(evaluation.guardrail.to_string()).or_default() += 1,
+            Verdict::Pass => {
+                runs.remove(evaluation.guardrail.as_ref());
+            }
+            Verdict::Inconclusive => {}
+        }
+    }
+    match overall(evaluations) {
+        Verdict::Pass => {
+            *inconclusive_looks = 0;
+            runs.remove(INCONCLUSIVE_RUN);
+        }
+        Verdict::Fail => *inconclusive_looks = 0,
+        Verdict::Inconclusive => {
+            *inconclusive_looks += 1;
+            // Waiting forever for data is a failure too.
+            if *inconclusive_looks >= plan.inconclusive_limit {
+                *inconclusive_looks = 0;
+                *runs.entry(INCONCLUSIVE_RUN.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    runs.iter()
+        .filter(|&(_, &run)| run >= plan.failure_limit)
+        .map(|(guardrail, _)| guardrail.clone())
+        .collect()
+}
+
+/// The rollback reason: the guardrails whose run reached `failure_limit`
+/// (from [`count_failures`]), with both values and the limit.
+#[must_use]
+pub fn failure_reason(
+    evaluations: &[Evaluation],
+    tripped: &[String],
+    failure_limit: u32,
+) -> String {
     let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
     let failing: Vec<String> = evaluations
         .iter()
-        .filter(|e| e.verdict == Verdict::Fail)
+        .filter(|e| tripped.iter().any(|t| *t == e.guardrail))
         .map(|e| {
             format!(
                 "{}: canary {} vs stable {} (limit {})",
@@ -87,5 +148,140 @@ pub fn failure_reason(evaluations: &[Evaluation], failure_limit: u32) -> String 
             "guardrail failed {failure_limit} evaluations in a row: {}",
             failing.join("; ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::Verdict::{Fail, Inconclusive, Pass};
+    use super::*;
+    use crate::config::rollout_from_json;
+
+    fn plan(failure_limit: u32, inconclusive_limit: u32) -> RolloutConfig {
+        rollout_from_json(serde_json::json!({
+            "failure_limit": failure_limit,
+            "inconclusive_limit": inconclusive_limit,
+            "stages": [{"weight": 10, "duration": "1h"}],
+        }))
+        .expect("a valid plan")
+    }
+
+    /// One look: each guardrail's verdict, in the order given.
+    fn look(verdicts: &[(&'static str, Verdict)]) -> Vec<Evaluation> {
+        verdicts
+            .iter()
+            .map(|&(guardrail, verdict)| Evaluation {
+                guardrail: Cow::Borrowed(guardrail),
+                stable: Some(0.99),
+                canary: Some(0.9),
+                limit: 0.97,
+                verdict,
+            })
+            .collect()
+    }
+
+    /// Counts `looks` in order; returns the guardrails that tripped at each.
+    fn count(plan: &RolloutConfig, looks: &[Vec<Evaluation>]) -> Vec<Vec<String>> {
+        let (mut runs, mut inconclusive_looks) = (FailureRuns::new(), 0);
+        looks
+            .iter()
+            .map(|l| count_failures(&mut runs, &mut inconclusive_looks, l, plan))
+            .collect()
+    }
+
+    #[test]
+    fn different_guardrails_failing_in_turn_make_no_run() {
+        let tripped = count(
+            &plan(2, 20),
+            &[
+                look(&[("success_rate", Fail), ("p95_latency_ms", Pass)]),
+                look(&[("success_rate", Pass), ("p95_latency_ms", Fail)]),
+                look(&[("success_rate", Fail), ("p95_latency_ms", Pass)]),
+            ],
+        );
+        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+    }
+
+    #[test]
+    fn one_guardrail_failing_failure_limit_looks_in_a_row_trips_alone() {
+        let tripped = count(
+            &plan(2, 20),
+            &[
+                look(&[("success_rate", Fail), ("p95_latency_ms", Fail)]),
+                look(&[("success_rate", Fail), ("p95_latency_ms", Pass)]),
+            ],
+        );
+        assert_eq!(tripped, [vec![], vec!["success_rate".to_owned()]]);
+    }
+
+    #[test]
+    fn an_inconclusive_look_neither_extends_nor_ends_a_run() {
+        let tripped = count(
+            &plan(3, 20),
+            &[
+                look(&[("success_rate", Fail)]),
+                look(&[("success_rate", Inconclusive)]),
+                look(&[("success_rate", Fail)]),
+                look(&[("success_rate", Inconclusive)]),
+                look(&[("success_rate", Fail)]),
+            ],
+        );
+        assert_eq!(tripped[3], Vec::<String>::new());
+        assert_eq!(tripped[4], ["success_rate"]);
+        // A pass ends the run.
+        let tripped = count(
+            &plan(2, 20),
+            &[
+                look(&[("success_rate", Fail)]),
+                look(&[("success_rate", Pass)]),
+                look(&[("success_rate", Fail)]),
+            ],
+        );
+        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+    }
+
+    #[test]
+    fn inconclusive_for_too_long_is_a_run_of_its_own() {
+        let waiting = look(&[("success_rate", Inconclusive)]);
+        // inconclusive_limit 2, failure_limit 2: four inconclusive looks in a row.
+        let tripped = count(&plan(2, 2), &vec![waiting.clone(); 4]);
+        assert_eq!(tripped[2], Vec::<String>::new());
+        assert_eq!(tripped[3], [INCONCLUSIVE_RUN]);
+        let reason = failure_reason(&waiting, &tripped[3], 2);
+        assert!(reason.contains("inconclusive for too long"), "{reason}");
+
+        // A look that passes overall ends that run; a failing guardrail
+        // does not add to it.
+        let passing = look(&[("success_rate", Pass)]);
+        let failing = look(&[("success_rate", Fail)]);
+        let tripped = count(
+            &plan(2, 2),
+            &[
+                waiting.clone(),
+                waiting.clone(),
+                passing,
+                waiting.clone(),
+                waiting.clone(),
+            ],
+        );
+        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        let tripped = count(
+            &plan(2, 2),
+            &[waiting.clone(), waiting.clone(), failing, waiting.clone()],
+        );
+        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+    }
+
+    #[test]
+    fn the_reason_names_only_the_tripped_guardrail() {
+        let last = look(&[("success_rate", Fail), ("p95_latency_ms", Fail)]);
+        let reason = failure_reason(&last, &["success_rate".to_owned()], 2);
+        assert_eq!(
+            reason,
+            "guardrail failed 2 evaluations in a row: \
+             success_rate: canary 0.9000 vs stable 0.9900 (limit 0.97)"
+        );
     }
 }
