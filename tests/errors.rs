@@ -5,8 +5,9 @@
 //! `upstream.response_timeout`, the exact JSON body of SPEC section 2, the
 //! version tag on errors, that one version's failure does not touch the
 //! other's traffic, that a refused connection moves on to the version's
-//! next upstream, and that an idempotent request lost on a kept-alive
-//! connection the upstream closed is sent again (and a `POST` is not).
+//! next upstream, that an idempotent request lost on a kept-alive
+//! connection the upstream closed is sent again (and a `POST` is not), and
+//! that one a new connection closes unanswered goes on to the next upstream.
 //! Does not own: malformed client requests (`tests/smuggling.rs`).
 
 mod support;
@@ -145,9 +146,10 @@ async fn an_upstream_that_hangs_up_gives_502() {
     assert_error_body(&reply, "reset", STABLE);
 }
 
-/// An upstream that answers the first request on each connection, keeping
-/// it alive, and closes it, unanswered, on reading the next: what a server
-/// whose keep-alive timeout runs out just as a request arrives does.
+/// An upstream that answers the first `answers` requests on each
+/// connection, keeping it alive, and closes it, unanswered, on reading the
+/// next: with one, what a server whose keep-alive timeout runs out just as
+/// a request arrives does; with none, a sidecar whose app is down.
 struct ClosingBackend {
     addr: SocketAddr,
     /// The request lines read, in order.
@@ -155,22 +157,22 @@ struct ClosingBackend {
 }
 
 impl ClosingBackend {
-    async fn start() -> ClosingBackend {
+    async fn start(answers: usize) -> ClosingBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("an address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(Self::serve(stream, Arc::clone(&log)));
+                tokio::spawn(Self::serve(stream, answers, Arc::clone(&log)));
             }
         });
         ClosingBackend { addr, seen }
     }
 
-    async fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    async fn serve(stream: TcpStream, answers: usize, seen: Arc<Mutex<Vec<String>>>) {
         let mut stream = BufReader::new(stream);
-        for answered in [true, false] {
+        for answered in (0..=answers).map(|i| i < answers) {
             let Some(line) = read_request(&mut stream).await else {
                 return;
             };
@@ -187,6 +189,11 @@ impl ClosingBackend {
     fn seen(&self, request_line: &str) -> usize {
         let seen = self.seen.lock().expect("the log");
         seen.iter().filter(|line| *line == request_line).count()
+    }
+
+    fn seen_starting(&self, prefix: &str) -> usize {
+        let seen = self.seen.lock().expect("the log");
+        seen.iter().filter(|line| line.starts_with(prefix)).count()
     }
 }
 
@@ -219,7 +226,7 @@ async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<String> {
 
 #[tokio::test]
 async fn a_get_lost_on_a_closed_keepalive_connection_is_sent_again_and_a_post_is_not() {
-    let upstream = ClosingBackend::start().await;
+    let upstream = ClosingBackend::start(1).await;
     // No probe after the first, which would meet the closing upstream too.
     let health = "[health]\ninterval = \"1h\"\n";
     let server = cohort(&[upstream.addr], None, health).await;
@@ -241,4 +248,43 @@ async fn a_get_lost_on_a_closed_keepalive_connection_is_sent_again_and_a_post_is
     assert_eq!(reply.status, 502, "{reply:?}");
     assert_error_body(&reply, "reset", STABLE);
     assert_eq!(upstream.seen("POST /third HTTP/1.1"), 1);
+}
+
+#[tokio::test]
+async fn a_get_a_new_connection_closes_unanswered_goes_to_the_next_upstream_and_a_post_does_not() {
+    let closing = ClosingBackend::start(0).await;
+    let good = Backend::start(STABLE).await;
+    // Neither probes nor passive ejection may take the closing upstream out.
+    let health = "[health]\ninterval = \"1h\"\neject_after_errors = 1000\n";
+    let server = cohort(&[closing.addr, good.addr], None, health).await;
+    let http = Http::new(server.proxy_addr());
+
+    // Round-robin starts half of them on the closing upstream.
+    for i in 0..4 {
+        let reply = http.get(&format!("/get-{i}"), &[]).await;
+        assert_eq!(reply.status, 200, "GET {i}: {reply:?}");
+        assert_eq!(reply.backend(), STABLE, "GET {i}: {reply:?}");
+    }
+    assert!(
+        closing.seen_starting("GET /get-") >= 1,
+        "no GET met the closing upstream"
+    );
+    assert_eq!(good.hits(), 4);
+
+    // A POST that met it may have run there: it is not sent twice.
+    let mut failed = 0;
+    for i in 0..4 {
+        let reply = http
+            .send(Method::POST, &format!("/post-{i}"), &[], Bytes::new())
+            .await;
+        if reply.status == 502 {
+            assert_error_body(&reply, "reset", STABLE);
+            failed += 1;
+        } else {
+            assert_eq!(reply.status, 200, "POST {i}: {reply:?}");
+        }
+    }
+    assert!(failed >= 1, "no POST met the closing upstream");
+    assert_eq!(closing.seen_starting("POST /post-"), failed);
+    assert_eq!(good.hits(), 4 + 4 - failed);
 }

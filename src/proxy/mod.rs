@@ -171,10 +171,12 @@ impl Proxy {
     }
 
     /// Sends `req` to one of `version`'s upstreams and waits for the response
-    /// headers. An upstream that cannot be connected to has been sent
-    /// nothing, so the request goes on to the version's next available
-    /// upstream, as nginx's `proxy_next_upstream error timeout` does; each
-    /// is tried once, all within the one response timeout.
+    /// headers. A request that an upstream failed without it being sent
+    /// (the connection was refused, or closed before the request went out),
+    /// or an idempotent one without a body that a new connection closed
+    /// unanswered, goes on to the version's next available upstream, as
+    /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
+    /// all within the one response timeout.
     async fn forward(
         &self,
         req: Request<TeeBody>,
@@ -211,11 +213,8 @@ impl Proxy {
                 }
             };
             let error = ProxyError::from_upstream(&failed.error);
-            // Given back only when no connection could be made (refused or
-            // timed out): nothing went out on it. (The pool's resend of an
-            // idempotent request, lost on a closed kept-alive connection,
-            // comes back this way too if its new connection fails.)
-            if let Some(unsent) = failed.unsent
+            // Given back only when another upstream may take it (see `SendError`).
+            if let Some(retry) = failed.retry
                 && let Some(next) = version.pick_other(first, index)
             {
                 tracing::debug!(version = %version.name, %error, "trying another upstream");
@@ -224,7 +223,7 @@ impl Proxy {
                 }
                 version.health[index].record_outcome(false, &table.policy.health);
                 (index, upstream) = next;
-                req = unsent;
+                req = retry;
                 continue;
             }
             break Err(error);

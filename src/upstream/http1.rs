@@ -5,7 +5,9 @@
 //! end ([`UpstreamBody`] carries it until then), sending a request again on
 //! a new connection when a pooled one closed before the request was written
 //! (or, for an idempotent request without a body, closed unanswered after
-//! a long idle), and closing connections idle longer than `idle_timeout`.
+//! a long idle), giving a request back for another upstream when a new
+//! connection fails the same ways, and closing connections idle longer
+//! than `idle_timeout`.
 //!
 //! Each worker has its own pool, so a request never waits on another thread;
 //! and because a connection comes back from the body that used it, no task is
@@ -138,11 +140,16 @@ where
                     sender
                 }
                 None => match self.connect(authority).await {
-                    Ok(sender) => sender,
+                    Ok(sender) => {
+                        // New connections are rare enough to pay for the
+                        // copy that lets another upstream take the request.
+                        resend = head_to_resend(&req);
+                        sender
+                    }
                     Err(error) => {
                         return Err(SendError {
                             error,
-                            unsent: Some(req),
+                            retry: Some(req),
                         });
                     }
                 },
@@ -157,18 +164,30 @@ where
                     });
                     return Ok(rsp.map(|incoming| UpstreamBody { incoming, lease }));
                 }
-                Err(mut error) => match (error.take_message(), resend) {
-                    // The pooled connection closed before a byte of the request
-                    // was written, so sending it again cannot repeat it.
-                    (Some(unsent), _) if reused => req = unsent,
+                Err(mut error) => {
                     // Written, but the connection closed with no answer: an
                     // idempotent request may be sent again (RFC 9110 9.2.2).
-                    (None, Some(head)) if closed_unanswered(error.error()) => {
-                        tracing::debug!(upstream = %authority, "idle connection closed unanswered; sending again");
-                        req = Request::from_parts(head, B::default());
+                    let unanswered = resend.filter(|_| closed_unanswered(error.error()));
+                    let again = error
+                        .take_message()
+                        .or_else(|| unanswered.map(|head| Request::from_parts(head, B::default())));
+                    let error = Error::Exchange(error.into_error());
+                    match again {
+                        // A pooled connection the upstream had closed: again,
+                        // on a new connection to the same upstream.
+                        Some(again) if reused => {
+                            tracing::debug!(upstream = %authority, "pooled connection closed unanswered; sending again");
+                            req = again;
+                        }
+                        // A new connection failed: the upstream is, so another may take it.
+                        again => {
+                            return Err(SendError {
+                                error,
+                                retry: again,
+                            });
+                        }
                     }
-                    _ => return Err(Error::Exchange(error.into_error()).into()),
-                },
+                }
             }
         }
     }

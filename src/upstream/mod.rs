@@ -137,28 +137,26 @@ pub enum Error {
     Pooled(#[source] hyper_util::client::legacy::Error),
 }
 
-/// A failed exchange, with the request given back when none of it was sent
-/// (so another upstream can take it).
+/// A failed exchange, with the request given back when another upstream
+/// may take it: none of it was sent, or it is idempotent, without a body,
+/// and a new connection closed without answering it.
 pub struct SendError<B> {
     pub error: Error,
-    pub unsent: Option<Request<B>>,
+    pub retry: Option<Request<B>>,
 }
 
 impl<B> fmt::Debug for SendError<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SendError")
             .field("error", &self.error)
-            .field("unsent", &self.unsent.is_some())
+            .field("retry", &self.retry.is_some())
             .finish()
     }
 }
 
 impl<B> From<Error> for SendError<B> {
     fn from(error: Error) -> Self {
-        SendError {
-            error,
-            unsent: None,
-        }
+        SendError { error, retry: None }
     }
 }
 
