@@ -775,6 +775,38 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
     all_on_stable(server.proxy_addr()).await;
 }
 
+#[tokio::test]
+async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    let plan = json!({"interval": INTERVAL, "stages": [{"weight": 10, "duration": "30s"}]});
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    wait_state(&admin, "the first evaluation", |s| {
+        s["rollout"]["evaluations"].as_u64() > Some(0)
+    })
+    .await;
+
+    // The same name on a new upstream, at weight 0: the operator's change
+    // stands, and the rollout of the old one ends instead of overriding it.
+    let replacement = Backend::start(CANARY).await;
+    let body = json!({"name": CANARY, "upstreams": [replacement.addr.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let ended = wait_state(&admin, "the rollout to end", |s| {
+        rollout_phase(s) == "superseded"
+    })
+    .await;
+    assert_eq!(ended["status"], "steady", "{ended:#}");
+    assert_eq!(ended["canary"]["weight"], 0.0, "{ended:#}");
+    assert_eq!(
+        ended["canary"]["upstreams"][0],
+        replacement.addr.to_string(),
+        "{ended:#}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Restart
 

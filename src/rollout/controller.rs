@@ -25,6 +25,9 @@ use crate::control::{Control, ControlError};
 use crate::state::{LiveState, Source};
 use crate::table::Status;
 
+/// The audit action of a rollout's first save.
+const START: &str = "rollout_start";
+
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,7 +160,7 @@ impl Rollouts {
             last_evaluation: Vec::new(),
             reason: None,
         };
-        let state = self.save(&progress, "rollout_start", None)?;
+        let state = self.save(&progress, START, None)?;
         *running = Some(self.spawn(plan, progress));
         Ok(state)
     }
@@ -458,8 +461,9 @@ impl Rollouts {
             if progress.phase.is_active() {
                 // Checked again under the state's lock: a rollback, promote or
                 // new canary since `still_ours` must not be undone by this
-                // save. The next `still_ours` ends the rollout.
-                if !is_ours(live, &progress.canary) {
+                // save. The next `still_ours` ends the rollout. (The first
+                // save is the one that makes it ours.)
+                if action != START && !is_ours(live, &progress.canary) {
                     return;
                 }
                 if let Some(canary) = live.canary.as_mut() {
@@ -476,9 +480,18 @@ impl Rollouts {
     }
 }
 
-/// Whether `live` still has `canary` as its canary, not rolled back.
+/// Whether `live` still has `canary` as its canary, not rolled back, with a
+/// rollout of it under way. The last part tells a canary installed again
+/// under the same name (which clears `rollout`) from the one rolled out.
 fn is_ours(live: &LiveState, canary: &str) -> bool {
-    live.status != Status::RolledBack && live.canary.as_ref().is_some_and(|c| c.name == canary)
+    let rolling_out = live
+        .rollout
+        .as_ref()
+        .and_then(|value| Progress::deserialize(value).ok())
+        .is_some_and(|progress| progress.phase.is_active() && progress.canary == canary);
+    rolling_out
+        && live.status != Status::RolledBack
+        && live.canary.as_ref().is_some_and(|c| c.name == canary)
 }
 
 fn millis(d: Duration) -> u64 {
