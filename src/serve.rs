@@ -40,7 +40,7 @@ use crate::upstream;
 /// timers (tokio's `event_interval`; its default is 61). A proxy's tasks
 /// each poll for a few microseconds and are all woken by those events, so
 /// looking less often only saves `epoll_wait` calls: at saturation this
-/// took about 1.5% off the CPU time per request, with the same p99
+/// took about 2% off the CPU time per request, with the same p99
 /// (`BENCHMARKS.md`). Below saturation the run queue empties first, and the
 /// worker looks then.
 const WORKER_EVENT_INTERVAL: u32 = 1000;
