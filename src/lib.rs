@@ -27,6 +27,7 @@
 //! - [`demo`]: built-in demo upstreams for `cohort demo`.
 //! - [`ctl`]: `cohort ctl`, the admin API from the command line.
 //! - [`clock`]: the process-wide monotonic clock shared by health and rollout windows.
+//! - [`coalesce`]: small vectored writes sent as one plain write, on every socket.
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -34,6 +35,7 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -28,6 +28,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::framing::{AmbiguousFraming, FramingGuard};
+use crate::coalesce;
 
 /// One client connection's activity, written by its [`ClientIo`] and
 /// [`Tracked`] bodies (inside hyper) and read by the connection's task
@@ -270,7 +271,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.guard).poll_write_vectored(cx, bufs);
+        let written = coalesce::poll_write_vectored(Pin::new(&mut this.guard), cx, bufs);
         counted(&this.activity, written)
     }
 

@@ -27,6 +27,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::coalesce;
+
 pub fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -163,7 +165,7 @@ impl AsyncWrite for Transport {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Transport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Tcp(io) => coalesce::poll_write_vectored(Pin::new(io), cx, bufs),
             Transport::Tls(io) => Pin::new(io).poll_write_vectored(cx, bufs),
         }
     }
