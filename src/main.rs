@@ -20,8 +20,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// the larger sizes). hyper takes a fresh 8 KiB read buffer for each
 /// exchange, on both sides, while the last one's bytes are still on their
 /// way; with 20 slots, bursts of requests sent those buffers through
-/// jemalloc's arena and page allocator every time, 1.6% of the CPU at
-/// saturation. The idle memory per connection is unchanged (`BENCHMARKS.md`).
+/// jemalloc's arena and page allocator every time, which cost about 3% of
+/// the CPU per request at saturation. The idle memory per connection is
+/// unchanged (`BENCHMARKS.md`).
 /// `_RJEM_MALLOC_CONF` in the environment still overrides it.
 //
 // SAFETY: jemalloc (its symbols prefixed `_rjem_` by tikv-jemalloc-sys)
