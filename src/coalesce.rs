@@ -10,8 +10,9 @@
 //! than the system call saves.
 //!
 //! Owns: that choice, for any `AsyncWrite`. Does not own: the sockets it is
-//! used on (the client side's `proxy::idle::ClientIo`, the upstream side's
-//! `upstream::connect::CountedConnection`).
+//! used on (the client side's `proxy::idle::ClientIo`, and plain TCP
+//! upstream connections in `upstream::connect`; a TLS upstream is left to
+//! rustls, which builds its records itself).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

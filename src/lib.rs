@@ -27,7 +27,7 @@
 //! - [`demo`]: built-in demo upstreams for `cohort demo`.
 //! - [`ctl`]: `cohort ctl`, the admin API from the command line.
 //! - [`clock`]: the process-wide monotonic clock shared by health and rollout windows.
-//! - [`coalesce`]: small vectored writes sent as one plain write, on every socket.
+//! - [`coalesce`]: small vectored writes sent as one plain write (client and plain TCP upstream sockets).
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
