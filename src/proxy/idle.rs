@@ -50,6 +50,10 @@ pub struct Activity {
     /// Set while the socket is being taken back: hyper's closing
     /// `shutdown` must not reach it.
     keep_open: AtomicBool,
+    /// An upgrade request is waiting for its response head. A drain must
+    /// not start under it: hyper would send the `101` with `connection:
+    /// upgrade, close`, and clients refuse that switch.
+    upgrading: AtomicBool,
 }
 
 impl Activity {
@@ -60,6 +64,7 @@ impl Activity {
             open_requests: AtomicUsize::new(0),
             between_requests: AtomicBool::new(true),
             keep_open: AtomicBool::new(false),
+            upgrading: AtomicBool::new(false),
         }
     }
 
@@ -96,12 +101,36 @@ impl Activity {
         self.keep_open.store(keep, Ordering::Relaxed);
     }
 
+    /// Whether an upgrade request is waiting for its response head.
+    #[must_use]
+    pub fn is_upgrading(&self) -> bool {
+        self.upgrading.load(Ordering::Relaxed)
+    }
+
+    /// Marks an upgrade request as waiting for its response head until the
+    /// returned guard is dropped. (HTTP/1.1 serves one request at a time.)
+    #[must_use]
+    pub fn upgrading(self: &Arc<Self>) -> Upgrading {
+        self.upgrading.store(true, Ordering::Relaxed);
+        Upgrading(Arc::clone(self))
+    }
+
     /// Counts a request open until the returned guard is dropped.
     #[must_use]
     pub fn open_request(self: &Arc<Self>) -> OpenRequest {
         self.open_requests.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         OpenRequest(Arc::clone(self))
+    }
+}
+
+/// An upgrade request waiting for its response head, until dropped.
+#[derive(Debug)]
+pub struct Upgrading(Arc<Activity>);
+
+impl Drop for Upgrading {
+    fn drop(&mut self) {
+        self.0.upgrading.store(false, Ordering::Relaxed);
     }
 }
 

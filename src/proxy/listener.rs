@@ -37,7 +37,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::idle::{Activity, ClientIo, Tracked};
-use super::{Peer, Proxy, ResponseBody, Tunnel};
+use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
 use crate::config::ListenConfig;
 use crate::tls::ServerTls;
 
@@ -227,11 +227,14 @@ fn service(
     service_fn(move |req| {
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
+        let upgrading = forward::is_upgrade(&req).then(|| client.activity.upgrading());
         async move {
             let (rsp, tunnel) = client
                 .proxy
                 .handle(req, &client.peer, &client.framing)
                 .await;
+            // hyper writes the head in the same poll that takes the response.
+            drop(upgrading);
             if let Some(tunnel) = tunnel {
                 *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Box::new(tunnel));
@@ -300,14 +303,24 @@ impl Connection {
             Some(h2) => h2,
             None => {
                 let opening = opens_h2(&mut io);
-                tokio::select! {
-                    opened = tokio::time::timeout_at(first_head, opening) => {
-                        match opened {
-                            Ok(opened) => opened?,
-                            Err(_) => return Err("no request within the header read timeout".into()),
+                tokio::pin!(opening);
+                let opened = tokio::select! {
+                    opened = tokio::time::timeout_at(first_head, &mut opening) => opened,
+                    () = draining(&mut self.drain) => {
+                        // A connection accepted just before a drain (on a
+                        // worker restart, the old workers race the new ones
+                        // to accept) may have its request on the way: it
+                        // gets one idle check to arrive.
+                        let grace = first_head.min(Instant::now() + self.settings.idle_check);
+                        match tokio::time::timeout_at(grace, &mut opening).await {
+                            Ok(opened) => Ok(opened),
+                            Err(_) => return Ok(()),
                         }
                     }
-                    () = draining(&mut self.drain) => return Ok(()),
+                };
+                match opened {
+                    Ok(opened) => opened?,
+                    Err(_) => return Err("no request within the header read timeout".into()),
                 }
             }
         };
@@ -413,6 +426,11 @@ impl Connection {
         let mut released = false;
         // hyper was told to close (a drain, or a release it was too busy for).
         let mut closing = false;
+        // A drain started before the first request head, or while an
+        // upgrade waited for its answer: telling hyper then would close the
+        // connection unanswered, or send the `101` with `connection:
+        // close`, which clients refuse. It is told at the next idle check.
+        let mut drain_due = false;
         // One wait for the drain across the loop: a fresh one on every
         // wake-up would join the watch's list of waiters and leave it again.
         let drain = draining(&mut self.drain);
@@ -436,12 +454,23 @@ impl Connection {
                     }
                     awaiting_head = false;
                 }
-                // Polled until it resolves once: `closing` is set then.
-                () = &mut drain, if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                // Polled until it resolves once: `closing` or `drain_due` is set then.
+                () = &mut drain, if !closing && !drain_due => {
+                    if activity.requests() == 0 || activity.is_upgrading() {
+                        drain_due = true;
+                    } else {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 _ = checks.tick(), if !closing => {
+                    if drain_due {
+                        if !activity.is_upgrading() {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        continue;
+                    }
                     let now = activity.transfers();
                     if now == transfers && activity.is_between_requests() {
                         // An idle hyper connection ends on its next poll,
