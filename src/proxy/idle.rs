@@ -11,9 +11,10 @@
 //! (behind the framing guard, with the bytes hyper had read but not parsed
 //! served again first); [`Activity`], what the connection's task reads to
 //! tell that hyper is idle (bytes moved, open requests, whether the bytes
-//! read so far end between two requests); and [`OpenRequest`] and
+//! read so far end between two requests); [`OpenRequest`] and
 //! [`Tracked`], which keep a request counted open until hyper drops its
-//! response body.
+//! response body; and [`Upgrading`], which marks an upgrade request waiting
+//! for its answer, so that a drain does not start under it.
 //! Does not own: when to take a socket back, or the serving loop
 //! (`listener`).
 
