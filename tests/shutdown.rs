@@ -1,16 +1,29 @@
 //! A graceful stop: open requests finish, new connections are refused.
 //!
-//! Owns: `Server::shutdown` with a request in flight. The upstream holds the
-//! request until the test releases it, so "in flight" is a fact, not a race.
-//! Does not own: the SIGTERM path of the binary (`tests/cli.rs`).
+//! Owns: `Server::shutdown` with a request in flight, with a connection
+//! accepted but not yet used, and with an upgrade whose answer is still on
+//! its way. The test holds each in place (the upstream holds the request,
+//! the client holds its first bytes) until the drain has begun, so "in
+//! flight" is a fact, not a race. Does not own: the SIGTERM path of the
+//! binary (`tests/cli.rs`).
 
 mod support;
 
-use support::{Http, STABLE, SlowBackend, cohort, eventually, eventually_async, within};
-use tokio::net::TcpStream;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use support::{Http, STABLE, SlowBackend, cohort, eventually, eventually_async, metric, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, watch};
+
+/// The tests here count the proxy's client connections, a process-wide gauge.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let slow = SlowBackend::start(STABLE).await;
     let server = cohort(&[slow.addr], None, "").await;
     let proxy = server.proxy_addr();
@@ -23,10 +36,7 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
     eventually("the request reaching the upstream", || slow.hits() == 1).await;
 
     let stopping = tokio::spawn(server.shutdown());
-    eventually_async("new connections being refused", || async {
-        TcpStream::connect(proxy).await.is_err()
-    })
-    .await;
+    wait_for_refusal(proxy).await;
     assert!(
         !stopping.is_finished(),
         "shutdown must wait for the request the upstream still holds"
@@ -44,4 +54,178 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
         .await
         .expect("shutdown ran to the end");
     assert_eq!(slow.hits(), 1);
+}
+
+/// Resolves once the proxy refuses new connections: the drain has begun.
+async fn wait_for_refusal(proxy: SocketAddr) {
+    eventually_async("new connections being refused", || async {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+}
+
+/// Reads up to the end of a response head, returning the head.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = within("a response head", stream.read_u8())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connection ended after {:?}: {e}",
+                    String::from_utf8_lossy(&head)
+                )
+            });
+        head.push(byte);
+    }
+    String::from_utf8(head).expect("an ASCII response head")
+}
+
+/// The value of header `name` in a response `head`, if present.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_before_the_drain_has_its_first_request_answered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = support::Backend::start(STABLE).await;
+    let server = cohort(&[backend.addr], None, "").await;
+    let proxy = server.proxy_addr();
+    let open = metric(&server, "cohort_client_connections", &[]).await;
+    // A client (or a load balancer) that connected and has not written yet.
+    let mut early = TcpStream::connect(proxy).await.expect("connect");
+    eventually_async("the proxy accepting the connection", || async {
+        metric(&server, "cohort_client_connections", &[]).await == Some(open.unwrap_or(0.0) + 1.0)
+    })
+    .await;
+
+    let stopping = tokio::spawn(server.shutdown());
+    wait_for_refusal(proxy).await;
+    early
+        .write_all(b"GET /first HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("write the first request");
+    let head = read_head(&mut early).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(header(&head, "x-agent-version"), Some(STABLE), "{head}");
+    // Its only request: the connection closes behind it.
+    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+    within("the drain to finish", stopping)
+        .await
+        .expect("shutdown ran to the end");
+    assert_eq!(backend.hits(), 1);
+}
+
+/// An upgrade backend that holds each `101` until the test opens the gate,
+/// then echoes what it reads on the upgraded connection. Anything else (the
+/// health probes) is answered `200` at once.
+struct GatedUpgrade {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    gate: watch::Sender<bool>,
+}
+
+impl GatedUpgrade {
+    async fn start() -> GatedUpgrade {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend = GatedUpgrade {
+            addr: listener.local_addr().expect("an address"),
+            requests: Arc::default(),
+            gate: watch::Sender::new(false),
+        };
+        let requests = Arc::clone(&backend.requests);
+        let gate = backend.gate.subscribe();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let requests = Arc::clone(&requests);
+                let mut gate = gate.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let Ok(byte) = stream.read_u8().await else {
+                            return;
+                        };
+                        head.push(byte);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    if !head.contains("upgrade: echo") {
+                        // A health probe: answered at once.
+                        let ok =
+                            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                        let _ = stream.write_all(ok.as_bytes()).await;
+                        return;
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    let answer = "HTTP/1.1 101 Switching Protocols\r\n\
+                                  connection: upgrade\r\nupgrade: echo\r\n\r\n";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        backend
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_answered_during_the_drain_gets_a_working_tunnel() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let upstream = GatedUpgrade::start().await;
+    let server = cohort(&[upstream.addr], None, "").await;
+    let proxy = server.proxy_addr();
+    let mut client = TcpStream::connect(proxy).await.expect("connect");
+    client
+        .write_all(
+            b"GET /socket HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
+              connection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("write the upgrade request");
+    eventually("the upgrade request reaching the upstream", || {
+        upstream.requests() == 1
+    })
+    .await;
+
+    let stopping = tokio::spawn(server.shutdown());
+    wait_for_refusal(proxy).await;
+    upstream.open();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A `close` beside the upgrade would tell the client the tunnel is not coming.
+    let connection = header(&head, "connection").unwrap_or_default();
+    assert!(connection.eq_ignore_ascii_case("upgrade"), "{head}");
+
+    client
+        .write_all(b"ping")
+        .await
+        .expect("write on the tunnel");
+    let mut echoed = [0u8; 4];
+    within("the echo", client.read_exact(&mut echoed))
+        .await
+        .expect("read on the tunnel");
+    assert_eq!(&echoed, b"ping");
+    assert!(
+        !stopping.is_finished(),
+        "shutdown must wait for the open tunnel"
+    );
+    drop(client);
+    within("the drain to finish once the tunnel closes", stopping)
+        .await
+        .expect("shutdown ran to the end");
 }
