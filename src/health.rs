@@ -9,7 +9,8 @@
 //! traffic; a canary installed at run time, or restored from the state
 //! file on start, starts unhealthy, so it gets no traffic until one of its
 //! upstreams passes a probe ([`probe_gated`] probes a restored one before
-//! the proxy accepts). Does not own choosing
+//! the proxy accepts), and the `cohort_upstream_healthy` lines of a scrape
+//! ([`write_gauges`]). Does not own choosing
 //! among upstreams (`table::Version::pick`) or the fallback to stable
 //! (`proxy`).
 
@@ -21,10 +22,9 @@ use bytes::Bytes;
 use http::Request;
 use http::header::USER_AGENT;
 use http_body_util::{BodyExt as _, Empty};
-use metrics::Gauge;
 
 use crate::config::HealthConfig;
-use crate::table::{Table, Version};
+use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{UpstreamAddr, UpstreamClient};
 
 /// Milliseconds since the first call in this process: a cheap monotonic clock
@@ -52,7 +52,6 @@ pub struct Health {
     gated: AtomicBool,
     /// Set while a probe is out, so a slow upstream is never probed twice at once.
     probing: AtomicBool,
-    gauge: Gauge,
 }
 
 /// One upstream's health as reported in `GET /admin/state`.
@@ -68,9 +67,7 @@ impl Health {
     /// false for a canary installed at run time or restored on start (the
     /// readiness gate).
     #[must_use]
-    pub fn new(version: &str, upstream: &str, healthy: bool) -> Health {
-        let gauge = crate::metrics::upstream_healthy(version, upstream);
-        gauge.set(if healthy { 1.0 } else { 0.0 });
+    pub fn new(healthy: bool) -> Health {
         Health {
             healthy: AtomicBool::new(healthy),
             good_probes: AtomicU32::new(0),
@@ -80,7 +77,6 @@ impl Health {
             next_probe_ms: AtomicU64::new(0),
             gated: AtomicBool::new(!healthy),
             probing: AtomicBool::new(false),
-            gauge,
         }
     }
 
@@ -126,14 +122,13 @@ impl Health {
                 config.healthy_threshold
             };
             if good >= threshold && !self.healthy.swap(true, Ordering::Relaxed) {
-                self.gauge.set(1.0);
                 self.ejected_until_ms.store(0, Ordering::Relaxed);
             }
         } else {
             self.good_probes.store(0, Ordering::Relaxed);
             let bad = self.bad_probes.fetch_add(1, Ordering::Relaxed) + 1;
-            if bad >= config.unhealthy_threshold && self.healthy.swap(false, Ordering::Relaxed) {
-                self.gauge.set(0.0);
+            if bad >= config.unhealthy_threshold {
+                self.healthy.store(false, Ordering::Relaxed);
             }
         }
     }
@@ -146,6 +141,55 @@ impl Health {
             ejected: self.ejected_until_ms.load(Ordering::Relaxed) > now_ms(),
         }
     }
+}
+
+/// Appends `cohort_upstream_healthy` to a Prometheus text exposition: one
+/// series per upstream of each version in `table`, 1 when it passes its
+/// health checks (ejected or not), else 0.
+///
+/// Read from the table at scrape time rather than recorded, so the series
+/// of an upstream or a version that leaves the table (a replaced canary, the
+/// stable version before a promotion, a removed shadow) leave the scrape
+/// with it. A recorded gauge would stay at its last value until a restart,
+/// and a canary replaced after a rollback usually leaves a 0 behind: an
+/// alert that never clears.
+pub fn write_gauges(table: &RouteTable, out: &mut String) {
+    let name = crate::metrics::UPSTREAM_HEALTHY;
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "# HELP {name} 1 when the upstream passes its health checks, else 0.\n\
+         # TYPE {name} gauge\n"
+    ));
+    // A series appears once even if two cohorts carry the same version name.
+    let mut written: Vec<(&str, String)> = Vec::new();
+    for version in table.versions() {
+        for (upstream, health) in version.upstreams.iter().zip(&version.health) {
+            let upstream = upstream.to_string();
+            if written
+                .iter()
+                .any(|(v, u)| *v == version.name && *u == upstream)
+            {
+                continue;
+            }
+            out.push_str(&format!(
+                "{name}{{version=\"{}\",upstream=\"{}\"}} {}\n",
+                label_value(&version.name),
+                label_value(&upstream),
+                u8::from(health.is_healthy())
+            ));
+            written.push((&version.name, upstream));
+        }
+    }
+}
+
+/// A label value escaped for the text exposition format.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 type ProbeClient = UpstreamClient<Empty<Bytes>>;
@@ -172,10 +216,7 @@ pub async fn run_checks(
             timeout = config.timeout;
             client = crate::upstream::probe_client(timeout, std::sync::Arc::clone(&tls));
         }
-        let versions = std::iter::once(&snapshot.stable)
-            .chain(snapshot.canary.as_ref().map(|c| &c.version))
-            .chain(snapshot.shadow.as_ref().map(|s| &s.version));
-        for version in versions {
+        for version in snapshot.versions() {
             probe_due(&client, version, config);
         }
         // Short enough that a new canary is probed promptly, long enough to cost nothing.

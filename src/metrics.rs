@@ -6,7 +6,9 @@
 //! recorder's upkeep, and [`VersionMetrics`], the handles a
 //! version resolves once when a route table is built so that recording a
 //! request allocates nothing. Does not own: when to record (the proxy's
-//! `handle` does, once per request) or serving `/metrics` (`admin`).
+//! `handle` does, once per request), serving `/metrics` (`admin`), or the
+//! series of [`UPSTREAM_HEALTHY`], which `health` writes from the live table
+//! at each scrape (`health::write_gauges`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -194,10 +196,6 @@ fn describe() {
         ROLLBACKS_TOTAL,
         "Rollbacks, by source: api, signal, guardrail."
     );
-    describe_gauge!(
-        UPSTREAM_HEALTHY,
-        "1 when the upstream passes its health checks, else 0."
-    );
     describe_counter!(
         CANARY_FALLBACKS_TOTAL,
         "Canary-cohort requests served by stable because no canary upstream was healthy."
@@ -306,10 +304,4 @@ pub fn record_canary_fallback() {
 /// Counts one shadow copy not sent, by `reason`.
 pub fn record_shadow_dropped(reason: ShadowDropReason) {
     counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()).increment(1);
-}
-
-/// The health gauge of one upstream of `version`, for the health checker to
-/// resolve once per upstream and set to 1 (healthy) or 0.
-pub fn upstream_healthy(version: &str, upstream: &str) -> Gauge {
-    gauge!(UPSTREAM_HEALTHY, "version" => version.to_owned(), "upstream" => upstream.to_owned())
 }

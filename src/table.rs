@@ -74,7 +74,7 @@ impl Version {
             health: config
                 .upstreams
                 .iter()
-                .map(|u| Health::new(&config.name, &u.to_string(), !gated))
+                .map(|_| Health::new(!gated))
                 .collect(),
             metrics: VersionMetrics::new(&config.name, cohort),
             name: config.name.clone(),
@@ -209,6 +209,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// Every version in the table: stable, then the canary and the shadow if present.
+    pub fn versions(&self) -> impl Iterator<Item = &Arc<Version>> {
+        std::iter::once(&self.stable)
+            .chain(self.canary.as_ref().map(|c| &c.version))
+            .chain(self.shadow.as_ref().map(|s| &s.version))
+    }
+
     /// A table for these versions. Versions of `previous` with the same name,
     /// upstreams and cohort are reused, so their round-robin cursors, metric
     /// handles and open streams carry over (and the shadow's client).

@@ -6,8 +6,9 @@
 //! stable, or answered 503 with `canary_unavailable = "error"`), as is one
 //! restored from the state file on a restart (probed before the first
 //! request, so a live one keeps its users), and that
-//! health shows in `cohort_upstream_healthy` and `GET /admin/state`; a
-//! reloaded `[health]` applies to the running checks. Does not
+//! health shows in `cohort_upstream_healthy` (for the versions in the
+//! table only) and `GET /admin/state`; a reloaded `[health]` applies to the
+//! running checks. Does not
 //! own the routing rule or the data path's other behaviour.
 //!
 //! The backends here can be really stopped (listener and open connections
@@ -305,6 +306,49 @@ async fn canary_unavailable_error_answers_its_cohort_with_503() {
 
     assert_eq!(healthy_gauge(&server, "v2-down", dead).await, Some(0.0));
     assert_eq!(state_health(&server, "canary", dead).await, Some(false));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_version_that_leaves_the_table_takes_its_health_series_with_it() {
+    let stable = Backend::start("stable").await;
+    let next = Backend::start("next").await;
+    let dead = support::dead_addr().await;
+    let server = support::cohort(&[stable.addr], None, FAST_HEALTH).await;
+    let install = |name: &str, upstream: SocketAddr| {
+        format!(r#"{{"name": "{name}", "upstreams": ["{upstream}"], "weight": 10}}"#)
+    };
+    let installed = admin(
+        &server,
+        Method::PUT,
+        "/admin/canary",
+        &install("v2-down", dead),
+    )
+    .await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    assert_eq!(healthy_gauge(&server, "v2-down", dead).await, Some(0.0));
+
+    // A canary replaced (as after a rollback) leaves no 0 behind for an alert to hold on to.
+    let installed = admin(
+        &server,
+        Method::PUT,
+        "/admin/canary",
+        &install("v3", next.addr),
+    )
+    .await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    eventually_async("the new canary passing its first probe", || async {
+        healthy_gauge(&server, "v3", next.addr).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(healthy_gauge(&server, "v2-down", dead).await, None);
+    assert_eq!(healthy_gauge(&server, STABLE, stable.addr).await, Some(1.0));
+
+    // After a promotion the old stable version's series goes too.
+    let promoted = admin(&server, Method::POST, "/admin/promote", "").await;
+    assert_eq!(promoted.status, StatusCode::OK, "{promoted:?}");
+    assert_eq!(healthy_gauge(&server, STABLE, stable.addr).await, None);
+    assert_eq!(healthy_gauge(&server, "v3", next.addr).await, Some(1.0));
     server.shutdown().await;
 }
 

@@ -704,8 +704,8 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
     cohort::metrics::record_rollback(cohort::state::Source::Signal);
 
     let s = scrape(&client, &server).await;
-    // Every metric of SPEC section 5 that exists without health checks or a
-    // shadow, plus the proxy's own, is described.
+    // Every metric of SPEC section 5 that exists without a shadow, plus the
+    // proxy's own, is described.
     for name in [
         "cohort_requests_total",
         "cohort_request_duration_seconds",
@@ -720,6 +720,7 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
         "cohort_shadow_dropped_total",
         "cohort_client_connections",
         "cohort_upstream_connections",
+        "cohort_upstream_healthy",
         "cohort_build_info",
     ] {
         assert!(s.has_help(name), "no HELP for {name}");
@@ -744,6 +745,17 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
         Some(f64::from(WEIGHT))
     );
     assert_eq!(s.value("cohort_route_generation", &[]), Some(1.0));
+    // Versions from the config start healthy; both share the one backend.
+    let backend_addr = backend.addr.to_string();
+    for version in ["lint-v1", "lint-v2"] {
+        assert_eq!(
+            s.value(
+                "cohort_upstream_healthy",
+                &[("version", version), ("upstream", &backend_addr)]
+            ),
+            Some(1.0)
+        );
+    }
     // The request's pooled upstream connection stays open (idle) after it.
     let upstream = s
         .value("cohort_upstream_connections", &[])

@@ -35,6 +35,7 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 
 use crate::control::{Control, ControlError};
+use crate::health;
 use crate::rollout::controller::Rollouts;
 
 /// What the admin endpoints read and drive.
@@ -151,7 +152,9 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
-                let mut rsp = Response::new(Full::from(self.metrics.render()));
+                let mut text = self.metrics.render();
+                health::write_gauges(&self.control.table().snapshot(), &mut text);
+                let mut rsp = Response::new(Full::from(text));
                 rsp.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
