@@ -324,6 +324,13 @@ async fn an_h2c_upstream_is_spoken_to_over_http2() {
     assert_eq!(seen_version(&reply), "HTTP/2.0");
     assert_eq!(reply.seen("x-agent-version"), [STABLE]);
     assert_eq!(reply.seen("x-forwarded-proto"), ["http"]);
+    // `:authority` names the upstream; a `host` beside it that differs is
+    // refused by servers such as nginx. The client's goes in x-forwarded-host.
+    assert_eq!(reply.seen("host"), Vec::<String>::new(), "{reply:?}");
+    assert_eq!(
+        reply.seen("x-forwarded-host"),
+        [server.proxy_addr().to_string()]
+    );
 
     let mut h2 = h2c(server.proxy_addr()).await;
     let (_, reply) = send_h2(&mut h2, get(&url(&server, "/two"), &[])).await;
@@ -344,8 +351,9 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.backend(), STABLE);
     assert_eq!(reply.version(), STABLE);
-    // ALPN chose HTTP/2 on the way to the upstream.
+    // ALPN chose HTTP/2 on the way to the upstream, named by `:authority` alone.
     assert_eq!(seen_version(&reply), "HTTP/2.0");
+    assert_eq!(reply.seen("host"), Vec::<String>::new(), "{reply:?}");
     assert_eq!(backend.hits(), 1);
     server.shutdown().await;
 

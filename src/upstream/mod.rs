@@ -17,6 +17,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Body;
@@ -190,10 +191,18 @@ where
             Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
             Protocol::Https => {
                 address(&mut req, upstream);
+                // Over HTTP/2 the upstream is named by `:authority`, and a
+                // `Host` that differs from it makes servers such as nginx
+                // refuse the request (RFC 9113, section 8.3.1); over
+                // HTTP/1.1 hyper names it in a fresh `Host`. Either way the
+                // name matches the certificate's (SNI), and the client's
+                // `Host` travels in `x-forwarded-host`.
+                req.headers_mut().remove(HOST);
                 self.https.request(req)
             }
             Protocol::H2c => {
                 address(&mut req, upstream);
+                req.headers_mut().remove(HOST);
                 *req.version_mut() = Version::HTTP_2;
                 self.h2c.request(req)
             }
