@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::config::{Config, VersionConfig, check_version_name};
 use crate::routing::{self, Cohort, Weight};
@@ -58,6 +59,8 @@ pub struct Control {
     store: Box<dyn StateStore>,
     audit: AuditLog,
     current: Mutex<Current>,
+    /// The generation of the live state, for those who act on its changes.
+    changes: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -85,8 +88,16 @@ impl Control {
             table,
             store,
             audit,
+            changes: watch::Sender::new(saved.live.generation),
             current: Mutex::new(Current { saved, policy }),
         }
+    }
+
+    /// Told the generation of every live state from now on, as soon as it
+    /// is live (the rollout controller ends a rollout that a rollback ended).
+    #[must_use]
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The table requests are routed by.
@@ -388,7 +399,7 @@ impl Control {
             Some(&self.table.snapshot()),
             true,
         ));
-        publish(&current.saved.live);
+        self.publish(&current.saved.live);
         self.write_audit(
             "reseed",
             Some(&before),
@@ -401,6 +412,12 @@ impl Control {
             "config reloaded; [versions] changed, re-seeded"
         );
         Ok(current.saved.live.clone())
+    }
+
+    /// Makes `live` known: the table's gauges, then whoever watches [`Control::changes`].
+    fn publish(&self, live: &LiveState) {
+        publish(live);
+        self.changes.send_replace(live.generation);
     }
 
     /// Applies `edit` to a copy of the live state; if it changed anything,
@@ -440,7 +457,7 @@ impl Control {
                 // Traffic is already off the canary: keep it so, in memory at least.
                 tracing::error!(%error, "rolled back, but the state could not be saved");
                 current.saved = next;
-                publish(&current.saved.live);
+                self.publish(&current.saved.live);
             }
             return Err(error.into());
         }
@@ -453,7 +470,7 @@ impl Control {
             ));
         }
         current.saved = next;
-        publish(&current.saved.live);
+        self.publish(&current.saved.live);
         self.write_audit(action, Some(&before), &current.saved.live, reason, source);
         Ok(current.saved.live.clone())
     }

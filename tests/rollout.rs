@@ -738,11 +738,19 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
     )
     .await;
 
-    // Approval moves on to the next stage.
+    // Approval takes no body but an empty one, and moves on to the next stage.
+    let refused = admin
+        .call(Method::POST, "/admin/rollout/approve", json!({"stage": 2}))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{refused:?}");
     let approved = admin
         .call(Method::POST, "/admin/rollout/approve", Value::Null)
         .await;
     assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    // The answer is the state after the approval.
+    let state = approved.json();
+    assert_eq!(rollout_phase(&state), "progressing", "{state:#}");
+    assert_eq!(state["status"], "progressing", "{state:#}");
     let moved = wait_state(&admin, "the stage after the pause", |s| {
         s["rollout"]["stage"] == 2
     })
@@ -757,22 +765,68 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
         .await;
     assert_eq!(extra.status, StatusCode::CONFLICT, "{extra:?}");
 
-    // Abort is a rollback.
+    // Abort is a rollback, with the reason given, and its answer shows the end.
     let aborted = admin
-        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .call(
+            Method::POST,
+            "/admin/rollout/abort",
+            json!({"reason": "latency looked odd"}),
+        )
         .await;
     assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
     let state = aborted.json();
     assert_eq!(state["status"], "rolled_back", "{state:#}");
     assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
     assert_eq!(state["last_rollback"]["source"], "api", "{state:#}");
+    assert_eq!(
+        state["last_rollback"]["reason"], "latency looked odd",
+        "{state:#}"
+    );
+    assert_eq!(rollout_phase(&state), "aborted", "{state:#}");
+    assert_eq!(
+        state["rollout"]["reason"], "latency looked odd",
+        "{state:#}"
+    );
+    // The rollout's task, told of the abort, leaves that record as it is.
+    let since = Instant::now();
+    poll_state(
+        &admin,
+        "a few intervals after the abort",
+        ROLLOUT_DEADLINE,
+        |s| {
+            assert_eq!(rollout_phase(s), "aborted", "{s:#}");
+            assert_eq!(s["rollout"]["reason"], "latency looked odd", "{s:#}");
+            assert_eq!(s["status"], "rolled_back", "{s:#}");
+        },
+        |_| since.elapsed() >= Duration::from_millis(300),
+    )
+    .await;
+    all_on_stable(server.proxy_addr()).await;
+}
+
+#[tokio::test]
+async fn a_rollback_from_outside_ends_the_rollout_at_once() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    // Judged once an hour: only being told of the rollback can end it within the test.
+    let plan = json!({"interval": "1h", "stages": [{"weight": 10, "duration": "2h"}]});
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    assert_eq!(rollout_phase(&started.json()), "progressing");
+
+    let rolled_back = admin
+        .call(Method::POST, "/admin/rollback", json!({"reason": "pager"}))
+        .await;
+    assert_eq!(rolled_back.status, StatusCode::OK, "{rolled_back:?}");
     let ended = wait_state(&admin, "the rollout to end", |s| {
-        matches!(rollout_phase(s), "aborted" | "superseded")
+        rollout_phase(s) == "superseded"
     })
     .await;
     assert_eq!(ended["status"], "rolled_back", "{ended:#}");
     assert_eq!(ended["canary"]["weight"], 0.0, "{ended:#}");
-    all_on_stable(server.proxy_addr()).await;
+    assert_eq!(ended["last_rollback"]["reason"], "pager", "{ended:#}");
+    server.shutdown().await;
 }
 
 #[tokio::test]

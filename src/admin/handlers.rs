@@ -118,6 +118,24 @@ pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, 
     Ok(control.explain(&key))
 }
 
+/// `POST /admin/rollout/approve`: no body, or an empty object.
+pub async fn rollout_approve(
+    rollouts: &Rollouts,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
+    let _: Option<Empty> = read_json(req).await?;
+    Ok(rollouts.approve()?)
+}
+
+/// `POST /admin/rollout/abort`: `{"reason"}` is optional, as for a rollback.
+pub async fn rollout_abort(
+    rollouts: &Rollouts,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
+    let body: RollbackBody = read_json(req).await?.unwrap_or_default();
+    Ok(rollouts.abort(body.reason.as_deref())?)
+}
+
 /// `POST /admin/rollout`: the body is a plan document, or empty for the config's plan.
 pub async fn rollout_start(
     rollouts: &Arc<Rollouts>,

@@ -181,8 +181,12 @@ impl Admin {
             (&Method::POST, "/admin/rollout") => ok(to_json(
                 &handlers::rollout_start(&self.rollouts, req).await?,
             )),
-            (&Method::POST, "/admin/rollout/approve") => ok(to_json(&self.rollouts.approve()?)),
-            (&Method::POST, "/admin/rollout/abort") => ok(to_json(&self.rollouts.abort()?)),
+            (&Method::POST, "/admin/rollout/approve") => ok(to_json(
+                &handlers::rollout_approve(&self.rollouts, req).await?,
+            )),
+            (&Method::POST, "/admin/rollout/abort") => ok(to_json(
+                &handlers::rollout_abort(&self.rollouts, req).await?,
+            )),
             (&Method::POST, "/admin/signals") => {
                 ok(to_json(&handlers::signals(&self.rollouts, req).await?))
             }

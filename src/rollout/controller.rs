@@ -3,8 +3,10 @@
 //! Owns: starting, approving and aborting a rollout, the stage machine (set
 //! the weight, wait the duration, judge at every interval, go on; wait at a
 //! pause for approval), rolling back when a guardrail fails `failure_limit`
-//! looks in a row, the end (promote or hold), resuming after a restart with
-//! the time already spent counted, and webhook events. It changes the world
+//! looks in a row, the end (promote or hold), ending at once when a change
+//! made outside it (a rollback, a promotion, a new canary) supersedes it,
+//! resuming after a restart with the time already spent counted, and
+//! webhook events. It changes the world
 //! only through `Control`, and its progress lives in the live state under
 //! `rollout`. Does not own the statistics or the counting of failed looks
 //! (`judge`, `stats`).
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::judge::{self, Verdict};
@@ -83,7 +85,17 @@ pub struct Progress {
 
 enum Command {
     Approve,
-    Abort,
+    /// Ends the rollout; the caller has rolled the canary back already.
+    Abort(String),
+}
+
+/// What a running rollout listens to besides the clock.
+#[derive(Debug)]
+struct Inbox {
+    commands: mpsc::Receiver<Command>,
+    /// The live state's changes: a rollback, a promotion or a new canary
+    /// made outside the rollout ends it at once, not at its next look.
+    changes: watch::Receiver<u64>,
 }
 
 /// Runs at most one rollout at a time.
@@ -195,22 +207,31 @@ impl Rollouts {
 
     /// Passes the approval gate of a paused rollout.
     pub fn approve(&self) -> Result<LiveState, ControlError> {
-        let paused = self.progress().is_some_and(|p| p.phase == Phase::Paused);
-        if !paused {
-            return Err(ControlError::Conflict(
-                "no rollout is waiting for approval".into(),
-            ));
-        }
+        let mut progress = self
+            .progress()
+            .filter(|p| p.phase == Phase::Paused)
+            .ok_or_else(|| ControlError::Conflict("no rollout is waiting for approval".into()))?;
         self.command(Command::Approve)?;
-        Ok(self.control.state())
+        // Recorded here as well as by the task, so the answer shows it: the
+        // task runs on this thread, after this returns.
+        progress.phase = Phase::Progressing;
+        self.save(&progress, "rollout_approve", None)
     }
 
     /// Aborts the running rollout, which rolls the canary back.
-    pub fn abort(&self) -> Result<LiveState, ControlError> {
-        self.command(Command::Abort)?;
-        // Roll back here, not in the task, so the caller sees the result.
-        let state = self.control.rollback("rollout aborted", Source::Api)?;
-        Ok(state)
+    pub fn abort(&self, reason: Option<&str>) -> Result<LiveState, ControlError> {
+        let reason = reason.unwrap_or("rollout aborted");
+        self.command(Command::Abort(reason.to_owned()))?;
+        // Rolled back and recorded here, not in the task, so the caller sees
+        // the result; the task then records the same end.
+        self.control.rollback(reason, Source::Api)?;
+        let Some(mut progress) = self.progress() else {
+            return Ok(self.control.state());
+        };
+        progress.phase = Phase::Aborted;
+        progress.time_left_ms = None;
+        progress.reason = Some(reason.to_owned());
+        self.save(&progress, "rollout_end", Some(reason))
     }
 
     /// Records an outside judgement of `version` (`POST /admin/signals`).
@@ -258,31 +279,24 @@ impl Rollouts {
     }
 
     fn spawn(self: &Arc<Self>, plan: RolloutConfig, progress: Progress) -> mpsc::Sender<Command> {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, commands) = mpsc::channel(4);
+        let inbox = Inbox {
+            commands,
+            changes: self.control.changes(),
+        };
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.run(plan, progress, rx).await });
+        tokio::spawn(async move { this.run(plan, progress, inbox).await });
         tx
     }
 
     /// The stage machine. Returns when the rollout ends, however it ends.
-    async fn run(
-        self: Arc<Self>,
-        plan: RolloutConfig,
-        mut progress: Progress,
-        mut commands: mpsc::Receiver<Command>,
-    ) {
+    async fn run(self: Arc<Self>, plan: RolloutConfig, mut progress: Progress, mut inbox: Inbox) {
         while progress.stage < plan.stages.len() {
             let outcome = match plan.stages[progress.stage] {
-                Stage::Pause => self.pause(&plan, &mut progress, &mut commands).await,
+                Stage::Pause => self.pause(&plan, &mut progress, &mut inbox).await,
                 Stage::Weight { weight, duration } => {
-                    self.weight_stage(
-                        &plan,
-                        &mut progress,
-                        weight.percent(),
-                        duration,
-                        &mut commands,
-                    )
-                    .await
+                    self.weight_stage(&plan, &mut progress, weight.percent(), duration, &mut inbox)
+                        .await
                 }
             };
             match outcome {
@@ -307,7 +321,7 @@ impl Rollouts {
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
-        commands: &mut mpsc::Receiver<Command>,
+        inbox: &mut Inbox,
     ) -> Result<(), Phase> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
@@ -315,10 +329,12 @@ impl Rollouts {
         self.webhooks.send("pause", &self.control.state());
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
+                command = inbox.commands.recv() => match command {
                     Some(Command::Approve) => break,
-                    Some(Command::Abort) | None => return Err(Phase::Aborted),
+                    Some(Command::Abort(reason)) => return Err(aborted(progress, reason)),
+                    None => return Err(Phase::Aborted),
                 },
+                Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
                 () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
             }
         }
@@ -332,7 +348,7 @@ impl Rollouts {
         progress: &mut Progress,
         weight: f64,
         duration: Duration,
-        commands: &mut mpsc::Receiver<Command>,
+        inbox: &mut Inbox,
     ) -> Result<(), Phase> {
         progress.phase = Phase::Progressing;
         progress.weight = weight;
@@ -340,14 +356,21 @@ impl Rollouts {
         progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
         self.save_or_end(progress, "rollout_stage")?;
         self.webhooks.send("stage", &self.control.state());
+        let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
+                command = inbox.commands.recv() => match command {
                     Some(Command::Approve) => continue,
-                    Some(Command::Abort) | None => return Err(Phase::Aborted),
+                    Some(Command::Abort(reason)) => return Err(aborted(progress, reason)),
+                    None => return Err(Phase::Aborted),
                 },
-                () = tokio::time::sleep(plan.interval) => {}
+                Ok(()) = inbox.changes.changed() => {
+                    self.still_ours(progress)?;
+                    continue;
+                }
+                () = tokio::time::sleep_until(next_look) => {}
             }
+            next_look = Instant::now() + plan.interval;
             self.still_ours(progress)?;
             let elapsed = started.elapsed();
             progress.evaluations += 1;
@@ -406,11 +429,16 @@ impl Rollouts {
                 live.status = Status::Steady;
                 live.rollout = serde_json::to_value(&progress).ok();
             }),
-            // An abort rolled back already (in `abort`); a superseded rollout only records that.
+            // An abort rolled back and recorded its end already (in
+            // `abort`), and a change that supersedes a rollout may have
+            // been that abort: only a rollout still recorded as running is
+            // marked ended.
             Phase::Aborted | Phase::Superseded | Phase::Progressing | Phase::Paused => self
                 .control
                 .rollout_change("rollout_end", progress.reason.as_deref(), |live| {
-                    live.rollout = serde_json::to_value(&progress).ok();
+                    if recorded_phase(live).is_none_or(Phase::is_active) {
+                        live.rollout = serde_json::to_value(&progress).ok();
+                    }
                 }),
         };
         match result {
@@ -484,14 +512,27 @@ impl Rollouts {
 /// rollout of it under way. The last part tells a canary installed again
 /// under the same name (which clears `rollout`) from the one rolled out.
 fn is_ours(live: &LiveState, canary: &str) -> bool {
-    let rolling_out = live
-        .rollout
-        .as_ref()
-        .and_then(|value| Progress::deserialize(value).ok())
+    let rolling_out = recorded(live)
         .is_some_and(|progress| progress.phase.is_active() && progress.canary == canary);
     rolling_out
         && live.status != Status::RolledBack
         && live.canary.as_ref().is_some_and(|c| c.name == canary)
+}
+
+/// The rollout recorded in `live`, if any.
+fn recorded(live: &LiveState) -> Option<Progress> {
+    Progress::deserialize(live.rollout.as_ref()?).ok()
+}
+
+/// The phase of the rollout recorded in `live`, if any.
+fn recorded_phase(live: &LiveState) -> Option<Phase> {
+    recorded(live).map(|progress| progress.phase)
+}
+
+/// Keeps the reason an abort was given, for the rollout's end.
+fn aborted(progress: &mut Progress, reason: String) -> Phase {
+    progress.reason = Some(reason);
+    Phase::Aborted
 }
 
 fn millis(d: Duration) -> u64 {
