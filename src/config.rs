@@ -238,9 +238,13 @@ impl Config {
         // Unknown keys are collected, not fatal at once, so that they are
         // reported by their full path together with every other problem.
         let mut unknown = Vec::new();
+        let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(dotted_key(&path));
+        let document = serde_ignored::Deserializer::new(document, &mut note_unknown);
         let raw: raw::Config =
-            serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
-                .map_err(syntax)?;
+            serde_path_to_error::deserialize(document).map_err(|error| ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: keyed_toml_error(text, &error),
+            })?;
         raw.validate(unknown).map_err(ConfigError::Invalid)
     }
 
@@ -251,6 +255,31 @@ impl Config {
             .canary
             .as_ref()
             .map(|(canary, _)| canary.name.as_str()))
+    }
+}
+
+/// A value of the wrong type, named by its key and placed in the text:
+/// `listen.workers: invalid type: string "one", expected usize (line 3, column 11)`.
+fn keyed_toml_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) -> String {
+    let inner = error.inner();
+    let place = inner
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| {
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line = before.matches('\n').count() + 1;
+            let column = before[line_start..].chars().count() + 1;
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    keyed(error.path(), &format!("{}{place}", inner.message()))
+}
+
+/// `message` prefixed with the key `path` names, unless it is the document itself.
+fn keyed(path: &serde_path_to_error::Path, message: &str) -> String {
+    match path.to_string() {
+        root if root == "." => message.to_owned(),
+        key => format!("{key}: {message}"),
     }
 }
 
@@ -1037,10 +1066,17 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
         message,
     };
     let mut unknown = Vec::new();
-    let plan: raw::Rollout = serde_ignored::deserialize(value, |path| {
-        unknown.push(format!("rollout.{}: is not a known key", dotted_key(&path)))
-    })
-    .map_err(|e| syntax(e.to_string()))?;
+    let mut note_unknown = |path: serde_ignored::Path<'_>| {
+        unknown.push(format!("rollout.{}: is not a known key", dotted_key(&path)));
+    };
+    let value = serde_ignored::Deserializer::new(value, &mut note_unknown);
+    let plan: raw::Rollout = serde_path_to_error::deserialize(value).map_err(|error| {
+        let key = match error.path().to_string() {
+            root if root == "." => "rollout".to_owned(),
+            key => format!("rollout.{key}"),
+        };
+        syntax(format!("{key}: {}", error.inner()))
+    })?;
     // Unlike a config file's, a plan's unknown keys are not listed with the
     // values out of range: the admin API answers them with another status.
     if !unknown.is_empty() {
@@ -1159,6 +1195,48 @@ mod tests {
     fn unknown_keys_are_refused_by_their_full_path() {
         let err = Config::parse(&format!("{MINIMAL}\n[listen]\nport = 80\n"), "test").unwrap_err();
         assert_eq!(err.to_string(), "listen.port: is not a known key");
+        // Keys under optional tables, and in arrays of tables, are spelt the same way.
+        let found = problems(&format!(
+            "{MINIMAL}\n[versions.canary]\nname = \"v2\"\nupstreams = [\"127.0.0.1:9002\"]\ncolour = 1\n\
+             [listen.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nciphers = 1\n\
+             [[rollout.stages]]\nweight = 1\nduration = \"1s\"\npace = 2\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "listen.tls.ciphers: is not a known key",
+                "rollout.stages[0].pace: is not a known key",
+                "versions.canary.colour: is not a known key",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key_and_place() {
+        let text = format!("{MINIMAL}\n[listen]\nworkers = \"one\"\n");
+        let err = Config::parse(&text, "test.toml").unwrap_err();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("workers"))
+            .expect("the line")
+            + 1;
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "test.toml: listen.workers: invalid type: string \"one\", expected usize \
+                 (line {line}, column 11)"
+            )
+        );
+        let err = Config::parse(
+            "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\", 7]\n",
+            "test.toml",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml: versions.stable.upstreams[1]: invalid type: integer `7`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1176,8 +1254,9 @@ mod tests {
             "rollout.guardrails.succes_rate_min: is not a known key; \
              rollout.stages[0].pace: is not a known key"
         );
-        assert!(
-            syntax(serde_json::json!({"stages": [stage], "failure_limit": "two"})).contains("u32")
+        assert_eq!(
+            syntax(serde_json::json!({"stages": [stage], "failure_limit": "two"})),
+            "rollout.failure_limit: invalid type: string \"two\", expected u32"
         );
         match rollout_from_json(serde_json::json!({"stages": [{"weight": -5, "duration": "1s"}]})) {
             Err(ConfigError::Invalid(problems)) => {

@@ -144,6 +144,54 @@ async fn bad_bodies_are_400_and_values_out_of_range_422() {
         );
     }
 
+    // A value of the wrong type is refused by its field's name.
+    for (method, path, body, field) in [
+        (
+            Method::PUT,
+            "/admin/weight",
+            json!({"weight": "10"}),
+            "weight",
+        ),
+        (
+            Method::POST,
+            "/admin/rollback",
+            json!({"reason": 5}),
+            "reason",
+        ),
+        (
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": ["127.0.0.1:1", 7]}),
+            "upstreams[1]",
+        ),
+        (
+            Method::POST,
+            "/admin/signals",
+            json!({"version": STABLE, "eval_score": "high"}),
+            "eval_score",
+        ),
+        (
+            Method::POST,
+            "/admin/rollout/abort",
+            json!({"reason": ["a"]}),
+            "reason",
+        ),
+    ] {
+        let text = error_text(&admin.call(method.clone(), path, body).await, 400);
+        assert!(
+            text.contains(&format!("{field}: invalid type")),
+            "{path}: {text:?} does not name {field}"
+        );
+    }
+    // An array is not an object, even one with the fields in order; nor is `null`.
+    let before = admin.state().await;
+    for body in ["[30]", "[30, true]", "null", "30"] {
+        let reply = admin.raw(Method::PUT, "/admin/weight", body).await;
+        let text = error_text(&reply, 400);
+        assert!(text.contains("object"), "{body}: {text}");
+    }
+    assert_eq!(admin.state().await["generation"], before["generation"]);
+
     // An unknown field is refused by name, on every endpoint that takes a body.
     for (method, path, body) in [
         (

@@ -21,7 +21,7 @@ use crate::state::{LiveState, Source};
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object {\"weight\", \"force\"}")]
 struct WeightBody {
     weight: f64,
     #[serde(default)]
@@ -29,14 +29,17 @@ struct WeightBody {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object {\"reason\"}")]
 struct RollbackBody {
     #[serde(default)]
     reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object {\"name\", \"upstreams\", \"weight\"}"
+)]
 struct CanaryBody {
     name: String,
     upstreams: Vec<String>,
@@ -82,7 +85,10 @@ pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveSta
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object {\"name\", \"upstreams\", \"percent\"}"
+)]
 struct ShadowBody {
     name: String,
     upstreams: Vec<String>,
@@ -146,7 +152,10 @@ pub async fn rollout_start(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object {\"version\", \"eval_score\"}"
+)]
 struct SignalBody {
     version: String,
     eval_score: f64,
@@ -165,7 +174,7 @@ pub async fn signals(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an empty object")]
 struct Empty {}
 
 /// Reads a JSON body; `None` when the body is empty.
@@ -178,7 +187,21 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice(&bytes)
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))?;
+    // serde would take an array for an object, its fields in order.
+    if !(value.is_object() || value.is_null()) {
+        return Err(AdminError::BadRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
+    serde_path_to_error::deserialize(value)
         .map(Some)
-        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
+        .map_err(|error| {
+            let message = match error.path().to_string() {
+                root if root == "." => error.inner().to_string(),
+                field => format!("{field}: {}", error.inner()),
+            };
+            AdminError::BadRequest(format!("invalid JSON body: {message}"))
+        })
 }
