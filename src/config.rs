@@ -272,14 +272,26 @@ fn keyed_toml_error(text: &str, error: &serde_path_to_error::Error<toml::de::Err
             format!(" (line {line}, column {column})")
         })
         .unwrap_or_default();
-    keyed(error.path(), &format!("{}{place}", inner.message()))
+    keyed("", error.path(), format!("{}{place}", inner.message()))
 }
 
-/// `message` prefixed with the key `path` names, unless it is the document itself.
-fn keyed(path: &serde_path_to_error::Path, message: &str) -> String {
-    match path.to_string() {
-        root if root == "." => message.to_owned(),
-        key => format!("{key}: {message}"),
+/// `message` prefixed with the key that `path` names under `prefix`
+/// (`listen.workers: ...`, `rollout.failure_limit: ...`), or with `prefix`
+/// alone when it is about the whole document.
+pub(crate) fn keyed(
+    prefix: &str,
+    path: &serde_path_to_error::Path,
+    message: impl fmt::Display,
+) -> String {
+    let key = match (prefix, path.to_string()) {
+        (prefix, root) if root == "." => prefix.to_owned(),
+        ("", key) => key,
+        (prefix, key) => format!("{prefix}.{key}"),
+    };
+    if key.is_empty() {
+        message.to_string()
+    } else {
+        format!("{key}: {message}")
     }
 }
 
@@ -1070,13 +1082,8 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
         unknown.push(format!("rollout.{}: is not a known key", dotted_key(&path)));
     };
     let value = serde_ignored::Deserializer::new(value, &mut note_unknown);
-    let plan: raw::Rollout = serde_path_to_error::deserialize(value).map_err(|error| {
-        let key = match error.path().to_string() {
-            root if root == "." => "rollout".to_owned(),
-            key => format!("rollout.{key}"),
-        };
-        syntax(format!("{key}: {}", error.inner()))
-    })?;
+    let plan: raw::Rollout = serde_path_to_error::deserialize(value)
+        .map_err(|error| syntax(keyed("rollout", error.path(), error.inner())))?;
     // Unlike a config file's, a plan's unknown keys are not listed with the
     // values out of range: the admin API answers them with another status.
     if !unknown.is_empty() {

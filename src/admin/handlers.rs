@@ -198,10 +198,7 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option
     serde_path_to_error::deserialize(value)
         .map(Some)
         .map_err(|error| {
-            let message = match error.path().to_string() {
-                root if root == "." => error.inner().to_string(),
-                field => format!("{field}: {}", error.inner()),
-            };
+            let message = crate::config::keyed("", error.path(), error.inner());
             AdminError::BadRequest(format!("invalid JSON body: {message}"))
         })
 }
