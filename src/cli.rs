@@ -103,7 +103,11 @@ pub enum RolloutCommand {
     /// Pass the approval gate of a paused rollout.
     Approve,
     /// Abort the rollout, which rolls the canary back.
-    Abort,
+    Abort {
+        /// Why, recorded in the audit log and the state.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// Runs a parsed command line to completion.
@@ -150,7 +154,7 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
             }
         }
         CtlCommand::Rollout(RolloutCommand::Approve) => Call::rollout_approve(),
-        CtlCommand::Rollout(RolloutCommand::Abort) => Call::rollout_abort(),
+        CtlCommand::Rollout(RolloutCommand::Abort { reason }) => Call::rollout_abort(reason),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

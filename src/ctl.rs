@@ -54,11 +54,10 @@ impl Call {
 
     #[must_use]
     pub fn rollback(reason: Option<String>) -> Call {
-        let body = reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}));
         Call {
             method: Method::POST,
             path: "/admin/rollback",
-            body: Some(body),
+            body: Some(reason_body(reason)),
         }
     }
 
@@ -103,13 +102,18 @@ impl Call {
     }
 
     #[must_use]
-    pub fn rollout_abort() -> Call {
+    pub fn rollout_abort(reason: Option<String>) -> Call {
         Call {
             method: Method::POST,
             path: "/admin/rollout/abort",
-            body: None,
+            body: Some(reason_body(reason)),
         }
     }
+}
+
+/// `{"reason": ...}`, or `{}` without one.
+fn reason_body(reason: Option<String>) -> Value {
+    reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}))
 }
 
 /// Sends `call` to the admin API at `admin` and returns the JSON answer.

@@ -329,3 +329,15 @@ async fn probe(
 
 /// How much of a health answer is read; the rest is left unread.
 const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::label_value;
+
+    #[test]
+    fn label_values_are_escaped_for_the_text_format() {
+        assert_eq!(label_value("127.0.0.1:9001"), "127.0.0.1:9001");
+        assert_eq!(label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label_value("a\nb"), r"a\nb");
+    }
+}

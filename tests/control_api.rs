@@ -190,6 +190,27 @@ async fn bad_bodies_are_400_and_values_out_of_range_422() {
         let text = error_text(&reply, 400);
         assert!(text.contains("object"), "{body}: {text}");
     }
+    // Nor is a field given twice taken at its last value.
+    let reply = admin
+        .raw(
+            Method::PUT,
+            "/admin/weight",
+            r#"{"weight": 5, "weight": 100}"#,
+        )
+        .await;
+    assert!(
+        error_text(&reply, 400).contains("duplicate field"),
+        "{reply:?}"
+    );
+    // Nor is a second document after the first.
+    let reply = admin
+        .raw(
+            Method::PUT,
+            "/admin/weight",
+            r#"{"weight": 5} {"weight": 100}"#,
+        )
+        .await;
+    error_text(&reply, 400);
     assert_eq!(admin.state().await["generation"], before["generation"]);
 
     // An unknown field is refused by name, on every endpoint that takes a body.

@@ -244,6 +244,50 @@ async fn all_on_stable(proxy: SocketAddr) {
     }
 }
 
+/// Records the `event` of every webhook call it receives, in order.
+struct WebhookReceiver {
+    addr: SocketAddr,
+    events: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl WebhookReceiver {
+    async fn start() -> WebhookReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let receiver = WebhookReceiver {
+            addr: listener.local_addr().expect("an address"),
+            events: Arc::default(),
+        };
+        let events = Arc::clone(&receiver.events);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let events = Arc::clone(&events);
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let events = Arc::clone(&events);
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            let name = event["event"].as_str().unwrap_or("?").to_owned();
+                            events.lock().expect("not poisoned").push(name);
+                            Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        receiver
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.lock().expect("not poisoned").clone()
+    }
+}
+
 /// The reason of the state's last rollback.
 fn rollback_reason(state: &Value) -> String {
     state["last_rollback"]["reason"]
@@ -695,8 +739,16 @@ async fn a_malformed_plan_is_400_and_a_value_out_of_range_422() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_approval_and_abort_rolls_back() {
-    let server =
-        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let hooks = WebhookReceiver::start().await;
+    let server = server_with_api_canary(
+        &format!(
+            "webhooks = [\"http://{}/hook\"]\nstages = [ {{ weight = 1, duration = \"1s\" }} ]",
+            hooks.addr
+        ),
+        "",
+        "",
+    )
+    .await;
     let admin = AdminApi::new(server.admin_addr());
     // A plan with no guardrails: every evaluation passes, so only the
     // stage machine decides.
@@ -799,6 +851,17 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
             assert_eq!(s["status"], "rolled_back", "{s:#}");
         },
         |_| since.elapsed() >= Duration::from_millis(300),
+    )
+    .await;
+    // Told as a rollback, like any other. (Deliveries are not ordered.)
+    let sorted = || {
+        let mut events = hooks.events();
+        events.sort();
+        events
+    };
+    support::eventually(
+        "the webhooks of two stages, the pause and the rollback",
+        || sorted() == ["pause", "rollback", "stage", "stage"],
     )
     .await;
     all_on_stable(server.proxy_addr()).await;

@@ -130,7 +130,7 @@ pub async fn rollout_approve(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let _: Option<Empty> = read_json(req).await?;
-    Ok(rollouts.approve()?)
+    Ok(rollouts.approve().await?)
 }
 
 /// `POST /admin/rollout/abort`: `{"reason"}` is optional, as for a rollback.
@@ -139,7 +139,7 @@ pub async fn rollout_abort(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let body: RollbackBody = read_json(req).await?.unwrap_or_default();
-    Ok(rollouts.abort(body.reason.as_deref())?)
+    Ok(rollouts.abort(body.reason.as_deref()).await?)
 }
 
 /// `POST /admin/rollout`: the body is a plan document, or empty for the config's plan.
@@ -187,18 +187,21 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))?;
-    // serde would take an array for an object, its fields in order.
-    if !(value.is_object() || value.is_null()) {
+    // serde would take an array for an object, its fields in order. (Read
+    // from the bytes, not through a `Value`, which would keep the last of
+    // a repeated field instead of refusing it.)
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(first, Some(b'{' | b'n')) {
         return Err(AdminError::BadRequest(
             "invalid JSON body: expected a JSON object".into(),
         ));
     }
-    serde_path_to_error::deserialize(value)
-        .map(Some)
-        .map_err(|error| {
-            let message = crate::config::keyed("", error.path(), error.inner());
-            AdminError::BadRequest(format!("invalid JSON body: {message}"))
-        })
+    let mut json = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+        let message = crate::config::keyed("", error.path(), error.inner());
+        AdminError::BadRequest(format!("invalid JSON body: {message}"))
+    })?;
+    json.end()
+        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))?;
+    Ok(Some(value))
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::judge::{self, Verdict};
@@ -84,9 +84,28 @@ pub struct Progress {
 }
 
 enum Command {
-    Approve,
-    /// Ends the rollout; the caller has rolled the canary back already.
-    Abort(String),
+    /// Passes a pause; answered once the rollout has moved on.
+    Approve(Reply),
+    /// Ends the rollout with a rollback for `reason`; answered once both
+    /// are recorded.
+    Abort { reason: String, reply: Reply },
+}
+
+/// Where a command is answered: the live state once the rollout's task has
+/// acted on it. Dropped unanswered when the command found nothing to act on.
+type Reply = oneshot::Sender<Result<LiveState, ControlError>>;
+
+/// How a rollout ends, and who waits to hear of it.
+#[derive(Debug)]
+struct Ending {
+    phase: Phase,
+    reply: Option<Reply>,
+}
+
+impl From<Phase> for Ending {
+    fn from(phase: Phase) -> Ending {
+        Ending { phase, reply: None }
+    }
 }
 
 /// What a running rollout listens to besides the clock.
@@ -205,33 +224,32 @@ impl Rollouts {
         }
     }
 
-    /// Passes the approval gate of a paused rollout.
-    pub fn approve(&self) -> Result<LiveState, ControlError> {
-        let mut progress = self
-            .progress()
-            .filter(|p| p.phase == Phase::Paused)
-            .ok_or_else(|| ControlError::Conflict("no rollout is waiting for approval".into()))?;
-        self.command(Command::Approve)?;
-        // Recorded here as well as by the task, so the answer shows it: the
-        // task runs on this thread, after this returns.
-        progress.phase = Phase::Progressing;
-        self.save(&progress, "rollout_approve", None)
+    /// Passes the approval gate of a paused rollout. The rollout's task
+    /// records it, the one writer of a running rollout's progress, and
+    /// answers with the state after it.
+    pub async fn approve(&self) -> Result<LiveState, ControlError> {
+        let not_paused = || ControlError::Conflict("no rollout is waiting for approval".into());
+        if !self.progress().is_some_and(|p| p.phase == Phase::Paused) {
+            return Err(not_paused());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Approve(reply))?;
+        answer.await.unwrap_or_else(|_| Err(not_paused()))
     }
 
-    /// Aborts the running rollout, which rolls the canary back.
-    pub fn abort(&self, reason: Option<&str>) -> Result<LiveState, ControlError> {
-        let reason = reason.unwrap_or("rollout aborted");
-        self.command(Command::Abort(reason.to_owned()))?;
-        // Rolled back and recorded here, not in the task, so the caller sees
-        // the result; the task then records the same end.
-        self.control.rollback(reason, Source::Api)?;
-        let Some(mut progress) = self.progress() else {
-            return Ok(self.control.state());
-        };
-        progress.phase = Phase::Aborted;
-        progress.time_left_ms = None;
-        progress.reason = Some(reason.to_owned());
-        self.save(&progress, "rollout_end", Some(reason))
+    /// Aborts the running rollout, which rolls the canary back; answers
+    /// with the state after both.
+    pub async fn abort(&self, reason: Option<&str>) -> Result<LiveState, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Abort {
+            reason: reason.unwrap_or("rollout aborted").to_owned(),
+            reply,
+        })?;
+        answer.await.unwrap_or_else(|_| {
+            Err(ControlError::Conflict(
+                "the rollout ended before it could be aborted".into(),
+            ))
+        })
     }
 
     /// Records an outside judgement of `version` (`POST /admin/signals`).
@@ -307,14 +325,14 @@ impl Rollouts {
                     progress.failure_runs.clear();
                     progress.consecutive_inconclusive = 0;
                 }
-                Err(end) => return self.end(progress, end),
+                Err(ending) => return self.end(progress, ending),
             }
         }
         let end = match plan.on_success {
             OnSuccess::Promote => Phase::Promoted,
             OnSuccess::Hold => Phase::Held,
         };
-        self.end(progress, end);
+        self.end(progress, end.into());
     }
 
     async fn pause(
@@ -322,24 +340,32 @@ impl Rollouts {
         plan: &RolloutConfig,
         progress: &mut Progress,
         inbox: &mut Inbox,
-    ) -> Result<(), Phase> {
+    ) -> Result<(), Ending> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
         self.save_or_end(progress, "rollout_pause")?;
         self.webhooks.send("pause", &self.control.state());
         loop {
             tokio::select! {
+                // A command first: an abort must not pass for a change made outside.
+                biased;
                 command = inbox.commands.recv() => match command {
-                    Some(Command::Approve) => break,
-                    Some(Command::Abort(reason)) => return Err(aborted(progress, reason)),
-                    None => return Err(Phase::Aborted),
+                    Some(Command::Approve(reply)) => {
+                        progress.phase = Phase::Progressing;
+                        self.save_or_end(progress, "rollout_approve")?;
+                        // The caller may have given up waiting; the approval stands.
+                        let _ = reply.send(Ok(self.control.state()));
+                        return Ok(());
+                    }
+                    Some(Command::Abort { reason, reply }) => {
+                        return Err(aborted(progress, reason, reply));
+                    }
+                    None => return Err(Phase::Aborted.into()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
                 () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
             }
         }
-        progress.phase = Phase::Progressing;
-        Ok(())
     }
 
     async fn weight_stage(
@@ -349,7 +375,7 @@ impl Rollouts {
         weight: f64,
         duration: Duration,
         inbox: &mut Inbox,
-    ) -> Result<(), Phase> {
+    ) -> Result<(), Ending> {
         progress.phase = Phase::Progressing;
         progress.weight = weight;
         let started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
@@ -359,10 +385,14 @@ impl Rollouts {
         let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
+                biased;
                 command = inbox.commands.recv() => match command {
-                    Some(Command::Approve) => continue,
-                    Some(Command::Abort(reason)) => return Err(aborted(progress, reason)),
-                    None => return Err(Phase::Aborted),
+                    // Nothing waits for approval: the caller hears so.
+                    Some(Command::Approve(_)) => continue,
+                    Some(Command::Abort { reason, reply }) => {
+                        return Err(aborted(progress, reason, reply));
+                    }
+                    None => return Err(Phase::Aborted.into()),
                 },
                 Ok(()) = inbox.changes.changed() => {
                     self.still_ours(progress)?;
@@ -398,7 +428,7 @@ impl Rollouts {
                     &tripped,
                     plan.failure_limit,
                 ));
-                return Err(Phase::RolledBack);
+                return Err(Phase::RolledBack.into());
             }
             self.save_or_end(progress, "rollout_evaluation")?;
             // A stage ends only on a passing evaluation: an inconclusive one waits.
@@ -408,8 +438,16 @@ impl Rollouts {
         }
     }
 
-    /// Ends the rollout as `phase`, making the change it implies.
-    fn end(&self, mut progress: Progress, phase: Phase) {
+    /// Ends the rollout as `ending` says, making the change it implies,
+    /// and answers whoever asked for the end.
+    fn end(&self, mut progress: Progress, ending: Ending) {
+        let mut phase = ending.phase;
+        if phase == Phase::Aborted && !is_ours(&self.control.state(), &progress.canary) {
+            // Superseded before the abort was read: the canary now
+            // installed is not this rollout's to roll back.
+            phase = Phase::Superseded;
+            progress.reason = Some("ended by a change outside the rollout".into());
+        }
         progress.phase = phase;
         progress.time_left_ms = None;
         let result = match phase {
@@ -429,31 +467,46 @@ impl Rollouts {
                 live.status = Status::Steady;
                 live.rollout = serde_json::to_value(&progress).ok();
             }),
-            // An abort rolled back and recorded its end already (in
-            // `abort`), and a change that supersedes a rollout may have
-            // been that abort: only a rollout still recorded as running is
-            // marked ended.
-            Phase::Aborted | Phase::Superseded | Phase::Progressing | Phase::Paused => self
-                .control
-                .rollout_change("rollout_end", progress.reason.as_deref(), |live| {
-                    if recorded_phase(live).is_none_or(Phase::is_active) {
+            Phase::Aborted => {
+                let reason = progress
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "rollout aborted".into());
+                self.control
+                    .rollback(&reason, Source::Api)
+                    .and_then(|_| self.save(&progress, "rollout_end", Some(&reason)))
+            }
+            // A superseded rollout only records that.
+            Phase::Superseded | Phase::Progressing | Phase::Paused => {
+                self.control
+                    .rollout_change("rollout_end", progress.reason.as_deref(), |live| {
                         live.rollout = serde_json::to_value(&progress).ok();
-                    }
-                }),
+                    })
+            }
         };
-        match result {
+        match &result {
             Ok(state) => {
                 let event = match phase {
                     Phase::RolledBack | Phase::Aborted => "rollback",
                     Phase::Promoted => "promotion",
                     _ => "end",
                 };
-                self.webhooks.send(event, &state);
+                self.webhooks.send(event, state);
                 tracing::info!(phase = ?phase, "rollout ended");
             }
             Err(error) => {
                 tracing::error!(%error, phase = ?phase, "cannot record the end of the rollout")
             }
+        }
+        if let Some(reply) = ending.reply {
+            let answer = match phase {
+                Phase::Aborted => result,
+                _ => Err(ControlError::Conflict(
+                    "the rollout ended before it could be aborted".into(),
+                )),
+            };
+            // The caller may have given up waiting; the end stands.
+            let _ = reply.send(answer);
         }
     }
 
@@ -524,15 +577,13 @@ fn recorded(live: &LiveState) -> Option<Progress> {
     Progress::deserialize(live.rollout.as_ref()?).ok()
 }
 
-/// The phase of the rollout recorded in `live`, if any.
-fn recorded_phase(live: &LiveState) -> Option<Phase> {
-    recorded(live).map(|progress| progress.phase)
-}
-
-/// Keeps the reason an abort was given, for the rollout's end.
-fn aborted(progress: &mut Progress, reason: String) -> Phase {
+/// An abort's ending: the reason kept for the record, the caller to answer.
+fn aborted(progress: &mut Progress, reason: String, reply: Reply) -> Ending {
     progress.reason = Some(reason);
-    Phase::Aborted
+    Ending {
+        phase: Phase::Aborted,
+        reply: Some(reply),
+    }
 }
 
 fn millis(d: Duration) -> u64 {
