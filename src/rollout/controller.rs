@@ -360,7 +360,7 @@ impl Rollouts {
                     Some(Command::Abort { reason, reply }) => {
                         return Err(aborted(progress, reason, reply));
                     }
-                    None => return Err(Phase::Aborted.into()),
+                    None => return Err(orphaned()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
                 () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
@@ -392,7 +392,7 @@ impl Rollouts {
                     Some(Command::Abort { reason, reply }) => {
                         return Err(aborted(progress, reason, reply));
                     }
-                    None => return Err(Phase::Aborted.into()),
+                    None => return Err(orphaned()),
                 },
                 Ok(()) = inbox.changes.changed() => {
                     self.still_ours(progress)?;
@@ -575,6 +575,13 @@ fn is_ours(live: &LiveState, canary: &str) -> bool {
 /// The rollout recorded in `live`, if any.
 fn recorded(live: &LiveState) -> Option<Progress> {
     Progress::deserialize(live.rollout.as_ref()?).ok()
+}
+
+/// The ending of a rollout nobody can command any more. Not reached: the
+/// commands' sender lives in `Rollouts`, which the rollout's task holds;
+/// and never a reason to roll back.
+fn orphaned() -> Ending {
+    Phase::Superseded.into()
 }
 
 /// An abort's ending: the reason kept for the record, the caller to answer.
