@@ -368,6 +368,27 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
 }
 
 #[tokio::test]
+async fn an_https_upstream_on_http1_is_named_in_host() {
+    let pki = Pki::new();
+    let backend = H2Backend::tls_http1(STABLE, &pki.leaf("upstream")).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = cohort_named((STABLE, std::slice::from_ref(&upstream)), None, &ca).await;
+    let reply = Http::new(server.proxy_addr())
+        .get("/secure", &[("host", "agents.example")])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(seen_version(&reply), "HTTP/1.1");
+    // Named as its certificate names it; the client's host goes alongside.
+    assert_eq!(
+        reply.seen("host"),
+        [format!("127.0.0.1:{}", backend.addr.port())]
+    );
+    assert_eq!(reply.seen("x-forwarded-host"), ["agents.example"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn health_probes_speak_each_upstreams_protocol() {
     let pki = Pki::new();
     let h2c_backend = H2Backend::h2c(STABLE).await;

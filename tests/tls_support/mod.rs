@@ -236,7 +236,7 @@ async fn read(rsp: Response<Incoming>) -> Reply {
 type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// An upstream that speaks HTTP/2: with prior knowledge (h2c), or over TLS
-/// with ALPN (`h2` or `http/1.1`). Answers like `support::Backend` (JSON
+/// with ALPN (`h2` or `http/1.1`, or `http/1.1` alone). Answers like `support::Backend` (JSON
 /// with `backend` and the `headers` it saw, plus the HTTP `version`), and
 /// `/grpc` with a gRPC-style body and `grpc-status: 0` trailers.
 #[derive(Debug, Clone)]
@@ -257,6 +257,15 @@ impl H2Backend {
 
     /// A TLS backend serving `leaf`, HTTP/2 or HTTP/1.1 by ALPN.
     pub async fn tls(name: &str, leaf: &Leaf) -> H2Backend {
+        Self::tls_offering(name, leaf, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// A TLS backend serving `leaf` that offers only HTTP/1.1 by ALPN.
+    pub async fn tls_http1(name: &str, leaf: &Leaf) -> H2Backend {
+        Self::tls_offering(name, leaf, &[b"http/1.1"]).await
+    }
+
+    async fn tls_offering(name: &str, leaf: &Leaf, alpn: &[&[u8]]) -> H2Backend {
         let cert = rustls::pki_types::CertificateDer::pem_file_iter(&leaf.cert)
             .expect("read the leaf")
             .collect::<Result<Vec<_>, _>>()
@@ -266,7 +275,7 @@ impl H2Backend {
             .with_no_client_auth()
             .with_single_cert(cert, key)
             .expect("a server config");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Self::start(name, Some(TlsAcceptor::from(Arc::new(config)))).await
     }
 
