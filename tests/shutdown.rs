@@ -1,6 +1,7 @@
 //! A graceful stop: open requests finish, new connections are refused.
 //!
-//! Owns: `Server::shutdown` with a request in flight, with a connection
+//! Owns: `Server::shutdown` with a request in flight (and `/ready`
+//! meanwhile), with a connection
 //! accepted but not yet used, and with an upgrade whose answer is still on
 //! its way. The test holds each in place (the upstream holds the request,
 //! the client holds its first bytes) until the drain has begun, so "in
@@ -27,6 +28,8 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
     let slow = SlowBackend::start(STABLE).await;
     let server = cohort(&[slow.addr], None, "").await;
     let proxy = server.proxy_addr();
+    let admin = Http::new(server.admin_addr());
+    assert_eq!(admin.get("/ready", &[]).await.status, 200);
 
     let in_flight = tokio::spawn(async move {
         Http::new(proxy)
@@ -41,6 +44,9 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
         !stopping.is_finished(),
         "shutdown must wait for the request the upstream still holds"
     );
+    // Still answering while it drains, and not ready: a load balancer moves on.
+    assert_eq!(admin.get("/ready", &[]).await.status, 503);
+    assert_eq!(admin.get("/health", &[]).await.status, 200);
     assert!(!in_flight.is_finished());
 
     slow.release();
