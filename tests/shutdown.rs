@@ -1,12 +1,11 @@
 //! A graceful stop: open requests finish, new connections are refused.
 //!
 //! Owns: `Server::shutdown` with a request in flight (and `/ready`
-//! meanwhile), with a connection
-//! accepted but not yet used, and with an upgrade whose answer is still on
-//! its way. The test holds each in place (the upstream holds the request,
-//! the client holds its first bytes) until the drain has begun, so "in
-//! flight" is a fact, not a race. Does not own: the SIGTERM path of the
-//! binary (`tests/cli.rs`).
+//! meanwhile), with a connection accepted but not yet used, and with an
+//! upgrade whose answer is still on its way. The test holds each in place
+//! (the upstream holds the request, the client holds its first bytes) until
+//! the drain has begun, so "in flight" is a fact, not a race. Does not own:
+//! the SIGTERM path of the binary (`tests/cli.rs`).
 
 mod support;
 
