@@ -451,14 +451,16 @@ impl Rollouts {
         progress.phase = phase;
         progress.time_left_ms = None;
         let result = match phase {
-            Phase::RolledBack => {
-                let reason = progress
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "guardrail failed".into());
+            Phase::RolledBack | Phase::Aborted => {
+                let (source, action, fallback) = if phase == Phase::RolledBack {
+                    (Source::Guardrail, "rollout_rolled_back", "guardrail failed")
+                } else {
+                    (Source::Api, "rollout_end", "rollout aborted")
+                };
+                let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
                 self.control
-                    .rollback(&reason, Source::Guardrail)
-                    .and_then(|_| self.save(&progress, "rollout_rolled_back", Some(&reason)))
+                    .rollback(&reason, source)
+                    .and_then(|_| self.save(&progress, action, Some(&reason)))
             }
             Phase::Promoted => self
                 .save(&progress, "rollout_done", None)
@@ -467,15 +469,6 @@ impl Rollouts {
                 live.status = Status::Steady;
                 live.rollout = serde_json::to_value(&progress).ok();
             }),
-            Phase::Aborted => {
-                let reason = progress
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "rollout aborted".into());
-                self.control
-                    .rollback(&reason, Source::Api)
-                    .and_then(|_| self.save(&progress, "rollout_end", Some(&reason)))
-            }
             // A superseded rollout only records that.
             Phase::Superseded | Phase::Progressing | Phase::Paused => {
                 self.control
