@@ -286,10 +286,7 @@ async fn an_open_websocket_survives_a_worker_restart_and_holds_up_a_shutdown() {
     // A shutdown waits for the tunnel (up to `drain_timeout`), which works meanwhile.
     let proxy = server.proxy_addr();
     let stopping = tokio::spawn(server.shutdown());
-    support::eventually_async("new connections being refused", || async {
-        TcpStream::connect(proxy).await.is_err()
-    })
-    .await;
+    support::wait_for_refusal(proxy).await;
     echo(&mut ws, STABLE, "during the drain").await;
     assert!(
         !stopping.is_finished(),

@@ -13,7 +13,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use support::{Http, STABLE, SlowBackend, cohort, eventually, eventually_async, metric, within};
+use support::{
+    Http, STABLE, SlowBackend, cohort, eventually, eventually_async, metric, read_head,
+    wait_for_refusal, within,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
@@ -59,31 +62,6 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
         .await
         .expect("shutdown ran to the end");
     assert_eq!(slow.hits(), 1);
-}
-
-/// Resolves once the proxy refuses new connections: the drain has begun.
-async fn wait_for_refusal(proxy: SocketAddr) {
-    eventually_async("new connections being refused", || async {
-        TcpStream::connect(proxy).await.is_err()
-    })
-    .await;
-}
-
-/// Reads up to the end of a response head, returning the head.
-async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let byte = within("a response head", stream.read_u8())
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connection ended after {:?}: {e}",
-                    String::from_utf8_lossy(&head)
-                )
-            });
-        head.push(byte);
-    }
-    String::from_utf8(head).expect("an ASCII response head")
 }
 
 /// The value of header `name` in a response `head`, if present.

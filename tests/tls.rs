@@ -13,12 +13,12 @@ mod tls_support;
 
 use http::{StatusCode, Version};
 use http_body_util::BodyExt as _;
-use support::{Backend, CANARY, STABLE, SseBackend, cohort, key_on, within};
+use support::{Backend, CANARY, STABLE, SseBackend, cohort, key_on, read_head, within};
 use tls_support::{
     Pki, alpn, get, h1_over, h2_over, have, listen_tls, peer_cert, run, send_h1, send_h2,
     tls_client, tls_connect,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 const SALT: &str = "tls-tests";
 
@@ -325,23 +325,4 @@ async fn the_framing_guard_reads_the_decrypted_stream() {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert_eq!(stable.hits(), 1);
     server.shutdown().await;
-}
-
-/// Reads a response head (to the blank line) from `stream`.
-async fn read_head(stream: &mut tls_support::ClientTls) -> String {
-    within("a response head", async {
-        let mut buf = Vec::new();
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.expect("read");
-            assert!(
-                n > 0,
-                "closed before a head: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-    .await
 }

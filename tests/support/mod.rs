@@ -754,8 +754,34 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
     buf.extend_from_slice(&chunk[..n]);
 }
 
+/// Reads a response head up to its blank line, a byte at a time so that
+/// nothing after it (a body, an upgraded connection's bytes) is consumed.
+pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = within("a response head", stream.read_u8())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connection ended after {:?}: {e}",
+                    String::from_utf8_lossy(&head)
+                )
+            });
+        head.push(byte);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 // ---------------------------------------------------------------------------
 // Waiting
+
+/// Resolves once the proxy at `proxy` refuses new connections: its drain has begun.
+pub async fn wait_for_refusal(proxy: SocketAddr) {
+    eventually_async("new connections being refused", || async {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+}
 
 /// Awaits `future`, failing the test if it takes longer than [`DEADLINE`].
 pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
