@@ -4,7 +4,8 @@
 //! promote, install a canary, install or remove the shadow, explain a key,
 //! reload the config), the
 //! rollback latch, and the order each change is made in: check, persist
-//! (state file, then audit log), swap the table, publish metrics. Changes are
+//! (state file, then audit log), swap the table, publish metrics and tell
+//! the watchers of [`Control::changes`]. Changes are
 //! serialised by one lock, so two admin calls never interleave. Does not own:
 //! HTTP (`admin`), the file format (`state`), or routing (`routing`).
 

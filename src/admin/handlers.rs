@@ -1,7 +1,8 @@
 //! One function per control-plane endpoint: parse the JSON, call `control`.
 //!
-//! Owns: the request bodies of SPEC section 3 (unknown fields refused, bad
-//! JSON a 400, out-of-range values a 422). Does not own the effects.
+//! Owns: the request bodies of SPEC section 3 (a JSON object each; unknown
+//! or repeated fields, wrong types and bad JSON a 400 that names the field,
+//! out-of-range values a 422). Does not own the effects.
 
 use http::Request;
 use http_body_util::{BodyExt as _, Limited};

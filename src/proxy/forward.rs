@@ -177,7 +177,7 @@ pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
 const MAX_TOKENS: u64 = u32::MAX as u64;
 
 /// The numeric value of the tokens header, if set, numeric and at most
-/// [`MAX_TOKENS`]; anything else is skipped.
+/// `MAX_TOKENS`; anything else is skipped.
 #[must_use]
 pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
     let text = headers.get(name?)?.to_str().ok()?.trim();

@@ -1,7 +1,7 @@
 //! Judging a rollout stage: the guardrails over the live table's windows.
 //!
 //! Owns: taking both cohorts' samples from the live table over the same
-//! window, asking [`stats`](super::stats) for a verdict on each configured
+//! window, asking [`stats`] for a verdict on each configured
 //! guardrail, summing them up (any failure fails; else any inconclusive
 //! waits; else pass), counting each guardrail's failed looks in a row
 //! against `failure_limit`, and wording the rollback reason. Does not own
