@@ -277,19 +277,29 @@ fn keyed_toml_error(text: &str, error: &serde_path_to_error::Error<toml::de::Err
 
 /// `message` prefixed with the key that `path` names under `prefix`
 /// (`listen.workers: ...`, `rollout.failure_limit: ...`), or with `prefix`
-/// alone when it is about the whole document.
+/// alone when it is about the whole document. An unknown field is named by
+/// the message itself, so that message is prefixed with the object the
+/// field is in (`stages[1]`), not with the field's own name a second time.
 pub(crate) fn keyed(
     prefix: &str,
     path: &serde_path_to_error::Path,
     message: impl fmt::Display,
 ) -> String {
-    let key = match (prefix, path.to_string()) {
-        (prefix, root) if root == "." => prefix.to_owned(),
-        ("", key) => key,
-        (prefix, key) => format!("{prefix}.{key}"),
-    };
+    use serde_path_to_error::Segment;
+    let message = message.to_string();
+    let mut segments: Vec<&Segment> = path.iter().collect();
+    if message.starts_with("unknown field") {
+        segments.pop();
+    }
+    let mut key = prefix.to_owned();
+    for segment in segments {
+        if !key.is_empty() && !matches!(segment, Segment::Seq { .. }) {
+            key.push('.');
+        }
+        key.push_str(&segment.to_string());
+    }
     if key.is_empty() {
-        message.to_string()
+        message
     } else {
         format!("{key}: {message}")
     }
@@ -1309,5 +1319,33 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("100y").is_ok());
         assert!(parse_duration("101y").unwrap_err().contains("longer than"));
+    }
+    #[test]
+    fn a_key_names_where_the_problem_is_and_an_unknown_field_once() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Step {
+            #[allow(dead_code)]
+            weight: u32,
+        }
+        #[derive(Debug, Deserialize)]
+        struct Plan {
+            #[allow(dead_code)]
+            steps: Vec<Step>,
+        }
+        let message = |json: &str| {
+            let mut json = serde_json::Deserializer::from_str(json);
+            let error = serde_path_to_error::deserialize::<_, Plan>(&mut json).unwrap_err();
+            keyed("plan", error.path(), error.inner())
+        };
+        assert!(
+            message(r#"{"steps": [{"weight": 1}, {"weight": "x"}]}"#)
+                .starts_with("plan.steps[1].weight: invalid type"),
+        );
+        assert!(
+            message(r#"{"steps": [{"weight": 1, "wait": 2}]}"#)
+                .starts_with("plan.steps[0]: unknown field `wait`"),
+        );
+        assert!(message(r#"{"steps": 1}"#).starts_with("plan.steps: invalid type"));
     }
 }

@@ -19,6 +19,14 @@ async fn refused(what: &str, bytes: &[u8], status: u16) {
     let reply = raw_exchange(server.proxy_addr(), bytes).await;
     assert_eq!(reply.status, status, "{what}: {reply:?}");
     assert_eq!(stable.hits(), 0, "{what}: the upstream saw a request");
+    // A request refused unread pins no one to a cohort.
+    assert!(
+        !reply
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("set-cookie")),
+        "{what}: {reply:?}"
+    );
 }
 
 #[tokio::test]

@@ -148,6 +148,10 @@ impl Proxy {
                 }
             }
             Err(error) => {
+                // A request refused unread pins no one to a cohort.
+                if matches!(error, ProxyError::BadRequest(_)) {
+                    new_cookie = None;
+                }
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
