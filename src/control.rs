@@ -373,12 +373,7 @@ impl Control {
         let mut current = self.lock();
         if digest == current.saved.versions_digest {
             current.policy = policy;
-            self.table.store(build(
-                &current.saved.live,
-                &current.policy,
-                Some(&self.table.snapshot()),
-                true,
-            ));
+            self.install(&current.saved.live, &current.policy);
             tracing::info!("config reloaded; [versions] unchanged, the live state stays");
             return Ok(current.saved.live.clone());
         }
@@ -394,12 +389,7 @@ impl Control {
         self.store.write(Some(before.generation), &next)?;
         current.saved = next;
         current.policy = policy;
-        self.table.store(build(
-            &current.saved.live,
-            &current.policy,
-            Some(&self.table.snapshot()),
-            true,
-        ));
+        self.install(&current.saved.live, &current.policy);
         self.publish(&current.saved.live);
         self.write_audit(
             "reseed",
@@ -413,6 +403,13 @@ impl Control {
             "config reloaded; [versions] changed, re-seeded"
         );
         Ok(current.saved.live.clone())
+    }
+
+    /// Swaps in the route table for `live`, carrying over the current
+    /// table's unchanged versions (see [`build`]).
+    fn install(&self, live: &LiveState, policy: &Arc<Policy>) {
+        self.table
+            .store(build(live, policy, Some(&self.table.snapshot()), true));
     }
 
     /// Makes `live` known: the table's gauges, then whoever watches [`Control::changes`].
@@ -444,14 +441,8 @@ impl Control {
             live: next,
         };
         let swap_first = action == "rollback";
-        let previous_table = self.table.snapshot();
         if swap_first {
-            self.table.store(build(
-                &next.live,
-                &current.policy,
-                Some(&previous_table),
-                true,
-            ));
+            self.install(&next.live, &current.policy);
         }
         if let Err(error) = self.store.write(Some(before.generation), &next) {
             if swap_first {
@@ -463,12 +454,7 @@ impl Control {
             return Err(error.into());
         }
         if !swap_first {
-            self.table.store(build(
-                &next.live,
-                &current.policy,
-                Some(&previous_table),
-                true,
-            ));
+            self.install(&next.live, &current.policy);
         }
         current.saved = next;
         self.publish(&current.saved.live);
