@@ -219,11 +219,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         Arc::clone(&upstream_tls),
         stopped(&shutdown),
     ));
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::clone(&admin),
-        stopped(&shutdown),
-    ));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin)));
     admin.ready.store(true, Ordering::Release);
     Ok(Server {
         proxy_addr,
@@ -359,8 +355,6 @@ impl Server {
         }
     }
 
-    /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),
-    /// then stops the admin listener.
     /// Applies a reloaded `[listen]` and `[upstream]`: when they differ from
     /// the running workers', starts a new generation of workers on the same
     /// listening sockets (or on new ones, when `listen.addr` changed), then
@@ -411,6 +405,9 @@ impl Server {
         Ok(true)
     }
 
+    /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),
+    /// then stops the admin listener, which answers through the drain
+    /// (`/ready` with 503).
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);

@@ -30,7 +30,8 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
     let slow = SlowBackend::start(STABLE).await;
     let server = cohort(&[slow.addr], None, "").await;
     let proxy = server.proxy_addr();
-    let admin = Http::new(server.admin_addr());
+    let admin_addr = server.admin_addr();
+    let admin = Http::new(admin_addr);
     assert_eq!(admin.get("/ready", &[]).await.status, 200);
 
     let in_flight = tokio::spawn(async move {
@@ -46,9 +47,13 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
         !stopping.is_finished(),
         "shutdown must wait for the request the upstream still holds"
     );
-    // Still answering while it drains, and not ready: a load balancer moves on.
+    // Still answering while it drains, on new connections too, and not
+    // ready: a load balancer moves on, and an operator can still act.
     assert_eq!(admin.get("/ready", &[]).await.status, 503);
-    assert_eq!(admin.get("/health", &[]).await.status, 200);
+    let fresh = Http::new(admin_addr);
+    assert_eq!(fresh.get("/ready", &[]).await.status, 503);
+    assert_eq!(fresh.get("/health", &[]).await.status, 200);
+    assert_eq!(fresh.get("/metrics", &[]).await.status, 200);
     assert!(!in_flight.is_finished());
 
     slow.release();

@@ -19,7 +19,6 @@
 mod handlers;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -225,20 +224,19 @@ fn bearer_credentials(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
 }
 
-/// Serves the admin endpoints until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+/// Serves the admin endpoints for as long as the task runs. It runs
+/// through the proxy's drain, so that `/ready` can say 503, `/metrics` can
+/// be scraped and a rollback can still be ordered; the server stops it
+/// once the drain is over.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let builder = hyper::server::conn::http1::Builder::new();
-    tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                continue;
+            }
         };
         let admin = Arc::clone(&admin);
         let service = service_fn(move |req| {
