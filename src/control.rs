@@ -5,7 +5,8 @@
 //! reload the config), the
 //! rollback latch, and the order each change is made in: check, persist
 //! (state file, then audit log), swap the table, publish metrics and tell
-//! the watchers of [`Control::changes`]. Changes are
+//! the watchers of [`Control::changes`]. A rollback swaps first, and one
+//! the state file refused is saved again until it takes. Changes are
 //! serialised by one lock, so two admin calls never interleave. Does not own:
 //! HTTP (`admin`), the file format (`state`), or routing (`routing`).
 
@@ -39,6 +40,11 @@ pub enum ControlError {
     /// The change could not be made durable, so it was not made.
     #[error(transparent)]
     Persist(#[from] StateError),
+    /// A rollback is live but could not be saved; saving it is retried.
+    #[error(
+        "rolled back, but the state could not be saved ({0}); saving is retried every second and before any other change"
+    )]
+    Unsaved(StateError),
 }
 
 /// Where one key lands under the live table (`GET /admin/route`).
@@ -68,6 +74,20 @@ pub struct Control {
 struct Current {
     saved: SavedState,
     policy: Arc<Policy>,
+    /// A change that is live but not yet in the state file: a rollback
+    /// takes effect even when saving it fails (see [`Control::change`]).
+    unsaved: Option<Unsaved>,
+}
+
+/// What is needed to finish a change that a failed write left in memory.
+#[derive(Debug)]
+struct Unsaved {
+    /// The generation the state file still holds.
+    on_disk: u64,
+    action: &'static str,
+    before: LiveState,
+    reason: Option<String>,
+    source: &'static str,
 }
 
 impl Control {
@@ -90,7 +110,11 @@ impl Control {
             store,
             audit,
             changes: watch::Sender::new(saved.live.generation),
-            current: Mutex::new(Current { saved, policy }),
+            current: Mutex::new(Current {
+                saved,
+                policy,
+                unsaved: None,
+            }),
         }
     }
 
@@ -334,7 +358,7 @@ impl Control {
     /// A change made by the rollout controller (progress, weight, status).
     pub fn rollout_change(
         &self,
-        action: &str,
+        action: &'static str,
         reason: Option<&str>,
         edit: impl FnOnce(&mut LiveState),
     ) -> Result<LiveState, ControlError> {
@@ -371,6 +395,7 @@ impl Control {
         let policy = Arc::new(Policy::from_config(config));
         let digest = crate::state::versions_digest(&config.versions);
         let mut current = self.lock();
+        self.save_unsaved(&mut current)?;
         if digest == current.saved.versions_digest {
             current.policy = policy;
             self.install(&current.saved.live, &current.policy);
@@ -423,12 +448,13 @@ impl Control {
     /// so traffic leaves the canary even if the disk is slow or failing.
     fn change(
         &self,
-        action: &str,
+        action: &'static str,
         reason: Option<&str>,
         source: &'static str,
         edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         let mut current = self.lock();
+        self.save_unsaved(&mut current)?;
         let before = current.saved.live.clone();
         let mut next = before.clone();
         edit(&mut next)?;
@@ -445,13 +471,22 @@ impl Control {
             self.install(&next.live, &current.policy);
         }
         if let Err(error) = self.store.write(Some(before.generation), &next) {
-            if swap_first {
-                // Traffic is already off the canary: keep it so, in memory at least.
-                tracing::error!(%error, "rolled back, but the state could not be saved");
-                current.saved = next;
-                self.publish(&current.saved.live);
+            if !swap_first {
+                return Err(error.into());
             }
-            return Err(error.into());
+            // Traffic is already off the canary: keep it so, in memory, and
+            // keep trying to save it, so that a restart cannot undo it.
+            tracing::error!(%error, "rolled back, but the state could not be saved; retrying");
+            current.saved = next;
+            current.unsaved = Some(Unsaved {
+                on_disk: before.generation,
+                action,
+                before,
+                reason: reason.map(str::to_owned),
+                source,
+            });
+            self.publish(&current.saved.live);
+            return Err(ControlError::Unsaved(error));
         }
         if !swap_first {
             self.install(&next.live, &current.policy);
@@ -460,6 +495,51 @@ impl Control {
         self.publish(&current.saved.live);
         self.write_audit(action, Some(&before), &current.saved.live, reason, source);
         Ok(current.saved.live.clone())
+    }
+
+    /// Saves a live state that a failed write left in memory only, if
+    /// any, and audits the change that made it. Run before every change,
+    /// so the state file never skips one, and every second (see
+    /// [`Control::keep_saved`]).
+    fn save_unsaved(&self, current: &mut Current) -> Result<(), ControlError> {
+        let Some(unsaved) = &current.unsaved else {
+            return Ok(());
+        };
+        self.store.write(Some(unsaved.on_disk), &current.saved)?;
+        if let Some(unsaved) = current.unsaved.take() {
+            tracing::info!(
+                generation = current.saved.live.generation,
+                "the state that could not be saved is saved now"
+            );
+            self.write_audit(
+                unsaved.action,
+                Some(&unsaved.before),
+                &current.saved.live,
+                unsaved.reason.as_deref(),
+                unsaved.source,
+            );
+        }
+        Ok(())
+    }
+
+    /// Retries saving a live state that a failed write left in memory
+    /// only, every second until `stop` resolves.
+    pub async fn keep_saved(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut stop => return,
+            }
+            let mut current = self.lock();
+            if current.unsaved.is_some()
+                && let Err(error) = self.save_unsaved(&mut current)
+            {
+                tracing::warn!(%error, "the live state is still not saved");
+            }
+        }
     }
 
     fn write_audit(

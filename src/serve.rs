@@ -219,6 +219,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         Arc::clone(&upstream_tls),
         stopped(&shutdown),
     ));
+    tokio::spawn(Arc::clone(&control).keep_saved(stopped(&shutdown)));
     let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin)));
     admin.ready.store(true, Ordering::Release);
     Ok(Server {

@@ -4,7 +4,8 @@
 //! a restart with the same config keeps the live state; an edited
 //! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
 //! file stops the start with a message naming the file; `--reset-state`
-//! re-seeds; every audit line is JSON with time, action, before, after,
+//! re-seeds; a rollback the disk refused stays live and is saved once the
+//! disk allows; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
 
@@ -12,9 +13,11 @@ mod support;
 
 use std::path::PathBuf;
 
-use serde_json::Value;
+use http::Method;
+use serde_json::{Value, json};
 use support::{
-    AdminApi, Backend, CANARY, Http, Process, STABLE, audit_lines, config, key_on, predicted,
+    AdminApi, Backend, CANARY, Http, Process, STABLE, audit_lines, config, eventually, key_on,
+    predicted,
 };
 
 /// A config file for `cohort serve`, next to its state file and audit log.
@@ -252,4 +255,84 @@ async fn a_corrupt_state_file_stops_the_start_until_reset() {
     assert_eq!(last["action"], "reset", "{last}");
     assert_eq!(last["before"]["canary"]["weight"], 80.0, "{last}");
     assert_eq!(again.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let first = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    admin.set_weight(40.0, false).await;
+    let saved = || -> Value {
+        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
+            .expect("the state file is JSON")
+    };
+    assert_eq!(saved()["status"], "steady");
+
+    // A directory where the temporary file goes: every write fails, even as root.
+    let blocker = files
+        .state
+        .with_file_name(format!("state.json.tmp.{}", first.pid()));
+    assert!(
+        files.state.ends_with("state.json"),
+        "{}",
+        files.state.display()
+    );
+    std::fs::create_dir(&blocker).expect("create the blocker");
+
+    let reply = admin
+        .call(
+            Method::POST,
+            "/admin/rollback",
+            json!({"reason": "disk full"}),
+        )
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("rolled back, but the state could not be saved")),
+        "{reply:?}"
+    );
+    // Live at once, though not on disk yet.
+    let state = admin.state().await;
+    assert_eq!(
+        (&state["status"], &state["canary"]["weight"]),
+        (&"rolled_back".into(), &0.0.into()),
+        "{state}"
+    );
+    assert_eq!(saved()["status"], "steady");
+    // No other change may overtake the unsaved one.
+    let reply = admin
+        .call(
+            Method::PUT,
+            "/admin/weight",
+            json!({"weight": 5, "force": true}),
+        )
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+    assert_eq!(admin.state().await["status"], "rolled_back");
+
+    // Once the disk takes writes again, the rollback is saved without being asked.
+    std::fs::remove_dir(&blocker).expect("remove the blocker");
+    eventually("the rollback to reach the state file", || {
+        saved()["status"] == "rolled_back"
+    })
+    .await;
+    let last = files.last_audit();
+    assert_eq!(
+        (&last["action"], &last["source"], &last["reason"]),
+        (&"rollback".into(), &"api".into(), &"disk full".into()),
+        "{last}"
+    );
+
+    // And a restart keeps it.
+    first.kill9().await;
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&second).await;
+    assert_eq!(weight, 0.0, "{state}");
+    assert_eq!(state["status"], "rolled_back", "{state}");
+    assert_eq!(second.stop().await, Some(0));
 }

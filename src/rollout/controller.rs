@@ -513,7 +513,7 @@ impl Rollouts {
         }
     }
 
-    fn save_or_end(&self, progress: &Progress, action: &str) -> Result<(), Phase> {
+    fn save_or_end(&self, progress: &Progress, action: &'static str) -> Result<(), Phase> {
         self.still_ours(&mut progress.clone())?;
         self.save(progress, action, None)
             .map(|_| ())
@@ -527,7 +527,7 @@ impl Rollouts {
     fn save(
         &self,
         progress: &Progress,
-        action: &str,
+        action: &'static str,
         reason: Option<&str>,
     ) -> Result<LiveState, ControlError> {
         let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
