@@ -4,8 +4,9 @@
 //! the config's `[rollout]` table) that `POST /admin/rollout` takes and the
 //! state file keeps: a TOML plan (bare, or under `[rollout]`), or a YAML
 //! `kind: AgentRelease` manifest, whose `rollout:` section is mapped onto
-//! the same keys. Does not own validation (`config::rollout_from_json`) or
-//! running the plan (`controller`).
+//! the same keys (a manifest guardrail without its one bound, `min` or
+//! `max`, is refused here, as the mapping cannot carry it). Does not own
+//! validation (`config::rollout_from_json`) or running the plan (`controller`).
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -71,21 +72,46 @@ struct ManifestStage {
     pause: Option<bool>,
 }
 
+/// Each guardrail takes the one bound that makes sense for it, so a floor
+/// written as a ceiling (or no bound at all) is refused by its key rather
+/// than dropped, which would leave the rollout unguarded.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ManifestGuardrails {
-    task_success_rate: Option<Bound>,
-    p95_latency_ms: Option<Bound>,
-    token_spend_delta: Option<Bound>,
-    eval_score: Option<Bound>,
+    #[serde(default, deserialize_with = "present")]
+    task_success_rate: Option<Floor>,
+    #[serde(default, deserialize_with = "present")]
+    p95_latency_ms: Option<Ceiling>,
+    #[serde(default, deserialize_with = "present")]
+    token_spend_delta: Option<Ceiling>,
+    #[serde(default, deserialize_with = "present")]
+    eval_score: Option<Floor>,
     confidence: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Bound {
-    min: Option<f64>,
-    max: Option<f64>,
+#[serde(deny_unknown_fields, expecting = "a lower bound such as { min: 0.9 }")]
+struct Floor {
+    min: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an upper bound such as { max: 8000 }"
+)]
+struct Ceiling {
+    max: f64,
+}
+
+/// A guardrail written with no value at all (`p95_latency_ms:`) is refused
+/// like one without its bound, not read as absent.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 fn from_manifest(text: &str) -> Result<Value, PlanError> {
@@ -119,14 +145,11 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
             guardrails.insert(key.to_owned(), json!(v));
         }
     };
-    put("success_rate_min", g.task_success_rate.and_then(|b| b.min));
-    put("p95_latency_ms_max", g.p95_latency_ms.and_then(|b| b.max));
+    put("success_rate_min", g.task_success_rate.map(|b| b.min));
+    put("p95_latency_ms_max", g.p95_latency_ms.map(|b| b.max));
     // A spend delta of 0.15 allows the canary 15% more tokens per request.
-    put(
-        "tokens_ratio_max",
-        g.token_spend_delta.and_then(|b| b.max).map(|d| 1.0 + d),
-    );
-    put("eval_score_min", g.eval_score.and_then(|b| b.min));
+    put("tokens_ratio_max", g.token_spend_delta.map(|b| 1.0 + b.max));
+    put("eval_score_min", g.eval_score.map(|b| b.min));
     put("confidence", g.confidence);
     let mut plan = Map::new();
     plan.insert("stages".into(), Value::Array(stages));
@@ -230,6 +253,90 @@ rollout:
         assert!((plan.guardrails.tokens_ratio_max.unwrap() - 1.15).abs() < 1e-9);
         assert_eq!(plan.guardrails.eval_score_min, Some(0.9));
         assert!(document("kind: Deployment\n").is_err());
+    }
+
+    #[test]
+    fn a_guardrail_without_its_own_bound_is_refused_by_its_key() {
+        let manifest = |guardrail: &str| {
+            format!(
+                "kind: AgentRelease\nrollout:\n  stages:\n    - {{ traffic: 1, duration: 30m }}\n  \
+                 guardrails:\n    task_success_rate: {{ min: 0.97 }}\n    {guardrail}\n"
+            )
+        };
+        let refused = |guardrail: &str| match document(&manifest(guardrail)) {
+            Err(error) => error.to_string(),
+            Ok(plan) => panic!("{guardrail:?} was taken as {plan}"),
+        };
+        // A bound on the wrong side.
+        let error = refused("p95_latency_ms: { min: 100 }");
+        assert!(
+            error
+                .contains("rollout.guardrails.p95_latency_ms: unknown field `min`, expected `max`"),
+            "{error}"
+        );
+        assert!(error.contains("line 7"), "{error}");
+        let error = refused("eval_score: { max: 0.2 }");
+        assert!(
+            error.contains("rollout.guardrails.eval_score: unknown field `max`, expected `min`"),
+            "{error}"
+        );
+        // Both sides, no bound, no value.
+        let error = refused("token_spend_delta: { min: 0, max: 0.15 }");
+        assert!(
+            error.contains("rollout.guardrails.token_spend_delta: unknown field `min`"),
+            "{error}"
+        );
+        let error = refused("p95_latency_ms: {}");
+        assert!(
+            error.contains("rollout.guardrails.p95_latency_ms: missing field `max`"),
+            "{error}"
+        );
+        let error = refused("eval_score:");
+        assert!(
+            error.contains("rollout.guardrails.eval_score: missing field `min`"),
+            "{error}"
+        );
+        let error = refused("eval_score: 0.9");
+        assert!(
+            error.contains(
+                "rollout.guardrails.eval_score: invalid type: floating point `0.9`, \
+                 expected a lower bound such as { min: 0.9 }"
+            ),
+            "{error}"
+        );
+        // The right bound is still taken.
+        let plan = rollout_from_json(document(&manifest("eval_score: { min: 0.8 }")).unwrap());
+        assert_eq!(plan.unwrap().guardrails.eval_score_min, Some(0.8));
+    }
+
+    #[test]
+    fn a_toml_plans_guardrail_with_the_wrong_bound_is_refused_by_its_key() {
+        let plan = |guardrails: &str| {
+            format!(
+                "stages = [ {{ weight = 1, duration = \"30m\" }} ]\n[guardrails]\n{guardrails}\n"
+            )
+        };
+        for (guardrails, key) in [
+            (
+                "p95_latency_ms_min = 100",
+                "rollout.guardrails.p95_latency_ms_min",
+            ),
+            ("eval_score_max = 0.2", "rollout.guardrails.eval_score_max"),
+            (
+                "p95_latency_ms = { min = 100 }",
+                "rollout.guardrails.p95_latency_ms",
+            ),
+        ] {
+            match rollout_from_json(document(&plan(guardrails)).unwrap()) {
+                Err(error) => assert!(
+                    error
+                        .to_string()
+                        .contains(&format!("{key}: is not a known key")),
+                    "{guardrails}: {error}"
+                ),
+                Ok(plan) => panic!("{guardrails:?} was taken as {plan:?}"),
+            }
+        }
     }
 
     #[test]
