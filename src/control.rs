@@ -222,9 +222,12 @@ impl Control {
         result
     }
 
-    /// Makes the canary the stable version; there is no canary after.
-    pub fn promote(&self) -> Result<LiveState, ControlError> {
-        self.change("promote", None, "api", |live| {
+    /// Makes the canary the stable version; there is no canary after. A
+    /// canary none of whose upstreams has passed a health check would take
+    /// every user to upstreams not known to answer: only `force` promotes it.
+    /// `source` is who asked, for the audit log (`api`, `rollout`).
+    pub fn promote(&self, force: bool, source: &'static str) -> Result<LiveState, ControlError> {
+        self.change("promote", None, source, |live| {
             let canary = live
                 .canary
                 .take()
@@ -235,6 +238,17 @@ impl Control {
                     "the canary was rolled back; install a new canary instead of promoting it"
                         .into(),
                 ));
+            }
+            let table = self.table.snapshot();
+            let never_healthy = table.canary.as_ref().is_some_and(|c| {
+                c.version.name == canary.name && !c.version.health.iter().any(|h| h.is_healthy())
+            });
+            if never_healthy && !force {
+                let name = canary.name.clone();
+                live.canary = Some(canary);
+                return Err(ControlError::Conflict(format!(
+                    "no upstream of the canary {name:?} is healthy; send \"force\": true to promote it anyway"
+                )));
             }
             live.stable = VersionState {
                 name: canary.name,
@@ -253,12 +267,16 @@ impl Control {
         })
     }
 
-    /// Installs a new canary (replacing any), which clears the rollback latch.
+    /// Installs a new canary (replacing any), which clears the rollback
+    /// latch. The rolled-back version itself, installed again under the same
+    /// name, stays latched: at weight 0, or above it only with `force`, so a
+    /// pipeline that re-applies the same release cannot re-expose it.
     pub fn install_canary(
         &self,
         name: &str,
         upstreams: &[String],
         weight: Weight,
+        force: bool,
     ) -> Result<LiveState, ControlError> {
         check_version_name(name).map_err(|m| ControlError::Invalid(format!("name: {m}")))?;
         let upstreams = parse_upstreams(upstreams)?;
@@ -273,13 +291,22 @@ impl Control {
                     "{name:?} is the shadow's name"
                 )));
             }
+            let latched = live.status == Status::RolledBack
+                && live.canary.as_ref().is_some_and(|c| c.name == name);
+            if latched && weight > Weight::ZERO && !force {
+                return Err(ControlError::Conflict(format!(
+                    "the canary {name:?} was rolled back; install a new version, or send \"force\": true to expose it again"
+                )));
+            }
             live.rollout = None;
             live.canary = Some(CanaryState {
                 name: name.to_owned(),
                 upstreams,
                 weight: weight.percent(),
             });
-            live.status = Status::Steady;
+            if !latched || weight > Weight::ZERO {
+                live.status = Status::Steady;
+            }
             Ok(())
         })
     }
@@ -405,7 +432,7 @@ impl Control {
         let before = current.saved.live.clone();
         let next = SavedState {
             versions_digest: digest,
-            live: LiveState::seed(
+            live: before.reseed(
                 &config.versions,
                 config.shadow.as_ref(),
                 before.generation + 1,

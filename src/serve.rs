@@ -31,7 +31,7 @@ use crate::rollout::webhook::Webhooks;
 use crate::signals::{Signal, Signals};
 use crate::state::audit::AuditLog;
 use crate::state::file::FileStore;
-use crate::state::{self, Origin, Source, StateError};
+use crate::state::{self, LiveState, Origin, Source, StateError};
 use crate::table::{Policy, Table};
 use crate::tls::{self, ServerTls, TlsError};
 use crate::upstream;
@@ -93,6 +93,7 @@ pub struct Server {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     control: Arc<Control>,
+    rollouts: Arc<Rollouts>,
     admin: Arc<Admin>,
     tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
@@ -166,16 +167,17 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
                 .unwrap_or_default(),
         ),
     );
-    match origin {
-        // A saved rollout carries on where it stopped.
-        Origin::Restored => rollouts.resume(),
-        // A canary fresh from the config starts the config's plan, if any.
-        _ if config.rollout.is_some() && config.versions.canary.is_some() => {
-            if let Err(error) = rollouts.start(None) {
-                tracing::error!(%error, "cannot start the configured rollout");
-            }
-        }
-        _ => {}
+    // A saved rollout carries on where it stopped; a canary fresh from the
+    // config starts the config's plan, if any.
+    let resumed = rollouts.resume();
+    let fresh =
+        origin == Origin::Reset || new_canary(previous.as_ref().map(|p| &p.live), &control.state());
+    if !resumed
+        && fresh
+        && config.rollout.is_some()
+        && let Err(error) = rollouts.start(None)
+    {
+        tracing::error!(%error, "cannot start the configured rollout");
     }
     let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
     let admin_listener = bind("admin.addr", config.admin.addr).await?;
@@ -198,7 +200,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     let admin = Arc::new(Admin::new(
         metrics,
         Arc::clone(&control),
-        rollouts,
+        Arc::clone(&rollouts),
         token,
         config.admin.metrics_auth,
     ));
@@ -226,6 +228,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         proxy_addr,
         admin_addr,
         control,
+        rollouts,
         admin,
         tls: server_tls,
         shutdown,
@@ -253,7 +256,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
                 Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
             },
             Signal::Reload => {
-                reload_config(&mut server, path);
+                reload_config(&mut server, path).await;
                 // The certificate files are read again whether or not the config changed.
                 match server.reload_tls() {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),
@@ -271,13 +274,25 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// SIGHUP's config half: a config that fails to load or apply changes nothing.
-fn reload_config(server: &mut Server, path: &Path) {
+/// SIGHUP's config half: a config that fails to load or apply changes
+/// nothing. A new canary from the reloaded config starts its `[rollout]`
+/// plan, as on a start.
+async fn reload_config(server: &mut Server, path: &Path) {
     match Config::load(path) {
         Ok(config) => {
-            if let Err(error) = server.control.reload(&config) {
-                tracing::error!(%error, "config reload failed; the old one keeps running");
-                return;
+            let before = server.control.state();
+            let after = match server.control.reload(&config) {
+                Ok(after) => after,
+                Err(error) => {
+                    tracing::error!(%error, "config reload failed; the old one keeps running");
+                    return;
+                }
+            };
+            let plan = config.rollout.as_ref().map(plan::to_document);
+            let start_plan = plan.is_some() && new_canary(Some(&before), &after);
+            server.rollouts.set_default_plan(plan);
+            if start_plan && let Err(error) = server.rollouts.start_configured().await {
+                tracing::error!(%error, "cannot start the configured rollout");
             }
             match server.reload_workers(&config) {
                 Ok(true) => tracing::info!(
@@ -422,6 +437,16 @@ impl Server {
         }
         self.admin_task.abort();
     }
+}
+
+/// Whether `after` has a canary that `before` did not (by name): a new
+/// release, which the config's rollout plan takes in hand.
+fn new_canary(before: Option<&LiveState>, after: &LiveState) -> bool {
+    let before = before.and_then(|b| b.canary.as_ref()).map(|c| &c.name);
+    after
+        .canary
+        .as_ref()
+        .is_some_and(|canary| before != Some(&canary.name))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

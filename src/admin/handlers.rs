@@ -39,13 +39,24 @@ struct RollbackBody {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an object {\"name\", \"upstreams\", \"weight\"}"
+    expecting = "an object {\"name\", \"upstreams\", \"weight\", \"force\"}"
 )]
 struct CanaryBody {
     name: String,
     upstreams: Vec<String>,
     #[serde(default)]
     weight: Option<f64>,
+    /// Exposes again, above weight 0, the version that was rolled back.
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object {\"force\"}")]
+struct PromoteBody {
+    /// Promotes a canary none of whose upstreams is healthy.
+    #[serde(default)]
+    force: bool,
 }
 
 pub async fn weight(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
@@ -66,9 +77,8 @@ pub async fn rollback(control: &Control, req: Request<Incoming>) -> Result<LiveS
 }
 
 pub async fn promote(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
-    // No body is expected; one that is there must at least be an empty object.
-    let _: Option<Empty> = read_json(req).await?;
-    Ok(control.promote()?)
+    let body: PromoteBody = read_json(req).await?.unwrap_or_default();
+    Ok(control.promote(body.force, "api")?)
 }
 
 pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
@@ -82,7 +92,7 @@ pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveSta
         Some(w) => Weight::from_percent(w)
             .map_err(|m| AdminError::Unprocessable(format!("weight: {m}")))?,
     };
-    Ok(control.install_canary(&body.name, &body.upstreams, weight)?)
+    Ok(control.install_canary(&body.name, &body.upstreams, weight, body.force)?)
 }
 
 #[derive(Debug, Deserialize)]

@@ -121,8 +121,9 @@ struct Inbox {
 #[derive(Debug)]
 pub struct Rollouts {
     control: Arc<Control>,
-    /// The `[rollout]` plan from the config, used when a start names none.
-    default_plan: Option<Value>,
+    /// The `[rollout]` plan from the config, used when a start names none;
+    /// replaced when the config is reloaded.
+    default_plan: Mutex<Option<Value>>,
     webhooks: Webhooks,
     running: Mutex<Option<mpsc::Sender<Command>>>,
     /// The latest outside judgement per version (`POST /admin/signals`).
@@ -138,7 +139,7 @@ impl Rollouts {
     ) -> Arc<Rollouts> {
         Arc::new(Rollouts {
             control,
-            default_plan,
+            default_plan: Mutex::new(default_plan),
             webhooks,
             running: Mutex::new(None),
             eval_scores: Mutex::new(HashMap::new()),
@@ -147,7 +148,7 @@ impl Rollouts {
 
     /// Starts `plan` (or the config's) for the installed canary.
     pub fn start(self: &Arc<Self>, plan: Option<Value>) -> Result<LiveState, ControlError> {
-        let document = plan.or_else(|| self.default_plan.clone()).ok_or_else(|| {
+        let document = plan.or_else(|| self.default_plan()).ok_or_else(|| {
             ControlError::Invalid("no plan given and the config has no [rollout]".into())
         })?;
         let plan = rollout_from_json(document.clone()).map_err(|e| match e {
@@ -196,18 +197,14 @@ impl Rollouts {
         Ok(state)
     }
 
-    /// Resumes a rollout the live state says was running when the process stopped.
-    pub fn resume(self: &Arc<Self>) {
-        let Some(progress) = self
-            .control
-            .state()
-            .rollout
-            .and_then(|v| serde_json::from_value::<Progress>(v).ok())
-        else {
-            return;
+    /// Resumes a rollout the live state says was running when the process
+    /// stopped; returns whether there was one to resume.
+    pub fn resume(self: &Arc<Self>) -> bool {
+        let Some(progress) = self.progress() else {
+            return false;
         };
         if !progress.phase.is_active() {
-            return;
+            return false;
         }
         match rollout_from_json(progress.plan.clone()) {
             Ok(plan) => {
@@ -222,6 +219,36 @@ impl Rollouts {
                 tracing::error!(%error, "the saved rollout plan is no longer valid; not resuming")
             }
         }
+        true
+    }
+
+    /// Takes the `[rollout]` plan of a reloaded config as the default.
+    pub fn set_default_plan(&self, plan: Option<Value>) {
+        *self.default_plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
+    }
+
+    /// Starts the config's plan for a canary that a reloaded config just
+    /// installed, once the rollout that the new canary ended (if any) has
+    /// recorded its end, which it does as soon as it sees the change.
+    pub async fn start_configured(self: &Arc<Self>) -> Result<LiveState, ControlError> {
+        let previous = self.running().clone();
+        if let Some(previous) = previous {
+            let ended = tokio::time::timeout(Duration::from_secs(5), previous.closed()).await;
+            if ended.is_err() {
+                return Err(ControlError::Conflict(
+                    "the previous rollout has not ended; start the new one with POST /admin/rollout"
+                        .into(),
+                ));
+            }
+        }
+        self.start(None)
+    }
+
+    fn default_plan(&self) -> Option<Value> {
+        self.default_plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Passes the approval gate of a paused rollout. The rollout's task
@@ -462,9 +489,11 @@ impl Rollouts {
                     .rollback(&reason, source)
                     .and_then(|_| self.save(&progress, action, Some(&reason)))
             }
+            // The plan's guardrails have judged the canary on real traffic,
+            // which stands in for the health check a promotion asks for.
             Phase::Promoted => self
                 .save(&progress, "rollout_done", None)
-                .and_then(|_| self.control.promote()),
+                .and_then(|_| self.control.promote(true, "rollout")),
             Phase::Held => self.control.rollout_change("rollout_done", None, |live| {
                 live.status = Status::Steady;
                 live.rollout = serde_json::to_value(&progress).ok();

@@ -142,6 +142,38 @@ impl LiveState {
         }
     }
 
+    /// The state an edited `[versions]` section describes, keeping what
+    /// the edit did not decide. When the canary is still the same version
+    /// (the same name), its rollback latch holds (weight 0) and a running
+    /// rollout runs on at the weight it set: a config's canary weight is
+    /// where a new canary starts, and an edit elsewhere in the section
+    /// (another stable upstream) must not move users between versions. The
+    /// last rollback is kept as history.
+    #[must_use]
+    pub fn reseed(
+        &self,
+        versions: &VersionsConfig,
+        shadow: Option<&ShadowConfig>,
+        generation: u64,
+    ) -> LiveState {
+        let mut next = LiveState::seed(versions, shadow, generation);
+        next.last_rollback = self.last_rollback.clone();
+        if let (Some(before), Some(canary)) = (&self.canary, &mut next.canary)
+            && before.name == canary.name
+        {
+            next.rollout = self.rollout.clone();
+            match self.status {
+                Status::RolledBack => canary.weight = 0.0,
+                Status::Progressing | Status::Paused => canary.weight = before.weight,
+                Status::Steady => {}
+            }
+            if self.status != Status::Steady {
+                next.status = self.status;
+            }
+        }
+        next
+    }
+
     /// The canary's weight in basis points (0 without a canary).
     #[must_use]
     pub fn weight(&self) -> Weight {
@@ -274,9 +306,14 @@ pub fn restore(
         None if reset => (Origin::Reset, store.load().ok().flatten()),
         None => (Origin::Seeded, None),
     };
+    let generation = next_generation(&previous);
+    let live = match (&previous, origin) {
+        (Some(previous), Origin::Reseeded) => previous.live.reseed(versions, shadow, generation),
+        _ => LiveState::seed(versions, shadow, generation),
+    };
     let seeded = SavedState {
         versions_digest: digest,
-        live: LiveState::seed(versions, shadow, next_generation(&previous)),
+        live,
     };
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
     Ok((seeded, origin, previous))
