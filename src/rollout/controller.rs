@@ -176,15 +176,25 @@ impl Rollouts {
                 "the canary was rolled back; install a new canary to roll it out".into(),
             ));
         }
+        // The first stage takes effect with the start, so that the answer
+        // shows it; the rollout's task then carries on from there.
+        let (phase, weight, time_left_ms) = match plan.stages.first() {
+            Some(Stage::Weight { weight, duration }) => (
+                Phase::Progressing,
+                weight.percent(),
+                Some(millis(*duration)),
+            ),
+            Some(Stage::Pause) | None => (Phase::Paused, canary.weight, None),
+        };
         let progress = Progress {
             plan: document,
             canary: canary.name.clone(),
-            phase: Phase::Progressing,
+            phase,
             stage: 0,
             stages: plan.stages.len(),
-            weight: canary.weight,
+            weight,
             stage_elapsed_ms: 0,
-            time_left_ms: None,
+            time_left_ms,
             consecutive_failures: 0,
             failure_runs: judge::FailureRuns::new(),
             consecutive_inconclusive: 0,
@@ -253,7 +263,7 @@ impl Rollouts {
 
     /// Passes the approval gate of a paused rollout. The rollout's task
     /// records it, the one writer of a running rollout's progress, and
-    /// answers with the state after it.
+    /// answers with the state once the stage after the gate is in effect.
     pub async fn approve(&self) -> Result<LiveState, ControlError> {
         let not_paused = || ControlError::Conflict("no rollout is waiting for approval".into());
         if !self.progress().is_some_and(|p| p.phase == Phase::Paused) {
@@ -336,11 +346,18 @@ impl Rollouts {
 
     /// The stage machine. Returns when the rollout ends, however it ends.
     async fn run(self: Arc<Self>, plan: RolloutConfig, mut progress: Progress, mut inbox: Inbox) {
+        // An approval is answered once the stage after the gate is in
+        // effect, so the answer shows where the rollout went.
+        let mut approval = None;
         while progress.stage < plan.stages.len() {
             let outcome = match plan.stages[progress.stage] {
-                Stage::Pause => self.pause(&plan, &mut progress, &mut inbox).await,
+                Stage::Pause => {
+                    self.pause(&plan, &mut progress, &mut inbox, &mut approval)
+                        .await
+                }
                 Stage::Weight { weight, duration } => {
-                    self.weight_stage(&plan, &mut progress, weight.percent(), duration, &mut inbox)
+                    let stage = (weight.percent(), duration);
+                    self.weight_stage(&plan, &mut progress, stage, &mut inbox, &mut approval)
                         .await
                 }
             };
@@ -352,7 +369,10 @@ impl Rollouts {
                     progress.failure_runs.clear();
                     progress.consecutive_inconclusive = 0;
                 }
-                Err(ending) => return self.end(progress, ending),
+                Err(ending) => {
+                    self.end(progress, ending);
+                    return self.answer(&mut approval);
+                }
             }
         }
         let end = match plan.on_success {
@@ -360,6 +380,15 @@ impl Rollouts {
             OnSuccess::Hold => Phase::Held,
         };
         self.end(progress, end.into());
+        self.answer(&mut approval);
+    }
+
+    /// Answers a waiting approval with the live state.
+    fn answer(&self, approval: &mut Option<Reply>) {
+        if let Some(reply) = approval.take() {
+            // The caller may have given up waiting; the approval stands.
+            let _ = reply.send(Ok(self.control.state()));
+        }
     }
 
     async fn pause(
@@ -367,11 +396,13 @@ impl Rollouts {
         plan: &RolloutConfig,
         progress: &mut Progress,
         inbox: &mut Inbox,
+        approval: &mut Option<Reply>,
     ) -> Result<(), Ending> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
         self.save_or_end(progress, "rollout_pause")?;
         self.webhooks.send("pause", &self.control.state());
+        self.answer(approval);
         loop {
             tokio::select! {
                 // A command first: an abort must not pass for a change made outside.
@@ -379,9 +410,8 @@ impl Rollouts {
                 command = inbox.commands.recv() => match command {
                     Some(Command::Approve(reply)) => {
                         progress.phase = Phase::Progressing;
+                        *approval = Some(reply);
                         self.save_or_end(progress, "rollout_approve")?;
-                        // The caller may have given up waiting; the approval stands.
-                        let _ = reply.send(Ok(self.control.state()));
                         return Ok(());
                     }
                     Some(Command::Abort { reason, reply }) => {
@@ -399,9 +429,9 @@ impl Rollouts {
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
-        weight: f64,
-        duration: Duration,
+        (weight, duration): (f64, Duration),
         inbox: &mut Inbox,
+        approval: &mut Option<Reply>,
     ) -> Result<(), Ending> {
         progress.phase = Phase::Progressing;
         progress.weight = weight;
@@ -409,6 +439,7 @@ impl Rollouts {
         progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
         self.save_or_end(progress, "rollout_stage")?;
         self.webhooks.send("stage", &self.control.state());
+        self.answer(approval);
         let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
