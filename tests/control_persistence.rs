@@ -336,3 +336,64 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     assert_eq!(state["status"], "rolled_back", "{state}");
     assert_eq!(second.stop().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reseed_moves_no_user_of_the_same_canary() {
+    let stable = Backend::start(STABLE).await;
+    let other_stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 40, duration = \"1h\" } ]\n";
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), plan));
+
+    // A running rollout of v2, at its stage's 40%.
+    let first = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&first).await;
+    assert_eq!((weight, &state["status"]), (40.0, &"progressing".into()));
+    assert_eq!(first.stop().await, Some(0));
+
+    // Another stable upstream: the rollout carries on where it was.
+    files.rewrite(
+        &format!("upstreams = [\"{}\"]", stable.addr),
+        &format!(
+            "upstreams = [\"{}\", \"{}\"]",
+            stable.addr, other_stable.addr
+        ),
+    );
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&second).await;
+    assert_eq!(weight, 40.0, "{state}");
+    assert_eq!(state["status"], "progressing", "{state}");
+    assert_eq!(state["rollout"]["phase"], "progressing", "{state}");
+    assert_eq!(
+        state["stable"]["upstreams"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(files.last_audit()["action"], "reseed");
+    let key = key_on(CANARY, 40.0, CANARY, "kept");
+    let reply = Http::new(second.proxy)
+        .get("/", &[("x-user-id", &key)])
+        .await;
+    assert_eq!(reply.version(), CANARY);
+
+    // Rolled back, then the config's weight edited: the latch holds.
+    AdminApi::new(second.admin).rollback("bad answers").await;
+    assert_eq!(second.stop().await, Some(0));
+    files.rewrite("weight = 10\n", "weight = 20\n");
+    let third = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&third).await;
+    assert_eq!(weight, 0.0, "{state}");
+    assert_eq!(state["status"], "rolled_back", "{state}");
+    assert_eq!(state["last_rollback"]["reason"], "bad answers", "{state}");
+    assert_eq!(third.stop().await, Some(0));
+
+    // A new version in the config is a new canary: the config's plan starts
+    // for it, and the last rollback stays on record.
+    files.rewrite(&format!("name = \"{CANARY}\""), "name = \"v3\"");
+    let fourth = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&fourth).await;
+    assert_eq!(weight, 40.0, "{state}");
+    assert_eq!(state["canary"]["name"], "v3", "{state}");
+    assert_eq!(state["status"], "progressing", "{state}");
+    assert_eq!(state["last_rollback"]["reason"], "bad answers", "{state}");
+    assert_eq!(fourth.stop().await, Some(0));
+}
