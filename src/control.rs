@@ -382,14 +382,16 @@ impl Control {
         value
     }
 
-    /// A change made by the rollout controller (progress, weight, status).
+    /// A change made by the rollout controller (progress, weight, status),
+    /// by itself (`source` = `rollout`) or on an operator's command.
     pub fn rollout_change(
         &self,
         action: &'static str,
         reason: Option<&str>,
+        source: &'static str,
         edit: impl FnOnce(&mut LiveState),
     ) -> Result<LiveState, ControlError> {
-        self.change(action, reason, "rollout", |live| {
+        self.change(action, reason, source, |live| {
             edit(live);
             Ok(())
         })

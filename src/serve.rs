@@ -175,7 +175,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     if !resumed
         && fresh
         && config.rollout.is_some()
-        && let Err(error) = rollouts.start(None)
+        && let Err(error) = rollouts.start(None, "start")
     {
         tracing::error!(%error, "cannot start the configured rollout");
     }

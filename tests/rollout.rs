@@ -1190,3 +1190,89 @@ async fn agent_release_manifest_drives_a_rollout_through_ctl() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_audit_log_says_who_moved_a_rollout() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(
+        &[stable.addr],
+        Some((&[canary.addr], 0.0)),
+        &rollout_table(
+            "on_success = \"promote\"\nstages = [ { weight = 1, duration = \"1s\" } ]",
+            "",
+        ),
+    );
+    let audit_log = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .audit_log;
+    let server = start_cohort(&text).await;
+    let admin = AdminApi::new(server.admin_addr());
+    // The canary came from the config, so the config's plan started on its own.
+    wait_state(&admin, "the configured rollout", |s| {
+        rollout_phase(s) == "progressing"
+    })
+    .await;
+    let aborted = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
+
+    // Then one through the API, passed by an operator, promoted by itself.
+    let body = json!({"name": "v3", "upstreams": [canary.addr.to_string()], "weight": 0});
+    let installed = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    let plan = json!({
+        "interval": INTERVAL,
+        "on_success": "promote",
+        "stages": [{"pause": true}, {"weight": 10, "duration": "200ms"}],
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    wait_state(&admin, "the promotion", |s| s["stable"]["name"] == "v3").await;
+
+    let sources: Vec<(String, String)> = support::audit_lines(&audit_log)
+        .iter()
+        .map(|l| {
+            let text = |field: &str| l[field].as_str().unwrap_or_default().to_owned();
+            (text("action"), text("source"))
+        })
+        .collect();
+    let source_of = |action: &str| -> BTreeSet<&str> {
+        sources
+            .iter()
+            .filter(|(a, _)| a == action)
+            .map(|(_, s)| s.as_str())
+            .collect()
+    };
+    assert_eq!(
+        source_of("rollout_start"),
+        BTreeSet::from(["start", "api"]),
+        "{sources:?}"
+    );
+    assert_eq!(
+        source_of("rollout_approve"),
+        BTreeSet::from(["api"]),
+        "{sources:?}"
+    );
+    assert_eq!(
+        source_of("rollback"),
+        BTreeSet::from(["api"]),
+        "{sources:?}"
+    );
+    assert_eq!(
+        source_of("rollout_stage"),
+        BTreeSet::from(["rollout"]),
+        "{sources:?}"
+    );
+    assert_eq!(
+        source_of("promote"),
+        BTreeSet::from(["rollout"]),
+        "{sources:?}"
+    );
+}

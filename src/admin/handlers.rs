@@ -159,7 +159,7 @@ pub async fn rollout_start(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let plan: Option<serde_json::Value> = read_json(req).await?;
-    Ok(rollouts.start(plan)?)
+    Ok(rollouts.start(plan, "api")?)
 }
 
 #[derive(Debug, Deserialize)]

@@ -30,6 +30,9 @@ use crate::table::Status;
 /// The audit action of a rollout's first save.
 const START: &str = "rollout_start";
 
+/// The audit source of what a rollout does by itself.
+const BY_ROLLOUT: &str = "rollout";
+
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,8 +149,13 @@ impl Rollouts {
         })
     }
 
-    /// Starts `plan` (or the config's) for the installed canary.
-    pub fn start(self: &Arc<Self>, plan: Option<Value>) -> Result<LiveState, ControlError> {
+    /// Starts `plan` (or the config's) for the installed canary; `source`
+    /// says who asked, for the audit log (`api`, `start`, `signal`).
+    pub fn start(
+        self: &Arc<Self>,
+        plan: Option<Value>,
+        source: &'static str,
+    ) -> Result<LiveState, ControlError> {
         let document = plan.or_else(|| self.default_plan()).ok_or_else(|| {
             ControlError::Invalid("no plan given and the config has no [rollout]".into())
         })?;
@@ -202,7 +210,7 @@ impl Rollouts {
             last_evaluation: Vec::new(),
             reason: None,
         };
-        let state = self.save(&progress, START, None)?;
+        let state = self.save(&progress, START, source, None)?;
         *running = Some(self.spawn(plan, progress));
         Ok(state)
     }
@@ -251,7 +259,7 @@ impl Rollouts {
                 ));
             }
         }
-        self.start(None)
+        self.start(None, "signal")
     }
 
     fn default_plan(&self) -> Option<Value> {
@@ -400,7 +408,7 @@ impl Rollouts {
     ) -> Result<(), Ending> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
-        self.save_or_end(progress, "rollout_pause")?;
+        self.save_or_end(progress, "rollout_pause", BY_ROLLOUT)?;
         self.webhooks.send("pause", &self.control.state());
         self.answer(approval);
         loop {
@@ -411,7 +419,7 @@ impl Rollouts {
                     Some(Command::Approve(reply)) => {
                         progress.phase = Phase::Progressing;
                         *approval = Some(reply);
-                        self.save_or_end(progress, "rollout_approve")?;
+                        self.save_or_end(progress, "rollout_approve", "api")?;
                         return Ok(());
                     }
                     Some(Command::Abort { reason, reply }) => {
@@ -437,7 +445,7 @@ impl Rollouts {
         progress.weight = weight;
         let started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
         progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
-        self.save_or_end(progress, "rollout_stage")?;
+        self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
         self.webhooks.send("stage", &self.control.state());
         self.answer(approval);
         let mut next_look = Instant::now() + plan.interval;
@@ -488,7 +496,7 @@ impl Rollouts {
                 ));
                 return Err(Phase::RolledBack.into());
             }
-            self.save_or_end(progress, "rollout_evaluation")?;
+            self.save_or_end(progress, "rollout_evaluation", BY_ROLLOUT)?;
             // A stage ends only on a passing evaluation: an inconclusive one waits.
             if elapsed >= duration && verdict == Verdict::Pass {
                 return Ok(());
@@ -518,24 +526,28 @@ impl Rollouts {
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
                 self.control
                     .rollback(&reason, source)
-                    .and_then(|_| self.save(&progress, action, Some(&reason)))
+                    .and_then(|_| self.save(&progress, action, source.as_str(), Some(&reason)))
             }
             // The plan's guardrails have judged the canary on real traffic,
             // which stands in for the health check a promotion asks for.
             Phase::Promoted => self
-                .save(&progress, "rollout_done", None)
+                .save(&progress, "rollout_done", BY_ROLLOUT, None)
                 .and_then(|_| self.control.promote(true, "rollout")),
-            Phase::Held => self.control.rollout_change("rollout_done", None, |live| {
-                live.status = Status::Steady;
-                live.rollout = serde_json::to_value(&progress).ok();
-            }),
+            Phase::Held => self
+                .control
+                .rollout_change("rollout_done", None, BY_ROLLOUT, |live| {
+                    live.status = Status::Steady;
+                    live.rollout = serde_json::to_value(&progress).ok();
+                }),
             // A superseded rollout only records that.
-            Phase::Superseded | Phase::Progressing | Phase::Paused => {
-                self.control
-                    .rollout_change("rollout_end", progress.reason.as_deref(), |live| {
-                        live.rollout = serde_json::to_value(&progress).ok();
-                    })
-            }
+            Phase::Superseded | Phase::Progressing | Phase::Paused => self.control.rollout_change(
+                "rollout_end",
+                progress.reason.as_deref(),
+                BY_ROLLOUT,
+                |live| {
+                    live.rollout = serde_json::to_value(&progress).ok();
+                },
+            ),
         };
         match &result {
             Ok(state) => {
@@ -573,9 +585,14 @@ impl Rollouts {
         }
     }
 
-    fn save_or_end(&self, progress: &Progress, action: &'static str) -> Result<(), Phase> {
+    fn save_or_end(
+        &self,
+        progress: &Progress,
+        action: &'static str,
+        source: &'static str,
+    ) -> Result<(), Phase> {
         self.still_ours(&mut progress.clone())?;
-        self.save(progress, action, None)
+        self.save(progress, action, source, None)
             .map(|_| ())
             .map_err(|error| {
                 tracing::error!(%error, "cannot save the rollout's progress");
@@ -588,10 +605,11 @@ impl Rollouts {
         &self,
         progress: &Progress,
         action: &'static str,
+        source: &'static str,
         reason: Option<&str>,
     ) -> Result<LiveState, ControlError> {
         let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
-        self.control.rollout_change(action, reason, |live| {
+        self.control.rollout_change(action, reason, source, |live| {
             if progress.phase.is_active() {
                 // Checked again under the state's lock: a rollback, promote or
                 // new canary since `still_ours` must not be undone by this
