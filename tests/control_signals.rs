@@ -5,7 +5,8 @@
 //! request without dropping an open keep-alive connection; SIGHUP with a
 //! moved listener and new upstream settings starts new workers while a
 //! request in flight finishes on the old ones; SIGHUP with an invalid config
-//! is refused in the log while the old config keeps serving.
+//! is refused in the log while the old config keeps serving; SIGHUP with a
+//! new canary starts the config's rollout plan for it.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -251,6 +252,40 @@ async fn sighup_moves_the_listener_and_lets_requests_in_flight_finish() {
         tokio::net::TcpStream::connect(old).await.is_err()
     })
     .await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_new_canary_starts_the_configured_rollout() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 5, duration = \"1h\" } ]\n";
+    let text = config(&[stable.addr], Some((&[canary.addr], 30.0)), plan);
+    let (path, audit) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    assert_eq!(admin.state().await["rollout"]["canary"], CANARY);
+
+    // The next release in the config: its rollout starts at the plan's
+    // first stage, not at the config's weight.
+    let edited = text.replacen(&format!("name = \"{CANARY}\""), "name = \"v3\"", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&path, edited).expect("edit the config");
+    process.signal("HUP");
+    eventually_async("the new canary's rollout", || async {
+        admin.state().await["rollout"]["canary"] == "v3"
+    })
+    .await;
+    let state = admin.state().await;
+    assert_eq!(state["canary"]["name"], "v3", "{state}");
+    assert_eq!(state["canary"]["weight"], 5.0, "{state}");
+    assert_eq!(state["status"], "progressing", "{state}");
+    let started = audit_lines(&audit)
+        .into_iter()
+        .filter(|l| l["action"] == "rollout_start")
+        .last()
+        .expect("an audit line for the start");
+    assert_eq!(started["source"], "signal", "{started}");
     assert_eq!(process.stop().await, Some(0));
 }
 
