@@ -3,7 +3,8 @@
 //! Owns: checking, over real sockets, that active probes take a dead
 //! upstream out of rotation and let it back in, that a canary installed at
 //! run time is gated until its first good probe (its cohort served by
-//! stable, or answered 503 with `canary_unavailable = "error"`), as is one
+//! stable, or answered 503 with `canary_unavailable = "error"`, and no
+//! promotion without `force`), as is one
 //! restored from the state file on a restart (probed before the first
 //! request, so a live one keeps its users), and that
 //! health shows in `cohort_upstream_healthy` (for the versions in the
@@ -253,6 +254,15 @@ async fn a_canary_is_gated_until_its_first_good_probe() {
         state_health(&server, "canary", canary.addr).await,
         Some(false)
     );
+    // Nor can it be promoted, which would send everyone there, unless forced.
+    let refused = admin(&server, Method::POST, "/admin/promote", "").await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("healthy") && e.contains("force")),
+        "{refused:?}"
+    );
 
     // Once something answers there, the first good probe opens the gate.
     canary.restart().await;
@@ -271,6 +281,36 @@ async fn a_canary_is_gated_until_its_first_good_probe() {
     );
     let reply = client.get("/", &[("x-user", &on_stable)]).await;
     assert_eq!(reply.version(), STABLE);
+    let promoted = admin(&server, Method::POST, "/admin/promote", "").await;
+    assert_eq!(promoted.status, StatusCode::OK, "{promoted:?}");
+    assert_eq!(promoted.json()["stable"]["name"], "v2-gated");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_canary_that_never_answered_is_promoted_only_by_force() {
+    let stable = Backend::start("stable").await;
+    let dead = support::dead_addr().await;
+    let server = support::cohort(&[stable.addr], None, FAST_HEALTH).await;
+    let body = format!(r#"{{"name": "v2-dead", "upstreams": ["{dead}"], "weight": 10}}"#);
+    let installed = admin(&server, Method::PUT, "/admin/canary", &body).await;
+    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    let refused = admin(&server, Method::POST, "/admin/promote", "{}").await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
+    let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+    assert_eq!(state["stable"]["name"], STABLE, "{state}");
+    assert_eq!(state["canary"]["name"], "v2-dead", "{state}");
+
+    let forced = admin(
+        &server,
+        Method::POST,
+        "/admin/promote",
+        r#"{"force": true}"#,
+    )
+    .await;
+    assert_eq!(forced.status, StatusCode::OK, "{forced:?}");
+    assert_eq!(forced.json()["stable"]["name"], "v2-dead");
+    assert!(forced.json()["canary"].is_null());
     server.shutdown().await;
 }
 
