@@ -41,12 +41,13 @@ impl FileStore {
                 });
             }
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StateError::Corrupt {
-                path: self.path.display().to_string(),
-                message: e.to_string(),
-            })
+        let corrupt = |message: String| StateError::Corrupt {
+            path: self.path.display().to_string(),
+            message,
+        };
+        let saved: SavedState = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        saved.live.check().map_err(corrupt)?;
+        Ok(Some(saved))
     }
 }
 

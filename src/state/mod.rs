@@ -13,7 +13,7 @@ pub mod file;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ShadowConfig, VersionConfig, VersionsConfig};
+use crate::config::{ShadowConfig, VersionConfig, VersionsConfig, check_version_name};
 use crate::routing::Weight;
 use crate::table::Status;
 use crate::upstream::UpstreamAddr;
@@ -172,6 +172,51 @@ impl LiveState {
             }
         }
         next
+    }
+
+    /// Checks what the type does not: a state file edited by hand, or
+    /// written by something else, must describe a table the proxy can
+    /// serve, or the start stops. Names the first field that is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let version = |field: &str, name: &str, upstreams: &[UpstreamAddr]| {
+            check_version_name(name).map_err(|m| format!("{field}.name: {m}"))?;
+            if upstreams.is_empty() {
+                return Err(format!("{field}.upstreams: must name at least one upstream"));
+            }
+            Ok(())
+        };
+        let share = |field: &str, percent: f64| {
+            Weight::from_percent(percent)
+                .map(|_| ())
+                .map_err(|m| format!("{field}: {m}"))
+        };
+        version("stable", &self.stable.name, &self.stable.upstreams)?;
+        if let Some(canary) = &self.canary {
+            version("canary", &canary.name, &canary.upstreams)?;
+            share("canary.weight", canary.weight)?;
+            if canary.name == self.stable.name {
+                return Err(format!(
+                    "canary.name: {:?} is the stable version's name",
+                    canary.name
+                ));
+            }
+        } else if self.status != Status::Steady {
+            let status = serde_json::to_value(self.status).unwrap_or_default();
+            return Err(format!("status: {status} needs a canary"));
+        }
+        if let Some(shadow) = &self.shadow {
+            version("shadow", &shadow.name, &shadow.upstreams)?;
+            share("shadow.percent", shadow.percent)?;
+            let taken = self.stable.name == shadow.name
+                || self.canary.as_ref().is_some_and(|c| c.name == shadow.name);
+            if taken {
+                return Err(format!(
+                    "shadow.name: {:?} is another version's name",
+                    shadow.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The canary's weight in basis points (0 without a canary).
@@ -410,5 +455,29 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["state.json"]);
+    }
+    #[test]
+    fn a_state_file_that_describes_no_servable_table_is_refused_by_field() {
+        let (store, path) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false).unwrap();
+        let text = serde_json::to_value(&saved).unwrap();
+        let edits: [(&str, serde_json::Value, &str); 5] = [
+            ("/canary/weight", 500.into(), "canary.weight"),
+            ("/stable/upstreams", serde_json::json!([]), "stable.upstreams"),
+            ("/canary/name", "v1".into(), "canary.name"),
+            ("/stable/name", "has space".into(), "stable.name"),
+            ("/canary", serde_json::Value::Null, "status"),
+        ];
+        for (pointer, value, field) in edits {
+            let mut edited = text.clone();
+            if pointer == "/canary" {
+                edited["status"] = "rolled_back".into();
+            }
+            *edited.pointer_mut(pointer).unwrap() = value;
+            std::fs::write(&path, edited.to_string()).unwrap();
+            let error = store.load().unwrap_err().to_string();
+            assert!(error.contains(&format!("{field}:")), "{pointer}: {error}");
+            assert!(error.contains("--reset-state"), "{error}");
+        }
     }
 }
