@@ -1,8 +1,8 @@
 //! The admin API over HTTP, against a real proxy on loopback.
 //!
 //! Owns: authentication with a token from `admin.token_file`, every error
-//! path of SPEC section 3 (400, 401, 404, 405, 409, 422, each with a body of
-//! exactly `{"error": "..."}`), the rollback latch and what clears it,
+//! path of SPEC section 3 (400, 401 with its `Bearer` challenge, 404, 405,
+//! 409, 413, 422, each with a body of exactly `{"error": "..."}`), the rollback latch and what clears it,
 //! `GET /admin/route` against `place()`, and a monotone ramp through the API
 //! observed through real requests. Does not own: `cohort ctl`
 //! (`control_ctl`), load (`control_load`), restarts (`control_persistence`),
@@ -62,6 +62,20 @@ fn error_text(reply: &Reply, status: u16) -> String {
     text.to_owned()
 }
 
+/// Asserts `reply` is a 401 with the error body and the challenge of
+/// RFC 6750 section 3, which tells the client the scheme to answer with.
+fn unauthorized(reply: &Reply) {
+    error_text(reply, 401);
+    assert_eq!(
+        reply
+            .headers
+            .get("www-authenticate")
+            .map(|v| v.to_str().expect("a printable challenge")),
+        Some("Bearer"),
+        "{reply:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_admin_api_requires_the_configured_token() {
     let stable = Backend::start(STABLE).await;
@@ -72,19 +86,18 @@ async fn the_admin_api_requires_the_configured_token() {
     let http = Http::new(server.admin_addr());
 
     for client in [&anonymous, &wrong] {
-        error_text(&client.raw(Method::GET, "/admin/state", "").await, 401);
+        unauthorized(&client.raw(Method::GET, "/admin/state", "").await);
         let change = client
             .call(Method::PUT, "/admin/weight", json!({"weight": 90}))
             .await;
-        error_text(&change, 401);
-        error_text(
+        unauthorized(&change);
+        unauthorized(
             &client
                 .call(Method::POST, "/admin/rollback", json!({}))
                 .await,
-            401,
         );
         // Unknown admin paths are behind the token too: nothing is revealed.
-        error_text(&client.raw(Method::GET, "/admin/nothing", "").await, 401);
+        unauthorized(&client.raw(Method::GET, "/admin/nothing", "").await);
     }
     // The right token in the wrong scheme is no token.
     let basic = http
@@ -93,7 +106,7 @@ async fn the_admin_api_requires_the_configured_token() {
             &[("authorization", &format!("Basic {TOKEN}"))],
         )
         .await;
-    error_text(&basic, 401);
+    unauthorized(&basic);
 
     // None of the refused calls changed anything.
     let state = admin.state().await;
@@ -211,6 +224,13 @@ async fn bad_bodies_are_400_and_values_out_of_range_422() {
         )
         .await;
     error_text(&reply, 400);
+    assert_eq!(admin.state().await["generation"], before["generation"]);
+
+    // A body over the limit is too large, not malformed, and changes nothing.
+    let huge = json!({"reason": "x".repeat(70 * 1024)});
+    let reply = admin.call(Method::POST, "/admin/rollback", huge).await;
+    let text = error_text(&reply, 413);
+    assert!(text.contains("64 KiB"), "{text}");
     assert_eq!(admin.state().await["generation"], before["generation"]);
 
     // An unknown field is refused by name, on every endpoint that takes a body.

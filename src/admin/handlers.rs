@@ -2,10 +2,11 @@
 //!
 //! Owns: the request bodies of SPEC section 3 (a JSON object each; unknown
 //! or repeated fields, wrong types and bad JSON a 400 that names the field,
-//! out-of-range values a 422). Does not own the effects.
+//! out-of-range values a 422, a body over 64 KiB a 413). Does not own the
+//! effects.
 
 use http::Request;
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -193,7 +194,13 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option
     let bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
-        .map_err(|e| AdminError::BadRequest(format!("cannot read the body: {e}")))?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                AdminError::PayloadTooLarge(MAX_BODY_BYTES)
+            } else {
+                AdminError::BadRequest(format!("cannot read the body: {e}"))
+            }
+        })?
         .to_bytes();
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);

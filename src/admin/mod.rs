@@ -12,8 +12,9 @@
 //!   `POST /admin/signals`: the control plane, behind
 //!   `Authorization: Bearer <token>` when a token is configured.
 //!
-//! Owns: the admin accept loop, authentication, the one `match` on (method,
-//! path), and the JSON error shape. Does not own what the calls do
+//! Owns: the admin accept loop, authentication (a 401 carries the
+//! `WWW-Authenticate: Bearer` challenge), the one `match` on (method, path),
+//! and the JSON error shape. Does not own what the calls do
 //! (`control`, via `handlers`).
 
 mod handlers;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -65,6 +66,8 @@ pub enum AdminError {
     MethodNotAllowed { method: Method, allow: &'static str },
     #[error("{0}")]
     Conflict(String),
+    #[error("the body is over the {} KiB limit of admin requests", .0 / 1024)]
+    PayloadTooLarge(usize),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -79,6 +82,7 @@ impl AdminError {
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -123,9 +127,17 @@ impl Admin {
                 error.status(),
                 &serde_json::json!({ "error": error.to_string() }),
             );
-            if let AdminError::MethodNotAllowed { allow, .. } = error {
-                rsp.headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static(allow));
+            match error {
+                AdminError::MethodNotAllowed { allow, .. } => {
+                    rsp.headers_mut()
+                        .insert(ALLOW, HeaderValue::from_static(allow));
+                }
+                // The challenge names the scheme to answer with (RFC 6750 section 3).
+                AdminError::Unauthorized => {
+                    rsp.headers_mut()
+                        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                }
+                _ => {}
             }
             rsp
         })
