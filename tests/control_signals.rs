@@ -282,8 +282,7 @@ async fn sighup_with_a_new_canary_starts_the_configured_rollout() {
     assert_eq!(state["status"], "progressing", "{state}");
     let started = audit_lines(&audit)
         .into_iter()
-        .filter(|l| l["action"] == "rollout_start")
-        .last()
+        .rfind(|l| l["action"] == "rollout_start")
         .expect("an audit line for the start");
     assert_eq!(started["source"], "signal", "{started}");
     assert_eq!(process.stop().await, Some(0));

@@ -181,7 +181,9 @@ impl LiveState {
         let version = |field: &str, name: &str, upstreams: &[UpstreamAddr]| {
             check_version_name(name).map_err(|m| format!("{field}.name: {m}"))?;
             if upstreams.is_empty() {
-                return Err(format!("{field}.upstreams: must name at least one upstream"));
+                return Err(format!(
+                    "{field}.upstreams: must name at least one upstream"
+                ));
             }
             Ok(())
         };
@@ -463,7 +465,11 @@ mod tests {
         let text = serde_json::to_value(&saved).unwrap();
         let edits: [(&str, serde_json::Value, &str); 5] = [
             ("/canary/weight", 500.into(), "canary.weight"),
-            ("/stable/upstreams", serde_json::json!([]), "stable.upstreams"),
+            (
+                "/stable/upstreams",
+                serde_json::json!([]),
+                "stable.upstreams",
+            ),
             ("/canary/name", "v1".into(), "canary.name"),
             ("/stable/name", "has space".into(), "stable.name"),
             ("/canary", serde_json::Value::Null, "status"),
