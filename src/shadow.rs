@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
+use crate::proxy::body::BodyProgress;
 use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Policy, Version};
@@ -91,6 +92,8 @@ pub struct TeeBody {
     /// `None` for an empty body.
     inner: Option<Incoming>,
     tap: Option<Tap>,
+    /// Told of every frame, when the proxy waits on the body (see [`TeeBody::progress`]).
+    progress: Option<Arc<BodyProgress>>,
 }
 
 /// The sending end of a copy's body.
@@ -110,7 +113,14 @@ impl TeeBody {
         TeeBody {
             inner: Some(inner),
             tap,
+            progress: None,
         }
+    }
+
+    /// How far the body has got from now on: the response timeout of a
+    /// request with a body counts from its last frame.
+    pub fn progress(&mut self) -> Arc<BodyProgress> {
+        Arc::clone(self.progress.get_or_insert_with(BodyProgress::new))
     }
 
     /// Passes `frame` to the copy; `false` when the copy must be abandoned.
@@ -150,6 +160,9 @@ impl Body for TeeBody {
             return Poll::Ready(None);
         };
         let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+        if let Some(progress) = &this.progress {
+            progress.moved();
+        }
         if let Some(tap) = &mut this.tap {
             let keep = match &frame {
                 Some(Ok(frame)) => Self::feed(tap, frame),

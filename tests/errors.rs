@@ -2,7 +2,8 @@
 //!
 //! Owns: 502 for an upstream that refuses connections or answers with
 //! something that is not HTTP, 504 for one that does not answer in
-//! `upstream.response_timeout`, the exact JSON body of SPEC section 2, the
+//! `upstream.response_timeout` (counted from the request body's last
+//! byte, so a long upload is not cut off), the exact JSON body of SPEC section 2, the
 //! version tag on errors, that one version's failure does not touch the
 //! other's traffic, that a refused connection moves on to the version's
 //! next upstream, that an idempotent request lost on a kept-alive
@@ -102,6 +103,48 @@ async fn a_slow_upstream_gives_504_after_the_response_timeout() {
     assert_error_body(&reply, "timeout", STABLE);
     assert_eq!(slow.hits(), 1, "the request did reach the upstream");
     slow.release();
+}
+
+#[tokio::test]
+async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_one_is() {
+    let stable = Backend::start(STABLE).await;
+    let upstream = "[upstream]\nresponse_timeout = \"1s\"\n";
+    let server = cohort(&[stable.addr], None, upstream).await;
+    let head = |length: usize| {
+        format!(
+            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: {length}\r\n\r\n"
+        )
+    };
+
+    // Twenty chunks 150 ms apart: three times the timeout in all, never
+    // a whole timeout without one.
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(head(20).as_bytes())
+        .await
+        .expect("send the head");
+    for _ in 0..20 {
+        // Pacing the upload is the point of the test, not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream.write_all(b"x").await.expect("send a chunk");
+    }
+    let answer = support::read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(stable.body_bytes_seen(), 20);
+
+    // A body that stops moving still times out, a timeout after its last byte.
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(head(20).as_bytes())
+        .await
+        .expect("send the head");
+    stream.write_all(b"xxxxx").await.expect("send a part");
+    let answer = support::read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
 
 #[tokio::test]

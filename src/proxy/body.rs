@@ -4,12 +4,16 @@
 //! whole), the proxy's own small bodies, and [`InFlight`], which holds a
 //! version's in-flight gauge from the request's start to the body's end (or
 //! the client's disconnect) and then records the response duration. Also
-//! ends a stream whose version was rolled back with `on_rollback = "close"`.
+//! ends a stream whose version was rolled back with `on_rollback = "close"`,
+//! and keeps [`BodyProgress`], how far a request body has got, which the
+//! response timeout counts from.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -53,6 +57,41 @@ impl InFlight {
     /// with `on_rollback = "close"`) after this one started.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
         self.version.closed_after(self.close_epoch)
+    }
+}
+
+/// When a request's body last moved towards the upstream. The response
+/// timeout counts from there: an upload that takes longer than the timeout
+/// is not cut off while it streams, and the wait for the response starts
+/// when the body has been sent (as nginx's `proxy_read_timeout` does). A
+/// body that stops moving for the timeout, because the client or the
+/// upstream stalled, still times out.
+#[derive(Debug)]
+pub struct BodyProgress {
+    created: Instant,
+    /// Nanoseconds from `created` to the last frame.
+    last_frame: AtomicU64,
+}
+
+impl BodyProgress {
+    #[must_use]
+    pub fn new() -> Arc<BodyProgress> {
+        Arc::new(BodyProgress {
+            created: Instant::now(),
+            last_frame: AtomicU64::new(0),
+        })
+    }
+
+    /// Records a frame passing now.
+    pub fn moved(&self) {
+        let since = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_frame.fetch_max(since, Ordering::Relaxed);
+    }
+
+    /// `timeout` after the last frame (or after the request, before any).
+    #[must_use]
+    pub fn deadline(&self, timeout: Duration) -> Instant {
+        self.created + Duration::from_nanos(self.last_frame.load(Ordering::Relaxed)) + timeout
     }
 }
 

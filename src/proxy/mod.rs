@@ -17,11 +17,13 @@ pub mod idle;
 pub mod listener;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
@@ -180,7 +182,8 @@ impl Proxy {
     /// or an idempotent one without a body that a new connection closed
     /// unanswered, goes on to the version's next available upstream, as
     /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
-    /// all within the one response timeout.
+    /// all within the one response timeout, which a request body still
+    /// streaming pushes back (see [`body::BodyProgress`]).
     async fn forward(
         &self,
         req: Request<TeeBody>,
@@ -200,19 +203,21 @@ impl Proxy {
             self.tls,
         );
         let response_timeout = table.policy.response_timeout;
-        let deadline = Instant::now() + response_timeout;
+        let mut deadline = Instant::now() + response_timeout;
+        let progress = (!req.body().is_end_stream()).then(|| req.body_mut().progress());
         let first = index;
         let result = loop {
             if trailers {
                 set_trailers(req.headers_mut(), upstream.protocol);
             }
             let sent = self.client.request(upstream, req);
-            let failed = match tokio::time::timeout_at(deadline, sent).await {
-                Ok(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
-                Ok(Err(failed)) => failed,
-                Err(_) => {
+            let waited = head_within(sent, &mut deadline, response_timeout, progress.as_deref());
+            let failed = match waited.await {
+                Some(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
+                Some(Err(failed)) => failed,
+                None => {
                     break Err(ProxyError::Timeout(format!(
-                        "no response headers within {response_timeout:?}"
+                        "no response headers within {response_timeout:?} of the request being sent"
                     )));
                 }
             };
@@ -239,6 +244,26 @@ impl Proxy {
         };
         version.health[index].record_outcome(ok, &table.policy.health);
         result
+    }
+}
+
+/// Waits for `sent` until `deadline`, which a request body that moved since
+/// pushes back to `timeout` after its last frame; `None` once it has passed.
+async fn head_within<F: Future>(
+    sent: F,
+    deadline: &mut Instant,
+    timeout: Duration,
+    progress: Option<&body::BodyProgress>,
+) -> Option<F::Output> {
+    tokio::pin!(sent);
+    loop {
+        if let Ok(output) = tokio::time::timeout_at(*deadline, &mut sent).await {
+            return Some(output);
+        }
+        match progress.map(|p| p.deadline(timeout)) {
+            Some(later) if later > *deadline => *deadline = later,
+            _ => return None,
+        }
     }
 }
 
