@@ -2,7 +2,8 @@
 //!
 //! Owns: the version header and `x-forwarded-*` on the upstream request, and
 //! the removal of hop-by-hop headers (the fixed list and those named in
-//! `Connection`) in both directions. Requests go as raw bytes so that the
+//! `Connection`) in both directions, the `Host` of an absolute-form
+//! request, and a response's stale `Content-Length` beside its chunks. Requests go as raw bytes so that the
 //! test, not a client library, decides exactly which headers are sent.
 //! Does not own: which version is chosen (`tests/routing.rs`).
 
@@ -152,4 +153,54 @@ async fn hop_by_hop_response_headers_do_not_reach_the_client() {
     assert_eq!(reply.header("x-kept"), Some("1"), "{:?}", reply.headers);
     assert_eq!(reply.header("x-agent-version"), Some(STABLE));
     assert_eq!(reply.json()["backend"], STABLE);
+}
+
+#[tokio::test]
+async fn the_authority_of_an_absolute_form_request_replaces_its_host() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET http://agent.example.com/chat HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let echo = reply.json();
+    assert_eq!(echo["uri"], "/chat", "{echo}");
+    let seen = |name: &str| -> Vec<String> {
+        echo["headers"]
+            .as_array()
+            .expect("the echo lists headers")
+            .iter()
+            .filter(|pair| pair[0] == name)
+            .map(|pair| pair[1].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(seen("host"), ["agent.example.com"], "{echo}");
+    assert_eq!(seen("x-forwarded-host"), ["agent.example.com"], "{echo}");
+}
+
+#[tokio::test]
+async fn a_chunked_response_with_a_stale_length_reaches_the_client_whole() {
+    // An upstream that sends both: the chunked body is five bytes, the length says three.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = support::read_head(&mut stream).await;
+                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\
+                              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
+            });
+        }
+    });
+    let server = cohort(&[addr], None, "").await;
+    let reply = raw_exchange(
+        server.proxy_addr(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, b"hello", "{reply:?}");
+    assert_ne!(reply.header("content-length"), Some("3"), "{reply:?}");
 }

@@ -126,6 +126,24 @@ async fn prior_knowledge_clients_are_routed_tagged_and_forwarded() {
     let cookies = reply.set_cookies();
     assert_eq!(cookies.len(), 1, "{reply:?}");
     assert!(!cookies[0].contains("Secure"), "{cookies:?}");
+    // Cookies sent one per field reach an HTTP/1.1 upstream as one field.
+    let (_, reply) = send_h2(
+        &mut h2,
+        get(
+            &url(&server, "/"),
+            &[
+                ("cookie", "a=1"),
+                ("cookie", "cohort_id=kept"),
+                ("cookie", "b=2"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        reply.seen("cookie"),
+        ["a=1; cohort_id=kept; b=2"],
+        "{reply:?}"
+    );
     server.shutdown().await;
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Owns: ambiguous framing (conflicting `Content-Length`s, `Content-Length`
 //! with `Transfer-Encoding` in either order), an oversized head, a
-//! malformed request line, and `CONNECT` (a tunnel to whatever the client
+//! malformed request line, no `Host` or two of them, and `CONNECT` (a tunnel to whatever the client
 //! names), each sent as raw bytes; the answer is a 4xx and
 //! the upstream's request counter stays at zero. Does not own: upstream
 //! failures (`tests/errors.rs`).
@@ -112,4 +112,30 @@ async fn a_malformed_request_line_gets_400() {
     ] {
         refused(&String::from_utf8_lossy(line), line, 400).await;
     }
+}
+
+#[tokio::test]
+async fn two_host_headers_are_refused() {
+    refused(
+        "two hosts",
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        400,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_http11_request_without_a_host_is_refused_and_an_http10_one_is_not() {
+    refused("no host", b"GET / HTTP/1.1\r\nx-user-id: a\r\n\r\n", 400).await;
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let reply = raw_exchange(server.proxy_addr(), b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // With a host in the request line, `Host` may be left out.
+    let reply = raw_exchange(
+        server.proxy_addr(),
+        b"GET http://a.example/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
 }

@@ -1,18 +1,20 @@
 //! What the proxy changes on the way through, and upgraded-connection tunnels.
 //!
 //! Owns: refusing request framing that could smuggle a second request (and
-//! `CONNECT`), stripping hop-by-hop headers both ways (and those named in
-//! `Connection`), the upstream request (origin-form URI, version header,
-//! `x-forwarded-*`, with the client's address as a [`Peer`]), the tokens
-//! header, and the byte tunnel of an upgraded connection. Does not own:
+//! `CONNECT`, and a missing or repeated `Host`), stripping hop-by-hop
+//! headers both ways (and those named in `Connection`), the upstream
+//! request (origin-form URI, `Host`, joined cookies, version header,
+//! `x-forwarded-*`, with the client's address as a [`Peer`]), a response's
+//! framing headers, the tokens header, and the byte tunnel of an upgraded
+//! connection. Does not own:
 //! choosing where to send (`routing`, `table`) or what a failure looks
 //! like (`error`).
 
 use std::net::SocketAddr;
 
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, Entry, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, COOKIE, Entry, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
@@ -85,6 +87,22 @@ pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<
         return Err(ProxyError::BadRequest("CONNECT is not forwarded"));
     }
     let headers = req.headers();
+    // Two parsers that pick different hosts route one request two ways
+    // (RFC 9112 section 3.2: 400 for none, or more than one, in HTTP/1.1).
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => {
+            return Err(ProxyError::BadRequest(
+                "a request must not carry two host headers",
+            ));
+        }
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request must carry a host header",
+            ));
+        }
+        _ => {}
+    }
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(ProxyError::BadRequest(
             "a request must not carry both content-length and transfer-encoding",
@@ -124,20 +142,23 @@ pub fn upstream_request<B>(
         .flatten();
     let (mut parts, body) = req.into_parts();
 
-    // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`;
-    // for a client that names neither, the upstream client names the
-    // upstream it connects to.
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // HTTP/2 clients name the host in the URI, HTTP/1.1 clients in `Host`,
+    // except in an absolute-form request line, whose authority replaces
+    // `Host` (RFC 9112 section 3.2.2); for a client that names neither, the
+    // upstream client names the upstream it connects to.
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let host = authority.or_else(|| parts.headers.get(HOST).cloned());
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        headers.entry(HOST).or_insert(host);
+        headers.insert(HOST, host);
     }
     append_forwarded_for(headers, peer);
     headers.insert(
@@ -162,6 +183,12 @@ pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
     let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| rsp.headers().get(UPGRADE).cloned())
         .flatten();
+    // The body was read by its transfer coding, so a length sent beside it
+    // is not the length of what follows; passed on, it would cut the body
+    // short (RFC 9112 section 6.3: Transfer-Encoding overrides it).
+    if rsp.headers().contains_key(TRANSFER_ENCODING) {
+        rsp.headers_mut().remove(CONTENT_LENGTH);
+    }
     strip_hop_by_hop(rsp.headers_mut());
     if let Some(upgrade) = upgrade {
         rsp.headers_mut()
@@ -276,6 +303,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if present {
             headers.remove(name);
         }
+    }
+}
+
+/// Joins the `cookie` fields an HTTP/2 client may send one per cookie into
+/// the one field an HTTP/1.1 server expects (RFC 9113 section 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let Entry::Occupied(mut cookies) = headers.entry(COOKIE) else {
+        return;
+    };
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let values: Vec<&[u8]> = cookies.iter().map(HeaderValue::as_bytes).collect();
+    let joined = values.join(&b"; "[..]);
+    // Joined valid values, with a separator that is valid too.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        // Replaces every value with the one.
+        cookies.insert(value);
     }
 }
 
