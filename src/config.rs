@@ -230,9 +230,20 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in syntax errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let syntax = |e: toml::de::Error| ConfigError::Syntax {
-            path: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        // One line, placed like a value of the wrong type, so that the
+        // reload log and `cohort check` print the same text:
+        // `duplicate key: found `name` (line 3, column 1)`.
+        let syntax = |e: toml::de::Error| {
+            let found = e
+                .span()
+                .and_then(|span| text.get(span))
+                .filter(|found| !found.is_empty() && found.len() <= 64 && !found.contains('\n'))
+                .map(|found| format!(": found `{found}`"))
+                .unwrap_or_default();
+            ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: format!("{}{found}{}", e.message().trim_end(), place(text, e.span())),
+            }
         };
         let document = toml::de::Deserializer::parse(text).map_err(syntax)?;
         // Unknown keys are collected, not fatal at once, so that they are
@@ -262,17 +273,20 @@ impl Config {
 /// `listen.workers: invalid type: string "one", expected usize (line 3, column 11)`.
 fn keyed_toml_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) -> String {
     let inner = error.inner();
-    let place = inner
-        .span()
-        .and_then(|span| text.get(..span.start))
+    let place = place(text, inner.span());
+    keyed("", error.path(), format!("{}{place}", inner.message()))
+}
+
+/// ` (line 3, column 11)`: where `span` starts in `text`; empty without a span.
+fn place(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.and_then(|span| text.get(..span.start))
         .map(|before| {
             let line_start = before.rfind('\n').map_or(0, |i| i + 1);
             let line = before.matches('\n').count() + 1;
             let column = before[line_start..].chars().count() + 1;
             format!(" (line {line}, column {column})")
         })
-        .unwrap_or_default();
-    keyed("", error.path(), format!("{}{place}", inner.message()))
+        .unwrap_or_default()
 }
 
 /// `message` prefixed with the key that `path` names under `prefix`

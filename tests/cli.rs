@@ -1,8 +1,9 @@
 //! The `cohort` binary, run as a process.
 //!
 //! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
-//! names every problem by its key), `cohort route` (the SPEC reference
-//! vectors), and `cohort serve` (answers on its port, exits 0 on SIGTERM).
+//! names every problem by its key; a syntax error is one placed line),
+//! `cohort route` (the SPEC reference vectors), and `cohort serve` (answers
+//! on its port, exits 0 on SIGTERM).
 //! Does not own: the behaviour behind these commands, which the library
 //! tests cover in depth.
 
@@ -139,6 +140,24 @@ fn check_fails_on_a_missing_file() {
     let output = cohort(&["check", "--config", "no/such/cohort.toml"]);
     assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
     assert!(printed(&output).contains("no/such/cohort.toml"));
+}
+
+#[test]
+fn check_places_a_syntax_error_on_one_line() {
+    let scratch = Scratch::new("syntax");
+    let path = scratch.write(
+        "broken.toml",
+        "[versions.stable]\nname = \"v1\"\nname = \"v2\"\nupstreams = [\"127.0.0.1:9001\"]\n",
+    );
+    let output = check(&path);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        format!(
+            "cohort: {}: duplicate key: found `name` (line 3, column 1)\n",
+            path.display()
+        )
+    );
 }
 
 #[test]

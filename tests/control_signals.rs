@@ -5,8 +5,9 @@
 //! request without dropping an open keep-alive connection; SIGHUP with a
 //! moved listener and new upstream settings starts new workers while a
 //! request in flight finishes on the old ones; SIGHUP with an invalid config
-//! is refused in the log while the old config keeps serving; SIGHUP with a
-//! new canary starts the config's rollout plan for it.
+//! is refused in the log (a syntax error in the one line `cohort check`
+//! prints) while the old config keeps serving; SIGHUP with a new canary
+//! starts the config's rollout plan for it.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -15,8 +16,8 @@ mod support;
 use std::path::PathBuf;
 
 use support::{
-    AdminApi, Backend, CANARY, Http, KeepAlive, Process, STABLE, SlowBackend, audit_lines, config,
-    eventually_async, within,
+    AdminApi, Backend, CANARY, COHORT_BIN, Http, KeepAlive, Process, STABLE, SlowBackend,
+    audit_lines, config, eventually_async, within,
 };
 
 /// Writes `text` as the config file of a fresh state directory.
@@ -179,18 +180,25 @@ async fn sighup_with_an_invalid_config_keeps_the_old_one() {
         .await;
     assert!(line.contains("sometimes"), "{line}");
 
-    // And a file that is not TOML at all.
+    // And a file that is not TOML at all: the log says what `cohort check`
+    // does, on one line, with the place of the mistake.
     std::fs::write(&path, "[routing\nthis is not toml").expect("break the config");
+    let checked = std::process::Command::new(COHORT_BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run cohort check");
+    let checked = String::from_utf8_lossy(&checked.stderr);
+    let checked = checked
+        .strip_prefix("cohort: ")
+        .and_then(|c| c.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("one line from cohort check: {checked:?}"));
+    assert!(checked.ends_with("(line 1, column 9)"), "{checked}");
     process.signal("HUP");
-    eventually_async("the second refusal in the log", || async {
-        process
-            .log()
-            .iter()
-            .filter(|l| l.contains("config reload refused"))
-            .count()
-            >= 2
-    })
-    .await;
+    process
+        .log_line(&["config reload refused", &format!("problem=\"{checked}\"")])
+        .await;
 
     // Still serving, with the old config, on the same connection.
     for key in ["alice", "bob"] {
