@@ -7,8 +7,9 @@
 //! version tag on errors, that one version's failure does not touch the
 //! other's traffic, that a refused connection moves on to the version's
 //! next upstream, that an idempotent request lost on a kept-alive
-//! connection the upstream closed is sent again (and a `POST` is not), and
-//! that one a new connection closes unanswered goes on to the next upstream.
+//! connection the upstream closed is sent again (and a `POST` is not),
+//! that one a new connection closes unanswered goes on to the next
+//! upstream, and that an upstream hanging up mid-body is counted as a reset.
 //! Does not own: malformed client requests (`tests/smuggling.rs`).
 
 mod support;
@@ -169,6 +170,46 @@ async fn an_upstream_that_does_not_speak_http_gives_502() {
     .await;
     assert_eq!(reply.status, 502, "{reply:?}");
     assert_error_body(&reply, "protocol", STABLE);
+}
+
+#[tokio::test]
+async fn an_upstream_that_hangs_up_mid_body_is_counted_as_a_reset() {
+    // Ten bytes of the thousand it announced, then the connection closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = support::read_head(&mut stream).await;
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789";
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let server = cohort(&[addr], None, "").await;
+    let labels = [("version", STABLE), ("kind", "reset")];
+    let before = metric(&server, "cohort_upstream_errors_total", &labels)
+        .await
+        .unwrap_or(0.0);
+
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
+        .await
+        .expect("send a request");
+    let head = support::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The client sees the body cut short: the connection ends early.
+    let mut body = Vec::new();
+    let _ = within("the cut body", stream.read_to_end(&mut body)).await;
+    assert!(body.len() < 1000, "{}", body.len());
+    support::eventually_async("the reset to be counted", || async {
+        metric(&server, "cohort_upstream_errors_total", &labels).await > Some(before)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! version's in-flight gauge from the request's start to the body's end (or
 //! the client's disconnect) and then records the response duration. Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
+//! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got, which the
 //! response timeout counts from.
 
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use super::ProxyError;
 use crate::shadow::TeeBody;
 use crate::table::Version;
 use crate::upstream::UpstreamBody;
@@ -166,6 +168,16 @@ impl Body for ResponseBody {
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(error))) => {
+                    // The upstream failed mid-body (it closed or reset the
+                    // connection, or broke the framing): the client sees the
+                    // stream cut, and the version's upstream errors count it.
+                    let kind = ProxyError::from_body(&error).upstream_kind();
+                    if let (Some(kind), Some(in_flight)) = (kind, &this.in_flight) {
+                        in_flight.version.metrics.record_upstream_error(kind);
+                    }
+                    Poll::Ready(Some(Err(error.into())))
+                }
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
                 Poll::Pending => {
                     if let Some(in_flight) = &this.in_flight {

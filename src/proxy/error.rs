@@ -36,6 +36,12 @@ impl ProxyError {
         ProxyError::classify(error, error.is_connect())
     }
 
+    /// Classifies a failure of an upstream's response body, after its head.
+    #[must_use]
+    pub fn from_body(error: &hyper::Error) -> ProxyError {
+        ProxyError::classify(error, false)
+    }
+
     /// Classifies a failure of a hyper-util pooled client (the shadow's).
     #[must_use]
     pub fn from_client(error: &hyper_util::client::legacy::Error) -> ProxyError {
