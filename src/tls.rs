@@ -5,7 +5,7 @@
 //! swapping in a new pair on reload while a bad pair leaves the old one
 //! serving ([`ServerTls`]), and the client config for `https://` upstreams:
 //! the system's roots, or only those of `upstream.ca_file` ([`client_config`]).
-//! Does not own: the handshake on accepted connections (`proxy::listener`),
+//! Every error names the config key and the file. Does not own: the handshake on accepted connections (`proxy::listener`),
 //! connecting to upstreams (`upstream`), or when a reload happens (`serve`).
 
 use std::path::{Path, PathBuf};
@@ -19,9 +19,19 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 
-/// Why a certificate, key or CA file cannot be used. Every variant names the file.
+/// Why a certificate, key or CA file cannot be used, named by its config
+/// key (`listen.tls.cert: cannot read /etc/cohort/cert.pem: ...`).
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+#[error("{key}: {kind}")]
+pub struct TlsError {
+    /// `listen.tls.cert`, `listen.tls.key`, `listen.tls` (the pair) or `upstream.ca_file`.
+    pub key: &'static str,
+    pub kind: TlsErrorKind,
+}
+
+/// What is wrong with the file. Every variant names it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsErrorKind {
     #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
@@ -41,12 +51,12 @@ pub enum TlsError {
     Pair {
         cert: PathBuf,
         key: PathBuf,
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     #[error("{} holds a certificate that cannot be a trust root: {source}", path.display())]
     Root {
         path: PathBuf,
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 
@@ -96,10 +106,16 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            for cert in read_certs(path)? {
-                roots.add(cert).map_err(|source| TlsError::Root {
-                    path: path.to_owned(),
-                    source,
+            let error = |kind| TlsError {
+                key: "upstream.ca_file",
+                kind,
+            };
+            for cert in read_certs(path).map_err(error)? {
+                roots.add(cert).map_err(|source| {
+                    error(TlsErrorKind::Root {
+                        path: path.to_owned(),
+                        source: Box::new(source),
+                    })
                 })?;
             }
         }
@@ -120,39 +136,48 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
 }
 
 fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
-    let chain = read_certs(cert)?;
-    let private_key = read_key(key)?;
+    let chain = read_certs(cert).map_err(|kind| TlsError {
+        key: "listen.tls.cert",
+        kind,
+    })?;
+    let private_key = read_key(key).map_err(|kind| TlsError {
+        key: "listen.tls.key",
+        kind,
+    })?;
     // Also checks that the key belongs to the first certificate.
     let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(chain, private_key)
-        .map_err(|source| TlsError::Pair {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            source,
+        .map_err(|source| TlsError {
+            key: "listen.tls",
+            kind: TlsErrorKind::Pair {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                source: Box::new(source),
+            },
         })?;
     config.alpn_protocols = alpn.to_vec();
     Ok(config)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+fn read(path: &Path) -> Result<Vec<u8>, TlsErrorKind> {
+    std::fs::read(path).map_err(|source| TlsErrorKind::Read {
         path: path.to_owned(),
         source,
     })
 }
 
 /// Every certificate in the PEM file at `path`, in order; at least one.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErrorKind> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| TlsError::Pem {
+        .map_err(|error| TlsErrorKind::Pem {
             path: path.to_owned(),
             detail: error.to_string(),
         })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
+        return Err(TlsErrorKind::NoCertificate {
             path: path.to_owned(),
         });
     }
@@ -160,13 +185,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) in the PEM file at `path`.
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsErrorKind> {
     let pem = read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|error| match error {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsErrorKind::NoKey {
             path: path.to_owned(),
         },
-        other => TlsError::Pem {
+        other => TlsErrorKind::Pem {
             path: path.to_owned(),
             detail: other.to_string(),
         },
@@ -219,7 +244,8 @@ mod tests {
         // A certificate whose key is elsewhere.
         std::fs::copy(&other_cert, &cert).unwrap();
         let error = tls.reload().unwrap_err();
-        assert!(matches!(error, TlsError::Pair { .. }), "{error}");
+        assert!(matches!(error.kind, TlsErrorKind::Pair { .. }), "{error}");
+        assert!(error.to_string().starts_with("listen.tls: "), "{error}");
         assert!(
             error.to_string().contains(&*cert.to_string_lossy()),
             "{error}"
@@ -229,7 +255,8 @@ mod tests {
         // Garbage where the key was.
         std::fs::write(&key, "not a key").unwrap();
         let error = tls.reload().unwrap_err();
-        assert!(matches!(error, TlsError::NoKey { .. }), "{error}");
+        assert!(matches!(error.kind, TlsErrorKind::NoKey { .. }), "{error}");
+        assert!(error.to_string().starts_with("listen.tls.key: "), "{error}");
         assert!(
             error.to_string().contains(&*key.to_string_lossy()),
             "{error}"
@@ -238,7 +265,14 @@ mod tests {
         // A missing file.
         std::fs::remove_file(&cert).unwrap();
         let error = tls.reload().unwrap_err();
-        assert!(matches!(error, TlsError::Read { .. }), "{error}");
+        assert!(matches!(error.kind, TlsErrorKind::Read { .. }), "{error}");
+        assert!(
+            error.to_string().starts_with(&format!(
+                "listen.tls.cert: cannot read {}: ",
+                cert.display()
+            )),
+            "{error}"
+        );
         assert!(Arc::ptr_eq(&before, &tls.current.load_full()));
 
         // A good pair again is taken.
@@ -255,7 +289,14 @@ mod tests {
         let path = dir.join("empty.pem");
         std::fs::write(&path, "nothing here").unwrap();
         let error = client_config(Some(&path)).unwrap_err();
-        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+        assert!(
+            matches!(error.kind, TlsErrorKind::NoCertificate { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().starts_with("upstream.ca_file: "),
+            "{error}"
+        );
         let (cert, _) = write_pair(&dir, "root");
         let config = client_config(Some(&cert)).unwrap();
         assert_eq!(

@@ -3,7 +3,8 @@
 //! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
 //! names every problem by its key; a syntax error is one placed line),
 //! `cohort route` (the SPEC reference vectors), and `cohort serve` (answers
-//! on its port, exits 0 on SIGTERM).
+//! on its port, exits 0 on SIGTERM, names the key of a TLS file it cannot
+//! read).
 //! Does not own: the behaviour behind these commands, which the library
 //! tests cover in depth.
 
@@ -157,6 +158,58 @@ fn check_places_a_syntax_error_on_one_line() {
             "cohort: {}: duplicate key: found `name` (line 3, column 1)\n",
             path.display()
         )
+    );
+}
+
+const STABLE_ONLY: &str = "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\"]\n";
+
+/// A self-signed certificate for `localhost` and its key, as PEM files in `scratch`.
+fn write_pair(scratch: &Scratch) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("a key pair");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("certificate parameters")
+        .self_signed(&key)
+        .expect("a self-signed certificate");
+    (
+        scratch.write("cert.pem", &cert.pem()),
+        scratch.write("key.pem", &key.serialize_pem()),
+    )
+}
+
+#[tokio::test]
+async fn serve_names_the_key_of_a_tls_file_it_cannot_read() {
+    let scratch = Scratch::new("serve-tls");
+    let missing = scratch.0.join("nonexist.pem");
+    let (_, key) = write_pair(&scratch);
+    let config = scratch.write(
+        "cohort.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n\n[listen.tls]\ncert = {missing:?}\nkey = {key:?}\n\n\
+             [admin]\naddr = \"127.0.0.1:0\"\n\n\
+             [state]\npath = {:?}\naudit_log = {:?}\n\n{STABLE_ONLY}",
+            scratch.0.join("state.json"),
+            scratch.0.join("audit.jsonl"),
+        ),
+    );
+    let output = within(
+        "cohort serve to refuse the config",
+        tokio::process::Command::new(COHORT)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run cohort serve");
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    assert!(
+        text.contains(&format!(
+            "cohort: listen.tls.cert: cannot read {}: ",
+            missing.display()
+        )),
+        "{text}"
     );
 }
 
