@@ -385,6 +385,75 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
     server.shutdown().await;
 }
 
+/// Sends an `Upgrade: echo` request as raw bytes and returns the
+/// connection with the response head read.
+async fn upgrade(proxy: std::net::SocketAddr) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    let request = "GET /ws HTTP/1.1\r\nHost: agents.example\r\nConnection: upgrade\r\n\
+                   Upgrade: echo\r\n\r\n";
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the upgrade");
+    let head = support::read_head(&mut stream).await;
+    (stream, head)
+}
+
+#[tokio::test]
+async fn an_upgrade_reaches_an_https_upstream_over_http1_and_is_refused_for_h2c() {
+    // The upstream offers HTTP/2 too; an upgrade needs HTTP/1.1 to it.
+    let pki = Pki::new();
+    let backend = H2Backend::tls(STABLE, &pki.leaf("upstream")).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = cohort_named((STABLE, &[upstream]), None, &ca).await;
+    let (mut stream, head) = upgrade(server.proxy_addr()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(b"ping").await.expect("write through");
+    let mut echoed = [0u8; 4];
+    within("the echo", stream.read_exact(&mut echoed))
+        .await
+        .expect("read the echo");
+    assert_eq!(&echoed, b"ping");
+    // Closed, so the drain does not wait for the tunnel.
+    drop(stream);
+    server.shutdown().await;
+
+    // HTTP/2 has no Upgrade: an h2c upstream gets nothing, and is not blamed.
+    let backend = H2Backend::h2c(STABLE).await;
+    let upstream = format!("h2c://127.0.0.1:{}", backend.addr.port());
+    let server = cohort_named((STABLE, &[upstream]), None, "").await;
+    let (mut stream, head) = upgrade(server.proxy_addr()).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let mut body = Vec::new();
+    let _ = within("the error body", async {
+        let mut chunk = [0u8; 1024];
+        while !body.ends_with(b"}") {
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert_eq!(body["error"], "protocol", "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("h2c")),
+        "{body}"
+    );
+    assert_eq!(backend.hits(), 0);
+    let errors = support::metric(
+        &server,
+        "cohort_upstream_errors_total",
+        &[("version", STABLE), ("kind", "protocol")],
+    )
+    .await;
+    assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_https_upstream_on_http1_is_named_in_host() {
     let pki = Pki::new();

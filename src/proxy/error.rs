@@ -27,12 +27,19 @@ pub enum ProxyError {
     Reset(String),
     #[error("the upstream's response is not valid HTTP: {0}")]
     Protocol(String),
+    /// The request cannot be carried the way the upstream is spoken to;
+    /// nothing was sent, and the upstream is not to blame.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ProxyError {
     /// Classifies a failure of the upstream exchange.
     #[must_use]
     pub fn from_upstream(error: &crate::upstream::Error) -> ProxyError {
+        if let crate::upstream::Error::UpgradeOverHttp2 = error {
+            return ProxyError::Unsupported(error.to_string());
+        }
         ProxyError::classify(error, error.is_connect())
     }
 
@@ -75,7 +82,7 @@ impl ProxyError {
     #[must_use]
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoUpstream => None,
+            ProxyError::BadRequest(_) | ProxyError::NoUpstream | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
             ProxyError::Timeout(_) => Some(UpstreamErrorKind::Timeout),
             ProxyError::Reset(_) => Some(UpstreamErrorKind::Reset),
@@ -89,9 +96,10 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect(_) | ProxyError::Reset(_) | ProxyError::Protocol(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect(_)
+            | ProxyError::Reset(_)
+            | ProxyError::Protocol(_)
+            | ProxyError::Unsupported(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -101,6 +109,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NoUpstream => "unavailable",
+            ProxyError::Unsupported(_) => "protocol",
             _ => self
                 .upstream_kind()
                 .map_or("internal", UpstreamErrorKind::as_str),

@@ -4,7 +4,8 @@
 //! `https://host:port`, `h2c://host:port`), and the keep-alive connection
 //! pools shared by every version of a worker: Cohort's own for plain
 //! HTTP/1.1 ([`http1`]), hyper-util's for HTTP/2 with prior knowledge and for
-//! TLS with HTTP/2 or HTTP/1.1 by ALPN. Does not own: opening connections
+//! TLS with HTTP/2 or HTTP/1.1 by ALPN (HTTP/1.1 alone for upgrades, which
+//! HTTP/2 cannot carry). Does not own: opening connections
 //! and counting them ([`connect`]), the trust roots for TLS (`tls`),
 //! choosing a version (`routing`) or an upstream within it
 //! (`table::Version::pick`), nor turning failures into responses
@@ -17,7 +18,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HOST;
+use http::header::{HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Body;
@@ -124,6 +125,9 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 pub struct UpstreamClient<B = TeeBody> {
     http1: Http1Pool<B>,
     https: Client<CountingConnector, B>,
+    /// `https://` for upgrade requests: ALPN offers HTTP/1.1 only, since
+    /// HTTP/2 has no `Upgrade` (as nginx's `proxy_pass https://` does).
+    https_upgrade: Client<CountingConnector, B>,
     h2c: Client<CountingConnector, B>,
 }
 
@@ -136,6 +140,10 @@ pub enum Error {
     Exchange(#[source] hyper::Error),
     #[error("the pooled client failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
+    /// A WebSocket or other `Upgrade` for an upstream that speaks only
+    /// HTTP/2, which has no `Upgrade`; nothing was sent.
+    #[error("an upgrade cannot be tunnelled to an h2c:// upstream (HTTP/2 has no Upgrade)")]
+    UpgradeOverHttp2,
 }
 
 /// A failed exchange, with the request given back when another upstream
@@ -167,7 +175,7 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         match self {
             Error::Connect(_) => true,
-            Error::Exchange(_) => false,
+            Error::Exchange(_) | Error::UpgradeOverHttp2 => false,
             Error::Pooled(error) => error.is_connect(),
         }
     }
@@ -190,6 +198,7 @@ where
         let pooled = match upstream.protocol {
             Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
             Protocol::Https => {
+                let upgrade = req.headers().contains_key(UPGRADE);
                 address(&mut req, upstream);
                 // Over HTTP/2 the upstream is named by `:authority`, and a
                 // `Host` that differs from it makes servers such as nginx
@@ -198,7 +207,14 @@ where
                 // name matches the certificate's (SNI), and the client's
                 // `Host` travels in `x-forwarded-host`.
                 req.headers_mut().remove(HOST);
-                self.https.request(req)
+                if upgrade {
+                    self.https_upgrade.request(req)
+                } else {
+                    self.https.request(req)
+                }
+            }
+            Protocol::H2c if req.headers().contains_key(UPGRADE) => {
+                return Err(Error::UpgradeOverHttp2.into());
             }
             Protocol::H2c => {
                 address(&mut req, upstream);
@@ -258,12 +274,12 @@ pub fn wants_trailers(headers: &http::HeaderMap) -> bool {
 /// connection counted in `cohort_upstream_connections`; `tls` for `https://`.
 #[must_use]
 pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
-    let connector = CountingConnector::new(
-        http_connector(config.connect_timeout),
-        tls,
-        crate::metrics::upstream_connections(),
-    );
-    let build = |http2_only: bool| {
+    let open = crate::metrics::upstream_connections();
+    let connect = |tls: Arc<ClientConfig>| {
+        CountingConnector::new(http_connector(config.connect_timeout), tls, open.clone())
+    };
+    let connector = connect(http1_only(&tls));
+    let build = |connector: &CountingConnector, http2_only: bool| {
         Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -278,9 +294,17 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
             config.idle_timeout,
             config.max_idle_per_host,
         ),
-        https: build(false),
-        h2c: build(true),
+        https: build(&connect(tls), false),
+        https_upgrade: build(&connector, false),
+        h2c: build(&connector, true),
     }
+}
+
+/// `tls` with ALPN offering HTTP/1.1 alone.
+fn http1_only(tls: &ClientConfig) -> Arc<ClientConfig> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(tls)
 }
 
 /// How long a probe connection may sit idle (hyper-util's default).
@@ -295,8 +319,11 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connector = CountingConnector::new(http_connector(connect_timeout), tls, Gauge::noop());
-    let build = |http2_only: bool| {
+    let connect = |tls: Arc<ClientConfig>| {
+        CountingConnector::new(http_connector(connect_timeout), tls, Gauge::noop())
+    };
+    let connector = connect(http1_only(&tls));
+    let build = |connector: &CountingConnector, http2_only: bool| {
         Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
             .http2_only(http2_only)
@@ -304,8 +331,9 @@ where
     };
     UpstreamClient {
         http1: Http1Pool::new(connector.clone(), PROBE_IDLE_TIMEOUT, 1),
-        https: build(false),
-        h2c: build(true),
+        https: build(&connect(tls), false),
+        https_upgrade: build(&connector, false),
+        h2c: build(&connector, true),
     }
 }
 

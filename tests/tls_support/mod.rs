@@ -309,7 +309,7 @@ impl H2Backend {
                             };
                             let _ =
                                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                    .serve_connection(TokioIo::new(stream), service)
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                     .await;
                         }
                     }
@@ -329,12 +329,32 @@ impl H2Backend {
         self.probes.load(Ordering::SeqCst)
     }
 
+    /// Switches to the protocol asked for, then echoes every byte back.
+    fn echo_upgrade(&self, mut req: Request<Incoming>) -> Response<BackendBody> {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+        });
+        let mut rsp = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let protocol = req.headers()["upgrade"].clone();
+        rsp.headers_mut().insert("upgrade", protocol);
+        rsp.headers_mut()
+            .insert("connection", HeaderValue::from_static("upgrade"));
+        rsp
+    }
+
     async fn answer(&self, req: Request<Incoming>) -> Response<BackendBody> {
         if is_health_probe(&req) {
             self.probes.fetch_add(1, Ordering::SeqCst);
             return Response::new(Full::new(Bytes::from_static(b"ok")).boxed_unsync());
         }
         self.hits.fetch_add(1, Ordering::SeqCst);
+        if req.version() == Version::HTTP_11 && req.headers().contains_key("upgrade") {
+            return self.echo_upgrade(req);
+        }
         let (parts, body) = req.into_parts();
         let _ = body.collect().await;
         if parts.uri.path() == "/grpc" {
