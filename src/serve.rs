@@ -78,6 +78,11 @@ pub enum ServeError {
     },
     #[error("the admin token is empty ({0})")]
     EmptyToken(&'static str),
+    #[error("cannot open the audit log {path} (state.audit_log): {source}")]
+    AuditLog {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// How to start besides the config.
@@ -141,6 +146,12 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     }
 
     let metrics = crate::metrics::install();
+    // Before the state is touched: a start that cannot audit changes none.
+    let audit =
+        AuditLog::open(config.state.audit_log.clone()).map_err(|source| ServeError::AuditLog {
+            path: config.state.audit_log.display().to_string(),
+            source,
+        })?;
     let store = FileStore::new(config.state.path.clone());
     let (saved, origin, previous) = state::restore(
         &store,
@@ -153,7 +164,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         origin == Origin::Restored,
         Arc::new(Policy::from_config(&config)),
         Box::new(store),
-        AuditLog::new(config.state.audit_log.clone()),
+        audit,
     ));
     control.record_start(origin, previous.as_ref().map(|p| &p.live));
     let rollouts = Rollouts::new(

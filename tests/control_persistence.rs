@@ -5,7 +5,7 @@
 //! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
 //! file stops the start with a message naming the file; `--reset-state`
 //! re-seeds; a rollback the disk refused stays live and is saved once the
-//! disk allows; every audit line is JSON with time, action, before, after,
+//! disk allows; an audit log that cannot be written stops the start; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
 
@@ -396,4 +396,21 @@ async fn a_reseed_moves_no_user_of_the_same_canary() {
     assert_eq!(state["status"], "progressing", "{state}");
     assert_eq!(state["last_rollback"]["reason"], "bad answers", "{state}");
     assert_eq!(fourth.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_cannot_be_written_stops_the_start_before_the_state_is_touched() {
+    let stable = Backend::start(STABLE).await;
+    let files = Files::new(config(&[stable.addr], None, ""));
+    std::fs::create_dir(&files.audit).expect("a directory where the log goes");
+    let refused = Process::try_serve(&files.config, &[])
+        .await
+        .err()
+        .expect("cohort serve refuses an audit log it cannot write");
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(refused.log.contains("state.audit_log"), "{refused:?}");
+    assert!(
+        !files.state.exists(),
+        "the state file was seeded: {refused:?}"
+    );
 }

@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -31,12 +31,14 @@ pub struct Entry<'a, T: Serialize> {
 }
 
 impl AuditLog {
-    #[must_use]
-    pub fn new(path: PathBuf) -> AuditLog {
-        AuditLog {
+    /// Opens (or creates) the log at `path` for appending, so that a log
+    /// that cannot be written stops a start instead of losing its lines.
+    pub fn open(path: PathBuf) -> std::io::Result<AuditLog> {
+        let file = open_for_append(&path)?;
+        Ok(AuditLog {
             path,
-            file: Mutex::new(None),
-        }
+            file: Mutex::new(Some(file)),
+        })
     }
 
     /// Appends `entry` with the current time and syncs it.
@@ -55,19 +57,22 @@ impl AuditLog {
             .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Opened again after a failure, in case the file was moved or replaced.
         if file.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            *file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            *file = Some(open_for_append(&self.path)?);
         }
         let handle = file.as_mut().expect("opened above");
-        handle.write_all(&line)?;
-        handle.sync_data()
+        let written = handle.write_all(&line).and_then(|()| handle.sync_data());
+        if written.is_err() {
+            *file = None;
+        }
+        written
     }
+}
+
+fn open_for_append(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
 }
