@@ -853,6 +853,17 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
         |_| since.elapsed() >= Duration::from_millis(300),
     )
     .await;
+    // Nothing is left to abort; the answer says how to roll back instead.
+    let again = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{again:?}");
+    assert!(
+        again.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/admin/rollback")),
+        "{again:?}"
+    );
     // Told as a rollback, like any other. (Deliveries are not ordered.)
     let sorted = || {
         let mut events = hooks.events();

@@ -289,6 +289,13 @@ impl Rollouts {
         self.command(Command::Abort {
             reason: reason.unwrap_or("rollout aborted").to_owned(),
             reply,
+        })
+        .map_err(|error| match error {
+            // A canary a finished rollout left in place is rolled back as any other.
+            ControlError::Conflict(message) => ControlError::Conflict(format!(
+                "{message}; POST /admin/rollback (cohort ctl rollback) rolls the canary back"
+            )),
+            other => other,
         })?;
         answer.await.unwrap_or_else(|_| {
             Err(ControlError::Conflict(
