@@ -269,6 +269,16 @@ impl Config {
     }
 }
 
+/// Whether two listeners on `a` and `b` would take the same port: the same
+/// fixed port on the same address, or on any address when one of them is
+/// the wildcard (`[::]` takes IPv4 too, `0.0.0.0` only IPv4).
+fn shares_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// A value of the wrong type, named by its key and placed in the text:
 /// `listen.workers: invalid type: string "one", expected usize (line 3, column 11)`.
 fn keyed_toml_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) -> String {
@@ -823,6 +833,15 @@ mod raw {
                 token_file: self.admin.token_file,
                 metrics_auth: self.admin.metrics_auth.unwrap_or(false),
             };
+            if shares_port(admin.addr, listen.addr) {
+                c.problem(
+                    "admin.addr",
+                    format!(
+                        "{} takes the port of listen.addr {}; the admin listener needs one of its own",
+                        admin.addr, listen.addr
+                    ),
+                );
+            }
             // The one rule that reads the environment: the token may come from it.
             if !admin.addr.ip().is_loopback()
                 && admin.token_file.is_none()

@@ -1,7 +1,8 @@
 //! The `cohort` binary, run as a process.
 //!
 //! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
-//! names every problem by its key; a syntax error is one placed line),
+//! names every problem by its key, an admin listener on the proxy's port
+//! included; a syntax error is one placed line),
 //! `cohort route` (the SPEC reference vectors), and `cohort serve` (answers
 //! on its port, exits 0 on SIGTERM, names the key of a TLS file it cannot
 //! read).
@@ -174,6 +175,46 @@ fn write_pair(scratch: &Scratch) -> (PathBuf, PathBuf) {
         scratch.write("cert.pem", &cert.pem()),
         scratch.write("key.pem", &key.serialize_pem()),
     )
+}
+
+#[test]
+fn check_refuses_an_admin_listener_on_the_proxy_port() {
+    let scratch = Scratch::new("same-port");
+    for (listen, admin) in [
+        ("127.0.0.1:18080", "127.0.0.1:18080"),
+        ("0.0.0.0:18080", "127.0.0.1:18080"),
+        ("127.0.0.1:18080", "[::]:18080"),
+    ] {
+        let text = format!(
+            "[listen]\naddr = \"{listen}\"\n\n[admin]\naddr = \"{admin}\"\n\n{STABLE_ONLY}"
+        );
+        let output = check(&scratch.write("same.toml", &text));
+        assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+        let text = printed(&output);
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!(
+                "admin.addr: {admin} takes the port of listen.addr {listen}"
+            ))),
+            "{text}"
+        );
+    }
+    // Port 0 picks a free port for each; other ports or addresses do not meet.
+    for (listen, admin) in [
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("127.0.0.1:18080", "127.0.0.1:18081"),
+        ("127.0.0.2:18080", "127.0.0.1:18080"),
+        ("0.0.0.0:18080", "[::1]:18080"),
+    ] {
+        let text = format!(
+            "[listen]\naddr = \"{listen}\"\n\n[admin]\naddr = \"{admin}\"\n\n{STABLE_ONLY}"
+        );
+        let output = check(&scratch.write("apart.toml", &text));
+        assert!(
+            output.status.success(),
+            "{listen} {admin}: {}",
+            printed(&output)
+        );
+    }
 }
 
 #[tokio::test]
