@@ -33,7 +33,7 @@ pub enum Command {
         #[arg(long)]
         reset_state: bool,
     },
-    /// Validate a config file: prints `ok`, or every problem by its key.
+    /// Validate a config file and the files it names: prints `ok`, or every problem by its key.
     Check {
         #[arg(long)]
         config: PathBuf,
@@ -188,20 +188,22 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
     result.map_or_else(fail, |()| ExitCode::SUCCESS)
 }
 
+/// `cohort check`: the config's values, then the files it names, as
+/// `serve` would meet them at start.
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(_) => {
-            println!("ok");
-            ExitCode::SUCCESS
-        }
-        Err(ConfigError::Invalid(problems)) => {
-            for problem in problems {
-                eprintln!("{problem}");
-            }
-            ExitCode::FAILURE
-        }
-        Err(error) => fail(error.to_string()),
+    let problems = match Config::load(path) {
+        Ok(config) => config.check_files(),
+        Err(ConfigError::Invalid(problems)) => problems,
+        Err(error) => return fail(error.to_string()),
+    };
+    if problems.is_empty() {
+        println!("ok");
+        return ExitCode::SUCCESS;
     }
+    for problem in problems {
+        eprintln!("{problem}");
+    }
+    ExitCode::FAILURE
 }
 
 fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {

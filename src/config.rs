@@ -3,7 +3,9 @@
 //! Owns: the whole schema of SPEC section 7 (every table, including those for
 //! rollouts, TLS, health and shadow traffic, so a config written for them is
 //! never rejected), the defaults, and the problems a config can have, each
-//! named by its dotted key. Does not own: what the values do at run time.
+//! named by its dotted key, including a file it names that cannot be used
+//! ([`Config::check_files`]) and the admin token read from one
+//! ([`AdminConfig::token`]). Does not own: what the values do at run time.
 //!
 //! Parsing happens in two steps. Serde rejects unknown keys and wrong types;
 //! `validate` then checks every value and reports *all* problems at once, so
@@ -19,6 +21,7 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use crate::routing::{KeySource, Weight};
+use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{Protocol, UpstreamAddr};
 
 /// A validated configuration: every value typed and in range.
@@ -259,6 +262,28 @@ impl Config {
         raw.validate(unknown).map_err(ConfigError::Invalid)
     }
 
+    /// Reads every file the config names, as `serve` does as it starts (the
+    /// admin token, the listener's certificate and key, the upstream CA
+    /// file), and returns every one it cannot use, named by its key.
+    /// [`Config::load`] reads only the config itself; `cohort check` runs both.
+    #[must_use]
+    pub fn check_files(&self) -> Vec<Problem> {
+        let from_tls = |error: TlsError| Problem {
+            key: error.key.to_owned(),
+            message: error.kind.to_string(),
+        };
+        let mut problems: Vec<Problem> = self.admin.token().err().into_iter().collect();
+        if let Some(tls) = &self.listen.tls {
+            problems.extend(ServerTls::check(tls).into_iter().map(from_tls));
+        }
+        if let Some(ca_file) = &self.upstream.ca_file
+            && let Err(error) = crate::tls::client_config(Some(ca_file))
+        {
+            problems.push(from_tls(error));
+        }
+        problems
+    }
+
     /// The salt the bucket is drawn with: `routing.salt`, else the canary's name.
     pub fn salt(&self) -> Option<&str> {
         self.routing.salt.as_deref().or(self
@@ -266,6 +291,37 @@ impl Config {
             .canary
             .as_ref()
             .map(|(canary, _)| canary.name.as_str()))
+    }
+}
+
+impl AdminConfig {
+    /// The admin API's bearer token: the contents of `admin.token_file`,
+    /// else `COHORT_ADMIN_TOKEN`, else none (then the listener is on
+    /// loopback, which `validate` checks). Surrounding whitespace is not
+    /// part of it. A file that cannot be read, or an empty token, is a
+    /// problem named by where the token comes from.
+    pub fn token(&self) -> Result<Option<String>, Problem> {
+        if let Some(path) = &self.token_file {
+            let problem = |message: String| Problem {
+                key: "admin.token_file".to_owned(),
+                message,
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| problem(format!("cannot read {}: {error}", path.display())))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(problem(format!("{} holds no token", path.display())));
+            }
+            return Ok(Some(token.to_owned()));
+        }
+        match std::env::var("COHORT_ADMIN_TOKEN") {
+            Ok(token) if token.trim().is_empty() => Err(Problem {
+                key: "COHORT_ADMIN_TOKEN".to_owned(),
+                message: "is set but empty".to_owned(),
+            }),
+            Ok(token) => Ok(Some(token.trim().to_owned())),
+            Err(_) => Ok(None),
+        }
     }
 }
 

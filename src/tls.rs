@@ -85,6 +85,29 @@ impl ServerTls {
         })
     }
 
+    /// Every reason the files named by `config` cannot serve, as `load`
+    /// would meet them, but both files' problems at once: for `cohort check`.
+    #[must_use]
+    pub fn check(config: &TlsConfig) -> Vec<TlsError> {
+        let unreadable: Vec<TlsError> = [
+            read_certs(&config.cert).err().map(|kind| TlsError {
+                key: "listen.tls.cert",
+                kind,
+            }),
+            read_key(&config.key).err().map(|kind| TlsError {
+                key: "listen.tls.key",
+                kind,
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !unreadable.is_empty() {
+            return unreadable;
+        }
+        ServerTls::load(config).err().into_iter().collect()
+    }
+
     /// Reads the certificate and key files again and serves new handshakes
     /// with them. On error the old pair keeps serving.
     pub fn reload(&self) -> Result<(), TlsError> {

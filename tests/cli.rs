@@ -2,10 +2,10 @@
 //!
 //! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
 //! names every problem by its key, an admin listener on the proxy's port
-//! included; a syntax error is one placed line),
-//! `cohort route` (the SPEC reference vectors), and `cohort serve` (answers
-//! on its port, exits 0 on SIGTERM, names the key of a TLS file it cannot
-//! read).
+//! and a file the config names that `serve` could not use included; a
+//! syntax error is one placed line), `cohort route` (the SPEC reference
+//! vectors), and `cohort serve` (answers on its port, exits 0 on SIGTERM,
+//! names the key of a TLS file it cannot read).
 //! Does not own: the behaviour behind these commands, which the library
 //! tests cover in depth.
 
@@ -58,8 +58,13 @@ fn printed(output: &Output) -> String {
     )
 }
 
+/// `cohort check`, with no admin token in the environment: the config's own.
 fn check(path: &Path) -> Output {
-    cohort(&["check", "--config", path.to_str().expect("a UTF-8 path")])
+    Command::new(COHORT)
+        .args(["check", "--config", path.to_str().expect("a UTF-8 path")])
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .output()
+        .expect("run the cohort binary")
 }
 
 #[test]
@@ -175,6 +180,69 @@ fn write_pair(scratch: &Scratch) -> (PathBuf, PathBuf) {
         scratch.write("cert.pem", &cert.pem()),
         scratch.write("key.pem", &key.serialize_pem()),
     )
+}
+
+/// A config whose admin token, TLS pair and upstream CA are the files given.
+fn with_files(token: &Path, cert: &Path, key: &Path, ca: &Path) -> String {
+    format!(
+        "[listen.tls]\ncert = {cert:?}\nkey = {key:?}\n\n[upstream]\nca_file = {ca:?}\n\n\
+         [admin]\ntoken_file = {token:?}\n\n{STABLE_ONLY}"
+    )
+}
+
+#[test]
+fn check_reads_the_files_serve_would_read_and_names_each_by_its_key() {
+    let scratch = Scratch::new("files");
+    let (cert, key) = write_pair(&scratch);
+    let token = scratch.write("admin.token", "s3cret\n");
+    let good = scratch.write("good.toml", &with_files(&token, &cert, &key, &cert));
+    let output = check(&good);
+    assert!(output.status.success(), "{}", printed(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+
+    let missing = |name: &str| scratch.0.join(name);
+    let (no_token, no_cert, no_key, no_ca) = (
+        missing("no.token"),
+        missing("no-cert.pem"),
+        missing("no-key.pem"),
+        missing("no-ca.pem"),
+    );
+    let output = check(&scratch.write(
+        "missing.toml",
+        &with_files(&no_token, &no_cert, &no_key, &no_ca),
+    ));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    for (key, path) in [
+        ("admin.token_file", &no_token),
+        ("listen.tls.cert", &no_cert),
+        ("listen.tls.key", &no_key),
+        ("upstream.ca_file", &no_ca),
+    ] {
+        let start = format!("{key}: cannot read {}: ", path.display());
+        assert!(
+            text.lines().any(|l| l.starts_with(&start)),
+            "{start:?} missing from:\n{text}"
+        );
+    }
+    assert!(output.stdout.is_empty(), "{text}");
+
+    // Files that are there but cannot serve: an empty token, a certificate
+    // where the key should be, and a CA file with no certificate.
+    let empty = scratch.write("empty.token", " \n");
+    let output = check(&scratch.write("unusable.toml", &with_files(&empty, &cert, &cert, &token)));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    for start in [
+        "admin.token_file: ",
+        "listen.tls.key: ",
+        "upstream.ca_file: ",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(start)),
+            "{start:?} missing from:\n{text}"
+        );
+    }
 }
 
 #[test]
