@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, Admin};
+use crate::admin::{self, Access, Admin};
 use crate::config::{Config, ListenConfig, UpstreamConfig};
 use crate::control::Control;
 use crate::proxy::{Proxy, listener};
@@ -71,13 +71,6 @@ pub enum ServeError {
     },
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("cannot read the admin token from {path}: {source}")]
-    Token {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the admin token is empty ({0})")]
-    EmptyToken(&'static str),
     #[error("cannot open the audit log {path} (state.audit_log): {source}")]
     AuditLog {
         path: String,
@@ -110,6 +103,47 @@ pub struct Server {
     workers: Vec<oneshot::Receiver<()>>,
     upstream_tls: Arc<rustls::ClientConfig>,
     admin_task: JoinHandle<()>,
+    /// What a reload cannot change, as the server started with it.
+    restart_only: RestartOnly,
+}
+
+/// The settings that take a restart: the admin listener's address, the
+/// state paths and the certificate paths (the files themselves are read
+/// again on SIGHUP).
+#[derive(Debug, Clone, PartialEq)]
+struct RestartOnly {
+    admin_addr: SocketAddr,
+    state: (PathBuf, PathBuf),
+    tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl RestartOnly {
+    fn of(config: &Config) -> RestartOnly {
+        RestartOnly {
+            admin_addr: config.admin.addr,
+            state: (config.state.path.clone(), config.state.audit_log.clone()),
+            tls: config
+                .listen
+                .tls
+                .as_ref()
+                .map(|tls| (tls.cert.clone(), tls.key.clone())),
+        }
+    }
+
+    /// The config keys whose values differ between `self` and `other`.
+    fn changed(&self, other: &RestartOnly) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.admin_addr != other.admin_addr {
+            keys.push("admin.addr");
+        }
+        if self.state != other.state {
+            keys.push("state.path, state.audit_log");
+        }
+        if self.tls != other.tls {
+            keys.push("listen.tls.cert, listen.tls.key");
+        }
+        keys
+    }
 }
 
 /// A set of proxy workers built from one `[listen]` and `[upstream]`.
@@ -140,7 +174,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         .transpose()?
         .map(Arc::new);
     let upstream_tls = tls::client_config(config.upstream.ca_file.as_deref())?;
-    let token = admin_token(&config)?;
+    let token = config
+        .admin
+        .token()
+        .map_err(|problem| ServeError::Config(problem.to_string()))?;
     if token.is_none() && !config.admin.addr.ip().is_loopback() {
         return Err(ServeError::AdminExposed(config.admin.addr));
     }
@@ -212,8 +249,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         metrics,
         Arc::clone(&control),
         Arc::clone(&rollouts),
-        token,
-        config.admin.metrics_auth,
+        Access {
+            token,
+            metrics_auth: config.admin.metrics_auth,
+        },
     ));
     // A restored canary is gated until it passes a probe: probe it before
     // the first accept, so that a healthy one keeps its users through a
@@ -247,6 +286,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         workers,
         upstream_tls,
         admin_task,
+        restart_only: RestartOnly::of(&config),
     })
 }
 
@@ -291,6 +331,23 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
 async fn reload_config(server: &mut Server, path: &Path) {
     match Config::load(path) {
         Ok(config) => {
+            // Read first: a token file that cannot be read refuses the whole reload.
+            let access = match config.admin.token() {
+                Ok(token) => Access {
+                    token,
+                    metrics_auth: config.admin.metrics_auth,
+                },
+                Err(problem) => {
+                    tracing::error!(%problem, "config reload refused; the old one keeps running");
+                    return;
+                }
+            };
+            if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
+                tracing::error!(
+                    "config reload refused: the admin listener is not on loopback, so it needs a token; the old config keeps running"
+                );
+                return;
+            }
             let before = server.control.state();
             let after = match server.control.reload(&config) {
                 Ok(after) => after,
@@ -302,6 +359,10 @@ async fn reload_config(server: &mut Server, path: &Path) {
             let plan = config.rollout.as_ref().map(plan::to_document);
             let start_plan = plan.is_some() && new_canary(Some(&before), &after);
             server.rollouts.set_default_plan(plan);
+            server.admin.set_access(access);
+            for key in server.restart_only.changed(&RestartOnly::of(&config)) {
+                tracing::warn!(key, "changed in the config, but applied only on a restart");
+            }
             if start_plan && let Err(error) = server.rollouts.start_configured().await {
                 tracing::error!(%error, "cannot start the configured rollout");
             }
@@ -325,26 +386,6 @@ async fn reload_config(server: &mut Server, path: &Path) {
                 );
             }
         }
-    }
-}
-
-/// The admin token: `admin.token_file`, else `COHORT_ADMIN_TOKEN`, else none.
-fn admin_token(config: &Config) -> Result<Option<String>, ServeError> {
-    if let Some(path) = &config.admin.token_file {
-        let token = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(ServeError::EmptyToken("admin.token_file"));
-        }
-        return Ok(Some(token.to_owned()));
-    }
-    match std::env::var("COHORT_ADMIN_TOKEN") {
-        Ok(token) if token.trim().is_empty() => Err(ServeError::EmptyToken("COHORT_ADMIN_TOKEN")),
-        Ok(token) => Ok(Some(token.trim().to_owned())),
-        Err(_) => Ok(None),
     }
 }
 

@@ -15,6 +15,7 @@ mod support;
 
 use std::path::PathBuf;
 
+use http::Method;
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, KeepAlive, Process, STABLE, SlowBackend,
     audit_lines, config, eventually_async, within,
@@ -293,6 +294,66 @@ async fn sighup_with_a_new_canary_starts_the_configured_rollout() {
         .rfind(|l| l["action"] == "rollout_start")
         .expect("an audit line for the start");
     assert_eq!(started["source"], "signal", "{started}");
+    assert_eq!(process.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_admin_token_and_applies_metrics_auth() {
+    let stable = Backend::start(STABLE).await;
+    let text = config(&[stable.addr], None, "");
+    let (path, _) = write_config(&text);
+    let token_file = path.with_file_name("token");
+    std::fs::write(&token_file, "first-token\n").expect("write the token");
+    let admin_section = "[admin]\naddr = \"127.0.0.1:0\"\n";
+    assert!(text.contains(admin_section), "{text}");
+    let with_token = |metrics_auth: bool, admin_addr: &str| {
+        text.replacen(
+            admin_section,
+            &format!(
+                "[admin]\naddr = \"{admin_addr}\"\ntoken_file = {token_file:?}\nmetrics_auth = {metrics_auth}\n"
+            ),
+            1,
+        )
+    };
+    std::fs::write(&path, with_token(false, "127.0.0.1:0")).expect("write the config");
+    let process = Process::serve(&path, &[]).await;
+    let state = |token: &'static str| {
+        let admin = AdminApi::with_token(process.admin, token);
+        async move { admin.raw(Method::GET, "/admin/state", "").await.status }
+    };
+    let metrics = || async { Http::new(process.admin).get("/metrics", &[]).await.status };
+    assert_eq!(state("first-token").await, 200);
+    assert_eq!(metrics().await, 200);
+
+    // A rotated token and metrics behind it, on SIGHUP.
+    std::fs::write(&token_file, "second-token\n").expect("rotate the token");
+    std::fs::write(&path, with_token(true, "127.0.0.1:0")).expect("edit the config");
+    process.signal("HUP");
+    eventually_async("the new token to apply", || async {
+        state("second-token").await == 200
+    })
+    .await;
+    assert_eq!(state("first-token").await, 401);
+    assert_eq!(metrics().await, 401);
+
+    // A token file that cannot be read refuses the reload: the token stays.
+    std::fs::remove_file(&token_file).expect("remove the token");
+    std::fs::write(&path, with_token(false, "127.0.0.1:0")).expect("edit the config");
+    process.signal("HUP");
+    process
+        .log_line(&["config reload refused", "admin.token_file"])
+        .await;
+    assert_eq!(state("second-token").await, 200);
+    assert_eq!(metrics().await, 401);
+
+    // A moved admin listener takes a restart, and the log says so.
+    std::fs::write(&token_file, "second-token\n").expect("restore the token");
+    std::fs::write(&path, with_token(true, "127.0.0.2:0")).expect("edit the config");
+    process.signal("HUP");
+    process
+        .log_line(&["applied only on a restart", "admin.addr"])
+        .await;
+    assert_eq!(state("second-token").await, 200);
     assert_eq!(process.stop().await, Some(0));
 }
 

@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -46,9 +47,16 @@ pub struct Admin {
     metrics: PrometheusHandle,
     control: Arc<Control>,
     rollouts: Arc<Rollouts>,
-    /// The bearer token `/admin/*` requires; `None` only on loopback.
-    token: Option<String>,
-    metrics_auth: bool,
+    /// Who may call what; replaced whole when the config is reloaded.
+    access: ArcSwap<Access>,
+}
+
+/// The bearer token `/admin/*` requires (`None` only on loopback), and
+/// whether `/metrics` requires it too (`admin.metrics_auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub token: Option<String>,
+    pub metrics_auth: bool,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -107,17 +115,20 @@ impl Admin {
         metrics: PrometheusHandle,
         control: Arc<Control>,
         rollouts: Arc<Rollouts>,
-        token: Option<String>,
-        metrics_auth: bool,
+        access: Access,
     ) -> Admin {
         Admin {
             ready: AtomicBool::new(false),
             metrics,
             control,
             rollouts,
-            token,
-            metrics_auth,
+            access: ArcSwap::from_pointee(access),
         }
+    }
+
+    /// Applies a reloaded token and `admin.metrics_auth` to the next call.
+    pub fn set_access(&self, access: Access) {
+        self.access.store(Arc::new(access));
     }
 
     async fn handle(&self, req: Request<Incoming>) -> AdminResponse {
@@ -146,9 +157,14 @@ impl Admin {
     async fn route(&self, req: Request<Incoming>) -> Result<AdminResponse, AdminError> {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
-        let needs_token = path.starts_with("/admin/") || (path == "/metrics" && self.metrics_auth);
-        if needs_token {
-            self.authorize(&req)?;
+        {
+            // Not held across an await: the guard is for this check only.
+            let access = self.access.load();
+            let needs_token =
+                path.starts_with("/admin/") || (path == "/metrics" && access.metrics_auth);
+            if needs_token {
+                authorize(access.token.as_deref(), &req)?;
+            }
         }
         let ok = |value: serde_json::Value| Ok(json(StatusCode::OK, &value));
         match (&method, path.as_str()) {
@@ -208,24 +224,25 @@ impl Admin {
             },
         }
     }
+}
 
-    /// Checks the bearer token in constant time; no token configured means
-    /// the listener is on loopback (enforced at start) and open.
-    fn authorize<B>(&self, req: &Request<B>) -> Result<(), AdminError> {
-        let Some(expected) = &self.token else {
-            return Ok(());
-        };
-        let presented = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_credentials)
-            .ok_or(AdminError::Unauthorized)?;
-        if bool::from(presented.trim().as_bytes().ct_eq(expected.as_bytes())) {
-            Ok(())
-        } else {
-            Err(AdminError::Unauthorized)
-        }
+/// Checks `req`'s bearer token against `expected` in constant time; no
+/// token configured means the listener is on loopback (enforced at start
+/// and on reload) and open.
+fn authorize<B>(expected: Option<&str>, req: &Request<B>) -> Result<(), AdminError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_credentials)
+        .ok_or(AdminError::Unauthorized)?;
+    if bool::from(presented.trim().as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
     }
 }
 
