@@ -108,13 +108,14 @@ pub struct Server {
 }
 
 /// The settings that take a restart: the admin listener's address, the
-/// state paths and the certificate paths (the files themselves are read
-/// again on SIGHUP).
+/// state paths, the certificate paths (the files themselves are read again
+/// on SIGHUP) and the rollout webhooks.
 #[derive(Debug, Clone, PartialEq)]
 struct RestartOnly {
     admin_addr: SocketAddr,
     state: (PathBuf, PathBuf),
     tls: Option<(PathBuf, PathBuf)>,
+    webhooks: Vec<String>,
 }
 
 impl RestartOnly {
@@ -127,6 +128,11 @@ impl RestartOnly {
                 .tls
                 .as_ref()
                 .map(|tls| (tls.cert.clone(), tls.key.clone())),
+            webhooks: config
+                .rollout
+                .as_ref()
+                .map(|r| r.webhooks.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -141,6 +147,9 @@ impl RestartOnly {
         }
         if self.tls != other.tls {
             keys.push("listen.tls.cert, listen.tls.key");
+        }
+        if self.webhooks != other.webhooks {
+            keys.push("rollout.webhooks");
         }
         keys
     }
