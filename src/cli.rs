@@ -81,7 +81,11 @@ pub enum CtlCommand {
         reason: Option<String>,
     },
     /// Make the canary the stable version.
-    Promote,
+    Promote {
+        /// Promote a canary none of whose upstreams has passed a health check.
+        #[arg(long)]
+        force: bool,
+    },
     /// Install a new canary.
     Canary {
         #[arg(long)]
@@ -90,6 +94,9 @@ pub enum CtlCommand {
         upstreams: Vec<String>,
         #[arg(long)]
         weight: Option<f64>,
+        /// Expose again, above weight 0, the version that was rolled back.
+        #[arg(long)]
+        force: bool,
     },
     /// Start, approve or abort a progressive rollout.
     #[command(subcommand)]
@@ -137,12 +144,13 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
         CtlCommand::Status => Call::status(),
         CtlCommand::Weight { weight, force } => Call::weight(weight, force),
         CtlCommand::Rollback { reason } => Call::rollback(reason),
-        CtlCommand::Promote => Call::promote(),
+        CtlCommand::Promote { force } => Call::promote(force),
         CtlCommand::Canary {
             name,
             upstreams,
             weight,
-        } => Call::canary(name, upstreams, weight),
+            force,
+        } => Call::canary(name, upstreams, weight, force),
         CtlCommand::Rollout(RolloutCommand::Start { file }) => {
             let text = match std::fs::read_to_string(&file) {
                 Ok(text) => text,

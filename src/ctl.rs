@@ -62,19 +62,22 @@ impl Call {
     }
 
     #[must_use]
-    pub fn promote() -> Call {
+    pub fn promote(force: bool) -> Call {
         Call {
             method: Method::POST,
             path: "/admin/promote",
-            body: None,
+            body: force.then(|| json!({"force": true})),
         }
     }
 
     #[must_use]
-    pub fn canary(name: String, upstreams: Vec<String>, weight: Option<f64>) -> Call {
+    pub fn canary(name: String, upstreams: Vec<String>, weight: Option<f64>, force: bool) -> Call {
         let mut body = json!({"name": name, "upstreams": upstreams});
         if let Some(weight) = weight {
             body["weight"] = json!(weight);
+        }
+        if force {
+            body["force"] = json!(true);
         }
         Call {
             method: Method::PUT,

@@ -1,7 +1,7 @@
 //! `cohort ctl`, the binary, against a running proxy.
 //!
 //! Owns: every ctl command of SPEC section 6 (status, weight, weight
-//! --force, rollback --reason, promote, canary) run as a process: exit code
+//! --force, rollback --reason, promote [--force], canary [--force]) run as a process: exit code
 //! 0 and the state printed readably on success, non-zero with the server's
 //! message on a refusal, an unreachable admin API, or a missing token; and
 //! that each command's effect shows in `GET /admin/state`. Does not own: the
@@ -220,6 +220,32 @@ async fn every_ctl_command_drives_a_running_proxy() {
         message.contains("422") && message.contains("weight"),
         "{message}"
     );
+
+    // The rolled-back v3, installed again: latched, unless --force.
+    ok(&ctl(addr, token, &["rollback"]).await, "rollback v3");
+    let again = [
+        "canary",
+        "--name",
+        "v3",
+        "--upstream",
+        &upstream,
+        "--weight",
+        "20",
+    ];
+    let message = refused(&ctl(addr, token, &again).await, "canary v3 again");
+    assert!(
+        message.contains("409") && message.contains("force"),
+        "{message}"
+    );
+    let forced = [&again[..], &["--force"]].concat();
+    let printed = ok(&ctl(addr, token, &forced).await, "canary v3 --force");
+    assert!(line(&printed, "canary").contains("weight 20"), "{printed}");
+    // promote --force sends the flag (v3's upstream is healthy, so either passes).
+    let printed = ok(
+        &ctl(addr, token, &["promote", "--force"]).await,
+        "promote --force",
+    );
+    assert!(line(&printed, "stable").contains("v3"), "{printed}");
 
     // No token, a wrong token: the server's 401.
     for token in [None, Some("not-the-token")] {
