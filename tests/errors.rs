@@ -150,18 +150,7 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
 
 #[tokio::test]
 async fn an_upstream_that_does_not_speak_http_gives_502() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = [0u8; 1024];
-                let _ = stream.read(&mut head).await;
-                let _ = stream.write_all(b"this is not http\r\n\r\n").await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
+    let addr = support::raw_upstream(b"this is not http\r\n\r\n").await;
     let server = cohort(&[addr], None, "").await;
     let reply = within(
         "the 502",
@@ -175,18 +164,8 @@ async fn an_upstream_that_does_not_speak_http_gives_502() {
 #[tokio::test]
 async fn an_upstream_that_hangs_up_mid_body_is_counted_as_a_reset() {
     // Ten bytes of the thousand it announced, then the connection closes.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = support::read_head(&mut stream).await;
-                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789";
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
+    let addr =
+        support::raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
     let server = cohort(&[addr], None, "").await;
     let labels = [("version", STABLE), ("kind", "reset")];
     let before = metric(&server, "cohort_upstream_errors_total", &labels)

@@ -180,20 +180,11 @@ async fn the_authority_of_an_absolute_form_request_replaces_its_host() {
 #[tokio::test]
 async fn a_chunked_response_with_a_stale_length_reaches_the_client_whole() {
     // An upstream that sends both: the chunked body is five bytes, the length says three.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = support::read_head(&mut stream).await;
-                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\
-                              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
-            });
-        }
-    });
+    let addr = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
     let server = cohort(&[addr], None, "").await;
     let reply = raw_exchange(
         server.proxy_addr(),

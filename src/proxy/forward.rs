@@ -44,6 +44,9 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &PROXY_AUTHORIZATION,
 ];
 
+/// Where `Transfer-Encoding` is in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_INDEX: usize = 5;
+
 /// A client connection's address, with its IP rendered once for the
 /// connection's requests (`x-forwarded-for`, the client-IP routing key):
 /// formatting it per request showed in profiles.
@@ -150,15 +153,20 @@ pub fn upstream_request<B>(
         .uri
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    let host = authority.or_else(|| parts.headers.get(HOST).cloned());
+    let host = match authority {
+        Some(authority) => {
+            parts.headers.insert(HOST, authority.clone());
+            Some(authority)
+        }
+        None => parts.headers.get(HOST).cloned(),
+    };
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
     if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        headers.insert(HOST, host);
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     append_forwarded_for(headers, peer);
     headers.insert(
@@ -183,13 +191,13 @@ pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
     let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| rsp.headers().get(UPGRADE).cloned())
         .flatten();
+    let stripped = strip_hop_by_hop(rsp.headers_mut());
     // The body was read by its transfer coding, so a length sent beside it
     // is not the length of what follows; passed on, it would cut the body
     // short (RFC 9112 section 6.3: Transfer-Encoding overrides it).
-    if rsp.headers().contains_key(TRANSFER_ENCODING) {
+    if stripped.transfer_encoding {
         rsp.headers_mut().remove(CONTENT_LENGTH);
     }
-    strip_hop_by_hop(rsp.headers_mut());
     if let Some(upgrade) = upgrade {
         rsp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -274,7 +282,7 @@ impl Tunnel {
 ///
 /// Finds them in one pass over the names first: most messages carry none,
 /// or only `Connection: keep-alive`, and each removal costs a hash lookup.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
         if let Some(index) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
@@ -304,6 +312,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    Stripped {
+        transfer_encoding: present[TRANSFER_ENCODING_INDEX],
+    }
+}
+
+/// What [`strip_hop_by_hop`] found that framing depends on.
+struct Stripped {
+    transfer_encoding: bool,
 }
 
 /// Joins the `cookie` fields an HTTP/2 client may send one per cookie into
@@ -381,6 +397,15 @@ mod tests {
         h.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn transfer_encoding_is_where_its_index_says() {
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_INDEX], TRANSFER_ENCODING);
+        let mut h = HeaderMap::new();
+        h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        assert!(strip_hop_by_hop(&mut h).transfer_encoding);
+        assert!(!strip_hop_by_hop(&mut h).transfer_encoding);
     }
 
     #[test]

@@ -315,6 +315,23 @@ impl WsBackend {
     }
 }
 
+/// An upstream that reads each request head, writes `answer` as raw bytes
+/// and closes: for answers no HTTP library would send.
+pub async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    let listener = bind().await;
+    let addr = local_addr(&listener);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+                let _ = stream.write_all(answer).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// An address where nothing listens: bound, read, and released.
 pub async fn dead_addr() -> SocketAddr {
     let listener = bind().await;
