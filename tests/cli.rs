@@ -306,6 +306,8 @@ async fn serve_names_the_key_of_a_tls_file_it_cannot_read() {
             .args(["serve", "--config"])
             .arg(&config)
             .env("NO_COLOR", "1")
+            // The token comes from the config under test, never from the environment.
+            .env_remove("COHORT_ADMIN_TOKEN")
             .kill_on_drop(true)
             .output(),
     )
@@ -384,6 +386,8 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
         .current_dir(&scratch.0)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        // The token comes from the config under test, never from the environment.
+        .env_remove("COHORT_ADMIN_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -1092,6 +1092,8 @@ impl Process {
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            // The token comes from the config under test, never from the environment.
+            .env_remove("COHORT_ADMIN_TOKEN")
             .env_remove("COHORT_ADMIN_TOKEN")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
