@@ -1094,7 +1094,6 @@ impl Process {
             .env("NO_COLOR", "1")
             // The token comes from the config under test, never from the environment.
             .env_remove("COHORT_ADMIN_TOKEN")
-            .env_remove("COHORT_ADMIN_TOKEN")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
