@@ -4,7 +4,7 @@
 //! a restart with the same config keeps the live state; an edited
 //! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
 //! file stops the start with a message naming the file; `--reset-state`
-//! re-seeds; a rollback the disk refused stays live and is saved once the
+//! re-seeds, keeping the unreadable file beside the new one; a rollback the disk refused stays live and is saved once the
 //! disk allows; an audit log that cannot be written stops the start; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
@@ -242,6 +242,20 @@ async fn a_corrupt_state_file_stops_the_start_until_reset() {
     let saved: Value = serde_json::from_slice(&std::fs::read(&files.state).expect("state"))
         .expect("the state file is whole again");
     assert_eq!(saved["canary"]["weight"], 10.0, "{saved}");
+    // Nothing is lost: the unreadable file is kept beside the new one.
+    let dir = files.state.parent().expect("a state directory");
+    let kept: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .expect("list the state directory")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("state.json.unreadable-")
+        })
+        .map(|entry| std::fs::read(entry.path()).expect("read the kept file"))
+        .collect();
+    assert_eq!(kept, [torn.to_vec()]);
 
     // --reset-state over a good state file re-seeds it as well.
     let changed = AdminApi::new(reset.admin).set_weight(80.0, false).await;
@@ -317,9 +331,11 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
 
     // Once the disk takes writes again, the rollback is saved without being asked.
     std::fs::remove_dir(&blocker).expect("remove the blocker");
-    eventually("the rollback to reach the state file", || {
-        saved()["status"] == "rolled_back"
-    })
+    // The state file first, then its audit line.
+    eventually(
+        "the rollback to reach the state file and the audit log",
+        || saved()["status"] == "rolled_back" && files.last_audit()["action"] == "rollback",
+    )
     .await;
     let last = files.last_audit();
     assert_eq!(

@@ -79,6 +79,27 @@ impl StateStore for FileStore {
             source,
         })
     }
+
+    fn set_aside(&self) -> Result<String, StateError> {
+        let aside = self.aside_path();
+        fs::rename(&self.path, &aside).map_err(|source| StateError::Write {
+            path: aside.display().to_string(),
+            source,
+        })?;
+        Ok(aside.display().to_string())
+    }
+}
+
+impl FileStore {
+    /// `<path>.unreadable-<seconds since the epoch>`, beside the state file.
+    fn aside_path(&self) -> PathBuf {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut name = self.path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".unreadable-{seconds}"));
+        self.path.with_file_name(name)
+    }
 }
 
 /// Replaces `path` with `contents` so that readers and crashes see the old

@@ -298,11 +298,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// nothing stored yet), durably, before returning.
     fn write(&self, expected: Option<u64>, state: &SavedState) -> Result<(), StateError>;
 
-    /// Changes made by others, for stores shared between replicas; a file
-    /// has a single writer, so it returns `None`.
-    fn watch(&self) -> Option<tokio::sync::watch::Receiver<SavedState>> {
-        None
-    }
+    /// Moves a saved state that cannot be read out of the way, kept for the
+    /// operator to look at, before a reset replaces it; says where it went.
+    fn set_aside(&self) -> Result<String, StateError>;
 }
 
 /// How the live state was chosen on start, for the log and the audit line.
@@ -350,7 +348,14 @@ pub fn restore(
             return Ok((saved, Origin::Restored, None));
         }
         Some(saved) => (Origin::Reseeded, Some(saved)),
-        None if reset => (Origin::Reset, store.load().ok().flatten()),
+        None if reset => match store.load() {
+            Ok(previous) => (Origin::Reset, previous),
+            Err(error) => {
+                let kept = store.set_aside()?;
+                tracing::warn!(%error, kept, "the unreadable state file was set aside");
+                (Origin::Reset, None)
+            }
+        },
         None => (Origin::Seeded, None),
     };
     let generation = next_generation(&previous);
