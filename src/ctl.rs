@@ -23,6 +23,8 @@ pub enum CtlError {
     Unreachable { url: String, detail: String },
     #[error("{status}: {message}")]
     Refused { status: StatusCode, message: String },
+    #[error("the reply from {url} is not from a Cohort admin API (is --admin the admin address?)")]
+    NotAdmin { url: String },
 }
 
 /// One admin call: method, path and JSON body.
@@ -119,7 +121,10 @@ fn reason_body(reason: Option<String>) -> Value {
     reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}))
 }
 
-/// Sends `call` to the admin API at `admin` and returns the JSON answer.
+/// Sends `call` to the admin API at `admin` and returns the live state it
+/// answers with. Every call the admin API accepts answers with the state, so
+/// a 2xx reply without one (an object with a numeric `generation`) came from
+/// some other server, such as the proxy's upstreams, and is an error.
 pub async fn send(admin: &str, token: Option<&str>, call: Call) -> Result<Value, CtlError> {
     let base = admin.trim_end_matches('/');
     if !base.starts_with("http://") {
@@ -153,16 +158,18 @@ pub async fn send(admin: &str, token: Option<&str>, call: Call) -> Result<Value,
         .await
         .map_err(|e| unreachable(e.to_string()))?
         .to_bytes();
+    if status.is_success() {
+        return match serde_json::from_slice::<Value>(&bytes) {
+            Ok(state) if state["generation"].is_number() => Ok(state),
+            _ => Err(CtlError::NotAdmin { url }),
+        };
+    }
     let value: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
-    if status.is_success() {
-        Ok(value)
-    } else {
-        let message = value["error"]
-            .as_str()
-            .map_or_else(|| value.to_string(), str::to_owned);
-        Err(CtlError::Refused { status, message })
-    }
+    let message = value["error"]
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned);
+    Err(CtlError::Refused { status, message })
 }
 
 /// The live state as a few readable lines.

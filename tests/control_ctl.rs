@@ -13,14 +13,15 @@ use std::net::SocketAddr;
 use std::process::Output;
 
 use support::{
-    AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, config, dead_addr, scratch_dir,
-    start_cohort, within,
+    AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, cohort, config, dead_addr, raw_upstream,
+    scratch_dir, start_cohort, within,
 };
 
 const TOKEN: &str = "ctl-token";
 
-/// Runs `cohort ctl --admin http://<admin> [--token T] <args>`.
-async fn ctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
+/// `cohort ctl --admin http://<admin>`, with none of ctl's variables
+/// inherited from the environment the tests run in.
+fn ctl_command(admin: SocketAddr) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(COHORT_BIN);
     command
         .arg("ctl")
@@ -28,14 +29,27 @@ async fn ctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
         .arg(format!("http://{admin}"))
         .env_remove("COHORT_ADMIN")
         .env_remove("COHORT_ADMIN_TOKEN")
+        .env_remove("COHORT_ADMIN_TOKEN_FILE")
+        .env_remove("COHORT_CTL_TIMEOUT")
         .kill_on_drop(true);
+    command
+}
+
+/// Runs `command` to completion, failing the test after the deadline.
+async fn run(mut command: tokio::process::Command, what: &str) -> Output {
+    within(what, command.output())
+        .await
+        .expect("run cohort ctl")
+}
+
+/// Runs `cohort ctl --admin http://<admin> [--token T] <args>`.
+async fn ctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = ctl_command(admin);
     if let Some(token) = token {
         command.arg("--token").arg(token);
     }
     command.args(args);
-    within(&format!("cohort ctl {args:?}"), command.output())
-        .await
-        .expect("run cohort ctl")
+    run(command, &format!("cohort ctl {args:?}")).await
 }
 
 fn stdout(output: &Output) -> String {
@@ -261,6 +275,48 @@ async fn every_ctl_command_drives_a_running_proxy() {
     let message = refused(&ctl(nowhere, token, &["status"]).await, "status of nothing");
     assert!(
         message.contains("cannot reach") && message.contains(&nowhere.to_string()),
+        "{message}"
+    );
+}
+
+/// A 2xx reply that is not the admin API's state is a failure: `--admin`
+/// aimed at the proxy reaches an upstream, which answers 200 to anything,
+/// and nothing was rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_not_from_the_admin_api_is_a_failure() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 10.0)), "").await;
+    let proxy = server.proxy_addr();
+
+    // The proxy: the echo upstream's JSON, which holds no generation.
+    for args in [&["rollback"][..], &["status"]] {
+        let message = refused(&ctl(proxy, None, args).await, "ctl at the proxy");
+        assert!(
+            message.contains("not from a Cohort admin API")
+                && message.contains(&format!("http://{proxy}"))
+                && message.contains("--admin"),
+            "{message}"
+        );
+    }
+    assert!(
+        stable.hits() + canary.hits() >= 2,
+        "the calls went through the proxy"
+    );
+    let state = AdminApi::new(server.admin_addr()).state().await;
+    assert_eq!(state["status"], "steady", "{state}");
+    assert_eq!(state["canary"]["weight"], 10.0, "{state}");
+
+    // A server that answers 200 with a body that is not JSON at all.
+    let plain =
+        raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+            .await;
+    let message = refused(
+        &ctl(plain, None, &["rollback"]).await,
+        "ctl at a plain server",
+    );
+    assert!(
+        message.contains("not from a Cohort admin API") && message.contains(&plain.to_string()),
         "{message}"
     );
 }
