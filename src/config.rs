@@ -1160,7 +1160,15 @@ mod raw {
             ),
             stages,
             guardrails,
-            webhooks: r.webhooks.unwrap_or_default(),
+            webhooks: {
+                let urls = r.webhooks.unwrap_or_default();
+                for (i, url) in urls.iter().enumerate() {
+                    if let Err(message) = check_webhook_url(url) {
+                        c.problem(&format!("{}[{i}]", key("webhooks")), message);
+                    }
+                }
+                urls
+            },
         }
     }
 }
@@ -1213,6 +1221,20 @@ fn dotted_key(path: &serde_ignored::Path<'_>) -> String {
         | Path::NewtypeStruct { parent }
         | Path::NewtypeVariant { parent } => dotted_key(parent),
     }
+}
+
+/// A webhook is called with a POST over `http://` or `https://`.
+fn check_webhook_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| format!("{url:?} is not a URL such as \"https://hooks.example/cohort\""))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.authority().is_none() {
+        return Err(format!(
+            "{url:?} is not an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(())
 }
 
 /// A version name is a header value and a metrics label: keep it short and printable.

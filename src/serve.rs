@@ -108,14 +108,13 @@ pub struct Server {
 }
 
 /// The settings that take a restart: the admin listener's address, the
-/// state paths, the certificate paths (the files themselves are read again
-/// on SIGHUP) and the rollout webhooks.
+/// state paths and the certificate paths (the files themselves are read
+/// again on SIGHUP).
 #[derive(Debug, Clone, PartialEq)]
 struct RestartOnly {
     admin_addr: SocketAddr,
     state: (PathBuf, PathBuf),
     tls: Option<(PathBuf, PathBuf)>,
-    webhooks: Vec<String>,
 }
 
 impl RestartOnly {
@@ -128,11 +127,6 @@ impl RestartOnly {
                 .tls
                 .as_ref()
                 .map(|tls| (tls.cert.clone(), tls.key.clone())),
-            webhooks: config
-                .rollout
-                .as_ref()
-                .map(|r| r.webhooks.clone())
-                .unwrap_or_default(),
         }
     }
 
@@ -148,9 +142,7 @@ impl RestartOnly {
         if self.tls != other.tls {
             keys.push("listen.tls.cert, listen.tls.key");
         }
-        if self.webhooks != other.webhooks {
-            keys.push("rollout.webhooks");
-        }
+
         keys
     }
 }
@@ -216,13 +208,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     let rollouts = Rollouts::new(
         Arc::clone(&control),
         config.rollout.as_ref().map(plan::to_document),
-        Webhooks::new(
-            config
-                .rollout
-                .as_ref()
-                .map(|r| r.webhooks.clone())
-                .unwrap_or_default(),
-        ),
+        Webhooks::new(Arc::clone(&upstream_tls)),
     );
     // A saved rollout carries on where it stopped; a canary fresh from the
     // config starts the config's plan, if any.

@@ -1287,3 +1287,39 @@ async fn the_audit_log_says_who_moved_a_rollout() {
         "{sources:?}"
     );
 }
+
+#[tokio::test]
+async fn a_plan_from_the_api_calls_its_own_webhooks() {
+    let hooks = WebhookReceiver::start().await;
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    let plan = json!({
+        "interval": INTERVAL,
+        "on_success": "hold",
+        "stages": [{"weight": 10, "duration": "200ms"}],
+        "webhooks": [format!("http://{}/hook", hooks.addr)],
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    support::eventually("the stage's webhook and the end's", || {
+        let events = hooks.events();
+        events.contains(&"stage".to_owned()) && events.contains(&"end".to_owned())
+    })
+    .await;
+
+    // A plan naming a URL that cannot be called is refused by its key.
+    let plan = json!({"stages": [{"weight": 10, "duration": "1m"}], "webhooks": ["not a url"]});
+    let refused = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{refused:?}"
+    );
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rollout.webhooks[0]")),
+        "{refused:?}"
+    );
+}

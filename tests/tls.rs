@@ -326,3 +326,21 @@ async fn the_framing_guard_reads_the_decrypted_stream() {
     assert_eq!(stable.hits(), 1);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn webhooks_are_called_over_https_with_the_upstream_trust() {
+    let pki = Pki::new();
+    let receiver = tls_support::H2Backend::tls("hooks", &pki.leaf("hooks")).await;
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    // The canary comes from the config, so the config's plan starts at once.
+    let extra = format!(
+        "[upstream]\nca_file = {:?}\n\n[rollout]\nstages = [ {{ weight = 5, duration = \"1h\" }} ]\n\
+         webhooks = [\"https://127.0.0.1:{}/hook\"]\n",
+        pki.ca,
+        receiver.addr.port()
+    );
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 10.0)), &extra).await;
+    support::eventually("the stage's webhook over TLS", || receiver.hits() >= 1).await;
+    server.shutdown().await;
+}

@@ -156,9 +156,17 @@ impl Rollouts {
         plan: Option<Value>,
         source: &'static str,
     ) -> Result<LiveState, ControlError> {
-        let document = plan.or_else(|| self.default_plan()).ok_or_else(|| {
+        let default = self.default_plan();
+        let mut document = plan.or_else(|| default.clone()).ok_or_else(|| {
             ControlError::Invalid("no plan given and the config has no [rollout]".into())
         })?;
+        // A plan that names no webhooks is told about like the config's.
+        if let (Some(object), Some(urls)) = (
+            document.as_object_mut(),
+            default.as_ref().and_then(|d| d.get("webhooks")),
+        ) {
+            object.entry("webhooks").or_insert_with(|| urls.clone());
+        }
         let plan = rollout_from_json(document.clone()).map_err(|e| match e {
             ConfigError::Syntax { .. } => ControlError::BadRequest(e.to_string()),
             ConfigError::Invalid(_) | ConfigError::Read { .. } => {
@@ -385,7 +393,7 @@ impl Rollouts {
                     progress.consecutive_inconclusive = 0;
                 }
                 Err(ending) => {
-                    self.end(progress, ending);
+                    self.end(&plan, progress, ending);
                     return self.answer(&mut approval);
                 }
             }
@@ -394,7 +402,7 @@ impl Rollouts {
             OnSuccess::Promote => Phase::Promoted,
             OnSuccess::Hold => Phase::Held,
         };
-        self.end(progress, end.into());
+        self.end(&plan, progress, end.into());
         self.answer(&mut approval);
     }
 
@@ -416,7 +424,8 @@ impl Rollouts {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
         self.save_or_end(progress, "rollout_pause", BY_ROLLOUT)?;
-        self.webhooks.send("pause", &self.control.state());
+        self.webhooks
+            .send(&plan.webhooks, "pause", &self.control.state());
         self.answer(approval);
         loop {
             tokio::select! {
@@ -453,7 +462,8 @@ impl Rollouts {
         let started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
         progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
         self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
-        self.webhooks.send("stage", &self.control.state());
+        self.webhooks
+            .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
         let mut next_look = Instant::now() + plan.interval;
         loop {
@@ -513,7 +523,7 @@ impl Rollouts {
 
     /// Ends the rollout as `ending` says, making the change it implies,
     /// and answers whoever asked for the end.
-    fn end(&self, mut progress: Progress, ending: Ending) {
+    fn end(&self, plan: &RolloutConfig, mut progress: Progress, ending: Ending) {
         let mut phase = ending.phase;
         if phase == Phase::Aborted && !is_ours(&self.control.state(), &progress.canary) {
             // Superseded before the abort was read: the canary now
@@ -563,7 +573,7 @@ impl Rollouts {
                     Phase::Promoted => "promotion",
                     _ => "end",
                 };
-                self.webhooks.send(event, state);
+                self.webhooks.send(&plan.webhooks, event, state);
                 tracing::info!(phase = ?phase, "rollout ended");
             }
             Err(error) => {

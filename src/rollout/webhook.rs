@@ -1,8 +1,9 @@
-//! Rollout webhooks: a JSON event to each configured URL, with retries.
+//! Rollout webhooks: a JSON event to each of a plan's URLs, with retries.
 //!
 //! Owns: delivering `{"event", "at", "state"}` on stage change, pause,
-//! rollback and promotion. Delivery runs in its own task and is never
-//! awaited, so a slow or failing webhook never delays a rollback.
+//! rollback and promotion, over `http://` or `https://` (trusting what
+//! `https://` upstreams are trusted with). Delivery runs in its own task and
+//! is never awaited, so a slow or failing webhook never delays a rollback.
 
 use std::time::Duration;
 
@@ -10,42 +11,47 @@ use bytes::Bytes;
 use http::Request;
 use http::header::CONTENT_TYPE;
 use http_body_util::Full;
+use metrics::Gauge;
+use std::sync::Arc;
+
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::ClientConfig;
 
 use crate::state::{LiveState, now_rfc3339};
+use crate::upstream::connect::{CountingConnector, http_connector};
 
 /// Attempts per event and URL.
 const ATTEMPTS: u32 = 3;
 /// Time allowed for one attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The configured webhook URLs and the client that calls them.
+/// The client that calls webhooks.
 #[derive(Debug, Clone)]
 pub struct Webhooks {
-    urls: Vec<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<CountingConnector, Full<Bytes>>,
 }
 
 impl Webhooks {
+    /// `tls` is the trust the `https://` upstreams have (`upstream.ca_file`
+    /// or the system's roots).
     #[must_use]
-    pub fn new(urls: Vec<String>) -> Webhooks {
+    pub fn new(tls: Arc<ClientConfig>) -> Webhooks {
+        let connector = CountingConnector::new(http_connector(ATTEMPT_TIMEOUT), tls, Gauge::noop());
         Webhooks {
-            urls,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 
-    /// Sends `event` with the live state to every URL, in the background.
-    pub fn send(&self, event: &'static str, state: &LiveState) {
-        if self.urls.is_empty() {
+    /// Sends `event` with the live state to every one of `urls`, in the background.
+    pub fn send(&self, urls: &[String], event: &'static str, state: &LiveState) {
+        if urls.is_empty() {
             return;
         }
         let body = Bytes::from(
             serde_json::json!({"event": event, "at": now_rfc3339(), "state": state}).to_string(),
         );
-        for url in &self.urls {
+        for url in urls {
             let (client, url, body) = (self.client.clone(), url.clone(), body.clone());
             tokio::spawn(async move {
                 for attempt in 1..=ATTEMPTS {
@@ -63,7 +69,7 @@ impl Webhooks {
 }
 
 async fn deliver(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &Client<CountingConnector, Full<Bytes>>,
     url: &str,
     body: Bytes,
 ) -> Result<(), String> {
