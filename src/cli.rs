@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -59,6 +60,14 @@ pub enum Command {
         /// The admin bearer token.
         #[arg(long, env = "COHORT_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// How long to wait for the admin API's whole answer, such as "10s" or "500ms".
+        #[arg(
+            long,
+            env = "COHORT_CTL_TIMEOUT",
+            default_value = "10s",
+            value_parser = crate::ctl::parse_timeout
+        )]
+        timeout: Duration,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -133,12 +142,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Ctl {
             admin,
             token,
+            timeout,
             command,
-        } => ctl(&admin, token.as_deref(), command),
+        } => ctl(&admin, token.as_deref(), timeout, command),
     }
 }
 
-fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
+fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand) -> ExitCode {
     use crate::ctl::{Call, render_state, send};
     let call = match command {
         CtlCommand::Status => Call::status(),
@@ -171,7 +181,7 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(format!("cannot start the runtime: {error}")),
     };
-    match runtime.block_on(send(admin, token, call)) {
+    match runtime.block_on(send(admin, token, timeout, call)) {
         Ok(state) => {
             print!("{}", render_state(&state));
             ExitCode::SUCCESS

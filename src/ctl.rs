@@ -5,6 +5,7 @@
 //! Does not own the API's behaviour (`admin`, `control`).
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -25,6 +26,8 @@ pub enum CtlError {
     Refused { status: StatusCode, message: String },
     #[error("the reply from {url} is not from a Cohort admin API (is --admin the admin address?)")]
     NotAdmin { url: String },
+    #[error("no answer from the admin API at {url} within {}", humantime::format_duration(*.timeout))]
+    TimedOut { url: String, timeout: Duration },
 }
 
 /// One admin call: method, path and JSON body.
@@ -121,11 +124,26 @@ fn reason_body(reason: Option<String>) -> Value {
     reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}))
 }
 
+/// Parses `--timeout`: a duration such as `"10s"`, longer than zero.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = crate::config::parse_duration(text)?;
+    if timeout.is_zero() {
+        return Err("a timeout must be longer than 0".to_owned());
+    }
+    Ok(timeout)
+}
+
 /// Sends `call` to the admin API at `admin` and returns the live state it
-/// answers with. Every call the admin API accepts answers with the state, so
+/// answers with, failing if the whole answer has not arrived within
+/// `timeout`. Every call the admin API accepts answers with the state, so
 /// a 2xx reply without one (an object with a numeric `generation`) came from
 /// some other server, such as the proxy's upstreams, and is an error.
-pub async fn send(admin: &str, token: Option<&str>, call: Call) -> Result<Value, CtlError> {
+pub async fn send(
+    admin: &str,
+    token: Option<&str>,
+    timeout: Duration,
+    call: Call,
+) -> Result<Value, CtlError> {
     let base = admin.trim_end_matches('/');
     if !base.starts_with("http://") {
         return Err(CtlError::BadUrl(admin.to_owned()));
@@ -147,17 +165,25 @@ pub async fn send(admin: &str, token: Option<&str>, call: Call) -> Result<Value,
         url: url.clone(),
         detail,
     };
-    let rsp = client
-        .request(req)
+    let exchange = async {
+        let rsp = client
+            .request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = rsp.status();
+        let body = rsp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok((status, body.to_bytes()))
+    };
+    let (status, bytes) = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = rsp.status();
-    let bytes = rsp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
+        .map_err(|_| CtlError::TimedOut {
+            url: url.clone(),
+            timeout,
+        })??;
     if status.is_success() {
         return match serde_json::from_slice::<Value>(&bytes) {
             Ok(state) if state["generation"].is_number() => Ok(state),

@@ -12,6 +12,8 @@ mod support;
 use std::net::SocketAddr;
 use std::process::Output;
 
+use tokio::net::TcpListener;
+
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, cohort, config, dead_addr, raw_upstream,
     scratch_dir, start_cohort, within,
@@ -318,5 +320,65 @@ async fn a_reply_not_from_the_admin_api_is_a_failure() {
     assert!(
         message.contains("not from a Cohort admin API") && message.contains(&plain.to_string()),
         "{message}"
+    );
+}
+
+/// A server that accepts connections and never answers on them.
+async fn silent_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// A server that never answers fails the call after `--timeout` (or
+/// `COHORT_CTL_TIMEOUT`), with a message naming the address and the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_admin_api_times_out() {
+    let silent = silent_server().await;
+
+    let message = refused(
+        &ctl(silent, None, &["--timeout", "1s", "rollback"]).await,
+        "rollback against a silent server",
+    );
+    assert!(
+        message.contains(&format!("http://{silent}")) && message.contains("1s"),
+        "{message}"
+    );
+
+    let mut command = ctl_command(silent);
+    command.env("COHORT_CTL_TIMEOUT", "300ms").arg("status");
+    let message = refused(
+        &run(command, "status with COHORT_CTL_TIMEOUT").await,
+        "status against a silent server",
+    );
+    assert!(
+        message.contains(&silent.to_string()) && message.contains("300ms"),
+        "{message}"
+    );
+
+    // No wait at all is not a timeout.
+    let message = refused(
+        &ctl(silent, None, &["--timeout", "0s", "status"]).await,
+        "a zero timeout",
+    );
+    assert!(message.contains("--timeout"), "{message}");
+
+    // The default, in the help.
+    let mut command = ctl_command(silent);
+    command.arg("--help");
+    let help = ok(&run(command, "ctl --help").await, "ctl --help");
+    assert!(
+        help.contains("--timeout") && help.contains("[default: 10s]"),
+        "{help}"
     );
 }
