@@ -638,6 +638,20 @@ mod raw {
             })
         }
 
+        /// A header the proxy sets or reads as its own: not one that frames
+        /// messages, is hop-by-hop, or that the proxy writes for other reasons.
+        fn own_header(&mut self, key: &str, value: Option<String>) -> Option<HeaderName> {
+            let name = self.header(key, value)?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                self.problem(
+                    key,
+                    format!("{name:?} is a header the proxy must leave to HTTP; choose another name, such as \"x-agent-version\""),
+                );
+                return None;
+            }
+            Some(name)
+        }
+
         fn socket_addr(&mut self, key: &str, value: Option<String>, default: &str) -> SocketAddr {
             let default = default.parse().expect("default addresses are valid");
             self.value(key, value, default, |s| {
@@ -744,6 +758,13 @@ mod raw {
                 addr: c.socket_addr("listen.addr", self.listen.addr, "0.0.0.0:8080"),
                 workers: match self.listen.workers {
                     None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    Some(n) if n > MAX_WORKERS => {
+                        c.problem(
+                            "listen.workers",
+                            format!("{n} is more than {MAX_WORKERS} threads; 0 is one per core"),
+                        );
+                        1
+                    }
                     Some(n) => n,
                 },
                 drain_timeout: c.duration(
@@ -855,15 +876,17 @@ mod raw {
                         }
                     },
                 ),
-                cookie_max_age: c.duration(
+                // Zero would make a browser drop the cookie at once, and a
+                // keyless user would draw a new cohort on every request.
+                cookie_max_age: c.positive_duration(
                     "routing.cookie_max_age",
                     r.cookie_max_age,
                     Duration::from_secs(30 * 24 * 3600),
                 ),
                 version_header: c
-                    .header("routing.version_header", r.version_header)
+                    .own_header("routing.version_header", r.version_header)
                     .unwrap_or(HeaderName::from_static("x-agent-version")),
-                override_header: c.header("routing.override_header", r.override_header),
+                override_header: c.own_header("routing.override_header", r.override_header),
                 on_rollback: c.value(
                     "routing.on_rollback",
                     r.on_rollback,
@@ -875,6 +898,13 @@ mod raw {
                     },
                 ),
             };
+
+            if routing.override_header.as_ref() == Some(&routing.version_header) {
+                c.problem(
+                    "routing.override_header",
+                    "must differ from routing.version_header, which the proxy sets itself",
+                );
+            }
 
             let versions = match self.versions {
                 None => {
@@ -922,6 +952,24 @@ mod raw {
                     .audit_log
                     .unwrap_or_else(|| PathBuf::from("cohort-audit.jsonl")),
             };
+
+            for (key, path) in [
+                ("state.path", &state.path),
+                ("state.audit_log", &state.audit_log),
+            ] {
+                if path.file_name().is_none() {
+                    c.problem(
+                        key,
+                        format!("{:?} names no file", path.display().to_string()),
+                    );
+                }
+            }
+            if state.path == state.audit_log {
+                c.problem(
+                    "state.audit_log",
+                    "must differ from state.path: the state file is rewritten whole, the log appended to",
+                );
+            }
 
             let metrics = MetricsConfig {
                 tokens_header: c.header("metrics.tokens_header", self.metrics.tokens_header),
@@ -1142,7 +1190,14 @@ mod raw {
         RolloutConfig {
             interval: c.positive_duration(&key("interval"), r.interval, Duration::from_secs(30)),
             failure_limit: c.at_least_one(&key("failure_limit"), r.failure_limit, 2),
-            min_requests: r.min_requests.unwrap_or(200),
+            // A guardrail judged on no requests is judged on noise.
+            min_requests: c.value(&key("min_requests"), r.min_requests, 200, |n| {
+                if n >= 1 {
+                    Ok(n)
+                } else {
+                    Err("must be at least 1".to_owned())
+                }
+            }),
             inconclusive_limit: c.at_least_one(
                 &key("inconclusive_limit"),
                 r.inconclusive_limit,
@@ -1222,6 +1277,35 @@ fn dotted_key(path: &serde_ignored::Path<'_>) -> String {
         | Path::NewtypeVariant { parent } => dotted_key(parent),
     }
 }
+
+/// The most proxy worker threads a config may ask for: a thread each, so a
+/// typo must not start a hundred thousand.
+const MAX_WORKERS: usize = 1024;
+
+/// Headers that frame a message, are hop-by-hop, or that the proxy already
+/// writes: a version or override header of one of these names would break
+/// the messages it is set on.
+const RESERVED_HEADERS: [&str; 19] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "content-type",
+    "content-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
 
 /// A webhook is called with a POST over `http://` or `https://`.
 fn check_webhook_url(url: &str) -> Result<(), String> {
@@ -1317,6 +1401,53 @@ mod tests {
         ));
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("shadow.upstreams[1]: "), "{found:?}");
+    }
+
+    #[test]
+    fn settings_that_would_break_messages_or_the_start_are_refused_by_key() {
+        let cases = [
+            (
+                "[routing]\nversion_header = \"content-length\"\n",
+                "routing.version_header: ",
+            ),
+            (
+                "[routing]\nversion_header = \"Connection\"\n",
+                "routing.version_header: ",
+            ),
+            (
+                "[routing]\noverride_header = \"host\"\n",
+                "routing.override_header: ",
+            ),
+            (
+                "[routing]\noverride_header = \"x-agent-version\"\n",
+                "routing.override_header: must differ",
+            ),
+            (
+                "[routing]\ncookie_max_age = \"0s\"\n",
+                "routing.cookie_max_age: ",
+            ),
+            ("[listen]\nworkers = 100000\n", "listen.workers: "),
+            ("[state]\npath = \"\"\n", "state.path: "),
+            (
+                "[state]\npath = \"s.json\"\naudit_log = \"s.json\"\n",
+                "state.audit_log: must differ",
+            ),
+            (
+                "[rollout]\nmin_requests = 0\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
+                "rollout.min_requests: ",
+            ),
+            (
+                "[rollout]\nwebhooks = [\"hooks.example/x\"]\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
+                "rollout.webhooks[0]: ",
+            ),
+        ];
+        for (section, expected) in cases {
+            let found = problems(&format!("{MINIMAL}\n{section}"));
+            assert!(
+                found.len() == 1 && found[0].starts_with(expected),
+                "{section}: {found:?}"
+            );
+        }
     }
 
     #[test]
