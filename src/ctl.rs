@@ -4,12 +4,13 @@
 //! readably, and exiting non-zero with the server's message on failure.
 //! Does not own the API's behaviour (`admin`, `control`).
 
+use std::error::Error;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -20,6 +21,10 @@ use serde_json::{Value, json};
 pub enum CtlError {
     #[error("--admin {0:?} is not a URL such as http://127.0.0.1:9901")]
     BadUrl(String),
+    #[error(
+        "the admin token holds a character that cannot be sent in an HTTP header (such as a newline)"
+    )]
+    BadToken,
     #[error("cannot reach the admin API at {url}: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("{status}: {message}")]
@@ -149,33 +154,36 @@ pub async fn send(
         return Err(CtlError::BadUrl(admin.to_owned()));
     }
     let url = format!("{base}{}", call.path);
-    let mut req = Request::builder().method(call.method).uri(&url);
-    if let Some(token) = token {
-        req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-    }
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| CtlError::BadUrl(admin.to_owned()))?;
     let body = call
         .body
         .map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let req = req
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .map_err(|_| CtlError::BadUrl(admin.to_owned()))?;
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = call.method;
+    *req.uri_mut() = uri;
+    req.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(token) = token {
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| CtlError::BadToken)?;
+        value.set_sensitive(true);
+        req.headers_mut().insert(AUTHORIZATION, value);
+    }
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let unreachable = |detail: String| CtlError::Unreachable {
+    let unreachable = |error: &dyn Error| CtlError::Unreachable {
         url: url.clone(),
-        detail,
+        detail: causes(error),
     };
     let exchange = async {
-        let rsp = client
-            .request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let rsp = client.request(req).await.map_err(|e| unreachable(&e))?;
         let status = rsp.status();
         let body = rsp
             .into_body()
             .collect()
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| unreachable(&e))?;
         Ok((status, body.to_bytes()))
     };
     let (status, bytes) = tokio::time::timeout(timeout, exchange)
@@ -196,6 +204,23 @@ pub async fn send(
         .as_str()
         .map_or_else(|| value.to_string(), str::to_owned);
     Err(CtlError::Refused { status, message })
+}
+
+/// `error` and its causes, outermost first, each after a colon: hyper's
+/// own message ("client error (Connect)") says little without the operating
+/// system's ("Connection refused") at the end of the chain.
+fn causes(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.ends_with(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The live state as a few readable lines.

@@ -272,11 +272,35 @@ async fn every_ctl_command_drives_a_running_proxy() {
         assert!(message.contains("401"), "{message}");
         assert!(message.contains("Authorization"), "{message}");
     }
-    // Nobody there: a clear message naming the address.
+}
+
+/// What went wrong is in the message: the cause of a failed connection, and
+/// a token that cannot be sent told apart from a bad URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_say_what_went_wrong() {
+    // Nobody there: the address, and why it could not be reached.
     let nowhere = dead_addr().await;
-    let message = refused(&ctl(nowhere, token, &["status"]).await, "status of nothing");
+    let message = refused(
+        &ctl(nowhere, Some(TOKEN), &["status"]).await,
+        "status of nothing",
+    );
     assert!(
         message.contains("cannot reach") && message.contains(&nowhere.to_string()),
+        "{message}"
+    );
+    assert!(
+        message.to_lowercase().contains("connection refused"),
+        "{message}"
+    );
+
+    // A token with a newline cannot go in a header; the URL is fine.
+    let server = cohort(&[dead_addr().await], None, "").await;
+    let message = refused(
+        &ctl(server.admin_addr(), Some("ctl\ntoken"), &["status"]).await,
+        "status with a token holding a newline",
+    );
+    assert!(
+        message.contains("token") && !message.contains("not a URL"),
         "{message}"
     );
 }
