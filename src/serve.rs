@@ -301,9 +301,12 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
                 }
                 Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
             },
+            // The certificate files are read again whether or not the config
+            // changed, but not when the config was refused: one reload, one verdict.
             Signal::Reload => {
-                reload_config(&mut server, path).await;
-                // The certificate files are read again whether or not the config changed.
+                if !reload_config(&mut server, path).await {
+                    continue;
+                }
                 match server.reload_tls() {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),
                     Ok(false) => {}
@@ -321,34 +324,36 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
 }
 
 /// SIGHUP's config half: a config that fails to load or apply changes
-/// nothing. A new canary from the reloaded config starts its `[rollout]`
-/// plan, as on a start.
-async fn reload_config(server: &mut Server, path: &Path) {
+/// nothing, and neither does one naming a file that cannot be read (the
+/// token, the certificate and key, the CA). A new canary from the reloaded
+/// config starts its `[rollout]` plan, as on a start. Returns whether the
+/// config was taken.
+async fn reload_config(server: &mut Server, path: &Path) -> bool {
     match Config::load(path) {
         Ok(config) => {
-            // Read first: a token file that cannot be read refuses the whole reload.
-            let access = match config.admin.token() {
-                Ok(token) => Access {
-                    token,
-                    metrics_auth: config.admin.metrics_auth,
-                },
-                Err(problem) => {
+            let problems = config.check_files();
+            if !problems.is_empty() {
+                for problem in problems {
                     tracing::error!(%problem, "config reload refused; the old one keeps running");
-                    return;
                 }
+                return false;
+            }
+            let access = Access {
+                token: config.admin.token().unwrap_or_default(),
+                metrics_auth: config.admin.metrics_auth,
             };
             if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
                 tracing::error!(
                     "config reload refused: the admin listener is not on loopback, so it needs a token; the old config keeps running"
                 );
-                return;
+                return false;
             }
             let before = server.control.state();
             let after = match server.control.reload(&config) {
                 Ok(after) => after,
                 Err(error) => {
                     tracing::error!(%error, "config reload failed; the old one keeps running");
-                    return;
+                    return false;
                 }
             };
             let plan = config.rollout.as_ref().map(plan::to_document);
@@ -372,6 +377,7 @@ async fn reload_config(server: &mut Server, path: &Path) {
                     "the reloaded [listen] or [upstream] cannot be applied; the running workers keep serving"
                 ),
             }
+            true
         }
         Err(error) => {
             for line in error.to_string().lines() {
@@ -380,6 +386,7 @@ async fn reload_config(server: &mut Server, path: &Path) {
                     "config reload refused; the old one keeps running"
                 );
             }
+            false
         }
     }
 }
@@ -428,11 +435,6 @@ impl Server {
         let current = &self.generation;
         if config.listen == current.listen && config.upstream == current.upstream {
             return Ok(false);
-        }
-        if config.listen.tls != current.listen.tls {
-            tracing::warn!(
-                "listen.tls paths take a restart; the certificate files are re-read in place"
-            );
         }
         let same_addr = config.listen.addr == current.listen.addr;
         let listeners = if same_addr {

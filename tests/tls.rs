@@ -4,7 +4,8 @@
 //! Owns: routing and tagging over TLS with HTTP/1.1 and HTTP/2 clients (by
 //! ALPN), the `Secure` fallback cookie, `x-forwarded-proto: https`, reload
 //! of the certificate while a stream runs on an old connection, a broken
-//! pair refused with the old certificate still served, and curl, nghttp and
+//! pair refused with the old certificate still served, a SIGHUP whose
+//! config is refused leaving the certificate as it was, webhooks over TLS, and curl, nghttp and
 //! h2load against the TLS listener. Certificates are made at test time.
 //! Does not own: HTTP/2 without TLS and upstream protocols (`tests/http2.rs`).
 
@@ -343,4 +344,45 @@ async fn webhooks_are_called_over_https_with_the_upstream_trust() {
     let server = cohort(&[stable.addr], Some((&[canary.addr], 10.0)), &extra).await;
     support::eventually("the stage's webhook over TLS", || receiver.hits() >= 1).await;
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_refused_config_keeps_the_old_certificate() {
+    let pki = Pki::new();
+    let first = pki.leaf("first");
+    let stable = Backend::start(STABLE).await;
+    let text = support::config(&[stable.addr], None, &listen_tls(&first));
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let process = support::Process::serve(&path, &[]).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let served = || async { peer_cert(&tls_connect(process.proxy, &client).await) };
+    assert_eq!(served().await, first.der);
+
+    // New certificate files, and a config with a problem: one reload, refused whole.
+    let second = pki.leaf("second");
+    std::fs::copy(&second.cert, &first.cert).expect("replace the certificate");
+    std::fs::copy(&second.key, &first.key).expect("replace the key");
+    std::fs::write(
+        &path,
+        format!("{text}\n[routing]\nfallback = \"sometimes\"\n"),
+    )
+    .expect("break the config");
+    process.signal("HUP");
+    process
+        .log_line(&["config reload refused", "routing.fallback"])
+        .await;
+    assert_eq!(
+        served().await,
+        first.der,
+        "the refused reload changed the certificate"
+    );
+
+    // The config fixed: the new certificate is taken.
+    std::fs::write(&path, &text).expect("fix the config");
+    process.signal("HUP");
+    process.log_line(&["TLS certificate reloaded"]).await;
+    assert_eq!(served().await, second.der);
+    assert_eq!(process.stop().await, Some(0));
 }
