@@ -1,5 +1,6 @@
 //! The `cohort` binary: parse the command line, set up logging, run.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -40,9 +41,13 @@ fn main() -> ExitCode {
     // e.g. RUST_LOG=info,cohort::proxy::access=info.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,cohort::proxy::access=off"));
+    // Colours only for a person at a terminal: journald, `docker logs` and
+    // log shippers get plain text (and `NO_COLOR` is honoured either way).
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     cohort::cli::run(cohort::cli::Cli::parse())
 }

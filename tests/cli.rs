@@ -385,7 +385,8 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
         .arg(&config)
         .current_dir(&scratch.0)
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        // Colour is decided by the log's destination, a pipe here.
+        .env_remove("NO_COLOR")
         // The token comes from the config under test, never from the environment.
         .env_remove("COHORT_ADMIN_TOKEN")
         .stdout(Stdio::null())
@@ -402,6 +403,7 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
                 .await
                 .expect("read the log")
                 .expect("cohort serve exited before it announced its address");
+            assert!(!line.contains('\u{1b}'), "a colour code in a piped log: {line:?}");
             if let Some(addr) = announced_proxy_addr(&line) {
                 return addr;
             }
