@@ -57,9 +57,17 @@ pub enum Command {
         /// The admin API's base URL.
         #[arg(long, env = "COHORT_ADMIN", default_value = "http://127.0.0.1:9901")]
         admin: String,
-        /// The admin bearer token.
-        #[arg(long, env = "COHORT_ADMIN_TOKEN", hide_env_values = true)]
+        // The two token options read their variables themselves
+        // (`ctl::token`): an option given on the command line must win over
+        // the other one's variable, which clap would count as a conflict.
+        /// The admin bearer token [env: COHORT_ADMIN_TOKEN].
+        #[arg(long)]
         token: Option<String>,
+        /// A file holding the admin bearer token, such as the server's
+        /// `admin.token_file`; surrounding whitespace is not part of it
+        /// [env: COHORT_ADMIN_TOKEN_FILE].
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// How long to wait for the admin API's whole answer, such as "10s" or "500ms".
         #[arg(
             long,
@@ -142,9 +150,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Ctl {
             admin,
             token,
+            token_file,
             timeout,
             command,
-        } => ctl(&admin, token.as_deref(), timeout, command),
+        } => match crate::ctl::token(token, token_file) {
+            Ok(token) => ctl(&admin, token.as_deref(), timeout, command),
+            Err(error) => fail(error.to_string()),
+        },
     }
 }
 

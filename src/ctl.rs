@@ -1,11 +1,15 @@
 //! `cohort ctl`: the admin API from the command line.
 //!
-//! Owns: turning ctl subcommands into admin calls, printing the live state
-//! readably, and exiting non-zero with the server's message on failure.
-//! Does not own the API's behaviour (`admin`, `control`).
+//! Owns: turning ctl subcommands into admin calls, where the bearer token
+//! comes from, the call's deadline, telling the admin API's answer from any
+//! other server's, printing the live state readably, and exiting non-zero
+//! with the server's message (or the cause) on failure. Does not own the
+//! API's behaviour (`admin`, `control`).
 
+use std::env::VarError;
 use std::error::Error;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +29,12 @@ pub enum CtlError {
         "the admin token holds a character that cannot be sent in an HTTP header (such as a newline)"
     )]
     BadToken,
+    #[error("cannot use the token file {}: {problem}", .path.display())]
+    TokenFile { path: PathBuf, problem: String },
+    #[error(
+        "{TOKEN_ENV} and {TOKEN_FILE_ENV} are both set: unset one, or pass --token or --token-file"
+    )]
+    TwoTokens,
     #[error("cannot reach the admin API at {url}: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("{status}: {message}")]
@@ -127,6 +137,54 @@ impl Call {
 /// `{"reason": ...}`, or `{}` without one.
 fn reason_body(reason: Option<String>) -> Value {
     reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}))
+}
+
+/// The variable that holds the admin token, for ctl as for the server.
+const TOKEN_ENV: &str = "COHORT_ADMIN_TOKEN";
+/// The variable that names a file holding the admin token.
+const TOKEN_FILE_ENV: &str = "COHORT_ADMIN_TOKEN_FILE";
+
+/// The bearer token to send: `--token`, else the one in the file
+/// `--token-file` names, else `COHORT_ADMIN_TOKEN` or the one in the file
+/// `COHORT_ADMIN_TOKEN_FILE` names, but not both, since which was meant is
+/// not clear. An empty variable counts as unset. `None` without any of them.
+pub fn token(given: Option<String>, file: Option<PathBuf>) -> Result<Option<String>, CtlError> {
+    if given.is_some() {
+        return Ok(given);
+    }
+    if let Some(path) = file {
+        return read_token_file(&path).map(Some);
+    }
+    let token = match std::env::var(TOKEN_ENV) {
+        // Trimmed, as the server trims its own.
+        Ok(token) => Some(token.trim().to_owned()).filter(|t| !t.is_empty()),
+        Err(VarError::NotPresent) => None,
+        // Not UTF-8, so not ASCII either: no header could carry it.
+        Err(VarError::NotUnicode(_)) => return Err(CtlError::BadToken),
+    };
+    let file = std::env::var_os(TOKEN_FILE_ENV).filter(|path| !path.is_empty());
+    match (token, file) {
+        (Some(_), Some(_)) => Err(CtlError::TwoTokens),
+        (Some(token), None) => Ok(Some(token)),
+        (None, Some(path)) => read_token_file(Path::new(&path)).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The token in the file at `path`, read as the server reads
+/// `admin.token_file`: surrounding whitespace is not part of it, and a file
+/// that holds nothing else is an error.
+fn read_token_file(path: &Path) -> Result<String, CtlError> {
+    let problem = |problem: String| CtlError::TokenFile {
+        path: path.to_owned(),
+        problem,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(problem("it holds no token".to_owned()));
+    }
+    Ok(token.to_owned())
 }
 
 /// Parses `--timeout`: a duration such as `"10s"`, longer than zero.

@@ -3,9 +3,12 @@
 //! Owns: every ctl command of SPEC section 6 (status, weight, weight
 //! --force, rollback --reason, promote [--force], canary [--force]) run as a process: exit code
 //! 0 and the state printed readably on success, non-zero with the server's
-//! message on a refusal, an unreachable admin API, or a missing token; and
-//! that each command's effect shows in `GET /admin/state`. Does not own: the
-//! admin API's own error paths (`control_api`), rollouts.
+//! message on a refusal, an unreachable admin API (with the cause), a
+//! missing or unsendable token, a server that is not the admin API, or one
+//! that does not answer within `--timeout`; where the token comes from
+//! (`--token`, `--token-file` and their variables); and that each command's
+//! effect shows in `GET /admin/state`. Does not own: the admin API's own
+//! error paths (`control_api`), rollouts.
 
 mod support;
 
@@ -93,20 +96,30 @@ fn line<'a>(printed: &'a str, label: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{printed}"))
 }
 
+/// `toml` with [`TOKEN`] as the admin token, from an `admin.token_file`.
+fn with_token(toml: &str) -> String {
+    let token_file = scratch_dir().join("admin.token");
+    std::fs::write(&token_file, TOKEN).expect("write the token file");
+    let admin_section = "[admin]\naddr = \"127.0.0.1:0\"\n";
+    assert!(toml.contains(admin_section), "{toml}");
+    toml.replacen(
+        admin_section,
+        &format!("{admin_section}token_file = {token_file:?}\n"),
+        1,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ctl_command_drives_a_running_proxy() {
     let stable = Backend::start(STABLE).await;
     let canary = Backend::start(CANARY).await;
     let next = Backend::start("v3").await;
-    let token_file = scratch_dir().join("admin.token");
-    std::fs::write(&token_file, TOKEN).expect("write the token file");
-    let admin_section = "[admin]\naddr = \"127.0.0.1:0\"\n";
-    let toml = config(&[stable.addr], Some((&[canary.addr], 10.0)), "").replacen(
-        admin_section,
-        &format!("{admin_section}token_file = {token_file:?}\n"),
-        1,
-    );
-    let server = start_cohort(&toml).await;
+    let server = start_cohort(&with_token(&config(
+        &[stable.addr],
+        Some((&[canary.addr], 10.0)),
+        "",
+    )))
+    .await;
     let addr = server.admin_addr();
     let api = AdminApi::with_token(addr, TOKEN);
     let token = Some(TOKEN);
@@ -404,5 +417,80 @@ async fn a_silent_admin_api_times_out() {
     assert!(
         help.contains("--timeout") && help.contains("[default: 10s]"),
         "{help}"
+    );
+}
+
+/// The token can come from a file, as the server's `admin.token_file` does
+/// (`--token-file` or `COHORT_ADMIN_TOKEN_FILE`, trimmed), or from
+/// `COHORT_ADMIN_TOKEN`; an option on the command line wins over the other
+/// source's variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_comes_from_a_file_or_the_environment() {
+    let server = start_cohort(&with_token(&config(&[dead_addr().await], None, ""))).await;
+    let admin = server.admin_addr();
+    let dir = scratch_dir();
+    let file = dir.join("ctl.token");
+    std::fs::write(&file, format!("\n  {TOKEN} \n")).expect("write the token file");
+    let file = file.to_str().expect("a UTF-8 scratch path");
+    let empty = dir.join("empty.token");
+    std::fs::write(&empty, " \n").expect("write the empty token file");
+    let empty = empty.to_str().expect("a UTF-8 scratch path");
+    let missing = dir.join("missing.token");
+    let missing = missing.to_str().expect("a UTF-8 scratch path");
+
+    let with = |env: &[(&str, &str)], args: &[&str]| {
+        let mut command = ctl_command(admin);
+        command.envs(env.iter().copied()).args(args).arg("status");
+        run(command, "ctl status")
+    };
+    for (env, args) in [
+        (&[][..], &["--token-file", file][..]),
+        (&[("COHORT_ADMIN_TOKEN_FILE", file)], &[]),
+        (&[("COHORT_ADMIN_TOKEN", TOKEN)], &[]),
+        (&[("COHORT_ADMIN_TOKEN", "not-it")], &["--token-file", file]),
+        (&[("COHORT_ADMIN_TOKEN_FILE", missing)], &["--token", TOKEN]),
+    ] {
+        let what = format!("status with {env:?} {args:?}");
+        let printed = ok(&with(env, args).await, &what);
+        assert!(
+            line(&printed, "status").contains("steady"),
+            "{what}: {printed}"
+        );
+    }
+
+    // A file that cannot be read, or holds no token: an error naming it.
+    for (env, args, path) in [
+        (&[][..], &["--token-file", missing][..], missing),
+        (&[][..], &["--token-file", empty], empty),
+        (&[("COHORT_ADMIN_TOKEN_FILE", empty)], &[], empty),
+    ] {
+        let what = format!("status with {env:?} {args:?}");
+        let message = refused(&with(env, args).await, &what);
+        assert!(
+            message.contains("token file") && message.contains(path),
+            "{what}: {message}"
+        );
+    }
+
+    // Two tokens: which one was meant is not clear.
+    let message = refused(
+        &with(&[], &["--token", TOKEN, "--token-file", file]).await,
+        "--token and --token-file",
+    );
+    assert!(message.contains("cannot be used with"), "{message}");
+    let message = refused(
+        &with(
+            &[
+                ("COHORT_ADMIN_TOKEN", TOKEN),
+                ("COHORT_ADMIN_TOKEN_FILE", file),
+            ],
+            &[],
+        )
+        .await,
+        "both variables",
+    );
+    assert!(
+        message.contains("COHORT_ADMIN_TOKEN and COHORT_ADMIN_TOKEN_FILE"),
+        "{message}"
     );
 }
