@@ -47,7 +47,14 @@ pub async fn run() -> Result<(), DemoError> {
     std::fs::create_dir_all(&state_dir).map_err(DemoError::StateDir)?;
     config.state.path = state_dir.join("state.json");
     config.state.audit_log = state_dir.join("audit.jsonl");
+    let result = run_with(config).await;
+    // Nothing of the demo outlives it, whether it ran or failed to start.
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}
 
+/// Starts the demo upstreams and the proxy from `config`, and runs them until Ctrl-C.
+async fn run_with(config: Config) -> Result<(), DemoError> {
     let mut versions = vec![(config.versions.stable.clone(), 100)];
     versions.extend(
         config
@@ -96,7 +103,6 @@ Ctrl-C stops it all.",
     );
     while signals.recv().await != Signal::Shutdown {}
     server.shutdown().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
 }
 

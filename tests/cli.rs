@@ -4,8 +4,10 @@
 //! names every problem by its key, an admin listener on the proxy's port
 //! and a file the config names that `serve` could not use included; a
 //! syntax error is one placed line), `cohort route` (the SPEC reference
-//! vectors), and `cohort serve` (answers on its port, exits 0 on SIGTERM,
-//! names the key of a TLS file it cannot read).
+//! vectors), `cohort serve` (answers on its port, exits 0 on SIGTERM,
+//! logs without colour codes to a pipe, names the key of a TLS file it
+//! cannot read), and `cohort demo` (serves the README's first example and
+//! leaves no state behind, whether it ran or could not start).
 //! Does not own: the behaviour behind these commands, which the library
 //! tests cover in depth.
 
@@ -403,7 +405,10 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
                 .await
                 .expect("read the log")
                 .expect("cohort serve exited before it announced its address");
-            assert!(!line.contains('\u{1b}'), "a colour code in a piped log: {line:?}");
+            assert!(
+                !line.contains('\u{1b}'),
+                "a colour code in a piped log: {line:?}"
+            );
             if let Some(addr) = announced_proxy_addr(&line) {
                 return addr;
             }
@@ -429,4 +434,79 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
         .expect("wait for cohort serve");
     assert_eq!(status.code(), Some(0), "{status:?}");
     let _ = within("the log to end", drain).await;
+}
+
+/// `cohort demo` binds fixed ports (the README's), so its two cases run in
+/// one test, one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
+    let state_dir = |pid: u32| std::env::temp_dir().join(format!("cohort-demo-{pid}"));
+
+    let mut child = tokio::process::Command::new(COHORT)
+        .arg("demo")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort demo");
+    let pid = child.id().expect("the demo is running");
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    within("the demo to announce itself", async {
+        loop {
+            let line = out
+                .next_line()
+                .await
+                .expect("read the demo's output")
+                .expect("cohort demo exited before it announced itself");
+            if line.starts_with("Cohort demo:") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(state_dir(pid).exists());
+    // The README's first curl line: alice always gets the same version.
+    let proxy = "127.0.0.1:8080".parse().expect("an address");
+    let first = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    for _ in 0..5 {
+        let again = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
+        assert_eq!(again.version(), first.version());
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("the demo to exit", child.wait())
+        .await
+        .expect("wait for the demo");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!state_dir(pid).exists(), "the demo left its state behind");
+
+    // With a port taken, it says which, exits 1, and still leaves nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:9001").expect("take the stable port");
+    let refusing = tokio::process::Command::new(COHORT)
+        .arg("demo")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort demo again");
+    let pid = refusing.id().expect("the demo is running");
+    let failed = within("the demo to refuse", refusing.wait_with_output())
+        .await
+        .expect("wait for the demo");
+    drop(taken);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("127.0.0.1:9001"),
+        "{failed:?}"
+    );
+    assert!(
+        !state_dir(pid).exists(),
+        "a failed demo left its state behind"
+    );
 }
