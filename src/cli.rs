@@ -105,10 +105,14 @@ pub enum CtlCommand {
     },
     /// Install a new canary.
     Canary {
+        /// The new version's name.
         #[arg(long)]
         name: String,
-        #[arg(long = "upstream", required = true)]
+        /// An upstream address of the new version, such as 10.0.0.7:8000;
+        /// repeat the option for each upstream.
+        #[arg(long = "upstream", value_name = "ADDR", required = true)]
         upstreams: Vec<String>,
+        /// The new version's weight in percent (0 when not given).
         #[arg(long)]
         weight: Option<f64>,
         /// Expose again, above weight 0, the version that was rolled back.

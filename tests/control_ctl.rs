@@ -494,3 +494,19 @@ async fn the_token_comes_from_a_file_or_the_environment() {
         "{message}"
     );
 }
+
+/// `canary --upstream` takes one address and can be given again for more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_help_says_upstream_repeats() {
+    let mut command = ctl_command(dead_addr().await);
+    command.args(["canary", "--help"]);
+    let help = ok(
+        &run(command, "ctl canary --help").await,
+        "ctl canary --help",
+    );
+    let upstream = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--upstream"))
+        .unwrap_or_else(|| panic!("no --upstream line in:\n{help}"));
+    assert!(upstream.contains("repeat"), "{help}");
+}
