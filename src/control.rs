@@ -262,6 +262,8 @@ impl Control {
                 )
             {
                 rollout.insert("phase".into(), "superseded".into());
+                // An ended rollout has no time left in a stage.
+                rollout.insert("time_left_ms".into(), serde_json::Value::Null);
             }
             Ok(())
         })

@@ -904,6 +904,30 @@ async fn a_rollback_from_outside_ends_the_rollout_at_once() {
 }
 
 #[tokio::test]
+async fn a_promotion_from_outside_ends_the_rollout_in_its_answer() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    let plan = json!({"interval": "1h", "stages": [{"weight": 10, "duration": "2h"}]});
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    assert!(
+        started.json()["rollout"]["time_left_ms"].is_u64(),
+        "{started:?}"
+    );
+
+    let promoted = admin
+        .call(Method::POST, "/admin/promote", json!({"force": true}))
+        .await;
+    assert_eq!(promoted.status, StatusCode::OK, "{promoted:?}");
+    let state = promoted.json();
+    assert_eq!(state["stable"]["name"], CANARY, "{state:#}");
+    assert_eq!(rollout_phase(&state), "superseded", "{state:#}");
+    assert!(state["rollout"]["time_left_ms"].is_null(), "{state:#}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
     let server =
         server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
