@@ -351,3 +351,30 @@ async fn a_get_a_new_connection_closes_unanswered_goes_to_the_next_upstream_and_
     assert_eq!(closing.seen_starting("POST /post-"), failed);
     assert_eq!(good.hits(), 4 + 4 - failed);
 }
+
+#[tokio::test]
+async fn a_client_that_gives_up_before_the_answer_is_counted_as_499() {
+    let slow = SlowBackend::start(STABLE).await;
+    let server = cohort(&[slow.addr], None, "").await;
+    let labels = [("version", STABLE), ("code", "499")];
+    assert_eq!(
+        metric(&server, "cohort_requests_total", &labels).await,
+        None
+    );
+
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send a request");
+    support::eventually("the request to reach the upstream", || slow.hits() == 1).await;
+    // The user closes the tab while the upstream still thinks.
+    drop(stream);
+    support::eventually_async("the abandoned request to be counted", || async {
+        metric(&server, "cohort_requests_total", &labels).await == Some(1.0)
+    })
+    .await;
+    slow.release();
+}

@@ -17,10 +17,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::ProxyError;
+use crate::rollout::window::Observation;
 use crate::shadow::TeeBody;
 use crate::table::Version;
 use crate::upstream::UpstreamBody;
@@ -36,6 +38,9 @@ pub struct InFlight {
     started: Instant,
     /// The version's close count when this request started.
     close_epoch: u64,
+    /// Whether the proxy got as far as a response head. A request dropped
+    /// before that was abandoned by its client while it waited.
+    answered: bool,
 }
 
 impl InFlight {
@@ -47,7 +52,14 @@ impl InFlight {
             version,
             started,
             close_epoch,
+            answered: false,
         }
+    }
+
+    /// Marks that a response head is on its way: from here the request is
+    /// recorded with its status, not as abandoned.
+    pub fn answered(&mut self) {
+        self.answered = true;
     }
 
     /// Whether the version's streams were ordered closed since this one started.
@@ -97,11 +109,31 @@ impl BodyProgress {
     }
 }
 
+/// nginx's status for a request its client closed before the response.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let metrics = &self.version.metrics;
+        let elapsed = self.started.elapsed();
         metrics.in_flight.decrement(1.0);
-        metrics.response_duration.record(self.started.elapsed());
+        metrics.response_duration.record(elapsed);
+        if !self.answered {
+            // The client gave up waiting for this version: the wait it felt
+            // is recorded as a failure, so a canary that hangs is seen by
+            // its metrics and judged by the guardrails.
+            if let Ok(status) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
+                metrics.record_response(status, elapsed);
+            }
+            self.version.window.record(
+                crate::clock::since_start(),
+                Observation {
+                    success: false,
+                    latency: elapsed,
+                    tokens: None,
+                },
+            );
+        }
     }
 }
 

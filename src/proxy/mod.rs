@@ -106,7 +106,7 @@ impl Proxy {
         let version = Arc::clone(version);
 
         // Forward, with the version's in-flight gauge held until the body ends.
-        let in_flight = body::InFlight::start(Arc::clone(&version), started);
+        let mut in_flight = body::InFlight::start(Arc::clone(&version), started);
         let result = match forward::check_framing(&req, framing) {
             Err(error) => Err(error),
             Ok(()) => {
@@ -123,7 +123,9 @@ impl Proxy {
             }
         };
 
-        // Tag and record, on success and failure alike.
+        // Tag and record, on success and failure alike. Nothing below waits,
+        // so a client that goes away from here still has its status recorded.
+        in_flight.answered();
         let mut tokens = None;
         let mut tunnel = None;
         let mut rsp = match result {
