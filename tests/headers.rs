@@ -37,13 +37,16 @@ async fn the_upstream_sees_the_version_and_forwarded_headers() {
                     ("x-user-id", key),
                     ("host", "agent.example.com"),
                     ("x-forwarded-for", "203.0.113.7"),
-                    // A client must not be able to pick the version header the upstream reads.
+                    // A client must not be able to pick the version header the upstream reads,
+                    // nor pass its request off as a shadow copy.
                     ("x-agent-version", "forged"),
+                    ("x-cohort-shadow", "1"),
                 ],
             )
             .await;
         assert_eq!(reply.status, 200);
         assert_eq!(reply.seen("x-agent-version"), [version], "{key}");
+        assert_eq!(reply.seen("x-cohort-shadow"), Vec::<String>::new(), "{key}");
         assert_eq!(
             reply.seen("x-forwarded-for"),
             ["203.0.113.7, 127.0.0.1"],

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use super::body::InFlight;
 use super::error::ProxyError;
 use super::framing::AmbiguousFraming;
+use crate::shadow::X_COHORT_SHADOW;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -165,6 +166,9 @@ pub fn upstream_request<B>(
     }
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
+    // Only the proxy marks a copy: a client's marker would make its real
+    // request look like one, which upstreams may answer without side effects.
+    headers.remove(&X_COHORT_SHADOW);
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
