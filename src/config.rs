@@ -928,11 +928,16 @@ mod raw {
                     ),
                 );
             }
-            // The one rule that reads the environment: the token may come from it.
-            if !admin.addr.ip().is_loopback()
-                && admin.token_file.is_none()
-                && std::env::var_os("COHORT_ADMIN_TOKEN").is_none()
-            {
+            // The rules that read the environment: the token may come from it.
+            let no_token =
+                admin.token_file.is_none() && std::env::var_os("COHORT_ADMIN_TOKEN").is_none();
+            if admin.metrics_auth && no_token {
+                c.problem(
+                    "admin.metrics_auth",
+                    "needs a token to ask for: set admin.token_file or COHORT_ADMIN_TOKEN",
+                );
+            }
+            if !admin.addr.ip().is_loopback() && no_token {
                 c.problem(
                     "admin.addr",
                     format!(

@@ -248,6 +248,21 @@ fn check_reads_the_files_serve_would_read_and_names_each_by_its_key() {
 }
 
 #[test]
+fn check_refuses_metrics_auth_without_a_token_to_ask_for() {
+    let scratch = Scratch::new("metrics-auth");
+    let text = format!("[admin]\nmetrics_auth = true\n\n{STABLE_ONLY}");
+    let output = check(&scratch.write("auth.toml", &text));
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert!(
+        printed(&output)
+            .lines()
+            .any(|l| l.starts_with("admin.metrics_auth: needs a token")),
+        "{}",
+        printed(&output)
+    );
+}
+
+#[test]
 fn check_refuses_an_admin_listener_on_the_proxy_port() {
     let scratch = Scratch::new("same-port");
     for (listen, admin) in [

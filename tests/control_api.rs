@@ -470,6 +470,14 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
             .await,
         405,
     );
+    // HEAD is answered as GET, without the body (uptime checkers, `curl -I`).
+    for path in ["/health", "/ready", "/metrics"] {
+        let reply = http
+            .send(Method::HEAD, path, &[], bytes::Bytes::new())
+            .await;
+        assert_eq!(reply.status, 200, "HEAD {path}: {reply:?}");
+        assert!(reply.body.is_empty(), "HEAD {path}: {reply:?}");
+    }
 }
 
 #[tokio::test]

@@ -156,7 +156,12 @@ impl Admin {
 
     async fn route(&self, req: Request<Incoming>) -> Result<AdminResponse, AdminError> {
         let path = req.uri().path().to_owned();
-        let method = req.method().clone();
+        // HEAD is answered as GET without the body (hyper leaves it out),
+        // for uptime checkers and `curl -I`.
+        let method = match req.method() {
+            &Method::HEAD => Method::GET,
+            method => method.clone(),
+        };
         {
             // Not held across an await: the guard is for this check only.
             let access = self.access.load();
