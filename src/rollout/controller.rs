@@ -514,8 +514,14 @@ impl Rollouts {
                 return Err(Phase::RolledBack.into());
             }
             self.save_or_end(progress, "rollout_evaluation", BY_ROLLOUT)?;
-            // A stage ends only on a passing evaluation: an inconclusive one waits.
-            if elapsed >= duration && verdict == Verdict::Pass {
+            // A stage ends only on a passing evaluation whose measured values
+            // are all within their limits: an inconclusive one waits, and so
+            // does a canary that looks worse than a limit without proof yet.
+            let within = progress
+                .last_evaluation
+                .iter()
+                .all(judge::Evaluation::measured_within);
+            if elapsed >= duration && verdict == Verdict::Pass && within {
                 return Ok(());
             }
         }

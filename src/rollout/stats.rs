@@ -14,7 +14,9 @@
 //!   no `eval_score` has been reported.
 //! - `fail`: the data show that the limit is breached: the test of "the
 //!   canary is within the limit" rejects at this look's level.
-//! - `pass`: enough data and no significant breach. The gate does not ask
+//! - `pass`: enough data and no significant breach. (A stage still ends
+//!   only when every measured value is within its limit as well: see
+//!   [`Evaluation::measured_within`].) The gate does not ask
 //!   the canary to prove itself within the limit at every look: with a 1%
 //!   canary that proof needs far more requests than a stage sees, so a
 //!   proof-based gate would sit at `inconclusive` and stall healthy
@@ -120,6 +122,26 @@ pub struct Evaluation {
     pub canary: Option<f64>,
     pub limit: f64,
     pub verdict: Verdict,
+}
+
+impl Evaluation {
+    /// Whether the canary's measured value is within the limit. A pass only
+    /// says no breach is proven: at 1% a canary can measure past its limit
+    /// for a long while before the data prove it, and such a canary holds
+    /// its stage instead of taking more users.
+    #[must_use]
+    pub fn measured_within(&self) -> bool {
+        let Some(canary) = self.canary else {
+            return true;
+        };
+        match (self.guardrail.as_ref(), self.stable) {
+            ("success_rate" | "eval_score", _) => canary >= self.limit,
+            ("success_rate_drop", Some(stable)) => stable - canary <= self.limit,
+            ("p95_latency_ratio" | "tokens_ratio", Some(stable)) => canary <= stable * self.limit,
+            ("p95_latency_ms", _) => canary <= self.limit,
+            _ => true,
+        }
+    }
 }
 
 /// The looks a plan makes if every stage ends on time: one per `interval`
@@ -782,5 +804,31 @@ mod tests {
         )
         .expect("plan parses");
         assert_eq!(planned_looks(&config), 60 + 2);
+    }
+    #[test]
+    fn a_measured_value_is_within_its_limit_in_each_guardrails_direction() {
+        let eval =
+            |guardrail: &'static str, stable: Option<f64>, canary: f64, limit: f64| Evaluation {
+                guardrail: Cow::Borrowed(guardrail),
+                stable,
+                canary: Some(canary),
+                limit,
+                verdict: Verdict::Pass,
+            };
+        let cases = [
+            (eval("success_rate", Some(0.99), 0.9565, 0.97), false),
+            (eval("success_rate", Some(0.99), 0.975, 0.97), true),
+            (eval("success_rate_drop", Some(0.99), 0.95, 0.02), false),
+            (eval("success_rate_drop", Some(0.99), 0.98, 0.02), true),
+            (eval("p95_latency_ratio", Some(100.0), 130.0, 1.2), false),
+            (eval("p95_latency_ratio", Some(100.0), 110.0, 1.2), true),
+            (eval("p95_latency_ms", None, 900.0, 800.0), false),
+            (eval("tokens_ratio", Some(10.0), 16.0, 1.5), false),
+            (eval("eval_score", None, 0.8, 0.9), false),
+            (eval("eval_score", None, 0.95, 0.9), true),
+        ];
+        for (evaluation, within) in cases {
+            assert_eq!(evaluation.measured_within(), within, "{evaluation:?}");
+        }
     }
 }
