@@ -1347,3 +1347,51 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    // No traffic at all, and a guardrail that needs a thousand requests.
+    let plan = json!({
+        "interval": INTERVAL,
+        "min_requests": 1000,
+        "inconclusive_limit": 2,
+        "failure_limit": 1,
+        "stages": [{"weight": 5, "duration": "1h"}],
+        "guardrails": {"success_rate_min": 0.9},
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let paused = wait_state(&admin, "the pause for data", |s| s["status"] == "paused").await;
+    assert_eq!(rollout_phase(&paused), "paused", "{paused:#}");
+    assert_eq!(paused["canary"]["weight"], 5.0, "{paused:#}");
+    assert!(paused["last_rollback"].is_null(), "{paused:#}");
+    assert!(
+        paused["rollout"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fewer than 1000 requests")),
+        "{paused:#}"
+    );
+
+    // Approved, it waits for data again at the same stage.
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    let state = approved.json();
+    assert_eq!(state["status"], "progressing", "{state:#}");
+    assert_eq!(state["rollout"]["stage"], 0, "{state:#}");
+    wait_state(&admin, "the second pause for data", |s| {
+        s["status"] == "paused"
+    })
+    .await;
+
+    // Aborted, it rolls back.
+    let aborted = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
+    assert_eq!(aborted.json()["status"], "rolled_back");
+}

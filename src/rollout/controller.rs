@@ -3,7 +3,8 @@
 //! Owns: starting, approving and aborting a rollout, the stage machine (set
 //! the weight, wait the duration, judge at every interval, go on; wait at a
 //! pause for approval), rolling back when a guardrail fails `failure_limit`
-//! looks in a row, the end (promote or hold), ending at once when a change
+//! looks in a row, pausing for a person when the guardrails lack data for
+//! too long, the end (promote or hold), ending at once when a change
 //! made outside it (a rollback, a promotion, a new canary) supersedes it,
 //! resuming after a restart with the time already spent counted, and
 //! webhook events. It changes the world
@@ -457,9 +458,14 @@ impl Rollouts {
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
     ) -> Result<(), Ending> {
+        // Paused for lack of data when the process stopped: still paused.
+        if progress.phase == Phase::Paused {
+            self.pause(plan, progress, inbox, approval).await?;
+            progress.reason = None;
+        }
         progress.phase = Phase::Progressing;
         progress.weight = weight;
-        let started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
+        let mut started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
         progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
         self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
         self.webhooks
@@ -505,6 +511,27 @@ impl Rollouts {
             progress.consecutive_failures =
                 progress.failure_runs.values().copied().max().unwrap_or(0);
             progress.last_evaluation = evaluation;
+            if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
+                // Too little data is not a bad canary: as Argo Rollouts does,
+                // wait for a person (approve to wait longer, abort to roll
+                // back) instead of rolling back. The stage's clock stops.
+                progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
+                progress.reason = Some(format!(
+                    "paused: the guardrails had fewer than {} requests per cohort for {} looks in a row; approve to keep waiting, or abort",
+                    plan.min_requests,
+                    u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
+                ));
+                let paused_at = Instant::now();
+                self.pause(plan, progress, inbox, approval).await?;
+                started += paused_at.elapsed();
+                progress.phase = Phase::Progressing;
+                progress.reason = None;
+                progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
+                self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
+                self.answer(approval);
+                next_look = Instant::now() + plan.interval;
+                continue;
+            }
             if !tripped.is_empty() {
                 progress.reason = Some(judge::failure_reason(
                     &progress.last_evaluation,

@@ -104,7 +104,8 @@ pub fn count_failures(
         Verdict::Fail => *inconclusive_looks = 0,
         Verdict::Inconclusive => {
             *inconclusive_looks += 1;
-            // Waiting forever for data is a failure too.
+            // Waiting forever for data is a run of its own, which the
+            // controller answers with a pause for a person, not a rollback.
             if *inconclusive_looks >= plan.inconclusive_limit {
                 *inconclusive_looks = 0;
                 *runs.entry(INCONCLUSIVE_RUN.to_owned()).or_default() += 1;
