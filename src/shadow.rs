@@ -33,7 +33,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{Config, VersionConfig};
@@ -103,8 +103,20 @@ pub struct Tap {
     /// Set before the sender is dropped when the real body ended whole, so
     /// the copy can tell a complete body from an abandoned one.
     complete: Arc<AtomicBool>,
+    /// Told when the tap goes without completing: the copy is abandoned,
+    /// and its task stops at once, even while its upstream is not reading.
+    abandoned: Arc<Notify>,
     /// Bytes the copy may still take under `shadow.max_body`.
     left: u64,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if !self.complete.load(Ordering::Acquire) {
+            // A permit is kept if the task is not waiting yet.
+            self.abandoned.notify_one();
+        }
+    }
 }
 
 impl TeeBody {
@@ -201,6 +213,7 @@ impl Body for TeeBody {
 pub struct CopyBody {
     frames: mpsc::Receiver<Bytes>,
     complete: Arc<AtomicBool>,
+    abandoned: Arc<Notify>,
 }
 
 impl CopyBody {
@@ -208,13 +221,16 @@ impl CopyBody {
     fn channel(max_body: u64) -> (CopyBody, Tap) {
         let (tx, rx) = mpsc::channel(COPY_FRAMES);
         let complete = Arc::new(AtomicBool::new(false));
+        let abandoned = Arc::new(Notify::new());
         let body = CopyBody {
             frames: rx,
             complete: Arc::clone(&complete),
+            abandoned: Arc::clone(&abandoned),
         };
         let tap = Tap {
             frames: tx,
             complete,
+            abandoned,
             left: max_body,
         };
         (body, tap)
@@ -395,9 +411,31 @@ async fn send(
     slot: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    let deadline = started + timeout;
     let metrics = &version.metrics;
     metrics.in_flight.increment(1.0);
+    let abandoned = Arc::clone(&copy.body().abandoned);
+    tokio::select! {
+        () = exchange(client, copy, &version, started + timeout) => {
+            metrics.response_duration.record(started.elapsed());
+        }
+        // Counted in `cohort_shadow_dropped_total` when its tap let go: not
+        // the shadow's failure, so not in its requests or errors.
+        () = abandoned.notified() => {}
+    }
+    metrics.in_flight.decrement(1.0);
+    drop(slot);
+}
+
+/// The copy's exchange: the request, then its response read to the end
+/// and discarded, all by `deadline`, recorded under `cohort="shadow"`.
+async fn exchange(
+    client: ShadowClient,
+    copy: Request<CopyBody>,
+    version: &Version,
+    deadline: Instant,
+) {
+    let started = Instant::now();
+    let metrics = &version.metrics;
     let result = match tokio::time::timeout_at(deadline, client.request(copy)).await {
         Ok(Ok(rsp)) => Ok(rsp),
         Ok(Err(error)) => Err(ProxyError::from_client(&error)),
@@ -432,9 +470,6 @@ async fn send(
             metrics.record_response(error.status(), started.elapsed());
         }
     }
-    metrics.in_flight.decrement(1.0);
-    metrics.response_duration.record(started.elapsed());
-    drop(slot);
 }
 
 #[cfg(test)]

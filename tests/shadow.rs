@@ -423,5 +423,37 @@ async fn request_bodies_are_mirrored_while_they_stream_up_to_max_body() {
         [Some(small), Some(Bytes::from_static(b"marker"))],
         "only bodies within max_body are mirrored"
     );
+
+    // A chunked body that turns out too large while it streams: its copy is
+    // abandoned, counted once as too_large, and never as the shadow's failure.
+    let chunk = "a".repeat(40_000);
+    let request = format!(
+        "POST / HTTP/1.1\r\nhost: x\r\nx-user: poster\r\ntransfer-encoding: chunked\r\n\r\n\
+         {len:x}\r\n{chunk}\r\n{len:x}\r\n{chunk}\r\n0\r\n\r\n",
+        len = chunk.len()
+    );
+    let reply = support::raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    support::eventually_async("the chunked copy is counted as too_large", || async {
+        metric(
+            &server,
+            "cohort_shadow_dropped_total",
+            &[("reason", "too_large")],
+        )
+        .await
+        .is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    let shadow_labels = [("version", "sh-bodies"), ("cohort", "shadow")];
+    for code in ["502", "504"] {
+        let labels = [shadow_labels[0], shadow_labels[1], ("code", code)];
+        assert_eq!(
+            metric(&server, "cohort_requests_total", &labels).await,
+            None,
+            "an abandoned copy counted as the shadow's {code}"
+        );
+    }
+    let errors = metric(&server, "cohort_upstream_errors_total", &shadow_labels).await;
+    assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
     server.shutdown().await;
 }
