@@ -16,8 +16,9 @@
 //! clone of each data frame to the copy's [`CopyBody`] through a small
 //! bounded channel, without waiting. A copy whose body turns out larger than
 //! `shadow.max_body` (reason `too_large`), or that falls [`COPY_FRAMES`]
-//! frames behind (reason `queue_full`), is abandoned: its request to the
-//! shadow fails; the real request never notices.
+//! frames behind (reason `queue_full`), is abandoned: its task stops at
+//! once, closing its connection to the shadow, and it is counted under that
+//! reason alone, not as the shadow's failure; the real request never notices.
 
 use std::pin::Pin;
 use std::sync::Arc;
