@@ -3,7 +3,9 @@
 //! Owns: streaming an upstream body through frame by frame (never buffered
 //! whole), the proxy's own small bodies, and [`InFlight`], which holds a
 //! version's in-flight gauge from the request's start to the body's end (or
-//! the client's disconnect) and then records the response duration. Also
+//! the client's disconnect) and then records the response duration (and,
+//! for a request its client abandoned before the response head, a 499 and
+//! a failure in the version's window). Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got, which the
