@@ -166,9 +166,6 @@ pub fn upstream_request<B>(
     }
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
-    // Only the proxy marks a copy: a client's marker would make its real
-    // request look like one, which upstreams may answer without side effects.
-    headers.remove(&X_COHORT_SHADOW);
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -281,17 +278,25 @@ impl Tunnel {
     }
 }
 
-/// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]) and any header the
-/// `Connection` header names.
+/// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]), any header the
+/// `Connection` header names, and the shadow marker: only the proxy marks a
+/// copy, and a client's marker would make its real request look like one,
+/// which upstreams may answer without side effects.
 ///
 /// Finds them in one pass over the names first: most messages carry none,
 /// or only `Connection: keep-alive`, and each removal costs a hash lookup.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     let mut present = [false; HOP_BY_HOP.len()];
+    let mut shadow_marker = false;
     for name in headers.keys() {
         if let Some(index) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
             present[index] = true;
+        } else if name == X_COHORT_SHADOW {
+            shadow_marker = true;
         }
+    }
+    if shadow_marker {
+        headers.remove(&X_COHORT_SHADOW);
     }
     if present[0] {
         let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
