@@ -17,9 +17,7 @@ pub mod idle;
 pub mod listener;
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -213,8 +211,23 @@ impl Proxy {
                 set_trailers(req.headers_mut(), upstream.protocol);
             }
             let sent = self.client.request(upstream, req);
-            let waited = head_within(sent, &mut deadline, response_timeout, progress.as_deref());
-            let failed = match waited.await {
+            tokio::pin!(sent);
+            // The deadline moves while a request body still streams (see
+            // `body::BodyProgress`). Waited for here, not in a helper `async
+            // fn`, which would hold a second copy of the large `sent` future.
+            let waited = loop {
+                tokio::select! {
+                    biased;
+                    output = &mut sent => break Some(output),
+                    () = tokio::time::sleep_until(deadline) => {
+                        match progress.as_deref().map(|p| p.deadline(response_timeout)) {
+                            Some(later) if later > deadline => deadline = later,
+                            _ => break None,
+                        }
+                    }
+                }
+            };
+            let failed = match waited {
                 Some(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
                 Some(Err(failed)) => failed,
                 None => {
@@ -246,26 +259,6 @@ impl Proxy {
         };
         version.health[index].record_outcome(ok, &table.policy.health);
         result
-    }
-}
-
-/// Waits for `sent` until `deadline`, which a request body that moved since
-/// pushes back to `timeout` after its last frame; `None` once it has passed.
-async fn head_within<F: Future>(
-    sent: F,
-    deadline: &mut Instant,
-    timeout: Duration,
-    progress: Option<&body::BodyProgress>,
-) -> Option<F::Output> {
-    tokio::pin!(sent);
-    loop {
-        if let Ok(output) = tokio::time::timeout_at(*deadline, &mut sent).await {
-            return Some(output);
-        }
-        match progress.map(|p| p.deadline(timeout)) {
-            Some(later) if later > *deadline => *deadline = later,
-            _ => return None,
-        }
     }
 }
 
