@@ -213,8 +213,12 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     // A saved rollout carries on where it stopped; a canary fresh from the
     // config starts the config's plan, if any.
     let resumed = rollouts.resume();
-    let fresh =
-        origin == Origin::Reset || new_canary(previous.as_ref().map(|p| &p.live), &control.state());
+    let fresh = match origin {
+        // The state file is the live truth: its canary is not new.
+        Origin::Restored => false,
+        Origin::Seeded | Origin::Reset => control.state().canary.is_some(),
+        Origin::Reseeded => new_canary(previous.as_ref().map(|p| &p.live), &control.state()),
+    };
     if !resumed
         && fresh
         && config.rollout.is_some()

@@ -5,7 +5,8 @@
 //! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
 //! file stops the start with a message naming the file; `--reset-state`
 //! re-seeds, keeping the unreadable file beside the new one; a rollback the disk refused stays live and is saved once the
-//! disk allows; an audit log that cannot be written stops the start; every audit line is JSON with time, action, before, after,
+//! disk allows; an audit log that cannot be written stops the start; a
+//! restart does not start the configured plan again; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
 
@@ -429,4 +430,29 @@ async fn an_audit_log_that_cannot_be_written_stops_the_start_before_the_state_is
         !files.state.exists(),
         "the state file was seeded: {refused:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_start_the_configured_plan_again() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "[rollout]\ninterval = \"100ms\"\non_success = \"hold\"\n\
+                stages = [ { weight = 5, duration = \"300ms\" } ]\n";
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), plan));
+    let first = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    support::eventually_async("the plan to finish, holding", || async {
+        admin.state().await["rollout"]["phase"] == "held"
+    })
+    .await;
+    // The operator then sets the weight by hand.
+    admin.set_weight(30.0, false).await;
+    assert_eq!(first.stop().await, Some(0));
+
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&second).await;
+    assert_eq!(weight, 30.0, "{state}");
+    assert_eq!(state["status"], "steady", "{state}");
+    assert_eq!(state["rollout"]["phase"], "held", "{state}");
+    assert_eq!(second.stop().await, Some(0));
 }
