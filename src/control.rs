@@ -536,7 +536,12 @@ impl Control {
         let Some(unsaved) = &current.unsaved else {
             return Ok(());
         };
-        self.store.write(Some(unsaved.on_disk), &current.saved)?;
+        match self.store.write(Some(unsaved.on_disk), &current.saved) {
+            Ok(()) => {}
+            // The failed write got as far as the rename: the file holds it.
+            Err(StateError::Conflict { found, .. }) if found == current.saved.live.generation => {}
+            Err(error) => return Err(error.into()),
+        }
         if let Some(unsaved) = current.unsaved.take() {
             tracing::info!(
                 generation = current.saved.live.generation,

@@ -108,13 +108,14 @@ pub struct Server {
 }
 
 /// The settings that take a restart: the admin listener's address, the
-/// state paths and the certificate paths (the files themselves are read
-/// again on SIGHUP).
+/// state paths, `listen.tls` (the certificate and key files themselves are
+/// read again on SIGHUP) and `upstream.ca_file`.
 #[derive(Debug, Clone, PartialEq)]
 struct RestartOnly {
     admin_addr: SocketAddr,
     state: (PathBuf, PathBuf),
-    tls: Option<(PathBuf, PathBuf)>,
+    tls: Option<(PathBuf, PathBuf, Vec<String>)>,
+    ca_file: Option<PathBuf>,
 }
 
 impl RestartOnly {
@@ -126,7 +127,8 @@ impl RestartOnly {
                 .listen
                 .tls
                 .as_ref()
-                .map(|tls| (tls.cert.clone(), tls.key.clone())),
+                .map(|tls| (tls.cert.clone(), tls.key.clone(), tls.alpn.clone())),
+            ca_file: config.upstream.ca_file.clone(),
         }
     }
 
@@ -140,7 +142,10 @@ impl RestartOnly {
             keys.push("state.path, state.audit_log");
         }
         if self.tls != other.tls {
-            keys.push("listen.tls.cert, listen.tls.key");
+            keys.push("listen.tls");
+        }
+        if self.ca_file != other.ca_file {
+            keys.push("upstream.ca_file");
         }
 
         keys
@@ -367,8 +372,15 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
             for key in server.restart_only.changed(&RestartOnly::of(&config)) {
                 tracing::warn!(key, "changed in the config, but applied only on a restart");
             }
-            if start_plan && let Err(error) = server.rollouts.start_configured().await {
-                tracing::error!(%error, "cannot start the configured rollout");
+            if start_plan {
+                // In the background: the signal loop must stay free for a
+                // SIGUSR1 rollback while the replaced rollout records its end.
+                let rollouts = Arc::clone(&server.rollouts);
+                tokio::spawn(async move {
+                    if let Err(error) = rollouts.start_configured().await {
+                        tracing::error!(%error, "cannot start the configured rollout");
+                    }
+                });
             }
             match server.reload_workers(&config) {
                 Ok(true) => tracing::info!(

@@ -18,7 +18,10 @@
 //! `shadow.max_body` (reason `too_large`), or that falls [`COPY_FRAMES`]
 //! frames behind (reason `queue_full`), is abandoned: its task stops at
 //! once, closing its connection to the shadow, and it is counted under that
-//! reason alone, not as the shadow's failure; the real request never notices.
+//! reason alone, not as the shadow's failure; the real request never
+//! notices. A copy whose real request ends early (the client went away, or
+//! the upstream answered without reading the body) is dropped the same way,
+//! and not counted: nothing went wrong on the shadow's side.
 
 use std::pin::Pin;
 use std::sync::Arc;

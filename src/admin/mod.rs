@@ -158,7 +158,8 @@ impl Admin {
         let path = req.uri().path().to_owned();
         // HEAD is answered as GET without the body (hyper leaves it out),
         // for uptime checkers and `curl -I`.
-        let method = match req.method() {
+        let sent = req.method().clone();
+        let method = match &sent {
             &Method::HEAD => Method::GET,
             method => method.clone(),
         };
@@ -224,7 +225,10 @@ impl Admin {
                 ok(to_json(&handlers::signals(&self.rollouts, req).await?))
             }
             (_, path) => match allowed_method(path) {
-                Some(allow) => Err(AdminError::MethodNotAllowed { method, allow }),
+                Some(allow) => Err(AdminError::MethodNotAllowed {
+                    method: sent,
+                    allow,
+                }),
                 None => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
             },
         }

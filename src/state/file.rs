@@ -83,7 +83,7 @@ impl StateStore for FileStore {
     fn set_aside(&self) -> Result<String, StateError> {
         let aside = self.aside_path();
         fs::rename(&self.path, &aside).map_err(|source| StateError::Write {
-            path: aside.display().to_string(),
+            path: self.path.display().to_string(),
             source,
         })?;
         Ok(aside.display().to_string())

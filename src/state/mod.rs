@@ -145,10 +145,10 @@ impl LiveState {
     /// The state an edited `[versions]` section describes, keeping what
     /// the edit did not decide. When the canary is still the same version
     /// (the same name), its rollback latch holds (weight 0) and a running
-    /// rollout runs on at the weight it set: a config's canary weight is
-    /// where a new canary starts, and an edit elsewhere in the section
-    /// (another stable upstream) must not move users between versions. The
-    /// last rollback is kept as history.
+    /// rollout runs on at the weight it set, so an edit elsewhere in the
+    /// section (another stable upstream) moves no one the rollout placed. A
+    /// steady canary takes the config's weight: the edited section is the
+    /// newer intent. The last rollback is kept as history.
     #[must_use]
     pub fn reseed(
         &self,
