@@ -664,8 +664,12 @@ impl Rollouts {
                 // Checked again under the state's lock: a rollback, promote or
                 // new canary since `still_ours` must not be undone by this
                 // save. The next `still_ours` ends the rollout. (The first
-                // save is the one that makes it ours.)
-                if action != START && !is_ours(live, &progress.canary) {
+                // save makes it ours, if its canary is still there and was
+                // not rolled back meanwhile.)
+                let startable = action == START
+                    && live.status != Status::RolledBack
+                    && live.canary.as_ref().is_some_and(|c| c.name == progress.canary);
+                if !startable && !is_ours(live, &progress.canary) {
                     return;
                 }
                 if let Some(canary) = live.canary.as_mut() {
