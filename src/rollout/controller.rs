@@ -668,7 +668,10 @@ impl Rollouts {
                 // not rolled back meanwhile.)
                 let startable = action == START
                     && live.status != Status::RolledBack
-                    && live.canary.as_ref().is_some_and(|c| c.name == progress.canary);
+                    && live
+                        .canary
+                        .as_ref()
+                        .is_some_and(|c| c.name == progress.canary);
                 if !startable && !is_ours(live, &progress.canary) {
                     return;
                 }
