@@ -517,7 +517,7 @@ impl Rollouts {
                 // back) instead of rolling back. The stage's clock stops.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
                 progress.reason = Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests per cohort, or no eval_score reported); approve to keep waiting, or abort",
+                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests per cohort, no eval_score reported, or a canary measuring past a limit without proof); approve to keep waiting, or abort",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
                 ));
@@ -541,14 +541,10 @@ impl Rollouts {
                 return Err(Phase::RolledBack.into());
             }
             self.save_or_end(progress, "rollout_evaluation", BY_ROLLOUT)?;
-            // A stage ends only on a passing evaluation whose measured values
-            // are all within their limits: an inconclusive one waits, and so
-            // does a canary that looks worse than a limit without proof yet.
-            let within = progress
-                .last_evaluation
-                .iter()
-                .all(judge::Evaluation::measured_within);
-            if elapsed >= duration && verdict == Verdict::Pass && within {
+            // A stage ends only on a passing evaluation: an inconclusive one
+            // (too little data, or a canary that measures past a limit
+            // without proof yet) waits.
+            if elapsed >= duration && verdict == Verdict::Pass {
                 return Ok(());
             }
         }

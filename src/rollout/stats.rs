@@ -14,9 +14,11 @@
 //!   no `eval_score` has been reported.
 //! - `fail`: the data show that the limit is breached: the test of "the
 //!   canary is within the limit" rejects at this look's level.
-//! - `pass`: enough data and no significant breach. (A stage still ends
-//!   only when every measured value is within its limit as well: see
-//!   [`Evaluation::measured_within`].) The gate does not ask
+//! - `inconclusive` too: enough data and no significant breach, but the
+//!   canary's measured value is past the limit
+//!   ([`Evaluation::measured_within`]): the data have not decided yet.
+//! - `pass`: enough data, no significant breach, and the measured value
+//!   within the limit. The gate does not ask
 //!   the canary to prove itself within the limit at every look: with a 1%
 //!   canary that proof needs far more requests than a stage sees, so a
 //!   proof-based gate would sit at `inconclusive` and stall healthy
@@ -125,10 +127,11 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    /// Whether the canary's measured value is within the limit. A pass only
-    /// says no breach is proven: at 1% a canary can measure past its limit
-    /// for a long while before the data prove it, and such a canary holds
-    /// its stage instead of taking more users.
+    /// Whether the canary's measured value is within the limit. No proven
+    /// breach is not enough for a pass: at 1% a canary can measure past its
+    /// limit for a long while before the data prove it, and such a look is
+    /// inconclusive, so the canary holds its stage instead of taking more
+    /// users (and, held too long, pauses for a person).
     #[must_use]
     pub fn measured_within(&self) -> bool {
         let Some(canary) = self.canary else {
@@ -216,13 +219,19 @@ pub fn evaluate(
 
     let mut out = Vec::new();
     let mut push = |guardrail: &'static str, stable, canary, limit, verdict| {
-        out.push(Evaluation {
+        let mut evaluation = Evaluation {
             guardrail: Cow::Borrowed(guardrail),
             stable,
             canary,
             limit,
             verdict,
-        });
+        };
+        // No breach proven, but the canary measures past its limit: not a
+        // pass either. It waits for the data to decide.
+        if evaluation.verdict == Verdict::Pass && !evaluation.measured_within() {
+            evaluation.verdict = Verdict::Inconclusive;
+        }
+        out.push(evaluation);
     };
     if let Some(floor) = g.success_rate_min {
         let p = if at_most_expected(
@@ -787,7 +796,8 @@ mod tests {
                 planned: 120,
             },
         );
-        assert_eq!(evals[0].verdict, Verdict::Pass, "{evals:?}");
+        // Not failed, and not passed either: it measures past the floor.
+        assert_eq!(evals[0].verdict, Verdict::Inconclusive, "{evals:?}");
         assert!(evals[0].canary.is_some_and(|c| c < 0.98));
     }
 
