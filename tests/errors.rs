@@ -111,21 +111,23 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
     let stable = Backend::start(STABLE).await;
     let upstream = "[upstream]\nresponse_timeout = \"2s\"\n";
     let server = cohort(&[stable.addr], None, upstream).await;
-    let head = |length: usize| {
-        format!(
-            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: {length}\r\n\r\n"
-        )
+    // A connection with the head of a 20-byte upload sent, its body to come.
+    let upload = || async {
+        let mut stream = TcpStream::connect(server.proxy_addr())
+            .await
+            .expect("connect");
+        let head =
+            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: 20\r\n\r\n";
+        stream
+            .write_all(head.as_bytes())
+            .await
+            .expect("send the head");
+        stream
     };
 
     // Twenty chunks 150 ms apart: half as long again as the timeout in
     // all, and never more than a small part of it without one.
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(head(20).as_bytes())
-        .await
-        .expect("send the head");
+    let mut stream = upload().await;
     for _ in 0..20 {
         // Pacing the upload is the point of the test, not a wait for anything.
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -136,13 +138,7 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
     assert_eq!(stable.body_bytes_seen(), 20);
 
     // A body that stops moving still times out, a timeout after its last byte.
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(head(20).as_bytes())
-        .await
-        .expect("send the head");
+    let mut stream = upload().await;
     stream.write_all(b"xxxxx").await.expect("send a part");
     let answer = support::read_head(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");

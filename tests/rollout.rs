@@ -878,16 +878,22 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
     all_on_stable(server.proxy_addr()).await;
 }
 
-#[tokio::test]
-async fn a_rollback_from_outside_ends_the_rollout_at_once() {
+/// A server with an API canary under a rollout judged once an hour: only a
+/// change from outside can end it within a test. Returns the start's answer.
+async fn server_with_an_hour_long_rollout() -> (Server, AdminApi, Value) {
     let server =
         server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
     let admin = AdminApi::new(server.admin_addr());
-    // Judged once an hour: only being told of the rollback can end it within the test.
     let plan = json!({"interval": "1h", "stages": [{"weight": 10, "duration": "2h"}]});
     let started = admin.call(Method::POST, "/admin/rollout", plan).await;
     assert_eq!(started.status, StatusCode::OK, "{started:?}");
-    assert_eq!(rollout_phase(&started.json()), "progressing");
+    (server, admin, started.json())
+}
+
+#[tokio::test]
+async fn a_rollback_from_outside_ends_the_rollout_at_once() {
+    let (server, admin, started) = server_with_an_hour_long_rollout().await;
+    assert_eq!(rollout_phase(&started), "progressing");
 
     let rolled_back = admin
         .call(Method::POST, "/admin/rollback", json!({"reason": "pager"}))
@@ -905,16 +911,8 @@ async fn a_rollback_from_outside_ends_the_rollout_at_once() {
 
 #[tokio::test]
 async fn a_promotion_from_outside_ends_the_rollout_in_its_answer() {
-    let server =
-        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
-    let admin = AdminApi::new(server.admin_addr());
-    let plan = json!({"interval": "1h", "stages": [{"weight": 10, "duration": "2h"}]});
-    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
-    assert_eq!(started.status, StatusCode::OK, "{started:?}");
-    assert!(
-        started.json()["rollout"]["time_left_ms"].is_u64(),
-        "{started:?}"
-    );
+    let (server, admin, started) = server_with_an_hour_long_rollout().await;
+    assert!(started["rollout"]["time_left_ms"].is_u64(), "{started:#}");
 
     let promoted = admin
         .call(Method::POST, "/admin/promote", json!({"force": true}))

@@ -12,9 +12,11 @@
 //!   `POST /admin/signals`: the control plane, behind
 //!   `Authorization: Bearer <token>` when a token is configured.
 //!
-//! Owns: the admin accept loop, authentication (a 401 carries the
-//! `WWW-Authenticate: Bearer` challenge), the one `match` on (method, path),
-//! and the JSON error shape. Does not own what the calls do
+//! Owns: the admin accept loop (which runs through the proxy's drain),
+//! authentication (a 401 carries the `WWW-Authenticate: Bearer` challenge;
+//! the token and `admin.metrics_auth` are replaced whole on a reload), the
+//! one `match` on (method, path), `HEAD` answered as `GET`, and the JSON
+//! error shape. Does not own what the calls do
 //! (`control`, via `handlers`).
 
 mod handlers;
