@@ -3,7 +3,9 @@
 //! Owns: the on-disk form of [`SavedState`] at `state.path` and the atomic
 //! replace (temp file in the same directory, fsync, rename, fsync the
 //! directory), so a crash at any point leaves either the old file or the new
-//! one, never a torn one. Does not own what the state means.
+//! one, never a torn one; reading refuses a file that is not whole JSON or
+//! fails [`super::LiveState::check`], and a reset sets an unreadable file
+//! aside instead of overwriting it. Does not own what the state means.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
