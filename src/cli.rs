@@ -55,22 +55,28 @@ pub enum Command {
     /// Drive a running proxy through its admin API.
     Ctl {
         /// The admin API's base URL.
-        #[arg(long, env = "COHORT_ADMIN", default_value = "http://127.0.0.1:9901")]
+        #[arg(
+            long,
+            global = true,
+            env = "COHORT_ADMIN",
+            default_value = "http://127.0.0.1:9901"
+        )]
         admin: String,
         // The two token options read their variables themselves
         // (`ctl::token`): an option given on the command line must win over
         // the other one's variable, which clap would count as a conflict.
         /// The admin bearer token [env: COHORT_ADMIN_TOKEN].
-        #[arg(long)]
+        #[arg(long, global = true)]
         token: Option<String>,
         /// A file holding the admin bearer token, such as the server's
         /// `admin.token_file`; surrounding whitespace is not part of it
         /// [env: COHORT_ADMIN_TOKEN_FILE].
-        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        #[arg(long, global = true, value_name = "PATH", conflicts_with = "token")]
         token_file: Option<PathBuf>,
         /// How long to wait for the admin API's whole answer, such as "10s" or "500ms".
         #[arg(
             long,
+            global = true,
             env = "COHORT_CTL_TIMEOUT",
             default_value = "10s",
             value_parser = crate::ctl::parse_timeout

@@ -495,6 +495,30 @@ async fn the_token_comes_from_a_file_or_the_environment() {
     );
 }
 
+/// ctl's options may follow the command as well as precede it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_may_follow_the_command() {
+    let dead = dead_addr().await;
+    let server = start_cohort(&with_token(&config(&[dead], Some((&[dead], 10.0)), ""))).await;
+    let admin = format!("http://{}", server.admin_addr());
+
+    let mut command = tokio::process::Command::new(COHORT_BIN);
+    command
+        .args(["ctl", "weight", "7", "--admin", &admin, "--token", TOKEN])
+        .args(["--timeout", "5s"])
+        .env_remove("COHORT_ADMIN")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .env_remove("COHORT_ADMIN_TOKEN_FILE")
+        .env_remove("COHORT_CTL_TIMEOUT")
+        .kill_on_drop(true);
+    let printed = ok(&run(command, "ctl weight 7 --admin ...").await, "weight");
+    assert!(line(&printed, "canary").contains("weight 7"), "{printed}");
+    let state = AdminApi::with_token(server.admin_addr(), TOKEN)
+        .state()
+        .await;
+    assert_eq!(state["canary"]["weight"], 7.0, "{state}");
+}
+
 /// `canary --upstream` takes one address and can be given again for more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_canary_help_says_upstream_repeats() {
