@@ -419,12 +419,15 @@ async fn send(
     metrics.in_flight.increment(1.0);
     let abandoned = Arc::clone(&copy.body().abandoned);
     tokio::select! {
-        () = exchange(client, copy, &version, started + timeout) => {
-            metrics.response_duration.record(started.elapsed());
-        }
+        // First: the tap is told before its channel closes, so once the
+        // exchange can see the cut body (and fail as a 502), this is ready.
+        biased;
         // Counted in `cohort_shadow_dropped_total` when its tap let go: not
         // the shadow's failure, so not in its requests or errors.
         () = abandoned.notified() => {}
+        () = exchange(client, copy, &version, started + timeout) => {
+            metrics.response_duration.record(started.elapsed());
+        }
     }
     metrics.in_flight.decrement(1.0);
     drop(slot);
