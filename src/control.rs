@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{Config, VersionConfig, check_version_name};
+use crate::config::{Config, ShadowConfig, VersionConfig, check_version_name};
 use crate::routing::{self, Cohort, Weight};
 use crate::state::audit::{AuditLog, Entry};
 use crate::state::{
@@ -350,6 +350,59 @@ impl Control {
         })
     }
 
+    /// Takes the config's `[shadow]` as the live shadow when the operator
+    /// edited that section since the live shadow was taken from it, as a
+    /// changed `[versions]` re-seeds the versions (SPEC section 4). Until
+    /// then a shadow set or removed through the admin API stays. Called on
+    /// start (`source` "start") and on every reload ("signal").
+    pub fn follow_config_shadow(
+        &self,
+        shadow: Option<&ShadowConfig>,
+        source: &'static str,
+    ) -> Result<LiveState, ControlError> {
+        let digest = crate::state::shadow_digest(shadow);
+        {
+            let mut current = self.lock();
+            if current.saved.shadow_digest.is_none() {
+                // Saved before the digest was kept: which section the live
+                // shadow came from is unknown, so the config's counts as
+                // seen. Saved with the next change.
+                current.saved.shadow_digest = Some(digest);
+                return Ok(current.saved.live.clone());
+            }
+        }
+        let reason = "the config's [shadow] section changed";
+        let mut followed = false;
+        let live = self.change_saved("shadow", Some(reason), source, |saved| {
+            if saved.shadow_digest.as_deref() == Some(digest.as_str()) {
+                return Ok(());
+            }
+            followed = true;
+            let next = shadow.map(ShadowState::from);
+            if let Some(next) = &next {
+                let live = &saved.live;
+                if live.stable.name == next.name
+                    || live.canary.as_ref().is_some_and(|c| c.name == next.name)
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "shadow.name: {:?} is a live version's name; the live shadow stays",
+                        next.name
+                    )));
+                }
+            }
+            saved.live.shadow = next;
+            saved.shadow_digest = Some(digest);
+            Ok(())
+        })?;
+        if followed {
+            tracing::info!(
+                shadow = live.shadow.as_ref().map_or("none", |s| s.name.as_str()),
+                "the config's [shadow] changed; the live shadow follows it"
+            );
+        }
+        Ok(live)
+    }
+
     /// The live state as `GET /admin/state` shows it: with the health of
     /// every upstream of every version, read from the live table (health is
     /// observed, never saved).
@@ -421,8 +474,20 @@ impl Control {
     }
 
     /// Applies a reloaded config: routing options always; `[versions]` only
-    /// when it changed since the live state was seeded from it.
+    /// when it changed since the live state was seeded from it, and
+    /// `[shadow]` likewise ([`Control::follow_config_shadow`]).
     pub fn reload(&self, config: &Config) -> Result<LiveState, ControlError> {
+        let live = self.reload_versions(config)?;
+        match self.follow_config_shadow(config.shadow.as_ref(), "signal") {
+            Ok(live) => Ok(live),
+            Err(error) => {
+                tracing::error!(%error, "the reloaded [shadow] cannot be applied");
+                Ok(live)
+            }
+        }
+    }
+
+    fn reload_versions(&self, config: &Config) -> Result<LiveState, ControlError> {
         let policy = Arc::new(Policy::from_config(config));
         let digest = crate::state::versions_digest(&config.versions);
         let mut current = self.lock();
@@ -436,6 +501,7 @@ impl Control {
         let before = current.saved.live.clone();
         let next = SavedState {
             versions_digest: digest,
+            shadow_digest: Some(crate::state::shadow_digest(config.shadow.as_ref())),
             live: before.reseed(
                 &config.versions,
                 config.shadow.as_ref(),
@@ -484,19 +550,27 @@ impl Control {
         source: &'static str,
         edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
+        self.change_saved(action, reason, source, |saved| edit(&mut saved.live))
+    }
+
+    /// [`Control::change`], for an edit that also records where the state
+    /// came from (the config digests beside the live state).
+    fn change_saved(
+        &self,
+        action: &'static str,
+        reason: Option<&str>,
+        source: &'static str,
+        edit: impl FnOnce(&mut SavedState) -> Result<(), ControlError>,
+    ) -> Result<LiveState, ControlError> {
         let mut current = self.lock();
         self.save_unsaved(&mut current)?;
-        let before = current.saved.live.clone();
-        let mut next = before.clone();
+        let mut next = current.saved.clone();
         edit(&mut next)?;
-        if next == before {
-            return Ok(before);
+        if next == current.saved {
+            return Ok(next.live);
         }
-        next.generation = before.generation + 1;
-        let next = SavedState {
-            versions_digest: current.saved.versions_digest.clone(),
-            live: next,
-        };
+        let before = current.saved.live.clone();
+        next.live.generation = before.generation + 1;
         let swap_first = action == "rollback";
         if swap_first {
             self.install(&next.live, &current.policy);

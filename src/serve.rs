@@ -210,6 +210,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         audit,
     ));
     control.record_start(origin, previous.as_ref().map(|p| &p.live));
+    if let Err(error) = control.follow_config_shadow(config.shadow.as_ref(), "start") {
+        tracing::error!(%error, "the config's [shadow] cannot be applied");
+    }
     let rollouts = Rollouts::new(
         Arc::clone(&control),
         config.rollout.as_ref().map(plan::to_document),

@@ -356,6 +356,113 @@ async fn put_admin_shadow_installs_and_removes_it_across_restarts() {
     server.shutdown().await;
 }
 
+/// A `[shadow]` section the operator edits is the newer intent, on a
+/// reload as on a restart, as an edited `[versions]` is; until it changes,
+/// the shadow set through the admin API stays.
+#[tokio::test]
+async fn an_edited_shadow_section_replaces_the_live_shadow() {
+    let stable = Backend::start("kept").await;
+    let shadow = ShadowBackend::start(false).await;
+    let dir = support::scratch_dir();
+    let toml = |section: &str| {
+        let extra = format!("{ROUTING}\n{section}");
+        support::with_state_in(&support::config(&[stable.addr], None, &extra), &dir)
+    };
+    let section = |percent: f64| {
+        format!(
+            "[shadow]\nname = \"sh-config\"\nupstreams = [\"{}\"]\npercent = {percent}\n",
+            shadow.addr
+        )
+    };
+    let shadow_of = |state: serde_json::Value| {
+        let shadow = &state["shadow"];
+        (
+            shadow["name"].as_str().map(str::to_owned),
+            shadow["percent"].as_f64(),
+        )
+    };
+    let live_shadow = |server: &cohort::serve::Server| {
+        shadow_of(serde_json::to_value(server.control().state()).expect("a state"))
+    };
+    let reload = |server: &cohort::serve::Server, toml: &str| {
+        let config = cohort::config::Config::parse(toml, "test").expect("a valid config");
+        server.control().reload(&config).expect("the reload");
+    };
+
+    let first = toml(&section(100.0));
+    let server = support::start_cohort(&first).await;
+    assert_eq!(
+        live_shadow(&server),
+        (Some("sh-config".into()), Some(100.0))
+    );
+    let reply = admin(
+        &server,
+        Method::PUT,
+        "/admin/shadow",
+        &shadow_body("sh-api", shadow.addr, 50.0),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    // The section as it was: the admin API's shadow stays, on a reload and
+    // across a restart.
+    reload(&server, &first);
+    assert_eq!(live_shadow(&server), (Some("sh-api".into()), Some(50.0)));
+    server.shutdown().await;
+    let server = support::start_cohort(&first).await;
+    assert_eq!(live_shadow(&server), (Some("sh-api".into()), Some(50.0)));
+
+    // An edited section replaces it on a reload, durably.
+    let second = toml(&section(25.0));
+    reload(&server, &second);
+    assert_eq!(live_shadow(&server), (Some("sh-config".into()), Some(25.0)));
+    let client = Http::new(server.proxy_addr());
+    let mirrored = (0..400)
+        .map(|i| format!("edited-{i}"))
+        .find(|user| {
+            Weight::from_percent(25.0)
+                .expect("a weight")
+                .covers(bucket(b"sh-config", user.as_bytes()))
+        })
+        .expect("a key in the edited share");
+    assert_real(&client.get("/", &[("x-user", &mirrored)]).await, &stable);
+    eventually("the edited shadow gets its copy", || {
+        shadow.users().contains(&mirrored)
+    })
+    .await;
+    let reply = admin(&server, Method::PUT, "/admin/shadow", "null").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    server.shutdown().await;
+
+    // Unedited since: the removal stays. Edited while stopped: the start
+    // takes it, and the audit log says why.
+    let server = support::start_cohort(&second).await;
+    assert_eq!(live_shadow(&server), (None, None));
+    server.shutdown().await;
+    let third = toml(&section(40.0));
+    let server = support::start_cohort(&third).await;
+    assert_eq!(live_shadow(&server), (Some("sh-config".into()), Some(40.0)));
+    let audit = support::audit_lines(&dir.join("audit.jsonl"));
+    let last = audit.last().expect("audit lines");
+    assert_eq!(
+        (&last["action"], &last["source"]),
+        (&serde_json::json!("shadow"), &serde_json::json!("start")),
+        "{last}"
+    );
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("[shadow]"),
+        "{last}"
+    );
+
+    // A section removed is a shadow removed.
+    reload(&server, &toml(""));
+    assert_eq!(live_shadow(&server), (None, None));
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn request_bodies_are_mirrored_while_they_stream_up_to_max_body() {
     let stable = Backend::start("real-bodies").await;

@@ -1,7 +1,8 @@
 //! State that survives a restart: the live route table as data, and where it lives.
 //!
 //! Owns: [`LiveState`] (the document `GET /admin/state` serves and the state
-//! file holds), the digest of the config's `[versions]` section, the rule
+//! file holds), the digests of the config's `[versions]` and `[shadow]`
+//! sections, the rule
 //! that decides on start between the state file and the config
 //! ([`restore`]), and [`StateStore`], the seam behind which the state is kept
 //! (a file today, [`file::FileStore`]; a store shared by replicas later).
@@ -106,12 +107,17 @@ pub struct Rollback {
     pub source: Source,
 }
 
-/// What the state file holds: the live state and the digest of the
-/// `[versions]` section it was seeded from.
+/// What the state file holds: the live state and the digests of the
+/// config sections it was taken from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedState {
+    /// Of the `[versions]` section the state was seeded from.
     pub versions_digest: String,
+    /// Of the `[shadow]` section the live shadow was last taken from (see
+    /// [`shadow_digest`]); `None` in a file written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_digest: Option<String>,
     #[serde(flatten)]
     pub live: LiveState,
 }
@@ -254,12 +260,24 @@ impl VersionState {
 /// operator edited it since the state was seeded.
 #[must_use]
 pub fn versions_digest(versions: &VersionsConfig) -> String {
-    let canonical = serde_json::json!({
+    hex_digest(&serde_json::json!({
         "stable": versions.stable,
         "canary": versions.canary.as_ref().map(|(c, w)| serde_json::json!({
             "name": c.name, "upstreams": c.upstreams, "weight_bp": w.basis_points(),
         })),
-    });
+    }))
+}
+
+/// A digest of what the `[shadow]` section puts in the live state (its
+/// name, upstreams and share; the rest is policy, applied on every
+/// reload), so a reload or restart can tell whether the operator edited it
+/// since the live shadow was taken from it.
+#[must_use]
+pub fn shadow_digest(shadow: Option<&ShadowConfig>) -> String {
+    hex_digest(&serde_json::json!(shadow.map(ShadowState::from)))
+}
+
+fn hex_digest(canonical: &serde_json::Value) -> String {
     Sha256::digest(canonical.to_string().as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -332,7 +350,8 @@ impl Origin {
 /// the config's `[versions]` changed since it was seeded, or `reset` asks
 /// for a fresh seed. A state that cannot be read is an error, never a reset.
 /// A seed takes its shadow from the config's `[shadow]`; a restored state
-/// keeps the shadow it had (set or removed through the admin API).
+/// keeps the shadow it had (set or removed through the admin API) until
+/// that section changes (`Control::follow_config_shadow`).
 pub fn restore(
     store: &dyn StateStore,
     versions: &VersionsConfig,
@@ -365,6 +384,7 @@ pub fn restore(
     };
     let seeded = SavedState {
         versions_digest: digest,
+        shadow_digest: Some(shadow_digest(shadow)),
         live,
     };
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
