@@ -92,18 +92,18 @@ struct Unsaved {
 
 impl Control {
     /// Takes over `saved` as the live state and builds the table from it.
-    /// With `gate_canary`, the canary takes no traffic until it passes a
-    /// health probe: one restored from the state file may have been
-    /// installed through the API and never have passed one.
+    /// Its canary takes no traffic until it passes a health probe, wherever
+    /// it came from: one in the config may not be running yet, and one
+    /// restored from the state file may have been installed through the
+    /// API and never have passed one (`serve` probes it before accepting).
     #[must_use]
     pub fn new(
         saved: SavedState,
-        gate_canary: bool,
         policy: Arc<Policy>,
         store: Box<dyn StateStore>,
         audit: AuditLog,
     ) -> Control {
-        let table = Arc::new(Table::new(build(&saved.live, &policy, None, gate_canary)));
+        let table = Arc::new(Table::new(build(&saved.live, &policy, None, true)));
         publish(&saved.live);
         Control {
             table,

@@ -6,13 +6,14 @@
 //! marked unhealthy after `unhealthy_threshold` failed probes and healthy
 //! again after `healthy_threshold` good ones; it is ejected for `eject_for`
 //! after `eject_after_errors` consecutive connect errors or 5xx on real
-//! traffic; a canary installed at run time, or restored from the state
-//! file on start, starts unhealthy, so it gets no traffic until one of its
-//! upstreams passes a probe ([`probe_gated`] probes a restored one before
-//! the proxy accepts), and the `cohort_upstream_healthy` lines of a scrape
-//! ([`write_gauges`]). Does not own choosing
-//! among upstreams (`table::Version::pick`) or the fallback to stable
-//! (`proxy`).
+//! traffic; every canary (from the config or the state file on start,
+//! or installed at run time) starts unhealthy, so it gets no traffic until
+//! one of its upstreams passes a probe ([`probe_gated`] probes the one there
+//! on start before the proxy accepts); the log line of each change of
+//! verdict; and the `cohort_upstream_healthy` lines of a scrape
+//! ([`write_gauges`]). Does not own choosing among upstreams
+//! (`table::Version::pick`), the fallback to stable, or logging an
+//! ejection (`proxy`, which knows the request's version).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -54,6 +55,36 @@ pub struct Health {
     probing: AtomicBool,
 }
 
+/// A change of an upstream's verdict by its probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Its first good probe: a gated upstream may take traffic.
+    Opened,
+    /// Healthy again after `healthy_threshold` good probes.
+    Healthy,
+    /// Out after `unhealthy_threshold` failed probes.
+    Unhealthy,
+}
+
+impl Verdict {
+    /// Logs the change; an upstream going out is a warning.
+    fn log(self, version: &str, upstream: &UpstreamAddr) {
+        match self {
+            Verdict::Opened => tracing::info!(
+                version,
+                %upstream,
+                "upstream passed its first health probe; it takes traffic"
+            ),
+            Verdict::Healthy => {
+                tracing::info!(version, %upstream, "upstream is healthy again");
+            }
+            Verdict::Unhealthy => {
+                tracing::warn!(version, %upstream, "upstream failed its health probes; it takes no traffic");
+            }
+        }
+    }
+}
+
 /// One upstream's health as reported in `GET /admin/state`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
@@ -63,9 +94,8 @@ pub struct Report {
 }
 
 impl Health {
-    /// `healthy` is the starting verdict: true for versions from the config,
-    /// false for a canary installed at run time or restored on start (the
-    /// readiness gate).
+    /// `healthy` is the starting verdict: true for the stable version and
+    /// the shadow, false for a canary (the readiness gate).
     #[must_use]
     pub fn new(healthy: bool) -> Health {
         Health {
@@ -93,44 +123,57 @@ impl Health {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Whether the upstream has yet to pass its first probe (the readiness gate).
+    #[must_use]
+    pub fn is_gated(&self) -> bool {
+        self.gated.load(Ordering::Relaxed)
+    }
+
     /// Counts the outcome of a real request: consecutive failures eject.
-    pub fn record_outcome(&self, ok: bool, config: &HealthConfig) {
+    /// True when this one ejected the upstream, which was not ejected
+    /// already, so the caller can say so once.
+    pub fn record_outcome(&self, ok: bool, config: &HealthConfig) -> bool {
         if ok {
             if self.errors.load(Ordering::Relaxed) != 0 {
                 self.errors.store(0, Ordering::Relaxed);
             }
-            return;
+            return false;
         }
-        if self.errors.fetch_add(1, Ordering::Relaxed) + 1 >= config.eject_after_errors {
-            self.errors.store(0, Ordering::Relaxed);
-            let until = now_ms()
-                .saturating_add(u64::try_from(config.eject_for.as_millis()).unwrap_or(u64::MAX));
-            self.ejected_until_ms.store(until, Ordering::Relaxed);
-            tracing::warn!(eject_for = ?config.eject_for, "upstream ejected after consecutive errors");
+        if self.errors.fetch_add(1, Ordering::Relaxed) + 1 < config.eject_after_errors {
+            return false;
         }
+        self.errors.store(0, Ordering::Relaxed);
+        let now = now_ms();
+        let until =
+            now.saturating_add(u64::try_from(config.eject_for.as_millis()).unwrap_or(u64::MAX));
+        self.ejected_until_ms.swap(until, Ordering::Relaxed) <= now
     }
 
-    /// Counts the outcome of an active probe.
-    fn record_probe(&self, ok: bool, config: &HealthConfig) {
+    /// Counts the outcome of an active probe; says whether it changed the
+    /// verdict, for the log.
+    fn record_probe(&self, ok: bool, config: &HealthConfig) -> Option<Verdict> {
         if ok {
             self.bad_probes.store(0, Ordering::Relaxed);
             let good = self.good_probes.fetch_add(1, Ordering::Relaxed) + 1;
             // A gated upstream opens on its first good probe; a failed one needs the threshold.
-            let threshold = if self.gated.swap(false, Ordering::Relaxed) {
-                1
-            } else {
-                config.healthy_threshold
-            };
+            let opened = self.gated.swap(false, Ordering::Relaxed);
+            let threshold = if opened { 1 } else { config.healthy_threshold };
             if good >= threshold && !self.healthy.swap(true, Ordering::Relaxed) {
                 self.ejected_until_ms.store(0, Ordering::Relaxed);
+                return Some(if opened {
+                    Verdict::Opened
+                } else {
+                    Verdict::Healthy
+                });
             }
         } else {
             self.good_probes.store(0, Ordering::Relaxed);
             let bad = self.bad_probes.fetch_add(1, Ordering::Relaxed) + 1;
-            if bad >= config.unhealthy_threshold {
-                self.healthy.store(false, Ordering::Relaxed);
+            if bad >= config.unhealthy_threshold && self.healthy.swap(false, Ordering::Relaxed) {
+                return Some(Verdict::Unhealthy);
             }
         }
+        None
     }
 
     #[must_use]
@@ -144,8 +187,8 @@ impl Health {
 }
 
 /// Appends `cohort_upstream_healthy` to a Prometheus text exposition: one
-/// series per upstream of each version in `table`, 1 when it passes its
-/// health checks (ejected or not), else 0.
+/// series per upstream of each version in `table`, 1 when it may take
+/// traffic (it passes its health checks and is not ejected), else 0.
 ///
 /// Read from the table at scrape time rather than recorded, so the series
 /// of an upstream or a version that leaves the table (a replaced canary, the
@@ -159,11 +202,12 @@ pub fn write_gauges(table: &RouteTable, out: &mut String) {
         out.push('\n');
     }
     out.push_str(&format!(
-        "# HELP {name} 1 when the upstream passes its health checks, else 0.\n\
+        "# HELP {name} 1 when the upstream passes its health checks and is not ejected, else 0.\n\
          # TYPE {name} gauge\n"
     ));
     // A series appears once even if two cohorts carry the same version name.
     let mut written: Vec<(&str, String)> = Vec::new();
+    let now = now_ms();
     for version in table.versions() {
         for (upstream, health) in version.upstreams.iter().zip(&version.health) {
             let upstream = upstream.to_string();
@@ -177,7 +221,7 @@ pub fn write_gauges(table: &RouteTable, out: &mut String) {
                 "{name}{{version=\"{}\",upstream=\"{}\"}} {}\n",
                 label_value(&version.name),
                 label_value(&upstream),
-                u8::from(health.is_healthy())
+                u8::from(health.is_available(now))
             ));
             written.push((&version.name, upstream));
         }
@@ -253,7 +297,9 @@ pub async fn probe_gated(
             let client = &client;
             async move {
                 let ok = probe(client, upstream, &uri, config.timeout).await;
-                health.record_probe(ok, config);
+                if let Some(verdict) = health.record_probe(ok, config) {
+                    verdict.log(&version.name, upstream);
+                }
             }
         });
     futures_util::future::join_all(probes).await;
@@ -282,7 +328,9 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
         tokio::spawn(async move {
             let ok = probe(&client, &upstream, &uri, config.timeout).await;
             let health = &version.health[index];
-            health.record_probe(ok, &config);
+            if let Some(verdict) = health.record_probe(ok, &config) {
+                verdict.log(&version.name, &upstream);
+            }
             health.probing.store(false, Ordering::Relaxed);
         });
     }

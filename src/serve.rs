@@ -204,7 +204,6 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     )?;
     let control = Arc::new(Control::new(
         saved,
-        origin == Origin::Restored,
         Arc::new(Policy::from_config(&config)),
         Box::new(store),
         audit,
@@ -261,8 +260,8 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
             metrics_auth: config.admin.metrics_auth,
         },
     ));
-    // A restored canary is gated until it passes a probe: probe it before
-    // the first accept, so that a healthy one keeps its users through a
+    // The canary is gated until it passes a probe: probe it before the
+    // first accept, so that a healthy one keeps its users through a
     // restart instead of lending them to stable for a moment.
     crate::health::probe_gated(control.table(), &config.health, &upstream_tls).await;
     let (generation, workers) = spawn_generation(

@@ -361,7 +361,7 @@ impl Shadow {
             record_shadow_dropped(ShadowDropReason::QueueFull);
             return None;
         };
-        let Some((_, upstream)) = self.version.pick() else {
+        let Some((_, upstream)) = self.version.pick(false) else {
             // As the real path would answer: counted as a 503 of the shadow.
             self.version
                 .metrics

@@ -60,8 +60,8 @@ pub struct Version {
 }
 
 impl Version {
-    /// A version; `gated` ones (canaries installed at run time) take no
-    /// traffic until an upstream passes its health check.
+    /// A version; `gated` ones (canaries) take no traffic until an
+    /// upstream passes its health check.
     #[must_use]
     pub fn new(
         config: &VersionConfig,
@@ -119,10 +119,12 @@ impl Version {
 
     /// The next available upstream in round-robin order, with its index;
     /// `None` when none passes its health checks. When every healthy
-    /// upstream is ejected for errors, they are tried anyway: ejection sheds
-    /// load from a bad upstream, it must not take the whole version down.
+    /// upstream is ejected for errors, they are tried anyway unless
+    /// `strict`: ejection sheds load from a bad upstream, it must not take
+    /// the whole version down when there is nowhere else to go. A canary's
+    /// cohort has somewhere else (stable), so it picks strictly.
     #[must_use]
-    pub fn pick(&self) -> Option<(usize, &UpstreamAddr)> {
+    pub fn pick(&self, strict: bool) -> Option<(usize, &UpstreamAddr)> {
         let n = self.upstreams.len();
         let start = if n > 1 {
             self.next.fetch_add(1, Ordering::Relaxed) % n
@@ -133,8 +135,19 @@ impl Version {
         let order = || (0..n).map(|i| (start + i) % n);
         order()
             .find(|&i| self.health[i].is_available(now))
-            .or_else(|| order().find(|&i| self.health[i].is_healthy()))
+            .or_else(|| {
+                (!strict)
+                    .then(|| order().find(|&i| self.health[i].is_healthy()))
+                    .flatten()
+            })
             .map(|i| (i, &self.upstreams[i]))
+    }
+
+    /// Whether this version still waits at the readiness gate: none of its
+    /// upstreams has passed a health probe since it entered the table.
+    #[must_use]
+    pub fn awaits_first_probe(&self) -> bool {
+        self.health.iter().all(Health::is_gated)
     }
 
     /// Where to send a request that could not reach `last`, having started

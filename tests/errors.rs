@@ -46,10 +46,27 @@ fn assert_error_body(reply: &support::Reply, kind: &str, version: &str) {
     assert_eq!(reply.version(), version, "errors are tagged too");
 }
 
+/// An upstream that passes the health probe made before the proxy accepts
+/// (its one connection), then refuses every connection: a canary that
+/// opened, then died.
+async fn dies_after_its_first_probe() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("the probe connects");
+        // Closed before the answer, so nothing after the probe connects.
+        drop(listener);
+        support::read_head(&mut stream).await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        stream.write_all(answer).await.expect("answer the probe");
+    });
+    addr
+}
+
 #[tokio::test]
 async fn a_dead_canary_gives_502_to_its_cohort_only() {
     let stable = Backend::start(STABLE).await;
-    let dead = dead_addr().await;
+    let dead = dies_after_its_first_probe().await;
     let server = cohort(&[stable.addr], Some((&[dead], 50.0)), "").await;
     let http = Http::new(server.proxy_addr());
     let on_canary = key_on(CANARY, 50.0, CANARY, "c");

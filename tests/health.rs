@@ -3,10 +3,12 @@
 //! Owns: checking, over real sockets, that active probes take a dead
 //! upstream out of rotation and let it back in, that a canary installed at
 //! run time is gated until its first good probe (its cohort served by
-//! stable, or answered 503 with `canary_unavailable = "error"`, and no
-//! promotion without `force`), as is one
-//! restored from the state file on a restart (probed before the first
-//! request, so a live one keeps its users), and that
+//! stable in either `canary_unavailable` mode, and no promotion without
+//! `force`), as is one from the config on a first start or restored from
+//! the state file on a restart (probed before the first request, so a live
+//! one keeps its users), that a canary which was open and then fails its
+//! probes answers 503 with `canary_unavailable = "error"`, that an ejected
+//! canary hands its cohort to stable, and that
 //! health shows in `cohort_upstream_healthy` (for the versions in the
 //! table only) and `GET /admin/state`; a reloaded `[health]` applies to the
 //! running checks. Does not
@@ -34,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{Http, STABLE, admin, eventually_async, is_health_probe, metric};
+use support::{CANARY, Http, STABLE, admin, eventually_async, is_health_probe, metric};
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
 /// Passive ejection is pushed out of the way so the active checks are what is tested.
@@ -314,10 +316,14 @@ async fn a_canary_that_never_answered_is_promoted_only_by_force() {
     server.shutdown().await;
 }
 
+/// With `canary_unavailable = "error"`, a canary that was open and then
+/// fails its probes answers its cohort 503; one that has never passed a
+/// probe is not open to anyone yet, so its cohort stays on stable.
 #[tokio::test]
 async fn canary_unavailable_error_answers_its_cohort_with_503() {
     let stable = Backend::start("stable").await;
-    let dead = support::dead_addr().await;
+    let canary = Backend::start("down").await;
+    canary.stop().await;
     let extra = format!(
         "[routing]\nsticky_keys = [\"header:x-user\"]\n\n{FAST_HEALTH}canary_unavailable = \"error\"\n"
     );
@@ -327,13 +333,32 @@ async fn canary_unavailable_error_answers_its_cohort_with_503() {
         &server,
         Method::PUT,
         "/admin/canary",
-        &format!(r#"{{"name": "v2-down", "upstreams": ["{dead}"], "weight": 50}}"#),
+        &format!(
+            r#"{{"name": "v2-down", "upstreams": ["{}"], "weight": 50}}"#,
+            canary.addr
+        ),
     )
     .await;
     assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
     let on_canary = key_on("v2-down", 50.0, Cohort::Canary, "user");
     let on_stable = key_on("v2-down", 50.0, Cohort::Stable, "user");
 
+    // Not yet open: served by stable, not refused.
+    let reply = client.get("/", &[("x-user", &on_canary)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.version(), STABLE);
+
+    // Open, then down: its cohort gets the 503, tagged with the canary.
+    canary.restart().await;
+    eventually_async("the canary's cohort reaches the canary", || async {
+        client.get("/", &[("x-user", &on_canary)]).await.version() == "v2-down"
+    })
+    .await;
+    canary.stop().await;
+    eventually_async("the failed probes take the canary out", || async {
+        state_health(&server, "canary", canary.addr).await == Some(false)
+    })
+    .await;
     let reply = client.get("/", &[("x-user", &on_canary)]).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
     assert_eq!(reply.version(), "v2-down");
@@ -343,9 +368,76 @@ async fn canary_unavailable_error_answers_its_cohort_with_503() {
     let reply = client.get("/", &[("x-user", &on_stable)]).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.version(), STABLE);
+    assert_eq!(
+        healthy_gauge(&server, "v2-down", canary.addr).await,
+        Some(0.0)
+    );
+    server.shutdown().await;
+}
 
-    assert_eq!(healthy_gauge(&server, "v2-down", dead).await, Some(0.0));
-    assert_eq!(state_health(&server, "canary", dead).await, Some(false));
+/// A canary in the config is gated on a first start as at run time: one
+/// that is not up yet takes none of its cohort, and the probe before the
+/// first accept opens a live one at once.
+#[tokio::test]
+async fn a_canary_from_the_config_is_gated_on_a_first_start() {
+    let stable = Backend::start("stable").await;
+    let live = Backend::start("live").await;
+    let dead = support::dead_addr().await;
+    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [health]\ninterval = \"1h\"\n";
+    for (upstream, expected) in [(dead, STABLE), (live.addr, CANARY)] {
+        let server = support::cohort(&[stable.addr], Some((&[upstream], 50.0)), extra).await;
+        let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+        let reply = Http::new(server.proxy_addr())
+            .get("/", &[("x-user", &on_canary)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{upstream}: {reply:?}");
+        assert_eq!(reply.version(), expected, "{upstream}: {reply:?}");
+        server.shutdown().await;
+    }
+    assert_eq!(live.hits(), 1);
+}
+
+/// Passive ejection of every canary upstream sends its cohort to stable
+/// (`canary_unavailable = "stable"`), rather than trying the ejected ones
+/// as a version with nowhere else to go does; the gauge shows the ejection.
+#[tokio::test]
+async fn an_ejected_canary_hands_its_cohort_to_stable() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("ejected").await;
+    // Probes an hour apart: only the passive rule acts within the test.
+    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [health]\ninterval = \"1h\"\neject_after_errors = 2\neject_for = \"1h\"\n";
+    let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), extra).await;
+    let client = Http::new(server.proxy_addr());
+    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+    let reply = client.get("/", &[("x-user", &on_canary)]).await;
+    assert_eq!(reply.version(), CANARY, "{reply:?}");
+    assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
+
+    canary.stop().await;
+    let failed: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            statuses.push(
+                client
+                    .get("/", &[("x-user", &on_canary)])
+                    .await
+                    .status
+                    .as_u16(),
+            );
+        }
+        statuses
+    };
+    assert_eq!(failed, [502, 502], "the errors that eject it");
+    for _ in 0..5 {
+        let reply = client.get("/", &[("x-user", &on_canary)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.version(), STABLE);
+    }
+    assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(0.0));
+    let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+    assert_eq!(state["canary"]["health"][0]["ejected"], true, "{state}");
     server.shutdown().await;
 }
 

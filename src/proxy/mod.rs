@@ -90,16 +90,18 @@ impl Proxy {
         };
         let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
         let decision = routing::decide(&table, key.as_deref(), forced);
-        // A canary with no healthy upstream hands its cohort to stable, if so configured.
+        // A canary with no available upstream hands its cohort to stable, if
+        // so configured; one still waiting for its first good probe always
+        // does, since it has never been open to anyone.
         let mut version = table.version(decision.cohort);
-        let mut upstream = version.pick();
-        if upstream.is_none()
-            && decision.cohort == Cohort::Canary
-            && table.policy.health.canary_unavailable == CanaryUnavailable::Stable
-        {
+        let may_fall_back = decision.cohort == Cohort::Canary
+            && (table.policy.health.canary_unavailable == CanaryUnavailable::Stable
+                || version.awaits_first_probe());
+        let mut upstream = version.pick(may_fall_back);
+        if upstream.is_none() && may_fall_back {
             crate::metrics::record_canary_fallback();
             version = &table.stable;
-            upstream = version.pick();
+            upstream = version.pick(false);
         }
         let version = Arc::clone(version);
 
@@ -245,7 +247,7 @@ impl Proxy {
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
-                version.health[index].record_outcome(false, &table.policy.health);
+                record_outcome(version, index, false, table);
                 (index, upstream) = next;
                 req = retry;
                 continue;
@@ -257,8 +259,22 @@ impl Proxy {
             Ok(rsp) => !rsp.status().is_server_error(),
             Err(error) => error.upstream_kind().is_none(),
         };
-        version.health[index].record_outcome(ok, &table.policy.health);
+        record_outcome(version, index, ok, table);
         result
+    }
+}
+
+/// Passive health: counts one real request's outcome against its upstream,
+/// and says so when that ejects it.
+fn record_outcome(version: &Version, index: usize, ok: bool, table: &RouteTable) {
+    let config = &table.policy.health;
+    if version.health[index].record_outcome(ok, config) {
+        tracing::warn!(
+            version = %version.name,
+            upstream = %version.upstreams[index],
+            eject_for = ?config.eject_for,
+            "upstream ejected after consecutive errors"
+        );
     }
 }
 

@@ -293,7 +293,10 @@ impl WsBackend {
             while let Ok((stream, _)) = listener.accept().await {
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    let Some(mut stream) = answer_health_probe(stream).await else {
+                        return;
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(&mut stream).await else {
                         return;
                     };
                     use tokio_tungstenite::tungstenite::Message;
@@ -313,6 +316,29 @@ impl WsBackend {
         });
         backend
     }
+}
+
+/// Answers the connection `200 ok` and closes it if its request is one of
+/// Cohort's health probes (which a canary must pass before it takes
+/// traffic); otherwise gives it back unread.
+async fn answer_health_probe(mut stream: TcpStream) -> Option<TcpStream> {
+    let mut head = vec![0; 4096];
+    let seen = loop {
+        let n = stream.peek(&mut head).await.ok()?;
+        if n == 0 || n == head.len() || head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break n;
+        }
+        tokio::task::yield_now().await;
+    };
+    let probe = String::from_utf8_lossy(&head[..seen])
+        .to_ascii_lowercase()
+        .contains("user-agent: cohort-health-check");
+    if !probe {
+        return Some(stream);
+    }
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+    let _ = stream.write_all(answer).await;
+    None
 }
 
 /// An upstream that reads each request head, writes `answer` as raw bytes
