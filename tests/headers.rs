@@ -2,7 +2,7 @@
 //!
 //! Owns: the version header and `x-forwarded-*` on the upstream request, and
 //! the removal of hop-by-hop headers (the fixed list and those named in
-//! `Connection`) in both directions, the `Host` of an absolute-form
+//! `Connection`) in both directions, an h2c upgrade kept to its hop, the `Host` of an absolute-form
 //! request, and a response's stale `Content-Length` beside its chunks. Requests go as raw bytes so that the
 //! test, not a client library, decides exactly which headers are sent.
 //! Does not own: which version is chosen (`tests/routing.rs`).
@@ -120,6 +120,36 @@ async fn hop_by_hop_request_headers_do_not_reach_the_upstream() {
     }
     assert!(seen.contains(&"x-end-to-end"), "{seen:?}");
     assert_eq!(stable.hits(), 1);
+}
+
+/// An upgrade to h2c concerns only the client's hop: the request goes on
+/// as plain HTTP/1.1, and the answer is an ordinary one.
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET /chat HTTP/1.1\r\n\
+                   Host: agent.example.com\r\n\
+                   Connection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: h2c\r\n\
+                   HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+                   \r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("upgrade"), None, "{reply:?}");
+    let echo = reply.json();
+    let seen: Vec<&str> = echo["headers"]
+        .as_array()
+        .expect("the echo lists headers")
+        .iter()
+        .map(|pair| pair[0].as_str().expect("a header name"))
+        .collect();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            !seen.contains(&name),
+            "{name} reached the upstream: {seen:?}"
+        );
+    }
 }
 
 #[tokio::test]

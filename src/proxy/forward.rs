@@ -121,11 +121,17 @@ pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<
     Ok(())
 }
 
-/// Whether the client asks to switch protocols (WebSocket and other `Upgrade`s).
+/// Whether the client asks to switch protocols (WebSocket and other
+/// `Upgrade`s). An upgrade to `h2c` is not passed on: which HTTP version
+/// a connection speaks is each hop's own business (RFC 9113 dropped the
+/// upgrade), so the request goes on as plain HTTP/1.1, as Envoy does.
 #[must_use]
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get(UPGRADE)
+            .is_some_and(|protocol| !protocol.as_bytes().eq_ignore_ascii_case(b"h2c"))
         && connection_has(req.headers(), "upgrade")
 }
 
