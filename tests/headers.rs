@@ -2,7 +2,8 @@
 //!
 //! Owns: the version header and `x-forwarded-*` on the upstream request, and
 //! the removal of hop-by-hop headers (the fixed list and those named in
-//! `Connection`) in both directions, an h2c upgrade kept to its hop, the `Host` of an absolute-form
+//! `Connection`) in both directions (`Trailer` is not one: trailers reach an
+//! HTTP/1.1 client that accepts them), an h2c upgrade kept to its hop, the `Host` of an absolute-form
 //! request, and a response's stale `Content-Length` beside its chunks. Requests go as raw bytes so that the
 //! test, not a client library, decides exactly which headers are sent.
 //! Does not own: which version is chosen (`tests/routing.rs`).
@@ -10,12 +11,12 @@
 mod support;
 
 use support::{Backend, CANARY, Http, STABLE, cohort, raw_exchange};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-const HOP_BY_HOP: [&str; 7] = [
+const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",
     "te",
-    "trailer",
     "upgrade",
     "proxy-authorization",
     "proxy-authenticate",
@@ -97,7 +98,7 @@ async fn hop_by_hop_request_headers_do_not_reach_the_upstream() {
                    Connection: x-client-secret\r\n\
                    X-Client-Secret: 1\r\n\
                    Keep-Alive: timeout=5\r\n\
-                   TE: trailers\r\n\
+                   TE: deflate\r\n\
                    Trailer: x-checksum\r\n\
                    Upgrade: websocket\r\n\
                    Proxy-Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n\
@@ -118,7 +119,13 @@ async fn hop_by_hop_request_headers_do_not_reach_the_upstream() {
             "{name} reached the upstream: {seen:?}"
         );
     }
-    assert!(seen.contains(&"x-end-to-end"), "{seen:?}");
+    // `Trailer` announces fields at the end of the message: end to end.
+    for name in ["x-end-to-end", "trailer"] {
+        assert!(
+            seen.contains(&name),
+            "{name} did not reach the upstream: {seen:?}"
+        );
+    }
     assert_eq!(stable.hits(), 1);
 }
 
@@ -184,8 +191,55 @@ async fn hop_by_hop_response_headers_do_not_reach_the_client() {
         );
     }
     assert_eq!(reply.header("x-kept"), Some("1"), "{:?}", reply.headers);
+    assert_eq!(
+        reply.header("trailer"),
+        Some("x-checksum"),
+        "{:?}",
+        reply.headers
+    );
     assert_eq!(reply.header("x-agent-version"), Some(STABLE));
     assert_eq!(reply.json()["backend"], STABLE);
+}
+
+/// A client that accepts trailers (`TE: trailers`) gets an HTTP/1.1
+/// upstream's, and the upstream is told it may send them.
+#[tokio::test]
+async fn trailers_reach_an_http1_client_that_accepts_them() {
+    let upstream = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: grpc-status\r\n\r\n\
+          2\r\nok\r\n0\r\ngrpc-status: 0\r\n\r\n",
+    )
+    .await;
+    let server = cohort(&[upstream], None, "").await;
+    let request = "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    support::within("the whole response", stream.read_to_end(&mut raw))
+        .await
+        .expect("read");
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(raw.contains("trailer: grpc-status\r\n"), "{raw}");
+    assert!(
+        raw.ends_with("2\r\nok\r\n0\r\ngrpc-status: 0\r\n\r\n"),
+        "{raw}"
+    );
+    // Of the client's `TE`, the upstream is told only that trailers are welcome.
+    let echo = Backend::start(STABLE).await;
+    let server = cohort(&[echo.addr], None, "").await;
+    let request = "GET / HTTP/1.1\r\nHost: a\r\nTE: deflate, trailers;q=0.5\r\n\r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    let echo = reply.json();
+    let te: Vec<&serde_json::Value> = echo["headers"]
+        .as_array()
+        .expect("the echo lists headers")
+        .iter()
+        .filter(|pair| pair[0] == "te")
+        .map(|pair| &pair[1])
+        .collect();
+    assert_eq!(te, ["trailers"], "{echo}");
 }
 
 #[tokio::test]

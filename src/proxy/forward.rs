@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use http::header::{
     CONNECTION, CONTENT_LENGTH, COOKIE, Entry, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
@@ -33,20 +33,20 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1, and the obsolete
 /// `Keep-Alive` and `Proxy-Connection`. `Connection` comes first.
-static HOP_BY_HOP: [&HeaderName; 9] = [
+static HOP_BY_HOP: [&HeaderName; 8] = [
     &CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &TE,
-    &TRAILER,
     &TRANSFER_ENCODING,
     &UPGRADE,
     &PROXY_AUTHENTICATE,
     &PROXY_AUTHORIZATION,
 ];
 
-/// Where `Transfer-Encoding` is in [`HOP_BY_HOP`].
-const TRANSFER_ENCODING_INDEX: usize = 5;
+/// Where `TE` and `Transfer-Encoding` are in [`HOP_BY_HOP`].
+const TE_INDEX: usize = 3;
+const TRANSFER_ENCODING_INDEX: usize = 4;
 
 /// A client connection's address, with its IP rendered once for the
 /// connection's requests (`x-forwarded-for`, the client-IP routing key):
@@ -170,8 +170,13 @@ pub fn upstream_request<B>(
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
-    strip_hop_by_hop(&mut parts.headers);
+    let stripped = strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
+    // A client that takes trailers gets them from this hop: the upstream
+    // may send them (gRPC over HTTP/2 needs to be told).
+    if stripped.accepts_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -322,6 +327,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
             headers.remove(name);
         }
     }
+    let accepts_trailers = present[TE_INDEX] && accepts_trailers(headers);
     for (name, present) in HOP_BY_HOP.into_iter().zip(present) {
         if present {
             headers.remove(name);
@@ -329,12 +335,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     }
     Stripped {
         transfer_encoding: present[TRANSFER_ENCODING_INDEX],
+        accepts_trailers,
     }
 }
 
 /// What [`strip_hop_by_hop`] found that framing depends on.
 struct Stripped {
     transfer_encoding: bool,
+    /// A request's `TE` accepted trailers.
+    accepts_trailers: bool,
+}
+
+/// Whether a `TE` header accepts trailers.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 /// Joins the `cookie` fields an HTTP/2 client may send one per cookie into
@@ -417,6 +440,7 @@ mod tests {
     #[test]
     fn transfer_encoding_is_where_its_index_says() {
         assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_INDEX], TRANSFER_ENCODING);
+        assert_eq!(HOP_BY_HOP[TE_INDEX], TE);
         let mut h = HeaderMap::new();
         h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
         assert!(strip_hop_by_hop(&mut h).transfer_encoding);

@@ -31,7 +31,7 @@ use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::shadow::TeeBody;
 use crate::table::{RouteTable, Table, Version};
-use crate::upstream::{self, Protocol, UpstreamAddr, UpstreamClient};
+use crate::upstream::{self, UpstreamAddr, UpstreamClient};
 
 /// An upstream's response body as the proxy receives it.
 type UpstreamBody = upstream::UpstreamBody<TeeBody>;
@@ -195,8 +195,6 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
-        // Read before the hop-by-hop `TE` is stripped.
-        let trailers = upstream::wants_trailers(req.headers());
         let mut req = forward::upstream_request(
             req,
             &table.policy.routing.version_header,
@@ -209,9 +207,6 @@ impl Proxy {
         let progress = (!req.body().is_end_stream()).then(|| req.body_mut().progress());
         let first = index;
         let result = loop {
-            if trailers {
-                set_trailers(req.headers_mut(), upstream.protocol);
-            }
             let sent = self.client.request(upstream, req);
             tokio::pin!(sent);
             // The deadline moves while a request body still streams (see
@@ -275,17 +270,6 @@ fn record_outcome(version: &Version, index: usize, ok: bool, table: &RouteTable)
             eject_for = ?config.eject_for,
             "upstream ejected after consecutive errors"
         );
-    }
-}
-
-/// Passes on a client's `te: trailers` to an HTTP/2 upstream (gRPC needs it
-/// to send trailers), and not to an HTTP/1.1 one: set per attempt, since a
-/// retry may go to an upstream of the other kind.
-fn set_trailers(headers: &mut http::HeaderMap, protocol: Protocol) {
-    if protocol == Protocol::Http1 {
-        headers.remove(http::header::TE);
-    } else {
-        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 

@@ -253,22 +253,6 @@ pub fn origin_form(uri: &mut Uri) {
     }
 }
 
-/// Whether a client's `TE` header accepts trailers. `TE` is hop-by-hop, but
-/// an HTTP/2 upstream (gRPC) needs `te: trailers` passed on to send them.
-#[must_use]
-pub fn wants_trailers(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-}
-
 /// Builds the proxy's pooled clients: kept-alive connections, `TCP_NODELAY`,
 /// the connect timeout, idle connections closed after `idle_timeout`, each
 /// connection counted in `cohort_upstream_connections`; `tls` for `https://`.
