@@ -448,10 +448,13 @@ impl Server {
     /// listening sockets (or on new ones, when `listen.addr` changed), then
     /// tells the old generation to stop accepting and drain, so no connection
     /// is dropped and no accept is missed. Returns whether it did. TLS files
-    /// and admin settings are not part of it.
+    /// and admin settings are not part of it, nor `upstream.response_timeout`
+    /// (the route table's, applied at once) or `upstream.ca_file` (a
+    /// restart's): neither is worth cutting long streams at the drain.
     pub fn reload_workers(&mut self, config: &Config) -> Result<bool, ServeError> {
         let current = &self.generation;
-        if config.listen == current.listen && config.upstream == current.upstream {
+        let pools = |u: &UpstreamConfig| (u.connect_timeout, u.idle_timeout, u.max_idle_per_host);
+        if config.listen == current.listen && pools(&config.upstream) == pools(&current.upstream) {
             return Ok(false);
         }
         let same_addr = config.listen.addr == current.listen.addr;

@@ -271,8 +271,15 @@ async fn an_open_websocket_survives_a_worker_restart_and_holds_up_a_shutdown() {
     let mut ws = open_ws(&server, "alice", STABLE).await;
     echo(&mut ws, STABLE, "before").await;
 
-    // A reloaded [upstream] starts new workers; the old ones drain, and the
-    // tunnel they hold runs on.
+    // The response timeout is the route table's: no new workers for it, so
+    // no drain that could cut long streams.
+    let timeout_only = format!("{text}\n[upstream]\nresponse_timeout = \"7s\"\n");
+    let timeout_only =
+        cohort::config::Config::parse(&timeout_only, "test").expect("a valid config");
+    assert!(!server.reload_workers(&timeout_only).expect("the reload"));
+
+    // A reloaded [upstream] pool setting starts new workers; the old ones
+    // drain, and the tunnel they hold runs on.
     let edited = format!("{text}\n[upstream]\nidle_timeout = \"7s\"\n");
     let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
     assert!(server.reload_workers(&edited).expect("the reload"));
