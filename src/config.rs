@@ -645,7 +645,10 @@ mod raw {
             if RESERVED_HEADERS.contains(&name.as_str()) {
                 self.problem(
                     key,
-                    format!("{name:?} is a header the proxy must leave to HTTP; choose another name, such as \"x-agent-version\""),
+                    format!(
+                        "{name:?} is a header the proxy must leave to HTTP; choose another name, such as {:?}",
+                        if key.ends_with("override_header") { "x-cohort" } else { "x-agent-version" }
+                    ),
                 );
                 return None;
             }
@@ -832,7 +835,14 @@ mod raw {
 
             let r = self.routing;
             let routing = RoutingConfig {
-                salt: r.salt,
+                // An empty salt would be taken as one, not as "unset".
+                salt: c.value("routing.salt", r.salt, None, |s| {
+                    if s.is_empty() {
+                        Err("must not be empty; leave it out to salt with the canary's name".into())
+                    } else {
+                        Ok(Some(s))
+                    }
+                }),
                 sticky_keys: match r.sticky_keys {
                     None => vec![KeySource::Header(HeaderName::from_static("x-user-id"))],
                     Some(list) => list
@@ -876,12 +886,24 @@ mod raw {
                         }
                     },
                 ),
-                // Zero would make a browser drop the cookie at once, and a
-                // keyless user would draw a new cohort on every request.
-                cookie_max_age: c.positive_duration(
+                // `Max-Age` counts whole seconds, and zero makes a browser
+                // drop the cookie at once: a keyless user would draw a new
+                // cohort on every request.
+                cookie_max_age: c.value(
                     "routing.cookie_max_age",
                     r.cookie_max_age,
                     Duration::from_secs(30 * 24 * 3600),
+                    |s| {
+                        parse_duration(&s).and_then(|d| {
+                            if d < Duration::from_secs(1) {
+                                Err(format!(
+                                    "{s:?} must be at least 1s (Max-Age counts whole seconds)"
+                                ))
+                            } else {
+                                Ok(d)
+                            }
+                        })
+                    },
                 ),
                 version_header: c
                     .own_header("routing.version_header", r.version_header)
@@ -1430,6 +1452,18 @@ mod tests {
             (
                 "[routing]\ncookie_max_age = \"0s\"\n",
                 "routing.cookie_max_age: ",
+            ),
+            (
+                "[routing]\nsalt = \"\"\n",
+                "routing.salt: must not be empty",
+            ),
+            (
+                "[routing]\noverride_header = \"cookie\"\n",
+                "routing.override_header: \"cookie\" is a header the proxy must leave to HTTP; choose another name, such as \"x-cohort\"",
+            ),
+            (
+                "[routing]\ncookie_max_age = \"500ms\"\n",
+                "routing.cookie_max_age: \"500ms\" must be at least 1s",
             ),
             ("[listen]\nworkers = 100000\n", "listen.workers: "),
             ("[state]\npath = \"\"\n", "state.path: "),
