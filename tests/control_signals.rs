@@ -7,7 +7,8 @@
 //! request in flight finishes on the old ones; SIGHUP with an invalid config
 //! is refused in the log (a syntax error in the one line `cohort check`
 //! prints) while the old config keeps serving; SIGHUP with a new canary
-//! starts the config's rollout plan for it.
+//! starts the config's rollout plan for it; a stream cut at the end of a
+//! replaced worker's drain leaves `cohort_client_connections`.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use http::Method;
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, KeepAlive, Process, STABLE, SlowBackend,
-    audit_lines, config, eventually_async, within,
+    SseTicker, audit_lines, config, eventually_async, read_until, within,
 };
 
 /// Writes `text` as the config file of a fresh state directory.
@@ -259,6 +260,48 @@ async fn sighup_moves_the_listener_and_lets_requests_in_flight_finish() {
     // The old listener is closed once its workers have drained.
     eventually_async("the old address to refuse connections", || async {
         tokio::net::TcpStream::connect(old).await.is_err()
+    })
+    .await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// A stream that outlasts `listen.drain_timeout` on workers a SIGHUP
+/// replaced is cut, and its connection leaves `cohort_client_connections`
+/// (the gauge of this process alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_drain_leaves_the_connection_gauge() {
+    let ticker = SseTicker::start(STABLE).await;
+    let text = config(&[ticker.addr], None, "[upstream]\nidle_timeout = \"90s\"\n").replacen(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"300ms\"",
+        1,
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let open = || async {
+        let metrics = admin.raw(Method::GET, "/metrics", "").await;
+        String::from_utf8_lossy(&metrics.body)
+            .lines()
+            .find_map(|line| line.strip_prefix("cohort_client_connections "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    };
+
+    let mut stream = Http::new(process.proxy)
+        .get_streaming("/events", &[])
+        .await
+        .into_body();
+    read_until(&mut stream, SseTicker::READY)
+        .await
+        .expect("the stream opens");
+    assert_eq!(open().await, Some(1.0));
+
+    // New pool settings: new workers; the old ones drain for 300ms, then go.
+    std::fs::write(&path, text.replacen("\"90s\"", "\"7s\"", 1)).expect("edit the config");
+    process.signal("HUP");
+    process.log_line(&["drain timeout reached"]).await;
+    eventually_async("the cut stream to leave the gauge", || async {
+        open().await == Some(0.0)
     })
     .await;
     assert_eq!(process.stop().await, Some(0));

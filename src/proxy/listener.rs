@@ -107,13 +107,12 @@ pub async fn serve(
             drain: drain_signal.clone(),
         };
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
-        let open_connections = open_connections.clone();
+        let counted = Counted::new(open_connections.clone());
         tokio::spawn(async move {
-            open_connections.increment(1.0);
             if let Err(error) = connection.run(stream, acceptor).await {
                 tracing::debug!(%error, client.addr = %peer, "connection ended with an error");
             }
-            open_connections.decrement(1.0);
+            drop(counted);
             drop(permit);
         });
     }
@@ -126,6 +125,24 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain timeout reached with requests still open");
+    }
+}
+
+/// One in a gauge of connections, for as long as it is held. Counted down
+/// on drop, so a connection whose task is dropped unfinished (a drain that
+/// ran out of time ends its worker's runtime) leaves the gauge too.
+struct Counted(::metrics::Gauge);
+
+impl Counted {
+    fn new(gauge: ::metrics::Gauge) -> Counted {
+        gauge.increment(1.0);
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -388,9 +405,9 @@ impl Connection {
                 served.0 + self.settings.keepalive_timeout
             };
             if !io.has_rewound() {
-                self.settings.idle_connections.increment(1.0);
+                let idle = Counted::new(self.settings.idle_connections.clone());
                 let waited = self.wait_for_request(&io, deadline).await;
-                self.settings.idle_connections.decrement(1.0);
+                drop(idle);
                 if !waited? {
                     return Ok(());
                 }
