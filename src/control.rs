@@ -54,6 +54,11 @@ pub struct Explanation {
     pub bucket: u16,
     pub cohort: &'static str,
     pub version: String,
+    /// The version a request with this key gets now: `version`, or stable
+    /// when the canary cannot take its cohort (none of its upstreams is
+    /// available and `canary_unavailable = "stable"`, or it has yet to pass
+    /// its first probe).
+    pub served_by: String,
     pub weight: f64,
     pub salt: String,
     pub generation: u64,
@@ -462,11 +467,16 @@ impl Control {
         } else {
             Cohort::Stable
         };
+        let version = table.version(cohort);
+        let falls_back =
+            cohort == Cohort::Canary && table.canary_may_fall_back() && !version.has_available();
+        let served_by = if falls_back { &table.stable } else { version };
         Explanation {
             key: key.to_owned(),
             bucket: placement.bucket,
             cohort: cohort.as_str(),
-            version: table.version(cohort).name.clone(),
+            version: version.name.clone(),
+            served_by: served_by.name.clone(),
             weight: table.weight().percent(),
             salt: table.salt.clone(),
             generation: table.generation,

@@ -16,7 +16,9 @@ use arc_swap::{ArcSwap, Guard};
 use http::HeaderValue;
 use tokio::sync::watch;
 
-use crate::config::{Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig};
+use crate::config::{
+    CanaryUnavailable, Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig,
+};
 use crate::health::{self, Health};
 use crate::metrics::VersionMetrics;
 use crate::rollout::window::Window;
@@ -141,6 +143,13 @@ impl Version {
                     .flatten()
             })
             .map(|i| (i, &self.upstreams[i]))
+    }
+
+    /// Whether any upstream may take a request now (healthy, not ejected).
+    #[must_use]
+    pub fn has_available(&self) -> bool {
+        let now = health::now_ms();
+        self.health.iter().any(|h| h.is_available(now))
     }
 
     /// Whether this version still waits at the readiness gate: none of its
@@ -324,6 +333,18 @@ impl RouteTable {
     #[must_use]
     pub fn weight(&self) -> Weight {
         self.canary.as_ref().map_or(Weight::ZERO, |c| c.weight)
+    }
+
+    /// Whether the canary's cohort goes to stable when no canary upstream
+    /// is available: with `canary_unavailable = "stable"`, and always while
+    /// the canary has yet to pass its first probe (it was never open to
+    /// anyone, so that is no outage).
+    #[must_use]
+    pub fn canary_may_fall_back(&self) -> bool {
+        self.canary.as_ref().is_some_and(|canary| {
+            self.policy.health.canary_unavailable == CanaryUnavailable::Stable
+                || canary.version.awaits_first_probe()
+        })
     }
 }
 

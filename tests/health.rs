@@ -256,6 +256,17 @@ async fn a_canary_is_gated_until_its_first_good_probe() {
         state_health(&server, "canary", canary.addr).await,
         Some(false)
     );
+    let route = format!("/admin/route?key={on_canary}");
+    let explained = admin(&server, Method::GET, &route, "").await.json();
+    assert_eq!(
+        (
+            &explained["cohort"],
+            &explained["version"],
+            &explained["served_by"]
+        ),
+        (&"canary".into(), &"v2-gated".into(), &STABLE.into()),
+        "{explained}"
+    );
     // Nor can it be promoted, which would send everyone there, unless forced.
     let refused = admin(&server, Method::POST, "/admin/promote", "").await;
     assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
@@ -281,6 +292,8 @@ async fn a_canary_is_gated_until_its_first_good_probe() {
         state_health(&server, "canary", canary.addr).await,
         Some(true)
     );
+    let explained = admin(&server, Method::GET, &route, "").await.json();
+    assert_eq!(explained["served_by"], "v2-gated", "{explained}");
     let reply = client.get("/", &[("x-user", &on_stable)]).await;
     assert_eq!(reply.version(), STABLE);
     let promoted = admin(&server, Method::POST, "/admin/promote", "").await;

@@ -26,7 +26,7 @@ use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use crate::clock;
-use crate::config::{CanaryUnavailable, Fallback};
+use crate::config::Fallback;
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::shadow::TeeBody;
@@ -90,13 +90,9 @@ impl Proxy {
         };
         let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
         let decision = routing::decide(&table, key.as_deref(), forced);
-        // A canary with no available upstream hands its cohort to stable, if
-        // so configured; one still waiting for its first good probe always
-        // does, since it has never been open to anyone.
+        // A canary with no available upstream may hand its cohort to stable.
         let mut version = table.version(decision.cohort);
-        let may_fall_back = decision.cohort == Cohort::Canary
-            && (table.policy.health.canary_unavailable == CanaryUnavailable::Stable
-                || version.awaits_first_probe());
+        let may_fall_back = decision.cohort == Cohort::Canary && table.canary_may_fall_back();
         let mut upstream = version.pick(may_fall_back);
         if upstream.is_none() && may_fall_back {
             crate::metrics::record_canary_fallback();
