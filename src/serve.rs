@@ -306,12 +306,19 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     loop {
         match signals.recv().await {
             Signal::Shutdown => break,
-            Signal::Rollback => match server.control.rollback("SIGUSR1 received", Source::Signal) {
-                Ok(state) => {
-                    tracing::warn!(generation = state.generation, "rolled back by SIGUSR1")
+            Signal::Rollback => {
+                let before = server.control.state().generation;
+                match server.control.rollback("SIGUSR1 received", Source::Signal) {
+                    // No canary, or one rolled back already: nothing changed.
+                    Ok(state) if state.generation == before => {
+                        tracing::info!("SIGUSR1: nothing to roll back");
+                    }
+                    Ok(state) => {
+                        tracing::warn!(generation = state.generation, "rolled back by SIGUSR1");
+                    }
+                    Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
                 }
-                Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
-            },
+            }
             // The certificate files are read again whether or not the config
             // changed, but not when the config was refused: one reload, one verdict.
             Signal::Reload => {

@@ -358,6 +358,17 @@ fn route_prints_bucket_and_cohort_per_key() {
 }
 
 #[test]
+fn route_refuses_an_empty_key_which_the_proxy_would_not_route_by() {
+    let output = cohort(&["route", "--salt", "v2", "--weight", "50", "alice", " "]);
+    assert!(!output.status.success(), "{}", printed(&output));
+    assert!(
+        printed(&output).contains("key 2: an empty key is no key"),
+        "{}",
+        printed(&output)
+    );
+}
+
+#[test]
 fn route_refuses_a_weight_out_of_range() {
     let output = cohort(&["route", "--salt", "v2", "--weight", "150", "alice"]);
     assert!(!output.status.success(), "{}", printed(&output));
