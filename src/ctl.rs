@@ -283,6 +283,33 @@ fn causes(error: &dyn Error) -> String {
 
 /// The live state as a few readable lines.
 #[must_use]
+/// A rollout's phase, stage, weight and time: while it runs, what is left
+/// of the stage (a stage past its time is held until the guardrails
+/// decide); once it has ended, where it was, since the live weight may
+/// differ (an abort leaves the canary at 0).
+fn rollout_line(rollout: &Value) -> String {
+    let phase = text(&rollout["phase"]);
+    let stage = rollout["stage"].as_u64().unwrap_or(0);
+    let stages = rollout["stages"].as_u64().unwrap_or(0);
+    let stage = format!("{}/{stages}", (stage + 1).min(stages));
+    let (weight, evaluations) = (&rollout["weight"], &rollout["evaluations"]);
+    if !matches!(phase, "progressing" | "paused") {
+        return format!(
+            "{phase}  at stage {stage} (weight {weight}% then)  evaluations {evaluations}"
+        );
+    }
+    let time_left = match rollout["time_left_ms"].as_u64() {
+        None => "-".to_owned(),
+        Some(0) => "0s (held until the guardrails decide)".to_owned(),
+        Some(ms) => {
+            humantime::format_duration(std::time::Duration::from_secs(ms / 1000)).to_string()
+        }
+    };
+    format!(
+        "{phase}  stage {stage}  weight {weight}%  time left {time_left}  evaluations {evaluations}"
+    )
+}
+
 pub fn render_state(state: &Value) -> String {
     let mut out = String::new();
     let upstreams = |v: &Value| {
@@ -320,26 +347,7 @@ pub fn render_state(state: &Value) -> String {
         }
     }
     if let rollout @ Value::Object(_) = &state["rollout"] {
-        let stage = rollout["stage"].as_u64().unwrap_or(0);
-        let time_left = rollout["time_left_ms"].as_u64().map_or_else(
-            || "-".to_owned(),
-            |ms| {
-                format!(
-                    "{}",
-                    humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
-                )
-            },
-        );
-        let _ = writeln!(
-            out,
-            "rollout     {}  stage {}/{}  weight {}%  time left {}  evaluations {}",
-            text(&rollout["phase"]),
-            (stage + 1).min(rollout["stages"].as_u64().unwrap_or(0)),
-            rollout["stages"],
-            rollout["weight"],
-            time_left,
-            rollout["evaluations"],
-        );
+        let _ = writeln!(out, "rollout     {}", rollout_line(rollout));
         if let Some(evaluations) = rollout["last_evaluation"]
             .as_array()
             .filter(|e| !e.is_empty())
@@ -383,4 +391,33 @@ pub fn render_state(state: &Value) -> String {
 
 fn text(value: &Value) -> &str {
     value.as_str().unwrap_or("-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rollout_line;
+
+    #[test]
+    fn a_rollout_line_says_when_a_stage_is_held_and_where_an_ended_one_was() {
+        let rollout = |phase: &str, time_left_ms: serde_json::Value| {
+            serde_json::json!({"phase": phase, "stage": 1, "stages": 4, "weight": 50.0,
+                "time_left_ms": time_left_ms, "evaluations": 7})
+        };
+        assert_eq!(
+            rollout_line(&rollout("progressing", 90_000.into())),
+            "progressing  stage 2/4  weight 50.0%  time left 1m 30s  evaluations 7"
+        );
+        assert_eq!(
+            rollout_line(&rollout("progressing", 0.into())),
+            "progressing  stage 2/4  weight 50.0%  time left 0s (held until the guardrails decide)  evaluations 7"
+        );
+        assert_eq!(
+            rollout_line(&rollout("paused", serde_json::Value::Null)),
+            "paused  stage 2/4  weight 50.0%  time left -  evaluations 7"
+        );
+        assert_eq!(
+            rollout_line(&rollout("aborted", 0.into())),
+            "aborted  at stage 2/4 (weight 50.0% then)  evaluations 7"
+        );
+    }
 }
