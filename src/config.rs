@@ -875,11 +875,7 @@ mod raw {
                     r.cookie_name,
                     "cohort_id".to_owned(),
                     |s| {
-                        let token = !s.is_empty()
-                            && s.bytes().all(|b| {
-                                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                            });
-                        if token {
+                        if crate::routing::key::is_cookie_name(&s) {
                             Ok(s)
                         } else {
                             Err(format!("{s:?} is not a valid cookie name"))
@@ -1460,6 +1456,10 @@ mod tests {
             (
                 "[routing]\noverride_header = \"cookie\"\n",
                 "routing.override_header: \"cookie\" is a header the proxy must leave to HTTP; choose another name, such as \"x-cohort\"",
+            ),
+            (
+                "[routing]\nsticky_keys = [\"cookie:a;b\"]\n",
+                "routing.sticky_keys[0]: \"cookie:a;b\": \"a;b\" is not a valid cookie name",
             ),
             (
                 "[routing]\ncookie_max_age = \"500ms\"\n",

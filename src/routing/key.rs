@@ -33,7 +33,8 @@ impl KeySource {
             "header" => HeaderName::from_bytes(name.as_bytes())
                 .map(KeySource::Header)
                 .map_err(|_| format!("{text:?}: {name:?} is not a valid header name")),
-            "cookie" => Ok(KeySource::Cookie(name.to_owned())),
+            "cookie" if is_cookie_name(name) => Ok(KeySource::Cookie(name.to_owned())),
+            "cookie" => Err(format!("{text:?}: {name:?} is not a valid cookie name")),
             "query" => Ok(KeySource::Query(name.to_owned())),
             _ => Err(invalid()),
         }
@@ -119,6 +120,15 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
 }
 
 /// The percent-decoded value of query parameter `name`.
+/// Whether `name` can name a cookie: an HTTP token (RFC 6265 section 4.1.1).
+#[must_use]
+pub fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 fn query<'a>(uri: &'a Uri, name: &str) -> Option<Cow<'a, [u8]>> {
     form_urlencoded::parse(uri.query()?.as_bytes())
         .find(|(n, _)| n == name)
