@@ -9,7 +9,8 @@
 //! crosses threads; the admin listener, health checks and the rollout
 //! controller run on the caller's runtime. A reload that changes `[listen]`
 //! or `[upstream]` starts a new generation of workers on the same sockets
-//! and drains the old one. Does not own any of the pieces it wires together.
+//! (all of them, however many workers there are now) and drains the old
+//! one. Does not own any of the pieces it wires together.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -466,8 +467,11 @@ impl Server {
         }
         let same_addr = config.listen.addr == current.listen.addr;
         let listeners = if same_addr {
-            (0..config.listen.workers.max(1))
-                .map(|i| current.listeners[i % current.listeners.len()].try_clone())
+            // Every socket goes on, however many workers there are now.
+            current
+                .listeners
+                .iter()
+                .map(std::net::TcpListener::try_clone)
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|source| ServeError::Bind {
                     what: "listen.addr",
@@ -570,10 +574,14 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     socket.listen(1024)?.into_std()
 }
 
-/// Starts one proxy worker per listener, built from `config`'s `[listen]`
-/// and `[upstream]`; they stop on `shutdown` or on the generation's own stop.
+/// Starts `config.listen.workers` proxy workers on `sockets`, built from
+/// `config`'s `[listen]` and `[upstream]`; they stop on `shutdown` or on the
+/// generation's own stop. Each worker has a socket of its own while there
+/// are enough (workers added by a reload share one); with more sockets than
+/// workers (fewer workers after a reload), a worker serves several, so no
+/// socket closes with connections queued on it.
 fn spawn_generation(
-    listeners: Vec<std::net::TcpListener>,
+    sockets: Vec<std::net::TcpListener>,
     config: &Config,
     table: Arc<Table>,
     upstream_tls: Arc<rustls::ClientConfig>,
@@ -589,24 +597,28 @@ fn spawn_generation(
         server_tls,
         permits: Arc::new(Semaphore::new(config.listen.max_connections)),
     });
-    let mut kept = Vec::with_capacity(listeners.len());
-    let mut workers = Vec::with_capacity(listeners.len());
-    for (index, listener) in listeners.into_iter().enumerate() {
+    let count = config.listen.workers.max(1);
+    let mut workers = Vec::with_capacity(count);
+    for index in 0..count {
         let error = |source| ServeError::Worker { index, source };
-        kept.push(listener.try_clone().map_err(error)?);
-        let (global, own) = (stopped(shutdown), stopped(&stop));
+        let own = (index..sockets.len().max(index + 1))
+            .step_by(count)
+            .map(|socket| sockets[socket % sockets.len()].try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(error)?;
+        let (global, own_stop) = (stopped(shutdown), stopped(&stop));
         let either = async move {
             tokio::select! {
                 () = global => {}
-                () = own => {}
+                () = own_stop => {}
             }
         };
-        workers.push(spawn_worker(index, listener, Arc::clone(&shared), either).map_err(error)?);
+        workers.push(spawn_worker(index, own, Arc::clone(&shared), either).map_err(error)?);
     }
     let generation = WorkerGeneration {
         listen: config.listen.clone(),
         upstream: config.upstream.clone(),
-        listeners: kept,
+        listeners: sockets,
         stop,
     };
     Ok((generation, workers))
@@ -623,11 +635,11 @@ struct WorkerShared {
 }
 
 /// Starts proxy worker `index`: a thread running a single-threaded runtime
-/// that serves `listener` with its own `Proxy` and upstream pools until
+/// that serves `listeners` with its own `Proxy` and upstream pools until
 /// `stop`, then drains. The receiver resolves once it has drained.
 fn spawn_worker(
     index: usize,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<oneshot::Receiver<()>> {
@@ -640,8 +652,12 @@ fn spawn_worker(
         .name(format!("cohort-proxy-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
+                let listeners = match listeners
+                    .into_iter()
+                    .map(TcpListener::from_std)
+                    .collect::<std::io::Result<Vec<_>>>()
+                {
+                    Ok(listeners) => listeners,
                     Err(error) => {
                         tracing::error!(worker = index, %error, "cannot register the listener");
                         return;
@@ -653,7 +669,7 @@ fn spawn_worker(
                     shared.server_tls.is_some(),
                 ));
                 listener::serve(
-                    listener,
+                    listeners,
                     proxy,
                     &shared.listen,
                     shared.server_tls.clone(),

@@ -8,7 +8,8 @@
 //! is refused in the log (a syntax error in the one line `cohort check`
 //! prints) while the old config keeps serving; SIGHUP with a new canary
 //! starts the config's rollout plan for it; a stream cut at the end of a
-//! replaced worker's drain leaves `cohort_client_connections`.
+//! replaced worker's drain leaves `cohort_client_connections`; fewer
+//! workers after SIGHUP keep every listening socket.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -304,6 +305,57 @@ async fn a_stream_cut_at_the_drain_leaves_the_connection_gauge() {
         open().await == Some(0.0)
     })
     .await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// Fewer workers after a SIGHUP close no listening socket: a socket that
+/// closed would reset the connections the kernel had queued on it, so the
+/// remaining worker serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_workers_after_sighup_keep_every_listening_socket() {
+    let stable = Backend::start(STABLE).await;
+    let text = config(&[stable.addr], None, "").replacen(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\nworkers = 2",
+        1,
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let port = process.proxy.port();
+    // Listening sockets on the proxy's port (state 0A in /proc/net/tcp).
+    let listening = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+        let local = format!("0100007F:{port:04X}");
+        table
+            .lines()
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")
+            })
+            .count()
+    };
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", process.pid()))
+            .expect("the process's threads")
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("cohort-proxy-"))
+            .count()
+    };
+    assert_eq!((listening(), workers()), (2, 2));
+
+    std::fs::write(&path, text.replacen("workers = 2", "workers = 1", 1)).expect("edit the config");
+    process.signal("HUP");
+    process.log_line(&["proxy workers restarted"]).await;
+    eventually_async("the old workers to finish", || async { workers() == 1 }).await;
+    assert_eq!(
+        listening(),
+        2,
+        "a listening socket closed with the old workers"
+    );
+    for i in 0..8 {
+        let reply = within("an answer", Http::new(process.proxy).get("/", &[])).await;
+        assert_eq!(reply.status, 200, "request {i}: {reply:?}");
+    }
     assert_eq!(process.stop().await, Some(0));
 }
 

@@ -57,14 +57,15 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// connection until TCP gives up. Past this it is dropped.
 const H2_IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Accepts and serves connections until `shutdown` resolves, then stops
+/// Accepts and serves connections (on any of `listeners`: usually one, more
+/// after a reload to fewer workers) until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
 /// `tls`, each connection first completes a TLS handshake (within
 /// `header_read_timeout`) and speaks HTTP/2 if ALPN chose `h2`. Each open
 /// connection holds one of `permits` (`listen.max_connections`, shared by
 /// every worker's listener).
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     proxy: Arc<Proxy>,
     config: &ListenConfig,
     tls: Option<Arc<ServerTls>>,
@@ -76,6 +77,7 @@ pub async fn serve(
     // the sender learns when the last one has ended.
     let (drain, drain_signal) = watch::channel(false);
     let open_connections = crate::metrics::client_connections();
+    let mut next_listener = 0;
     tokio::pin!(shutdown);
     loop {
         // Take a permit before accepting, so a full proxy leaves new
@@ -85,7 +87,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = accept_any(&listeners, &mut next_listener) => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -116,7 +118,7 @@ pub async fn serve(
             drop(permit);
         });
     }
-    drop(listener);
+    drop(listeners);
     drop(drain_signal);
     tracing::info!(timeout = ?config.drain_timeout, "draining open connections");
     let _ = drain.send(true);
@@ -126,6 +128,28 @@ pub async fn serve(
     {
         tracing::warn!("drain timeout reached with requests still open");
     }
+}
+
+/// The next connection on any of `listeners`. A worker has one, unless a
+/// reload left fewer workers than listening sockets: a socket that closed
+/// would reset the connections queued on it. Each accept starts the search
+/// at the next socket, so a busy one cannot starve the others.
+async fn accept_any(
+    listeners: &[TcpListener],
+    next: &mut usize,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    poll_fn(|cx| {
+        let n = listeners.len();
+        for i in 0..n {
+            let index = (*next + i) % n;
+            if let Poll::Ready(accepted) = listeners[index].poll_accept(cx) {
+                *next = (index + 1) % n;
+                return Poll::Ready(accepted);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// One in a gauge of connections, for as long as it is held. Counted down
