@@ -509,14 +509,19 @@ impl Control {
             return Ok(current.saved.live.clone());
         }
         let before = current.saved.live.clone();
+        let live = before.reseed(
+            &config.versions,
+            config.shadow.as_ref(),
+            before.generation + 1,
+        );
         let next = SavedState {
             versions_digest: digest,
-            shadow_digest: Some(crate::state::shadow_digest(config.shadow.as_ref())),
-            live: before.reseed(
-                &config.versions,
+            shadow_digest: crate::state::reseeded_shadow_digest(
+                Some(&current.saved),
+                &live,
                 config.shadow.as_ref(),
-                before.generation + 1,
             ),
+            live,
         };
         self.store.write(Some(before.generation), &next)?;
         current.saved = next;

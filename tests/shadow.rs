@@ -404,9 +404,25 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 
-    // The section as it was: the admin API's shadow stays, on a reload and
-    // across a restart.
+    // The section as it was: the admin API's shadow stays, on a reload,
+    // on a re-seed by an edited [versions], and across a restart.
     reload(&server, &first);
+    assert_eq!(live_shadow(&server), (Some("sh-api".into()), Some(50.0)));
+    let more = Backend::start("more").await;
+    let versions_edited = support::with_state_in(
+        &support::config(
+            &[stable.addr, more.addr],
+            None,
+            &format!("{ROUTING}\n{}", section(100.0)),
+        ),
+        &dir,
+    );
+    reload(&server, &versions_edited);
+    let state = serde_json::to_value(server.control().state()).expect("a state");
+    assert_eq!(
+        state["stable"]["upstreams"].as_array().map(Vec::len),
+        Some(2)
+    );
     assert_eq!(live_shadow(&server), (Some("sh-api".into()), Some(50.0)));
     server.shutdown().await;
     let server = support::start_cohort(&first).await;

@@ -154,7 +154,10 @@ impl LiveState {
     /// rollout runs on at the weight it set, so an edit elsewhere in the
     /// section (another stable upstream) moves no one the rollout placed. A
     /// steady canary takes the config's weight: the edited section is the
-    /// newer intent. The last rollback is kept as history.
+    /// newer intent. The last rollback is kept as history. The shadow is
+    /// kept too (its own section decides it: `Control::follow_config_shadow`),
+    /// unless it now bears a version's name; then the config's takes its
+    /// place.
     #[must_use]
     pub fn reseed(
         &self,
@@ -164,6 +167,16 @@ impl LiveState {
     ) -> LiveState {
         let mut next = LiveState::seed(versions, shadow, generation);
         next.last_rollback = self.last_rollback.clone();
+        if let Some(kept) = &self.shadow
+            && kept.name != next.stable.name
+            && next.canary.as_ref().is_none_or(|c| c.name != kept.name)
+        {
+            next.shadow = Some(kept.clone());
+        } else if self.shadow.is_some() {
+            tracing::warn!(
+                "the live shadow bears a version's name now; the config's [shadow] replaces it"
+            );
+        }
         if let (Some(before), Some(canary)) = (&self.canary, &mut next.canary)
             && before.name == canary.name
         {
@@ -384,11 +397,30 @@ pub fn restore(
     };
     let seeded = SavedState {
         versions_digest: digest,
-        shadow_digest: Some(shadow_digest(shadow)),
+        shadow_digest: match origin {
+            Origin::Reseeded => reseeded_shadow_digest(previous.as_ref(), &live, shadow),
+            _ => Some(shadow_digest(shadow)),
+        },
         live,
     };
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
     Ok((seeded, origin, previous))
+}
+
+/// The `shadow_digest` beside `live`, seeded or re-seeded from a config
+/// whose `[shadow]` is `shadow`: the previous one while the previous shadow
+/// is still live (the section may not have been applied yet), else the
+/// config's, which `live`'s shadow then came from.
+#[must_use]
+pub fn reseeded_shadow_digest(
+    previous: Option<&SavedState>,
+    live: &LiveState,
+    shadow: Option<&ShadowConfig>,
+) -> Option<String> {
+    match previous {
+        Some(previous) if previous.live.shadow == live.shadow => previous.shadow_digest.clone(),
+        _ => Some(shadow_digest(shadow)),
+    }
 }
 
 /// Now, as RFC 3339 UTC with seconds.
