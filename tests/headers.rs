@@ -229,7 +229,8 @@ async fn trailers_reach_an_http1_client_that_accepts_them() {
     // Of the client's `TE`, the upstream is told only that trailers are welcome.
     let echo = Backend::start(STABLE).await;
     let server = cohort(&[echo.addr], None, "").await;
-    let request = "GET / HTTP/1.1\r\nHost: a\r\nTE: deflate, trailers;q=0.5\r\n\r\n";
+    let request =
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: TE\r\nTE: deflate, trailers;q=0.5\r\n\r\n";
     let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
     let echo = reply.json();
     let te: Vec<&serde_json::Value> = echo["headers"]

@@ -309,6 +309,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     if shadow_marker {
         headers.remove(&X_COHORT_SHADOW);
     }
+    // Read before `Connection` is: a client sending `TE` names it there
+    // (RFC 9110 section 10.1.4).
+    let accepts_trailers = present[TE_INDEX] && accepts_trailers(headers);
     if present[0] {
         let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
         let named = values
@@ -327,7 +330,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
             headers.remove(name);
         }
     }
-    let accepts_trailers = present[TE_INDEX] && accepts_trailers(headers);
     for (name, present) in HOP_BY_HOP.into_iter().zip(present) {
         if present {
             headers.remove(name);
