@@ -3,9 +3,9 @@
 //! Owns: every metric Cohort exports (SPEC section 5 plus the proxy's own
 //! health), described once at start-up, the bounded label values
 //! ([`UpstreamErrorKind`], [`ShadowDropReason`]), the
-//! recorder's upkeep, and [`VersionMetrics`], the handles a
+//! recorder's upkeep, [`VersionMetrics`], the handles a
 //! version resolves once when a route table is built so that recording a
-//! request allocates nothing. Does not own: when to record (the proxy's
+//! request allocates nothing, and [`Counted`], a gauge held up by a guard. Does not own: when to record (the proxy's
 //! `handle` does, once per request), serving `/metrics` (`admin`), or the
 //! series of [`UPSTREAM_HEALTHY`], which `health` writes from the live table
 //! at each scrape (`health::write_gauges`).
@@ -274,6 +274,26 @@ pub fn record_table(weight_percent: f64, generation: u64) {
     gauge!(CANARY_WEIGHT).set(weight_percent);
     // Generations stay far below 2^53, where f64 is exact.
     gauge!(ROUTE_GENERATION).set(generation as f64);
+}
+
+/// One in a gauge, for as long as it is held. Counted down on drop, so
+/// work whose task is dropped unfinished (a drain that ran out of time ends
+/// its worker's runtime, and every task on it) leaves the gauge too.
+#[derive(Debug)]
+pub struct Counted(Gauge);
+
+impl Counted {
+    #[must_use]
+    pub fn new(gauge: Gauge) -> Counted {
+        gauge.increment(1.0);
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// The gauge of open client connections.

@@ -41,7 +41,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{Config, VersionConfig};
-use crate::metrics::{ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
+use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
 use crate::proxy::body::BodyProgress;
 use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
@@ -416,7 +416,7 @@ async fn send(
 ) {
     let started = Instant::now();
     let metrics = &version.metrics;
-    metrics.in_flight.increment(1.0);
+    let in_flight = Counted::new(metrics.in_flight.clone());
     let abandoned = Arc::clone(&copy.body().abandoned);
     tokio::select! {
         // First: the tap is told before its channel closes, so once the
@@ -429,7 +429,7 @@ async fn send(
             metrics.response_duration.record(started.elapsed());
         }
     }
-    metrics.in_flight.decrement(1.0);
+    drop(in_flight);
     drop(slot);
 }
 

@@ -39,6 +39,7 @@ use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::idle::{Activity, ClientIo, Tracked};
 use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
 use crate::config::ListenConfig;
+use crate::metrics::Counted;
 use crate::tls::ServerTls;
 
 /// Largest request head (request line and headers) accepted, like nginx's
@@ -150,24 +151,6 @@ async fn accept_any(
         Poll::Pending
     })
     .await
-}
-
-/// One in a gauge of connections, for as long as it is held. Counted down
-/// on drop, so a connection whose task is dropped unfinished (a drain that
-/// ran out of time ends its worker's runtime) leaves the gauge too.
-struct Counted(::metrics::Gauge);
-
-impl Counted {
-    fn new(gauge: ::metrics::Gauge) -> Counted {
-        gauge.increment(1.0);
-        Counted(gauge)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
 }
 
 /// How every connection of a listener is served.
