@@ -64,6 +64,8 @@ enum Verdict {
     Healthy,
     /// Out after `unhealthy_threshold` failed probes.
     Unhealthy,
+    /// A gated upstream's first `unhealthy_threshold` probes all failed.
+    NotOpened,
 }
 
 impl Verdict {
@@ -81,6 +83,11 @@ impl Verdict {
             Verdict::Unhealthy => {
                 tracing::warn!(version, %upstream, "upstream failed its health probes; it takes no traffic");
             }
+            Verdict::NotOpened => tracing::warn!(
+                version,
+                %upstream,
+                "upstream has not passed a health probe yet; it takes no traffic until one passes"
+            ),
         }
     }
 }
@@ -171,6 +178,10 @@ impl Health {
             let bad = self.bad_probes.fetch_add(1, Ordering::Relaxed) + 1;
             if bad >= config.unhealthy_threshold && self.healthy.swap(false, Ordering::Relaxed) {
                 return Some(Verdict::Unhealthy);
+            }
+            // Said once, when the threshold is reached, not at every probe.
+            if bad == config.unhealthy_threshold && self.gated.load(Ordering::Relaxed) {
+                return Some(Verdict::NotOpened);
             }
         }
         None
