@@ -251,11 +251,11 @@ fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {
         Ok(weight) => weight,
         Err(message) => return fail(format!("--weight: {message}")),
     };
-    // The proxy takes an empty (or blank) value for no key at all.
-    if let Some(blank) = keys.iter().position(|key| key.trim().is_empty()) {
+    // The proxy takes an empty value for no key at all.
+    if let Some(empty) = keys.iter().position(String::is_empty) {
         return fail(format!(
             "key {}: an empty key is no key; such a request follows routing.fallback",
-            blank + 1
+            empty + 1
         ));
     }
     for key in keys {

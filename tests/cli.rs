@@ -359,7 +359,7 @@ fn route_prints_bucket_and_cohort_per_key() {
 
 #[test]
 fn route_refuses_an_empty_key_which_the_proxy_would_not_route_by() {
-    let output = cohort(&["route", "--salt", "v2", "--weight", "50", "alice", " "]);
+    let output = cohort(&["route", "--salt", "v2", "--weight", "50", "alice", ""]);
     assert!(!output.status.success(), "{}", printed(&output));
     assert!(
         printed(&output).contains("key 2: an empty key is no key"),
