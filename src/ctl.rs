@@ -281,8 +281,6 @@ fn causes(error: &dyn Error) -> String {
     text
 }
 
-/// The live state as a few readable lines.
-#[must_use]
 /// A rollout's phase, stage, weight and time: while it runs, what is left
 /// of the stage (a stage past its time is held until the guardrails
 /// decide); once it has ended, where it was, since the live weight may
@@ -310,6 +308,8 @@ fn rollout_line(rollout: &Value) -> String {
     )
 }
 
+/// The live state as a few readable lines.
+#[must_use]
 pub fn render_state(state: &Value) -> String {
     let mut out = String::new();
     let upstreams = |v: &Value| {

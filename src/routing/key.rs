@@ -119,7 +119,6 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
         })
 }
 
-/// The percent-decoded value of query parameter `name`.
 /// Whether `name` can name a cookie: an HTTP token (RFC 6265 section 4.1.1).
 #[must_use]
 pub fn is_cookie_name(name: &str) -> bool {
@@ -129,6 +128,7 @@ pub fn is_cookie_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// The percent-decoded value of query parameter `name`.
 fn query<'a>(uri: &'a Uri, name: &str) -> Option<Cow<'a, [u8]>> {
     form_urlencoded::parse(uri.query()?.as_bytes())
         .find(|(n, _)| n == name)

@@ -322,14 +322,10 @@ impl WsBackend {
 /// Cohort's health probes (which a canary must pass before it takes
 /// traffic); otherwise gives it back unread.
 async fn answer_health_probe(mut stream: TcpStream) -> Option<TcpStream> {
+    // A probe's head comes in one write, so what the first peek sees of it
+    // is enough to tell.
     let mut head = vec![0; 4096];
-    let seen = loop {
-        let n = stream.peek(&mut head).await.ok()?;
-        if n == 0 || n == head.len() || head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break n;
-        }
-        tokio::task::yield_now().await;
-    };
+    let seen = stream.peek(&mut head).await.ok()?;
     let probe = String::from_utf8_lossy(&head[..seen])
         .to_ascii_lowercase()
         .contains("user-agent: cohort-health-check");
