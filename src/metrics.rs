@@ -3,10 +3,11 @@
 //! Owns: every metric Cohort exports (SPEC section 5 plus the proxy's own
 //! health), described once at start-up, the bounded label values
 //! ([`UpstreamErrorKind`], [`ShadowDropReason`]), the
-//! recorder's upkeep, [`VersionMetrics`], the handles a
-//! version resolves once when a route table is built so that recording a
-//! request allocates nothing, and [`Counted`], a gauge held up by a guard. Does not own: when to record (the proxy's
-//! `handle` does, once per request), serving `/metrics` (`admin`), or the
+//! recorder's upkeep, [`VersionMetrics`], the handles a version resolves
+//! once when a route table is built so that recording a request allocates
+//! nothing, and [`Counted`], a gauge held up by a guard. Does not own: when
+//! to record (the proxy's `handle` does, once per request), serving
+//! `/metrics` (`admin`), or the
 //! series of [`UPSTREAM_HEALTHY`], which `health` writes from the live table
 //! at each scrape (`health::write_gauges`).
 
