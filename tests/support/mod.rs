@@ -548,13 +548,7 @@ impl Reply {
 
     /// Every value of header `name` the echo backend received.
     pub fn seen(&self, name: &str) -> Vec<String> {
-        self.json()["headers"]
-            .as_array()
-            .expect("the echo lists headers")
-            .iter()
-            .filter(|pair| pair[0] == name)
-            .map(|pair| pair[1].as_str().expect("a header value").to_owned())
-            .collect()
+        values_of(&echoed_headers(&self.json()), name)
     }
 
     pub fn set_cookies(&self) -> Vec<String> {
@@ -688,6 +682,40 @@ impl RawReply {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
     }
+
+    /// The names of the headers the echo backend received, in order.
+    pub fn seen_names(&self) -> Vec<String> {
+        echoed_headers(&self.json())
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Every value of header `name` the echo backend received.
+    pub fn seen(&self, name: &str) -> Vec<String> {
+        values_of(&echoed_headers(&self.json()), name)
+    }
+}
+
+/// The headers an echo backend's answer lists as received, in order.
+fn echoed_headers(echo: &serde_json::Value) -> Vec<(String, String)> {
+    echo["headers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the echo lists no headers: {echo}"))
+        .iter()
+        .map(|pair| {
+            let text = |v: &serde_json::Value| v.as_str().expect("header text").to_owned();
+            (text(&pair[0]), text(&pair[1]))
+        })
+        .collect()
+}
+
+fn values_of(headers: &[(String, String)], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .collect()
 }
 
 /// Writes `bytes` to a fresh connection to `addr` and reads one response.
