@@ -687,9 +687,14 @@ mod raw {
             })
         }
 
-        fn at_least_one(&mut self, key: &str, value: Option<u32>, default: u32) -> u32 {
+        fn at_least_one<N: PartialOrd + From<u8>>(
+            &mut self,
+            key: &str,
+            value: Option<N>,
+            default: N,
+        ) -> N {
             self.value(key, value, default, |n| {
-                if n >= 1 {
+                if n >= N::from(1) {
                     Ok(n)
                 } else {
                     Err("must be at least 1".to_owned())
@@ -1214,13 +1219,7 @@ mod raw {
             interval: c.positive_duration(&key("interval"), r.interval, Duration::from_secs(30)),
             failure_limit: c.at_least_one(&key("failure_limit"), r.failure_limit, 2),
             // A guardrail judged on no requests is judged on noise.
-            min_requests: c.value(&key("min_requests"), r.min_requests, 200, |n| {
-                if n >= 1 {
-                    Ok(n)
-                } else {
-                    Err("must be at least 1".to_owned())
-                }
-            }),
+            min_requests: c.at_least_one(&key("min_requests"), r.min_requests, 200),
             inconclusive_limit: c.at_least_one(
                 &key("inconclusive_limit"),
                 r.inconclusive_limit,

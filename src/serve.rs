@@ -148,7 +148,6 @@ impl RestartOnly {
         if self.ca_file != other.ca_file {
             keys.push("upstream.ca_file");
         }
-
         keys
     }
 }
@@ -601,9 +600,16 @@ fn spawn_generation(
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
         let error = |source| ServeError::Worker { index, source };
-        let own = (index..sockets.len().max(index + 1))
-            .step_by(count)
-            .map(|socket| sockets[socket % sockets.len()].try_clone())
+        // Every `count`-th socket from its own index on; a worker past the
+        // last socket shares one.
+        let own: Vec<usize> = if index < sockets.len() {
+            (index..sockets.len()).step_by(count).collect()
+        } else {
+            vec![index % sockets.len()]
+        };
+        let own = own
+            .into_iter()
+            .map(|socket| sockets[socket].try_clone())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(error)?;
         let (global, own_stop) = (stopped(shutdown), stopped(&stop));
