@@ -302,17 +302,15 @@ impl AdminConfig {
     /// problem named by where the token comes from.
     pub fn token(&self) -> Result<Option<String>, Problem> {
         if let Some(path) = &self.token_file {
-            let problem = |message: String| Problem {
+            return read_token_file(path).map(Some).map_err(|error| Problem {
                 key: "admin.token_file".to_owned(),
-                message,
-            };
-            let text = std::fs::read_to_string(path)
-                .map_err(|error| problem(format!("cannot read {}: {error}", path.display())))?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(problem(format!("{} holds no token", path.display())));
-            }
-            return Ok(Some(token.to_owned()));
+                message: match error {
+                    TokenFileError::Unreadable(error) => {
+                        format!("cannot read {}: {error}", path.display())
+                    }
+                    TokenFileError::Empty => format!("{} holds no token", path.display()),
+                },
+            });
         }
         match std::env::var("COHORT_ADMIN_TOKEN") {
             Ok(token) if token.trim().is_empty() => Err(Problem {
@@ -323,6 +321,27 @@ impl AdminConfig {
             Err(_) => Ok(None),
         }
     }
+}
+
+/// Why a token file gave no token.
+#[derive(Debug)]
+pub enum TokenFileError {
+    Unreadable(std::io::Error),
+    /// It holds nothing but whitespace.
+    Empty,
+}
+
+/// The bearer token in the file at `path`, read alike by the server
+/// (`admin.token_file`) and `cohort ctl` (`--token-file`): surrounding
+/// whitespace is not part of it, and a file that holds nothing else is an
+/// error. Each caller words the error for its own user.
+pub fn read_token_file(path: &Path) -> Result<String, TokenFileError> {
+    let text = std::fs::read_to_string(path).map_err(TokenFileError::Unreadable)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenFileError::Empty);
+    }
+    Ok(token.to_owned())
 }
 
 /// Whether two listeners on `a` and `b` would take the same port: the same

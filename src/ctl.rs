@@ -171,20 +171,16 @@ pub fn token(given: Option<String>, file: Option<PathBuf>) -> Result<Option<Stri
     }
 }
 
-/// The token in the file at `path`, read as the server reads
-/// `admin.token_file`: surrounding whitespace is not part of it, and a file
-/// that holds nothing else is an error.
+/// The token in the file at `path`, read as the server reads `admin.token_file`.
 fn read_token_file(path: &Path) -> Result<String, CtlError> {
-    let problem = |problem: String| CtlError::TokenFile {
+    use crate::config::TokenFileError;
+    crate::config::read_token_file(path).map_err(|error| CtlError::TokenFile {
         path: path.to_owned(),
-        problem,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(problem("it holds no token".to_owned()));
-    }
-    Ok(token.to_owned())
+        problem: match error {
+            TokenFileError::Unreadable(error) => error.to_string(),
+            TokenFileError::Empty => "it holds no token".to_owned(),
+        },
+    })
 }
 
 /// Parses `--timeout`: a duration such as `"10s"`, longer than zero.
