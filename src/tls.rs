@@ -5,8 +5,9 @@
 //! swapping in a new pair on reload while a bad pair leaves the old one
 //! serving ([`ServerTls`]), and the client config for `https://` upstreams:
 //! the system's roots, or only those of `upstream.ca_file` ([`client_config`]).
-//! Every error names the config key and the file. Does not own: the handshake on accepted connections (`proxy::listener`),
-//! connecting to upstreams (`upstream`), or when a reload happens (`serve`).
+//! Every error names the config key and the file. Does not own: the
+//! handshake on accepted connections (`proxy::listener`), connecting to
+//! upstreams (`upstream`), or when a reload happens (`serve`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
