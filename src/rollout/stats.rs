@@ -815,6 +815,7 @@ mod tests {
         .expect("plan parses");
         assert_eq!(planned_looks(&config), 60 + 2);
     }
+
     #[test]
     fn a_measured_value_is_within_its_limit_in_each_guardrails_direction() {
         let eval =
