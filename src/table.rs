@@ -123,8 +123,9 @@ impl Version {
     /// `None` when none passes its health checks. When every healthy
     /// upstream is ejected for errors, they are tried anyway unless
     /// `strict`: ejection sheds load from a bad upstream, it must not take
-    /// the whole version down when there is nowhere else to go. A canary's
-    /// cohort has somewhere else (stable), so it picks strictly.
+    /// the whole version down when there is nowhere else to go. A canary
+    /// picks strictly: its cohort goes to stable instead, or gets the 503
+    /// that `canary_unavailable = "error"` asks for.
     #[must_use]
     pub fn pick(&self, strict: bool) -> Option<(usize, &UpstreamAddr)> {
         let n = self.upstreams.len();

@@ -8,7 +8,7 @@
 //! the state file on a restart (probed before the first request, so a live
 //! one keeps its users), that a canary which was open and then fails its
 //! probes answers 503 with `canary_unavailable = "error"`, that an ejected
-//! canary hands its cohort to stable, and that
+//! canary hands its cohort to stable (or answers 503 in that mode), and that
 //! health shows in `cohort_upstream_healthy` (for the versions in the
 //! table only) and `GET /admin/state`; a reloaded `[health]` applies to the
 //! running checks. Does not
@@ -412,46 +412,50 @@ async fn a_canary_from_the_config_is_gated_on_a_first_start() {
 }
 
 /// Passive ejection of every canary upstream sends its cohort to stable
-/// (`canary_unavailable = "stable"`), rather than trying the ejected ones
-/// as a version with nowhere else to go does; the gauge shows the ejection.
+/// (`canary_unavailable = "stable"`) or answers it 503 (`"error"`), rather
+/// than trying the ejected ones as a version with nowhere else to go does;
+/// the gauge shows the ejection.
 #[tokio::test]
-async fn an_ejected_canary_hands_its_cohort_to_stable() {
-    let stable = Backend::start("stable").await;
-    let canary = Backend::start("ejected").await;
-    // Probes an hour apart: only the passive rule acts within the test.
-    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
-        [health]\ninterval = \"1h\"\neject_after_errors = 2\neject_for = \"1h\"\n";
-    let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), extra).await;
-    let client = Http::new(server.proxy_addr());
-    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
-    let reply = client.get("/", &[("x-user", &on_canary)]).await;
-    assert_eq!(reply.version(), CANARY, "{reply:?}");
-    assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
-
-    canary.stop().await;
-    let failed: Vec<u16> = {
-        let mut statuses = Vec::new();
-        for _ in 0..2 {
-            statuses.push(
-                client
-                    .get("/", &[("x-user", &on_canary)])
-                    .await
-                    .status
-                    .as_u16(),
-            );
-        }
-        statuses
-    };
-    assert_eq!(failed, [502, 502], "the errors that eject it");
-    for _ in 0..5 {
+async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
+    for mode in ["stable", "error"] {
+        let stable = Backend::start("stable").await;
+        let canary = Backend::start("ejected").await;
+        // Probes an hour apart: only the passive rule acts within the test.
+        let extra = format!(
+            "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+            [health]\ninterval = \"1h\"\neject_after_errors = 2\neject_for = \"1h\"\n\
+            canary_unavailable = \"{mode}\"\n"
+        );
+        let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
+        let client = Http::new(server.proxy_addr());
+        let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
         let reply = client.get("/", &[("x-user", &on_canary)]).await;
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert_eq!(reply.version(), STABLE);
+        assert_eq!(reply.version(), CANARY, "{mode}: {reply:?}");
+        assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
+
+        canary.stop().await;
+        let mut failed = Vec::new();
+        for _ in 0..2 {
+            let reply = client.get("/", &[("x-user", &on_canary)]).await;
+            failed.push(reply.status.as_u16());
+        }
+        assert_eq!(failed, [502, 502], "{mode}: the errors that eject it");
+        for _ in 0..5 {
+            let reply = client.get("/", &[("x-user", &on_canary)]).await;
+            if mode == "stable" {
+                assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+                assert_eq!(reply.version(), STABLE);
+            } else {
+                assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+                assert_eq!(reply.version(), CANARY);
+                assert_eq!(reply.json()["error"], "unavailable");
+            }
+        }
+        assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(0.0));
+        let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+        assert_eq!(state["canary"]["health"][0]["ejected"], true, "{state}");
+        server.shutdown().await;
     }
-    assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(0.0));
-    let state = admin(&server, Method::GET, "/admin/state", "").await.json();
-    assert_eq!(state["canary"]["health"][0]["ejected"], true, "{state}");
-    server.shutdown().await;
 }
 
 #[tokio::test]

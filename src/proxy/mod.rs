@@ -90,11 +90,12 @@ impl Proxy {
         };
         let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
         let decision = routing::decide(&table, key.as_deref(), forced);
-        // A canary with no available upstream may hand its cohort to stable.
+        // A canary with no available upstream hands its cohort to stable,
+        // or answers 503 (`canary_unavailable = "error"`).
         let mut version = table.version(decision.cohort);
-        let may_fall_back = decision.cohort == Cohort::Canary && table.canary_may_fall_back();
-        let mut upstream = version.pick(may_fall_back);
-        if upstream.is_none() && may_fall_back {
+        let canary = decision.cohort == Cohort::Canary;
+        let mut upstream = version.pick(canary);
+        if upstream.is_none() && canary && table.canary_may_fall_back() {
             crate::metrics::record_canary_fallback();
             version = &table.stable;
             upstream = version.pick(false);
