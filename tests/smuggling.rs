@@ -1,15 +1,18 @@
 //! Requests that two HTTP parsers could read differently never reach an upstream.
 //!
 //! Owns: ambiguous framing (conflicting `Content-Length`s, `Content-Length`
-//! with `Transfer-Encoding` in either order), an oversized head, a
-//! malformed request line, no `Host` or two of them, and `CONNECT` (a tunnel to whatever the client
-//! names), each sent as raw bytes; the answer is a 4xx and
-//! the upstream's request counter stays at zero. Does not own: upstream
+//! with `Transfer-Encoding` in either order, a transfer coding other than
+//! `chunked`), an oversized head, a malformed request line, a target of a
+//! host alone, no `Host`, two of them or an invalid one, and `CONNECT` (a
+//! tunnel to whatever the client names), each sent as raw bytes; the
+//! answer is a 4xx or 501, the connection is closed after it, and the
+//! upstream's request counter stays at zero. Does not own: upstream
 //! failures (`tests/errors.rs`).
 
 mod support;
 
-use support::{Backend, STABLE, cohort, raw_exchange};
+use support::{Backend, DEADLINE, STABLE, cohort, raw_exchange};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Sends `bytes` to a fresh proxy in front of one echo backend and checks
 /// that the answer is `status` and that the backend saw nothing.
@@ -34,6 +37,78 @@ async fn connect_is_refused() {
     refused(
         "CONNECT",
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        400,
+    )
+    .await;
+}
+
+/// What follows a refused request (here the bytes meant for a `CONNECT`'s
+/// tunnel) is never read as a request: the connection closes after the
+/// one answer.
+#[tokio::test]
+async fn the_connection_closes_after_a_refusal() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let mut stream = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect to the proxy");
+    stream
+        .write_all(
+            b"CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n\
+              GET /tunneled HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert_eq!(stable.hits(), 0, "the tunnel's bytes reached the upstream");
+}
+
+/// hyper decodes `chunked` only: a body under another coding would reach
+/// the upstream still coded, with nothing saying so (RFC 9112 section 6.1).
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    for (what, codings) in [
+        ("gzip", "Transfer-Encoding: gzip, chunked\r\n"),
+        ("chunked twice", "Transfer-Encoding: chunked, chunked\r\n"),
+        (
+            "two fields",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        ),
+    ] {
+        let request =
+            format!("POST /chat HTTP/1.1\r\nHost: a\r\n{codings}\r\n5\r\nhello\r\n0\r\n\r\n");
+        refused(what, request.as_bytes(), 501).await;
+    }
+}
+
+/// `GET host:port` (authority form) is for `CONNECT` alone; forwarded, it
+/// would name a host other than the one a front end checked in `Host`.
+#[tokio::test]
+async fn a_target_of_a_host_alone_is_refused() {
+    refused(
+        "authority form",
+        b"GET evil.example HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        400,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_host_is_refused() {
+    for host in ["a b", "good.example/../admin", "user@good.example", "a\"b"] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        refused(host, request.as_bytes(), 400).await;
+    }
+    refused(
+        "user info in an absolute-form target",
+        b"GET http://u:p@other.example/p HTTP/1.1\r\nHost: other.example\r\n\r\n",
         400,
     )
     .await;

@@ -153,6 +153,26 @@ async fn a_chunked_request_body_arrives_intact() {
     assert_eq!(echo["body_sha256"], sha256_hex(&payload));
 }
 
+/// hyper's client sends a GET of unknown length without its body unless
+/// told otherwise; a search API's chunked GET body must still arrive.
+#[tokio::test]
+async fn a_chunked_get_body_arrives() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let body = r#"{"query": {"match_all": {}}}"#;
+    let request = format!(
+        "GET /search HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let reply = support::raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let echo = reply.json();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["body_len"], body.len(), "{echo}");
+    assert_eq!(echo["body_sha256"], sha256_hex(body.as_bytes()));
+}
+
 #[tokio::test]
 async fn websockets_are_tunnelled_to_the_version_of_the_handshake() {
     let stable = WsBackend::start(STABLE).await;

@@ -1,7 +1,7 @@
 //! The one error funnel: every way a request can fail, as a tagged response.
 //!
 //! Owns: [`ProxyError`], the classification of upstream client failures into
-//! the `kind` labels of SPEC section 5, and the 400/502/503/504 JSON bodies of
+//! the `kind` labels of SPEC section 5, and the 400/501/502/503/504 JSON bodies of
 //! SPEC section 2. Does not own: tagging the version header (`proxy::tag`).
 
 use http::header::CONTENT_TYPE;
@@ -16,6 +16,9 @@ pub enum ProxyError {
     /// The request could be read two ways, or cannot be forwarded at all.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The request uses a feature the proxy cannot carry (501).
+    #[error("{0}")]
+    NotImplemented(&'static str),
     /// The version has no upstream to send to.
     #[error("no upstream of this version is available")]
     NoUpstream,
@@ -34,6 +37,16 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether the request was refused unread: no upstream saw it, and the
+    /// client connection is not to be trusted with another.
+    #[must_use]
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::NotImplemented(_)
+        )
+    }
+
     /// Classifies a failure of the upstream exchange.
     #[must_use]
     pub fn from_upstream(error: &crate::upstream::Error) -> ProxyError {
@@ -82,7 +95,10 @@ impl ProxyError {
     #[must_use]
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoUpstream | ProxyError::Unsupported(_) => None,
+            ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
+            | ProxyError::NoUpstream
+            | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
             ProxyError::Timeout(_) => Some(UpstreamErrorKind::Timeout),
             ProxyError::Reset(_) => Some(UpstreamErrorKind::Reset),
@@ -94,6 +110,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect(_)
@@ -108,6 +125,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::NoUpstream => "unavailable",
             ProxyError::Unsupported(_) => "protocol",
             _ => self

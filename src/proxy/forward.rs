@@ -17,6 +17,7 @@ use http::header::{
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Body;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -74,14 +75,15 @@ impl Peer {
     }
 }
 
-/// Refuses framing that two HTTP parsers could read differently: a request
-/// smuggled past us inside another's body must never reach an upstream.
+/// Refuses what must not reach an upstream: framing that two HTTP parsers
+/// could read differently (a request smuggled past us inside another's
+/// body), a target or `Host` that names the upstream's host two ways or
+/// not at all, and `CONNECT`.
 /// (hyper itself refuses malformed and oversized heads, and conflicting
 /// `Content-Length` values, before a request gets here. It drops
 /// `Content-Length` when `Transfer-Encoding` is present too, so that case is
 /// caught on the raw bytes by the connection's guard, whose flag is `framing`.)
-/// Refuses `CONNECT` too: its tunnel would carry bytes no parser reads.
-pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<(), ProxyError> {
+pub fn check_request<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<(), ProxyError> {
     if let Some(reason) = framing.refusal() {
         return Err(ProxyError::BadRequest(reason));
     }
@@ -90,27 +92,22 @@ pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not forwarded"));
     }
+    check_target(req)?;
     let headers = req.headers();
-    // Two parsers that pick different hosts route one request two ways
-    // (RFC 9112 section 3.2: 400 for none, or more than one, in HTTP/1.1).
-    let mut hosts = headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if headers.contains_key(CONTENT_LENGTH) {
             return Err(ProxyError::BadRequest(
-                "a request must not carry two host headers",
+                "a request must not carry both content-length and transfer-encoding",
             ));
         }
-        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
-            return Err(ProxyError::BadRequest(
-                "an HTTP/1.1 request must carry a host header",
+        // hyper decodes the chunked coding only; a body under another one
+        // would reach the upstream still coded, with nothing saying so
+        // (RFC 9112 section 6.1: 501 for a coding the server cannot decode).
+        if !is_chunked_alone(headers) {
+            return Err(ProxyError::NotImplemented(
+                "a request body may be sent chunked, with no other transfer coding",
             ));
         }
-        _ => {}
-    }
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest(
-            "a request must not carry both content-length and transfer-encoding",
-        ));
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next()
@@ -119,6 +116,70 @@ pub fn check_framing<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<
         return Err(ProxyError::BadRequest("conflicting content-length headers"));
     }
     Ok(())
+}
+
+/// The request target and `Host`: two parsers that pick different hosts
+/// route one request two ways (RFC 9112 section 3.2: 400 for no `Host`,
+/// more than one, or an invalid one, in HTTP/1.1).
+fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let uri = req.uri();
+    if let Some(authority) = uri.authority() {
+        // `GET host:port HTTP/1.1` (authority form) is for CONNECT alone
+        // (RFC 9112 section 3.2.3); forwarded, it would name a host past
+        // whatever checked `Host`.
+        if uri.scheme().is_none() {
+            return Err(ProxyError::BadRequest(
+                "a request target of a host alone is only for CONNECT",
+            ));
+        }
+        // RFC 9110 section 4.2.4: user info in an http(s) URI is an error.
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadRequest(
+                "a request target must not carry user info",
+            ));
+        }
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(ProxyError::BadRequest(
+            "a request must not carry two host headers",
+        )),
+        (Some(host), None) if !is_host(host.as_bytes()) => Err(ProxyError::BadRequest(
+            "the host header is not a host[:port]",
+        )),
+        (None, _) if req.version() == Version::HTTP_11 && uri.authority().is_none() => Err(
+            ProxyError::BadRequest("an HTTP/1.1 request must carry a host header"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `value` can be a `Host`: a host and optional port in the
+/// characters of RFC 3986 (registered name, IPv6 literal, port), with no
+/// user info, path or spaces. Empty passes: RFC 9110 section 7.2 has it for
+/// a target without an authority.
+fn is_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| {
+        matches!(b,
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'
+            | b'-' | b'.' | b'_' | b'~' | b'%' | b':' | b'[' | b']'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
+    })
+}
+
+/// Whether the request's transfer codings are `chunked` and nothing else
+/// (hyper has refused any list that does not end in it).
+fn is_chunked_alone(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    codings
+        .next()
+        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
 }
 
 /// Whether the client asks to switch protocols (WebSocket and other
@@ -140,7 +201,7 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// left in origin form (path and query): the client that sends it names the
 /// upstream where its way of connecting needs it, so a request that moves
 /// on to another upstream needs no change.
-pub fn upstream_request<B>(
+pub fn upstream_request<B: Body>(
     req: Request<B>,
     version_header: &HeaderName,
     version: &HeaderValue,
@@ -176,6 +237,16 @@ pub fn upstream_request<B>(
     // may send them (gRPC over HTTP/2 needs to be told).
     if stripped.accepts_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    // hyper sends a GET or HEAD whose body has no stated length with no
+    // body at all, since such requests rarely carry one; a client that sent
+    // one chunked (or over HTTP/2 without a length) means it to arrive.
+    // (hyper drops the header again for an HTTP/2 upstream.)
+    if matches!(parts.method, Method::GET | Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+    {
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);

@@ -19,7 +19,7 @@ pub mod listener;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::header::SET_COOKIE;
+use http::header::{CONNECTION, SET_COOKIE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
@@ -104,7 +104,8 @@ impl Proxy {
 
         // Forward, with the version's in-flight gauge held until the body ends.
         let mut in_flight = body::InFlight::start(Arc::clone(&version), started);
-        let result = match forward::check_framing(&req, framing) {
+        let http_version = req.version();
+        let result = match forward::check_request(&req, framing) {
             Err(error) => Err(error),
             Ok(()) => {
                 // A copy for the shadow, if it takes this request; never waits.
@@ -149,15 +150,24 @@ impl Proxy {
                 }
             }
             Err(error) => {
-                // A request refused unread pins no one to a cohort.
-                if matches!(error, ProxyError::BadRequest(_)) {
-                    new_cookie = None;
-                }
+                let refused = error.is_refusal();
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
                 tracing::debug!(version = %version.name, %error, "request failed");
-                error.into_response(&version.name, Some(in_flight))
+                let mut rsp = error.into_response(&version.name, Some(in_flight));
+                if refused {
+                    // A request refused unread pins no one to a cohort; and
+                    // what follows it on the connection (a CONNECT's tunnel,
+                    // a body framed one way or another) is not read as
+                    // requests: hyper closes once this is sent, as nginx does.
+                    new_cookie = None;
+                    if http_version <= http::Version::HTTP_11 {
+                        rsp.headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                }
+                rsp
             }
         };
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
