@@ -188,6 +188,26 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         return Err(ServeError::AdminExposed(config.admin.addr));
     }
 
+    // Bound before the state is touched: a start that fails changes nothing
+    // (a restart while the old process still holds a port must not rewrite
+    // the state file under it).
+    let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
+    let admin_listener = bind("admin.addr", config.admin.addr).await?;
+    let proxy_addr = proxy_listeners[0]
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "listen.addr",
+            addr: config.listen.addr,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "admin.addr",
+            addr: config.admin.addr,
+            source,
+        })?;
+
     let metrics = crate::metrics::install();
     // Before the state is touched: a start that cannot audit changes none.
     let audit =
@@ -233,23 +253,6 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     {
         tracing::error!(%error, "cannot start the configured rollout");
     }
-    let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
-    let admin_listener = bind("admin.addr", config.admin.addr).await?;
-    let proxy_addr = proxy_listeners[0]
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            what: "listen.addr",
-            addr: config.listen.addr,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            what: "admin.addr",
-            addr: config.admin.addr,
-            source,
-        })?;
-
     let (shutdown, _) = watch::channel(false);
     let admin = Arc::new(Admin::new(
         metrics,

@@ -5,7 +5,8 @@
 //! `[versions]` re-seeds (and the audit log says `reseed`); a corrupt state
 //! file stops the start with a message naming the file; `--reset-state`
 //! re-seeds, keeping the unreadable file beside the new one; a rollback the disk refused stays live and is saved once the
-//! disk allows; an audit log that cannot be written stops the start; a
+//! disk allows; an audit log that cannot be written stops the start, and
+//! a port that cannot be bound stops it before the state is touched; a
 //! restart does not start the configured plan again; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
@@ -430,6 +431,37 @@ async fn an_audit_log_that_cannot_be_written_stops_the_start_before_the_state_is
         !files.state.exists(),
         "the state file was seeded: {refused:?}"
     );
+}
+
+/// A start that cannot bind changes nothing: a second process pointed at
+/// the state of one still running (a quick restart while the old one
+/// drains) must not re-seed the state file or log under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_bind_leaves_the_state_and_log_alone() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let running = Process::serve(&files.config, &[]).await;
+    let state = std::fs::read(&files.state).expect("the state file");
+    let audit = std::fs::read(&files.audit).expect("the audit log");
+
+    // An edited [versions] would re-seed; the taken admin port stops it first.
+    files.rewrite("weight = 10\n", "weight = 25\n");
+    files.rewrite(
+        "[admin]\naddr = \"127.0.0.1:0\"",
+        &format!("[admin]\naddr = \"{}\"", running.admin),
+    );
+    let refused = Process::try_serve(&files.config, &[])
+        .await
+        .err()
+        .expect("cohort serve refuses a taken admin port");
+    assert!(refused.log.contains("admin.addr"), "{refused:?}");
+    assert_eq!(std::fs::read(&files.state).expect("state"), state);
+    assert_eq!(std::fs::read(&files.audit).expect("audit"), audit);
+    let (weight, _, now) = canary_weight(&running).await;
+    assert_eq!(weight, 10.0, "{now}");
+    AdminApi::new(running.admin).set_weight(30.0, false).await;
+    assert_eq!(running.stop().await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
