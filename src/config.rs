@@ -657,21 +657,28 @@ mod raw {
             })
         }
 
-        /// A header the proxy sets or reads as its own: not one that frames
-        /// messages, is hop-by-hop, or that the proxy writes for other reasons.
+        /// A header the proxy sets or reads as its own: not one of HTTP's
+        /// ([`HTTP_HEADERS`]) nor one the proxy writes for other reasons
+        /// ([`PROXY_HEADERS`]).
         fn own_header(&mut self, key: &str, value: Option<String>) -> Option<HeaderName> {
             let name = self.header(key, value)?;
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                self.problem(
-                    key,
-                    format!(
-                        "{name:?} is a header the proxy must leave to HTTP; choose another name, such as {:?}",
-                        if key.ends_with("override_header") { "x-cohort" } else { "x-agent-version" }
-                    ),
-                );
-                return None;
-            }
-            Some(name)
+            let whose = if HTTP_HEADERS.contains(&name.as_str()) {
+                "the proxy must leave to HTTP"
+            } else if PROXY_HEADERS.contains(&name.as_str()) {
+                "the proxy writes itself"
+            } else {
+                return Some(name);
+            };
+            let example = if key.ends_with("override_header") {
+                "x-cohort"
+            } else {
+                "x-agent-version"
+            };
+            self.problem(
+                key,
+                format!("{name:?} is a header {whose}; choose another name, such as {example:?}"),
+            );
+            None
         }
 
         fn socket_addr(&mut self, key: &str, value: Option<String>, default: &str) -> SocketAddr {
@@ -1323,10 +1330,10 @@ fn dotted_key(path: &serde_ignored::Path<'_>) -> String {
 /// typo must not start a hundred thousand.
 const MAX_WORKERS: usize = 1024;
 
-/// Headers that frame a message, are hop-by-hop, or that the proxy already
-/// writes: a version or override header of one of these names would break
-/// the messages it is set on.
-const RESERVED_HEADERS: [&str; 19] = [
+/// Headers that frame a message, are hop-by-hop, or carry credentials and
+/// cookies: HTTP's own. A version or override header of one of these names
+/// would break the messages it is set on.
+const HTTP_HEADERS: [&str; 16] = [
     "host",
     "content-length",
     "transfer-encoding",
@@ -1343,9 +1350,20 @@ const RESERVED_HEADERS: [&str; 19] = [
     "cookie",
     "set-cookie",
     "authorization",
+];
+
+/// Headers the proxy writes itself: `x-forwarded-*` on every upstream
+/// request, and the shadow marker on mirrored copies (which it strips from
+/// clients' requests, so that none can pass for a copy). A version header
+/// of one of these names would be overwritten, or would make every real
+/// request look like a copy, which upstreams may answer without side
+/// effects; an override header would be read from a value the proxy means
+/// for something else.
+const PROXY_HEADERS: [&str; 4] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-cohort-shadow",
 ];
 
 /// A webhook is called with a POST over `http://` or `https://`.
@@ -1505,6 +1523,49 @@ mod tests {
                 "{section}: {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn names_http_or_the_proxy_keep_for_themselves_are_refused_for_both_header_keys() {
+        let reserved = [
+            // Written by the proxy on every upstream request, or on shadow copies.
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-cohort-shadow",
+            // Hop-by-hop (RFC 9110 section 7.6.1, and the obsolete two).
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "trailer",
+        ];
+        for name in reserved {
+            for key in ["version_header", "override_header"] {
+                // Header names are case-insensitive, so the check is too.
+                let written = name.to_ascii_uppercase();
+                let found = problems(&format!("{MINIMAL}\n[routing]\n{key} = {written:?}\n"));
+                let expected = format!("routing.{key}: {name:?} is a header the proxy ");
+                assert!(
+                    found.len() == 1 && found[0].starts_with(&expected),
+                    "{key} = {written:?}: {found:?}"
+                );
+            }
+        }
+        assert!(PROXY_HEADERS.contains(&crate::shadow::X_COHORT_SHADOW.as_str()));
+        let found = problems(&format!(
+            "{MINIMAL}\n[routing]\nversion_header = \"x-release\"\noverride_header = \"X-Release\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "routing.override_header: must differ from routing.version_header, which the proxy sets itself"
+            ]
+        );
     }
 
     #[test]

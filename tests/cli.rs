@@ -379,6 +379,24 @@ fn route_refuses_a_weight_out_of_range() {
     );
 }
 
+#[test]
+fn check_refuses_the_shadow_marker_as_a_version_or_override_header() {
+    let scratch = Scratch::new("shadow-marker");
+    for key in ["version_header", "override_header"] {
+        let text = format!("[routing]\n{key} = \"x-cohort-shadow\"\n\n{STABLE_ONLY}");
+        let output = check(&scratch.write("marker.toml", &text));
+        assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+        let expected = format!(
+            "routing.{key}: \"x-cohort-shadow\" is a header the proxy writes itself; choose another name"
+        );
+        assert!(
+            printed(&output).lines().any(|l| l.starts_with(&expected)),
+            "{expected:?} missing from:\n{}",
+            printed(&output)
+        );
+    }
+}
+
 /// The `proxy.addr` the serve log announces, if `line` is that announcement.
 fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
     let rest = &line[line.find("proxy.addr")? + "proxy.addr".len()..];
