@@ -486,10 +486,13 @@ mod raw {
         tls: Option<Tls>,
     }
 
+    /// `cert` and `key` are required, but optional here, so that a missing
+    /// one is reported by its key with every other problem, as a missing
+    /// `versions.stable.name` is, not as serde's "missing field".
     #[derive(Debug, Deserialize)]
     struct Tls {
-        cert: PathBuf,
-        key: PathBuf,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
         alpn: Option<Vec<String>>,
     }
 
@@ -765,6 +768,19 @@ mod raw {
             upstreams
         }
 
+        /// A path that must be given, or the problem `key: is required`.
+        fn required_path(
+            &mut self,
+            key: &str,
+            value: Option<PathBuf>,
+            what: &str,
+        ) -> Option<PathBuf> {
+            if value.is_none() {
+                self.problem(key, format!("is required: the path of {what}"));
+            }
+            value
+        }
+
         fn version_name(&mut self, key: &str, value: Option<String>) -> String {
             match value {
                 None => {
@@ -829,10 +845,8 @@ mod raw {
                         }
                     },
                 ),
-                tls: self.listen.tls.map(|tls| TlsConfig {
-                    cert: tls.cert,
-                    key: tls.key,
-                    alpn: c.value(
+                tls: self.listen.tls.and_then(|tls| {
+                    let alpn = c.value(
                         "listen.tls.alpn",
                         tls.alpn,
                         vec!["h2".into(), "http/1.1".into()],
@@ -840,7 +854,15 @@ mod raw {
                             Some(p) => Err(format!("{p:?} is not one of \"h2\", \"http/1.1\"")),
                             None => Ok(list),
                         },
-                    ),
+                    );
+                    let cert =
+                        c.required_path("listen.tls.cert", tls.cert, "a PEM certificate chain");
+                    let key = c.required_path("listen.tls.key", tls.key, "a PEM private key");
+                    Some(TlsConfig {
+                        cert: cert?,
+                        key: key?,
+                        alpn,
+                    })
                 }),
             };
 
@@ -1566,6 +1588,58 @@ mod tests {
                 "routing.override_header: must differ from routing.version_header, which the proxy sets itself"
             ]
         );
+    }
+
+    #[test]
+    fn a_missing_field_of_a_nested_table_is_named_by_its_full_key() {
+        let cases = [
+            (
+                "[listen.tls]\ncert = \"c.pem\"\n",
+                &["listen.tls.key: is required"][..],
+            ),
+            (
+                "[listen.tls]\nkey = \"k.pem\"\n",
+                &["listen.tls.cert: is required"],
+            ),
+            (
+                "[listen.tls]\nalpn = [\"h3\"]\n",
+                &[
+                    "listen.tls.alpn: ",
+                    "listen.tls.cert: is required",
+                    "listen.tls.key: is required",
+                ],
+            ),
+            (
+                "[shadow]\npercent = 5\n",
+                &["shadow.name: is required", "shadow.upstreams: is required"],
+            ),
+            (
+                "[rollout]\ninterval = \"1m\"\n",
+                &["rollout.stages: is required"],
+            ),
+            (
+                "[rollout.guardrails]\nconfidence = 0.9\n",
+                &["rollout.stages: is required"],
+            ),
+        ];
+        for (section, expected) in cases {
+            // Reported with the file's other problems, not instead of them.
+            let found = problems(&format!(
+                "{MINIMAL}\n[upstream]\nconnect_timeout = \"soon\"\n{section}"
+            ));
+            let mut found: Vec<&str> = found
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !p.starts_with("upstream.connect_timeout: "))
+                .collect();
+            found.sort_unstable();
+            assert_eq!(found.len(), expected.len(), "{section}: {found:?}");
+            for (problem, start) in found.iter().zip(expected) {
+                assert!(problem.starts_with(start), "{section}: {found:?}");
+            }
+        }
+        // Every key of [health] has a default.
+        assert!(Config::parse(&format!("{MINIMAL}\n[health]\n"), "test").is_ok());
     }
 
     #[test]

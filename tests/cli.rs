@@ -397,6 +397,23 @@ fn check_refuses_the_shadow_marker_as_a_version_or_override_header() {
     }
 }
 
+#[test]
+fn check_names_a_missing_tls_file_by_its_key() {
+    let scratch = Scratch::new("tls-missing");
+    for (given, missing) in [("cert", "key"), ("key", "cert")] {
+        let text = format!("[listen.tls]\n{given} = \"some.pem\"\n\n{STABLE_ONLY}");
+        let output = check(&scratch.write("tls.toml", &text));
+        assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+        let text = printed(&output);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("listen.tls.{missing}: is required"))),
+            "{text}"
+        );
+        assert!(!text.contains("missing field"), "{text}");
+    }
+}
+
 /// The `proxy.addr` the serve log announces, if `line` is that announcement.
 fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
     let rest = &line[line.find("proxy.addr")? + "proxy.addr".len()..];
