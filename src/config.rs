@@ -298,8 +298,9 @@ impl AdminConfig {
     /// The admin API's bearer token: the contents of `admin.token_file`,
     /// else `COHORT_ADMIN_TOKEN`, else none (then the listener is on
     /// loopback, which `validate` checks). Surrounding whitespace is not
-    /// part of it. A file that cannot be read, or an empty token, is a
-    /// problem named by where the token comes from.
+    /// part of it. A file that cannot be read, an empty token, or one that
+    /// no `Authorization` header could carry (every admin call would then be
+    /// refused) is a problem named by where the token comes from.
     pub fn token(&self) -> Result<Option<String>, Problem> {
         if let Some(path) = &self.token_file {
             return read_token_file(path).map(Some).map_err(|error| Problem {
@@ -309,18 +310,48 @@ impl AdminConfig {
                         format!("cannot read {}: {error}", path.display())
                     }
                     TokenFileError::Empty => format!("{} holds no token", path.display()),
+                    TokenFileError::Unsendable => {
+                        format!("the token in {} {UNSENDABLE_TOKEN}", path.display())
+                    }
                 },
             });
         }
-        match std::env::var("COHORT_ADMIN_TOKEN") {
-            Ok(token) if token.trim().is_empty() => Err(Problem {
-                key: "COHORT_ADMIN_TOKEN".to_owned(),
-                message: "is set but empty".to_owned(),
-            }),
+        let problem = |message: String| Problem {
+            key: TOKEN_ENV.to_owned(),
+            message,
+        };
+        match std::env::var(TOKEN_ENV) {
+            Ok(token) if token.trim().is_empty() => Err(problem("is set but empty".to_owned())),
+            Ok(token) if !is_sendable_token(token.trim()) => {
+                Err(problem(format!("the token {UNSENDABLE_TOKEN}")))
+            }
             Ok(token) => Ok(Some(token.trim().to_owned())),
-            Err(_) => Ok(None),
+            // Set, so meant as the token, but no header could carry it.
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(problem(format!("the token {UNSENDABLE_TOKEN}")))
+            }
+            Err(std::env::VarError::NotPresent) => Ok(None),
         }
     }
+}
+
+/// The variable that holds the admin token, for the server as for `cohort ctl`.
+pub const TOKEN_ENV: &str = "COHORT_ADMIN_TOKEN";
+
+/// Why a token is refused that [`is_sendable_token`] refuses.
+const UNSENDABLE_TOKEN: &str = "holds a character that cannot be sent in an HTTP header \
+     (such as a newline, or a letter outside ASCII), so every admin call would be refused";
+
+/// Whether `token` can travel in an `Authorization: Bearer` header and be
+/// read back by the admin listener: printable ASCII, spaces and tabs. A
+/// newline (a token file of two lines) could not be sent at all, and the
+/// admin listener reads the header as ASCII, so any other byte could never
+/// match.
+#[must_use]
+pub fn is_sendable_token(token: &str) -> bool {
+    token
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
 /// Why a token file gave no token.
@@ -329,17 +360,23 @@ pub enum TokenFileError {
     Unreadable(std::io::Error),
     /// It holds nothing but whitespace.
     Empty,
+    /// The token holds a character no header could carry ([`is_sendable_token`]).
+    Unsendable,
 }
 
 /// The bearer token in the file at `path`, read alike by the server
 /// (`admin.token_file`) and `cohort ctl` (`--token-file`): surrounding
-/// whitespace is not part of it, and a file that holds nothing else is an
-/// error. Each caller words the error for its own user.
+/// whitespace is not part of it, and a file that holds nothing else, or
+/// a token that could not be sent, is an error. Each caller words the
+/// error for its own user.
 pub fn read_token_file(path: &Path) -> Result<String, TokenFileError> {
     let text = std::fs::read_to_string(path).map_err(TokenFileError::Unreadable)?;
     let token = text.trim();
     if token.is_empty() {
         return Err(TokenFileError::Empty);
+    }
+    if !is_sendable_token(token) {
+        return Err(TokenFileError::Unsendable);
     }
     Ok(token.to_owned())
 }
@@ -1000,8 +1037,7 @@ mod raw {
                 );
             }
             // The rules that read the environment: the token may come from it.
-            let no_token =
-                admin.token_file.is_none() && std::env::var_os("COHORT_ADMIN_TOKEN").is_none();
+            let no_token = admin.token_file.is_none() && std::env::var_os(TOKEN_ENV).is_none();
             if admin.metrics_auth && no_token {
                 c.problem(
                     "admin.metrics_auth",
@@ -1640,6 +1676,34 @@ mod tests {
         }
         // Every key of [health] has a default.
         assert!(Config::parse(&format!("{MINIMAL}\n[health]\n"), "test").is_ok());
+    }
+
+    #[test]
+    fn a_token_no_header_could_carry_is_refused_by_where_it_comes_from() {
+        let dir = std::env::temp_dir().join(format!("cohort-config-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let admin = |text: &str| {
+            let path = dir.join("admin.token");
+            std::fs::write(&path, text).expect("write the token file");
+            AdminConfig {
+                addr: "127.0.0.1:9901".parse().expect("an address"),
+                token_file: Some(path),
+                metrics_auth: false,
+            }
+        };
+        for text in ["first\nsecond\n", "to\rken", "t\u{f6}ken", "tok\u{7f}en"] {
+            let problem = admin(text).token().expect_err(text);
+            assert_eq!(problem.key, "admin.token_file", "{text:?}");
+            assert!(
+                problem.message.contains("cannot be sent in an HTTP header"),
+                "{text:?}: {problem}"
+            );
+        }
+        // Surrounding whitespace is not part of it; inner spaces and tabs may be.
+        for (text, token) in [("\n s3cret \n", "s3cret"), ("a b\tc\n", "a b\tc")] {
+            assert_eq!(admin(text).token().expect(text).as_deref(), Some(token));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

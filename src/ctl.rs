@@ -20,13 +20,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+use crate::config::TOKEN_ENV;
+
 /// A ctl call that failed, with what to tell the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     #[error("--admin {0:?} is not a URL such as http://127.0.0.1:9901")]
     BadUrl(String),
     #[error(
-        "the admin token holds a character that cannot be sent in an HTTP header (such as a newline)"
+        "the admin token holds a character that cannot be sent in an HTTP header (such as a newline, or a letter outside ASCII)"
     )]
     BadToken,
     #[error("cannot use the token file {}: {problem}", .path.display())]
@@ -139,8 +141,6 @@ fn reason_body(reason: Option<String>) -> Value {
     reason.map_or_else(|| json!({}), |reason| json!({"reason": reason}))
 }
 
-/// The variable that holds the admin token, for ctl as for the server.
-const TOKEN_ENV: &str = "COHORT_ADMIN_TOKEN";
 /// The variable that names a file holding the admin token.
 const TOKEN_FILE_ENV: &str = "COHORT_ADMIN_TOKEN_FILE";
 
@@ -179,6 +179,7 @@ fn read_token_file(path: &Path) -> Result<String, CtlError> {
         problem: match error {
             TokenFileError::Unreadable(error) => error.to_string(),
             TokenFileError::Empty => "it holds no token".to_owned(),
+            TokenFileError::Unsendable => CtlError::BadToken.to_string(),
         },
     })
 }
@@ -220,6 +221,11 @@ pub async fn send(
     req.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(token) = token {
+        // Refused as the server refuses such a token of its own: the admin
+        // listener could never match it.
+        if !crate::config::is_sendable_token(token) {
+            return Err(CtlError::BadToken);
+        }
         let mut value =
             HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| CtlError::BadToken)?;
         value.set_sensitive(true);

@@ -16,7 +16,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use support::{Backend, Http, STABLE, within};
+use support::{AdminApi, Backend, Http, Process, STABLE, within};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 const COHORT: &str = env!("CARGO_BIN_EXE_cohort");
@@ -412,6 +412,83 @@ fn check_names_a_missing_tls_file_by_its_key() {
         );
         assert!(!text.contains("missing field"), "{text}");
     }
+}
+
+/// A config whose admin token is the file at `token`, serving `backend`,
+/// its state and audit log in `scratch`.
+fn with_token_file(scratch: &Scratch, token: &Path, backend: std::net::SocketAddr) -> String {
+    format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\n\n\
+         [admin]\naddr = \"127.0.0.1:0\"\ntoken_file = {token:?}\n\n\
+         [state]\npath = {:?}\naudit_log = {:?}\n\n\
+         [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{backend}\"]\n",
+        scratch.0.join("state.json"),
+        scratch.0.join("audit.jsonl"),
+    )
+}
+
+/// A token of two lines could never be sent in an `Authorization` header:
+/// `check`, `serve` and a reload refuse it, naming where it came from,
+/// instead of answering every admin call 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_no_header_could_carry_is_refused_by_check_serve_and_reload() {
+    let backend = Backend::start(STABLE).await;
+    let scratch = Scratch::new("token-lines");
+    let two_lines = scratch.write("two-lines.token", "first-line\nsecond-line\n");
+    let config = scratch.write(
+        "two-lines.toml",
+        &with_token_file(&scratch, &two_lines, backend.addr),
+    );
+    let output = check(&config);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let start = format!(
+        "admin.token_file: the token in {} holds a character that cannot be sent in an HTTP header",
+        two_lines.display()
+    );
+    assert!(
+        printed(&output).lines().any(|l| l.starts_with(&start)),
+        "{start:?} missing from:\n{}",
+        printed(&output)
+    );
+
+    let config_from_env = scratch.write("env.toml", STABLE_ONLY);
+    let output = Command::new(COHORT)
+        .args(["check", "--config"])
+        .arg(&config_from_env)
+        .env("COHORT_ADMIN_TOKEN", "first-line\nsecond-line")
+        .output()
+        .expect("run the cohort binary");
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert!(
+        printed(&output).lines().any(|l| l
+            .starts_with("COHORT_ADMIN_TOKEN: the token holds a character that cannot be sent")),
+        "{}",
+        printed(&output)
+    );
+
+    let refused = match Process::try_serve(&config, &[]).await {
+        Ok(_) => panic!("cohort serve started with a token of two lines"),
+        Err(refused) => refused,
+    };
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.log.contains(&start), "{refused:?}");
+
+    // A reload that meets such a token keeps the old one, which still works.
+    let good = scratch.write("good.token", "s3cret\n");
+    let config = scratch.write(
+        "reload.toml",
+        &with_token_file(&scratch, &good, backend.addr),
+    );
+    let server = Process::serve(&config, &[]).await;
+    let admin = AdminApi::with_token(server.admin, "s3cret");
+    assert_eq!(admin.state().await["status"], "steady");
+    std::fs::write(&good, "s3cret\nsecond-line\n").expect("rewrite the token file");
+    server.signal("HUP");
+    server
+        .log_line(&["config reload refused", "admin.token_file"])
+        .await;
+    assert_eq!(admin.state().await["status"], "steady");
+    assert_eq!(server.stop().await, Some(0));
 }
 
 /// The `proxy.addr` the serve log announces, if `line` is that announcement.

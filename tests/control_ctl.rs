@@ -316,6 +316,18 @@ async fn failures_say_what_went_wrong() {
         message.contains("token") && !message.contains("not a URL"),
         "{message}"
     );
+
+    // Nor can a letter outside ASCII be matched by the admin listener,
+    // which reads the header as ASCII: refused here, not answered 401.
+    let message = refused(
+        &ctl(server.admin_addr(), Some("t\u{f6}ken"), &["status"]).await,
+        "status with a token outside ASCII",
+    );
+    assert!(
+        message.contains("token") && message.contains("cannot be sent in an HTTP header"),
+        "{message}"
+    );
+    assert!(!message.contains("401"), "{message}");
 }
 
 /// A 2xx reply that is not the admin API's state is a failure: `--admin`
