@@ -43,7 +43,7 @@ pub enum Command {
     Demo,
     /// Print the bucket and cohort of each key.
     Route {
-        /// The bucket salt (`routing.salt`, or the canary's name).
+        /// The bucket salt (`routing.salt`, or the canary's name); not empty.
         #[arg(long)]
         salt: String,
         /// The canary weight in percent.
@@ -247,6 +247,14 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {
+    // The config refuses an empty `routing.salt`, so no proxy draws buckets with one.
+    if salt.is_empty() {
+        return fail(
+            "--salt: must not be empty, as routing.salt must not be; \
+             without routing.salt the salt is the canary's name"
+                .to_owned(),
+        );
+    }
     let weight = match Weight::from_percent(weight) {
         Ok(weight) => weight,
         Err(message) => return fail(format!("--weight: {message}")),

@@ -380,6 +380,17 @@ fn route_refuses_a_weight_out_of_range() {
 }
 
 #[test]
+fn route_refuses_an_empty_salt_as_the_config_does() {
+    let output = cohort(&["route", "--salt", "", "--weight", "50", "alice"]);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    assert!(
+        text.starts_with("cohort: --salt: must not be empty") && output.stdout.is_empty(),
+        "{text}"
+    );
+}
+
+#[test]
 fn check_refuses_the_shadow_marker_as_a_version_or_override_header() {
     let scratch = Scratch::new("shadow-marker");
     for key in ["version_header", "override_header"] {
