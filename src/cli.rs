@@ -114,9 +114,15 @@ pub enum CtlCommand {
         /// The new version's name.
         #[arg(long)]
         name: String,
-        /// An upstream address of the new version, such as 10.0.0.7:8000;
-        /// repeat the option for each upstream.
-        #[arg(long = "upstream", value_name = "ADDR", required = true)]
+        /// The new version's upstream addresses, such as 10.0.0.7:8000:
+        /// several after one --upstream, or repeat the option.
+        #[arg(
+            long = "upstream",
+            value_name = "ADDR",
+            required = true,
+            num_args = 1..,
+            action = clap::ArgAction::Append
+        )]
         upstreams: Vec<String>,
         /// The new version's weight in percent (0 when not given).
         #[arg(long)]

@@ -330,6 +330,45 @@ async fn failures_say_what_went_wrong() {
     assert!(!message.contains("401"), "{message}");
 }
 
+/// `canary --upstream` takes several addresses after one option, as SPEC
+/// section 6 writes it, and the option repeated, or both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_takes_several_upstreams_after_one_option_or_repeated() {
+    let dead = dead_addr().await;
+    let server = start_cohort(&with_token(&config(&[dead], None, ""))).await;
+    let addr = server.admin_addr();
+    let api = AdminApi::with_token(addr, TOKEN);
+    let (a, b, c) = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3");
+    for (name, args, expected) in [
+        (
+            "v3",
+            &["--upstream", a, b, "--weight", "1"][..],
+            &[a, b][..],
+        ),
+        ("v4", &["--upstream", a, "--upstream", b], &[a, b]),
+        (
+            "v5",
+            &["--weight", "2", "--upstream", a, b, "--upstream", c],
+            &[a, b, c],
+        ),
+    ] {
+        let args = [&["canary", "--name", name][..], args].concat();
+        let printed = ok(&ctl(addr, Some(TOKEN), &args).await, &format!("{args:?}"));
+        let canary_line = line(&printed, "canary");
+        assert!(
+            canary_line.contains(name) && expected.iter().all(|u| canary_line.contains(u)),
+            "{printed}"
+        );
+        let state = api.state().await;
+        assert_eq!(state["canary"]["name"], name, "{state}");
+        assert_eq!(
+            state["canary"]["upstreams"],
+            serde_json::json!(expected),
+            "{state}"
+        );
+    }
+}
+
 /// A 2xx reply that is not the admin API's state is a failure: `--admin`
 /// aimed at the proxy reaches an upstream, which answers 200 to anything,
 /// and nothing was rolled back.
@@ -531,7 +570,8 @@ async fn options_may_follow_the_command() {
     assert_eq!(state["canary"]["weight"], 7.0, "{state}");
 }
 
-/// `canary --upstream` takes one address and can be given again for more.
+/// `canary --upstream` takes several addresses and can be given again for
+/// more; the usage shows the `...`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_canary_help_says_upstream_repeats() {
     let mut command = ctl_command(dead_addr().await);
@@ -545,4 +585,6 @@ async fn the_canary_help_says_upstream_repeats() {
         .find(|l| l.trim_start().starts_with("--upstream"))
         .unwrap_or_else(|| panic!("no --upstream line in:\n{help}"));
     assert!(upstream.contains("repeat"), "{help}");
+    let usage = line(&help, "Usage:");
+    assert!(usage.contains("--upstream <ADDR>..."), "{help}");
 }
