@@ -180,7 +180,10 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
     use crate::ctl::{Call, render_state, send};
     let call = match command {
         CtlCommand::Status => Call::status(),
-        CtlCommand::Weight { weight, force } => Call::weight(weight, force),
+        CtlCommand::Weight { weight, force } => match sendable_weight("<WEIGHT>", weight) {
+            Ok(weight) => Call::weight(weight, force),
+            Err(message) => return fail(message),
+        },
         CtlCommand::Rollback { reason } => Call::rollback(reason),
         CtlCommand::Promote { force } => Call::promote(force),
         CtlCommand::Canary {
@@ -188,7 +191,10 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
             upstreams,
             weight,
             force,
-        } => Call::canary(name, upstreams, weight, force),
+        } => match weight.map(|w| sendable_weight("--weight", w)).transpose() {
+            Ok(weight) => Call::canary(name, upstreams, weight, force),
+            Err(message) => return fail(message),
+        },
         CtlCommand::Rollout(RolloutCommand::Start { file }) => {
             let text = match std::fs::read_to_string(&file) {
                 Ok(text) => text,
@@ -250,6 +256,18 @@ fn check(path: &std::path::Path) -> ExitCode {
         eprintln!("{problem}");
     }
     ExitCode::FAILURE
+}
+
+/// `weight` as ctl sends it, or why not, naming the argument `arg`: JSON
+/// has no NaN or infinity (serde would send `null`, which the server takes
+/// for a missing weight). A finite value out of range is the server's to
+/// refuse, with its own message.
+fn sendable_weight(arg: &str, weight: f64) -> Result<f64, String> {
+    if weight.is_finite() {
+        Ok(weight)
+    } else {
+        Err(format!("{arg}: {weight} is not within 0..=100"))
+    }
 }
 
 fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {

@@ -330,6 +330,47 @@ async fn failures_say_what_went_wrong() {
     assert!(!message.contains("401"), "{message}");
 }
 
+/// A weight JSON cannot carry (NaN, infinity) is refused before any call,
+/// naming the argument, as `cohort route --weight` does: sent, it would be
+/// `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_json_cannot_carry_is_refused_before_any_call() {
+    let dead = dead_addr().await;
+    let server = start_cohort(&with_token(&config(&[dead], Some((&[dead], 10.0)), ""))).await;
+    let addr = server.admin_addr();
+    let token = Some(TOKEN);
+    for (args, expected) in [
+        (
+            &["weight", "NaN"][..],
+            "<WEIGHT>: NaN is not within 0..=100",
+        ),
+        (&["weight", "inf"], "<WEIGHT>: inf is not within 0..=100"),
+        (
+            &["weight", "infinity", "--force"],
+            "<WEIGHT>: inf is not within 0..=100",
+        ),
+        (
+            &[
+                "canary",
+                "--name",
+                "v3",
+                "--upstream",
+                "127.0.0.1:1",
+                "--weight",
+                "NaN",
+            ],
+            "--weight: NaN is not within 0..=100",
+        ),
+    ] {
+        let message = refused(&ctl(addr, token, args).await, &format!("{args:?}"));
+        assert_eq!(message, format!("cohort: {expected}\n"), "{args:?}");
+    }
+    let state = AdminApi::with_token(addr, TOKEN).state().await;
+    assert_eq!(state["generation"], 1, "{state}");
+    assert_eq!(state["canary"]["name"], CANARY, "{state}");
+    assert_eq!(state["canary"]["weight"], 10.0, "{state}");
+}
+
 /// `canary --upstream` takes several addresses after one option, as SPEC
 /// section 6 writes it, and the option repeated, or both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
