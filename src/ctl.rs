@@ -28,6 +28,11 @@ pub enum CtlError {
     #[error("--admin {0:?} is not a URL such as http://127.0.0.1:9901")]
     BadUrl(String),
     #[error(
+        "--admin {0:?}: https admin URLs are not supported; the admin listener speaks plain HTTP \
+         (put a TLS terminator in front and give its plain side, or reach it through an SSH tunnel)"
+    )]
+    HttpsUrl(String),
+    #[error(
         "the admin token holds a character that cannot be sent in an HTTP header (such as a newline, or a letter outside ASCII)"
     )]
     BadToken,
@@ -205,6 +210,14 @@ pub async fn send(
     call: Call,
 ) -> Result<Value, CtlError> {
     let base = admin.trim_end_matches('/');
+    // A scheme is case-insensitive (RFC 3986 section 3.1).
+    let https = "https://";
+    if base
+        .get(..https.len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(https))
+    {
+        return Err(CtlError::HttpsUrl(admin.to_owned()));
+    }
     if !base.starts_with("http://") {
         return Err(CtlError::BadUrl(admin.to_owned()));
     }

@@ -330,6 +330,32 @@ async fn failures_say_what_went_wrong() {
     assert!(!message.contains("401"), "{message}");
 }
 
+/// An https admin URL is refused for what it is: the admin listener speaks
+/// plain HTTP, not a URL ctl cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_admin_url_is_refused_as_unsupported() {
+    let addr = dead_addr().await;
+    for url in [format!("https://{addr}"), format!("HTTPS://{addr}/")] {
+        let mut command = tokio::process::Command::new(COHORT_BIN);
+        command
+            .args(["ctl", "--admin", &url, "status"])
+            .env_remove("COHORT_ADMIN")
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .env_remove("COHORT_ADMIN_TOKEN_FILE")
+            .env_remove("COHORT_CTL_TIMEOUT")
+            .kill_on_drop(true);
+        let message = refused(&run(command, "status over https").await, &url);
+        assert!(
+            message.contains(&url)
+                && message.contains("https admin URLs are not supported")
+                && message.contains("plain HTTP")
+                && message.contains("SSH tunnel"),
+            "{message}"
+        );
+        assert!(!message.contains("not a URL"), "{message}");
+    }
+}
+
 /// A weight JSON cannot carry (NaN, infinity) is refused before any call,
 /// naming the argument, as `cohort route --weight` does: sent, it would be
 /// `null`.
