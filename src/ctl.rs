@@ -323,30 +323,28 @@ fn rollout_line(rollout: &Value) -> String {
     )
 }
 
-/// The live state as a few readable lines.
+/// The live state as a few readable lines: each version with its
+/// upstreams (marked when one cannot take traffic) and a warning when none
+/// can, the shadow when one is installed, the rollout, and the last rollback.
 #[must_use]
 pub fn render_state(state: &Value) -> String {
     let mut out = String::new();
-    let upstreams = |v: &Value| {
-        v["upstreams"].as_array().map_or_else(String::new, |list| {
-            list.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-    };
     let _ = writeln!(
         out,
         "status      {}  (generation {})",
         text(&state["status"]),
         state["generation"]
     );
+    let stable = &state["stable"];
     let _ = writeln!(
         out,
         "stable      {}  [{}]",
-        text(&state["stable"]["name"]),
-        upstreams(&state["stable"])
+        text(&stable["name"]),
+        upstream_list(stable)
     );
+    if let Some(warning) = unavailable(stable, Role::Stable) {
+        let _ = writeln!(out, "            {warning}");
+    }
     match &state["canary"] {
         Value::Null => {
             let _ = writeln!(out, "canary      none");
@@ -356,9 +354,24 @@ pub fn render_state(state: &Value) -> String {
                 out,
                 "canary      {}  [{}]  weight {}%",
                 text(&canary["name"]),
-                upstreams(canary),
+                upstream_list(canary),
                 canary["weight"]
             );
+            if let Some(warning) = unavailable(canary, Role::Canary) {
+                let _ = writeln!(out, "            {warning}");
+            }
+        }
+    }
+    if let shadow @ Value::Object(_) = &state["shadow"] {
+        let _ = writeln!(
+            out,
+            "shadow      {}  [{}]  percent {}%",
+            text(&shadow["name"]),
+            upstream_list(shadow),
+            shadow["percent"]
+        );
+        if let Some(warning) = unavailable(shadow, Role::Shadow) {
+            let _ = writeln!(out, "            {warning}");
         }
     }
     if let rollout @ Value::Object(_) = &state["rollout"] {
@@ -392,16 +405,104 @@ pub fn render_state(state: &Value) -> String {
             let _ = writeln!(out, "            {reason}");
         }
     }
-    if let rollback @ Value::Object(_) = &state["last_rollback"] {
-        let _ = writeln!(
-            out,
-            "rollback    {} by {}: {}",
-            text(&rollback["at"]),
-            text(&rollback["source"]),
-            text(&rollback["reason"])
-        );
+    if let Some(line) = rollback_line(state) {
+        let _ = writeln!(out, "rollback    {line}");
     }
     out
+}
+
+/// The part a version plays, which decides where its traffic goes when
+/// none of its upstreams is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Stable,
+    Canary,
+    Shadow,
+}
+
+/// One upstream's entry in the version's `health` list of `GET /admin/state`.
+struct UpstreamHealth<'a> {
+    upstream: &'a str,
+    healthy: bool,
+    ejected: bool,
+}
+
+/// The version's `health` list; `None` when the state has none for it (a
+/// server that reports no health, or a version that changed meanwhile).
+fn health(version: &Value) -> Option<Vec<UpstreamHealth<'_>>> {
+    let list = version["health"].as_array()?;
+    Some(
+        list.iter()
+            .map(|entry| UpstreamHealth {
+                upstream: text(&entry["upstream"]),
+                healthy: entry["healthy"].as_bool().unwrap_or(false),
+                ejected: entry["ejected"].as_bool().unwrap_or(false),
+            })
+            .collect(),
+    )
+}
+
+/// The version's upstreams, each one that cannot take traffic marked
+/// with why: `127.0.0.1:9002 (not healthy), 127.0.0.1:9003`.
+fn upstream_list(version: &Value) -> String {
+    let health = health(version).unwrap_or_default();
+    let Some(upstreams) = version["upstreams"].as_array() else {
+        return String::new();
+    };
+    upstreams
+        .iter()
+        .filter_map(Value::as_str)
+        .map(
+            |upstream| match health.iter().find(|h| h.upstream == upstream) {
+                Some(h) if !h.healthy => format!("{upstream} (not healthy)"),
+                Some(h) if h.ejected => format!("{upstream} (ejected)"),
+                _ => upstream.to_owned(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A warning when no upstream of `version` is available (healthy and not
+/// ejected), saying what becomes of its traffic: a canary's cohort goes
+/// to stable or gets 503s; stable and the shadow still try upstreams that
+/// pass their checks but are ejected, and without one have none to try.
+fn unavailable(version: &Value, role: Role) -> Option<String> {
+    let health = health(version)?;
+    if health.is_empty() || health.iter().any(|h| h.healthy && !h.ejected) {
+        return None;
+    }
+    let name = text(&version["name"]);
+    let some_healthy = health.iter().any(|h| h.healthy);
+    let fate = match role {
+        Role::Canary => "its cohort is served by stable, or gets 503s (health.canary_unavailable)",
+        Role::Stable | Role::Shadow if some_healthy => "the ejected ones are tried anyway",
+        Role::Stable => "its requests get 503s",
+        Role::Shadow => "no copies are sent",
+    };
+    Some(format!("no upstream of {name} is available: {fate}"))
+}
+
+/// The last rollback, said so that it is not taken for one of the live
+/// canary when it is not. The state does not name the version a rollback
+/// applied to, but while the status is `rolled_back` it is the live canary
+/// (a new canary, or a forced weight, ends that status); otherwise the
+/// rollback is history, shown with its time.
+fn rollback_line(state: &Value) -> Option<String> {
+    let rollback = state["last_rollback"].as_object()?;
+    let field = |name: &str| rollback.get(name).map_or("-", text);
+    let (at, source, reason) = (field("at"), field("source"), field("reason"));
+    let canary = &state["canary"];
+    if state["status"] == "rolled_back" && canary.is_object() {
+        Some(format!(
+            "{} rolled back at {at} by {source}: {reason}",
+            text(&canary["name"])
+        ))
+    } else {
+        Some(format!(
+            "none in effect (the last one was at {at}, by {source}: {reason})"
+        ))
+    }
 }
 
 fn text(value: &Value) -> &str {
@@ -410,7 +511,7 @@ fn text(value: &Value) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::rollout_line;
+    use super::{render_state, rollout_line};
 
     #[test]
     fn a_rollout_line_says_when_a_stage_is_held_and_where_an_ended_one_was() {
@@ -433,6 +534,60 @@ mod tests {
         assert_eq!(
             rollout_line(&rollout("aborted", 0.into())),
             "aborted  at stage 2/4 (weight 50.0% then)  evaluations 7"
+        );
+    }
+
+    #[test]
+    fn a_version_without_an_available_upstream_is_said_to_be_so() {
+        let up = |upstream: &str, healthy: bool, ejected: bool| serde_json::json!({"upstream": upstream, "healthy": healthy, "ejected": ejected});
+        let state = serde_json::json!({
+            "generation": 4, "status": "steady",
+            "stable": {"name": "v1", "upstreams": ["a:1", "b:1"],
+                "health": [up("a:1", true, true), up("b:1", false, false)]},
+            "canary": {"name": "v2", "upstreams": ["c:1"], "weight": 30.0,
+                "health": [up("c:1", true, true)]},
+            "shadow": {"name": "v9", "upstreams": ["d:1"], "percent": 10.0,
+                "health": [up("d:1", false, false)]},
+            "last_rollback": null, "rollout": null,
+        });
+        assert_eq!(
+            render_state(&state),
+            "status      steady  (generation 4)\n\
+             stable      v1  [a:1 (ejected), b:1 (not healthy)]\n\
+             \x20           no upstream of v1 is available: the ejected ones are tried anyway\n\
+             canary      v2  [c:1 (ejected)]  weight 30.0%\n\
+             \x20           no upstream of v2 is available: its cohort is served by stable, or gets 503s (health.canary_unavailable)\n\
+             shadow      v9  [d:1 (not healthy)]  percent 10.0%\n\
+             \x20           no upstream of v9 is available: no copies are sent\n"
+        );
+    }
+
+    #[test]
+    fn a_rollback_is_tied_to_the_canary_only_while_it_is_in_effect() {
+        let state = |status: &str| {
+            serde_json::json!({
+                "generation": 9, "status": status,
+                "stable": {"name": "v1", "upstreams": ["a:1"]},
+                "canary": {"name": "v3", "upstreams": ["c:1"], "weight": 0.0},
+                "last_rollback": {"at": "2026-04-19T10:00:00Z", "reason": "p95", "source": "api"},
+                "shadow": null, "rollout": null,
+            })
+        };
+        let rollback = |status: &str| {
+            render_state(&state(status))
+                .lines()
+                .find(|l| l.starts_with("rollback"))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            rollback("rolled_back").as_deref(),
+            Some("rollback    v3 rolled back at 2026-04-19T10:00:00Z by api: p95")
+        );
+        assert_eq!(
+            rollback("steady").as_deref(),
+            Some(
+                "rollback    none in effect (the last one was at 2026-04-19T10:00:00Z, by api: p95)"
+            )
         );
     }
 }

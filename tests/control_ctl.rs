@@ -1,14 +1,18 @@
 //! `cohort ctl`, the binary, against a running proxy.
 //!
 //! Owns: every ctl command of SPEC section 6 (status, weight, weight
-//! --force, rollback --reason, promote [--force], canary [--force]) run as a process: exit code
-//! 0 and the state printed readably on success, non-zero with the server's
-//! message on a refusal, an unreachable admin API (with the cause), a
-//! missing or unsendable token, a server that is not the admin API, or one
-//! that does not answer within `--timeout`; where the token comes from
-//! (`--token`, `--token-file` and their variables); and that each command's
-//! effect shows in `GET /admin/state`. Does not own: the admin API's own
-//! error paths (`control_api`), rollouts.
+//! --force, rollback --reason, promote [--force], canary [--force], with
+//! several upstreams after one `--upstream` or the option repeated) run as
+//! a process: exit code 0 and the state printed readably on success (the
+//! shadow, versions without an available upstream, and whether the last
+//! rollback is in effect included), non-zero with the server's message on
+//! a refusal, an unreachable admin API (with the cause), a missing or
+//! unsendable token, a weight JSON cannot carry, an https admin URL, a
+//! server that is not the admin API, or one that does not answer within
+//! `--timeout`; where the token comes from (`--token`, `--token-file` and
+//! their variables); and that each command's effect shows in
+//! `GET /admin/state`. Does not own: the admin API's own error paths
+//! (`control_api`), rollouts.
 
 mod support;
 
@@ -18,8 +22,8 @@ use std::process::Output;
 use tokio::net::TcpListener;
 
 use support::{
-    AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, cohort, config, dead_addr, raw_upstream,
-    scratch_dir, start_cohort, within,
+    AdminApi, Backend, CANARY, COHORT_BIN, Http, STABLE, TunedBackend, Tuning, cohort, config,
+    dead_addr, eventually_async, raw_upstream, scratch_dir, start_cohort, within,
 };
 
 const TOKEN: &str = "ctl-token";
@@ -434,6 +438,117 @@ async fn canary_takes_several_upstreams_after_one_option_or_repeated() {
             "{state}"
         );
     }
+}
+
+/// `status` shows the shadow, marks each upstream that cannot take traffic
+/// and says when a version has none that can, and tells a rollback in
+/// effect on the live canary from one that is history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_shadow_health_and_whether_the_rollback_holds() {
+    // Stable passes its probes but fails real requests, so one request ejects it.
+    let failing = Tuning {
+        fail_every: Some(1),
+        ..Tuning::default()
+    };
+    let stable = TunedBackend::start(STABLE, failing).await;
+    let (canary, shadow) = (dead_addr().await, dead_addr().await);
+    let extra = format!(
+        "[health]\ninterval = \"50ms\"\nunhealthy_threshold = 1\n\
+         eject_after_errors = 1\neject_for = \"1h\"\n\n\
+         [shadow]\nname = \"v9\"\nupstreams = [\"{shadow}\"]\npercent = 10\n"
+    );
+    let server = start_cohort(&with_token(&config(
+        &[stable.addr],
+        Some((&[canary], 30.0)),
+        &extra,
+    )))
+    .await;
+    let addr = server.admin_addr();
+    let api = AdminApi::with_token(addr, TOKEN);
+
+    // The canary has never passed a probe: at 30%, but serving no one.
+    let printed = ok(&ctl(addr, Some(TOKEN), &["status"]).await, "status");
+    assert!(
+        line(&printed, "canary").contains(&format!("{canary} (not healthy)"))
+            && line(&printed, "canary").contains("weight 30"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "\n            no upstream of {CANARY} is available: its cohort is served by stable"
+        )),
+        "{printed}"
+    );
+    let shadow_line = line(&printed, "shadow");
+    assert!(
+        shadow_line.contains("v9")
+            && shadow_line.contains(&shadow.to_string())
+            && shadow_line.contains("percent 10"),
+        "{printed}"
+    );
+
+    // One failed request ejects stable; the shadow fails its probes.
+    let reply = Http::new(server.proxy_addr())
+        .get("/", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+    eventually_async("stable ejected and the shadow unhealthy", || {
+        let api = api.clone();
+        async move {
+            let state = api.state().await;
+            state["stable"]["health"][0]["ejected"] == true
+                && state["shadow"]["health"][0]["healthy"] == false
+        }
+    })
+    .await;
+    let printed = ok(&ctl(addr, Some(TOKEN), &["status"]).await, "status");
+    assert!(
+        line(&printed, "stable").contains(&format!("{} (ejected)", stable.addr)),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "\n            no upstream of {STABLE} is available: the ejected ones are tried anyway\n"
+        )),
+        "{printed}"
+    );
+    assert!(
+        line(&printed, "shadow").contains(&format!("{shadow} (not healthy)")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("\n            no upstream of v9 is available: no copies are sent\n"),
+        "{printed}"
+    );
+
+    // A rollback in effect is the live canary's; after a new canary it is history.
+    let printed = ok(
+        &ctl(addr, Some(TOKEN), &["rollback", "--reason", "bad answers"]).await,
+        "rollback",
+    );
+    let at = api.state().await["last_rollback"]["at"]
+        .as_str()
+        .expect("the rollback's time")
+        .to_owned();
+    assert_eq!(
+        line(&printed, "rollback"),
+        format!("rollback    {CANARY} rolled back at {at} by api: bad answers"),
+        "{printed}"
+    );
+    let printed = ok(
+        &ctl(
+            addr,
+            Some(TOKEN),
+            &["canary", "--name", "v3", "--upstream", &canary.to_string()],
+        )
+        .await,
+        "canary v3",
+    );
+    assert_eq!(
+        line(&printed, "rollback"),
+        format!("rollback    none in effect (the last one was at {at}, by api: bad answers)"),
+        "{printed}"
+    );
 }
 
 /// A 2xx reply that is not the admin API's state is a failure: `--admin`
