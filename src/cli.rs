@@ -27,7 +27,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
+    ///
+    /// The admin API's bearer token comes from admin.token_file, else from
+    /// the environment variable COHORT_ADMIN_TOKEN; without one the admin
+    /// listener must be on loopback.
+    ///
+    /// Signals: SIGHUP reloads the config (and the TLS certificate and key),
+    /// SIGUSR1 rolls the canary back, SIGTERM or SIGINT stops accepting and
+    /// drains open requests for up to listen.drain_timeout.
     Serve {
+        /// The config file (TOML) to run on.
         #[arg(long, default_value = "config/cohort.toml")]
         config: PathBuf,
         /// Re-seed the live state from the config instead of the state file.
@@ -36,10 +45,17 @@ pub enum Command {
     },
     /// Validate a config file and the files it names: prints `ok`, or every problem by its key.
     Check {
+        /// The config file (TOML) to check.
         #[arg(long)]
         config: PathBuf,
     },
     /// Start two demo upstreams and the proxy in front of them with a 10% canary.
+    ///
+    /// Its ports are fixed, those of config/cohort.toml (built in): the
+    /// proxy on 127.0.0.1:8080, the admin API on 127.0.0.1:9901, the stable
+    /// upstream (v1) on 127.0.0.1:9001 and the canary's (v2) on
+    /// 127.0.0.1:9002. Its state lives in a temporary directory, removed
+    /// when it stops. Ctrl-C stops it.
     Demo,
     /// Print the bucket and cohort of each key.
     Route {
@@ -49,6 +65,7 @@ pub enum Command {
         /// The canary weight in percent.
         #[arg(long)]
         weight: f64,
+        /// The sticky keys to place, such as user ids.
         #[arg(required = true)]
         keys: Vec<String>,
     },
@@ -93,6 +110,7 @@ pub enum CtlCommand {
     Status,
     /// Set the canary's weight in percent.
     Weight {
+        /// The canary's new weight in percent, 0 to 100 in 0.01 steps.
         weight: f64,
         /// Raise the weight of a rolled-back canary.
         #[arg(long)]
@@ -100,6 +118,7 @@ pub enum CtlCommand {
     },
     /// Send everyone to stable now.
     Rollback {
+        /// Why, recorded in the audit log and the state.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -139,7 +158,11 @@ pub enum CtlCommand {
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Start a rollout from a plan: TOML, or an AgentRelease manifest (YAML).
-    Start { file: PathBuf },
+    Start {
+        /// The plan: a TOML file shaped like the config's [rollout] table,
+        /// or an AgentRelease manifest (YAML, `kind: AgentRelease`).
+        file: PathBuf,
+    },
     /// Pass the approval gate of a paused rollout.
     Approve,
     /// Abort the rollout, which rolls the canary back.
@@ -312,4 +335,36 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
 fn fail(message: String) -> ExitCode {
     eprintln!("cohort: {message}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every argument of every command, flags and positionals alike, says
+    /// what it is in `--help`.
+    #[test]
+    fn every_argument_of_every_command_is_described() {
+        fn undescribed(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    found.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                undescribed(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut found = Vec::new();
+        undescribed(&command, "cohort", &mut found);
+        assert!(
+            found.is_empty(),
+            "arguments without a description: {found:?}"
+        );
+    }
 }

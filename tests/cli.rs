@@ -1,13 +1,16 @@
 //! The `cohort` binary, run as a process.
 //!
 //! Owns: `cohort check` (the shipped config is valid; a bad one exits 1 and
-//! names every problem by its key, an admin listener on the proxy's port
-//! and a file the config names that `serve` could not use included; a
-//! syntax error is one placed line), `cohort route` (the SPEC reference
-//! vectors), `cohort serve` (answers on its port, exits 0 on SIGTERM,
-//! logs without colour codes to a pipe, names the key of a TLS file it
-//! cannot read), and `cohort demo` (serves the README's first example and
-//! leaves no state behind, whether it ran or could not start).
+//! names every problem by its key, an admin listener on the proxy's port,
+//! a reserved header name, a missing TLS file and a file the config names
+//! that `serve` could not use included; a syntax error is one placed line),
+//! `cohort route` (the SPEC reference vectors; an empty salt or key and a
+//! weight out of range refused), `cohort serve` (answers on its port, exits
+//! 0 on SIGTERM, logs without colour codes to a pipe, names the key of a TLS
+//! file it cannot read; an admin token no header could carry refused at
+//! start and on reload), the help of `serve` and `demo`, and `cohort demo`
+//! (serves the README's first example and leaves no state behind, whether
+//! it ran or could not start).
 //! Does not own: the behaviour behind these commands, which the library
 //! tests cover in depth.
 
@@ -500,6 +503,34 @@ async fn a_token_no_header_could_carry_is_refused_by_check_serve_and_reload() {
         .await;
     assert_eq!(admin.state().await["status"], "steady");
     assert_eq!(server.stop().await, Some(0));
+}
+
+#[test]
+fn serve_and_demo_help_say_what_an_operator_must_know() {
+    let output = cohort(&["serve", "--help"]);
+    assert!(output.status.success(), "{}", printed(&output));
+    let help = printed(&output);
+    for needle in [
+        "COHORT_ADMIN_TOKEN",
+        "SIGHUP",
+        "SIGUSR1",
+        "SIGTERM",
+        "SIGINT",
+        "drain",
+    ] {
+        assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+    }
+    let output = cohort(&["demo", "--help"]);
+    assert!(output.status.success(), "{}", printed(&output));
+    let help = printed(&output);
+    for port in [
+        "127.0.0.1:8080",
+        "127.0.0.1:9901",
+        "127.0.0.1:9001",
+        "127.0.0.1:9002",
+    ] {
+        assert!(help.contains(port), "{port} missing from:\n{help}");
+    }
 }
 
 /// The `proxy.addr` the serve log announces, if `line` is that announcement.
