@@ -2,7 +2,8 @@
 # The project's one test command: installs what the tests need when it is
 # missing, then runs every test target (and the doc tests, if there are any).
 #
-# Needs a Rust toolchain. The build needs make (for jemalloc), and the tests
+# Needs a Rust toolchain. The build needs a C compiler (cc, from gcc, for
+# linking and for building jemalloc) and make (for jemalloc), and the tests
 # call promtool (prometheus), curl and nghttp (nghttp2-client); on Debian
 # they are installed with apt-get when missing, as root or through sudo.
 # Safe to run any number of times.
@@ -15,6 +16,7 @@ die() { log "$*"; exit 1; }
 
 # command -> Debian package that provides it
 declare -A PROVIDER=(
+  [cc]=gcc
   [make]=make
   [promtool]=prometheus
   [prometheus]=prometheus
@@ -30,6 +32,8 @@ done
 if ((${#missing[@]})); then
   # One entry per package, in a stable order.
   mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
+  # gcc links against the C library, whose headers and crt files are apart.
+  [[ " ${packages[*]} " == *" gcc "* ]] && packages+=(libc6-dev)
   log "missing tools; installing: ${packages[*]}"
   command -v apt-get >/dev/null 2>&1 \
     || die "apt-get not found; install ${packages[*]} by hand and run again"
