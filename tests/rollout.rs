@@ -1225,6 +1225,46 @@ async fn agent_release_manifest_drives_a_rollout_through_ctl() {
 }
 
 #[tokio::test]
+async fn a_stage_with_both_traffic_and_a_pause_is_refused_in_a_manifest_as_in_a_toml_plan() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let dir = scratch_dir();
+    let plans = [
+        (
+            "release.yaml",
+            "kind: AgentRelease\nrollout:\n  stages:\n    \
+             - { traffic: 20, duration: 1m }\n    - { traffic: 10, duration: 1m, pause: true }\n",
+        ),
+        (
+            "rollout.toml",
+            "stages = [ { weight = 20, duration = \"1m\" },\n           \
+             { weight = 10, duration = \"1m\", pause = true } ]\n",
+        ),
+    ];
+    for (name, text) in plans {
+        let file = dir.join(name);
+        std::fs::write(&file, text).expect("write the plan");
+        let out = ctl(
+            server.admin_addr(),
+            &["rollout", "start", file.to_str().expect("a UTF-8 path")],
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was taken: {out:?}");
+        assert!(
+            stderr.contains("422")
+                && stderr.contains(
+                    "rollout.stages[1]: must be either { weight, duration } or { pause = true }"
+                ),
+            "{name}: {stderr}"
+        );
+    }
+    let state = AdminApi::new(server.admin_addr()).state().await;
+    assert!(state["rollout"].is_null(), "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+}
+
+#[tokio::test]
 async fn the_audit_log_says_who_moved_a_rollout() {
     let stable = Backend::start(STABLE).await;
     let canary = Backend::start(CANARY).await;

@@ -5,7 +5,9 @@
 //! state file keeps: a TOML plan (bare, or under `[rollout]`), or a YAML
 //! `kind: AgentRelease` manifest, whose `rollout:` section is mapped onto
 //! the same keys (a manifest guardrail without its one bound, `min` or
-//! `max`, is refused here, as the mapping cannot carry it). Does not own
+//! `max`, is refused here, as the mapping cannot carry it; a stage is
+//! mapped key by key, so validation judges it as it judges a TOML plan's).
+//! Does not own
 //! validation (`config::rollout_from_json`) or running the plan (`controller`).
 
 use serde::Deserialize;
@@ -126,16 +128,26 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
     let rollout = manifest
         .rollout
         .ok_or_else(|| PlanError::Manifest("the manifest has no rollout: section".into()))?;
+    // Each key written is carried over, renamed, and none made up: the
+    // plan's validation then takes or refuses a manifest's stage as it does
+    // a TOML plan's (a stage with both a pause and a weight is refused by
+    // its index there, not read as the one or the other here).
     let stages: Vec<Value> = rollout
         .stages
         .into_iter()
-        .map(|s| match s {
-            ManifestStage {
-                pause: Some(true), ..
-            } => json!({"pause": true}),
-            ManifestStage {
-                traffic, duration, ..
-            } => json!({"weight": traffic, "duration": duration}),
+        .map(|stage| {
+            let mut keys = Map::new();
+            let written = [
+                ("weight", stage.traffic.map(Value::from)),
+                ("duration", stage.duration.map(Value::from)),
+                ("pause", stage.pause.map(Value::from)),
+            ];
+            for (key, value) in written {
+                if let Some(value) = value {
+                    keys.insert(key.into(), value);
+                }
+            }
+            Value::Object(keys)
         })
         .collect();
     let g = rollout.guardrails.unwrap_or_default();
@@ -253,6 +265,45 @@ rollout:
         assert!((plan.guardrails.tokens_ratio_max.unwrap() - 1.15).abs() < 1e-9);
         assert_eq!(plan.guardrails.eval_score_min, Some(0.9));
         assert!(document("kind: Deployment\n").is_err());
+    }
+
+    #[test]
+    fn a_manifest_stage_with_traffic_and_a_pause_is_refused_by_its_index() {
+        let manifest = |stage: &str| {
+            format!(
+                "kind: AgentRelease\nrollout:\n  stages:\n    - {{ traffic: 1, duration: 30m }}\n    - {stage}\n"
+            )
+        };
+        for stage in [
+            "{ traffic: 10, duration: 1m, pause: true }",
+            "{ traffic: 10, pause: true }",
+            "{ duration: 1m, pause: true }",
+        ] {
+            let document = document(&manifest(stage)).expect("a well-formed manifest");
+            match rollout_from_json(document) {
+                Err(error) => assert!(
+                    error.to_string().contains(
+                        "rollout.stages[1]: must be either { weight, duration } or { pause = true }"
+                    ),
+                    "{stage}: {error}"
+                ),
+                Ok(plan) => panic!("{stage} was taken as {:?}", plan.stages),
+            }
+        }
+        // A pause alone, and traffic with `pause: false`, are still taken.
+        for (stage, expected) in [
+            ("{ pause: true }", Stage::Pause),
+            (
+                "{ traffic: 10, duration: 1m, pause: false }",
+                Stage::Weight {
+                    weight: crate::routing::Weight::from_percent(10.0).expect("a weight"),
+                    duration: std::time::Duration::from_secs(60),
+                },
+            ),
+        ] {
+            let plan = rollout_from_json(document(&manifest(stage)).unwrap()).unwrap();
+            assert_eq!(plan.stages[1], expected, "{stage}");
+        }
     }
 
     #[test]
