@@ -5,11 +5,12 @@
 //! delay and token count, under continuous keyed traffic, driven through a
 //! rollout by its controller: a healthy canary walked through every stage
 //! and promoted; canaries rolled back by the success-rate, p95-latency-ratio,
-//! tokens-ratio and eval-score guardrails with the failing metric named; the
-//! approval gate and abort; a rollout that survives `kill -9` of `cohort
-//! serve` with its stage time counted; an AgentRelease manifest started and
-//! shown by `cohort ctl`; and the input checks of `POST /admin/rollout` and
-//! `POST /admin/signals`. Does not own: the statistics of the guardrails
+//! tokens-ratio and eval-score guardrails with the failing metric named; a
+//! canary at 100% judged by the absolute guardrails alone; the approval
+//! gate and abort; a rollout that survives `kill -9` of `cohort serve` with
+//! its stage time counted; an AgentRelease manifest started and shown by
+//! `cohort ctl`; and the input checks of `POST /admin/rollout` and `POST
+//! /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
 //!
@@ -379,14 +380,18 @@ async fn healthy_canary_goes_through_every_stage_and_is_promoted() {
     assert_eq!(rollout["phase"], "promoted", "{state:#}");
     assert_eq!(rollout["stage"], 3, "{state:#}");
     assert_eq!(rollout["stages"], 3, "{state:#}");
-    // The last stage ended on a passing evaluation of every guardrail.
-    for guardrail in [
-        "success_rate",
-        "success_rate_drop",
-        "p95_latency_ms",
-        "tokens_ratio",
-    ] {
+    // The last stage, at 100%, ended on a passing evaluation of every
+    // absolute guardrail; the relative ones had no stable cohort to compare
+    // with.
+    for guardrail in ["success_rate", "p95_latency_ms"] {
         assert_eq!(verdict(&state, guardrail), "pass", "{guardrail}: {state:#}");
+    }
+    for guardrail in ["success_rate_drop", "tokens_ratio"] {
+        assert_eq!(
+            verdict(&state, guardrail),
+            "not_applicable",
+            "{guardrail}: {state:#}"
+        );
     }
     assert_eq!(
         evaluation(&state, "tokens_ratio").map(|e| e["limit"].clone()),
@@ -557,6 +562,83 @@ async fn canary_spending_more_tokens_is_rolled_back_by_the_tokens_ratio() {
         shown(&tokens["stable"])
     );
     assert!(reason.contains(&expected), "{reason:?} lacks {expected:?}");
+    all_on_stable(server.proxy_addr()).await;
+}
+
+// ---------------------------------------------------------------------------
+// A canary at 100%: stable serves no cohort
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_100_percent_a_healthy_canary_is_judged_alone_and_promoted() {
+    let same = Tuning {
+        tokens: Some(100),
+        ..Tuning::default()
+    };
+    let stable = TunedBackend::start(STABLE, same).await;
+    let canary = TunedBackend::start(CANARY, same).await;
+    // Straight to 100%: stable's window never sees a request.
+    let plan = "min_requests = 40\ninconclusive_limit = 1000\non_success = \"promote\"\n\
+                stages = [ { weight = 100, duration = \"500ms\" } ]";
+    let guardrails = "success_rate_min = 0.97\nsuccess_rate_drop_max = 0.02\n\
+                      p95_latency_ratio_max = 1.5\np95_latency_ms_max = 8000\n\
+                      tokens_ratio_max = 1.15";
+    let extra = format!("{TOKENS_HEADER}\n{}", rollout_table(plan, guardrails));
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let traffic = Traffic::start(server.proxy_addr(), 4);
+    let state = wait_state(&admin, "the promotion", |s| s["stable"]["name"] == CANARY).await;
+    let (on_stable, _) = traffic.answered();
+    drop(traffic);
+    assert_eq!(on_stable, 0, "stable answered at 100%");
+    assert_eq!(rollout_phase(&state), "promoted", "{state:#}");
+    // The absolute guardrails judged the canary alone; the relative ones,
+    // with no stable cohort to compare with, did not hold the stage.
+    for guardrail in ["success_rate", "p95_latency_ms"] {
+        assert_eq!(verdict(&state, guardrail), "pass", "{guardrail}: {state:#}");
+    }
+    for guardrail in ["success_rate_drop", "p95_latency_ratio", "tokens_ratio"] {
+        assert_eq!(
+            verdict(&state, guardrail),
+            "not_applicable",
+            "{guardrail}: {state:#}"
+        );
+        let relative = evaluation(&state, guardrail).expect("seen above");
+        assert!(relative["stable"].is_null(), "{state:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_100_percent_a_canary_below_the_success_floor_is_rolled_back() {
+    // One request in seven fails (0.857 against a 0.97 floor) and stable,
+    // at 100%, sees none: the floor needs nothing of stable to judge.
+    let (server, state, _) = rolled_back_by(
+        Tuning::default(),
+        Tuning {
+            fail_every: Some(7),
+            ..Tuning::default()
+        },
+        100,
+        200,
+        "success_rate_min = 0.97\nsuccess_rate_drop_max = 0.02",
+        "",
+        4,
+    )
+    .await;
+    let rate = evaluation(&state, "success_rate").expect("a success_rate evaluation");
+    assert_eq!(rate["verdict"], "fail", "{state:#}");
+    assert!(rate["stable"].is_null(), "{state:#}");
+    assert_eq!(
+        verdict(&state, "success_rate_drop"),
+        "not_applicable",
+        "{state:#}"
+    );
+    let reason = rollback_reason(&state);
+    let expected = format!(
+        "success_rate: canary {} vs stable n/a (limit 0.97)",
+        shown(&rate["canary"])
+    );
+    assert!(reason.contains(&expected), "{reason:?} lacks {expected:?}");
+    assert!(!reason.contains("success_rate_drop"), "{reason:?}");
     all_on_stable(server.proxy_addr()).await;
 }
 

@@ -85,7 +85,7 @@ impl Streaks {
             match verdict {
                 Verdict::Fail => *streak += 1,
                 Verdict::Pass => *streak = 0,
-                Verdict::Inconclusive => {}
+                Verdict::Inconclusive | Verdict::NotApplicable => {}
             }
             rollback |= *streak >= FAILURE_LIMIT;
         }
@@ -249,7 +249,7 @@ fn rollout(seed: u64, stable: &Behaviour, scenarios: &[Scenario]) -> Vec<(Outcom
                 if arm.statistical.rolled_back_after.is_none() {
                     let evaluations = evaluate(
                         &arm.scenario.guardrails,
-                        &stable_sample,
+                        Some(&stable_sample),
                         &canary,
                         None,
                         MIN_REQUESTS,

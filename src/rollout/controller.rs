@@ -517,7 +517,7 @@ impl Rollouts {
                 // back) instead of rolling back. The stage's clock stops.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
                 progress.reason = Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests per cohort, no eval_score reported, or a canary measuring past a limit without proof); approve to keep waiting, or abort",
+                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, no eval_score reported, or a canary measuring past a limit without proof); approve to keep waiting, or abort",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
                 ));

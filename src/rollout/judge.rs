@@ -1,17 +1,19 @@
 //! Judging a rollout stage: the guardrails over the live table's windows.
 //!
 //! Owns: taking both cohorts' samples from the live table over the same
-//! window, asking [`stats`] for a verdict on each configured
-//! guardrail, summing them up (any failure fails; else any inconclusive
-//! waits; else pass), counting each guardrail's failed looks in a row
-//! against `failure_limit`, and wording the rollback reason. Does not own
-//! the statistical method.
+//! window (stable's only while it serves a cohort, that is below 100%),
+//! asking [`stats`] for a verdict on each configured guardrail, summing
+//! them up (any failure fails; else any inconclusive waits; else pass, a
+//! guardrail not applicable counting for nothing), counting each
+//! guardrail's failed looks in a row against `failure_limit`, and wording
+//! the rollback reason. Does not own the statistical method.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::stats::{self, Look};
 use crate::clock;
 use crate::config::RolloutConfig;
+use crate::routing::Weight;
 use crate::table::RouteTable;
 
 pub use super::stats::{Evaluation, Verdict};
@@ -32,11 +34,15 @@ pub fn evaluate(
     let now = clock::since_start();
     // The whole span: at 1% a canary needs most of it to reach `min_requests`.
     let span = table.stable.window.span().min(canary.version.window.span());
-    let stable = table.stable.window.snapshot(now, span);
+    // At 100% stable serves no cohort by design: its window only drains, and
+    // what is left in it says nothing about the canary. The relative
+    // guardrails are then not applicable, rather than inconclusive for
+    // ever, which would hold a healthy canary at its last stage.
+    let stable = (canary.weight < Weight::FULL).then(|| table.stable.window.snapshot(now, span));
     let canary_sample = canary.version.window.snapshot(now, span);
     stats::evaluate(
         &plan.guardrails,
-        &stable,
+        stable.as_ref(),
         &canary_sample,
         eval_scores.get(&canary.version.name).copied(),
         plan.min_requests,
@@ -47,7 +53,8 @@ pub fn evaluate(
     )
 }
 
-/// The stage's verdict: any failure fails; else any inconclusive waits.
+/// The stage's verdict: any failure fails; else any inconclusive waits; a
+/// guardrail that is not applicable counts for nothing.
 #[must_use]
 pub fn overall(evaluations: &[Evaluation]) -> Verdict {
     if evaluations.iter().any(|e| e.verdict == Verdict::Fail) {
@@ -75,11 +82,11 @@ pub type FailureRuns = BTreeMap<String, u32>;
 /// whose run reached the plan's `failure_limit`: none means go on.
 ///
 /// A guardrail that fails extends its own run and one that passes ends it;
-/// one that is inconclusive leaves it as it was. So one guardrail failing
-/// at one look and another at the next is no run at all. `inconclusive_looks`
-/// counts the looks in a row whose overall verdict is inconclusive; at
-/// `inconclusive_limit` they extend the [`INCONCLUSIVE_RUN`], which a look
-/// that passes overall ends.
+/// one that is inconclusive or not applicable leaves it as it was. So one
+/// guardrail failing at one look and another at the next is no run at all.
+/// `inconclusive_looks` counts the looks in a row whose overall verdict is
+/// inconclusive; at `inconclusive_limit` they extend the
+/// [`INCONCLUSIVE_RUN`], which a look that passes overall ends.
 #[must_use]
 pub fn count_failures(
     runs: &mut FailureRuns,
@@ -93,11 +100,12 @@ pub fn count_failures(
             Verdict::Pass => {
                 runs.remove(evaluation.guardrail.as_ref());
             }
-            Verdict::Inconclusive => {}
+            Verdict::Inconclusive | Verdict::NotApplicable => {}
         }
     }
     match overall(evaluations) {
-        Verdict::Pass => {
+        // `overall` is never "not applicable": a look of those alone passes.
+        Verdict::Pass | Verdict::NotApplicable => {
             *inconclusive_looks = 0;
             runs.remove(INCONCLUSIVE_RUN);
         }
@@ -156,7 +164,7 @@ pub fn failure_reason(
 mod tests {
     use std::borrow::Cow;
 
-    use super::Verdict::{Fail, Inconclusive, Pass};
+    use super::Verdict::{Fail, Inconclusive, NotApplicable, Pass};
     use super::*;
     use crate::config::rollout_from_json;
 
@@ -271,6 +279,29 @@ mod tests {
         let tripped = count(
             &plan(2, 2),
             &[waiting.clone(), waiting.clone(), failing, waiting.clone()],
+        );
+        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+    }
+
+    #[test]
+    fn a_guardrail_not_applicable_neither_holds_a_look_nor_counts() {
+        let at_full_weight = look(&[("success_rate", Pass), ("success_rate_drop", NotApplicable)]);
+        assert_eq!(overall(&at_full_weight), Pass);
+        // It leaves a run as it was, like an inconclusive look.
+        let tripped = count(
+            &plan(2, 1),
+            &[
+                look(&[("success_rate_drop", Fail)]),
+                at_full_weight.clone(),
+                look(&[("success_rate_drop", Fail)]),
+            ],
+        );
+        assert_eq!(tripped[1], Vec::<String>::new());
+        assert_eq!(tripped[2], ["success_rate_drop"]);
+        // Alone, it is no inconclusive look either.
+        let tripped = count(
+            &plan(2, 1),
+            &vec![look(&[("tokens_ratio", NotApplicable)]); 3],
         );
         assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
     }

@@ -9,9 +9,19 @@
 //!
 //! # Verdicts
 //!
-//! - `inconclusive`: either cohort has fewer than `min_requests` requests
-//!   in the window (for `tokens_ratio`: requests that reported tokens), or
-//!   no `eval_score` has been reported.
+//! The absolute guardrails (`success_rate`, `p95_latency_ms`, `eval_score`)
+//! judge the canary against a fixed limit and need nothing of stable; the
+//! relative ones (`success_rate_drop`, `p95_latency_ratio`, `tokens_ratio`)
+//! compare the canary with stable and need both cohorts.
+//!
+//! - `inconclusive`: the canary has fewer than `min_requests` requests in
+//!   the window, or, for a relative guardrail, stable has (for
+//!   `tokens_ratio`: requests that reported tokens); or no `eval_score`
+//!   has been reported.
+//! - `not_applicable`: a relative guardrail when there is no stable sample
+//!   to compare with, because stable takes no traffic by design (the
+//!   canary at 100%). It neither holds a stage nor counts against the
+//!   canary; the absolute guardrails still judge.
 //! - `fail`: the data show that the limit is breached: the test of "the
 //!   canary is within the limit" rejects at this look's level.
 //! - `inconclusive` too: enough data and no significant breach, but the
@@ -78,7 +88,7 @@
 //! remaining `0.1 * alpha` as `0.1 * alpha * P / (k * (k - 1))`, a series
 //! that sums to it, so no number of extra looks can spend more than
 //! `alpha`. Each look's level is divided equally among the statistical
-//! guardrails configured. Requiring `failure_limit` failures in a row
+//! guardrails judged at that look. Requiring `failure_limit` failures in a row
 //! lowers the false-rollback rate further; no credit is taken for it.
 
 use std::borrow::Cow;
@@ -99,6 +109,10 @@ pub enum Verdict {
     Pass,
     Fail,
     Inconclusive,
+    /// A relative guardrail with no stable cohort to compare with (the
+    /// canary at 100%): not judged, so it neither holds a stage nor counts
+    /// against the canary.
+    NotApplicable,
 }
 
 /// Which look this is: `index` counts from 1 over the whole rollout;
@@ -179,29 +193,36 @@ pub fn look_alpha(confidence: f64, look: Look, guardrails: usize) -> f64 {
 }
 
 /// Judges every configured guardrail at one look. The stable and canary
-/// samples must cover the same window.
+/// samples must cover the same window; `stable` is `None` when stable takes
+/// no traffic by design (the canary at 100%), which leaves the relative
+/// guardrails [`Verdict::NotApplicable`] and the absolute ones judging the
+/// canary alone.
 #[must_use]
 pub fn evaluate(
     guardrails: &Guardrails,
-    stable: &Sample,
+    stable: Option<&Sample>,
     canary: &Sample,
     eval_score: Option<f64>,
     min_requests: u64,
     look: Look,
 ) -> Vec<Evaluation> {
     let g = guardrails;
+    let compared = stable.is_some();
     let tests = [
-        g.success_rate_min,
-        g.success_rate_drop_max,
-        g.p95_latency_ratio_max,
-        g.p95_latency_ms_max,
-        g.tokens_ratio_max,
+        (g.success_rate_min, true),
+        (g.success_rate_drop_max, compared),
+        (g.p95_latency_ratio_max, compared),
+        (g.p95_latency_ms_max, true),
+        (g.tokens_ratio_max, compared),
     ]
     .iter()
-    .filter(|limit| limit.is_some())
+    .filter(|(limit, judged)| limit.is_some() && *judged)
     .count();
     let alpha = look_alpha(g.confidence, look, tests);
-    let enough = stable.requests >= min_requests && canary.requests >= min_requests;
+    // An absolute guardrail needs only the canary's requests; a relative
+    // one needs stable's too.
+    let canary_enough = canary.requests >= min_requests;
+    let both_enough = |stable: &Sample| canary_enough && stable.requests >= min_requests;
     let judge = |enough: bool, p_breach: f64| {
         if !enough {
             Verdict::Inconclusive
@@ -213,7 +234,8 @@ pub fn evaluate(
     };
     let rate = |s: &Sample| (s.requests > 0).then(|| s.successes as f64 / s.requests as f64);
     let p95_ms = |s: &Sample| p95_micros(s).map(|us| us / 1_000.0);
-    let (stable_p95, canary_p95) = (p95_ms(stable), p95_ms(canary));
+    let (stable_rate, canary_rate) = (stable.and_then(rate), rate(canary));
+    let (stable_p95, canary_p95) = (stable.and_then(p95_ms), p95_ms(canary));
     let mean_tokens =
         |s: &Sample| (s.token_requests > 0).then(|| s.token_sum as f64 / s.token_requests as f64);
 
@@ -245,35 +267,34 @@ pub fn evaluate(
         };
         push(
             "success_rate",
-            rate(stable),
-            rate(canary),
+            stable_rate,
+            canary_rate,
             floor,
-            judge(enough, p),
+            judge(canary_enough, p),
         );
     }
     if let Some(drop) = g.success_rate_drop_max {
-        let z = drop_z(
-            stable.successes,
-            stable.requests,
-            canary.successes,
-            canary.requests,
-            drop,
-        );
-        push(
-            "success_rate_drop",
-            rate(stable),
-            rate(canary),
-            drop,
-            judge(enough, upper_p(z)),
-        );
+        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
+            let z = drop_z(
+                stable.successes,
+                stable.requests,
+                canary.successes,
+                canary.requests,
+                drop,
+            );
+            judge(both_enough(stable), upper_p(z))
+        });
+        push("success_rate_drop", stable_rate, canary_rate, drop, verdict);
     }
     if let Some(ratio) = g.p95_latency_ratio_max {
         // Half the level goes to the bound of the stable p95; without that
         // bound the ratio cannot be judged, which is not a pass.
-        let verdict = match p95_ratio_p(stable, canary, ratio, alpha / 2.0) {
-            Some(p) => judge(enough, p * 2.0),
-            None => Verdict::Inconclusive,
-        };
+        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
+            match p95_ratio_p(stable, canary, ratio, alpha / 2.0) {
+                Some(p) => judge(both_enough(stable), p * 2.0),
+                None => Verdict::Inconclusive,
+            }
+        });
         push("p95_latency_ratio", stable_p95, canary_p95, ratio, verdict);
     }
     if let Some(ceiling_ms) = g.p95_latency_ms_max {
@@ -283,23 +304,26 @@ pub fn evaluate(
             stable_p95,
             canary_p95,
             ceiling_ms,
-            judge(enough, p),
+            judge(canary_enough, p),
         );
     }
     if let Some(ratio) = g.tokens_ratio_max {
-        let enough = stable.token_requests >= min_requests.max(2)
-            && canary.token_requests >= min_requests.max(2);
-        let z = if enough {
-            tokens_z(stable, canary, ratio)
-        } else {
-            0.0
-        };
+        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
+            let enough = stable.token_requests >= min_requests.max(2)
+                && canary.token_requests >= min_requests.max(2);
+            let z = if enough {
+                tokens_z(stable, canary, ratio)
+            } else {
+                0.0
+            };
+            judge(enough, upper_p(z))
+        });
         push(
             "tokens_ratio",
-            mean_tokens(stable),
+            stable.and_then(mean_tokens),
             mean_tokens(canary),
             ratio,
-            judge(enough, upper_p(z)),
+            verdict,
         );
     }
     if let Some(floor) = g.eval_score_min {
@@ -688,7 +712,14 @@ mod tests {
             index: 10,
             planned: 120,
         };
-        let evals = evaluate(&all_guardrails(), &stable, &canary, Some(0.95), 200, look);
+        let evals = evaluate(
+            &all_guardrails(),
+            Some(&stable),
+            &canary,
+            Some(0.95),
+            200,
+            look,
+        );
         let names: Vec<_> = evals.iter().map(|e| e.guardrail.as_ref()).collect();
         assert_eq!(
             names,
@@ -711,7 +742,7 @@ mod tests {
             (Some(0.99), Some(0.99), 0.02)
         );
 
-        let evals = evaluate(&all_guardrails(), &stable, &canary, None, 1_000, look);
+        let evals = evaluate(&all_guardrails(), Some(&stable), &canary, None, 1_000, look);
         assert!(
             evals.iter().all(|e| e.verdict == Verdict::Inconclusive),
             "{evals:?}"
@@ -732,7 +763,7 @@ mod tests {
             index: 1,
             planned: 120,
         };
-        let evals = evaluate(&g, &stable, &canary, Some(0.95), 20, look);
+        let evals = evaluate(&g, Some(&stable), &canary, Some(0.95), 20, look);
         let ratio = evals
             .iter()
             .find(|e| e.guardrail == "p95_latency_ratio")
@@ -755,7 +786,14 @@ mod tests {
             index: 60,
             planned: 120,
         };
-        let evals = evaluate(&all_guardrails(), &stable, &canary, Some(0.5), 200, look);
+        let evals = evaluate(
+            &all_guardrails(),
+            Some(&stable),
+            &canary,
+            Some(0.5),
+            200,
+            look,
+        );
         let verdict = |name| {
             evals
                 .iter()
@@ -787,7 +825,7 @@ mod tests {
         };
         let evals = evaluate(
             &g,
-            &stable,
+            Some(&stable),
             &canary,
             Some(0.95),
             200,
@@ -799,6 +837,79 @@ mod tests {
         // Not failed, and not passed either: it measures past the floor.
         assert_eq!(evals[0].verdict, Verdict::Inconclusive, "{evals:?}");
         assert!(evals[0].canary.is_some_and(|c| c < 0.98));
+    }
+
+    /// The verdict of every guardrail, by name, in the order evaluated.
+    fn verdicts(evals: &[Evaluation]) -> Vec<(&str, Verdict)> {
+        evals
+            .iter()
+            .map(|e| (e.guardrail.as_ref(), e.verdict))
+            .collect()
+    }
+
+    #[test]
+    fn absolute_guardrails_judge_the_canary_alone_relative_ones_need_stable() {
+        // 15% errors over 1,000 requests against a 0.97 floor, and a stable
+        // window that has drained: the floor needs nothing of stable.
+        let canary = sample(1_000, 850, |_| 800);
+        let look = Look {
+            index: 10,
+            planned: 120,
+        };
+        let evals = evaluate(
+            &all_guardrails(),
+            Some(&Sample::default()),
+            &canary,
+            Some(0.95),
+            200,
+            look,
+        );
+        assert_eq!(
+            verdicts(&evals),
+            [
+                ("success_rate", Verdict::Fail),
+                ("success_rate_drop", Verdict::Inconclusive),
+                ("p95_latency_ratio", Verdict::Inconclusive),
+                ("p95_latency_ms", Verdict::Pass),
+                ("tokens_ratio", Verdict::Inconclusive),
+                ("eval_score", Verdict::Pass),
+            ],
+            "{evals:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_stable_cohort_relative_guardrails_are_not_applicable() {
+        let look = Look {
+            index: 10,
+            planned: 120,
+        };
+        let healthy = sample(1_000, 995, |i| 500 + i % 1_000);
+        let evals = evaluate(&all_guardrails(), None, &healthy, Some(0.95), 200, look);
+        assert_eq!(
+            verdicts(&evals),
+            [
+                ("success_rate", Verdict::Pass),
+                ("success_rate_drop", Verdict::NotApplicable),
+                ("p95_latency_ratio", Verdict::NotApplicable),
+                ("p95_latency_ms", Verdict::Pass),
+                ("tokens_ratio", Verdict::NotApplicable),
+                ("eval_score", Verdict::Pass),
+            ],
+            "{evals:?}"
+        );
+        assert!(evals.iter().all(|e| e.stable.is_none()), "{evals:?}");
+        // The absolute guardrails still catch a bad canary.
+        let failing = sample(1_000, 850, |_| 9_000);
+        let evals = evaluate(&all_guardrails(), None, &failing, Some(0.5), 200, look);
+        for name in ["success_rate", "p95_latency_ms", "eval_score"] {
+            let evaluation = evals.iter().find(|e| e.guardrail == name);
+            assert_eq!(
+                evaluation.map(|e| e.verdict),
+                Some(Verdict::Fail),
+                "{name}: {evals:?}"
+            );
+        }
     }
 
     #[test]
