@@ -6,11 +6,12 @@
 //! rollout by its controller: a healthy canary walked through every stage
 //! and promoted; canaries rolled back by the success-rate, p95-latency-ratio,
 //! tokens-ratio and eval-score guardrails with the failing metric named; a
-//! canary at 100% judged by the absolute guardrails alone; the approval
-//! gate and abort; a rollout that survives `kill -9` of `cohort serve` with
-//! its stage time counted; an AgentRelease manifest started and shown by
-//! `cohort ctl`; and the input checks of `POST /admin/rollout` and `POST
-//! /admin/signals`. Does not own: the statistics of the guardrails
+//! canary at 100% judged by the absolute guardrails alone; a canary whose
+//! upstream dies, held at its stage and rolled back rather than promoted;
+//! the approval gate and abort; a rollout that survives `kill -9` of
+//! `cohort serve` with its stage time counted; an AgentRelease manifest
+//! started and shown by `cohort ctl`; and the input checks of `POST
+//! /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
 //!
@@ -245,6 +246,66 @@ async fn all_on_stable(proxy: SocketAddr) {
     }
 }
 
+/// Whether some upstream of the state's canary may take a request (healthy,
+/// not ejected), by the health `GET /admin/state` shows.
+fn canary_available(state: &Value) -> bool {
+    state["canary"]["health"]
+        .as_array()
+        .is_some_and(|upstreams| {
+            upstreams
+                .iter()
+                .any(|u| u["healthy"] == true && u["ejected"] == false)
+        })
+}
+
+/// Waits until the canary has passed its first health probe: a rollout
+/// judges a canary with no upstream available as failing.
+async fn wait_canary_available(admin: &AdminApi) {
+    wait_state(admin, "the canary's first good probe", canary_available).await;
+}
+
+/// A backend that answers `ok` until killed; then its port refuses
+/// connections and its open connections close, as when its process dies.
+struct KillableBackend {
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl KillableBackend {
+    async fn start() -> KillableBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let server = tokio::spawn(async move {
+            // The connections' tasks belong to this set, so that killing
+            // the server ends them with it.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    Some(_) = connections.join_next() => continue,
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                connections.spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        KillableBackend { addr, server }
+    }
+
+    fn kill(&self) {
+        self.server.abort();
+    }
+}
+
 /// Records the `event` of every webhook call it receives, in order.
 struct WebhookReceiver {
     addr: SocketAddr,
@@ -380,10 +441,10 @@ async fn healthy_canary_goes_through_every_stage_and_is_promoted() {
     assert_eq!(rollout["phase"], "promoted", "{state:#}");
     assert_eq!(rollout["stage"], 3, "{state:#}");
     assert_eq!(rollout["stages"], 3, "{state:#}");
-    // The last stage, at 100%, ended on a passing evaluation of every
-    // absolute guardrail; the relative ones had no stable cohort to compare
-    // with.
-    for guardrail in ["success_rate", "p95_latency_ms"] {
+    // The last stage, at 100%, ended on a passing evaluation of the
+    // canary's availability and of every absolute guardrail; the relative
+    // ones had no stable cohort to compare with.
+    for guardrail in ["canary_available", "success_rate", "p95_latency_ms"] {
         assert_eq!(verdict(&state, guardrail), "pass", "{guardrail}: {state:#}");
     }
     for guardrail in ["success_rate_drop", "tokens_ratio"] {
@@ -593,7 +654,7 @@ async fn at_100_percent_a_healthy_canary_is_judged_alone_and_promoted() {
     assert_eq!(rollout_phase(&state), "promoted", "{state:#}");
     // The absolute guardrails judged the canary alone; the relative ones,
     // with no stable cohort to compare with, did not hold the stage.
-    for guardrail in ["success_rate", "p95_latency_ms"] {
+    for guardrail in ["canary_available", "success_rate", "p95_latency_ms"] {
         assert_eq!(verdict(&state, guardrail), "pass", "{guardrail}: {state:#}");
     }
     for guardrail in ["success_rate_drop", "p95_latency_ratio", "tokens_ratio"] {
@@ -642,9 +703,82 @@ async fn at_100_percent_a_canary_below_the_success_floor_is_rolled_back() {
     all_on_stable(server.proxy_addr()).await;
 }
 
+// ---------------------------------------------------------------------------
+// A canary with no upstream available
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_whose_upstream_dies_is_held_and_rolled_back_not_promoted() {
+    let stable = Backend::start(STABLE).await;
+    let canary = KillableBackend::start().await;
+    // Its guardrail passes on the requests the canary served while up, the
+    // failures at its death included; once its cohort falls back to
+    // stable, its window gets nothing new to judge.
+    let plan = "min_requests = 40\ninconclusive_limit = 1000\non_success = \"promote\"\n\
+                stages = [ { weight = 50, duration = \"3s\" }, { weight = 100, duration = \"2s\" } ]";
+    let extra = format!(
+        "[health]\ninterval = \"100ms\"\ncanary_unavailable = \"stable\"\n\n{}",
+        rollout_table(plan, "p95_latency_ms_max = 8000")
+    );
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let traffic = Traffic::start(server.proxy_addr(), 4);
+    wait_state(&admin, "a passing evaluation of the live canary", |s| {
+        verdict(s, "p95_latency_ms") == "pass" && verdict(s, "canary_available") == "pass"
+    })
+    .await;
+
+    canary.kill();
+    // From the first state whose canary has no upstream available, the
+    // rollout must not move on: every evaluation from then fails.
+    let mut held_at: Option<u64> = None;
+    let state = poll_state(
+        &admin,
+        "the rollback or the promotion of the dead canary",
+        ROLLOUT_DEADLINE,
+        |s| {
+            let stage = s["rollout"]["stage"].as_u64();
+            if held_at.is_none() && s["canary"].is_object() && !canary_available(s) {
+                held_at = stage;
+            }
+            if let Some(held) = held_at {
+                assert!(stage <= Some(held), "moved on from stage {held}: {s:#}");
+            }
+        },
+        |s| s["status"] == "rolled_back" || s["stable"]["name"] == CANARY,
+    )
+    .await;
+    drop(traffic);
+    assert!(held_at.is_some(), "the canary never showed as down");
+    assert_eq!(
+        state["stable"]["name"], STABLE,
+        "promoted a dead canary: {state:#}"
+    );
+    assert_eq!(state["status"], "rolled_back", "{state:#}");
+    assert_eq!(state["last_rollback"]["source"], "guardrail", "{state:#}");
+    let reason = rollback_reason(&state);
+    assert!(
+        reason.contains("canary_available: no upstream of the canary is available"),
+        "{reason:?}"
+    );
+    let state = wait_state(&admin, "the rollout to record its end", |s| {
+        rollout_phase(s) == "rolled_back"
+    })
+    .await;
+    let available = evaluation(&state, "canary_available").expect("an availability evaluation");
+    assert_eq!(
+        (&available["verdict"], &available["canary"]),
+        (&json!("fail"), &json!(0.0)),
+        "{state:#}"
+    );
+    // The guardrail that judged stale numbers still passed: only the
+    // availability stopped the rollout.
+    assert_eq!(verdict(&state, "p95_latency_ms"), "pass", "{state:#}");
+    all_on_stable(server.proxy_addr()).await;
+}
+
 /// A server whose config has a `[rollout]` (for the windows' slot and the
 /// plan an empty start uses) but no canary; the canary is installed through
-/// the API at weight 0.
+/// the API at weight 0, and has passed its first health probe.
 async fn server_with_api_canary(plan: &str, guardrails: &str, extra: &str) -> Server {
     let stable = Backend::start(STABLE).await;
     let canary = Backend::start(CANARY).await;
@@ -657,6 +791,7 @@ async fn server_with_api_canary(plan: &str, guardrails: &str, extra: &str) -> Se
     let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
     let reply = admin.call(Method::PUT, "/admin/canary", body).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
     server
 }
 
@@ -1199,6 +1334,7 @@ async fn agent_release_manifest_drives_a_rollout_through_ctl() {
     let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
     let reply = admin.call(Method::PUT, "/admin/canary", body).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
     let traffic = Traffic::start(server.proxy_addr(), 4);
 
     let manifest = scratch_dir().join("release.yaml");
@@ -1218,8 +1354,9 @@ async fn agent_release_manifest_drives_a_rollout_through_ctl() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 
-    // The first stage passes on every guardrail the manifest names, mapped
-    // onto the plan's, and the rollout stops at the approval gate.
+    // The first stage passes on the canary's availability and every
+    // guardrail the manifest names, mapped onto the plan's, and the rollout
+    // stops at the approval gate.
     let paused = wait_state(&admin, "the manifest's pause", |s| {
         rollout_phase(s) == "paused"
     })
@@ -1240,6 +1377,7 @@ async fn agent_release_manifest_drives_a_rollout_through_ctl() {
     assert_eq!(
         limits,
         [
+            ("canary_available".to_owned(), json!(1.0), pass()),
             ("success_rate".to_owned(), json!(0.97), pass()),
             ("p95_latency_ms".to_owned(), json!(8000.0), pass()),
             ("tokens_ratio".to_owned(), json!(1.15), pass()),
@@ -1378,6 +1516,7 @@ async fn the_audit_log_says_who_moved_a_rollout() {
     let body = json!({"name": "v3", "upstreams": [canary.addr.to_string()], "weight": 0});
     let installed = admin.call(Method::PUT, "/admin/canary", body).await;
     assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
+    wait_canary_available(&admin).await;
     let plan = json!({
         "interval": INTERVAL,
         "on_success": "promote",

@@ -543,7 +543,8 @@ impl Rollouts {
             self.save_or_end(progress, "rollout_evaluation", BY_ROLLOUT)?;
             // A stage ends only on a passing evaluation: an inconclusive one
             // (too little data, or a canary that measures past a limit
-            // without proof yet) waits.
+            // without proof yet) waits, and a failing one (a guardrail, or
+            // a canary with no upstream available) holds it.
             if elapsed >= duration && verdict == Verdict::Pass {
                 return Ok(());
             }

@@ -1,26 +1,35 @@
 //! Judging a rollout stage: the guardrails over the live table's windows.
 //!
-//! Owns: taking both cohorts' samples from the live table over the same
-//! window (stable's only while it serves a cohort, that is below 100%),
-//! asking [`stats`] for a verdict on each configured guardrail, summing
-//! them up (any failure fails; else any inconclusive waits; else pass, a
-//! guardrail not applicable counting for nothing), counting each
-//! guardrail's failed looks in a row against `failure_limit`, and wording
-//! the rollback reason. Does not own the statistical method.
+//! Owns: whether the canary can take requests at all ([`CANARY_AVAILABLE`],
+//! judged first at every look), taking both cohorts' samples from the live
+//! table over the same window (stable's only while it serves a cohort,
+//! that is below 100%), asking [`stats`] for a verdict on each configured
+//! guardrail, summing them up (any failure fails; else any inconclusive
+//! waits; else pass, a guardrail not applicable counting for nothing),
+//! counting each guardrail's failed looks in a row against
+//! `failure_limit`, and wording the rollback reason. Does not own the
+//! statistical method or upstream health (`health`, read here through the
+//! table).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use super::stats::{self, Look};
 use crate::clock;
 use crate::config::RolloutConfig;
+use crate::health;
 use crate::routing::Weight;
-use crate::table::RouteTable;
+use crate::table::{RouteTable, Version};
 
 pub use super::stats::{Evaluation, Verdict};
 
-/// Evaluates every configured guardrail at look number `look` (from 1,
-/// counted over the whole rollout). Without a canary there is nothing to
-/// judge, which passes.
+/// The name of the first evaluation of every look: whether any upstream of
+/// the canary can take a request.
+pub const CANARY_AVAILABLE: &str = "canary_available";
+
+/// Evaluates the canary's availability, then every configured guardrail, at
+/// look number `look` (from 1, counted over the whole rollout). Without a
+/// canary there is nothing to judge, which passes.
 #[must_use]
 pub fn evaluate(
     table: &RouteTable,
@@ -40,7 +49,8 @@ pub fn evaluate(
     // ever, which would hold a healthy canary at its last stage.
     let stable = (canary.weight < Weight::FULL).then(|| table.stable.window.snapshot(now, span));
     let canary_sample = canary.version.window.snapshot(now, span);
-    stats::evaluate(
+    let mut evaluations = vec![availability(&canary.version)];
+    evaluations.extend(stats::evaluate(
         &plan.guardrails,
         stable.as_ref(),
         &canary_sample,
@@ -50,7 +60,34 @@ pub fn evaluate(
             index: look,
             planned: stats::planned_looks(plan),
         },
-    )
+    ));
+    evaluations
+}
+
+/// Whether any upstream of the canary can take a request now (healthy and
+/// not ejected): the count of those that can, against a floor of one.
+///
+/// A canary with none fails the look. Its cohort falls back to stable (or
+/// gets 503s), so its window stops filling and the guardrails go on judging
+/// the numbers it had while it was up; a stage must not end on those, and a
+/// promotion would send every user to upstreams not known to answer. A
+/// canary that has yet to pass its first health probe has none available
+/// either. As with any failing guardrail, `failure_limit` such looks in a
+/// row roll back.
+fn availability(canary: &Version) -> Evaluation {
+    let now = health::now_ms();
+    let available = canary.health.iter().filter(|h| h.is_available(now)).count();
+    Evaluation {
+        guardrail: Cow::Borrowed(CANARY_AVAILABLE),
+        stable: None,
+        canary: Some(available as f64),
+        limit: 1.0,
+        verdict: if available > 0 {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        },
+    }
 }
 
 /// The stage's verdict: any failure fails; else any inconclusive waits; a
@@ -139,13 +176,17 @@ pub fn failure_reason(
         .iter()
         .filter(|e| tripped.iter().any(|t| *t == e.guardrail))
         .map(|e| {
-            format!(
-                "{}: canary {} vs stable {} (limit {})",
-                e.guardrail,
-                show(e.canary),
-                show(e.stable),
-                e.limit
-            )
+            if e.guardrail == CANARY_AVAILABLE {
+                format!("{CANARY_AVAILABLE}: no upstream of the canary is available")
+            } else {
+                format!(
+                    "{}: canary {} vs stable {} (limit {})",
+                    e.guardrail,
+                    show(e.canary),
+                    show(e.stable),
+                    e.limit
+                )
+            }
         })
         .collect();
     if failing.is_empty() {
@@ -304,6 +345,19 @@ mod tests {
             &vec![look(&[("tokens_ratio", NotApplicable)]); 3],
         );
         assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+    }
+
+    #[test]
+    fn an_unavailable_canary_trips_like_a_guardrail_and_is_named_plainly() {
+        let down = look(&[(CANARY_AVAILABLE, Fail), ("success_rate", Pass)]);
+        let tripped = count(&plan(2, 20), &[down.clone(), down.clone()]);
+        assert_eq!(tripped[0], Vec::<String>::new());
+        assert_eq!(tripped[1], [CANARY_AVAILABLE]);
+        assert_eq!(
+            failure_reason(&down, &tripped[1], 2),
+            "guardrail failed 2 evaluations in a row: \
+             canary_available: no upstream of the canary is available"
+        );
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl Evaluation {
             return true;
         };
         match (self.guardrail.as_ref(), self.stable) {
-            ("success_rate" | "eval_score", _) => canary >= self.limit,
+            ("success_rate" | "eval_score" | "canary_available", _) => canary >= self.limit,
             ("success_rate_drop", Some(stable)) => stable - canary <= self.limit,
             ("p95_latency_ratio" | "tokens_ratio", Some(stable)) => canary <= stable * self.limit,
             ("p95_latency_ms", _) => canary <= self.limit,
