@@ -505,8 +505,9 @@ impl Server {
     }
 
     /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),
-    /// then stops the admin listener, which answers through the drain
-    /// (`/ready` with 503).
+    /// saves a running rollout's progress with the time spent in its stage
+    /// (the next start resumes it), then stops the admin listener, which
+    /// answers through the drain (`/ready` with 503).
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
@@ -518,6 +519,7 @@ impl Server {
                 tracing::error!(worker = index, "proxy worker ended without draining");
             }
         }
+        self.rollouts.suspend().await;
         self.admin_task.abort();
     }
 }

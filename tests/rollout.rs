@@ -8,10 +8,10 @@
 //! tokens-ratio and eval-score guardrails with the failing metric named; a
 //! canary at 100% judged by the absolute guardrails alone; a canary whose
 //! upstream dies, held at its stage and rolled back rather than promoted;
-//! the approval gate and abort; a rollout that survives `kill -9` of
-//! `cohort serve` with its stage time counted; an AgentRelease manifest
-//! started and shown by `cohort ctl`; and the input checks of `POST
-//! /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
+//! the approval gate and abort; the stage's clock, live in the state, saved
+//! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
+//! AgentRelease manifest started and shown by `cohort ctl`; and the input
+//! checks of `POST /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
 //!
@@ -1175,7 +1175,97 @@ async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
 }
 
 // ---------------------------------------------------------------------------
-// Restart
+// The stage's clock: live, saved on a graceful shutdown, resumed after a restart
+
+/// The rollout's time spent in its stage and time left, as the state shows them.
+fn stage_clock(state: &Value) -> (u64, u64) {
+    let rollout = &state["rollout"];
+    (
+        rollout["stage_elapsed_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stage_elapsed_ms in {state:#}")),
+        rollout["time_left_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no time_left_ms in {state:#}")),
+    )
+}
+
+/// The state file at `path`, as JSON.
+fn read_state_file(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the state file {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("a JSON state file")
+}
+
+#[tokio::test]
+async fn the_state_shows_the_stages_time_between_evaluations() {
+    const STAGE_MS: u64 = 2 * 60 * 60 * 1_000;
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    // Judged once an hour: nothing is saved during the test but the start.
+    let plan = json!({"interval": "1h", "stages": [{"weight": 10, "duration": "2h"}]});
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let later = wait_state(&admin, "the stage's clock to move", |s| {
+        s["rollout"]["stage_elapsed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 300)
+    })
+    .await;
+    assert_eq!(later["rollout"]["evaluations"], 0, "{later:#}");
+    let (elapsed, left) = stage_clock(&later);
+    assert_eq!(elapsed + left, STAGE_MS, "{later:#}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_saves_the_stages_time() {
+    const STAGE_MS: u64 = 2 * 60 * 60 * 1_000;
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    // Judged once an hour: only the shutdown can save the time spent.
+    let extra = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 10, duration = \"2h\" } ]\n";
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), extra);
+    let state_file = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .path;
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+
+    let first = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    let running = wait_state(&admin, "time spent in the stage", |s| {
+        rollout_phase(s) == "progressing"
+            && s["rollout"]["stage_elapsed_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms >= 300)
+    })
+    .await;
+    assert_eq!(running["rollout"]["evaluations"], 0, "{running:#}");
+    let (spent, _) = stage_clock(&running);
+    assert_eq!(first.stop().await, Some(0));
+
+    // The state file holds the time spent up to the shutdown.
+    let saved = read_state_file(&state_file);
+    assert_eq!(saved["rollout"]["phase"], "progressing", "{saved:#}");
+    let (saved_ms, left) = stage_clock(&saved);
+    assert!(
+        saved_ms >= spent,
+        "{spent} ms seen before the shutdown, {saved_ms} ms saved: {saved:#}"
+    );
+    assert_eq!(saved_ms + left, STAGE_MS, "{saved:#}");
+
+    // And the next start carries on from there.
+    let second = Process::serve(&path, &[]).await;
+    second.log_line(&["resuming the rollout", "stage=0"]).await;
+    let resumed = AdminApi::new(second.admin).state().await;
+    assert_eq!(rollout_phase(&resumed), "progressing", "{resumed:#}");
+    let (resumed_ms, _) = stage_clock(&resumed);
+    assert!(resumed_ms >= saved_ms, "{saved_ms} ms saved: {resumed:#}");
+    assert_eq!(second.stop().await, Some(0));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_stage_resumes_with_the_time_spent() {
@@ -1185,32 +1275,32 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
     let plan = "min_requests = 10\ninconclusive_limit = 1000\n\
                 stages = [ { weight = 10, duration = \"30s\" }, { weight = 100, duration = \"30s\" } ]";
     let extra = rollout_table(plan, "p95_latency_ms_max = 8000");
-    let dir = scratch_dir();
-    let path = dir.join("cohort.toml");
-    std::fs::write(
-        &path,
-        config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra),
-    )
-    .expect("write the config");
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
+    let state_file = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .path;
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
 
     let first = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(first.admin);
     let traffic = Traffic::start(first.proxy, 2);
-    let before = wait_state(&admin, "time spent in the first stage", |s| {
-        s["rollout"]["stage_elapsed_ms"]
-            .as_u64()
-            .is_some_and(|ms| ms >= 500)
+    // Five evaluations, at least an interval apart: at least 500 ms saved.
+    let before = wait_state(&admin, "evaluations in the first stage", |s| {
+        s["rollout"]["evaluations"].as_u64().is_some_and(|n| n >= 5)
             && verdict(s, "p95_latency_ms") == "pass"
     })
     .await;
     drop(traffic);
     first.kill9().await;
-    let spent = before["rollout"]["stage_elapsed_ms"]
-        .as_u64()
-        .expect("seen above");
     let evaluations = before["rollout"]["evaluations"]
         .as_u64()
         .expect("evaluations");
+    // A kill -9 loses the time since the last evaluation's save, no more.
+    let saved = read_state_file(&state_file);
+    let (spent, _) = stage_clock(&saved);
+    assert!(spent >= 500, "{saved:#}");
 
     let second = Process::serve(&path, &[]).await;
     second.log_line(&["resuming the rollout", "stage=0"]).await;
@@ -1225,7 +1315,7 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
         rollout["stage_elapsed_ms"]
             .as_u64()
             .is_some_and(|ms| ms >= spent),
-        "the stage's time was reset: {spent} ms before, now {resumed:#}"
+        "the stage's time was reset: {spent} ms saved, now {resumed:#}"
     );
     assert!(
         rollout["time_left_ms"]
@@ -1239,8 +1329,9 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
         "{resumed:#}"
     );
 
-    // It carries on from there: three more evaluations, each at least an
-    // interval apart, add at least 300 ms to the time restored.
+    // It carries on from there: of five more evaluations, each at least an
+    // interval apart, the last is at least 400 ms after the first, which was
+    // taken no earlier than a save before the time restored was read.
     let restored = (
         rollout["evaluations"].as_u64().expect("evaluations"),
         rollout["stage_elapsed_ms"].as_u64().expect("checked above"),
@@ -1250,7 +1341,7 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
     let later = wait_state(&admin, "the resumed stage to progress", |s| {
         s["rollout"]["evaluations"]
             .as_u64()
-            .is_some_and(|n| n >= restored.0 + 3)
+            .is_some_and(|n| n >= restored.0 + 5)
     })
     .await;
     drop(traffic);
@@ -1633,6 +1724,21 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
             .is_some_and(|r| r.contains("fewer than 1000 requests")),
         "{paused:#}"
     );
+    // The stage's clock stands still while paused, in the state too.
+    let stopped_at = paused["rollout"]["stage_elapsed_ms"].clone();
+    assert!(stopped_at.as_u64().is_some_and(|ms| ms > 0), "{paused:#}");
+    let since = Instant::now();
+    poll_state(
+        &admin,
+        "a few intervals of pause",
+        ROLLOUT_DEADLINE,
+        |s| {
+            assert_eq!(s["rollout"]["stage_elapsed_ms"], stopped_at, "{s:#}");
+            assert!(s["rollout"]["time_left_ms"].is_null(), "{s:#}");
+        },
+        |_| since.elapsed() >= Duration::from_millis(300),
+    )
+    .await;
 
     // Approved, it waits for data again at the same stage.
     let approved = admin

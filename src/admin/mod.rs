@@ -197,7 +197,7 @@ impl Admin {
                 );
                 Ok(rsp)
             }
-            (&Method::GET, "/admin/state") => ok(self.control.state_with_health()),
+            (&Method::GET, "/admin/state") => ok(self.rollouts.state_with_health()),
             (&Method::PUT, "/admin/weight") => {
                 ok(to_json(&handlers::weight(&self.control, req).await?))
             }

@@ -6,8 +6,9 @@
 //! looks in a row, pausing for a person when the guardrails lack data for
 //! too long, the end (promote or hold), ending at once when a change
 //! made outside it (a rollback, a promotion, a new canary) supersedes it,
-//! resuming after a restart with the time already spent counted, and
-//! webhook events. It changes the world
+//! the stage's clock (shown live in `GET /admin/state`, saved at every
+//! evaluation and on a graceful shutdown), resuming after a restart with
+//! the time already spent counted, and webhook events. It changes the world
 //! only through `Control`, and its progress lives in the live state under
 //! `rollout`. Does not own the statistics or the counting of failed looks
 //! (`judge`, `stats`).
@@ -67,7 +68,9 @@ pub struct Progress {
     pub stage: usize,
     pub stages: usize,
     pub weight: f64,
-    /// Time spent in the current stage, in milliseconds, saved at every evaluation.
+    /// Time spent in the current stage, in milliseconds, saved at every
+    /// evaluation and on a graceful shutdown ([`Rollouts::suspend`]);
+    /// [`Rollouts::state_with_health`] shows it live.
     pub stage_elapsed_ms: u64,
     /// Time left in the current stage, in milliseconds (`null` at a pause).
     pub time_left_ms: Option<u64>,
@@ -93,6 +96,10 @@ enum Command {
     /// Ends the rollout with a rollback for `reason`; answered once both
     /// are recorded.
     Abort { reason: String, reply: Reply },
+    /// Saves the progress with the time spent in the stage and stops the
+    /// rollout's task without ending the rollout, which the next start
+    /// resumes; answered once saved.
+    Suspend(oneshot::Sender<()>),
 }
 
 /// Where a command is answered: the live state once the rollout's task has
@@ -111,6 +118,75 @@ impl From<Phase> for Ending {
         Ending { phase, reply: None }
     }
 }
+
+/// Why a rollout's task stops before its last stage is done.
+#[derive(Debug)]
+enum Stop {
+    /// The rollout ends.
+    End(Ending),
+    /// The server shuts down: the progress is saved, and the rollout
+    /// carries on at the next start. Whoever asked waits to hear it is saved.
+    Suspend(oneshot::Sender<()>),
+}
+
+impl From<Ending> for Stop {
+    fn from(ending: Ending) -> Stop {
+        Stop::End(ending)
+    }
+}
+
+impl From<Phase> for Stop {
+    fn from(phase: Phase) -> Stop {
+        Stop::End(phase.into())
+    }
+}
+
+/// The time spent in a weighted stage: `spent` before the clock last
+/// started (before a restart or a pause), plus the time since, while it
+/// runs. Counting from a saved amount rather than from a start instant
+/// back-dated by it, so no instant before the machine's boot is ever needed.
+#[derive(Debug, Clone, Copy)]
+struct StageClock {
+    spent: Duration,
+    /// When the clock last started; `None` while it is stopped.
+    since: Option<Instant>,
+}
+
+impl StageClock {
+    /// A clock that has counted `spent` and runs from now.
+    fn running_from(spent: Duration) -> StageClock {
+        StageClock {
+            spent,
+            since: Some(Instant::now()),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.spent + self.since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    fn stop(&mut self) {
+        self.spent = self.elapsed();
+        self.since = None;
+    }
+
+    fn start(&mut self) {
+        self.since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// The running stage's clock as the rollout's task last published it, for
+/// readers of the state between two saves.
+#[derive(Debug, Clone)]
+struct ShownClock {
+    canary: String,
+    stage: usize,
+    duration: Duration,
+    clock: StageClock,
+}
+
+/// How long a graceful shutdown waits for the rollout to save its progress.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a running rollout listens to besides the clock.
 #[derive(Debug)]
@@ -132,6 +208,10 @@ pub struct Rollouts {
     running: Mutex<Option<mpsc::Sender<Command>>>,
     /// The latest outside judgement per version (`POST /admin/signals`).
     eval_scores: Mutex<HashMap<String, f64>>,
+    /// The clock of the weighted stage the rollout's task is in, as the
+    /// task last published it; `None` between stages and with no rollout
+    /// running.
+    clock: Mutex<Option<ShownClock>>,
 }
 
 impl Rollouts {
@@ -147,6 +227,7 @@ impl Rollouts {
             webhooks,
             running: Mutex::new(None),
             eval_scores: Mutex::new(HashMap::new()),
+            clock: Mutex::new(None),
         })
     }
 
@@ -335,6 +416,55 @@ impl Rollouts {
         Ok(())
     }
 
+    /// The live state as `GET /admin/state` shows it
+    /// ([`Control::state_with_health`]), with the running stage's time spent
+    /// and time left read off its clock: the saved ones are as of the last
+    /// evaluation, up to an `interval` old. A stopped clock (a pause, the
+    /// approval gate) shows what was saved when it stopped.
+    #[must_use]
+    pub fn state_with_health(&self) -> Value {
+        let mut state = self.control.state_with_health();
+        let shown = self.clock.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (Some(shown), Some(rollout)) = (
+            shown,
+            state.get_mut("rollout").and_then(Value::as_object_mut),
+        ) else {
+            return state;
+        };
+        // The clock and the saved progress are published one after the
+        // other: show the clock only on the stage it runs for.
+        let same_stage = rollout.get("canary").and_then(Value::as_str) == Some(&shown.canary)
+            && rollout.get("stage").and_then(Value::as_u64) == u64::try_from(shown.stage).ok()
+            && rollout.get("phase").and_then(Value::as_str) == Some("progressing");
+        if same_stage && shown.clock.since.is_some() {
+            let elapsed = shown.clock.elapsed();
+            rollout.insert("stage_elapsed_ms".into(), millis(elapsed).into());
+            rollout.insert(
+                "time_left_ms".into(),
+                time_left_ms(shown.duration, elapsed).into(),
+            );
+        }
+        state
+    }
+
+    /// Saves the running rollout's progress with the time spent in its
+    /// stage, and stops its task without ending it, so that the next start
+    /// resumes it where it stopped: for a graceful shutdown. Waits at most
+    /// [`SUSPEND_TIMEOUT`] for the save.
+    pub async fn suspend(&self) {
+        let (reply, saved) = oneshot::channel();
+        if self.command(Command::Suspend(reply)).is_ok()
+            && tokio::time::timeout(SUSPEND_TIMEOUT, saved).await.is_err()
+        {
+            tracing::warn!("the rollout did not save its progress in time");
+        }
+    }
+
+    /// Publishes the running stage's clock, or that none runs (`None`).
+    fn show_clock(&self, shown: Option<ShownClock>) {
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = shown;
+    }
+
     fn progress(&self) -> Option<Progress> {
         self.control
             .state()
@@ -368,7 +498,8 @@ impl Rollouts {
         tx
     }
 
-    /// The stage machine. Returns when the rollout ends, however it ends.
+    /// The stage machine. Returns when the rollout ends, however it ends,
+    /// or when it is suspended for a shutdown.
     async fn run(self: Arc<Self>, plan: RolloutConfig, mut progress: Progress, mut inbox: Inbox) {
         // An approval is answered once the stage after the gate is in
         // effect, so the answer shows where the rollout went.
@@ -385,6 +516,7 @@ impl Rollouts {
                         .await
                 }
             };
+            self.show_clock(None);
             match outcome {
                 Ok(()) => {
                     progress.stage += 1;
@@ -393,9 +525,20 @@ impl Rollouts {
                     progress.failure_runs.clear();
                     progress.consecutive_inconclusive = 0;
                 }
-                Err(ending) => {
+                Err(Stop::End(ending)) => {
                     self.end(&plan, progress, ending);
                     return self.answer(&mut approval);
+                }
+                Err(Stop::Suspend(reply)) => {
+                    tracing::info!(
+                        stage = progress.stage,
+                        elapsed_ms = progress.stage_elapsed_ms,
+                        "rollout suspended; it resumes on the next start"
+                    );
+                    self.answer(&mut approval);
+                    // The caller may have given up waiting; the save stands.
+                    let _ = reply.send(());
+                    return;
                 }
             }
         }
@@ -421,7 +564,7 @@ impl Rollouts {
         progress: &mut Progress,
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
-    ) -> Result<(), Ending> {
+    ) -> Result<(), Stop> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
         self.save_or_end(progress, "rollout_pause", BY_ROLLOUT)?;
@@ -440,9 +583,12 @@ impl Rollouts {
                         return Ok(());
                     }
                     Some(Command::Abort { reason, reply }) => {
-                        return Err(aborted(progress, reason, reply));
+                        return Err(aborted(progress, reason, reply).into());
                     }
-                    None => return Err(orphaned()),
+                    // Everything a pause has is saved already, its stopped
+                    // clock included.
+                    Some(Command::Suspend(reply)) => return Err(Stop::Suspend(reply)),
+                    None => return Err(orphaned().into()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
                 () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
@@ -457,7 +603,7 @@ impl Rollouts {
         (weight, duration): (f64, Duration),
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
-    ) -> Result<(), Ending> {
+    ) -> Result<(), Stop> {
         // Paused for lack of data when the process stopped: still paused.
         if progress.phase == Phase::Paused {
             self.pause(plan, progress, inbox, approval).await?;
@@ -465,8 +611,20 @@ impl Rollouts {
         }
         progress.phase = Phase::Progressing;
         progress.weight = weight;
-        let mut started = Instant::now() - Duration::from_millis(progress.stage_elapsed_ms);
-        progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
+        let spent = Duration::from_millis(progress.stage_elapsed_ms);
+        let mut clock = StageClock::running_from(spent);
+        progress.time_left_ms = Some(time_left_ms(duration, spent));
+        // Published before the save it belongs with: a reader that sees the
+        // save sees the clock (see `state_with_health`).
+        let show = |clock: StageClock, progress: &Progress| {
+            self.show_clock(Some(ShownClock {
+                canary: progress.canary.clone(),
+                stage: progress.stage,
+                duration,
+                clock,
+            }));
+        };
+        show(clock, progress);
         self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
@@ -479,9 +637,17 @@ impl Rollouts {
                     // Nothing waits for approval: the caller hears so.
                     Some(Command::Approve(_)) => continue,
                     Some(Command::Abort { reason, reply }) => {
-                        return Err(aborted(progress, reason, reply));
+                        return Err(aborted(progress, reason, reply).into());
                     }
-                    None => return Err(orphaned()),
+                    Some(Command::Suspend(reply)) => {
+                        clock.stop();
+                        show(clock, progress);
+                        progress.stage_elapsed_ms = millis(clock.elapsed());
+                        progress.time_left_ms = Some(time_left_ms(duration, clock.elapsed()));
+                        self.save_or_end(progress, "rollout_suspend", BY_ROLLOUT)?;
+                        return Err(Stop::Suspend(reply));
+                    }
+                    None => return Err(orphaned().into()),
                 },
                 Ok(()) = inbox.changes.changed() => {
                     self.still_ours(progress)?;
@@ -491,7 +657,7 @@ impl Rollouts {
             }
             next_look = Instant::now() + plan.interval;
             self.still_ours(progress)?;
-            let elapsed = started.elapsed();
+            let elapsed = clock.elapsed();
             progress.evaluations += 1;
             let evaluation = judge::evaluate(
                 &self.control.table().snapshot(),
@@ -500,7 +666,7 @@ impl Rollouts {
                 &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
             );
             progress.stage_elapsed_ms = millis(elapsed);
-            progress.time_left_ms = Some(millis(duration.saturating_sub(elapsed)));
+            progress.time_left_ms = Some(time_left_ms(duration, elapsed));
             let verdict = judge::overall(&evaluation);
             let tripped = judge::count_failures(
                 &mut progress.failure_runs,
@@ -514,19 +680,25 @@ impl Rollouts {
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
-                // back) instead of rolling back. The stage's clock stops.
+                // back) instead of rolling back. The stage's clock stops at
+                // the time this evaluation saved.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
                 progress.reason = Some(format!(
                     "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, no eval_score reported, or a canary measuring past a limit without proof); approve to keep waiting, or abort",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
                 ));
-                let paused_at = Instant::now();
+                clock = StageClock {
+                    spent: elapsed,
+                    since: None,
+                };
+                show(clock, progress);
                 self.pause(plan, progress, inbox, approval).await?;
-                started += paused_at.elapsed();
+                clock.start();
                 progress.phase = Phase::Progressing;
                 progress.reason = None;
-                progress.time_left_ms = Some(millis(duration.saturating_sub(started.elapsed())));
+                progress.time_left_ms = Some(time_left_ms(duration, elapsed));
+                show(clock, progress);
                 self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
                 self.answer(approval);
                 next_look = Instant::now() + plan.interval;
@@ -720,6 +892,12 @@ fn aborted(progress: &mut Progress, reason: String, reply: Reply) -> Ending {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The time left of a stage of `duration` after `elapsed`, in whole
+/// milliseconds that add up with [`millis`] of `elapsed` to the duration's.
+fn time_left_ms(duration: Duration, elapsed: Duration) -> u64 {
+    millis(duration).saturating_sub(millis(elapsed))
 }
 
 #[cfg(test)]
