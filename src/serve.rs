@@ -152,6 +152,13 @@ impl RestartOnly {
     }
 }
 
+/// A reload's new worker generation, its sockets bound but not yet serving.
+#[derive(Debug)]
+struct NextWorkers {
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+}
+
 /// A set of proxy workers built from one `[listen]` and `[upstream]`.
 #[derive(Debug)]
 struct WorkerGeneration {
@@ -369,6 +376,15 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                 );
                 return false;
             }
+            // Before anything is applied: a new `listen.addr` that cannot
+            // be bound refuses the whole reload.
+            let next_workers = match server.prepare_workers(&config) {
+                Ok(next) => next,
+                Err(error) => {
+                    tracing::error!(%error, "config reload refused; the old one keeps running");
+                    return false;
+                }
+            };
             let before = server.control.state();
             let after = match server.control.reload(&config) {
                 Ok(after) => after,
@@ -394,13 +410,13 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                     }
                 });
             }
-            match server.reload_workers(&config) {
-                Ok(true) => tracing::info!(
+            match next_workers.map(|next| server.start_workers(next)) {
+                Some(Ok(())) => tracing::info!(
                     proxy.addr = %server.proxy_addr(),
                     "proxy workers restarted with the reloaded [listen] and [upstream]; the previous ones drain"
                 ),
-                Ok(false) => {}
-                Err(error) => tracing::error!(
+                None => {}
+                Some(Err(error)) => tracing::error!(
                     %error,
                     "the reloaded [listen] or [upstream] cannot be applied; the running workers keep serving"
                 ),
@@ -462,13 +478,30 @@ impl Server {
     /// (the route table's, applied at once) or `upstream.ca_file` (a
     /// restart's): neither is worth cutting long streams at the drain.
     pub fn reload_workers(&mut self, config: &Config) -> Result<bool, ServeError> {
+        let Some(next) = self.prepare_workers(config)? else {
+            return Ok(false);
+        };
+        self.start_workers(next)?;
+        Ok(true)
+    }
+
+    /// The first half of [`Server::reload_workers`], which can fail for
+    /// want of an address: `None` when the running workers serve `config`
+    /// as they are, else the sockets a new generation would take. A reload
+    /// binds before it changes anything, so that it is applied or refused
+    /// whole.
+    fn prepare_workers(&self, config: &Config) -> Result<Option<NextWorkers>, ServeError> {
         let current = &self.generation;
+        // `listen.tls` takes a restart: the workers keep the running one,
+        // and a file edited for that restart must not make every SIGHUP
+        // till then start new workers.
+        let mut config = config.clone();
+        config.listen.tls.clone_from(&current.listen.tls);
         let pools = |u: &UpstreamConfig| (u.connect_timeout, u.idle_timeout, u.max_idle_per_host);
         if config.listen == current.listen && pools(&config.upstream) == pools(&current.upstream) {
-            return Ok(false);
+            return Ok(None);
         }
-        let same_addr = config.listen.addr == current.listen.addr;
-        let listeners = if same_addr {
+        let listeners = if config.listen.addr == current.listen.addr {
             // Every socket goes on, however many workers there are now.
             current
                 .listeners
@@ -483,11 +516,15 @@ impl Server {
         } else {
             bind_proxy(config.listen.addr, config.listen.workers)?
         };
-        let mut config = config.clone();
-        config.listen.tls.clone_from(&current.listen.tls);
+        Ok(Some(NextWorkers { config, listeners }))
+    }
+
+    /// The second half of [`Server::reload_workers`]: the new generation
+    /// starts and the old one drains.
+    fn start_workers(&mut self, next: NextWorkers) -> Result<(), ServeError> {
         let (generation, workers) = spawn_generation(
-            listeners,
-            &config,
+            next.listeners,
+            &next.config,
             Arc::clone(self.control.table()),
             Arc::clone(&self.upstream_tls),
             self.tls.clone(),
@@ -501,7 +538,7 @@ impl Server {
         let previous = std::mem::replace(&mut self.generation, generation);
         previous.stop.send_replace(true);
         self.workers.extend(workers);
-        Ok(true)
+        Ok(())
     }
 
     /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),

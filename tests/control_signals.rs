@@ -6,7 +6,8 @@
 //! moved listener and new upstream settings starts new workers while a
 //! request in flight finishes on the old ones; SIGHUP with an invalid config
 //! is refused in the log (a syntax error in the one line `cohort check`
-//! prints) while the old config keeps serving; SIGHUP with a new canary
+//! prints) while the old config keeps serving, as does one whose new
+//! `listen.addr` cannot be bound; SIGHUP with a new canary
 //! starts the config's rollout plan for it; a stream cut at the end of a
 //! replaced worker's drain leaves `cohort_client_connections`; fewer
 //! workers after SIGHUP keep every listening socket.
@@ -207,6 +208,38 @@ async fn sighup_with_an_invalid_config_keeps_the_old_one() {
         assert!(!reply.headers.contains_key("x-served-by"), "{reply:?}");
     }
     assert_eq!(admin.state().await, before);
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// A reload is applied or refused whole: a new `listen.addr` that cannot
+/// be bound refuses it before the edited `[versions]` next to it re-seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_to_an_address_that_cannot_be_bound_changes_nothing() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(&[stable.addr], Some((&[canary.addr], 50.0)), "");
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let before = admin.state().await;
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let edited = text
+        .replacen(
+            "addr = \"127.0.0.1:0\"",
+            &format!("addr = \"{}\"", taken.local_addr().expect("its address")),
+            1,
+        )
+        .replacen("weight = 50\n", "weight = 20\n", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&path, edited).expect("edit the config");
+    process.signal("HUP");
+    process
+        .log_line(&["config reload refused", "listen.addr"])
+        .await;
+    assert_eq!(admin.state().await, before);
+    let reply = Http::new(process.proxy).get("/", &[]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(process.stop().await, Some(0));
 }
 

@@ -283,6 +283,15 @@ async fn an_open_websocket_survives_a_worker_restart_and_holds_up_a_shutdown() {
     let edited = format!("{text}\n[upstream]\nidle_timeout = \"7s\"\n");
     let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
     assert!(server.reload_workers(&edited).expect("the reload"));
+    // `listen.tls` takes a restart: edited, it starts no workers, on this
+    // reload or any after it.
+    let tls_edited = format!(
+        "{text}\n[upstream]\nidle_timeout = \"7s\"\n\n\
+         [listen.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n"
+    );
+    let tls_edited = cohort::config::Config::parse(&tls_edited, "test").expect("a valid config");
+    assert!(!server.reload_workers(&tls_edited).expect("the reload"));
+    assert!(!server.reload_workers(&tls_edited).expect("the reload"));
     let mut fresh = open_ws(&server, "bob", STABLE).await;
     echo(&mut fresh, STABLE, "on the new workers").await;
     for i in 0..3 {
