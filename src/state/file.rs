@@ -4,8 +4,9 @@
 //! replace (temp file in the same directory, fsync, rename, fsync the
 //! directory), so a crash at any point leaves either the old file or the new
 //! one, never a torn one; reading refuses a file that is not whole JSON or
-//! fails [`super::LiveState::check`], and a reset sets an unreadable file
-//! aside instead of overwriting it. Does not own what the state means.
+//! fails [`super::LiveState::check`], a reset sets an unreadable file
+//! aside instead of overwriting it, and a start removes the temp files of
+//! writes that a crash cut short. Does not own what the state means.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
@@ -55,6 +56,7 @@ impl FileStore {
 
 impl StateStore for FileStore {
     fn load(&self) -> Result<Option<SavedState>, StateError> {
+        self.remove_leftovers();
         self.read()
     }
 
@@ -93,6 +95,48 @@ impl StateStore for FileStore {
 }
 
 impl FileStore {
+    /// Removes the temp files of writes that a crash stopped before their
+    /// rename (`<path>.tmp.<pid>`, see [`write_atomically`]). One younger
+    /// than [`LEFTOVER_AGE`] may be another process's write in progress,
+    /// and is left alone.
+    fn remove_leftovers(&self) {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let mut prefix = name.to_owned();
+        prefix.push(".tmp.");
+        let prefix = prefix.to_string_lossy().into_owned();
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age > LEFTOVER_AGE);
+            if stale && entry.file_name().to_string_lossy().starts_with(&prefix) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        file = %entry.path().display(),
+                        "removed a state file write that a crash left unfinished"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        file = %entry.path().display(),
+                        "cannot remove a state file write that a crash left unfinished"
+                    ),
+                }
+            }
+        }
+    }
+
     /// `<path>.unreadable-<seconds since the epoch>`, beside the state file.
     fn aside_path(&self) -> PathBuf {
         let seconds = std::time::SystemTime::now()
@@ -103,6 +147,10 @@ impl FileStore {
         self.path.with_file_name(name)
     }
 }
+
+/// How old a state file's temp file must be to count as left by a crash: a
+/// write takes milliseconds from its creation to its rename.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Replaces `path` with `contents` so that readers and crashes see the old
 /// file or the new one, whole.

@@ -543,4 +543,34 @@ mod tests {
             assert!(error.contains("--reset-state"), "{error}");
         }
     }
+
+    #[test]
+    fn a_start_removes_the_temp_files_a_crash_left_and_no_others() {
+        let (store, path) = store();
+        restore(&store, &versions(10), None, false).unwrap();
+        let dir = path.parent().unwrap();
+        let old = dir.join("state.json.tmp.4242");
+        let fresh = dir.join("state.json.tmp.4343");
+        let other = dir.join("notes.tmp.4242");
+        for file in [&old, &fresh, &other] {
+            std::fs::write(file, b"{").unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for file in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        store.load().unwrap();
+        assert!(!old.exists(), "a crash's leftover stays");
+        assert!(
+            fresh.exists(),
+            "a write that may be in progress was removed"
+        );
+        assert!(other.exists(), "a file that is not the state's was removed");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
