@@ -48,7 +48,8 @@ impl FileStore {
             path: self.path.display().to_string(),
             message,
         };
-        let saved: SavedState = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let saved: SavedState = serde_json::from_str(&text)
+            .map_err(|error| corrupt(name_the_field(&text).unwrap_or_else(|| error.to_string())))?;
         saved.live.check().map_err(corrupt)?;
         Ok(Some(saved))
     }
@@ -146,6 +147,25 @@ impl FileStore {
         name.push(format!(".unreadable-{seconds}"));
         self.path.with_file_name(name)
     }
+}
+
+/// The field a state file's value is wrong in, and why, when its JSON is
+/// whole: serde points such an error at the end of the object the live
+/// state is flattened into, not at the field.
+fn name_the_field(text: &str) -> Option<String> {
+    let serde_json::Value::Object(mut document) = serde_json::from_str(text).ok()? else {
+        return None;
+    };
+    document.remove("versions_digest");
+    document.remove("shadow_digest");
+    let error = serde_path_to_error::deserialize::<_, super::LiveState>(serde_json::Value::Object(
+        document,
+    ))
+    .err()?;
+    Some(match error.path().to_string().as_str() {
+        "." => error.into_inner().to_string(),
+        field => format!("{field}: {}", error.into_inner()),
+    })
 }
 
 /// How old a state file's temp file must be to count as left by a crash: a

@@ -215,6 +215,15 @@ impl LiveState {
         if let Some(canary) = &self.canary {
             version("canary", &canary.name, &canary.upstreams)?;
             share("canary.weight", canary.weight)?;
+            // A rollback sets the weight to 0, and anything that raises it
+            // ends the status: a file that has both would serve a canary
+            // that says it was rolled back.
+            if self.status == Status::RolledBack && canary.weight != 0.0 {
+                return Err(format!(
+                    "canary.weight: {} with status \"rolled_back\", which has weight 0",
+                    canary.weight
+                ));
+            }
             if canary.name == self.stable.name {
                 return Err(format!(
                     "canary.name: {:?} is the stable version's name",
@@ -520,8 +529,11 @@ mod tests {
         let (store, path) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false).unwrap();
         let text = serde_json::to_value(&saved).unwrap();
-        let edits: [(&str, serde_json::Value, &str); 5] = [
+        let edits: [(&str, serde_json::Value, &str); 8] = [
             ("/canary/weight", 500.into(), "canary.weight"),
+            ("/generation", "9".into(), "generation"),
+            ("/status", "sometimes".into(), "status"),
+            ("/status", "rolled_back".into(), "canary.weight"),
             (
                 "/stable/upstreams",
                 serde_json::json!([]),
