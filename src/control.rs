@@ -647,6 +647,13 @@ impl Control {
         Ok(())
     }
 
+    /// Saves a live state that could not be saved, one last time before
+    /// the process exits; `Ok` when nothing is left unsaved.
+    pub fn save_before_exit(&self) -> Result<(), ControlError> {
+        let mut current = self.lock();
+        self.save_unsaved(&mut current)
+    }
+
     /// Retries saving a live state that a failed write left in memory
     /// only, every second until `stop` resolves.
     pub async fn keep_saved(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
 use crate::config::{Config, ListenConfig, UpstreamConfig};
-use crate::control::Control;
+use crate::control::{Control, ControlError};
 use crate::proxy::{Proxy, listener};
 use crate::rollout::controller::Rollouts;
 use crate::rollout::plan;
@@ -72,6 +72,10 @@ pub enum ServeError {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(
+        "exiting with the live state unsaved ({0}); the next start will serve the state the file holds, from before that change"
+    )]
+    Unsaved(ControlError),
     #[error("cannot open the audit log {path} (state.audit_log): {source}")]
     AuditLog {
         path: String,
@@ -246,7 +250,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     );
     // A saved rollout carries on where it stopped; a canary fresh from the
     // config starts the config's plan, if any.
-    let resumed = rollouts.resume();
+    let resumed = rollouts.resume().map_err(|message| StateError::Corrupt {
+        path: config.state.path.display().to_string(),
+        message,
+    })?;
     let fresh = match origin {
         // The state file is the live truth: its canary is not new.
         Origin::Restored => false,
@@ -347,8 +354,11 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
         }
     }
     tracing::info!("shutting down");
+    let control = Arc::clone(&server.control);
     server.shutdown().await;
-    Ok(())
+    // The next start reads the state file: a rollback it does not hold
+    // would bring the canary back, so exiting without it is an error.
+    control.save_before_exit().map_err(ServeError::Unsaved)
 }
 
 /// SIGHUP's config half: a config that fails to load or apply changes

@@ -355,6 +355,27 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     assert_eq!(second.stop().await, Some(0));
 }
 
+/// A shutdown with a rollback the disk still refuses tries once more and,
+/// failing, exits with an error: the next start would read the state from
+/// before the rollback and serve the canary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_an_unsaved_rollback_exits_with_an_error() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let process = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let blocker = files
+        .state
+        .with_file_name(format!("state.json.tmp.{}", process.pid()));
+    std::fs::create_dir(&blocker).expect("create the blocker");
+    let reply = admin
+        .call(Method::POST, "/admin/rollback", json!({"reason": "bad"}))
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+    assert_eq!(process.stop().await, Some(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reseed_moves_no_user_of_the_same_canary() {
     let stable = Backend::start(STABLE).await;
@@ -487,4 +508,41 @@ async fn a_restart_does_not_start_the_configured_plan_again() {
     assert_eq!(state["status"], "steady", "{state}");
     assert_eq!(state["rollout"]["phase"], "held", "{state}");
     assert_eq!(second.stop().await, Some(0));
+}
+
+/// A saved rollout that cannot be read stops the start, by field: left
+/// as it was, it would hold every weight change for a controller that
+/// never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 5, duration = \"1h\" } ]\n";
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), plan));
+    let first = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    support::eventually_async("the configured rollout to run", || async {
+        admin.state().await["rollout"]["phase"] == "progressing"
+    })
+    .await;
+    assert_eq!(first.stop().await, Some(0));
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
+            .expect("a JSON state file");
+
+    for (stage, field) in [
+        (json!("zero"), "rollout.stage"),
+        (json!(7), "rollout.stage"),
+    ] {
+        let mut edited = saved.clone();
+        edited["rollout"]["stage"] = stage;
+        std::fs::write(&files.state, edited.to_string()).expect("edit the state file");
+        let refused = Process::try_serve(&files.config, &[])
+            .await
+            .err()
+            .expect("cohort serve refuses the saved rollout");
+        assert_ne!(refused.code, Some(0), "{refused:?}");
+        assert!(refused.log.contains(field), "{refused:?}");
+        assert!(refused.log.contains("--reset-state"), "{refused:?}");
+    }
 }

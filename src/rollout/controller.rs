@@ -306,28 +306,39 @@ impl Rollouts {
     }
 
     /// Resumes a rollout the live state says was running when the process
-    /// stopped; returns whether there was one to resume.
-    pub fn resume(self: &Arc<Self>) -> bool {
-        let Some(progress) = self.progress() else {
-            return false;
+    /// stopped; returns whether there was one to resume. A saved rollout
+    /// that cannot be read (its progress, its plan, or a stage past the
+    /// plan's end) is an error that names the field: left as it is, it
+    /// would hold every weight change for a controller that never runs.
+    pub fn resume(self: &Arc<Self>) -> Result<bool, String> {
+        let Some(saved) = self.control.state().rollout else {
+            return Ok(false);
         };
+        let progress: Progress = serde_path_to_error::deserialize(saved).map_err(|e| {
+            match e.path().to_string().as_str() {
+                "." => format!("rollout: {}", e.inner()),
+                field => format!("rollout.{field}: {}", e.inner()),
+            }
+        })?;
         if !progress.phase.is_active() {
-            return false;
+            return Ok(false);
         }
-        match rollout_from_json(progress.plan.clone()) {
-            Ok(plan) => {
-                tracing::info!(
-                    stage = progress.stage,
-                    elapsed_ms = progress.stage_elapsed_ms,
-                    "resuming the rollout"
-                );
-                *self.running() = Some(self.spawn(plan, progress));
-            }
-            Err(error) => {
-                tracing::error!(%error, "the saved rollout plan is no longer valid; not resuming")
-            }
+        let plan = rollout_from_json(progress.plan.clone())
+            .map_err(|error| format!("rollout.plan: {error}"))?;
+        if progress.stage >= plan.stages.len() {
+            return Err(format!(
+                "rollout.stage: {} is past the plan's {} stages",
+                progress.stage,
+                plan.stages.len()
+            ));
         }
-        true
+        tracing::info!(
+            stage = progress.stage,
+            elapsed_ms = progress.stage_elapsed_ms,
+            "resuming the rollout"
+        );
+        *self.running() = Some(self.spawn(plan, progress));
+        Ok(true)
     }
 
     /// Takes the `[rollout]` plan of a reloaded config as the default.
