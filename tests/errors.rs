@@ -391,3 +391,30 @@ async fn a_client_that_gives_up_before_the_answer_is_counted_as_499() {
     .await;
     slow.release();
 }
+
+/// The access log has a line for every request, an abandoned one too (as
+/// nginx logs its 499s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_gave_up_on_has_an_access_log_line() {
+    let slow = SlowBackend::start(STABLE).await;
+    let text = support::config(&[slow.addr], None, "");
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let process = support::Process::serve(&path, &[]).await;
+
+    let mut stream = TcpStream::connect(process.proxy).await.expect("connect");
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send a request");
+    support::eventually("the request to reach the upstream", || slow.hits() == 1).await;
+    drop(stream);
+    let line = process.log_line(&["status=499"]).await;
+    assert!(
+        line.contains(&format!("agent.version=\"{STABLE}\"")) || line.contains(STABLE),
+        "{line}"
+    );
+    slow.release();
+    assert_eq!(process.stop().await, Some(0));
+}

@@ -4,14 +4,15 @@
 //! whole), the proxy's own small bodies, and [`InFlight`], which holds a
 //! version's in-flight gauge from the request's start to the body's end (or
 //! the client's disconnect) and then records the response duration (and,
-//! for a request its client abandoned before the response head, a 499 and
-//! a failure in the version's window). Also
+//! for a request its client abandoned before the response head, a 499, its
+//! access log line and a failure in the version's window). Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got, which the
 //! response timeout counts from.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 
 use super::ProxyError;
 use crate::rollout::window::Observation;
+use crate::routing::Decision;
 use crate::shadow::TeeBody;
 use crate::table::Version;
 use crate::upstream::UpstreamBody;
@@ -38,6 +40,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct InFlight {
     version: Arc<Version>,
     started: Instant,
+    /// For the access log line of a request abandoned before its answer.
+    decision: Decision,
+    client: SocketAddr,
     /// The version's close count when this request started.
     close_epoch: u64,
     /// Whether the proxy got as far as a response head. A request dropped
@@ -47,12 +52,19 @@ pub struct InFlight {
 
 impl InFlight {
     #[must_use]
-    pub fn start(version: Arc<Version>, started: Instant) -> InFlight {
+    pub fn start(
+        version: Arc<Version>,
+        started: Instant,
+        decision: Decision,
+        client: SocketAddr,
+    ) -> InFlight {
         version.metrics.in_flight.increment(1.0);
         let close_epoch = version.close_epoch();
         InFlight {
             version,
             started,
+            decision,
+            client,
             close_epoch,
             answered: false,
         }
@@ -126,6 +138,13 @@ impl Drop for InFlight {
             // its metrics and judged by the guardrails.
             if let Ok(status) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
                 metrics.record_response(status, elapsed);
+                super::access::log(
+                    &self.version.name,
+                    self.decision,
+                    self.client,
+                    status,
+                    self.started,
+                );
             }
             self.version.window.record(
                 crate::clock::since_start(),

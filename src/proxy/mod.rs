@@ -103,7 +103,8 @@ impl Proxy {
         let version = Arc::clone(version);
 
         // Forward, with the version's in-flight gauge held until the body ends.
-        let mut in_flight = body::InFlight::start(Arc::clone(&version), started);
+        let mut in_flight =
+            body::InFlight::start(Arc::clone(&version), started, decision, peer.addr);
         let http_version = req.version();
         let result = match forward::check_request(&req, framing) {
             Err(error) => Err(error),
@@ -126,6 +127,7 @@ impl Proxy {
         in_flight.answered();
         let mut tokens = None;
         let mut tunnel = None;
+        let mut refused = false;
         let mut rsp = match result {
             Ok((mut rsp, client_upgrade)) => {
                 tokens =
@@ -150,7 +152,7 @@ impl Proxy {
                 }
             }
             Err(error) => {
-                let refused = error.is_refusal();
+                refused = error.is_refusal();
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
@@ -173,14 +175,19 @@ impl Proxy {
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
         let to_headers = started.elapsed();
         version.metrics.record_response(rsp.status(), to_headers);
-        version.window.record(
-            clock::since_start(),
-            Observation {
-                success: !rsp.status().is_server_error(),
-                latency: to_headers,
-                tokens,
-            },
-        );
+        // The guardrails judge the version by what its upstreams did: a
+        // request refused unread says nothing of it, and a client must not
+        // be able to fail a canary by sending malformed requests.
+        if !refused {
+            version.window.record(
+                clock::since_start(),
+                Observation {
+                    success: !rsp.status().is_server_error(),
+                    latency: to_headers,
+                    tokens,
+                },
+            );
+        }
         access::log(&version.name, decision, peer.addr, rsp.status(), started);
         (rsp, tunnel)
     }
