@@ -70,10 +70,11 @@ pub fn evaluate(
 /// A canary with none fails the look. Its cohort falls back to stable (or
 /// gets 503s), so its window stops filling and the guardrails go on judging
 /// the numbers it had while it was up; a stage must not end on those, and a
-/// promotion would send every user to upstreams not known to answer. A
-/// canary that has yet to pass its first health probe has none available
-/// either. As with any failing guardrail, `failure_limit` such looks in a
-/// row roll back.
+/// promotion would send every user to upstreams not known to answer. As
+/// with any failing guardrail, `failure_limit` such looks in a row roll
+/// back. A canary that has yet to pass its first health probe has never
+/// served anyone (an agent may take minutes to load its model): the look
+/// waits, inconclusive, and too long a wait pauses the rollout for a person.
 fn availability(canary: &Version) -> Evaluation {
     let now = health::now_ms();
     let available = canary.health.iter().filter(|h| h.is_available(now)).count();
@@ -84,6 +85,8 @@ fn availability(canary: &Version) -> Evaluation {
         limit: 1.0,
         verdict: if available > 0 {
             Verdict::Pass
+        } else if canary.awaits_first_probe() {
+            Verdict::Inconclusive
         } else {
             Verdict::Fail
         },
@@ -91,14 +94,25 @@ fn availability(canary: &Version) -> Evaluation {
 }
 
 /// The stage's verdict: any failure fails; else any inconclusive waits; a
-/// guardrail that is not applicable counts for nothing.
+/// guardrail that is not applicable counts for nothing, but a look at
+/// which every configured guardrail was not applicable (relative ones
+/// alone, at 100%) judged nothing, and waits too: a stage must not end,
+/// nor a canary be promoted, unseen.
 #[must_use]
 pub fn overall(evaluations: &[Evaluation]) -> Verdict {
+    let guardrails = || {
+        evaluations
+            .iter()
+            .filter(|e| e.guardrail != CANARY_AVAILABLE)
+    };
+    let none_judged =
+        guardrails().next().is_some() && guardrails().all(|e| e.verdict == Verdict::NotApplicable);
     if evaluations.iter().any(|e| e.verdict == Verdict::Fail) {
         Verdict::Fail
-    } else if evaluations
-        .iter()
-        .any(|e| e.verdict == Verdict::Inconclusive)
+    } else if none_judged
+        || evaluations
+            .iter()
+            .any(|e| e.verdict == Verdict::Inconclusive)
     {
         Verdict::Inconclusive
     } else {
@@ -328,6 +342,9 @@ mod tests {
     fn a_guardrail_not_applicable_neither_holds_a_look_nor_counts() {
         let at_full_weight = look(&[("success_rate", Pass), ("success_rate_drop", NotApplicable)]);
         assert_eq!(overall(&at_full_weight), Pass);
+        // With nothing judged at all, the look waits.
+        let relative_only = look(&[("success_rate_drop", NotApplicable)]);
+        assert_eq!(overall(&relative_only), Inconclusive);
         // It leaves a run as it was, like an inconclusive look.
         let tripped = count(
             &plan(2, 1),
@@ -339,12 +356,14 @@ mod tests {
         );
         assert_eq!(tripped[1], Vec::<String>::new());
         assert_eq!(tripped[2], ["success_rate_drop"]);
-        // Alone, it is no inconclusive look either.
+        // Alone, it leaves the look with nothing judged, which waits as an
+        // inconclusive one does, and too long a wait counts.
         let tripped = count(
             &plan(2, 1),
             &vec![look(&[("tokens_ratio", NotApplicable)]); 3],
         );
-        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        assert_eq!(tripped[0], Vec::<String>::new());
+        assert_eq!(tripped[1], [INCONCLUSIVE_RUN]);
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl Evaluation {
             return true;
         };
         match (self.guardrail.as_ref(), self.stable) {
-            ("success_rate" | "eval_score" | "canary_available", _) => canary >= self.limit,
+            ("success_rate" | "eval_score", _) => canary >= self.limit,
             ("success_rate_drop", Some(stable)) => stable - canary <= self.limit,
             ("p95_latency_ratio" | "tokens_ratio", Some(stable)) => canary <= stable * self.limit,
             ("p95_latency_ms", _) => canary <= self.limit,
@@ -178,7 +178,7 @@ pub fn planned_looks(config: &RolloutConfig) -> u32 {
 }
 
 /// The significance level of one statistical guardrail at `look`, when
-/// `guardrails` of them are configured (see the module doc).
+/// `guardrails` of them are judged at that look (see the module doc).
 #[must_use]
 pub fn look_alpha(confidence: f64, look: Look, guardrails: usize) -> f64 {
     let alpha = (1.0 - confidence).clamp(0.0, 1.0);
