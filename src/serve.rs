@@ -1,8 +1,10 @@
 //! The composition root: build everything from a [`Config`], run it, drain it.
 //!
-//! Owns: the order of start-up (metrics, route table, upstream client,
-//! TLS, listeners, readiness) and of shutdown (not ready, stop accepting, drain,
-//! stop the admin listener), what each OS signal does, and the thread layout:
+//! Owns: the order of start-up (TLS, listeners, then the state and the
+//! route table, metrics, readiness: a start that fails changes nothing) and
+//! of shutdown (not ready, the rollout saved and stopped, stop accepting,
+//! drain, stop the admin listener, a last try at saving a state the disk
+//! refused), what each OS signal does, and the thread layout:
 //! `listen.workers` proxy workers, each a thread with its own single-threaded
 //! runtime, listening socket (`SO_REUSEPORT` on one address when there are
 //! several), `Proxy` and upstream connection pools, so a request never
@@ -32,7 +34,7 @@ use crate::rollout::webhook::Webhooks;
 use crate::signals::{Signal, Signals};
 use crate::state::audit::AuditLog;
 use crate::state::file::FileStore;
-use crate::state::{self, LiveState, Origin, Source, StateError};
+use crate::state::{self, LiveState, Origin, Source, StateError, StateStore as _};
 use crate::table::{Policy, Table};
 use crate::tls::{self, ServerTls, TlsError};
 use crate::upstream;
@@ -175,7 +177,7 @@ struct WorkerGeneration {
     stop: watch::Sender<bool>,
 }
 
-/// Loads the state, binds the listeners and starts serving; returns once
+/// Binds the listeners, loads the state and starts serving; returns once
 /// both accept connections.
 pub async fn start(config: Config) -> Result<Server, ServeError> {
     start_with(config, StartOptions::default()).await
@@ -202,8 +204,11 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     // Bound before the state is touched: a start that fails changes nothing
     // (a restart while the old process still holds a port must not rewrite
     // the state file under it).
-    let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
+    // The admin address first: the proxy's may be shared (`SO_REUSEPORT`
+    // with several workers), so a second process would join it and take
+    // connections before failing on the admin one.
     let admin_listener = bind("admin.addr", config.admin.addr).await?;
+    let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
     let proxy_addr = proxy_listeners[0]
         .local_addr()
         .map_err(|source| ServeError::Bind {
@@ -227,6 +232,18 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
             source,
         })?;
     let store = FileStore::new(config.state.path.clone());
+    // A saved rollout that cannot be resumed stops the start before the
+    // state is written (a re-seed would carry it on).
+    if !options.reset_state
+        && let Some(saved) = store.load()?
+    {
+        crate::rollout::controller::check_saved(&saved.live).map_err(|message| {
+            StateError::Corrupt {
+                path: config.state.path.display().to_string(),
+                message,
+            }
+        })?;
+    }
     let (saved, origin, previous) = state::restore(
         &store,
         &config.versions,
@@ -551,13 +568,16 @@ impl Server {
         Ok(())
     }
 
-    /// Stops accepting, lets open requests finish (up to `listen.drain_timeout`),
-    /// saves a running rollout's progress with the time spent in its stage
-    /// (the next start resumes it), then stops the admin listener, which
-    /// answers through the drain (`/ready` with 503).
+    /// Saves a running rollout's progress with the time spent in its stage
+    /// and stops it (the next start resumes it), stops accepting, lets open
+    /// requests finish (up to `listen.drain_timeout`), then stops the admin
+    /// listener, which answers through the drain (`/ready` with 503).
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
+        // First: a rollout judging through the drain would count stage time
+        // and judge a window that no longer fills, and might even promote.
+        self.rollouts.suspend().await;
         // The kept duplicates would hold the listening sockets open (and
         // the kernel would go on queueing connections) after the workers stop.
         drop(self.generation);
@@ -566,7 +586,6 @@ impl Server {
                 tracing::error!(worker = index, "proxy worker ended without draining");
             }
         }
-        self.rollouts.suspend().await;
         self.admin_task.abort();
     }
 }

@@ -530,13 +530,15 @@ async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
         serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
             .expect("a JSON state file");
 
+    let audit = std::fs::read(&files.audit).expect("the audit log");
     for (stage, field) in [
         (json!("zero"), "rollout.stage"),
         (json!(7), "rollout.stage"),
     ] {
         let mut edited = saved.clone();
         edited["rollout"]["stage"] = stage;
-        std::fs::write(&files.state, edited.to_string()).expect("edit the state file");
+        let edited = edited.to_string();
+        std::fs::write(&files.state, &edited).expect("edit the state file");
         let refused = Process::try_serve(&files.config, &[])
             .await
             .err()
@@ -544,5 +546,11 @@ async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
         assert_ne!(refused.code, Some(0), "{refused:?}");
         assert!(refused.log.contains(field), "{refused:?}");
         assert!(refused.log.contains("--reset-state"), "{refused:?}");
+        // A start that fails changes nothing.
+        assert_eq!(
+            std::fs::read(&files.state).expect("state"),
+            edited.as_bytes()
+        );
+        assert_eq!(std::fs::read(&files.audit).expect("audit"), audit);
     }
 }

@@ -26,7 +26,7 @@ use super::judge::{self, Verdict};
 use super::webhook::Webhooks;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError};
-use crate::state::{LiveState, Source};
+use crate::state::{LiveState, Source, by_field};
 use crate::table::Status;
 
 /// The audit action of a rollout's first save.
@@ -54,6 +54,41 @@ impl Phase {
     fn is_active(self) -> bool {
         matches!(self, Phase::Progressing | Phase::Paused)
     }
+}
+
+/// Whether the rollout a saved state holds can be resumed; an error names
+/// the field that cannot be read. Checked on start before anything is
+/// written, so that such a state stops the start and changes nothing.
+pub fn check_saved(live: &LiveState) -> Result<(), String> {
+    saved_rollout(live).map(|_| ())
+}
+
+/// The running rollout a saved state holds, read strictly: left unread, it
+/// would hold every weight change (the status says a rollout sets it) for
+/// a controller that never runs. A rollout that has ended is history, and
+/// not read.
+fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, String> {
+    if !matches!(live.status, Status::Progressing | Status::Paused) {
+        return Ok(None);
+    }
+    let Some(saved) = live.rollout.clone() else {
+        return Err("rollout: missing, though the status says one is running".to_owned());
+    };
+    let progress: Progress =
+        serde_path_to_error::deserialize(saved).map_err(|e| by_field("rollout", &e))?;
+    if !progress.phase.is_active() {
+        return Ok(None);
+    }
+    let plan = rollout_from_json(progress.plan.clone())
+        .map_err(|error| format!("rollout.plan: {error}"))?;
+    if progress.stage >= plan.stages.len() {
+        return Err(format!(
+            "rollout.stage: {} is past the plan's {} stages",
+            progress.stage,
+            plan.stages.len()
+        ));
+    }
+    Ok(Some((progress, plan)))
 }
 
 /// The rollout's progress, as kept in the live state under `rollout`.
@@ -306,32 +341,12 @@ impl Rollouts {
     }
 
     /// Resumes a rollout the live state says was running when the process
-    /// stopped; returns whether there was one to resume. A saved rollout
-    /// that cannot be read (its progress, its plan, or a stage past the
-    /// plan's end) is an error that names the field: left as it is, it
-    /// would hold every weight change for a controller that never runs.
+    /// stopped; returns whether there was one to resume. A start checks
+    /// first, with [`check_saved`], that it can be read.
     pub fn resume(self: &Arc<Self>) -> Result<bool, String> {
-        let Some(saved) = self.control.state().rollout else {
+        let Some((progress, plan)) = saved_rollout(&self.control.state())? else {
             return Ok(false);
         };
-        let progress: Progress = serde_path_to_error::deserialize(saved).map_err(|e| {
-            match e.path().to_string().as_str() {
-                "." => format!("rollout: {}", e.inner()),
-                field => format!("rollout.{field}: {}", e.inner()),
-            }
-        })?;
-        if !progress.phase.is_active() {
-            return Ok(false);
-        }
-        let plan = rollout_from_json(progress.plan.clone())
-            .map_err(|error| format!("rollout.plan: {error}"))?;
-        if progress.stage >= plan.stages.len() {
-            return Err(format!(
-                "rollout.stage: {} is past the plan's {} stages",
-                progress.stage,
-                plan.stages.len()
-            ));
-        }
         tracing::info!(
             stage = progress.stage,
             elapsed_ms = progress.stage_elapsed_ms,
@@ -464,10 +479,15 @@ impl Rollouts {
     /// [`SUSPEND_TIMEOUT`] for the save.
     pub async fn suspend(&self) {
         let (reply, saved) = oneshot::channel();
-        if self.command(Command::Suspend(reply)).is_ok()
-            && tokio::time::timeout(SUSPEND_TIMEOUT, saved).await.is_err()
-        {
-            tracing::warn!("the rollout did not save its progress in time");
+        match self.command(Command::Suspend(reply)) {
+            Ok(()) => {
+                if tokio::time::timeout(SUSPEND_TIMEOUT, saved).await.is_err() {
+                    tracing::warn!("the rollout did not save its progress in time");
+                }
+            }
+            // None running: nothing to save.
+            Err(_) if self.running().as_ref().is_none_or(mpsc::Sender::is_closed) => {}
+            Err(error) => tracing::warn!(%error, "the rollout's progress was not saved"),
         }
     }
 

@@ -162,10 +162,8 @@ fn name_the_field(text: &str) -> Option<String> {
         document,
     ))
     .err()?;
-    Some(match error.path().to_string().as_str() {
-        "." => error.into_inner().to_string(),
-        field => format!("{field}: {}", error.into_inner()),
-    })
+    // The live state's fields are the file's own, at its top level.
+    Some(super::by_field("", &error))
 }
 
 /// How old a state file's temp file must be to count as left by a crash: a
