@@ -211,14 +211,14 @@ pub async fn send(
 ) -> Result<Value, CtlError> {
     let base = admin.trim_end_matches('/');
     // A scheme is case-insensitive (RFC 3986 section 3.1).
-    let https = "https://";
-    if base
-        .get(..https.len())
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(https))
-    {
+    let has_scheme = |scheme: &str| {
+        base.get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    };
+    if has_scheme("https://") {
         return Err(CtlError::HttpsUrl(admin.to_owned()));
     }
-    if !base.starts_with("http://") {
+    if !has_scheme("http://") {
         return Err(CtlError::BadUrl(admin.to_owned()));
     }
     let url = format!("{base}{}", call.path);

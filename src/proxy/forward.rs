@@ -145,7 +145,7 @@ fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
             "a request must not carry two host headers",
         )),
         (Some(host), None) if !is_host(host.as_bytes()) => Err(ProxyError::BadRequest(
-            "the host header is not a host[:port]",
+            "the host header holds a character no host has",
         )),
         (None, _) if req.version() == Version::HTTP_11 && uri.authority().is_none() => Err(
             ProxyError::BadRequest("an HTTP/1.1 request must carry a host header"),
@@ -154,10 +154,11 @@ fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
     }
 }
 
-/// Whether `value` can be a `Host`: a host and optional port in the
-/// characters of RFC 3986 (registered name, IPv6 literal, port), with no
-/// user info, path or spaces. Empty passes: RFC 9110 section 7.2 has it for
-/// a target without an authority.
+/// Whether `value` is written in the characters of a `Host`: those of
+/// RFC 3986's registered names, IPv6 literals and ports, so no user info,
+/// path or spaces. (A character check only, as nginx's is: what the
+/// upstream makes of the name is its own business.) Empty passes: RFC 9110
+/// section 7.2 has it for a target without an authority.
 fn is_host(value: &[u8]) -> bool {
     value.iter().all(|&b| {
         matches!(b,
