@@ -101,7 +101,15 @@ Ctrl-C stops it all.",
         canary = config.versions.canary.as_ref().map_or("-", |(c, _)| c.name.as_str()),
         weight = config.versions.canary.as_ref().map_or(0.0, |(_, w)| w.percent()),
     );
-    while signals.recv().await != Signal::Shutdown {}
+    loop {
+        match signals.recv().await {
+            Signal::Shutdown => break,
+            Signal::Rollback => crate::serve::rollback_on_signal(server.control()),
+            Signal::Reload => {
+                tracing::info!("SIGHUP: the demo's config is built in; there is nothing to reload");
+            }
+        }
+    }
     server.shutdown().await;
     Ok(())
 }

@@ -340,19 +340,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     loop {
         match signals.recv().await {
             Signal::Shutdown => break,
-            Signal::Rollback => {
-                let before = server.control.state().generation;
-                match server.control.rollback("SIGUSR1 received", Source::Signal) {
-                    // No canary, or one rolled back already: nothing changed.
-                    Ok(state) if state.generation == before => {
-                        tracing::info!("SIGUSR1: nothing to roll back");
-                    }
-                    Ok(state) => {
-                        tracing::warn!(generation = state.generation, "rolled back by SIGUSR1");
-                    }
-                    Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
-                }
-            }
+            Signal::Rollback => rollback_on_signal(&server.control),
             // The certificate files are read again whether or not the config
             // changed, but not when the config was refused: one reload, one verdict.
             Signal::Reload => {
@@ -376,6 +364,21 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // The next start reads the state file: a rollback it does not hold
     // would bring the canary back, so exiting without it is an error.
     control.save_before_exit().map_err(ServeError::Unsaved)
+}
+
+/// What SIGUSR1 does: roll back, and say whether anything changed.
+pub(crate) fn rollback_on_signal(control: &Control) {
+    let before = control.state().generation;
+    match control.rollback("SIGUSR1 received", Source::Signal) {
+        // No canary, or one rolled back already: nothing changed.
+        Ok(state) if state.generation == before => {
+            tracing::info!("SIGUSR1: nothing to roll back");
+        }
+        Ok(state) => {
+            tracing::warn!(generation = state.generation, "rolled back by SIGUSR1");
+        }
+        Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
+    }
 }
 
 /// SIGHUP's config half: a config that fails to load or apply changes

@@ -617,7 +617,7 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
 }
 
 /// `cohort demo` binds fixed ports (the README's), so its two cases run in
-/// one test, one after the other.
+/// one test, one after the other; SIGUSR1 rolls its canary back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
     let state_dir = |pid: u32| std::env::temp_dir().join(format!("cohort-demo-{pid}"));
@@ -654,6 +654,17 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         let again = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
         assert_eq!(again.version(), first.version());
     }
+    // SIGUSR1 rolls the demo's canary back, as it does `cohort serve`'s.
+    let kill = Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let admin = "127.0.0.1:9901".parse().expect("an address");
+    support::eventually_async("the demo's canary to be rolled back", || async {
+        Http::new(admin).get("/admin/state", &[]).await.json()["status"] == "rolled_back"
+    })
+    .await;
     let kill = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
