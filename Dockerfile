@@ -1,10 +1,14 @@
 # Cohort container image.
 #
 #   docker build -t cohort .
-#   docker run -p 8080:8080 -v "$PWD/cohort.toml:/etc/cohort/cohort.toml:ro" cohort
+#   docker run -p 8080:8080 --stop-timeout 40 -v "$PWD/config:/etc/cohort:ro" cohort
 #
-# The image carries no config: mount one at /etc/cohort/cohort.toml (see
-# config/cohort.toml for a commented example). Its listen.addr must be
+# The image carries no config: mount a directory holding cohort.toml at
+# /etc/cohort (see config/cohort.toml for a commented example). A directory,
+# not the file alone: an editor that saves by replacing the file would leave
+# a single-file mount on the old one, and SIGHUP would reload that.
+# --stop-timeout gives SIGTERM's drain (listen.drain_timeout, 30s by
+# default) time to finish before Docker's SIGKILL (10s by default). Its listen.addr must be
 # 0.0.0.0:8080 to be reachable through a published port. The HEALTHCHECK
 # probes GET /health on 127.0.0.1:9901 from inside the container, so
 # admin.addr must be 127.0.0.1:9901 or 0.0.0.0:9901; a non-loopback
