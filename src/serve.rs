@@ -203,10 +203,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 
     // Bound before the state is touched: a start that fails changes nothing
     // (a restart while the old process still holds a port must not rewrite
-    // the state file under it).
-    // The admin address first: the proxy's may be shared (`SO_REUSEPORT`
-    // with several workers), so a second process would join it and take
-    // connections before failing on the admin one.
+    // the state file under it). The admin address first: the proxy's may be
+    // shared (`SO_REUSEPORT` with several workers), so a second process
+    // would join it and take connections before failing on the admin one.
     let admin_listener = bind("admin.addr", config.admin.addr).await?;
     let proxy_listeners = bind_proxy(config.listen.addr, config.listen.workers)?;
     let proxy_addr = proxy_listeners[0]
@@ -232,17 +231,16 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
             source,
         })?;
     let store = FileStore::new(config.state.path.clone());
+    let unreadable = |message| StateError::Corrupt {
+        path: config.state.path.display().to_string(),
+        message,
+    };
     // A saved rollout that cannot be resumed stops the start before the
     // state is written (a re-seed would carry it on).
     if !options.reset_state
         && let Some(saved) = store.load()?
     {
-        crate::rollout::controller::check_saved(&saved.live).map_err(|message| {
-            StateError::Corrupt {
-                path: config.state.path.display().to_string(),
-                message,
-            }
-        })?;
+        crate::rollout::controller::check_saved(&saved.live).map_err(unreadable)?;
     }
     let (saved, origin, previous) = state::restore(
         &store,
@@ -267,10 +265,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     );
     // A saved rollout carries on where it stopped; a canary fresh from the
     // config starts the config's plan, if any.
-    let resumed = rollouts.resume().map_err(|message| StateError::Corrupt {
-        path: config.state.path.display().to_string(),
-        message,
-    })?;
+    let resumed = rollouts.resume().map_err(unreadable)?;
     let fresh = match origin {
         // The state file is the live truth: its canary is not new.
         Origin::Restored => false,
