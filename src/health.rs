@@ -10,8 +10,8 @@
 //! or installed at run time) starts unhealthy, so it gets no traffic until
 //! one of its upstreams passes a probe ([`probe_gated`] probes the one there
 //! on start before the proxy accepts); the log line of each change of
-//! verdict; and the `cohort_upstream_healthy` lines of a scrape
-//! ([`write_gauges`]). Does not own choosing among upstreams
+//! verdict, with why the probe failed; and the `cohort_upstream_healthy`
+//! lines of a scrape ([`write_gauges`]). Does not own choosing among upstreams
 //! (`table::Version::pick`), the fallback to stable, or logging an
 //! ejection (`proxy`, which knows the request's version).
 
@@ -25,6 +25,7 @@ use http::header::USER_AGENT;
 use http_body_util::{BodyExt as _, Empty};
 
 use crate::config::HealthConfig;
+use crate::proxy::ProxyError;
 use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{UpstreamAddr, UpstreamClient};
 
@@ -69,8 +70,10 @@ enum Verdict {
 }
 
 impl Verdict {
-    /// Logs the change; an upstream going out is a warning.
-    fn log(self, version: &str, upstream: &UpstreamAddr) {
+    /// Logs the change, with why the last probe failed (`cause`) when it
+    /// did; an upstream going out is a warning.
+    fn log(self, version: &str, upstream: &UpstreamAddr, cause: Option<&str>) {
+        let cause = cause.unwrap_or("-");
         match self {
             Verdict::Opened => tracing::info!(
                 version,
@@ -81,11 +84,12 @@ impl Verdict {
                 tracing::info!(version, %upstream, "upstream is healthy again");
             }
             Verdict::Unhealthy => {
-                tracing::warn!(version, %upstream, "upstream failed its health probes; it takes no traffic");
+                tracing::warn!(version, %upstream, cause, "upstream failed its health probes; it takes no traffic");
             }
             Verdict::NotOpened => tracing::warn!(
                 version,
                 %upstream,
+                cause,
                 "upstream has not passed a health probe yet; it takes no traffic until one passes"
             ),
         }
@@ -307,9 +311,9 @@ pub async fn probe_gated(
             let uri = probe_uri(upstream, config);
             let client = &client;
             async move {
-                let ok = probe(client, upstream, &uri, config.timeout).await;
-                if let Some(verdict) = health.record_probe(ok, config) {
-                    verdict.log(&version.name, upstream);
+                let probed = probe(client, upstream, &uri, config.timeout).await;
+                if let Some(verdict) = health.record_probe(probed.is_ok(), config) {
+                    verdict.log(&version.name, upstream, probed.err().as_deref());
                 }
             }
         });
@@ -337,10 +341,10 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
             config.clone(),
         );
         tokio::spawn(async move {
-            let ok = probe(&client, &upstream, &uri, config.timeout).await;
+            let probed = probe(&client, &upstream, &uri, config.timeout).await;
             let health = &version.health[index];
-            if let Some(verdict) = health.record_probe(ok, &config) {
-                verdict.log(&version.name, &upstream);
+            if let Some(verdict) = health.record_probe(probed.is_ok(), &config) {
+                verdict.log(&version.name, &upstream, probed.err().as_deref());
             }
             health.probing.store(false, Ordering::Relaxed);
         });
@@ -358,24 +362,26 @@ fn probe_uri(upstream: &UpstreamAddr, config: &HealthConfig) -> String {
 }
 
 /// One probe: any HTTP answer below 500 within the timeout is healthy, so an
-/// upstream without a health endpoint (404) still counts as up.
+/// upstream without a health endpoint (404) still counts as up. A failure
+/// says why, for the log: an operator sees a TLS name mismatch or a refused
+/// connection there, not only that the probe failed.
 async fn probe(
     client: &ProbeClient,
     upstream: &UpstreamAddr,
     uri: &str,
     timeout: Duration,
-) -> bool {
-    let Ok(req) = Request::get(uri)
+) -> Result<(), String> {
+    let req = Request::get(uri)
         .header(USER_AGENT, "cohort-health-check")
         .body(Empty::new())
-    else {
-        return false;
-    };
+        .map_err(|error| format!("cannot build the probe request: {error}"))?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let Ok(Ok(rsp)) = tokio::time::timeout_at(deadline, client.request(upstream, req)).await else {
-        return false;
+    let rsp = match tokio::time::timeout_at(deadline, client.request(upstream, req)).await {
+        Ok(Ok(rsp)) => rsp,
+        Ok(Err(failed)) => return Err(ProxyError::from_upstream(&failed.error).to_string()),
+        Err(_) => return Err(format!("no answer within {timeout:?}")),
     };
-    let healthy = rsp.status().as_u16() < 500;
+    let status = rsp.status();
     // Read the (small) answer to the end within the same time, so the
     // connection is reused by the next probe; the verdict is the status's.
     let mut body = http_body_util::Limited::new(rsp.into_body(), PROBE_BODY_LIMIT);
@@ -383,7 +389,10 @@ async fn probe(
         while let Some(Ok(_)) = body.frame().await {}
     })
     .await;
-    healthy
+    if status.as_u16() >= 500 {
+        return Err(format!("answered {status}"));
+    }
+    Ok(())
 }
 
 /// How much of a health answer is read; the rest is left unread.
