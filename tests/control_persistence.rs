@@ -58,6 +58,21 @@ impl Files {
         lines
     }
 
+    /// Makes every state write of `process` fail, even as root: a directory
+    /// where its temporary file goes. Returns it, to be removed.
+    fn block_writes(&self, process: &Process) -> PathBuf {
+        assert!(
+            self.state.ends_with("state.json"),
+            "{}",
+            self.state.display()
+        );
+        let blocker = self
+            .state
+            .with_file_name(format!("state.json.tmp.{}", process.pid()));
+        std::fs::create_dir(&blocker).expect("create the blocker");
+        blocker
+    }
+
     fn last_audit(&self) -> Value {
         self.audit().pop().expect("an audit line")
     }
@@ -287,16 +302,7 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     };
     assert_eq!(saved()["status"], "steady");
 
-    // A directory where the temporary file goes: every write fails, even as root.
-    let blocker = files
-        .state
-        .with_file_name(format!("state.json.tmp.{}", first.pid()));
-    assert!(
-        files.state.ends_with("state.json"),
-        "{}",
-        files.state.display()
-    );
-    std::fs::create_dir(&blocker).expect("create the blocker");
+    let blocker = files.block_writes(&first);
 
     let reply = admin
         .call(
@@ -365,10 +371,7 @@ async fn a_shutdown_with_an_unsaved_rollback_exits_with_an_error() {
     let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
     let process = Process::serve(&files.config, &[]).await;
     let admin = AdminApi::new(process.admin);
-    let blocker = files
-        .state
-        .with_file_name(format!("state.json.tmp.{}", process.pid()));
-    std::fs::create_dir(&blocker).expect("create the blocker");
+    files.block_writes(&process);
     let reply = admin
         .call(Method::POST, "/admin/rollback", json!({"reason": "bad"}))
         .await;

@@ -1,10 +1,12 @@
 //! What the proxy changes on the way through, and upgraded-connection tunnels.
 //!
-//! Owns: refusing request framing that could smuggle a second request (and
-//! `CONNECT`, and a missing or repeated `Host`), stripping hop-by-hop
-//! headers both ways (and those named in `Connection`), the upstream
-//! request (origin-form URI, `Host`, joined cookies, version header,
-//! `x-forwarded-*`, with the client's address as a [`Peer`]), a response's
+//! Owns: refusing what must not reach an upstream (request framing that
+//! could smuggle a second request, a transfer coding other than `chunked`,
+//! `CONNECT`, a target of a host alone or with user info, and a missing,
+//! repeated or invalid `Host`), stripping hop-by-hop headers both ways (and
+//! those named in `Connection`), the upstream request (origin-form URI,
+//! `Host`, joined cookies, version header, `x-forwarded-*`, a chunked
+//! `GET` body kept, with the client's address as a [`Peer`]), a response's
 //! framing headers, the tokens header, and the byte tunnel of an upgraded
 //! connection. Does not own:
 //! choosing where to send (`routing`, `table`) or what a failure looks
