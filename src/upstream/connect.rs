@@ -95,10 +95,9 @@ impl tower_service::Service<Uri> for CountingConnector {
                 None => Transport::Tcp(tcp),
                 Some(name) => Transport::Tls(Box::new(tls.connect(name?, tcp).await?)),
             };
-            open.increment(1.0);
             Ok(CountedConnection {
                 io: TokioIo::new(io),
-                open,
+                open: OpenCount::new(open),
             })
         })
     }
@@ -175,12 +174,39 @@ impl AsyncWrite for Transport {
 #[derive(Debug)]
 pub struct CountedConnection {
     io: TokioIo<Transport>,
-    open: Gauge,
+    open: OpenCount,
 }
 
-impl Drop for CountedConnection {
+impl CountedConnection {
+    /// The TCP stream of a plain connection, still counted for as long as
+    /// the [`OpenCount`] is kept; a TLS connection comes back as it was.
+    pub fn into_tcp(self) -> Result<(TcpStream, OpenCount), CountedConnection> {
+        match self.io.into_inner() {
+            Transport::Tcp(tcp) => Ok((tcp, self.open)),
+            tls @ Transport::Tls(_) => Err(CountedConnection {
+                io: TokioIo::new(tls),
+                open: self.open,
+            }),
+        }
+    }
+}
+
+/// One connection's place in `cohort_upstream_connections`, given up when dropped.
+#[derive(Debug)]
+pub struct OpenCount(Gauge);
+
+impl OpenCount {
+    /// Counts one more open connection in `open`, until dropped.
+    #[must_use]
+    pub fn new(open: Gauge) -> OpenCount {
+        open.increment(1.0);
+        OpenCount(open)
+    }
+}
+
+impl Drop for OpenCount {
     fn drop(&mut self) {
-        self.open.decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 
