@@ -1,11 +1,14 @@
-//! Cohort's own HTTP/1.1 client exchange, for the requests that make up
-//! nearly all of an agent's traffic: no body and no upgrade.
+//! Cohort's own HTTP/1.1 client exchange, for requests with no body and no
+//! upgrade: `GET`s and `HEAD`s, streams opened by a `GET` (SSE), health
+//! probes.
 //!
 //! hyper's client hands each request to a connection task through a channel
 //! and the response back the same way, which was the largest share of
 //! Cohort's user-space cost per request (`BENCHMARKS.md`). Here the
 //! request's own task writes the head, reads the answer and streams its
-//! body from the socket, with no task or channel in between.
+//! body from the socket, with no task or channel in between. A request
+//! with a body (an agent's `POST`) still goes through hyper's client, which
+//! sends the body while the answer may already be coming.
 //!
 //! Owns: writing a request head, reading the response head (with
 //! `httparse`; `1xx` heads are skipped), reading the body by its framing

@@ -10,10 +10,9 @@
 //! than `idle_timeout`.
 //!
 //! Two kinds of connection are kept, each for its own requests: Cohort's
-//! own ([`exchange`]) for requests without a body or an upgrade, which are
-//! nearly all of them and cheapest that way, and hyper's client for the
-//! rest (a request body streamed while the answer comes, `CONNECT`,
-//! upgrades). An upstream may so hold up to `max_idle_per_host` idle
+//! own ([`exchange`]) for requests without a body or an upgrade, cheaper
+//! per request, and hyper's client for the rest (a request body, which may
+//! stream while the answer comes, `CONNECT`, upgrades). An upstream may so hold up to `max_idle_per_host` idle
 //! connections of each kind. An idle connection of Cohort's own that the
 //! upstream closes is noticed at its next checkout or sweep; hyper's
 //! connection task notices at once.
