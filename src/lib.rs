@@ -11,7 +11,7 @@
 //! - [`config`]: TOML -> validated [`config::Config`]; every problem named by its key.
 //! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
-//! - [`upstream`]: upstream addresses, the pooled clients (HTTP/1.1, h2c, https), and the HTTP/1.1 exchange Cohort speaks itself for requests without a body.
+//! - [`upstream`]: upstream addresses and the pooled clients (HTTP/1.1, h2c, https).
 //! - [`tls`]: the listener's certificate (reloadable) and the roots for `https://` upstreams.
 //! - [`health`]: active health checks, passive ejection, the readiness gate.
 //! - [`proxy`]: the data path: accept, route, forward, tag, record.

@@ -225,13 +225,13 @@ impl Body for ResponseBody {
                     // The upstream failed mid-body (it closed or reset the
                     // connection, or broke the framing): the client sees the
                     // stream cut, and the version's upstream errors count it.
-                    let kind = ProxyError::from_body(&*error).upstream_kind();
+                    let kind = ProxyError::from_body(&error).upstream_kind();
                     if let (Some(kind), Some(in_flight)) = (kind, &this.in_flight) {
                         in_flight.version.metrics.record_upstream_error(kind);
                     }
-                    Poll::Ready(Some(Err(error)))
+                    Poll::Ready(Some(Err(error.into())))
                 }
-                Poll::Ready(frame) => Poll::Ready(frame),
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
                 Poll::Pending => {
                     if let Some(in_flight) = &this.in_flight {
                         let closing = this

@@ -58,7 +58,7 @@ impl ProxyError {
 
     /// Classifies a failure of an upstream's response body, after its head.
     #[must_use]
-    pub fn from_body(error: &(dyn std::error::Error + 'static)) -> ProxyError {
+    pub fn from_body(error: &hyper::Error) -> ProxyError {
         ProxyError::classify(error, false)
     }
 

@@ -95,9 +95,10 @@ impl tower_service::Service<Uri> for CountingConnector {
                 None => Transport::Tcp(tcp),
                 Some(name) => Transport::Tls(Box::new(tls.connect(name?, tcp).await?)),
             };
+            open.increment(1.0);
             Ok(CountedConnection {
                 io: TokioIo::new(io),
-                open: OpenCount::new(open),
+                open,
             })
         })
     }
@@ -174,39 +175,12 @@ impl AsyncWrite for Transport {
 #[derive(Debug)]
 pub struct CountedConnection {
     io: TokioIo<Transport>,
-    open: OpenCount,
+    open: Gauge,
 }
 
-impl CountedConnection {
-    /// The TCP stream of a plain connection, still counted for as long as
-    /// the [`OpenCount`] is kept; a TLS connection comes back as it was.
-    pub fn into_tcp(self) -> Result<(TcpStream, OpenCount), CountedConnection> {
-        match self.io.into_inner() {
-            Transport::Tcp(tcp) => Ok((tcp, self.open)),
-            tls @ Transport::Tls(_) => Err(CountedConnection {
-                io: TokioIo::new(tls),
-                open: self.open,
-            }),
-        }
-    }
-}
-
-/// One connection's place in `cohort_upstream_connections`, given up when dropped.
-#[derive(Debug)]
-pub struct OpenCount(Gauge);
-
-impl OpenCount {
-    /// Counts one more open connection in `open`, until dropped.
-    #[must_use]
-    pub fn new(open: Gauge) -> OpenCount {
-        open.increment(1.0);
-        OpenCount(open)
-    }
-}
-
-impl Drop for OpenCount {
+impl Drop for CountedConnection {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.open.decrement(1.0);
     }
 }
 

@@ -9,21 +9,12 @@
 //! connection fails the same ways, and closing connections idle longer
 //! than `idle_timeout`.
 //!
-//! Two kinds of connection are kept, each for its own requests: Cohort's
-//! own ([`exchange`]) for requests without a body or an upgrade, cheaper
-//! per request, and hyper's client for the rest (a request body, which may
-//! stream while the answer comes, `CONNECT`, upgrades). An upstream may so hold up to `max_idle_per_host` idle
-//! connections of each kind. An idle connection of Cohort's own that the
-//! upstream closes is noticed at its next checkout or sweep; hyper's
-//! connection task notices at once.
-//!
 //! Each worker has its own pool, so a request never waits on another thread;
 //! and because a connection comes back from the body that used it, no task is
 //! spawned per request to watch for it going idle.
 //!
-//! Does not own: opening connections (`connect`), the HTTP/1.1 exchange
-//! itself (`exchange`, or hyper's), nor HTTP/2 and TLS upstreams, which go
-//! through hyper-util's pooled client (`super`).
+//! Does not own: opening connections (`connect`), nor HTTP/2 and TLS
+//! upstreams, which go through hyper-util's pooled client (`super`).
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -39,8 +30,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::time::Instant;
 
-use super::connect::{BoxError, CountedConnection, CountingConnector};
-use super::exchange::{self, Conn};
+use super::connect::CountingConnector;
 use super::{Error, SendError};
 
 /// A pooled connection idle this long may be closed by the upstream just as
@@ -87,15 +77,12 @@ struct Shared<B> {
 
 struct Host<B> {
     authority: Authority,
-    /// hyper's connections, for requests with a body or an upgrade. Oldest
-    /// first; connections are lent newest first.
-    connections: Vec<Idle<SendRequest<B>>>,
-    /// Cohort's own ([`exchange`]), for the rest; in the same order.
-    own: Vec<Idle<Conn>>,
+    /// Oldest first; connections are lent newest first.
+    connections: Vec<Idle<B>>,
 }
 
-struct Idle<C> {
-    conn: C,
+struct Idle<B> {
+    sender: SendRequest<B>,
     since: Instant,
 }
 
@@ -141,9 +128,6 @@ where
             host.insert(value);
         }
         super::origin_form(req.uri_mut());
-        if exchange::carries(&req) {
-            return self.send_own(authority, req).await;
-        }
         let mut pooled = self.shared.checkout(authority);
         loop {
             let reused = pooled.is_some();
@@ -178,9 +162,7 @@ where
                         authority: authority.clone(),
                         sender,
                     });
-                    return Ok(rsp.map(|incoming| UpstreamBody {
-                        inner: Inner::Hyper { incoming, lease },
-                    }));
+                    return Ok(rsp.map(|incoming| UpstreamBody { incoming, lease }));
                 }
                 Err(mut error) => {
                     // Written, but the connection closed with no answer: an
@@ -210,89 +192,7 @@ where
         }
     }
 
-    /// Sends a request without a body or upgrade with Cohort's own
-    /// exchange ([`exchange`]), on the same terms as [`Http1Pool::send`]:
-    /// sent again on a new connection when a pooled one closed before the
-    /// request was written or (idempotent, after a long idle) unanswered.
-    async fn send_own(
-        &self,
-        authority: &Authority,
-        req: Request<B>,
-    ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
-        let head = exchange::encode_head(&req);
-        let mut pooled = self.shared.checkout_own(authority);
-        loop {
-            let reused = pooled.is_some();
-            let (mut conn, idle_for) = match pooled.take() {
-                Some(found) => found,
-                None => match self.connect_own(authority).await {
-                    Ok(conn) => (conn, Duration::ZERO),
-                    Err(error) => {
-                        return Err(SendError {
-                            error,
-                            retry: Some(req),
-                        });
-                    }
-                },
-            };
-            let (error, again) = match conn.write_head(&head).await {
-                // The upstream cannot act on a request it did not get whole.
-                Err(error) => (exchange::Error::Io(error), true),
-                Ok(()) => match conn.read_head(req.method()).await {
-                    Ok(head) => {
-                        let lease = OwnLease {
-                            pool: Arc::clone(&self.shared),
-                            authority: authority.clone(),
-                            conn,
-                            keep_alive: head.keep_alive,
-                        };
-                        let decoder = exchange::Decoder::new(head.framing);
-                        return Ok(head.response.map(|()| UpstreamBody::own(lease, decoder)));
-                    }
-                    // Closed unanswered: an idempotent request may be sent
-                    // again (RFC 9110 9.2.2), on a connection that was new or
-                    // idle long enough for the upstream to have closed it.
-                    Err(error) => {
-                        let again = matches!(error, exchange::Error::Unanswered(_))
-                            && req.method().is_idempotent()
-                            && (!reused || idle_for >= RESEND_AFTER_IDLE);
-                        (error, again)
-                    }
-                },
-            };
-            if again && reused {
-                tracing::debug!(upstream = %authority, "pooled connection closed unanswered; sending again");
-                continue;
-            }
-            return Err(SendError {
-                error: Error::Http1(error),
-                retry: again.then_some(req),
-            });
-        }
-    }
-
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, Error> {
-        let io = self.open(authority).await?;
-        let (sender, connection) = http1::handshake(io)
-            .await
-            .map_err(|e| Error::Connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream connection ended");
-            }
-        });
-        Ok(sender)
-    }
-
-    async fn connect_own(&self, authority: &Authority) -> Result<Conn, Error> {
-        let io = self.open(authority).await?;
-        let (tcp, open) = io
-            .into_tcp()
-            .map_err(|_| Error::Connect("a plain upstream connection came back as TLS".into()))?;
-        Ok(Conn::new(tcp, open))
-    }
-
-    async fn open(&self, authority: &Authority) -> Result<CountedConnection, Error> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
@@ -303,10 +203,18 @@ where
         let io = tower_service::Service::call(&mut connector, uri)
             .await
             .map_err(Error::Connect)?;
+        let (sender, connection) = http1::handshake(io)
+            .await
+            .map_err(|e| Error::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
         if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.shared)));
         }
-        Ok(io)
+        Ok(sender)
     }
 }
 
@@ -322,33 +230,15 @@ impl<B> Shared<B> {
         // Closed ones go; so does one still finishing its last exchange (an
         // answer that came before its request body was all sent): it closes
         // when that ends, rather than making this request wait.
-        while let Some(Idle { conn, since }) = host.connections.pop() {
+        while let Some(Idle { sender, since }) = host.connections.pop() {
             let idle_for = now.saturating_duration_since(since);
             if idle_for >= self.idle_timeout {
                 // The older ones have been idle longer still.
                 host.connections.clear();
                 break;
             }
-            if conn.is_ready() {
-                return Some((conn, idle_for));
-            }
-        }
-        None
-    }
-
-    /// [`Shared::checkout`], for Cohort's own connections.
-    fn checkout_own(&self, authority: &Authority) -> Option<(Conn, Duration)> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let host = idle.iter_mut().find(|host| host.authority == *authority)?;
-        let now = Instant::now();
-        while let Some(Idle { conn, since }) = host.own.pop() {
-            let idle_for = now.saturating_duration_since(since);
-            if idle_for >= self.idle_timeout {
-                host.own.clear();
-                break;
-            }
-            if !conn.is_stale() {
-                return Some((conn, idle_for));
+            if sender.is_ready() {
+                return Some((sender, idle_for));
             }
         }
         None
@@ -358,29 +248,7 @@ impl<B> Shared<B> {
         if sender.is_closed() {
             return;
         }
-        self.with_host(authority, |host, max| {
-            if host.connections.len() < max {
-                host.connections.push(Idle {
-                    conn: sender,
-                    since: Instant::now(),
-                });
-            }
-        });
-    }
-
-    fn put_back_own(&self, authority: Authority, conn: Conn) {
-        self.with_host(authority, |host, max| {
-            if host.own.len() < max {
-                host.own.push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
-            }
-        });
-    }
-
-    /// Runs `f` on `authority`'s idle connections, with the most it may keep.
-    fn with_host(&self, authority: Authority, f: impl FnOnce(&mut Host<B>, usize)) {
+        let since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let index = match idle.iter().position(|host| host.authority == authority) {
             Some(index) => index,
@@ -388,12 +256,14 @@ impl<B> Shared<B> {
                 idle.push(Host {
                     authority,
                     connections: Vec::new(),
-                    own: Vec::new(),
                 });
                 idle.len() - 1
             }
         };
-        f(&mut idle[index], self.max_idle_per_host);
+        let connections = &mut idle[index].connections;
+        if connections.len() < self.max_idle_per_host {
+            connections.push(Idle { sender, since });
+        }
     }
 
     /// Closes the connections idle since before `deadline`, and forgets
@@ -402,11 +272,9 @@ impl<B> Shared<B> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for host in idle.iter_mut() {
             host.connections
-                .retain(|idle| idle.since > deadline && !idle.conn.is_closed());
-            host.own
-                .retain(|idle| idle.since > deadline && !idle.conn.is_stale());
+                .retain(|conn| conn.since > deadline && !conn.sender.is_closed());
         }
-        idle.retain(|host| !host.connections.is_empty() || !host.own.is_empty());
+        idle.retain(|host| !host.connections.is_empty());
     }
 }
 
@@ -479,45 +347,12 @@ impl<B> Lease<B> {
     }
 }
 
-/// A connection of Cohort's own lent to one exchange.
-struct OwnLease<B> {
-    pool: Arc<Shared<B>>,
-    authority: Authority,
-    conn: Conn,
-    /// Whether the response lets the connection take another request.
-    keep_alive: bool,
-}
-
-impl<B> OwnLease<B> {
-    /// Gives the connection back after a body read to its end, if the
-    /// response allows and nothing past the body was read.
-    fn give_back(self) {
-        if self.keep_alive && self.conn.is_clean() {
-            self.pool.put_back_own(self.authority, self.conn);
-        }
-    }
-}
-
 /// An upstream response body. For a pooled HTTP/1.1 connection, it gives
 /// the connection back to the pool once read to its end; dropped earlier,
 /// the connection closes instead, since the rest of the body is still on it.
 pub struct UpstreamBody<B> {
-    inner: Inner<B>,
-}
-
-enum Inner<B> {
-    Hyper {
-        incoming: Incoming,
-        lease: Option<Lease<B>>,
-    },
-    /// Read by Cohort's own exchange; the lease is gone once the body ends
-    /// or fails.
-    Own {
-        decoder: exchange::Decoder,
-        lease: Option<OwnLease<B>>,
-        /// A failure held back for one poll (see `poll_frame`).
-        failed: Option<exchange::Error>,
-    },
+    incoming: Incoming,
+    lease: Option<Lease<B>>,
 }
 
 impl<B> UpstreamBody<B> {
@@ -525,102 +360,36 @@ impl<B> UpstreamBody<B> {
     #[must_use]
     pub fn unpooled(incoming: Incoming) -> UpstreamBody<B> {
         UpstreamBody {
-            inner: Inner::Hyper {
-                incoming,
-                lease: None,
-            },
-        }
-    }
-
-    fn own(lease: OwnLease<B>, decoder: exchange::Decoder) -> UpstreamBody<B> {
-        let lease = if decoder.is_done() {
-            // No body (`HEAD`, `204`, `304`, a length of 0): free already.
-            lease.give_back();
-            None
-        } else {
-            Some(lease)
-        };
-        UpstreamBody {
-            inner: Inner::Own {
-                decoder,
-                lease,
-                failed: None,
-            },
+            incoming,
+            lease: None,
         }
     }
 }
 
 impl<B> Body for UpstreamBody<B> {
     type Data = bytes::Bytes;
-    type Error = BoxError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
-        match &mut self.get_mut().inner {
-            Inner::Hyper { incoming, lease } => {
-                let polled = Pin::new(incoming).poll_frame(cx);
-                if let Poll::Ready(None) = polled
-                    && let Some(lease) = lease.take()
-                {
-                    lease.give_back();
-                }
-                polled.map_err(BoxError::from)
-            }
-            Inner::Own {
-                decoder,
-                lease,
-                failed,
-            } => {
-                if let Some(error) = failed.take() {
-                    return Poll::Ready(Some(Err(error.into())));
-                }
-                let Some(held) = lease else {
-                    return Poll::Ready(None);
-                };
-                match decoder.poll_frame(&mut held.conn, cx) {
-                    Poll::Ready(Some(Err(error))) => {
-                        // The connection's state is unknown: it closes. The
-                        // failure waits one poll: hyper's server drops what
-                        // it has not yet written when a body fails, and the
-                        // head and the data before the cut are to reach
-                        // the client first, as they would from nginx.
-                        *lease = None;
-                        *failed = Some(error);
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
-                    }
-                    polled => {
-                        // Read to its end, maybe in this very frame.
-                        if decoder.is_done()
-                            && let Some(lease) = lease.take()
-                        {
-                            lease.give_back();
-                        }
-                        polled.map_err(BoxError::from)
-                    }
-                }
-            }
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(lease) = this.lease.take()
+        {
+            lease.give_back();
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Hyper { incoming, .. } => incoming.is_end_stream(),
-            Inner::Own {
-                decoder,
-                lease,
-                failed,
-            } => decoder.is_done() || (lease.is_none() && failed.is_none()),
-        }
+        self.incoming.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Hyper { incoming, .. } => incoming.size_hint(),
-            Inner::Own { decoder, .. } => decoder.size_hint(),
-        }
+        self.incoming.size_hint()
     }
 }
 
@@ -629,11 +398,9 @@ impl<B> Drop for UpstreamBody<B> {
         // hyper stops polling a body once it reports its end: an empty one
         // (HEAD, 204, 304, `content-length: 0`) is never polled, and one with
         // a `content-length` is dropped after its last byte. Either way its
-        // connection is free. (Cohort's own body gives its connection back
-        // as it reads the last byte.)
-        if let Inner::Hyper { incoming, lease } = &mut self.inner
-            && let Some(lease) = lease.take()
-            && incoming.is_end_stream()
+        // connection is free.
+        if let Some(lease) = self.lease.take()
+            && self.incoming.is_end_stream()
         {
             lease.give_back();
         }
@@ -642,18 +409,10 @@ impl<B> Drop for UpstreamBody<B> {
 
 impl<B> std::fmt::Debug for UpstreamBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.inner {
-            Inner::Hyper { incoming, lease } => f
-                .debug_struct("UpstreamBody")
-                .field("incoming", incoming)
-                .field("pooled", &lease.is_some())
-                .finish(),
-            Inner::Own { decoder, lease, .. } => f
-                .debug_struct("UpstreamBody")
-                .field("decoder", decoder)
-                .field("pooled", &lease.is_some())
-                .finish(),
-        }
+        f.debug_struct("UpstreamBody")
+            .field("incoming", &self.incoming)
+            .field("pooled", &self.lease.is_some())
+            .finish()
     }
 }
 
@@ -854,8 +613,8 @@ mod tests {
             wait_until("the pooled connection is seen closed", || {
                 let idle = pool.shared.idle.lock().unwrap();
                 idle.iter()
-                    .flat_map(|host| &host.own)
-                    .all(|idle| idle.conn.is_stale())
+                    .flat_map(|host| &host.connections)
+                    .all(|conn| conn.sender.is_closed())
             })
             .await;
         }

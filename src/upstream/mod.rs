@@ -3,8 +3,7 @@
 //! Owns: the upstream address forms of SPEC section 9 (`host:port`,
 //! `https://host:port`, `h2c://host:port`), and the keep-alive connection
 //! pools shared by every version of a worker: Cohort's own for plain
-//! HTTP/1.1 ([`http1`], most of whose exchanges Cohort also speaks itself:
-//! [`exchange`]), hyper-util's for HTTP/2 with prior knowledge and for
+//! HTTP/1.1 ([`http1`]), hyper-util's for HTTP/2 with prior knowledge and for
 //! TLS with HTTP/2 or HTTP/1.1 by ALPN (HTTP/1.1 alone for upgrades, which
 //! HTTP/2 cannot carry). Does not own: opening connections
 //! and counting them ([`connect`]), the trust roots for TLS (`tls`),
@@ -13,7 +12,6 @@
 //! (`proxy::error`).
 
 pub mod connect;
-pub mod exchange;
 pub mod http1;
 
 use std::fmt;
@@ -138,13 +136,8 @@ pub struct UpstreamClient<B = TeeBody> {
 pub enum Error {
     #[error("connecting failed")]
     Connect(#[source] BoxError),
-    /// An HTTP/1.1 exchange through hyper's client (a request with a body
-    /// or an upgrade).
     #[error("the HTTP/1.1 exchange failed")]
     Exchange(#[source] hyper::Error),
-    /// An HTTP/1.1 exchange of Cohort's own (any other request).
-    #[error("the HTTP/1.1 exchange failed")]
-    Http1(#[source] exchange::Error),
     #[error("the pooled client failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
     /// A WebSocket or other `Upgrade` for an upstream that speaks only
@@ -182,7 +175,7 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         match self {
             Error::Connect(_) => true,
-            Error::Exchange(_) | Error::Http1(_) | Error::UpgradeOverHttp2 => false,
+            Error::Exchange(_) | Error::UpgradeOverHttp2 => false,
             Error::Pooled(error) => error.is_connect(),
         }
     }
