@@ -159,7 +159,7 @@ pub enum CtlCommand {
 pub enum RolloutCommand {
     /// Start a rollout from a plan: TOML, or an AgentRelease manifest (YAML).
     Start {
-        /// The plan: a TOML file shaped like the config's [rollout] table,
+        /// The plan: a TOML file shaped like the config's `[rollout]` table,
         /// or an AgentRelease manifest (YAML, `kind: AgentRelease`).
         file: PathBuf,
     },

@@ -476,7 +476,7 @@ impl Rollouts {
     /// Saves the running rollout's progress with the time spent in its
     /// stage, and stops its task without ending it, so that the next start
     /// resumes it where it stopped: for a graceful shutdown. Waits at most
-    /// [`SUSPEND_TIMEOUT`] for the save.
+    /// `SUSPEND_TIMEOUT` for the save.
     pub async fn suspend(&self) {
         let (reply, saved) = oneshot::channel();
         match self.command(Command::Suspend(reply)) {
