@@ -1092,10 +1092,15 @@ mod raw {
             let h = self.health;
             let health = HealthConfig {
                 path: c.value("health.path", h.path, "/health".to_owned(), |p| {
-                    if p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok() {
-                        Ok(p)
-                    } else {
+                    if !p.starts_with('/') {
                         Err(format!("{p:?} is not a path starting with '/'"))
+                    } else if p.parse::<http::uri::PathAndQuery>().is_err() {
+                        Err(format!(
+                            "{p:?} is not a valid request path (spaces and other \
+                             characters outside a URI must be percent-encoded)"
+                        ))
+                    } else {
+                        Ok(p)
                     }
                 }),
                 interval: c.positive_duration(
@@ -1546,6 +1551,14 @@ mod tests {
             (
                 "[routing]\nsalt = \"\"\n",
                 "routing.salt: must not be empty",
+            ),
+            (
+                "[health]\npath = \"health\"\n",
+                "health.path: \"health\" is not a path starting with '/'",
+            ),
+            (
+                "[health]\npath = \"/a b\"\n",
+                "health.path: \"/a b\" is not a valid request path",
             ),
             (
                 "[routing]\noverride_header = \"cookie\"\n",
