@@ -413,9 +413,17 @@ impl Control {
     /// observed, never saved).
     #[must_use]
     pub fn state_with_health(&self) -> serde_json::Value {
-        let current = self.lock();
+        let live = self.lock().saved.live.clone();
+        self.with_health(&live)
+    }
+
+    /// `live` with the health of every upstream of each of its versions
+    /// that the live table holds: how `GET /admin/state` and the replies to
+    /// changes show a state.
+    #[must_use]
+    pub fn with_health(&self, live: &LiveState) -> serde_json::Value {
         let table = self.table.snapshot();
-        let mut value = serde_json::to_value(&current.saved.live).unwrap_or_default();
+        let mut value = serde_json::to_value(live).unwrap_or_default();
         let versions = [
             ("stable", Some(&table.stable)),
             ("canary", table.canary.as_ref().map(|c| &c.version)),
@@ -724,10 +732,11 @@ fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlErr
     Ok(parsed)
 }
 
-/// Builds the route table for `live`, reusing `previous`'s versions where
-/// they are unchanged, so their round-robin cursors, metric handles, health
-/// and open streams carry over. With `gate_new_canary`, a canary not in
-/// `previous` passes the readiness gate before it gets traffic.
+/// Builds the route table for `live` from `previous` (see
+/// [`RouteTable::build`]): unchanged versions are reused, changed ones keep
+/// their upstreams' health, window and open streams. With
+/// `gate_new_canary`, a canary not in `previous` passes the readiness gate
+/// before it gets traffic.
 fn build(
     live: &LiveState,
     policy: &Arc<Policy>,

@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 use crate::control::{Control, ControlError};
 use crate::health;
 use crate::rollout::controller::Rollouts;
+use crate::state::LiveState;
 
 /// What the admin endpoints read and drive.
 #[derive(Debug)]
@@ -175,6 +176,8 @@ impl Admin {
             }
         }
         let ok = |value: serde_json::Value| Ok(json(StatusCode::OK, &value));
+        // A change answers with the state it made, shown as `GET /admin/state` shows it.
+        let changed = |live: LiveState| ok(self.control.with_health(&live));
         match (&method, path.as_str()) {
             (&Method::GET, "/health") => ok(serde_json::json!({"status": "ok"})),
             (&Method::GET, "/ready") => {
@@ -198,31 +201,25 @@ impl Admin {
                 Ok(rsp)
             }
             (&Method::GET, "/admin/state") => ok(self.rollouts.state_with_health()),
-            (&Method::PUT, "/admin/weight") => {
-                ok(to_json(&handlers::weight(&self.control, req).await?))
-            }
+            (&Method::PUT, "/admin/weight") => changed(handlers::weight(&self.control, req).await?),
             (&Method::POST, "/admin/rollback") => {
-                ok(to_json(&handlers::rollback(&self.control, req).await?))
+                changed(handlers::rollback(&self.control, req).await?)
             }
             (&Method::POST, "/admin/promote") => {
-                ok(to_json(&handlers::promote(&self.control, req).await?))
+                changed(handlers::promote(&self.control, req).await?)
             }
-            (&Method::PUT, "/admin/canary") => {
-                ok(to_json(&handlers::canary(&self.control, req).await?))
-            }
-            (&Method::PUT, "/admin/shadow") => {
-                ok(to_json(&handlers::shadow(&self.control, req).await?))
-            }
+            (&Method::PUT, "/admin/canary") => changed(handlers::canary(&self.control, req).await?),
+            (&Method::PUT, "/admin/shadow") => changed(handlers::shadow(&self.control, req).await?),
             (&Method::GET, "/admin/route") => ok(to_json(&handlers::route(&self.control, &req)?)),
-            (&Method::POST, "/admin/rollout") => ok(to_json(
-                &handlers::rollout_start(&self.rollouts, req).await?,
-            )),
-            (&Method::POST, "/admin/rollout/approve") => ok(to_json(
-                &handlers::rollout_approve(&self.rollouts, req).await?,
-            )),
-            (&Method::POST, "/admin/rollout/abort") => ok(to_json(
-                &handlers::rollout_abort(&self.rollouts, req).await?,
-            )),
+            (&Method::POST, "/admin/rollout") => {
+                changed(handlers::rollout_start(&self.rollouts, req).await?)
+            }
+            (&Method::POST, "/admin/rollout/approve") => {
+                changed(handlers::rollout_approve(&self.rollouts, req).await?)
+            }
+            (&Method::POST, "/admin/rollout/abort") => {
+                changed(handlers::rollout_abort(&self.rollouts, req).await?)
+            }
             (&Method::POST, "/admin/signals") => {
                 ok(to_json(&handlers::signals(&self.rollouts, req).await?))
             }
