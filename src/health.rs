@@ -9,7 +9,8 @@
 //! traffic; every canary (from the config or the state file on start,
 //! or installed at run time) starts unhealthy, so it gets no traffic until
 //! one of its upstreams passes a probe ([`probe_gated`] probes the one there
-//! on start before the proxy accepts); the log line of each change of
+//! on start before the proxy accepts), as does an upstream added to an open
+//! canary; the log line of each change of
 //! verdict, with why the probe failed; and the `cohort_upstream_healthy`
 //! lines of a scrape ([`write_gauges`]). Does not own choosing among upstreams
 //! (`table::Version::pick`), the fallback to stable, or logging an
@@ -47,8 +48,9 @@ pub struct Health {
     /// Consecutive connect errors or 5xx on real traffic.
     errors: AtomicU32,
     ejected_until_ms: AtomicU64,
-    /// When the next active probe is due (0: as soon as possible).
-    next_probe_ms: AtomicU64,
+    /// When the last active probe started (0: never). Kept rather than when
+    /// the next is due, so a shorter `health.interval` applies at once.
+    probed_at_ms: AtomicU64,
     /// Set for a canary installed at run time until its first good probe,
     /// which alone opens it (the readiness gate).
     gated: AtomicBool,
@@ -115,7 +117,7 @@ impl Health {
             bad_probes: AtomicU32::new(0),
             errors: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
-            next_probe_ms: AtomicU64::new(0),
+            probed_at_ms: AtomicU64::new(0),
             gated: AtomicBool::new(!healthy),
             probing: AtomicBool::new(false),
         }
@@ -325,14 +327,13 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
     let now = now_ms();
     for (index, upstream) in version.upstreams.iter().enumerate() {
         let health = &version.health[index];
-        let due = health.next_probe_ms.load(Ordering::Relaxed);
-        if due > now || health.probing.swap(true, Ordering::Relaxed) {
+        let interval = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
+        let probed_at = health.probed_at_ms.load(Ordering::Relaxed);
+        let too_soon = probed_at != 0 && now < probed_at.saturating_add(interval);
+        if too_soon || health.probing.swap(true, Ordering::Relaxed) {
             continue;
         }
-        let interval = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
-        health
-            .next_probe_ms
-            .store(now.saturating_add(interval).max(1), Ordering::Relaxed);
+        health.probed_at_ms.store(now.max(1), Ordering::Relaxed);
         let uri = probe_uri(upstream, config);
         let (client, upstream, version, config) = (
             client.clone(),

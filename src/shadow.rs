@@ -282,7 +282,8 @@ pub struct Shadow {
 
 impl Shadow {
     /// The shadow `config` at `percent`, reusing `previous`'s version, client
-    /// and slots when its name and upstreams are the same.
+    /// and slots when its name and upstreams are the same, and the health of
+    /// the upstreams it keeps when only the list changed.
     #[must_use]
     pub fn build(
         config: &VersionConfig,
@@ -314,6 +315,9 @@ impl Shadow {
                 Cohort::Shadow,
                 false,
                 policy.window_slot,
+                previous
+                    .map(|p| &*p.version)
+                    .filter(|v| v.name == config.name),
             )),
             percent,
             sender: Arc::new(Sender {

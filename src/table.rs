@@ -47,37 +47,75 @@ pub struct Version {
     next: AtomicUsize,
     /// Metric handles resolved once for this version, so recording allocates nothing.
     pub metrics: VersionMetrics,
-    /// One entry per upstream, in the same order.
-    pub health: Box<[Health]>,
+    /// One entry per upstream, in the same order. Shared with the version
+    /// this one succeeds (see [`Version::new`]), so what probes and
+    /// requests learnt about an upstream survives a change of the list.
+    pub health: Box<[Arc<Health>]>,
     /// What the rollout guardrails judge: this version's recent requests.
-    pub window: Window,
-    /// How many times this version's open streams and upgraded connections
-    /// were ordered closed (a rollback with `on_rollback = "close"`). A
-    /// stream remembers the count it started under and ends when it grows,
-    /// so streams opened after a close (the version may serve again after a
-    /// forced weight) are not affected.
-    closes: watch::Sender<u64>,
+    pub window: Arc<Window>,
+    /// Orders this version's open streams closed; shared with the version
+    /// this one succeeds, so a close reaches streams opened before a reload.
+    closes: Arc<Closes>,
+}
+
+/// How many times a version's open streams and upgraded connections were
+/// ordered closed (a rollback with `on_rollback = "close"`). A stream
+/// remembers the count it started under and ends when it grows, so streams
+/// opened after a close (the version may serve again after a forced
+/// weight) are not affected.
+#[derive(Debug)]
+struct Closes {
+    /// For streams waiting on the next close.
+    count: watch::Sender<u64>,
     /// The same count, for a check on every body frame that costs one atomic load.
-    close_count: AtomicU64,
+    latest: AtomicU64,
 }
 
 impl Version {
-    /// A version; `gated` ones (canaries) take no traffic until an
-    /// upstream passes its health check.
+    /// A version. `gated` upstreams (a canary's) take no traffic until
+    /// they pass a health check. `predecessor` is the same version (by
+    /// name) in the table this one replaces, when the change kept it but
+    /// altered it (another upstream list, or a promotion from canary to
+    /// stable): the health of each upstream it still lists, its rollout
+    /// window and its open streams carry over, so a reload neither forgets
+    /// an upstream known bad nor re-gates a canary already open.
     #[must_use]
     pub fn new(
         config: &VersionConfig,
         cohort: Cohort,
         gated: bool,
         window_slot: Duration,
+        predecessor: Option<&Version>,
     ) -> Version {
+        let carried = |upstream: &UpstreamAddr| {
+            let predecessor = predecessor?;
+            let i = predecessor.upstreams.iter().position(|u| u == upstream)?;
+            Some(Arc::clone(&predecessor.health[i]))
+        };
+        let health = config
+            .upstreams
+            .iter()
+            .map(|upstream| carried(upstream).unwrap_or_else(|| Arc::new(Health::new(!gated))))
+            .collect();
+        let window = Window::new(window_slot);
+        let window = match predecessor {
+            // A new rollout interval changes the slots: the old ones cannot be read with it.
+            Some(p) if p.window.slot_len() == window.slot_len() => Arc::clone(&p.window),
+            _ => Arc::new(window),
+        };
+        let closes = predecessor.map_or_else(
+            || {
+                Arc::new(Closes {
+                    count: watch::Sender::new(0),
+                    latest: AtomicU64::new(0),
+                })
+            },
+            |p| Arc::clone(&p.closes),
+        );
         Version {
-            window: Window::new(window_slot),
-            health: config
-                .upstreams
-                .iter()
-                .map(|_| Health::new(!gated))
-                .collect(),
+            health,
+            window,
+            closes,
             metrics: VersionMetrics::new(&config.name, cohort),
             name: config.name.clone(),
             // Names from the config and the API are checked to be printable;
@@ -88,21 +126,19 @@ impl Version {
             }),
             upstreams: config.upstreams.clone(),
             next: AtomicUsize::new(0),
-            closes: watch::Sender::new(0),
-            close_count: AtomicU64::new(0),
         }
     }
 
     /// Ends the streams and upgraded connections open on this version now.
     pub fn close_streams(&self) {
-        self.close_count.fetch_add(1, Ordering::AcqRel);
-        self.closes.send_modify(|count| *count += 1);
+        self.closes.latest.fetch_add(1, Ordering::AcqRel);
+        self.closes.count.send_modify(|count| *count += 1);
     }
 
     /// The close count a stream starting now remembers.
     #[must_use]
     pub fn close_epoch(&self) -> u64 {
-        self.close_count.load(Ordering::Acquire)
+        self.closes.latest.load(Ordering::Acquire)
     }
 
     /// Resolves once [`Version::close_streams`] is called after `epoch`.
@@ -110,7 +146,7 @@ impl Version {
         &self,
         epoch: u64,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut closes = self.closes.subscribe();
+        let mut closes = self.closes.count.subscribe();
         async move {
             if closes.wait_for(|count| *count > epoch).await.is_err() {
                 // The version is gone, so nothing can close its streams any more.
@@ -157,7 +193,7 @@ impl Version {
     /// upstreams has passed a health probe since it entered the table.
     #[must_use]
     pub fn awaits_first_probe(&self) -> bool {
-        self.health.iter().all(Health::is_gated)
+        self.health.iter().all(|h| h.is_gated())
     }
 
     /// Where to send a request that could not reach `last`, having started
@@ -241,7 +277,11 @@ impl RouteTable {
 
     /// A table for these versions. Versions of `previous` with the same name,
     /// upstreams and cohort are reused, so their round-robin cursors, metric
-    /// handles and open streams carry over (and the shadow's client).
+    /// handles and open streams carry over (and the shadow's client). A
+    /// version kept under another upstream list, or a canary promoted to
+    /// stable, succeeds its old self (see [`Version::new`]). With
+    /// `gate_new_canary`, the upstreams of a canary that was not in
+    /// `previous` (and upstreams new to one that was) wait for a good probe.
     #[must_use]
     #[allow(clippy::too_many_arguments)]
     pub fn build(
@@ -255,21 +295,28 @@ impl RouteTable {
         gate_new_canary: bool,
     ) -> RouteTable {
         let reuse = |config: &VersionConfig, cohort: Cohort| {
-            let candidate = previous.and_then(|p| match cohort {
+            let in_slot = previous.and_then(|p| match cohort {
                 Cohort::Canary => p.canary.as_ref().map(|c| &c.version),
                 _ => Some(&p.stable),
             });
-            match candidate {
-                Some(v) if v.name == config.name && v.upstreams == config.upstreams => {
-                    Arc::clone(v)
-                }
-                _ => Arc::new(Version::new(
-                    config,
-                    cohort,
-                    gate_new_canary && cohort == Cohort::Canary,
-                    policy.window_slot,
-                )),
+            if let Some(v) = in_slot
+                && v.name == config.name
+                && v.upstreams == config.upstreams
+            {
+                return Arc::clone(v);
             }
+            // Kept under another upstream list, or a canary promoted to stable.
+            let predecessor = in_slot
+                .into_iter()
+                .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
+                .find(|v| v.name == config.name);
+            Arc::new(Version::new(
+                config,
+                cohort,
+                gate_new_canary && cohort == Cohort::Canary,
+                policy.window_slot,
+                predecessor.map(AsRef::as_ref),
+            ))
         };
         let salt = policy
             .routing
@@ -390,7 +437,7 @@ mod tests {
                 .map(|a| UpstreamAddr::parse(a).unwrap())
                 .collect(),
         };
-        let version = Version::new(&config, Cohort::Stable, false, Duration::from_secs(1));
+        let version = Version::new(&config, Cohort::Stable, false, Duration::from_secs(1), None);
         let next = |first, last| version.pick_other(first, last).map(|(i, _)| i);
         assert_eq!(
             (next(0, 0), next(0, 1), next(0, 2)),

@@ -3,7 +3,8 @@
 //! Owns: an SSE stream and a WebSocket opened on the canary run on through a
 //! weight change and a promote; on a rollback they run on with
 //! `routing.on_rollback = "drain"` and end at once with `"close"` (while a
-//! stable stream runs on). Changes go through the admin API. An open
+//! stable stream runs on), also after a reload changed the canary's
+//! upstreams under the stream. Changes go through the admin API. An open
 //! WebSocket also outlives a restart of the proxy workers (a reload of
 //! `[upstream]`), and holds up a shutdown. Does not own: streaming itself (`streaming`), or requests
 //! that are not streams (`control_load`).
@@ -350,4 +351,34 @@ async fn on_rollback_close_ends_canary_streams_even_when_the_state_cannot_be_sav
         .get_streaming("/events", &[("x-user-id", &canary_key)])
         .await;
     assert_eq!(reply.headers()["x-agent-version"], STABLE);
+}
+
+#[tokio::test]
+async fn on_rollback_close_ends_streams_opened_before_a_reload_changed_the_canary() {
+    let canary_key = key_on(CANARY, WEIGHT, CANARY, "reloaded");
+    let stable = SseTicker::start(STABLE).await;
+    let sse = SseTicker::start(CANARY).await;
+    let other = SseTicker::start(CANARY).await;
+    let text = support::config(
+        &[stable.addr],
+        Some((&[sse.addr], WEIGHT)),
+        "[routing]\non_rollback = \"close\"\n",
+    );
+    let server = support::start_cohort(&text).await;
+    let mut stream = open_sse(&server, &canary_key, CANARY).await;
+
+    let edited = text.replace(
+        &format!("\"{}\"]\nweight", sse.addr),
+        &format!("\"{}\", \"{}\"]\nweight", sse.addr, other.addr),
+    );
+    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    let live = server.control().reload(&edited).expect("the reload");
+    assert_eq!(live.canary.map(|c| c.upstreams.len()), Some(2));
+    let state = AdminApi::new(server.admin_addr())
+        .rollback("after a reload")
+        .await;
+    assert_eq!(state["status"], "rolled_back", "{state}");
+
+    let ended = read_until(&mut stream, "data: never\n\n").await;
+    assert!(ended.is_err(), "the canary's stream is still open");
 }

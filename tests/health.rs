@@ -10,8 +10,10 @@
 //! probes answers 503 with `canary_unavailable = "error"`, that an ejected
 //! canary hands its cohort to stable (or answers 503 in that mode), and that
 //! health shows in `cohort_upstream_healthy` (for the versions in the
-//! table only) and `GET /admin/state`; a reloaded `[health]` applies to the
-//! running checks. Does not
+//! table only), `GET /admin/state` and the reply to a change; what probes
+//! learnt survives a reload that changes a version's upstreams and a
+//! promote; a reloaded `[health]` applies to the running checks, a shorter
+//! interval at once. Does not
 //! own the routing rule or the data path's other behaviour.
 //!
 //! The backends here can be really stopped (listener and open connections
@@ -36,7 +38,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{CANARY, Http, STABLE, admin, eventually_async, is_health_probe, metric};
+use support::{CANARY, Http, STABLE, admin, eventually, eventually_async, is_health_probe, metric};
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
 /// Passive ejection is pushed out of the way so the active checks are what is tested.
@@ -121,6 +123,10 @@ impl Backend {
 
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    fn probe_count(&self) -> usize {
+        self.probes.lock().expect("not poisoned").len()
     }
 
     /// The path of the last health probe.
@@ -557,5 +563,96 @@ async fn a_reloaded_health_section_applies_to_the_running_checks() {
         stable.last_probe().as_deref() == Some("/after")
     })
     .await;
+    server.shutdown().await;
+}
+
+/// A reload that changes the upstream lists keeps what probes learnt about
+/// the upstreams both lists hold: a dead one stays out, and the canary's
+/// cohort stays on the canary rather than waiting at the readiness gate
+/// again; a promote keeps it too, and its reply shows it.
+#[tokio::test]
+async fn what_probes_learnt_survives_a_reload_and_a_promote() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    let added = Backend::start("added").await;
+    let (dead_stable, dead_canary) = (support::dead_addr().await, support::dead_addr().await);
+    let extra = format!("[routing]\nsticky_keys = [\"header:x-user\"]\n\n{FAST_HEALTH}");
+    let text = support::config(
+        &[stable.addr, dead_stable],
+        Some((&[canary.addr, dead_canary], 50.0)),
+        &extra,
+    );
+    let server = support::start_cohort(&text).await;
+    eventually_async("probes find the dead upstreams out", || async {
+        state_health(&server, "stable", dead_stable).await == Some(false)
+            && state_health(&server, "canary", dead_canary).await == Some(false)
+            && state_health(&server, "canary", canary.addr).await == Some(true)
+    })
+    .await;
+
+    // Each version gets one more upstream, not probed yet when the reload returns.
+    let edited = text
+        .replace(
+            &format!("\"{dead_stable}\""),
+            &format!("\"{dead_stable}\", \"{}\"", added.addr),
+        )
+        .replace(
+            &format!("\"{dead_canary}\""),
+            &format!("\"{dead_canary}\", \"{}\"", added.addr),
+        );
+    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    server.control().reload(&edited).expect("the reload");
+    let state = admin(&server, Method::GET, "/admin/state", "").await.json();
+    assert_eq!(
+        state["canary"]["upstreams"].as_array().map(Vec::len),
+        Some(3),
+        "{state}"
+    );
+    assert_eq!(
+        state_health(&server, "stable", dead_stable).await,
+        Some(false)
+    );
+    assert_eq!(
+        state_health(&server, "canary", dead_canary).await,
+        Some(false)
+    );
+    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+    let reply = Http::new(server.proxy_addr())
+        .get("/", &[("x-user", &on_canary)])
+        .await;
+    assert_eq!(reply.version(), CANARY, "{reply:?}");
+
+    let promoted = admin(&server, Method::POST, "/admin/promote", "").await;
+    assert_eq!(promoted.status, StatusCode::OK, "{promoted:?}");
+    let shown = promoted.json()["stable"]["health"].clone();
+    let dead_shown = shown
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["upstream"] == dead_canary.to_string()))
+        .map(|h| h["healthy"].clone());
+    assert_eq!(dead_shown, Some(false.into()), "{shown}");
+    assert_eq!(
+        state_health(&server, "stable", dead_canary).await,
+        Some(false)
+    );
+    assert_eq!(
+        state_health(&server, "stable", canary.addr).await,
+        Some(true)
+    );
+    server.shutdown().await;
+}
+
+/// A reload that shortens `health.interval` applies before the next probe
+/// due under the old one.
+#[tokio::test]
+async fn a_shorter_probe_interval_applies_at_once() {
+    let stable = Backend::start("stable").await;
+    let text = support::config(&[stable.addr], None, "[health]\ninterval = \"1h\"\n");
+    let server = support::start_cohort(&text).await;
+    eventually("the first probe", || stable.probe_count() >= 1).await;
+
+    let edited = text.replace("\"1h\"", "\"50ms\"");
+    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    server.control().reload(&edited).expect("the reload");
+    eventually("probes every 50 ms", || stable.probe_count() >= 3).await;
     server.shutdown().await;
 }

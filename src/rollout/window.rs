@@ -230,6 +230,12 @@ impl Window {
         }
     }
 
+    /// The length of one slot, as kept (whole milliseconds).
+    #[must_use]
+    pub fn slot_len(&self) -> Duration {
+        self.slot_len
+    }
+
     /// How far back a snapshot can reach.
     #[must_use]
     pub fn span(&self) -> Duration {
