@@ -465,8 +465,9 @@ fn upstream_list(version: &Value) -> String {
 
 /// A warning when no upstream of `version` is available (healthy and not
 /// ejected), saying what becomes of its traffic: a canary's cohort goes
-/// to stable or gets 503s; stable and the shadow still try upstreams that
-/// pass their checks but are ejected, and without one have none to try.
+/// to stable or gets 503s (none for a canary at weight 0, which has no
+/// cohort); stable and the shadow still try upstreams that pass their
+/// checks but are ejected, and without one have none to try.
 fn unavailable(version: &Value, role: Role) -> Option<String> {
     let health = health(version)?;
     if health.is_empty() || health.iter().any(|h| h.healthy && !h.ejected) {
@@ -475,7 +476,12 @@ fn unavailable(version: &Value, role: Role) -> Option<String> {
     let name = text(&version["name"]);
     let some_healthy = health.iter().any(|h| h.healthy);
     let fate = match role {
-        Role::Canary => "its cohort is served by stable, or gets 503s (health.canary_unavailable)",
+        // At weight 0 (a rollback) it has no cohort to fail.
+        Role::Canary if version["weight"].as_f64() == Some(0.0) => return None,
+        Role::Canary => {
+            "its cohort is served by stable (always before its first good probe), \
+             or gets 503s (health.canary_unavailable)"
+        }
         Role::Stable | Role::Shadow if some_healthy => "the ejected ones are tried anyway",
         Role::Stable => "its requests get 503s",
         Role::Shadow => "no copies are sent",
@@ -511,7 +517,7 @@ fn text(value: &Value) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{render_state, rollout_line};
+    use super::{Role, render_state, rollout_line, unavailable};
 
     #[test]
     fn a_rollout_line_says_when_a_stage_is_held_and_where_an_ended_one_was() {
@@ -556,10 +562,20 @@ mod tests {
              stable      v1  [a:1 (ejected), b:1 (not healthy)]\n\
              \x20           no upstream of v1 is available: the ejected ones are tried anyway\n\
              canary      v2  [c:1 (ejected)]  weight 30.0%\n\
-             \x20           no upstream of v2 is available: its cohort is served by stable, or gets 503s (health.canary_unavailable)\n\
+             \x20           no upstream of v2 is available: its cohort is served by stable (always before its first good probe), or gets 503s (health.canary_unavailable)\n\
              shadow      v9  [d:1 (not healthy)]  percent 10.0%\n\
              \x20           no upstream of v9 is available: no copies are sent\n"
         );
+    }
+
+    #[test]
+    fn a_canary_at_weight_zero_has_no_cohort_to_warn_about() {
+        let canary = serde_json::json!({"name": "v2", "upstreams": ["c:1"], "weight": 0.0,
+            "health": [{"upstream": "c:1", "healthy": false, "ejected": false}]});
+        assert_eq!(unavailable(&canary, Role::Canary), None);
+        let mut open = canary.clone();
+        open["weight"] = 10.0.into();
+        assert!(unavailable(&open, Role::Canary).is_some());
     }
 
     #[test]
