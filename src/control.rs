@@ -130,6 +130,14 @@ impl Control {
         self.changes.subscribe()
     }
 
+    /// Whether the config's `[rollout]` plan is still to start for the
+    /// live canary: it was installed by a seed and nothing has changed it
+    /// since (see [`SavedState::rollout_due`]).
+    #[must_use]
+    pub fn is_rollout_due(&self) -> bool {
+        self.lock().saved.is_rollout_due()
+    }
+
     /// The table requests are routed by.
     #[must_use]
     pub fn table(&self) -> &Arc<Table> {
@@ -521,16 +529,15 @@ impl Control {
             &config.versions,
             config.shadow.as_ref(),
             before.generation + 1,
+            current.saved.config_weight,
         );
-        let next = SavedState {
-            versions_digest: digest,
-            shadow_digest: crate::state::reseeded_shadow_digest(
-                Some(&current.saved),
-                &live,
-                config.shadow.as_ref(),
-            ),
+        let next = SavedState::seeded(
             live,
-        };
+            &config.versions,
+            config.shadow.as_ref(),
+            Some(&current.saved),
+            config.rollout.is_some(),
+        );
         self.store.write(Some(before.generation), &next)?;
         current.saved = next;
         current.policy = policy;
@@ -591,6 +598,13 @@ impl Control {
         edit(&mut next)?;
         if next == current.saved {
             return Ok(next.live);
+        }
+        // The canary's first change after its seed (the plan's start, or
+        // an operator's) settles what the config's plan was to decide.
+        if next.live.canary != current.saved.live.canary
+            || next.live.status != current.saved.live.status
+        {
+            next.rollout_due = None;
         }
         let before = current.saved.live.clone();
         next.live.generation = before.generation + 1;

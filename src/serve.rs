@@ -34,7 +34,7 @@ use crate::rollout::webhook::Webhooks;
 use crate::signals::{Signal, Signals};
 use crate::state::audit::AuditLog;
 use crate::state::file::FileStore;
-use crate::state::{self, LiveState, Origin, Source, StateError, StateStore as _};
+use crate::state::{self, Source, StateError, StateStore as _};
 use crate::table::{Policy, Table};
 use crate::tls::{self, ServerTls, TlsError};
 use crate::upstream;
@@ -246,6 +246,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         &store,
         &config.versions,
         config.shadow.as_ref(),
+        config.rollout.is_some(),
         options.reset_state,
     )?;
     let control = Arc::new(Control::new(
@@ -264,17 +265,12 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         Webhooks::new(Arc::clone(&upstream_tls)),
     );
     // A saved rollout carries on where it stopped; a canary fresh from the
-    // config starts the config's plan, if any.
+    // config starts the config's plan, if any, as does one that a seed
+    // installed just before the process stopped, before its plan started.
     let resumed = rollouts.resume().map_err(unreadable)?;
-    let fresh = match origin {
-        // The state file is the live truth: its canary is not new.
-        Origin::Restored => false,
-        Origin::Seeded | Origin::Reset => control.state().canary.is_some(),
-        Origin::Reseeded => new_canary(previous.as_ref().map(|p| &p.live), &control.state()),
-    };
     if !resumed
-        && fresh
         && config.rollout.is_some()
+        && control.is_rollout_due()
         && let Err(error) = rollouts.start(None, "start")
     {
         tracing::error!(%error, "cannot start the configured rollout");
@@ -419,7 +415,7 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                 }
             };
             let plan = config.rollout.as_ref().map(plan::to_document);
-            let start_plan = plan.is_some() && new_canary(Some(&before), &after);
+            let start_plan = plan.is_some() && state::new_canary(Some(&before), &after);
             server.rollouts.set_default_plan(plan);
             server.admin.set_access(access);
             for key in server.restart_only.changed(&RestartOnly::of(&config)) {
@@ -586,16 +582,6 @@ impl Server {
         }
         self.admin_task.abort();
     }
-}
-
-/// Whether `after` has a canary that `before` did not (by name): a new
-/// release, which the config's rollout plan takes in hand.
-fn new_canary(before: Option<&LiveState>, after: &LiveState) -> bool {
-    let before = before.and_then(|b| b.canary.as_ref()).map(|c| &c.name);
-    after
-        .canary
-        .as_ref()
-        .is_some_and(|canary| before != Some(&canary.name))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -7,7 +7,10 @@
 //! re-seeds, keeping the unreadable file beside the new one; a rollback the disk refused stays live and is saved once the
 //! disk allows; an audit log that cannot be written stops the start, and
 //! a port that cannot be bound stops it before the state is touched; a
-//! restart does not start the configured plan again; every audit line is JSON with time, action, before, after,
+//! restart does not start the configured plan again, but does start it for
+//! a canary whose seed was saved and whose plan was not (a stop between the
+//! two writes); a weight set at run time outlives an edit of `[versions]`
+//! that leaves the canary and its weight alone; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
 
@@ -556,4 +559,74 @@ async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
         );
         assert_eq!(std::fs::read(&files.audit).expect("audit"), audit);
     }
+}
+
+/// An edit of `[versions]` that leaves the canary and its `weight` alone
+/// (another stable upstream) keeps the weight the operator set since, and a
+/// finished rollout's hold with it: the config's `weight` is where a new
+/// canary starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_set_at_run_time_outlives_an_edit_elsewhere_in_versions() {
+    let stable = Backend::start(STABLE).await;
+    let other_stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 50.0)), ""));
+    let first = Process::serve(&files.config, &[]).await;
+    AdminApi::new(first.admin).set_weight(1.0, false).await;
+    assert_eq!(first.stop().await, Some(0));
+
+    files.rewrite(
+        &format!("upstreams = [\"{}\"]", stable.addr),
+        &format!(
+            "upstreams = [\"{}\", \"{}\"]",
+            stable.addr, other_stable.addr
+        ),
+    );
+    let second = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&second).await;
+    assert_eq!(weight, 1.0, "{state}");
+    assert_eq!(
+        state["stable"]["upstreams"].as_array().map(Vec::len),
+        Some(2),
+        "{state}"
+    );
+    assert_eq!(files.last_audit()["action"], "reseed");
+    assert_eq!(second.stop().await, Some(0));
+}
+
+/// A start seeds the state, then starts the config's plan: two writes. A
+/// process stopped between them leaves a seeded canary at the config's
+/// weight with no rollout; the next start starts the plan, as the first
+/// would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_whose_start_was_cut_short_starts_on_the_next_start() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 5, duration = \"1h\" } ]\n";
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 50.0)), plan));
+    let parsed = cohort::config::Config::parse(&files.text, "test").expect("a valid config");
+    // The seed's write, as a start makes it before the plan's.
+    let store = cohort::state::file::FileStore::new(files.state.clone());
+    let (seeded, _, _) = cohort::state::restore(&store, &parsed.versions, None, true, false)
+        .expect("the seed is saved");
+    assert_eq!(seeded.live.rollout, None);
+
+    let process = Process::serve(&files.config, &[]).await;
+    let (weight, _, state) = canary_weight(&process).await;
+    assert_eq!(weight, 5.0, "{state}");
+    assert_eq!(state["status"], "progressing", "{state}");
+    assert_eq!(state["rollout"]["phase"], "progressing", "{state}");
+    assert_eq!(process.stop().await, Some(0));
+
+    // Started once: the next start resumes it rather than starting it again.
+    let again = Process::serve(&files.config, &[]).await;
+    let (_, _, state) = canary_weight(&again).await;
+    assert_eq!(state["rollout"]["stage"], 0, "{state}");
+    let starts = files
+        .audit()
+        .iter()
+        .filter(|line| line["action"] == "rollout_start")
+        .count();
+    assert_eq!(starts, 1);
+    assert_eq!(again.stop().await, Some(0));
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: [`LiveState`] (the document `GET /admin/state` serves and the state
 //! file holds), the digests of the config's `[versions]` and `[shadow]`
-//! sections, the rule
+//! sections and what the file records of its last seed (the config's
+//! weight, a plan still due), the rule
 //! that decides on start between the state file and the config
 //! ([`restore`]), and [`StateStore`], the seam behind which the state is kept
 //! (a file today, [`file::FileStore`]; a store shared by replicas later).
@@ -118,8 +119,69 @@ pub struct SavedState {
     /// [`shadow_digest`]); `None` in a file written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_digest: Option<String>,
+    /// The canary weight, in percent, that `[versions]` named when the
+    /// state was last seeded from it: a re-seed keeps a weight set at run
+    /// time unless the config's own weight changed. `None` when the section
+    /// had no canary, or in a file written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_weight: Option<f64>,
+    /// The canary (by name) that the config's `[rollout]` plan is to start
+    /// for: set by the seed that installed it, cleared by the first change
+    /// of the canary or the status (the plan's start is one). A start that
+    /// finds it set, because the process stopped between the two writes,
+    /// starts the plan then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_due: Option<String>,
     #[serde(flatten)]
     pub live: LiveState,
+}
+
+impl SavedState {
+    /// The state seeded or re-seeded from `versions`, with the digests and
+    /// the records that go beside it. `previous` is the state it replaces,
+    /// if any; `plan` says whether the config has a `[rollout]` plan, which
+    /// a new canary is to start.
+    #[must_use]
+    pub fn seeded(
+        live: LiveState,
+        versions: &VersionsConfig,
+        shadow: Option<&ShadowConfig>,
+        previous: Option<&SavedState>,
+        plan: bool,
+    ) -> SavedState {
+        let rollout_due = live
+            .canary
+            .as_ref()
+            .filter(|_| plan && new_canary(previous.map(|p| &p.live), &live))
+            .map(|canary| canary.name.clone());
+        SavedState {
+            versions_digest: versions_digest(versions),
+            shadow_digest: match previous {
+                Some(_) => reseeded_shadow_digest(previous, &live, shadow),
+                None => Some(shadow_digest(shadow)),
+            },
+            config_weight: versions.canary.as_ref().map(|(_, weight)| weight.percent()),
+            rollout_due,
+            live,
+        }
+    }
+
+    /// Whether the config's `[rollout]` plan is still to start for the live canary.
+    #[must_use]
+    pub fn is_rollout_due(&self) -> bool {
+        self.rollout_due.is_some()
+            && self.live.canary.as_ref().map(|c| &c.name) == self.rollout_due.as_ref()
+    }
+}
+
+/// Whether `after` has a canary that `before` did not have (by name).
+#[must_use]
+pub fn new_canary(before: Option<&LiveState>, after: &LiveState) -> bool {
+    let before = before.and_then(|b| b.canary.as_ref()).map(|c| &c.name);
+    after
+        .canary
+        .as_ref()
+        .is_some_and(|canary| before != Some(&canary.name))
 }
 
 impl LiveState {
@@ -150,11 +212,12 @@ impl LiveState {
 
     /// The state an edited `[versions]` section describes, keeping what
     /// the edit did not decide. When the canary is still the same version
-    /// (the same name), its rollback latch holds (weight 0) and a running
-    /// rollout runs on at the weight it set, so an edit elsewhere in the
-    /// section (another stable upstream) moves no one the rollout placed. A
-    /// steady canary takes the config's weight: the edited section is the
-    /// newer intent. The last rollback is kept as history. The shadow is
+    /// (the same name), its rollback latch holds (weight 0), a running
+    /// rollout runs on at the weight it set, and a weight set at run time
+    /// stays unless the config's `weight` changed from `config_weight` (the
+    /// one it named at the last seed; without it, the config's is taken), so
+    /// an edit elsewhere in the section (another stable upstream) moves no
+    /// one between versions. The last rollback is kept as history. The shadow is
     /// kept too (its own section decides it: `Control::follow_config_shadow`),
     /// unless it now bears a version's name; then the config's takes its
     /// place.
@@ -164,8 +227,13 @@ impl LiveState {
         versions: &VersionsConfig,
         shadow: Option<&ShadowConfig>,
         generation: u64,
+        config_weight: Option<f64>,
     ) -> LiveState {
         let mut next = LiveState::seed(versions, shadow, generation);
+        let weight_unchanged = versions
+            .canary
+            .as_ref()
+            .is_some_and(|(_, weight)| Some(weight.percent()) == config_weight);
         next.last_rollback = self.last_rollback.clone();
         if let Some(kept) = &self.shadow
             && kept.name != next.stable.name
@@ -184,6 +252,7 @@ impl LiveState {
             match self.status {
                 Status::RolledBack => canary.weight = 0.0,
                 Status::Progressing | Status::Paused => canary.weight = before.weight,
+                Status::Steady if weight_unchanged => canary.weight = before.weight,
                 Status::Steady => {}
             }
             if self.status != Status::Steady {
@@ -392,6 +461,7 @@ pub fn restore(
     store: &dyn StateStore,
     versions: &VersionsConfig,
     shadow: Option<&ShadowConfig>,
+    plan: bool,
     reset: bool,
 ) -> Result<(SavedState, Origin, Option<SavedState>), StateError> {
     let digest = versions_digest(versions);
@@ -414,18 +484,17 @@ pub fn restore(
         None => (Origin::Seeded, None),
     };
     let generation = next_generation(&previous);
-    let live = match (&previous, origin) {
-        (Some(previous), Origin::Reseeded) => previous.live.reseed(versions, shadow, generation),
-        _ => LiveState::seed(versions, shadow, generation),
+    let (live, replaced) = match (&previous, origin) {
+        (Some(previous), Origin::Reseeded) => (
+            previous
+                .live
+                .reseed(versions, shadow, generation, previous.config_weight),
+            Some(previous),
+        ),
+        // A reset starts afresh: nothing of the previous state is kept.
+        _ => (LiveState::seed(versions, shadow, generation), None),
     };
-    let seeded = SavedState {
-        versions_digest: digest,
-        shadow_digest: match origin {
-            Origin::Reseeded => reseeded_shadow_digest(previous.as_ref(), &live, shadow),
-            _ => Some(shadow_digest(shadow)),
-        },
-        live,
-    };
+    let seeded = SavedState::seeded(live, versions, shadow, replaced, plan);
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
     Ok((seeded, origin, previous))
 }
@@ -482,7 +551,7 @@ mod tests {
     #[test]
     fn seeds_then_restores_then_reseeds_when_versions_change() {
         let (store, _) = store();
-        let (saved, origin, _) = restore(&store, &versions(10), None, false).unwrap();
+        let (saved, origin, _) = restore(&store, &versions(10), None, false, false).unwrap();
         assert_eq!((origin, saved.live.generation), (Origin::Seeded, 1));
 
         // A change made at run time survives a restart with the same config.
@@ -490,19 +559,58 @@ mod tests {
         changed.live.generation = 2;
         changed.live.canary.as_mut().unwrap().weight = 50.0;
         store.write(Some(1), &changed).unwrap();
-        let (restored, origin, _) = restore(&store, &versions(10), None, false).unwrap();
+        let (restored, origin, _) = restore(&store, &versions(10), None, false, false).unwrap();
         assert_eq!(origin, Origin::Restored);
         assert_eq!(restored.live.weight().basis_points(), 5000);
 
         // An edited [versions] is the newer intent.
-        let (reseeded, origin, previous) = restore(&store, &versions(20), None, false).unwrap();
+        let (reseeded, origin, previous) =
+            restore(&store, &versions(20), None, false, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
         assert_eq!(reseeded.live.weight().basis_points(), 2000);
         assert_eq!(reseeded.live.generation, 3);
         assert_eq!(previous.unwrap().live.generation, 2);
 
-        let (reset, origin, _) = restore(&store, &versions(20), None, true).unwrap();
+        let (reset, origin, _) = restore(&store, &versions(20), None, false, true).unwrap();
         assert_eq!((origin, reset.live.generation), (Origin::Reset, 4));
+    }
+
+    #[test]
+    fn a_reseed_keeps_a_run_time_weight_unless_the_configs_weight_changed() {
+        let (store, _) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        assert_eq!(saved.config_weight, Some(10.0));
+        let mut changed = saved.clone();
+        changed.live.generation = 2;
+        changed.live.canary.as_mut().unwrap().weight = 1.0;
+        store.write(Some(1), &changed).unwrap();
+
+        let mut edited = versions(10);
+        edited
+            .stable
+            .upstreams
+            .push(UpstreamAddr::parse("127.0.0.1:9003").unwrap());
+        let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert_eq!(reseeded.live.weight().basis_points(), 100);
+        assert_eq!(reseeded.config_weight, Some(10.0));
+
+        let (reseeded, _, _) = restore(&store, &versions(20), None, false, false).unwrap();
+        assert_eq!(reseeded.live.weight().basis_points(), 2000);
+    }
+
+    #[test]
+    fn a_seeded_canary_is_due_its_plan_until_it_first_changes() {
+        let (store, _) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, true, false).unwrap();
+        assert!(saved.is_rollout_due());
+        // Restored as saved: still due.
+        let (restored, origin, _) = restore(&store, &versions(10), None, true, false).unwrap();
+        assert_eq!(origin, Origin::Restored);
+        assert!(restored.is_rollout_due());
+        // No plan in the config: nothing is due.
+        let (reset, _, _) = restore(&store, &versions(10), None, false, true).unwrap();
+        assert!(!reset.is_rollout_due());
     }
 
     #[test]
@@ -510,20 +618,20 @@ mod tests {
         let (store, path) = store();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{\"generation\": 3, \"stat").unwrap();
-        let error = restore(&store, &versions(10), None, false).unwrap_err();
+        let error = restore(&store, &versions(10), None, false, false).unwrap_err();
         assert!(matches!(error, StateError::Corrupt { .. }), "{error}");
         assert!(error.to_string().contains("--reset-state"), "{error}");
         // The file is left as it was for the operator to inspect.
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"generation\": 3, \"stat");
         // --reset-state replaces it.
-        let (saved, origin, _) = restore(&store, &versions(10), None, true).unwrap();
+        let (saved, origin, _) = restore(&store, &versions(10), None, false, true).unwrap();
         assert_eq!((origin, saved.live.generation), (Origin::Reset, 1));
     }
 
     #[test]
     fn writes_check_the_generation_and_leave_no_temp_files() {
         let (store, path) = store();
-        let (saved, _, _) = restore(&store, &versions(10), None, false).unwrap();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let error = store.write(Some(7), &saved).unwrap_err();
         assert!(matches!(
             error,
@@ -541,7 +649,7 @@ mod tests {
     #[test]
     fn a_state_file_that_describes_no_servable_table_is_refused_by_field() {
         let (store, path) = store();
-        let (saved, _, _) = restore(&store, &versions(10), None, false).unwrap();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let text = serde_json::to_value(&saved).unwrap();
         let edits: [(&str, serde_json::Value, &str); 8] = [
             ("/canary/weight", 500.into(), "canary.weight"),
@@ -573,7 +681,7 @@ mod tests {
     #[test]
     fn a_start_removes_the_temp_files_a_crash_left_and_no_others() {
         let (store, path) = store();
-        restore(&store, &versions(10), None, false).unwrap();
+        restore(&store, &versions(10), None, false, false).unwrap();
         let dir = path.parent().unwrap();
         let old = dir.join("state.json.tmp.4242");
         let fresh = dir.join("state.json.tmp.4343");
