@@ -324,8 +324,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 /// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns.
 /// SIGUSR1 rolls back; SIGHUP reloads the config at `path` and the TLS certificate.
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
-    let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
+    // First of all, so that a signal sent while the process starts is
+    // acted on once it serves rather than killing it (the default action).
     let mut signals = Signals::register().map_err(ServeError::Signals)?;
+    let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
     let mut server = start_with(config, options).await?;
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {
