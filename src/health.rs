@@ -10,7 +10,8 @@
 //! or installed at run time) starts unhealthy, so it gets no traffic until
 //! one of its upstreams passes a probe ([`probe_gated`] probes the one there
 //! on start before the proxy accepts), as does an upstream added to an open
-//! canary; the log line of each change of
+//! canary (a canary installed again under its own name keeps what was
+//! learnt of the upstreams it keeps: `table::Version::new`); the log line of each change of
 //! verdict, with why the probe failed; and the `cohort_upstream_healthy`
 //! lines of a scrape ([`write_gauges`]). Does not own choosing among upstreams
 //! (`table::Version::pick`), the fallback to stable, or logging an
@@ -140,6 +141,15 @@ impl Health {
     #[must_use]
     pub fn is_gated(&self) -> bool {
         self.gated.load(Ordering::Relaxed)
+    }
+
+    /// Whether the upstream waits at the readiness gate without a probe
+    /// answered yet: nothing is known of it.
+    #[must_use]
+    pub fn is_unprobed(&self) -> bool {
+        self.is_gated()
+            && self.good_probes.load(Ordering::Relaxed) == 0
+            && self.bad_probes.load(Ordering::Relaxed) == 0
     }
 
     /// Counts the outcome of a real request: consecutive failures eject.

@@ -318,6 +318,7 @@ impl Shadow {
                 previous
                     .map(|p| &*p.version)
                     .filter(|v| v.name == config.name),
+                true,
             )),
             percent,
             sender: Arc::new(Sender {

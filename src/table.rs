@@ -77,8 +77,9 @@ impl Version {
     /// name) in the table this one replaces, when the change kept it but
     /// altered it (another upstream list, or a promotion from canary to
     /// stable): the health of each upstream it still lists, its rollout
-    /// window and its open streams carry over, so a reload neither forgets
-    /// an upstream known bad nor re-gates a canary already open.
+    /// window (unless not `keep_window`) and its open streams carry over, so
+    /// a reload neither forgets an upstream known bad nor re-gates a canary
+    /// already open.
     #[must_use]
     pub fn new(
         config: &VersionConfig,
@@ -86,11 +87,15 @@ impl Version {
         gated: bool,
         window_slot: Duration,
         predecessor: Option<&Version>,
+        keep_window: bool,
     ) -> Version {
         let carried = |upstream: &UpstreamAddr| {
             let predecessor = predecessor?;
             let i = predecessor.upstreams.iter().position(|u| u == upstream)?;
-            Some(Arc::clone(&predecessor.health[i]))
+            let health = &predecessor.health[i];
+            // A canary's upstream that no probe has answered yet becomes a
+            // stable one as stable upstreams start: taking traffic.
+            (gated || !health.is_unprobed()).then(|| Arc::clone(health))
         };
         let health = config
             .upstreams
@@ -100,7 +105,9 @@ impl Version {
         let window = Window::new(window_slot);
         let window = match predecessor {
             // A new rollout interval changes the slots: the old ones cannot be read with it.
-            Some(p) if p.window.slot_len() == window.slot_len() => Arc::clone(&p.window),
+            Some(p) if keep_window && p.window.slot_len() == window.slot_len() => {
+                Arc::clone(&p.window)
+            }
             _ => Arc::new(window),
         };
         let closes = predecessor.map_or_else(
@@ -310,12 +317,18 @@ impl RouteTable {
                 .into_iter()
                 .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
                 .find(|v| v.name == config.name);
+            // A canary installed again after its rollback is judged afresh,
+            // not on the requests that condemned it.
+            let reinstalled = cohort == Cohort::Canary
+                && previous.is_some_and(|p| p.status == Status::RolledBack)
+                && status != Status::RolledBack;
             Arc::new(Version::new(
                 config,
                 cohort,
                 gate_new_canary && cohort == Cohort::Canary,
                 policy.window_slot,
                 predecessor.map(AsRef::as_ref),
+                !reinstalled,
             ))
         };
         let salt = policy
@@ -428,6 +441,73 @@ impl Table {
 mod tests {
     use super::*;
 
+    fn version(name: &str, ports: &[u16]) -> VersionConfig {
+        VersionConfig {
+            name: name.into(),
+            upstreams: ports
+                .iter()
+                .map(|p| UpstreamAddr::parse(&format!("127.0.0.1:{p}")).unwrap())
+                .collect(),
+        }
+    }
+
+    fn policy() -> Arc<Policy> {
+        let config = Config::parse(
+            "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:1\"]\n",
+            "test",
+        )
+        .unwrap();
+        Arc::new(Policy::from_config(&config))
+    }
+
+    fn table(status: Status, canary: &VersionConfig, previous: Option<&RouteTable>) -> RouteTable {
+        let weight = Weight::from_percent(10.0).unwrap();
+        RouteTable::build(
+            1,
+            status,
+            &version("v1", &[1]),
+            Some(&(canary.clone(), weight)),
+            None,
+            policy(),
+            previous,
+            true,
+        )
+    }
+
+    #[test]
+    fn a_changed_canary_keeps_its_upstreams_health_and_window_unless_reinstalled() {
+        let before = table(Status::Steady, &version("v2", &[2, 3]), None);
+        let old = &before.canary.as_ref().unwrap().version;
+        let edited = table(Status::Steady, &version("v2", &[2, 4]), Some(&before));
+        let new = &edited.canary.as_ref().unwrap().version;
+        assert!(Arc::ptr_eq(&old.health[0], &new.health[0]));
+        assert!(Arc::ptr_eq(&old.window, &new.window));
+
+        // Installed again after its rollback: judged afresh.
+        let rolled_back = table(Status::RolledBack, &version("v2", &[2, 4]), Some(&edited));
+        let again = table(Status::Steady, &version("v2", &[2, 5]), Some(&rolled_back));
+        let again = &again.canary.as_ref().unwrap().version;
+        assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
+        assert!(!Arc::ptr_eq(&new.window, &again.window));
+    }
+
+    #[test]
+    fn a_canary_promoted_before_its_first_probe_makes_a_stable_that_takes_traffic() {
+        let before = table(Status::Steady, &version("v2", &[2]), None);
+        assert!(before.canary.as_ref().unwrap().version.awaits_first_probe());
+        let promoted = RouteTable::build(
+            2,
+            Status::Steady,
+            &version("v2", &[2]),
+            None,
+            None,
+            policy(),
+            Some(&before),
+            true,
+        );
+        assert!(promoted.stable.has_available());
+    }
+
     #[test]
     fn after_a_failure_each_other_upstream_gets_one_try_in_order() {
         let config = VersionConfig {
@@ -437,7 +517,14 @@ mod tests {
                 .map(|a| UpstreamAddr::parse(a).unwrap())
                 .collect(),
         };
-        let version = Version::new(&config, Cohort::Stable, false, Duration::from_secs(1), None);
+        let version = Version::new(
+            &config,
+            Cohort::Stable,
+            false,
+            Duration::from_secs(1),
+            None,
+            true,
+        );
         let next = |first, last| version.pick_other(first, last).map(|(i, _)| i);
         assert_eq!(
             (next(0, 0), next(0, 1), next(0, 2)),
