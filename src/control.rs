@@ -529,7 +529,7 @@ impl Control {
             &config.versions,
             config.shadow.as_ref(),
             before.generation + 1,
-            current.saved.config_weight,
+            current.saved.config_canary.as_ref(),
         );
         let next = SavedState::seeded(
             live,

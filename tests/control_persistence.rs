@@ -617,6 +617,10 @@ async fn a_plan_whose_start_was_cut_short_starts_on_the_next_start() {
     assert_eq!(state["status"], "progressing", "{state}");
     assert_eq!(state["rollout"]["phase"], "progressing", "{state}");
     assert_eq!(process.stop().await, Some(0));
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
+            .expect("JSON");
+    assert_eq!(saved.get("rollout_due"), None, "{saved}");
 
     // Started once: the next start resumes it rather than starting it again.
     let again = Process::serve(&files.config, &[]).await;

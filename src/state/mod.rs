@@ -3,7 +3,7 @@
 //! Owns: [`LiveState`] (the document `GET /admin/state` serves and the state
 //! file holds), the digests of the config's `[versions]` and `[shadow]`
 //! sections and what the file records of its last seed (the config's
-//! weight, a plan still due), the rule
+//! canary and weight, a plan still due), the rule
 //! that decides on start between the state file and the config
 //! ([`restore`]), and [`StateStore`], the seam behind which the state is kept
 //! (a file today, [`file::FileStore`]; a store shared by replicas later).
@@ -119,12 +119,12 @@ pub struct SavedState {
     /// [`shadow_digest`]); `None` in a file written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_digest: Option<String>,
-    /// The canary weight, in percent, that `[versions]` named when the
-    /// state was last seeded from it: a re-seed keeps a weight set at run
-    /// time unless the config's own weight changed. `None` when the section
-    /// had no canary, or in a file written before it was recorded.
+    /// The canary that `[versions]` named when the state was last seeded
+    /// from it, and its weight: a re-seed keeps a weight set at run time
+    /// unless the config's canary or its weight changed. `None` when the
+    /// section had no canary, or in a file written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_weight: Option<f64>,
+    pub config_canary: Option<ConfigCanary>,
     /// The canary (by name) that the config's `[rollout]` plan is to start
     /// for: set by the seed that installed it, cleared by the first change
     /// of the canary or the status (the plan's start is one). A start that
@@ -134,6 +134,27 @@ pub struct SavedState {
     pub rollout_due: Option<String>,
     #[serde(flatten)]
     pub live: LiveState,
+}
+
+/// What a config's `[versions.canary]` said of the canary's name and weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigCanary {
+    pub name: String,
+    /// Percent, in 0.01 steps.
+    pub weight: f64,
+}
+
+impl ConfigCanary {
+    fn of(versions: &VersionsConfig) -> Option<ConfigCanary> {
+        versions
+            .canary
+            .as_ref()
+            .map(|(canary, weight)| ConfigCanary {
+                name: canary.name.clone(),
+                weight: weight.percent(),
+            })
+    }
 }
 
 impl SavedState {
@@ -149,10 +170,15 @@ impl SavedState {
         previous: Option<&SavedState>,
         plan: bool,
     ) -> SavedState {
+        // Due for a new canary, and still due for one whose plan had not
+        // started when an edit elsewhere in the section re-seeded it.
+        let still_due = |name: &String| previous.is_some_and(|p| p.is_rollout_due_for(name));
         let rollout_due = live
             .canary
             .as_ref()
-            .filter(|_| plan && new_canary(previous.map(|p| &p.live), &live))
+            .filter(|canary| {
+                plan && (new_canary(previous.map(|p| &p.live), &live) || still_due(&canary.name))
+            })
             .map(|canary| canary.name.clone());
         SavedState {
             versions_digest: versions_digest(versions),
@@ -160,7 +186,7 @@ impl SavedState {
                 Some(_) => reseeded_shadow_digest(previous, &live, shadow),
                 None => Some(shadow_digest(shadow)),
             },
-            config_weight: versions.canary.as_ref().map(|(_, weight)| weight.percent()),
+            config_canary: ConfigCanary::of(versions),
             rollout_due,
             live,
         }
@@ -169,8 +195,15 @@ impl SavedState {
     /// Whether the config's `[rollout]` plan is still to start for the live canary.
     #[must_use]
     pub fn is_rollout_due(&self) -> bool {
-        self.rollout_due.is_some()
-            && self.live.canary.as_ref().map(|c| &c.name) == self.rollout_due.as_ref()
+        self.live
+            .canary
+            .as_ref()
+            .is_some_and(|canary| self.is_rollout_due_for(&canary.name))
+    }
+
+    fn is_rollout_due_for(&self, canary: &str) -> bool {
+        self.rollout_due.as_deref() == Some(canary)
+            && self.live.canary.as_ref().is_some_and(|c| c.name == canary)
     }
 }
 
@@ -214,8 +247,9 @@ impl LiveState {
     /// the edit did not decide. When the canary is still the same version
     /// (the same name), its rollback latch holds (weight 0), a running
     /// rollout runs on at the weight it set, and a weight set at run time
-    /// stays unless the config's `weight` changed from `config_weight` (the
-    /// one it named at the last seed; without it, the config's is taken), so
+    /// stays unless the config's canary or `weight` changed from
+    /// `config_canary` (what it named at the last seed; without it, the
+    /// config's weight is taken), so
     /// an edit elsewhere in the section (another stable upstream) moves no
     /// one between versions. The last rollback is kept as history. The shadow is
     /// kept too (its own section decides it: `Control::follow_config_shadow`),
@@ -227,13 +261,11 @@ impl LiveState {
         versions: &VersionsConfig,
         shadow: Option<&ShadowConfig>,
         generation: u64,
-        config_weight: Option<f64>,
+        config_canary: Option<&ConfigCanary>,
     ) -> LiveState {
         let mut next = LiveState::seed(versions, shadow, generation);
-        let weight_unchanged = versions
-            .canary
-            .as_ref()
-            .is_some_and(|(_, weight)| Some(weight.percent()) == config_weight);
+        let weight_unchanged =
+            config_canary.is_some_and(|seeded| ConfigCanary::of(versions).as_ref() == Some(seeded));
         next.last_rollback = self.last_rollback.clone();
         if let Some(kept) = &self.shadow
             && kept.name != next.stable.name
@@ -486,9 +518,12 @@ pub fn restore(
     let generation = next_generation(&previous);
     let (live, replaced) = match (&previous, origin) {
         (Some(previous), Origin::Reseeded) => (
-            previous
-                .live
-                .reseed(versions, shadow, generation, previous.config_weight),
+            previous.live.reseed(
+                versions,
+                shadow,
+                generation,
+                previous.config_canary.as_ref(),
+            ),
             Some(previous),
         ),
         // A reset starts afresh: nothing of the previous state is kept.
@@ -579,7 +614,7 @@ mod tests {
     fn a_reseed_keeps_a_run_time_weight_unless_the_configs_weight_changed() {
         let (store, _) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
-        assert_eq!(saved.config_weight, Some(10.0));
+        assert_eq!(saved.config_canary.as_ref().map(|c| c.weight), Some(10.0));
         let mut changed = saved.clone();
         changed.live.generation = 2;
         changed.live.canary.as_mut().unwrap().weight = 1.0;
@@ -593,9 +628,27 @@ mod tests {
         let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
         assert_eq!(reseeded.live.weight().basis_points(), 100);
-        assert_eq!(reseeded.config_weight, Some(10.0));
+        assert_eq!(
+            reseeded.config_canary.as_ref().map(|c| c.weight),
+            Some(10.0)
+        );
 
         let (reseeded, _, _) = restore(&store, &versions(20), None, false, false).unwrap();
+        assert_eq!(reseeded.live.weight().basis_points(), 2000);
+
+        // A canary installed at run time, then named in the config at the
+        // weight the config had for the one before: the config's weight
+        // is where it starts, since the config never chose one for it.
+        let mut installed = reseeded.clone();
+        installed.live.generation += 1;
+        let canary = installed.live.canary.as_mut().unwrap();
+        (canary.name, canary.weight) = ("v3".into(), 50.0);
+        store
+            .write(Some(reseeded.live.generation), &installed)
+            .unwrap();
+        let mut adopted = versions(20);
+        adopted.canary.as_mut().unwrap().0.name = "v3".into();
+        let (reseeded, _, _) = restore(&store, &adopted, None, false, false).unwrap();
         assert_eq!(reseeded.live.weight().basis_points(), 2000);
     }
 
@@ -608,6 +661,15 @@ mod tests {
         let (restored, origin, _) = restore(&store, &versions(10), None, true, false).unwrap();
         assert_eq!(origin, Origin::Restored);
         assert!(restored.is_rollout_due());
+        // An edit elsewhere in the section re-seeds the same canary: still due.
+        let mut edited = versions(10);
+        edited
+            .stable
+            .upstreams
+            .push(UpstreamAddr::parse("127.0.0.1:9003").unwrap());
+        let (reseeded, origin, _) = restore(&store, &edited, None, true, false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert!(reseeded.is_rollout_due());
         // No plan in the config: nothing is due.
         let (reset, _, _) = restore(&store, &versions(10), None, false, true).unwrap();
         assert!(!reset.is_rollout_due());
