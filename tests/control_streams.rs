@@ -371,8 +371,7 @@ async fn on_rollback_close_ends_streams_opened_before_a_reload_changed_the_canar
         &format!("\"{}\"]\nweight", sse.addr),
         &format!("\"{}\", \"{}\"]\nweight", sse.addr, other.addr),
     );
-    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
-    let live = server.control().reload(&edited).expect("the reload");
+    let live = support::reload(&server, &edited);
     assert_eq!(live.canary.map(|c| c.upstreams.len()), Some(2));
     let state = AdminApi::new(server.admin_addr())
         .rollback("after a reload")

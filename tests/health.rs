@@ -557,8 +557,7 @@ async fn a_reloaded_health_section_applies_to_the_running_checks() {
     .await;
 
     let edited = support::config(&[stable.addr], None, &health("/after"));
-    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
-    server.control().reload(&edited).expect("the reload");
+    support::reload(&server, &edited);
     eventually_async("a probe of /after", || async {
         stable.last_probe().as_deref() == Some("/after")
     })
@@ -600,8 +599,7 @@ async fn what_probes_learnt_survives_a_reload_and_a_promote() {
             &format!("\"{dead_canary}\""),
             &format!("\"{dead_canary}\", \"{}\"", added.addr),
         );
-    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
-    server.control().reload(&edited).expect("the reload");
+    support::reload(&server, &edited);
     let state = admin(&server, Method::GET, "/admin/state", "").await.json();
     assert_eq!(
         state["canary"]["upstreams"].as_array().map(Vec::len),
@@ -651,8 +649,7 @@ async fn a_shorter_probe_interval_applies_at_once() {
     eventually("the first probe", || stable.probe_count() >= 1).await;
 
     let edited = text.replace("\"1h\"", "\"50ms\"");
-    let edited = cohort::config::Config::parse(&edited, "test").expect("a valid config");
-    server.control().reload(&edited).expect("the reload");
+    support::reload(&server, &edited);
     eventually("probes every 50 ms", || stable.probe_count() >= 3).await;
     server.shutdown().await;
 }

@@ -384,10 +384,6 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
     let live_shadow = |server: &cohort::serve::Server| {
         shadow_of(serde_json::to_value(server.control().state()).expect("a state"))
     };
-    let reload = |server: &cohort::serve::Server, toml: &str| {
-        let config = cohort::config::Config::parse(toml, "test").expect("a valid config");
-        server.control().reload(&config).expect("the reload");
-    };
 
     let first = toml(&section(100.0));
     let server = support::start_cohort(&first).await;
@@ -406,7 +402,7 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
 
     // The section as it was: the admin API's shadow stays, on a reload,
     // on a re-seed by an edited [versions], and across a restart.
-    reload(&server, &first);
+    support::reload(&server, &first);
     assert_eq!(live_shadow(&server), (Some("sh-api".into()), Some(50.0)));
     let more = Backend::start("more").await;
     let versions_edited = support::with_state_in(
@@ -417,7 +413,7 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
         ),
         &dir,
     );
-    reload(&server, &versions_edited);
+    support::reload(&server, &versions_edited);
     let state = serde_json::to_value(server.control().state()).expect("a state");
     assert_eq!(
         state["stable"]["upstreams"].as_array().map(Vec::len),
@@ -430,7 +426,7 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
 
     // An edited section replaces it on a reload, durably.
     let second = toml(&section(25.0));
-    reload(&server, &second);
+    support::reload(&server, &second);
     assert_eq!(live_shadow(&server), (Some("sh-config".into()), Some(25.0)));
     let client = Http::new(server.proxy_addr());
     let mirrored = (0..400)
@@ -474,7 +470,7 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
     );
 
     // A section removed is a shadow removed.
-    reload(&server, &toml(""));
+    support::reload(&server, &toml(""));
     assert_eq!(live_shadow(&server), (None, None));
     server.shutdown().await;
 }

@@ -5,7 +5,8 @@
 //! - `GET /ready`: readiness; 200 once the listeners are up and the state is
 //!   loaded, 503 before that and while draining.
 //! - `GET /metrics`: Prometheus text exposition (token only with `admin.metrics_auth`).
-//! - `GET /admin/state` (with the health of every upstream), `PUT /admin/weight`,
+//! - `GET /admin/state` (with the health of every upstream, as in the
+//!   reply to every change), `PUT /admin/weight`,
 //!   `POST /admin/rollback`, `POST /admin/promote`, `PUT /admin/canary`,
 //!   `PUT /admin/shadow`, `GET /admin/route?key=K`, `POST /admin/rollout`,
 //!   `POST /admin/rollout/approve`, `POST /admin/rollout/abort`,

@@ -182,10 +182,7 @@ impl SavedState {
             .map(|canary| canary.name.clone());
         SavedState {
             versions_digest: versions_digest(versions),
-            shadow_digest: match previous {
-                Some(_) => reseeded_shadow_digest(previous, &live, shadow),
-                None => Some(shadow_digest(shadow)),
-            },
+            shadow_digest: reseeded_shadow_digest(previous, &live, shadow),
             config_canary: ConfigCanary::of(versions),
             rollout_due,
             live,
@@ -577,6 +574,15 @@ mod tests {
         Config::parse(&text, "test").unwrap().versions
     }
 
+    /// `versions` with one more stable upstream: an edit that leaves the canary alone.
+    fn with_another_stable_upstream(mut versions: VersionsConfig) -> VersionsConfig {
+        versions
+            .stable
+            .upstreams
+            .push(UpstreamAddr::parse("127.0.0.1:9003").unwrap());
+        versions
+    }
+
     fn store() -> (FileStore, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("cohort-state-test-{}", rand::random::<u64>()));
         let path = dir.join("state.json");
@@ -620,11 +626,7 @@ mod tests {
         changed.live.canary.as_mut().unwrap().weight = 1.0;
         store.write(Some(1), &changed).unwrap();
 
-        let mut edited = versions(10);
-        edited
-            .stable
-            .upstreams
-            .push(UpstreamAddr::parse("127.0.0.1:9003").unwrap());
+        let edited = with_another_stable_upstream(versions(10));
         let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
         assert_eq!(reseeded.live.weight().basis_points(), 100);
@@ -662,11 +664,7 @@ mod tests {
         assert_eq!(origin, Origin::Restored);
         assert!(restored.is_rollout_due());
         // An edit elsewhere in the section re-seeds the same canary: still due.
-        let mut edited = versions(10);
-        edited
-            .stable
-            .upstreams
-            .push(UpstreamAddr::parse("127.0.0.1:9003").unwrap());
+        let edited = with_another_stable_upstream(versions(10));
         let (reseeded, origin, _) = restore(&store, &edited, None, true, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
         assert!(reseeded.is_rollout_due());

@@ -487,6 +487,14 @@ pub async fn start_cohort(toml: &str) -> Server {
         .expect("cohort starts on loopback")
 }
 
+/// Applies the whole TOML config `toml` to a running Cohort, as SIGHUP does
+/// with the file; returns the live state after it.
+pub fn reload(server: &Server, toml: &str) -> cohort::state::LiveState {
+    let config = cohort::config::Config::parse(toml, "test")
+        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    server.control().reload(&config).expect("the reload")
+}
+
 /// Starts Cohort in front of `stable` and an optional canary; see [`config`].
 pub async fn cohort(
     stable: &[SocketAddr],
