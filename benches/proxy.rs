@@ -110,10 +110,13 @@ fn proxy(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let state_dir = std::env::temp_dir().join(format!("cohort-bench-{}", std::process::id()));
+    let state_dir = tempfile::Builder::new()
+        .prefix("cohort-bench-")
+        .tempdir()
+        .expect("a scratch directory");
     let (backend, server) = rt.block_on(async {
         let backend = backend().await;
-        let server = cohort::serve::start(config(backend, &state_dir))
+        let server = cohort::serve::start(config(backend, state_dir.path()))
             .await
             .expect("cohort starts");
         (backend, server)
@@ -153,8 +156,6 @@ fn proxy(c: &mut Criterion) {
 
     drop(client);
     rt.block_on(server.shutdown());
-    // Nothing should have been written there; remove it in case a later build does.
-    let _ = std::fs::remove_dir_all(&state_dir);
 }
 
 criterion_group! {

@@ -1693,10 +1693,9 @@ mod tests {
 
     #[test]
     fn a_token_no_header_could_carry_is_refused_by_where_it_comes_from() {
-        let dir = std::env::temp_dir().join(format!("cohort-config-token-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let dir = tempfile::tempdir().expect("a scratch directory");
         let admin = |text: &str| {
-            let path = dir.join("admin.token");
+            let path = dir.path().join("admin.token");
             std::fs::write(&path, text).expect("write the token file");
             AdminConfig {
                 addr: "127.0.0.1:9901".parse().expect("an address"),
@@ -1716,7 +1715,6 @@ mod tests {
         for (text, token) in [("\n s3cret \n", "s3cret"), ("a b\tc\n", "a b\tc")] {
             assert_eq!(admin(text).token().expect(text).as_deref(), Some(token));
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

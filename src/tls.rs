@@ -226,13 +226,6 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsErrorKind> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("cohort-tls-unit-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
@@ -250,9 +243,10 @@ mod tests {
 
     #[test]
     fn a_bad_pair_is_refused_by_name_and_the_old_one_stays() {
-        let dir = scratch("pairs");
-        let (cert, key) = write_pair(&dir, "a");
-        let (other_cert, _) = write_pair(&dir, "b");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
+        let (cert, key) = write_pair(dir, "a");
+        let (other_cert, _) = write_pair(dir, "b");
         let config = TlsConfig {
             cert: cert.clone(),
             key: key.clone(),
@@ -300,7 +294,7 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &tls.current.load_full()));
 
         // A good pair again is taken.
-        let (good_cert, good_key) = write_pair(&dir, "c");
+        let (good_cert, good_key) = write_pair(dir, "c");
         std::fs::copy(&good_cert, &cert).unwrap();
         std::fs::copy(&good_key, &key).unwrap();
         tls.reload().unwrap();
@@ -309,7 +303,8 @@ mod tests {
 
     #[test]
     fn a_ca_file_without_certificates_is_refused() {
-        let dir = scratch("ca");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("empty.pem");
         std::fs::write(&path, "nothing here").unwrap();
         let error = client_config(Some(&path)).unwrap_err();
@@ -321,7 +316,7 @@ mod tests {
             error.to_string().starts_with("upstream.ca_file: "),
             "{error}"
         );
-        let (cert, _) = write_pair(&dir, "root");
+        let (cert, _) = write_pair(dir, "root");
         let config = client_config(Some(&cert)).unwrap();
         assert_eq!(
             config.alpn_protocols,

@@ -25,25 +25,25 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 const COHORT: &str = env!("CARGO_BIN_EXE_cohort");
 
 /// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("cohort-cli-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cohort-cli-{name}-"))
+            .tempdir()
+            .expect("create a scratch directory");
         Scratch(dir)
     }
 
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
     fn write(&self, file: &str, text: &str) -> PathBuf {
-        let path = self.0.join(file);
+        let path = self.path().join(file);
         std::fs::write(&path, text).expect("write a scratch file");
         path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -205,7 +205,7 @@ fn check_reads_the_files_serve_would_read_and_names_each_by_its_key() {
     assert!(output.status.success(), "{}", printed(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
 
-    let missing = |name: &str| scratch.0.join(name);
+    let missing = |name: &str| scratch.path().join(name);
     let (no_token, no_cert, no_key, no_ca) = (
         missing("no.token"),
         missing("no-cert.pem"),
@@ -308,7 +308,7 @@ fn check_refuses_an_admin_listener_on_the_proxy_port() {
 #[tokio::test]
 async fn serve_names_the_key_of_a_tls_file_it_cannot_read() {
     let scratch = Scratch::new("serve-tls");
-    let missing = scratch.0.join("nonexist.pem");
+    let missing = scratch.path().join("nonexist.pem");
     let (_, key) = write_pair(&scratch);
     let config = scratch.write(
         "cohort.toml",
@@ -316,8 +316,8 @@ async fn serve_names_the_key_of_a_tls_file_it_cannot_read() {
             "[listen]\naddr = \"127.0.0.1:0\"\n\n[listen.tls]\ncert = {missing:?}\nkey = {key:?}\n\n\
              [admin]\naddr = \"127.0.0.1:0\"\n\n\
              [state]\npath = {:?}\naudit_log = {:?}\n\n{STABLE_ONLY}",
-            scratch.0.join("state.json"),
-            scratch.0.join("audit.jsonl"),
+            scratch.path().join("state.json"),
+            scratch.path().join("audit.jsonl"),
         ),
     );
     let output = within(
@@ -436,8 +436,8 @@ fn with_token_file(scratch: &Scratch, token: &Path, backend: std::net::SocketAdd
          [admin]\naddr = \"127.0.0.1:0\"\ntoken_file = {token:?}\n\n\
          [state]\npath = {:?}\naudit_log = {:?}\n\n\
          [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{backend}\"]\n",
-        scratch.0.join("state.json"),
-        scratch.0.join("audit.jsonl"),
+        scratch.path().join("state.json"),
+        scratch.path().join("audit.jsonl"),
     )
 }
 
@@ -549,8 +549,8 @@ fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
 async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
     let backend = Backend::start(STABLE).await;
     let scratch = Scratch::new("serve");
-    let state = scratch.0.join("state.json");
-    let audit = scratch.0.join("audit.jsonl");
+    let state = scratch.path().join("state.json");
+    let audit = scratch.path().join("audit.jsonl");
     let config = scratch.write(
         "cohort.toml",
         &format!(

@@ -229,7 +229,6 @@ async fn weight_changes_and_rollbacks_under_load_route_every_request_by_a_live_w
         audit.iter().filter(|l| l["action"] == "rollback").count(),
         rollbacks
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One response seen by the client loop of the rollback measurement.
@@ -336,5 +335,4 @@ async fn after_a_rollback_returns_every_request_goes_to_stable() {
         summary(&mut calls),
         summary(&mut gaps)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -81,14 +81,6 @@ impl Files {
     }
 }
 
-impl Drop for Files {
-    fn drop(&mut self) {
-        if let Some(dir) = self.state.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 /// An audit line has exactly the SPEC's fields, with an RFC 3339 time.
 fn assert_audit_shape(line: &Value) {
     let object = line.as_object().expect("an audit line is a JSON object");

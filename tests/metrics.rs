@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -816,24 +815,20 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
 /// A running `prometheus`, killed and its data removed on drop, pass or fail.
 struct Prometheus {
     child: Child,
-    dir: PathBuf,
+    /// Its config, data and log; removed after the process is stopped.
+    dir: tempfile::TempDir,
     addr: SocketAddr,
 }
 
 impl Prometheus {
     /// Starts Prometheus scraping `target` every second; `None` if it is not installed.
     async fn start(target: SocketAddr) -> Option<Prometheus> {
-        let unique = format!(
-            "cohort-metrics-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_nanos()
-        );
-        let dir = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(dir.join("data")).expect("a temp dir");
-        let config = dir.join("prometheus.yml");
+        let dir = tempfile::Builder::new()
+            .prefix("cohort-metrics-test-")
+            .tempdir()
+            .expect("a temp dir");
+        std::fs::create_dir_all(dir.path().join("data")).expect("a data dir");
+        let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
@@ -845,12 +840,12 @@ impl Prometheus {
         .expect("write prometheus.yml");
         // A free port: bound, then released for Prometheus to take.
         let addr = dead_addr().await;
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("a log file");
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("a log file");
         let spawned = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.join("data").display()
+                dir.path().join("data").display()
             ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
@@ -858,10 +853,7 @@ impl Prometheus {
             .spawn();
         let child = match spawned {
             Ok(child) => child,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return None;
-            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
             Err(error) => panic!("cannot start prometheus: {error}"),
         };
         Some(Prometheus { child, dir, addr })
@@ -869,7 +861,7 @@ impl Prometheus {
 
     fn log(&self) -> String {
         let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(self.dir.join("prometheus.log")) {
+        if let Ok(mut file) = std::fs::File::open(self.dir.path().join("prometheus.log")) {
             let _ = file.read_to_string(&mut text);
         }
         text
@@ -883,7 +875,6 @@ impl Drop for Prometheus {
         if std::thread::panicking() {
             eprintln!("--- prometheus log ---\n{}", self.log());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -103,9 +103,8 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_ended_before_the_next() {
-        let dir = std::env::temp_dir().join(format!("cohort-audit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let path = dir.join("audit.jsonl");
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let path = dir.path().join("audit.jsonl");
         std::fs::write(
             &path,
             b"{\"time\": \"2026-01-01T00:00:00Z\"}\n{\"time\": \"20",
@@ -129,6 +128,5 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(line).expect("a whole JSON line");
         }
         assert!(text.ends_with('\n'));
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -583,15 +583,16 @@ mod tests {
         versions
     }
 
-    fn store() -> (FileStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("cohort-state-test-{}", rand::random::<u64>()));
-        let path = dir.join("state.json");
-        (FileStore::new(path.clone()), path)
+    /// A store in a fresh directory, removed when the returned guard drops.
+    fn store() -> (FileStore, std::path::PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        (FileStore::new(path.clone()), path, dir)
     }
 
     #[test]
     fn seeds_then_restores_then_reseeds_when_versions_change() {
-        let (store, _) = store();
+        let (store, _, _dir) = store();
         let (saved, origin, _) = restore(&store, &versions(10), None, false, false).unwrap();
         assert_eq!((origin, saved.live.generation), (Origin::Seeded, 1));
 
@@ -618,7 +619,7 @@ mod tests {
 
     #[test]
     fn a_reseed_keeps_a_run_time_weight_unless_the_configs_weight_changed() {
-        let (store, _) = store();
+        let (store, _, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         assert_eq!(saved.config_canary.as_ref().map(|c| c.weight), Some(10.0));
         let mut changed = saved.clone();
@@ -656,7 +657,7 @@ mod tests {
 
     #[test]
     fn a_seeded_canary_is_due_its_plan_until_it_first_changes() {
-        let (store, _) = store();
+        let (store, _, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, true, false).unwrap();
         assert!(saved.is_rollout_due());
         // Restored as saved: still due.
@@ -675,7 +676,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_state_file_stops_the_start() {
-        let (store, path) = store();
+        let (store, path, _dir) = store();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{\"generation\": 3, \"stat").unwrap();
         let error = restore(&store, &versions(10), None, false, false).unwrap_err();
@@ -690,7 +691,7 @@ mod tests {
 
     #[test]
     fn writes_check_the_generation_and_leave_no_temp_files() {
-        let (store, path) = store();
+        let (store, path, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let error = store.write(Some(7), &saved).unwrap_err();
         assert!(matches!(
@@ -708,7 +709,7 @@ mod tests {
     }
     #[test]
     fn a_state_file_that_describes_no_servable_table_is_refused_by_field() {
-        let (store, path) = store();
+        let (store, path, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let text = serde_json::to_value(&saved).unwrap();
         let edits: [(&str, serde_json::Value, &str); 8] = [
@@ -740,7 +741,7 @@ mod tests {
 
     #[test]
     fn a_start_removes_the_temp_files_a_crash_left_and_no_others() {
-        let (store, path) = store();
+        let (store, path, _dir) = store();
         restore(&store, &versions(10), None, false, false).unwrap();
         let dir = path.parent().unwrap();
         let old = dir.join("state.json.tmp.4242");
@@ -765,6 +766,5 @@ mod tests {
             "a write that may be in progress was removed"
         );
         assert!(other.exists(), "a file that is not the state's was removed");
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

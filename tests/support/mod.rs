@@ -458,24 +458,27 @@ pub fn config(stable: &[SocketAddr], canary: Option<(&[SocketAddr], f64)>, extra
     text
 }
 
-/// A fresh directory for one Cohort's state file and audit log.
-pub fn scratch_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cohort-test-{}-{:016x}",
-        std::process::id(),
-        rand_id()
-    ));
-    std::fs::create_dir_all(&dir).expect("a scratch directory");
-    dir
+thread_local! {
+    /// The scratch directories made on this thread. Each test runs on a
+    /// thread of its own, so they are removed when the test ends, passed or
+    /// failed, after its runtime (and any Cohort on it) has stopped.
+    static SCRATCH: std::cell::RefCell<Vec<tempfile::TempDir>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn rand_id() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (NEXT.fetch_add(1, Ordering::SeqCst) << 48)
+/// A fresh directory for one Cohort's state file and audit log, removed when
+/// the test ends.
+pub fn scratch_dir() -> std::path::PathBuf {
+    scratch_dir_in(&std::env::temp_dir()).expect("a scratch directory")
+}
+
+fn scratch_dir_in(parent: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix("cohort-test-")
+        .tempdir_in(parent)?;
+    let path = dir.path().to_owned();
+    SCRATCH.with(|made| made.borrow_mut().push(dir));
+    Ok(path)
 }
 
 /// Starts Cohort from a whole TOML config.
@@ -1299,22 +1302,17 @@ pub fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 /// A scratch directory in memory (`/dev/shm`) where the system has one, else
-/// [`scratch_dir`]: for tests that make a thousand durable changes, where
-/// each fsync to a real disk would cost milliseconds and measure the disk.
+/// [`scratch_dir`], removed when the test ends: for tests that make a
+/// thousand durable changes, where each fsync to a real disk would cost
+/// milliseconds and measure the disk.
 pub fn memory_scratch_dir() -> std::path::PathBuf {
     let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        return scratch_dir();
+    if shm.is_dir()
+        && let Ok(dir) = scratch_dir_in(shm)
+    {
+        return dir;
     }
-    let dir = shm.join(format!(
-        "cohort-test-{}-{:016x}",
-        std::process::id(),
-        rand_id()
-    ));
-    match std::fs::create_dir_all(&dir) {
-        Ok(()) => dir,
-        Err(_) => scratch_dir(),
-    }
+    scratch_dir()
 }
 
 /// `toml` (from [`config`]) with its state file and audit log moved into `dir`.
