@@ -5,17 +5,16 @@
 //! `https://` upstreams are trusted with). Delivery runs in its own task and
 //! is never awaited, so a slow or failing webhook never delays a rollback.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http::header::CONTENT_TYPE;
 use http_body_util::Full;
-use metrics::Gauge;
-use std::sync::Arc;
-
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use metrics::Gauge;
 use rustls::ClientConfig;
 
 use crate::state::{LiveState, now_rfc3339};
@@ -55,12 +54,14 @@ impl Webhooks {
             let (client, url, body) = (self.client.clone(), url.clone(), body.clone());
             tokio::spawn(async move {
                 for attempt in 1..=ATTEMPTS {
-                    match deliver(&client, &url, body.clone()).await {
-                        Ok(()) => return,
-                        Err(error) => {
-                            tracing::warn!(%url, attempt, %error, event, "webhook delivery failed")
-                        }
+                    let Err(error) = deliver(&client, &url, body.clone()).await else {
+                        return;
+                    };
+                    if attempt == ATTEMPTS {
+                        tracing::error!(%url, attempt, %error, event, "webhook delivery failed; giving up");
+                        return;
                     }
+                    tracing::warn!(%url, attempt, %error, event, "webhook delivery failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
                 }
             });
