@@ -175,6 +175,24 @@ async fn an_upstream_that_does_not_speak_http_gives_502() {
 }
 
 #[tokio::test]
+async fn a_response_under_a_transfer_coding_other_than_chunked_gives_502() {
+    // The body is chunked over gzip: passed on without its header, the
+    // client would get gzip bytes it has no way to know of.
+    let addr = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let server = cohort(&[addr], None, "").await;
+    let reply = within(
+        "the 502",
+        Http::new(server.proxy_addr()).get("/", &[("x-user-id", "bob")]),
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_error_body(&reply, "protocol", STABLE);
+}
+
+#[tokio::test]
 async fn an_upstream_that_hangs_up_mid_body_is_counted_as_a_reset() {
     // Ten bytes of the thousand it announced, then the connection closes.
     let addr =

@@ -272,8 +272,19 @@ pub fn upstream_request<B: Body>(
 
 /// Strips hop-by-hop headers from an upstream response, keeping the
 /// handshake headers of a `101 Switching Protocols`.
-#[must_use]
-pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
+///
+/// # Errors
+///
+/// A response body under a transfer coding other than `chunked` alone:
+/// hyper decodes only that one, and with `Transfer-Encoding` stripped the
+/// client would get, say, gzip bytes with nothing saying so (nginx answers
+/// 502 too).
+pub fn downstream_response<B>(mut rsp: Response<B>) -> Result<Response<B>, ProxyError> {
+    if rsp.headers().contains_key(TRANSFER_ENCODING) && !is_chunked_alone(rsp.headers()) {
+        return Err(ProxyError::Protocol(
+            "its body is sent under a transfer coding other than chunked".into(),
+        ));
+    }
     let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| rsp.headers().get(UPGRADE).cloned())
         .flatten();
@@ -289,7 +300,7 @@ pub fn downstream_response<B>(mut rsp: Response<B>) -> Response<B> {
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         rsp.headers_mut().insert(UPGRADE, upgrade);
     }
-    rsp
+    Ok(rsp)
 }
 
 /// The most tokens one response may report. No response spends four
@@ -399,7 +410,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
                     && !name.eq_ignore_ascii_case("close")
                     && !name.eq_ignore_ascii_case("keep-alive")
             });
-        for name in named {
+        // `Host` is never a connection option (RFC 9110 section 7.6.1):
+        // named, it would leave the upstream to be told its own address.
+        for name in named.filter(|name| !name.eq_ignore_ascii_case("host")) {
             // A name that is not a valid header name matches nothing.
             headers.remove(name);
         }
@@ -497,6 +510,37 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn host_named_as_a_connection_option_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "Host, x-secret".parse().unwrap());
+        h.insert(HOST, "app.example".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [HOST]);
+    }
+
+    #[test]
+    fn a_response_under_a_coding_other_than_chunked_is_refused() {
+        let response = |coding: &str| {
+            Response::builder()
+                .header(TRANSFER_ENCODING, coding)
+                .header(CONTENT_LENGTH, "5")
+                .body(())
+                .unwrap()
+        };
+        for coding in ["gzip, chunked", "gzip", "chunked, chunked", "identity"] {
+            let error = downstream_response(response(coding)).expect_err(coding);
+            assert!(
+                matches!(error, ProxyError::Protocol(_)),
+                "{coding}: {error}"
+            );
+        }
+        let passed = downstream_response(response("Chunked")).expect("chunked alone");
+        assert!(!passed.headers().contains_key(TRANSFER_ENCODING));
+        assert!(!passed.headers().contains_key(CONTENT_LENGTH));
     }
 
     #[test]

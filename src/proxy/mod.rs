@@ -239,7 +239,7 @@ impl Proxy {
                 }
             };
             let failed = match waited {
-                Some(Ok(rsp)) => break Ok(forward::downstream_response(rsp)),
+                Some(Ok(rsp)) => break forward::downstream_response(rsp),
                 Some(Err(failed)) => failed,
                 None => {
                     break Err(ProxyError::Timeout(format!(
