@@ -875,10 +875,14 @@ mod raw {
                     self.listen.max_connections,
                     10_000,
                     |n| {
-                        if n >= 1 {
-                            Ok(n)
-                        } else {
+                        // The most a tokio semaphore holds; more would panic at start.
+                        let most = tokio::sync::Semaphore::MAX_PERMITS;
+                        if n == 0 {
                             Err("must be at least 1".into())
+                        } else if n > most {
+                            Err(format!("must be at most {most}"))
+                        } else {
+                            Ok(n)
                         }
                     },
                 ),
@@ -1573,6 +1577,10 @@ mod tests {
                 "routing.cookie_max_age: \"500ms\" must be at least 1s",
             ),
             ("[listen]\nworkers = 100000\n", "listen.workers: "),
+            (
+                "[listen]\nmax_connections = 3000000000000000000\n",
+                "listen.max_connections: must be at most",
+            ),
             ("[state]\npath = \"\"\n", "state.path: "),
             (
                 "[state]\npath = \"s.json\"\naudit_log = \"s.json\"\n",

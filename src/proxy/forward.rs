@@ -63,6 +63,10 @@ pub struct Peer {
 impl Peer {
     #[must_use]
     pub fn new(addr: SocketAddr) -> Peer {
+        // An IPv4 client of a dual-stack (`[::]`) listener arrives as
+        // `::ffff:a.b.c.d`; it is the same client, with the same routing key
+        // and `x-forwarded-for`, as on an IPv4 listener.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         // An IP address renders as digits, hex, dots and colons: always a
         // valid header value.
         let ip = HeaderValue::try_from(addr.ip().to_string())
@@ -510,6 +514,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_known_by_its_ipv4_address() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4242".parse().unwrap();
+        let peer = Peer::new(mapped);
+        assert_eq!(peer.ip(), b"192.0.2.7");
+        assert_eq!(peer.addr, "192.0.2.7:4242".parse().unwrap());
+        let v6: SocketAddr = "[2001:db8::1]:4242".parse().unwrap();
+        assert_eq!(Peer::new(v6).ip(), b"2001:db8::1");
     }
 
     #[test]
