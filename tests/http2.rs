@@ -568,6 +568,42 @@ async fn a_retry_onto_an_http2_upstream_passes_on_te_trailers() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_request_without_a_body_moves_on_from_an_h2c_or_https_upstream_that_refuses() {
+    let pki = Pki::new();
+    let h2c_backend = H2Backend::h2c(STABLE).await;
+    let tls_backend = H2Backend::tls(STABLE, &pki.leaf("upstream")).await;
+    let dead = support::dead_addr().await;
+    // No passive ejection and no probe before the test ends: the refusing
+    // upstream stays in the rotation, so about every other request meets it.
+    let extra = format!(
+        "[health]\ninterval = \"1h\"\neject_after_errors = 1000\n\n[upstream]\nca_file = {:?}\n",
+        pki.ca
+    );
+    for (scheme, backend) in [("h2c", &h2c_backend), ("https", &tls_backend)] {
+        let upstreams = [
+            format!("{scheme}://127.0.0.1:{}", dead.port()),
+            format!("{scheme}://127.0.0.1:{}", backend.addr.port()),
+        ];
+        let server = cohort_named((STABLE, &upstreams), None, &extra).await;
+        for n in 0..6 {
+            let reply = Http::new(server.proxy_addr())
+                .get(&format!("/{n}"), &[])
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{scheme}: {reply:?}");
+            assert_eq!(reply.backend(), STABLE);
+        }
+        let refused = metric(
+            &server,
+            "cohort_upstream_errors_total",
+            &[("version", STABLE), ("kind", "connect")],
+        )
+        .await;
+        assert!(refused >= 1.0, "{scheme}: the dead upstream was tried");
+        server.shutdown().await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // HTTP/2 tools no one here wrote
 

@@ -196,7 +196,8 @@ impl Proxy {
     /// headers. A request that an upstream failed without it being sent
     /// (the connection was refused, or closed before the request went out),
     /// or an idempotent one without a body that a new connection closed
-    /// unanswered, goes on to the version's next available upstream, as
+    /// unanswered, goes on to the version's next available upstream when
+    /// the client gives it back (see `upstream::SendError`), as
     /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
     /// all within the one response timeout, which a request body still
     /// streaming pushes back (see [`body::BodyProgress`]).

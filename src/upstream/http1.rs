@@ -281,15 +281,7 @@ impl<B> Shared<B> {
 /// A copy of `req`'s head, if it may be sent again: an idempotent method
 /// and no body.
 fn head_to_resend<B: Body>(req: &Request<B>) -> Option<http::request::Parts> {
-    if !req.method().is_idempotent() || !req.body().is_end_stream() {
-        return None;
-    }
-    let mut head = Request::new(());
-    *head.method_mut() = req.method().clone();
-    *head.uri_mut() = req.uri().clone();
-    *head.version_mut() = req.version();
-    *head.headers_mut() = req.headers().clone();
-    Some(head.into_parts().0)
+    (req.method().is_idempotent() && req.body().is_end_stream()).then(|| super::copy_head(req))
 }
 
 /// Whether the connection closed (or was reset) before a whole response
