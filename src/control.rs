@@ -525,11 +525,10 @@ impl Control {
             return Ok(current.saved.live.clone());
         }
         let before = current.saved.live.clone();
-        let live = before.reseed(
+        let live = current.saved.reseed(
             &config.versions,
             config.shadow.as_ref(),
             before.generation + 1,
-            current.saved.config_canary.as_ref(),
         );
         let next = SavedState::seeded(
             live,

@@ -436,6 +436,41 @@ async fn a_reseed_moves_no_user_of_the_same_canary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_survives_an_edit_that_leaves_the_version_names_alone() {
+    let stable = Backend::start(STABLE).await;
+    let other_stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let first = Process::serve(&files.config, &[]).await;
+    let promoted = AdminApi::new(first.admin)
+        .call(Method::POST, "/admin/promote", json!({}))
+        .await;
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    assert_eq!(first.stop().await, Some(0));
+
+    // Another upstream for the config's stable (v1, no longer live).
+    files.rewrite(
+        &format!("upstreams = [\"{}\"]", stable.addr),
+        &format!(
+            "upstreams = [\"{}\", \"{}\"]",
+            stable.addr, other_stable.addr
+        ),
+    );
+    let second = Process::serve(&files.config, &[]).await;
+    let state = AdminApi::new(second.admin).state().await;
+    assert_eq!(files.last_audit()["action"], "reseed");
+    assert_eq!(state["stable"]["name"], CANARY, "{state}");
+    assert_eq!(state["canary"], Value::Null, "{state}");
+    for user in ["ann", "bob", "cy", "dee"] {
+        let reply = Http::new(second.proxy)
+            .get("/", &[("x-user-id", user)])
+            .await;
+        assert_eq!(reply.version(), CANARY, "{user}");
+    }
+    assert_eq!(second.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audit_log_that_cannot_be_written_stops_the_start_before_the_state_is_touched() {
     let stable = Backend::start(STABLE).await;
     let files = Files::new(config(&[stable.addr], None, ""));

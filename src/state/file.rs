@@ -158,6 +158,7 @@ fn name_the_field(text: &str) -> Option<String> {
     };
     document.remove("versions_digest");
     document.remove("shadow_digest");
+    document.remove("config_stable");
     document.remove("config_canary");
     document.remove("rollout_due");
     let error = serde_path_to_error::deserialize::<_, super::LiveState>(serde_json::Value::Object(

@@ -119,10 +119,17 @@ pub struct SavedState {
     /// [`shadow_digest`]); `None` in a file written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_digest: Option<String>,
+    /// The stable version that `[versions]` named when the state was last
+    /// seeded from it: a re-seed keeps the live stable (a promotion) unless
+    /// the edit renamed it (see [`SavedState::reseed`]). `None` in a file
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_stable: Option<String>,
     /// The canary that `[versions]` named when the state was last seeded
-    /// from it, and its weight: a re-seed keeps a weight set at run time
-    /// unless the config's canary or its weight changed. `None` when the
-    /// section had no canary, or in a file written before it was recorded.
+    /// from it, and its weight: a re-seed keeps the live canary unless the
+    /// edit renamed it, and a weight set at run time unless the edit
+    /// changed the config's. `None` when the section had no canary (or, with
+    /// no `config_stable` either, in a file written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_canary: Option<ConfigCanary>,
     /// The canary (by name) that the config's `[rollout]` plan is to start
@@ -183,6 +190,7 @@ impl SavedState {
         SavedState {
             versions_digest: versions_digest(versions),
             shadow_digest: reseeded_shadow_digest(previous, &live, shadow),
+            config_stable: Some(versions.stable.name.clone()),
             config_canary: ConfigCanary::of(versions),
             rollout_due,
             live,
@@ -202,6 +210,124 @@ impl SavedState {
         self.rollout_due.as_deref() == Some(canary)
             && self.live.canary.as_ref().is_some_and(|c| c.name == canary)
     }
+
+    /// The live state after an edit of `[versions]` that this state was
+    /// not seeded from, keeping what the edit did not decide (SPEC
+    /// section 4 makes the edited section the newer intent; this says of
+    /// what). Which version is stable, and which is the canary, are the
+    /// edit's only where it renamed them from what the section named at
+    /// the last seed (`config_stable`, `config_canary`): so a promotion, a
+    /// canary installed through the API, a rollback and its latch, and a
+    /// running rollout all survive an edit elsewhere in the section
+    /// (another stable upstream) and move no one between versions. A live
+    /// version that the section names takes its upstreams from it.
+    ///
+    /// A canary kept by name keeps its latch (weight 0 while rolled back),
+    /// its rollout and the weight that rollout set, and a weight set at run
+    /// time unless the edit changed the config's `weight`: that is where a
+    /// *new* canary starts. The last rollback is kept as history, and the
+    /// shadow as it is (its own section decides it:
+    /// `Control::follow_config_shadow`) unless it now bears a version's
+    /// name. Should the kept and the edited parts name one version twice,
+    /// the section alone decides.
+    #[must_use]
+    pub fn reseed(
+        &self,
+        versions: &VersionsConfig,
+        shadow: Option<&ShadowConfig>,
+        generation: u64,
+    ) -> LiveState {
+        let live = &self.live;
+        let edited = LiveState::seed(versions, shadow, generation);
+        let config_canary = ConfigCanary::of(versions);
+        // What the section named at the last seed. A file from before that
+        // was recorded is judged against what is live, as it was then.
+        let (seeded_stable, seeded_canary) = match &self.config_stable {
+            Some(stable) => (
+                stable.as_str(),
+                self.config_canary.as_ref().map(|c| c.name.as_str()),
+            ),
+            None => (
+                live.stable.name.as_str(),
+                self.config_canary
+                    .as_ref()
+                    .map(|c| c.name.as_str())
+                    .or(live.canary.as_ref().map(|c| c.name.as_str())),
+            ),
+        };
+        let upstreams_of = |name: &str| {
+            std::iter::once(&edited.stable)
+                .map(|v| (&v.name, &v.upstreams))
+                .chain(edited.canary.iter().map(|c| (&c.name, &c.upstreams)))
+                .find(|(named, _)| *named == name)
+                .map(|(_, upstreams)| upstreams.clone())
+        };
+
+        let mut next = edited.clone();
+        next.last_rollback = live.last_rollback.clone();
+        if versions.stable.name == seeded_stable {
+            next.stable = live.stable.clone();
+            if let Some(upstreams) = upstreams_of(&live.stable.name) {
+                next.stable.upstreams = upstreams;
+            }
+        }
+        let canary_renamed = config_canary.as_ref().map(|c| c.name.as_str()) != seeded_canary;
+        let kept_canary = if canary_renamed {
+            // The edit names the canary; if that is the live one, what
+            // happened to it at run time stays.
+            live.canary.as_ref().filter(|before| {
+                edited
+                    .canary
+                    .as_ref()
+                    .is_some_and(|canary| canary.name == before.name)
+            })
+        } else {
+            live.canary.as_ref()
+        };
+        if !canary_renamed || kept_canary.is_some() {
+            next.canary = kept_canary.cloned();
+            next.status = live.status;
+            next.rollout = live.rollout.clone();
+        }
+        if let Some(canary) = &mut next.canary
+            && kept_canary.is_some()
+        {
+            if let Some(upstreams) = upstreams_of(&canary.name) {
+                canary.upstreams = upstreams;
+            }
+            // A weight the edit changed for this canary is the new intent.
+            let named = config_canary.as_ref().filter(|c| c.name == canary.name);
+            if let Some(named) = named
+                && live.status == Status::Steady
+                && self.config_canary.as_ref() != Some(named)
+            {
+                canary.weight = named.weight;
+            }
+        }
+        if next
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.name == next.stable.name)
+        {
+            tracing::warn!(
+                "what the edit kept and what it named share a version; [versions] alone decides"
+            );
+            let mut edited = edited;
+            edited.last_rollback = live.last_rollback.clone();
+            return edited;
+        }
+
+        next.shadow = match &live.shadow {
+            Some(kept) if next.names(&kept.name) => {
+                tracing::warn!(
+                    "the live shadow bears a version's name now; the config's [shadow] replaces it"
+                );
+                edited.shadow.filter(|s| !next.names(&s.name))
+            }
+            kept => kept.clone(),
+        };
+        next
+    }
 }
 
 /// Whether `after` has a canary that `before` did not have (by name).
@@ -215,6 +341,12 @@ pub fn new_canary(before: Option<&LiveState>, after: &LiveState) -> bool {
 }
 
 impl LiveState {
+    /// Whether `name` is the stable version's or the canary's.
+    #[must_use]
+    pub fn names(&self, name: &str) -> bool {
+        self.stable.name == name || self.canary.as_ref().is_some_and(|c| c.name == name)
+    }
+
     /// The state a config's `[versions]` and `[shadow]` sections describe, at `generation`.
     #[must_use]
     pub fn seed(
@@ -238,57 +370,6 @@ impl LiveState {
             shadow: shadow.map(ShadowState::from),
             rollout: None,
         }
-    }
-
-    /// The state an edited `[versions]` section describes, keeping what
-    /// the edit did not decide. When the canary is still the same version
-    /// (the same name), its rollback latch holds (weight 0), a running
-    /// rollout runs on at the weight it set, and a weight set at run time
-    /// stays unless the config's canary or `weight` changed from
-    /// `config_canary` (what it named at the last seed; without it, the
-    /// config's weight is taken), so
-    /// an edit elsewhere in the section (another stable upstream) moves no
-    /// one between versions. The last rollback is kept as history. The shadow is
-    /// kept too (its own section decides it: `Control::follow_config_shadow`),
-    /// unless it now bears a version's name; then the config's takes its
-    /// place.
-    #[must_use]
-    pub fn reseed(
-        &self,
-        versions: &VersionsConfig,
-        shadow: Option<&ShadowConfig>,
-        generation: u64,
-        config_canary: Option<&ConfigCanary>,
-    ) -> LiveState {
-        let mut next = LiveState::seed(versions, shadow, generation);
-        let weight_unchanged =
-            config_canary.is_some_and(|seeded| ConfigCanary::of(versions).as_ref() == Some(seeded));
-        next.last_rollback = self.last_rollback.clone();
-        if let Some(kept) = &self.shadow
-            && kept.name != next.stable.name
-            && next.canary.as_ref().is_none_or(|c| c.name != kept.name)
-        {
-            next.shadow = Some(kept.clone());
-        } else if self.shadow.is_some() {
-            tracing::warn!(
-                "the live shadow bears a version's name now; the config's [shadow] replaces it"
-            );
-        }
-        if let (Some(before), Some(canary)) = (&self.canary, &mut next.canary)
-            && before.name == canary.name
-        {
-            next.rollout = self.rollout.clone();
-            match self.status {
-                Status::RolledBack => canary.weight = 0.0,
-                Status::Progressing | Status::Paused => canary.weight = before.weight,
-                Status::Steady if weight_unchanged => canary.weight = before.weight,
-                Status::Steady => {}
-            }
-            if self.status != Status::Steady {
-                next.status = self.status;
-            }
-        }
-        next
     }
 
     /// Checks what the type does not: a state file edited by hand, or
@@ -515,12 +596,7 @@ pub fn restore(
     let generation = next_generation(&previous);
     let (live, replaced) = match (&previous, origin) {
         (Some(previous), Origin::Reseeded) => (
-            previous.live.reseed(
-                versions,
-                shadow,
-                generation,
-                previous.config_canary.as_ref(),
-            ),
+            previous.reseed(versions, shadow, generation),
             Some(previous),
         ),
         // A reset starts afresh: nothing of the previous state is kept.
@@ -653,6 +729,107 @@ mod tests {
         adopted.canary.as_mut().unwrap().0.name = "v3".into();
         let (reseeded, _, _) = restore(&store, &adopted, None, false, false).unwrap();
         assert_eq!(reseeded.live.weight().basis_points(), 2000);
+    }
+
+    /// Writes `saved` with `change` made to its live state, as a run-time
+    /// change would.
+    fn change(store: &FileStore, saved: &SavedState, change: impl FnOnce(&mut LiveState)) {
+        let mut changed = saved.clone();
+        changed.live.generation += 1;
+        change(&mut changed.live);
+        store.write(Some(saved.live.generation), &changed).unwrap();
+    }
+
+    #[test]
+    fn a_reseed_by_an_edit_elsewhere_keeps_a_promotion_until_the_stable_is_renamed() {
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        change(&store, &saved, |live| {
+            let canary = live.canary.take().unwrap();
+            live.stable = VersionState {
+                name: canary.name,
+                upstreams: canary.upstreams,
+            };
+        });
+        let edited = with_another_stable_upstream(versions(10));
+        let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert_eq!(reseeded.live.stable.name, "v2");
+        assert!(reseeded.live.canary.is_none(), "{:?}", reseeded.live);
+
+        // Renaming the stable is the edit's to decide; the canary it did
+        // not rename stays as it is live (none).
+        let mut renamed = edited.clone();
+        renamed.stable.name = "v1b".into();
+        let (reseeded, _, _) = restore(&store, &renamed, None, false, false).unwrap();
+        assert_eq!(reseeded.live.stable.name, "v1b");
+        assert_eq!(reseeded.live.stable.upstreams.len(), 2);
+        assert!(reseeded.live.canary.is_none(), "{:?}", reseeded.live);
+
+        // Renaming the canary too installs the config's.
+        let mut both = renamed.clone();
+        both.canary.as_mut().unwrap().0.name = "v3".into();
+        let (reseeded, _, _) = restore(&store, &both, None, false, false).unwrap();
+        let canary = reseeded.live.canary.as_ref().unwrap();
+        assert_eq!((canary.name.as_str(), canary.weight), ("v3", 10.0));
+    }
+
+    #[test]
+    fn a_reseed_by_an_edit_elsewhere_brings_no_rolled_back_canary_back() {
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        let rollback = Rollback {
+            at: "2026-01-01T00:00:00Z".into(),
+            reason: "v2 is bad".into(),
+            source: Source::Api,
+        };
+        change(&store, &saved, |live| {
+            live.status = Status::RolledBack;
+            live.canary.as_mut().unwrap().weight = 0.0;
+            live.last_rollback = Some(rollback.clone());
+        });
+        let edited = with_another_stable_upstream(versions(10));
+        let (reseeded, _, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(reseeded.live.status, Status::RolledBack);
+        assert_eq!(reseeded.live.weight().basis_points(), 0);
+
+        // A canary installed through the API after the rollback stays too.
+        change(&store, &reseeded, |live| {
+            live.status = Status::Steady;
+            live.canary = Some(CanaryState {
+                name: "v3".into(),
+                upstreams: vec![UpstreamAddr::parse("127.0.0.1:9009").unwrap()],
+                weight: 5.0,
+            });
+        });
+        let mut edited_again = edited.clone();
+        edited_again
+            .stable
+            .upstreams
+            .push(UpstreamAddr::parse("127.0.0.1:9004").unwrap());
+        let (reseeded, _, _) = restore(&store, &edited_again, None, false, false).unwrap();
+        let canary = reseeded.live.canary.as_ref().unwrap();
+        assert_eq!((canary.name.as_str(), canary.weight), ("v3", 5.0));
+        assert_eq!(reseeded.live.status, Status::Steady);
+        assert_eq!(reseeded.live.last_rollback, Some(rollback));
+        assert_eq!(reseeded.live.stable.upstreams.len(), 3);
+    }
+
+    #[test]
+    fn a_reseed_keeps_a_shadow_removed_at_run_time_removed() {
+        let text = "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\"]\n\
+                    [shadow]\nname = \"v9\"\nupstreams = [\"127.0.0.1:9009\"]\npercent = 100\n";
+        let config = Config::parse(text, "test").unwrap();
+        let shadow = config.shadow.as_ref();
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &config.versions, shadow, false, false).unwrap();
+        assert!(saved.live.shadow.is_some());
+        change(&store, &saved, |live| live.shadow = None);
+        let edited = with_another_stable_upstream(config.versions.clone());
+        let (reseeded, origin, _) = restore(&store, &edited, shadow, false, false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert!(reseeded.live.shadow.is_none(), "{:?}", reseeded.live.shadow);
+        assert_eq!(reseeded.shadow_digest, saved.shadow_digest);
     }
 
     #[test]
