@@ -543,9 +543,9 @@ async fn a_restart_does_not_start_the_configured_plan_again() {
     assert_eq!(second.stop().await, Some(0));
 }
 
-/// A saved rollout that cannot be read stops the start, by field: left
-/// as it was, it would hold every weight change for a controller that
-/// never runs.
+/// A saved rollout that cannot be read, or that does not match the status
+/// and the canary beside it, stops the start, by field: left as it was, it
+/// would hold every weight change for a controller that never runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
     let stable = Backend::start(STABLE).await;
@@ -564,12 +564,16 @@ async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
             .expect("a JSON state file");
 
     let audit = std::fs::read(&files.audit).expect("the audit log");
-    for (stage, field) in [
-        (json!("zero"), "rollout.stage"),
-        (json!(7), "rollout.stage"),
+    for (key, value, field) in [
+        ("stage", json!("zero"), "rollout.stage"),
+        ("stage", json!(7), "rollout.stage"),
+        // Consistent with the status and the canary, or the rollout would
+        // never run and yet refuse every weight change.
+        ("canary", json!("v9"), "rollout.canary"),
+        ("phase", json!("superseded"), "rollout.phase"),
     ] {
         let mut edited = saved.clone();
-        edited["rollout"]["stage"] = stage;
+        edited["rollout"][key] = value;
         let edited = edited.to_string();
         std::fs::write(&files.state, &edited).expect("edit the state file");
         let refused = Process::try_serve(&files.config, &[])

@@ -65,8 +65,8 @@ pub fn check_saved(live: &LiveState) -> Result<(), String> {
 
 /// The running rollout a saved state holds, read strictly: left unread, it
 /// would hold every weight change (the status says a rollout sets it) for
-/// a controller that never runs. A rollout that has ended is history, and
-/// not read.
+/// a controller that never runs. With a status that says none is running,
+/// a rollout is history, and not read.
 fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, String> {
     if !matches!(live.status, Status::Progressing | Status::Paused) {
         return Ok(None);
@@ -76,8 +76,22 @@ fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, 
     };
     let progress: Progress =
         serde_path_to_error::deserialize(saved).map_err(|e| by_field("rollout", &e))?;
+    // A status that says a rollout sets the weight, beside one that has
+    // ended or is for another canary, would refuse every weight change for
+    // a rollout that never runs.
     if !progress.phase.is_active() {
-        return Ok(None);
+        let phase = serde_json::to_value(progress.phase).unwrap_or_default();
+        return Err(format!(
+            "rollout.phase: {phase} has ended, though the status says a rollout is running"
+        ));
+    }
+    let canary = live.canary.as_ref().map(|c| c.name.as_str());
+    if canary != Some(progress.canary.as_str()) {
+        return Err(format!(
+            "rollout.canary: {:?} is not the live canary {}",
+            progress.canary,
+            canary.map_or("(none)".to_owned(), |c| format!("{c:?}"))
+        ));
     }
     let plan = rollout_from_json(progress.plan.clone())
         .map_err(|error| format!("rollout.plan: {error}"))?;
