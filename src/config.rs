@@ -165,6 +165,23 @@ pub struct Guardrails {
     pub confidence: f64,
 }
 
+impl Guardrails {
+    /// Whether no guardrail is set: such a plan moves on by time alone.
+    #[must_use]
+    pub fn are_none(&self) -> bool {
+        [
+            self.success_rate_min,
+            self.success_rate_drop_max,
+            self.p95_latency_ratio_max,
+            self.p95_latency_ms_max,
+            self.tokens_ratio_max,
+            self.eval_score_min,
+        ]
+        .iter()
+        .all(Option::is_none)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CanaryUnavailable {
     Stable,

@@ -323,6 +323,12 @@ impl Rollouts {
                 "the canary was rolled back; install a new canary to roll it out".into(),
             ));
         }
+        if plan.guardrails.are_none() {
+            tracing::warn!(
+                canary = %canary.name,
+                "the rollout has no guardrails: it moves on by time alone, judging nothing"
+            );
+        }
         // The first stage takes effect with the start, so that the answer
         // shows it; the rollout's task then carries on from there.
         let (phase, weight, time_left_ms) = match plan.stages.first() {

@@ -63,7 +63,9 @@ struct ManifestRollout {
     interval: Option<String>,
     failure_limit: Option<u32>,
     min_requests: Option<u64>,
+    inconclusive_limit: Option<u32>,
     on_success: Option<String>,
+    webhooks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,7 +161,16 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
     };
     put("success_rate_min", g.task_success_rate.map(|b| b.min));
     put("p95_latency_ms_max", g.p95_latency_ms.map(|b| b.max));
-    // A spend delta of 0.15 allows the canary 15% more tokens per request.
+    // A spend delta of 0.15 allows the canary 15% more tokens per request;
+    // one of -1 or less would allow none at all.
+    if let Some(delta) = &g.token_spend_delta
+        && (delta.max.is_nan() || delta.max <= -1.0)
+    {
+        return Err(PlanError::Manifest(format!(
+            "rollout.guardrails.token_spend_delta.max: {} must be above -1 (0.15 allows 15% more tokens per request than stable)",
+            delta.max
+        )));
+    }
     put("tokens_ratio_max", g.token_spend_delta.map(|b| 1.0 + b.max));
     put("eval_score_min", g.eval_score.map(|b| b.min));
     put("confidence", g.confidence);
@@ -170,7 +181,12 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
         ("interval", rollout.interval.map(Value::from)),
         ("failure_limit", rollout.failure_limit.map(Value::from)),
         ("min_requests", rollout.min_requests.map(Value::from)),
+        (
+            "inconclusive_limit",
+            rollout.inconclusive_limit.map(Value::from),
+        ),
         ("on_success", rollout.on_success.map(Value::from)),
+        ("webhooks", rollout.webhooks.map(Value::from)),
     ];
     for (key, value) in optional {
         if let Some(value) = value {
@@ -256,8 +272,12 @@ rollout:
     p95_latency_ms: { max: 8000 }
     token_spend_delta: { max: 0.15 }
     eval_score: { min: 0.9 }
+  inconclusive_limit: 4
+  webhooks: ["https://hooks.example/release"]
 "#;
         let plan = rollout_from_json(document(text).unwrap()).unwrap();
+        assert_eq!(plan.inconclusive_limit, 4);
+        assert_eq!(plan.webhooks, ["https://hooks.example/release"]);
         assert_eq!(rollout_from_json(to_document(&plan)).unwrap(), plan);
         assert_eq!(plan.stages.len(), 3);
         assert_eq!(plan.guardrails.success_rate_min, Some(0.97));
@@ -304,6 +324,17 @@ rollout:
             let plan = rollout_from_json(document(&manifest(stage)).unwrap()).unwrap();
             assert_eq!(plan.stages[1], expected, "{stage}");
         }
+    }
+
+    #[test]
+    fn a_spend_delta_that_would_allow_no_tokens_is_refused_by_its_own_key() {
+        let text = "kind: AgentRelease\nrollout:\n  stages: [ { traffic: 1, duration: 1m } ]\n  \
+                    guardrails:\n    token_spend_delta: { max: -2 }\n";
+        let error = document(text).unwrap_err().to_string();
+        assert!(
+            error.contains("rollout.guardrails.token_spend_delta.max: -2 must be above -1"),
+            "{error}"
+        );
     }
 
     #[test]

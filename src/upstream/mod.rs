@@ -75,6 +75,9 @@ impl UpstreamAddr {
                 "{text:?} needs a host and a port, such as \"127.0.0.1:9001\""
             ));
         }
+        if authority.port_u16() == Some(0) {
+            return Err(format!("{text:?}: port 0 cannot be connected to"));
+        }
         Ok(UpstreamAddr {
             protocol,
             authority,
@@ -382,7 +385,19 @@ pub(crate) mod tests {
             UpstreamAddr::parse("https://agent:443").unwrap().protocol,
             Protocol::Https
         );
-        for bad in ["agent", "ftp://agent:21", "", ":80", "u@agent:80"] {
+        // `http://` is the bare form written out.
+        assert_eq!(
+            UpstreamAddr::parse("http://agent:80").unwrap().to_string(),
+            "agent:80"
+        );
+        for bad in [
+            "agent",
+            "ftp://agent:21",
+            "",
+            ":80",
+            "u@agent:80",
+            "127.0.0.1:0",
+        ] {
             assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
         }
     }
