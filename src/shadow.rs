@@ -175,10 +175,15 @@ impl Body for TeeBody {
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         if let Some(progress) = &this.progress {
-            progress.moved();
+            if polled.is_pending() {
+                progress.awaiting_client();
+            } else {
+                progress.moved();
+            }
         }
+        let frame = ready!(polled);
         if let Some(tap) = &mut this.tap {
             let keep = match &frame {
                 Some(Ok(frame)) => Self::feed(tap, frame),

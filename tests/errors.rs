@@ -154,11 +154,64 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(stable.body_bytes_seen(), 20);
 
-    // A body that stops moving still times out, a timeout after its last byte.
+    // A body whose client stops sending still times out, a timeout after
+    // its last byte: a 408 (nginx's `client_body_timeout`), which the
+    // upstream is not blamed for, and the connection closes.
+    let timeouts = [("version", STABLE), ("kind", "timeout")];
+    let before = metric(&server, "cohort_upstream_errors_total", &timeouts).await;
     let mut stream = upload().await;
     stream.write_all(b"xxxxx").await.expect("send a part");
     let answer = support::read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let mut rest = Vec::new();
+    within("the close", stream.read_to_end(&mut rest))
+        .await
+        .expect("read to the close");
+    assert!(String::from_utf8_lossy(&rest).contains("\"client_timeout\""));
+    assert_eq!(
+        metric(&server, "cohort_upstream_errors_total", &timeouts).await,
+        before
+    );
+}
+
+#[tokio::test]
+async fn an_upload_that_its_upstream_stops_reading_gives_504() {
+    // An upstream that reads the request head and then nothing more.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = support::read_head(&mut stream).await;
+            held.push(stream);
+        }
+    });
+    let upstream = "[upstream]\nresponse_timeout = \"1s\"\n";
+    let server = cohort(&[addr], None, upstream).await;
+    let mut stream = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    // More than the sockets on the way can hold, so the body stalls on the
+    // upstream while the client still has plenty to send.
+    const LEN: usize = 64 << 20;
+    let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..LEN / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let answer = within("the 504", support::read_head(&mut reader)).await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    sender.abort();
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -92,13 +92,16 @@ impl InFlight {
 /// timeout counts from there: an upload that takes longer than the timeout
 /// is not cut off while it streams, and the wait for the response starts
 /// when the body has been sent (as nginx's `proxy_read_timeout` does). A
-/// body that stops moving for the timeout, because the client or the
-/// upstream stalled, still times out.
+/// body that stops moving for the timeout still times out, and whose
+/// doing that was is known: the client's, if the body was last asked for
+/// a frame and had none; else the upstream's, which stopped taking it.
 #[derive(Debug)]
 pub struct BodyProgress {
     created: Instant,
     /// Nanoseconds from `created` to the last frame.
     last_frame: AtomicU64,
+    /// Whether the body is waiting for the client's next frame.
+    awaiting_client: AtomicBool,
 }
 
 impl BodyProgress {
@@ -107,13 +110,26 @@ impl BodyProgress {
         Arc::new(BodyProgress {
             created: Instant::now(),
             last_frame: AtomicU64::new(0),
+            awaiting_client: AtomicBool::new(false),
         })
     }
 
-    /// Records a frame passing now.
+    /// Records a frame (or the body's end) passing now.
     pub fn moved(&self) {
         let since = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last_frame.fetch_max(since, Ordering::Relaxed);
+        self.awaiting_client.store(false, Ordering::Relaxed);
+    }
+
+    /// Records that the body was asked for a frame the client has not sent.
+    pub fn awaiting_client(&self) {
+        self.awaiting_client.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the body is stalled on its client rather than its upstream.
+    #[must_use]
+    pub fn is_awaiting_client(&self) -> bool {
+        self.awaiting_client.load(Ordering::Relaxed)
     }
 
     /// `timeout` after the last frame (or after the request, before any).

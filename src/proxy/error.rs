@@ -1,7 +1,7 @@
 //! The one error funnel: every way a request can fail, as a tagged response.
 //!
 //! Owns: [`ProxyError`], the classification of upstream client failures into
-//! the `kind` labels of SPEC section 5, and the 400/501/502/503/504 JSON bodies of
+//! the `kind` labels of SPEC section 5, and the 400/408/501/502/503/504 JSON bodies of
 //! SPEC section 2. Does not own: tagging the version header (`proxy::tag`).
 
 use http::header::CONTENT_TYPE;
@@ -19,6 +19,11 @@ pub enum ProxyError {
     /// The request uses a feature the proxy cannot carry (501).
     #[error("{0}")]
     NotImplemented(&'static str),
+    /// The client stopped sending its request body for the response
+    /// timeout (408, as nginx's `client_body_timeout`): not the upstream's
+    /// doing, so it counts against neither the upstream nor the version.
+    #[error("the request body stopped arriving: {0}")]
+    ClientTimeout(String),
     /// The version has no upstream to send to.
     #[error("no upstream of this version is available")]
     NoUpstream,
@@ -43,7 +48,9 @@ impl ProxyError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::NotImplemented(_)
+            ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
+                | ProxyError::ClientTimeout(_)
         )
     }
 
@@ -97,6 +104,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
+            | ProxyError::ClientTimeout(_)
             | ProxyError::NoUpstream
             | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
@@ -111,6 +119,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect(_)
@@ -126,6 +135,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NotImplemented(_) => "not_implemented",
+            ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::NoUpstream => "unavailable",
             ProxyError::Unsupported(_) => "protocol",
             _ => self

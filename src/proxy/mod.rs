@@ -242,6 +242,14 @@ impl Proxy {
             let failed = match waited {
                 Some(Ok(rsp)) => break forward::downstream_response(rsp),
                 Some(Err(failed)) => failed,
+                None if progress
+                    .as_deref()
+                    .is_some_and(body::BodyProgress::is_awaiting_client) =>
+                {
+                    break Err(ProxyError::ClientTimeout(format!(
+                        "nothing of it for {response_timeout:?}"
+                    )));
+                }
                 None => {
                     break Err(ProxyError::Timeout(format!(
                         "no response headers within {response_timeout:?} of the request being sent"
@@ -264,9 +272,11 @@ impl Proxy {
             }
             break Err(error);
         };
-        // Passive health: consecutive connect errors and 5xx eject the upstream.
+        // Passive health: consecutive connect errors and 5xx eject the
+        // upstream. A client that stalled says nothing of it either way.
         let ok = match &result {
             Ok(rsp) => !rsp.status().is_server_error(),
+            Err(ProxyError::ClientTimeout(_)) => return result,
             Err(error) => error.upstream_kind().is_none(),
         };
         record_outcome(version, index, ok, table);
