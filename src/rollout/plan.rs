@@ -38,12 +38,39 @@ pub fn document(text: &str) -> Result<Value, PlanError> {
 fn from_toml(text: &str) -> Result<Value, PlanError> {
     let table: toml::Table =
         toml::from_str(text).map_err(|e| PlanError::Toml(e.to_string().trim_end().to_owned()))?;
+    if let Some(key) = non_finite(&table, "") {
+        return Err(PlanError::Toml(format!("{key}: must be a finite number")));
+    }
     let value = serde_json::to_value(&table).map_err(|e| PlanError::Toml(e.to_string()))?;
     Ok(match value {
         Value::Object(mut map) if map.len() == 1 && map.contains_key("rollout") => {
             map.remove("rollout").unwrap_or_default()
         }
         other => other,
+    })
+}
+
+/// The first key under `table` that holds `inf` or `nan`: JSON, which the
+/// plan travels in, has neither, and would carry it as `null` (no bound).
+fn non_finite(table: &toml::Table, prefix: &str) -> Option<String> {
+    fn walk(value: &toml::Value, key: String) -> Option<String> {
+        match value {
+            toml::Value::Float(f) if !f.is_finite() => Some(key),
+            toml::Value::Table(table) => non_finite(table, &key),
+            toml::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item, format!("{key}[{i}]"))),
+            _ => None,
+        }
+    }
+    table.iter().find_map(|(name, value)| {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        walk(value, key)
     })
 }
 
@@ -153,6 +180,30 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
         })
         .collect();
     let g = rollout.guardrails.unwrap_or_default();
+    let bounds = [
+        (
+            "task_success_rate.min",
+            g.task_success_rate.as_ref().map(|b| b.min),
+        ),
+        (
+            "p95_latency_ms.max",
+            g.p95_latency_ms.as_ref().map(|b| b.max),
+        ),
+        (
+            "token_spend_delta.max",
+            g.token_spend_delta.as_ref().map(|b| b.max),
+        ),
+        ("eval_score.min", g.eval_score.as_ref().map(|b| b.min)),
+        ("confidence", g.confidence),
+    ];
+    if let Some((key, _)) = bounds
+        .iter()
+        .find(|(_, bound)| bound.is_some_and(|b| !b.is_finite()))
+    {
+        return Err(PlanError::Manifest(format!(
+            "rollout.guardrails.{key}: must be a finite number"
+        )));
+    }
     let mut guardrails = Map::new();
     let mut put = |key: &str, value: Option<f64>| {
         if let Some(v) = value {
@@ -324,6 +375,24 @@ rollout:
             let plan = rollout_from_json(document(&manifest(stage)).unwrap()).unwrap();
             assert_eq!(plan.stages[1], expected, "{stage}");
         }
+    }
+
+    #[test]
+    fn an_infinite_bound_is_refused_not_carried_as_no_bound() {
+        let toml = "stages = [ { weight = 1, duration = \"1m\" } ]\n\
+                    [guardrails]\ntokens_ratio_max = inf\n";
+        let error = document(toml).unwrap_err().to_string();
+        assert!(
+            error.contains("guardrails.tokens_ratio_max: must be a finite number"),
+            "{error}"
+        );
+        let manifest = "kind: AgentRelease\nrollout:\n  stages: [ { traffic: 1, duration: 1m } ]\n  \
+                        guardrails:\n    p95_latency_ms: { max: .inf }\n";
+        let error = document(manifest).unwrap_err().to_string();
+        assert!(
+            error.contains("rollout.guardrails.p95_latency_ms.max: must be a finite number"),
+            "{error}"
+        );
     }
 
     #[test]

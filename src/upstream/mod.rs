@@ -75,6 +75,15 @@ impl UpstreamAddr {
                 "{text:?} needs a host and a port, such as \"127.0.0.1:9001\""
             ));
         }
+        // `Authority` reads the port as `u16::from_str` does, sign and all.
+        if !authority
+            .port()
+            .is_some_and(|port| port.as_str().bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(format!(
+                "{text:?}: the port must be digits, such as \"127.0.0.1:9001\""
+            ));
+        }
         if authority.port_u16() == Some(0) {
             return Err(format!("{text:?}: port 0 cannot be connected to"));
         }
