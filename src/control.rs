@@ -268,16 +268,7 @@ impl Control {
                 upstreams: canary.upstreams,
             };
             live.status = Status::Steady;
-            if let Some(rollout) = live.rollout.as_mut().and_then(|r| r.as_object_mut())
-                && matches!(
-                    rollout.get("phase").and_then(|p| p.as_str()),
-                    Some("progressing" | "paused")
-                )
-            {
-                rollout.insert("phase".into(), "superseded".into());
-                // An ended rollout has no time left in a stage.
-                rollout.insert("time_left_ms".into(), serde_json::Value::Null);
-            }
+            live.supersede_rollout();
             Ok(())
         })
     }

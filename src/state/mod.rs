@@ -225,11 +225,11 @@ impl SavedState {
     /// A canary kept by name keeps its latch (weight 0 while rolled back),
     /// its rollout and the weight that rollout set, and a weight set at run
     /// time unless the edit changed the config's `weight`: that is where a
-    /// *new* canary starts. The last rollback is kept as history, and the
-    /// shadow as it is (its own section decides it:
+    /// *new* canary starts. A version that would be both stable and canary
+    /// is stable alone, as after a promotion. The last rollback is kept as
+    /// history, and the shadow as it is (its own section decides it:
     /// `Control::follow_config_shadow`) unless it now bears a version's
-    /// name. Should the kept and the edited parts name one version twice,
-    /// the section alone decides.
+    /// name, when it stops.
     #[must_use]
     pub fn reseed(
         &self,
@@ -240,20 +240,26 @@ impl SavedState {
         let live = &self.live;
         let edited = LiveState::seed(versions, shadow, generation);
         let config_canary = ConfigCanary::of(versions);
-        // What the section named at the last seed. A file from before that
-        // was recorded is judged against what is live, as it was then.
+        // What the section named at the last seed. A file from an older
+        // build that did not record it is taken to have seen no rename:
+        // when in doubt, no one moves.
+        let recorded = self.config_stable.is_some();
         let (seeded_stable, seeded_canary) = match &self.config_stable {
             Some(stable) => (
                 stable.as_str(),
                 self.config_canary.as_ref().map(|c| c.name.as_str()),
             ),
-            None => (
-                live.stable.name.as_str(),
-                self.config_canary
-                    .as_ref()
-                    .map(|c| c.name.as_str())
-                    .or(live.canary.as_ref().map(|c| c.name.as_str())),
-            ),
+            None => {
+                tracing::warn!(
+                    "the state file does not record what [versions] named (an older build wrote it): \
+                     the live versions stay, and a version renamed by this edit is not taken; \
+                     `cohort serve --reset-state` takes the config whole"
+                );
+                (
+                    versions.stable.name.as_str(),
+                    config_canary.as_ref().map(|c| c.name.as_str()),
+                )
+            }
         };
         let upstreams_of = |name: &str| {
             std::iter::once(&edited.stable)
@@ -299,33 +305,32 @@ impl SavedState {
             let named = config_canary.as_ref().filter(|c| c.name == canary.name);
             if let Some(named) = named
                 && live.status == Status::Steady
+                && recorded
                 && self.config_canary.as_ref() != Some(named)
             {
                 canary.weight = named.weight;
             }
         }
+        // The stable is the canary too: a version made stable (by the edit,
+        // or by a promotion it kept) has been promoted past its canary
+        // stage, so there is no canary, as after a promotion.
         if next
             .canary
             .as_ref()
             .is_some_and(|c| c.name == next.stable.name)
         {
-            tracing::warn!(
-                "what the edit kept and what it named share a version; [versions] alone decides"
-            );
-            let mut edited = edited;
-            edited.last_rollback = live.last_rollback.clone();
-            return edited;
+            next.canary = None;
+            next.status = Status::Steady;
+            next.supersede_rollout();
         }
 
-        next.shadow = match &live.shadow {
-            Some(kept) if next.names(&kept.name) => {
-                tracing::warn!(
-                    "the live shadow bears a version's name now; the config's [shadow] replaces it"
-                );
-                edited.shadow.filter(|s| !next.names(&s.name))
-            }
-            kept => kept.clone(),
-        };
+        // The shadow's own section decides it; one that now bears a
+        // version's name stops, rather than bring back one that the API
+        // replaced or removed.
+        next.shadow = live.shadow.clone().filter(|kept| !next.names(&kept.name));
+        if live.shadow.is_some() && next.shadow.is_none() {
+            tracing::warn!("the live shadow bears a version's name now; it stops");
+        }
         next
     }
 }
@@ -341,6 +346,20 @@ pub fn new_canary(before: Option<&LiveState>, after: &LiveState) -> bool {
 }
 
 impl LiveState {
+    /// Ends a rollout still recorded as running, as one that a change
+    /// outside it ended (`superseded`, with no time left in a stage).
+    pub fn supersede_rollout(&mut self) {
+        if let Some(rollout) = self.rollout.as_mut().and_then(|r| r.as_object_mut())
+            && matches!(
+                rollout.get("phase").and_then(|p| p.as_str()),
+                Some("progressing" | "paused")
+            )
+        {
+            rollout.insert("phase".into(), "superseded".into());
+            rollout.insert("time_left_ms".into(), serde_json::Value::Null);
+        }
+    }
+
     /// Whether `name` is the stable version's or the canary's.
     #[must_use]
     pub fn names(&self, name: &str) -> bool {
@@ -575,11 +594,24 @@ pub fn restore(
     reset: bool,
 ) -> Result<(SavedState, Origin, Option<SavedState>), StateError> {
     let digest = versions_digest(versions);
-    let saved = if reset { None } else { store.load()? };
+    let mut saved = if reset { None } else { store.load()? };
+    if let Some(saved) = &mut saved {
+        // Stopped between a change outside a rollout and the rollout's
+        // record of its end: it ended then.
+        if !matches!(saved.live.status, Status::Progressing | Status::Paused) {
+            saved.live.supersede_rollout();
+        }
+    }
     let next_generation =
         |saved: &Option<SavedState>| saved.as_ref().map_or(1, |s| s.live.generation + 1);
     let (origin, previous) = match saved {
-        Some(saved) if saved.versions_digest == digest => {
+        Some(mut saved) if saved.versions_digest == digest => {
+            // A file from an older build learns what the section named at
+            // its seed: this very section. Saved with the next change.
+            if saved.config_stable.is_none() {
+                saved.config_stable = Some(versions.stable.name.clone());
+                saved.config_canary = ConfigCanary::of(versions);
+            }
             return Ok((saved, Origin::Restored, None));
         }
         Some(saved) => (Origin::Reseeded, Some(saved)),
@@ -816,6 +848,93 @@ mod tests {
     }
 
     #[test]
+    fn a_stable_that_is_also_the_canary_leaves_no_canary_as_a_promotion_would() {
+        // The live canary v3 (installed at run time) made stable by the
+        // edit: the config's canary, rolled back, stays out.
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        change(&store, &saved, |live| {
+            live.canary = Some(CanaryState {
+                name: "v3".into(),
+                upstreams: vec![UpstreamAddr::parse("127.0.0.1:9009").unwrap()],
+                weight: 5.0,
+            });
+        });
+        let mut edited = versions(10);
+        edited.stable.name = "v3".into();
+        let (reseeded, _, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(reseeded.live.stable.name, "v3");
+        assert!(reseeded.live.canary.is_none(), "{:?}", reseeded.live);
+        assert_eq!(reseeded.live.status, Status::Steady);
+    }
+
+    #[test]
+    fn a_promotion_stands_when_the_edit_names_the_promoted_version_as_canary() {
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        change(&store, &saved, |live| {
+            live.canary = None;
+            live.stable.name = "v3".into();
+        });
+        let mut edited = versions(10);
+        edited.canary.as_mut().unwrap().0.name = "v3".into();
+        let (reseeded, _, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(reseeded.live.stable.name, "v3");
+        assert!(reseeded.live.canary.is_none(), "{:?}", reseeded.live);
+    }
+
+    #[test]
+    fn a_file_from_an_older_build_moves_no_one_on_an_edit_and_learns_the_names_on_a_restore() {
+        let (store, path, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        change(&store, &saved, |live| {
+            let canary = live.canary.take().unwrap();
+            live.stable = VersionState {
+                name: canary.name,
+                upstreams: canary.upstreams,
+            };
+        });
+        let strip = |path: &std::path::Path| {
+            let mut file: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            let object = file.as_object_mut().unwrap();
+            object.remove("config_stable");
+            object.remove("config_canary");
+            std::fs::write(path, file.to_string()).unwrap();
+        };
+        strip(&path);
+        // Restored with the section it was seeded from: the names are learnt.
+        let (restored, origin, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        assert_eq!(origin, Origin::Restored);
+        assert_eq!(restored.config_stable.as_deref(), Some("v1"));
+        assert_eq!(
+            restored.config_canary.as_ref().map(|c| c.name.as_str()),
+            Some("v2")
+        );
+        // Edited before it could learn them: the promotion stays all the same.
+        let edited = with_another_stable_upstream(versions(10));
+        let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
+        assert_eq!(origin, Origin::Reseeded);
+        assert_eq!(reseeded.live.stable.name, "v2");
+        assert!(reseeded.live.canary.is_none());
+    }
+
+    #[test]
+    fn a_rollout_recorded_as_running_beside_a_status_that_says_none_runs_has_ended() {
+        let (store, _, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        change(&store, &saved, |live| {
+            live.status = Status::RolledBack;
+            live.canary.as_mut().unwrap().weight = 0.0;
+            live.rollout = Some(serde_json::json!({"phase": "progressing", "time_left_ms": 5}));
+        });
+        let (restored, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        let rollout = restored.live.rollout.unwrap();
+        assert_eq!(rollout["phase"], "superseded");
+        assert_eq!(rollout["time_left_ms"], serde_json::Value::Null);
+    }
+
+    #[test]
     fn a_reseed_keeps_a_shadow_removed_at_run_time_removed() {
         let text = "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\"]\n\
                     [shadow]\nname = \"v9\"\nupstreams = [\"127.0.0.1:9009\"]\npercent = 100\n";
@@ -830,6 +949,22 @@ mod tests {
         assert_eq!(origin, Origin::Reseeded);
         assert!(reseeded.live.shadow.is_none(), "{:?}", reseeded.live.shadow);
         assert_eq!(reseeded.shadow_digest, saved.shadow_digest);
+
+        // A shadow set through the API, whose name the edit gives to a new
+        // canary, stops; the config's, removed before, does not come back.
+        change(&store, &reseeded, |live| {
+            live.shadow = Some(ShadowState {
+                name: "v4".into(),
+                upstreams: vec![UpstreamAddr::parse("127.0.0.1:9004").unwrap()],
+                percent: 5.0,
+            });
+        });
+        let mut renamed = edited.clone();
+        renamed.canary = versions(10).canary;
+        renamed.canary.as_mut().unwrap().0.name = "v4".into();
+        let (reseeded, _, _) = restore(&store, &renamed, shadow, false, false).unwrap();
+        assert_eq!(reseeded.live.canary.as_ref().unwrap().name, "v4");
+        assert!(reseeded.live.shadow.is_none(), "{:?}", reseeded.live.shadow);
     }
 
     #[test]
