@@ -13,7 +13,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::config::{OnSuccess, RolloutConfig, Stage};
+use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 
 /// Why a plan file could not be read as a plan.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +244,51 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
             plan.insert(key.into(), value);
         }
     }
-    Ok(Value::Object(plan))
+    // Checked here as well as where it is sent, so that a problem is named
+    // as the manifest writes it.
+    let plan = Value::Object(plan);
+    if let Err(ConfigError::Invalid(problems)) = rollout_from_json(plan.clone()) {
+        let named: Vec<String> = problems
+            .iter()
+            .map(|problem| {
+                format!(
+                    "{}: {}",
+                    manifest_key(&problem.key),
+                    problem.message.replace(
+                        "{ weight, duration } or { pause = true }",
+                        "{ traffic, duration } or { pause: true }"
+                    )
+                )
+            })
+            .collect();
+        return Err(PlanError::Manifest(named.join("; ")));
+    }
+    Ok(plan)
+}
+
+/// The manifest's name for a key of the plan it maps onto.
+fn manifest_key(plan_key: &str) -> String {
+    const RENAMED: [(&str, &str); 3] = [
+        (
+            "rollout.guardrails.success_rate_min",
+            "rollout.guardrails.task_success_rate.min",
+        ),
+        (
+            "rollout.guardrails.p95_latency_ms_max",
+            "rollout.guardrails.p95_latency_ms.max",
+        ),
+        (
+            "rollout.guardrails.eval_score_min",
+            "rollout.guardrails.eval_score.min",
+        ),
+    ];
+    if let Some((_, named)) = RENAMED.iter().find(|(plan, _)| *plan == plan_key) {
+        return (*named).to_owned();
+    }
+    match plan_key.strip_suffix(".weight") {
+        Some(stage) if stage.starts_with("rollout.stages[") => format!("{stage}.traffic"),
+        _ => plan_key.to_owned(),
+    }
 }
 
 /// The plan document of a validated plan (the inverse of
@@ -350,15 +394,14 @@ rollout:
             "{ traffic: 10, pause: true }",
             "{ duration: 1m, pause: true }",
         ] {
-            let document = document(&manifest(stage)).expect("a well-formed manifest");
-            match rollout_from_json(document) {
+            match document(&manifest(stage)) {
                 Err(error) => assert!(
                     error.to_string().contains(
-                        "rollout.stages[1]: must be either { weight, duration } or { pause = true }"
+                        "rollout.stages[1]: must be either { traffic, duration } or { pause: true }"
                     ),
                     "{stage}: {error}"
                 ),
-                Ok(plan) => panic!("{stage} was taken as {:?}", plan.stages),
+                Ok(plan) => panic!("{stage} was taken as {plan}"),
             }
         }
         // A pause alone, and traffic with `pause: false`, are still taken.
@@ -374,6 +417,20 @@ rollout:
         ] {
             let plan = rollout_from_json(document(&manifest(stage)).unwrap()).unwrap();
             assert_eq!(plan.stages[1], expected, "{stage}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_value_out_of_range_is_named_as_the_manifest_writes_it() {
+        let manifest = "kind: AgentRelease\nrollout:\n  stages: [ { traffic: 500, duration: 1m } ]\n  \
+                        guardrails:\n    task_success_rate: { min: 1.5 }\n    p95_latency_ms: { max: 0 }\n";
+        let error = document(manifest).unwrap_err().to_string();
+        for key in [
+            "rollout.stages[0].traffic: ",
+            "rollout.guardrails.task_success_rate.min: ",
+            "rollout.guardrails.p95_latency_ms.max: ",
+        ] {
+            assert!(error.contains(key), "{key} in {error}");
         }
     }
 
