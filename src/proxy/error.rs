@@ -42,8 +42,10 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Whether the request was refused unread: no upstream saw it, and the
-    /// client connection is not to be trusted with another.
+    /// Whether the request was refused unread (no upstream saw it), or cut
+    /// short by its client (a body that stopped arriving): either way it
+    /// says nothing of the version, and the client connection is not to be
+    /// trusted with another.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
         matches!(

@@ -282,9 +282,13 @@ pub fn upstream_request<B: Body>(
 /// A response body under a transfer coding other than `chunked` alone:
 /// hyper decodes only that one, and with `Transfer-Encoding` stripped the
 /// client would get, say, gzip bytes with nothing saying so (nginx answers
-/// 502 too).
-pub fn downstream_response<B>(mut rsp: Response<B>) -> Result<Response<B>, ProxyError> {
-    if rsp.headers().contains_key(TRANSFER_ENCODING) && !is_chunked_alone(rsp.headers()) {
+/// 502 too). A response with no body (to a `HEAD`, a `204` or `304`) may
+/// name any coding: there is nothing to decode.
+pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>, ProxyError> {
+    if rsp.headers().contains_key(TRANSFER_ENCODING)
+        && !rsp.body().is_end_stream()
+        && !is_chunked_alone(rsp.headers())
+    {
         return Err(ProxyError::Protocol(
             "its body is sent under a transfer coding other than chunked".into(),
         ));
@@ -542,7 +546,9 @@ mod tests {
             Response::builder()
                 .header(TRANSFER_ENCODING, coding)
                 .header(CONTENT_LENGTH, "5")
-                .body(())
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"hello",
+                )))
                 .unwrap()
         };
         for coding in ["gzip, chunked", "gzip", "chunked, chunked", "identity"] {
@@ -555,6 +561,12 @@ mod tests {
         let passed = downstream_response(response("Chunked")).expect("chunked alone");
         assert!(!passed.headers().contains_key(TRANSFER_ENCODING));
         assert!(!passed.headers().contains_key(CONTENT_LENGTH));
+        // With no body (the answer to a HEAD) there is nothing to decode.
+        let head = Response::builder()
+            .header(TRANSFER_ENCODING, "gzip, chunked")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        assert!(downstream_response(head).is_ok());
     }
 
     #[test]

@@ -159,9 +159,10 @@ impl Proxy {
                 tracing::debug!(version = %version.name, %error, "request failed");
                 let mut rsp = error.into_response(&version.name, Some(in_flight));
                 if refused {
-                    // A request refused unread pins no one to a cohort; and
-                    // what follows it on the connection (a CONNECT's tunnel,
-                    // a body framed one way or another) is not read as
+                    // A request refused (or cut short by its client) pins
+                    // no one to a cohort; and what follows it on the
+                    // connection (a CONNECT's tunnel, a body framed one way
+                    // or another, the rest of a stalled one) is not read as
                     // requests: hyper closes once this is sent, as nginx does.
                     new_cookie = None;
                     if http_version <= http::Version::HTTP_11 {
@@ -176,8 +177,9 @@ impl Proxy {
         let to_headers = started.elapsed();
         version.metrics.record_response(rsp.status(), to_headers);
         // The guardrails judge the version by what its upstreams did: a
-        // request refused unread says nothing of it, and a client must not
-        // be able to fail a canary by sending malformed requests.
+        // request refused unread, or whose client stopped sending its body,
+        // says nothing of it, and a client must not be able to fail a
+        // canary by sending malformed or stalled requests.
         if !refused {
             version.window.record(
                 clock::since_start(),

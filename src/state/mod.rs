@@ -189,7 +189,13 @@ impl SavedState {
             .map(|canary| canary.name.clone());
         SavedState {
             versions_digest: versions_digest(versions),
-            shadow_digest: reseeded_shadow_digest(previous, &live, shadow),
+            // A re-seed keeps the live shadow, so the record of the section
+            // it was last taken from stays too (`Control::follow_config_shadow`
+            // applies an edited one); a seed takes the config's.
+            shadow_digest: match previous {
+                Some(previous) => previous.shadow_digest.clone(),
+                None => Some(shadow_digest(shadow)),
+            },
             config_stable: Some(versions.stable.name.clone()),
             config_canary: ConfigCanary::of(versions),
             rollout_due,
@@ -240,27 +246,27 @@ impl SavedState {
         let live = &self.live;
         let edited = LiveState::seed(versions, shadow, generation);
         let config_canary = ConfigCanary::of(versions);
-        // What the section named at the last seed. A file from an older
-        // build that did not record it is taken to have seen no rename:
-        // when in doubt, no one moves.
-        let recorded = self.config_stable.is_some();
-        let (seeded_stable, seeded_canary) = match &self.config_stable {
-            Some(stable) => (
-                stable.as_str(),
-                self.config_canary.as_ref().map(|c| c.name.as_str()),
-            ),
-            None => {
-                tracing::warn!(
-                    "the state file does not record what [versions] named (an older build wrote it): \
-                     the live versions stay, and a version renamed by this edit is not taken; \
-                     `cohort serve --reset-state` takes the config whole"
-                );
-                (
-                    versions.stable.name.as_str(),
-                    config_canary.as_ref().map(|c| c.name.as_str()),
-                )
-            }
+        // What the section named at the last seed. Older builds recorded
+        // the canary only, or neither (then an absent canary says nothing);
+        // what a file does not record is taken as not renamed: when in
+        // doubt, no one moves.
+        let canary_recorded = self.config_stable.is_some() || self.config_canary.is_some();
+        let seeded_stable = self
+            .config_stable
+            .as_deref()
+            .unwrap_or(versions.stable.name.as_str());
+        let seeded_canary = if canary_recorded {
+            self.config_canary.as_ref().map(|c| c.name.as_str())
+        } else {
+            config_canary.as_ref().map(|c| c.name.as_str())
         };
+        if self.config_stable.is_none() {
+            tracing::warn!(
+                "the state file does not record all that [versions] named (an older build wrote it): \
+                 a version it does not record is taken as not renamed, so no one moves; \
+                 `cohort serve --reset-state` takes the config whole"
+            );
+        }
         let upstreams_of = |name: &str| {
             std::iter::once(&edited.stable)
                 .map(|v| (&v.name, &v.upstreams))
@@ -305,7 +311,7 @@ impl SavedState {
             let named = config_canary.as_ref().filter(|c| c.name == canary.name);
             if let Some(named) = named
                 && live.status == Status::Steady
-                && recorded
+                && canary_recorded
                 && self.config_canary.as_ref() != Some(named)
             {
                 canary.weight = named.weight;
@@ -639,22 +645,6 @@ pub fn restore(
     Ok((seeded, origin, previous))
 }
 
-/// The `shadow_digest` beside `live`, seeded or re-seeded from a config
-/// whose `[shadow]` is `shadow`: the previous one while the previous shadow
-/// is still live (the section may not have been applied yet), else the
-/// config's, which `live`'s shadow then came from.
-#[must_use]
-pub fn reseeded_shadow_digest(
-    previous: Option<&SavedState>,
-    live: &LiveState,
-    shadow: Option<&ShadowConfig>,
-) -> Option<String> {
-    match previous {
-        Some(previous) if previous.live.shadow == live.shadow => previous.shadow_digest.clone(),
-        _ => Some(shadow_digest(shadow)),
-    }
-}
-
 /// Now, as RFC 3339 UTC with seconds.
 #[must_use]
 pub fn now_rfc3339() -> String {
@@ -920,6 +910,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_records_the_canary_but_not_the_stable_still_sees_the_canary_renamed() {
+        let (store, path, _dir) = store();
+        restore(&store, &versions(10), None, false, false).unwrap();
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file.as_object_mut().unwrap().remove("config_stable");
+        std::fs::write(&path, file.to_string()).unwrap();
+
+        // The weight edited: taken, as the canary is the config's.
+        let (reseeded, _, _) = restore(&store, &versions(20), None, false, false).unwrap();
+        assert_eq!(reseeded.live.weight().basis_points(), 2000);
+        // The canary renamed: the new one is installed.
+        let mut renamed = versions(20);
+        renamed.canary.as_mut().unwrap().0.name = "v3".into();
+        let (reseeded, _, _) = restore(&store, &renamed, None, false, false).unwrap();
+        assert_eq!(reseeded.live.canary.as_ref().unwrap().name, "v3");
+    }
+
+    #[test]
     fn a_rollout_recorded_as_running_beside_a_status_that_says_none_runs_has_ended() {
         let (store, _, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
@@ -962,9 +971,21 @@ mod tests {
         let mut renamed = edited.clone();
         renamed.canary = versions(10).canary;
         renamed.canary.as_mut().unwrap().0.name = "v4".into();
-        let (reseeded, _, _) = restore(&store, &renamed, shadow, false, false).unwrap();
+        // `[shadow]` edited in the same change (v9 to v8).
+        let edited_shadow = Config::parse(&text.replace("v9", "v8"), "test")
+            .unwrap()
+            .shadow;
+        let (reseeded, _, _) =
+            restore(&store, &renamed, edited_shadow.as_ref(), false, false).unwrap();
         assert_eq!(reseeded.live.canary.as_ref().unwrap().name, "v4");
         assert!(reseeded.live.shadow.is_none(), "{:?}", reseeded.live.shadow);
+        // The record of the `[shadow]` last applied stays, so the edit of
+        // that section is still applied after this one.
+        assert_eq!(reseeded.shadow_digest, saved.shadow_digest);
+        assert_ne!(
+            reseeded.shadow_digest,
+            Some(shadow_digest(edited_shadow.as_ref()))
+        );
     }
 
     #[test]
