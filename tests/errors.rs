@@ -126,7 +126,8 @@ async fn a_slow_upstream_gives_504_after_the_response_timeout() {
 #[tokio::test]
 async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_one_is() {
     let stable = Backend::start(STABLE).await;
-    let upstream = "[upstream]\nresponse_timeout = \"2s\"\n";
+    // One upstream error would eject the only upstream (then a 503).
+    let upstream = "[upstream]\nresponse_timeout = \"2s\"\n\n[health]\neject_after_errors = 1\n";
     let server = cohort(&[stable.addr], None, upstream).await;
     // A connection with the head of a 20-byte upload sent, its body to come.
     let upload = || async {
@@ -173,6 +174,10 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
         metric(&server, "cohort_upstream_errors_total", &timeouts).await,
         before
     );
+    let reply = Http::new(server.proxy_addr())
+        .get("/after", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(reply.status, 200, "the upstream was ejected: {reply:?}");
 }
 
 #[tokio::test]

@@ -467,7 +467,8 @@ thread_local! {
 }
 
 /// A fresh directory for one Cohort's state file and audit log, removed when
-/// the test ends.
+/// the test ends. Call it from the test's own thread (not from a blocking
+/// pool's), whose end is the test's.
 pub fn scratch_dir() -> std::path::PathBuf {
     scratch_dir_in(&std::env::temp_dir()).expect("a scratch directory")
 }
