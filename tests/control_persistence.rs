@@ -16,6 +16,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use http::Method;
@@ -51,6 +52,15 @@ impl Files {
         assert!(self.text.contains(from), "{from:?} not in\n{}", self.text);
         self.text = self.text.replacen(from, to, 1);
         std::fs::write(&self.config, &self.text).expect("rewrite the config");
+    }
+
+    /// Gives the version whose only upstream is `upstream` a second one: an
+    /// edit of `[versions]` that renames nothing.
+    fn add_upstream(&mut self, upstream: SocketAddr, another: SocketAddr) {
+        self.rewrite(
+            &format!("upstreams = [\"{upstream}\"]"),
+            &format!("upstreams = [\"{upstream}\", \"{another}\"]"),
+        );
     }
 
     fn audit(&self) -> Vec<Value> {
@@ -389,13 +399,7 @@ async fn a_reseed_moves_no_user_of_the_same_canary() {
     assert_eq!(first.stop().await, Some(0));
 
     // Another stable upstream: the rollout carries on where it was.
-    files.rewrite(
-        &format!("upstreams = [\"{}\"]", stable.addr),
-        &format!(
-            "upstreams = [\"{}\", \"{}\"]",
-            stable.addr, other_stable.addr
-        ),
-    );
+    files.add_upstream(stable.addr, other_stable.addr);
     let second = Process::serve(&files.config, &[]).await;
     let (weight, _, state) = canary_weight(&second).await;
     assert_eq!(weight, 40.0, "{state}");
@@ -449,13 +453,7 @@ async fn a_promotion_survives_an_edit_that_leaves_the_version_names_alone() {
     assert_eq!(first.stop().await, Some(0));
 
     // Another upstream for the config's stable (v1, no longer live).
-    files.rewrite(
-        &format!("upstreams = [\"{}\"]", stable.addr),
-        &format!(
-            "upstreams = [\"{}\", \"{}\"]",
-            stable.addr, other_stable.addr
-        ),
-    );
+    files.add_upstream(stable.addr, other_stable.addr);
     let second = Process::serve(&files.config, &[]).await;
     let state = AdminApi::new(second.admin).state().await;
     assert_eq!(files.last_audit()["action"], "reseed");
@@ -606,13 +604,7 @@ async fn a_weight_set_at_run_time_outlives_an_edit_elsewhere_in_versions() {
     AdminApi::new(first.admin).set_weight(1.0, false).await;
     assert_eq!(first.stop().await, Some(0));
 
-    files.rewrite(
-        &format!("upstreams = [\"{}\"]", stable.addr),
-        &format!(
-            "upstreams = [\"{}\", \"{}\"]",
-            stable.addr, other_stable.addr
-        ),
-    );
+    files.add_upstream(stable.addr, other_stable.addr);
     let second = Process::serve(&files.config, &[]).await;
     let (weight, _, state) = canary_weight(&second).await;
     assert_eq!(weight, 1.0, "{state}");

@@ -762,17 +762,31 @@ mod tests {
         store.write(Some(saved.live.generation), &changed).unwrap();
     }
 
+    /// What `POST /admin/promote` does to the live state.
+    fn promote(live: &mut LiveState) {
+        let canary = live.canary.take().unwrap();
+        live.stable = VersionState {
+            name: canary.name,
+            upstreams: canary.upstreams,
+        };
+    }
+
+    /// Removes `fields` from the state file at `path`, as an older build
+    /// that did not write them would have left it.
+    fn without_fields(path: &std::path::Path, fields: &[&str]) {
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        for field in fields {
+            file.as_object_mut().unwrap().remove(*field);
+        }
+        std::fs::write(path, file.to_string()).unwrap();
+    }
+
     #[test]
     fn a_reseed_by_an_edit_elsewhere_keeps_a_promotion_until_the_stable_is_renamed() {
         let (store, _, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
-        change(&store, &saved, |live| {
-            let canary = live.canary.take().unwrap();
-            live.stable = VersionState {
-                name: canary.name,
-                upstreams: canary.upstreams,
-            };
-        });
+        change(&store, &saved, promote);
         let edited = with_another_stable_upstream(versions(10));
         let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
         assert_eq!(origin, Origin::Reseeded);
@@ -877,22 +891,8 @@ mod tests {
     fn a_file_from_an_older_build_moves_no_one_on_an_edit_and_learns_the_names_on_a_restore() {
         let (store, path, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
-        change(&store, &saved, |live| {
-            let canary = live.canary.take().unwrap();
-            live.stable = VersionState {
-                name: canary.name,
-                upstreams: canary.upstreams,
-            };
-        });
-        let strip = |path: &std::path::Path| {
-            let mut file: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-            let object = file.as_object_mut().unwrap();
-            object.remove("config_stable");
-            object.remove("config_canary");
-            std::fs::write(path, file.to_string()).unwrap();
-        };
-        strip(&path);
+        change(&store, &saved, promote);
+        without_fields(&path, &["config_stable", "config_canary"]);
         // Restored with the section it was seeded from: the names are learnt.
         let (restored, origin, _) = restore(&store, &versions(10), None, false, false).unwrap();
         assert_eq!(origin, Origin::Restored);
@@ -913,10 +913,7 @@ mod tests {
     fn a_file_that_records_the_canary_but_not_the_stable_still_sees_the_canary_renamed() {
         let (store, path, _dir) = store();
         restore(&store, &versions(10), None, false, false).unwrap();
-        let mut file: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        file.as_object_mut().unwrap().remove("config_stable");
-        std::fs::write(&path, file.to_string()).unwrap();
+        without_fields(&path, &["config_stable"]);
 
         // The weight edited: taken, as the canary is the config's.
         let (reseeded, _, _) = restore(&store, &versions(20), None, false, false).unwrap();
