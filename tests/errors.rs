@@ -126,9 +126,16 @@ async fn a_slow_upstream_gives_504_after_the_response_timeout() {
 #[tokio::test]
 async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_one_is() {
     let stable = Backend::start(STABLE).await;
-    // One upstream error would eject the only upstream (then a 503).
+    // One upstream error would eject the only upstream (then a 503). The
+    // version has a name of its own, so that the upstream error counter
+    // read below is this server's alone (the metrics are the process's).
+    const VERSION: &str = "stalled-uploads";
     let upstream = "[upstream]\nresponse_timeout = \"2s\"\n\n[health]\neject_after_errors = 1\n";
-    let server = cohort(&[stable.addr], None, upstream).await;
+    let toml = support::config(&[stable.addr], None, upstream).replace(
+        &format!("name = \"{STABLE}\""),
+        &format!("name = \"{VERSION}\""),
+    );
+    let server = support::start_cohort(&toml).await;
     // A connection with the head of a 20-byte upload sent, its body to come.
     let upload = || async {
         let mut stream = TcpStream::connect(server.proxy_addr())
@@ -158,7 +165,7 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
     // A body whose client stops sending still times out, a timeout after
     // its last byte: a 408 (nginx's `client_body_timeout`), which the
     // upstream is not blamed for, and the connection closes.
-    let timeouts = [("version", STABLE), ("kind", "timeout")];
+    let timeouts = [("version", VERSION), ("kind", "timeout")];
     let before = metric(&server, "cohort_upstream_errors_total", &timeouts).await;
     let mut stream = upload().await;
     stream.write_all(b"xxxxx").await.expect("send a part");
