@@ -8,8 +8,8 @@
 //! access log line and a failure in the version's window). Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
-//! and keeps [`BodyProgress`], how far a request body has got, which the
-//! response timeout counts from.
+//! and keeps [`BodyProgress`], how far a request body has got (which the
+//! response timeout counts from) and whether it waits on its client.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -6,9 +6,12 @@
 //! `kind: AgentRelease` manifest, whose `rollout:` section is mapped onto
 //! the same keys (a manifest guardrail without its one bound, `min` or
 //! `max`, is refused here, as the mapping cannot carry it; a stage is
-//! mapped key by key, so validation judges it as it judges a TOML plan's).
-//! Does not own
-//! validation (`config::rollout_from_json`) or running the plan (`controller`).
+//! mapped key by key, so validation judges it as it judges a TOML plan's,
+//! and a problem is named back by the manifest's own key). Refuses an
+//! `inf` or `nan` in either, which JSON would carry as no value at all.
+//! Does not own validation (`config::rollout_from_json`, which a
+//! manifest's mapped plan is put through here) or running the plan
+//! (`controller`).
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};

@@ -3,9 +3,9 @@
 //! Owns: [`LiveState`] (the document `GET /admin/state` serves and the state
 //! file holds), the digests of the config's `[versions]` and `[shadow]`
 //! sections and what the file records of its last seed (the config's
-//! canary and weight, a plan still due), the rule
-//! that decides on start between the state file and the config
-//! ([`restore`]), and [`StateStore`], the seam behind which the state is kept
+//! stable, canary and weight, a plan still due), the rules that decide on
+//! start between the state file and the config ([`restore`]) and what an
+//! edited `[versions]` keeps ([`SavedState::reseed`]), and [`StateStore`], the seam behind which the state is kept
 //! (a file today, [`file::FileStore`]; a store shared by replicas later).
 //! Does not own: applying the state to traffic (`control`, `table`).
 
