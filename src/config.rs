@@ -48,6 +48,8 @@ pub struct ListenConfig {
     pub header_read_timeout: Duration,
     /// How long an idle keep-alive client connection is kept open.
     pub keepalive_timeout: Duration,
+    /// How long a client may take nothing of what is being written to it.
+    pub send_timeout: Duration,
     pub max_connections: usize,
     pub tls: Option<TlsConfig>,
 }
@@ -536,6 +538,7 @@ mod raw {
         drain_timeout: Option<String>,
         header_read_timeout: Option<String>,
         keepalive_timeout: Option<String>,
+        send_timeout: Option<String>,
         max_connections: Option<usize>,
         tls: Option<Tls>,
     }
@@ -886,6 +889,12 @@ mod raw {
                     "listen.keepalive_timeout",
                     self.listen.keepalive_timeout,
                     Duration::from_secs(75),
+                ),
+                // nginx's `send_timeout` default.
+                send_timeout: c.positive_duration(
+                    "listen.send_timeout",
+                    self.listen.send_timeout,
+                    Duration::from_secs(60),
                 ),
                 max_connections: c.value(
                     "listen.max_connections",

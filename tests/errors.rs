@@ -9,7 +9,10 @@
 //! next upstream, that an idempotent request lost on a kept-alive
 //! connection the upstream closed is sent again (and a `POST` is not),
 //! that one a new connection closes unanswered goes on to the next
-//! upstream, and that an upstream hanging up mid-body is counted as a reset.
+//! upstream, that an upstream hanging up mid-body is counted as a reset,
+//! and that a client that stops reading a response is cut off at
+//! `listen.send_timeout` (with the upstream connection it held) while a
+//! stream that is merely quiet is not.
 //! Does not own: malformed client requests (`tests/smuggling.rs`).
 
 mod support;
@@ -498,4 +501,62 @@ async fn a_request_its_client_gave_up_on_has_an_access_log_line() {
     );
     slow.release();
     assert_eq!(process.stop().await, Some(0));
+}
+
+/// A config for `stable` with the send timeout of `[listen]` at `timeout`,
+/// and a header read timeout short enough that connections are checked
+/// every 200 ms.
+fn with_send_timeout(stable: SocketAddr, timeout: &str) -> String {
+    let toml = support::config(&[stable], None, "");
+    let listen = "drain_timeout = \"10s\"\n";
+    assert!(toml.contains(listen));
+    let timeouts = format!("send_timeout = \"{timeout}\"\nheader_read_timeout = \"600ms\"\n");
+    toml.replacen(listen, &format!("{listen}{timeouts}"), 1)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout() {
+    let endless = support::EndlessBackend::start().await;
+    let server = support::start_cohort(&with_send_timeout(endless.addr, "1s")).await;
+
+    // The client asks, then reads nothing: the socket buffers fill, and
+    // the proxy's writes wait for room that never comes.
+    let mut client = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send the request");
+    support::eventually("the upstream's body is dropped", || endless.dropped() == 1).await;
+    // The client's connection is closed too: what was sent before the cut
+    // can still be read, and then the stream ends.
+    let mut received = Vec::new();
+    let _ = within("the close", client.read_to_end(&mut received)).await;
+    let start = String::from_utf8_lossy(&received[..received.len().min(64)]).into_owned();
+    assert!(start.starts_with("HTTP/1.1 200"), "{start}");
+}
+
+#[tokio::test]
+async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_not_cut() {
+    let sse = support::SseBackend::start(STABLE).await;
+    let server = support::start_cohort(&with_send_timeout(sse.addr, "200ms")).await;
+    let rsp = Http::new(server.proxy_addr())
+        .get_streaming("/events", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(rsp.status(), 200);
+    let mut body = rsp.into_body();
+    let mut received = Vec::new();
+    while received.len() < support::SseBackend::FIRST.len() {
+        let frame = within("the first event", http_body_util::BodyExt::frame(&mut body))
+            .await
+            .expect("the stream is open")
+            .expect("a good frame");
+        received.extend_from_slice(frame.data_ref().expect("a data frame"));
+    }
+    // Seven send timeouts, and idle checks, without a byte from the
+    // upstream: the silence is the point of the test, not a wait for
+    // anything. The client reads all along, so no write is held up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sse.finish(body).await;
 }

@@ -1,4 +1,5 @@
-//! What the listener needs to free an idle HTTP/1.1 connection's buffers.
+//! What the listener needs to free an idle HTTP/1.1 connection's buffers,
+//! and to see a client that has stopped reading.
 //!
 //! hyper keeps a connection's read buffer (8 KiB) and write buffer for as
 //! long as it serves the connection, and has no setting to release them
@@ -11,12 +12,12 @@
 //! (behind the framing guard, with the bytes hyper had read but not parsed
 //! served again first); [`Activity`], what the connection's task reads to
 //! tell that hyper is idle (bytes moved, open requests, whether the bytes
-//! read so far end between two requests); [`OpenRequest`] and
-//! [`Tracked`], which keep a request counted open until hyper drops its
-//! response body; and [`Upgrading`], which marks an upgrade request waiting
+//! read so far end between two requests) or that a write is waiting for
+//! the client to read; [`OpenRequest`] and [`Tracked`], which keep a
+//! request counted open until hyper drops its response body; and [`Upgrading`], which marks an upgrade request waiting
 //! for its answer, so that a drain does not start under it.
-//! Does not own: when to take a socket back, or the serving loop
-//! (`listener`).
+//! Does not own: when to take a socket back or give up on a client, or the
+//! serving loop (`listener`).
 
 use std::io;
 use std::pin::Pin;
@@ -40,8 +41,14 @@ use crate::coalesce;
 /// anything moved or is open, and each worker's runtime runs on one thread.
 #[derive(Debug)]
 pub struct Activity {
-    /// Reads and writes that moved bytes.
-    transfers: AtomicU64,
+    /// Reads that moved bytes.
+    reads: AtomicU64,
+    /// Writes that moved bytes.
+    writes: AtomicU64,
+    /// One more than `writes` as it was when a write last found the socket
+    /// full (0 for never): equal to `writes + 1` for as long as the client
+    /// has taken nothing since.
+    blocked_at: AtomicU64,
     /// Requests started so far.
     requests: AtomicU64,
     /// Requests whose response body hyper has not dropped yet.
@@ -60,7 +67,9 @@ pub struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
-            transfers: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            blocked_at: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
             between_requests: AtomicBool::new(true),
@@ -72,7 +81,22 @@ impl Activity {
     /// A count that changes whenever bytes are read from or written to the client.
     #[must_use]
     pub fn transfers(&self) -> u64 {
-        self.transfers.load(Ordering::Relaxed)
+        self.reads
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.writes.load(Ordering::Relaxed))
+    }
+
+    /// A count that changes whenever bytes are written to the client.
+    #[must_use]
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write is waiting for the client to take bytes: the last
+    /// one found the socket full and none has moved bytes since.
+    #[must_use]
+    pub fn is_write_blocked(&self) -> bool {
+        self.blocked_at.load(Ordering::Relaxed) == self.writes().wrapping_add(1)
     }
 
     /// How many requests the connection has started.
@@ -260,24 +284,32 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
             }
         }
         if buf.filled().len() > before {
-            this.activity.count_transfer();
+            count(&this.activity.reads);
         }
         Poll::Ready(Ok(()))
     }
 }
 
+/// Adds one to one of a connection's counts.
+fn count(counter: &AtomicU64) {
+    // A plain load and store: only the connection's task writes the counts.
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 impl Activity {
-    fn count_transfer(&self) {
-        // A plain load and store: only the connection's task writes the count.
-        let transfers = &self.transfers;
-        transfers.store(transfers.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    /// Notes that a write found the socket full.
+    fn write_blocked(&self) {
+        self.blocked_at
+            .store(self.writes().wrapping_add(1), Ordering::Relaxed);
     }
 }
 
-/// Counts a write that moved bytes.
+/// Counts a write that moved bytes, and notes one that found the socket full.
 fn counted(activity: &Activity, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-    if let Poll::Ready(Ok(1..)) = written {
-        activity.count_transfer();
+    match written {
+        Poll::Ready(Ok(1..)) => count(&activity.writes),
+        Poll::Pending => activity.write_blocked(),
+        Poll::Ready(_) => {}
     }
     written
 }
@@ -310,7 +342,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().guard).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.guard).poll_flush(cx);
+        if flushed.is_pending() {
+            // A TLS stream's flush writes the records it holds.
+            this.activity.write_blocked();
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -159,6 +159,7 @@ struct Settings {
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     keepalive_timeout: Duration,
+    send_timeout: Duration,
     /// How often a serving HTTP/1.1 connection is checked for idleness.
     idle_check: Duration,
     /// Connections waiting for a request with nothing of hyper's.
@@ -182,6 +183,7 @@ impl Settings {
             http2,
             header_read_timeout: config.header_read_timeout,
             keepalive_timeout: config.keepalive_timeout,
+            send_timeout: config.send_timeout,
             // Often enough that a connection is taken back well before
             // hyper's header-read timer would close it, and that the
             // keep-alive timeout is kept to within half of itself.
@@ -196,6 +198,51 @@ impl Settings {
 }
 
 type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Tells, at each idle check, whether the client has taken nothing of what
+/// is being written to it for `listen.send_timeout`, as nginx's
+/// `send_timeout` does: a client that stops reading would otherwise hold
+/// its connection, and the upstream connection its response comes from,
+/// for as long as it likes. Time spent waiting for the upstream, or for a
+/// quiet stream's next event, does not count: only a write the socket has
+/// no room for.
+struct SendWatch {
+    timeout: Duration,
+    /// The client's write count at the previous check.
+    writes: u64,
+    /// The first check that found the current write blocked.
+    blocked_since: Option<Instant>,
+}
+
+impl SendWatch {
+    fn new(timeout: Duration, activity: &Activity) -> SendWatch {
+        SendWatch {
+            timeout,
+            writes: activity.writes(),
+            blocked_since: None,
+        }
+    }
+
+    /// Whether, as of the check at `now`, a write has been blocked with
+    /// nothing taken by the client for the timeout (to within a check).
+    fn timed_out(&mut self, activity: &Activity, now: Instant) -> bool {
+        let writes = activity.writes();
+        if writes != self.writes {
+            // The client took something since the last check.
+            self.writes = writes;
+            self.blocked_since = None;
+        }
+        if !activity.is_write_blocked() {
+            self.blocked_since = None;
+            return false;
+        }
+        let since = *self.blocked_since.get_or_insert(now);
+        now.saturating_duration_since(since) >= self.timeout
+    }
+}
+
+/// Why a connection was cut when its client stopped reading.
+const SEND_TIMED_OUT: &str = "the client took nothing of the response within the send timeout";
 
 /// A client socket the listener can wait on without reading it.
 trait Socket: AsyncRead + AsyncWrite + Send + Unpin + 'static {
@@ -446,6 +493,7 @@ impl Connection {
         // stands for a whole check period without transfers.
         checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut transfers = activity.transfers();
+        let mut send_watch = SendWatch::new(self.settings.send_timeout, activity);
         // hyper gave the socket back.
         let mut released = false;
         // hyper was told to close (a drain, or a release it was too busy for).
@@ -487,7 +535,15 @@ impl Connection {
                         conn.as_mut().graceful_shutdown();
                     }
                 }
-                _ = checks.tick(), if !closing => {
+                // Still checked while closing: a client that stops reading
+                // would hold up the close as well.
+                now = checks.tick() => {
+                    if send_watch.timed_out(activity, now) {
+                        return Err(SEND_TIMED_OUT.into());
+                    }
+                    if closing {
+                        continue;
+                    }
                     if drain_due {
                         if !activity.is_upgrading() {
                             closing = true;
@@ -495,8 +551,8 @@ impl Connection {
                         }
                         continue;
                     }
-                    let now = activity.transfers();
-                    if now == transfers && activity.is_between_requests() {
+                    let seen = activity.transfers();
+                    if seen == transfers && activity.is_between_requests() {
                         // An idle hyper connection ends on its next poll,
                         // without reading from or writing to the socket;
                         // its shutdown of the socket is held back, so the
@@ -519,7 +575,7 @@ impl Connection {
                             }
                         }
                     }
-                    transfers = now;
+                    transfers = seen;
                 }
             }
         }
@@ -554,6 +610,7 @@ impl Connection {
         let mut checks = tokio::time::interval_at(Instant::now() + check, check);
         checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut transfers = activity.transfers();
+        let mut send_watch = SendWatch::new(self.settings.send_timeout, activity);
         let mut last_active = Instant::now();
         let drain = draining(&mut self.drain);
         tokio::pin!(drain);
@@ -563,6 +620,9 @@ impl Connection {
                 result = conn.as_mut() => return result.map_err(Into::into),
                 () = &mut drain => break false,
                 now = checks.tick() => {
+                    if send_watch.timed_out(activity, now) {
+                        return Err(SEND_TIMED_OUT.into());
+                    }
                     if activity.requests() == 0 && now >= first_head {
                         break true;
                     }

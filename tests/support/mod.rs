@@ -226,6 +226,50 @@ impl SseBackend {
     }
 }
 
+/// A backend that answers every request with a body that never ends, and
+/// tells when such a body has been dropped: its connection was cut.
+#[derive(Debug, Clone)]
+pub struct EndlessBackend {
+    pub addr: SocketAddr,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl EndlessBackend {
+    pub async fn start() -> EndlessBackend {
+        let listener = bind().await;
+        let backend = EndlessBackend {
+            addr: local_addr(&listener),
+            dropped: Arc::default(),
+        };
+        let state = backend.clone();
+        tokio::spawn(serve_http(listener, move |_req| {
+            let dropped = Arc::clone(&state.dropped);
+            async move {
+                /// Counts the body dropped when it is.
+                struct Noted(Arc<AtomicUsize>);
+                impl Drop for Noted {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let noted = Noted(dropped);
+                let chunks = futures_util::stream::repeat_with(move || {
+                    let _held = &noted;
+                    Ok(Frame::data(chunk.clone()))
+                });
+                Response::new(StreamBody::new(chunks).boxed_unsync())
+            }
+        }));
+        backend
+    }
+
+    /// How many of its bodies have been dropped.
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
 /// A backend that holds every request until the test calls [`SlowBackend::release`].
 #[derive(Debug, Clone)]
 pub struct SlowBackend {
