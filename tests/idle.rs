@@ -3,7 +3,8 @@
 //! connection still serves its next request, pipelined requests, an
 //! upgrade and a smuggling refusal, over TCP and TLS; it closes after
 //! `keepalive_timeout` (a connection that never sent a request, or sent
-//! its first head too slowly, at `header_read_timeout` after the accept),
+//! its first head too slowly, at `header_read_timeout` after the accept; one
+//! that leaves a later head unfinished, that long after its first bytes),
 //! and neither it nor a silent new connection holds up a drain.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
@@ -278,6 +279,34 @@ async fn an_idle_connection_closes_after_the_keepalive_timeout() {
 
     assert_closed(&mut stream).await;
     wait_for_idle(server.admin_addr(), 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_later_head_left_unfinished_closes_the_connection_at_the_header_read_timeout() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    // The keep-alive timeout is far off: only the head's own timeout can
+    // close these connections within the test's deadline.
+    let listen = "header_read_timeout = \"1s\"\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let head = get("/never", "alice");
+    let (start, _) = head.split_at(20);
+
+    // Straight after an answer, while hyper still serves the connection.
+    let mut busy = connect(&server).await;
+    ask(&mut busy, "/", "alice").await;
+    send(&mut busy, start).await;
+    assert_closed(&mut busy).await;
+
+    // And on a connection already freed.
+    let mut freed = connect(&server).await;
+    ask(&mut freed, "/", "alice").await;
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    send(&mut freed, start).await;
+    assert_closed(&mut freed).await;
+
+    assert_eq!(backend.hits(), 2);
     server.shutdown().await;
 }
 

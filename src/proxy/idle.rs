@@ -119,6 +119,13 @@ impl Activity {
         !self.has_open_requests() && self.between_requests.load(Ordering::Relaxed)
     }
 
+    /// Part of a request head has been read, and no request is open: the
+    /// client is sending its next head.
+    #[must_use]
+    pub fn is_reading_head(&self) -> bool {
+        !self.has_open_requests() && !self.between_requests.load(Ordering::Relaxed)
+    }
+
     /// Makes the connection's `shutdown` a no-op (`true`), so that hyper,
     /// told to end an idle connection, leaves the socket open for
     /// `into_parts`; or lets it through again (`false`).

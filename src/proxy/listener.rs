@@ -169,9 +169,14 @@ struct Settings {
 impl Settings {
     fn new(config: &ListenConfig) -> Settings {
         let mut http1 = http1::Builder::new();
+        // hyper's own header-read timer is a boxed sleep that each request
+        // of a keep-alive connection sets up, registers (hyper looks for
+        // the next head as soon as a response is out) and cancels: about
+        // 1 400 instructions per request (`BENCHMARKS.md`). The
+        // connection's idle checks time a head instead (`serve_until_idle`).
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEAD_BYTES);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         // The same limit on a request's headers as over HTTP/1.1 (HPACK-decoded size).
@@ -513,6 +518,8 @@ impl Connection {
         let head_timer = OptionFuture::from(head_due.map(tokio::time::sleep_until));
         tokio::pin!(head_timer);
         let mut awaiting_head = head_due.is_some();
+        // The first check that found part of a later request head read.
+        let mut head_started: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -550,6 +557,17 @@ impl Connection {
                             conn.as_mut().graceful_shutdown();
                         }
                         continue;
+                    }
+                    if activity.is_reading_head() {
+                        // Counted from the check that first saw it, as
+                        // nginx's `client_header_timeout` counts a head
+                        // from its first bytes (to within a check here).
+                        let started = *head_started.get_or_insert(now);
+                        if now.saturating_duration_since(started) >= self.settings.header_read_timeout {
+                            return Err("request head not complete within the header read timeout".into());
+                        }
+                    } else {
+                        head_started = None;
                     }
                     let seen = activity.transfers();
                     if seen == transfers && activity.is_between_requests() {
