@@ -538,6 +538,37 @@ async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout()
 }
 
 #[tokio::test]
+async fn a_client_that_reads_slowly_but_steadily_is_not_cut_off() {
+    let endless = support::EndlessBackend::start().await;
+    let server = support::start_cohort(&with_send_timeout(endless.addr, "1s")).await;
+    let mut client = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send the request");
+    // 16 KiB every 50 ms for 2.5 s: far slower than the proxy can write,
+    // so its writes keep waiting for room, but never for long. (The pace
+    // is the client's, not a wait for the proxy.) Had the proxy cut the
+    // connection, the reads would end once the buffers were drained.
+    let mut chunk = vec![0; 16 << 10];
+    let mut received = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = within("a read", client.read(&mut chunk))
+            .await
+            .expect("a read");
+        assert!(
+            n > 0,
+            "the proxy closed the connection after {received} bytes"
+        );
+        received += n;
+    }
+    assert_eq!(endless.dropped(), 0, "the upstream's body was dropped");
+}
+
+#[tokio::test]
 async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_not_cut() {
     let sse = support::SseBackend::start(STABLE).await;
     let server = support::start_cohort(&with_send_timeout(sse.addr, "200ms")).await;

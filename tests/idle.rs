@@ -311,6 +311,59 @@ async fn a_later_head_left_unfinished_closes_the_connection_at_the_header_read_t
 }
 
 #[tokio::test]
+async fn an_upload_that_goes_on_after_its_early_answer_is_not_timed_as_a_head() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const LEN: usize = 40_000;
+    // An upstream that answers each request at once, as one refusing an
+    // upload or accepting it for later does, and then reads its body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("an address");
+    let (drained, mut uploads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let drained = drained.clone();
+            tokio::spawn(async move {
+                let head = support::read_head(&mut stream).await;
+                if head.contains("cohort-health-check") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                let answer = "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+                stream.write_all(answer.as_bytes()).await.expect("answer");
+                let mut body = vec![0; LEN];
+                let read = stream.read_exact(&mut body).await.map(|_| LEN);
+                let _ = drained.send(read.unwrap_or(0));
+            });
+        }
+    });
+    // Checks every 200 ms; the upload takes five header read timeouts.
+    let listen = "header_read_timeout = \"600ms\"\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[upstream], None, listen, "")).await;
+    let mut stream = connect(&server).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\ncontent-length: {LEN}\r\n\r\n"
+    );
+    send(&mut stream, &head).await;
+    let answer = within("the early answer", support::read_head(&mut stream)).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let piece = "x".repeat(LEN / 20);
+    for _ in 0..20 {
+        // The client's pace, not a wait for the proxy: 3 s in all.
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        send(&mut stream, &piece).await;
+    }
+    let received = within("the upload's end", uploads.recv()).await;
+    assert_eq!(received, Some(LEN), "the upload was cut");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_tls_connection_is_freed_and_serves_its_next_request() {
     let _one = ONE_AT_A_TIME.lock().await;
     let pki = Pki::new();

@@ -103,6 +103,15 @@ impl<T> FramingGuard<T> {
         self.sniffer.between_requests()
     }
 
+    /// Whether a request head has begun and not ended: part of it has been
+    /// read, or a head that may upgrade the connection was the last one
+    /// (if the upgrade is declined, the next head is awaited from there,
+    /// as hyper's own header-read timer did). Not while a body is read.
+    #[must_use]
+    pub fn in_head(&self) -> bool {
+        self.sniffer.in_head()
+    }
+
     /// The wrapped connection.
     #[must_use]
     pub fn get_ref(&self) -> &T {
@@ -281,6 +290,10 @@ impl Sniffer {
 
     fn between_requests(&self) -> bool {
         self.state == State::Head && self.head.is_empty() && !self.upgrade
+    }
+
+    fn in_head(&self) -> bool {
+        self.state == State::Head && (!self.head.is_empty() || self.upgrade)
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {

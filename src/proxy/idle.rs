@@ -37,8 +37,9 @@ use crate::coalesce;
 /// between polls of hyper. Over HTTP/1.1 all of it happens on that one
 /// task, so relaxed ordering is enough (the atomics only make it `Sync`).
 /// HTTP/2 connections, whose streams run on tasks of their own, are never
-/// taken back; their idle close reads the counts only to see whether
-/// anything moved or is open, and each worker's runtime runs on one thread.
+/// taken back; their idle close and send timeout read the counts only to
+/// see whether anything moved, is open or waits, and each worker's runtime
+/// runs on one thread.
 #[derive(Debug)]
 pub struct Activity {
     /// Reads that moved bytes.
@@ -55,6 +56,8 @@ pub struct Activity {
     open_requests: AtomicUsize,
     /// The last read ended between two requests.
     between_requests: AtomicBool,
+    /// The last read ended inside a request head.
+    in_head: AtomicBool,
     /// Set while the socket is being taken back: hyper's closing
     /// `shutdown` must not reach it.
     keep_open: AtomicBool,
@@ -73,6 +76,7 @@ impl Activity {
             requests: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
             between_requests: AtomicBool::new(true),
+            in_head: AtomicBool::new(false),
             keep_open: AtomicBool::new(false),
             upgrading: AtomicBool::new(false),
         }
@@ -119,11 +123,11 @@ impl Activity {
         !self.has_open_requests() && self.between_requests.load(Ordering::Relaxed)
     }
 
-    /// Part of a request head has been read, and no request is open: the
-    /// client is sending its next head.
+    /// No request is open and a head has begun (see
+    /// [`FramingGuard::in_head`]): the client is sending its next head.
     #[must_use]
     pub fn is_reading_head(&self) -> bool {
-        !self.has_open_requests() && !self.between_requests.load(Ordering::Relaxed)
+        !self.has_open_requests() && self.in_head.load(Ordering::Relaxed)
     }
 
     /// Makes the connection's `shutdown` a no-op (`true`), so that hyper,
@@ -278,9 +282,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         let before = buf.filled().len();
         if this.rewound.is_empty() {
             ready!(Pin::new(&mut this.guard).poll_read(cx, buf))?;
-            this.activity
+            let activity = &this.activity;
+            activity
                 .between_requests
                 .store(this.guard.between_requests(), Ordering::Relaxed);
+            activity
+                .in_head
+                .store(this.guard.in_head(), Ordering::Relaxed);
         } else {
             let n = this.rewound.len().min(buf.remaining());
             buf.put_slice(&this.rewound[..n]);
@@ -308,6 +316,17 @@ impl Activity {
     fn write_blocked(&self) {
         self.blocked_at
             .store(self.writes().wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Notes a flush or shutdown: one that waits is a blocked write, and
+    /// one that completes after waiting moved the bytes it held (over TLS,
+    /// the records rustls had buffered).
+    fn flushed(&self, flushed: &Poll<io::Result<()>>) {
+        match flushed {
+            Poll::Pending => self.write_blocked(),
+            Poll::Ready(_) if self.is_write_blocked() => count(&self.writes),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -351,10 +370,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let flushed = Pin::new(&mut this.guard).poll_flush(cx);
-        if flushed.is_pending() {
-            // A TLS stream's flush writes the records it holds.
-            this.activity.write_blocked();
-        }
+        this.activity.flushed(&flushed);
         flushed
     }
 
@@ -363,6 +379,107 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         if this.activity.keep_open.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.guard).poll_shutdown(cx)
+        // Over TLS, a shutdown sends the `close_notify` record.
+        let shut = Pin::new(&mut this.guard).poll_shutdown(cx);
+        this.activity.flushed(&shut);
+        shut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    /// A socket with no room at first: each write or flush waits once,
+    /// then completes, as on a socket whose client reads again.
+    #[derive(Default)]
+    struct Full {
+        waited: bool,
+    }
+
+    impl Full {
+        fn once(&mut self) -> Poll<()> {
+            self.waited = !self.waited;
+            if self.waited {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        }
+    }
+
+    impl AsyncRead for Full {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Full {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().once().map(|()| Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().once().map(Ok)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().once().map(Ok)
+        }
+    }
+
+    fn context() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn a_write_that_waits_is_blocked_until_one_moves_bytes() {
+        let mut io = ClientIo::new(Full::default());
+        let activity = Arc::clone(io.activity());
+        assert!(!activity.is_write_blocked());
+        assert!(
+            Pin::new(&mut io)
+                .poll_write(&mut context(), b"data")
+                .is_pending()
+        );
+        assert!(activity.is_write_blocked());
+        assert!(
+            Pin::new(&mut io)
+                .poll_write(&mut context(), b"data")
+                .is_ready()
+        );
+        assert!(!activity.is_write_blocked());
+        assert_eq!(activity.writes(), 1);
+    }
+
+    /// Over TLS, the last bytes of a response may leave in a flush (or a
+    /// shutdown's `close_notify`): one that completes after waiting is
+    /// progress, or a quiet stream after it would look blocked.
+    #[test]
+    fn a_flush_or_shutdown_that_completes_after_waiting_clears_the_block() {
+        let mut io = ClientIo::new(Full::default());
+        let activity = Arc::clone(io.activity());
+        assert!(Pin::new(&mut io).poll_flush(&mut context()).is_pending());
+        assert!(activity.is_write_blocked());
+        assert!(Pin::new(&mut io).poll_flush(&mut context()).is_ready());
+        assert!(!activity.is_write_blocked());
+        assert!(Pin::new(&mut io).poll_shutdown(&mut context()).is_pending());
+        assert!(activity.is_write_blocked());
+        assert!(Pin::new(&mut io).poll_shutdown(&mut context()).is_ready());
+        assert!(!activity.is_write_blocked());
+        // One that completes at once moved nothing the counts have not seen.
+        let mut io = ClientIo::new(Full { waited: true });
+        assert!(Pin::new(&mut io).poll_flush(&mut context()).is_ready());
+        assert_eq!(io.activity().writes(), 0);
     }
 }

@@ -52,6 +52,17 @@ pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// after every response instead cost about 12% of throughput.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// The most of a response left unsent in a client socket's kernel buffer
+/// (`TCP_NOTSENT_LOWAT`); the proxy is woken to write more once half of it
+/// has gone. Without it, a client that reads slowly lets the unsent part
+/// grow to the whole send buffer (up to 4 MiB with Linux's default
+/// `tcp_wmem`), holding that much kernel memory, and the proxy is woken
+/// only once a third of that has drained: a client taking tens of
+/// kilobytes a second would see no write for long enough to trip
+/// `listen.send_timeout` although it never stopped reading. At 10 Gbit/s
+/// 128 KiB is about 100 µs of sending, longer than a wake-up takes.
+const CLIENT_NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// How long an idle HTTP/2 connection told to close may take over it: h2
 /// sends its last `GOAWAY` only once the client acknowledges a ping, and a
 /// client that has gone (or never sent the preface) would hold the
@@ -101,6 +112,12 @@ pub async fn serve(
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NODELAY");
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Err(error) =
+            socket2::SockRef::from(&stream).set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT)
+        {
+            tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NOTSENT_LOWAT");
         }
         let mut connection = Connection {
             proxy: Arc::clone(&proxy),
@@ -189,9 +206,9 @@ impl Settings {
             header_read_timeout: config.header_read_timeout,
             keepalive_timeout: config.keepalive_timeout,
             send_timeout: config.send_timeout,
-            // Often enough that a connection is taken back well before
-            // hyper's header-read timer would close it, and that the
-            // keep-alive timeout is kept to within half of itself.
+            // Often enough that the header read timeout, which these
+            // checks enforce for later heads, is kept to within a third of
+            // itself, and the keep-alive timeout to within half.
             // (Not below a millisecond, whatever the timeouts.)
             idle_check: IDLE_CHECK
                 .min(config.header_read_timeout / 3)
@@ -477,8 +494,10 @@ impl Connection {
     /// Serves HTTP/1.1 with hyper until the connection ends (`None`), or
     /// until it has been idle for a whole check and hyper has handed the
     /// socket back (`Some`). With `head_due`, the connection is closed if
-    /// no request head has come by then: hyper's own header-read timer
-    /// starts only when hyper does, which may be well after the accept.
+    /// no request head has come by then. A later head is timed at the idle
+    /// checks, from the first that sees part of it (see [`Settings::new`]),
+    /// and a client that takes nothing of a response for the send timeout
+    /// is cut off (see [`SendWatch`]).
     async fn serve_until_idle<S, Svc, B>(
         &mut self,
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>>,
