@@ -20,6 +20,8 @@
 # 10 s) against each proxy and divides the process's user and system time
 # (/proc/PID/stat) by the requests served: every proxy makes the same
 # socket calls per request, so the kernel part is a floor they share.
+# With CPU_PATH=/big it asks for a 1 MiB body instead of a 7-byte one
+# (bulk transfers).
 #
 # Backends (one nginx worker) and the load generators run on core 0, each
 # proxy is pinned to core 1 with one worker (Cohort: `listen.workers = 1`,
@@ -63,9 +65,11 @@ worker_processes 1; pid $W/backend.pid; error_log $W/backend.err; daemon on;
 worker_rlimit_nofile 20000;
 events { worker_connections 16384; }
 http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:9101; location / { return 200 "stable\n"; } }
-  server { listen 127.0.0.1:9102; location / { return 200 "canary\n"; } } }
+  server { listen 127.0.0.1:9101; location / { return 200 "stable\n"; } location = /big { alias $W/big.bin; } }
+  server { listen 127.0.0.1:9102; location / { return 200 "canary\n"; } location = /big { alias $W/big.bin; } } }
 CONF
+head -c 1048576 /dev/zero > $W/big.bin
+chmod 644 $W/big.bin; chmod 711 $W  # nginx's workers may run as another user
 cat > $W/nginx.conf <<CONF
 worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.err; daemon on;
 worker_rlimit_nofile 20000;
@@ -197,8 +201,10 @@ elif [ "$MODE" = cpu ]; then
   cpu_ticks() { awk '{print $14, $15}' /proc/$1/stat; }  # user and system clock ticks
   for name in nginx haproxy cohort; do
     pid=${PID[$name]}
+    size=$(curl -s -o /dev/null -w '%{size_download}' -H 'x-user-id: u' http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/})
+    echo "$name: a response to ${CPU_PATH:-/} has $size bytes" >&2
     read -r user0 sys0 < <(cpu_ticks $pid)
-    out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}/ 2>&1)
+    out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1)
     read -r user1 sys1 < <(cpu_ticks $pid)
     awk -v n=$name -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz=$hz \
       -v r="$(awk '/requests in/{print $1}' <<<"$out")" \

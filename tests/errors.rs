@@ -540,7 +540,7 @@ async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout()
 #[tokio::test]
 async fn a_client_that_reads_slowly_but_steadily_is_not_cut_off() {
     let endless = support::EndlessBackend::start().await;
-    let server = support::start_cohort(&with_send_timeout(endless.addr, "1s")).await;
+    let server = support::start_cohort(&with_send_timeout(endless.addr, "1500ms")).await;
     let mut client = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
@@ -548,14 +548,15 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_cut_off() {
         .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
         .await
         .expect("send the request");
-    // 16 KiB every 50 ms for 2.5 s: far slower than the proxy can write,
-    // so its writes keep waiting for room, but never for long. (The pace
-    // is the client's, not a wait for the proxy.) Had the proxy cut the
-    // connection, the reads would end once the buffers were drained.
+    // 16 KiB every 30 ms for 3.6 s, about 0.5 MiB/s: far slower than the
+    // proxy can write, so its writes keep waiting for room, but never for
+    // long. (The pace is the client's, not a wait for the proxy.) Had the
+    // proxy cut the connection, the reads would end once the buffers were
+    // drained.
     let mut chunk = vec![0; 16 << 10];
     let mut received = 0;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
         let n = within("a read", client.read(&mut chunk))
             .await
             .expect("a read");

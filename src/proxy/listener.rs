@@ -59,9 +59,12 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// `tcp_wmem`), holding that much kernel memory, and the proxy is woken
 /// only once a third of that has drained: a client taking tens of
 /// kilobytes a second would see no write for long enough to trip
-/// `listen.send_timeout` although it never stopped reading. At 10 Gbit/s
-/// 128 KiB is about 100 µs of sending, longer than a wake-up takes.
-const CLIENT_NOTSENT_LOWAT: u32 = 128 * 1024;
+/// `listen.send_timeout` although it never stopped reading. With this,
+/// a client taking 5 KiB a second is seen to within a minute. A smaller
+/// cap costs bulk transfers: at 128 KiB, 1 MiB responses on loopback took
+/// a quarter more CPU (more and smaller writes); at 512 KiB they measure
+/// level with no cap (`BENCHMARKS.md`).
+const CLIENT_NOTSENT_LOWAT: u32 = 512 * 1024;
 
 /// How long an idle HTTP/2 connection told to close may take over it: h2
 /// sends its last `GOAWAY` only once the client acknowledges a ping, and a
