@@ -514,13 +514,8 @@ fn with_send_timeout(stable: SocketAddr, timeout: &str) -> String {
     toml.replacen(listen, &format!("{listen}{timeouts}"), 1)
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout() {
-    let endless = support::EndlessBackend::start().await;
-    let server = support::start_cohort(&with_send_timeout(endless.addr, "1s")).await;
-
-    // The client asks, then reads nothing: the socket buffers fill, and
-    // the proxy's writes wait for room that never comes.
+/// A connection that has asked `server` for an endless response.
+async fn ask_for_endless(server: &cohort::serve::Server) -> TcpStream {
     let mut client = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
@@ -528,6 +523,17 @@ async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout()
         .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
         .await
         .expect("send the request");
+    client
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout() {
+    let endless = support::EndlessBackend::start().await;
+    let server = support::start_cohort(&with_send_timeout(endless.addr, "1s")).await;
+
+    // The client asks, then reads nothing: the socket buffers fill, and
+    // the proxy's writes wait for room that never comes.
+    let mut client = ask_for_endless(&server).await;
     support::eventually("the upstream's body is dropped", || endless.dropped() == 1).await;
     // The client's connection is closed too: what was sent before the cut
     // can still be read, and then the stream ends.
@@ -541,13 +547,7 @@ async fn a_client_that_stops_reading_a_response_is_cut_off_at_the_send_timeout()
 async fn a_client_that_reads_slowly_but_steadily_is_not_cut_off() {
     let endless = support::EndlessBackend::start().await;
     let server = support::start_cohort(&with_send_timeout(endless.addr, "1500ms")).await;
-    let mut client = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    client
-        .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
-        .await
-        .expect("send the request");
+    let mut client = ask_for_endless(&server).await;
     // 16 KiB every 30 ms for 3.6 s, about 0.5 MiB/s: far slower than the
     // proxy can write, so its writes keep waiting for room, but never for
     // long. (The pace is the client's, not a wait for the proxy.) Had the
