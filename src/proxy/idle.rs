@@ -14,8 +14,9 @@
 //! tell that hyper is idle (bytes moved, open requests, whether the bytes
 //! read so far end between two requests) or that a write is waiting for
 //! the client to read; [`OpenRequest`] and [`Tracked`], which keep a
-//! request counted open until hyper drops its response body; and [`Upgrading`], which marks an upgrade request waiting
-//! for its answer, so that a drain does not start under it.
+//! request counted open until hyper drops its response body; and
+//! [`Upgrading`], which marks an upgrade request waiting for its answer,
+//! so that a drain does not start under it.
 //! Does not own: when to take a socket back or give up on a client, or the
 //! serving loop (`listener`).
 

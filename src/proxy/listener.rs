@@ -210,8 +210,9 @@ impl Settings {
             keepalive_timeout: config.keepalive_timeout,
             send_timeout: config.send_timeout,
             // Often enough that the header read timeout, which these
-            // checks enforce for later heads, is kept to within a third of
-            // itself, and the keep-alive timeout to within half.
+            // checks enforce for later heads, is kept to within two thirds
+            // of itself (a head is timed from the first check that sees
+            // it), and the keep-alive timeout to within half.
             // (Not below a millisecond, whatever the timeouts.)
             idle_check: IDLE_CHECK
                 .min(config.header_read_timeout / 3)
@@ -268,6 +269,9 @@ impl SendWatch {
 
 /// Why a connection was cut when its client stopped reading.
 const SEND_TIMED_OUT: &str = "the client took nothing of the response within the send timeout";
+
+/// Why a connection was cut when a later request head did not come whole.
+const HEAD_TIMED_OUT: &str = "request head not complete within the header read timeout";
 
 /// A client socket the listener can wait on without reading it.
 trait Socket: AsyncRead + AsyncWrite + Send + Unpin + 'static {
@@ -583,10 +587,12 @@ impl Connection {
                     if activity.is_reading_head() {
                         // Counted from the check that first saw it, as
                         // nginx's `client_header_timeout` counts a head
-                        // from its first bytes (to within a check here).
+                        // from its first bytes (here never sooner, and up
+                        // to two checks later).
                         let started = *head_started.get_or_insert(now);
-                        if now.saturating_duration_since(started) >= self.settings.header_read_timeout {
-                            return Err("request head not complete within the header read timeout".into());
+                        let timeout = self.settings.header_read_timeout;
+                        if now.saturating_duration_since(started) >= timeout {
+                            return Err(HEAD_TIMED_OUT.into());
                         }
                     } else {
                         head_started = None;
