@@ -255,6 +255,7 @@ impl EndlessBackend {
                 let chunk = Bytes::from(vec![b'x'; 64 << 10]);
                 let noted = Noted(dropped);
                 let chunks = futures_util::stream::repeat_with(move || {
+                    // Moves `noted` into the stream: it drops with the body.
                     let _held = &noted;
                     Ok(Frame::data(chunk.clone()))
                 });
