@@ -340,11 +340,7 @@ async fn a_stream_cut_at_the_drain_leaves_the_connection_gauge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fewer_workers_after_sighup_keep_every_listening_socket() {
     let stable = Backend::start(STABLE).await;
-    let text = config(&[stable.addr], None, "").replacen(
-        "drain_timeout = \"10s\"",
-        "drain_timeout = \"10s\"\nworkers = 2",
-        1,
-    );
+    let text = support::with_listen_keys(&config(&[stable.addr], None, ""), "workers = 2");
     let (path, _) = write_config(&text);
     let process = Process::serve(&path, &[]).await;
     let port = process.proxy.port();

@@ -507,11 +507,10 @@ async fn a_request_its_client_gave_up_on_has_an_access_log_line() {
 /// and a header read timeout short enough that connections are checked
 /// every 200 ms.
 fn with_send_timeout(stable: SocketAddr, timeout: &str) -> String {
-    let toml = support::config(&[stable], None, "");
-    let listen = "drain_timeout = \"10s\"\n";
-    assert!(toml.contains(listen));
-    let timeouts = format!("send_timeout = \"{timeout}\"\nheader_read_timeout = \"600ms\"\n");
-    toml.replacen(listen, &format!("{listen}{timeouts}"), 1)
+    support::with_listen_keys(
+        &support::config(&[stable], None, ""),
+        &format!("send_timeout = \"{timeout}\"\nheader_read_timeout = \"600ms\""),
+    )
 }
 
 /// A connection that has asked `server` for an endless response.

@@ -191,10 +191,7 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
 /// Starts Cohort in front of `stable` with `listen_key` (a `key = value`
 /// line) added to its `[listen]` section.
 async fn cohort_listening_with(stable: SocketAddr, listen_key: &str) -> Server {
-    let toml = support::config(&[stable], None, &routing()).replace(
-        "drain_timeout = \"10s\"\n",
-        &format!("drain_timeout = \"10s\"\n{listen_key}\n"),
-    );
+    let toml = support::with_listen_keys(&support::config(&[stable], None, &routing()), listen_key);
     start_cohort(&toml).await
 }
 

@@ -4,8 +4,9 @@
 //! upgrade and a smuggling refusal, over TCP and TLS; it closes after
 //! `keepalive_timeout` (a connection that never sent a request, or sent
 //! its first head too slowly, at `header_read_timeout` after the accept; one
-//! that leaves a later head unfinished, that long after its first bytes),
-//! and neither it nor a silent new connection holds up a drain.
+//! that leaves a later head unfinished, that long after its first bytes,
+//! though not an upload still arriving after its early answer), and
+//! neither it nor a silent new connection holds up a drain.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.

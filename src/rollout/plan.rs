@@ -218,7 +218,7 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
     // A spend delta of 0.15 allows the canary 15% more tokens per request;
     // one of -1 or less would allow none at all.
     if let Some(delta) = &g.token_spend_delta
-        && (delta.max.is_nan() || delta.max <= -1.0)
+        && delta.max <= -1.0
     {
         return Err(PlanError::Manifest(format!(
             "rollout.guardrails.token_spend_delta.max: {} must be above -1 (0.15 allows 15% more tokens per request than stable)",

@@ -503,6 +503,14 @@ pub fn config(stable: &[SocketAddr], canary: Option<(&[SocketAddr], f64)>, extra
     text
 }
 
+/// `toml`, a [`config`], with `keys` (whole `key = value` lines) added to
+/// its `[listen]` section.
+pub fn with_listen_keys(toml: &str, keys: &str) -> String {
+    let anchor = "drain_timeout = \"10s\"\n";
+    assert!(toml.contains(anchor), "not a support::config: {toml}");
+    toml.replacen(anchor, &format!("{anchor}{keys}\n"), 1)
+}
+
 thread_local! {
     /// The scratch directories made on this thread. Each test runs on a
     /// thread of its own, so they are removed when the test ends, passed or
