@@ -7,9 +7,21 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
 /// Time since the first call in this process.
 #[must_use]
 pub fn since_start() -> Duration {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    ORIGIN.get_or_init(Instant::now).elapsed()
+    origin().elapsed()
+}
+
+/// `at` as time since the first call (zero if earlier), for a caller that
+/// has just read the clock for its own use: a clock read costs more than
+/// this subtraction.
+#[must_use]
+pub fn since_start_at(at: Instant) -> Duration {
+    at.saturating_duration_since(origin())
 }

@@ -116,7 +116,7 @@ impl Proxy {
                 let client_upgrade =
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
                 let req = req.map(|body| TeeBody::new(body, tap));
-                self.forward(req, &table, &version, upstream, peer)
+                self.forward(req, &table, &version, upstream, peer, started)
                     .await
                     .map(|rsp| (rsp, client_upgrade))
             }
@@ -174,7 +174,8 @@ impl Proxy {
             }
         };
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
-        let to_headers = started.elapsed();
+        let answered = Instant::now();
+        let to_headers = answered - started;
         version.metrics.record_response(rsp.status(), to_headers);
         // The guardrails judge the version by what its upstreams did: a
         // request refused unread, or whose client stopped sending its body,
@@ -182,7 +183,7 @@ impl Proxy {
         // canary by sending malformed or stalled requests.
         if !refused {
             version.window.record(
-                clock::since_start(),
+                clock::since_start_at(answered.into_std()),
                 Observation {
                     success: !rsp.status().is_server_error(),
                     latency: to_headers,
@@ -210,6 +211,7 @@ impl Proxy {
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,
         peer: &Peer,
+        started: Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let mut req = forward::upstream_request(
@@ -220,7 +222,9 @@ impl Proxy {
             self.tls,
         );
         let response_timeout = table.policy.response_timeout;
-        let mut deadline = Instant::now() + response_timeout;
+        // From the request's arrival, microseconds before it is sent:
+        // one clock read fewer per request.
+        let mut deadline = started + response_timeout;
         let progress = (!req.body().is_end_stream()).then(|| req.body_mut().progress());
         let first = index;
         let result = loop {
