@@ -406,22 +406,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // (RFC 9110 section 10.1.4).
     let accepts_trailers = present[TE_INDEX] && accepts_trailers(headers);
     if present[0] {
-        let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-        let named = values
+        // Collected before any is removed; most `Connection` headers name
+        // options only, and then nothing is allocated.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
             // Options, not header names (`Keep-Alive` is in the list above).
+            // `Host` is never a connection option (RFC 9110 section 7.6.1):
+            // named, it would leave the upstream to be told its own address.
             .filter(|name| {
                 !name.is_empty()
                     && !name.eq_ignore_ascii_case("close")
                     && !name.eq_ignore_ascii_case("keep-alive")
-            });
-        // `Host` is never a connection option (RFC 9110 section 7.6.1):
-        // named, it would leave the upstream to be told its own address.
-        for name in named.filter(|name| !name.eq_ignore_ascii_case("host")) {
+                    && !name.eq_ignore_ascii_case("host")
+            })
             // A name that is not a valid header name matches nothing.
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
             headers.remove(name);
         }
     }
