@@ -5,8 +5,8 @@
 #   benches/extras.sh rss [connections]      memory per idle keep-alive client connection
 #   benches/extras.sh rate [rps] [seconds]   latency at a fixed request rate (oha, corrected
 #                                            for coordinated omission): p50, p99, p99.9
-#   benches/extras.sh cpu [seconds]          CPU per request at saturation, split into
-#                                            user space and kernel
+#   benches/extras.sh cpu [seconds]          CPU per request at saturation (or at
+#                                            CPU_RATE), split into user space and kernel
 #
 # `rss` opens `connections` (default 5000) keep-alive connections to each
 # proxy, sends one request on each, waits 12 s, and reports the growth of
@@ -21,7 +21,11 @@
 # (/proc/PID/stat) by the requests served: every proxy makes the same
 # socket calls per request, so the kernel part is a floor they share.
 # With CPU_PATH=/big it asks for a 1 MiB body instead of a 7-byte one
-# (bulk transfers).
+# (bulk transfers). With CPU_RATE=<rps> the load is oha at that fixed rate
+# instead of wrk at saturation (one user, `user-42`, as in `rate`): every
+# proxy then serves the same requests with its core partly idle, so the one
+# that saturates first does not pay alone for the wake-ups of a less busy
+# load generator and backend.
 #
 # Backends (one nginx worker) and the load generators run on core 0, each
 # proxy is pinned to core 1 with one worker (Cohort: `listen.workers = 1`,
@@ -40,7 +44,7 @@ OHA=${OHA:-oha}
 for t in nginx haproxy wrk curl taskset python3; do
   command -v "$t" >/dev/null || { echo "extras.sh: '$t' not found" >&2; exit 1; }
 done
-if [ "$MODE" = rate ]; then command -v "$OHA" >/dev/null || { echo "extras.sh: oha not found (cargo install oha)" >&2; exit 1; }; fi
+if [ "$MODE" = rate ] || [ -n "${CPU_RATE:-}" ]; then command -v "$OHA" >/dev/null || { echo "extras.sh: oha not found (cargo install oha)" >&2; exit 1; }; fi
 for p in 9101 9102 9201 9202 9203 9903; do
   if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "extras.sh: port $p is in use" >&2; exit 1; fi
 done
@@ -204,10 +208,16 @@ elif [ "$MODE" = cpu ]; then
     size=$(curl -s -o /dev/null -w '%{size_download}' -H 'x-user-id: u' http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/})
     echo "$name: a response to ${CPU_PATH:-/} has $size bytes" >&2
     read -r user0 sys0 < <(cpu_ticks $pid)
-    out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1)
+    if [ -n "${CPU_RATE:-}" ]; then
+      out=$(taskset -c 0 "$OHA" --no-tui -q "$CPU_RATE" -z ${SECS}s -c 64 --latency-correction \
+        -H 'x-user-id: user-42' http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1) || { echo "$out" >&2; exit 1; }
+      requests=$(awk '/Requests\/sec/{printf "%d", $2 * '"$SECS"'}' <<<"$out")
+    else
+      out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1)
+      requests=$(awk '/requests in/{print $1}' <<<"$out")
+    fi
     read -r user1 sys1 < <(cpu_ticks $pid)
-    awk -v n=$name -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz=$hz \
-      -v r="$(awk '/requests in/{print $1}' <<<"$out")" \
+    awk -v n=$name -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz=$hz -v r="$requests" \
       'BEGIN{printf "%-8s requests=%d user_us_per_req=%.2f system_us_per_req=%.2f\n", n, r, 1e6*u/hz/r, 1e6*s/hz/r}'
   done
 else
