@@ -211,7 +211,7 @@ elif [ "$MODE" = cpu ]; then
     if [ -n "${CPU_RATE:-}" ]; then
       out=$(taskset -c 0 "$OHA" --no-tui -q "$CPU_RATE" -z ${SECS}s -c 64 --latency-correction \
         -H 'x-user-id: user-42' http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1) || { echo "$out" >&2; exit 1; }
-      requests=$(awk '/Requests\/sec/{printf "%d", $2 * '"$SECS"'}' <<<"$out")
+      requests=$(awk '$1 ~ /^\[[0-9]+\]$/ && $3 == "responses" {n += $2} END {print n + 0}' <<<"$out")
     else
       out=$(taskset -c 0 wrk -t1 -c64 -d${SECS}s -s $W/users.lua http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/} 2>&1)
       requests=$(awk '/requests in/{print $1}' <<<"$out")
