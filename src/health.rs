@@ -124,11 +124,15 @@ impl Health {
         }
     }
 
-    /// Whether requests may go to this upstream now.
+    /// Whether requests may go to this upstream now. Every request asks, so
+    /// the clock is read only for an upstream ejected since it last turned
+    /// healthy.
     #[must_use]
-    pub fn is_available(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    pub fn is_available(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && {
+            let until = self.ejected_until_ms.load(Ordering::Relaxed);
+            until == 0 || until <= now_ms()
+        }
     }
 
     /// Whether the active checks pass, ejected or not.
@@ -234,7 +238,6 @@ pub fn write_gauges(table: &RouteTable, out: &mut String) {
     ));
     // A series appears once even if two cohorts carry the same version name.
     let mut written: Vec<(&str, String)> = Vec::new();
-    let now = now_ms();
     for version in table.versions() {
         for (upstream, health) in version.upstreams.iter().zip(&version.health) {
             let upstream = upstream.to_string();
@@ -248,7 +251,7 @@ pub fn write_gauges(table: &RouteTable, out: &mut String) {
                 "{name}{{version=\"{}\",upstream=\"{}\"}} {}\n",
                 label_value(&version.name),
                 label_value(&upstream),
-                u8::from(health.is_available(now))
+                u8::from(health.is_available())
             ));
             written.push((&version.name, upstream));
         }

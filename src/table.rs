@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::config::{
     CanaryUnavailable, Config, HealthConfig, MetricsConfig, RoutingConfig, VersionConfig,
 };
-use crate::health::{self, Health};
+use crate::health::Health;
 use crate::metrics::VersionMetrics;
 use crate::rollout::window::Window;
 use crate::routing::{Cohort, Weight};
@@ -177,10 +177,9 @@ impl Version {
         } else {
             0
         };
-        let now = health::now_ms();
         let order = || (0..n).map(|i| (start + i) % n);
         order()
-            .find(|&i| self.health[i].is_available(now))
+            .find(|&i| self.health[i].is_available())
             .or_else(|| {
                 (!strict)
                     .then(|| order().find(|&i| self.health[i].is_healthy()))
@@ -192,8 +191,7 @@ impl Version {
     /// Whether any upstream may take a request now (healthy, not ejected).
     #[must_use]
     pub fn has_available(&self) -> bool {
-        let now = health::now_ms();
-        self.health.iter().any(|h| h.is_available(now))
+        self.health.iter().any(|h| h.is_available())
     }
 
     /// Whether this version still waits at the readiness gate: none of its
@@ -210,11 +208,10 @@ impl Version {
     #[must_use]
     pub fn pick_other(&self, first: usize, last: usize) -> Option<(usize, &UpstreamAddr)> {
         let n = self.upstreams.len();
-        let now = health::now_ms();
         let tried = (last + n - first) % n + 1;
         (tried..n)
             .map(|step| (first + step) % n)
-            .find(|&i| self.health[i].is_available(now))
+            .find(|&i| self.health[i].is_available())
             .map(|i| (i, &self.upstreams[i]))
     }
 }

@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, HashMap};
 use super::stats::{self, Look};
 use crate::clock;
 use crate::config::RolloutConfig;
-use crate::health;
 use crate::routing::Weight;
 use crate::table::{RouteTable, Version};
 
@@ -77,8 +76,7 @@ pub fn evaluate(
 /// served anyone (an agent may take minutes to load its model): the look
 /// waits, inconclusive, and too long a wait pauses the rollout for a person.
 fn availability(canary: &Version) -> Evaluation {
-    let now = health::now_ms();
-    let available = canary.health.iter().filter(|h| h.is_available(now)).count();
+    let available = canary.health.iter().filter(|h| h.is_available()).count();
     Evaluation {
         guardrail: Cow::Borrowed(CANARY_AVAILABLE),
         stable: None,
