@@ -125,13 +125,24 @@ impl Health {
     }
 
     /// Whether requests may go to this upstream now. Every request asks, so
-    /// the clock is read only for an upstream ejected since it last turned
-    /// healthy.
+    /// the clock is read only while an ejection is recorded, and one found
+    /// over is cleared (unless a new one replaced it meanwhile).
     #[must_use]
     pub fn is_available(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && {
             let until = self.ejected_until_ms.load(Ordering::Relaxed);
-            until == 0 || until <= now_ms()
+            until == 0 || {
+                let over = until <= now_ms();
+                if over {
+                    let _ = self.ejected_until_ms.compare_exchange(
+                        until,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                over
+            }
         }
     }
 
@@ -414,7 +425,62 @@ const PROBE_BODY_LIMIT: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
-    use super::label_value;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::{Health, label_value};
+    use crate::config::{CanaryUnavailable, HealthConfig};
+
+    fn ejecting(after_errors: u32, eject_for: Duration) -> HealthConfig {
+        HealthConfig {
+            path: "/health".to_owned(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            eject_after_errors: after_errors,
+            eject_for,
+            canary_unavailable: CanaryUnavailable::Stable,
+        }
+    }
+
+    #[test]
+    fn consecutive_errors_eject_once_until_the_ejection_is_over() {
+        let config = ejecting(2, Duration::from_secs(3600));
+        let health = Health::new(true);
+        assert!(health.is_available());
+        assert!(
+            !health.record_outcome(false, &config),
+            "one error is not enough"
+        );
+        assert!(health.record_outcome(false, &config), "the second ejects");
+        assert!(!health.is_available());
+        assert!(health.is_healthy(), "ejection is not a failed health check");
+        // Ejected already: not said again.
+        health.record_outcome(false, &config);
+        assert!(!health.record_outcome(false, &config));
+        assert!(!health.is_available());
+    }
+
+    #[test]
+    fn an_ejection_found_over_is_cleared() {
+        let health = Health::new(true);
+        // An ejection that ended at the clock's first millisecond.
+        health.ejected_until_ms.store(1, Ordering::Relaxed);
+        while super::now_ms() < 1 {
+            std::hint::spin_loop();
+        }
+        assert!(health.is_available());
+        assert_eq!(
+            health.ejected_until_ms.load(Ordering::Relaxed),
+            0,
+            "cleared, so later looks read no clock"
+        );
+        assert!(!health.report(String::new()).ejected);
+        // A new ejection is said again.
+        assert!(health.record_outcome(false, &ejecting(1, Duration::from_secs(3600))));
+        assert!(!health.is_available());
+    }
 
     #[test]
     fn label_values_are_escaped_for_the_text_format() {
