@@ -50,6 +50,9 @@ pub struct ListenConfig {
     pub keepalive_timeout: Duration,
     /// How long a client may take nothing of what is being written to it.
     pub send_timeout: Duration,
+    /// How long an upgraded connection (a WebSocket) may carry no byte
+    /// either way before it is closed.
+    pub tunnel_idle_timeout: Duration,
     pub max_connections: usize,
     pub tls: Option<TlsConfig>,
 }
@@ -539,6 +542,7 @@ mod raw {
         header_read_timeout: Option<String>,
         keepalive_timeout: Option<String>,
         send_timeout: Option<String>,
+        tunnel_idle_timeout: Option<String>,
         max_connections: Option<usize>,
         tls: Option<Tls>,
     }
@@ -895,6 +899,14 @@ mod raw {
                     "listen.send_timeout",
                     self.listen.send_timeout,
                     Duration::from_secs(60),
+                ),
+                // HAProxy's usual `timeout tunnel` for WebSockets; nginx
+                // cuts one quiet for `proxy_read_timeout`, 60 s by default,
+                // which closes an agent's socket between two turns.
+                tunnel_idle_timeout: c.positive_duration(
+                    "listen.tunnel_idle_timeout",
+                    self.listen.tunnel_idle_timeout,
+                    Duration::from_secs(3600),
                 ),
                 max_connections: c.value(
                     "listen.max_connections",

@@ -2,9 +2,11 @@
 //!
 //! Owns: server-sent events arriving event by event, large request bodies
 //! reaching the upstream intact and before the client has finished sending,
-//! and WebSocket tunnels routed at the handshake. Deterministic: the backends
-//! wait for the test's signal, so nothing here depends on timing. Does not
-//! own: rollback of open streams (not part of this build's data path tests).
+//! WebSocket tunnels routed at the handshake, and tunnels closed when idle
+//! or unread. The backends wait for the test's signal; the tunnel timeouts
+//! are short, and only the test that keeps a tunnel busy past its idle
+//! timeout paces itself by the clock. Does not own: rollback of open streams
+//! (`control_streams`).
 
 mod support;
 
@@ -212,4 +214,150 @@ async fn websockets_are_tunnelled_to_the_version_of_the_handshake() {
         assert_eq!(echo, Message::Binary(blob), "{key}");
         ws.close(None).await.expect("close");
     }
+}
+
+/// A config for `stable` whose `[listen]` section has `keys` added, with a
+/// header read timeout short enough that connections are checked often.
+fn with_listen(stable: std::net::SocketAddr, keys: &str) -> String {
+    support::with_listen_keys(
+        &support::config(&[stable], None, ""),
+        &format!("{keys}\nheader_read_timeout = \"600ms\""),
+    )
+}
+
+/// A WebSocket through `server`, with one message echoed to show it open.
+async fn open_websocket(
+    server: &cohort::serve::Server,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("ws://{}/socket", server.proxy_addr());
+    let (mut ws, rsp) = within("the handshake", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("the handshake");
+    assert_eq!(rsp.status(), 101);
+    ws.send(Message::text("hello")).await.expect("send");
+    let echo = within("the echo", ws.next())
+        .await
+        .expect("the tunnel is open")
+        .expect("a good message");
+    assert_eq!(echo, Message::text(format!("{STABLE}:hello")));
+    ws
+}
+
+#[tokio::test]
+async fn a_websocket_quiet_for_the_tunnel_idle_timeout_is_closed() {
+    let stable = WsBackend::start(STABLE).await;
+    let server =
+        support::start_cohort(&with_listen(stable.addr, "tunnel_idle_timeout = \"300ms\"")).await;
+    let mut ws = open_websocket(&server).await;
+    // Nothing is sent: the proxy closes the tunnel, and the client's stream
+    // ends (without a close frame: the proxy speaks no WebSocket).
+    let end = within("the tunnel to close", ws.next()).await;
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_in_use_outlives_the_tunnel_idle_timeout() {
+    let stable = WsBackend::start(STABLE).await;
+    let server =
+        support::start_cohort(&with_listen(stable.addr, "tunnel_idle_timeout = \"400ms\"")).await;
+    let mut ws = open_websocket(&server).await;
+    // A message every 100 ms for 2 s: five idle timeouts long, never quiet
+    // for one. (The pace is the client's, not a wait for the proxy.)
+    for i in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        ws.send(Message::text(format!("{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        let echo = within("the echo", ws.next())
+            .await
+            .unwrap_or_else(|| panic!("the tunnel closed before message {i}"))
+            .expect("a good message");
+        assert_eq!(echo, Message::text(format!("{STABLE}:{i}")));
+    }
+}
+
+/// An upstream that switches every request (but Cohort's health probes) to
+/// protocol `flood` and then writes to it without end, until a write fails:
+/// the connection was cut.
+struct FloodUpstream {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FloodUpstream {
+    async fn start() -> FloodUpstream {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noted = std::sync::Arc::clone(&cut);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let noted = std::sync::Arc::clone(&noted);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read_u8().await {
+                            Ok(byte) => head.push(byte),
+                            Err(_) => return,
+                        }
+                    }
+                    if String::from_utf8_lossy(&head)
+                        .to_ascii_lowercase()
+                        .contains("user-agent: cohort-health-check")
+                    {
+                        let ok =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                        let _ = stream.write_all(ok).await;
+                        return;
+                    }
+                    let switch = b"HTTP/1.1 101 Switching Protocols\r\n\
+                        connection: upgrade\r\nupgrade: flood\r\n\r\n";
+                    if stream.write_all(switch).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 << 10];
+                    while stream.write_all(&chunk).await.is_ok() {}
+                    noted.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        FloodUpstream { addr, cut }
+    }
+
+    fn was_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_tunnel_whose_client_stops_reading_is_cut_at_the_send_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let flood = FloodUpstream::start().await;
+    let server = support::start_cohort(&with_listen(flood.addr, "send_timeout = \"1s\"")).await;
+    let mut client = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    client
+        .write_all(
+            b"GET /flood HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\
+              connection: upgrade\r\nupgrade: flood\r\n\r\n",
+        )
+        .await
+        .expect("send the upgrade request");
+    // The client reads nothing: the socket buffers fill, and the proxy's
+    // writes wait for room that never comes. (The tunnel is never idle
+    // from the upstream's side.)
+    support::eventually("the upstream's connection to be cut", || flood.was_cut()).await;
+    // The client's connection is closed too: what was sent before the cut
+    // can still be read, and then the stream ends.
+    let mut received = Vec::new();
+    let _ = within("the close", client.read_to_end(&mut received)).await;
+    let start = String::from_utf8_lossy(&received[..received.len().min(64)]).into_owned();
+    assert!(start.starts_with("HTTP/1.1 101"), "{start}");
 }

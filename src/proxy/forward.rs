@@ -355,6 +355,7 @@ impl Tunnel {
 
     /// Pipes bytes both ways until either side closes, or until the
     /// version's streams are ordered closed (`on_rollback = "close"`).
+    /// The listener that runs it cuts it when idle or unread.
     pub async fn run(self) {
         let Tunnel {
             client,

@@ -7,7 +7,8 @@
 //! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
 //! (see [`idle`](super::idle)), the client timeouts, running an upgraded
-//! connection's tunnel on the connection's task, and the graceful drain on
+//! connection's tunnel on the connection's task (and cutting it when idle,
+//! or when its client stops reading), and the graceful drain on
 //! shutdown (which waits for tunnels too). Does not own: what happens to a
 //! request (`Proxy::handle`) or the certificate (`tls`).
 
@@ -180,6 +181,7 @@ struct Settings {
     header_read_timeout: Duration,
     keepalive_timeout: Duration,
     send_timeout: Duration,
+    tunnel_idle_timeout: Duration,
     /// How often a serving HTTP/1.1 connection is checked for idleness.
     idle_check: Duration,
     /// Connections waiting for a request with nothing of hyper's.
@@ -209,6 +211,7 @@ impl Settings {
             header_read_timeout: config.header_read_timeout,
             keepalive_timeout: config.keepalive_timeout,
             send_timeout: config.send_timeout,
+            tunnel_idle_timeout: config.tunnel_idle_timeout,
             // Often enough that the header read timeout, which these
             // checks enforce for later heads, is kept to within two thirds
             // of itself (a head is timed from the first check that sees
@@ -269,6 +272,9 @@ impl SendWatch {
 
 /// Why a connection was cut when its client stopped reading.
 const SEND_TIMED_OUT: &str = "the client took nothing of the response within the send timeout";
+
+/// Why an upgraded connection was cut when nothing went through it.
+const TUNNEL_IDLE: &str = "nothing went through the tunnel within the tunnel idle timeout";
 
 /// Why a connection was cut when a later request head did not come whole.
 const HEAD_TIMED_OUT: &str = "request head not complete within the header read timeout";
@@ -468,10 +474,10 @@ impl Connection {
                     // still counted open and still holding up a drain
                     // (until `drain_timeout`), as nginx's old workers keep
                     // their WebSockets on a reload.
-                    if let Some(tunnel) = client.take_tunnel() {
-                        Box::pin(tunnel.run()).await;
-                    }
-                    return Ok(());
+                    return match client.take_tunnel() {
+                        Some(tunnel) => Box::pin(self.run_tunnel(*tunnel, &activity)).await,
+                        None => Ok(()),
+                    };
                 }
             }
             if activity.requests() != served.1 {
@@ -690,6 +696,43 @@ impl Connection {
         match tokio::time::timeout(H2_IDLE_CLOSE_GRACE, conn).await {
             Ok(result) => result.map_err(Into::into),
             Err(_) => Err("idle HTTP/2 connection did not close in time".into()),
+        }
+    }
+
+    /// Runs an upgraded connection's tunnel to its end, or cuts it once it
+    /// has carried no byte either way for `listen.tunnel_idle_timeout`, or
+    /// once the client has taken nothing of what is written to it for
+    /// `listen.send_timeout`, as for a response. An upstream that stops
+    /// reading is seen as idle: the tunnel then reads nothing more from the
+    /// client. Checked four times per the shorter timeout, so each holds to
+    /// within a quarter of itself.
+    async fn run_tunnel(&self, tunnel: Tunnel, activity: &Activity) -> Result<(), ConnectionError> {
+        let idle_timeout = self.settings.tunnel_idle_timeout;
+        let check =
+            (self.settings.send_timeout.min(idle_timeout) / 4).max(Duration::from_millis(1));
+        let mut checks = tokio::time::interval_at(Instant::now() + check, check);
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut send_watch = SendWatch::new(self.settings.send_timeout, activity);
+        let mut transfers = activity.transfers();
+        let mut last_moved = Instant::now();
+        let run = tunnel.run();
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                () = &mut run => return Ok(()),
+                now = checks.tick() => {
+                    if send_watch.timed_out(activity, now) {
+                        return Err(SEND_TIMED_OUT.into());
+                    }
+                    let seen = activity.transfers();
+                    if seen != transfers {
+                        transfers = seen;
+                        last_moved = now;
+                    } else if now.saturating_duration_since(last_moved) >= idle_timeout {
+                        return Err(TUNNEL_IDLE.into());
+                    }
+                }
+            }
         }
     }
 
