@@ -5,7 +5,8 @@
 //! Owns: sticky routing, version tags, forwarded headers, streaming,
 //! metrics and rollback for HTTP/2 clients, and their idle connections
 //! closed at the keep-alive timeout, or at the header read timeout if no
-//! stream was opened (dropped if the client stalls the close); upstreams reached over h2c and over
+//! stream was opened (dropped if the client stalls the close); a stream
+//! its client stops reading reset at the send timeout; upstreams reached over h2c and over
 //! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
 //! that speak their protocol; a gRPC-style response's trailers reaching an
 //! HTTP/2 client, also on a retry from a refused HTTP/1.1 upstream; curl, nghttp and h2load with prior knowledge; a bad
@@ -276,6 +277,62 @@ async fn an_open_stream_keeps_its_http2_connection_past_the_keepalive_timeout() 
     .await;
     assert_eq!(second.status(), StatusCode::OK);
     drop(second);
+    sse.finish(body).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_reads_nothing_is_reset_at_the_send_timeout() {
+    let endless = support::EndlessBackend::start().await;
+    let server = cohort_listening_with(endless.addr, "send_timeout = \"1s\"").await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    // The client takes the head and reads nothing of the body, so it never
+    // opens the stream's flow-control window again once the first 2 MiB
+    // (hyper's window) are in. The connection itself carries on.
+    let held = response_head(
+        &mut h2,
+        get(&url(&server, "/endless"), &[("x-user-id", "a")]),
+    )
+    .await;
+    assert_eq!(held.status(), StatusCode::OK);
+    eventually("the upstream's body is dropped", || endless.dropped() == 1).await;
+    // What came before the reset can still be read, and then the stream fails.
+    let end = within("the rest of the stream", held.into_body().collect()).await;
+    assert!(end.is_err(), "the stream ended cleanly");
+    // Only the stream was reset: the connection takes another.
+    let next = response_head(
+        &mut h2,
+        get(&url(&server, "/endless"), &[("x-user-id", "a")]),
+    )
+    .await;
+    assert_eq!(next.status(), StatusCode::OK);
+    drop(next);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_not_reset() {
+    let sse = SseBackend::start(STABLE).await;
+    let server = cohort_listening_with(sse.addr, "send_timeout = \"200ms\"").await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let mut body = response_head(
+        &mut h2,
+        get(&url(&server, "/events"), &[("x-user-id", "a")]),
+    )
+    .await
+    .into_body();
+    let first = within("the first event", body.frame())
+        .await
+        .expect("the stream is open")
+        .expect("a good frame");
+    assert_eq!(
+        first.data_ref().expect("a data frame"),
+        SseBackend::FIRST.as_bytes()
+    );
+    // Seven send timeouts without a byte from the upstream: the silence is
+    // the point of the test, not a wait for anything. The client reads all
+    // along, so no frame waits on it.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     sse.finish(body).await;
     server.shutdown().await;
 }

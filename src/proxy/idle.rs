@@ -31,6 +31,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::framing::{AmbiguousFraming, FramingGuard};
+use super::h2stream::StreamProgress;
 use crate::coalesce;
 
 /// One client connection's activity, written by its [`ClientIo`] and
@@ -182,17 +183,26 @@ impl Drop for OpenRequest {
 }
 
 /// A response body that holds its request open (see [`Activity`]) until
-/// hyper has written it and dropped it, or the client went away.
+/// hyper has written it and dropped it, or the client went away; over
+/// HTTP/2, it also tells its stream's task how far it has got (see
+/// [`h2stream`](super::h2stream)).
 #[derive(Debug)]
 pub struct Tracked<B> {
     body: B,
     _open: OpenRequest,
+    stream: Option<Arc<StreamProgress>>,
 }
 
 impl<B> Tracked<B> {
+    /// `body`, holding `open` until dropped, reporting to the progress of
+    /// the HTTP/2 stream whose task makes it, if any.
     #[must_use]
     pub fn new(body: B, open: OpenRequest) -> Tracked<B> {
-        Tracked { body, _open: open }
+        Tracked {
+            body,
+            _open: open,
+            stream: StreamProgress::current(),
+        }
     }
 }
 
@@ -204,7 +214,16 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let Some(stream) = &this.stream else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        stream.asked();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            stream.handed();
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -27,7 +27,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,6 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::framing::{AmbiguousFraming, H2_PREFACE};
+use super::h2stream::StreamExecutor;
 use super::idle::{Activity, ClientIo, Tracked};
 use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
 use crate::config::ListenConfig;
@@ -177,7 +178,7 @@ async fn accept_any(
 /// How every connection of a listener is served.
 struct Settings {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
     header_read_timeout: Duration,
     keepalive_timeout: Duration,
     send_timeout: Duration,
@@ -200,7 +201,7 @@ impl Settings {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .max_buf_size(MAX_HEAD_BYTES);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut http2 = http2::Builder::new(StreamExecutor::new(config.send_timeout));
         // The same limit on a request's headers as over HTTP/1.1 (HPACK-decoded size).
         http2
             .timer(TokioTimer::new())

@@ -5,7 +5,8 @@
 //! offer the shadow a copy, forward to one of the version's upstreams, tag
 //! the response, record it.
 //! Does not own: accepting connections and their lifecycle ([`listener`],
-//! with [`idle`] for freeing idle ones), header rewriting
+//! with [`idle`] for freeing idle ones and [`h2stream`] for the HTTP/2
+//! streams' tasks), header rewriting
 //! ([`forward`]), the mapping of failures to responses ([`error`]), or the
 //! routing rule itself (`routing`).
 
@@ -13,6 +14,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod h2stream;
 pub mod idle;
 pub mod listener;
 
