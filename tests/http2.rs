@@ -6,7 +6,8 @@
 //! metrics and rollback for HTTP/2 clients, and their idle connections
 //! closed at the keep-alive timeout, or at the header read timeout if no
 //! stream was opened (dropped if the client stalls the close); a stream
-//! its client stops reading reset at the send timeout; upstreams reached over h2c and over
+//! its client stops reading reset at the send timeout, and one it reads
+//! slowly but steadily not; upstreams reached over h2c and over
 //! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
 //! that speak their protocol; a gRPC-style response's trailers reaching an
 //! HTTP/2 client, also on a retry from a refused HTTP/1.1 upstream; curl, nghttp and h2load with prior knowledge; a bad
@@ -27,6 +28,7 @@ use cohort::state::Source;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{
     Backend, CANARY, Http, STABLE, SseBackend, cohort, eventually, eventually_async, key_on,
     start_cohort, within,
@@ -307,6 +309,41 @@ async fn a_stream_whose_client_reads_nothing_is_reset_at_the_send_timeout() {
     .await;
     assert_eq!(next.status(), StatusCode::OK);
     drop(next);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_reads_slowly_but_steadily_is_not_reset() {
+    let bulk = support::BulkBackend::start().await;
+    let server = cohort_listening_with(bulk.addr, "send_timeout = \"1s\"").await;
+    // Windows of 64 KiB: the proxy runs at most that far ahead of the
+    // client, which reads a frame (16 KiB at most) every 50 ms, about
+    // 320 KB/s. Each frame moves well within the send timeout, while one
+    // upstream read of a few hundred KiB would take longer to get through.
+    let io = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(64 << 10)
+        .initial_connection_window_size(64 << 10)
+        .handshake(TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut body = response_head(&mut h2, get(&url(&server, "/bulk"), &[("x-user-id", "a")]))
+        .await
+        .into_body();
+    let mut read = 0;
+    while read < 1 << 20 {
+        let frame = within("the next frame", body.frame())
+            .await
+            .expect("the stream is open")
+            .expect("a frame, not a reset stream");
+        read += frame.data_ref().map_or(0, Bytes::len);
+        // The client's pace, not a wait for anything.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(body);
     server.shutdown().await;
 }
 

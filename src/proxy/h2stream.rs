@@ -2,35 +2,49 @@
 //! timeout each keeps.
 //!
 //! hyper runs each HTTP/2 stream on a task of its own, spawned through the
-//! executor its connection builder was given, and asks a response body for
-//! its next frame only once the client's flow-control window has room for
-//! it. A client that stops reading one stream, while its connection carries
-//! on, would hold that response (and the upstream connection it comes from)
-//! for as long as it likes: the connection's socket is never blocked, so the
+//! executor its connection builder was given. It takes a frame of the
+//! response body, waits until the client's flow-control window has room for
+//! it, hands it to h2, and only then asks the body for the next one. A
+//! client that stops reading one stream, while its connection carries on,
+//! would hold that response (and the upstream connection it comes from) for
+//! as long as it likes: the connection's socket is never blocked, so the
 //! listener's send timeout cannot see it. nginx applies `send_timeout` to
-//! such a stream; so does this.
+//! such a stream, restarting it whenever the client's window lets more
+//! through; so does this.
 //!
 //! Owns: [`StreamExecutor`], which spawns each stream's task with a
 //! [`StreamProgress`] in scope and resets the stream (drops its task, and h2
-//! sends `RST_STREAM`) once its body has waited `listen.send_timeout` to be
-//! asked for its next frame; and the progress a response body reports.
+//! sends `RST_STREAM` once the request body, if still on its way upstream,
+//! is dropped too) once its body has waited `listen.send_timeout` to be
+//! asked for its next frame; and [`StreamReport`], the response body's side:
+//! it hands hyper the body's data in pieces of one frame and reports each.
 //! Does not own: the connection-wide timeouts (`listener`), nor counting a
-//! request open (`idle::Tracked`, which reports here).
+//! request open (`idle::Tracked`, which carries the report).
 
 use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use bytes::{Buf, Bytes};
+use hyper::body::{Body, Frame};
+use tokio::time::{Instant, Sleep};
+
+/// The largest piece of a response body handed to hyper at once: h2's
+/// default `SETTINGS_MAX_FRAME_SIZE`, one DATA frame. hyper asks for the
+/// next frame only once h2 has sent what it holds, so with an upstream's
+/// read of up to 400 KiB handed whole, a client reading steadily but slowly
+/// would see no progress for as long as that read takes to drain.
+const PIECE_LEN: usize = 16 * 1024;
 
 tokio::task_local! {
     /// The progress of the stream whose task is running.
     static STREAM: Arc<StreamProgress>;
 }
 
-/// How far a stream's response body has got, as its body reports it.
+/// How far a stream's response body has got, as its [`StreamReport`] tells.
 #[derive(Debug, Default)]
 pub struct StreamProgress {
     /// The body handed over a frame and has not been asked for the next
@@ -41,19 +55,11 @@ pub struct StreamProgress {
 }
 
 impl StreamProgress {
-    /// The progress of the HTTP/2 stream running on this task, if any.
-    #[must_use]
-    pub fn current() -> Option<Arc<StreamProgress>> {
-        STREAM.try_with(Arc::clone).ok()
-    }
-
-    /// Notes that hyper asks the body for its next frame.
-    pub fn asked(&self) {
+    fn asked(&self) {
         self.waiting.store(false, Ordering::Relaxed);
     }
 
-    /// Notes that the body handed hyper a frame.
-    pub fn handed(&self) {
+    fn handed(&self) {
         self.frames.fetch_add(1, Ordering::Relaxed);
         self.waiting.store(true, Ordering::Relaxed);
     }
@@ -64,6 +70,60 @@ impl StreamProgress {
         self.waiting
             .load(Ordering::Relaxed)
             .then(|| self.frames.load(Ordering::Relaxed))
+    }
+}
+
+/// A response body's report to the task of the HTTP/2 stream it is sent
+/// on: each time hyper asks for a frame and each frame handed over. Data is
+/// handed in pieces of at most [`PIECE_LEN`], so that each ask follows one
+/// frame's worth of the client's window.
+#[derive(Debug)]
+pub struct StreamReport {
+    progress: Arc<StreamProgress>,
+    /// What is left of the body's last data frame.
+    rest: Bytes,
+}
+
+impl StreamReport {
+    /// The report for the HTTP/2 stream running on this task, if any.
+    /// Boxed: it rides in every response body, and most are HTTP/1.1.
+    #[must_use]
+    pub fn current() -> Option<Box<StreamReport>> {
+        let progress = STREAM.try_with(Arc::clone).ok()?;
+        Some(Box::new(StreamReport {
+            progress,
+            rest: Bytes::new(),
+        }))
+    }
+
+    /// The next frame of `body`, or the next piece of its last one.
+    pub fn poll_frame<B>(
+        &mut self,
+        body: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+    where
+        B: Body<Data = Bytes>,
+    {
+        self.progress.asked();
+        if self.rest.is_empty() {
+            match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.rest = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
+        let piece = self.rest.split_to(self.rest.len().min(PIECE_LEN));
+        self.progress.handed();
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    /// Bytes taken from the body and not handed on yet.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.rest.remaining()
     }
 }
 
@@ -91,11 +151,9 @@ where
             let progress = Arc::new(StreamProgress::default());
             let stream = STREAM.scope(Arc::clone(&progress), stream);
             tokio::pin!(stream);
-            // Armed only while the body waits: most streams never do.
-            let timer = tokio::time::sleep(timeout);
-            tokio::pin!(timer);
-            // The wait the timer is armed for: its frame count.
-            let mut timed: Option<u64> = None;
+            // The wait under way (its frame count) and when it runs out:
+            // made only once the body waits, which most streams never do.
+            let mut timer: Option<(u64, Pin<Box<Sleep>>)> = None;
             let cut = poll_fn(|cx| {
                 if stream.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
@@ -105,11 +163,17 @@ where
                 let Some(wait) = progress.wait() else {
                     return Poll::Pending;
                 };
-                if timed != Some(wait) {
-                    timed = Some(wait);
-                    timer.as_mut().reset(Instant::now() + timeout);
+                let (timed, sleep) = timer.get_or_insert_with(|| {
+                    (
+                        wait,
+                        Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
+                    )
+                });
+                if *timed != wait {
+                    *timed = wait;
+                    sleep.as_mut().reset(Instant::now() + timeout);
                 }
-                timer.as_mut().poll(cx).map(|()| true)
+                sleep.as_mut().poll(cx).map(|()| true)
             })
             .await;
             if cut {
@@ -119,5 +183,59 @@ where
                 );
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt as _, Full};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_frame_is_handed_on_in_pieces_each_reported() {
+        let progress = Arc::new(StreamProgress::default());
+        let pieces = STREAM
+            .scope(Arc::clone(&progress), async {
+                let mut report = StreamReport::current().expect("inside a stream's scope");
+                let mut body = Full::new(Bytes::from(vec![b'x'; 2 * PIECE_LEN + 10]));
+                let mut pieces = Vec::new();
+                while let Some(frame) =
+                    poll_fn(|cx| report.poll_frame(Pin::new(&mut body), cx)).await
+                {
+                    let data = frame.expect("a good frame").into_data().expect("data");
+                    pieces.push((data.len(), report.held()));
+                    // Handed, and not asked again yet: the stream waits.
+                    assert!(progress.wait().is_some());
+                }
+                pieces
+            })
+            .await;
+        assert_eq!(
+            pieces,
+            [(PIECE_LEN, PIECE_LEN + 10), (PIECE_LEN, 10), (10, 0)]
+        );
+        assert_eq!(progress.frames.load(Ordering::Relaxed), 3);
+        // Asked once more, for the end: no longer waiting.
+        assert_eq!(progress.wait(), None);
+    }
+
+    #[test]
+    fn outside_a_stream_there_is_no_report() {
+        assert!(StreamReport::current().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_reports_nothing_handed() {
+        let progress = Arc::new(StreamProgress::default());
+        STREAM
+            .scope(Arc::clone(&progress), async {
+                let mut report = StreamReport::current().expect("inside a stream's scope");
+                let mut body = Full::new(Bytes::new()).map_err(|never| match never {});
+                let end = poll_fn(|cx| report.poll_frame(Pin::new(&mut body), cx)).await;
+                assert!(end.is_none());
+            })
+            .await;
+        assert_eq!(progress.frames.load(Ordering::Relaxed), 0);
     }
 }

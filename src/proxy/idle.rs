@@ -31,7 +31,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::framing::{AmbiguousFraming, FramingGuard};
-use super::h2stream::StreamProgress;
+use super::h2stream::StreamReport;
 use crate::coalesce;
 
 /// One client connection's activity, written by its [`ClientIo`] and
@@ -184,54 +184,74 @@ impl Drop for OpenRequest {
 
 /// A response body that holds its request open (see [`Activity`]) until
 /// hyper has written it and dropped it, or the client went away; over
-/// HTTP/2, it also tells its stream's task how far it has got (see
+/// HTTP/2, it also reports to its stream's task how far it has got (see
 /// [`h2stream`](super::h2stream)).
 #[derive(Debug)]
 pub struct Tracked<B> {
     body: B,
     _open: OpenRequest,
-    stream: Option<Arc<StreamProgress>>,
+    stream: Option<Box<StreamReport>>,
 }
 
 impl<B> Tracked<B> {
-    /// `body`, holding `open` until dropped, reporting to the progress of
-    /// the HTTP/2 stream whose task makes it, if any.
+    /// `body`, holding `open` until dropped.
     #[must_use]
     pub fn new(body: B, open: OpenRequest) -> Tracked<B> {
         Tracked {
             body,
             _open: open,
-            stream: StreamProgress::current(),
+            stream: None,
         }
+    }
+
+    /// `body`, holding `open` until dropped and reporting to the HTTP/2
+    /// stream whose task makes it.
+    #[must_use]
+    pub fn on_stream(body: B, open: OpenRequest) -> Tracked<B> {
+        Tracked {
+            body,
+            _open: open,
+            stream: StreamReport::current(),
+        }
+    }
+
+    /// Bytes of the body's data that the stream report holds back.
+    fn held(&self) -> usize {
+        self.stream.as_ref().map_or(0, |stream| stream.held())
     }
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let Some(stream) = &this.stream else {
-            return Pin::new(&mut this.body).poll_frame(cx);
-        };
-        stream.asked();
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &frame {
-            stream.handed();
+        match &mut this.stream {
+            None => Pin::new(&mut this.body).poll_frame(cx),
+            Some(stream) => stream.poll_frame(Pin::new(&mut this.body), cx),
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.held() == 0 && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let hint = self.body.size_hint();
+        let held = self.held() as u64;
+        if held == 0 {
+            return hint;
+        }
+        let mut sum = SizeHint::new();
+        sum.set_lower(hint.lower().saturating_add(held));
+        if let Some(upper) = hint.upper() {
+            sum.set_upper(upper.saturating_add(held));
+        }
+        sum
     }
 }
 

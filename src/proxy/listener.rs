@@ -319,10 +319,12 @@ impl Client {
 }
 
 /// Serves `Proxy::handle` to one client connection, each response body
-/// counted open (see [`Activity`]) until hyper drops it, and an upgrade's
-/// tunnel kept in the client's slot.
+/// counted open (see [`Activity`]) until hyper drops it (and, over HTTP/2,
+/// reporting to its stream's send timeout), and an upgrade's tunnel kept in
+/// the client's slot.
 fn service(
     client: Arc<Client>,
+    h2: bool,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Tracked<ResponseBody>>,
@@ -346,7 +348,15 @@ fn service(
                 *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Box::new(tunnel));
             }
-            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, open)))
+            // Made here, on the stream's own task, where its report is found.
+            let rsp = rsp.map(|body| {
+                if h2 {
+                    Tracked::on_stream(body, open)
+                } else {
+                    Tracked::new(body, open)
+                }
+            });
+            Ok::<_, Infallible>(rsp)
         }
     })
 }
@@ -439,7 +449,7 @@ impl Connection {
             activity: Arc::clone(&activity),
             tunnel: Mutex::new(None),
         });
-        let service = service(Arc::clone(&client));
+        let service = service(Arc::clone(&client), h2);
         if h2 {
             // Boxed where it is made: a binding would keep room for it in
             // the task after the move.

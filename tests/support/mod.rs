@@ -271,6 +271,31 @@ impl EndlessBackend {
     }
 }
 
+/// A backend that answers every request with [`BulkBackend::LEN`] bytes,
+/// under a `Content-Length`, as fast as the connection takes them, so that
+/// a proxy reading it finds large reads ready.
+#[derive(Debug, Clone)]
+pub struct BulkBackend {
+    pub addr: SocketAddr,
+}
+
+impl BulkBackend {
+    pub const LEN: usize = 8 << 20;
+
+    pub async fn start() -> BulkBackend {
+        let listener = bind().await;
+        let backend = BulkBackend {
+            addr: local_addr(&listener),
+        };
+        let body = Bytes::from(vec![b'x'; Self::LEN]);
+        tokio::spawn(serve_http(listener, move |_req| {
+            let body = body.clone();
+            async move { Response::new(full(body)) }
+        }));
+        backend
+    }
+}
+
 /// A backend that holds every request until the test calls [`SlowBackend::release`].
 #[derive(Debug, Clone)]
 pub struct SlowBackend {
