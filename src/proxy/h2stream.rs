@@ -74,9 +74,9 @@ impl StreamProgress {
 }
 
 /// A response body's report to the task of the HTTP/2 stream it is sent
-/// on: each time hyper asks for a frame and each frame handed over. Data is
-/// handed in pieces of at most one frame (16 KiB), so that each ask follows one
-/// frame's worth of the client's window.
+/// on: each time hyper asks for a frame and each frame handed over. Data
+/// is handed in pieces of at most one frame (16 KiB), so that each ask
+/// follows one frame's worth of the client's window.
 #[derive(Debug)]
 pub struct StreamReport {
     progress: Arc<StreamProgress>,
