@@ -228,7 +228,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         // Checked before every frame, so a stream that always has data ready
         // is closed as promptly as an idle one (over HTTP/2, once the pieces
-        // of the frame before are sent: see `h2stream::StreamReport`).
+        // of the frame before are sent: see `h2stream::ReportingBody`).
         if this.in_flight.as_ref().is_some_and(InFlight::is_closed) {
             this.in_flight.take();
             return Poll::Ready(Some(Err(

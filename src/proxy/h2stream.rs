@@ -16,20 +16,20 @@
 //! [`StreamProgress`] in scope and resets the stream (drops its task, and h2
 //! sends `RST_STREAM` once the request body, if still on its way upstream,
 //! is dropped too) once its body has waited `listen.send_timeout` to be
-//! asked for its next frame; and [`StreamReport`], the response body's side:
-//! it hands hyper the body's data in pieces of one frame and reports each.
-//! Does not own: the connection-wide timeouts (`listener`), nor counting a
-//! request open (`idle::Tracked`, which carries the report).
+//! asked for its next frame; and [`ReportingBody`], the response body's
+//! side: it hands hyper the body's data in pieces of one frame and reports
+//! each. Does not own: the connection-wide timeouts (`listener`), nor
+//! counting a request open (`idle::Tracked`, which it wraps).
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use hyper::body::{Body, Frame};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 /// The largest piece of a response body handed to hyper at once: h2's
@@ -44,7 +44,7 @@ tokio::task_local! {
     static STREAM: Arc<StreamProgress>;
 }
 
-/// How far a stream's response body has got, as its [`StreamReport`] tells.
+/// How far a stream's response body has got, as its [`ReportingBody`] tells.
 #[derive(Debug, Default)]
 pub struct StreamProgress {
     /// The body handed over a frame and has not been asked for the next
@@ -73,57 +73,71 @@ impl StreamProgress {
     }
 }
 
-/// A response body's report to the task of the HTTP/2 stream it is sent
-/// on: each time hyper asks for a frame and each frame handed over. Data
-/// is handed in pieces of at most one frame (16 KiB), so that each ask
+/// A response body on an HTTP/2 stream, reporting to the stream's task
+/// each time hyper asks for a frame and each frame handed over. Data is
+/// handed in pieces of at most one frame (16 KiB), so that each ask
 /// follows one frame's worth of the client's window.
 #[derive(Debug)]
-pub struct StreamReport {
+pub struct ReportingBody<B> {
+    body: B,
     progress: Arc<StreamProgress>,
     /// What is left of the body's last data frame.
     rest: Bytes,
 }
 
-impl StreamReport {
-    /// The report for the HTTP/2 stream running on this task, if any.
-    /// Boxed: it rides in every response body, and most are HTTP/1.1.
+impl<B> ReportingBody<B> {
+    /// `body`, reporting to the HTTP/2 stream running on this task (to no
+    /// one, off such a task).
     #[must_use]
-    pub fn current() -> Option<Box<StreamReport>> {
-        let progress = STREAM.try_with(Arc::clone).ok()?;
-        Some(Box::new(StreamReport {
-            progress,
+    pub fn new(body: B) -> ReportingBody<B> {
+        ReportingBody {
+            body,
+            progress: STREAM.try_with(Arc::clone).unwrap_or_default(),
             rest: Bytes::new(),
-        }))
+        }
     }
+}
 
-    /// The next frame of `body`, or the next piece of its last one.
-    pub fn poll_frame<B>(
-        &mut self,
-        body: Pin<&mut B>,
+impl<B: Body<Data = Bytes> + Unpin> Body for ReportingBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
-    where
-        B: Body<Data = Bytes>,
-    {
-        self.progress.asked();
-        if self.rest.is_empty() {
-            match body.poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => self.rest = data,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        this.progress.asked();
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
-                other => return other,
+                end_or_error => return Poll::Ready(end_or_error),
             }
         }
-        let piece = self.rest.split_to(self.rest.len().min(PIECE_LEN));
-        self.progress.handed();
+        let piece = this.rest.split_to(this.rest.len().min(PIECE_LEN));
+        this.progress.handed();
         Poll::Ready(Some(Ok(Frame::data(piece))))
     }
 
-    /// Bytes taken from the body and not handed on yet.
-    #[must_use]
-    pub fn held(&self) -> usize {
-        self.rest.remaining()
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.body.size_hint();
+        if self.rest.is_empty() {
+            return hint;
+        }
+        let held = self.rest.remaining() as u64;
+        let mut sum = SizeHint::new();
+        sum.set_lower(hint.lower().saturating_add(held));
+        if let Some(upper) = hint.upper() {
+            sum.set_upper(upper.saturating_add(held));
+        }
+        sum
     }
 }
 
@@ -188,41 +202,56 @@ where
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::{BodyExt as _, Full};
+    use http_body_util::{BodyExt as _, Empty, Full};
 
     use super::*;
 
     #[tokio::test]
     async fn a_large_frame_is_handed_on_in_pieces_each_reported() {
         let progress = Arc::new(StreamProgress::default());
-        let pieces = STREAM
+        let (pieces, end) = STREAM
             .scope(Arc::clone(&progress), async {
-                let mut report = StreamReport::current().expect("inside a stream's scope");
-                let mut body = Full::new(Bytes::from(vec![b'x'; 2 * PIECE_LEN + 10]));
+                let data = Bytes::from(vec![b'x'; 2 * PIECE_LEN + 10]);
+                let mut body = ReportingBody::new(Full::new(data));
                 let mut pieces = Vec::new();
-                while let Some(frame) =
-                    poll_fn(|cx| report.poll_frame(Pin::new(&mut body), cx)).await
-                {
+                while let Some(frame) = body.frame().await {
                     let data = frame.expect("a good frame").into_data().expect("data");
-                    pieces.push((data.len(), report.held()));
+                    pieces.push((data.len(), body.size_hint().exact()));
                     // Handed, and not asked again yet: the stream waits.
                     assert!(progress.wait().is_some());
                 }
-                pieces
+                (pieces, body.is_end_stream())
             })
             .await;
         assert_eq!(
             pieces,
-            [(PIECE_LEN, PIECE_LEN + 10), (PIECE_LEN, 10), (10, 0)]
+            [
+                (PIECE_LEN, Some(PIECE_LEN as u64 + 10)),
+                (PIECE_LEN, Some(10)),
+                (10, Some(0))
+            ]
         );
+        assert!(end);
         assert_eq!(progress.frames.load(Ordering::Relaxed), 3);
         // Asked once more, for the end: no longer waiting.
         assert_eq!(progress.wait(), None);
     }
 
-    #[test]
-    fn outside_a_stream_there_is_no_report() {
-        assert!(StreamReport::current().is_none());
+    #[tokio::test]
+    async fn the_end_is_not_announced_before_the_last_piece() {
+        let data = Bytes::from(vec![b'x'; PIECE_LEN + 1]);
+        let mut body = ReportingBody::new(Full::new(data));
+        assert!(!body.is_end_stream());
+        body.frame()
+            .await
+            .expect("a first piece")
+            .expect("a good frame");
+        assert!(!body.is_end_stream(), "a piece is still held");
+        body.frame()
+            .await
+            .expect("the last piece")
+            .expect("a good frame");
+        assert!(body.is_end_stream());
     }
 
     #[tokio::test]
@@ -230,10 +259,8 @@ mod tests {
         let progress = Arc::new(StreamProgress::default());
         STREAM
             .scope(Arc::clone(&progress), async {
-                let mut report = StreamReport::current().expect("inside a stream's scope");
-                let mut body = Full::new(Bytes::new()).map_err(|never| match never {});
-                let end = poll_fn(|cx| report.poll_frame(Pin::new(&mut body), cx)).await;
-                assert!(end.is_none());
+                let mut body = ReportingBody::new(Empty::<Bytes>::new());
+                assert!(body.frame().await.is_none());
             })
             .await;
         assert_eq!(progress.frames.load(Ordering::Relaxed), 0);

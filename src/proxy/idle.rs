@@ -31,7 +31,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::framing::{AmbiguousFraming, FramingGuard};
-use super::h2stream::StreamReport;
 use crate::coalesce;
 
 /// One client connection's activity, written by its [`ClientIo`] and
@@ -183,75 +182,37 @@ impl Drop for OpenRequest {
 }
 
 /// A response body that holds its request open (see [`Activity`]) until
-/// hyper has written it and dropped it, or the client went away; over
-/// HTTP/2, it also reports to its stream's task how far it has got (see
-/// [`h2stream`](super::h2stream)).
+/// hyper has written it and dropped it, or the client went away.
 #[derive(Debug)]
 pub struct Tracked<B> {
     body: B,
     _open: OpenRequest,
-    stream: Option<Box<StreamReport>>,
 }
 
 impl<B> Tracked<B> {
-    /// `body`, holding `open` until dropped.
     #[must_use]
     pub fn new(body: B, open: OpenRequest) -> Tracked<B> {
-        Tracked {
-            body,
-            _open: open,
-            stream: None,
-        }
-    }
-
-    /// `body`, holding `open` until dropped and reporting to the HTTP/2
-    /// stream whose task makes it.
-    #[must_use]
-    pub fn on_stream(body: B, open: OpenRequest) -> Tracked<B> {
-        Tracked {
-            body,
-            _open: open,
-            stream: StreamReport::current(),
-        }
-    }
-
-    /// Bytes of the body's data that the stream report holds back.
-    fn held(&self) -> usize {
-        self.stream.as_ref().map_or(0, |stream| stream.held())
+        Tracked { body, _open: open }
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
-    type Data = Bytes;
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        match &mut this.stream {
-            None => Pin::new(&mut this.body).poll_frame(cx),
-            Some(stream) => stream.poll_frame(Pin::new(&mut this.body), cx),
-        }
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held() == 0 && self.body.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = self.body.size_hint();
-        let held = self.held() as u64;
-        if held == 0 {
-            return hint;
-        }
-        let mut sum = SizeHint::new();
-        sum.set_lower(hint.lower().saturating_add(held));
-        if let Some(upper) = hint.upper() {
-            sum.set_upper(upper.saturating_add(held));
-        }
-        sum
+        self.body.size_hint()
     }
 }
 

@@ -12,7 +12,7 @@
 //! shutdown (which waits for tunnels too). Does not own: what happens to a
 //! request (`Proxy::handle`) or the certificate (`tls`).
 
-use std::convert::Infallible;
+use std::convert::{self, Infallible};
 use std::future::Future;
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -37,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::framing::{AmbiguousFraming, H2_PREFACE};
-use super::h2stream::StreamExecutor;
+use super::h2stream::{ReportingBody, StreamExecutor};
 use super::idle::{Activity, ClientIo, Tracked};
 use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
 use crate::config::ListenConfig;
@@ -319,20 +319,23 @@ impl Client {
 }
 
 /// Serves `Proxy::handle` to one client connection, each response body
-/// counted open (see [`Activity`]) until hyper drops it (and, over HTTP/2,
-/// reporting to its stream's send timeout), and an upgrade's tunnel kept in
-/// the client's slot.
-fn service(
+/// counted open (see [`Activity`]) until hyper drops it and handed to hyper
+/// as `wrap` makes it, and an upgrade's tunnel kept in the client's slot.
+fn service<B, W>(
     client: Arc<Client>,
-    h2: bool,
+    wrap: W,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<Tracked<ResponseBody>>,
+    Response = Response<B>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Tracked<ResponseBody>>, Infallible>> + Send,
+    Future = impl Future<Output = Result<Response<B>, Infallible>> + Send,
 > + Clone
 + Send
-+ 'static {
++ 'static
+where
+    B: Body,
+    W: Fn(Tracked<ResponseBody>) -> B + Copy + Send + 'static,
+{
     service_fn(move |req| {
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
@@ -348,15 +351,8 @@ fn service(
                 *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Box::new(tunnel));
             }
-            // Made here, on the stream's own task, where its report is found.
-            let rsp = rsp.map(|body| {
-                if h2 {
-                    Tracked::on_stream(body, open)
-                } else {
-                    Tracked::new(body, open)
-                }
-            });
-            Ok::<_, Infallible>(rsp)
+            // Wrapped here, on an HTTP/2 stream's own task.
+            Ok::<_, Infallible>(rsp.map(|body| wrap(Tracked::new(body, open))))
         }
     })
 }
@@ -449,8 +445,8 @@ impl Connection {
             activity: Arc::clone(&activity),
             tunnel: Mutex::new(None),
         });
-        let service = service(Arc::clone(&client), h2);
         if h2 {
+            let service = service(Arc::clone(&client), ReportingBody::new);
             // Boxed where it is made: a binding would keep room for it in
             // the task after the move.
             let conn = Box::pin(
@@ -460,7 +456,7 @@ impl Connection {
             );
             return self.serve_h2(conn, &activity, first_head).await;
         }
-        let mut service = service;
+        let mut service = service(Arc::clone(&client), convert::identity);
         // When the connection last served a request, and how many it had then.
         let mut served = (Instant::now(), 0);
         loop {
