@@ -252,10 +252,15 @@ async fn response_head(h2: &mut H2, req: Request<Full<Bytes>>) -> http::Response
         .expect("a response")
 }
 
-/// Asserts that the connection still opens a stream: a `GET` of `path`
-/// gets its response head (the stream is then dropped).
+/// Opens a stream on `h2`: a `GET` of `path` for user `a`, up to its
+/// response head.
+async fn open_stream(h2: &mut H2, server: &Server, path: &str) -> http::Response<Incoming> {
+    response_head(h2, get(&url(server, path), &[("x-user-id", "a")])).await
+}
+
+/// Asserts that the connection still opens a stream (then dropped).
 async fn assert_opens_a_stream(h2: &mut H2, server: &Server, path: &str) {
-    let rsp = response_head(h2, get(&url(server, path), &[("x-user-id", "a")])).await;
+    let rsp = open_stream(h2, server, path).await;
     assert_eq!(rsp.status(), StatusCode::OK);
 }
 
@@ -264,12 +269,7 @@ async fn an_open_stream_keeps_its_http2_connection_past_the_keepalive_timeout() 
     let sse = SseBackend::start(STABLE).await;
     let server = cohort_with_short_keepalive(sse.addr).await;
     let mut h2 = h2c(server.proxy_addr()).await;
-    let mut body = response_head(
-        &mut h2,
-        get(&url(&server, "/events"), &[("x-user-id", "a")]),
-    )
-    .await
-    .into_body();
+    let mut body = open_stream(&mut h2, &server, "/events").await.into_body();
     within("the first event", body.frame()).await;
 
     // Two idle connections opened one after the other close in turn: by
@@ -292,11 +292,7 @@ async fn a_stream_whose_client_reads_nothing_is_reset_at_the_send_timeout() {
     // The client takes the head and reads nothing of the body, so it never
     // opens the stream's flow-control window again once the first 2 MiB
     // (hyper's window) are in. The connection itself carries on.
-    let held = response_head(
-        &mut h2,
-        get(&url(&server, "/endless"), &[("x-user-id", "a")]),
-    )
-    .await;
+    let held = open_stream(&mut h2, &server, "/endless").await;
     assert_eq!(held.status(), StatusCode::OK);
     eventually("the upstream's body is dropped", || endless.dropped() == 1).await;
     // What came before the reset can still be read, and then the stream fails.
@@ -325,9 +321,7 @@ async fn a_stream_whose_client_reads_slowly_but_steadily_is_not_reset() {
         .await
         .expect("an HTTP/2 handshake");
     tokio::spawn(conn);
-    let mut body = response_head(&mut h2, get(&url(&server, "/bulk"), &[("x-user-id", "a")]))
-        .await
-        .into_body();
+    let mut body = open_stream(&mut h2, &server, "/bulk").await.into_body();
     let mut read = 0;
     while read < 1 << 20 {
         let frame = within("the next frame", body.frame())
@@ -347,12 +341,7 @@ async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_no
     let sse = SseBackend::start(STABLE).await;
     let server = cohort_listening_with(sse.addr, "send_timeout = \"200ms\"").await;
     let mut h2 = h2c(server.proxy_addr()).await;
-    let mut body = response_head(
-        &mut h2,
-        get(&url(&server, "/events"), &[("x-user-id", "a")]),
-    )
-    .await
-    .into_body();
+    let mut body = open_stream(&mut h2, &server, "/events").await.into_body();
     let first = within("the first event", body.frame())
         .await
         .expect("the stream is open")
