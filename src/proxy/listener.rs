@@ -351,7 +351,8 @@ where
                 *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Box::new(tunnel));
             }
-            // Wrapped here, on an HTTP/2 stream's own task.
+            // Wrapped in here: over HTTP/2 hyper runs this future on the
+            // stream's own task, where `ReportingBody` finds its stream.
             Ok::<_, Infallible>(rsp.map(|body| wrap(Tracked::new(body, open))))
         }
     })
@@ -710,8 +711,8 @@ impl Connection {
     /// has carried no byte either way for `listen.tunnel_idle_timeout`, or
     /// once the client has taken nothing of what is written to it for
     /// `listen.send_timeout`, as for a response. An upstream that stops
-    /// reading is seen as idle: the tunnel then reads nothing more from the
-    /// client. Checked four times per the shorter timeout, so each holds to
+    /// reading stops the tunnel reading its client, so one that sends
+    /// nothing either is seen as idle. Checked four times per the shorter timeout, so each holds to
     /// within a quarter of itself.
     async fn run_tunnel(&self, tunnel: Tunnel, activity: &Activity) -> Result<(), ConnectionError> {
         let idle_timeout = self.settings.tunnel_idle_timeout;
