@@ -21,7 +21,7 @@
 //! each. Does not own: the connection-wide timeouts (`listener`), nor
 //! counting a request open (`idle::Tracked`, which it wraps).
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 /// The largest piece of a response body handed to hyper at once: h2's
@@ -160,43 +162,63 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        let timeout = self.send_timeout;
-        tokio::spawn(async move {
-            let progress = Arc::new(StreamProgress::default());
-            let stream = STREAM.scope(Arc::clone(&progress), stream);
-            tokio::pin!(stream);
-            // The wait under way (its frame count) and when it runs out:
-            // made only once the body waits, which most streams never do.
-            let mut timer: Option<(u64, Pin<Box<Sleep>>)> = None;
-            let cut = poll_fn(|cx| {
-                if stream.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(false);
-                }
-                // The body reports only while its task runs, and this check
-                // follows each run: a wait that starts is seen here.
-                let Some(wait) = progress.wait() else {
-                    return Poll::Pending;
-                };
-                let (timed, sleep) = timer.get_or_insert_with(|| {
-                    (
-                        wait,
-                        Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
-                    )
-                });
-                if *timed != wait {
-                    *timed = wait;
-                    sleep.as_mut().reset(Instant::now() + timeout);
-                }
-                sleep.as_mut().poll(cx).map(|()| true)
-            })
-            .await;
-            if cut {
-                tracing::debug!(
-                    ?timeout,
-                    "HTTP/2 stream reset: the client took nothing of its response within the send timeout"
-                );
-            }
+        let progress = Arc::new(StreamProgress::default());
+        tokio::spawn(StreamTask {
+            stream: STREAM.scope(Arc::clone(&progress), stream),
+            progress,
+            timeout: self.send_timeout,
+            timer: None,
         });
+    }
+}
+
+pin_project! {
+    /// One HTTP/2 stream's task: hyper's stream future with its progress in
+    /// scope, and the timer of the wait under way. A struct rather than an
+    /// `async` block, which would hold the stream future twice (as captured
+    /// and as scoped), and hyper's is several KiB, moved on every spawn.
+    struct StreamTask<F> {
+        #[pin]
+        stream: TaskLocalFuture<Arc<StreamProgress>, F>,
+        progress: Arc<StreamProgress>,
+        timeout: Duration,
+        // The wait under way (its frame count) and when it runs out: made
+        // only once the body waits, which most streams never do.
+        timer: Option<(u64, Pin<Box<Sleep>>)>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for StreamTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.stream.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // The body reports only while its task runs, and this check follows
+        // each run: a wait that starts is seen here.
+        let Some(wait) = this.progress.wait() else {
+            return Poll::Pending;
+        };
+        let timeout = *this.timeout;
+        let (timed, sleep) = this.timer.get_or_insert_with(|| {
+            (
+                wait,
+                Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
+            )
+        });
+        if *timed != wait {
+            *timed = wait;
+            sleep.as_mut().reset(Instant::now() + timeout);
+        }
+        ready!(sleep.as_mut().poll(cx));
+        tracing::debug!(
+            ?timeout,
+            "HTTP/2 stream reset: the client took nothing of its response within the send timeout"
+        );
+        // Dropping the task drops hyper's stream, and h2 resets it.
+        Poll::Ready(())
     }
 }
 
