@@ -10,6 +10,10 @@
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::Method;
@@ -19,6 +23,8 @@ use support::{
     Backend, CANARY, Http, STABLE, SseBackend, WsBackend, client, cohort, eventually, read_whole,
     request, sha256_hex, within,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
@@ -218,7 +224,7 @@ async fn websockets_are_tunnelled_to_the_version_of_the_handshake() {
 
 /// A config for `stable` whose `[listen]` section has `keys` added, with a
 /// header read timeout short enough that connections are checked often.
-fn with_listen(stable: std::net::SocketAddr, keys: &str) -> String {
+fn with_listen(stable: SocketAddr, keys: &str) -> String {
     support::with_listen_keys(
         &support::config(&[stable], None, ""),
         &format!("{keys}\nheader_read_timeout = \"600ms\""),
@@ -228,7 +234,7 @@ fn with_listen(stable: std::net::SocketAddr, keys: &str) -> String {
 /// A WebSocket through `server`, with one message echoed to show it open.
 async fn open_websocket(
     server: &cohort::serve::Server,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
     let url = format!("ws://{}/socket", server.proxy_addr());
     let (mut ws, rsp) = within("the handshake", tokio_tungstenite::connect_async(url))
         .await
@@ -283,22 +289,19 @@ async fn a_websocket_in_use_outlives_the_tunnel_idle_timeout() {
 /// protocol `flood` and then writes to it without end, until a write fails:
 /// the connection was cut.
 struct FloodUpstream {
-    addr: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
 }
 
 impl FloodUpstream {
     async fn start() -> FloodUpstream {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("an address");
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let noted = std::sync::Arc::clone(&cut);
+        let cut = Arc::new(AtomicBool::new(false));
+        let noted = Arc::clone(&cut);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let noted = std::sync::Arc::clone(&noted);
+                let noted = Arc::clone(&noted);
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     while !head.ends_with(b"\r\n\r\n") {
@@ -323,7 +326,7 @@ impl FloodUpstream {
                     }
                     let chunk = vec![b'x'; 64 << 10];
                     while stream.write_all(&chunk).await.is_ok() {}
-                    noted.store(true, std::sync::atomic::Ordering::SeqCst);
+                    noted.store(true, Ordering::SeqCst);
                 });
             }
         });
@@ -331,16 +334,15 @@ impl FloodUpstream {
     }
 
     fn was_cut(&self) -> bool {
-        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+        self.cut.load(Ordering::SeqCst)
     }
 }
 
 #[tokio::test]
 async fn a_tunnel_whose_client_stops_reading_is_cut_at_the_send_timeout() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let flood = FloodUpstream::start().await;
     let server = support::start_cohort(&with_listen(flood.addr, "send_timeout = \"1s\"")).await;
-    let mut client = tokio::net::TcpStream::connect(server.proxy_addr())
+    let mut client = TcpStream::connect(server.proxy_addr())
         .await
         .expect("connect");
     client
