@@ -17,8 +17,8 @@
 //! sends `RST_STREAM` once the request body, if still on its way upstream,
 //! is dropped too) once its body has waited `listen.send_timeout` to be
 //! asked for its next frame; and [`ReportingBody`], the response body's
-//! side: it hands hyper the body's data in pieces of one frame and reports
-//! each. Does not own: the connection-wide timeouts (`listener`), nor
+//! side: it hands hyper the body's data in pieces of at most 64 KiB and
+//! reports each. Does not own: the connection-wide timeouts (`listener`), nor
 //! counting a request open (`idle::Tracked`, which it wraps).
 
 use std::future::Future;
@@ -34,12 +34,14 @@ use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
-/// The largest piece of a response body handed to hyper at once: h2's
-/// default `SETTINGS_MAX_FRAME_SIZE`, one DATA frame. hyper asks for the
-/// next frame only once h2 has sent what it holds, so with an upstream's
-/// read of up to 400 KiB handed whole, a client reading steadily but slowly
-/// would see no progress for as long as that read takes to drain.
-const PIECE_LEN: usize = 16 * 1024;
+/// The largest piece of a response body handed to hyper at once. hyper asks
+/// for the next frame only once h2 has sent what it holds, so with an
+/// upstream's read of up to 400 KiB handed whole, a client reading steadily
+/// but slowly would see no progress for as long as that read takes to
+/// drain. A client must now take one piece per send timeout (about 1 KiB/s
+/// at the default 60 s); smaller pieces would cost more of h2's per-send
+/// work on every large response (16 KiB cost four times as much).
+const PIECE_LEN: usize = 64 * 1024;
 
 tokio::task_local! {
     /// The progress of the stream whose task is running.
@@ -77,8 +79,8 @@ impl StreamProgress {
 
 /// A response body on an HTTP/2 stream, reporting to the stream's task
 /// each time hyper asks for a frame and each frame handed over. Data is
-/// handed in pieces of at most one frame (16 KiB), so that each ask
-/// follows one frame's worth of the client's window.
+/// handed in pieces of at most 64 KiB, so that each ask follows at most
+/// that much of the client's window.
 #[derive(Debug)]
 pub struct ReportingBody<B> {
     body: B,
