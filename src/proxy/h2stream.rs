@@ -38,7 +38,7 @@ use tokio::time::{Instant, Sleep};
 /// for the next frame only once h2 has sent what it holds, so with an
 /// upstream's read of up to 400 KiB handed whole, a client reading steadily
 /// but slowly would see no progress for as long as that read takes to
-/// drain. A client must now take one piece per send timeout (about 1 KiB/s
+/// drain. A client must take one piece per send timeout (about 1 KiB/s
 /// at the default 60 s); smaller pieces would cost more of h2's per-send
 /// work on every large response (16 KiB cost four times as much).
 const PIECE_LEN: usize = 64 * 1024;
