@@ -129,21 +129,24 @@ impl Health {
     /// over is cleared (unless a new one replaced it meanwhile).
     #[must_use]
     pub fn is_available(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && {
-            let until = self.ejected_until_ms.load(Ordering::Relaxed);
-            until == 0 || {
-                let over = until <= now_ms();
-                if over {
-                    let _ = self.ejected_until_ms.compare_exchange(
-                        until,
-                        0,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
-                over
-            }
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
         }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let over = until <= now_ms();
+        if over {
+            // Fails harmlessly if a new ejection was recorded meanwhile.
+            let _ = self.ejected_until_ms.compare_exchange(
+                until,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        over
     }
 
     /// Whether the active checks pass, ejected or not.
