@@ -3,8 +3,9 @@
 //! Owns: authentication with a token from `admin.token_file`, every error
 //! path of SPEC section 3 (400, 401 with its `Bearer` challenge, 404, 405,
 //! 409, 413, 422, each with a body of exactly `{"error": "..."}`), the rollback latch and what clears it,
-//! `GET /admin/route` against `place()`, and a monotone ramp through the API
-//! observed through real requests. Does not own: `cohort ctl`
+//! `GET /admin/route` against `place()`, a monotone ramp through the API
+//! observed through real requests, and admin clients that never finish a
+//! request head disconnected at the admin head timeout. Does not own: `cohort ctl`
 //! (`control_ctl`), load (`control_load`), restarts (`control_persistence`),
 //! signals (`control_signals`) or open streams (`control_streams`).
 
@@ -12,13 +13,17 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cohort::serve::Server;
 use http::Method;
 use serde_json::{Value, json};
 use support::{
     AdminApi, Backend, CANARY, Http, Reply, STABLE, config, predicted, scratch_dir, start_cohort,
+    within,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 const TOKEN: &str = "correct-horse-battery";
 
@@ -490,6 +495,71 @@ async fn a_405_names_the_allowed_methods() {
         reply.headers.get("allow").map(|v| v.as_bytes()),
         Some(&b"PUT"[..])
     );
+}
+
+/// How long an admin connection that never brings a whole request head may
+/// stay open: the admin listener's 10 s head timeout, and as long again for
+/// a loaded machine. Longer than [`support::DEADLINE`], which is shorter
+/// than the timeout.
+const HEAD_TIMEOUT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Reads `stream` until the other end closes it or resets it, failing the
+/// test if that has not happened by [`HEAD_TIMEOUT_DEADLINE`].
+async fn assert_disconnected(what: &str, mut stream: TcpStream) {
+    let mut read = Vec::new();
+    let ended = tokio::time::timeout(HEAD_TIMEOUT_DEADLINE, async {
+        let mut chunk = [0u8; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+            read.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "{what} was still connected after {HEAD_TIMEOUT_DEADLINE:?}, having been sent {:?}",
+        String::from_utf8_lossy(&read)
+    );
+}
+
+/// An admin client that connects and never finishes a request head (a
+/// port scanner, a script stuck mid-write) would otherwise hold its
+/// connection, and a place under the admin listener's connection cap, for
+/// as long as it liked. Both kinds are cut at the head timeout, together,
+/// while the listener answers everyone else.
+#[tokio::test]
+async fn an_admin_client_that_never_sends_a_whole_head_is_disconnected() {
+    let stable = Backend::start(STABLE).await;
+    let (server, admin) = with_token(&[stable.addr], None).await;
+    let connect = || async {
+        within(
+            "an admin connection",
+            TcpStream::connect(server.admin_addr()),
+        )
+        .await
+        .expect("connect to the admin listener")
+    };
+    let silent = connect().await;
+    let mut half = connect().await;
+    // A request line and a header, but not the blank line that ends the head.
+    within(
+        "half a head written",
+        half.write_all(b"GET /health HTTP/1.1\r\nhost: admin\r\n"),
+    )
+    .await
+    .expect("write half a head");
+
+    // Meanwhile other admin clients are answered, on connections of their own.
+    let health = Http::new(server.admin_addr()).get("/health", &[]).await;
+    assert_eq!(health.status, 200, "{health:?}");
+    assert_eq!(admin.state().await["generation"], 1);
+
+    tokio::join!(
+        assert_disconnected("the client that sent nothing", silent),
+        assert_disconnected("the client that sent half a head", half),
+    );
+    // The listener still takes new connections after cutting those.
+    let health = Http::new(server.admin_addr()).get("/health", &[]).await;
+    assert_eq!(health.status, 200, "{health:?}");
 }
 
 #[tokio::test]

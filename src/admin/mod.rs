@@ -13,7 +13,9 @@
 //!   `POST /admin/signals`: the control plane, behind
 //!   `Authorization: Bearer <token>` when a token is configured.
 //!
-//! Owns: the admin accept loop (which runs through the proxy's drain),
+//! Owns: the admin accept loop (which runs through the proxy's drain, and
+//! bounds what an admin client can hold: a head timeout, a lifetime per
+//! connection, a cap on connections),
 //! authentication (a 401 carries the `WWW-Authenticate: Bearer` challenge;
 //! the token and `admin.metrics_auth` are replaced whole on a reload), the
 //! one `match` on (method, path), `HEAD` answered as `GET`, and the JSON
@@ -25,6 +27,7 @@ mod handlers;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -33,10 +36,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::control::{Control, ControlError};
 use crate::health;
@@ -263,17 +267,46 @@ fn bearer_credentials(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
 }
 
+/// How long an admin client has to send a request head. The admin
+/// listener may face a network (with a token), so a client that connects
+/// and says nothing must not hold a connection.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an admin connection is kept open. Admin calls are short and
+/// Prometheus scrapes open a connection per scrape or reuse one for a
+/// while; closing each connection after this (once its current request is
+/// answered) bounds what a slow or idle client can hold, bodies included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long a request in progress at [`CONNECTION_LIFETIME`] may still take.
+const LAST_REQUEST_GRACE: Duration = Duration::from_secs(10);
+
+/// Admin connections open at once. A client past it waits in the kernel's
+/// backlog; the cap keeps clients of the admin port from using up the file
+/// descriptors the proxy shares.
+const MAX_CONNECTIONS: usize = 256;
+
 /// Serves the admin endpoints for as long as the task runs. It runs
 /// through the proxy's drain, so that `/ready` can say 503, `/metrics` can
 /// be scraped and a rollback can still be ordered; the server stops it
 /// once the drain is over.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    let builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
+                // Usually out of file descriptors: back off instead of spinning.
                 tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -284,7 +317,26 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let _permit = permit;
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => Some(ended),
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(LAST_REQUEST_GRACE, connection).await {
+                        Ok(ended) => ended,
+                        Err(_) => {
+                            tracing::debug!(client.addr = %peer, "admin connection dropped: its last request took too long");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(%error, client.addr = %peer, "admin connection ended with an error");
             }
         });
