@@ -19,8 +19,8 @@ mod support;
 mod tls_support;
 
 use std::net::SocketAddr;
-use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
 
 use bytes::Bytes;
 use cohort::serve::Server;
@@ -457,6 +457,55 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
     assert_eq!(reply.json()["error"], "connect");
     assert_eq!(reply.version(), STABLE);
     assert_eq!(backend.hits(), 1);
+    server.shutdown().await;
+}
+
+/// An upstream that accepts TCP connections and holds them open, never
+/// answering a byte (a TLS ClientHello included); returns its address and
+/// how many connections it has accepted.
+async fn accepts_and_says_nothing() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("an address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        // Kept, unread, until the test's runtime ends.
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+/// A TLS handshake the upstream never answers is bounded by
+/// `upstream.connect_timeout`, as the TCP connect is (and as nginx's
+/// `proxy_connect_timeout` bounds its SSL handshake): 504, rather than
+/// holding the request until `upstream.response_timeout`, which is set
+/// far past the client's deadline here.
+#[tokio::test]
+async fn an_https_upstream_that_never_answers_the_tls_handshake_times_out_at_the_connect_timeout() {
+    let (addr, accepted) = accepts_and_says_nothing().await;
+    let upstream = format!("https://127.0.0.1:{}", addr.port());
+    // No probe before the test ends: the request is what meets the upstream.
+    let extra = "[upstream]\nconnect_timeout = \"300ms\"\nresponse_timeout = \"30s\"\n\n\
+                 [health]\ninterval = \"1h\"\neject_after_errors = 1000\n";
+    let server = cohort_named((STABLE, &[upstream]), None, extra).await;
+    let reply = Http::new(server.proxy_addr()).get("/stalled", &[]).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{reply:?}");
+    assert_eq!(reply.json()["error"], "timeout", "{reply:?}");
+    assert!(
+        reply.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("TLS handshake")),
+        "{reply:?}"
+    );
+    assert_eq!(reply.version(), STABLE);
+    // The TCP connect succeeded: it was the handshake that stalled.
+    assert!(accepted.load(Ordering::SeqCst) >= 1);
     server.shutdown().await;
 }
 

@@ -18,7 +18,7 @@ use metrics::Gauge;
 use rustls::ClientConfig;
 
 use crate::state::{LiveState, now_rfc3339};
-use crate::upstream::connect::{CountingConnector, http_connector};
+use crate::upstream::connect::CountingConnector;
 
 /// Attempts per event and URL.
 const ATTEMPTS: u32 = 3;
@@ -36,7 +36,7 @@ impl Webhooks {
     /// or the system's roots).
     #[must_use]
     pub fn new(tls: Arc<ClientConfig>) -> Webhooks {
-        let connector = CountingConnector::new(http_connector(ATTEMPT_TIMEOUT), tls, Gauge::noop());
+        let connector = CountingConnector::new(ATTEMPT_TIMEOUT, tls, Gauge::noop());
         Webhooks {
             client: Client::builder(TokioExecutor::new()).build(connector),
         }

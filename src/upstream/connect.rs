@@ -2,7 +2,8 @@
 //!
 //! Owns: the TCP settings of every upstream connection (`TCP_NODELAY`,
 //! keep-alive probes, the connect timeout), the TLS handshake with the
-//! upstream's server name, and counting each open connection in
+//! upstream's server name (under the same timeout, as nginx's
+//! `proxy_connect_timeout` covers its SSL handshake), and counting each open connection in
 //! `cohort_upstream_connections` from connect to close. Does not own: which
 //! connections are kept for reuse (the HTTP/1.1 pool in `http1`, hyper-util's
 //! pools in `super`), nor the trust roots (`tls`).
@@ -29,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::coalesce;
 
-pub fn http_connector(connect_timeout: Duration) -> HttpConnector {
+fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -46,6 +47,8 @@ pub fn http_connector(connect_timeout: Duration) -> HttpConnector {
 pub struct CountingConnector {
     inner: HttpConnector,
     tls: TlsConnector,
+    /// The limit of the TCP connect (set in `inner`) and, apart, of the TLS handshake.
+    connect_timeout: Duration,
     open: Gauge,
 }
 
@@ -58,12 +61,17 @@ impl fmt::Debug for CountingConnector {
 }
 
 impl CountingConnector {
-    /// Counts the connections `inner` opens in `open`; `tls` is for `https://`.
+    /// Counts the connections it opens in `open`; `tls` is for `https://`.
     #[must_use]
-    pub fn new(inner: HttpConnector, tls: Arc<ClientConfig>, open: Gauge) -> CountingConnector {
+    pub fn new(
+        connect_timeout: Duration,
+        tls: Arc<ClientConfig>,
+        open: Gauge,
+    ) -> CountingConnector {
         CountingConnector {
-            inner,
+            inner: http_connector(connect_timeout),
             tls: TlsConnector::from(tls),
+            connect_timeout,
             open,
         }
     }
@@ -88,12 +96,24 @@ impl tower_service::Service<Uri> for CountingConnector {
         });
         let connecting = self.inner.call(dst);
         let tls = self.tls.clone();
+        let handshake_timeout = self.connect_timeout;
         let open = self.open.clone();
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
             let io = match server_name {
                 None => Transport::Tcp(tcp),
-                Some(name) => Transport::Tls(Box::new(tls.connect(name?, tcp).await?)),
+                Some(name) => {
+                    let handshake = tls.connect(name?, tcp);
+                    let tls = tokio::time::timeout(handshake_timeout, handshake)
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the TLS handshake timed out",
+                            )
+                        })??;
+                    Transport::Tls(Box::new(tls))
+                }
             };
             open.increment(1.0);
             Ok(CountedConnection {
@@ -298,7 +318,7 @@ mod tests {
         let count = Arc::new(Count::default());
         let client: Client<CountingConnector, Empty<bytes::Bytes>> =
             Client::builder(TokioExecutor::new()).build(CountingConnector::new(
-                HttpConnector::new(),
+                Duration::from_secs(5),
                 Arc::new(
                     ClientConfig::builder()
                         .with_root_certificates(rustls::RootCertStore::empty())

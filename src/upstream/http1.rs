@@ -422,7 +422,6 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::connect::http_connector;
     use crate::upstream::tests::wait_until;
 
     /// What a test backend has seen: connections accepted, and still open.
@@ -467,7 +466,7 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let connector = CountingConnector::new(
-            http_connector(Duration::from_secs(5)),
+            Duration::from_secs(5),
             Arc::new(tls),
             metrics::Gauge::noop(),
         );

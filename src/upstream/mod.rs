@@ -29,7 +29,7 @@ use rustls::ClientConfig;
 
 use crate::config::UpstreamConfig;
 use crate::shadow::TeeBody;
-use connect::{BoxError, CountingConnector, http_connector};
+use connect::{BoxError, CountingConnector};
 use http1::Http1Pool;
 pub use http1::UpstreamBody;
 
@@ -301,9 +301,8 @@ pub fn origin_form(uri: &mut Uri) {
 #[must_use]
 pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
     let open = crate::metrics::upstream_connections();
-    let connect = |tls: Arc<ClientConfig>| {
-        CountingConnector::new(http_connector(config.connect_timeout), tls, open.clone())
-    };
+    let connect =
+        |tls: Arc<ClientConfig>| CountingConnector::new(config.connect_timeout, tls, open.clone());
     let connector = connect(http1_only(&tls));
     let build = |connector: &CountingConnector, http2_only: bool| {
         Client::builder(TokioExecutor::new())
@@ -345,9 +344,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connect = |tls: Arc<ClientConfig>| {
-        CountingConnector::new(http_connector(connect_timeout), tls, Gauge::noop())
-    };
+    let connect =
+        |tls: Arc<ClientConfig>| CountingConnector::new(connect_timeout, tls, Gauge::noop());
     let connector = connect(http1_only(&tls));
     let build = |connector: &CountingConnector, http2_only: bool| {
         Client::builder(TokioExecutor::new())
