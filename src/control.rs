@@ -240,6 +240,24 @@ impl Control {
     /// every user to upstreams not known to answer: only `force` promotes it.
     /// `source` is who asked, for the audit log (`api`, `rollout`).
     pub fn promote(&self, force: bool, source: &'static str) -> Result<LiveState, ControlError> {
+        self.promote_recording(force, source, None)
+    }
+
+    /// Promotes the canary at the end of its rollout, recording the
+    /// rollout's last `progress` in the same write: a crash cannot leave
+    /// the rollout's end saved without the promotion it implies.
+    pub fn promote_rollout(&self, progress: serde_json::Value) -> Result<LiveState, ControlError> {
+        // The plan's guardrails have judged the canary on real traffic,
+        // which stands in for the health check a promotion asks for.
+        self.promote_recording(true, "rollout", Some(progress))
+    }
+
+    fn promote_recording(
+        &self,
+        force: bool,
+        source: &'static str,
+        rollout: Option<serde_json::Value>,
+    ) -> Result<LiveState, ControlError> {
         self.change("promote", None, source, |live| {
             let canary = live
                 .canary
@@ -268,7 +286,10 @@ impl Control {
                 upstreams: canary.upstreams,
             };
             live.status = Status::Steady;
-            live.supersede_rollout();
+            match rollout {
+                Some(progress) => live.rollout = Some(progress),
+                None => live.supersede_rollout(),
+            }
             Ok(())
         })
     }
@@ -637,12 +658,7 @@ impl Control {
         let Some(unsaved) = &current.unsaved else {
             return Ok(());
         };
-        match self.store.write(Some(unsaved.on_disk), &current.saved) {
-            Ok(()) => {}
-            // The failed write got as far as the rename: the file holds it.
-            Err(StateError::Conflict { found, .. }) if found == current.saved.live.generation => {}
-            Err(error) => return Err(error.into()),
-        }
+        self.store.write(Some(unsaved.on_disk), &current.saved)?;
         if let Some(unsaved) = current.unsaved.take() {
             tracing::info!(
                 generation = current.saved.live.generation,

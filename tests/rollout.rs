@@ -1658,6 +1658,21 @@ async fn the_audit_log_says_who_moved_a_rollout() {
         BTreeSet::from(["rollout"]),
         "{sources:?}"
     );
+    // Every state written is one a start accepts: none says a rollout is
+    // running beside a rollout that has ended (a crash after such a write
+    // would stop the next start), the promotion included.
+    for line in support::audit_lines(&audit_log) {
+        let after = &line["after"];
+        if matches!(after["status"].as_str(), Some("progressing" | "paused")) {
+            assert!(
+                matches!(
+                    after["rollout"]["phase"].as_str(),
+                    Some("progressing" | "paused")
+                ),
+                "{line:#}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -798,23 +798,27 @@ impl Rollouts {
                     .rollback(&reason, source)
                     .and_then(|_| self.save(&progress, action, source.as_str(), Some(&reason)))
             }
-            // The plan's guardrails have judged the canary on real traffic,
-            // which stands in for the health check a promotion asks for.
-            Phase::Promoted => self
-                .save(&progress, "rollout_done", BY_ROLLOUT, None)
-                .and_then(|_| self.control.promote(true, "rollout")),
+            Phase::Promoted => self.control.promote_rollout(
+                serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
+            ),
             Phase::Held => self
                 .control
                 .rollout_change("rollout_done", None, BY_ROLLOUT, |live| {
                     live.status = Status::Steady;
                     live.rollout = serde_json::to_value(&progress).ok();
                 }),
-            // A superseded rollout only records that.
+            // A superseded rollout records that, and no longer holds the
+            // status: the change that superseded it set its own, and a
+            // rollout ended because its progress could not be saved leaves
+            // the canary steady at its last weight.
             Phase::Superseded | Phase::Progressing | Phase::Paused => self.control.rollout_change(
                 "rollout_end",
                 progress.reason.as_deref(),
                 BY_ROLLOUT,
                 |live| {
+                    if matches!(live.status, Status::Progressing | Status::Paused) {
+                        live.status = Status::Steady;
+                    }
                     live.rollout = serde_json::to_value(&progress).ok();
                 },
             ),
@@ -855,17 +859,23 @@ impl Rollouts {
         }
     }
 
+    /// Saves `progress`, or ends the rollout (`Superseded`) if it is no
+    /// longer ours or cannot be saved: a stage whose weight is not saved
+    /// is not in effect, so the rollout cannot go on from it.
     fn save_or_end(
         &self,
-        progress: &Progress,
+        progress: &mut Progress,
         action: &'static str,
         source: &'static str,
     ) -> Result<(), Phase> {
-        self.still_ours(&mut progress.clone())?;
+        self.still_ours(progress)?;
         self.save(progress, action, source, None)
             .map(|_| ())
             .map_err(|error| {
                 tracing::error!(%error, "cannot save the rollout's progress");
+                progress.reason = Some(format!(
+                    "the rollout's progress could not be saved: {error}"
+                ));
                 Phase::Superseded
             })
     }

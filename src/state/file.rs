@@ -174,7 +174,7 @@ fn name_the_field(text: &str) -> Option<String> {
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Replaces `path` with `contents` so that readers and crashes see the old
-/// file or the new one, whole.
+/// file or the new one, whole. An error means the old file is in place.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -195,12 +195,19 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
             .open(&temp)?;
         file.write_all(contents)?;
         file.sync_all()?;
-        fs::rename(&temp, path)?;
-        // The rename is durable only once the directory entry is.
-        File::open(dir)?.sync_all()
+        fs::rename(&temp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);
+        return result;
     }
-    result
+    // The rename is durable only once the directory entry is. Failing
+    // that, the new file is still the one every reader sees, so the write
+    // stands: reporting it failed would leave the caller believing the old
+    // one is in place. Only a power loss before the next flush could bring
+    // the old one back.
+    if let Err(error) = File::open(dir).and_then(|dir| dir.sync_all()) {
+        tracing::warn!(%error, dir = %dir.display(), "cannot flush the directory after replacing a file");
+    }
+    Ok(())
 }
