@@ -389,8 +389,17 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                 }
                 return false;
             }
+            // Read again for use: a token file that went away since the
+            // check refuses the reload, rather than turning auth off.
+            let token = match config.admin.token() {
+                Ok(token) => token,
+                Err(problem) => {
+                    tracing::error!(%problem, "config reload refused; the old one keeps running");
+                    return false;
+                }
+            };
             let access = Access {
-                token: config.admin.token().unwrap_or_default(),
+                token,
                 metrics_auth: config.admin.metrics_auth,
             };
             if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
