@@ -305,15 +305,6 @@ impl Config {
         }
         problems
     }
-
-    /// The salt the bucket is drawn with: `routing.salt`, else the canary's name.
-    pub fn salt(&self) -> Option<&str> {
-        self.routing.salt.as_deref().or(self
-            .versions
-            .canary
-            .as_ref()
-            .map(|(canary, _)| canary.name.as_str()))
-    }
 }
 
 impl AdminConfig {
@@ -465,9 +456,18 @@ pub(crate) fn keyed(
 
 /// Parses a duration written as `"250ms"`, `"30s"` or `"2h"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("{text:?} is not a duration such as \"250ms\", \"30s\" or \"2h\" ({e})")
-    })?;
+    let not_a_duration = |why: &dyn std::fmt::Display| {
+        format!("{text:?} is not a duration such as \"250ms\", \"30s\" or \"2h\" ({why})")
+    };
+    // humantime reads "3 0s" as 30 seconds: every part of a spaced
+    // duration ("1h 30m") must carry its own unit.
+    if text
+        .split_whitespace()
+        .any(|part| part.ends_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err(not_a_duration(&"a number without a unit"));
+    }
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| not_a_duration(&e))?;
     if duration > MAX_DURATION {
         return Err(format!(
             "{text:?} is longer than the 100 years a duration may be"
@@ -1874,7 +1874,13 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("100y").is_ok());
         assert!(parse_duration("101y").unwrap_err().contains("longer than"));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        for without_unit in ["3 0s", "30", "1h 30"] {
+            let error = parse_duration(without_unit).unwrap_err();
+            assert!(error.contains("without a unit"), "{without_unit}: {error}");
+        }
     }
+
     #[test]
     fn a_key_names_where_the_problem_is_and_an_unknown_field_once() {
         #[derive(Debug, Deserialize)]

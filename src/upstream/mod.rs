@@ -70,6 +70,15 @@ impl UpstreamAddr {
         let authority: Authority = rest
             .parse()
             .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:9001\""))?;
+        if let Some((_, port)) = rest.rsplit_once(':')
+            && !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_err()
+        {
+            return Err(format!(
+                "{text:?}: port {port} is out of range (1 to 65535)"
+            ));
+        }
         if authority.port_u16().is_none() || authority.host().is_empty() || rest.contains('@') {
             return Err(format!(
                 "{text:?} needs a host and a port, such as \"127.0.0.1:9001\""
@@ -407,5 +416,7 @@ pub(crate) mod tests {
         ] {
             assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
         }
+        let error = UpstreamAddr::parse("127.0.0.1:99999").unwrap_err();
+        assert!(error.contains("port 99999 is out of range"), "{error}");
     }
 }
