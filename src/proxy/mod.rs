@@ -351,6 +351,7 @@ mod access {
             agent.version = version,
             cohort = decision.cohort.as_str(),
             bucket = decision.bucket,
+            routed_by = decision.reason.as_str(),
             client.addr = %peer,
             status = status.as_u16(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -64,6 +64,18 @@ pub enum Reason {
     Default,
 }
 
+impl Reason {
+    /// The name the access log gives it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Key => "key",
+            Reason::Override => "override",
+            Reason::Default => "default",
+        }
+    }
+}
+
 /// The routing decision for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
