@@ -7,7 +7,7 @@
 //! once when a route table is built so that recording a request allocates
 //! nothing, and [`Counted`], a gauge held up by a guard. Does not own: when
 //! to record (the proxy's `handle` does, once per request), serving
-//! `/metrics` (`admin`), or the
+//! `/metrics` (`admin`, which renders it through [`retain_live_series`]), or the
 //! series of [`UPSTREAM_HEALTHY`], which `health` writes from the live table
 //! at each scrape (`health::write_gauges`).
 
@@ -268,6 +268,43 @@ impl VersionMetrics {
     pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].increment(1);
     }
+}
+
+/// Drops from a rendered scrape every series labelled with a `version`
+/// and a `cohort` that `is_live` says the route table no longer holds (a
+/// replaced canary, the stable version before a promotion, a removed
+/// shadow). The recorder keeps each series for the life of the process,
+/// and the handles a table resolves would stop counting if it forgot one;
+/// so a departed version leaves at render time, as the health gauges do
+/// (`health::write_gauges`), and a scrape neither grows with every release
+/// nor keeps a departed version's `in_flight` at its last value.
+#[must_use]
+pub fn retain_live_series(text: &str, is_live: impl Fn(&str, &str) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let departed = !line.starts_with('#')
+            && matches!(
+                (label(line, "version"), label(line, "cohort")),
+                (Some(version), Some(cohort)) if !is_live(version, cohort)
+            );
+        if !departed {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The value of label `name` in a sample line of the text exposition. The
+/// values Cohort writes hold no `,`, `"` or `}` (version names are checked
+/// for that), so the labels split on commas.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let (_, labels) = line.split_once('{')?;
+    let (labels, _) = labels.split_once('}')?;
+    labels.split(',').find_map(|pair| {
+        pair.strip_prefix(name)?
+            .strip_prefix("=\"")?
+            .strip_suffix('"')
+    })
 }
 
 /// Publishes the live table's weight and generation.

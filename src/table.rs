@@ -279,6 +279,19 @@ impl RouteTable {
             .chain(self.shadow.as_ref().map(|s| &s.version))
     }
 
+    /// Whether the table holds `version` in `cohort` (named as the metrics'
+    /// `cohort` label names it).
+    #[must_use]
+    pub fn holds(&self, version: &str, cohort: &str) -> bool {
+        let named = |v: &Version| v.name == version;
+        match cohort {
+            "stable" => named(&self.stable),
+            "canary" => self.canary.as_ref().is_some_and(|c| named(&c.version)),
+            "shadow" => self.shadow.as_ref().is_some_and(|s| named(&s.version)),
+            _ => false,
+        }
+    }
+
     /// A table for these versions. Versions of `previous` with the same name,
     /// upstreams and cohort are reused, so their round-robin cursors, metric
     /// handles and open streams carry over (and the shadow's client). A

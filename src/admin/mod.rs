@@ -196,8 +196,12 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
-                let mut text = self.metrics.render();
-                health::write_gauges(&self.control.table().snapshot(), &mut text);
+                let table = self.control.table().snapshot();
+                let mut text =
+                    crate::metrics::retain_live_series(&self.metrics.render(), |v, c| {
+                        table.holds(v, c)
+                    });
+                health::write_gauges(&table, &mut text);
                 let mut rsp = Response::new(Full::from(text));
                 rsp.headers_mut().insert(
                     CONTENT_TYPE,
