@@ -531,9 +531,26 @@ impl Control {
         let mut current = self.lock();
         self.save_unsaved(&mut current)?;
         if digest == current.saved.versions_digest {
+            let salt_before = self.table.load().salt.clone();
+            let keys_changed = policy.routing.sticky_keys != current.policy.routing.sticky_keys;
             current.policy = policy;
             self.install(&current.saved.live, &current.policy);
             tracing::info!("config reloaded; [versions] unchanged, the live state stays");
+            // The live state is the same, but users may not be where they
+            // were: the log says so, since it is a change of the route table.
+            let salt_changed = self.table.load().salt != salt_before;
+            if salt_changed || keys_changed {
+                let what = match (salt_changed, keys_changed) {
+                    (true, true) => "routing.salt and routing.sticky_keys",
+                    (true, false) => "routing.salt",
+                    _ => "routing.sticky_keys",
+                };
+                let reason =
+                    format!("config reloaded with a changed {what}: every user is placed anew");
+                tracing::warn!("{reason}");
+                let live = &current.saved.live;
+                self.write_audit("routing", Some(live), live, Some(&reason), "signal");
+            }
             return Ok(current.saved.live.clone());
         }
         let before = current.saved.live.clone();

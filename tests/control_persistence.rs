@@ -657,3 +657,42 @@ async fn a_plan_whose_start_was_cut_short_starts_on_the_next_start() {
     assert_eq!(starts, 1);
     assert_eq!(again.stop().await, Some(0));
 }
+
+/// A reload that changes the salt leaves the live state as it was, but
+/// places every user anew: a change of the route table, which the audit
+/// log records. A reload that changes nothing records nothing.
+#[tokio::test]
+async fn a_reload_that_changes_the_salt_is_in_the_audit_log() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(&[stable.addr], Some((&[canary.addr], 50.0)), "");
+    let audit = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .audit_log;
+    let server = support::start_cohort(&text).await;
+    let lines = audit_lines(&audit).len();
+    support::reload(&server, &text);
+    assert_eq!(audit_lines(&audit).len(), lines, "an unchanged reload");
+
+    let salted = text.replacen(
+        "[versions.stable]",
+        "[routing]\nsalt = \"pinned\"\n\n[versions.stable]",
+        1,
+    );
+    let live = support::reload(&server, &salted);
+    let logged = audit_lines(&audit);
+    assert_eq!(logged.len(), lines + 1, "{logged:#?}");
+    let last = logged.last().expect("a line");
+    assert_audit_shape(last);
+    assert_eq!(last["action"], "routing", "{last}");
+    assert_eq!(last["source"], "signal", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("routing.salt")),
+        "{last}"
+    );
+    assert_eq!(last["after"]["generation"], live.generation, "{last}");
+    server.shutdown().await;
+}
