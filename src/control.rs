@@ -700,7 +700,8 @@ impl Control {
     }
 
     /// Retries saving a live state that a failed write left in memory
-    /// only, every second until `stop` resolves.
+    /// only, and appending the audit lines a failed append held back,
+    /// every second until `stop` resolves.
     pub async fn keep_saved(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -715,6 +716,11 @@ impl Control {
                 && let Err(error) = self.save_unsaved(&mut current)
             {
                 tracing::warn!(%error, "the live state is still not saved");
+            }
+            match self.audit.retry() {
+                Ok(0) => {}
+                Ok(bytes) => tracing::info!(bytes, "the audit lines held back are appended now"),
+                Err(error) => tracing::warn!(%error, "the audit log still refuses its lines"),
             }
         }
     }
@@ -735,7 +741,7 @@ impl Control {
             source,
         };
         if let Err(error) = self.audit.append(&entry) {
-            tracing::error!(%error, action, "cannot append to the audit log");
+            tracing::error!(%error, action, "cannot append to the audit log; the line is kept and retried every second");
         }
     }
 

@@ -1,9 +1,11 @@
 //! The audit log: one JSON line per change of the live state.
 //!
 //! Owns: appending `{time, action, before, after, reason, source}` lines to
-//! `state.audit_log`, synced to disk before the change is acknowledged, and
-//! keeping the file whole lines when a write fails part way (a full disk).
-//! Does not own deciding what changed.
+//! `state.audit_log`, synced to disk before the change is acknowledged,
+//! keeping the file whole lines when a write fails part way (a full disk),
+//! and holding the lines a failed write could not append until a later
+//! append or [`AuditLog::retry`] gets them in, in order. Does not own
+//! deciding what changed.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -19,8 +21,22 @@ use super::now_rfc3339;
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    file: Mutex<Option<File>>,
+    writer: Mutex<Writer>,
 }
+
+#[derive(Debug)]
+struct Writer {
+    /// `None` after a failed write: opened again on the next, in case the
+    /// file was moved or replaced.
+    file: Option<File>,
+    /// Whole lines not yet in the file, oldest first.
+    pending: Vec<u8>,
+}
+
+/// The most the lines a failing disk keeps out of the log may hold in
+/// memory. Past it the oldest are dropped, and said to be: a disk that
+/// refuses for days must not take the process's memory with it.
+const MAX_PENDING: usize = 16 * 1024 * 1024;
 
 /// One line of the audit log.
 #[derive(Debug, Serialize)]
@@ -39,11 +55,16 @@ impl AuditLog {
         let file = open_for_append(&path)?;
         Ok(AuditLog {
             path,
-            file: Mutex::new(Some(file)),
+            writer: Mutex::new(Writer {
+                file: Some(file),
+                pending: Vec::new(),
+            }),
         })
     }
 
-    /// Appends `entry` with the current time and syncs it.
+    /// Appends `entry` with the current time and syncs it, after any lines
+    /// an earlier failure left pending. On an error the line is pending
+    /// too, for the next append or [`AuditLog::retry`].
     pub fn append<T: Serialize>(&self, entry: &Entry<'_, T>) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(&serde_json::json!({
             "time": now_rfc3339(),
@@ -55,31 +76,78 @@ impl AuditLog {
         }))
         .expect("audit entries serialise to JSON");
         line.push(b'\n');
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Opened again after a failure, in case the file was moved or replaced.
-        if file.is_none() {
-            *file = Some(open_for_append(&self.path)?);
+        let mut writer = self.lock();
+        writer.keep(&line);
+        writer.write_pending(&self.path)
+    }
+
+    /// Writes the lines a failed append left pending, if any: `Ok(0)` when
+    /// there were none, else how many bytes went in.
+    pub fn retry(&self) -> std::io::Result<usize> {
+        let mut writer = self.lock();
+        if writer.pending.is_empty() {
+            return Ok(0);
         }
-        let handle = file.as_mut().expect("opened above");
+        let bytes = writer.pending.len();
+        writer.write_pending(&self.path).map(|()| bytes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Writer {
+    /// Queues `line` behind the pending ones, dropping the oldest past
+    /// [`MAX_PENDING`].
+    fn keep(&mut self, line: &[u8]) {
+        self.pending.extend_from_slice(line);
+        if self.pending.len() > MAX_PENDING {
+            let excess = self.pending.len() - MAX_PENDING;
+            // Cut after a newline, so what stays is whole lines.
+            let cut = self.pending[excess..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(self.pending.len(), |at| excess + at + 1);
+            self.pending.drain(..cut);
+            tracing::error!(
+                bytes = cut,
+                "audit lines dropped: the log has refused them too long"
+            );
+        }
+    }
+
+    fn write_pending(&mut self, path: &Path) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(open_for_append(path)?);
+        }
+        let handle = self.file.as_mut().expect("opened above");
         let start = handle.metadata()?.len();
         // A line torn by a crash, or by a failure whose cut below failed
         // too, is ended rather than continued.
+        let mut torn = false;
         if start > 0 {
             let mut last = [0u8];
             handle.read_exact_at(&mut last, start - 1)?;
-            if last[0] != b'\n' {
-                line.insert(0, b'\n');
-            }
+            torn = last[0] != b'\n';
         }
-        let written = handle.write_all(&line).and_then(|()| handle.sync_data());
-        if written.is_err() {
-            // A full disk may take part of a line: cut it off, so that the
-            // log stays JSON lines.
-            let _ = handle.set_len(start);
-            *file = None;
+        let written = (if torn {
+            handle.write_all(b"\n")
+        } else {
+            Ok(())
+        })
+        .and_then(|()| handle.write_all(&self.pending))
+        .and_then(|()| handle.sync_data());
+        match written {
+            Ok(()) => self.pending.clear(),
+            Err(_) => {
+                // A full disk may take part of a line: cut it off, so that
+                // the log stays JSON lines.
+                let _ = handle.set_len(start);
+                self.file = None;
+            }
         }
         written
     }
@@ -101,6 +169,48 @@ fn open_for_append(path: &Path) -> std::io::Result<File> {
 mod tests {
     use super::{AuditLog, Entry};
 
+    fn entry(action: &str) -> Entry<'_, u8> {
+        Entry {
+            action,
+            before: None,
+            after: None,
+            reason: None,
+            source: "api",
+        }
+    }
+
+    /// The lines a full disk refused are appended, in order, once it takes
+    /// them again: by the next append, or by a retry.
+    #[test]
+    fn lines_a_full_disk_refused_go_in_once_it_takes_them() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let path = dir.path().join("audit.jsonl");
+        std::os::unix::fs::symlink("/dev/full", &path).expect("a log on a full device");
+        let log = AuditLog::open(path.clone()).expect("open the log");
+        assert!(
+            log.append(&entry("first")).is_err(),
+            "/dev/full took a line"
+        );
+        assert!(log.append(&entry("second")).is_err());
+        assert!(log.retry().is_err());
+
+        // The disk has room again.
+        std::fs::remove_file(&path).expect("remove the link");
+        let held = log.retry().expect("the held lines go in");
+        assert!(held > 0);
+        assert_eq!(log.retry().expect("nothing left"), 0);
+        log.append(&entry("third")).expect("append");
+        let text = std::fs::read_to_string(&path).expect("read the log");
+        let actions: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                line["action"].as_str().expect("an action").to_owned()
+            })
+            .collect();
+        assert_eq!(actions, ["first", "second", "third"], "{text}");
+    }
+
     #[test]
     fn a_torn_last_line_is_ended_before_the_next() {
         let dir = tempfile::tempdir().expect("a scratch directory");
@@ -111,15 +221,8 @@ mod tests {
         )
         .expect("a torn log");
         let log = AuditLog::open(path.clone()).expect("open the log");
-        let entry = Entry::<u8> {
-            action: "weight",
-            before: None,
-            after: None,
-            reason: None,
-            source: "api",
-        };
-        log.append(&entry).expect("append");
-        log.append(&entry).expect("append again");
+        log.append(&entry("weight")).expect("append");
+        log.append(&entry("weight")).expect("append again");
         let text = std::fs::read_to_string(&path).expect("read the log");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
