@@ -8,7 +8,8 @@
 //! `listen.workers` proxy workers, each a thread with its own single-threaded
 //! runtime, listening socket (`SO_REUSEPORT` on one address when there are
 //! several), `Proxy` and upstream connection pools, so a request never
-//! crosses threads; the admin listener, health checks and the rollout
+//! crosses threads (its shadow copy may: the shadow's pooled client is one
+//! for all workers); the admin listener, health checks and the rollout
 //! controller run on the caller's runtime. A reload that changes `[listen]`
 //! or `[upstream]` starts a new generation of workers on the same sockets
 //! (all of them, however many workers there are now) and drains the old

@@ -384,13 +384,8 @@ impl Shadow {
             let (body, tap) = CopyBody::channel(policy.shadow.max_body);
             (body, Some(tap))
         };
-        let mut copy = Request::new(body);
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.version_mut() = req.version();
-        *copy.headers_mut() = req.headers().clone();
         let mut copy = forward::upstream_request(
-            copy,
+            Request::from_parts(crate::upstream::copy_head(req), body),
             &policy.routing.version_header,
             &self.version.header_value,
             peer,

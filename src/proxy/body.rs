@@ -10,6 +10,9 @@
 //! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got (which the
 //! response timeout counts from) and whether it waits on its client.
+//! Does not own: when the response head is due (`Proxy::forward`), the
+//! HTTP/2 stream's send timeout (`h2stream`), or the metric names
+//! (`metrics`).
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -260,7 +260,7 @@ impl Proxy {
                 }
                 None => {
                     break Err(ProxyError::Timeout(format!(
-                        "no response headers within {response_timeout:?} of the request being sent"
+                        "no response headers within {response_timeout:?} of the request (or of the last of its body)"
                     )));
                 }
             };

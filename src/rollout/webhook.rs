@@ -4,6 +4,8 @@
 //! rollback and promotion, over `http://` or `https://` (trusting what
 //! `https://` upstreams are trusted with). Delivery runs in its own task and
 //! is never awaited, so a slow or failing webhook never delays a rollback.
+//! Does not own: when an event happens (the rollout `controller`), or what
+//! the state in it says (`state`).
 
 use std::sync::Arc;
 use std::time::Duration;
