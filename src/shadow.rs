@@ -223,6 +223,10 @@ pub struct CopyBody {
     frames: mpsc::Receiver<Bytes>,
     complete: Arc<AtomicBool>,
     abandoned: Arc<Notify>,
+    /// The copy of a request without a body: said so to hyper, which
+    /// otherwise frames a body of unknown length as chunked, and a `GET`
+    /// would reach the shadow with a `Transfer-Encoding` the real one lacks.
+    empty: bool,
 }
 
 impl CopyBody {
@@ -235,6 +239,7 @@ impl CopyBody {
             frames: rx,
             complete: Arc::clone(&complete),
             abandoned: Arc::clone(&abandoned),
+            empty: false,
         };
         let tap = Tap {
             frames: tx,
@@ -247,8 +252,9 @@ impl CopyBody {
 
     /// An empty, complete body.
     fn empty() -> CopyBody {
-        let (body, tap) = CopyBody::channel(0);
+        let (mut body, tap) = CopyBody::channel(0);
         tap.complete.store(true, Ordering::Release);
+        body.empty = true;
         body
     }
 }
@@ -265,6 +271,18 @@ impl Body for CopyBody {
             Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
             None if self.complete.load(Ordering::Acquire) => Poll::Ready(None),
             None => Poll::Ready(Some(Err("the shadow copy was abandoned".into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.empty
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.empty {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
         }
     }
 }

@@ -38,6 +38,7 @@ struct Seen {
     user: Option<String>,
     shadow_header: Option<String>,
     version_header: Option<String>,
+    transfer_encoding: Option<String>,
     /// The whole request body, or `None` if it could not be read whole.
     body: Option<Bytes>,
 }
@@ -85,11 +86,12 @@ impl ShadowBackend {
                 .get(name)
                 .map(|v| v.to_str().expect("printable").to_owned())
         };
-        let (method, user, shadow_header, version_header) = (
+        let (method, user, shadow_header, version_header, transfer_encoding) = (
             req.method().clone(),
             header("x-user"),
             header("x-cohort-shadow"),
             header("x-agent-version"),
+            header("transfer-encoding"),
         );
         let body = req.into_body().collect().await.ok().map(|b| b.to_bytes());
         let seen = Seen {
@@ -97,6 +99,7 @@ impl ShadowBackend {
             user,
             shadow_header,
             version_header,
+            transfer_encoding,
             body,
         };
         self.seen.lock().expect("not poisoned").push(seen);
@@ -172,6 +175,9 @@ async fn the_shadow_gets_exactly_the_keys_the_bucket_rule_picks() {
         assert_eq!(seen.method, Method::GET);
         assert_eq!(seen.shadow_header.as_deref(), Some("1"), "{seen:?}");
         assert_eq!(seen.version_header.as_deref(), Some("sh-keys"), "{seen:?}");
+        // A copy of a GET without a body has none either, as the real one.
+        assert_eq!(seen.transfer_encoding, None, "{seen:?}");
+        assert_eq!(seen.body.as_deref(), Some(&b""[..]), "{seen:?}");
     }
 
     // Its answers are counted under cohort="shadow", apart from stable's.
