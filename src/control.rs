@@ -600,7 +600,9 @@ impl Control {
 
     /// Applies `edit` to a copy of the live state; if it changed anything,
     /// persists it, swaps the table and audits it. A rollback swaps first,
-    /// so traffic leaves the canary even if the disk is slow or failing.
+    /// so traffic leaves the canary even if the disk is slow or failing. A
+    /// rollout's look ([`LOOK`]) that changed its progress alone is only
+    /// persisted, under the same generation.
     fn change(
         &self,
         action: &'static str,
@@ -635,6 +637,14 @@ impl Control {
             next.rollout_due = None;
         }
         let before = current.saved.live.clone();
+        if action == LOOK && only_the_rollout_differs(&next, &current.saved) {
+            // A rollout's look at its guardrails moves no request: saved,
+            // so a restart resumes from it, but not a new generation of
+            // the route table, nor an audit line every interval.
+            self.store.write(Some(before.generation), &next)?;
+            current.saved = next;
+            return Ok(current.saved.live.clone());
+        }
         next.live.generation = before.generation + 1;
         let swap_first = action == "rollback";
         if swap_first {
@@ -751,6 +761,17 @@ impl Control {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// The action of a rollout's look at its guardrails, saved as progress
+/// alone when that is all it changed (see [`Control::change`]).
+pub const LOOK: &str = "rollout_evaluation";
+
+/// Whether `next` differs from `saved` in the live state's `rollout` alone.
+fn only_the_rollout_differs(next: &SavedState, saved: &SavedState) -> bool {
+    let mut same = next.clone();
+    same.live.rollout.clone_from(&saved.live.rollout);
+    same == *saved
 }
 
 /// Parses the upstreams of an admin call: at least one, each once (as the

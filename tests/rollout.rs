@@ -885,6 +885,63 @@ async fn eval_score_below_its_floor_rolls_back() {
     );
 }
 
+/// A canary waiting at an approval gate still serves its share, so its
+/// guardrails are still judged there, as Argo Rollouts' background
+/// analysis runs through a pause: one that goes bad is rolled back at the
+/// gate, before anyone approves it. Looks that change nothing but the
+/// rollout's progress leave the route table's generation alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_goes_bad_at_an_approval_gate_is_rolled_back_there() {
+    let server = server_with_api_canary(
+        "inconclusive_limit = 1000\nstages = [ { weight = 20, duration = \"200ms\" }, \
+         { pause = true }, { weight = 50, duration = \"30s\" } ]",
+        "eval_score_min = 0.9",
+        "",
+    )
+    .await;
+    let admin = AdminApi::new(server.admin_addr());
+    let signal = |score: f64| {
+        let admin = admin.clone();
+        async move {
+            let body = json!({"version": CANARY, "eval_score": score});
+            let reply = admin.call(Method::POST, "/admin/signals", body).await;
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+    };
+    signal(0.95).await;
+    let started = admin
+        .call(Method::POST, "/admin/rollout", Value::Null)
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let paused = wait_state(&admin, "the approval gate", |s| {
+        rollout_phase(s) == "paused"
+    })
+    .await;
+    assert_eq!(paused["rollout"]["stage"], 1, "{paused:#}");
+    assert_eq!(paused["canary"]["weight"], 20.0, "{paused:#}");
+
+    // Looked at while paused: the evaluations go on, the generation stays.
+    let evaluations = paused["rollout"]["evaluations"].as_u64().expect("a count");
+    let looked = wait_state(&admin, "a look at the gate", |s| {
+        s["rollout"]["evaluations"].as_u64() > Some(evaluations + 1)
+    })
+    .await;
+    assert_eq!(rollout_phase(&looked), "paused", "{looked:#}");
+    assert_eq!(looked["generation"], paused["generation"], "{looked:#}");
+    assert_eq!(verdict(&looked, "eval_score"), "pass", "{looked:#}");
+
+    signal(0.5).await;
+    let state = wait_state(&admin, "the rollback at the gate", |s| {
+        s["status"] == "rolled_back" && rollout_phase(s) == "rolled_back"
+    })
+    .await;
+    assert_eq!(state["rollout"]["stage"], 1, "{state:#}");
+    assert_eq!(state["last_rollback"]["source"], "guardrail", "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    let reason = rollback_reason(&state);
+    assert!(reason.contains("eval_score: canary 0.5000"), "{reason:?}");
+}
+
 #[tokio::test]
 async fn a_malformed_plan_is_400_and_a_value_out_of_range_422() {
     let stable = Backend::start(STABLE).await;
@@ -1656,6 +1713,12 @@ async fn the_audit_log_says_who_moved_a_rollout() {
     assert_eq!(
         source_of("promote"),
         BTreeSet::from(["rollout"]),
+        "{sources:?}"
+    );
+    // A look at the guardrails that moves no one is saved, not logged.
+    assert_eq!(
+        source_of("rollout_evaluation"),
+        BTreeSet::new(),
         "{sources:?}"
     );
     // Every state written is one a start accepts: none says a rollout is

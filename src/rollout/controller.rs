@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::judge::{self, Verdict};
 use super::webhook::Webhooks;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
-use crate::control::{Control, ControlError};
+use crate::control::{Control, ControlError, LOOK};
 use crate::state::{LiveState, Source, by_field};
 use crate::table::Status;
 
@@ -622,6 +622,7 @@ impl Rollouts {
         self.webhooks
             .send(&plan.webhooks, "pause", &self.control.state());
         self.answer(approval);
+        let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
                 // A command first: an abort must not pass for a change made outside.
@@ -642,9 +643,57 @@ impl Rollouts {
                     None => return Err(orphaned().into()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
-                () = tokio::time::sleep(plan.interval) => self.still_ours(progress)?,
+                () = tokio::time::sleep_until(next_look) => {
+                    next_look = Instant::now() + plan.interval;
+                    self.still_ours(progress)?;
+                    self.look_while_paused(plan, progress)?;
+                }
             }
         }
+    }
+
+    /// A look at the guardrails while the rollout waits for a person. The
+    /// canary still serves its share meanwhile, so, as Argo Rollouts'
+    /// background analysis runs through a pause, a guardrail whose run of
+    /// failures reaches the limit rolls it back; a lack of data only waits,
+    /// as the pause does already.
+    fn look_while_paused(&self, plan: &RolloutConfig, progress: &mut Progress) -> Result<(), Stop> {
+        let (_, tripped) = self.look(plan, progress);
+        progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
+        progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
+        let failed: Vec<String> = tripped
+            .into_iter()
+            .filter(|t| t != judge::INCONCLUSIVE_RUN)
+            .collect();
+        if !failed.is_empty() {
+            return Err(rolled_back(progress, &failed, plan));
+        }
+        self.save_or_end(progress, LOOK, BY_ROLLOUT)?;
+        Ok(())
+    }
+
+    /// One look at the guardrails over the versions' windows, recorded in
+    /// `progress`: the overall verdict, and the guardrails whose run of
+    /// failed looks reached the plan's `failure_limit` (the inconclusive
+    /// run among them; see [`judge::count_failures`]).
+    fn look(&self, plan: &RolloutConfig, progress: &mut Progress) -> (Verdict, Vec<String>) {
+        progress.evaluations += 1;
+        let evaluation = judge::evaluate(
+            &self.control.table().snapshot(),
+            plan,
+            u32::try_from(progress.evaluations).unwrap_or(u32::MAX),
+            &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        let verdict = judge::overall(&evaluation);
+        let tripped = judge::count_failures(
+            &mut progress.failure_runs,
+            &mut progress.consecutive_inconclusive,
+            &evaluation,
+            plan,
+        );
+        progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
+        progress.last_evaluation = evaluation;
+        (verdict, tripped)
     }
 
     async fn weight_stage(
@@ -709,25 +758,9 @@ impl Rollouts {
             next_look = Instant::now() + plan.interval;
             self.still_ours(progress)?;
             let elapsed = clock.elapsed();
-            progress.evaluations += 1;
-            let evaluation = judge::evaluate(
-                &self.control.table().snapshot(),
-                plan,
-                u32::try_from(progress.evaluations).unwrap_or(u32::MAX),
-                &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
-            );
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
-            let verdict = judge::overall(&evaluation);
-            let tripped = judge::count_failures(
-                &mut progress.failure_runs,
-                &mut progress.consecutive_inconclusive,
-                &evaluation,
-                plan,
-            );
-            progress.consecutive_failures =
-                progress.failure_runs.values().copied().max().unwrap_or(0);
-            progress.last_evaluation = evaluation;
+            let (verdict, tripped) = self.look(plan, progress);
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
@@ -756,14 +789,9 @@ impl Rollouts {
                 continue;
             }
             if !tripped.is_empty() {
-                progress.reason = Some(judge::failure_reason(
-                    &progress.last_evaluation,
-                    &tripped,
-                    plan.failure_limit,
-                ));
-                return Err(Phase::RolledBack.into());
+                return Err(rolled_back(progress, &tripped, plan));
             }
-            self.save_or_end(progress, "rollout_evaluation", BY_ROLLOUT)?;
+            self.save_or_end(progress, LOOK, BY_ROLLOUT)?;
             // A stage ends only on a passing evaluation: an inconclusive one
             // (too little data, or a canary that measures past a limit
             // without proof yet) waits, and a failing one (a guardrail, or
@@ -917,6 +945,16 @@ impl Rollouts {
             live.rollout = Some(value);
         })
     }
+}
+
+/// The rollback the guardrails in `tripped` call for, their values in its reason.
+fn rolled_back(progress: &mut Progress, tripped: &[String], plan: &RolloutConfig) -> Stop {
+    progress.reason = Some(judge::failure_reason(
+        &progress.last_evaluation,
+        tripped,
+        plan.failure_limit,
+    ));
+    Phase::RolledBack.into()
 }
 
 /// Whether `live` still has `canary` as its canary, not rolled back, with a
