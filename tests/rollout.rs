@@ -1331,7 +1331,7 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
     let canary = Backend::start(CANARY).await;
     let plan = "min_requests = 10\ninconclusive_limit = 1000\n\
                 stages = [ { weight = 10, duration = \"30s\" }, { weight = 100, duration = \"30s\" } ]";
-    let extra = rollout_table(plan, "p95_latency_ms_max = 8000");
+    let extra = rollout_table(plan, "p95_latency_ms_max = 8000\neval_score_min = 0.5");
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
     let state_file = cohort::config::Config::parse(&text, "test")
         .expect("a valid config")
@@ -1343,10 +1343,14 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
     let first = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(first.admin);
     let traffic = Traffic::start(first.proxy, 2);
+    let body = json!({"version": CANARY, "eval_score": 0.95});
+    let reported = admin.call(Method::POST, "/admin/signals", body).await;
+    assert_eq!(reported.status, StatusCode::OK, "{reported:?}");
     // Five evaluations, at least an interval apart: at least 500 ms saved.
     let before = wait_state(&admin, "evaluations in the first stage", |s| {
         s["rollout"]["evaluations"].as_u64().is_some_and(|n| n >= 5)
             && verdict(s, "p95_latency_ms") == "pass"
+            && verdict(s, "eval_score") == "pass"
     })
     .await;
     drop(traffic);
@@ -1404,6 +1408,13 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
     drop(traffic);
     assert_eq!(later["rollout"]["stage"], 0, "{later:#}");
     assert_eq!(rollout_phase(&later), "progressing", "{later:#}");
+    // The score reported before the restart is still the canary's.
+    assert_eq!(verdict(&later, "eval_score"), "pass", "{later:#}");
+    assert_eq!(
+        evaluation(&later, "eval_score").map(|e| e["canary"].clone()),
+        Some(json!(0.95)),
+        "{later:#}"
+    );
     assert!(
         later["rollout"]["stage_elapsed_ms"]
             .as_u64()

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::judge::{self, Verdict};
+use super::stats;
 use super::webhook::Webhooks;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError, LOOK};
@@ -372,6 +373,19 @@ impl Rollouts {
             elapsed_ms = progress.stage_elapsed_ms,
             "resuming the rollout"
         );
+        // The canary's score as of the last look, which saved it: a score
+        // reported since is lost with the process, as its time is.
+        let saved_score = progress
+            .last_evaluation
+            .iter()
+            .find(|e| e.guardrail == stats::EVAL_SCORE)
+            .and_then(|e| e.canary);
+        if let Some(score) = saved_score {
+            self.eval_scores
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(progress.canary.clone(), score);
+        }
         *self.running() = Some(self.spawn(plan, progress));
         Ok(true)
     }

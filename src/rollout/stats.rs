@@ -129,6 +129,10 @@ pub struct Look {
 /// (success rate; p95 latency in milliseconds for both p95 guardrails; mean
 /// tokens per request; the reported eval score for the canary), `None` when
 /// the cohort has no data for it. `limit` is the configured limit in the
+/// The guardrail that judges the score reported from outside
+/// (`POST /admin/signals`); its evaluation's `canary` is that score.
+pub const EVAL_SCORE: &str = "eval_score";
+
 /// guardrail's own terms: a floor, a drop, a ratio, milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
@@ -332,7 +336,7 @@ pub fn evaluate(
             Some(score) if score < floor => Verdict::Fail,
             Some(_) => Verdict::Pass,
         };
-        push("eval_score", None, eval_score, floor, verdict);
+        push(EVAL_SCORE, None, eval_score, floor, verdict);
     }
     out
 }
