@@ -459,12 +459,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let not_a_duration = |why: &dyn std::fmt::Display| {
         format!("{text:?} is not a duration such as \"250ms\", \"30s\" or \"2h\" ({why})")
     };
-    // humantime reads "3 0s" as 30 seconds: every part of a spaced
-    // duration ("1h 30m") must carry its own unit.
-    if text
-        .split_whitespace()
-        .any(|part| part.ends_with(|c: char| c.is_ascii_digit()))
-    {
+    // humantime reads "3 0s" as 30 seconds. A number may stand apart from
+    // its unit ("30 s"), but not from another number, nor end the text.
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let ends_in_digit = |part: &str| part.ends_with(|c: char| c.is_ascii_digit());
+    let starts_with_digit = |part: &str| part.starts_with(|c: char| c.is_ascii_digit());
+    let number_alone = parts.last().is_some_and(|last| ends_in_digit(last))
+        || parts
+            .windows(2)
+            .any(|pair| ends_in_digit(pair[0]) && starts_with_digit(pair[1]));
+    if number_alone {
         return Err(not_a_duration(&"a number without a unit"));
     }
     let duration = humantime::parse_duration(text.trim()).map_err(|e| not_a_duration(&e))?;
@@ -1875,6 +1879,8 @@ mod tests {
         assert!(parse_duration("100y").is_ok());
         assert!(parse_duration("101y").unwrap_err().contains("longer than"));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("30 s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h 30 m"), Ok(Duration::from_secs(5400)));
         for without_unit in ["3 0s", "30", "1h 30"] {
             let error = parse_duration(without_unit).unwrap_err();
             assert!(error.contains("without a unit"), "{without_unit}: {error}");
