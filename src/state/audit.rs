@@ -24,6 +24,8 @@ pub struct AuditLog {
     writer: Mutex<Writer>,
 }
 
+/// The open file and the lines it has yet to take, under one lock so that
+/// lines go in in the order they came.
 #[derive(Debug)]
 struct Writer {
     /// `None` after a failed write: opened again on the next, in case the
@@ -77,7 +79,7 @@ impl AuditLog {
         .expect("audit entries serialise to JSON");
         line.push(b'\n');
         let mut writer = self.lock();
-        writer.keep(&line);
+        writer.keep(&line, MAX_PENDING);
         writer.write_pending(&self.path)
     }
 
@@ -100,17 +102,18 @@ impl AuditLog {
 }
 
 impl Writer {
-    /// Queues `line` behind the pending ones, dropping the oldest past
-    /// [`MAX_PENDING`].
-    fn keep(&mut self, line: &[u8]) {
+    /// Queues `line` behind the pending ones, dropping the oldest whole
+    /// lines past `limit` bytes.
+    fn keep(&mut self, line: &[u8], limit: usize) {
         self.pending.extend_from_slice(line);
-        if self.pending.len() > MAX_PENDING {
-            let excess = self.pending.len() - MAX_PENDING;
+        if self.pending.len() > limit {
+            let excess = self.pending.len() - limit;
             // Cut after a newline, so what stays is whole lines.
-            let cut = self.pending[excess..]
+            // (`excess` is at least 1: `pending` is over the limit.)
+            let cut = self.pending[excess - 1..]
                 .iter()
                 .position(|&b| b == b'\n')
-                .map_or(self.pending.len(), |at| excess + at + 1);
+                .map_or(self.pending.len(), |at| excess + at);
             self.pending.drain(..cut);
             tracing::error!(
                 bytes = cut,
@@ -177,6 +180,20 @@ mod tests {
             reason: None,
             source: "api",
         }
+    }
+
+    #[test]
+    fn past_the_limit_the_oldest_whole_lines_go() {
+        let mut writer = super::Writer {
+            file: None,
+            pending: Vec::new(),
+        };
+        for line in [&b"aaa\n"[..], b"bbb\n", b"ccc\n"] {
+            writer.keep(line, 8);
+        }
+        assert_eq!(writer.pending, b"bbb\nccc\n");
+        writer.keep(b"dddddd\n", 8);
+        assert_eq!(writer.pending, b"dddddd\n");
     }
 
     /// The lines a full disk refused are appended, in order, once it takes
