@@ -243,22 +243,34 @@ impl Control {
         self.promote_recording(force, source, None)
     }
 
-    /// Promotes the canary at the end of its rollout, recording the
+    /// Promotes `canary` at the end of its rollout, recording the
     /// rollout's last `progress` in the same write: a crash cannot leave
-    /// the rollout's end saved without the promotion it implies.
-    pub fn promote_rollout(&self, progress: serde_json::Value) -> Result<LiveState, ControlError> {
+    /// the rollout's end saved without the promotion it implies. Refused
+    /// if `canary` is no longer the live canary.
+    pub fn promote_rollout(
+        &self,
+        canary: &str,
+        progress: serde_json::Value,
+    ) -> Result<LiveState, ControlError> {
         // The plan's guardrails have judged the canary on real traffic,
         // which stands in for the health check a promotion asks for.
-        self.promote_recording(true, "rollout", Some(progress))
+        self.promote_recording(true, "rollout", Some((canary, progress)))
     }
 
     fn promote_recording(
         &self,
         force: bool,
         source: &'static str,
-        rollout: Option<serde_json::Value>,
+        rollout: Option<(&str, serde_json::Value)>,
     ) -> Result<LiveState, ControlError> {
         self.change("promote", None, source, |live| {
+            if let Some((rolled_out, _)) = &rollout
+                && live.canary.as_ref().is_none_or(|c| c.name != *rolled_out)
+            {
+                return Err(ControlError::Conflict(format!(
+                    "the canary is no longer {rolled_out:?}, whose rollout ended"
+                )));
+            }
             let canary = live
                 .canary
                 .take()
@@ -287,7 +299,7 @@ impl Control {
             };
             live.status = Status::Steady;
             match rollout {
-                Some(progress) => live.rollout = Some(progress),
+                Some((_, progress)) => live.rollout = Some(progress),
                 None => live.supersede_rollout(),
             }
             Ok(())
@@ -532,22 +544,37 @@ impl Control {
         self.save_unsaved(&mut current)?;
         if digest == current.saved.versions_digest {
             let salt_before = self.table.load().salt.clone();
-            let keys_changed = policy.routing.sticky_keys != current.policy.routing.sticky_keys;
+            let keys_before = current.policy.routing.sticky_keys.clone();
             current.policy = policy;
             self.install(&current.saved.live, &current.policy);
             tracing::info!("config reloaded; [versions] unchanged, the live state stays");
             // The live state is the same, but users may not be where they
             // were: the log says so, since it is a change of the route table.
-            let salt_changed = self.table.load().salt != salt_before;
-            if salt_changed || keys_changed {
-                let what = match (salt_changed, keys_changed) {
-                    (true, true) => "routing.salt and routing.sticky_keys",
-                    (true, false) => "routing.salt",
-                    _ => "routing.sticky_keys",
+            let salt = &self.table.load().salt;
+            let keys = &current.policy.routing.sticky_keys;
+            let mut changed = Vec::new();
+            if *salt != salt_before {
+                changed.push(format!("the salt from {salt_before:?} to {salt:?}"));
+            }
+            if *keys != keys_before {
+                let list = |keys: &[crate::routing::key::KeySource]| {
+                    keys.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
-                let reason =
-                    format!("config reloaded with a changed {what}: every user is placed anew");
-                tracing::warn!("{reason}");
+                changed.push(format!(
+                    "routing.sticky_keys from [{}] to [{}]",
+                    list(&keys_before),
+                    list(keys)
+                ));
+            }
+            if !changed.is_empty() {
+                let reason = format!(
+                    "config reloaded with {}: every user is placed anew",
+                    changed.join(" and ")
+                );
+                tracing::warn!(%reason, "routing changed");
                 let live = &current.saved.live;
                 self.write_audit("routing", Some(live), live, Some(&reason), "signal");
             }
@@ -600,9 +627,7 @@ impl Control {
 
     /// Applies `edit` to a copy of the live state; if it changed anything,
     /// persists it, swaps the table and audits it. A rollback swaps first,
-    /// so traffic leaves the canary even if the disk is slow or failing. A
-    /// rollout's look ([`LOOK`]) that changed its progress alone is only
-    /// persisted, under the same generation.
+    /// so traffic leaves the canary even if the disk is slow or failing.
     fn change(
         &self,
         action: &'static str,
@@ -611,6 +636,31 @@ impl Control {
         edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         self.change_saved(action, reason, source, |saved| edit(&mut saved.live))
+    }
+
+    /// Saves a rollout's look at its guardrails. One that changed the
+    /// rollout's progress alone (no weight, status or version) moves no
+    /// request: it is written to the state file, so a restart resumes from
+    /// it, but under the same generation and with no audit line, so
+    /// neither counts looks. Any other is saved as
+    /// [`Control::rollout_change`] saves it.
+    pub fn rollout_look(
+        &self,
+        edit: impl FnOnce(&mut LiveState),
+    ) -> Result<LiveState, ControlError> {
+        let mut current = self.lock();
+        self.save_unsaved(&mut current)?;
+        let mut next = current.saved.clone();
+        edit(&mut next.live);
+        if !only_the_rollout_differs(&next, &current.saved) {
+            return self.commit(&mut current, LOOK, None, "rollout", next);
+        }
+        if next != current.saved {
+            self.store
+                .write(Some(current.saved.live.generation), &next)?;
+            current.saved = next;
+        }
+        Ok(current.saved.live.clone())
     }
 
     /// [`Control::change`], for an edit that also records where the state
@@ -626,6 +676,19 @@ impl Control {
         self.save_unsaved(&mut current)?;
         let mut next = current.saved.clone();
         edit(&mut next)?;
+        self.commit(&mut current, action, reason, source, next)
+    }
+
+    /// Makes `next` the live state, if it differs from the current one:
+    /// see [`Control::change`].
+    fn commit(
+        &self,
+        current: &mut Current,
+        action: &'static str,
+        reason: Option<&str>,
+        source: &'static str,
+        mut next: SavedState,
+    ) -> Result<LiveState, ControlError> {
         if next == current.saved {
             return Ok(next.live);
         }
@@ -637,14 +700,6 @@ impl Control {
             next.rollout_due = None;
         }
         let before = current.saved.live.clone();
-        if action == LOOK && only_the_rollout_differs(&next, &current.saved) {
-            // A rollout's look at its guardrails moves no request: saved,
-            // so a restart resumes from it, but not a new generation of
-            // the route table, nor an audit line every interval.
-            self.store.write(Some(before.generation), &next)?;
-            current.saved = next;
-            return Ok(current.saved.live.clone());
-        }
         next.live.generation = before.generation + 1;
         let swap_first = action == "rollback";
         if swap_first {
@@ -706,7 +761,13 @@ impl Control {
     /// the process exits; `Ok` when nothing is left unsaved.
     pub fn save_before_exit(&self) -> Result<(), ControlError> {
         let mut current = self.lock();
-        self.save_unsaved(&mut current)
+        let saved = self.save_unsaved(&mut current);
+        // Audit lines held back are lost with the process, unless the disk
+        // takes them now.
+        if let Err(error) = self.audit.retry() {
+            tracing::error!(%error, "audit lines held back are lost: the log still refuses them");
+        }
+        saved
     }
 
     /// Retries saving a live state that a failed write left in memory
@@ -721,12 +782,15 @@ impl Control {
                 _ = tick.tick() => {}
                 () = &mut stop => return,
             }
-            let mut current = self.lock();
-            if current.unsaved.is_some()
-                && let Err(error) = self.save_unsaved(&mut current)
             {
-                tracing::warn!(%error, "the live state is still not saved");
+                let mut current = self.lock();
+                if current.unsaved.is_some()
+                    && let Err(error) = self.save_unsaved(&mut current)
+                {
+                    tracing::warn!(%error, "the live state is still not saved");
+                }
             }
+            // Without the state's lock: a slow disk must not hold up changes.
             match self.audit.retry() {
                 Ok(0) => {}
                 Ok(bytes) => tracing::info!(bytes, "the audit lines held back are appended now"),
@@ -763,9 +827,9 @@ impl Control {
     }
 }
 
-/// The action of a rollout's look at its guardrails, saved as progress
-/// alone when that is all it changed (see [`Control::change`]).
-pub const LOOK: &str = "rollout_evaluation";
+/// The audit action of a rollout's look that changed more than its
+/// progress (see [`Control::rollout_look`]).
+const LOOK: &str = "rollout_evaluation";
 
 /// Whether `next` differs from `saved` in the live state's `rollout` alone.
 fn only_the_rollout_differs(next: &SavedState, saved: &SavedState) -> bool {

@@ -26,7 +26,7 @@ use super::judge::{self, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
-use crate::control::{Control, ControlError, LOOK};
+use crate::control::{Control, ControlError};
 use crate::state::{LiveState, Source, by_field};
 use crate::table::Status;
 
@@ -135,6 +135,12 @@ pub struct Progress {
     /// Evaluations in a row whose overall verdict was inconclusive.
     pub consecutive_inconclusive: u32,
     pub evaluations: u64,
+    /// Of `evaluations`, those made while a pause waited for approval,
+    /// which the guardrails' level is spent on apart (see
+    /// `spending_index`). Absent from state files written before pauses
+    /// were judged.
+    #[serde(default)]
+    pub pause_looks: u64,
     /// Every guardrail's last evaluation: stable value, canary value, limit, verdict.
     pub last_evaluation: Vec<judge::Evaluation>,
     pub reason: Option<String>,
@@ -353,6 +359,7 @@ impl Rollouts {
             failure_runs: judge::FailureRuns::new(),
             consecutive_inconclusive: 0,
             evaluations: 0,
+            pause_looks: 0,
             last_evaluation: Vec::new(),
             reason: None,
         };
@@ -657,7 +664,9 @@ impl Rollouts {
                     None => return Err(orphaned().into()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
-                () = tokio::time::sleep_until(next_look) => {
+                // A canary at 0% serves no one: nothing to judge, and
+                // nothing a rollback would protect.
+                () = tokio::time::sleep_until(next_look), if progress.weight > 0.0 => {
                     next_look = Instant::now() + plan.interval;
                     self.still_ours(progress)?;
                     self.look_while_paused(plan, progress)?;
@@ -672,7 +681,7 @@ impl Rollouts {
     /// failures reaches the limit rolls it back; a lack of data only waits,
     /// as the pause does already.
     fn look_while_paused(&self, plan: &RolloutConfig, progress: &mut Progress) -> Result<(), Stop> {
-        let (_, tripped) = self.look(plan, progress);
+        let (_, tripped) = self.look(plan, progress, Pausing::Yes);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
         progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
         let failed: Vec<String> = tripped
@@ -680,22 +689,35 @@ impl Rollouts {
             .filter(|t| t != judge::INCONCLUSIVE_RUN)
             .collect();
         if !failed.is_empty() {
-            return Err(rolled_back(progress, &failed, plan));
+            return Err(rollback_for(progress, &failed, plan));
         }
-        self.save_or_end(progress, LOOK, BY_ROLLOUT)?;
-        Ok(())
+        self.save_look(progress)
     }
 
     /// One look at the guardrails over the versions' windows, recorded in
     /// `progress`: the overall verdict, and the guardrails whose run of
     /// failed looks reached the plan's `failure_limit` (the inconclusive
     /// run among them; see [`judge::count_failures`]).
-    fn look(&self, plan: &RolloutConfig, progress: &mut Progress) -> (Verdict, Vec<String>) {
+    fn look(
+        &self,
+        plan: &RolloutConfig,
+        progress: &mut Progress,
+        pausing: Pausing,
+    ) -> (Verdict, Vec<String>) {
         progress.evaluations += 1;
+        if pausing == Pausing::Yes {
+            progress.pause_looks += 1;
+        }
+        let index = spending_index(
+            progress.evaluations,
+            progress.pause_looks,
+            stats::planned_looks(plan),
+            pausing,
+        );
         let evaluation = judge::evaluate(
             &self.control.table().snapshot(),
             plan,
-            u32::try_from(progress.evaluations).unwrap_or(u32::MAX),
+            u32::try_from(index).unwrap_or(u32::MAX),
             &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
         );
         let verdict = judge::overall(&evaluation);
@@ -774,7 +796,7 @@ impl Rollouts {
             let elapsed = clock.elapsed();
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
-            let (verdict, tripped) = self.look(plan, progress);
+            let (verdict, tripped) = self.look(plan, progress, Pausing::No);
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
@@ -803,9 +825,9 @@ impl Rollouts {
                 continue;
             }
             if !tripped.is_empty() {
-                return Err(rolled_back(progress, &tripped, plan));
+                return Err(rollback_for(progress, &tripped, plan));
             }
-            self.save_or_end(progress, LOOK, BY_ROLLOUT)?;
+            self.save_look(progress)?;
             // A stage ends only on a passing evaluation: an inconclusive one
             // (too little data, or a canary that measures past a limit
             // without proof yet) waits, and a failing one (a guardrail, or
@@ -841,12 +863,16 @@ impl Rollouts {
                     .and_then(|_| self.save(&progress, action, source.as_str(), Some(&reason)))
             }
             Phase::Promoted => self.control.promote_rollout(
+                &progress.canary,
                 serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
             ),
             Phase::Held => self
                 .control
                 .rollout_change("rollout_done", None, BY_ROLLOUT, |live| {
-                    live.status = Status::Steady;
+                    // A rollback just before keeps its latch.
+                    if matches!(live.status, Status::Progressing | Status::Paused) {
+                        live.status = Status::Steady;
+                    }
                     live.rollout = serde_json::to_value(&progress).ok();
                 }),
             // A superseded rollout records that, and no longer holds the
@@ -922,6 +948,17 @@ impl Rollouts {
             })
     }
 
+    /// Saves a look's `progress` (see [`Control::rollout_look`]). One that
+    /// cannot be saved ends nothing, unlike a stage's: a look puts nothing
+    /// into effect, and the next one saves again.
+    fn save_look(&self, progress: &mut Progress) -> Result<(), Stop> {
+        self.still_ours(progress)?;
+        if let Err(error) = self.control.rollout_look(progress_edit(progress, false)) {
+            tracing::warn!(%error, "cannot save the rollout's look; the next one tries again");
+        }
+        Ok(())
+    }
+
     /// Writes `progress` into the live state with the weight and status it implies.
     fn save(
         &self,
@@ -930,39 +967,73 @@ impl Rollouts {
         source: &'static str,
         reason: Option<&str>,
     ) -> Result<LiveState, ControlError> {
-        let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
-        self.control.rollout_change(action, reason, source, |live| {
-            if progress.phase.is_active() {
-                // Checked again under the state's lock: a rollback, promote or
-                // new canary since `still_ours` must not be undone by this
-                // save. The next `still_ours` ends the rollout. (The first
-                // save makes it ours, if its canary is still there and was
-                // not rolled back meanwhile.)
-                let startable = action == START
-                    && live.status != Status::RolledBack
-                    && live
-                        .canary
-                        .as_ref()
-                        .is_some_and(|c| c.name == progress.canary);
-                if !startable && !is_ours(live, &progress.canary) {
-                    return;
-                }
-                if let Some(canary) = live.canary.as_mut() {
-                    canary.weight = progress.weight;
-                }
-                live.status = if progress.phase == Phase::Paused {
-                    Status::Paused
-                } else {
-                    Status::Progressing
-                };
+        self.control.rollout_change(
+            action,
+            reason,
+            source,
+            progress_edit(progress, action == START),
+        )
+    }
+}
+
+/// The edit that writes `progress` into the live state with the weight
+/// and status it implies; `starting` for the rollout's first save.
+fn progress_edit(progress: &Progress, starting: bool) -> impl FnOnce(&mut LiveState) + '_ {
+    let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
+    move |live| {
+        if progress.phase.is_active() {
+            // Checked again under the state's lock: a rollback, promote or
+            // new canary since `still_ours` must not be undone by this
+            // save. The next `still_ours` ends the rollout. (The first
+            // save makes it ours, if its canary is still there and was
+            // not rolled back meanwhile.)
+            let startable = starting
+                && live.status != Status::RolledBack
+                && live
+                    .canary
+                    .as_ref()
+                    .is_some_and(|c| c.name == progress.canary);
+            if !startable && !is_ours(live, &progress.canary) {
+                return;
             }
-            live.rollout = Some(value);
-        })
+            if let Some(canary) = live.canary.as_mut() {
+                canary.weight = progress.weight;
+            }
+            live.status = if progress.phase == Phase::Paused {
+                Status::Paused
+            } else {
+                Status::Progressing
+            };
+        }
+        live.rollout = Some(value);
+    }
+}
+
+/// Whether a look is made while a pause waits for approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pausing {
+    Yes,
+    No,
+}
+
+/// Where the look just counted (the rollout's `looks`th, its
+/// `pause_looks`th at a pause if `pausing`) falls in the plan of spending
+/// the guardrails' level (see the module doc of `stats`): a weighted
+/// stage's looks, up to the `planned` ones, take the planned places; every
+/// other look (at a pause, or past the plan) takes the next place after
+/// them, so a long wait at a gate spends none of the planned looks' share.
+fn spending_index(looks: u64, pause_looks: u64, planned: u32, pausing: Pausing) -> u64 {
+    let planned = u64::from(planned);
+    let stage_looks = looks.saturating_sub(pause_looks);
+    if pausing == Pausing::No && stage_looks <= planned {
+        stage_looks
+    } else {
+        planned + stage_looks.saturating_sub(planned) + pause_looks
     }
 }
 
 /// The rollback the guardrails in `tripped` call for, their values in its reason.
-fn rolled_back(progress: &mut Progress, tripped: &[String], plan: &RolloutConfig) -> Stop {
+fn rollback_for(progress: &mut Progress, tripped: &[String], plan: &RolloutConfig) -> Stop {
     progress.reason = Some(judge::failure_reason(
         &progress.last_evaluation,
         tripped,
@@ -1021,6 +1092,37 @@ mod tests {
 
     /// `rollout` in a state file written before failure runs were kept per
     /// guardrail.
+    /// Looks at a pause take places after the planned ones, one each, and
+    /// leave the planned places to the stage looks after them.
+    #[test]
+    fn looks_at_a_pause_spend_none_of_the_planned_share() {
+        let mut looks = 0;
+        let mut pause_looks = 0;
+        let mut look = |pausing: Pausing| {
+            looks += 1;
+            if pausing == Pausing::Yes {
+                pause_looks += 1;
+            }
+            spending_index(looks, pause_looks, 4, pausing)
+        };
+        let indexes: Vec<u64> = [
+            Pausing::No,
+            Pausing::No,
+            Pausing::Yes,
+            Pausing::Yes,
+            Pausing::No,
+            Pausing::No,
+            Pausing::No,
+            Pausing::Yes,
+        ]
+        .into_iter()
+        .map(&mut look)
+        .collect();
+        // Stage looks 1 to 4 are planned; the pause's and the overrun's
+        // take 5, 6, 7 and 8 in the order they come.
+        assert_eq!(indexes, [1, 2, 5, 6, 3, 4, 7, 8]);
+    }
+
     fn saved_by_an_older_version() -> Value {
         json!({
             "plan": {"stages": [{"weight": 10, "duration": "1h"}]},

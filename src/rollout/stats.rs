@@ -84,10 +84,13 @@
 //! such assumption.
 //!
 //! Look `k` of `P` planned looks gets `0.9 * alpha / P`. Looks beyond the
-//! plan (a pause that waits for approval, a held last stage) share the
-//! remaining `0.1 * alpha` as `0.1 * alpha * P / (k * (k - 1))`, a series
-//! that sums to it, so no number of extra looks can spend more than
-//! `alpha`. Each look's level is divided equally among the statistical
+//! plan (a held last stage, and every look while a pause waits for
+//! approval) share the remaining `0.1 * alpha` as
+//! `0.1 * alpha * P / (k * (k - 1))`, numbered `k = P + 1, P + 2, ...` in
+//! the order they come, a series that sums to it, so no number of extra
+//! looks can spend more than `alpha`. A look at a pause is never one of the
+//! planned ones, so a long wait at a gate leaves their share to the stages
+//! after it. Each look's level is divided equally among the statistical
 //! guardrails judged at that look. Requiring `failure_limit` failures in a row
 //! lowers the false-rollback rate further; no credit is taken for it.
 
@@ -123,16 +126,16 @@ pub struct Look {
     pub planned: u32,
 }
 
+/// The guardrail that judges the score reported from outside
+/// (`POST /admin/signals`); its evaluation's `canary` is that score.
+pub const EVAL_SCORE: &str = "eval_score";
+
 /// One guardrail's evaluation, as `GET /admin/state` shows it.
 ///
 /// `stable` and `canary` are each cohort's value of the measured quantity
 /// (success rate; p95 latency in milliseconds for both p95 guardrails; mean
 /// tokens per request; the reported eval score for the canary), `None` when
 /// the cohort has no data for it. `limit` is the configured limit in the
-/// The guardrail that judges the score reported from outside
-/// (`POST /admin/signals`); its evaluation's `canary` is that score.
-pub const EVAL_SCORE: &str = "eval_score";
-
 /// guardrail's own terms: a floor, a drop, a ratio, milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
