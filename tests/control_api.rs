@@ -4,13 +4,15 @@
 //! path of SPEC section 3 (400, 401 with its `Bearer` challenge, 404, 405,
 //! 409, 413, 422, each with a body of exactly `{"error": "..."}`), the rollback latch and what clears it,
 //! `GET /admin/route` against `place()`, a monotone ramp through the API
-//! observed through real requests, and admin clients that never finish a
-//! request head disconnected at the admin head timeout. Does not own: `cohort ctl`
+//! observed through real requests, admin clients that never finish a
+//! request head disconnected at the admin head timeout, and the versions a
+//! canary change or a promotion removes leaving `/metrics`. Does not own: `cohort ctl`
 //! (`control_ctl`), load (`control_load`), restarts (`control_persistence`),
 //! signals (`control_signals`) or open streams (`control_streams`).
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -687,4 +689,68 @@ async fn a_monotone_ramp_never_sends_a_canary_user_back() {
     assert!((880..=1120).contains(&previous_share), "{previous_share}");
     // A key that was always stable exists too: the test saw both sides.
     assert!(on_canary.iter().any(|c| !c));
+}
+
+/// The (version, cohort) pairs that `/metrics` has series of.
+async fn versions_in_scrape(server: &Server) -> BTreeSet<(String, String)> {
+    let scrape = support::admin(server, Method::GET, "/metrics", "").await;
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    let label = |line: &str, name: &str| -> Option<String> {
+        let (_, rest) = line.split_once(&format!("{name}=\""))?;
+        Some(rest.split_once('"')?.0.to_owned())
+    };
+    String::from_utf8_lossy(&scrape.body)
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| Some((label(line, "version")?, label(line, "cohort")?)))
+        .collect()
+}
+
+/// A version that leaves the route table leaves the scrape with it, so a
+/// scrape does not grow with every release and a departed version's
+/// `in_flight` does not stay at its last value. What a version counted
+/// while it was in the table is Prometheus's to keep. (Here rather than
+/// in `metrics`, whose tests share the process-wide weight gauge, which a
+/// promotion moves.)
+#[tokio::test]
+async fn a_replaced_canary_and_a_promoted_over_stable_leave_the_scrape() {
+    let backend = Backend::start(STABLE).await;
+    let server = start_cohort(&config(&[backend.addr], Some((&[backend.addr], 50.0)), "")).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let pair = |version: &str, cohort: &str| (version.to_owned(), cohort.to_owned());
+    assert_eq!(
+        versions_in_scrape(&server).await,
+        [pair(STABLE, "stable"), pair(CANARY, "canary")].into(),
+    );
+
+    let body = json!({
+        "name": "leaving-v3", "upstreams": [backend.addr.to_string()], "weight": 50,
+    });
+    let installed = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(installed.status, 200, "{installed:?}");
+    assert_eq!(
+        versions_in_scrape(&server).await,
+        [pair(STABLE, "stable"), pair("leaving-v3", "canary")].into(),
+    );
+
+    let promoted = admin
+        .call(Method::POST, "/admin/promote", json!({"force": true}))
+        .await;
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    let reply = Http::new(server.proxy_addr()).get("/", &[]).await;
+    assert_eq!(reply.version(), "leaving-v3", "{reply:?}");
+    assert_eq!(
+        versions_in_scrape(&server).await,
+        [pair("leaving-v3", "stable")].into(),
+    );
+    let served = [
+        ("version", "leaving-v3"),
+        ("cohort", "stable"),
+        ("code", "200"),
+    ];
+    assert_eq!(
+        support::metric(&server, "cohort_requests_total", &served).await,
+        Some(1.0)
+    );
+    server.shutdown().await;
 }

@@ -655,65 +655,6 @@ async fn read_until(socket: &mut TcpStream, marker: &[u8]) -> Vec<u8> {
     received
 }
 
-/// The versions `scrape` has series of, as (version, cohort) pairs.
-fn versions_in(scrape: &Scrape) -> std::collections::BTreeSet<(String, String)> {
-    scrape
-        .samples()
-        .filter_map(|(_, labels, _)| {
-            Some((
-                labels.get("version")?.clone(),
-                labels.get("cohort")?.clone(),
-            ))
-        })
-        .collect()
-}
-
-/// A version that leaves the route table leaves the scrape with it, so a
-/// scrape does not grow with every release and a departed version's
-/// `in_flight` does not stay at its last value. What a version counted
-/// while it was in the table is Prometheus's to keep.
-#[tokio::test]
-async fn a_replaced_canary_and_a_promoted_over_stable_leave_the_scrape() {
-    let backend = backend().await;
-    let server = cohort(("leave-v1", backend.addr), Some(("leave-v2", backend.addr))).await;
-    let client = client();
-    let admin = support::AdminApi::new(server.admin_addr());
-    for cohort in ["stable", "canary"] {
-        assert_eq!(get(&client, &server, cohort, "/").await.0, StatusCode::OK);
-    }
-    let pair = |version: &str, cohort: &str| (version.to_owned(), cohort.to_owned());
-    let seen = versions_in(&scrape(&client, &server).await);
-    assert_eq!(
-        seen,
-        [pair("leave-v1", "stable"), pair("leave-v2", "canary")].into(),
-    );
-
-    let body = serde_json::json!({
-        "name": "leave-v3", "upstreams": [backend.addr.to_string()], "weight": WEIGHT,
-    });
-    let installed = admin.call(http::Method::PUT, "/admin/canary", body).await;
-    assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
-    let seen = versions_in(&scrape(&client, &server).await);
-    assert_eq!(
-        seen,
-        [pair("leave-v1", "stable"), pair("leave-v3", "canary")].into(),
-    );
-
-    let body = serde_json::json!({"force": true});
-    let promoted = admin.call(http::Method::POST, "/admin/promote", body).await;
-    assert_eq!(promoted.status, StatusCode::OK, "{promoted:?}");
-    assert_eq!(get(&client, &server, "stable", "/").await.0, StatusCode::OK);
-    let scrape = scrape(&client, &server).await;
-    assert_eq!(versions_in(&scrape), [pair("leave-v3", "stable")].into());
-    let served = [
-        ("version", "leave-v3"),
-        ("cohort", "stable"),
-        ("code", "200"),
-    ];
-    assert_eq!(scrape.value("cohort_requests_total", &served), Some(1.0));
-    server.shutdown().await;
-}
-
 #[tokio::test]
 async fn upstream_errors_are_counted_by_kind() {
     let server = cohort(("dead-v1", dead_addr().await), None).await;
