@@ -264,11 +264,14 @@ impl Control {
         rollout: Option<(&str, serde_json::Value)>,
     ) -> Result<LiveState, ControlError> {
         self.change("promote", None, source, |live| {
+            // The rollout's canary, still under its rollout: not one
+            // installed again under its name since, unjudged.
             if let Some((rolled_out, _)) = &rollout
-                && live.canary.as_ref().is_none_or(|c| c.name != *rolled_out)
+                && (live.canary.as_ref().is_none_or(|c| c.name != *rolled_out)
+                    || !matches!(live.status, Status::Progressing | Status::Paused))
             {
                 return Err(ControlError::Conflict(format!(
-                    "the canary is no longer {rolled_out:?}, whose rollout ended"
+                    "the canary is no longer {rolled_out:?} under its rollout"
                 )));
             }
             let canary = live
@@ -790,7 +793,8 @@ impl Control {
                     tracing::warn!(%error, "the live state is still not saved");
                 }
             }
-            // Without the state's lock: a slow disk must not hold up changes.
+            // Without the state's lock, which a slow write of the held
+            // lines would otherwise keep from every change.
             match self.audit.retry() {
                 Ok(0) => {}
                 Ok(bytes) => tracing::info!(bytes, "the audit lines held back are appended now"),

@@ -664,15 +664,28 @@ impl Rollouts {
                     None => return Err(orphaned().into()),
                 },
                 Ok(()) = inbox.changes.changed() => self.still_ours(progress)?,
-                // A canary at 0% serves no one: nothing to judge, and
-                // nothing a rollback would protect.
-                () = tokio::time::sleep_until(next_look), if progress.weight > 0.0 => {
+                () = tokio::time::sleep_until(next_look), if self.serves_anyone(progress) => {
                     next_look = Instant::now() + plan.interval;
                     self.still_ours(progress)?;
                     self.look_while_paused(plan, progress)?;
                 }
             }
         }
+    }
+
+    /// Whether the canary serves anyone at its weight: at 0%, only through
+    /// the override header, if one is set. One that serves no one has
+    /// nothing to judge at a pause, and nothing a rollback would protect.
+    fn serves_anyone(&self, progress: &Progress) -> bool {
+        progress.weight > 0.0
+            || self
+                .control
+                .table()
+                .load()
+                .policy
+                .routing
+                .override_header
+                .is_some()
     }
 
     /// A look at the guardrails while the rollout waits for a person. The
@@ -1090,8 +1103,6 @@ mod tests {
 
     use super::*;
 
-    /// `rollout` in a state file written before failure runs were kept per
-    /// guardrail.
     /// Looks at a pause take places after the planned ones, one each, and
     /// leave the planned places to the stage looks after them.
     #[test]
@@ -1123,6 +1134,8 @@ mod tests {
         assert_eq!(indexes, [1, 2, 5, 6, 3, 4, 7, 8]);
     }
 
+    /// `rollout` in a state file written before failure runs were kept per
+    /// guardrail.
     fn saved_by_an_older_version() -> Value {
         json!({
             "plan": {"stages": [{"weight": 10, "duration": "1h"}]},
