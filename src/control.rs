@@ -6,7 +6,10 @@
 //! rollback latch, and the order each change is made in: check, persist
 //! (state file, then audit log), swap the table, publish metrics and tell
 //! the watchers of [`Control::changes`]. A rollback swaps first, and one
-//! the state file refused is saved again until it takes. Changes are
+//! the state file refused is saved again until it takes, as are audit
+//! lines the log refused. A rollout's look that changes only its progress
+//! is saved without a new generation or an audit line; a reload that
+//! places users anew without changing the live state is audited. Changes are
 //! serialised by one lock, so two admin calls never interleave. Does not own:
 //! HTTP (`admin`), the file format (`state`), or routing (`routing`).
 

@@ -2,7 +2,7 @@
 //!
 //! Owns: starting, approving and aborting a rollout, the stage machine (set
 //! the weight, wait the duration, judge at every interval, go on; wait at a
-//! pause for approval), rolling back when a guardrail fails `failure_limit`
+//! pause for approval, judging meanwhile), rolling back when a guardrail fails `failure_limit`
 //! looks in a row, pausing for a person when the guardrails lack data for
 //! too long, the end (promote or hold), ending at once when a change
 //! made outside it (a rollback, a promotion, a new canary) supersedes it,
