@@ -10,11 +10,13 @@
 //! lines the log refused. A rollout's look that changes only its progress
 //! is saved without a new generation or an audit line; a reload that
 //! places users anew without changing the live state is audited. Changes are
-//! serialised by one lock, so two admin calls never interleave. Does not own:
+//! serialised by one lock, so two admin calls never interleave; readers of
+//! the live state take a copy that never waits for that lock. Does not own:
 //! HTTP (`admin`), the file format (`state`), or routing (`routing`).
 
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -74,6 +76,10 @@ pub struct Control {
     store: Box<dyn StateStore>,
     audit: AuditLog,
     current: Mutex<Current>,
+    /// A copy of the live state for readers, replaced with every change,
+    /// so that `GET /admin/state` and the rollout controller never wait
+    /// for the lock while a change is being written to a slow disk.
+    live: ArcSwap<LiveState>,
     /// The generation of the live state, for those who act on its changes.
     changes: watch::Sender<u64>,
 }
@@ -117,6 +123,7 @@ impl Control {
             table,
             store,
             audit,
+            live: ArcSwap::from_pointee(saved.live.clone()),
             changes: watch::Sender::new(saved.live.generation),
             current: Mutex::new(Current {
                 saved,
@@ -147,10 +154,12 @@ impl Control {
         &self.table
     }
 
-    /// The live state.
+    /// The live state. Never waits for a change in progress: it is the
+    /// state before it until the change is made (or, for a rollback, as
+    /// soon as traffic has left the canary).
     #[must_use]
     pub fn state(&self) -> LiveState {
-        self.lock().saved.live.clone()
+        LiveState::clone(&self.live.load())
     }
 
     /// Records how the live state was chosen on start.
@@ -451,8 +460,7 @@ impl Control {
     /// observed, never saved).
     #[must_use]
     pub fn state_with_health(&self) -> serde_json::Value {
-        let live = self.lock().saved.live.clone();
-        self.with_health(&live)
+        self.with_health(&self.live.load())
     }
 
     /// `live` with the health of every upstream of each of its versions
@@ -600,7 +608,7 @@ impl Control {
             config.rollout.is_some(),
         );
         self.store.write(Some(before.generation), &next)?;
-        current.saved = next;
+        self.keep(&mut current, next);
         current.policy = policy;
         self.install(&current.saved.live, &current.policy);
         self.publish(&current.saved.live);
@@ -623,6 +631,12 @@ impl Control {
     fn install(&self, live: &LiveState, policy: &Arc<Policy>) {
         self.table
             .store(build(live, policy, Some(&self.table.snapshot()), true));
+    }
+
+    /// Makes `next` the state held, and its live part the one readers see.
+    fn keep(&self, current: &mut Current, next: SavedState) {
+        self.live.store(Arc::new(next.live.clone()));
+        current.saved = next;
     }
 
     /// Makes `live` known: the table's gauges, then whoever watches [`Control::changes`].
@@ -664,7 +678,7 @@ impl Control {
         if next != current.saved {
             self.store
                 .write(Some(current.saved.live.generation), &next)?;
-            current.saved = next;
+            self.keep(&mut current, next);
         }
         Ok(current.saved.live.clone())
     }
@@ -710,6 +724,7 @@ impl Control {
         let swap_first = action == "rollback";
         if swap_first {
             self.install(&next.live, &current.policy);
+            self.live.store(Arc::new(next.live.clone()));
         }
         if let Err(error) = self.store.write(Some(before.generation), &next) {
             if !swap_first {
@@ -718,7 +733,7 @@ impl Control {
             // Traffic is already off the canary: keep it so, in memory, and
             // keep trying to save it, so that a restart cannot undo it.
             tracing::error!(%error, "rolled back, but the state could not be saved; retrying");
-            current.saved = next;
+            self.keep(current, next);
             current.unsaved = Some(Unsaved {
                 on_disk: before.generation,
                 action,
@@ -732,7 +747,7 @@ impl Control {
         if !swap_first {
             self.install(&next.live, &current.policy);
         }
-        current.saved = next;
+        self.keep(current, next);
         self.publish(&current.saved.live);
         self.write_audit(action, Some(&before), &current.saved.live, reason, source);
         Ok(current.saved.live.clone())
@@ -911,4 +926,121 @@ fn build(
 
 fn publish(live: &LiveState) {
     crate::metrics::record_table(live.weight().percent(), live.generation);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::state::file::FileStore;
+
+    /// Long enough for any thread here to get the CPU; only a read that
+    /// waits for the stalled write (a hang) runs into it.
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// The state file on a disk that has stalled: each write waits, after
+    /// saying it has begun, until the test lets it through.
+    #[derive(Debug)]
+    struct StalledDisk {
+        file: FileStore,
+        begun: Mutex<mpsc::Sender<()>>,
+        go: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl StateStore for StalledDisk {
+        fn load(&self) -> Result<Option<SavedState>, StateError> {
+            self.file.load()
+        }
+
+        fn write(&self, expected: Option<u64>, state: &SavedState) -> Result<(), StateError> {
+            let _ = self.begun.lock().unwrap().send(());
+            let _ = self.go.lock().unwrap().recv_timeout(DEADLINE);
+            self.file.write(expected, state)
+        }
+
+        fn set_aside(&self) -> Result<String, StateError> {
+            self.file.set_aside()
+        }
+    }
+
+    /// Reads the live state on another thread; `None` if the read did not
+    /// return before the deadline.
+    fn read_state(control: &Arc<Control>) -> Option<(LiveState, serde_json::Value)> {
+        let control = Arc::clone(control);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send((control.state(), control.state_with_health()));
+        });
+        rx.recv_timeout(DEADLINE).ok()
+    }
+
+    #[test]
+    fn reading_the_live_state_does_not_wait_for_a_stalled_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            r#"
+            [versions.stable]
+            name = "v1"
+            upstreams = ["127.0.0.1:9001"]
+            [versions.canary]
+            name = "v2"
+            upstreams = ["127.0.0.1:9002"]
+            weight = 10
+            "#,
+            "test",
+        )
+        .unwrap();
+        let file = FileStore::new(dir.path().join("state.json"));
+        let (saved, _, _) =
+            crate::state::restore(&file, &config.versions, None, false, false).unwrap();
+        let (begun_tx, begun) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        let disk = StalledDisk {
+            file,
+            begun: Mutex::new(begun_tx),
+            go: Mutex::new(go_rx),
+        };
+        let audit = AuditLog::open(dir.path().join("audit.jsonl")).unwrap();
+        let control = Arc::new(Control::new(
+            saved,
+            Arc::new(Policy::from_config(&config)),
+            Box::new(disk),
+            audit,
+        ));
+
+        // A weight change: the state read while it is written is the one before it.
+        let change = thread::spawn({
+            let control = Arc::clone(&control);
+            move || control.set_weight(Weight::from_percent(50.0).unwrap(), false)
+        });
+        begun
+            .recv_timeout(DEADLINE)
+            .expect("the change writes the state");
+        let (live, shown) = read_state(&control).expect("the read returns while the write stalls");
+        assert_eq!((live.generation, live.weight().percent()), (1, 10.0));
+        assert_eq!(shown["generation"], 1);
+        go.send(()).unwrap();
+        let changed = change.join().unwrap().expect("the change is saved");
+        assert_eq!(changed.generation, 2);
+        assert_eq!(control.state(), changed);
+
+        // A rollback: traffic leaves the canary before the write, and so does the state read.
+        let rollback = thread::spawn({
+            let control = Arc::clone(&control);
+            move || control.rollback("a test", Source::Api)
+        });
+        begun
+            .recv_timeout(DEADLINE)
+            .expect("the rollback writes the state");
+        let (live, shown) = read_state(&control).expect("the read returns while the write stalls");
+        assert_eq!((live.generation, live.status), (3, Status::RolledBack));
+        assert_eq!(live.weight(), Weight::ZERO);
+        assert_eq!(shown["status"], "rolled_back");
+        go.send(()).unwrap();
+        let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
+        assert_eq!(control.state(), rolled_back);
+    }
 }
