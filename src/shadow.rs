@@ -177,10 +177,10 @@ impl Body for TeeBody {
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         if let Some(progress) = &this.progress {
-            if polled.is_pending() {
-                progress.awaiting_client();
-            } else {
-                progress.moved();
+            match &polled {
+                Poll::Pending => progress.awaiting_client(),
+                Poll::Ready(Some(Err(_))) => progress.broken_off(),
+                Poll::Ready(_) => progress.moved(),
             }
         }
         let frame = ready!(polled);

@@ -9,7 +9,8 @@
 //! next upstream, that an idempotent request lost on a kept-alive
 //! connection the upstream closed is sent again (and a `POST` is not),
 //! that one a new connection closes unanswered goes on to the next
-//! upstream, that an upstream hanging up mid-body is counted as a reset,
+//! upstream, that an upstream hanging up mid-body is counted as a reset
+//! (and a client breaking its upload off is not),
 //! and that a client that stops reading a response is cut off at
 //! `listen.send_timeout` (with the upstream connection it held) while a
 //! stream that is merely quiet is not.
@@ -184,6 +185,83 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
         metric(&server, "cohort_upstream_errors_total", &timeouts).await,
         before
     );
+    let reply = Http::new(server.proxy_addr())
+        .get("/after", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(reply.status, 200, "the upstream was ejected: {reply:?}");
+}
+
+#[tokio::test]
+async fn an_upload_its_client_breaks_off_is_not_counted_against_the_upstream() {
+    let stable = Backend::start(STABLE).await;
+    // One error counted against the only upstream would eject it (then a
+    // 503); the version's own name keeps its counters this server's alone.
+    const VERSION: &str = "broken-off-uploads";
+    let toml = support::config(&[stable.addr], None, "[health]\neject_after_errors = 1\n").replace(
+        &format!("name = \"{STABLE}\""),
+        &format!("name = \"{VERSION}\""),
+    );
+    let server = support::start_cohort(&toml).await;
+    let upstream_errors = || async {
+        let mut total = 0.0;
+        for kind in ["connect", "timeout", "reset", "protocol"] {
+            let labels = [("version", VERSION), ("kind", kind)];
+            total += metric(&server, "cohort_upstream_errors_total", &labels)
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    };
+    // Answered 400, or 499 if it went away first: the client's doing either way.
+    let by_the_client = || async {
+        let mut total = 0.0;
+        for code in ["400", "499"] {
+            let labels = [("version", VERSION), ("code", code)];
+            total += metric(&server, "cohort_requests_total", &labels)
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    };
+    // The head of a 1000-byte upload and 10 bytes of its body.
+    let part_of_an_upload = || async {
+        let mut stream = TcpStream::connect(server.proxy_addr())
+            .await
+            .expect("connect");
+        let head =
+            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: 1000\r\n\r\n";
+        stream
+            .write_all(head.as_bytes())
+            .await
+            .expect("send the head");
+        stream.write_all(&[b'x'; 10]).await.expect("send a part");
+        stream
+    };
+
+    // A client that half-closes is told the body was broken off, by it.
+    let mut stream = part_of_an_upload().await;
+    stream.shutdown().await.expect("half-close");
+    let answer = support::read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let mut rest = Vec::new();
+    within("the close", stream.read_to_end(&mut rest))
+        .await
+        .expect("read to the close");
+    assert!(
+        String::from_utf8_lossy(&rest).contains("\"client_closed\""),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // One that goes away altogether is recorded, as the client's doing too.
+    let before = by_the_client().await;
+    drop(part_of_an_upload().await);
+    support::eventually_async("the broken-off upload is recorded", || async {
+        by_the_client().await > before
+    })
+    .await;
+
+    assert_eq!(upstream_errors().await, 0.0, "the upstream was blamed");
     let reply = Http::new(server.proxy_addr())
         .get("/after", &[("x-user-id", "alice")])
         .await;

@@ -10,7 +10,9 @@
 //! upstream dies, held at its stage and rolled back rather than promoted;
 //! the approval gate and abort; the stage's clock, live in the state, saved
 //! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
-//! AgentRelease manifest started and shown by `cohort ctl`; and the input
+//! AgentRelease manifest started and shown by `cohort ctl`; uploads broken
+//! off by their clients (over HTTP/1.1 and HTTP/2), which do not count
+//! against the canary; and the input
 //! checks of `POST /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
@@ -21,6 +23,7 @@
 //! Tests wait on `GET /admin/state` with a deadline, never on a sleep.
 
 mod support;
+mod tls_support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -36,8 +39,11 @@ use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, Process, STABLE, TunedBackend, Tuning, client,
-    config, request, scratch_dir, start_cohort, within,
+    config, eventually_async, metric, request, scratch_dir, start_cohort, within,
 };
+use tls_support::{DATA, END_HEADERS, HEADERS, RST_STREAM, RawH2, frame, request_block};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
 
 /// How long a whole rollout may take before the test fails. Stages are
 /// short; this is room for a loaded machine, never waited out when passing.
@@ -1846,4 +1852,94 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
         .await;
     assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
     assert_eq!(aborted.json()["status"], "rolled_back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_broken_off_by_their_clients_do_not_count_against_the_canary() {
+    // The canary has a name of its own: its counters, read below, are this test's alone.
+    const NAME: &str = "v2-uploads-broken-off";
+    let stable = Backend::start(STABLE).await;
+    // A backend that reads a request's whole body before it answers.
+    let canary = Backend::start(NAME).await;
+    // Straight to 100% for an hour: the canary is judged alone, by its floor.
+    let plan = "min_requests = 20\ninconclusive_limit = 1000\n\
+                stages = [ { weight = 100, duration = \"1h\" } ]";
+    let extra = rollout_table(plan, "success_rate_min = 0.9");
+    let toml = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra).replace(
+        &format!("name = \"{CANARY}\""),
+        &format!("name = \"{NAME}\""),
+    );
+    let server = start_cohort(&toml).await;
+    let admin = AdminApi::new(server.admin_addr());
+    wait_state(&admin, "the canary at 100%", |s| {
+        s["canary"]["weight"] == 100.0
+    })
+    .await;
+    let in_flight = || async {
+        metric(&server, "cohort_requests_in_flight", &[("version", NAME)])
+            .await
+            .unwrap_or(0.0)
+    };
+    let answered = || async {
+        let mut total = 0.0;
+        for code in ["200", "400", "499"] {
+            let labels = [("version", NAME), ("code", code)];
+            total += metric(&server, "cohort_requests_total", &labels)
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    };
+
+    const BROKEN_OFF: usize = 15;
+    for n in 0..BROKEN_OFF {
+        // HTTP/1.1: the head of a 1000-byte upload, 10 bytes of it, and the close.
+        let mut stream = TcpStream::connect(server.proxy_addr())
+            .await
+            .expect("connect");
+        let part = format!(
+            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: h1-{n}\r\n\
+             content-length: 1000\r\n\r\nxxxxxxxxxx"
+        );
+        stream
+            .write_all(part.as_bytes())
+            .await
+            .expect("send part of an upload");
+        drop(stream);
+        // HTTP/2: the same, on its way to the canary, then `RST_STREAM` (CANCEL).
+        let mut h2 = RawH2::open(server.proxy_addr()).await;
+        let key = format!("h2-{n}");
+        let head = [("x-user-id", key.as_str()), ("content-length", "1000")];
+        let mut part = frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request_block(Method::POST, "x", "/upload", &head),
+        );
+        part.extend(frame(DATA, 0, 1, b"xxxxxxxxxx"));
+        h2.write(&part).await;
+        eventually_async("the upload in flight", || async {
+            in_flight().await == 1.0
+        })
+        .await;
+        h2.write(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+            .await;
+        eventually_async("the upload over", || async { in_flight().await == 0.0 }).await;
+    }
+    eventually_async("every broken-off upload recorded", || async {
+        answered().await >= (2 * BROKEN_OFF) as f64
+    })
+    .await;
+
+    // Then requests that succeed: the canary's success rate is theirs alone.
+    let traffic = Traffic::start(server.proxy_addr(), 2);
+    let state = wait_state(&admin, "a judged success rate", |s| {
+        !matches!(verdict(s, "success_rate"), "" | "inconclusive")
+    })
+    .await;
+    drop(traffic);
+    let rate = evaluation(&state, "success_rate").expect("an evaluation");
+    assert_eq!(rate["canary"], 1.0, "{state:#}");
+    assert_eq!(rate["verdict"], "pass", "{state:#}");
+    assert_eq!(state["status"], "progressing", "{state:#}");
 }

@@ -51,6 +51,10 @@ pub struct InFlight {
     /// Whether the proxy got as far as a response head. A request dropped
     /// before that was abandoned by its client while it waited.
     answered: bool,
+    /// The request body's progress, for a request with a body: one whose
+    /// client left while the proxy waited for its body was abandoned by
+    /// the client alone, not while it waited for the version.
+    body: Option<Arc<BodyProgress>>,
 }
 
 impl InFlight {
@@ -70,7 +74,13 @@ impl InFlight {
             client,
             close_epoch,
             answered: false,
+            body: None,
         }
+    }
+
+    /// Follows the request body's progress (see the `body` field).
+    pub fn watch_body(&mut self, progress: Arc<BodyProgress>) {
+        self.body = Some(progress);
     }
 
     /// Marks that a response head is on its way: from here the request is
@@ -105,6 +115,9 @@ pub struct BodyProgress {
     last_frame: AtomicU64,
     /// Whether the body is waiting for the client's next frame.
     awaiting_client: AtomicBool,
+    /// Whether the client broke the body off (closed or reset its
+    /// connection, or its HTTP/2 stream, part way through).
+    broken_off: AtomicBool,
 }
 
 impl BodyProgress {
@@ -114,6 +127,7 @@ impl BodyProgress {
             created: Instant::now(),
             last_frame: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
+            broken_off: AtomicBool::new(false),
         })
     }
 
@@ -133,6 +147,17 @@ impl BodyProgress {
     #[must_use]
     pub fn is_awaiting_client(&self) -> bool {
         self.awaiting_client.load(Ordering::Relaxed)
+    }
+
+    /// Records that the client's body failed: it was broken off.
+    pub fn broken_off(&self) {
+        self.broken_off.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the client broke its body off.
+    #[must_use]
+    pub fn is_broken_off(&self) -> bool {
+        self.broken_off.load(Ordering::Relaxed)
     }
 
     /// `timeout` after the last frame (or after the request, before any).
@@ -165,14 +190,22 @@ impl Drop for InFlight {
                     self.started,
                 );
             }
-            self.version.window.record(
-                crate::clock::since_start(),
-                Observation {
-                    success: false,
-                    latency: elapsed,
-                    tokens: None,
-                },
-            );
+            // Unless it left part way through its own body, which says
+            // nothing of the version (as a body that stalls says nothing).
+            let left_mid_body = self
+                .body
+                .as_deref()
+                .is_some_and(|body| body.is_awaiting_client() || body.is_broken_off());
+            if !left_mid_body {
+                self.version.window.record(
+                    crate::clock::since_start(),
+                    Observation {
+                        success: false,
+                        latency: elapsed,
+                        tokens: None,
+                    },
+                );
+            }
         }
     }
 }

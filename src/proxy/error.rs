@@ -24,6 +24,10 @@ pub enum ProxyError {
     /// doing, so it counts against neither the upstream nor the version.
     #[error("the request body stopped arriving: {0}")]
     ClientTimeout(String),
+    /// The client broke its request body off part way (closed or reset its
+    /// connection): as nginx logs it, 400, and nobody else's doing.
+    #[error("the client broke its request body off: {0}")]
+    ClientClosed(String),
     /// The version has no upstream to send to.
     #[error("no upstream of this version is available")]
     NoUpstream,
@@ -43,7 +47,8 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Whether the request was refused unread (no upstream saw it), or cut
-    /// short by its client (a body that stopped arriving): either way it
+    /// short by its client (a body that stopped arriving or was broken
+    /// off): either way it
     /// says nothing of the version, and the client connection is not to be
     /// trusted with another.
     #[must_use]
@@ -53,6 +58,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
                 | ProxyError::NotImplemented(_)
                 | ProxyError::ClientTimeout(_)
+                | ProxyError::ClientClosed(_)
         )
     }
 
@@ -107,6 +113,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
             | ProxyError::ClientTimeout(_)
+            | ProxyError::ClientClosed(_)
             | ProxyError::NoUpstream
             | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
@@ -119,7 +126,7 @@ impl ProxyError {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -138,6 +145,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::ClientTimeout(_) => "client_timeout",
+            ProxyError::ClientClosed(_) => "client_closed",
             ProxyError::NoUpstream => "unavailable",
             ProxyError::Unsupported(_) => "protocol",
             _ => self
@@ -167,7 +175,7 @@ impl ProxyError {
 }
 
 /// An error and its causes, as one line.
-fn chain(error: &dyn std::error::Error) -> String {
+pub(super) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

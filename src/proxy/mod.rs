@@ -117,7 +117,10 @@ impl Proxy {
                 });
                 let client_upgrade =
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-                let req = req.map(|body| TeeBody::new(body, tap));
+                let mut req = req.map(|body| TeeBody::new(body, tap));
+                if !req.body().is_end_stream() {
+                    in_flight.watch_body(req.body_mut().progress());
+                }
                 self.forward(req, &table, &version, upstream, peer, started)
                     .await
                     .map(|rsp| (rsp, client_upgrade))
@@ -249,6 +252,15 @@ impl Proxy {
             };
             let failed = match waited {
                 Some(Ok(rsp)) => break forward::downstream_response(rsp),
+                // The exchange failed because the client's body did: not
+                // the upstream's doing, and nothing to try again.
+                Some(Err(failed))
+                    if progress
+                        .as_deref()
+                        .is_some_and(body::BodyProgress::is_broken_off) =>
+                {
+                    break Err(ProxyError::ClientClosed(error::chain(&failed.error)));
+                }
                 Some(Err(failed)) => failed,
                 None if progress
                     .as_deref()
@@ -281,10 +293,11 @@ impl Proxy {
             break Err(error);
         };
         // Passive health: consecutive connect errors and 5xx eject the
-        // upstream. A client that stalled says nothing of it either way.
+        // upstream. A client that stalled or broke its body off says
+        // nothing of it either way.
         let ok = match &result {
             Ok(rsp) => !rsp.status().is_server_error(),
-            Err(ProxyError::ClientTimeout(_)) => return result,
+            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed(_)) => return result,
             Err(error) => error.upstream_kind().is_none(),
         };
         record_outcome(version, index, ok, table);
