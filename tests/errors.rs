@@ -10,7 +10,8 @@
 //! connection the upstream closed is sent again (and a `POST` is not),
 //! that one a new connection closes unanswered goes on to the next
 //! upstream, that an upstream hanging up mid-body is counted as a reset
-//! (and a client breaking its upload off is not),
+//! (and a client breaking its upload off is not), that a `101` naming no
+//! protocol is a 502, that the log names an upstream that failed,
 //! and that a client that stops reading a response is cut off at
 //! `listen.send_timeout` (with the upstream connection it held) while a
 //! stream that is merely quiet is not.
@@ -307,6 +308,25 @@ async fn an_upload_that_its_upstream_stops_reading_gives_504() {
     sender.abort();
 }
 
+#[tokio::test]
+async fn a_101_that_names_no_protocol_is_a_502() {
+    let addr = support::raw_upstream(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
+    let server = cohort(&[addr], None, "").await;
+    let mut stream = within("connect", TcpStream::connect(server.proxy_addr()))
+        .await
+        .expect("connect");
+    let handshake = "GET /ws HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\
+                     connection: upgrade\r\nupgrade: websocket\r\n\
+                     sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stream
+        .write_all(handshake.as_bytes())
+        .await
+        .expect("send the handshake");
+    let head = support::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(head.contains(STABLE), "{head}");
+}
+
 /// A GET through Cohort to an upstream that answers `answer` gets a 502
 /// `protocol`.
 async fn assert_protocol_error_for(answer: &'static [u8]) {
@@ -552,6 +572,26 @@ async fn a_client_that_gives_up_before_the_answer_is_counted_as_499() {
     })
     .await;
     slow.release();
+}
+
+/// The log says which upstream failed and how, as nginx's error log does:
+/// the client's answer names only the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upstream_is_named_in_the_log() {
+    let addr = support::raw_upstream(b"not HTTP at all\r\n\r\n").await;
+    let text = support::config(&[addr], None, "");
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let process = support::Process::serve(&path, &[]).await;
+    let reply = Http::new(process.proxy)
+        .get("/", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let line = process
+        .log_line(&["upstream request failed", &addr.to_string()])
+        .await;
+    assert!(line.contains("not valid HTTP"), "{line}");
 }
 
 /// The access log has a line for every request, an abandoned one too (as

@@ -4,7 +4,9 @@
 //! the removal of hop-by-hop headers (the fixed list and those named in
 //! `Connection`) in both directions (`Trailer` is not one: trailers reach an
 //! HTTP/1.1 client that accepts them), an h2c upgrade kept to its hop, the `Host` of an absolute-form
-//! request, and a response's stale `Content-Length` beside its chunks. Requests go as raw bytes so that the
+//! request, a response's stale `Content-Length` beside its chunks, and an
+//! HTTP/1.0 upstream's answer sent as HTTP/1.1 on a kept-alive client
+//! connection. Requests go as raw bytes so that the
 //! test, not a client library, decides exactly which headers are sent.
 //! Does not own: which version is chosen (`tests/routing.rs`).
 
@@ -257,4 +259,30 @@ async fn a_chunked_response_with_a_stale_length_reaches_the_client_whole() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.body, b"hello", "{reply:?}");
     assert_ne!(reply.header("content-length"), Some("3"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn an_http_1_0_upstream_answers_as_http_1_1_and_the_client_connection_stays_open() {
+    let upstream = support::raw_upstream(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let server = cohort(&[upstream], None, "").await;
+    let mut stream = support::within(
+        "connect",
+        tokio::net::TcpStream::connect(server.proxy_addr()),
+    )
+    .await
+    .expect("connect");
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+            .await
+            .expect("send a request");
+        let head = support::read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let mut body = [0; 2];
+        support::within("the body", stream.read_exact(&mut body))
+            .await
+            .expect("the body");
+        assert_eq!(&body, b"ok");
+    }
 }

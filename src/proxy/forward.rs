@@ -275,7 +275,9 @@ pub fn upstream_request<B: Body>(
 }
 
 /// Strips hop-by-hop headers from an upstream response, keeping the
-/// handshake headers of a `101 Switching Protocols`.
+/// handshake headers of a `101 Switching Protocols`, and makes it the
+/// proxy's own HTTP/1.1 response: an HTTP/1.0 upstream does not make the
+/// client's connection HTTP/1.0, and so closed after it (as with nginx).
 ///
 /// # Errors
 ///
@@ -283,8 +285,11 @@ pub fn upstream_request<B: Body>(
 /// hyper decodes only that one, and with `Transfer-Encoding` stripped the
 /// client would get, say, gzip bytes with nothing saying so (nginx answers
 /// 502 too). A response with no body (to a `HEAD`, a `204` or `304`) may
-/// name any coding: there is nothing to decode.
+/// name any coding: there is nothing to decode. A `101` that names no
+/// protocol to switch to (RFC 9110 section 15.2.2): what follows it
+/// could not be told apart from anything else.
 pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>, ProxyError> {
+    *rsp.version_mut() = Version::HTTP_11;
     if rsp.headers().contains_key(TRANSFER_ENCODING)
         && !rsp.body().is_end_stream()
         && !is_chunked_alone(rsp.headers())
@@ -293,9 +298,17 @@ pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>,
             "its body is sent under a transfer coding other than chunked".into(),
         ));
     }
-    let upgrade = (rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
-        .then(|| rsp.headers().get(UPGRADE).cloned())
-        .flatten();
+    let upgrade = if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let named = rsp.headers().get(UPGRADE).cloned();
+        if named.is_none() {
+            return Err(ProxyError::Protocol(
+                "a 101 Switching Protocols that names no protocol in Upgrade".into(),
+            ));
+        }
+        named
+    } else {
+        None
+    };
     let stripped = strip_hop_by_hop(rsp.headers_mut());
     // The body was read by its transfer coding, so a length sent beside it
     // is not the length of what follows; passed on, it would cut the body

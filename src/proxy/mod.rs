@@ -281,7 +281,12 @@ impl Proxy {
             if let Some(retry) = failed.retry
                 && let Some(next) = version.pick_other(first, index)
             {
-                tracing::debug!(version = %version.name, %error, "trying another upstream");
+                tracing::warn!(
+                    version = %version.name,
+                    %upstream,
+                    %error,
+                    "upstream request failed; trying another upstream"
+                );
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
@@ -292,6 +297,13 @@ impl Proxy {
             }
             break Err(error);
         };
+        // As nginx's error log does: which upstream failed, and how (the
+        // answer to the client names only the version).
+        if let Err(error) = &result
+            && error.upstream_kind().is_some()
+        {
+            tracing::warn!(version = %version.name, %upstream, %error, "upstream request failed");
+        }
         // Passive health: consecutive connect errors and 5xx eject the
         // upstream. A client that stalled or broke its body off says
         // nothing of it either way.
