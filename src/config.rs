@@ -1495,8 +1495,11 @@ pub fn check_version_name(name: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.:+@".contains(&b));
     if name.is_empty() || name.len() > 128 || !printable {
+        // A name far too long is shown by its start.
+        let shown: String = name.chars().take(64).collect();
+        let more = if shown.len() < name.len() { "…" } else { "" };
         Err(format!(
-            "{name:?} is not a version name: 1 to 128 characters of letters, digits and -_.:+@"
+            "{shown:?}{more} is not a version name: 1 to 128 characters of letters, digits and -_.:+@"
         ))
     } else {
         Ok(())
@@ -1914,5 +1917,15 @@ mod tests {
                 .starts_with("plan.steps[0]: unknown field `wait`"),
         );
         assert!(message(r#"{"steps": 1}"#).starts_with("plan.steps: invalid type"));
+    }
+
+    #[test]
+    fn a_version_name_far_too_long_is_shown_by_its_start() {
+        let message = check_version_name(&"x".repeat(5000)).unwrap_err();
+        let start = format!("{:?}…", "x".repeat(64));
+        assert!(message.starts_with(&start), "{message}");
+        assert!(message.len() < 200, "{message}");
+        let message = check_version_name("v 1").unwrap_err();
+        assert!(message.starts_with("\"v 1\" is not"), "{message}");
     }
 }

@@ -71,10 +71,24 @@ pub async fn weight(control: &Control, req: Request<Incoming>) -> Result<LiveSta
 
 pub async fn rollback(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
     let body: RollbackBody = read_json(req).await?.unwrap_or_default();
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "rollback requested through the admin API".into());
+    let reason = body.reason.map_or_else(
+        || "rollback requested through the admin API".into(),
+        kept_reason,
+    );
     Ok(control.rollback(&reason, Source::Api)?)
+}
+
+/// The most characters of a given reason that are kept.
+const MAX_REASON_CHARS: usize = 1024;
+
+/// `reason`, cut to [`MAX_REASON_CHARS`]: a rollback is never refused for
+/// its reason, and a longer one would be stored whole in the state file,
+/// the audit log and every answer that shows the state.
+fn kept_reason(reason: String) -> String {
+    match reason.char_indices().nth(MAX_REASON_CHARS) {
+        Some((cut, _)) => format!("{}…", &reason[..cut]),
+        None => reason,
+    }
 }
 
 pub async fn promote(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
@@ -151,7 +165,8 @@ pub async fn rollout_abort(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let body: RollbackBody = read_json(req).await?.unwrap_or_default();
-    Ok(rollouts.abort(body.reason.as_deref()).await?)
+    let reason = body.reason.map(kept_reason);
+    Ok(rollouts.abort(reason.as_deref()).await?)
 }
 
 /// `POST /admin/rollout`: the body is a plan document, or empty for the config's plan.
@@ -222,4 +237,18 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<Option
     json.end()
         .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))?;
     Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_kept_to_its_first_characters() {
+        assert_eq!(kept_reason("bad prompt".into()), "bad prompt");
+        let exact = "é".repeat(MAX_REASON_CHARS);
+        assert_eq!(kept_reason(exact.clone()), exact);
+        let cut = kept_reason("é".repeat(MAX_REASON_CHARS + 1));
+        assert_eq!(cut, format!("{exact}…"));
+    }
 }

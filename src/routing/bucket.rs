@@ -39,7 +39,13 @@ impl Weight {
             // In range and rounded, so the cast is exact.
             Ok(Weight((percent * 100.0).round() as u16))
         } else {
-            Err(format!("{percent} is not within 0..=100"))
+            // Far out of range, shown in exponent form, not in 300 digits.
+            let shown = if percent.abs() < 1e9 {
+                percent.to_string()
+            } else {
+                format!("{percent:e}")
+            };
+            Err(format!("{shown} is not within 0..=100"))
         }
     }
 
@@ -85,5 +91,17 @@ mod tests {
         assert!(Weight::from_percent(f64::NAN).is_err());
         assert!(Weight::from_percent(50.0).unwrap().covers(4727));
         assert!(!Weight::from_percent(50.0).unwrap().covers(9112));
+    }
+
+    #[test]
+    fn a_weight_out_of_range_is_named_briefly() {
+        assert_eq!(
+            Weight::from_percent(150.0).unwrap_err(),
+            "150 is not within 0..=100"
+        );
+        assert_eq!(
+            Weight::from_percent(1e308).unwrap_err(),
+            "1e308 is not within 0..=100"
+        );
     }
 }
