@@ -1,10 +1,12 @@
 # Cohort container image.
 #
 #   docker build -t cohort .
-#   docker run -p 8080:8080 --stop-timeout 40 -v "$PWD/config:/etc/cohort:ro" cohort
+#   mkdir deploy && cp config/cohort.toml deploy/   # then edit listen.addr and the upstreams
+#   docker run -p 8080:8080 --stop-timeout 40 -v "$PWD/deploy:/etc/cohort:ro" cohort
 #
 # The image carries no config: mount a directory holding cohort.toml at
-# /etc/cohort (see config/cohort.toml for a commented example). A directory,
+# /etc/cohort (config/cohort.toml is a commented example, made for
+# `cohort demo`: it listens on loopback and points at the demo's upstreams). A directory,
 # not the file alone: an editor that saves by replacing the file would leave
 # a single-file mount on the old one, and SIGHUP would reload that.
 # --stop-timeout gives SIGTERM's drain (listen.drain_timeout, 30s by

@@ -436,7 +436,11 @@ pub(crate) fn keyed(
 ) -> String {
     use serde_path_to_error::Segment;
     let message = message.to_string();
-    let mut segments: Vec<&Segment> = path.iter().collect();
+    // A place the parser could not name (`?`, as in `{bad`) says nothing.
+    let mut segments: Vec<&Segment> = path
+        .iter()
+        .filter(|segment| !matches!(segment, Segment::Unknown))
+        .collect();
     if message.starts_with("unknown field") {
         segments.pop();
     }
@@ -1927,5 +1931,16 @@ mod tests {
         assert!(message.len() < 200, "{message}");
         let message = check_version_name("v 1").unwrap_err();
         assert!(message.starts_with("\"v 1\" is not"), "{message}");
+    }
+
+    #[test]
+    fn a_json_error_at_no_nameable_place_is_not_keyed_with_a_question_mark() {
+        let mut json = serde_json::Deserializer::from_str("{bad");
+        let error = serde_path_to_error::deserialize::<_, std::collections::BTreeMap<String, u32>>(
+            &mut json,
+        )
+        .unwrap_err();
+        let message = keyed("", error.path(), error.inner());
+        assert!(message.starts_with("key must be a string"), "{message}");
     }
 }

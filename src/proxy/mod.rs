@@ -379,7 +379,8 @@ mod access {
             routed_by = decision.reason.as_str(),
             client.addr = %peer,
             status = status.as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            // Whole microseconds, so the field reads 0.104, not 0.10365100000000001.
+            elapsed_ms = started.elapsed().as_micros() as f64 / 1e3,
         );
     }
 }
