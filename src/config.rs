@@ -69,6 +69,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time to the upstream's response headers; a streaming body is not cut.
     pub response_timeout: Duration,
+    /// How long a response body may go without a byte from its upstream
+    /// before it is cut; `None`: never.
+    pub stream_idle_timeout: Option<Duration>,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
     pub ca_file: Option<PathBuf>,
@@ -569,6 +572,7 @@ mod raw {
     struct Upstream {
         connect_timeout: Option<String>,
         response_timeout: Option<String>,
+        stream_idle_timeout: Option<String>,
         idle_timeout: Option<String>,
         max_idle_per_host: Option<usize>,
         ca_file: Option<PathBuf>,
@@ -964,6 +968,13 @@ mod raw {
                     self.upstream.response_timeout,
                     Duration::from_secs(60),
                 ),
+                // "0s" turns it off.
+                stream_idle_timeout: Some(c.duration(
+                    "upstream.stream_idle_timeout",
+                    self.upstream.stream_idle_timeout,
+                    Duration::from_secs(3600),
+                ))
+                .filter(|limit| !limit.is_zero()),
                 idle_timeout: c.positive_duration(
                     "upstream.idle_timeout",
                     self.upstream.idle_timeout,
@@ -1536,6 +1547,13 @@ mod tests {
         assert_eq!(config.routing.fallback, Fallback::Cookie);
         assert!(config.versions.canary.is_none());
         assert_eq!(config.admin.addr, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(
+            config.upstream.stream_idle_timeout,
+            Some(Duration::from_secs(3600))
+        );
+        let off = format!("{MINIMAL}\n[upstream]\nstream_idle_timeout = \"0s\"\n");
+        let off = Config::parse(&off, "test").unwrap();
+        assert_eq!(off.upstream.stream_idle_timeout, None);
     }
 
     #[test]

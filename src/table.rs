@@ -231,6 +231,8 @@ pub struct Policy {
     pub metrics: MetricsConfig,
     /// Time allowed for an upstream's response headers.
     pub response_timeout: Duration,
+    /// How long a response body may wait for its upstream's next byte.
+    pub stream_idle_timeout: Option<Duration>,
     pub health: HealthConfig,
     /// How shadow copies are made, whichever shadow is installed.
     pub shadow: ShadowPolicy,
@@ -246,6 +248,7 @@ impl Policy {
             routing: config.routing.clone(),
             metrics: config.metrics.clone(),
             response_timeout: config.upstream.response_timeout,
+            stream_idle_timeout: config.upstream.stream_idle_timeout,
             health: config.health.clone(),
             window_slot: config
                 .rollout

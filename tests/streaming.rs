@@ -2,10 +2,11 @@
 //!
 //! Owns: server-sent events arriving event by event, large request bodies
 //! reaching the upstream intact and before the client has finished sending,
-//! WebSocket tunnels routed at the handshake, and tunnels closed when idle
-//! or unread. The backends wait for the test's signal; the tunnel timeouts
-//! are short, and only the test that keeps a tunnel busy past its idle
-//! timeout paces itself by the clock. Does not own: rollback of open streams
+//! WebSocket tunnels routed at the handshake, tunnels closed when idle
+//! or unread, and response streams cut when their upstream falls silent.
+//! The backends wait for the test's signal; the idle timeouts are short,
+//! and only the tests that keep a tunnel or a stream busy past its idle
+//! timeout pace themselves by the clock. Does not own: rollback of open streams
 //! (`control_streams`).
 
 mod support;
@@ -20,8 +21,8 @@ use http::Method;
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
 use support::{
-    Backend, CANARY, Http, STABLE, SseBackend, WsBackend, client, cohort, eventually, read_whole,
-    request, sha256_hex, within,
+    Backend, CANARY, Http, STABLE, SseBackend, SseTicker, WsBackend, client, cohort, eventually,
+    eventually_async, metric, read_until, read_whole, request, sha256_hex, within,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -362,4 +363,54 @@ async fn a_tunnel_whose_client_stops_reading_is_cut_at_the_send_timeout() {
     let _ = within("the close", client.read_to_end(&mut received)).await;
     let start = String::from_utf8_lossy(&received[..received.len().min(64)]).into_owned();
     assert!(start.starts_with("HTTP/1.1 101"), "{start}");
+}
+
+#[tokio::test]
+async fn a_stream_whose_upstream_falls_silent_is_cut_at_the_stream_idle_timeout() {
+    let ticker = SseTicker::start(STABLE).await;
+    // The version has a name of its own: its error counter is this test's alone.
+    const VERSION: &str = "v1-falls-silent";
+    let toml = support::config(
+        &[ticker.addr],
+        None,
+        "[upstream]\nstream_idle_timeout = \"1s\"\n",
+    )
+    .replace(
+        &format!("name = \"{STABLE}\""),
+        &format!("name = \"{VERSION}\""),
+    );
+    let server = support::start_cohort(&toml).await;
+    let mut body = Http::new(server.proxy_addr())
+        .get_streaming("/events", &[("x-user-id", "alice")])
+        .await
+        .into_body();
+    read_until(&mut body, SseTicker::READY)
+        .await
+        .expect("the first event");
+    // An event every 250 ms keeps the stream open well past the limit.
+    for _ in 0..6 {
+        // The upstream's pace, not a wait for anything.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let event = ticker.tick();
+        read_until(&mut body, &event)
+            .await
+            .expect("the stream is open");
+    }
+    // Then silence: the stream is cut, as the upstream's timeout.
+    let end = within("the cut", async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_err(), "the stream ended as if whole");
+    let labels = [("version", VERSION), ("kind", "timeout")];
+    eventually_async("the cut counted as the upstream's timeout", || async {
+        metric(&server, "cohort_upstream_errors_total", &labels).await == Some(1.0)
+    })
+    .await;
 }

@@ -7,6 +7,7 @@
 //! for a request its client abandoned before the response head, a 499, its
 //! access log line and a failure in the version's window). Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
+//! or whose upstream sent nothing for `upstream.stream_idle_timeout`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got (which the
 //! response timeout counts from) and whether it waits on its client.
@@ -28,6 +29,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::ProxyError;
+use crate::metrics::UpstreamErrorKind;
 use crate::rollout::window::Observation;
 use crate::routing::Decision;
 use crate::shadow::TeeBody;
@@ -222,15 +224,54 @@ pub struct ResponseBody {
     /// Created only once the upstream body makes us wait, so short responses
     /// pay nothing for the rollback watch.
     closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The upstream's silence that cuts the body (`upstream.stream_idle_timeout`).
+    idle: Option<IdleLimit>,
+}
+
+/// How long an upstream's body may go without a byte, as Envoy's
+/// `stream_idle_timeout` and nginx's `proxy_read_timeout` do: a hung
+/// upstream must not hold its client and its connection for ever.
+struct IdleLimit {
+    limit: Duration,
+    /// Armed when the body first makes us wait, so short responses pay
+    /// nothing for it.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
+}
+
+impl IdleLimit {
+    /// Whether the upstream has been silent for the limit; registers the
+    /// timer with `cx` otherwise. Called when the body makes us wait.
+    fn is_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if std::mem::take(&mut self.moved) {
+            timer.as_mut().reset(Instant::now() + limit);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl ResponseBody {
+    /// An upstream's body, cut after `idle_limit` without a byte, if set.
     #[must_use]
-    pub fn upstream(body: UpstreamBody<TeeBody>, in_flight: InFlight) -> ResponseBody {
+    pub fn upstream(
+        body: UpstreamBody<TeeBody>,
+        in_flight: InFlight,
+        idle_limit: Option<Duration>,
+    ) -> ResponseBody {
         ResponseBody {
             inner: Inner::Upstream(body),
             in_flight: Some(in_flight),
             closing: None,
+            idle: idle_limit.map(|limit| IdleLimit {
+                limit,
+                timer: None,
+                moved: false,
+            }),
         }
     }
 
@@ -240,6 +281,7 @@ impl ResponseBody {
             inner: Inner::Full(Some(bytes.into())),
             in_flight,
             closing: None,
+            idle: None,
         }
     }
 
@@ -249,6 +291,7 @@ impl ResponseBody {
             inner: Inner::Full(None),
             in_flight,
             closing: None,
+            idle: None,
         }
     }
 }
@@ -284,8 +327,28 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Err(error.into())))
                 }
-                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
+                Poll::Ready(frame) => {
+                    if let Some(idle) = &mut this.idle {
+                        idle.moved = true;
+                    }
+                    Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+                }
                 Poll::Pending => {
+                    if let Some(idle) = &mut this.idle
+                        && idle.is_over(cx)
+                    {
+                        let limit = idle.limit;
+                        if let Some(in_flight) = this.in_flight.take() {
+                            in_flight
+                                .version
+                                .metrics
+                                .record_upstream_error(UpstreamErrorKind::Timeout);
+                        }
+                        return Poll::Ready(Some(Err(format!(
+                            "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
+                        )
+                        .into())));
+                    }
                     if let Some(in_flight) = &this.in_flight {
                         let closing = this
                             .closing

@@ -153,7 +153,8 @@ impl Proxy {
                             .into_response(&version.name, Some(in_flight)),
                     }
                 } else {
-                    rsp.map(|body| ResponseBody::upstream(body, in_flight))
+                    let idle_limit = table.policy.stream_idle_timeout;
+                    rsp.map(|body| ResponseBody::upstream(body, in_flight, idle_limit))
                 }
             }
             Err(error) => {
