@@ -14,7 +14,7 @@
 //! the live state take a copy that never waits for that lock. Does not own:
 //! HTTP (`admin`), the file format (`state`), or routing (`routing`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -160,6 +160,14 @@ impl Control {
     #[must_use]
     pub fn state(&self) -> LiveState {
         LiveState::clone(&self.live.load())
+    }
+
+    /// The live state once a change in progress is made: waits for it, for
+    /// a caller that compares it with the state its own change leaves (a
+    /// reload, which must not take a canary installed meanwhile for its own).
+    #[must_use]
+    pub fn settled_state(&self) -> LiveState {
+        self.lock().saved.live.clone()
     }
 
     /// Records how the live state was chosen on start.
@@ -803,21 +811,36 @@ impl Control {
                 _ = tick.tick() => {}
                 () = &mut stop => return,
             }
+            // On the blocking pool: a write to a stalled disk must not
+            // hold a runtime thread that `/health` is answered on.
+            let control = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || control.retry_saving()).await;
+        }
+    }
+
+    /// One pass of [`Control::keep_saved`].
+    fn retry_saving(&self) {
+        // A change in progress saves what is unsaved before anything else:
+        // no need to wait for it.
+        let current = match self.current.try_lock() {
+            Ok(current) => Some(current),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut current) = current {
+            if current.unsaved.is_some()
+                && let Err(error) = self.save_unsaved(&mut current)
             {
-                let mut current = self.lock();
-                if current.unsaved.is_some()
-                    && let Err(error) = self.save_unsaved(&mut current)
-                {
-                    tracing::warn!(%error, "the live state is still not saved");
-                }
+                tracing::warn!(%error, "the live state is still not saved");
             }
-            // Without the state's lock, which a slow write of the held
-            // lines would otherwise keep from every change.
-            match self.audit.retry() {
-                Ok(0) => {}
-                Ok(bytes) => tracing::info!(bytes, "the audit lines held back are appended now"),
-                Err(error) => tracing::warn!(%error, "the audit log still refuses its lines"),
-            }
+            drop(current);
+        }
+        // Without the state's lock, which a slow write of the held lines
+        // would otherwise keep from every change.
+        match self.audit.retry() {
+            Ok(0) => {}
+            Ok(bytes) => tracing::info!(bytes, "the audit lines held back are appended now"),
+            Err(error) => tracing::warn!(%error, "the audit log still refuses its lines"),
         }
     }
 
@@ -977,8 +1000,16 @@ mod tests {
         rx.recv_timeout(DEADLINE).ok()
     }
 
-    #[test]
-    fn reading_the_live_state_does_not_wait_for_a_stalled_write() {
+    /// A control plane whose state file is on a [`StalledDisk`], with the
+    /// disk's signals: a write has begun, and let it through.
+    struct Stalled {
+        control: Arc<Control>,
+        begun: mpsc::Receiver<()>,
+        go: mpsc::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn stalled() -> Stalled {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::parse(
             r#"
@@ -1010,16 +1041,37 @@ mod tests {
             Box::new(disk),
             audit,
         ));
+        Stalled {
+            control,
+            begun,
+            go,
+            _dir: dir,
+        }
+    }
 
-        // A weight change: the state read while it is written is the one before it.
+    /// Starts a weight change on its own thread, and waits until its write stalls.
+    fn stall_a_change(stalled: &Stalled) -> thread::JoinHandle<Result<LiveState, ControlError>> {
         let change = thread::spawn({
-            let control = Arc::clone(&control);
+            let control = Arc::clone(&stalled.control);
             move || control.set_weight(Weight::from_percent(50.0).unwrap(), false)
         });
-        begun
+        stalled
+            .begun
             .recv_timeout(DEADLINE)
             .expect("the change writes the state");
-        let (live, shown) = read_state(&control).expect("the read returns while the write stalls");
+        change
+    }
+
+    #[test]
+    fn reading_the_live_state_does_not_wait_for_a_stalled_write() {
+        let stalled = stalled();
+        let Stalled {
+            control, begun, go, ..
+        } = &stalled;
+
+        // A weight change: the state read while it is written is the one before it.
+        let change = stall_a_change(&stalled);
+        let (live, shown) = read_state(control).expect("the read returns while the write stalls");
         assert_eq!((live.generation, live.weight().percent()), (1, 10.0));
         assert_eq!(shown["generation"], 1);
         go.send(()).unwrap();
@@ -1029,18 +1081,45 @@ mod tests {
 
         // A rollback: traffic leaves the canary before the write, and so does the state read.
         let rollback = thread::spawn({
-            let control = Arc::clone(&control);
+            let control = Arc::clone(control);
             move || control.rollback("a test", Source::Api)
         });
         begun
             .recv_timeout(DEADLINE)
             .expect("the rollback writes the state");
-        let (live, shown) = read_state(&control).expect("the read returns while the write stalls");
+        let (live, shown) = read_state(control).expect("the read returns while the write stalls");
         assert_eq!((live.generation, live.status), (3, Status::RolledBack));
         assert_eq!(live.weight(), Weight::ZERO);
         assert_eq!(shown["status"], "rolled_back");
         go.send(()).unwrap();
         let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
         assert_eq!(control.state(), rolled_back);
+    }
+
+    #[test]
+    fn the_retry_of_unsaved_state_does_not_hold_a_runtime_thread_while_a_write_stalls() {
+        let stalled = stalled();
+        let change = stall_a_change(&stalled);
+        // One worker: were the retry to wait for the state lock on it,
+        // nothing else on the runtime (`/health`, `/metrics`) would run.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(Arc::clone(&stalled.control).keep_saved(std::future::pending::<()>()));
+        // A task that answers every 10 ms, for more than the retry's
+        // one-second period, so that a retry falls within it.
+        let (tx, rx) = mpsc::channel();
+        runtime.spawn(async move {
+            while tx.send(()).is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let answered = (0..150).try_for_each(|_| rx.recv_timeout(DEADLINE));
+        stalled.go.send(()).unwrap();
+        change.join().unwrap().expect("the change is saved");
+        runtime.shutdown_background();
+        answered.expect("a task on the runtime ran on while the write stalled");
     }
 }

@@ -418,7 +418,7 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                     return false;
                 }
             };
-            let before = server.control.state();
+            let before = server.control.settled_state();
             let after = match server.control.reload(&config) {
                 Ok(after) => after,
                 Err(error) => {

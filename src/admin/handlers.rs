@@ -2,8 +2,10 @@
 //!
 //! Owns: the request bodies of SPEC section 3 (a JSON object each; unknown
 //! or repeated fields, wrong types and bad JSON a 400 that names the field,
-//! out-of-range values a 422, a body over 64 KiB a 413). Does not own the
-//! effects.
+//! out-of-range values a 422, a body over 64 KiB a 413), and running each
+//! change on the blocking pool: it may wait for the state lock and for the
+//! disk, and must not hold up a runtime thread that `/health`, `/metrics`
+//! and `GET /admin/state` are answered on. Does not own the effects.
 
 use http::Request;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
@@ -14,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::AdminError;
 use std::sync::Arc;
 
-use crate::control::{Control, Explanation};
+use crate::control::{Control, ControlError, Explanation};
 use crate::rollout::controller::Rollouts;
 use crate::routing::Weight;
 use crate::state::{LiveState, Source};
@@ -60,43 +62,75 @@ struct PromoteBody {
     force: bool,
 }
 
-pub async fn weight(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+/// Runs `change` on the blocking pool (see the module doc).
+async fn off_the_runtime(
+    control: &Arc<Control>,
+    change: impl FnOnce(&Control) -> Result<LiveState, ControlError> + Send + 'static,
+) -> Result<LiveState, AdminError> {
+    let control = Arc::clone(control);
+    tokio::task::spawn_blocking(move || change(&control))
+        .await
+        .map_err(|error| AdminError::Internal(format!("the change did not finish: {error}")))?
+        .map_err(AdminError::from)
+}
+
+pub async fn weight(
+    control: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
     let body: WeightBody = read_json(req)
         .await?
         .ok_or_else(|| AdminError::BadRequest("a JSON body {\"weight\": N} is required".into()))?;
     let weight = Weight::from_percent(body.weight)
         .map_err(|m| AdminError::Unprocessable(format!("weight: {m}")))?;
-    Ok(control.set_weight(weight, body.force)?)
+    off_the_runtime(control, move |control| {
+        control.set_weight(weight, body.force)
+    })
+    .await
 }
 
-pub async fn rollback(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+pub async fn rollback(
+    control: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
     let body: RollbackBody = read_json(req).await?.unwrap_or_default();
     let reason = body.reason.map_or_else(
         || "rollback requested through the admin API".into(),
         kept_reason,
     );
-    Ok(control.rollback(&reason, Source::Api)?)
+    off_the_runtime(control, move |control| {
+        control.rollback(&reason, Source::Api)
+    })
+    .await
 }
 
-/// The most characters of a given reason that are kept.
+/// The most characters of a given reason that are kept, `…` included.
 const MAX_REASON_CHARS: usize = 1024;
 
 /// `reason`, cut to [`MAX_REASON_CHARS`]: a rollback is never refused for
 /// its reason, and a longer one would be stored whole in the state file,
 /// the audit log and every answer that shows the state.
 fn kept_reason(reason: String) -> String {
-    match reason.char_indices().nth(MAX_REASON_CHARS) {
-        Some((cut, _)) => format!("{}…", &reason[..cut]),
-        None => reason,
+    if reason.chars().nth(MAX_REASON_CHARS).is_none() {
+        return reason;
     }
+    let mut kept: String = reason.chars().take(MAX_REASON_CHARS - 1).collect();
+    kept.push('…');
+    kept
 }
 
-pub async fn promote(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+pub async fn promote(
+    control: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
     let body: PromoteBody = read_json(req).await?.unwrap_or_default();
-    Ok(control.promote(body.force, "api")?)
+    off_the_runtime(control, move |control| control.promote(body.force, "api")).await
 }
 
-pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+pub async fn canary(
+    control: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
     let body: CanaryBody = read_json(req).await?.ok_or_else(|| {
         AdminError::BadRequest(
             "a JSON body {\"name\", \"upstreams\", \"weight\"} is required".into(),
@@ -107,7 +141,10 @@ pub async fn canary(control: &Control, req: Request<Incoming>) -> Result<LiveSta
         Some(w) => Weight::from_percent(w)
             .map_err(|m| AdminError::Unprocessable(format!("weight: {m}")))?,
     };
-    Ok(control.install_canary(&body.name, &body.upstreams, weight, body.force)?)
+    off_the_runtime(control, move |control| {
+        control.install_canary(&body.name, &body.upstreams, weight, body.force)
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +159,10 @@ struct ShadowBody {
 }
 
 /// `PUT /admin/shadow`: `{"name", "upstreams", "percent"}` installs or changes it, `null` removes it.
-pub async fn shadow(control: &Control, req: Request<Incoming>) -> Result<LiveState, AdminError> {
+pub async fn shadow(
+    control: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<LiveState, AdminError> {
     let body: Option<ShadowBody> = read_json(req).await?.ok_or_else(|| {
         AdminError::BadRequest(
             "a JSON body {\"name\", \"upstreams\", \"percent\"}, or null to remove the shadow, is required"
@@ -130,11 +170,14 @@ pub async fn shadow(control: &Control, req: Request<Incoming>) -> Result<LiveSta
         )
     })?;
     let Some(body) = body else {
-        return Ok(control.set_shadow(None)?);
+        return off_the_runtime(control, |control| control.set_shadow(None)).await;
     };
     let percent = Weight::from_percent(body.percent)
         .map_err(|m| AdminError::Unprocessable(format!("percent: {m}")))?;
-    Ok(control.set_shadow(Some((&body.name, &body.upstreams, percent)))?)
+    off_the_runtime(control, move |control| {
+        control.set_shadow(Some((&body.name, &body.upstreams, percent)))
+    })
+    .await
 }
 
 pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, AdminError> {
@@ -249,6 +292,7 @@ mod tests {
         let exact = "é".repeat(MAX_REASON_CHARS);
         assert_eq!(kept_reason(exact.clone()), exact);
         let cut = kept_reason("é".repeat(MAX_REASON_CHARS + 1));
-        assert_eq!(cut, format!("{exact}…"));
+        assert_eq!(cut, format!("{}…", "é".repeat(MAX_REASON_CHARS - 1)));
+        assert_eq!(cut.chars().count(), MAX_REASON_CHARS);
     }
 }
