@@ -136,7 +136,11 @@ impl TeeBody {
     /// How far the body has got from now on: the response timeout of a
     /// request with a body counts from its last frame.
     pub fn progress(&mut self) -> Arc<BodyProgress> {
-        Arc::clone(self.progress.get_or_insert_with(BodyProgress::new))
+        let bounded = self.size_hint().exact().is_some();
+        Arc::clone(
+            self.progress
+                .get_or_insert_with(|| BodyProgress::new(bounded)),
+        )
     }
 
     /// Passes `frame` to the copy; `false` when the copy must be abandoned.

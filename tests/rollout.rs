@@ -10,9 +10,10 @@
 //! upstream dies, held at its stage and rolled back rather than promoted;
 //! the approval gate and abort; the stage's clock, live in the state, saved
 //! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
-//! AgentRelease manifest started and shown by `cohort ctl`; uploads broken
-//! off by their clients (over HTTP/1.1 and HTTP/2), which do not count
-//! against the canary; and the input
+//! AgentRelease manifest started and shown by `cohort ctl`; uploads of a
+//! declared length broken off by their clients (over HTTP/1.1 and HTTP/2),
+//! which do not count against the canary, and open-ended request streams
+//! given up on, which do; and the input
 //! checks of `POST /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
@@ -1855,7 +1856,7 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_broken_off_by_their_clients_do_not_count_against_the_canary() {
+async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up_on_do() {
     // The canary has a name of its own: its counters, read below, are this test's alone.
     const NAME: &str = "v2-uploads-broken-off";
     let stable = Backend::start(STABLE).await;
@@ -1879,6 +1880,17 @@ async fn uploads_broken_off_by_their_clients_do_not_count_against_the_canary() {
         metric(&server, "cohort_requests_in_flight", &[("version", NAME)])
             .await
             .unwrap_or(0.0)
+    };
+    let in_flight_one = async || in_flight().await == 1.0;
+    let idle = async || in_flight().await == 0.0;
+    let successes = || async {
+        metric(
+            &server,
+            "cohort_requests_total",
+            &[("version", NAME), ("code", "200")],
+        )
+        .await
+        .unwrap_or(0.0)
     };
     let answered = || async {
         let mut total = 0.0;
@@ -1906,25 +1918,10 @@ async fn uploads_broken_off_by_their_clients_do_not_count_against_the_canary() {
             .await
             .expect("send part of an upload");
         drop(stream);
+        eventually_async("the upload over", &idle).await;
         // HTTP/2: the same, on its way to the canary, then `RST_STREAM` (CANCEL).
-        let mut h2 = RawH2::open(server.proxy_addr()).await;
         let key = format!("h2-{n}");
-        let head = [("x-user-id", key.as_str()), ("content-length", "1000")];
-        let mut part = frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &request_block(Method::POST, "x", "/upload", &head),
-        );
-        part.extend(frame(DATA, 0, 1, b"xxxxxxxxxx"));
-        h2.write(&part).await;
-        eventually_async("the upload in flight", || async {
-            in_flight().await == 1.0
-        })
-        .await;
-        h2.write(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
-            .await;
-        eventually_async("the upload over", || async { in_flight().await == 0.0 }).await;
+        break_off_over_http2(&server, &key, Some(1000), in_flight_one, idle).await;
     }
     eventually_async("every broken-off upload recorded", || async {
         answered().await >= (2 * BROKEN_OFF) as f64
@@ -1942,4 +1939,51 @@ async fn uploads_broken_off_by_their_clients_do_not_count_against_the_canary() {
     assert_eq!(rate["canary"], 1.0, "{state:#}");
     assert_eq!(rate["verdict"], "pass", "{state:#}");
     assert_eq!(state["status"], "progressing", "{state:#}");
+
+    // An open-ended body (no length: a gRPC stream, say) stays open while
+    // its client waits for the answer; a client that gives up on it is a
+    // failure of the version, as one that gives up on any request is.
+    // Enough of them, beside the successes above, to fail the floor.
+    let succeeded = successes().await;
+    let given_up = (succeeded / 2.0).ceil() as usize;
+    // The rollback may come before the last of them: those after it go to stable.
+    let rolled_back = async || admin.state().await["status"] == "rolled_back";
+    for n in 0..given_up {
+        let key = format!("stream-{n}");
+        let reached = async || in_flight_one().await || rolled_back().await;
+        break_off_over_http2(&server, &key, None, reached, idle).await;
+    }
+    let state = wait_state(&admin, "the rollback", |s| s["status"] == "rolled_back").await;
+    let reason = rollback_reason(&state);
+    assert!(reason.contains("success_rate"), "{reason}");
+}
+
+/// Sends the head of an upload over HTTP/2 (of `length` bytes, or with no
+/// length) and 10 bytes of it; once `reached` holds, `RST_STREAM` (CANCEL);
+/// then waits for `over`.
+async fn break_off_over_http2(
+    server: &Server,
+    key: &str,
+    length: Option<u64>,
+    reached: impl AsyncFn() -> bool,
+    over: impl AsyncFn() -> bool,
+) {
+    let mut h2 = RawH2::open(server.proxy_addr()).await;
+    let length = length.map(|n| n.to_string());
+    let mut head = vec![("x-user-id", key)];
+    if let Some(length) = &length {
+        head.push(("content-length", length));
+    }
+    let mut part = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &request_block(Method::POST, "x", "/upload", &head),
+    );
+    part.extend(frame(DATA, 0, 1, b"xxxxxxxxxx"));
+    h2.write(&part).await;
+    eventually_async("the upload in flight", || reached()).await;
+    h2.write(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .await;
+    eventually_async("the upload over", || over()).await;
 }

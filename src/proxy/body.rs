@@ -120,16 +120,22 @@ pub struct BodyProgress {
     /// Whether the client broke the body off (closed or reset its
     /// connection, or its HTTP/2 stream, part way through).
     broken_off: AtomicBool,
+    /// Whether the body declared its length: one that has not all arrived
+    /// is unfinished by its client's doing, while an open-ended one (a
+    /// gRPC stream) may rightly stay open as long as its response.
+    bounded: bool,
 }
 
 impl BodyProgress {
+    /// The progress of a body; `bounded` if it declared its length.
     #[must_use]
-    pub fn new() -> Arc<BodyProgress> {
+    pub fn new(bounded: bool) -> Arc<BodyProgress> {
         Arc::new(BodyProgress {
             created: Instant::now(),
             last_frame: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             broken_off: AtomicBool::new(false),
+            bounded,
         })
     }
 
@@ -160,6 +166,19 @@ impl BodyProgress {
     #[must_use]
     pub fn is_broken_off(&self) -> bool {
         self.broken_off.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body declared its length.
+    #[must_use]
+    pub fn is_bounded(&self) -> bool {
+        self.bounded
+    }
+
+    /// Whether the client left part way through a body of a declared
+    /// length (broke it off, or stopped sending it).
+    #[must_use]
+    pub fn is_left_unfinished(&self) -> bool {
+        self.bounded && (self.is_broken_off() || self.is_awaiting_client())
     }
 
     /// `timeout` after the last frame (or after the request, before any).
@@ -197,7 +216,7 @@ impl Drop for InFlight {
             let left_mid_body = self
                 .body
                 .as_deref()
-                .is_some_and(|body| body.is_awaiting_client() || body.is_broken_off());
+                .is_some_and(BodyProgress::is_left_unfinished);
             if !left_mid_body {
                 self.version.window.record(
                     crate::clock::since_start(),

@@ -25,9 +25,13 @@ pub enum ProxyError {
     #[error("the request body stopped arriving: {0}")]
     ClientTimeout(String),
     /// The client broke its request body off part way (closed or reset its
-    /// connection): as nginx logs it, 400, and nobody else's doing.
-    #[error("the client broke its request body off: {0}")]
-    ClientClosed(String),
+    /// connection, or its HTTP/2 stream): as nginx logs it, 400, and not
+    /// the upstream's doing. The guardrails judge it as a client's giving
+    /// up only for an open-ended body (a gRPC stream, say), which stays
+    /// open while its client waits; one of a declared length was left
+    /// mid-upload, which says nothing of the version.
+    #[error("the client broke its request body off: {detail}")]
+    ClientClosed { detail: String, open_ended: bool },
     /// The version has no upstream to send to.
     #[error("no upstream of this version is available")]
     NoUpstream,
@@ -58,8 +62,18 @@ impl ProxyError {
             ProxyError::BadRequest(_)
                 | ProxyError::NotImplemented(_)
                 | ProxyError::ClientTimeout(_)
-                | ProxyError::ClientClosed(_)
+                | ProxyError::ClientClosed { .. }
         )
+    }
+
+    /// Whether the version's guardrails count this failure (as one): not a
+    /// refusal, save a client's giving up on an open-ended body.
+    #[must_use]
+    pub fn counts_against_version(&self) -> bool {
+        match self {
+            ProxyError::ClientClosed { open_ended, .. } => *open_ended,
+            _ => !self.is_refusal(),
+        }
     }
 
     /// Classifies a failure of the upstream exchange.
@@ -113,7 +127,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
             | ProxyError::ClientTimeout(_)
-            | ProxyError::ClientClosed(_)
+            | ProxyError::ClientClosed { .. }
             | ProxyError::NoUpstream
             | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
@@ -126,7 +140,7 @@ impl ProxyError {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::ClientClosed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -145,7 +159,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::ClientTimeout(_) => "client_timeout",
-            ProxyError::ClientClosed(_) => "client_closed",
+            ProxyError::ClientClosed { .. } => "client_closed",
             ProxyError::NoUpstream => "unavailable",
             ProxyError::Unsupported(_) => "protocol",
             _ => self

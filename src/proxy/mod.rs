@@ -133,6 +133,7 @@ impl Proxy {
         let mut tokens = None;
         let mut tunnel = None;
         let mut refused = false;
+        let mut judged = true;
         let mut rsp = match result {
             Ok((mut rsp, client_upgrade)) => {
                 tokens =
@@ -159,6 +160,7 @@ impl Proxy {
             }
             Err(error) => {
                 refused = error.is_refusal();
+                judged = error.counts_against_version();
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
@@ -184,14 +186,17 @@ impl Proxy {
         let to_headers = answered - started;
         version.metrics.record_response(rsp.status(), to_headers);
         // The guardrails judge the version by what its upstreams did: a
-        // request refused unread, or whose client stopped sending its body,
-        // says nothing of it, and a client must not be able to fail a
-        // canary by sending malformed or stalled requests.
-        if !refused {
+        // request refused unread, or whose client stopped sending its body
+        // or left part way through it, says nothing of it, and a client
+        // must not be able to fail a canary by sending malformed, stalled
+        // or unfinished requests. A client that gave up on an open-ended
+        // body while it waited is a failure, as one that gave up on any
+        // other request is (a 499).
+        if judged {
             version.window.record(
                 clock::since_start_at(answered.into_std()),
                 Observation {
-                    success: !rsp.status().is_server_error(),
+                    success: !refused && !rsp.status().is_server_error(),
                     latency: to_headers,
                     tokens,
                 },
@@ -256,11 +261,13 @@ impl Proxy {
                 // The exchange failed because the client's body did: not
                 // the upstream's doing, and nothing to try again.
                 Some(Err(failed))
-                    if progress
-                        .as_deref()
-                        .is_some_and(body::BodyProgress::is_broken_off) =>
+                    if let Some(progress) = progress.as_deref()
+                        && progress.is_broken_off() =>
                 {
-                    break Err(ProxyError::ClientClosed(error::chain(&failed.error)));
+                    break Err(ProxyError::ClientClosed {
+                        detail: error::chain(&failed.error),
+                        open_ended: !progress.is_bounded(),
+                    });
                 }
                 Some(Err(failed)) => failed,
                 None if progress
@@ -310,7 +317,7 @@ impl Proxy {
         // nothing of it either way.
         let ok = match &result {
             Ok(rsp) => !rsp.status().is_server_error(),
-            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed(_)) => return result,
+            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => return result,
             Err(error) => error.upstream_kind().is_none(),
         };
         record_outcome(version, index, ok, table);
