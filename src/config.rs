@@ -1511,7 +1511,7 @@ pub fn check_version_name(name: &str) -> Result<(), String> {
         .all(|b| b.is_ascii_alphanumeric() || b"-_.:+@".contains(&b));
     if name.is_empty() || name.len() > 128 || !printable {
         // A name far too long is shown by its start.
-        let shown: String = name.chars().take(64).collect();
+        let shown: String = name.chars().take(128).collect();
         let more = if shown.len() < name.len() { "…" } else { "" };
         Err(format!(
             "{shown:?}{more} is not a version name: 1 to 128 characters of letters, digits and -_.:+@"
@@ -1944,9 +1944,13 @@ mod tests {
     #[test]
     fn a_version_name_far_too_long_is_shown_by_its_start() {
         let message = check_version_name(&"x".repeat(5000)).unwrap_err();
-        let start = format!("{:?}…", "x".repeat(64));
+        let start = format!("{:?}…", "x".repeat(128));
         assert!(message.starts_with(&start), "{message}");
-        assert!(message.len() < 200, "{message}");
+        assert!(message.len() < 300, "{message}");
+        // One of an allowed length is shown whole, its bad character too.
+        let name = format!("{} {}", "x".repeat(100), "x".repeat(27));
+        let message = check_version_name(&name).unwrap_err();
+        assert!(message.contains(&name), "{message}");
         let message = check_version_name("v 1").unwrap_err();
         assert!(message.starts_with("\"v 1\" is not"), "{message}");
     }
