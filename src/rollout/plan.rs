@@ -21,9 +21,9 @@ use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_j
 /// Why a plan file could not be read as a plan.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("not a TOML plan: {0}")]
+    #[error("the plan cannot be read as TOML: {0}")]
     Toml(String),
-    #[error("not an AgentRelease manifest: {0}")]
+    #[error("the AgentRelease manifest cannot be read: {0}")]
     Yaml(String),
     #[error("{0}")]
     Manifest(String),
