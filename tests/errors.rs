@@ -203,26 +203,25 @@ async fn an_upload_its_client_breaks_off_is_not_counted_against_the_upstream() {
         &format!("name = \"{VERSION}\""),
     );
     let server = support::start_cohort(&toml).await;
-    let upstream_errors = || async {
-        let mut total = 0.0;
-        for kind in ["connect", "timeout", "reset", "protocol"] {
-            let labels = [("version", VERSION), ("kind", kind)];
-            total += metric(&server, "cohort_upstream_errors_total", &labels)
-                .await
-                .unwrap_or(0.0);
-        }
-        total
+    let kinds = ["connect", "timeout", "reset", "protocol"];
+    let upstream_errors = || {
+        support::metric_sum(
+            &server,
+            "cohort_upstream_errors_total",
+            VERSION,
+            "kind",
+            &kinds,
+        )
     };
     // Answered 400, or 499 if it went away first: the client's doing either way.
-    let by_the_client = || async {
-        let mut total = 0.0;
-        for code in ["400", "499"] {
-            let labels = [("version", VERSION), ("code", code)];
-            total += metric(&server, "cohort_requests_total", &labels)
-                .await
-                .unwrap_or(0.0);
-        }
-        total
+    let by_the_client = || {
+        support::metric_sum(
+            &server,
+            "cohort_requests_total",
+            VERSION,
+            "code",
+            &["400", "499"],
+        )
     };
     // The head of a 1000-byte upload and 10 bytes of its body.
     let part_of_an_upload = || async {

@@ -1883,24 +1883,16 @@ async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up
     };
     let in_flight_one = async || in_flight().await == 1.0;
     let idle = async || in_flight().await == 0.0;
-    let successes = || async {
-        metric(
+    let successes =
+        || support::metric_sum(&server, "cohort_requests_total", NAME, "code", &["200"]);
+    let answered = || {
+        support::metric_sum(
             &server,
             "cohort_requests_total",
-            &[("version", NAME), ("code", "200")],
+            NAME,
+            "code",
+            &["200", "400", "499"],
         )
-        .await
-        .unwrap_or(0.0)
-    };
-    let answered = || async {
-        let mut total = 0.0;
-        for code in ["200", "400", "499"] {
-            let labels = [("version", NAME), ("code", code)];
-            total += metric(&server, "cohort_requests_total", &labels)
-                .await
-                .unwrap_or(0.0);
-        }
-        total
     };
 
     const BROKEN_OFF: usize = 15;

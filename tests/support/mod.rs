@@ -1485,6 +1485,23 @@ pub async fn admin(server: &Server, method: Method, path: &str, body: &str) -> R
         .await
 }
 
+/// The sum of `name`'s series of `version` over `label`'s `values` (an
+/// absent series counting 0).
+pub async fn metric_sum(
+    server: &Server,
+    name: &str,
+    version: &str,
+    label: &str,
+    values: &[&str],
+) -> f64 {
+    let mut total = 0.0;
+    for value in values {
+        let labels = [("version", version), (label, value)];
+        total += metric(server, name, &labels).await.unwrap_or(0.0);
+    }
+    total
+}
+
 /// The value of the series `name` (with or without labels) whose labels
 /// include all of `labels`, scraped from `server`'s `/metrics`.
 pub async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
