@@ -1521,6 +1521,24 @@ pub fn check_version_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A config of a stable `v1` (127.0.0.1:9001) and a canary `v2`
+/// (127.0.0.1:9002) at `canary_weight` percent, for unit tests.
+#[cfg(test)]
+pub(crate) fn two_versions(canary_weight: u32) -> Config {
+    let text = format!(
+        r#"
+        [versions.stable]
+        name = "v1"
+        upstreams = ["127.0.0.1:9001"]
+        [versions.canary]
+        name = "v2"
+        upstreams = ["127.0.0.1:9002"]
+        weight = {canary_weight}
+        "#
+    );
+    Config::parse(&text, "test").expect("a valid test config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1011,19 +1011,7 @@ mod tests {
 
     fn stalled() -> Stalled {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config::parse(
-            r#"
-            [versions.stable]
-            name = "v1"
-            upstreams = ["127.0.0.1:9001"]
-            [versions.canary]
-            name = "v2"
-            upstreams = ["127.0.0.1:9002"]
-            weight = 10
-            "#,
-            "test",
-        )
-        .unwrap();
+        let config = crate::config::two_versions(10);
         let file = FileStore::new(dir.path().join("state.json"));
         let (saved, _, _) =
             crate::state::restore(&file, &config.versions, None, false, false).unwrap();

@@ -658,18 +658,7 @@ mod tests {
     use crate::config::Config;
 
     fn versions(canary_weight: u32) -> VersionsConfig {
-        let text = format!(
-            r#"
-            [versions.stable]
-            name = "v1"
-            upstreams = ["127.0.0.1:9001"]
-            [versions.canary]
-            name = "v2"
-            upstreams = ["127.0.0.1:9002"]
-            weight = {canary_weight}
-            "#
-        );
-        Config::parse(&text, "test").unwrap().versions
+        crate::config::two_versions(canary_weight).versions
     }
 
     /// `versions` with one more stable upstream: an edit that leaves the canary alone.
