@@ -52,9 +52,9 @@ pub enum ProxyError {
 impl ProxyError {
     /// Whether the request was refused unread (no upstream saw it), or cut
     /// short by its client (a body that stopped arriving or was broken
-    /// off): either way it
-    /// says nothing of the version, and the client connection is not to be
-    /// trusted with another.
+    /// off): the client connection is not to be trusted with another, and,
+    /// save as [`ProxyError::counts_against_version`] says, it says
+    /// nothing of the version.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
         matches!(
