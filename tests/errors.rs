@@ -51,6 +51,20 @@ fn assert_error_body(reply: &support::Reply, kind: &str, version: &str) {
     assert_eq!(reply.version(), version, "errors are tagged too");
 }
 
+/// A connection to `proxy` with the head of a `length`-byte upload sent,
+/// its body to come.
+async fn upload_head(proxy: SocketAddr, length: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    stream
+}
+
 /// An upstream that passes the health probe made before the proxy accepts
 /// (its one connection), then refuses every connection: a canary that
 /// opened, then died.
@@ -142,18 +156,7 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
     );
     let server = support::start_cohort(&toml).await;
     // A connection with the head of a 20-byte upload sent, its body to come.
-    let upload = || async {
-        let mut stream = TcpStream::connect(server.proxy_addr())
-            .await
-            .expect("connect");
-        let head =
-            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: 20\r\n\r\n";
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .expect("send the head");
-        stream
-    };
+    let upload = || upload_head(server.proxy_addr(), 20);
 
     // Twenty chunks 150 ms apart: half as long again as the timeout in
     // all, and never more than a small part of it without one.
@@ -225,15 +228,7 @@ async fn an_upload_its_client_breaks_off_is_not_counted_against_the_upstream() {
     };
     // The head of a 1000-byte upload and 10 bytes of its body.
     let part_of_an_upload = || async {
-        let mut stream = TcpStream::connect(server.proxy_addr())
-            .await
-            .expect("connect");
-        let head =
-            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\ncontent-length: 1000\r\n\r\n";
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .expect("send the head");
+        let mut stream = upload_head(server.proxy_addr(), 1000).await;
         stream.write_all(&[b'x'; 10]).await.expect("send a part");
         stream
     };
