@@ -35,8 +35,8 @@ use support::{
 };
 use tls_support::{
     CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS, PREFACE, Pki,
-    RST_STREAM, RawH2, frame, get, h2c, have, listen_tls, request_block, run, seen_version,
-    send_h2, tls_client, tls_connect,
+    RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, have, listen_tls, request_block,
+    run, seen_version, send_h2, tls_client, tls_connect,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -575,6 +575,90 @@ async fn an_upgrade_reaches_an_https_upstream_over_http1_and_is_refused_for_h2c(
     )
     .await;
     assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
+    server.shutdown().await;
+}
+
+/// Cohort with `upstream` as version `name`'s only upstream, once the
+/// health probe at its start (stream 0) has been answered; no other probe
+/// comes during the test.
+async fn behind_raw_h2(name: &str, upstream: &RawH2Upstream) -> Server {
+    let server = cohort_named(
+        (name, &[format!("h2c://{}", upstream.addr)]),
+        None,
+        "[health]\ninterval = \"1h\"\n",
+    )
+    .await;
+    eventually("the first health probe", || upstream.streams() >= 1).await;
+    server
+}
+
+#[tokio::test]
+async fn a_request_an_h2c_upstream_left_unprocessed_at_a_graceful_goaway_is_sent_again() {
+    const NAME: &str = "h2-goaway";
+    let upstream = RawH2Upstream::start(|stream| match stream {
+        1 => StreamTurn::GoAway,
+        _ => StreamTurn::Answer,
+    })
+    .await;
+    let server = behind_raw_h2(NAME, &upstream).await;
+    let http = Http::new(server.proxy_addr());
+    let reply = http.get("/", &[]).await;
+    // A server shutting down or recycling its connection processed none
+    // of it (RFC 9113, section 6.8): the request goes again, on a new
+    // connection, and nothing went wrong.
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(upstream.streams(), 3);
+    assert_eq!(upstream.streams_after_goaway(), 0);
+    for _ in 0..3 {
+        assert_eq!(http.get("/", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.streams_after_goaway(), 0);
+    let errors = support::metric(
+        &server,
+        "cohort_upstream_errors_total",
+        &[("version", NAME)],
+    )
+    .await;
+    assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_and_a_reset_one_is_a_reset() {
+    const NAME: &str = "h2-refused";
+    let upstream = RawH2Upstream::start(|stream| match stream {
+        1 | 4 => StreamTurn::Reset(7),
+        3 => StreamTurn::Reset(2),
+        _ => StreamTurn::Answer,
+    })
+    .await;
+    let server = behind_raw_h2(NAME, &upstream).await;
+    let http = Http::new(server.proxy_addr());
+    // REFUSED_STREAM: not processed, so sent again (stream 2).
+    let reply = http.get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(upstream.streams(), 3);
+
+    // INTERNAL_ERROR: the upstream broke the exchange off.
+    let reply = http.get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    assert_eq!(reply.json()["error"], "reset", "{reply:?}");
+    assert_eq!(upstream.streams(), 4);
+
+    // A request with a body cannot be sent again: its body went to the
+    // first stream.
+    let reply = http
+        .send(Method::POST, "/", &[], Bytes::from_static(b"once"))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    assert_eq!(reply.json()["error"], "reset", "{reply:?}");
+    assert_eq!(upstream.streams(), 5);
+
+    let errors = "cohort_upstream_errors_total";
+    let reset = metric(&server, errors, &[("version", NAME), ("kind", "reset")]).await;
+    assert_eq!(reset, 2.0);
+    let protocol = metric(&server, errors, &[("version", NAME), ("kind", "protocol")]).await;
+    assert_eq!(protocol, 0.0);
     server.shutdown().await;
 }
 

@@ -39,7 +39,8 @@ pub enum ProxyError {
     Connect(String),
     #[error("the upstream did not answer in time: {0}")]
     Timeout(String),
-    #[error("the upstream closed the connection: {0}")]
+    /// The upstream closed the connection, or reset the HTTP/2 stream.
+    #[error("the upstream closed the connection or stream: {0}")]
     Reset(String),
     #[error("the upstream's response is not valid HTTP: {0}")]
     Protocol(String),
@@ -104,6 +105,8 @@ impl ProxyError {
         let io_kind =
             causes().find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
         let hyper = causes().find_map(|e| e.downcast_ref::<hyper::Error>());
+        // An HTTP/2 upstream's RST_STREAM or GOAWAY: it ended the exchange.
+        let h2_ended = crate::upstream::h2_cause(error).is_some_and(h2::Error::is_remote);
         use std::io::ErrorKind::*;
         match io_kind {
             Some(TimedOut) => ProxyError::Timeout(detail),
@@ -111,6 +114,7 @@ impl ProxyError {
             Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) => {
                 ProxyError::Reset(detail)
             }
+            _ if h2_ended => ProxyError::Reset(detail),
             _ if hyper
                 .is_some_and(|h| h.is_incomplete_message() || h.is_canceled() || h.is_closed()) =>
             {

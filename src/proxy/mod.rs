@@ -214,7 +214,9 @@ impl Proxy {
     /// the client gives it back (see `upstream::SendError`), as
     /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
     /// all within the one response timeout, which a request body still
-    /// streaming pushes back (see [`body::BodyProgress`]).
+    /// streaming pushes back (see [`body::BodyProgress`]). One that an
+    /// HTTP/2 upstream says it did not process counts against no upstream,
+    /// and may go to the same upstream once more when it is the only one.
     async fn forward(
         &self,
         req: Request<TeeBody>,
@@ -238,6 +240,7 @@ impl Proxy {
         let mut deadline = started + response_timeout;
         let progress = (!req.body().is_end_stream()).then(|| req.body_mut().progress());
         let first = index;
+        let mut resent_unprocessed = false;
         let result = loop {
             let sent = self.client.request(upstream, req);
             tokio::pin!(sent);
@@ -285,21 +288,40 @@ impl Proxy {
                 }
             };
             let error = ProxyError::from_upstream(&failed.error);
+            let Some(retry) = failed.retry else {
+                break Err(error);
+            };
             // Given back only when another upstream may take it (see `SendError`).
-            if let Some(retry) = failed.retry
-                && let Some(next) = version.pick_other(first, index)
-            {
+            if let Some(next) = version.pick_other(first, index) {
                 tracing::warn!(
                     version = %version.name,
                     %upstream,
                     %error,
                     "upstream request failed; trying another upstream"
                 );
-                if let Some(kind) = error.upstream_kind() {
-                    version.metrics.record_upstream_error(kind);
+                if !failed.error.is_unprocessed() {
+                    if let Some(kind) = error.upstream_kind() {
+                        version.metrics.record_upstream_error(kind);
+                    }
+                    record_outcome(version, index, false, table);
                 }
-                record_outcome(version, index, false, table);
                 (index, upstream) = next;
+                req = retry;
+                continue;
+            }
+            // An HTTP/2 upstream that turned the request away unprocessed
+            // (shutting down gracefully, or at its stream limit) failed at
+            // nothing: with no other upstream to take it, it gets it once
+            // more, as Envoy's `refused-stream` retry does. The pool gives a
+            // connection that sent a graceful GOAWAY no new streams.
+            if failed.error.is_unprocessed() && !resent_unprocessed {
+                tracing::info!(
+                    version = %version.name,
+                    %upstream,
+                    %error,
+                    "upstream did not process the request; sending it again"
+                );
+                resent_unprocessed = true;
                 req = retry;
                 continue;
             }

@@ -169,7 +169,9 @@ pub enum Error {
 
 /// A failed exchange, with the request given back when another upstream
 /// may take it: none of it was sent, or it is idempotent, without a body,
-/// and a new connection closed without answering it.
+/// and a new connection closed without answering it, or it has no body
+/// and an HTTP/2 upstream did not process it ([`Error::is_unprocessed`],
+/// which alone lets the same upstream take it again).
 pub struct SendError<B> {
     pub error: Error,
     pub retry: Option<Request<B>>,
@@ -200,6 +202,30 @@ impl Error {
             Error::Pooled(error) => error.is_connect(),
         }
     }
+
+    /// Whether an HTTP/2 upstream said it did not process the request, so
+    /// that it may be sent again, to this upstream too (RFC 9113, section
+    /// 8.7): it reset the stream with `REFUSED_STREAM`, or the stream was
+    /// above the last one a graceful `GOAWAY` let through (a server
+    /// shutting down or recycling its connection). A `GOAWAY` with an error
+    /// code says nothing of the streams it ends, so it does not count.
+    #[must_use]
+    pub fn is_unprocessed(&self) -> bool {
+        h2_cause(self).is_some_and(|h2| {
+            h2.is_remote()
+                && match h2.reason() {
+                    Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+                    Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+                    _ => false,
+                }
+        })
+    }
+}
+
+/// The HTTP/2 error among `error`'s causes, if any: hyper passes it on as
+/// the source of its own.
+pub fn h2_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a h2::Error> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|e| e.downcast_ref::<h2::Error>())
 }
 
 impl<B> UpstreamClient<B>
@@ -255,14 +281,13 @@ where
         match pooled.await {
             Ok(rsp) => Ok(rsp.map(UpstreamBody::unpooled)),
             Err(error) => {
-                // A failed connection (or TLS handshake) sent nothing.
+                // A failed connection (or TLS handshake) sent nothing, and
+                // an HTTP/2 upstream may say it processed nothing.
+                let error = Error::Pooled(error);
                 let retry = unsent
-                    .filter(|_| error.is_connect())
+                    .filter(|_| error.is_connect() || error.is_unprocessed())
                     .map(|head| Request::from_parts(head, B::default()));
-                Err(SendError {
-                    error: Error::Pooled(error),
-                    retry,
-                })
+                Err(SendError { error, retry })
             }
         }
     }

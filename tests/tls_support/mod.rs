@@ -555,6 +555,122 @@ impl RawH2 {
     }
 }
 
+/// How a [`RawH2Upstream`] meets one request stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamTurn {
+    /// `:status 200` and the end of the stream.
+    Answer,
+    /// RST_STREAM with this error code (2 INTERNAL_ERROR, 7 REFUSED_STREAM).
+    Reset(u32),
+    /// A graceful GOAWAY (NO_ERROR) that names the stream before this one
+    /// as the last processed, so this one goes unprocessed; the connection
+    /// stays open, and any stream opened on it later goes unanswered.
+    GoAway,
+}
+
+/// An h2c upstream written in raw frames, to do what a library server
+/// cannot be made to: it meets each request stream, counted from 0 across
+/// all its connections, as `turn` says.
+pub struct RawH2Upstream {
+    pub addr: SocketAddr,
+    streams: Arc<AtomicUsize>,
+    after_goaway: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl RawH2Upstream {
+    pub async fn start(turn: fn(usize) -> StreamTurn) -> RawH2Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = RawH2Upstream {
+            addr: listener.local_addr().expect("an address"),
+            streams: Arc::default(),
+            after_goaway: Arc::default(),
+            connections: Arc::default(),
+        };
+        let streams = upstream.streams.clone();
+        let after_goaway = upstream.after_goaway.clone();
+        let connections = upstream.connections.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_raw_h2(
+                    tcp,
+                    turn,
+                    streams.clone(),
+                    after_goaway.clone(),
+                ));
+            }
+        });
+        upstream
+    }
+
+    /// Request streams opened, on all connections.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+
+    /// Streams opened on a connection after it sent GOAWAY, which a client
+    /// must not open.
+    pub fn streams_after_goaway(&self) -> usize {
+        self.after_goaway.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_raw_h2(
+    mut tcp: TcpStream,
+    turn: fn(usize) -> StreamTurn,
+    streams: Arc<AtomicUsize>,
+    after_goaway: Arc<AtomicUsize>,
+) {
+    let mut preface = [0u8; PREFACE.len()];
+    if tcp.read_exact(&mut preface).await.is_err() || preface != PREFACE {
+        return;
+    }
+    if tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await.is_err() {
+        return;
+    }
+    let mut gone_away = false;
+    loop {
+        let mut head = [0u8; 9];
+        if tcp.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+        if tcp.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let reply = match kind {
+            SETTINGS if flags & ACK == 0 => frame(SETTINGS, ACK, 0, &[]),
+            HEADERS if gone_away => {
+                after_goaway.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            HEADERS => match turn(streams.fetch_add(1, Ordering::SeqCst)) {
+                // 0x88: `:status 200`, index 8 of HPACK's static table.
+                StreamTurn::Answer => frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x88]),
+                StreamTurn::Reset(code) => frame(RST_STREAM, 0, stream, &code.to_be_bytes()),
+                StreamTurn::GoAway => {
+                    gone_away = true;
+                    let mut last_and_code = stream.saturating_sub(2).to_be_bytes().to_vec();
+                    last_and_code.extend_from_slice(&0u32.to_be_bytes());
+                    frame(GOAWAY, 0, 0, &last_and_code)
+                }
+            },
+            _ => continue,
+        };
+        if tcp.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Tools
 
