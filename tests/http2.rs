@@ -34,9 +34,9 @@ use support::{
     start_cohort, within,
 };
 use tls_support::{
-    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS, PREFACE, Pki,
-    RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, have, listen_tls, request_block,
-    run, seen_version, send_h2, tls_client, tls_connect,
+    BigH2Backend, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS,
+    PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, have, listen_tls,
+    request_block, run, seen_version, send_h2, tls_client, tls_connect,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -575,6 +575,44 @@ async fn an_upgrade_reaches_an_https_upstream_over_http1_and_is_refused_for_h2c(
     )
     .await;
     assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_connection() {
+    let backend = BigH2Backend::start().await;
+    let server = cohort_named(
+        ("h2-window", &[format!("h2c://{}", backend.addr)]),
+        None,
+        "",
+    )
+    .await;
+    // Eight streams whose client reads nothing: each takes in what its
+    // client's 64 KiB window and its upstream stream's window hold, more
+    // in all than hyper's default connection window (5 MiB).
+    let (mut stalled, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(
+            TcpStream::connect(server.proxy_addr())
+                .await
+                .expect("connect"),
+        ))
+        .await
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(response_head(&mut stalled, get(&url(&server, "/big"), &[])).await);
+    }
+    eventually("the slow streams to take in 5 MiB", || {
+        backend.taken() >= 5 << 20
+    })
+    .await;
+    // Another client's response shares their upstream connection.
+    let reply = Http::new(server.proxy_addr()).get("/small", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), BigH2Backend::SMALL);
+    drop(held);
     server.shutdown().await;
 }
 

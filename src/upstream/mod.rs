@@ -331,7 +331,8 @@ pub fn origin_form(uri: &mut Uri) {
 
 /// Builds the proxy's pooled clients: kept-alive connections, `TCP_NODELAY`,
 /// the connect timeout, idle connections closed after `idle_timeout`, each
-/// connection counted in `cohort_upstream_connections`; `tls` for `https://`.
+/// connection counted in `cohort_upstream_connections`, HTTP/2 flow-control
+/// windows that keep streams from holding each other up; `tls` for `https://`.
 #[must_use]
 pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
     let open = crate::metrics::upstream_connections();
@@ -345,6 +346,8 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_per_host)
             .http2_only(http2_only)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .build(connector.clone())
     };
     UpstreamClient {
@@ -358,6 +361,19 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
         h2c: build(&connector, true),
     }
 }
+
+/// How much of an HTTP/2 upstream stream's response may arrive before the
+/// proxy has passed it on (hyper's default): what a client that reads
+/// slowly leaves waiting in the proxy, per stream.
+const H2_STREAM_WINDOW: u32 = 2 << 20;
+
+/// How much of all of an HTTP/2 upstream connection's responses may: room
+/// for 256 streams' windows, where hyper's default (5 MiB) holds two and a
+/// half. Every stream of a connection shares its window, so a few clients
+/// that read slowly would otherwise hold up every other client's response
+/// from that upstream. A window grants the upstream leave to send, no
+/// memory; what waits stays bounded by the streams' own windows.
+const H2_CONNECTION_WINDOW: u32 = 256 * H2_STREAM_WINDOW;
 
 /// `tls` with ALPN offering HTTP/1.1 alone.
 fn http1_only(tls: &ClientConfig) -> Arc<ClientConfig> {
