@@ -616,6 +616,35 @@ async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_co
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn streams_past_an_h2c_upstreams_limit_go_on_another_connection() {
+    let backend = BigH2Backend::start().await;
+    let server = cohort_named(
+        ("h2-limit", &[format!("h2c://{}", backend.addr)]),
+        None,
+        "[health]\ninterval = \"1h\"\n",
+    )
+    .await;
+    // As many open streams as the upstream allows on a connection, as
+    // long-lived server-sent events streams are.
+    let mut h2 = h2c(server.proxy_addr()).await;
+    let mut held = Vec::new();
+    for _ in 0..BigH2Backend::MAX_STREAMS {
+        held.push(response_head(&mut h2, get(&url(&server, "/hold"), &[])).await);
+    }
+    // One connection for them, one for the health probe at the start.
+    eventually("the health probe's connection", || {
+        backend.connections() == 2
+    })
+    .await;
+    let reply = Http::new(server.proxy_addr()).get("/small", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body.len(), BigH2Backend::SMALL);
+    assert_eq!(backend.connections(), 3);
+    drop(held);
+    server.shutdown().await;
+}
+
 /// Cohort with `upstream` as version `name`'s only upstream, once the
 /// health probe at its start (stream 0) has been answered; no other probe
 /// comes during the test.

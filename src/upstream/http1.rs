@@ -13,8 +13,9 @@
 //! and because a connection comes back from the body that used it, no task is
 //! spawned per request to watch for it going idle.
 //!
-//! Does not own: opening connections (`connect`), nor HTTP/2 and TLS
-//! upstreams, which go through hyper-util's pooled client (`super`).
+//! Does not own: opening connections (`connect`), nor `h2c://` upstreams
+//! (`http2`) and `https://` ones, which go through hyper-util's pooled
+//! client (`super`).
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -31,6 +32,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use tokio::time::Instant;
 
 use super::connect::CountingConnector;
+use super::http2::StreamSlot;
 use super::{Error, SendError};
 
 /// A pooled connection idle this long may be closed by the upstream just as
@@ -162,7 +164,11 @@ where
                         authority: authority.clone(),
                         sender,
                     });
-                    return Ok(rsp.map(|incoming| UpstreamBody { incoming, lease }));
+                    return Ok(rsp.map(|incoming| UpstreamBody {
+                        incoming,
+                        lease,
+                        _stream: None,
+                    }));
                 }
                 Err(mut error) => {
                     // Written, but the connection closed with no answer: an
@@ -342,9 +348,12 @@ impl<B> Lease<B> {
 /// An upstream response body. For a pooled HTTP/1.1 connection, it gives
 /// the connection back to the pool once read to its end; dropped earlier,
 /// the connection closes instead, since the rest of the body is still on it.
+/// For a stream of a pooled HTTP/2 connection, it holds the stream's place
+/// on its connection until dropped.
 pub struct UpstreamBody<B> {
     incoming: Incoming,
     lease: Option<Lease<B>>,
+    _stream: Option<StreamSlot>,
 }
 
 impl<B> UpstreamBody<B> {
@@ -354,6 +363,16 @@ impl<B> UpstreamBody<B> {
         UpstreamBody {
             incoming,
             lease: None,
+            _stream: None,
+        }
+    }
+
+    /// A body that came on `stream` of a pooled HTTP/2 connection.
+    pub(super) fn on_stream(incoming: Incoming, stream: StreamSlot) -> UpstreamBody<B> {
+        UpstreamBody {
+            incoming,
+            lease: None,
+            _stream: Some(stream),
         }
     }
 }

@@ -3,9 +3,11 @@
 //! Owns: the upstream address forms of SPEC section 9 (`host:port`,
 //! `https://host:port`, `h2c://host:port`), and the keep-alive connection
 //! pools shared by every version of a worker: Cohort's own for plain
-//! HTTP/1.1 ([`http1`]), hyper-util's for HTTP/2 with prior knowledge and for
-//! TLS with HTTP/2 or HTTP/1.1 by ALPN (HTTP/1.1 alone for upgrades, which
-//! HTTP/2 cannot carry). Does not own: opening connections
+//! HTTP/1.1 ([`http1`]) and for HTTP/2 with prior knowledge ([`http2`]),
+//! hyper-util's for TLS with HTTP/2 or HTTP/1.1 by ALPN (HTTP/1.1 alone for
+//! upgrades, which HTTP/2 cannot carry); the HTTP/2 flow-control windows;
+//! and which failures leave a request safe to send again ([`SendError`]).
+//! Does not own: opening connections
 //! and counting them ([`connect`]), the trust roots for TLS (`tls`),
 //! choosing a version (`routing`) or an upstream within it
 //! (`table::Version::pick`), nor turning failures into responses
@@ -13,6 +15,7 @@
 
 pub mod connect;
 pub mod http1;
+pub mod http2;
 
 use std::fmt;
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use crate::shadow::TeeBody;
 use connect::{BoxError, CountingConnector};
 use http1::Http1Pool;
 pub use http1::UpstreamBody;
+use http2::Http2Pool;
 
 /// How an upstream is spoken to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,10 +140,9 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 }
 
 /// The pooled clients every proxied request goes through, one pool per way
-/// of speaking: `host:port` through Cohort's HTTP/1.1 pool, `https://`
-/// through hyper-util's (an `https://` connection speaks HTTP/2 or HTTP/1.1
-/// as ALPN decides), and `h2c://` through another of hyper-util's, HTTP/2
-/// only. Requests carry the real request's body as a `shadow::TeeBody`
+/// of speaking: `host:port` through Cohort's HTTP/1.1 pool, `h2c://`
+/// through its HTTP/2 pool, and `https://` through hyper-util's (an
+/// `https://` connection speaks HTTP/2 or HTTP/1.1 as ALPN decides). Requests carry the real request's body as a `shadow::TeeBody`
 /// (which also feeds a shadow copy, when there is one); generic over the
 /// body so that health probes reach every upstream form the way requests do.
 #[derive(Debug, Clone)]
@@ -149,7 +152,7 @@ pub struct UpstreamClient<B = TeeBody> {
     /// `https://` for upgrade requests: ALPN offers HTTP/1.1 only, since
     /// HTTP/2 has no `Upgrade` (as nginx's `proxy_pass https://` does).
     https_upgrade: Client<CountingConnector, B>,
-    h2c: Client<CountingConnector, B>,
+    h2c: Http2Pool<B>,
 }
 
 /// Why an upstream exchange failed.
@@ -247,8 +250,8 @@ where
         // hyper-util's client keeps the request when it fails; a copy of a
         // bodiless one's head, taken before it is addressed to this
         // upstream, lets another take it. (A TLS exchange costs far more
-        // than the copy; Cohort's own HTTP/1.1 pool gives requests back.)
-        let unsent = (upstream.protocol != Protocol::Http1 && req.body().is_end_stream())
+        // than the copy; Cohort's own pools give requests back.)
+        let unsent = (upstream.protocol == Protocol::Https && req.body().is_end_stream())
             .then(|| copy_head(&req));
         let pooled = match upstream.protocol {
             Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
@@ -275,7 +278,7 @@ where
                 address(&mut req, upstream);
                 req.headers_mut().remove(HOST);
                 *req.version_mut() = Version::HTTP_2;
-                self.h2c.request(req)
+                return self.h2c.send(&upstream.authority, req).await;
             }
         };
         match pooled.await {
@@ -339,13 +342,12 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
     let connect =
         |tls: Arc<ClientConfig>| CountingConnector::new(config.connect_timeout, tls, open.clone());
     let connector = connect(http1_only(&tls));
-    let build = |connector: &CountingConnector, http2_only: bool| {
+    let build = |connector: &CountingConnector| {
         Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_per_host)
-            .http2_only(http2_only)
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .build(connector.clone())
@@ -356,9 +358,14 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
             config.idle_timeout,
             config.max_idle_per_host,
         ),
-        https: build(&connect(tls), false),
-        https_upgrade: build(&connector, false),
-        h2c: build(&connector, true),
+        https: build(&connect(tls)),
+        https_upgrade: build(&connector),
+        h2c: Http2Pool::new(
+            connector,
+            H2_STREAM_WINDOW,
+            H2_CONNECTION_WINDOW,
+            config.idle_timeout,
+        ),
     }
 }
 
@@ -397,17 +404,21 @@ where
     let connect =
         |tls: Arc<ClientConfig>| CountingConnector::new(connect_timeout, tls, Gauge::noop());
     let connector = connect(http1_only(&tls));
-    let build = |connector: &CountingConnector, http2_only: bool| {
+    let build = |connector: &CountingConnector| {
         Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
-            .http2_only(http2_only)
             .build(connector.clone())
     };
     UpstreamClient {
         http1: Http1Pool::new(connector.clone(), PROBE_IDLE_TIMEOUT, 1),
-        https: build(&connect(tls), false),
-        https_upgrade: build(&connector, false),
-        h2c: build(&connector, true),
+        https: build(&connect(tls)),
+        https_upgrade: build(&connector),
+        h2c: Http2Pool::new(
+            connector,
+            H2_STREAM_WINDOW,
+            H2_CONNECTION_WINDOW,
+            PROBE_IDLE_TIMEOUT,
+        ),
     }
 }
 

@@ -555,52 +555,69 @@ impl RawH2 {
     }
 }
 
-/// An h2c upstream that answers `/big` with a body that never ends, in
-/// 64 KiB chunks made as its connection takes them, and anything else with
-/// [`BigH2Backend::SMALL`] bytes; it counts the bytes of the endless bodies
+/// An h2c upstream that allows [`BigH2Backend::MAX_STREAMS`] streams per
+/// connection, and answers `/big` with a body that never ends, in 64 KiB
+/// chunks made as its connection takes them, `/hold` with a body that
+/// never sends a byte, and anything else with [`BigH2Backend::SMALL`]
+/// bytes; it counts its connections and the bytes of the endless bodies
 /// taken so far.
 #[derive(Debug, Clone)]
 pub struct BigH2Backend {
     pub addr: SocketAddr,
     taken: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl BigH2Backend {
     pub const SMALL: usize = 1024;
+    pub const MAX_STREAMS: u32 = 100;
 
     pub async fn start() -> BigH2Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let backend = BigH2Backend {
             addr: listener.local_addr().expect("an address"),
             taken: Arc::default(),
+            connections: Arc::default(),
         };
         let taken = backend.taken.clone();
+        let connections = backend.connections.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
                 let taken = taken.clone();
                 let service = service_fn(move |req: Request<Incoming>| {
                     let taken = taken.clone();
                     async move {
-                        let body = if req.uri().path() == "/big" {
-                            let chunk = Bytes::from(vec![b'x'; 64 << 10]);
-                            let chunks = futures_util::stream::repeat_with(move || {
-                                taken.fetch_add(chunk.len(), Ordering::SeqCst);
-                                Ok(Frame::data(chunk.clone()))
-                            });
-                            StreamBody::new(chunks).boxed_unsync()
-                        } else {
-                            Full::new(Bytes::from(vec![b'y'; Self::SMALL])).boxed_unsync()
+                        let body = match req.uri().path() {
+                            "/big" => {
+                                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                                let chunks = futures_util::stream::repeat_with(move || {
+                                    taken.fetch_add(chunk.len(), Ordering::SeqCst);
+                                    Ok(Frame::data(chunk.clone()))
+                                });
+                                StreamBody::new(chunks).boxed_unsync()
+                            }
+                            "/hold" => {
+                                StreamBody::new(futures_util::stream::pending()).boxed_unsync()
+                            }
+                            _ => Full::new(Bytes::from(vec![b'y'; Self::SMALL])).boxed_unsync(),
                         };
                         Ok::<_, Infallible>(Response::new(body))
                     }
                 });
                 tokio::spawn(
                     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(Self::MAX_STREAMS)
                         .serve_connection(TokioIo::new(tcp), service),
                 );
             }
         });
         backend
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Bytes of the endless bodies its connections have taken.

@@ -1,0 +1,470 @@
+//! Cohort's own pool of HTTP/2 connections to `h2c://` upstreams.
+//!
+//! Owns: the connections to each `h2c://` upstream, each carrying at most
+//! [`MAX_STREAMS`] requests at once, with a new one opened when every open
+//! one is full (as Envoy does); counting a request's stream from its send
+//! to the drop of its response body ([`StreamSlot`]); sending a request
+//! again on another connection when the one it was given closed (after a
+//! `GOAWAY`) before taking it; and closing connections that carried no
+//! stream for `idle_timeout`.
+//!
+//! hyper-util's pooled client shares one connection per upstream, so once
+//! as many streams are open as the upstream allows
+//! (`SETTINGS_MAX_CONCURRENT_STREAMS`), every later request waits inside it
+//! for one to end: behind long streams (server-sent events, gRPC streams)
+//! that is until the response timeout, which then blames the upstream.
+//!
+//! Does not own: opening connections (`connect`), the flow-control windows
+//! (`super`), nor `https://` upstreams that ALPN brings to HTTP/2, which
+//! hyper-util's client still takes (`super`).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Body;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use super::connect::{BoxError, CountingConnector};
+use super::{Error, SendError, UpstreamBody};
+
+/// The streams one connection carries at once. RFC 9113 (section 6.5.2)
+/// recommends that a server allow at least 100, and hyper assumes 100
+/// before the server's SETTINGS arrive. A server that allows fewer makes
+/// the surplus wait on the connection, or refuses it (`REFUSED_STREAM`),
+/// which sends a request without a body again (see `super::Error::is_unprocessed`).
+pub const MAX_STREAMS: usize = 100;
+
+/// Connections to `h2c://` upstreams, by upstream. Cheap to clone: clones
+/// share the pool.
+pub struct Http2Pool<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B> Clone for Http2Pool<B> {
+    fn clone(&self) -> Self {
+        Http2Pool {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Http2Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http2Pool")
+            .field("idle_timeout", &self.shared.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<B> {
+    connector: CountingConnector,
+    stream_window: u32,
+    connection_window: u32,
+    idle_timeout: Duration,
+    /// A short list, as in the HTTP/1.1 pool: a route table names a
+    /// handful of upstreams.
+    hosts: Mutex<Vec<Host<B>>>,
+    /// Whether the task that closes idle connections has been started (on
+    /// the first connection, so on the runtime that uses the pool).
+    sweeping: AtomicBool,
+}
+
+struct Host<B> {
+    authority: Authority,
+    /// Oldest first; streams go to the oldest with room, so that a burst's
+    /// extra connections fall idle and close.
+    connections: Vec<Connection<B>>,
+    /// Held while a connection to this upstream is being opened, so that a
+    /// burst of requests opens one, not one each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Connection<B> {
+    sender: SendRequest<B>,
+    /// Its open streams, the one being sent included.
+    streams: Arc<AtomicUsize>,
+    /// When the idle sweep first saw it without a stream, since it last had one.
+    idle_since: Option<Instant>,
+}
+
+/// One stream of a pooled connection, held from the request's send until
+/// its response body is dropped, when the stream has ended or is reset.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl<B> Http2Pool<B>
+where
+    B: Body + Default + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A pool that connects with `connector`, gives each connection the
+    /// flow-control windows `stream_window` and `connection_window`, and
+    /// closes a connection once it has carried no stream for `idle_timeout`
+    /// (checked every half of it).
+    #[must_use]
+    pub fn new(
+        connector: CountingConnector,
+        stream_window: u32,
+        connection_window: u32,
+        idle_timeout: Duration,
+    ) -> Http2Pool<B> {
+        Http2Pool {
+            shared: Arc::new(Shared {
+                connector,
+                stream_window,
+                connection_window,
+                idle_timeout,
+                hosts: Mutex::new(Vec::new()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `req` (absolute-form, HTTP/2) to `authority` on a pooled
+    /// connection with room for another stream, or a new one. If no
+    /// connection can be made, the request comes back with the error; a
+    /// bodiless one also comes back when the upstream did not process it.
+    pub async fn send(
+        &self,
+        authority: &Authority,
+        mut req: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
+        // hyper keeps a request it sent; a copy of a bodiless one's head lets
+        // it go again if the upstream turns it away unprocessed.
+        let unsent = req.body().is_end_stream().then(|| super::copy_head(&req));
+        // A connection closes before taking a request only after a GOAWAY,
+        // which the next checkout sees; twice in a row is not worth a third.
+        let mut tries = 2;
+        loop {
+            tries -= 1;
+            let (mut sender, slot) = match self.shared.checkout(authority) {
+                Some(lent) => lent,
+                None => match self.connect(authority).await {
+                    Ok(lent) => lent,
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            retry: Some(req),
+                        });
+                    }
+                },
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp.map(|incoming| UpstreamBody::on_stream(incoming, slot))),
+                Err(mut failed) => {
+                    let taken_back = failed.take_message();
+                    let error = Error::Exchange(failed.into_error());
+                    match taken_back {
+                        Some(again) if tries > 0 => {
+                            tracing::debug!(upstream = %authority, "connection closed before taking the request; sending it on another");
+                            req = again;
+                        }
+                        taken_back => {
+                            let retry = taken_back.or_else(|| {
+                                unsent
+                                    .filter(|_| error.is_unprocessed())
+                                    .map(|head| Request::from_parts(head, B::default()))
+                            });
+                            return Err(SendError { error, retry });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stream on a new connection to `authority`, or on one another
+    /// request opened meanwhile: one request at a time opens a connection
+    /// to an upstream, the others wait for it and take streams on it.
+    async fn connect(&self, authority: &Authority) -> Result<(SendRequest<B>, StreamSlot), Error> {
+        let gate = self.shared.connecting_gate(authority);
+        let _connecting = loop {
+            match gate.try_lock() {
+                Ok(held) => break held,
+                Err(_) => {
+                    // Another request is opening one: wait for it, then
+                    // take a stream on it (or open the next, if it failed
+                    // or is already full).
+                    drop(gate.lock().await);
+                    if let Some(lent) = self.shared.checkout(authority) {
+                        return Ok(lent);
+                    }
+                }
+            }
+        };
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| Error::Connect(e.into()))?;
+        let mut connector = self.shared.connector.clone();
+        let io = tower_service::Service::call(&mut connector, uri)
+            .await
+            .map_err(Error::Connect)?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(self.shared.stream_window)
+            .initial_connection_window_size(self.shared.connection_window)
+            .handshake(io)
+            .await
+            .map_err(|e| Error::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream HTTP/2 connection ended");
+            }
+        });
+        if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&self.shared)));
+        }
+        Ok(self.shared.add(authority, sender))
+    }
+}
+
+impl<B> Shared<B> {
+    /// A stream on the oldest open connection to `authority` with room.
+    fn checkout(&self, authority: &Authority) -> Option<(SendRequest<B>, StreamSlot)> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let host = hosts.iter_mut().find(|host| host.authority == *authority)?;
+        // A connection that went away (its upstream closed it, or sent a
+        // GOAWAY) takes no more streams.
+        host.connections.retain(|conn| !conn.sender.is_closed());
+        let conn = host
+            .connections
+            .iter_mut()
+            .find(|conn| conn.streams.load(Ordering::Acquire) < MAX_STREAMS)?;
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        conn.idle_since = None;
+        Some((conn.sender.clone(), StreamSlot(Arc::clone(&conn.streams))))
+    }
+
+    /// The gate that one opening of a connection to `authority` holds.
+    fn connecting_gate(&self, authority: &Authority) -> Arc<tokio::sync::Mutex<()>> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = match hosts.iter().position(|host| host.authority == *authority) {
+            Some(index) => index,
+            None => {
+                hosts.push(Host {
+                    authority: authority.clone(),
+                    connections: Vec::new(),
+                    connecting: Arc::default(),
+                });
+                hosts.len() - 1
+            }
+        };
+        Arc::clone(&hosts[index].connecting)
+    }
+
+    /// Adds a new connection to `authority`'s, and lends its first stream.
+    fn add(&self, authority: &Authority, sender: SendRequest<B>) -> (SendRequest<B>, StreamSlot) {
+        let streams = Arc::new(AtomicUsize::new(1));
+        let slot = StreamSlot(Arc::clone(&streams));
+        let connection = Connection {
+            sender: sender.clone(),
+            streams,
+            idle_since: None,
+        };
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        match hosts.iter_mut().find(|host| host.authority == *authority) {
+            Some(host) => host.connections.push(connection),
+            None => hosts.push(Host {
+                authority: authority.clone(),
+                connections: vec![connection],
+                connecting: Arc::default(),
+            }),
+        }
+        (sender, slot)
+    }
+
+    /// Closes the connections without a stream since `now - idle_timeout`,
+    /// marks those without one now as idle from `now`, and forgets
+    /// upstreams left with no connection and no request opening one.
+    fn close_idle(&self, now: Instant) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        for host in hosts.iter_mut() {
+            host.connections.retain_mut(|conn| {
+                if conn.sender.is_closed() {
+                    return false;
+                }
+                if conn.streams.load(Ordering::Acquire) > 0 {
+                    conn.idle_since = None;
+                    return true;
+                }
+                let since = *conn.idle_since.get_or_insert(now);
+                now.saturating_duration_since(since) < self.idle_timeout
+            });
+        }
+        hosts
+            .retain(|host| !host.connections.is_empty() || Arc::strong_count(&host.connecting) > 1);
+    }
+}
+
+/// Closes idle connections until the pool is gone: dropping a connection's
+/// last sender ends it (hyper closes an HTTP/2 connection once no sender
+/// and no stream is left). Looking every half `idle_timeout`, it closes a
+/// connection between one and one and a half `idle_timeout`s after its
+/// last stream ended.
+async fn sweep<B>(pool: Weak<Shared<B>>) {
+    let Some(every) = pool.upgrade().map(|pool| pool.idle_timeout / 2) else {
+        return;
+    };
+    let every = every.max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.close_idle(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::upstream::tests::wait_until;
+
+    /// What a test backend has seen: connections accepted, and still open.
+    #[derive(Default)]
+    struct Seen {
+        accepted: AtomicUsize,
+        open: AtomicUsize,
+    }
+
+    /// An h2c backend that answers every request with `ok`.
+    async fn backend() -> (Authority, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let service = service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), seen)
+    }
+
+    fn pool(idle_timeout: Duration) -> Http2Pool<Empty<Bytes>> {
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let connector = CountingConnector::new(
+            Duration::from_secs(5),
+            Arc::new(tls),
+            metrics::Gauge::noop(),
+        );
+        Http2Pool::new(connector, 1 << 20, 64 << 20, idle_timeout)
+    }
+
+    fn get(authority: &Authority) -> Request<Empty<Bytes>> {
+        let mut req = Request::get(format!("http://{authority}/"))
+            .body(Empty::new())
+            .unwrap();
+        *req.version_mut() = http::Version::HTTP_2;
+        req
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_requests_opens_one_connection() {
+        let (authority, seen) = backend().await;
+        let pool = pool(Duration::from_secs(60));
+        let replies = futures_util::future::join_all((0..20).map(|_| async {
+            let rsp = pool.send(&authority, get(&authority)).await.unwrap();
+            rsp.into_body().collect().await.unwrap().to_bytes()
+        }))
+        .await;
+        assert!(replies.iter().all(|body| body == "ok"));
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_held_until_its_body_is_dropped() {
+        let (authority, _seen) = backend().await;
+        let pool = pool(Duration::from_secs(60));
+        let rsp = pool.send(&authority, get(&authority)).await.unwrap();
+        let streams = || {
+            let hosts = pool.shared.hosts.lock().unwrap();
+            hosts[0].connections[0].streams.load(Ordering::SeqCst)
+        };
+        assert_eq!(streams(), 1);
+        drop(rsp);
+        assert_eq!(streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_idle_timeout() {
+        let (authority, seen) = backend().await;
+        let pool = pool(Duration::from_millis(200));
+        let rsp = pool.send(&authority, get(&authority)).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.open.load(Ordering::SeqCst), 1);
+        wait_until("the idle connection closes", || {
+            seen.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        // The next request opens a new one.
+        let rsp = pool.send(&authority, get(&authority)).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_without_a_stream_for_the_idle_timeout_is_closed() {
+        const IDLE: Duration = Duration::from_secs(60);
+        let (authority, seen) = backend().await;
+        // Swept by hand here, at made-up times.
+        let pool = pool(IDLE);
+        let held = pool.send(&authority, get(&authority)).await.unwrap();
+        let t0 = Instant::now();
+        pool.shared.close_idle(t0);
+        pool.shared.close_idle(t0 + 10 * IDLE);
+        let rsp = pool.send(&authority, get(&authority)).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+
+        // Idle from the first look after its last stream ended.
+        drop(held);
+        pool.shared.close_idle(t0 + 11 * IDLE);
+        pool.shared
+            .close_idle(t0 + 12 * IDLE - Duration::from_millis(1));
+        assert_eq!(pool.shared.hosts.lock().unwrap()[0].connections.len(), 1);
+        pool.shared.close_idle(t0 + 12 * IDLE);
+        wait_until("the idle connection closes", || {
+            seen.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+}
