@@ -645,6 +645,30 @@ async fn streams_past_an_h2c_upstreams_limit_go_on_another_connection() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_request_an_h2c_upstream_cannot_take_reaches_an_http1_one_with_its_host() {
+    let dead = support::dead_addr().await;
+    let backend = Backend::start("h1-beside-h2c").await;
+    let server = cohort_named(
+        (
+            "h2c-then-h1",
+            &[format!("h2c://{dead}"), backend.addr.to_string()],
+        ),
+        None,
+        "",
+    )
+    .await;
+    // Round-robin: one of the two goes to the h2c upstream first.
+    let http = Http::new(server.proxy_addr());
+    for _ in 0..2 {
+        let reply = http.get("/", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.seen("host"), [server.proxy_addr().to_string()]);
+    }
+    assert_eq!(backend.hits(), 2);
+    server.shutdown().await;
+}
+
 /// Cohort with `upstream` as version `name`'s only upstream, once the
 /// health probe at its start (stream 0) has been answered; no other probe
 /// comes during the test.

@@ -18,6 +18,7 @@
 //! (`super`), nor `https://` upstreams that ALPN brings to HTTP/2, which
 //! hyper-util's client still takes (`super`).
 
+use std::future::Future as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -32,11 +33,9 @@ use tokio::time::Instant;
 use super::connect::{BoxError, CountingConnector};
 use super::{Error, SendError, UpstreamBody};
 
-/// The streams one connection carries at once. RFC 9113 (section 6.5.2)
-/// recommends that a server allow at least 100, and hyper assumes 100
-/// before the server's SETTINGS arrive. A server that allows fewer makes
-/// the surplus wait on the connection, or refuses it (`REFUSED_STREAM`),
-/// which sends a request without a body again (see `super::Error::is_unprocessed`).
+/// The most streams one connection carries at once, fewer if the upstream
+/// allows fewer. RFC 9113 (section 6.5.2) recommends that a server allow at
+/// least 100, and hyper assumes 100 until the server's SETTINGS say.
 pub const MAX_STREAMS: usize = 100;
 
 /// Connections to `h2c://` upstreams, by upstream. Cheap to clone: clones
@@ -81,13 +80,19 @@ struct Host<B> {
     connections: Vec<Connection<B>>,
     /// Held while a connection to this upstream is being opened, so that a
     /// burst of requests opens one, not one each.
-    connecting: Arc<tokio::sync::Mutex<()>>,
+    connecting: Arc<ConnectingGate>,
 }
+
+/// One opening of a connection at a time; holds when the last one failed.
+type ConnectingGate = tokio::sync::Mutex<Option<Instant>>;
 
 struct Connection<B> {
     sender: SendRequest<B>,
     /// Its open streams, the one being sent included.
     streams: Arc<AtomicUsize>,
+    /// The most it takes at once: [`MAX_STREAMS`], or fewer if the
+    /// upstream allows fewer.
+    limit: Arc<AtomicUsize>,
     /// When the idle sweep first saw it without a stream, since it last had one.
     idle_since: Option<Instant>,
 }
@@ -134,8 +139,9 @@ where
 
     /// Sends `req` (absolute-form, HTTP/2) to `authority` on a pooled
     /// connection with room for another stream, or a new one. If no
-    /// connection can be made, the request comes back with the error; a
-    /// bodiless one also comes back when the upstream did not process it.
+    /// connection can be made, or none took the request, it comes back with
+    /// the error; a bodiless one also comes back when the upstream did not
+    /// process it.
     pub async fn send(
         &self,
         authority: &Authority,
@@ -144,12 +150,13 @@ where
         // hyper keeps a request it sent; a copy of a bodiless one's head lets
         // it go again if the upstream turns it away unprocessed.
         let unsent = req.body().is_end_stream().then(|| super::copy_head(&req));
-        // A connection closes before taking a request only after a GOAWAY,
-        // which the next checkout sees; twice in a row is not worth a third.
-        let mut tries = 2;
+        // A pooled connection that had a graceful GOAWAY still looks open
+        // until a request wakes its dispatch task, which then closes it and
+        // gives the request back: the next checkout passes it by, so this
+        // ends after at most every pooled connection and one new one.
+        let mut new_one_closed = false;
         loop {
-            tries -= 1;
-            let (mut sender, slot) = match self.shared.checkout(authority) {
+            let lent = match self.shared.checkout(authority) {
                 Some(lent) => lent,
                 None => match self.connect(authority).await {
                     Ok(lent) => lent,
@@ -161,49 +168,63 @@ where
                     }
                 },
             };
-            match sender.try_send_request(req).await {
-                Ok(rsp) => return Ok(rsp.map(|incoming| UpstreamBody::on_stream(incoming, slot))),
-                Err(mut failed) => {
-                    let taken_back = failed.take_message();
-                    let error = Error::Exchange(failed.into_error());
-                    match taken_back {
-                        Some(again) if tries > 0 => {
-                            tracing::debug!(upstream = %authority, "connection closed before taking the request; sending it on another");
-                            req = again;
-                        }
-                        taken_back => {
-                            let retry = taken_back.or_else(|| {
-                                unsent
-                                    .filter(|_| error.is_unprocessed())
-                                    .map(|head| Request::from_parts(head, B::default()))
-                            });
-                            return Err(SendError { error, retry });
-                        }
-                    }
+            let Lent {
+                mut sender,
+                stream,
+                new,
+            } = lent;
+            let mut failed = match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    return Ok(rsp.map(|incoming| UpstreamBody::on_stream(incoming, stream)));
                 }
+                Err(failed) => failed,
+            };
+            let Some(again) = failed.take_message() else {
+                let error = Error::Exchange(failed.into_error());
+                let retry = unsent
+                    .filter(|_| error.is_unprocessed())
+                    .map(|head| Request::from_parts(head, B::default()));
+                return Err(SendError { error, retry });
+            };
+            if new && std::mem::replace(&mut new_one_closed, true) {
+                return Err(SendError {
+                    error: Error::NotSent(failed.into_error()),
+                    retry: Some(again),
+                });
             }
+            tracing::debug!(upstream = %authority, "connection closed before taking the request; sending it on another");
+            req = again;
         }
     }
 
-    /// A stream on a new connection to `authority`, or on one another
-    /// request opened meanwhile: one request at a time opens a connection
-    /// to an upstream, the others wait for it and take streams on it.
-    async fn connect(&self, authority: &Authority) -> Result<(SendRequest<B>, StreamSlot), Error> {
+    /// A stream on a new connection to `authority`, or on the one the
+    /// request that was opening one meanwhile opened: one request at a time
+    /// opens a connection to an upstream.
+    async fn connect(&self, authority: &Authority) -> Result<Lent<B>, Error> {
         let gate = self.shared.connecting_gate(authority);
-        let _connecting = loop {
-            match gate.try_lock() {
-                Ok(held) => break held,
-                Err(_) => {
-                    // Another request is opening one: wait for it, then
-                    // take a stream on it (or open the next, if it failed
-                    // or is already full).
-                    drop(gate.lock().await);
-                    if let Some(lent) = self.shared.checkout(authority) {
-                        return Ok(lent);
-                    }
-                }
-            }
-        };
+        let waited_from = Instant::now();
+        let mut last_failure = gate.lock().await;
+        if let Some(lent) = self.shared.checkout(authority) {
+            return Ok(lent);
+        }
+        // The attempt it waited for failed: so does this request, at once,
+        // rather than each waiting request trying in turn (free to move on
+        // to another upstream, as from its own failed attempt).
+        if last_failure.is_some_and(|failed| failed >= waited_from) {
+            return Err(Error::Connect(
+                "connecting failed just now, for another request".into(),
+            ));
+        }
+        let opened = self.open(authority).await;
+        if opened.is_err() {
+            *last_failure = Some(Instant::now());
+        }
+        opened
+    }
+
+    /// Opens a connection to `authority`, adds it to the pool and lends its
+    /// first stream.
+    async fn open(&self, authority: &Authority) -> Result<Lent<B>, Error> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
@@ -221,37 +242,61 @@ where
             .handshake(io)
             .await
             .map_err(|e| Error::Connect(e.into()))?;
+        let limit = Arc::new(AtomicUsize::new(MAX_STREAMS));
+        let learnt = Arc::clone(&limit);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            // The upstream's SETTINGS_MAX_CONCURRENT_STREAMS, read each time
+            // the connection's dispatch runs (as each request reaches it),
+            // so that streams it would hold back go on another connection.
+            let ended = std::future::poll_fn(|cx| {
+                let polled = connection.as_mut().poll(cx);
+                let allowed = connection.as_ref().get_ref().current_max_send_streams();
+                learnt.store(allowed.min(MAX_STREAMS), Ordering::Relaxed);
+                polled
+            })
+            .await;
+            if let Err(error) = ended {
                 tracing::debug!(%error, "upstream HTTP/2 connection ended");
             }
         });
         if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.shared)));
         }
-        Ok(self.shared.add(authority, sender))
+        Ok(self.shared.add(authority, sender, limit))
     }
+}
+
+/// A stream lent for one request.
+struct Lent<B> {
+    sender: SendRequest<B>,
+    stream: StreamSlot,
+    /// Whether its connection was opened for this request.
+    new: bool,
 }
 
 impl<B> Shared<B> {
     /// A stream on the oldest open connection to `authority` with room.
-    fn checkout(&self, authority: &Authority) -> Option<(SendRequest<B>, StreamSlot)> {
+    fn checkout(&self, authority: &Authority) -> Option<Lent<B>> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         let host = hosts.iter_mut().find(|host| host.authority == *authority)?;
-        // A connection that went away (its upstream closed it, or sent a
-        // GOAWAY) takes no more streams.
+        // A connection that went away (its upstream closed it, or a request
+        // found that it had sent a GOAWAY) takes no more streams.
         host.connections.retain(|conn| !conn.sender.is_closed());
-        let conn = host
-            .connections
-            .iter_mut()
-            .find(|conn| conn.streams.load(Ordering::Acquire) < MAX_STREAMS)?;
+        let conn = host.connections.iter_mut().find(|conn| {
+            conn.streams.load(Ordering::Acquire) < conn.limit.load(Ordering::Relaxed)
+        })?;
         conn.streams.fetch_add(1, Ordering::AcqRel);
         conn.idle_since = None;
-        Some((conn.sender.clone(), StreamSlot(Arc::clone(&conn.streams))))
+        Some(Lent {
+            sender: conn.sender.clone(),
+            stream: StreamSlot(Arc::clone(&conn.streams)),
+            new: false,
+        })
     }
 
     /// The gate that one opening of a connection to `authority` holds.
-    fn connecting_gate(&self, authority: &Authority) -> Arc<tokio::sync::Mutex<()>> {
+    fn connecting_gate(&self, authority: &Authority) -> Arc<ConnectingGate> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         let index = match hosts.iter().position(|host| host.authority == *authority) {
             Some(index) => index,
@@ -267,13 +312,20 @@ impl<B> Shared<B> {
         Arc::clone(&hosts[index].connecting)
     }
 
-    /// Adds a new connection to `authority`'s, and lends its first stream.
-    fn add(&self, authority: &Authority, sender: SendRequest<B>) -> (SendRequest<B>, StreamSlot) {
+    /// Adds a new connection to `authority`'s, which takes at most `limit`
+    /// streams at once, and lends its first stream.
+    fn add(
+        &self,
+        authority: &Authority,
+        sender: SendRequest<B>,
+        limit: Arc<AtomicUsize>,
+    ) -> Lent<B> {
         let streams = Arc::new(AtomicUsize::new(1));
-        let slot = StreamSlot(Arc::clone(&streams));
+        let stream = StreamSlot(Arc::clone(&streams));
         let connection = Connection {
             sender: sender.clone(),
             streams,
+            limit,
             idle_since: None,
         };
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -285,7 +337,11 @@ impl<B> Shared<B> {
                 connecting: Arc::default(),
             }),
         }
-        (sender, slot)
+        Lent {
+            sender,
+            stream,
+            new: true,
+        }
     }
 
     /// Closes the connections without a stream since `now - idle_timeout`,
@@ -353,6 +409,12 @@ mod tests {
 
     /// An h2c backend that answers every request with `ok`.
     async fn backend() -> (Authority, Arc<Seen>) {
+        backend_allowing(None).await
+    }
+
+    /// An h2c backend that answers every request with `ok`, and allows
+    /// `max_streams` streams per connection (hyper's default if `None`).
+    async fn backend_allowing(max_streams: Option<u32>) -> (Authority, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
@@ -368,6 +430,7 @@ mod tests {
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                     counts.open.fetch_sub(1, Ordering::SeqCst);
@@ -408,6 +471,39 @@ mod tests {
         .await;
         assert!(replies.iter().all(|body| body == "ok"));
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn streams_past_the_upstreams_limit_go_on_another_connection() {
+        let (authority, seen) = backend_allowing(Some(2)).await;
+        let pool = pool(Duration::from_secs(60));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.send(&authority, get(&authority)).await.unwrap());
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_connection_that_cannot_be_made_fail_too() {
+        // Refused at once.
+        let authority: Authority = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string().parse().unwrap()
+        };
+        let pool = pool(Duration::from_secs(60));
+        let sends = (0..3).map(|_| pool.send(&authority, get(&authority)));
+        let failed = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join_all(sends),
+        )
+        .await
+        .expect("every request fails in time");
+        for result in failed {
+            let failed = result.expect_err("nothing listens");
+            assert!(failed.error.is_connect(), "{:?}", failed.error);
+            assert!(failed.retry.is_some());
+        }
     }
 
     #[tokio::test]

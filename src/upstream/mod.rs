@@ -164,6 +164,10 @@ pub enum Error {
     Exchange(#[source] hyper::Error),
     #[error("the pooled client failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
+    /// The pooled HTTP/2 connections given the request closed (after a
+    /// GOAWAY) before it went out: nothing was sent.
+    #[error("the connection closed before the request went out")]
+    NotSent(#[source] hyper::Error),
     /// A WebSocket or other `Upgrade` for an upstream that speaks only
     /// HTTP/2, which has no `Upgrade`; nothing was sent.
     #[error("an upgrade cannot be tunnelled to an h2c:// upstream (HTTP/2 has no Upgrade)")]
@@ -201,19 +205,23 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         match self {
             Error::Connect(_) => true,
-            Error::Exchange(_) | Error::UpgradeOverHttp2 => false,
+            Error::Exchange(_) | Error::NotSent(_) | Error::UpgradeOverHttp2 => false,
             Error::Pooled(error) => error.is_connect(),
         }
     }
 
-    /// Whether an HTTP/2 upstream said it did not process the request, so
-    /// that it may be sent again, to this upstream too (RFC 9113, section
-    /// 8.7): it reset the stream with `REFUSED_STREAM`, or the stream was
-    /// above the last one a graceful `GOAWAY` let through (a server
-    /// shutting down or recycling its connection). A `GOAWAY` with an error
-    /// code says nothing of the streams it ends, so it does not count.
+    /// Whether an HTTP/2 upstream did not process the request, so that it
+    /// may be sent again, to this upstream too (RFC 9113, section 8.7): it
+    /// reset the stream with `REFUSED_STREAM`, or the stream was above the
+    /// last one a graceful `GOAWAY` let through (a server shutting down or
+    /// recycling its connection), or the request never went out. A
+    /// `GOAWAY` with an error code says nothing of the streams it ends, so
+    /// it does not count.
     #[must_use]
     pub fn is_unprocessed(&self) -> bool {
+        if let Error::NotSent(_) = self {
+            return true;
+        }
         h2_cause(self).is_some_and(|h2| {
             h2.is_remote()
                 && match h2.reason() {
@@ -275,10 +283,25 @@ where
                 return Err(Error::UpgradeOverHttp2.into());
             }
             Protocol::H2c => {
+                // Kept to put back on a request given back, which another
+                // upstream, maybe an HTTP/1.1 one, may take.
+                let host = req.headers_mut().remove(HOST);
+                let version = req.version();
                 address(&mut req, upstream);
-                req.headers_mut().remove(HOST);
                 *req.version_mut() = Version::HTTP_2;
-                return self.h2c.send(&upstream.authority, req).await;
+                return self
+                    .h2c
+                    .send(&upstream.authority, req)
+                    .await
+                    .map_err(|mut failed| {
+                        if let Some(retry) = &mut failed.retry {
+                            *retry.version_mut() = version;
+                            if let Some(host) = host {
+                                retry.headers_mut().insert(HOST, host);
+                            }
+                        }
+                        failed
+                    });
             }
         };
         match pooled.await {
