@@ -1,12 +1,13 @@
 //! Cohort's own pool of HTTP/2 connections to `h2c://` upstreams.
 //!
 //! Owns: the connections to each `h2c://` upstream, each carrying at most
-//! [`MAX_STREAMS`] requests at once, with a new one opened when every open
-//! one is full (as Envoy does); counting a request's stream from its send
-//! to the drop of its response body ([`StreamSlot`]); sending a request
-//! again on another connection when the one it was given closed (after a
-//! `GOAWAY`) before taking it; and closing connections that carried no
-//! stream for `idle_timeout`.
+//! [`MAX_STREAMS`] requests at once, or as many as the upstream allows if
+//! fewer, with a new one opened when every open one is full (as Envoy
+//! does), by one request at a time; counting a request's stream from its
+//! send to the drop of its response body ([`StreamSlot`]); sending a
+//! request again on another connection when a pooled one it was given
+//! closed (after a `GOAWAY`) before taking it; and closing connections that
+//! carried no stream for `idle_timeout`.
 //!
 //! hyper-util's pooled client shares one connection per upstream, so once
 //! as many streams are open as the upstream allows
@@ -19,8 +20,10 @@
 //! hyper-util's client still takes (`super`).
 
 use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -30,7 +33,7 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use super::connect::{BoxError, CountingConnector};
+use super::connect::{BoxError, CountedConnection, CountingConnector};
 use super::{Error, SendError, UpstreamBody};
 
 /// The most streams one connection carries at once, fewer if the upstream
@@ -88,13 +91,23 @@ type ConnectingGate = tokio::sync::Mutex<Option<Instant>>;
 
 struct Connection<B> {
     sender: SendRequest<B>,
+    dispatch: Arc<dyn StreamLimit>,
+    /// The task that polls `dispatch`: stopped when the pool lets the
+    /// connection go, since a request the upstream never gave a stream
+    /// would keep it waiting, and the connection open, for ever.
+    task: tokio::task::AbortHandle,
     /// Its open streams, the one being sent included.
     streams: Arc<AtomicUsize>,
-    /// The most it takes at once: [`MAX_STREAMS`], or fewer if the
-    /// upstream allows fewer.
-    limit: Arc<AtomicUsize>,
     /// When the idle sweep first saw it without a stream, since it last had one.
     idle_since: Option<Instant>,
+}
+
+impl<B> Drop for Connection<B> {
+    fn drop(&mut self) {
+        // Streams still open carry on: hyper runs the HTTP/2 connection
+        // itself in a task of its own, which ends with the last of them.
+        self.task.abort();
+    }
 }
 
 /// One stream of a pooled connection, held from the request's send until
@@ -154,7 +167,6 @@ where
         // until a request wakes its dispatch task, which then closes it and
         // gives the request back: the next checkout passes it by, so this
         // ends after at most every pooled connection and one new one.
-        let mut new_one_closed = false;
         loop {
             let lent = match self.shared.checkout(authority) {
                 Some(lent) => lent,
@@ -186,7 +198,9 @@ where
                     .map(|head| Request::from_parts(head, B::default()));
                 return Err(SendError { error, retry });
             };
-            if new && std::mem::replace(&mut new_one_closed, true) {
+            // A new connection that closes before taking a request is an
+            // upstream that is failing, as one that cannot be connected to.
+            if new {
                 return Err(SendError {
                     error: Error::NotSent(failed.into_error()),
                     retry: Some(again),
@@ -207,13 +221,19 @@ where
         if let Some(lent) = self.shared.checkout(authority) {
             return Ok(lent);
         }
-        // The attempt it waited for failed: so does this request, at once,
-        // rather than each waiting request trying in turn (free to move on
-        // to another upstream, as from its own failed attempt).
-        if last_failure.is_some_and(|failed| failed >= waited_from) {
+        // An upstream that allows no stream at all now (it may, for a
+        // while) would have a new connection opened for every request.
+        if self.shared.allows_no_stream(authority) {
             return Err(Error::Connect(
-                "connecting failed just now, for another request".into(),
+                "the upstream allows no new stream (SETTINGS_MAX_CONCURRENT_STREAMS 0)".into(),
             ));
+        }
+        // The attempt it waited for failed: the requests that waited each
+        // try on their own, all at once rather than one after another (and
+        // each failure is its own, as without the gate).
+        if last_failure.is_some_and(|failed| failed >= waited_from) {
+            drop(last_failure);
+            return self.open(authority).await;
         }
         let opened = self.open(authority).await;
         if opened.is_err() {
@@ -242,18 +262,19 @@ where
             .handshake(io)
             .await
             .map_err(|e| Error::Connect(e.into()))?;
-        let limit = Arc::new(AtomicUsize::new(MAX_STREAMS));
-        let learnt = Arc::clone(&limit);
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            // The upstream's SETTINGS_MAX_CONCURRENT_STREAMS, read each time
-            // the connection's dispatch runs (as each request reaches it),
-            // so that streams it would hold back go on another connection.
+        let dispatch = Arc::new(Dispatch(Mutex::new(Some(Box::pin(connection)))));
+        let polled = Arc::clone(&dispatch);
+        let task = tokio::spawn(async move {
             let ended = std::future::poll_fn(|cx| {
-                let polled = connection.as_mut().poll(cx);
-                let allowed = connection.as_ref().get_ref().current_max_send_streams();
-                learnt.store(allowed.min(MAX_STREAMS), Ordering::Relaxed);
-                polled
+                let mut running = polled.lock();
+                let Some(task) = running.as_mut() else {
+                    return Poll::Ready(Ok(()));
+                };
+                let ended = ready!(task.as_mut().poll(cx));
+                // Dropped as it ends, which is what closes its senders
+                // (`is_closed`), though the pool still holds the `Dispatch`.
+                *running = None;
+                Poll::Ready(ended)
             })
             .await;
             if let Err(error) = ended {
@@ -263,7 +284,45 @@ where
         if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.shared)));
         }
-        Ok(self.shared.add(authority, sender, limit))
+        Ok(self
+            .shared
+            .add(authority, sender, dispatch, task.abort_handle()))
+    }
+}
+
+/// hyper's dispatch task of one connection (`C`), which hands requests to
+/// the HTTP/2 connection: polled by the task spawned for it (`None` once it
+/// has ended), and asked for the upstream's current stream limit at each
+/// checkout.
+struct Dispatch<C>(Mutex<Option<Pin<Box<C>>>>);
+
+impl<C> Dispatch<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<C>>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the pool asks of a connection's dispatch task.
+trait StreamLimit: Send + Sync {
+    /// The most streams the connection may carry now: the upstream's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (100 until its SETTINGS arrive), at
+    /// most [`MAX_STREAMS`]; none once its dispatch has ended.
+    fn limit(&self) -> usize;
+}
+
+impl<B> StreamLimit for Dispatch<http2::Connection<CountedConnection, B, TokioExecutor>>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn limit(&self) -> usize {
+        self.lock().as_ref().map_or(0, |task| {
+            task.as_ref()
+                .get_ref()
+                .current_max_send_streams()
+                .min(MAX_STREAMS)
+        })
     }
 }
 
@@ -283,9 +342,10 @@ impl<B> Shared<B> {
         // A connection that went away (its upstream closed it, or a request
         // found that it had sent a GOAWAY) takes no more streams.
         host.connections.retain(|conn| !conn.sender.is_closed());
-        let conn = host.connections.iter_mut().find(|conn| {
-            conn.streams.load(Ordering::Acquire) < conn.limit.load(Ordering::Relaxed)
-        })?;
+        let conn = host
+            .connections
+            .iter_mut()
+            .find(|conn| conn.streams.load(Ordering::Acquire) < conn.dispatch.limit())?;
         conn.streams.fetch_add(1, Ordering::AcqRel);
         conn.idle_since = None;
         Some(Lent {
@@ -293,6 +353,17 @@ impl<B> Shared<B> {
             stream: StreamSlot(Arc::clone(&conn.streams)),
             new: false,
         })
+    }
+
+    /// Whether an open connection to `authority` says the upstream allows
+    /// no stream at all.
+    fn allows_no_stream(&self, authority: &Authority) -> bool {
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .iter()
+            .filter(|host| host.authority == *authority)
+            .flat_map(|host| &host.connections)
+            .any(|conn| !conn.sender.is_closed() && conn.dispatch.limit() == 0)
     }
 
     /// The gate that one opening of a connection to `authority` holds.
@@ -312,20 +383,21 @@ impl<B> Shared<B> {
         Arc::clone(&hosts[index].connecting)
     }
 
-    /// Adds a new connection to `authority`'s, which takes at most `limit`
-    /// streams at once, and lends its first stream.
+    /// Adds a new connection to `authority`'s, and lends its first stream.
     fn add(
         &self,
         authority: &Authority,
         sender: SendRequest<B>,
-        limit: Arc<AtomicUsize>,
+        dispatch: Arc<dyn StreamLimit>,
+        task: tokio::task::AbortHandle,
     ) -> Lent<B> {
         let streams = Arc::new(AtomicUsize::new(1));
         let stream = StreamSlot(Arc::clone(&streams));
         let connection = Connection {
             sender: sender.clone(),
+            dispatch,
+            task,
             streams,
-            limit,
             idle_since: None,
         };
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -504,6 +576,52 @@ mod tests {
             assert!(failed.error.is_connect(), "{:?}", failed.error);
             assert!(failed.retry.is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_closed_before_it_takes_the_request_is_a_connect_failure() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let pool = pool(Duration::from_secs(60));
+        let failed = pool
+            .send(&authority, get(&authority))
+            .await
+            .expect_err("nothing answers");
+        // As a refused connection: given back for another upstream, counted
+        // against this one, and not sent again to it.
+        assert!(failed.error.is_connect(), "{:?}", failed.error);
+        assert!(!failed.error.is_unprocessed(), "{:?}", failed.error);
+        assert!(failed.retry.is_some());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_allows_no_stream_is_not_sent_a_connection_per_request() {
+        let (authority, seen) = backend_allowing(Some(0)).await;
+        let pool = pool(Duration::from_secs(60));
+        // The first goes out before the upstream's SETTINGS are in, and is
+        // refused unprocessed.
+        let failed = pool
+            .send(&authority, get(&authority))
+            .await
+            .expect_err("no stream allowed");
+        assert!(failed.error.is_unprocessed(), "{:?}", failed.error);
+        for _ in 0..3 {
+            let failed = pool
+                .send(&authority, get(&authority))
+                .await
+                .expect_err("no stream allowed");
+            assert!(failed.error.is_connect(), "{:?}", failed.error);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

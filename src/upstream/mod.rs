@@ -160,13 +160,14 @@ pub struct UpstreamClient<B = TeeBody> {
 pub enum Error {
     #[error("connecting failed")]
     Connect(#[source] BoxError),
-    #[error("the HTTP/1.1 exchange failed")]
+    #[error("the exchange failed")]
     Exchange(#[source] hyper::Error),
     #[error("the pooled client failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
-    /// The pooled HTTP/2 connections given the request closed (after a
-    /// GOAWAY) before it went out: nothing was sent.
-    #[error("the connection closed before the request went out")]
+    /// A new HTTP/2 connection closed before the request went out: nothing
+    /// was sent, and the upstream is failing as one that cannot be
+    /// connected to is.
+    #[error("the new connection closed before the request went out")]
     NotSent(#[source] hyper::Error),
     /// A WebSocket or other `Upgrade` for an upstream that speaks only
     /// HTTP/2, which has no `Upgrade`; nothing was sent.
@@ -200,12 +201,13 @@ impl<B> From<Error> for SendError<B> {
 }
 
 impl Error {
-    /// Whether no connection could be made (nothing was sent).
+    /// Whether no connection could be made, or a new one closed before
+    /// taking the request (nothing was sent).
     #[must_use]
     pub fn is_connect(&self) -> bool {
         match self {
-            Error::Connect(_) => true,
-            Error::Exchange(_) | Error::NotSent(_) | Error::UpgradeOverHttp2 => false,
+            Error::Connect(_) | Error::NotSent(_) => true,
+            Error::Exchange(_) | Error::UpgradeOverHttp2 => false,
             Error::Pooled(error) => error.is_connect(),
         }
     }
@@ -214,14 +216,10 @@ impl Error {
     /// may be sent again, to this upstream too (RFC 9113, section 8.7): it
     /// reset the stream with `REFUSED_STREAM`, or the stream was above the
     /// last one a graceful `GOAWAY` let through (a server shutting down or
-    /// recycling its connection), or the request never went out. A
-    /// `GOAWAY` with an error code says nothing of the streams it ends, so
-    /// it does not count.
+    /// recycling its connection). A `GOAWAY` with an error code says
+    /// nothing of the streams it ends, so it does not count.
     #[must_use]
     pub fn is_unprocessed(&self) -> bool {
-        if let Error::NotSent(_) = self {
-            return true;
-        }
         h2_cause(self).is_some_and(|h2| {
             h2.is_remote()
                 && match h2.reason() {
