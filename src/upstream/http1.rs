@@ -316,20 +316,16 @@ fn closed_unanswered(error: &hyper::Error) -> bool {
 /// Closes expired idle connections until the pool is gone: dropping an idle
 /// connection's sender ends its connection task, which closes the socket.
 async fn sweep<B>(pool: Weak<Shared<B>>) {
-    let Some(every) = pool.upgrade().map(|pool| pool.idle_timeout / 2) else {
-        return;
-    };
-    let every = every.max(Duration::from_millis(50));
-    loop {
-        tokio::time::sleep(every).await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let now = Instant::now();
-        if let Some(deadline) = now.checked_sub(pool.idle_timeout) {
-            pool.close_idle_since(deadline);
-        }
-    }
+    super::sweep_every_half(
+        pool,
+        |pool| pool.idle_timeout,
+        |pool, now| {
+            if let Some(deadline) = now.checked_sub(pool.idle_timeout) {
+                pool.close_idle_since(deadline);
+            }
+        },
+    )
+    .await;
 }
 
 /// A pooled connection lent to one exchange.
@@ -441,39 +437,19 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::tests::wait_until;
-
-    /// What a test backend has seen: connections accepted, and still open.
-    #[derive(Default)]
-    struct Seen {
-        accepted: AtomicUsize,
-        open: AtomicUsize,
-    }
+    use crate::upstream::tests::{Seen, connector, wait_until};
 
     /// A keep-alive HTTP/1.1 backend whose every answer has a body of `size` bytes.
     async fn backend(size: usize) -> (Authority, Arc<Seen>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Seen::default());
-        let counts = Arc::clone(&seen);
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                counts.accepted.fetch_add(1, Ordering::SeqCst);
-                counts.open.fetch_add(1, Ordering::SeqCst);
-                let counts = Arc::clone(&counts);
-                tokio::spawn(async move {
-                    let service = service_fn(move |_req| async move {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    counts.open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        (authority(addr), seen)
+        crate::upstream::tests::backend(move |stream| async move {
+            let service = service_fn(move |_req| async move {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     fn authority(addr: SocketAddr) -> Authority {
@@ -481,15 +457,7 @@ mod tests {
     }
 
     fn pool(idle_timeout: Duration) -> Http1Pool<Empty<Bytes>> {
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let connector = CountingConnector::new(
-            Duration::from_secs(5),
-            Arc::new(tls),
-            metrics::Gauge::noop(),
-        );
-        Http1Pool::new(connector, idle_timeout, 8)
+        Http1Pool::new(connector(), idle_timeout, 8)
     }
 
     fn get() -> Request<Empty<Bytes>> {

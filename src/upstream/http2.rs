@@ -65,8 +65,6 @@ impl<B> std::fmt::Debug for Http2Pool<B> {
 
 struct Shared<B> {
     connector: CountingConnector,
-    stream_window: u32,
-    connection_window: u32,
     idle_timeout: Duration,
     /// A short list, as in the HTTP/1.1 pool: a route table names a
     /// handful of upstreams.
@@ -127,22 +125,13 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A pool that connects with `connector`, gives each connection the
-    /// flow-control windows `stream_window` and `connection_window`, and
-    /// closes a connection once it has carried no stream for `idle_timeout`
-    /// (checked every half of it).
+    /// A pool that connects with `connector` and closes a connection once
+    /// it has carried no stream for `idle_timeout` (checked every half of it).
     #[must_use]
-    pub fn new(
-        connector: CountingConnector,
-        stream_window: u32,
-        connection_window: u32,
-        idle_timeout: Duration,
-    ) -> Http2Pool<B> {
+    pub fn new(connector: CountingConnector, idle_timeout: Duration) -> Http2Pool<B> {
         Http2Pool {
             shared: Arc::new(Shared {
                 connector,
-                stream_window,
-                connection_window,
                 idle_timeout,
                 hosts: Mutex::new(Vec::new()),
                 sweeping: AtomicBool::new(false),
@@ -257,8 +246,8 @@ where
             .map_err(Error::Connect)?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(self.shared.stream_window)
-            .initial_connection_window_size(self.shared.connection_window)
+            .initial_stream_window_size(super::H2_STREAM_WINDOW)
+            .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
             .handshake(io)
             .await
             .map_err(|e| Error::Connect(e.into()))?;
@@ -445,23 +434,12 @@ impl<B> Shared<B> {
 /// connection between one and one and a half `idle_timeout`s after its
 /// last stream ended.
 async fn sweep<B>(pool: Weak<Shared<B>>) {
-    let Some(every) = pool.upgrade().map(|pool| pool.idle_timeout / 2) else {
-        return;
-    };
-    let every = every.max(Duration::from_millis(50));
-    loop {
-        tokio::time::sleep(every).await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        pool.close_idle(Instant::now());
-    }
+    super::sweep_every_half(pool, |pool| pool.idle_timeout, Shared::close_idle).await;
 }
 
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::net::SocketAddr;
 
     use bytes::Bytes;
     use http_body_util::{BodyExt as _, Empty, Full};
@@ -470,14 +448,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::tests::wait_until;
-
-    /// What a test backend has seen: connections accepted, and still open.
-    #[derive(Default)]
-    struct Seen {
-        accepted: AtomicUsize,
-        open: AtomicUsize,
-    }
+    use crate::upstream::tests::{Seen, connector, wait_until};
 
     /// An h2c backend that answers every request with `ok`.
     async fn backend() -> (Authority, Arc<Seen>) {
@@ -487,41 +458,20 @@ mod tests {
     /// An h2c backend that answers every request with `ok`, and allows
     /// `max_streams` streams per connection (hyper's default if `None`).
     async fn backend_allowing(max_streams: Option<u32>) -> (Authority, Arc<Seen>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let seen = Arc::new(Seen::default());
-        let counts = Arc::clone(&seen);
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                counts.accepted.fetch_add(1, Ordering::SeqCst);
-                counts.open.fetch_add(1, Ordering::SeqCst);
-                let counts = Arc::clone(&counts);
-                tokio::spawn(async move {
-                    let service = service_fn(|_req| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(max_streams)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    counts.open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        (addr.to_string().parse().unwrap(), seen)
+        crate::upstream::tests::backend(move |stream| async move {
+            let service = service_fn(|_req| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(max_streams)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     fn pool(idle_timeout: Duration) -> Http2Pool<Empty<Bytes>> {
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let connector = CountingConnector::new(
-            Duration::from_secs(5),
-            Arc::new(tls),
-            metrics::Gauge::noop(),
-        );
-        Http2Pool::new(connector, 1 << 20, 64 << 20, idle_timeout)
+        Http2Pool::new(connector(), idle_timeout)
     }
 
     fn get(authority: &Authority) -> Request<Empty<Bytes>> {

@@ -317,6 +317,26 @@ where
     }
 }
 
+/// Runs `sweep` on a pool every half of its `idle_timeout` (at least every
+/// 50 ms) until the pool is gone: the idle sweep of Cohort's own pools.
+async fn sweep_every_half<P>(
+    pool: std::sync::Weak<P>,
+    idle_timeout: impl Fn(&P) -> Duration,
+    sweep: impl Fn(&P, tokio::time::Instant),
+) {
+    let Some(every) = pool.upgrade().map(|pool| idle_timeout(&pool) / 2) else {
+        return;
+    };
+    let every = every.max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        sweep(&pool, tokio::time::Instant::now());
+    }
+}
+
 /// A copy of `req`'s method, target, version and headers (not its
 /// extensions, which cannot be cloned, nor its body).
 pub(crate) fn copy_head<B>(req: &Request<B>) -> http::request::Parts {
@@ -381,19 +401,14 @@ pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient
         ),
         https: build(&connect(tls)),
         https_upgrade: build(&connector),
-        h2c: Http2Pool::new(
-            connector,
-            H2_STREAM_WINDOW,
-            H2_CONNECTION_WINDOW,
-            config.idle_timeout,
-        ),
+        h2c: Http2Pool::new(connector, config.idle_timeout),
     }
 }
 
 /// How much of an HTTP/2 upstream stream's response may arrive before the
 /// proxy has passed it on (hyper's default): what a client that reads
 /// slowly leaves waiting in the proxy, per stream.
-const H2_STREAM_WINDOW: u32 = 2 << 20;
+pub(crate) const H2_STREAM_WINDOW: u32 = 2 << 20;
 
 /// How much of all of an HTTP/2 upstream connection's responses may: room
 /// for 256 streams' windows, where hyper's default (5 MiB) holds two and a
@@ -401,7 +416,7 @@ const H2_STREAM_WINDOW: u32 = 2 << 20;
 /// that read slowly would otherwise hold up every other client's response
 /// from that upstream. A window grants the upstream leave to send, no
 /// memory; what waits stays bounded by the streams' own windows.
-const H2_CONNECTION_WINDOW: u32 = 256 * H2_STREAM_WINDOW;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 256 * H2_STREAM_WINDOW;
 
 /// `tls` with ALPN offering HTTP/1.1 alone.
 fn http1_only(tls: &ClientConfig) -> Arc<ClientConfig> {
@@ -434,18 +449,60 @@ where
         http1: Http1Pool::new(connector.clone(), PROBE_IDLE_TIMEOUT, 1),
         https: build(&connect(tls)),
         https_upgrade: build(&connector),
-        h2c: Http2Pool::new(
-            connector,
-            H2_STREAM_WINDOW,
-            H2_CONNECTION_WINDOW,
-            PROBE_IDLE_TIMEOUT,
-        ),
+        h2c: Http2Pool::new(connector, PROBE_IDLE_TIMEOUT),
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::{TcpListener, TcpStream};
+
     use super::*;
+
+    /// What a test backend has seen: connections accepted, and still open.
+    #[derive(Default)]
+    pub(crate) struct Seen {
+        pub(crate) accepted: AtomicUsize,
+        pub(crate) open: AtomicUsize,
+    }
+
+    /// A backend on a loopback port that serves each connection it accepts
+    /// with `serve`, counted in [`Seen`].
+    pub(crate) async fn backend<F, Fut>(serve: F) -> (Authority, Arc<Seen>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                let served = serve(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (authority, seen)
+    }
+
+    /// A connector for test pools: a 5 s connect timeout, no trusted roots,
+    /// connections not counted.
+    pub(crate) fn connector() -> CountingConnector {
+        let tls = ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        CountingConnector::new(Duration::from_secs(5), Arc::new(tls), Gauge::noop())
+    }
 
     /// Polls `done` until it holds, failing the test after 10 s.
     pub(crate) async fn wait_until(what: &str, done: impl Fn() -> bool) {
