@@ -142,9 +142,10 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 /// The pooled clients every proxied request goes through, one pool per way
 /// of speaking: `host:port` through Cohort's HTTP/1.1 pool, `h2c://`
 /// through its HTTP/2 pool, and `https://` through hyper-util's (an
-/// `https://` connection speaks HTTP/2 or HTTP/1.1 as ALPN decides). Requests carry the real request's body as a `shadow::TeeBody`
-/// (which also feeds a shadow copy, when there is one); generic over the
-/// body so that health probes reach every upstream form the way requests do.
+/// `https://` connection speaks HTTP/2 or HTTP/1.1 as ALPN decides).
+/// Requests carry the real request's body as a `shadow::TeeBody` (which
+/// also feeds a shadow copy, when there is one); generic over the body so
+/// that health probes reach every upstream form the way requests do.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient<B = TeeBody> {
     http1: Http1Pool<B>,
