@@ -247,8 +247,8 @@ where
     /// Sends `req` to `upstream`, the way `upstream` is spoken to, and
     /// resolves to the response once its headers are in. An upstream that
     /// cannot be connected to gives the request back: whole for a
-    /// `host:port` one, and for the others (whose client takes the body)
-    /// when it has no body.
+    /// `host:port` or `h2c://` one (Cohort's own pools), and for an
+    /// `https://` one (whose client takes the body) when it has no body.
     pub async fn request(
         &self,
         upstream: &UpstreamAddr,
