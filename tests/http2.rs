@@ -670,7 +670,7 @@ async fn a_request_an_h2c_upstream_cannot_take_reaches_an_http1_one_with_its_hos
 }
 
 /// Cohort with `upstream` as version `name`'s only upstream, once the
-/// health probe at its start (stream 0) has been answered; no other probe
+/// health probe at its start (stream 0) has reached it; no other probe
 /// comes during the test.
 async fn behind_raw_h2(name: &str, upstream: &RawH2Upstream) -> Server {
     let server = cohort_named(

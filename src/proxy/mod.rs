@@ -214,9 +214,10 @@ impl Proxy {
     /// the client gives it back (see `upstream::SendError`), as
     /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
     /// all within the one response timeout, which a request body still
-    /// streaming pushes back (see [`body::BodyProgress`]). One that an
-    /// HTTP/2 upstream says it did not process counts against no upstream,
-    /// and may go to the same upstream once more when it is the only one.
+    /// streaming pushes back (see [`body::BodyProgress`]). The try of one
+    /// that an HTTP/2 upstream says it did not process counts against no
+    /// upstream, and it may go to the same upstream once more when that is
+    /// the only one; a failure that ends the request counts.
     async fn forward(
         &self,
         req: Request<TeeBody>,
@@ -291,7 +292,8 @@ impl Proxy {
             let Some(retry) = failed.retry else {
                 break Err(error);
             };
-            // Given back only when another upstream may take it (see `SendError`).
+            // Given back only when another upstream, or for a request it did
+            // not process the same one, may take it (see `SendError`).
             if let Some(next) = version.pick_other(first, index) {
                 tracing::warn!(
                     version = %version.name,

@@ -14,7 +14,7 @@
 //! spawned per request to watch for it going idle.
 //!
 //! Does not own: opening connections (`connect`), nor `h2c://` upstreams
-//! (`http2`) and `https://` ones, which go through hyper-util's pooled
+//! (`http2`), nor `https://` ones, which go through hyper-util's pooled
 //! client (`super`).
 
 use std::error::Error as StdError;

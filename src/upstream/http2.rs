@@ -82,6 +82,21 @@ struct Host<B> {
     /// Held while a connection to this upstream is being opened, so that a
     /// burst of requests opens one, not one each.
     connecting: Arc<ConnectingGate>,
+    /// The stream limit the upstream's SETTINGS last gave: what a new
+    /// connection is held to until its own SETTINGS arrive, so that a
+    /// burst does not put more on it than the upstream allows.
+    learnt_limit: usize,
+}
+
+impl<B> Host<B> {
+    fn new(authority: Authority) -> Host<B> {
+        Host {
+            authority,
+            connections: Vec::new(),
+            connecting: Arc::default(),
+            learnt_limit: MAX_STREAMS,
+        }
+    }
 }
 
 /// One opening of a connection at a time; holds when the last one failed.
@@ -246,6 +261,7 @@ where
             .map_err(Error::Connect)?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .initial_max_send_streams(SETTINGS_NOT_IN)
             .initial_stream_window_size(super::H2_STREAM_WINDOW)
             .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
             .handshake(io)
@@ -291,12 +307,18 @@ impl<C> Dispatch<C> {
     }
 }
 
+/// What a connection's stream limit reads as until the upstream's SETTINGS
+/// set it (hyper's assumption until then, set to one past [`MAX_STREAMS`]
+/// to tell it apart), or for ever if they set none (no limit).
+const SETTINGS_NOT_IN: usize = MAX_STREAMS + 1;
+
 /// What the pool asks of a connection's dispatch task.
 trait StreamLimit: Send + Sync {
     /// The most streams the connection may carry now: the upstream's
-    /// SETTINGS_MAX_CONCURRENT_STREAMS (100 until its SETTINGS arrive), at
-    /// most [`MAX_STREAMS`]; none once its dispatch has ended.
-    fn limit(&self) -> usize;
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, at most [`MAX_STREAMS`]; none once
+    /// its dispatch has ended; not known (`None`) until its SETTINGS
+    /// arrive, or if they set no limit.
+    fn limit(&self) -> Option<usize>;
 }
 
 impl<B> StreamLimit for Dispatch<http2::Connection<CountedConnection, B, TokioExecutor>>
@@ -305,13 +327,14 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    fn limit(&self) -> usize {
-        self.lock().as_ref().map_or(0, |task| {
-            task.as_ref()
-                .get_ref()
-                .current_max_send_streams()
-                .min(MAX_STREAMS)
-        })
+    fn limit(&self) -> Option<usize> {
+        match self.lock().as_ref() {
+            None => Some(0),
+            Some(task) => match task.as_ref().get_ref().current_max_send_streams() {
+                SETTINGS_NOT_IN => None,
+                allowed => Some(allowed.min(MAX_STREAMS)),
+            },
+        }
     }
 }
 
@@ -331,10 +354,17 @@ impl<B> Shared<B> {
         // A connection that went away (its upstream closed it, or a request
         // found that it had sent a GOAWAY) takes no more streams.
         host.connections.retain(|conn| !conn.sender.is_closed());
-        let conn = host
-            .connections
-            .iter_mut()
-            .find(|conn| conn.streams.load(Ordering::Acquire) < conn.dispatch.limit())?;
+        let learnt = &mut host.learnt_limit;
+        let conn = host.connections.iter_mut().find(|conn| {
+            let limit = match conn.dispatch.limit() {
+                Some(known) => {
+                    *learnt = known;
+                    known
+                }
+                None => *learnt,
+            };
+            conn.streams.load(Ordering::Acquire) < limit
+        })?;
         conn.streams.fetch_add(1, Ordering::AcqRel);
         conn.idle_since = None;
         Some(Lent {
@@ -352,7 +382,7 @@ impl<B> Shared<B> {
             .iter()
             .filter(|host| host.authority == *authority)
             .flat_map(|host| &host.connections)
-            .any(|conn| !conn.sender.is_closed() && conn.dispatch.limit() == 0)
+            .any(|conn| !conn.sender.is_closed() && conn.dispatch.limit() == Some(0))
     }
 
     /// The gate that one opening of a connection to `authority` holds.
@@ -361,11 +391,7 @@ impl<B> Shared<B> {
         let index = match hosts.iter().position(|host| host.authority == *authority) {
             Some(index) => index,
             None => {
-                hosts.push(Host {
-                    authority: authority.clone(),
-                    connections: Vec::new(),
-                    connecting: Arc::default(),
-                });
+                hosts.push(Host::new(authority.clone()));
                 hosts.len() - 1
             }
         };
@@ -390,14 +416,14 @@ impl<B> Shared<B> {
             idle_since: None,
         };
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        match hosts.iter_mut().find(|host| host.authority == *authority) {
-            Some(host) => host.connections.push(connection),
-            None => hosts.push(Host {
-                authority: authority.clone(),
-                connections: vec![connection],
-                connecting: Arc::default(),
-            }),
-        }
+        let index = match hosts.iter().position(|host| host.authority == *authority) {
+            Some(index) => index,
+            None => {
+                hosts.push(Host::new(authority.clone()));
+                hosts.len() - 1
+            }
+        };
+        hosts[index].connections.push(connection);
         Lent {
             sender,
             stream,
@@ -507,6 +533,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_connection_is_held_to_the_limit_the_upstream_gave_before() {
+        let (authority, seen) = backend_allowing(Some(2)).await;
+        let pool = pool(Duration::from_secs(60));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(pool.send(&authority, get(&authority)).await.unwrap());
+        }
+        // A burst at once: the new connection's own SETTINGS are not in
+        // when the requests that waited for it take their streams.
+        let burst = (0..3).map(|_| pool.send(&authority, get(&authority)));
+        for rsp in futures_util::future::join_all(burst).await {
+            held.push(rsp.unwrap());
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
     async fn requests_waiting_for_a_connection_that_cannot_be_made_fail_too() {
         // Refused at once.
         let authority: Authority = {
@@ -545,11 +588,19 @@ mod tests {
             .send(&authority, get(&authority))
             .await
             .expect_err("nothing answers");
-        // As a refused connection: given back for another upstream, counted
-        // against this one, and not sent again to it.
-        assert!(failed.error.is_connect(), "{:?}", failed.error);
+        // Counted against this upstream, and not sent again to it: as a
+        // refused connection (given back for another upstream) if hyper saw
+        // the close before taking the request, else as a reset.
         assert!(!failed.error.is_unprocessed(), "{:?}", failed.error);
-        assert!(failed.retry.is_some());
+        if failed.error.is_connect() {
+            assert!(failed.retry.is_some());
+        } else {
+            assert!(
+                matches!(failed.error, Error::Exchange(_)),
+                "{:?}",
+                failed.error
+            );
+        }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
@@ -558,12 +609,17 @@ mod tests {
         let (authority, seen) = backend_allowing(Some(0)).await;
         let pool = pool(Duration::from_secs(60));
         // The first goes out before the upstream's SETTINGS are in, and is
-        // refused unprocessed.
-        let failed = pool
-            .send(&authority, get(&authority))
-            .await
-            .expect_err("no stream allowed");
-        assert!(failed.error.is_unprocessed(), "{:?}", failed.error);
+        // refused unprocessed; or, if they came first, waits for a stream
+        // it will never have (the response timeout ends it in the proxy).
+        let first = tokio::time::timeout(
+            Duration::from_secs(2),
+            pool.send(&authority, get(&authority)),
+        )
+        .await;
+        if let Ok(answered) = first {
+            let failed = answered.expect_err("no stream allowed");
+            assert!(failed.error.is_unprocessed(), "{:?}", failed.error);
+        }
         for _ in 0..3 {
             let failed = pool
                 .send(&authority, get(&authority))
@@ -591,7 +647,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_close_after_the_idle_timeout() {
         let (authority, seen) = backend().await;
-        let pool = pool(Duration::from_millis(200));
+        let pool = pool(Duration::from_secs(1));
         let rsp = pool.send(&authority, get(&authority)).await.unwrap();
         rsp.into_body().collect().await.unwrap();
         assert_eq!(seen.open.load(Ordering::SeqCst), 1);

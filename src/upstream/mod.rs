@@ -416,7 +416,8 @@ pub(crate) const H2_STREAM_WINDOW: u32 = 2 << 20;
 /// half. Every stream of a connection shares its window, so a few clients
 /// that read slowly would otherwise hold up every other client's response
 /// from that upstream. A window grants the upstream leave to send, no
-/// memory; what waits stays bounded by the streams' own windows.
+/// memory; what waits stays bounded by the streams' own windows (so, at
+/// worst, 2 MiB for each stream whose client reads nothing).
 pub(crate) const H2_CONNECTION_WINDOW: u32 = 256 * H2_STREAM_WINDOW;
 
 /// `tls` with ALPN offering HTTP/1.1 alone.

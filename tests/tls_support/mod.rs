@@ -570,7 +570,7 @@ pub struct BigH2Backend {
 
 impl BigH2Backend {
     pub const SMALL: usize = 1024;
-    pub const MAX_STREAMS: u32 = 100;
+    pub const MAX_STREAMS: u32 = 10;
 
     pub async fn start() -> BigH2Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
