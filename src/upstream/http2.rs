@@ -357,6 +357,10 @@ impl<B> Shared<B> {
         let learnt = &mut host.learnt_limit;
         let conn = host.connections.iter_mut().find(|conn| {
             let limit = match conn.dispatch.limit() {
+                // An upstream allows no stream for a while, if at all (and
+                // an ended dispatch none): not a limit to hold new
+                // connections to.
+                Some(0) => 0,
                 Some(known) => {
                     *learnt = known;
                     known
