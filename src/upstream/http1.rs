@@ -294,7 +294,7 @@ fn head_to_resend<B: Body>(req: &Request<B>) -> Option<http::request::Parts> {
 /// head came back: what an upstream closing an idle connection looks like.
 /// (A partial head, or a `1xx`, before the close counts too: the method is
 /// idempotent, so a second run of it is allowed, RFC 9110 9.2.2.)
-fn closed_unanswered(error: &hyper::Error) -> bool {
+pub(super) fn closed_unanswered(error: &hyper::Error) -> bool {
     if error.is_incomplete_message() {
         return true;
     }

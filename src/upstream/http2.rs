@@ -6,7 +6,8 @@
 //! does), by one request at a time; counting a request's stream from its
 //! send to the drop of its response body ([`StreamSlot`]); sending a
 //! request again on another connection when a pooled one it was given
-//! closed (after a `GOAWAY`) before taking it; and closing connections that
+//! closed (after a `GOAWAY`) before taking it, and giving back one a new
+//! connection lost, as the HTTP/1.1 pool does; and closing connections that
 //! carried no stream for `idle_timeout`.
 //!
 //! hyper-util's pooled client shares one connection per upstream, so once
@@ -196,9 +197,15 @@ where
                 Err(failed) => failed,
             };
             let Some(again) = failed.take_message() else {
+                // As in the HTTP/1.1 pool, a new connection lost before an
+                // answer is an upstream failing: an idempotent request
+                // without a body may go to another.
+                let lost_new = new && super::http1::closed_unanswered(failed.error());
                 let error = Error::Exchange(failed.into_error());
                 let retry = unsent
-                    .filter(|_| error.is_unprocessed())
+                    .filter(|head| {
+                        error.is_unprocessed() || (lost_new && head.method.is_idempotent())
+                    })
                     .map(|head| Request::from_parts(head, B::default()));
                 return Err(SendError { error, retry });
             };
@@ -592,20 +599,58 @@ mod tests {
             .send(&authority, get(&authority))
             .await
             .expect_err("nothing answers");
-        // Counted against this upstream, and not sent again to it: as a
-        // refused connection (given back for another upstream) if hyper saw
-        // the close before taking the request, else as a reset.
+        // Counted against this upstream, not sent again to it, and given
+        // back for another: as a refused connection if hyper saw the close
+        // before taking the request, else as a reset (the request is a GET).
         assert!(!failed.error.is_unprocessed(), "{:?}", failed.error);
-        if failed.error.is_connect() {
-            assert!(failed.retry.is_some());
-        } else {
-            assert!(
-                matches!(failed.error, Error::Exchange(_)),
-                "{:?}",
-                failed.error
-            );
-        }
+        assert!(
+            failed.error.is_connect() || matches!(failed.error, Error::Exchange(_)),
+            "{:?}",
+            failed.error
+        );
+        assert!(failed.retry.is_some(), "{:?}", failed.error);
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_lost_before_an_answer_gives_back_only_an_idempotent_request() {
+        use tokio::io::AsyncReadExt as _;
+        // Reads up to the first request's HEADERS frame, then closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    stream.read_exact(&mut preface).await.unwrap();
+                    loop {
+                        let mut head = [0u8; 9];
+                        stream.read_exact(&mut head).await.unwrap();
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        stream.read_exact(&mut payload).await.unwrap();
+                        if head[3] == 0x1 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = pool(Duration::from_secs(60));
+        let failed = pool
+            .send(&authority, get(&authority))
+            .await
+            .expect_err("no answer");
+        assert!(
+            matches!(failed.error, Error::Exchange(_)),
+            "{:?}",
+            failed.error
+        );
+        assert!(failed.retry.is_some(), "{:?}", failed.error);
+        let mut post = get(&authority);
+        *post.method_mut() = http::Method::POST;
+        let failed = pool.send(&authority, post).await.expect_err("no answer");
+        assert!(failed.retry.is_none(), "{:?}", failed.error);
     }
 
     #[tokio::test]
