@@ -5,8 +5,9 @@
 //! upstream's server name (under the same timeout, as nginx's
 //! `proxy_connect_timeout` covers its SSL handshake), and counting each open connection in
 //! `cohort_upstream_connections` from connect to close. Does not own: which
-//! connections are kept for reuse (the HTTP/1.1 pool in `http1`, hyper-util's
-//! pools in `super`), nor the trust roots (`tls`).
+//! connections are kept for reuse (the HTTP/1.1 pool in `http1`, the HTTP/2
+//! one in `http2`, hyper-util's pools in `super`), nor the trust roots
+//! (`tls`).
 
 use std::fmt;
 use std::future::Future;

@@ -4,7 +4,7 @@
 //! [`MAX_STREAMS`] requests at once, or as many as the upstream allows if
 //! fewer, with a new one opened when every open one is full (as Envoy
 //! does), by one request at a time; counting a request's stream from its
-//! send to the drop of its response body ([`StreamSlot`]); sending a
+//! send to the drop of its response body (`StreamSlot`); sending a
 //! request again on another connection when a pooled one it was given
 //! closed (after a `GOAWAY`) before taking it, and giving back one a new
 //! connection lost, as the HTTP/1.1 pool does; and closing connections that
@@ -127,7 +127,7 @@ impl<B> Drop for Connection<B> {
 /// One stream of a pooled connection, held from the request's send until
 /// its response body is dropped, when the stream has ended or is reset.
 #[derive(Debug)]
-pub struct StreamSlot(Arc<AtomicUsize>);
+pub(super) struct StreamSlot(Arc<AtomicUsize>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
