@@ -51,13 +51,22 @@ fn url(server: &Server, path: &str) -> String {
     format!("http://{}{path}", server.proxy_addr())
 }
 
-/// Starts Cohort from `support::config`, with the versions renamed so that
-/// this test's metric series are its own.
+/// Starts Cohort from [`named_config`].
 async fn cohort_named(
     stable: (&str, &[String]),
     canary: Option<(&str, &[String], f64)>,
     extra: &str,
 ) -> Server {
+    start_cohort(&named_config(stable, canary, extra)).await
+}
+
+/// `support::config` with the versions renamed so that this test's metric
+/// series are its own.
+fn named_config(
+    stable: (&str, &[String]),
+    canary: Option<(&str, &[String], f64)>,
+    extra: &str,
+) -> String {
     let list = |addrs: &[String]| {
         addrs
             .iter()
@@ -75,7 +84,7 @@ async fn cohort_named(
             list(upstreams)
         ));
     }
-    start_cohort(&toml).await
+    toml
 }
 
 /// The sum of `name`'s series whose labels include every one of `labels`.
@@ -616,15 +625,37 @@ async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_co
     server.shutdown().await;
 }
 
+/// Starts Cohort with one worker, so that every request goes through the
+/// same upstream pools, and `upstream` as version `name`'s only one; no
+/// health probe but the one at the start.
+async fn one_worker_cohort(name: &str, upstream: String, extra: &str) -> Server {
+    let extra = format!("{extra}\n[health]\ninterval = \"1h\"\n");
+    let toml = named_config((name, &[upstream]), None, &extra);
+    start_cohort(&support::with_listen_keys(&toml, "workers = 1")).await
+}
+
 #[tokio::test]
 async fn streams_past_an_h2c_upstreams_limit_go_on_another_connection() {
     let backend = BigH2Backend::start().await;
-    let server = cohort_named(
-        ("h2-limit", &[format!("h2c://{}", backend.addr)]),
-        None,
-        "[health]\ninterval = \"1h\"\n",
-    )
-    .await;
+    let upstream = format!("h2c://{}", backend.addr);
+    let server = one_worker_cohort("h2c-limit", upstream, "").await;
+    assert_streams_past_the_limit_go_on_another_connection(server, &backend).await;
+}
+
+#[tokio::test]
+async fn streams_past_an_https_upstreams_limit_go_on_another_connection() {
+    let pki = Pki::new();
+    let backend = BigH2Backend::tls(&pki.leaf("upstream")).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = one_worker_cohort("https-limit", upstream, &ca).await;
+    assert_streams_past_the_limit_go_on_another_connection(server, &backend).await;
+}
+
+async fn assert_streams_past_the_limit_go_on_another_connection(
+    server: Server,
+    backend: &BigH2Backend,
+) {
     // As many open streams as the upstream allows on a connection, as
     // long-lived server-sent events streams are.
     let mut h2 = h2c(server.proxy_addr()).await;
@@ -642,6 +673,29 @@ async fn streams_past_an_h2c_upstreams_limit_go_on_another_connection() {
     assert_eq!(reply.body.len(), BigH2Backend::SMALL);
     assert_eq!(backend.connections(), 3);
     drop(held);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_chooses_http1_keeps_its_connections_over_http1() {
+    let pki = Pki::new();
+    let backend = H2Backend::tls_http1("https-h1-pooled", &pki.leaf("upstream")).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = one_worker_cohort("https-h1-pooled", upstream, &ca).await;
+    eventually("the health probe at the start", || backend.probes() == 1).await;
+    let before = backend.connections();
+    let http = Http::new(server.proxy_addr());
+    for _ in 0..5 {
+        let reply = http.get("/", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(seen_version(&reply), "HTTP/1.1");
+    }
+    // Offered HTTP/2, it chose HTTP/1.1 once; after that, requests go over
+    // HTTP/1.1 on a kept-alive connection.
+    let opened = backend.connections() - before;
+    assert!(opened <= 2, "{opened} connections for 5 requests");
+    assert_eq!(backend.hits(), 5);
     server.shutdown().await;
 }
 

@@ -6,8 +6,7 @@
 //! `proxy_connect_timeout` covers its SSL handshake), and counting each open connection in
 //! `cohort_upstream_connections` from connect to close. Does not own: which
 //! connections are kept for reuse (the HTTP/1.1 pool in `http1`, the HTTP/2
-//! one in `http2`, hyper-util's pools in `super`), nor the trust roots
-//! (`tls`).
+//! one in `http2`; hyper-util's, for webhooks), nor the trust roots (`tls`).
 
 use std::fmt;
 use std::future::Future;
@@ -205,19 +204,28 @@ impl Drop for CountedConnection {
     }
 }
 
+impl CountedConnection {
+    /// Whether TLS's ALPN chose HTTP/2 for this connection (never for plain TCP).
+    #[must_use]
+    pub fn negotiated_h2(&self) -> bool {
+        match self.io.inner() {
+            Transport::Tcp(_) => false,
+            Transport::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
 impl Connection for CountedConnection {
     fn connected(&self) -> Connected {
-        match self.io.inner() {
-            Transport::Tcp(tcp) => tcp.connected(),
-            Transport::Tls(tls) => {
-                let (tcp, session) = tls.get_ref();
-                // ALPN's choice makes the pool speak HTTP/2 on this connection.
-                if session.alpn_protocol() == Some(b"h2") {
-                    tcp.connected().negotiated_h2()
-                } else {
-                    tcp.connected()
-                }
-            }
+        let tcp = match self.io.inner() {
+            Transport::Tcp(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref().0,
+        };
+        // ALPN's choice makes a pooled client speak HTTP/2 on this connection.
+        if self.negotiated_h2() {
+            tcp.connected().negotiated_h2()
+        } else {
+            tcp.connected()
         }
     }
 }

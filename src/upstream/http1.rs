@@ -1,4 +1,5 @@
-//! The HTTP/1.1 connection pool of plain `host:port` upstreams.
+//! The HTTP/1.1 connection pool: of plain `host:port` upstreams, and of
+//! `https://` ones over HTTP/1.1.
 //!
 //! Owns: keeping open HTTP/1.1 connections per upstream, lending one to each
 //! exchange and taking it back when the response body has been read to its
@@ -13,9 +14,9 @@
 //! and because a connection comes back from the body that used it, no task is
 //! spawned per request to watch for it going idle.
 //!
-//! Does not own: opening connections (`connect`), nor `h2c://` upstreams
-//! (`http2`), nor `https://` ones, which go through hyper-util's pooled
-//! client (`super`).
+//! Does not own: opening connections, over TLS for `https://` (`connect`),
+//! nor HTTP/2 upstreams (`http2`), nor which `https://` upstreams speak
+//! HTTP/1.1 (`super`).
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{Entry, HOST};
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -67,6 +68,8 @@ impl<B> std::fmt::Debug for Http1Pool<B> {
 
 struct Shared<B> {
     connector: CountingConnector,
+    /// `http`, or `https` for connections over TLS.
+    scheme: Scheme,
     idle_timeout: Duration,
     max_idle_per_host: usize,
     /// A short list: a route table names a handful of upstreams, so a scan
@@ -94,18 +97,20 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    /// A pool that connects with `connector`, keeps at most
-    /// `max_idle_per_host` idle connections per upstream, and closes those
-    /// idle longer than `idle_timeout`.
+    /// A pool that connects with `connector` (over TLS if `scheme` is
+    /// `https`), keeps at most `max_idle_per_host` idle connections per
+    /// upstream, and closes those idle longer than `idle_timeout`.
     #[must_use]
     pub fn new(
         connector: CountingConnector,
+        scheme: Scheme,
         idle_timeout: Duration,
         max_idle_per_host: usize,
     ) -> Http1Pool<B> {
         Http1Pool {
             shared: Arc::new(Shared {
                 connector,
+                scheme,
                 idle_timeout,
                 max_idle_per_host,
                 idle: Mutex::new(Vec::new()),
@@ -200,7 +205,7 @@ where
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, Error> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(self.shared.scheme.clone())
             .authority(authority.clone())
             .path_and_query("/")
             .build()
@@ -353,16 +358,6 @@ pub struct UpstreamBody<B> {
 }
 
 impl<B> UpstreamBody<B> {
-    /// A body whose connection is not this pool's to take back.
-    #[must_use]
-    pub fn unpooled(incoming: Incoming) -> UpstreamBody<B> {
-        UpstreamBody {
-            incoming,
-            lease: None,
-            _stream: None,
-        }
-    }
-
     /// A body that came on `stream` of a pooled HTTP/2 connection.
     pub(super) fn on_stream(incoming: Incoming, stream: StreamSlot) -> UpstreamBody<B> {
         UpstreamBody {
@@ -457,7 +452,7 @@ mod tests {
     }
 
     fn pool(idle_timeout: Duration) -> Http1Pool<Empty<Bytes>> {
-        Http1Pool::new(connector(), idle_timeout, 8)
+        Http1Pool::new(connector(), Scheme::HTTP, idle_timeout, 8)
     }
 
     fn get() -> Request<Empty<Bytes>> {

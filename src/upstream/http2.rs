@@ -1,14 +1,16 @@
-//! Cohort's own pool of HTTP/2 connections to `h2c://` upstreams.
+//! Cohort's own pool of HTTP/2 connections: to `h2c://` upstreams, and to
+//! `https://` ones that ALPN brings to HTTP/2.
 //!
-//! Owns: the connections to each `h2c://` upstream, each carrying at most
+//! Owns: the connections to each upstream, each carrying at most
 //! [`MAX_STREAMS`] requests at once, or as many as the upstream allows if
 //! fewer, with a new one opened when every open one is full (as Envoy
 //! does), by one request at a time; counting a request's stream from its
 //! send to the drop of its response body (`StreamSlot`); sending a
 //! request again on another connection when a pooled one it was given
 //! closed (after a `GOAWAY`) before taking it, and giving back one a new
-//! connection lost, as the HTTP/1.1 pool does; and closing connections that
-//! carried no stream for `idle_timeout`.
+//! connection lost, as the HTTP/1.1 pool does; closing connections that
+//! carried no stream for `idle_timeout`; and remembering the `https://`
+//! upstreams whose ALPN chose HTTP/1.1, which it opens no more connections to.
 //!
 //! hyper-util's pooled client shares one connection per upstream, so once
 //! as many streams are open as the upstream allows
@@ -16,9 +18,9 @@
 //! for one to end: behind long streams (server-sent events, gRPC streams)
 //! that is until the response timeout, which then blames the upstream.
 //!
-//! Does not own: opening connections (`connect`), the flow-control windows
-//! (`super`), nor `https://` upstreams that ALPN brings to HTTP/2, which
-//! hyper-util's client still takes (`super`).
+//! Does not own: opening connections, over TLS for `https://` (`connect`),
+//! the flow-control windows (`super`), nor sending requests to upstreams
+//! that speak HTTP/1.1 (`http1`, chosen in `super`).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -27,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Body;
 use hyper::client::conn::http2::{self, SendRequest};
@@ -42,7 +44,7 @@ use super::{Error, SendError, UpstreamBody};
 /// least 100, and hyper assumes 100 until the server's SETTINGS say.
 pub const MAX_STREAMS: usize = 100;
 
-/// Connections to `h2c://` upstreams, by upstream. Cheap to clone: clones
+/// HTTP/2 connections to upstreams, by upstream. Cheap to clone: clones
 /// share the pool.
 pub struct Http2Pool<B> {
     shared: Arc<Shared<B>>,
@@ -66,6 +68,8 @@ impl<B> std::fmt::Debug for Http2Pool<B> {
 
 struct Shared<B> {
     connector: CountingConnector,
+    /// `http` (prior knowledge), or `https` for TLS with ALPN.
+    scheme: Scheme,
     idle_timeout: Duration,
     /// A short list, as in the HTTP/1.1 pool: a route table names a
     /// handful of upstreams.
@@ -87,6 +91,10 @@ struct Host<B> {
     /// connection is held to until its own SETTINGS arrive, so that a
     /// burst does not put more on it than the upstream allows.
     learnt_limit: usize,
+    /// Whether ALPN chose HTTP/1.1 (or nothing) on a TLS connection to
+    /// this upstream: it is sent no more requests, which go to the
+    /// HTTP/1.1 pool instead, for as long as the pool lives.
+    http1_only: bool,
 }
 
 impl<B> Host<B> {
@@ -96,6 +104,7 @@ impl<B> Host<B> {
             connections: Vec::new(),
             connecting: Arc::default(),
             learnt_limit: MAX_STREAMS,
+            http1_only: false,
         }
     }
 }
@@ -141,13 +150,20 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A pool that connects with `connector` and closes a connection once
-    /// it has carried no stream for `idle_timeout` (checked every half of it).
+    /// A pool that connects with `connector`, with prior knowledge if
+    /// `scheme` is `http` and over TLS if it is `https`, and closes a
+    /// connection once it has carried no stream for `idle_timeout`
+    /// (checked every half of it).
     #[must_use]
-    pub fn new(connector: CountingConnector, idle_timeout: Duration) -> Http2Pool<B> {
+    pub fn new(
+        connector: CountingConnector,
+        scheme: Scheme,
+        idle_timeout: Duration,
+    ) -> Http2Pool<B> {
         Http2Pool {
             shared: Arc::new(Shared {
                 connector,
+                scheme,
                 idle_timeout,
                 hosts: Mutex::new(Vec::new()),
                 sweeping: AtomicBool::new(false),
@@ -155,11 +171,19 @@ where
         }
     }
 
+    /// Whether ALPN chose HTTP/1.1 when `authority` was last connected to
+    /// over TLS: it is sent no requests (they come back with
+    /// [`Error::Http1Only`]).
+    pub fn speaks_http1_only(&self, authority: &Authority) -> bool {
+        self.shared.speaks_http1_only(authority)
+    }
+
     /// Sends `req` (absolute-form, HTTP/2) to `authority` on a pooled
     /// connection with room for another stream, or a new one. If no
     /// connection can be made, or none took the request, it comes back with
-    /// the error; a bodiless one also comes back when the upstream did not
-    /// process it.
+    /// the error (which is [`Error::Http1Only`] for an upstream whose ALPN
+    /// chose HTTP/1.1); a bodiless one also comes back when the upstream
+    /// did not process it.
     pub async fn send(
         &self,
         authority: &Authority,
@@ -232,6 +256,10 @@ where
         if let Some(lent) = self.shared.checkout(authority) {
             return Ok(lent);
         }
+        // The request that held the gate found it speaks HTTP/1.1.
+        if self.shared.speaks_http1_only(authority) {
+            return Err(Error::Http1Only);
+        }
         // An upstream that allows no stream at all now (it may, for a
         // while) would have a new connection opened for every request.
         if self.shared.allows_no_stream(authority) {
@@ -247,17 +275,20 @@ where
             return self.open(authority).await;
         }
         let opened = self.open(authority).await;
-        if opened.is_err() {
+        if let Err(error) = &opened
+            && !matches!(error, Error::Http1Only)
+        {
             *last_failure = Some(Instant::now());
         }
         opened
     }
 
     /// Opens a connection to `authority`, adds it to the pool and lends its
-    /// first stream.
+    /// first stream; over TLS, unless ALPN chooses HTTP/1.1, which the pool
+    /// then remembers.
     async fn open(&self, authority: &Authority) -> Result<Lent<B>, Error> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(self.shared.scheme.clone())
             .authority(authority.clone())
             .path_and_query("/")
             .build()
@@ -266,6 +297,13 @@ where
         let io = tower_service::Service::call(&mut connector, uri)
             .await
             .map_err(Error::Connect)?;
+        if self.shared.scheme == Scheme::HTTPS && !io.negotiated_h2() {
+            // One handshake per upstream is the cost of asking; the
+            // connection closes unused.
+            self.shared
+                .with_host(authority, |host| host.http1_only = true);
+            return Err(Error::Http1Only);
+        }
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_max_send_streams(SETTINGS_NOT_IN)
@@ -396,8 +434,21 @@ impl<B> Shared<B> {
             .any(|conn| !conn.sender.is_closed() && conn.dispatch.limit() == Some(0))
     }
 
+    /// Whether ALPN chose HTTP/1.1 when `authority` was last connected to.
+    fn speaks_http1_only(&self, authority: &Authority) -> bool {
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .iter()
+            .any(|host| host.authority == *authority && host.http1_only)
+    }
+
     /// The gate that one opening of a connection to `authority` holds.
     fn connecting_gate(&self, authority: &Authority) -> Arc<ConnectingGate> {
+        self.with_host(authority, |host| Arc::clone(&host.connecting))
+    }
+
+    /// Runs `f` on what the pool holds for `authority`, made if need be.
+    fn with_host<R>(&self, authority: &Authority, f: impl FnOnce(&mut Host<B>) -> R) -> R {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         let index = match hosts.iter().position(|host| host.authority == *authority) {
             Some(index) => index,
@@ -406,7 +457,7 @@ impl<B> Shared<B> {
                 hosts.len() - 1
             }
         };
-        Arc::clone(&hosts[index].connecting)
+        f(&mut hosts[index])
     }
 
     /// Adds a new connection to `authority`'s, and lends its first stream.
@@ -426,15 +477,7 @@ impl<B> Shared<B> {
             streams,
             idle_since: None,
         };
-        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        let index = match hosts.iter().position(|host| host.authority == *authority) {
-            Some(index) => index,
-            None => {
-                hosts.push(Host::new(authority.clone()));
-                hosts.len() - 1
-            }
-        };
-        hosts[index].connections.push(connection);
+        self.with_host(authority, |host| host.connections.push(connection));
         Lent {
             sender,
             stream,
@@ -444,7 +487,8 @@ impl<B> Shared<B> {
 
     /// Closes the connections without a stream since `now - idle_timeout`,
     /// marks those without one now as idle from `now`, and forgets
-    /// upstreams left with no connection and no request opening one.
+    /// upstreams left with no connection and no request opening one (but
+    /// not those that speak HTTP/1.1).
     fn close_idle(&self, now: Instant) {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         for host in hosts.iter_mut() {
@@ -460,8 +504,11 @@ impl<B> Shared<B> {
                 now.saturating_duration_since(since) < self.idle_timeout
             });
         }
-        hosts
-            .retain(|host| !host.connections.is_empty() || Arc::strong_count(&host.connecting) > 1);
+        hosts.retain(|host| {
+            !host.connections.is_empty()
+                || Arc::strong_count(&host.connecting) > 1
+                || host.http1_only
+        });
     }
 }
 
@@ -508,7 +555,7 @@ mod tests {
     }
 
     fn pool(idle_timeout: Duration) -> Http2Pool<Empty<Bytes>> {
-        Http2Pool::new(connector(), idle_timeout)
+        Http2Pool::new(connector(), Scheme::HTTP, idle_timeout)
     }
 
     fn get(authority: &Authority) -> Request<Empty<Bytes>> {
@@ -529,6 +576,74 @@ mod tests {
         }))
         .await;
         assert!(replies.iter().all(|body| body == "ok"));
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A TLS backend for `localhost` whose ALPN chooses HTTP/1.1, which
+    /// holds each connection open after the handshake, and a connector
+    /// that trusts it and offers HTTP/2 and HTTP/1.1.
+    async fn http1_over_tls() -> (Authority, Arc<Seen>, CountingConnector) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let mut server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (authority, seen) = crate::upstream::tests::backend(move |stream| {
+            let acceptor = acceptor.clone();
+            async move {
+                if let Ok(mut tls) = acceptor.accept(stream).await {
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 64]).await;
+                }
+            }
+        })
+        .await;
+        let authority = format!("localhost:{}", authority.port_u16().unwrap())
+            .parse()
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = CountingConnector::new(
+            Duration::from_secs(5),
+            Arc::new(client),
+            metrics::Gauge::noop(),
+        );
+        (authority, seen, connector)
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_an_upstream_whose_alpn_chooses_http1_asks_it_once() {
+        let (authority, seen, connector) = http1_over_tls().await;
+        let pool = Http2Pool::new(connector, Scheme::HTTPS, Duration::from_secs(60));
+        let failures = futures_util::future::join_all((0..10).map(|_| async {
+            let req = Request::get(format!("https://{authority}/"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            pool.send(&authority, req).await.unwrap_err()
+        }))
+        .await;
+        // Every request comes back, for the HTTP/1.1 pool to send.
+        for failed in failures {
+            assert!(matches!(failed.error, Error::Http1Only), "{failed:?}");
+            assert!(failed.retry.is_some());
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert!(pool.speaks_http1_only(&authority));
+        // Remembered past the idle sweeps, with no connection to keep it.
+        let later = Instant::now() + Duration::from_secs(3600);
+        pool.shared.close_idle(later);
+        assert!(pool.speaks_http1_only(&authority));
+        assert!(pool.send(&authority, get(&authority)).await.is_err());
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 

@@ -2,11 +2,11 @@
 //!
 //! Owns: the upstream address forms of SPEC section 9 (`host:port`,
 //! `https://host:port`, `h2c://host:port`), and the keep-alive connection
-//! pools shared by every version of a worker: Cohort's own for plain
-//! HTTP/1.1 ([`http1`]) and for HTTP/2 with prior knowledge ([`http2`]),
-//! hyper-util's for TLS with HTTP/2 or HTTP/1.1 by ALPN (HTTP/1.1 alone for
-//! upgrades, which HTTP/2 cannot carry); the HTTP/2 flow-control windows;
-//! and which failures leave a request safe to send again ([`SendError`]).
+//! pools shared by every version of a worker, for HTTP/1.1 ([`http1`]) and
+//! HTTP/2 ([`http2`]), and which one an `https://` request goes to: HTTP/2
+//! unless ALPN chose HTTP/1.1 (HTTP/1.1 alone for upgrades, which HTTP/2
+//! cannot carry); the HTTP/2 flow-control windows; and which failures leave
+//! a request safe to send again ([`SendError`]).
 //! Does not own: opening connections
 //! and counting them ([`connect`]), the trust roots for TLS (`tls`),
 //! choosing a version (`routing`) or an upstream within it
@@ -25,8 +25,6 @@ use http::header::{HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Body;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use metrics::Gauge;
 use rustls::ClientConfig;
 
@@ -139,21 +137,23 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
     }
 }
 
-/// The pooled clients every proxied request goes through, one pool per way
-/// of speaking: `host:port` through Cohort's HTTP/1.1 pool, `h2c://`
-/// through its HTTP/2 pool, and `https://` through hyper-util's (an
-/// `https://` connection speaks HTTP/2 or HTTP/1.1 as ALPN decides).
+/// The pooled connections every proxied request goes through, one pool per
+/// way of speaking: `host:port` over HTTP/1.1, `h2c://` over HTTP/2, and
+/// `https://` over HTTP/2 or, when ALPN chooses it, HTTP/1.1, each over TLS.
 /// Requests carry the real request's body as a `shadow::TeeBody` (which
 /// also feeds a shadow copy, when there is one); generic over the body so
 /// that health probes reach every upstream form the way requests do.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient<B = TeeBody> {
     http1: Http1Pool<B>,
-    https: Client<CountingConnector, B>,
-    /// `https://` for upgrade requests: ALPN offers HTTP/1.1 only, since
-    /// HTTP/2 has no `Upgrade` (as nginx's `proxy_pass https://` does).
-    https_upgrade: Client<CountingConnector, B>,
     h2c: Http2Pool<B>,
+    /// `https://` upstreams, offered HTTP/2 and HTTP/1.1 by ALPN; those
+    /// that choose HTTP/1.1 are remembered, and go to `https1`.
+    https2: Http2Pool<B>,
+    /// `https://` over HTTP/1.1: ALPN offers it alone, for upstreams that
+    /// chose it and for upgrade requests, since HTTP/2 has no `Upgrade` (as
+    /// nginx's `proxy_pass https://` does).
+    https1: Http1Pool<B>,
 }
 
 /// Why an upstream exchange failed.
@@ -163,8 +163,6 @@ pub enum Error {
     Connect(#[source] BoxError),
     #[error("the exchange failed")]
     Exchange(#[source] hyper::Error),
-    #[error("the pooled client failed")]
-    Pooled(#[source] hyper_util::client::legacy::Error),
     /// A new HTTP/2 connection closed before the request went out: nothing
     /// was sent, and the upstream is failing as one that cannot be
     /// connected to is.
@@ -174,6 +172,10 @@ pub enum Error {
     /// HTTP/2, which has no `Upgrade`; nothing was sent.
     #[error("an upgrade cannot be tunnelled to an h2c:// upstream (HTTP/2 has no Upgrade)")]
     UpgradeOverHttp2,
+    /// An `https://` upstream's ALPN chose HTTP/1.1 when offered HTTP/2
+    /// too: the HTTP/2 pool gives the request back for the HTTP/1.1 one.
+    #[error("the upstream chose HTTP/1.1 by ALPN")]
+    Http1Only,
 }
 
 /// A failed exchange, with the request given back when another upstream
@@ -208,8 +210,7 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         match self {
             Error::Connect(_) | Error::NotSent(_) => true,
-            Error::Exchange(_) | Error::UpgradeOverHttp2 => false,
-            Error::Pooled(error) => error.is_connect(),
+            Error::Exchange(_) | Error::UpgradeOverHttp2 | Error::Http1Only => false,
         }
     }
 
@@ -245,77 +246,80 @@ where
     B::Error: Into<BoxError>,
 {
     /// Sends `req` to `upstream`, the way `upstream` is spoken to, and
-    /// resolves to the response once its headers are in. An upstream that
-    /// cannot be connected to gives the request back: whole for a
-    /// `host:port` or `h2c://` one (Cohort's own pools), and for an
-    /// `https://` one (whose client takes the body) when it has no body.
+    /// resolves to the response once its headers are in. A request that
+    /// another upstream may take comes back with the error.
     pub async fn request(
         &self,
         upstream: &UpstreamAddr,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
-        // hyper-util's client keeps the request when it fails; a copy of a
-        // bodiless one's head, taken before it is addressed to this
-        // upstream, lets another take it. (A TLS exchange costs far more
-        // than the copy; Cohort's own pools give requests back.)
-        let unsent = (upstream.protocol == Protocol::Https && req.body().is_end_stream())
-            .then(|| copy_head(&req));
-        let pooled = match upstream.protocol {
-            Protocol::Http1 => return self.http1.send(&upstream.authority, req).await,
+        let upgrade = req.headers().contains_key(UPGRADE);
+        match upstream.protocol {
+            Protocol::Http1 => self.http1.send(&upstream.authority, req).await,
+            Protocol::H2c if upgrade => Err(Error::UpgradeOverHttp2.into()),
+            Protocol::H2c => over_http2(&self.h2c, upstream, req).await,
             Protocol::Https => {
-                let upgrade = req.headers().contains_key(UPGRADE);
-                address(&mut req, upstream);
-                // Over HTTP/2 the upstream is named by `:authority`, and a
-                // `Host` that differs from it makes servers such as nginx
-                // refuse the request (RFC 9113, section 8.3.1); over
-                // HTTP/1.1 hyper names it in a fresh `Host`. Either way the
-                // name matches the certificate's (SNI), and the client's
-                // `Host` travels in `x-forwarded-host`.
-                req.headers_mut().remove(HOST);
-                if upgrade {
-                    self.https_upgrade.request(req)
-                } else {
-                    self.https.request(req)
+                if !upgrade && !self.https2.speaks_http1_only(&upstream.authority) {
+                    match over_http2(&self.https2, upstream, req).await {
+                        Err(SendError {
+                            error: Error::Http1Only,
+                            retry: Some(again),
+                        }) => req = again,
+                        sent => return sent,
+                    }
                 }
-            }
-            Protocol::H2c if req.headers().contains_key(UPGRADE) => {
-                return Err(Error::UpgradeOverHttp2.into());
-            }
-            Protocol::H2c => {
-                // Kept to put back on a request given back, which another
-                // upstream, maybe an HTTP/1.1 one, may take.
+                // The pool names the upstream in a fresh `Host`, as its
+                // certificate names it (SNI); the client's travels in
+                // `x-forwarded-host`.
                 let host = req.headers_mut().remove(HOST);
-                let version = req.version();
-                address(&mut req, upstream);
-                *req.version_mut() = Version::HTTP_2;
-                return self
-                    .h2c
+                self.https1
                     .send(&upstream.authority, req)
                     .await
-                    .map_err(|mut failed| {
-                        if let Some(retry) = &mut failed.retry {
-                            *retry.version_mut() = version;
-                            if let Some(host) = host {
-                                retry.headers_mut().insert(HOST, host);
-                            }
-                        }
-                        failed
-                    });
-            }
-        };
-        match pooled.await {
-            Ok(rsp) => Ok(rsp.map(UpstreamBody::unpooled)),
-            Err(error) => {
-                // A failed connection (or TLS handshake) sent nothing, and
-                // an HTTP/2 upstream may say it processed nothing.
-                let error = Error::Pooled(error);
-                let retry = unsent
-                    .filter(|_| error.is_connect() || error.is_unprocessed())
-                    .map(|head| Request::from_parts(head, B::default()));
-                Err(SendError { error, retry })
+                    .map_err(|failed| put_back(failed, host, None))
             }
         }
     }
+}
+
+/// Sends `req` over `pool` to an HTTP/2 upstream. It is named by
+/// `:authority` alone: a `Host` that differs from it makes servers such as
+/// nginx refuse the request (RFC 9113, section 8.3.1), so the client's goes
+/// in `x-forwarded-host` only. A request given back has its `Host` and
+/// version again, for another upstream, maybe an HTTP/1.1 one.
+async fn over_http2<B>(
+    pool: &Http2Pool<B>,
+    upstream: &UpstreamAddr,
+    mut req: Request<B>,
+) -> Result<Response<UpstreamBody<B>>, SendError<B>>
+where
+    B: Body + Default + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let host = req.headers_mut().remove(HOST);
+    let version = req.version();
+    address(&mut req, upstream);
+    *req.version_mut() = Version::HTTP_2;
+    pool.send(&upstream.authority, req)
+        .await
+        .map_err(|failed| put_back(failed, host, Some(version)))
+}
+
+/// Puts `host` and `version` back on the request a failed send gave back.
+fn put_back<B>(
+    mut failed: SendError<B>,
+    host: Option<http::HeaderValue>,
+    version: Option<Version>,
+) -> SendError<B> {
+    if let Some(retry) = &mut failed.retry {
+        if let Some(version) = version {
+            *retry.version_mut() = version;
+        }
+        if let Some(host) = host {
+            retry.headers_mut().insert(HOST, host);
+        }
+    }
+    failed
 }
 
 /// Runs `sweep` on a pool every half of its `idle_timeout` (at least every
@@ -349,8 +353,9 @@ pub(crate) fn copy_head<B>(req: &Request<B>) -> http::request::Parts {
     head.into_parts().0
 }
 
-/// Names `upstream` in `req`'s URI (absolute form), which is how
-/// hyper-util's pooled client knows where to connect.
+/// Names `upstream` in `req`'s URI (absolute form): what HTTP/2 sends as
+/// `:scheme` and `:authority`, and how the shadow's pooled client
+/// (hyper-util's) knows where to connect.
 pub fn address<B>(req: &mut Request<B>, upstream: &UpstreamAddr) {
     let mut uri = std::mem::take(req.uri_mut()).into_parts();
     uri.scheme = Some(upstream.scheme());
@@ -381,28 +386,44 @@ pub fn origin_form(uri: &mut Uri) {
 #[must_use]
 pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
     let open = crate::metrics::upstream_connections();
-    let connect =
-        |tls: Arc<ClientConfig>| CountingConnector::new(config.connect_timeout, tls, open.clone());
-    let connector = connect(http1_only(&tls));
-    let build = |connector: &CountingConnector| {
-        Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_idle_per_host)
-            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .build(connector.clone())
-    };
+    pools(
+        |tls| CountingConnector::new(config.connect_timeout, tls, open.clone()),
+        &tls,
+        config.idle_timeout,
+        config.max_idle_per_host,
+    )
+}
+
+/// The pools of an [`UpstreamClient`], each connecting with a connector
+/// `connect` makes from a TLS config: `tls` for HTTP/2 over TLS, `tls`
+/// offering HTTP/1.1 alone for HTTP/1.1 over TLS.
+fn pools<B>(
+    connect: impl Fn(Arc<ClientConfig>) -> CountingConnector,
+    tls: &Arc<ClientConfig>,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+) -> UpstreamClient<B>
+where
+    B: Body + Default + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let http1_connector = connect(http1_only(tls));
     UpstreamClient {
         http1: Http1Pool::new(
-            connector.clone(),
-            config.idle_timeout,
-            config.max_idle_per_host,
+            http1_connector.clone(),
+            Scheme::HTTP,
+            idle_timeout,
+            max_idle_per_host,
         ),
-        https: build(&connect(tls)),
-        https_upgrade: build(&connector),
-        h2c: Http2Pool::new(connector, config.idle_timeout),
+        h2c: Http2Pool::new(http1_connector.clone(), Scheme::HTTP, idle_timeout),
+        https2: Http2Pool::new(connect(Arc::clone(tls)), Scheme::HTTPS, idle_timeout),
+        https1: Http1Pool::new(
+            http1_connector,
+            Scheme::HTTPS,
+            idle_timeout,
+            max_idle_per_host,
+        ),
     }
 }
 
@@ -439,20 +460,12 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connect =
-        |tls: Arc<ClientConfig>| CountingConnector::new(connect_timeout, tls, Gauge::noop());
-    let connector = connect(http1_only(&tls));
-    let build = |connector: &CountingConnector| {
-        Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector.clone())
-    };
-    UpstreamClient {
-        http1: Http1Pool::new(connector.clone(), PROBE_IDLE_TIMEOUT, 1),
-        https: build(&connect(tls)),
-        https_upgrade: build(&connector),
-        h2c: Http2Pool::new(connector, PROBE_IDLE_TIMEOUT),
-    }
+    pools(
+        |tls| CountingConnector::new(connect_timeout, tls, Gauge::noop()),
+        &tls,
+        PROBE_IDLE_TIMEOUT,
+        1,
+    )
 }
 
 #[cfg(test)]

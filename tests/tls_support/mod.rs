@@ -245,6 +245,7 @@ pub struct H2Backend {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     probes: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl H2Backend {
@@ -266,17 +267,7 @@ impl H2Backend {
     }
 
     async fn tls_offering(name: &str, leaf: &Leaf, alpn: &[&[u8]]) -> H2Backend {
-        let cert = rustls::pki_types::CertificateDer::pem_file_iter(&leaf.cert)
-            .expect("read the leaf")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("a PEM certificate");
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&leaf.key).expect("a PEM key");
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(cert, key)
-            .expect("a server config");
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Self::start(name, Some(TlsAcceptor::from(Arc::new(config)))).await
+        Self::start(name, Some(acceptor(leaf, alpn))).await
     }
 
     async fn start(name: &str, tls: Option<TlsAcceptor>) -> H2Backend {
@@ -286,10 +277,12 @@ impl H2Backend {
             addr: listener.local_addr().expect("an address"),
             hits: Arc::default(),
             probes: Arc::default(),
+            connections: Arc::default(),
         };
         let state = backend.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -327,6 +320,11 @@ impl H2Backend {
     /// Cohort's health probes answered.
     pub fn probes(&self) -> usize {
         self.probes.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Switches to the protocol asked for, then echoes every byte back.
@@ -555,8 +553,23 @@ impl RawH2 {
     }
 }
 
-/// An h2c upstream that allows [`BigH2Backend::MAX_STREAMS`] streams per
-/// connection, and answers `/big` with a body that never ends, in 64 KiB
+/// A TLS acceptor serving `leaf`, offering `alpn`.
+fn acceptor(leaf: &Leaf, alpn: &[&[u8]]) -> TlsAcceptor {
+    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&leaf.cert)
+        .expect("read the leaf")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("a PEM certificate");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&leaf.key).expect("a PEM key");
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(cert, key)
+        .expect("a server config");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// An HTTP/2 upstream (h2c, or TLS with ALPN `h2`) that allows
+/// [`BigH2Backend::MAX_STREAMS`] streams per connection, and answers `/big` with a body that never ends, in 64 KiB
 /// chunks made as its connection takes them, `/hold` with a body that
 /// never sends a byte, and anything else with [`BigH2Backend::SMALL`]
 /// bytes; it counts its connections and the bytes of the endless bodies
@@ -572,7 +585,17 @@ impl BigH2Backend {
     pub const SMALL: usize = 1024;
     pub const MAX_STREAMS: u32 = 10;
 
+    /// With prior knowledge (h2c).
     pub async fn start() -> BigH2Backend {
+        Self::serve(None).await
+    }
+
+    /// Over TLS, serving `leaf`.
+    pub async fn tls(leaf: &Leaf) -> BigH2Backend {
+        Self::serve(Some(acceptor(leaf, &[b"h2"]))).await
+    }
+
+    async fn serve(tls: Option<TlsAcceptor>) -> BigH2Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let backend = BigH2Backend {
             addr: listener.local_addr().expect("an address"),
@@ -605,11 +628,23 @@ impl BigH2Backend {
                         Ok::<_, Infallible>(Response::new(body))
                     }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .max_concurrent_streams(Self::MAX_STREAMS)
-                        .serve_connection(TokioIo::new(tcp), service),
-                );
+                        .clone();
+                    let _ = match tls {
+                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
+                });
             }
         });
         backend
