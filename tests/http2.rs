@@ -922,7 +922,7 @@ async fn a_retry_onto_an_http2_upstream_passes_on_te_trailers() {
 }
 
 #[tokio::test]
-async fn a_request_without_a_body_moves_on_from_an_h2c_or_https_upstream_that_refuses() {
+async fn a_request_moves_on_from_an_h2c_or_https_upstream_that_refuses() {
     let pki = Pki::new();
     let h2c_backend = H2Backend::h2c(STABLE).await;
     let tls_backend = H2Backend::tls(STABLE, &pki.leaf("upstream")).await;
@@ -942,11 +942,17 @@ async fn a_request_without_a_body_moves_on_from_an_h2c_or_https_upstream_that_re
         // server's alone (the metrics are the process's).
         let version = format!("failover-{scheme}");
         let server = cohort_named((&version, &upstreams), None, &extra).await;
-        for n in 0..6 {
+        // With a body or without, two in a row (so one of each meets the
+        // refusing upstream): nothing of it was sent.
+        for n in 0..8 {
+            let (method, body) = match (n / 2) % 2 {
+                0 => (Method::GET, Bytes::new()),
+                _ => (Method::POST, Bytes::from(format!("payload {n}"))),
+            };
             let reply = Http::new(server.proxy_addr())
-                .get(&format!("/{n}"), &[])
+                .send(method, &format!("/{n}"), &[], body)
                 .await;
-            assert_eq!(reply.status, StatusCode::OK, "{scheme}: {reply:?}");
+            assert_eq!(reply.status, StatusCode::OK, "{scheme} {n}: {reply:?}");
             assert_eq!(reply.backend(), STABLE);
         }
         let refused = metric(
