@@ -253,13 +253,13 @@ where
         upstream: &UpstreamAddr,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
-        let upgrade = req.headers().contains_key(UPGRADE);
+        let upgrade = |req: &Request<B>| req.headers().contains_key(UPGRADE);
         match upstream.protocol {
             Protocol::Http1 => self.http1.send(&upstream.authority, req).await,
-            Protocol::H2c if upgrade => Err(Error::UpgradeOverHttp2.into()),
+            Protocol::H2c if upgrade(&req) => Err(Error::UpgradeOverHttp2.into()),
             Protocol::H2c => over_http2(&self.h2c, upstream, req).await,
             Protocol::Https => {
-                if !upgrade && !self.https2.speaks_http1_only(&upstream.authority) {
+                if !upgrade(&req) && !self.https2.speaks_http1_only(&upstream.authority) {
                     match over_http2(&self.https2, upstream, req).await {
                         Err(SendError {
                             error: Error::Http1Only,
