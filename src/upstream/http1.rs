@@ -130,7 +130,7 @@ where
         // The request line names only the path: the connection is the
         // authority, which `Host` must then name (hyper does not add it).
         if let Entry::Vacant(host) = req.headers_mut().entry(HOST)
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+            && let Ok(value) = HeaderValue::from_str(host_field(authority, &self.shared.scheme))
         {
             host.insert(value);
         }
@@ -331,6 +331,17 @@ async fn sweep<B>(pool: Weak<Shared<B>>) {
         },
     )
     .await;
+}
+
+/// What `Host` names `authority` by when it is reached by `scheme`: without
+/// the scheme's default port, as curl and browsers write it.
+fn host_field<'a>(authority: &'a Authority, scheme: &Scheme) -> &'a str {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    if authority.port_u16() == Some(default_port) {
+        authority.host()
+    } else {
+        authority.as_str()
+    }
 }
 
 /// A pooled connection lent to one exchange.
@@ -592,6 +603,18 @@ mod tests {
             .await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn host_names_the_upstream_without_its_schemes_default_port() {
+        let host =
+            |authority: &str, scheme| host_field(&authority.parse().unwrap(), &scheme).to_owned();
+        assert_eq!(host("agent:443", Scheme::HTTPS), "agent");
+        assert_eq!(host("agent:80", Scheme::HTTP), "agent");
+        assert_eq!(host("[::1]:443", Scheme::HTTPS), "[::1]");
+        assert_eq!(host("agent:80", Scheme::HTTPS), "agent:80");
+        assert_eq!(host("agent:8443", Scheme::HTTPS), "agent:8443");
+        assert_eq!(host("[::1]:8080", Scheme::HTTP), "[::1]:8080");
     }
 
     #[tokio::test]
