@@ -296,7 +296,9 @@ fn head_to_resend<B: Body>(req: &Request<B>) -> Option<http::request::Parts> {
 }
 
 /// Whether the connection closed (or was reset) before a whole response
-/// head came back: what an upstream closing an idle connection looks like.
+/// head came back: what an upstream closing an idle connection looks like
+/// (over TLS, maybe without a `close_notify`, which rustls reports as an
+/// unexpected end of file).
 /// (A partial head, or a `1xx`, before the close counts too: the method is
 /// idempotent, so a second run of it is allowed, RFC 9110 9.2.2.)
 pub(super) fn closed_unanswered(error: &hyper::Error) -> bool {
@@ -311,6 +313,7 @@ pub(super) fn closed_unanswered(error: &hyper::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = cause.source();
@@ -443,7 +446,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::tests::{Seen, connector, wait_until};
+    use crate::upstream::tests::{Seen, connector, tls_backend, wait_until};
 
     /// A keep-alive HTTP/1.1 backend whose every answer has a body of `size` bytes.
     async fn backend(size: usize) -> (Authority, Arc<Seen>) {
@@ -560,6 +563,22 @@ mod tests {
             seen.open.load(Ordering::SeqCst) == 0
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_cut_without_close_notify_gives_back_an_idempotent_request() {
+        // It reads the request, then drops the connection without a TLS
+        // close_notify, as a server killed mid-request does.
+        let (authority, _, connector) = tls_backend(b"http/1.1", |mut tls| async move {
+            let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 1024]).await;
+        })
+        .await;
+        let pool = Http1Pool::new(connector, Scheme::HTTPS, Duration::from_secs(60), 8);
+        let get = Request::get(format!("https://{authority}/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let failed = pool.send(&authority, get).await.unwrap_err();
+        assert!(failed.retry.is_some(), "{failed:?}");
     }
 
     #[tokio::test]

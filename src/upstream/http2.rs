@@ -532,7 +532,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::tests::{Seen, connector, wait_until};
+    use crate::upstream::tests::{Seen, connector, tls_backend, wait_until};
 
     /// An h2c backend that answers every request with `ok`.
     async fn backend() -> (Authority, Arc<Seen>) {
@@ -579,51 +579,13 @@ mod tests {
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 
-    /// A TLS backend for `localhost` whose ALPN chooses HTTP/1.1, which
-    /// holds each connection open after the handshake, and a connector
-    /// that trusts it and offers HTTP/2 and HTTP/1.1.
-    async fn http1_over_tls() -> (Authority, Arc<Seen>, CountingConnector) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let mut server = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key)
-            .unwrap();
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let (authority, seen) = crate::upstream::tests::backend(move |stream| {
-            let acceptor = acceptor.clone();
-            async move {
-                if let Ok(mut tls) = acceptor.accept(stream).await {
-                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 64]).await;
-                }
-            }
-        })
-        .await;
-        let authority = format!("localhost:{}", authority.port_u16().unwrap())
-            .parse()
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let connector = CountingConnector::new(
-            Duration::from_secs(5),
-            Arc::new(client),
-            metrics::Gauge::noop(),
-        );
-        (authority, seen, connector)
-    }
-
     #[tokio::test]
     async fn a_burst_to_an_upstream_whose_alpn_chooses_http1_asks_it_once() {
-        let (authority, seen, connector) = http1_over_tls().await;
+        // It chooses HTTP/1.1 and holds each connection open, unused.
+        let (authority, seen, connector) = tls_backend(b"http/1.1", |mut tls| async move {
+            let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 64]).await;
+        })
+        .await;
         let pool = Http2Pool::new(connector, Scheme::HTTPS, Duration::from_secs(60));
         let failures = futures_util::future::join_all((0..10).map(|_| async {
             let req = Request::get(format!("https://{authority}/"))

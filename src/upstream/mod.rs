@@ -510,6 +510,54 @@ pub(crate) mod tests {
         (authority, seen)
     }
 
+    /// A TLS backend for `localhost` on a loopback port whose ALPN chooses
+    /// `alpn`, serving each connection it has shaken hands on with `serve`;
+    /// and a connector that trusts it and offers `h2` and `http/1.1`.
+    pub(crate) async fn tls_backend<F, Fut>(
+        alpn: &[u8],
+        serve: F,
+    ) -> (Authority, Arc<Seen>, CountingConnector)
+    where
+        F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let mut server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        server.alpn_protocols = vec![alpn.to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let serve = Arc::new(serve);
+        let (authority, seen) = backend(move |stream| {
+            let acceptor = acceptor.clone();
+            let serve = Arc::clone(&serve);
+            async move {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    serve(tls).await;
+                }
+            }
+        })
+        .await;
+        let authority = format!("localhost:{}", authority.port_u16().unwrap())
+            .parse()
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut client = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector =
+            CountingConnector::new(Duration::from_secs(5), Arc::new(client), Gauge::noop());
+        (authority, seen, connector)
+    }
+
     /// A connector for test pools: a 5 s connect timeout, no trusted roots,
     /// connections not counted.
     pub(crate) fn connector() -> CountingConnector {
