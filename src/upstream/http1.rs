@@ -129,11 +129,21 @@ where
     ) -> Result<Response<UpstreamBody<B>>, SendError<B>> {
         // The request line names only the path: the connection is the
         // authority, which `Host` must then name (hyper does not add it).
+        let mut named_host = false;
         if let Entry::Vacant(host) = req.headers_mut().entry(HOST)
             && let Ok(value) = HeaderValue::from_str(host_field(authority, &self.shared.scheme))
         {
             host.insert(value);
+            named_host = true;
         }
+        // A request given back may go to another upstream: it must not
+        // name this one.
+        let give_back = |mut req: Request<B>| {
+            if named_host {
+                req.headers_mut().remove(HOST);
+            }
+            req
+        };
         super::origin_form(req.uri_mut());
         let mut pooled = self.shared.checkout(authority);
         loop {
@@ -156,7 +166,7 @@ where
                     Err(error) => {
                         return Err(SendError {
                             error,
-                            retry: Some(req),
+                            retry: Some(give_back(req)),
                         });
                     }
                 },
@@ -194,7 +204,7 @@ where
                         again => {
                             return Err(SendError {
                                 error,
-                                retry: again,
+                                retry: again.map(give_back),
                             });
                         }
                     }
@@ -563,6 +573,21 @@ mod tests {
             seen.open.load(Ordering::SeqCst) == 0
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_request_given_back_does_not_name_the_upstream_that_could_not_take_it() {
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = authority(dead.local_addr().unwrap());
+        drop(dead);
+        let req = Request::get("/").body(Empty::new()).unwrap();
+        let failed = pool(Duration::from_secs(60))
+            .send(&upstream, req)
+            .await
+            .unwrap_err();
+        assert!(failed.error.is_connect(), "{failed:?}");
+        let again = failed.retry.expect("the request, given back");
+        assert_eq!(again.headers().get(HOST), None);
     }
 
     #[tokio::test]

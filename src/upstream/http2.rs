@@ -9,14 +9,15 @@
 //! request again on another connection when a pooled one it was given
 //! closed (after a `GOAWAY`) before taking it, and giving back one a new
 //! connection lost, as the HTTP/1.1 pool does; closing connections that
-//! carried no stream for `idle_timeout`; and remembering the `https://`
-//! upstreams whose ALPN chose HTTP/1.1, which it opens no more connections to.
+//! carried no stream for `idle_timeout`; and remembering, for
+//! [`ASK_ALPN_AGAIN_AFTER`], the `https://` upstreams whose ALPN chose
+//! HTTP/1.1, which it opens no connections to meanwhile.
 //!
-//! hyper-util's pooled client shares one connection per upstream, so once
-//! as many streams are open as the upstream allows
-//! (`SETTINGS_MAX_CONCURRENT_STREAMS`), every later request waits inside it
-//! for one to end: behind long streams (server-sent events, gRPC streams)
-//! that is until the response timeout, which then blames the upstream.
+//! One connection per upstream, which hyper-util's pooled client shares,
+//! would not do: once as many streams are open as the upstream allows
+//! (`SETTINGS_MAX_CONCURRENT_STREAMS`), every later request would wait for
+//! one to end, behind long streams (server-sent events, gRPC streams) until
+//! the response timeout, which then blames the upstream.
 //!
 //! Does not own: opening connections, over TLS for `https://` (`connect`),
 //! the flow-control windows (`super`), nor sending requests to upstreams
@@ -38,6 +39,12 @@ use tokio::time::Instant;
 
 use super::connect::{BoxError, CountedConnection, CountingConnector};
 use super::{Error, SendError, UpstreamBody};
+
+/// How long an `https://` upstream whose ALPN chose HTTP/1.1 is sent its
+/// requests over HTTP/1.1 before it is asked again (on the next request's
+/// connection), so that one that comes to speak HTTP/2, or chose HTTP/1.1
+/// only while starting, is spoken to over HTTP/2 within this long.
+pub const ASK_ALPN_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
 /// The most streams one connection carries at once, fewer if the upstream
 /// allows fewer. RFC 9113 (section 6.5.2) recommends that a server allow at
@@ -91,10 +98,10 @@ struct Host<B> {
     /// connection is held to until its own SETTINGS arrive, so that a
     /// burst does not put more on it than the upstream allows.
     learnt_limit: usize,
-    /// Whether ALPN chose HTTP/1.1 (or nothing) on a TLS connection to
-    /// this upstream: it is sent no more requests, which go to the
-    /// HTTP/1.1 pool instead, for as long as the pool lives.
-    http1_only: bool,
+    /// Until when requests to this upstream go to the HTTP/1.1 pool: ALPN
+    /// chose HTTP/1.1 (or nothing) when it was last connected to over TLS,
+    /// and it is asked again [`ASK_ALPN_AGAIN_AFTER`] later.
+    http1_until: Option<Instant>,
 }
 
 impl<B> Host<B> {
@@ -104,7 +111,7 @@ impl<B> Host<B> {
             connections: Vec::new(),
             connecting: Arc::default(),
             learnt_limit: MAX_STREAMS,
-            http1_only: false,
+            http1_until: None,
         }
     }
 }
@@ -172,8 +179,8 @@ where
     }
 
     /// Whether ALPN chose HTTP/1.1 when `authority` was last connected to
-    /// over TLS: it is sent no requests (they come back with
-    /// [`Error::Http1Only`]).
+    /// over TLS, less than [`ASK_ALPN_AGAIN_AFTER`] ago: it is sent no
+    /// requests meanwhile (they come back with [`Error::Http1Only`]).
     pub fn speaks_http1_only(&self, authority: &Authority) -> bool {
         self.shared.speaks_http1_only(authority)
     }
@@ -297,11 +304,17 @@ where
         let io = tower_service::Service::call(&mut connector, uri)
             .await
             .map_err(Error::Connect)?;
+        // The sweep also forgets upstreams that chose HTTP/1.1 once it is
+        // time to ask them again.
+        if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&self.shared)));
+        }
         if self.shared.scheme == Scheme::HTTPS && !io.negotiated_h2() {
-            // One handshake per upstream is the cost of asking; the
-            // connection closes unused.
+            // One handshake per upstream and period is the cost of asking;
+            // the connection closes unused.
+            let until = Instant::now() + ASK_ALPN_AGAIN_AFTER;
             self.shared
-                .with_host(authority, |host| host.http1_only = true);
+                .with_host(authority, |host| host.http1_until = Some(until));
             return Err(Error::Http1Only);
         }
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -331,9 +344,6 @@ where
                 tracing::debug!(%error, "upstream HTTP/2 connection ended");
             }
         });
-        if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(&self.shared)));
-        }
         Ok(self
             .shared
             .add(authority, sender, dispatch, task.abort_handle()))
@@ -434,12 +444,14 @@ impl<B> Shared<B> {
             .any(|conn| !conn.sender.is_closed() && conn.dispatch.limit() == Some(0))
     }
 
-    /// Whether ALPN chose HTTP/1.1 when `authority` was last connected to.
+    /// Whether ALPN chose HTTP/1.1 when `authority` was last connected to,
+    /// less than [`ASK_ALPN_AGAIN_AFTER`] ago.
     fn speaks_http1_only(&self, authority: &Authority) -> bool {
         let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts
-            .iter()
-            .any(|host| host.authority == *authority && host.http1_only)
+        hosts.iter().any(|host| {
+            host.authority == *authority
+                && host.http1_until.is_some_and(|until| Instant::now() < until)
+        })
     }
 
     /// The gate that one opening of a connection to `authority` holds.
@@ -488,7 +500,7 @@ impl<B> Shared<B> {
     /// Closes the connections without a stream since `now - idle_timeout`,
     /// marks those without one now as idle from `now`, and forgets
     /// upstreams left with no connection and no request opening one (but
-    /// not those that speak HTTP/1.1).
+    /// not those that chose HTTP/1.1 until it is time to ask them again).
     fn close_idle(&self, now: Instant) {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         for host in hosts.iter_mut() {
@@ -507,7 +519,7 @@ impl<B> Shared<B> {
         hosts.retain(|host| {
             !host.connections.is_empty()
                 || Arc::strong_count(&host.connecting) > 1
-                || host.http1_only
+                || host.http1_until.is_some_and(|until| now < until)
         });
     }
 }
@@ -580,33 +592,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_burst_to_an_upstream_whose_alpn_chooses_http1_asks_it_once() {
+    async fn an_upstream_whose_alpn_chooses_http1_is_asked_once_a_period() {
         // It chooses HTTP/1.1 and holds each connection open, unused.
         let (authority, seen, connector) = tls_backend(b"http/1.1", |mut tls| async move {
             let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 64]).await;
         })
         .await;
         let pool = Http2Pool::new(connector, Scheme::HTTPS, Duration::from_secs(60));
-        let failures = futures_util::future::join_all((0..10).map(|_| async {
+        let send = || async {
             let req = Request::get(format!("https://{authority}/"))
                 .body(Empty::<Bytes>::new())
                 .unwrap();
-            pool.send(&authority, req).await.unwrap_err()
-        }))
-        .await;
-        // Every request comes back, for the HTTP/1.1 pool to send.
-        for failed in failures {
+            let failed = pool.send(&authority, req).await.unwrap_err();
+            // Given back whole, for the HTTP/1.1 pool to send.
             assert!(matches!(failed.error, Error::Http1Only), "{failed:?}");
             assert!(failed.retry.is_some());
-        }
+        };
+        // A burst asks once.
+        futures_util::future::join_all((0..10).map(|_| send())).await;
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
         assert!(pool.speaks_http1_only(&authority));
-        // Remembered past the idle sweeps, with no connection to keep it.
-        let later = Instant::now() + Duration::from_secs(3600);
-        pool.shared.close_idle(later);
-        assert!(pool.speaks_http1_only(&authority));
-        assert!(pool.send(&authority, get(&authority)).await.is_err());
+        // Remembered past idle sweeps, with no connection to keep it...
+        let asked = Instant::now();
+        pool.shared.close_idle(asked + ASK_ALPN_AGAIN_AFTER / 2);
+        send().await;
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        // ... until it is time to ask again.
+        pool.shared.close_idle(asked + ASK_ALPN_AGAIN_AFTER);
+        assert!(!pool.speaks_http1_only(&authority));
+        send().await;
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

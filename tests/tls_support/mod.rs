@@ -237,7 +237,8 @@ type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// An upstream that speaks HTTP/2: with prior knowledge (h2c), or over TLS
 /// with ALPN (`h2` or `http/1.1`, or `http/1.1` alone). Answers like `support::Backend` (JSON
-/// with `backend` and the `headers` it saw, plus the HTTP `version`), and
+/// with `backend` and the `headers` it saw, plus the HTTP `version` and
+/// the request's `body`), and
 /// `/grpc` with a gRPC-style body and `grpc-status: 0` trailers.
 #[derive(Debug, Clone)]
 pub struct H2Backend {
@@ -354,7 +355,11 @@ impl H2Backend {
             return self.echo_upgrade(req);
         }
         let (parts, body) = req.into_parts();
-        let _ = body.collect().await;
+        let body = body
+            .collect()
+            .await
+            .map(|whole| whole.to_bytes())
+            .unwrap_or_default();
         if parts.uri.path() == "/grpc" {
             let te = parts.headers.get("te").cloned();
             let mut trailers = HeaderMap::new();
@@ -392,6 +397,7 @@ impl H2Backend {
             "version": format!("{:?}", parts.version),
             "uri": parts.uri.to_string(),
             "headers": headers,
+            "body": String::from_utf8_lossy(&body),
         });
         let mut rsp = Response::new(Full::new(Bytes::from(json.to_string())).boxed_unsync());
         rsp.headers_mut().insert(
