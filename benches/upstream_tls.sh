@@ -27,8 +27,10 @@ for p in 9521 9522 9520 9529; do
 done
 
 W=$(mktemp -d)
+COHORT_PID=""
 cleanup() {
   set +e
+  [ -n "$COHORT_PID" ] && kill "$COHORT_PID" 2>/dev/null
   [ -f "$W/backend.pid" ] && kill "$(cat "$W/backend.pid")" 2>/dev/null
   rm -rf "$W"
 }
@@ -50,7 +52,7 @@ CONF
 taskset -c 0 nginx -c "$W/backend.conf"
 
 # Prints Cohort's CPU per request, in µs, with the binary $1 in front of
-# the upstream $2.
+# the upstream $2, after the label $3.
 cpu_per_request() {
   cat > "$W/cohort.toml" <<CONF
 [listen]
@@ -69,6 +71,7 @@ CONF
   rm -f "$W/state.json"
   taskset -c 1 "$1" serve --config "$W/cohort.toml" > "$W/cohort.log" 2>&1 &
   local pid=$! up=""
+  COHORT_PID=$pid
   for _ in $(seq 100); do
     curl -fs -o /dev/null http://127.0.0.1:9520/ && { up=1; break; }
     sleep 0.1
@@ -80,18 +83,19 @@ CONF
   taskset -c 0 "$OHA" -z "${D}s" -c "$C" --no-tui http://127.0.0.1:9520/ > "$W/oha.txt"
   after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
   kill -TERM "$pid"; wait "$pid" || true
+  COHORT_PID=""
   grep -q 'Success rate:.*100.00%' "$W/oha.txt" || { echo "upstream_tls.sh: requests failed" >&2; cat "$W/oha.txt" >&2; exit 1; }
   local served
   served=$(sed -n 's/^ *\[200\] \([0-9]*\) responses.*/\1/p' "$W/oha.txt")
-  awk -v t=$((after - before)) -v hz="$tick" -v n="$served" \
-    'BEGIN { printf "%.2f µs/req (%d requests)\n", t / hz * 1e6 / n, n }'
+  awk -v t=$((after - before)) -v hz="$tick" -v n="$served" -v label="$3" \
+    'BEGIN { printf "%s\t%.2f µs/req (%d requests)\n", label, t / hz * 1e6 / n, n }'
 }
 
 for run in $(seq "$RUNS"); do
   for bin in "${BINS[@]}"; do
     for upstream in "h2 https://127.0.0.1:9521" "http/1.1 https://127.0.0.1:9522"; do
       read -r alpn addr <<< "$upstream"
-      printf '%s\trun %s\t%s\t%s\n' "$bin" "$run" "$alpn" "$(cpu_per_request "$bin" "$addr")"
+      cpu_per_request "$bin" "$addr" "$(printf '%s\trun %s\t%s' "$bin" "$run" "$alpn")"
     done
   done
 done
