@@ -556,6 +556,37 @@ async fn canary_failing_one_request_in_five_is_rolled_back_by_the_success_rate()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_cutting_one_response_in_five_short_is_rolled_back_by_the_success_rate() {
+    // Every response says 200; one in five then breaks off mid-body.
+    let (_server, state, seen) = rolled_back_by(
+        Tuning::default(),
+        Tuning {
+            cut_every: Some(5),
+            ..Tuning::default()
+        },
+        50,
+        50,
+        "success_rate_min = 0.97\nsuccess_rate_drop_max = 0.02",
+        "",
+        4,
+    )
+    .await;
+    let rate = evaluation(&state, "success_rate").expect("a success_rate evaluation");
+    assert_eq!(rate["verdict"], "fail", "{state:#}");
+    let canary_rate = rate["canary"].as_f64().expect("a canary success rate");
+    assert!(
+        (0.7..0.9).contains(&canary_rate),
+        "one in five is cut, yet the canary's rate is {canary_rate}"
+    );
+    assert_eq!(rate["stable"], 1.0, "{state:#}");
+    assert!(
+        seen.iter()
+            .all(|s| !matches!(verdict(s, "success_rate"), "pass")),
+        "a canary cutting 20% of its responses passed the success-rate guardrail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_canary_is_rolled_back_by_the_latency_ratio() {
     // Six times slower, far beyond the 1.5 allowed, so that scheduling
     // noise on a loaded machine cannot hide it.

@@ -3,9 +3,10 @@
 //! Owns: streaming an upstream body through frame by frame (never buffered
 //! whole), the proxy's own small bodies, and [`InFlight`], which holds a
 //! version's in-flight gauge from the request's start to the body's end (or
-//! the client's disconnect) and then records the response duration (and,
-//! for a request its client abandoned before the response head, a 499, its
-//! access log line and a failure in the version's window). Also
+//! the client's disconnect) and then records the response duration, and in
+//! the version's window the outcome of a streamed response (a failure if
+//! its upstream cut it) or, for a request its client abandoned before the
+//! response head, a 499, its access log line and a failure. Also
 //! ends a stream whose version was rolled back with `on_rollback = "close"`,
 //! or whose upstream sent nothing for `upstream.stream_idle_timeout`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
@@ -57,6 +58,10 @@ pub struct InFlight {
     /// client left while the proxy waited for its body was abandoned by
     /// the client alone, not while it waited for the version.
     body: Option<Arc<BodyProgress>>,
+    /// What the guardrails are told of an answered request whose body
+    /// streams from its upstream, once the body has ended (or its client
+    /// has left): a failure if the upstream cut it.
+    verdict: Option<Observation>,
 }
 
 impl InFlight {
@@ -77,6 +82,7 @@ impl InFlight {
             close_epoch,
             answered: false,
             body: None,
+            verdict: None,
         }
     }
 
@@ -89,6 +95,20 @@ impl InFlight {
     /// recorded with its status, not as abandoned.
     pub fn answered(&mut self) {
         self.answered = true;
+    }
+
+    /// Tells the guardrails `observation` when the response body ends, or
+    /// its client leaves, unless its upstream cuts it first: a response
+    /// that breaks off is no success, whatever its status said.
+    pub fn judge_at_end(&mut self, observation: Observation) {
+        self.verdict = Some(observation);
+    }
+
+    /// The upstream cut the response body (see [`InFlight::judge_at_end`]).
+    fn upstream_failed(&mut self) {
+        if let Some(verdict) = &mut self.verdict {
+            verdict.success = false;
+        }
     }
 
     /// Whether the version's streams were ordered closed since this one started.
@@ -194,9 +214,14 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 impl Drop for InFlight {
     fn drop(&mut self) {
         let metrics = &self.version.metrics;
-        let elapsed = self.started.elapsed();
+        let now = Instant::now();
+        let elapsed = now - self.started;
         metrics.in_flight.decrement(1.0);
         metrics.response_duration.record(elapsed);
+        if let Some(verdict) = self.verdict.take() {
+            let at = crate::clock::since_start_at(now.into_std());
+            self.version.window.record(at, verdict);
+        }
         if !self.answered {
             // The client gave up waiting for this version: the wait it felt
             // is recorded as a failure, so a canary that hangs is seen by
@@ -219,7 +244,7 @@ impl Drop for InFlight {
                 .is_some_and(BodyProgress::is_left_unfinished);
             if !left_mid_body {
                 self.version.window.record(
-                    crate::clock::since_start(),
+                    crate::clock::since_start_at(now.into_std()),
                     Observation {
                         success: false,
                         latency: elapsed,
@@ -341,8 +366,9 @@ impl Body for ResponseBody {
                     // connection, or broke the framing): the client sees the
                     // stream cut, and the version's upstream errors count it.
                     let kind = ProxyError::from_body(&error).upstream_kind();
-                    if let (Some(kind), Some(in_flight)) = (kind, &this.in_flight) {
+                    if let (Some(kind), Some(in_flight)) = (kind, &mut this.in_flight) {
                         in_flight.version.metrics.record_upstream_error(kind);
+                        in_flight.upstream_failed();
                     }
                     Poll::Ready(Some(Err(error.into())))
                 }
@@ -357,11 +383,12 @@ impl Body for ResponseBody {
                         && idle.is_over(cx)
                     {
                         let limit = idle.limit;
-                        if let Some(in_flight) = this.in_flight.take() {
+                        if let Some(mut in_flight) = this.in_flight.take() {
                             in_flight
                                 .version
                                 .metrics
                                 .record_upstream_error(UpstreamErrorKind::Timeout);
+                            in_flight.upstream_failed();
                         }
                         return Poll::Ready(Some(Err(format!(
                             "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"

@@ -130,10 +130,14 @@ impl Proxy {
         // Tag and record, on success and failure alike. Nothing below waits,
         // so a client that goes away from here still has its status recorded.
         in_flight.answered();
+        let answered = Instant::now();
+        let to_headers = answered - started;
         let mut tokens = None;
         let mut tunnel = None;
         let mut refused = false;
-        let mut judged = true;
+        // Whether the guardrails are told of it now, at its head; a
+        // streamed response is judged at its end instead.
+        let mut judge_now = true;
         let mut rsp = match result {
             Ok((mut rsp, client_upgrade)) => {
                 tokens =
@@ -154,13 +158,19 @@ impl Proxy {
                             .into_response(&version.name, Some(in_flight)),
                     }
                 } else {
+                    in_flight.judge_at_end(Observation {
+                        success: !rsp.status().is_server_error(),
+                        latency: to_headers,
+                        tokens,
+                    });
+                    judge_now = false;
                     let idle_limit = table.policy.stream_idle_timeout;
                     rsp.map(|body| ResponseBody::upstream(body, in_flight, idle_limit))
                 }
             }
             Err(error) => {
                 refused = error.is_refusal();
-                judged = error.counts_against_version();
+                judge_now = error.counts_against_version();
                 if let Some(kind) = error.upstream_kind() {
                     version.metrics.record_upstream_error(kind);
                 }
@@ -182,8 +192,6 @@ impl Proxy {
             }
         };
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
-        let answered = Instant::now();
-        let to_headers = answered - started;
         version.metrics.record_response(rsp.status(), to_headers);
         // The guardrails judge the version by what its upstreams did: a
         // request refused unread, or whose client stopped sending its body
@@ -192,7 +200,7 @@ impl Proxy {
         // or unfinished requests. A client that gave up on an open-ended
         // body while it waited is a failure, as one that gave up on any
         // other request is (a 499).
-        if judged {
+        if judge_now {
             version.window.record(
                 clock::since_start_at(answered.into_std()),
                 Observation {

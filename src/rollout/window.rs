@@ -56,7 +56,8 @@ pub fn latency_bin_edges(bin: usize) -> (u64, u64) {
 /// The outcome of one proxied request, as the guardrails see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
-    /// Not a 5xx and not an upstream error.
+    /// Not a 5xx, not an upstream error, and not a response body its
+    /// upstream cut.
     pub success: bool,
     /// From the request's arrival to the end of the response head.
     pub latency: Duration,

@@ -1417,6 +1417,9 @@ pub fn with_state_in(toml: &str, dir: &std::path::Path) -> String {
 pub struct Tuning {
     /// Every `n`-th request (counted from 1) is answered 500.
     pub fail_every: Option<usize>,
+    /// Every `n`-th request is answered 200 with a `content-length` longer
+    /// than its body, so the connection closes part way through the body.
+    pub cut_every: Option<usize>,
     /// Added before every answer: the backend's own latency.
     pub delay: Duration,
     /// Sent as `x-tokens: <tokens + request number % 11 - 5>`, a spread of ±5.
@@ -1424,7 +1427,8 @@ pub struct Tuning {
 }
 
 /// A backend that answers `ok` after [`Tuning::delay`], fails every
-/// [`Tuning::fail_every`]-th request with a 500 and reports tokens.
+/// [`Tuning::fail_every`]-th request with a 500, cuts every
+/// [`Tuning::cut_every`]-th one's body short, and reports tokens.
 #[derive(Debug, Clone)]
 pub struct TunedBackend {
     pub name: String,
@@ -1451,7 +1455,26 @@ impl TunedBackend {
                 let failing = tuning
                     .fail_every
                     .is_some_and(|every| n.is_multiple_of(every));
-                let mut rsp = Response::new(full(if failing { "failed" } else { "ok" }));
+                let cut = tuning
+                    .cut_every
+                    .is_some_and(|every| n.is_multiple_of(every));
+                let mut rsp = if cut {
+                    // "ok", then a pause, in which hyper sends the head and
+                    // "ok"; then the end, which hyper finds short, so it
+                    // closes the connection: a backend that dies mid-body.
+                    let chunks = futures_util::stream::unfold(0, |sent| async move {
+                        if sent > 0 {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            return None;
+                        }
+                        Some((Ok(Frame::data(Bytes::from("ok"))), 1))
+                    });
+                    let mut rsp = Response::new(StreamBody::new(chunks).boxed_unsync());
+                    rsp.headers_mut().insert("content-length", value("1000"));
+                    rsp
+                } else {
+                    Response::new(full(if failing { "failed" } else { "ok" }))
+                };
                 if failing {
                     *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                 }
