@@ -41,7 +41,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request of `version` that has not finished yet: counted in
 /// `cohort_requests_in_flight` until dropped, when it records the response
-/// duration.
+/// duration and, for a streamed response or an abandoned request, the
+/// outcome the guardrails judge.
 #[derive(Debug)]
 pub struct InFlight {
     version: Arc<Version>,
@@ -98,15 +99,23 @@ impl InFlight {
     }
 
     /// Tells the guardrails `observation` when the response body ends, or
-    /// its client leaves, unless its upstream cuts it first: a response
-    /// that breaks off is no success, whatever its status said.
+    /// its client leaves; as a failure if its upstream cuts it first: a
+    /// response that breaks off is no success, whatever its status said.
     pub fn judge_at_end(&mut self, observation: Observation) {
         self.verdict = Some(observation);
     }
 
-    /// The upstream cut the response body (see [`InFlight::judge_at_end`]).
+    /// The upstream cut the response body (see [`InFlight::judge_at_end`]),
+    /// unless the client broke its own request body off first, which an
+    /// upstream still reading it may answer by closing.
     fn upstream_failed(&mut self) {
-        if let Some(verdict) = &mut self.verdict {
+        let client_broke_off = self
+            .body
+            .as_deref()
+            .is_some_and(BodyProgress::is_broken_off);
+        if let Some(verdict) = &mut self.verdict
+            && !client_broke_off
+        {
             verdict.success = false;
         }
     }

@@ -128,7 +128,9 @@ impl Proxy {
         };
 
         // Tag and record, on success and failure alike. Nothing below waits,
-        // so a client that goes away from here still has its status recorded.
+        // so a client that goes away from here still has its status recorded
+        // (and the guardrails are told of it now or, for a streamed
+        // response, when its body ends).
         in_flight.answered();
         let answered = Instant::now();
         let to_headers = answered - started;

@@ -1420,6 +1420,9 @@ pub struct Tuning {
     /// Every `n`-th request is answered 200 with a `content-length` longer
     /// than its body, so the connection closes part way through the body.
     pub cut_every: Option<usize>,
+    /// Every `n`-th request is answered 200 and `ok`, then nothing more:
+    /// its body never ends.
+    pub stall_every: Option<usize>,
     /// Added before every answer: the backend's own latency.
     pub delay: Duration,
     /// Sent as `x-tokens: <tokens + request number % 11 - 5>`, a spread of ±5.
@@ -1428,7 +1431,8 @@ pub struct Tuning {
 
 /// A backend that answers `ok` after [`Tuning::delay`], fails every
 /// [`Tuning::fail_every`]-th request with a 500, cuts every
-/// [`Tuning::cut_every`]-th one's body short, and reports tokens.
+/// [`Tuning::cut_every`]-th one's body short, stalls every
+/// [`Tuning::stall_every`]-th one's body, and reports tokens.
 #[derive(Debug, Clone)]
 pub struct TunedBackend {
     pub name: String,
@@ -1458,7 +1462,14 @@ impl TunedBackend {
                 let cut = tuning
                     .cut_every
                     .is_some_and(|every| n.is_multiple_of(every));
-                let mut rsp = if cut {
+                let stall = tuning
+                    .stall_every
+                    .is_some_and(|every| n.is_multiple_of(every));
+                let mut rsp = if stall {
+                    let chunks = futures_util::stream::iter([Ok(Frame::data(Bytes::from("ok")))])
+                        .chain(futures_util::stream::pending());
+                    Response::new(StreamBody::new(chunks).boxed_unsync())
+                } else if cut {
                     // "ok", then a pause, in which hyper sends the head and
                     // "ok"; then the end, which hyper finds short, so it
                     // closes the connection: a backend that dies mid-body.
