@@ -408,18 +408,19 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let http1_connector = connect(http1_only(tls));
+    // Plain TCP for the `http` pools, which never use its TLS config.
+    let offering_http1 = connect(http1_only(tls));
     UpstreamClient {
         http1: Http1Pool::new(
-            http1_connector.clone(),
+            offering_http1.clone(),
             Scheme::HTTP,
             idle_timeout,
             max_idle_per_host,
         ),
-        h2c: Http2Pool::new(http1_connector.clone(), Scheme::HTTP, idle_timeout),
+        h2c: Http2Pool::new(offering_http1.clone(), Scheme::HTTP, idle_timeout),
         https2: Http2Pool::new(connect(Arc::clone(tls)), Scheme::HTTPS, idle_timeout),
         https1: Http1Pool::new(
-            http1_connector,
+            offering_http1,
             Scheme::HTTPS,
             idle_timeout,
             max_idle_per_host,
