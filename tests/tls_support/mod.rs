@@ -575,11 +575,11 @@ fn acceptor(leaf: &Leaf, alpn: &[&[u8]]) -> TlsAcceptor {
 }
 
 /// An HTTP/2 upstream (h2c, or TLS with ALPN `h2`) that allows
-/// [`BigH2Backend::MAX_STREAMS`] streams per connection, and answers `/big` with a body that never ends, in 64 KiB
-/// chunks made as its connection takes them, `/hold` with a body that
-/// never sends a byte, and anything else with [`BigH2Backend::SMALL`]
-/// bytes; it counts its connections and the bytes of the endless bodies
-/// taken so far.
+/// [`BigH2Backend::MAX_STREAMS`] streams per connection, and answers `/big`
+/// with a body that never ends, in 64 KiB chunks made as its connection
+/// takes them, `/hold` with a body that never sends a byte, and anything
+/// else with [`BigH2Backend::SMALL`] bytes; it counts its connections and
+/// the bytes of the endless bodies taken so far.
 #[derive(Debug, Clone)]
 pub struct BigH2Backend {
     pub addr: SocketAddr,
