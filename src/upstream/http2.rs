@@ -600,10 +600,7 @@ mod tests {
         .await;
         let pool = Http2Pool::new(connector, Scheme::HTTPS, Duration::from_secs(60));
         let send = || async {
-            let req = Request::get(format!("https://{authority}/"))
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let failed = pool.send(&authority, req).await.unwrap_err();
+            let failed = pool.send(&authority, get(&authority)).await.unwrap_err();
             // Given back whole, for the HTTP/1.1 pool to send.
             assert!(matches!(failed.error, Error::Http1Only), "{failed:?}");
             assert!(failed.retry.is_some());
