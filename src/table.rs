@@ -302,6 +302,7 @@ impl RouteTable {
     /// stable, succeeds its old self (see [`Version::new`]). With
     /// `gate_new_canary`, the upstreams of a canary that was not in
     /// `previous` (and upstreams new to one that was) wait for a good probe.
+    /// A canary installed again after a rollback starts a new window.
     #[must_use]
     #[allow(clippy::too_many_arguments)]
     pub fn build(
@@ -319,7 +320,14 @@ impl RouteTable {
                 Cohort::Canary => p.canary.as_ref().map(|c| &c.version),
                 _ => Some(&p.stable),
             });
+            // A canary installed again after its rollback (fixed behind the
+            // same upstreams, say) is judged afresh, not on the requests
+            // that condemned it.
+            let reinstalled = cohort == Cohort::Canary
+                && previous.is_some_and(|p| p.status == Status::RolledBack)
+                && status != Status::RolledBack;
             if let Some(v) = in_slot
+                && !reinstalled
                 && v.name == config.name
                 && v.upstreams == config.upstreams
             {
@@ -330,11 +338,6 @@ impl RouteTable {
                 .into_iter()
                 .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
                 .find(|v| v.name == config.name);
-            // A canary installed again after its rollback is judged afresh,
-            // not on the requests that condemned it.
-            let reinstalled = cohort == Cohort::Canary
-                && previous.is_some_and(|p| p.status == Status::RolledBack)
-                && status != Status::RolledBack;
             Arc::new(Version::new(
                 config,
                 cohort,
@@ -496,12 +499,19 @@ mod tests {
         assert!(Arc::ptr_eq(&old.health[0], &new.health[0]));
         assert!(Arc::ptr_eq(&old.window, &new.window));
 
-        // Installed again after its rollback: judged afresh.
+        // Installed again after its rollback, with other upstreams or the
+        // same: judged afresh, its upstreams' health kept.
         let rolled_back = table(Status::RolledBack, &version("v2", &[2, 4]), Some(&edited));
-        let again = table(Status::Steady, &version("v2", &[2, 5]), Some(&rolled_back));
-        let again = &again.canary.as_ref().unwrap().version;
-        assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
-        assert!(!Arc::ptr_eq(&new.window, &again.window));
+        for upstreams in [[2, 5], [2, 4]] {
+            let again = table(
+                Status::Steady,
+                &version("v2", &upstreams),
+                Some(&rolled_back),
+            );
+            let again = &again.canary.as_ref().unwrap().version;
+            assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
+            assert!(!Arc::ptr_eq(&new.window, &again.window));
+        }
     }
 
     #[test]

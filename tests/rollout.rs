@@ -8,6 +8,8 @@
 //! tokens-ratio and eval-score guardrails with the failing metric named; a
 //! canary at 100% judged by the absolute guardrails alone; a canary whose
 //! upstream dies, held at its stage and rolled back rather than promoted;
+//! a canary rolled back and installed again as it was, judged on its new
+//! requests alone;
 //! the approval gate and abort; the stage's clock, live in the state, saved
 //! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
 //! AgentRelease manifest started and shown by `cohort ctl`; uploads of a
@@ -1286,6 +1288,80 @@ async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
         ended["canary"]["upstreams"][0],
         replacement.addr.to_string(),
         "{ended:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_rolled_back_then_installed_again_as_it_was_is_judged_afresh() {
+    // A canary failing every request for /bad, and none other: the one
+    // behind the same upstream after its fix, as far as the test's
+    // requests for / can tell.
+    let stable = Backend::start(STABLE).await;
+    let canary = TunedBackend::start(
+        CANARY,
+        Tuning {
+            fail_path: Some("/bad"),
+            ..Tuning::default()
+        },
+    )
+    .await;
+    // Windows of 60 half-second slots, so the failures below are still in
+    // the canary's window when the rollout judges it; and no ejection of
+    // the canary's upstream for them. The config's plan is not started:
+    // its canary comes through the API.
+    let extra = "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n\
+                 [rollout]\ninterval = \"500ms\"\n\
+                 stages = [ { weight = 50, duration = \"1h\" } ]\n";
+    let server = start_cohort(&config(&[stable.addr], None, extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let install = |force: bool| json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 100, "force": force});
+    let reply = admin
+        .call(Method::PUT, "/admin/canary", install(false))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
+    let http = Http::new(server.proxy_addr());
+    for i in 0..40 {
+        let reply = http
+            .get("/bad", &[("x-user-id", &format!("bad-{i}"))])
+            .await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    }
+    admin.rollback("failing /bad").await;
+
+    // Installed again as it was, and rolled out: its window holds only
+    // what it answers from now on, every request a success.
+    let reply = admin
+        .call(Method::PUT, "/admin/canary", install(true))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let plan = json!({
+        "interval": "500ms",
+        "min_requests": 20,
+        "stages": [{"weight": 50, "duration": "1h"}],
+        "guardrails": {"success_rate_min": 0.9},
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let traffic = Traffic::start(server.proxy_addr(), 2);
+    let mut rates = Vec::new();
+    let judged = poll_state(
+        &admin,
+        "a judged success-rate evaluation",
+        ROLLOUT_DEADLINE,
+        |s| rates.extend(evaluation(s, "success_rate").map(|e| e["canary"].clone())),
+        |s| {
+            !matches!(verdict(s, "success_rate"), "" | "inconclusive")
+                || s["status"] == "rolled_back"
+        },
+    )
+    .await;
+    drop(traffic);
+    assert_eq!(verdict(&judged, "success_rate"), "pass", "{judged:#}");
+    assert_eq!(judged["status"], "progressing", "{judged:#}");
+    assert!(
+        rates.iter().all(|rate| rate.is_null() || *rate == 1.0),
+        "the canary was judged on failures from before its rollback: {rates:?}"
     );
 }
 

@@ -1417,6 +1417,8 @@ pub fn with_state_in(toml: &str, dir: &std::path::Path) -> String {
 pub struct Tuning {
     /// Every `n`-th request (counted from 1) is answered 500.
     pub fail_every: Option<usize>,
+    /// Every request for this path is answered 500.
+    pub fail_path: Option<&'static str>,
     /// Every `n`-th request is answered 200 with a `content-length` longer
     /// than its body, so the connection closes part way through the body.
     pub cut_every: Option<usize>,
@@ -1430,7 +1432,8 @@ pub struct Tuning {
 }
 
 /// A backend that answers `ok` after [`Tuning::delay`], fails every
-/// [`Tuning::fail_every`]-th request with a 500, cuts every
+/// [`Tuning::fail_every`]-th request, and those for [`Tuning::fail_path`],
+/// with a 500, cuts every
 /// [`Tuning::cut_every`]-th one's body short, stalls every
 /// [`Tuning::stall_every`]-th one's body, and reports tokens.
 #[derive(Debug, Clone)]
@@ -1449,7 +1452,7 @@ impl TunedBackend {
             hits: Arc::default(),
         };
         let state = backend.clone();
-        tokio::spawn(serve_http(listener, move |_req| {
+        tokio::spawn(serve_http(listener, move |req| {
             let state = state.clone();
             async move {
                 let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1458,7 +1461,8 @@ impl TunedBackend {
                 }
                 let failing = tuning
                     .fail_every
-                    .is_some_and(|every| n.is_multiple_of(every));
+                    .is_some_and(|every| n.is_multiple_of(every))
+                    || tuning.fail_path == Some(req.uri().path());
                 let cut = tuning
                     .cut_every
                     .is_some_and(|every| n.is_multiple_of(every));
