@@ -1062,6 +1062,17 @@ async fn a_malformed_plan_is_400_and_a_value_out_of_range_422() {
         assert!(text.contains(key), "{plan}: {text:?} does not name {key}");
     }
 
+    // A field given twice is refused, not taken at its last value.
+    let twice = r#"{"stages": [{"weight": 10, "duration": "1s"}],
+                    "guardrails": {"success_rate_min": 0.99, "success_rate_min": 0.1}}"#;
+    let reply = admin.raw(Method::POST, "/admin/rollout", twice).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
+    let text = reply.json()["error"].as_str().unwrap_or("").to_owned();
+    assert!(
+        text.contains("guardrails: duplicate field `success_rate_min`"),
+        "{text:?}"
+    );
+
     // Nothing refused started a rollout or moved the weight.
     let state = admin.state().await;
     assert!(state["rollout"].is_null(), "{state:#}");

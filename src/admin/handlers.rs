@@ -217,8 +217,75 @@ pub async fn rollout_start(
     rollouts: &Arc<Rollouts>,
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
-    let plan: Option<serde_json::Value> = read_json(req).await?;
-    Ok(rollouts.start(plan, "api")?)
+    let plan: Option<PlanDocument> = read_json(req).await?;
+    Ok(rollouts.start(plan.map(|plan| plan.0), "api")?)
+}
+
+/// A plan document: any JSON object, kept as a value (the controller reads
+/// and stores it), but with a field given twice refused, as in the other
+/// bodies, rather than taken at its last value as `serde_json::Value` does.
+struct PlanDocument(serde_json::Value);
+
+impl<'de> Deserialize<'de> for PlanDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PlanVisitor).map(PlanDocument)
+    }
+}
+
+struct PlanVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PlanVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(PlanDocument(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate field `{key}`"
+                )));
+            }
+            let PlanDocument(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(object.into())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,5 +361,33 @@ mod tests {
         let cut = kept_reason("é".repeat(MAX_REASON_CHARS + 1));
         assert_eq!(cut, format!("{}…", "é".repeat(MAX_REASON_CHARS - 1)));
         assert_eq!(cut.chars().count(), MAX_REASON_CHARS);
+    }
+
+    fn plan(json: &str) -> Result<serde_json::Value, String> {
+        let mut json = serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(&mut json)
+            .map(|PlanDocument(value)| value)
+            .map_err(|e| crate::config::keyed("", e.path(), e.inner()))
+    }
+
+    #[test]
+    fn a_plan_document_is_read_whole_and_a_field_given_twice_is_named() {
+        let text = r#"{"stages": [{"weight": 5, "duration": "1h"}, {"pause": true}],
+                       "guardrails": {"success_rate_min": 0.99, "p95_latency_ratio_max": 1.5},
+                       "min_requests": 100, "webhooks": [], "interval": null}"#;
+        let expected: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(plan(text).unwrap(), expected);
+
+        let error = plan(r#"{"guardrails": {"success_rate_min": 0.99, "success_rate_min": 0.1}}"#)
+            .unwrap_err();
+        assert!(
+            error.starts_with("guardrails: duplicate field `success_rate_min`"),
+            "{error}"
+        );
+        let error = plan(r#"{"stages": [{"weight": 5, "weight": 50}]}"#).unwrap_err();
+        assert!(
+            error.starts_with("stages[0]: duplicate field `weight`"),
+            "{error}"
+        );
     }
 }
