@@ -69,6 +69,17 @@ pub struct Explanation {
     pub generation: u64,
 }
 
+/// What a config reload left.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The live state after it.
+    pub live: LiveState,
+    /// Whether the reload itself made a canary live that was not (whose
+    /// rollout the config's plan then starts); a canary installed through
+    /// the admin API while it ran is not its own.
+    pub new_canary: bool,
+}
+
 /// The one owner of the live state.
 #[derive(Debug)]
 pub struct Control {
@@ -160,14 +171,6 @@ impl Control {
     #[must_use]
     pub fn state(&self) -> LiveState {
         LiveState::clone(&self.live.load())
-    }
-
-    /// The live state once a change in progress is made: waits for it, for
-    /// a caller that compares it with the state its own change leaves (a
-    /// reload, which must not take a canary installed meanwhile for its own).
-    #[must_use]
-    pub fn settled_state(&self) -> LiveState {
-        self.lock().saved.live.clone()
     }
 
     /// Records how the live state was chosen on start.
@@ -548,18 +551,18 @@ impl Control {
     /// Applies a reloaded config: routing options always; `[versions]` only
     /// when it changed since the live state was seeded from it, and
     /// `[shadow]` likewise ([`Control::follow_config_shadow`]).
-    pub fn reload(&self, config: &Config) -> Result<LiveState, ControlError> {
-        let live = self.reload_versions(config)?;
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, ControlError> {
+        let reloaded = self.reload_versions(config)?;
         match self.follow_config_shadow(config.shadow.as_ref(), "signal") {
-            Ok(live) => Ok(live),
+            Ok(live) => Ok(Reloaded { live, ..reloaded }),
             Err(error) => {
                 tracing::error!(%error, "the reloaded [shadow] cannot be applied");
-                Ok(live)
+                Ok(reloaded)
             }
         }
     }
 
-    fn reload_versions(&self, config: &Config) -> Result<LiveState, ControlError> {
+    fn reload_versions(&self, config: &Config) -> Result<Reloaded, ControlError> {
         let policy = Arc::new(Policy::from_config(config));
         let digest = crate::state::versions_digest(&config.versions);
         let mut current = self.lock();
@@ -600,7 +603,10 @@ impl Control {
                 let live = &current.saved.live;
                 self.write_audit("routing", Some(live), live, Some(&reason), "signal");
             }
-            return Ok(current.saved.live.clone());
+            return Ok(Reloaded {
+                live: current.saved.live.clone(),
+                new_canary: false,
+            });
         }
         let before = current.saved.live.clone();
         let live = current.saved.reseed(
@@ -631,7 +637,10 @@ impl Control {
             generation = current.saved.live.generation,
             "config reloaded; [versions] changed, re-seeded"
         );
-        Ok(current.saved.live.clone())
+        Ok(Reloaded {
+            new_canary: crate::state::new_canary(Some(&before), &current.saved.live),
+            live: current.saved.live.clone(),
+        })
     }
 
     /// Swaps in the route table for `live`, carrying over the current

@@ -418,16 +418,15 @@ async fn reload_config(server: &mut Server, path: &Path) -> bool {
                     return false;
                 }
             };
-            let before = server.control.settled_state();
-            let after = match server.control.reload(&config) {
-                Ok(after) => after,
+            let reloaded = match server.control.reload(&config) {
+                Ok(reloaded) => reloaded,
                 Err(error) => {
                     tracing::error!(%error, "config reload failed; the old one keeps running");
                     return false;
                 }
             };
             let plan = config.rollout.as_ref().map(plan::to_document);
-            let start_plan = plan.is_some() && state::new_canary(Some(&before), &after);
+            let start_plan = plan.is_some() && reloaded.new_canary;
             server.rollouts.set_default_plan(plan);
             server.admin.set_access(access);
             for key in server.restart_only.changed(&RestartOnly::of(&config)) {

@@ -574,7 +574,7 @@ pub async fn start_cohort(toml: &str) -> Server {
 pub fn reload(server: &Server, toml: &str) -> cohort::state::LiveState {
     let config = cohort::config::Config::parse(toml, "test")
         .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
-    server.control().reload(&config).expect("the reload")
+    server.control().reload(&config).expect("the reload").live
 }
 
 /// Starts Cohort in front of `stable` and an optional canary; see [`config`].
