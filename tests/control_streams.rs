@@ -4,7 +4,8 @@
 //! weight change and a promote; on a rollback they run on with
 //! `routing.on_rollback = "drain"` and end at once with `"close"` (while a
 //! stable stream runs on), also after a reload changed the canary's
-//! upstreams under the stream. Changes go through the admin API. An open
+//! upstreams under the stream; a request still waiting for its answer at
+//! such a rollback gets it whole. Changes go through the admin API. An open
 //! WebSocket also outlives a restart of the proxy workers (a reload of
 //! `[upstream]`), and holds up a shutdown. Does not own: streaming itself (`streaming`), or requests
 //! that are not streams (`control_load`).
@@ -15,7 +16,8 @@ use cohort::serve::Server;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hyper::body::Incoming;
 use support::{
-    AdminApi, CANARY, Http, STABLE, SseTicker, WsBackend, cohort, key_on, read_until, within,
+    AdminApi, Backend, CANARY, Http, STABLE, SlowBackend, SseTicker, WsBackend, cohort, eventually,
+    key_on, read_until, within,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -242,6 +244,34 @@ async fn on_rollback_close_ends_canary_streams_at_once() {
     read_until(&mut rolled.stable_stream, &rolled.sse_stable.tick())
         .await
         .expect("stable's stream runs on");
+}
+
+#[tokio::test]
+async fn a_canary_request_still_waiting_at_a_close_rollback_gets_its_answer_whole() {
+    let stable = Backend::start(STABLE).await;
+    let canary = SlowBackend::start(CANARY).await;
+    let server = cohort(
+        &[stable.addr],
+        Some((&[canary.addr], WEIGHT)),
+        "[routing]\non_rollback = \"close\"\n",
+    )
+    .await;
+    let key = key_on(CANARY, WEIGHT, CANARY, "on");
+    let http = Http::new(server.proxy_addr());
+    let waiting = tokio::spawn(async move { http.get("/", &[("x-user-id", &key)]).await });
+    eventually("the canary to hold the request", || canary.hits() == 1).await;
+
+    // Not a stream yet: the close is for streams open at the rollback.
+    AdminApi::new(server.admin_addr())
+        .rollback("a request in flight")
+        .await;
+    canary.release();
+    let reply = within("the held answer", waiting)
+        .await
+        .expect("the request is answered, not cut");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.version(), CANARY);
+    assert_eq!(reply.body, SlowBackend::BODY, "{reply:?}");
 }
 
 #[tokio::test]

@@ -50,7 +50,10 @@ pub struct InFlight {
     /// For the access log line of a request abandoned before its answer.
     decision: Decision,
     client: SocketAddr,
-    /// The version's close count when this request started.
+    /// The version's close count when this request's response head came
+    /// (when it started, until then): a close ends the streams open at
+    /// the rollback, not the requests still waiting for their answer,
+    /// which get it whole.
     close_epoch: u64,
     /// Whether the proxy got as far as a response head. A request dropped
     /// before that was abandoned by its client while it waited.
@@ -93,9 +96,11 @@ impl InFlight {
     }
 
     /// Marks that a response head is on its way: from here the request is
-    /// recorded with its status, not as abandoned.
+    /// recorded with its status, not as abandoned, and its response is a
+    /// stream that a later close ends.
     pub fn answered(&mut self) {
         self.answered = true;
+        self.close_epoch = self.version.close_epoch();
     }
 
     /// Tells the guardrails `observation` when the response body ends, or
@@ -120,13 +125,14 @@ impl InFlight {
         }
     }
 
-    /// Whether the version's streams were ordered closed since this one started.
+    /// Whether the version's streams were ordered closed since this one's
+    /// response head came.
     fn is_closed(&self) -> bool {
         self.version.close_epoch() > self.close_epoch
     }
 
     /// Resolves when the version's streams are ordered closed (a rollback
-    /// with `on_rollback = "close"`) after this one started.
+    /// with `on_rollback = "close"`) after this one's response head came.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
         self.version.closed_after(self.close_epoch)
     }
