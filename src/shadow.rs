@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
-use crate::proxy::body::BodyProgress;
+use crate::proxy::body::{BodyProgress, BoxError};
 use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Policy, Version};
@@ -96,8 +96,11 @@ pub struct TeeBody {
     /// `None` for an empty body.
     inner: Option<Incoming>,
     tap: Option<Tap>,
-    /// Told of every frame, when the proxy waits on the body (see [`TeeBody::progress`]).
+    /// Told of every frame, when the proxy waits on the body (see [`TeeBody::watch`]).
     progress: Option<Arc<BodyProgress>>,
+    /// Armed when the response has ended and the body still waits on its
+    /// client: it cuts the body then (see [`BodyProgress`]).
+    cut: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The sending end of a copy's body.
@@ -130,17 +133,44 @@ impl TeeBody {
             inner: Some(inner),
             tap,
             progress: None,
+            cut: None,
         }
     }
 
-    /// How far the body has got from now on: the response timeout of a
-    /// request with a body counts from its last frame.
-    pub fn progress(&mut self) -> Arc<BodyProgress> {
+    /// Follows how far the body gets from now on: the response timeout of
+    /// a request with a body (`timeout`) counts from its last frame.
+    pub fn watch(&mut self, timeout: Duration) -> Arc<BodyProgress> {
         let bounded = self.size_hint().exact().is_some();
         Arc::clone(
             self.progress
-                .get_or_insert_with(|| BodyProgress::new(bounded)),
+                .get_or_insert_with(|| BodyProgress::new(bounded, timeout)),
         )
+    }
+
+    /// The progress [`TeeBody::watch`] follows, if it was asked to.
+    #[must_use]
+    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
+        self.progress.clone()
+    }
+
+    /// The timeout, if the body has waited on its client for that long
+    /// since its response ended; registers `cx` otherwise.
+    fn cut_after(
+        progress: Option<&BodyProgress>,
+        cut: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Option<Duration> {
+        let progress = progress?;
+        let due = progress.cut_due(cx)?;
+        let timer = cut.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| progress.timeout())
     }
 
     /// Passes `frame` to the copy; `false` when the copy must be abandoned.
@@ -169,23 +199,31 @@ impl TeeBody {
 
 impl Body for TeeBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut *inner).poll_frame(cx).map_err(BoxError::from);
         if let Some(progress) = &this.progress {
             match &polled {
                 Poll::Pending => progress.awaiting_client(),
                 Poll::Ready(Some(Err(_))) => progress.broken_off(),
                 Poll::Ready(_) => progress.moved(),
             }
+        }
+        if polled.is_pending()
+            && let Some(timeout) = Self::cut_after(this.progress.as_deref(), &mut this.cut, cx)
+        {
+            polled = Poll::Ready(Some(Err(format!(
+                "request body cut: nothing of it from the client for {timeout:?} after its response ended (upstream.response_timeout)"
+            )
+            .into())));
         }
         let frame = ready!(polled);
         if let Some(tap) = &mut this.tap {

@@ -10,7 +10,9 @@
 //! connection the upstream closed is sent again (and a `POST` is not),
 //! that one a new connection closes unanswered goes on to the next
 //! upstream, that an upstream hanging up mid-body is counted as a reset
-//! (and a client breaking its upload off is not), that a `101` naming no
+//! (and a client breaking its upload off is not), that an upload whose
+//! upstream answered early is cut once its client falls silent for the
+//! response timeout, that a `101` naming no
 //! protocol is a 502, that the log names an upstream that failed,
 //! and that a client that stops reading a response is cut off at
 //! `listen.send_timeout` (with the upstream connection it held) while a
@@ -193,6 +195,57 @@ async fn an_upload_outlasting_the_response_timeout_is_not_cut_off_but_a_stalled_
         .get("/after", &[("x-user-id", "alice")])
         .await;
     assert_eq!(reply.status, 200, "the upstream was ejected: {reply:?}");
+}
+
+#[tokio::test]
+async fn an_upload_answered_early_is_cut_once_its_client_falls_silent_for_the_timeout() {
+    // An upstream that answers 401 as soon as it has the head, reads none
+    // of the body, and keeps its connection open: only the proxy can end
+    // the exchange.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("an address");
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let ended_tx = ended_tx.clone();
+            tokio::spawn(async move {
+                let head = support::read_head(&mut stream).await;
+                if head.starts_with("POST") {
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                    let _ = stream.write_all(answer).await;
+                    // Reads on only to see the proxy close the connection.
+                    let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                    let _ = ended_tx.send(());
+                } else {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    let _ = stream.write_all(answer).await;
+                }
+            });
+        }
+    });
+    let server = support::start_cohort(&support::config(
+        &[upstream],
+        None,
+        "[upstream]\nresponse_timeout = \"1s\"\n",
+    ))
+    .await;
+
+    let mut stream = upload_head(server.proxy_addr(), 1_000_000).await;
+    stream.write_all(b"0123456789").await.expect("send a part");
+    let answer = support::read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // The client sends nothing more: a timeout after its last byte, the
+    // proxy closes its connection, and the upstream's.
+    let mut rest = Vec::new();
+    within(
+        "the client connection's close",
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("read to the close");
+    within("the upstream connection's close", ended.recv())
+        .await
+        .expect("the upstream saw its connection end");
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
@@ -145,6 +146,12 @@ impl InFlight {
 /// body that stops moving for the timeout still times out, and whose
 /// doing that was is known: the client's, if the body was last asked for
 /// a frame and had none; else the upstream's, which stopped taking it.
+///
+/// Once the response has ended, nothing else times the rest of the body
+/// (an upstream may answer a 401 or a 413 before reading it): a body
+/// still waiting on its client for the timeout after its last frame is
+/// cut then, as nginx's `client_body_timeout` would, rather than hold its
+/// client and upstream connections for as long as the client stays silent.
 #[derive(Debug)]
 pub struct BodyProgress {
     created: Instant,
@@ -159,19 +166,51 @@ pub struct BodyProgress {
     /// is unfinished by its client's doing, while an open-ended one (a
     /// gRPC stream) may rightly stay open as long as its response.
     bounded: bool,
+    /// The response timeout: how long the body may wait on its client.
+    timeout: Duration,
+    /// Whether the response has ended (or its client left).
+    response_over: AtomicBool,
+    /// The body waiting on its client, woken when the response ends.
+    waiting: AtomicWaker,
 }
 
 impl BodyProgress {
     /// The progress of a body; `bounded` if it declared its length.
     #[must_use]
-    pub fn new(bounded: bool) -> Arc<BodyProgress> {
+    pub fn new(bounded: bool, timeout: Duration) -> Arc<BodyProgress> {
         Arc::new(BodyProgress {
             created: Instant::now(),
             last_frame: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             broken_off: AtomicBool::new(false),
             bounded,
+            timeout,
+            response_over: AtomicBool::new(false),
+            waiting: AtomicWaker::new(),
         })
+    }
+
+    /// Records that the response has ended, or its client left.
+    pub fn response_over(&self) {
+        self.response_over.store(true, Ordering::Release);
+        self.waiting.wake();
+    }
+
+    /// When the body, waiting on its client, is cut: `None` while its
+    /// response goes on (the response timeout and the stream's idle
+    /// timeout are what time it then). `cx` is woken when the response ends.
+    pub fn cut_due(&self, cx: &Context<'_>) -> Option<Instant> {
+        // Registered before the flag is read, so an end between the two wakes it.
+        self.waiting.register(cx.waker());
+        self.response_over
+            .load(Ordering::Acquire)
+            .then(|| self.deadline(self.timeout))
+    }
+
+    /// The response timeout this body waits on its client for.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Records a frame (or the body's end) passing now.
@@ -233,6 +272,9 @@ impl Drop for InFlight {
         let elapsed = now - self.started;
         metrics.in_flight.decrement(1.0);
         metrics.response_duration.record(elapsed);
+        if let Some(body) = &self.body {
+            body.response_over();
+        }
         if let Some(verdict) = self.verdict.take() {
             let at = crate::clock::since_start_at(now.into_std());
             self.version.window.record(at, verdict);

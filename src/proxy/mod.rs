@@ -119,7 +119,8 @@ impl Proxy {
                     forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
                 let mut req = req.map(|body| TeeBody::new(body, tap));
                 if !req.body().is_end_stream() {
-                    in_flight.watch_body(req.body_mut().progress());
+                    let timeout = table.policy.response_timeout;
+                    in_flight.watch_body(req.body_mut().watch(timeout));
                 }
                 self.forward(req, &table, &version, upstream, peer, started)
                     .await
@@ -249,7 +250,7 @@ impl Proxy {
         // From the request's arrival, microseconds before it is sent:
         // one clock read fewer per request.
         let mut deadline = started + response_timeout;
-        let progress = (!req.body().is_end_stream()).then(|| req.body_mut().progress());
+        let progress = req.body().progress();
         let first = index;
         let mut resent_unprocessed = false;
         let result = loop {
