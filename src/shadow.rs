@@ -88,7 +88,9 @@ pub const COPY_FRAMES: usize = 16;
 /// The real request's body on its way upstream: every frame passes through
 /// unchanged and, when the request is mirrored, a clone of each data frame
 /// (a reference count, not a copy of the bytes) goes to the shadow's copy.
-/// Without a shadow this is one `Option` check per frame.
+/// Without a shadow this is one `Option` check per frame. It also cuts a
+/// body whose client falls silent once its response has ended (see
+/// [`BodyProgress`]).
 ///
 /// The default is an empty body, for a bodiless request sent again.
 #[derive(Debug, Default)]
