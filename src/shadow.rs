@@ -140,12 +140,14 @@ impl TeeBody {
     }
 
     /// Follows how far the body gets from now on: the response timeout of
-    /// a request with a body (`timeout`) counts from its last frame.
-    pub fn watch(&mut self, timeout: Duration) -> Arc<BodyProgress> {
-        let bounded = self.size_hint().exact().is_some();
+    /// a request with a body (`timeout`) counts from its last frame. Over
+    /// HTTP/2 (`http2`), only a body of a declared length is an upload
+    /// (see [`BodyProgress::new`]).
+    pub fn watch(&mut self, timeout: Duration, http2: bool) -> Arc<BodyProgress> {
+        let upload = !http2 || self.size_hint().exact().is_some();
         Arc::clone(
             self.progress
-                .get_or_insert_with(|| BodyProgress::new(bounded, timeout)),
+                .get_or_insert_with(|| BodyProgress::new(upload, timeout)),
         )
     }
 

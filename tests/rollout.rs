@@ -12,10 +12,10 @@
 //! requests alone;
 //! the approval gate and abort; the stage's clock, live in the state, saved
 //! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
-//! AgentRelease manifest started and shown by `cohort ctl`; uploads of a
-//! declared length broken off by their clients (over HTTP/1.1 and HTTP/2),
-//! which do not count against the canary, and open-ended request streams
-//! given up on, which do; and the input
+//! AgentRelease manifest started and shown by `cohort ctl`; uploads broken
+//! off by their clients (of a declared length over HTTP/1.1 and HTTP/2,
+//! chunked over HTTP/1.1), which do not count against the canary, and
+//! open-ended HTTP/2 request streams given up on, which do; and the input
 //! checks of `POST /admin/rollout` and `POST /admin/signals`. Does not own: the statistics of the guardrails
 //! (`rollout_statistics` and the unit tests of `rollout::stats`), or the
 //! admin API's error paths outside rollouts (`control_api`).
@@ -2049,12 +2049,26 @@ async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up
             .expect("send part of an upload");
         drop(stream);
         eventually_async("the upload over", &idle).await;
+        // HTTP/1.1 with no length: a chunk of 10 bytes, and the close.
+        let mut stream = TcpStream::connect(server.proxy_addr())
+            .await
+            .expect("connect");
+        let part = format!(
+            "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: chunked-{n}\r\n\
+             transfer-encoding: chunked\r\n\r\na\r\nxxxxxxxxxx\r\n"
+        );
+        stream
+            .write_all(part.as_bytes())
+            .await
+            .expect("send part of a chunked upload");
+        drop(stream);
+        eventually_async("the chunked upload over", &idle).await;
         // HTTP/2: the same, on its way to the canary, then `RST_STREAM` (CANCEL).
         let key = format!("h2-{n}");
         break_off_over_http2(&server, &key, Some(1000), in_flight_one, idle).await;
     }
     eventually_async("every broken-off upload recorded", || async {
-        answered().await >= (2 * BROKEN_OFF) as f64
+        answered().await >= (3 * BROKEN_OFF) as f64
     })
     .await;
 

@@ -162,10 +162,13 @@ pub struct BodyProgress {
     /// Whether the client broke the body off (closed or reset its
     /// connection, or its HTTP/2 stream, part way through).
     broken_off: AtomicBool,
-    /// Whether the body declared its length: one that has not all arrived
-    /// is unfinished by its client's doing, while an open-ended one (a
-    /// gRPC stream) may rightly stay open as long as its response.
-    bounded: bool,
+    /// Whether the body is an upload, which its client sends whole before
+    /// it waits for the answer: one of a declared length, or any over
+    /// HTTP/1.1, whose exchanges go one way and then the other. One that
+    /// has not all arrived is unfinished by its client's doing, while an
+    /// open-ended HTTP/2 body (a gRPC stream) may rightly stay open as
+    /// long as its response.
+    upload: bool,
     /// The response timeout: how long the body may wait on its client.
     timeout: Duration,
     /// Whether the response has ended (or its client left).
@@ -175,15 +178,16 @@ pub struct BodyProgress {
 }
 
 impl BodyProgress {
-    /// The progress of a body; `bounded` if it declared its length.
+    /// The progress of a body; `upload` if its client sends it whole
+    /// before it waits for the answer (see the field).
     #[must_use]
-    pub fn new(bounded: bool, timeout: Duration) -> Arc<BodyProgress> {
+    pub fn new(upload: bool, timeout: Duration) -> Arc<BodyProgress> {
         Arc::new(BodyProgress {
             created: Instant::now(),
             last_frame: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             broken_off: AtomicBool::new(false),
-            bounded,
+            upload,
             timeout,
             response_over: AtomicBool::new(false),
             waiting: AtomicWaker::new(),
@@ -242,17 +246,17 @@ impl BodyProgress {
         self.broken_off.load(Ordering::Relaxed)
     }
 
-    /// Whether the body declared its length.
+    /// Whether the body is an upload (see the field).
     #[must_use]
-    pub fn is_bounded(&self) -> bool {
-        self.bounded
+    pub fn is_upload(&self) -> bool {
+        self.upload
     }
 
-    /// Whether the client left part way through a body of a declared
-    /// length (broke it off, or stopped sending it).
+    /// Whether the client left part way through an upload (broke it off,
+    /// or stopped sending it).
     #[must_use]
     pub fn is_left_unfinished(&self) -> bool {
-        self.bounded && (self.is_broken_off() || self.is_awaiting_client())
+        self.upload && (self.is_broken_off() || self.is_awaiting_client())
     }
 
     /// `timeout` after the last frame (or after the request, before any).

@@ -27,9 +27,10 @@ pub enum ProxyError {
     /// The client broke its request body off part way (closed or reset its
     /// connection, or its HTTP/2 stream): as nginx logs it, 400, and not
     /// the upstream's doing. The guardrails judge it as a client's giving
-    /// up only for an open-ended body (a gRPC stream, say), which stays
-    /// open while its client waits; one of a declared length was left
-    /// mid-upload, which says nothing of the version.
+    /// up only for an open-ended HTTP/2 body (a gRPC stream, say), which
+    /// stays open while its client waits; an upload (of a declared length,
+    /// or any over HTTP/1.1) was left part way, which says nothing of the
+    /// version.
     #[error("the client broke its request body off: {detail}")]
     ClientClosed { detail: String, open_ended: bool },
     /// The version has no upstream to send to.

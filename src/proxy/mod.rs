@@ -120,7 +120,8 @@ impl Proxy {
                 let mut req = req.map(|body| TeeBody::new(body, tap));
                 if !req.body().is_end_stream() {
                     let timeout = table.policy.response_timeout;
-                    in_flight.watch_body(req.body_mut().watch(timeout));
+                    let http2 = http_version == http::Version::HTTP_2;
+                    in_flight.watch_body(req.body_mut().watch(timeout, http2));
                 }
                 self.forward(req, &table, &version, upstream, peer, started)
                     .await
@@ -281,7 +282,7 @@ impl Proxy {
                 {
                     break Err(ProxyError::ClientClosed {
                         detail: error::chain(&failed.error),
-                        open_ended: !progress.is_bounded(),
+                        open_ended: !progress.is_upload(),
                     });
                 }
                 Some(Err(failed)) => failed,
