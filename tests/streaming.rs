@@ -3,7 +3,8 @@
 //! Owns: server-sent events arriving event by event, large request bodies
 //! reaching the upstream intact and before the client has finished sending,
 //! WebSocket tunnels routed at the handshake, tunnels closed when idle
-//! or unread, and response streams cut when their upstream falls silent.
+//! or unread, and response streams cut when their upstream falls silent
+//! (but not while their client streams to it).
 //! The backends wait for the test's signal; the idle timeouts are short,
 //! and only the tests that keep a tunnel or a stream busy past its idle
 //! timeout pace themselves by the clock. Does not own: rollback of open streams
@@ -363,6 +364,84 @@ async fn a_tunnel_whose_client_stops_reading_is_cut_at_the_send_timeout() {
     let _ = within("the close", client.read_to_end(&mut received)).await;
     let start = String::from_utf8_lossy(&received[..received.len().min(64)]).into_owned();
     assert!(start.starts_with("HTTP/1.1 101"), "{start}");
+}
+
+#[tokio::test]
+async fn a_client_streaming_to_a_quiet_upstream_is_not_cut_at_the_stream_idle_timeout() {
+    // An upstream that sends its response head at once, then nothing until
+    // the request body has ended: the client's side of the stream is the
+    // only one that moves meanwhile.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = support::read_head(&mut stream).await;
+                if !seen.starts_with("POST") {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    let _ = stream.write_all(answer).await;
+                    return;
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                let _ = stream.write_all(head).await;
+                let mut buf = [0; 1024];
+                while !seen.ends_with("0\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                    }
+                }
+                let _ = stream.write_all(b"4\r\ndone\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let server = cohort(
+        &[upstream],
+        None,
+        "[upstream]\nstream_idle_timeout = \"1s\"\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    let head = "POST /stream HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\
+                transfer-encoding: chunked\r\n\r\n";
+    client
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    let answer = support::read_head(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A chunk every 250 ms, for three times the limit.
+    for _ in 0..12 {
+        // The client's pace, not a wait for anything.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        client
+            .write_all(b"1\r\nx\r\n")
+            .await
+            .expect("the stream is open");
+    }
+    client
+        .write_all(b"0\r\n\r\n")
+        .await
+        .expect("the stream is open");
+    // The answer's end, or the connection's close if the stream was cut.
+    let rest = within("the answer's end", async {
+        let mut rest = String::new();
+        let mut buf = [0; 1024];
+        while !rest.ends_with("0\r\n\r\n") {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        rest
+    })
+    .await;
+    assert!(
+        rest.ends_with("done\r\n0\r\n\r\n"),
+        "the stream was cut: {rest:?}"
+    );
 }
 
 #[tokio::test]

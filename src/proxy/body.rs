@@ -335,7 +335,9 @@ pub struct ResponseBody {
 
 /// How long an upstream's body may go without a byte, as Envoy's
 /// `stream_idle_timeout` and nginx's `proxy_read_timeout` do: a hung
-/// upstream must not hold its client and its connection for ever.
+/// upstream must not hold its client and its connection for ever. As for
+/// Envoy, a frame of the request body counts too: a client may stream to
+/// an upstream that answers only at the end.
 struct IdleLimit {
     limit: Duration,
     /// Armed when the body first makes us wait, so short responses pay
@@ -346,9 +348,10 @@ struct IdleLimit {
 }
 
 impl IdleLimit {
-    /// Whether the upstream has been silent for the limit; registers the
-    /// timer with `cx` otherwise. Called when the body makes us wait.
-    fn is_over(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Whether the stream has been silent both ways for the limit;
+    /// registers the timer with `cx` otherwise. Called when the body makes
+    /// us wait.
+    fn is_over(&mut self, cx: &mut Context<'_>, request_body: Option<&BodyProgress>) -> bool {
         let limit = self.limit;
         let timer = self
             .timer
@@ -356,7 +359,18 @@ impl IdleLimit {
         if std::mem::take(&mut self.moved) {
             timer.as_mut().reset(Instant::now() + limit);
         }
-        timer.as_mut().poll(cx).is_ready()
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        // Read only when the timer fires: the request body's frames move
+        // no timer of their own.
+        match request_body.map(|body| body.deadline(limit)) {
+            Some(later) if later > Instant::now() => {
+                timer.as_mut().reset(later);
+                timer.as_mut().poll(cx).is_ready()
+            }
+            _ => true,
+        }
     }
 }
 
@@ -440,8 +454,9 @@ impl Body for ResponseBody {
                     Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
                 }
                 Poll::Pending => {
+                    let request_body = this.in_flight.as_ref().and_then(|f| f.body.as_deref());
                     if let Some(idle) = &mut this.idle
-                        && idle.is_over(cx)
+                        && idle.is_over(cx, request_body)
                     {
                         let limit = idle.limit;
                         if let Some(mut in_flight) = this.in_flight.take() {
