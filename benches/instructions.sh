@@ -53,6 +53,7 @@ workers = 1
 addr = "127.0.0.1:9509"
 [state]
 path = "$W/state.json"
+audit_log = "$W/audit.jsonl"
 [routing]
 sticky_keys = ["header:x-user-id"]
 [versions.stable]

@@ -1205,13 +1205,28 @@ mod raw {
             let shadow = self.shadow.map(|s| ShadowConfig {
                 name: c.version_name("shadow.name", s.name),
                 upstreams: c.shadow_upstreams("shadow.upstreams", s.upstreams),
-                percent: c
-                    .weight("shadow.percent", s.percent)
-                    .unwrap_or(Weight::ZERO),
+                // Required: a shadow with no share would mirror nothing,
+                // silently.
+                percent: match s.percent {
+                    None => {
+                        c.problem(
+                            "shadow.percent",
+                            "is required: the share of requests to mirror, 0 to 100",
+                        );
+                        Weight::ZERO
+                    }
+                    percent => c.weight("shadow.percent", percent).unwrap_or(Weight::ZERO),
+                },
                 max_body: c.value("shadow.max_body", s.max_body, 1 << 20, |s| parse_size(&s)),
                 methods: s.methods.map_or_else(
                     || vec![http::Method::GET, http::Method::HEAD],
                     |list| {
+                        if list.is_empty() {
+                            c.problem(
+                                "shadow.methods",
+                                "is empty: name at least one method, or remove [shadow]",
+                            );
+                        }
                         list.iter()
                             .enumerate()
                             .filter_map(|(i, m)| {
@@ -1608,7 +1623,7 @@ mod tests {
     #[test]
     fn a_shadow_upstream_must_be_plain_http() {
         let found = problems(&format!(
-            "{MINIMAL}\n[shadow]\nname = \"v3\"\nupstreams = [\"127.0.0.1:9003\", \"https://eval:443\"]\n"
+            "{MINIMAL}\n[shadow]\nname = \"v3\"\nupstreams = [\"127.0.0.1:9003\", \"https://eval:443\"]\npercent = 10\n"
         ));
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("shadow.upstreams[1]: "), "{found:?}");
@@ -1754,6 +1769,15 @@ mod tests {
             (
                 "[shadow]\npercent = 5\n",
                 &["shadow.name: is required", "shadow.upstreams: is required"],
+            ),
+            // A shadow that would mirror nothing, silently.
+            (
+                "[shadow]\nname = \"s\"\nupstreams = [\"127.0.0.1:9003\"]\n",
+                &["shadow.percent: is required"],
+            ),
+            (
+                "[shadow]\nname = \"s\"\nupstreams = [\"127.0.0.1:9003\"]\npercent = 5\nmethods = []\n",
+                &["shadow.methods: is empty"],
             ),
             (
                 "[rollout]\ninterval = \"1m\"\n",
