@@ -82,8 +82,12 @@ impl ShadowPolicy {
 type ShadowClient = Client<HttpConnector, CopyBody>;
 
 /// How many body frames a copy may fall behind the real request before it
-/// is abandoned.
-pub const COPY_FRAMES: usize = 16;
+/// is abandoned: room for a body of the default `shadow.max_body` (1 MiB)
+/// in hyper's smallest reads (8 KiB) twice over, so that a copy whose
+/// connection to the shadow is still opening keeps up with a real upstream
+/// that takes the body at once; and few enough that a body sent a byte at
+/// a time cannot make a copy hold much.
+pub const COPY_FRAMES: usize = 256;
 
 /// The real request's body on its way upstream: every frame passes through
 /// unchanged and, when the request is mirrored, a clone of each data frame
@@ -462,7 +466,10 @@ impl Shadow {
             self.sender.client.clone(),
             copy,
             Arc::clone(&self.version),
-            policy.shadow.timeout,
+            Limits {
+                timeout: policy.shadow.timeout,
+                tokens_header: policy.metrics.tokens_header.clone(),
+            },
             slot,
         ));
         tap
@@ -474,13 +481,21 @@ fn bodiless<B: Body>(req: &Request<B>) -> bool {
     req.body().is_end_stream() || req.body().size_hint().exact() == Some(0)
 }
 
+/// What a copy's exchange is held to, and read for, from the policy.
+struct Limits {
+    /// `shadow.timeout`: the whole exchange, response body included.
+    timeout: Duration,
+    /// `metrics.tokens_header`: the shadow's spend, as the real path reads it.
+    tokens_header: Option<HeaderName>,
+}
+
 /// Sends one copy, reads its response to the end and discards it, and
 /// records it under `cohort="shadow"`; gives up after `shadow.timeout`.
 async fn send(
     client: ShadowClient,
     copy: Request<CopyBody>,
     version: Arc<Version>,
-    timeout: Duration,
+    limits: Limits,
     slot: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
@@ -494,7 +509,7 @@ async fn send(
         // Counted in `cohort_shadow_dropped_total` when its tap let go: not
         // the shadow's failure, so not in its requests or errors.
         () = abandoned.notified() => {}
-        () = exchange(client, copy, &version, started + timeout) => {
+        () = exchange(client, copy, &version, &limits, started) => {
             metrics.response_duration.record(started.elapsed());
         }
     }
@@ -503,14 +518,16 @@ async fn send(
 }
 
 /// The copy's exchange: the request, then its response read to the end
-/// and discarded, all by `deadline`, recorded under `cohort="shadow"`.
+/// and discarded, all within the timeout from `started`, recorded under
+/// `cohort="shadow"` with its tokens.
 async fn exchange(
     client: ShadowClient,
     copy: Request<CopyBody>,
     version: &Version,
-    deadline: Instant,
+    limits: &Limits,
+    started: Instant,
 ) {
-    let started = Instant::now();
+    let deadline = started + limits.timeout;
     let metrics = &version.metrics;
     let result = match tokio::time::timeout_at(deadline, client.request(copy)).await {
         Ok(Ok(rsp)) => Ok(rsp),
@@ -522,6 +539,9 @@ async fn exchange(
     match result {
         Ok(rsp) => {
             metrics.record_response(rsp.status(), started.elapsed());
+            if let Some(tokens) = forward::tokens(rsp.headers(), limits.tokens_header.as_ref()) {
+                metrics.tokens.increment(tokens);
+            }
             let mut body = rsp.into_body();
             let drained = tokio::time::timeout_at(deadline, async {
                 while let Some(frame) = body.frame().await {

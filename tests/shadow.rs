@@ -43,8 +43,12 @@ struct Seen {
     body: Option<Bytes>,
 }
 
+/// The tokens a [`ShadowBackend`] says each answer spent (`x-tokens`).
+const SHADOW_TOKENS: u32 = 7;
+
 /// A shadow backend that records what it receives and answers `shadow says
-/// no` with a 500, or holds every request until [`ShadowBackend::release`].
+/// no` with a 500 and [`SHADOW_TOKENS`], or holds every request until
+/// [`ShadowBackend::release`].
 #[derive(Clone)]
 struct ShadowBackend {
     addr: SocketAddr,
@@ -108,6 +112,7 @@ impl ShadowBackend {
         *rsp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         rsp.headers_mut()
             .insert("x-backend", "shadow".parse().expect("a header value"));
+        rsp.headers_mut().insert("x-tokens", SHADOW_TOKENS.into());
         rsp
     }
 
@@ -478,6 +483,49 @@ async fn an_edited_shadow_section_replaces_the_live_shadow() {
     // A section removed is a shadow removed.
     support::reload(&server, &toml(""));
     assert_eq!(live_shadow(&server), (None, None));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_bodies_are_mirrored_whole_and_the_shadows_tokens_are_counted() {
+    let stable = Backend::start("real-large").await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = format!(
+        "{ROUTING}\n[metrics]\ntokens_header = \"x-tokens\"\n\n\
+         [shadow]\nname = \"sh-large\"\nupstreams = [\"{}\"]\npercent = 100\n\
+         methods = [\"POST\"]\nmax_body = \"4MiB\"\n",
+        shadow.addr
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+
+    // Bodies of a MiB each, sent one after another: a copy keeps up with a
+    // real upstream as fast as its shadow, even while its connection opens.
+    const COPIES: usize = 10;
+    let body: Bytes = (0..1_048_576u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    for _ in 0..COPIES {
+        let reply = client
+            .send(Method::POST, "/", &[("x-user", "uploader")], body.clone())
+            .await;
+        assert_real(&reply, &stable);
+    }
+    eventually("every copy at the shadow", || shadow.seen().len() == COPIES).await;
+    for seen in shadow.seen() {
+        assert!(
+            seen.body.as_ref() == Some(&body),
+            "a copy arrived cut: {:?} bytes",
+            seen.body.map(|b| b.len())
+        );
+    }
+    let labels = [("version", "sh-large"), ("cohort", "shadow")];
+    let expected = f64::from(SHADOW_TOKENS) * COPIES as f64;
+    support::eventually_async("the shadow's tokens counted", || async {
+        metric(&server, "cohort_tokens_total", &labels).await == Some(expected)
+    })
+    .await;
     server.shutdown().await;
 }
 
