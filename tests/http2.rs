@@ -5,7 +5,9 @@
 //! Owns: sticky routing, version tags, forwarded headers, streaming,
 //! metrics and rollback for HTTP/2 clients, and their idle connections
 //! closed at the keep-alive timeout, or at the header read timeout if no
-//! stream was opened (dropped if the client stalls the close); a stream
+//! stream was opened (dropped if the client stalls the close), while a
+//! stream that crossed the `GOAWAY` is answered; a drain not held up by a
+//! client that stalls the close; a stream
 //! its client stops reading reset at the send timeout, and one it reads
 //! slowly but steadily not; upstreams reached over h2c and over
 //! TLS with a test CA (`upstream.ca_file`), and kept healthy by probes
@@ -30,11 +32,11 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{
-    Backend, CANARY, Http, STABLE, SseBackend, cohort, eventually, eventually_async, key_on,
-    start_cohort, within,
+    Backend, CANARY, Http, STABLE, SlowBackend, SseBackend, cohort, eventually, eventually_async,
+    key_on, start_cohort, within,
 };
 use tls_support::{
-    BigH2Backend, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS,
+    ACK, BigH2Backend, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS,
     PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, have, listen_tls,
     request_block, run, seen_version, send_h2, tls_client, tls_connect,
 };
@@ -242,6 +244,72 @@ async fn an_idle_http2_client_that_ignores_the_goaway_is_dropped() {
     // The idle close cannot finish: the grace period ends it instead.
     assert_a_silent_client_is_sent_goaway_and_closed(&server).await;
     server.shutdown().await;
+}
+
+/// The PING frame's type (RFC 9113 section 6.7).
+const PING: u8 = 0x6;
+
+#[tokio::test]
+async fn a_stream_that_crosses_the_idle_goaway_is_answered_however_long_it_takes() {
+    let slow = SlowBackend::start(STABLE).await;
+    let server = cohort_with_short_keepalive(slow.addr).await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    // The idle close begins: a GOAWAY that still takes streams, and a PING.
+    raw.until(|f| f.kind == GOAWAY)
+        .await
+        .expect("the idle connection's first GOAWAY");
+    // A request that crossed it, sent before the PING is answered.
+    let block = request_block(
+        Method::GET,
+        &server.proxy_addr().to_string(),
+        "/slow",
+        &[("x-user-id", "a")],
+    );
+    raw.write(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await;
+    let ping = raw
+        .until(|f| f.kind == PING && f.flags & ACK == 0)
+        .await
+        .expect("the GOAWAY's PING");
+    raw.write(&frame(PING, ACK, 0, &ping.payload)).await;
+    eventually("the request at the upstream", || slow.hits() == 1).await;
+    // Held past the grace a connection told to close has with no stream
+    // open: the point of the test, not a wait for anything.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    slow.release();
+    let answer = raw
+        .until(|f| f.stream == 1 && (f.kind == HEADERS || f.kind == RST_STREAM))
+        .await;
+    assert!(
+        answer.as_ref().is_some_and(|f| f.kind == HEADERS),
+        "the stream was not answered: {answer:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_drain_does_not_wait_on_an_http2_client_that_ignores_the_goaway() {
+    let backend = Backend::start(STABLE).await;
+    let toml = support::config(&[backend.addr], None, &routing())
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"60s\"");
+    let server = start_cohort(&toml).await;
+    // One request answered whole, then a client that reads nothing more
+    // and so never answers the drain's PING.
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    let block = request_block(
+        Method::GET,
+        &server.proxy_addr().to_string(),
+        "/",
+        &[("x-user-id", "a")],
+    );
+    raw.write(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await;
+    raw.until(|f| f.stream == 1 && f.flags & END_STREAM != 0)
+        .await
+        .expect("the answer");
+    // Nothing is open: the grace, not the drain timeout, bounds the wait.
+    within("the drain", server.shutdown()).await;
+    drop(raw);
 }
 
 #[tokio::test]
@@ -1196,7 +1264,8 @@ async fn an_oversized_header_block_is_refused() {
     }
     assert_eq!(stable.hits(), 0, "an oversized head reached the upstream");
     still_good(&server, &mut good).await;
-    // A raw client answers no PING, which a graceful drain would wait out.
+    // A raw client answers no PING, which a drain would wait on for the
+    // close grace.
     drop(raw);
     server.shutdown().await;
 }

@@ -68,11 +68,13 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// level with no cap (`BENCHMARKS.md`).
 const CLIENT_NOTSENT_LOWAT: u32 = 512 * 1024;
 
-/// How long an idle HTTP/2 connection told to close may take over it: h2
-/// sends its last `GOAWAY` only once the client acknowledges a ping, and a
-/// client that has gone (or never sent the preface) would hold the
-/// connection until TCP gives up. Past this it is dropped.
-const H2_IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long an HTTP/2 connection told to close (idle, or on a drain) may
+/// go on with no stream open: h2 sends its last `GOAWAY` only once the
+/// client acknowledges a ping, and a client that has gone (or never sent
+/// the preface) would hold the connection, and a drain, until TCP gives
+/// up. Past this it is dropped. A stream the client opened before it saw
+/// the `GOAWAY` is answered first, however long it takes.
+const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Accepts and serves connections (on any of `listeners`: usually one, more
 /// after a reload to fewer workers) until `shutdown` resolves, then stops
@@ -652,9 +654,9 @@ impl Connection {
     /// would keep it, and its buffers, open for as long as the client does.
     /// One that has opened no stream by `first_head` is closed the same
     /// way (to within a check), as an HTTP/1.1 connection with no request
-    /// is. An idle one that has not closed within [`H2_IDLE_CLOSE_GRACE`]
-    /// is dropped. `conn` comes boxed: a task is as large as its largest
-    /// state.
+    /// is. One told to close that has had no open stream for
+    /// [`H2_CLOSE_GRACE`] is dropped. `conn` comes boxed: a task is as
+    /// large as its largest state.
     async fn serve_h2<C>(
         &mut self,
         mut conn: Pin<Box<C>>,
@@ -674,36 +676,48 @@ impl Connection {
         let mut last_active = Instant::now();
         let drain = draining(&mut self.drain);
         tokio::pin!(drain);
-        let idle = loop {
+        loop {
             tokio::select! {
                 biased;
                 result = conn.as_mut() => return result.map_err(Into::into),
-                () = &mut drain => break false,
+                () = &mut drain => break,
                 now = checks.tick() => {
                     if send_watch.timed_out(activity, now) {
                         return Err(SEND_TIMED_OUT.into());
                     }
                     if activity.requests() == 0 && now >= first_head {
-                        break true;
+                        break;
                     }
                     let seen = activity.transfers();
                     if seen != transfers || activity.has_open_requests() {
                         transfers = seen;
                         last_active = now;
                     } else if now.saturating_duration_since(last_active) >= keepalive {
-                        break true;
+                        break;
                     }
                 }
             }
-        };
-        conn.as_mut().graceful_shutdown();
-        if !idle {
-            // Open streams finish, within the listener's drain timeout.
-            return conn.await.map_err(Into::into);
         }
-        match tokio::time::timeout(H2_IDLE_CLOSE_GRACE, conn).await {
-            Ok(result) => result.map_err(Into::into),
-            Err(_) => Err("idle HTTP/2 connection did not close in time".into()),
+        // Open streams finish (on a drain, within the listener's drain
+        // timeout), and so do those the client opened before it saw the
+        // `GOAWAY`; then the client has the grace to close.
+        conn.as_mut().graceful_shutdown();
+        let mut last_open = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return result.map_err(Into::into),
+                now = checks.tick() => {
+                    if send_watch.timed_out(activity, now) {
+                        return Err(SEND_TIMED_OUT.into());
+                    }
+                    if activity.has_open_requests() {
+                        last_open = now;
+                    } else if now.saturating_duration_since(last_open) >= H2_CLOSE_GRACE {
+                        return Err("HTTP/2 connection told to close did not close in time".into());
+                    }
+                }
+            }
         }
     }
 
