@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use http::Method;
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, KeepAlive, Process, STABLE, SlowBackend,
-    SseTicker, audit_lines, config, eventually_async, read_until, within,
+    SseTicker, audit_lines, config, eventually, eventually_async, read_until, within,
 };
 
 /// Writes `text` as the config file of a fresh state directory.
@@ -61,6 +61,13 @@ async fn sigusr1_rolls_back_with_source_signal() {
     assert_eq!(state["canary"]["weight"], 0.0, "{state}");
     let reply = connection.get("/", &[("x-user-id", "alice")]).await;
     assert_eq!(reply.expect("the connection stays up").version(), STABLE);
+    // The rollback swaps the table before it writes: the audit line may follow.
+    eventually("the rollback audited", || {
+        audit_lines(&audit)
+            .last()
+            .is_some_and(|last| last["action"] == "rollback")
+    })
+    .await;
     let last = audit_lines(&audit).pop().expect("an audit line");
     assert_eq!(
         (&last["action"], &last["source"]),
