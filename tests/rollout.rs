@@ -183,8 +183,13 @@ fn verdict<'a>(state: &'a Value, guardrail: &str) -> &'a str {
 /// `[rollout]` with the short interval, `plan` (more keys of the table) and
 /// `[rollout.guardrails]` with `guardrails` and confidence 0.95.
 fn rollout_table(plan: &str, guardrails: &str) -> String {
+    rollout_table_every(INTERVAL, plan, guardrails)
+}
+
+/// [`rollout_table`] with another interval, which sets the windows' slot.
+fn rollout_table_every(interval: &str, plan: &str, guardrails: &str) -> String {
     format!(
-        "[rollout]\ninterval = {INTERVAL:?}\nfailure_limit = 2\n{plan}\n\n\
+        "[rollout]\ninterval = {interval:?}\nfailure_limit = 2\n{plan}\n\n\
          [rollout.guardrails]\n{guardrails}\nconfidence = 0.95\n"
     )
 }
@@ -2003,7 +2008,9 @@ async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up
     // Straight to 100% for an hour: the canary is judged alone, by its floor.
     let plan = "min_requests = 20\ninconclusive_limit = 1000\n\
                 stages = [ { weight = 100, duration = \"1h\" } ]";
-    let extra = rollout_table(plan, "success_rate_min = 0.9");
+    // Windows of 30 s: however slowly a loaded machine runs the streams
+    // given up on below, enough of them are in the window at once.
+    let extra = rollout_table_every("500ms", plan, "success_rate_min = 0.9");
     let toml = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra).replace(
         &format!("name = \"{CANARY}\""),
         &format!("name = \"{NAME}\""),
