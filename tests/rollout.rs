@@ -1935,18 +1935,83 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_ends_only_when_its_own_weights_requests_pass() {
+    // A canary that fails every request for /bad and none other.
+    let stable = Backend::start(STABLE).await;
+    let canary = TunedBackend::start(
+        CANARY,
+        Tuning {
+            fail_path: Some("/bad"),
+            ..Tuning::default()
+        },
+    )
+    .await;
+    // Its failures do not eject its upstream: the guardrails judge them.
+    let extra = format!(
+        "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n{}",
+        rollout_table("stages = [ { weight = 1, duration = \"1s\" } ]", "")
+    );
+    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
+    let plan = json!({
+        "interval": INTERVAL,
+        "min_requests": 20,
+        "stages": [{"weight": 50, "duration": "1s"}, {"weight": 100, "duration": "1s"}],
+        "guardrails": {"success_rate_min": 0.9},
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+
+    // Good requests through the first stage, which passes...
+    let traffic = Traffic::start(server.proxy_addr(), 2);
+    wait_state(&admin, "the last stage", |s| s["rollout"]["stage"] == 1).await;
+    drop(traffic);
+    // ...then, at 100%, a failure every 50 ms: far fewer than the first
+    // stage's successes still in the window, which alone would pass.
+    let http = Http::new(server.proxy_addr());
+    let failing = tokio::spawn(async move {
+        for n in 0.. {
+            let _ = http
+                .get("/bad", &[("x-user-id", &format!("bad-{n}"))])
+                .await;
+            // The canary's pace, not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let held = wait_state(&admin, "the last stage held, or the promotion", |s| {
+        s["status"] == "steady"
+            || s["rollout"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("served at its weight alone"))
+    })
+    .await;
+    failing.abort();
+    assert_eq!(held["status"], "progressing", "promoted: {held:#}");
+    assert_eq!(held["rollout"]["stage"], 1, "{held:#}");
+    let aborted = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
+}
+
 #[tokio::test]
 async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back() {
     let server =
         server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
     let admin = AdminApi::new(server.admin_addr());
-    // No traffic at all, and a guardrail that needs a thousand requests.
+    // No traffic at all, and a guardrail that needs a thousand requests;
+    // the wait counts once the stage's time is up.
     let plan = json!({
         "interval": INTERVAL,
         "min_requests": 1000,
         "inconclusive_limit": 2,
         "failure_limit": 1,
-        "stages": [{"weight": 5, "duration": "1h"}],
+        "stages": [{"weight": 5, "duration": "300ms"}, {"weight": 10, "duration": "1h"}],
         "guardrails": {"success_rate_min": 0.9},
     });
     let started = admin.call(Method::POST, "/admin/rollout", plan).await;

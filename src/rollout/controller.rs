@@ -694,7 +694,7 @@ impl Rollouts {
     /// failures reaches the limit rolls it back; a lack of data only waits,
     /// as the pause does already.
     fn look_while_paused(&self, plan: &RolloutConfig, progress: &mut Progress) -> Result<(), Stop> {
-        let (_, tripped) = self.look(plan, progress, Pausing::Yes);
+        let (_, tripped) = self.look(plan, progress, Pausing::Yes, true);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
         progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
         let failed: Vec<String> = tripped
@@ -716,6 +716,7 @@ impl Rollouts {
         plan: &RolloutConfig,
         progress: &mut Progress,
         pausing: Pausing,
+        waiting_counts: bool,
     ) -> (Verdict, Vec<String>) {
         progress.evaluations += 1;
         if pausing == Pausing::Yes {
@@ -732,6 +733,7 @@ impl Rollouts {
             plan,
             u32::try_from(index).unwrap_or(u32::MAX),
             &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+            None,
         );
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
@@ -739,10 +741,42 @@ impl Rollouts {
             &mut progress.consecutive_inconclusive,
             &evaluation,
             plan,
+            waiting_counts,
         );
         progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
         progress.last_evaluation = evaluation;
         (verdict, tripped)
+    }
+
+    /// Whether the guardrails pass on what the windows recorded since
+    /// `since` alone. It only holds a stage that would end: a failure here
+    /// rolls nothing back (the looks over the whole window do that), and
+    /// the extra test spends no error budget on false rollbacks. Says why
+    /// in `progress.reason` when it holds the stage.
+    fn passes_since(&self, plan: &RolloutConfig, progress: &mut Progress, since: Duration) -> bool {
+        // The index of the look just made: the same error budget.
+        let index = spending_index(
+            progress.evaluations,
+            progress.pause_looks,
+            stats::planned_looks(plan),
+            Pausing::No,
+        );
+        let evaluation = judge::evaluate(
+            &self.control.table().snapshot(),
+            plan,
+            u32::try_from(index).unwrap_or(u32::MAX),
+            &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(since),
+        );
+        let verdict = judge::overall(&evaluation);
+        progress.reason = (verdict != Verdict::Pass).then(|| {
+            format!(
+                "the stage's time is up, but its guardrails do not pass yet on the requests served at its weight alone ({}; at least {} needed per cohort): it ends on a pass",
+                if verdict == Verdict::Fail { "failing" } else { "inconclusive" },
+                plan.min_requests
+            )
+        });
+        verdict == Verdict::Pass
     }
 
     async fn weight_stage(
@@ -775,6 +809,9 @@ impl Rollouts {
         };
         show(clock, progress);
         self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
+        // From here the stage's weight is in effect: what the windows hold
+        // from before it was served at another weight.
+        let weight_since = crate::clock::since_start();
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
@@ -809,7 +846,8 @@ impl Rollouts {
             let elapsed = clock.elapsed();
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
-            let (verdict, tripped) = self.look(plan, progress, Pausing::No);
+            let stage_over = elapsed >= duration;
+            let (verdict, tripped) = self.look(plan, progress, Pausing::No, stage_over);
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
@@ -840,12 +878,17 @@ impl Rollouts {
             if !tripped.is_empty() {
                 return Err(rollback_for(progress, &tripped, plan));
             }
-            self.save_look(progress)?;
             // A stage ends only on a passing evaluation: an inconclusive one
             // (too little data, or a canary that measures past a limit
             // without proof yet) waits, and a failing one (a guardrail, or
-            // a canary with no upstream available) holds it.
-            if elapsed >= duration && verdict == Verdict::Pass {
+            // a canary with no upstream available) holds it. The look that
+            // ends it must also pass on the requests served at the stage's
+            // own weight: the window may still hold mostly the last stage's.
+            let ends = stage_over
+                && verdict == Verdict::Pass
+                && self.passes_since(plan, progress, weight_since);
+            self.save_look(progress)?;
+            if ends {
                 return Ok(());
             }
         }

@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use super::stats::{self, Look};
 use crate::clock;
@@ -28,14 +29,17 @@ pub use super::stats::{Evaluation, Verdict};
 pub const CANARY_AVAILABLE: &str = "canary_available";
 
 /// Evaluates the canary's availability, then every configured guardrail, at
-/// look number `look` (from 1, counted over the whole rollout). Without a
-/// canary there is nothing to judge, which passes.
+/// look number `look` (from 1, counted over the whole rollout), over what
+/// the windows recorded since `since` (on [`clock::since_start`]'s scale),
+/// or over their whole span. Without a canary there is nothing to judge,
+/// which passes.
 #[must_use]
 pub fn evaluate(
     table: &RouteTable,
     plan: &RolloutConfig,
     look: u32,
     eval_scores: &HashMap<String, f64>,
+    since: Option<Duration>,
 ) -> Vec<Evaluation> {
     let Some(canary) = &table.canary else {
         return Vec::new();
@@ -43,6 +47,7 @@ pub fn evaluate(
     let now = clock::since_start();
     // The whole span: at 1% a canary needs most of it to reach `min_requests`.
     let span = table.stable.window.span().min(canary.version.window.span());
+    let span = since.map_or(span, |since| span.min(now.saturating_sub(since)));
     // At 100% stable serves no cohort by design: its window only drains, and
     // what is left in it says nothing about the canary. The relative
     // guardrails are then not applicable, rather than inconclusive for
@@ -135,14 +140,18 @@ pub type FailureRuns = BTreeMap<String, u32>;
 /// one that is inconclusive or not applicable leaves it as it was. So one
 /// guardrail failing at one look and another at the next is no run at all.
 /// `inconclusive_looks` counts the looks in a row whose overall verdict is
-/// inconclusive; at `inconclusive_limit` they extend the
-/// [`INCONCLUSIVE_RUN`], which a look that passes overall ends.
+/// inconclusive, when `waiting_counts`; at `inconclusive_limit` they extend
+/// the [`INCONCLUSIVE_RUN`], which a look that passes overall ends. The
+/// caller counts waiting once the stage's time is up: before that the stage
+/// waits for its data anyway, and at 1% a canary may need most of its stage
+/// to reach `min_requests`.
 #[must_use]
 pub fn count_failures(
     runs: &mut FailureRuns,
     inconclusive_looks: &mut u32,
     evaluations: &[Evaluation],
     plan: &RolloutConfig,
+    waiting_counts: bool,
 ) -> Vec<String> {
     for evaluation in evaluations {
         match evaluation.verdict {
@@ -160,6 +169,7 @@ pub fn count_failures(
             runs.remove(INCONCLUSIVE_RUN);
         }
         Verdict::Fail => *inconclusive_looks = 0,
+        Verdict::Inconclusive if !waiting_counts => {}
         Verdict::Inconclusive => {
             *inconclusive_looks += 1;
             // Waiting forever for data is a run of its own, which the
@@ -250,8 +260,25 @@ mod tests {
         let (mut runs, mut inconclusive_looks) = (FailureRuns::new(), 0);
         looks
             .iter()
-            .map(|l| count_failures(&mut runs, &mut inconclusive_looks, l, plan))
+            .map(|l| count_failures(&mut runs, &mut inconclusive_looks, l, plan, true))
             .collect()
+    }
+
+    #[test]
+    fn waiting_counts_only_when_the_caller_says_so() {
+        let plan = plan(1, 2);
+        let waiting = look(&[("success_rate", Inconclusive)]);
+        let (mut runs, mut inconclusive_looks) = (FailureRuns::new(), 0);
+        for _ in 0..5 {
+            let tripped =
+                count_failures(&mut runs, &mut inconclusive_looks, &waiting, &plan, false);
+            assert!(tripped.is_empty(), "{tripped:?}");
+        }
+        assert_eq!(inconclusive_looks, 0);
+        let tripped = [false, true, true].map(|counts| {
+            count_failures(&mut runs, &mut inconclusive_looks, &waiting, &plan, counts)
+        });
+        assert_eq!(tripped[2], [INCONCLUSIVE_RUN]);
     }
 
     #[test]
