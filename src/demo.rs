@@ -47,6 +47,9 @@ pub async fn run() -> Result<(), DemoError> {
     std::fs::create_dir_all(&state_dir).map_err(DemoError::StateDir)?;
     config.state.path = state_dir.join("state.json");
     config.state.audit_log = state_dir.join("audit.jsonl");
+    // The demo shows the override header, which the example leaves off:
+    // any client could send it.
+    config.routing.override_header = Some(http::HeaderName::from_static("x-cohort"));
     let result = run_with(config).await;
     // Nothing of the demo outlives it, whether it ran or failed to start.
     let _ = std::fs::remove_dir_all(&state_dir);

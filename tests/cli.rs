@@ -654,6 +654,9 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         let again = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
         assert_eq!(again.version(), first.version());
     }
+    // The override line it prints forces the canary.
+    let forced = Http::new(proxy).get("/", &[("x-cohort", "canary")]).await;
+    assert_eq!(forced.version(), "v2", "{forced:?}");
     // SIGUSR1 rolls the demo's canary back, as it does `cohort serve`'s.
     let kill = Command::new("kill")
         .args(["-USR1", &pid.to_string()])
