@@ -948,6 +948,23 @@ async fn eval_score_below_its_floor_rolls_back() {
         reason.contains("eval_score: canary 0.5000") && reason.contains("(limit 0.9)"),
         "{reason:?}"
     );
+
+    // Fixed behind the same upstream and installed again under its name:
+    // the score that condemned it is not its own, so it waits for one.
+    let canary = state["canary"]["upstreams"][0].clone();
+    let body = json!({"name": CANARY, "upstreams": [canary], "weight": 20, "force": true});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let started = admin
+        .call(Method::POST, "/admin/rollout", Value::Null)
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let state = wait_state(&admin, "an evaluation of the new install", |s| {
+        s["rollout"]["evaluations"].as_u64() > Some(0) || s["status"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(verdict(&state, "eval_score"), "inconclusive", "{state:#}");
+    assert_eq!(state["status"], "progressing", "{state:#}");
 }
 
 /// A canary waiting at an approval gate still serves its share, so its

@@ -14,7 +14,7 @@
 //! (`judge`, `stats`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -25,10 +25,11 @@ use tokio::time::Instant;
 use super::judge::{self, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
+use super::window::Window;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError};
 use crate::state::{LiveState, Source, by_field};
-use crate::table::Status;
+use crate::table::{RouteTable, Status};
 
 /// The audit action of a rollout's first save.
 const START: &str = "rollout_start";
@@ -253,6 +254,15 @@ struct Inbox {
     changes: watch::Receiver<u64>,
 }
 
+/// An outside judgement of a version (`POST /admin/signals`), with the
+/// window it was reported against: the version as the guardrails judged it
+/// then.
+#[derive(Debug)]
+struct EvalScore {
+    score: f64,
+    window: Weak<Window>,
+}
+
 /// Runs at most one rollout at a time.
 #[derive(Debug)]
 pub struct Rollouts {
@@ -263,7 +273,7 @@ pub struct Rollouts {
     webhooks: Webhooks,
     running: Mutex<Option<mpsc::Sender<Command>>>,
     /// The latest outside judgement per version (`POST /admin/signals`).
-    eval_scores: Mutex<HashMap<String, f64>>,
+    eval_scores: Mutex<HashMap<String, EvalScore>>,
     /// The clock of the weighted stage the rollout's task is in, as the
     /// task last published it; `None` between stages and with no rollout
     /// running.
@@ -388,10 +398,7 @@ impl Rollouts {
             .find(|e| e.guardrail == stats::EVAL_SCORE)
             .and_then(|e| e.canary);
         if let Some(score) = saved_score {
-            self.eval_scores
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(progress.canary.clone(), score);
+            self.keep_eval_score(&progress.canary, score);
         }
         *self.running() = Some(self.spawn(plan, progress));
         Ok(true)
@@ -476,11 +483,36 @@ impl Rollouts {
                 "{version:?} is neither the stable nor the canary version"
             )));
         }
+        self.keep_eval_score(version, score);
+        Ok(())
+    }
+
+    /// Keeps `score` for `version` as it is judged now, by its window.
+    fn keep_eval_score(&self, version: &str, score: f64) {
+        let table = self.control.table().snapshot();
+        let Some(judged) = table.versions().find(|v| v.name == version) else {
+            return;
+        };
         self.eval_scores
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(version.to_owned(), score);
-        Ok(())
+            .insert(
+                version.to_owned(),
+                EvalScore {
+                    score,
+                    window: Arc::downgrade(&judged.window),
+                },
+            );
+    }
+
+    /// The canary's score, if one was reported for it as `table` judges
+    /// it: a canary installed again after its rollback starts a new window,
+    /// and the score of the one before, good or bad, is not its own.
+    fn canary_eval_score(&self, table: &RouteTable) -> Option<f64> {
+        let canary = &table.canary.as_ref()?.version;
+        let scores = self.eval_scores.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = scores.get(&canary.name)?;
+        Weak::ptr_eq(&kept.window, &Arc::downgrade(&canary.window)).then_some(kept.score)
     }
 
     /// The live state as `GET /admin/state` shows it
@@ -728,11 +760,12 @@ impl Rollouts {
             stats::planned_looks(plan),
             pausing,
         );
+        let table = self.control.table().snapshot();
         let evaluation = judge::evaluate(
-            &self.control.table().snapshot(),
+            &table,
             plan,
             u32::try_from(index).unwrap_or(u32::MAX),
-            &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+            self.canary_eval_score(&table),
             None,
         );
         let verdict = judge::overall(&evaluation);
@@ -761,11 +794,12 @@ impl Rollouts {
             stats::planned_looks(plan),
             Pausing::No,
         );
+        let table = self.control.table().snapshot();
         let evaluation = judge::evaluate(
-            &self.control.table().snapshot(),
+            &table,
             plan,
             u32::try_from(index).unwrap_or(u32::MAX),
-            &self.eval_scores.lock().unwrap_or_else(|p| p.into_inner()),
+            self.canary_eval_score(&table),
             Some(since),
         );
         let verdict = judge::overall(&evaluation);

@@ -13,7 +13,7 @@
 //! table).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::stats::{self, Look};
@@ -38,7 +38,7 @@ pub fn evaluate(
     table: &RouteTable,
     plan: &RolloutConfig,
     look: u32,
-    eval_scores: &HashMap<String, f64>,
+    eval_score: Option<f64>,
     since: Option<Duration>,
 ) -> Vec<Evaluation> {
     let Some(canary) = &table.canary else {
@@ -59,7 +59,7 @@ pub fn evaluate(
         &plan.guardrails,
         stable.as_ref(),
         &canary_sample,
-        eval_scores.get(&canary.version.name).copied(),
+        eval_score,
         plan.min_requests,
         Look {
             index: look,
