@@ -1324,11 +1324,9 @@ async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_rolled_back_then_installed_again_as_it_was_is_judged_afresh() {
-    // A canary failing every request for /bad, and none other: the one
-    // behind the same upstream after its fix, as far as the test's
-    // requests for / can tell.
+/// A stable backend, and a canary that fails every request for /bad and
+/// none other.
+async fn backends_failing_bad() -> (Backend, TunedBackend) {
     let stable = Backend::start(STABLE).await;
     let canary = TunedBackend::start(
         CANARY,
@@ -1338,6 +1336,14 @@ async fn a_canary_rolled_back_then_installed_again_as_it_was_is_judged_afresh() 
         },
     )
     .await;
+    (stable, canary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_rolled_back_then_installed_again_as_it_was_is_judged_afresh() {
+    // The canary is the one behind the same upstream after its fix, as far
+    // as the test's requests for / can tell.
+    let (stable, canary) = backends_failing_bad().await;
     // Windows of 60 half-second slots, so the failures below are still in
     // the canary's window when the rollout judges it; and no ejection of
     // the canary's upstream for them. The config's plan is not started:
@@ -1954,16 +1960,7 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_ends_only_when_its_own_weights_requests_pass() {
-    // A canary that fails every request for /bad and none other.
-    let stable = Backend::start(STABLE).await;
-    let canary = TunedBackend::start(
-        CANARY,
-        Tuning {
-            fail_path: Some("/bad"),
-            ..Tuning::default()
-        },
-    )
-    .await;
+    let (stable, canary) = backends_failing_bad().await;
     // Its failures do not eject its upstream: the guardrails judge them.
     let extra = format!(
         "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n{}",

@@ -754,20 +754,7 @@ impl Rollouts {
         if pausing == Pausing::Yes {
             progress.pause_looks += 1;
         }
-        let index = spending_index(
-            progress.evaluations,
-            progress.pause_looks,
-            stats::planned_looks(plan),
-            pausing,
-        );
-        let table = self.control.table().snapshot();
-        let evaluation = judge::evaluate(
-            &table,
-            plan,
-            u32::try_from(index).unwrap_or(u32::MAX),
-            self.canary_eval_score(&table),
-            None,
-        );
+        let evaluation = self.evaluate(plan, progress, pausing, None);
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
             &mut progress.failure_runs,
@@ -781,27 +768,39 @@ impl Rollouts {
         (verdict, tripped)
     }
 
+    /// The guardrails judged at the look `progress` has counted last, over
+    /// what the windows recorded since `since`, or over their whole span.
+    fn evaluate(
+        &self,
+        plan: &RolloutConfig,
+        progress: &Progress,
+        pausing: Pausing,
+        since: Option<Duration>,
+    ) -> Vec<judge::Evaluation> {
+        let index = spending_index(
+            progress.evaluations,
+            progress.pause_looks,
+            stats::planned_looks(plan),
+            pausing,
+        );
+        let table = self.control.table().snapshot();
+        judge::evaluate(
+            &table,
+            plan,
+            u32::try_from(index).unwrap_or(u32::MAX),
+            self.canary_eval_score(&table),
+            since,
+        )
+    }
+
     /// Whether the guardrails pass on what the windows recorded since
     /// `since` alone. It only holds a stage that would end: a failure here
     /// rolls nothing back (the looks over the whole window do that), and
     /// the extra test spends no error budget on false rollbacks. Says why
     /// in `progress.reason` when it holds the stage.
     fn passes_since(&self, plan: &RolloutConfig, progress: &mut Progress, since: Duration) -> bool {
-        // The index of the look just made: the same error budget.
-        let index = spending_index(
-            progress.evaluations,
-            progress.pause_looks,
-            stats::planned_looks(plan),
-            Pausing::No,
-        );
-        let table = self.control.table().snapshot();
-        let evaluation = judge::evaluate(
-            &table,
-            plan,
-            u32::try_from(index).unwrap_or(u32::MAX),
-            self.canary_eval_score(&table),
-            Some(since),
-        );
+        // At the index of the look just made: the same error budget.
+        let evaluation = self.evaluate(plan, progress, Pausing::No, Some(since));
         let verdict = judge::overall(&evaluation);
         progress.reason = (verdict != Verdict::Pass).then(|| {
             format!(
