@@ -11,8 +11,10 @@
 //! - 20 requests per second in total, each sent to the canary with the
 //!   stage's weight; plan: 1% for 30 minutes, then 10% for 30 minutes.
 //! - One look every 30 s (120 planned looks); each look compares both
-//!   cohorts over the same sliding window, the ring's whole span (60 slots
-//!   of 30 s = 30 minutes), with `min_requests = 200` per cohort.
+//!   cohorts over the same sliding window: the slots since the stage's
+//!   weight took effect, less the one it took effect in (here the stage's
+//!   whole first slot, the worst case), up to the ring's whole span (60
+//!   slots of 30 s = 30 minutes), with `min_requests = 200` per cohort.
 //! - A guardrail failing 2 looks in a row (`failure_limit = 2`) rolls back;
 //!   `pass` resets its count, `inconclusive` leaves it. Stage gates (moving
 //!   on only after a pass) are not modelled: a rollout either rolls back or
@@ -221,6 +223,7 @@ fn rollout(seed: u64, stable: &Behaviour, scenarios: &[Scenario]) -> Vec<(Outcom
     let (mut second, mut look, mut canary_served) = (0u64, 0u32, 0u64);
     'plan: for (weight, seconds) in PLAN {
         traffic.canary_below = fraction_of(weight, 20);
+        let stage_began = Duration::from_secs(second);
         for _ in 0..seconds {
             for i in 0..RATE_PER_SECOND {
                 let at = Duration::from_millis(second * 1_000 + i * 1_000 / RATE_PER_SECOND);
@@ -243,9 +246,9 @@ fn rollout(seed: u64, stable: &Behaviour, scenarios: &[Scenario]) -> Vec<(Outcom
             // The look happens at the end of the interval: the last
             // millisecond of the slot just filled.
             let now = Duration::from_millis(second * 1_000 - 1);
-            let stable_sample = stable_window.snapshot(now, stable_window.span());
+            let stable_sample = stable_window.snapshot_since(now, stage_began);
             for arm in &mut arms {
-                let canary = arm.window.snapshot(now, arm.window.span());
+                let canary = arm.window.snapshot_since(now, stage_began);
                 if arm.statistical.rolled_back_after.is_none() {
                     let evaluations = evaluate(
                         &arm.scenario.guardrails,

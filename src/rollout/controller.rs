@@ -608,16 +608,33 @@ impl Rollouts {
         // An approval is answered once the stage after the gate is in
         // effect, so the answer shows where the rollout went.
         let mut approval = None;
+        // When the weight now in effect took effect (on the scale of
+        // `clock::since_start`): the guardrails judge what was served at
+        // it. Unknown after a restart, whose windows start empty anyway.
+        let mut weight_since = None;
         while progress.stage < plan.stages.len() {
             let outcome = match plan.stages[progress.stage] {
                 Stage::Pause => {
-                    self.pause(&plan, &mut progress, &mut inbox, &mut approval)
-                        .await
+                    self.pause(
+                        &plan,
+                        &mut progress,
+                        &mut inbox,
+                        &mut approval,
+                        weight_since,
+                    )
+                    .await
                 }
                 Stage::Weight { weight, duration } => {
                     let stage = (weight.percent(), duration);
-                    self.weight_stage(&plan, &mut progress, stage, &mut inbox, &mut approval)
-                        .await
+                    self.weight_stage(
+                        &plan,
+                        &mut progress,
+                        stage,
+                        &mut inbox,
+                        &mut approval,
+                        &mut weight_since,
+                    )
+                    .await
                 }
             };
             self.show_clock(None);
@@ -662,12 +679,15 @@ impl Rollouts {
         }
     }
 
+    /// Waits for approval, judging the canary at its weight, in effect
+    /// since `weight_since` (if known), meanwhile.
     async fn pause(
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
+        weight_since: Option<Duration>,
     ) -> Result<(), Stop> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
@@ -699,7 +719,7 @@ impl Rollouts {
                 () = tokio::time::sleep_until(next_look), if self.serves_anyone(progress) => {
                     next_look = Instant::now() + plan.interval;
                     self.still_ours(progress)?;
-                    self.look_while_paused(plan, progress)?;
+                    self.look_while_paused(plan, progress, weight_since)?;
                 }
             }
         }
@@ -725,8 +745,13 @@ impl Rollouts {
     /// background analysis runs through a pause, a guardrail whose run of
     /// failures reaches the limit rolls it back; a lack of data only waits,
     /// as the pause does already.
-    fn look_while_paused(&self, plan: &RolloutConfig, progress: &mut Progress) -> Result<(), Stop> {
-        let (_, tripped) = self.look(plan, progress, Pausing::Yes, true);
+    fn look_while_paused(
+        &self,
+        plan: &RolloutConfig,
+        progress: &mut Progress,
+        weight_since: Option<Duration>,
+    ) -> Result<(), Stop> {
+        let (_, tripped) = self.look(plan, progress, Pausing::Yes, true, weight_since);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
         progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
         let failed: Vec<String> = tripped
@@ -739,22 +764,39 @@ impl Rollouts {
         self.save_look(progress)
     }
 
-    /// One look at the guardrails over the versions' windows, recorded in
-    /// `progress`: the overall verdict, and the guardrails whose run of
-    /// failed looks reached the plan's `failure_limit` (the inconclusive
-    /// run among them; see [`judge::count_failures`]).
+    /// One look at the guardrails over the versions' windows since the
+    /// weight in effect took effect (`weight_since`; the whole span when
+    /// unknown, or when that is longer), recorded in `progress`: the
+    /// overall verdict, and the guardrails whose run of failed looks
+    /// reached the plan's `failure_limit` (the inconclusive run among
+    /// them; see [`judge::count_failures`]), `waiting_counts` saying
+    /// whether an inconclusive look counts towards it.
     fn look(
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
         pausing: Pausing,
         waiting_counts: bool,
+        weight_since: Option<Duration>,
     ) -> (Verdict, Vec<String>) {
         progress.evaluations += 1;
         if pausing == Pausing::Yes {
             progress.pause_looks += 1;
         }
-        let evaluation = self.evaluate(plan, progress, pausing, None);
+        let index = spending_index(
+            progress.evaluations,
+            progress.pause_looks,
+            stats::planned_looks(plan),
+            pausing,
+        );
+        let table = self.control.table().snapshot();
+        let evaluation = judge::evaluate(
+            &table,
+            plan,
+            u32::try_from(index).unwrap_or(u32::MAX),
+            self.canary_eval_score(&table),
+            weight_since,
+        );
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
             &mut progress.failure_runs,
@@ -768,50 +810,6 @@ impl Rollouts {
         (verdict, tripped)
     }
 
-    /// The guardrails judged at the look `progress` has counted last, over
-    /// what the windows recorded since `since`, or over their whole span.
-    fn evaluate(
-        &self,
-        plan: &RolloutConfig,
-        progress: &Progress,
-        pausing: Pausing,
-        since: Option<Duration>,
-    ) -> Vec<judge::Evaluation> {
-        let index = spending_index(
-            progress.evaluations,
-            progress.pause_looks,
-            stats::planned_looks(plan),
-            pausing,
-        );
-        let table = self.control.table().snapshot();
-        judge::evaluate(
-            &table,
-            plan,
-            u32::try_from(index).unwrap_or(u32::MAX),
-            self.canary_eval_score(&table),
-            since,
-        )
-    }
-
-    /// Whether the guardrails pass on what the windows recorded since
-    /// `since` alone. It only holds a stage that would end: a failure here
-    /// rolls nothing back (the looks over the whole window do that), and
-    /// the extra test spends no error budget on false rollbacks. Says why
-    /// in `progress.reason` when it holds the stage.
-    fn passes_since(&self, plan: &RolloutConfig, progress: &mut Progress, since: Duration) -> bool {
-        // At the index of the look just made: the same error budget.
-        let evaluation = self.evaluate(plan, progress, Pausing::No, Some(since));
-        let verdict = judge::overall(&evaluation);
-        progress.reason = (verdict != Verdict::Pass).then(|| {
-            format!(
-                "the stage's time is up, but its guardrails do not pass yet on the requests served at its weight alone ({}; at least {} needed per cohort): it ends on a pass",
-                if verdict == Verdict::Fail { "failing" } else { "inconclusive" },
-                plan.min_requests
-            )
-        });
-        verdict == Verdict::Pass
-    }
-
     async fn weight_stage(
         &self,
         plan: &RolloutConfig,
@@ -819,10 +817,12 @@ impl Rollouts {
         (weight, duration): (f64, Duration),
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
+        weight_since: &mut Option<Duration>,
     ) -> Result<(), Stop> {
         // Paused for lack of data when the process stopped: still paused.
         if progress.phase == Phase::Paused {
-            self.pause(plan, progress, inbox, approval).await?;
+            self.pause(plan, progress, inbox, approval, *weight_since)
+                .await?;
             progress.reason = None;
         }
         progress.phase = Phase::Progressing;
@@ -843,8 +843,10 @@ impl Rollouts {
         show(clock, progress);
         self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
         // From here the stage's weight is in effect: what the windows hold
-        // from before it was served at another weight.
-        let weight_since = crate::clock::since_start();
+        // from before it was served at another weight, which says little of
+        // this one (and a burst shared by both cohorts just after the step
+        // would weigh on the canary's window alone).
+        *weight_since = Some(crate::clock::since_start());
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
@@ -880,7 +882,8 @@ impl Rollouts {
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
             let stage_over = elapsed >= duration;
-            let (verdict, tripped) = self.look(plan, progress, Pausing::No, stage_over);
+            let (verdict, tripped) =
+                self.look(plan, progress, Pausing::No, stage_over, *weight_since);
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
@@ -897,7 +900,8 @@ impl Rollouts {
                     since: None,
                 };
                 show(clock, progress);
-                self.pause(plan, progress, inbox, approval).await?;
+                self.pause(plan, progress, inbox, approval, *weight_since)
+                    .await?;
                 clock.start();
                 progress.phase = Phase::Progressing;
                 progress.reason = None;
@@ -911,17 +915,12 @@ impl Rollouts {
             if !tripped.is_empty() {
                 return Err(rollback_for(progress, &tripped, plan));
             }
+            self.save_look(progress)?;
             // A stage ends only on a passing evaluation: an inconclusive one
             // (too little data, or a canary that measures past a limit
             // without proof yet) waits, and a failing one (a guardrail, or
-            // a canary with no upstream available) holds it. The look that
-            // ends it must also pass on the requests served at the stage's
-            // own weight: the window may still hold mostly the last stage's.
-            let ends = stage_over
-                && verdict == Verdict::Pass
-                && self.passes_since(plan, progress, weight_since);
-            self.save_look(progress)?;
-            if ends {
+            // a canary with no upstream available) holds it.
+            if stage_over && verdict == Verdict::Pass {
                 return Ok(());
             }
         }

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::stats::{self, Look};
+use super::window::Window;
 use crate::clock;
 use crate::config::RolloutConfig;
 use crate::routing::Weight;
@@ -30,8 +31,8 @@ pub const CANARY_AVAILABLE: &str = "canary_available";
 
 /// Evaluates the canary's availability, then every configured guardrail, at
 /// look number `look` (from 1, counted over the whole rollout), over what
-/// the windows recorded since `since` (on [`clock::since_start`]'s scale),
-/// or over their whole span. Without a canary there is nothing to judge,
+/// the windows recorded in the slots since `since` (on
+/// [`clock::since_start`]'s scale), or over their whole span. Without a canary there is nothing to judge,
 /// which passes.
 #[must_use]
 pub fn evaluate(
@@ -45,15 +46,20 @@ pub fn evaluate(
         return Vec::new();
     };
     let now = clock::since_start();
-    // The whole span: at 1% a canary needs most of it to reach `min_requests`.
+    // For both cohorts the same minutes: the slots since the weight in
+    // effect took effect, when the caller knows, else the whole span (at
+    // 1% a canary needs most of it to reach `min_requests`).
     let span = table.stable.window.span().min(canary.version.window.span());
-    let span = since.map_or(span, |since| span.min(now.saturating_sub(since)));
+    let sample = |window: &Window| match since {
+        Some(since) => window.snapshot_since(now, since),
+        None => window.snapshot(now, span),
+    };
     // At 100% stable serves no cohort by design: its window only drains, and
     // what is left in it says nothing about the canary. The relative
     // guardrails are then not applicable, rather than inconclusive for
     // ever, which would hold a healthy canary at its last stage.
-    let stable = (canary.weight < Weight::FULL).then(|| table.stable.window.snapshot(now, span));
-    let canary_sample = canary.version.window.snapshot(now, span);
+    let stable = (canary.weight < Weight::FULL).then(|| sample(&table.stable.window));
+    let canary_sample = sample(&canary.version.window);
     let mut evaluations = vec![availability(&canary.version)];
     evaluations.extend(stats::evaluate(
         &plan.guardrails,

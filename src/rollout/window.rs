@@ -278,6 +278,22 @@ impl Window {
         }
     }
 
+    /// What was recorded in the slots that began after `since`, up to
+    /// `now` (at most the whole span): the slot `since` fell in is left
+    /// out, since part of it may be from before. Empty until a slot has
+    /// begun since.
+    #[must_use]
+    pub fn snapshot_since(&self, now: Duration, since: Duration) -> Sample {
+        let slots = self.period(now).saturating_sub(self.period(since));
+        if slots == 0 {
+            return Sample::default();
+        }
+        self.snapshot(
+            now,
+            Duration::from_millis(slots.saturating_mul(self.slot_ms)),
+        )
+    }
+
     /// The requests of the last `window_len` before `now`, in whole slots:
     /// the slot holding `now` and the ones before it, as many as
     /// `window_len` covers (rounded up, at least one, at most
@@ -370,6 +386,21 @@ mod tests {
         assert_eq!(all.latency[latency_bin(200_000)], 1);
         // A part of a slot counts as the whole slot: never an empty window.
         assert_eq!(window.snapshot(s(29), Duration::ZERO).requests, 1);
+    }
+
+    #[test]
+    fn a_snapshot_since_leaves_out_the_slot_it_began_in() {
+        let window = Window::new(Duration::from_secs(10));
+        let s = Duration::from_secs;
+        window.record(s(11), obs(true, 100, None));
+        window.record(s(15), obs(false, 100, None));
+        window.record(s(25), obs(true, 100, None));
+        // Since 12 s: the slot of 10..20 s may hold requests from before.
+        assert_eq!(window.snapshot_since(s(29), s(12)).requests, 1);
+        assert_eq!(window.snapshot_since(s(29), s(10)).requests, 1);
+        assert_eq!(window.snapshot_since(s(29), s(9)).requests, 3);
+        // Nothing until a slot has begun since.
+        assert_eq!(window.snapshot_since(s(29), s(21)).requests, 0);
     }
 
     #[test]
