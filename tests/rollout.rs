@@ -1958,6 +1958,36 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
     );
 }
 
+/// A Cohort in front of `stable` and `canary`, the canary installed through
+/// the API at 0% and available, its failures judged by the guardrails
+/// alone (no ejection), then `plan` started; windows of 60 slots of the
+/// plan's interval. Returns the server (to hold), its admin API and proxy.
+async fn rollout_started(
+    stable: SocketAddr,
+    canary: SocketAddr,
+    plan: Value,
+) -> (Server, AdminApi, SocketAddr) {
+    let interval = plan["interval"].as_str().expect("the plan's interval");
+    let extra = format!(
+        "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n{}",
+        rollout_table_every(
+            interval,
+            "stages = [ { weight = 1, duration = \"1s\" } ]",
+            ""
+        )
+    );
+    let server = start_cohort(&config(&[stable], None, &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"name": CANARY, "upstreams": [canary.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let proxy = server.proxy_addr();
+    (server, admin, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_both_cohorts_share_just_after_a_step_are_not_the_canarys() {
     // A dependency both versions call fails every request for /bad.
@@ -1968,35 +1998,20 @@ async fn failures_both_cohorts_share_just_after_a_step_are_not_the_canarys() {
     let stable = TunedBackend::start(STABLE, failing).await;
     let canary = TunedBackend::start(CANARY, failing).await;
     // Windows of 30 s, so the first stage's requests are still in them.
-    let extra = format!(
-        "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n{}",
-        rollout_table_every(
-            "500ms",
-            "stages = [ { weight = 1, duration = \"1s\" } ]",
-            ""
-        )
-    );
-    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
-    let admin = AdminApi::new(server.admin_addr());
-    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
-    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    wait_canary_available(&admin).await;
     let plan = json!({
         "interval": "500ms",
         "min_requests": 20,
         "stages": [{"weight": 5, "duration": "1s"}, {"weight": 50, "duration": "1h"}],
         "guardrails": {"success_rate_drop_max": 0.05},
     });
-    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
-    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
 
     // Good requests through the 5% stage; then, at 50%, as many failing
     // as good ones, in both cohorts alike.
-    let traffic = Traffic::start(server.proxy_addr(), 2);
+    let traffic = Traffic::start(proxy, 2);
     wait_state(&admin, "the 50% stage", |s| s["rollout"]["stage"] == 1).await;
     drop(traffic);
-    let http = Http::new(server.proxy_addr());
+    let http = Http::new(proxy);
     let sent = Arc::new(AtomicU64::new(0));
     let burst = tokio::spawn({
         let sent = Arc::clone(&sent);
@@ -2033,33 +2048,21 @@ async fn failures_both_cohorts_share_just_after_a_step_are_not_the_canarys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_stage_is_judged_on_the_requests_served_at_its_weight() {
     let (stable, canary) = backends_failing_bad().await;
-    // Its failures do not eject its upstream: the guardrails judge them.
-    let extra = format!(
-        "[health]\ninterval = \"100ms\"\neject_after_errors = 1000\n{}",
-        rollout_table("stages = [ { weight = 1, duration = \"1s\" } ]", "")
-    );
-    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
-    let admin = AdminApi::new(server.admin_addr());
-    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
-    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    wait_canary_available(&admin).await;
     let plan = json!({
         "interval": INTERVAL,
         "min_requests": 20,
         "stages": [{"weight": 50, "duration": "1s"}, {"weight": 100, "duration": "1s"}],
         "guardrails": {"success_rate_min": 0.9},
     });
-    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
-    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
 
     // Good requests through the first stage, which passes...
-    let traffic = Traffic::start(server.proxy_addr(), 2);
+    let traffic = Traffic::start(proxy, 2);
     wait_state(&admin, "the last stage", |s| s["rollout"]["stage"] == 1).await;
     drop(traffic);
     // ...then, at 100%, a failure every 50 ms: far fewer than the first
     // stage's successes still in the window, which alone would pass.
-    let http = Http::new(server.proxy_addr());
+    let http = Http::new(proxy);
     let failing = tokio::spawn(async move {
         for n in 0.. {
             let _ = http
