@@ -9,7 +9,10 @@
 //! request: at most [`MAX_IN_FLIGHT`] copies are open per shadow, and one
 //! more is dropped and counted in `cohort_shadow_dropped_total`, as is a copy
 //! that times out. Does not own: the real request (`proxy`), when the shadow
-//! is installed or removed (`control`), or its health (`health`).
+//! is installed or removed (`control`), or its health (`health`). The
+//! [`TeeBody`] does carry the real body's progress for the proxy, and cuts
+//! it when that says so (`proxy::body::BodyProgress`): it is the one part
+//! of the request alive for the body's whole life.
 //!
 //! Request bodies are copied while they stream to the real upstream, never
 //! buffered first: the real request's body is a [`TeeBody`] that hands a

@@ -7,11 +7,13 @@
 //! the version's window the outcome of a streamed response (a failure if
 //! its upstream cut it) or, for a request its client abandoned before the
 //! response head, a 499, its access log line and a failure. Also
-//! ends a stream whose version was rolled back with `on_rollback = "close"`,
-//! or whose upstream sent nothing for `upstream.stream_idle_timeout`,
+//! ends a stream whose version was rolled back with `on_rollback = "close"`
+//! after its head, or that went silent both ways (no byte from its
+//! upstream, none of the request body) for `upstream.stream_idle_timeout`,
 //! counts an upstream that fails mid-body among the version's upstream errors,
 //! and keeps [`BodyProgress`], how far a request body has got (which the
-//! response timeout counts from) and whether it waits on its client.
+//! response timeout counts from), whether it waits on its client, and when
+//! one left silent after its response has ended is due to be cut.
 //! Does not own: when the response head is due (`Proxy::forward`), the
 //! HTTP/2 stream's send timeout (`h2stream`), or the metric names
 //! (`metrics`).

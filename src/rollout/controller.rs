@@ -1,10 +1,11 @@
 //! The rollout controller: steps a canary through a plan's stages.
 //!
 //! Owns: starting, approving and aborting a rollout, the stage machine (set
-//! the weight, wait the duration, judge at every interval, go on; wait at a
-//! pause for approval, judging meanwhile), rolling back when a guardrail fails `failure_limit`
-//! looks in a row, pausing for a person when the guardrails lack data for
-//! too long, the end (promote or hold), ending at once when a change
+//! the weight, wait the duration, judge at every interval what was served
+//! since the weight took effect, go on; wait at a pause for approval,
+//! judging meanwhile), rolling back when a guardrail fails `failure_limit`
+//! looks in a row, pausing for a person when the guardrails still lack data
+//! once the stage's time is up, the end (promote or hold), ending at once when a change
 //! made outside it (a rollback, a promotion, a new canary) supersedes it,
 //! the stage's clock (shown live in `GET /admin/state`, saved at every
 //! evaluation and on a graceful shutdown), resuming after a restart with
