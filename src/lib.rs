@@ -52,3 +52,9 @@ pub mod state;
 pub mod table;
 pub mod tls;
 pub mod upstream;
+
+/// The error of a body or a connection whose cause may come from any of
+/// several layers (hyper, rustls, the socket, Cohort's own timeouts). Boxed,
+/// as hyper's and tower's are, because no caller branches on its type: they
+/// log it, or look for a known cause down its `source()` chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -6,7 +6,8 @@
 //! recorder's upkeep, [`VersionMetrics`], the handles a version resolves
 //! once when a route table is built so that recording a request allocates
 //! nothing, and [`Counted`], a gauge held up by a guard. Does not own: when
-//! to record (the proxy's `handle` does, once per request), serving
+//! to record (the proxy: its `handle` at the response head, its `body` at
+//! the body's end, and its `forward` for each upstream tried), serving
 //! `/metrics` (`admin`, which renders it through [`retain_live_series`]), or the
 //! series of [`UPSTREAM_HEALTHY`], which `health` writes from the live table
 //! at each scrape (`health::write_gauges`).

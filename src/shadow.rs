@@ -43,9 +43,10 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::BoxError;
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
-use crate::proxy::body::{BodyProgress, BoxError};
+use crate::proxy::body::BodyProgress;
 use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Policy, Version};
@@ -314,7 +315,7 @@ impl CopyBody {
 
 impl Body for CopyBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -441,7 +441,9 @@ impl Table {
         self.0.load()
     }
 
-    /// A full reference to the live snapshot, for holders that outlive a request.
+    /// A full reference to the live snapshot, for holders that keep it
+    /// across awaits (a request, a rollout's look): [`Table::load`]'s guard
+    /// is for short reads.
     #[must_use]
     pub fn snapshot(&self) -> Arc<RouteTable> {
         self.0.load_full()

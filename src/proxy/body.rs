@@ -33,14 +33,13 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::ProxyError;
+use crate::BoxError;
 use crate::metrics::UpstreamErrorKind;
 use crate::rollout::window::Observation;
 use crate::routing::Decision;
 use crate::shadow::TeeBody;
 use crate::table::Version;
 use crate::upstream::UpstreamBody;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request of `version` that has not finished yet: counted in
 /// `cohort_requests_in_flight` until dropped, when it records the response

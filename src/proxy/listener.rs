@@ -40,6 +40,7 @@ use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::h2stream::{ReportingBody, StreamExecutor};
 use super::idle::{Activity, ClientIo, Tracked};
 use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
+use crate::BoxError;
 use crate::config::ListenConfig;
 use crate::metrics::Counted;
 use crate::tls::ServerTls;
@@ -229,8 +230,6 @@ impl Settings {
     }
 }
 
-type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Tells, at each idle check, whether the client has taken nothing of what
 /// is being written to it for `listen.send_timeout`, as nginx's
 /// `send_timeout` does: a client that stops reading would otherwise hold
@@ -379,11 +378,7 @@ impl Connection {
     /// connections never need (TLS, HTTP/2) or need only while busy
     /// (hyper's connection) is boxed, and values are borrowed rather than
     /// moved into callees (a moved-from binding keeps its room).
-    async fn run(
-        &mut self,
-        stream: TcpStream,
-        tls: Option<TlsAcceptor>,
-    ) -> Result<(), ConnectionError> {
+    async fn run(&mut self, stream: TcpStream, tls: Option<TlsAcceptor>) -> Result<(), BoxError> {
         // The TLS handshake and the first request head share one deadline,
         // as nginx's `client_header_timeout` counts from the accept.
         let first_head = Instant::now() + self.settings.header_read_timeout;
@@ -414,7 +409,7 @@ impl Connection {
         mut io: ClientIo<S>,
         h2: Option<bool>,
         first_head: Instant,
-    ) -> Result<(), ConnectionError> {
+    ) -> Result<(), BoxError> {
         let h2 = match h2 {
             Some(h2) => h2,
             None => {
@@ -526,13 +521,13 @@ impl Connection {
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>>,
         activity: &Activity,
         head_due: Option<Instant>,
-    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, ConnectionError>
+    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, BoxError>
     where
         S: Socket,
         Svc: HttpService<Incoming, ResBody = B>,
-        Svc::Error: Into<ConnectionError>,
+        Svc::Error: Into<BoxError>,
         B: Body + 'static,
-        B::Error: Into<ConnectionError>,
+        B::Error: Into<BoxError>,
     {
         let check = self.settings.idle_check;
         let mut checks = tokio::time::interval_at(Instant::now() + check, check);
@@ -662,10 +657,10 @@ impl Connection {
         mut conn: Pin<Box<C>>,
         activity: &Activity,
         first_head: Instant,
-    ) -> Result<(), ConnectionError>
+    ) -> Result<(), BoxError>
     where
         C: GracefulConnection,
-        C::Error: Into<ConnectionError>,
+        C::Error: Into<BoxError>,
     {
         let keepalive = self.settings.keepalive_timeout;
         let check = self.settings.idle_check;
@@ -728,7 +723,7 @@ impl Connection {
     /// reading stops the tunnel reading its client, so one that sends
     /// nothing either is seen as idle. Checked four times per the shorter timeout, so each holds to
     /// within a quarter of itself.
-    async fn run_tunnel(&self, tunnel: Tunnel, activity: &Activity) -> Result<(), ConnectionError> {
+    async fn run_tunnel(&self, tunnel: Tunnel, activity: &Activity) -> Result<(), BoxError> {
         let idle_timeout = self.settings.tunnel_idle_timeout;
         let check =
             (self.settings.send_timeout.min(idle_timeout) / 4).max(Duration::from_millis(1));

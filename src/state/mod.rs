@@ -545,9 +545,10 @@ pub enum StateError {
     Conflict { expected: u64, found: u64 },
 }
 
-/// Where the durable state is kept. One implementation today (a file); the
-/// seam exists so that replicas can share their state through a store such
-/// as etcd without touching the data path.
+/// Where the durable state is kept. One implementation serves (a file);
+/// the seam lets tests stand in a disk that stalls or fails, and would let
+/// replicas share their state through a store such as etcd without
+/// touching the data path.
 pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// The saved state, or `None` when nothing was saved yet.
     fn load(&self) -> Result<Option<SavedState>, StateError>;

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::BoxError;
 use crate::coalesce;
 
 fn http_connector(connect_timeout: Duration) -> HttpConnector {
@@ -123,8 +124,6 @@ impl tower_service::Service<Uri> for CountingConnector {
         })
     }
 }
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A byte stream to an upstream: TCP, or TLS over TCP.
 #[derive(Debug)]

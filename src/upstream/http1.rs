@@ -18,7 +18,7 @@
 //! nor HTTP/2 upstreams (`http2`), nor which `https://` upstreams speak
 //! HTTP/1.1 (`super`).
 
-use std::error::Error as StdError;
+use std::error::Error as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use super::connect::CountingConnector;
 use super::http2::StreamSlot;
 use super::{Error, SendError};
+use crate::BoxError;
 
 /// A pooled connection idle this long may be closed by the upstream just as
 /// a request goes out on it (its own keep-alive timeout ran out: 2 to 5 s is
@@ -95,7 +96,7 @@ impl<B> Http1Pool<B>
 where
     B: Body + Default + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     /// A pool that connects with `connector` (over TLS if `scheme` is
     /// `https`), keeps at most `max_idle_per_host` idle connections per

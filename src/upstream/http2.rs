@@ -37,8 +37,9 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use super::connect::{BoxError, CountedConnection, CountingConnector};
+use super::connect::{CountedConnection, CountingConnector};
 use super::{Error, SendError, UpstreamBody};
+use crate::BoxError;
 
 /// How long an `https://` upstream whose ALPN chose HTTP/1.1 is sent its
 /// requests over HTTP/1.1 before it is asked again (on the next request's
@@ -367,7 +368,9 @@ impl<C> Dispatch<C> {
 /// to tell it apart), or for ever if they set none (no limit).
 const SETTINGS_NOT_IN: usize = MAX_STREAMS + 1;
 
-/// What the pool asks of a connection's dispatch task.
+/// What the pool asks of a connection's dispatch task. A trait, with one
+/// implementation, so that the pool's connections need not name the
+/// request body's type.
 trait StreamLimit: Send + Sync {
     /// The most streams the connection may carry now: the upstream's
     /// SETTINGS_MAX_CONCURRENT_STREAMS, at most [`MAX_STREAMS`]; none once

@@ -28,9 +28,10 @@ use hyper::body::Body;
 use metrics::Gauge;
 use rustls::ClientConfig;
 
+use crate::BoxError;
 use crate::config::UpstreamConfig;
 use crate::shadow::TeeBody;
-use connect::{BoxError, CountingConnector};
+use connect::CountingConnector;
 use http1::Http1Pool;
 pub use http1::UpstreamBody;
 use http2::Http2Pool;
@@ -408,7 +409,9 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    // Plain TCP for the `http` pools, which never use its TLS config.
+    // One connector for every pool that speaks HTTP/1.1 or h2c: plain TCP
+    // for `http` (its TLS config unused), and TLS offering `http/1.1` alone
+    // for `https` upstreams that chose it.
     let offering_http1 = connect(http1_only(tls));
     UpstreamClient {
         http1: Http1Pool::new(
