@@ -29,7 +29,7 @@ use super::webhook::Webhooks;
 use super::window::Window;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError};
-use crate::state::{LiveState, Source, by_field};
+use crate::state::{LiveState, Source};
 use crate::table::{RouteTable, Status};
 
 /// The audit action of a rollout's first save.
@@ -77,8 +77,8 @@ fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, 
     let Some(saved) = live.rollout.clone() else {
         return Err("rollout: missing, though the status says one is running".to_owned());
     };
-    let progress: Progress =
-        serde_path_to_error::deserialize(saved).map_err(|e| by_field("rollout", &e))?;
+    let progress: Progress = serde_path_to_error::deserialize(saved)
+        .map_err(|e| crate::config::keyed("rollout", e.path(), e.inner()))?;
     // A status that says a rollout sets the weight, beside one that has
     // ended or is for another canary, would refuse every weight change for
     // a rollout that never runs.

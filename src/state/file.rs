@@ -166,7 +166,7 @@ fn name_the_field(text: &str) -> Option<String> {
     ))
     .err()?;
     // The live state's fields are the file's own, at its top level.
-    Some(super::by_field("", &error))
+    Some(crate::config::keyed("", error.path(), error.inner()))
 }
 
 /// How old a state file's temp file must be to count as left by a crash: a

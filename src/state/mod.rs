@@ -510,20 +510,6 @@ fn hex_digest(canonical: &serde_json::Value) -> String {
         .collect()
 }
 
-/// A deserialisation error of the document at `root` (`""`: the file's
-/// top level), named by the field it is in (`root.field: why`), as the
-/// config's errors are.
-#[must_use]
-pub fn by_field<E: std::fmt::Display>(root: &str, error: &serde_path_to_error::Error<E>) -> String {
-    let why = error.inner();
-    match (root, error.path().to_string().as_str()) {
-        ("", ".") => why.to_string(),
-        ("", field) => format!("{field}: {why}"),
-        (root, ".") => format!("{root}: {why}"),
-        (root, field) => format!("{root}.{field}: {why}"),
-    }
-}
-
 /// Why the state could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
