@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ShadowConfig, VersionConfig, check_version_name};
 use crate::routing::{self, Cohort, Weight};
-use crate::state::audit::{AuditLog, Entry};
+use crate::state::audit::{Action, Actor, AuditLog, Entry};
 use crate::state::{
     CanaryState, LiveState, Origin, Rollback, SavedState, ShadowState, Source, StateError,
     StateStore, VersionState,
@@ -109,10 +109,10 @@ struct Current {
 struct Unsaved {
     /// The generation the state file still holds.
     on_disk: u64,
-    action: &'static str,
+    action: Action,
     before: LiveState,
     reason: Option<String>,
-    source: &'static str,
+    source: Actor,
 }
 
 impl Control {
@@ -190,18 +190,18 @@ impl Control {
             "{reason}"
         );
         self.write_audit(
-            origin.as_str(),
+            Action::Start(origin),
             previous,
             &current.saved.live,
             Some(reason),
-            "start",
+            Actor::Start,
         );
     }
 
     /// Sets the canary's weight. After a rollback only `force` may raise it;
     /// during a rollout it is the rollout's to set.
     pub fn set_weight(&self, weight: Weight, force: bool) -> Result<LiveState, ControlError> {
-        self.change("weight", None, "api", |live| {
+        self.change(Action::Weight, None, Actor::Api, |live| {
             if matches!(live.status, Status::Progressing | Status::Paused) {
                 return Err(ControlError::Conflict(
                     "a rollout is in progress and sets the weight; abort it first".into(),
@@ -230,7 +230,7 @@ impl Control {
     /// forced weight. Idempotent: rolling back a rolled-back canary changes nothing.
     pub fn rollback(&self, reason: &str, source: Source) -> Result<LiveState, ControlError> {
         let previous = self.table.snapshot();
-        let result = self.change("rollback", Some(reason), source.as_str(), |live| {
+        let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
             let Some(canary) = live.canary.as_mut() else {
                 return Ok(());
             };
@@ -262,7 +262,7 @@ impl Control {
     /// canary none of whose upstreams has passed a health check would take
     /// every user to upstreams not known to answer: only `force` promotes it.
     /// `source` is who asked, for the audit log (`api`, `rollout`).
-    pub fn promote(&self, force: bool, source: &'static str) -> Result<LiveState, ControlError> {
+    pub fn promote(&self, force: bool, source: Actor) -> Result<LiveState, ControlError> {
         self.promote_recording(force, source, None)
     }
 
@@ -277,16 +277,16 @@ impl Control {
     ) -> Result<LiveState, ControlError> {
         // The plan's guardrails have judged the canary on real traffic,
         // which stands in for the health check a promotion asks for.
-        self.promote_recording(true, "rollout", Some((canary, progress)))
+        self.promote_recording(true, Actor::Rollout, Some((canary, progress)))
     }
 
     fn promote_recording(
         &self,
         force: bool,
-        source: &'static str,
+        source: Actor,
         rollout: Option<(&str, serde_json::Value)>,
     ) -> Result<LiveState, ControlError> {
-        self.change("promote", None, source, |live| {
+        self.change(Action::Promote, None, source, |live| {
             // The rollout's canary, still under its rollout: not one
             // installed again under its name since, unjudged.
             if let Some((rolled_out, _)) = &rollout
@@ -345,7 +345,7 @@ impl Control {
     ) -> Result<LiveState, ControlError> {
         check_version_name(name).map_err(|m| ControlError::Invalid(format!("name: {m}")))?;
         let upstreams = parse_upstreams(upstreams)?;
-        self.change("canary", None, "api", |live| {
+        self.change(Action::Canary, None, Actor::Api, |live| {
             if live.stable.name == name {
                 return Err(ControlError::Conflict(format!(
                     "{name:?} is the stable version's name"
@@ -382,7 +382,7 @@ impl Control {
         shadow: Option<(&str, &[String], Weight)>,
     ) -> Result<LiveState, ControlError> {
         let Some((name, upstreams, percent)) = shadow else {
-            return self.change("shadow", Some("shadow removed"), "api", |live| {
+            return self.change(Action::Shadow, Some("shadow removed"), Actor::Api, |live| {
                 live.shadow = None;
                 Ok(())
             });
@@ -398,7 +398,7 @@ impl Control {
                 "upstreams[{i}]: a shadow is reached over plain HTTP/1.1; write it \"host:port\""
             )));
         }
-        self.change("shadow", None, "api", |live| {
+        self.change(Action::Shadow, None, Actor::Api, |live| {
             if live.stable.name == name || live.canary.as_ref().is_some_and(|c| c.name == name) {
                 return Err(ControlError::Conflict(format!(
                     "{name:?} is already a version's name"
@@ -417,11 +417,11 @@ impl Control {
     /// edited that section since the live shadow was taken from it, as a
     /// changed `[versions]` re-seeds the versions (SPEC section 4). Until
     /// then a shadow set or removed through the admin API stays. Called on
-    /// start (`source` "start") and on every reload ("signal").
+    /// start (`source` [`Actor::Start`]) and on every reload ([`Actor::Signal`]).
     pub fn follow_config_shadow(
         &self,
         shadow: Option<&ShadowConfig>,
-        source: &'static str,
+        source: Actor,
     ) -> Result<LiveState, ControlError> {
         let digest = crate::state::shadow_digest(shadow);
         {
@@ -436,7 +436,7 @@ impl Control {
         }
         let reason = "the config's [shadow] section changed";
         let mut followed = false;
-        let live = self.change_saved("shadow", Some(reason), source, |saved| {
+        let live = self.change_saved(Action::Shadow, Some(reason), source, |saved| {
             if saved.shadow_digest.as_deref() == Some(digest.as_str()) {
                 return Ok(());
             }
@@ -511,9 +511,9 @@ impl Control {
     /// by itself (`source` = `rollout`) or on an operator's command.
     pub fn rollout_change(
         &self,
-        action: &'static str,
+        action: Action,
         reason: Option<&str>,
-        source: &'static str,
+        source: Actor,
         edit: impl FnOnce(&mut LiveState),
     ) -> Result<LiveState, ControlError> {
         self.change(action, reason, source, |live| {
@@ -553,7 +553,7 @@ impl Control {
     /// `[shadow]` likewise ([`Control::follow_config_shadow`]).
     pub fn reload(&self, config: &Config) -> Result<Reloaded, ControlError> {
         let reloaded = self.reload_versions(config)?;
-        match self.follow_config_shadow(config.shadow.as_ref(), "signal") {
+        match self.follow_config_shadow(config.shadow.as_ref(), Actor::Signal) {
             Ok(live) => Ok(Reloaded { live, ..reloaded }),
             Err(error) => {
                 tracing::error!(%error, "the reloaded [shadow] cannot be applied");
@@ -601,7 +601,13 @@ impl Control {
                 );
                 tracing::warn!(%reason, "routing changed");
                 let live = &current.saved.live;
-                self.write_audit("routing", Some(live), live, Some(&reason), "signal");
+                self.write_audit(
+                    Action::Routing,
+                    Some(live),
+                    live,
+                    Some(&reason),
+                    Actor::Signal,
+                );
             }
             return Ok(Reloaded {
                 live: current.saved.live.clone(),
@@ -627,11 +633,11 @@ impl Control {
         self.install(&current.saved.live, &current.policy);
         self.publish(&current.saved.live);
         self.write_audit(
-            "reseed",
+            Action::Reseed,
             Some(&before),
             &current.saved.live,
             Some("config reloaded with a changed [versions]"),
-            "signal",
+            Actor::Signal,
         );
         tracing::info!(
             generation = current.saved.live.generation,
@@ -667,9 +673,9 @@ impl Control {
     /// so traffic leaves the canary even if the disk is slow or failing.
     fn change(
         &self,
-        action: &'static str,
+        action: Action,
         reason: Option<&str>,
-        source: &'static str,
+        source: Actor,
         edit: impl FnOnce(&mut LiveState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         self.change_saved(action, reason, source, |saved| edit(&mut saved.live))
@@ -690,7 +696,13 @@ impl Control {
         let mut next = current.saved.clone();
         edit(&mut next.live);
         if !only_the_rollout_differs(&next, &current.saved) {
-            return self.commit(&mut current, LOOK, None, "rollout", next);
+            return self.commit(
+                &mut current,
+                Action::RolloutEvaluation,
+                None,
+                Actor::Rollout,
+                next,
+            );
         }
         if next != current.saved {
             self.store
@@ -704,9 +716,9 @@ impl Control {
     /// came from (the config digests beside the live state).
     fn change_saved(
         &self,
-        action: &'static str,
+        action: Action,
         reason: Option<&str>,
-        source: &'static str,
+        source: Actor,
         edit: impl FnOnce(&mut SavedState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         let mut current = self.lock();
@@ -721,9 +733,9 @@ impl Control {
     fn commit(
         &self,
         current: &mut Current,
-        action: &'static str,
+        action: Action,
         reason: Option<&str>,
-        source: &'static str,
+        source: Actor,
         mut next: SavedState,
     ) -> Result<LiveState, ControlError> {
         if next == current.saved {
@@ -738,7 +750,7 @@ impl Control {
         }
         let before = current.saved.live.clone();
         next.live.generation = before.generation + 1;
-        let swap_first = action == "rollback";
+        let swap_first = action == Action::Rollback;
         if swap_first {
             self.install(&next.live, &current.policy);
             self.live.store(Arc::new(next.live.clone()));
@@ -855,11 +867,11 @@ impl Control {
 
     fn write_audit(
         &self,
-        action: &str,
+        action: Action,
         before: Option<&LiveState>,
         after: &LiveState,
         reason: Option<&str>,
-        source: &str,
+        source: Actor,
     ) {
         let entry = Entry {
             action,
@@ -869,7 +881,7 @@ impl Control {
             source,
         };
         if let Err(error) = self.audit.append(&entry) {
-            tracing::error!(%error, action, "cannot append to the audit log; the line is kept and retried every second");
+            tracing::error!(%error, action = action.as_str(), "cannot append to the audit log; the line is kept and retried every second");
         }
     }
 
@@ -880,10 +892,6 @@ impl Control {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
-
-/// The audit action of a rollout's look that changed more than its
-/// progress (see [`Control::rollout_look`]).
-const LOOK: &str = "rollout_evaluation";
 
 /// Whether `next` differs from `saved` in the live state's `rollout` alone.
 fn only_the_rollout_differs(next: &SavedState, saved: &SavedState) -> bool {

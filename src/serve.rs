@@ -33,7 +33,7 @@ use crate::rollout::controller::Rollouts;
 use crate::rollout::plan;
 use crate::rollout::webhook::Webhooks;
 use crate::signals::{Signal, Signals};
-use crate::state::audit::AuditLog;
+use crate::state::audit::{Actor, AuditLog};
 use crate::state::file::FileStore;
 use crate::state::{self, Source, StateError, StateStore as _};
 use crate::table::{Policy, Table};
@@ -257,7 +257,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         audit,
     ));
     control.record_start(origin, previous.as_ref().map(|p| &p.live));
-    if let Err(error) = control.follow_config_shadow(config.shadow.as_ref(), "start") {
+    if let Err(error) = control.follow_config_shadow(config.shadow.as_ref(), Actor::Start) {
         tracing::error!(%error, "the config's [shadow] cannot be applied");
     }
     let rollouts = Rollouts::new(
@@ -272,7 +272,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     if !resumed
         && config.rollout.is_some()
         && control.is_rollout_due()
-        && let Err(error) = rollouts.start(None, "start")
+        && let Err(error) = rollouts.start(None, Actor::Start)
     {
         tracing::error!(%error, "cannot start the configured rollout");
     }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use crate::control::{Control, ControlError, Explanation};
 use crate::rollout::controller::Rollouts;
 use crate::routing::Weight;
+use crate::state::audit::Actor;
 use crate::state::{LiveState, Source};
 
 /// Admin bodies are small; a larger one is refused rather than buffered.
@@ -124,7 +125,10 @@ pub async fn promote(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let body: PromoteBody = read_json(req).await?.unwrap_or_default();
-    off_the_runtime(control, move |control| control.promote(body.force, "api")).await
+    off_the_runtime(control, move |control| {
+        control.promote(body.force, Actor::Api)
+    })
+    .await
 }
 
 pub async fn canary(
@@ -218,7 +222,7 @@ pub async fn rollout_start(
     req: Request<Incoming>,
 ) -> Result<LiveState, AdminError> {
     let plan: Option<PlanDocument> = read_json(req).await?;
-    Ok(rollouts.start(plan.map(|plan| plan.0), "api")?)
+    Ok(rollouts.start(plan.map(|plan| plan.0), Actor::Api)?)
 }
 
 /// A plan document: any JSON object, kept as a value (the controller reads

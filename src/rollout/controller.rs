@@ -29,14 +29,9 @@ use super::webhook::Webhooks;
 use super::window::Window;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError};
+use crate::state::audit::{Action, Actor};
 use crate::state::{LiveState, Source};
 use crate::table::{RouteTable, Status};
-
-/// The audit action of a rollout's first save.
-const START: &str = "rollout_start";
-
-/// The audit source of what a rollout does by itself.
-const BY_ROLLOUT: &str = "rollout";
 
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,11 +294,11 @@ impl Rollouts {
     }
 
     /// Starts `plan` (or the config's) for the installed canary; `source`
-    /// says who asked, for the audit log (`api`, `start`, `signal`).
+    /// says who asked, for the audit log.
     pub fn start(
         self: &Arc<Self>,
         plan: Option<Value>,
-        source: &'static str,
+        source: Actor,
     ) -> Result<LiveState, ControlError> {
         let default = self.default_plan();
         let mut document = plan.or_else(|| default.clone()).ok_or_else(|| {
@@ -374,7 +369,7 @@ impl Rollouts {
             last_evaluation: Vec::new(),
             reason: None,
         };
-        let state = self.save(&progress, START, source, None)?;
+        let state = self.save(&progress, Action::RolloutStart, source, None)?;
         *running = Some(self.spawn(plan, progress));
         Ok(state)
     }
@@ -424,7 +419,7 @@ impl Rollouts {
                 ));
             }
         }
-        self.start(None, "signal")
+        self.start(None, Actor::Signal)
     }
 
     fn default_plan(&self) -> Option<Value> {
@@ -692,7 +687,7 @@ impl Rollouts {
     ) -> Result<(), Stop> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
-        self.save_or_end(progress, "rollout_pause", BY_ROLLOUT)?;
+        self.save_or_end(progress, Action::RolloutPause, Actor::Rollout)?;
         self.webhooks
             .send(&plan.webhooks, "pause", &self.control.state());
         self.answer(approval);
@@ -705,7 +700,7 @@ impl Rollouts {
                     Some(Command::Approve(reply)) => {
                         progress.phase = Phase::Progressing;
                         *approval = Some(reply);
-                        self.save_or_end(progress, "rollout_approve", "api")?;
+                        self.save_or_end(progress, Action::RolloutApprove, Actor::Api)?;
                         return Ok(());
                     }
                     Some(Command::Abort { reason, reply }) => {
@@ -842,7 +837,7 @@ impl Rollouts {
             }));
         };
         show(clock, progress);
-        self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
+        self.save_or_end(progress, Action::RolloutStage, Actor::Rollout)?;
         // From here the stage's weight is in effect: what the windows hold
         // from before it was served at another weight, which says little of
         // this one (and a burst shared by both cohorts just after the step
@@ -866,7 +861,7 @@ impl Rollouts {
                         show(clock, progress);
                         progress.stage_elapsed_ms = millis(clock.elapsed());
                         progress.time_left_ms = Some(time_left_ms(duration, clock.elapsed()));
-                        self.save_or_end(progress, "rollout_suspend", BY_ROLLOUT)?;
+                        self.save_or_end(progress, Action::RolloutSuspend, Actor::Rollout)?;
                         return Err(Stop::Suspend(reply));
                     }
                     None => return Err(orphaned().into()),
@@ -908,7 +903,7 @@ impl Rollouts {
                 progress.reason = None;
                 progress.time_left_ms = Some(time_left_ms(duration, elapsed));
                 show(clock, progress);
-                self.save_or_end(progress, "rollout_stage", BY_ROLLOUT)?;
+                self.save_or_end(progress, Action::RolloutStage, Actor::Rollout)?;
                 self.answer(approval);
                 next_look = Instant::now() + plan.interval;
                 continue;
@@ -942,36 +937,41 @@ impl Rollouts {
         let result = match phase {
             Phase::RolledBack | Phase::Aborted => {
                 let (source, action, fallback) = if phase == Phase::RolledBack {
-                    (Source::Guardrail, "rollout_rolled_back", "guardrail failed")
+                    (
+                        Source::Guardrail,
+                        Action::RolloutRolledBack,
+                        "guardrail failed",
+                    )
                 } else {
-                    (Source::Api, "rollout_end", "rollout aborted")
+                    (Source::Api, Action::RolloutEnd, "rollout aborted")
                 };
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
                 self.control
                     .rollback(&reason, source)
-                    .and_then(|_| self.save(&progress, action, source.as_str(), Some(&reason)))
+                    .and_then(|_| self.save(&progress, action, source.into(), Some(&reason)))
             }
             Phase::Promoted => self.control.promote_rollout(
                 &progress.canary,
                 serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
             ),
-            Phase::Held => self
-                .control
-                .rollout_change("rollout_done", None, BY_ROLLOUT, |live| {
-                    // A rollback just before keeps its latch.
-                    if matches!(live.status, Status::Progressing | Status::Paused) {
-                        live.status = Status::Steady;
-                    }
-                    live.rollout = serde_json::to_value(&progress).ok();
-                }),
+            Phase::Held => {
+                self.control
+                    .rollout_change(Action::RolloutDone, None, Actor::Rollout, |live| {
+                        // A rollback just before keeps its latch.
+                        if matches!(live.status, Status::Progressing | Status::Paused) {
+                            live.status = Status::Steady;
+                        }
+                        live.rollout = serde_json::to_value(&progress).ok();
+                    })
+            }
             // A superseded rollout records that, and no longer holds the
             // status: the change that superseded it set its own, and a
             // rollout ended because its progress could not be saved leaves
             // the canary steady at its last weight.
             Phase::Superseded | Phase::Progressing | Phase::Paused => self.control.rollout_change(
-                "rollout_end",
+                Action::RolloutEnd,
                 progress.reason.as_deref(),
-                BY_ROLLOUT,
+                Actor::Rollout,
                 |live| {
                     if matches!(live.status, Status::Progressing | Status::Paused) {
                         live.status = Status::Steady;
@@ -1022,8 +1022,8 @@ impl Rollouts {
     fn save_or_end(
         &self,
         progress: &mut Progress,
-        action: &'static str,
-        source: &'static str,
+        action: Action,
+        source: Actor,
     ) -> Result<(), Phase> {
         self.still_ours(progress)?;
         self.save(progress, action, source, None)
@@ -1052,15 +1052,15 @@ impl Rollouts {
     fn save(
         &self,
         progress: &Progress,
-        action: &'static str,
-        source: &'static str,
+        action: Action,
+        source: Actor,
         reason: Option<&str>,
     ) -> Result<LiveState, ControlError> {
         self.control.rollout_change(
             action,
             reason,
             source,
-            progress_edit(progress, action == START),
+            progress_edit(progress, action == Action::RolloutStart),
         )
     }
 }

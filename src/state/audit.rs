@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::now_rfc3339;
+use super::{Origin, Source, now_rfc3339};
 
 /// An append-only JSON-lines file.
 #[derive(Debug)]
@@ -41,13 +41,104 @@ struct Writer {
 const MAX_PENDING: usize = 16 * 1024 * 1024;
 
 /// One line of the audit log.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Entry<'a, T: Serialize> {
-    pub action: &'a str,
+    pub action: Action,
     pub before: Option<&'a T>,
     pub after: Option<&'a T>,
     pub reason: Option<&'a str>,
-    pub source: &'a str,
+    pub source: Actor,
+}
+
+/// What a line records: its `action`, the names operators grep the log for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// How the live state was chosen on start.
+    Start(Origin),
+    Weight,
+    Rollback,
+    Promote,
+    Canary,
+    Shadow,
+    /// A reload changed how users are placed (salt, sticky keys, fallback)
+    /// and nothing else of the live state.
+    Routing,
+    /// A reload changed `[versions]`: the live state was seeded anew.
+    Reseed,
+    RolloutStart,
+    RolloutPause,
+    RolloutApprove,
+    RolloutStage,
+    /// A rollout paused itself for want of data to judge.
+    RolloutSuspend,
+    /// A rollout's look that changed more than its own progress.
+    RolloutEvaluation,
+    RolloutRolledBack,
+    RolloutEnd,
+    RolloutDone,
+}
+
+impl Action {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start(origin) => origin.as_str(),
+            Action::Weight => "weight",
+            Action::Rollback => "rollback",
+            Action::Promote => "promote",
+            Action::Canary => "canary",
+            Action::Shadow => "shadow",
+            Action::Routing => "routing",
+            Action::Reseed => "reseed",
+            Action::RolloutStart => "rollout_start",
+            Action::RolloutPause => "rollout_pause",
+            Action::RolloutApprove => "rollout_approve",
+            Action::RolloutStage => "rollout_stage",
+            Action::RolloutSuspend => "rollout_suspend",
+            Action::RolloutEvaluation => "rollout_evaluation",
+            Action::RolloutRolledBack => "rollout_rolled_back",
+            Action::RolloutEnd => "rollout_end",
+            Action::RolloutDone => "rollout_done",
+        }
+    }
+}
+
+/// Who made a change: a line's `source`. Wider than a rollback's
+/// [`Source`], since start-up and a rollout's own steps change the state
+/// too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    Api,
+    Signal,
+    Guardrail,
+    /// The process, choosing its live state on start (or starting the
+    /// config's rollout).
+    Start,
+    /// A rollout, moving on by itself.
+    Rollout,
+}
+
+impl Actor {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Actor::Api => "api",
+            Actor::Signal => "signal",
+            Actor::Guardrail => "guardrail",
+            Actor::Start => "start",
+            Actor::Rollout => "rollout",
+        }
+    }
+}
+
+impl From<Source> for Actor {
+    fn from(source: Source) -> Actor {
+        match source {
+            Source::Api => Actor::Api,
+            Source::Signal => Actor::Signal,
+            Source::Guardrail => Actor::Guardrail,
+        }
+    }
 }
 
 impl AuditLog {
@@ -70,11 +161,11 @@ impl AuditLog {
     pub fn append<T: Serialize>(&self, entry: &Entry<'_, T>) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(&serde_json::json!({
             "time": now_rfc3339(),
-            "action": entry.action,
+            "action": entry.action.as_str(),
             "before": entry.before,
             "after": entry.after,
             "reason": entry.reason,
-            "source": entry.source,
+            "source": entry.source.as_str(),
         }))
         .expect("audit entries serialise to JSON");
         line.push(b'\n');
@@ -170,15 +261,15 @@ fn open_for_append(path: &Path) -> std::io::Result<File> {
 
 #[cfg(test)]
 mod tests {
-    use super::{AuditLog, Entry};
+    use super::{Action, Actor, AuditLog, Entry};
 
-    fn entry(action: &str) -> Entry<'_, u8> {
+    fn entry(action: Action) -> Entry<'static, u8> {
         Entry {
             action,
             before: None,
             after: None,
             reason: None,
-            source: "api",
+            source: Actor::Api,
         }
     }
 
@@ -205,10 +296,10 @@ mod tests {
         std::os::unix::fs::symlink("/dev/full", &path).expect("a log on a full device");
         let log = AuditLog::open(path.clone()).expect("open the log");
         assert!(
-            log.append(&entry("first")).is_err(),
+            log.append(&entry(Action::Weight)).is_err(),
             "/dev/full took a line"
         );
-        assert!(log.append(&entry("second")).is_err());
+        assert!(log.append(&entry(Action::Rollback)).is_err());
         assert!(log.retry().is_err());
 
         // The disk has room again.
@@ -216,7 +307,7 @@ mod tests {
         let held = log.retry().expect("the held lines go in");
         assert!(held > 0);
         assert_eq!(log.retry().expect("nothing left"), 0);
-        log.append(&entry("third")).expect("append");
+        log.append(&entry(Action::Promote)).expect("append");
         let text = std::fs::read_to_string(&path).expect("read the log");
         let actions: Vec<String> = text
             .lines()
@@ -225,7 +316,7 @@ mod tests {
                 line["action"].as_str().expect("an action").to_owned()
             })
             .collect();
-        assert_eq!(actions, ["first", "second", "third"], "{text}");
+        assert_eq!(actions, ["weight", "rollback", "promote"], "{text}");
     }
 
     #[test]
@@ -238,8 +329,8 @@ mod tests {
         )
         .expect("a torn log");
         let log = AuditLog::open(path.clone()).expect("open the log");
-        log.append(&entry("weight")).expect("append");
-        log.append(&entry("weight")).expect("append again");
+        log.append(&entry(Action::Weight)).expect("append");
+        log.append(&entry(Action::Weight)).expect("append again");
         let text = std::fs::read_to_string(&path).expect("read the log");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
