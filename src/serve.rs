@@ -338,7 +338,13 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
             // The certificate files are read again whether or not the config
             // changed, but not when the config was refused: one reload, one verdict.
             Signal::Reload => {
-                if !reload_config(&mut server, path).await {
+                if let Err(ReloadRefused(problems)) = reload_config(&mut server, path).await {
+                    for problem in problems {
+                        tracing::error!(
+                            problem = problem.as_str(),
+                            "config reload refused; the old one keeps running"
+                        );
+                    }
                     continue;
                 }
                 match server.reload_tls() {
@@ -378,92 +384,71 @@ pub(crate) fn rollback_on_signal(control: &Control) {
 /// SIGHUP's config half: a config that fails to load or apply changes
 /// nothing, and neither does one naming a file that cannot be read (the
 /// token, the certificate and key, the CA). A new canary from the reloaded
-/// config starts its `[rollout]` plan, as on a start. Returns whether the
-/// config was taken.
-async fn reload_config(server: &mut Server, path: &Path) -> bool {
-    match Config::load(path) {
-        Ok(config) => {
-            let problems = config.check_files();
-            if !problems.is_empty() {
-                for problem in problems {
-                    tracing::error!(%problem, "config reload refused; the old one keeps running");
-                }
-                return false;
+/// config starts its `[rollout]` plan, as on a start.
+async fn reload_config(server: &mut Server, path: &Path) -> Result<(), ReloadRefused> {
+    let config = Config::load(path)
+        .map_err(|error| ReloadRefused(error.to_string().lines().map(str::to_owned).collect()))?;
+    let problems = config.check_files();
+    if !problems.is_empty() {
+        return Err(ReloadRefused(
+            problems.iter().map(ToString::to_string).collect(),
+        ));
+    }
+    // Read again for use: a token file that went away since the check
+    // refuses the reload, rather than turning auth off.
+    let token = config.admin.token().map_err(ReloadRefused::one)?;
+    let access = Access {
+        token,
+        metrics_auth: config.admin.metrics_auth,
+    };
+    if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
+        return Err(ReloadRefused::one(ServeError::AdminExposed(
+            server.admin_addr,
+        )));
+    }
+    // Before anything is applied: a new `listen.addr` that cannot be bound
+    // refuses the whole reload.
+    let next_workers = server
+        .prepare_workers(&config)
+        .map_err(ReloadRefused::one)?;
+    let reloaded = server.control.reload(&config).map_err(ReloadRefused::one)?;
+    let plan = config.rollout.as_ref().map(plan::to_document);
+    let start_plan = plan.is_some() && reloaded.new_canary;
+    server.rollouts.set_default_plan(plan);
+    server.admin.set_access(access);
+    for key in server.restart_only.changed(&RestartOnly::of(&config)) {
+        tracing::warn!(key, "changed in the config, but applied only on a restart");
+    }
+    if start_plan {
+        // In the background: the signal loop must stay free for a
+        // SIGUSR1 rollback while the replaced rollout records its end.
+        let rollouts = Arc::clone(&server.rollouts);
+        tokio::spawn(async move {
+            if let Err(error) = rollouts.start_configured().await {
+                tracing::error!(%error, "cannot start the configured rollout");
             }
-            // Read again for use: a token file that went away since the
-            // check refuses the reload, rather than turning auth off.
-            let token = match config.admin.token() {
-                Ok(token) => token,
-                Err(problem) => {
-                    tracing::error!(%problem, "config reload refused; the old one keeps running");
-                    return false;
-                }
-            };
-            let access = Access {
-                token,
-                metrics_auth: config.admin.metrics_auth,
-            };
-            if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
-                tracing::error!(
-                    "config reload refused: the admin listener is not on loopback, so it needs a token; the old config keeps running"
-                );
-                return false;
-            }
-            // Before anything is applied: a new `listen.addr` that cannot
-            // be bound refuses the whole reload.
-            let next_workers = match server.prepare_workers(&config) {
-                Ok(next) => next,
-                Err(error) => {
-                    tracing::error!(%error, "config reload refused; the old one keeps running");
-                    return false;
-                }
-            };
-            let reloaded = match server.control.reload(&config) {
-                Ok(reloaded) => reloaded,
-                Err(error) => {
-                    tracing::error!(%error, "config reload failed; the old one keeps running");
-                    return false;
-                }
-            };
-            let plan = config.rollout.as_ref().map(plan::to_document);
-            let start_plan = plan.is_some() && reloaded.new_canary;
-            server.rollouts.set_default_plan(plan);
-            server.admin.set_access(access);
-            for key in server.restart_only.changed(&RestartOnly::of(&config)) {
-                tracing::warn!(key, "changed in the config, but applied only on a restart");
-            }
-            if start_plan {
-                // In the background: the signal loop must stay free for a
-                // SIGUSR1 rollback while the replaced rollout records its end.
-                let rollouts = Arc::clone(&server.rollouts);
-                tokio::spawn(async move {
-                    if let Err(error) = rollouts.start_configured().await {
-                        tracing::error!(%error, "cannot start the configured rollout");
-                    }
-                });
-            }
-            match next_workers.map(|next| server.start_workers(next)) {
-                Some(Ok(())) => tracing::info!(
-                    proxy.addr = %server.proxy_addr(),
-                    "proxy workers restarted with the reloaded [listen] and [upstream]; the previous ones drain"
-                ),
-                None => {}
-                Some(Err(error)) => tracing::error!(
-                    %error,
-                    "the reloaded [listen] or [upstream] cannot be applied; the running workers keep serving"
-                ),
-            }
-            true
-        }
-        Err(error) => {
-            for line in error.to_string().lines() {
-                tracing::error!(
-                    problem = line,
-                    "config reload refused; the old one keeps running"
-                );
-            }
-            false
-        }
+        });
+    }
+    match next_workers.map(|next| server.start_workers(next)) {
+        Some(Ok(())) => tracing::info!(
+            proxy.addr = %server.proxy_addr(),
+            "proxy workers restarted with the reloaded [listen] and [upstream]; the previous ones drain"
+        ),
+        None => {}
+        Some(Err(error)) => tracing::error!(
+            %error,
+            "the reloaded [listen] or [upstream] cannot be applied; the running workers keep serving"
+        ),
+    }
+    Ok(())
+}
+
+/// Why a SIGHUP changed nothing: each problem on a line of its own.
+struct ReloadRefused(Vec<String>);
+
+impl ReloadRefused {
+    fn one(problem: impl std::fmt::Display) -> ReloadRefused {
+        ReloadRefused(vec![problem.to_string()])
     }
 }
 
