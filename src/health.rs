@@ -200,7 +200,12 @@ impl Health {
             let opened = self.gated.swap(false, Ordering::Relaxed);
             let threshold = if opened { 1 } else { config.healthy_threshold };
             if good >= threshold && !self.healthy.swap(true, Ordering::Relaxed) {
+                // Back in service (a restarted pod, say) with a clean
+                // slate: errors from before its outage do not count
+                // towards ejecting it now, as Envoy's outlier detection
+                // forgets them when a host returns.
                 self.ejected_until_ms.store(0, Ordering::Relaxed);
+                self.errors.store(0, Ordering::Relaxed);
                 return Some(if opened {
                     Verdict::Opened
                 } else {
@@ -463,6 +468,32 @@ mod tests {
         health.record_outcome(false, &config);
         assert!(!health.record_outcome(false, &config));
         assert!(!health.is_available());
+    }
+
+    /// Real requests that failed before an upstream's outage do not count
+    /// towards ejecting it once the probes bring it back.
+    #[test]
+    fn an_upstream_back_from_an_outage_starts_a_fresh_error_count() {
+        let config = ejecting(5, Duration::from_secs(3600));
+        let health = Health::new(true);
+        for _ in 0..4 {
+            assert!(!health.record_outcome(false, &config));
+        }
+        for _ in 0..config.unhealthy_threshold {
+            health.record_probe(false, &config);
+        }
+        assert!(!health.is_healthy());
+        for _ in 0..config.healthy_threshold {
+            health.record_probe(true, &config);
+        }
+        assert!(health.is_healthy());
+        for error in 1..5 {
+            assert!(
+                !health.record_outcome(false, &config),
+                "ejected at error {error} of 5 after its return"
+            );
+        }
+        assert!(health.record_outcome(false, &config), "the fifth ejects");
     }
 
     #[test]
