@@ -322,8 +322,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
     })
 }
 
-/// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns.
-/// SIGUSR1 rolls back; SIGHUP reloads the config at `path` and the TLS certificate.
+/// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns
+/// (at once on a second one). SIGUSR1 rolls back, during the drain too;
+/// SIGHUP reloads the config at `path` and the TLS certificate.
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
@@ -360,7 +361,25 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     }
     tracing::info!("shutting down");
     let control = Arc::clone(&server.control);
-    server.shutdown().await;
+    let drained = server.shutdown();
+    tokio::pin!(drained);
+    // The drain may last as long as the longest stream: SIGUSR1 still
+    // rolls back meanwhile (and `on_rollback = "close"` still cuts the
+    // canary's streams), and a second SIGTERM or SIGINT stops waiting, as
+    // nginx's fast shutdown after a graceful one.
+    loop {
+        tokio::select! {
+            () = &mut drained => break,
+            signal = signals.recv() => match signal {
+                Signal::Rollback => rollback_on_signal(&control),
+                Signal::Reload => tracing::info!("SIGHUP ignored: shutting down"),
+                Signal::Shutdown => {
+                    tracing::warn!("stop signalled again: exiting without waiting for the drain");
+                    break;
+                }
+            },
+        }
+    }
     // The next start reads the state file: a rollback it does not hold
     // would bring the canary back, so exiting without it is an error.
     control.save_before_exit().map_err(ServeError::Unsaved)

@@ -93,6 +93,46 @@ async fn sigusr1_rolls_back_with_source_signal() {
     assert_eq!(process.stop().await, Some(0));
 }
 
+/// A drain may last as long as the longest stream: a rollback signalled
+/// meanwhile still happens, and is what the next start serves; a second
+/// SIGTERM ends the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_during_the_drain_rolls_back_and_a_second_sigterm_exits() {
+    let stable = SlowBackend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(&[stable.addr], Some((&[canary.addr], 50.0)), "").replacen(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"1h\"",
+        1,
+    );
+    let (path, audit) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    // bob is on stable at 50% (SPEC vector); the upstream holds his request.
+    let proxy = process.proxy;
+    let held =
+        tokio::spawn(async move { Http::new(proxy).get("/slow", &[("x-user-id", "bob")]).await });
+    eventually("bob's request reaching the upstream", || stable.hits() == 1).await;
+
+    process.signal("TERM");
+    process.log_line(&["shutting down"]).await;
+    process.signal("USR1");
+    process.log_line(&["rolled back by SIGUSR1"]).await;
+    eventually("the rollback audited", || {
+        audit_lines(&audit)
+            .last()
+            .is_some_and(|last| last["action"] == "rollback" && last["source"] == "signal")
+    })
+    .await;
+    assert!(!held.is_finished(), "the drain waits on bob's request");
+
+    assert_eq!(process.stop().await, Some(0), "the second SIGTERM exits");
+    held.abort();
+    let restarted = Process::serve(&path, &[]).await;
+    let state = AdminApi::new(restarted.admin).state().await;
+    assert_eq!(state["status"], "rolled_back", "{state}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_an_edited_config_to_the_next_request_on_an_open_connection() {
     let stable = Backend::start(STABLE).await;
