@@ -214,6 +214,13 @@ impl Writer {
     }
 
     fn write_pending(&mut self, path: &Path) -> std::io::Result<()> {
+        // A log moved or removed since it was opened (logrotate's `create`
+        // mode) is followed by a fresh file at `path`, as nginx's reopen
+        // and Python's `WatchedFileHandler` do: lines must not go on into
+        // the rotated file, or into one that no longer has a name.
+        if self.file.as_ref().is_some_and(|file| !is_at(file, path)) {
+            self.file = None;
+        }
         if self.file.is_none() {
             self.file = Some(open_for_append(path)?);
         }
@@ -244,6 +251,15 @@ impl Writer {
             }
         }
         written
+    }
+}
+
+/// Whether `file` is still the one that `path` names.
+fn is_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
     }
 }
 
@@ -317,6 +333,37 @@ mod tests {
             })
             .collect();
         assert_eq!(actions, ["weight", "rollback", "promote"], "{text}");
+    }
+
+    /// A log rotated by renaming it (logrotate's `create` mode) or removed
+    /// gets the next lines in a fresh file under its name.
+    #[test]
+    fn a_rotated_or_removed_log_is_followed_by_a_fresh_file() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let log = AuditLog::open(path.clone()).expect("open the log");
+        let actions = |path: &std::path::Path| -> Vec<String> {
+            std::fs::read_to_string(path)
+                .expect("read a log")
+                .lines()
+                .map(|line| {
+                    let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                    line["action"].as_str().expect("an action").to_owned()
+                })
+                .collect()
+        };
+        log.append(&entry(Action::Weight)).expect("append");
+        std::fs::rename(&path, &rotated).expect("rotate the log");
+        log.append(&entry(Action::Rollback))
+            .expect("append after the rotation");
+        assert_eq!(actions(&rotated), ["weight"]);
+        assert_eq!(actions(&path), ["rollback"]);
+
+        std::fs::remove_file(&path).expect("remove the log");
+        log.append(&entry(Action::Promote))
+            .expect("append after the removal");
+        assert_eq!(actions(&path), ["promote"]);
     }
 
     #[test]
