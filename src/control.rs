@@ -45,11 +45,16 @@ pub enum ControlError {
     /// The change could not be made durable, so it was not made.
     #[error(transparent)]
     Persist(#[from] StateError),
-    /// A rollback is live but could not be saved; saving it is retried.
+    /// A rollback (or a rollout's end) is live but could not be saved;
+    /// saving it is retried.
     #[error(
-        "rolled back, but the state could not be saved ({0}); saving is retried every second and before any other change"
+        "{made}, but the state could not be saved ({error}); saving is retried every second and before any other change"
     )]
-    Unsaved(StateError),
+    Unsaved {
+        /// What is live: "rolled back", "the rollout ended".
+        made: &'static str,
+        error: StateError,
+    },
 }
 
 /// Where one key lands under the live table (`GET /admin/route`).
@@ -99,18 +104,26 @@ pub struct Control {
 struct Current {
     saved: SavedState,
     policy: Arc<Policy>,
-    /// A change that is live but not yet in the state file: a rollback
-    /// takes effect even when saving it fails (see [`Control::change`]).
+    /// Changes that are live but not yet in the state file: a rollback,
+    /// or a rollout's end, takes effect even when saving it fails (see
+    /// [`made_anyway`]).
     unsaved: Option<Unsaved>,
 }
 
-/// What is needed to finish a change that a failed write left in memory.
+/// What is needed to finish the changes that failed writes left in memory.
 #[derive(Debug)]
 struct Unsaved {
     /// The generation the state file still holds.
     on_disk: u64,
+    /// Their audit lines, oldest first, written once they are saved.
+    changes: Vec<UnsavedChange>,
+}
+
+#[derive(Debug)]
+struct UnsavedChange {
     action: Action,
     before: LiveState,
+    after: LiveState,
     reason: Option<String>,
     source: Actor,
 }
@@ -229,8 +242,32 @@ impl Control {
     /// Sends everyone to stable at once and latches until a new canary or a
     /// forced weight. Idempotent: rolling back a rolled-back canary changes nothing.
     pub fn rollback(&self, reason: &str, source: Source) -> Result<LiveState, ControlError> {
+        self.roll_back(reason, source, None)
+    }
+
+    /// [`Control::rollback`] by a rollout that ends with it (a guardrail, an
+    /// abort), its end recorded in the same change: when the disk refuses
+    /// the rollback, the rollout's end is live, and saved, with it.
+    pub fn rollback_rollout(
+        &self,
+        reason: &str,
+        source: Source,
+        progress: serde_json::Value,
+    ) -> Result<LiveState, ControlError> {
+        self.roll_back(reason, source, Some(progress))
+    }
+
+    fn roll_back(
+        &self,
+        reason: &str,
+        source: Source,
+        rollout: Option<serde_json::Value>,
+    ) -> Result<LiveState, ControlError> {
         let previous = self.table.snapshot();
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
+            if rollout.is_some() {
+                live.rollout = rollout;
+            }
             let Some(canary) = live.canary.as_mut() else {
                 return Ok(());
             };
@@ -670,7 +707,8 @@ impl Control {
 
     /// Applies `edit` to a copy of the live state; if it changed anything,
     /// persists it, swaps the table and audits it. A rollback swaps first,
-    /// so traffic leaves the canary even if the disk is slow or failing.
+    /// so traffic leaves the canary even if the disk is slow or failing
+    /// (see [`made_anyway`]).
     fn change(
         &self,
         action: Action,
@@ -722,7 +760,13 @@ impl Control {
         edit: impl FnOnce(&mut SavedState) -> Result<(), ControlError>,
     ) -> Result<LiveState, ControlError> {
         let mut current = self.lock();
-        self.save_unsaved(&mut current)?;
+        // Saved before anything else, so the state file never skips a
+        // change; what is made anyway queues behind it instead.
+        if let Err(error) = self.save_unsaved(&mut current)
+            && made_anyway(action).is_none()
+        {
+            return Err(error);
+        }
         let mut next = current.saved.clone();
         edit(&mut next)?;
         self.commit(&mut current, action, reason, source, next)
@@ -750,34 +794,49 @@ impl Control {
         }
         let before = current.saved.live.clone();
         next.live.generation = before.generation + 1;
-        let swap_first = action == Action::Rollback;
+        let on_disk = current
+            .unsaved
+            .as_ref()
+            .map_or(before.generation, |unsaved| unsaved.on_disk);
+        let made_anyway = made_anyway(action);
+        let swap_first = made_anyway.is_some();
         if swap_first {
             self.install(&next.live, &current.policy);
             self.live.store(Arc::new(next.live.clone()));
         }
-        if let Err(error) = self.store.write(Some(before.generation), &next) {
-            if !swap_first {
+        if let Err(error) = self.store.write(Some(on_disk), &next) {
+            let Some(made) = made_anyway else {
                 return Err(error.into());
-            }
-            // Traffic is already off the canary: keep it so, in memory, and
-            // keep trying to save it, so that a restart cannot undo it.
-            tracing::error!(%error, "rolled back, but the state could not be saved; retrying");
-            self.keep(current, next);
-            current.unsaved = Some(Unsaved {
-                on_disk: before.generation,
+            };
+            // In effect already: keep it so, in memory, and keep trying to
+            // save it, so that a restart cannot undo it.
+            tracing::error!(%error, "{made}, but the state could not be saved; retrying");
+            let change = UnsavedChange {
                 action,
                 before,
+                after: next.live.clone(),
                 reason: reason.map(str::to_owned),
                 source,
-            });
+            };
+            self.keep(current, next);
+            current
+                .unsaved
+                .get_or_insert_with(|| Unsaved {
+                    on_disk,
+                    changes: Vec::new(),
+                })
+                .changes
+                .push(change);
             self.publish(&current.saved.live);
-            return Err(ControlError::Unsaved(error));
+            return Err(ControlError::Unsaved { made, error });
         }
         if !swap_first {
             self.install(&next.live, &current.policy);
         }
         self.keep(current, next);
         self.publish(&current.saved.live);
+        // Changes held back before this one are in the state file with it.
+        self.audit_saved(current);
         self.write_audit(action, Some(&before), &current.saved.live, reason, source);
         Ok(current.saved.live.clone())
     }
@@ -791,20 +850,31 @@ impl Control {
             return Ok(());
         };
         self.store.write(Some(unsaved.on_disk), &current.saved)?;
-        if let Some(unsaved) = current.unsaved.take() {
-            tracing::info!(
-                generation = current.saved.live.generation,
-                "the state that could not be saved is saved now"
-            );
+        tracing::info!(
+            generation = current.saved.live.generation,
+            "the state that could not be saved is saved now"
+        );
+        self.audit_saved(current);
+        Ok(())
+    }
+
+    /// Writes the audit lines of the changes a failed write held back,
+    /// once the state file holds them.
+    fn audit_saved(&self, current: &mut Current) {
+        for change in current
+            .unsaved
+            .take()
+            .map(|u| u.changes)
+            .unwrap_or_default()
+        {
             self.write_audit(
-                unsaved.action,
-                Some(&unsaved.before),
-                &current.saved.live,
-                unsaved.reason.as_deref(),
-                unsaved.source,
+                change.action,
+                Some(&change.before),
+                &change.after,
+                change.reason.as_deref(),
+                change.source,
             );
         }
-        Ok(())
     }
 
     /// Saves a live state that could not be saved, one last time before
@@ -890,6 +960,20 @@ impl Control {
         self.current
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What a change is said to have done when it is in effect although the
+/// state file refused it, or `None` for a change that the refusal undoes.
+/// Made anyway: traffic off the canary, and a rollout that has stopped no
+/// longer reading as running (which would refuse every weight change, with
+/// no rollout left to abort). Each is swapped in first, kept in memory and
+/// saved later (see [`Control::keep_saved`]).
+fn made_anyway(action: Action) -> Option<&'static str> {
+    match action {
+        Action::Rollback => Some("rolled back"),
+        Action::RolloutEnd | Action::RolloutDone => Some("the rollout ended"),
+        _ => None,
     }
 }
 

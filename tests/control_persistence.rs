@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use http::Method;
 use serde_json::{Value, json};
 use support::{
-    AdminApi, Backend, CANARY, Http, Process, STABLE, audit_lines, config, eventually, key_on,
-    predicted,
+    AdminApi, Backend, CANARY, Http, Process, STABLE, audit_lines, config, eventually,
+    eventually_async, key_on, predicted,
 };
 
 /// A config file for `cohort serve`, next to its state file and audit log.
@@ -364,6 +364,108 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     assert_eq!(weight, 0.0, "{state}");
     assert_eq!(state["status"], "rolled_back", "{state}");
     assert_eq!(second.stop().await, Some(0));
+}
+
+/// A rollout whose step the disk refuses ends, and its end is live at once
+/// (so it no longer reads as running, refusing weight changes with nothing
+/// left to abort) and saved once the disk allows; the approval that step
+/// answered is refused, with why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_step_the_disk_refuses_ends_at_once_and_is_saved_later() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let process = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let plan =
+        json!({"interval": "1s", "stages": [{"pause": true}, {"weight": 20, "duration": "10m"}]});
+    let reply = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    eventually_async("the rollout to wait at its gate", || async {
+        admin.state().await["status"] == "paused"
+    })
+    .await;
+
+    let blocker = files.block_writes(&process);
+    let reply = admin
+        .call(Method::POST, "/admin/rollout/approve", json!({}))
+        .await;
+    assert_eq!(reply.status, 409, "{reply:?}");
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("before the approval took effect")
+                && e.contains("could not be saved")),
+        "{reply:?}"
+    );
+    let state = admin.state().await;
+    assert_eq!(
+        (
+            &state["status"],
+            &state["rollout"]["phase"],
+            &state["canary"]["weight"]
+        ),
+        (&"steady".into(), &"superseded".into(), &10.0.into()),
+        "{state}"
+    );
+
+    std::fs::remove_dir(&blocker).expect("remove the blocker");
+    eventually("the rollout's end to reach the state file", || {
+        let saved: Value =
+            serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
+                .expect("the state file is JSON");
+        saved["status"] == "steady" && saved["rollout"]["phase"] == "superseded"
+    })
+    .await;
+    assert_eq!(files.last_audit()["action"], "rollout_end");
+    admin.set_weight(30.0, false).await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// An abort the disk refuses rolls back at once with the rollout's end in
+/// the same change, so both are live together and saved together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_the_disk_refuses_ends_the_rollout_with_its_rollback() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let process = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let plan = json!({"interval": "1s", "stages": [{"weight": 5, "duration": "10m"}]});
+    let reply = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    let blocker = files.block_writes(&process);
+    let reply = admin
+        .call(
+            Method::POST,
+            "/admin/rollout/abort",
+            json!({"reason": "bad"}),
+        )
+        .await;
+    assert_eq!(reply.status, 500, "{reply:?}");
+    let state = admin.state().await;
+    assert_eq!(
+        (&state["status"], &state["rollout"]["phase"]),
+        (&"rolled_back".into(), &"aborted".into()),
+        "{state}"
+    );
+
+    std::fs::remove_dir(&blocker).expect("remove the blocker");
+    eventually(
+        "the abort to reach the state file and the audit log",
+        || {
+            let saved: Value =
+                serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
+                    .expect("the state file is JSON");
+            saved["status"] == "rolled_back" && files.last_audit()["action"] == "rollback"
+        },
+    )
+    .await;
+    let last = files.last_audit();
+    assert_eq!(last["after"]["rollout"]["phase"], "aborted", "{last}");
+    assert_eq!(last["source"], "api", "{last}");
+    assert_eq!(process.stop().await, Some(0));
 }
 
 /// A shutdown with a rollback the disk still refuses tries once more and,

@@ -112,7 +112,7 @@ impl From<ControlError> for AdminError {
             ControlError::Conflict(m) => AdminError::Conflict(m),
             ControlError::Invalid(m) => AdminError::Unprocessable(m),
             ControlError::Persist(e) => AdminError::Internal(e.to_string()),
-            unsaved @ ControlError::Unsaved(_) => AdminError::Internal(unsaved.to_string()),
+            unsaved @ ControlError::Unsaved { .. } => AdminError::Internal(unsaved.to_string()),
         }
     }
 }

@@ -643,8 +643,18 @@ impl Rollouts {
                     progress.consecutive_inconclusive = 0;
                 }
                 Err(Stop::End(ending)) => {
+                    let why = progress.reason.clone();
                     self.end(&plan, progress, ending);
-                    return self.answer(&mut approval);
+                    // An approval the rollout ended before acting on (its
+                    // step could not be saved, say) is refused, with why.
+                    if let Some(reply) = approval.take() {
+                        let why = why.unwrap_or_else(|| "ended".into());
+                        // The caller may have given up waiting.
+                        let _ = reply.send(Err(ControlError::Conflict(format!(
+                            "the rollout ended before the approval took effect: {why}"
+                        ))));
+                    }
+                    return;
                 }
                 Err(Stop::Suspend(reply)) => {
                     tracing::info!(
@@ -935,20 +945,20 @@ impl Rollouts {
         progress.phase = phase;
         progress.time_left_ms = None;
         let result = match phase {
+            // One change, so the rollout's end is live (and saved) with the
+            // rollback, even when the disk refuses both for now.
             Phase::RolledBack | Phase::Aborted => {
-                let (source, action, fallback) = if phase == Phase::RolledBack {
-                    (
-                        Source::Guardrail,
-                        Action::RolloutRolledBack,
-                        "guardrail failed",
-                    )
+                let (source, fallback) = if phase == Phase::RolledBack {
+                    (Source::Guardrail, "guardrail failed")
                 } else {
-                    (Source::Api, Action::RolloutEnd, "rollout aborted")
+                    (Source::Api, "rollout aborted")
                 };
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
-                self.control
-                    .rollback(&reason, source)
-                    .and_then(|_| self.save(&progress, action, source.into(), Some(&reason)))
+                self.control.rollback_rollout(
+                    &reason,
+                    source,
+                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
+                )
             }
             Phase::Promoted => self.control.promote_rollout(
                 &progress.canary,
@@ -964,31 +974,34 @@ impl Rollouts {
                         live.rollout = serde_json::to_value(&progress).ok();
                     })
             }
-            // A superseded rollout records that, and no longer holds the
-            // status: the change that superseded it set its own, and a
-            // rollout ended because its progress could not be saved leaves
-            // the canary steady at its last weight.
-            Phase::Superseded | Phase::Progressing | Phase::Paused => self.control.rollout_change(
-                Action::RolloutEnd,
-                progress.reason.as_deref(),
-                Actor::Rollout,
-                |live| {
-                    if matches!(live.status, Status::Progressing | Status::Paused) {
-                        live.status = Status::Steady;
-                    }
-                    live.rollout = serde_json::to_value(&progress).ok();
-                },
-            ),
+            Phase::Superseded | Phase::Progressing | Phase::Paused => self.record_end(&progress),
+        };
+        // A promotion the disk refused is not made: the rollout still
+        // ends, leaving the canary at its last weight.
+        let result = match result {
+            Err(error) if phase == Phase::Promoted => {
+                phase = Phase::Superseded;
+                progress.phase = phase;
+                progress.reason = Some(format!("the promotion could not be saved: {error}"));
+                self.record_end(&progress)
+            }
+            result => result,
+        };
+        let event = match phase {
+            Phase::RolledBack | Phase::Aborted => "rollback",
+            Phase::Promoted => "promotion",
+            _ => "end",
         };
         match &result {
             Ok(state) => {
-                let event = match phase {
-                    Phase::RolledBack | Phase::Aborted => "rollback",
-                    Phase::Promoted => "promotion",
-                    _ => "end",
-                };
                 self.webhooks.send(&plan.webhooks, event, state);
                 tracing::info!(phase = ?phase, "rollout ended");
+            }
+            // In effect, though not saved yet (see `Control::keep_saved`).
+            Err(error @ ControlError::Unsaved { .. }) => {
+                self.webhooks
+                    .send(&plan.webhooks, event, &self.control.state());
+                tracing::error!(%error, phase = ?phase, "rollout ended; its end is not saved yet");
             }
             Err(error) => {
                 tracing::error!(%error, phase = ?phase, "cannot record the end of the rollout")
@@ -1004,6 +1017,25 @@ impl Rollouts {
             // The caller may have given up waiting; the end stands.
             let _ = reply.send(answer);
         }
+    }
+
+    /// Records the end of a rollout that stopped short of its last stage
+    /// other than by a rollback. A superseded rollout no longer holds the
+    /// status: the change that superseded it set its own, and a rollout
+    /// ended because its progress could not be saved leaves the canary
+    /// steady at its last weight.
+    fn record_end(&self, progress: &Progress) -> Result<LiveState, ControlError> {
+        self.control.rollout_change(
+            Action::RolloutEnd,
+            progress.reason.as_deref(),
+            Actor::Rollout,
+            |live| {
+                if matches!(live.status, Status::Progressing | Status::Paused) {
+                    live.status = Status::Steady;
+                }
+                live.rollout = serde_json::to_value(progress).ok();
+            },
+        )
     }
 
     /// Fails with `Superseded` when a change outside the rollout ended it.

@@ -73,7 +73,6 @@ pub enum Action {
     RolloutSuspend,
     /// A rollout's look that changed more than its own progress.
     RolloutEvaluation,
-    RolloutRolledBack,
     RolloutEnd,
     RolloutDone,
 }
@@ -96,7 +95,6 @@ impl Action {
             Action::RolloutStage => "rollout_stage",
             Action::RolloutSuspend => "rollout_suspend",
             Action::RolloutEvaluation => "rollout_evaluation",
-            Action::RolloutRolledBack => "rollout_rolled_back",
             Action::RolloutEnd => "rollout_end",
             Action::RolloutDone => "rollout_done",
         }
