@@ -444,10 +444,11 @@ impl Shadow {
             return None;
         };
         let Some((_, upstream)) = self.version.pick(false) else {
-            // As the real path would answer: counted as a 503 of the shadow.
-            self.version
-                .metrics
-                .record_response(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
+            // As the real path would answer: counted as a 503 of the
+            // shadow, in both histograms, so their counts agree.
+            let metrics = &self.version.metrics;
+            metrics.record_response(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
+            metrics.response_duration.record(Duration::ZERO);
             return None;
         };
         let (body, tap) = if bodiless(req) {

@@ -225,6 +225,22 @@ async fn trailers_reach_an_http1_client_that_accepts_them() {
     assert_eq!(reply.seen("te"), ["trailers"], "{reply:?}");
 }
 
+/// A request that names no host gets no `x-forwarded-host`: the client's
+/// own would pass for the proxy's, which upstreams trust.
+#[tokio::test]
+async fn a_request_that_names_no_host_cannot_forge_x_forwarded_host() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET /reset-password HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.seen("x-forwarded-host").is_empty(),
+        "{}",
+        reply.json()
+    );
+}
+
 #[tokio::test]
 async fn the_authority_of_an_absolute_form_request_replaces_its_host() {
     let stable = Backend::start(STABLE).await;

@@ -232,6 +232,57 @@ async fn the_shadow_gets_exactly_the_keys_the_bucket_rule_picks() {
     server.shutdown().await;
 }
 
+/// A copy with no healthy shadow upstream to go to is counted as the real
+/// path would count it: a 503 of the shadow, in both histograms alike.
+#[tokio::test]
+async fn a_copy_with_no_healthy_shadow_upstream_counts_as_a_503_in_every_series() {
+    let stable = Backend::start("real").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead_addr = dead.local_addr().expect("an address");
+    drop(dead);
+    let extra = format!(
+        "{ROUTING}\n[health]\ninterval = \"100ms\"\nunhealthy_threshold = 1\n\n\
+         [shadow]\nname = \"sh-dead\"\nupstreams = [\"{dead_addr}\"]\npercent = 100\n"
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let healthy = [
+        ("version", "sh-dead"),
+        ("upstream", &*dead_addr.to_string()),
+    ];
+    support::eventually_async("the shadow's upstream marked down", || async {
+        metric(&server, "cohort_upstream_healthy", &healthy).await == Some(0.0)
+    })
+    .await;
+    let client = Http::new(server.proxy_addr());
+    for i in 0..10 {
+        assert_real(
+            &client.get("/", &[("x-user", &format!("u{i}"))]).await,
+            &stable,
+        );
+    }
+    let shadow = [("version", "sh-dead"), ("cohort", "shadow")];
+    let unavailable = [
+        ("version", "sh-dead"),
+        ("cohort", "shadow"),
+        ("code", "503"),
+    ];
+    assert_eq!(
+        metric(&server, "cohort_requests_total", &unavailable).await,
+        Some(10.0)
+    );
+    for histogram in [
+        "cohort_request_duration_seconds_count",
+        "cohort_response_duration_seconds_count",
+    ] {
+        assert_eq!(
+            metric(&server, histogram, &shadow).await,
+            Some(10.0),
+            "{histogram}"
+        );
+    }
+    server.shutdown().await;
+}
+
 /// Sequential requests that complete within `window`.
 async fn completed_within(client: &Http, stable: &Backend, window: Duration) -> usize {
     let deadline = Instant::now() + window;

@@ -255,8 +255,16 @@ pub fn upstream_request<B: Body>(
     {
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        // A request that names no host (HTTP/1.0 without `Host`, HTTP/2
+        // without `:authority`): the client's own must not pass for the
+        // proxy's, which upstreams trust to build links and redirects.
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
     }
     append_forwarded_for(headers, peer);
     headers.insert(
