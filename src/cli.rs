@@ -273,7 +273,11 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
 /// `serve` would meet them at start.
 fn check(path: &std::path::Path) -> ExitCode {
     let problems = match Config::load(path) {
-        Ok(config) => config.check_files(),
+        Ok(config) => {
+            let mut problems = config.check_files();
+            problems.extend(crate::state::file::check(&config.state));
+            problems
+        }
         Err(ConfigError::Invalid(problems)) => problems,
         Err(error) => return fail(error.to_string()),
     };

@@ -427,6 +427,26 @@ fn place(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         .unwrap_or_default()
 }
 
+/// Whether `a` and `b` name one file however each is spelt (`s.json` and
+/// `./s.json`, a relative and an absolute path, a linked directory):
+/// compared after resolving each against the working directory and
+/// through the links that exist.
+fn names_one_file(a: &Path, b: &Path) -> bool {
+    fn resolved(path: &Path) -> PathBuf {
+        if let Ok(real) = path.canonicalize() {
+            return real;
+        }
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        match (absolute.parent(), absolute.file_name()) {
+            (Some(dir), Some(name)) => dir
+                .canonicalize()
+                .map_or_else(|_| absolute.clone(), |dir| dir.join(name)),
+            _ => absolute,
+        }
+    }
+    a == b || resolved(a) == resolved(b)
+}
+
 /// `message` prefixed with the key that `path` names under `prefix`
 /// (`listen.workers: ...`, `rollout.failure_limit: ...`), or with `prefix`
 /// alone when it is about the whole document. An unknown field is named by
@@ -1137,7 +1157,7 @@ mod raw {
                     );
                 }
             }
-            if state.path == state.audit_log {
+            if names_one_file(&state.path, &state.audit_log) {
                 c.problem(
                     "state.audit_log",
                     "must differ from state.path: the state file is rewritten whole, the log appended to",
@@ -1563,6 +1583,24 @@ mod tests {
         name = "v1"
         upstreams = ["127.0.0.1:9001"]
     "#;
+
+    /// Paths relative to the working directory name the same file as
+    /// their absolute spelling; the one file may not be both.
+    #[test]
+    fn one_file_spelt_two_ways_is_one_file() {
+        let here = std::env::current_dir().expect("a working directory");
+        for (a, b) in [
+            ("s.json", "./s.json"),
+            ("s.json", "src/../s.json"),
+            ("s.json", here.join("s.json").to_str().expect("UTF-8")),
+        ] {
+            assert!(names_one_file(Path::new(a), Path::new(b)), "{a} {b}");
+        }
+        assert!(!names_one_file(
+            Path::new("s.json"),
+            Path::new("src/s.json")
+        ));
+    }
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(text, "test") {

@@ -265,6 +265,45 @@ fn check_refuses_metrics_auth_without_a_token_to_ask_for() {
     );
 }
 
+/// What a start would refuse in the files `[state]` names, `check` names
+/// by its key: the two spelt as one file (the log's lines would land in
+/// the state file), a path under a file or naming a directory, and a state
+/// file that is not valid.
+#[test]
+fn check_refuses_the_state_files_a_start_would_refuse() {
+    let scratch = Scratch::new("state-files");
+    let dir = scratch.path().display().to_string();
+    scratch.write("a-file", "not a directory");
+    scratch.write("bad.json", "{bad");
+    std::fs::create_dir(scratch.path().join("a-dir")).expect("a directory");
+    for (path, audit_log, expected) in [
+        (
+            "s.json",
+            "a-dir/../s.json",
+            "state.audit_log: must differ from state.path",
+        ),
+        ("a-file/state.json", "audit.jsonl", "state.path: "),
+        ("s.json", "a-file/logs/audit.jsonl", "state.audit_log: "),
+        ("a-dir", "audit.jsonl", "state.path: "),
+        ("bad.json", "audit.jsonl", "state.path: the state file"),
+    ] {
+        let text = format!(
+            "[state]\npath = \"{dir}/{path}\"\naudit_log = \"{dir}/{audit_log}\"\n\n{STABLE_ONLY}"
+        );
+        let output = check(&scratch.write("state.toml", &text));
+        let text = printed(&output);
+        assert_eq!(output.status.code(), Some(1), "{path} {audit_log}: {text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(expected)),
+            "{path} {audit_log}: {text}"
+        );
+    }
+    assert!(
+        !scratch.path().join("s.json").exists(),
+        "check wrote a state file"
+    );
+}
+
 #[test]
 fn check_refuses_an_admin_listener_on_the_proxy_port() {
     let scratch = Scratch::new("same-port");

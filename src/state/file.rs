@@ -5,8 +5,10 @@
 //! directory), so a crash at any point leaves either the old file or the new
 //! one, never a torn one; reading refuses a file that is not whole JSON or
 //! fails [`super::LiveState::check`], a reset sets an unreadable file
-//! aside instead of overwriting it, and a start removes the temp files of
-//! writes that a crash cut short. Does not own what the state means.
+//! aside instead of overwriting it, a start removes the temp files of
+//! writes that a crash cut short, and [`check`] finds for `cohort check`
+//! what a start would refuse in the files `[state]` names. Does not own
+//! what the state means.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
@@ -14,6 +16,52 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{SavedState, StateError, StateStore};
+use crate::config::{Problem, StateConfig};
+
+/// What a start would refuse in the files `[state]` names, each named by
+/// its key, for `cohort check`: a path that is a directory, or under a
+/// file, and a state file that cannot be read or is not valid. Changes
+/// nothing on disk.
+#[must_use]
+pub fn check(config: &StateConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (key, path) in [
+        ("state.path", &config.path),
+        ("state.audit_log", &config.audit_log),
+    ] {
+        let problem = |message: String| Problem {
+            key: key.to_owned(),
+            message,
+        };
+        if path.is_dir() {
+            problems.push(problem(format!("{} is a directory", path.display())));
+            continue;
+        }
+        // The nearest ancestor that exists must be a directory: the missing
+        // ones are created at start, under it.
+        if let Some(blocking) = path
+            .ancestors()
+            .skip(1)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .find(|dir| dir.symlink_metadata().is_ok())
+            .filter(|dir| !dir.is_dir())
+        {
+            problems.push(problem(format!(
+                "{} is not a directory",
+                blocking.display()
+            )));
+        }
+    }
+    if problems.is_empty()
+        && let Err(error) = FileStore::new(config.path.clone()).read()
+    {
+        problems.push(Problem {
+            key: "state.path".to_owned(),
+            message: error.to_string(),
+        });
+    }
+    problems
+}
 
 /// A [`StateStore`] kept in one JSON file.
 #[derive(Debug)]
