@@ -46,8 +46,10 @@ pub enum CtlError {
     Unreachable { url: String, detail: String },
     #[error("{status}: {message}")]
     Refused { status: StatusCode, message: String },
-    #[error("the reply from {url} is not from a Cohort admin API (is --admin the admin address?)")]
-    NotAdmin { url: String },
+    #[error(
+        "the reply from {url} ({status}) is not from a Cohort admin API (is --admin the admin address?)"
+    )]
+    NotAdmin { url: String, status: StatusCode },
     #[error("no answer from the admin API at {url} within {}", humantime::format_duration(*.timeout))]
     TimedOut { url: String, timeout: Duration },
 }
@@ -268,15 +270,22 @@ pub async fn send(
     if status.is_success() {
         return match serde_json::from_slice::<Value>(&bytes) {
             Ok(state) if state["generation"].is_number() => Ok(state),
-            _ => Err(CtlError::NotAdmin { url }),
+            _ => Err(CtlError::NotAdmin { url, status }),
         };
     }
-    let value: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
-    let message = value["error"]
-        .as_str()
-        .map_or_else(|| value.to_string(), str::to_owned);
-    Err(CtlError::Refused { status, message })
+    // The admin API refuses with `{"error": "..."}` and nothing else; a
+    // proxy's own error (which names a version too), a bare status or a
+    // page is another server's, whose message would read as the API's.
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(refusal)) if refusal.len() == 1 => match refusal.get("error") {
+            Some(Value::String(message)) => Err(CtlError::Refused {
+                status,
+                message: message.clone(),
+            }),
+            _ => Err(CtlError::NotAdmin { url, status }),
+        },
+        _ => Err(CtlError::NotAdmin { url, status }),
+    }
 }
 
 /// `error` and its causes, outermost first, each after a colon: hyper's

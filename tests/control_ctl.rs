@@ -591,6 +591,24 @@ async fn a_reply_not_from_the_admin_api_is_a_failure() {
         message.contains("not from a Cohort admin API") && message.contains(&plain.to_string()),
         "{message}"
     );
+
+    // An error reply that is not the admin API's either: a proxy's own
+    // (a 502 or 503 that names a version), and a bare 404.
+    let unreachable = cohort(&[dead_addr().await], None, "").await;
+    let not_found =
+        raw_upstream(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+    for (server, status) in [
+        (unreachable.proxy_addr(), None),
+        (not_found, Some("(404 Not Found)")),
+    ] {
+        let message = refused(&ctl(server, None, &["status"]).await, "ctl at an error");
+        assert!(
+            message.contains("not from a Cohort admin API")
+                && status.is_none_or(|status| message.contains(status)),
+            "{message}"
+        );
+    }
 }
 
 /// A server that accepts connections and never answers on them.
