@@ -545,6 +545,7 @@ mod raw {
     use super::*;
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     pub struct Config {
         #[serde(default)]
         listen: Listen,
@@ -566,6 +567,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Listen {
         addr: Option<String>,
         workers: Option<usize>,
@@ -582,6 +584,7 @@ mod raw {
     /// one is reported by its key with every other problem, as a missing
     /// `versions.stable.name` is, not as serde's "missing field".
     #[derive(Debug, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Tls {
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
@@ -589,6 +592,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Upstream {
         connect_timeout: Option<String>,
         response_timeout: Option<String>,
@@ -599,6 +603,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Routing {
         salt: Option<String>,
         sticky_keys: Option<Vec<String>>,
@@ -611,12 +616,14 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Versions {
         stable: Option<Version>,
         canary: Option<Version>,
     }
 
     #[derive(Debug, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Version {
         name: Option<String>,
         upstreams: Option<Vec<String>>,
@@ -624,6 +631,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Admin {
         addr: Option<String>,
         token_file: Option<PathBuf>,
@@ -631,17 +639,20 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct State {
         path: Option<PathBuf>,
         audit_log: Option<PathBuf>,
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Metrics {
         tokens_header: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table (an object in JSON)")]
     pub struct Rollout {
         pub interval: Option<String>,
         pub failure_limit: Option<u32>,
@@ -654,6 +665,7 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
+    #[serde(expecting = "a table (an object in JSON)")]
     pub struct StageEntry {
         pub weight: Option<f64>,
         pub duration: Option<String>,
@@ -661,6 +673,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table (an object in JSON)")]
     pub struct GuardrailLimits {
         pub success_rate_min: Option<f64>,
         pub success_rate_drop_max: Option<f64>,
@@ -672,6 +685,7 @@ mod raw {
     }
 
     #[derive(Debug, Default, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Health {
         path: Option<String>,
         interval: Option<String>,
@@ -684,6 +698,7 @@ mod raw {
     }
 
     #[derive(Debug, Deserialize)]
+    #[serde(expecting = "a table")]
     struct Shadow {
         name: Option<String>,
         upstreams: Option<Vec<String>>,
@@ -1583,6 +1598,21 @@ mod tests {
         name = "v1"
         upstreams = ["127.0.0.1:9001"]
     "#;
+
+    /// A section given as a value is named as a table, not by the type
+    /// that reads it.
+    #[test]
+    fn a_section_that_is_not_a_table_is_named_as_one() {
+        for text in ["versions = 5", "listen = \"x\"\n"] {
+            let error = Config::parse(text, "test")
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                error.contains("expected a table") && !error.contains("struct"),
+                "{error}"
+            );
+        }
+    }
 
     /// Paths relative to the working directory name the same file as
     /// their absolute spelling; the one file may not be both.

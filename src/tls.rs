@@ -42,6 +42,11 @@ pub enum TlsErrorKind {
     NoCertificate { path: PathBuf },
     #[error("{} holds no PEM private key", path.display())]
     NoKey { path: PathBuf },
+    #[error(
+        "{} holds an encrypted private key, and there is nowhere to give its passphrase: decrypt it (openssl pkey -in KEY -out PLAIN-KEY)",
+        path.display()
+    )]
+    EncryptedKey { path: PathBuf },
     #[error("{} is not valid PEM: {detail}", path.display())]
     Pem { path: PathBuf, detail: String },
     #[error(
@@ -212,6 +217,18 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErrorKind>
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsErrorKind> {
     let pem = read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|error| match error {
+        // PKCS#8's encrypted form, or OpenSSL's legacy one.
+        _ if [
+            &b"ENCRYPTED PRIVATE KEY-----"[..],
+            b"Proc-Type: 4,ENCRYPTED",
+        ]
+        .iter()
+        .any(|marker| pem.windows(marker.len()).any(|w| w == *marker)) =>
+        {
+            TlsErrorKind::EncryptedKey {
+                path: path.to_owned(),
+            }
+        }
         rustls::pki_types::pem::Error::NoItemsFound => TlsErrorKind::NoKey {
             path: path.to_owned(),
         },
@@ -269,6 +286,19 @@ mod tests {
             "{error}"
         );
         assert!(Arc::ptr_eq(&before, &tls.current.load_full()));
+
+        // An encrypted key, which there is no passphrase to open.
+        std::fs::write(
+            &key,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(
+            matches!(error.kind, TlsErrorKind::EncryptedKey { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().starts_with("listen.tls.key: "), "{error}");
 
         // Garbage where the key was.
         std::fs::write(&key, "not a key").unwrap();
