@@ -3,7 +3,9 @@
 //! Owns: [`Proxy::handle`], which reads top to bottom in the order a request
 //! lives: load the table snapshot, read the sticky key, decide the cohort,
 //! offer the shadow a copy, forward to one of the version's upstreams, tag
-//! the response, record it.
+//! the response, record it; the answer itself is shaped by `relay` (an
+//! upstream's response) or `answer_error` (the proxy's own), which say
+//! when the guardrails are to judge it.
 //! Does not own: accepting connections and their lifecycle ([`listener`],
 //! with [`idle`] for freeing idle ones and [`h2stream`] for the HTTP/2
 //! streams' tasks), header rewriting
@@ -136,79 +138,31 @@ impl Proxy {
         in_flight.answered();
         let answered = Instant::now();
         let to_headers = answered - started;
-        let mut tokens = None;
-        let mut tunnel = None;
-        let mut refused = false;
-        // Whether the guardrails are told of it now, at its head; a
-        // streamed response is judged at its end instead.
-        let mut judge_now = true;
-        let mut rsp = match result {
-            Ok((mut rsp, client_upgrade)) => {
-                tokens =
-                    forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref());
-                if let Some(tokens) = tokens {
-                    version.metrics.tokens.increment(tokens);
-                }
-                if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    // hyper keeps a response's upgrade in its extensions.
-                    let upstream_upgrade = rsp.extensions_mut().remove::<OnUpgrade>();
-                    match (client_upgrade, upstream_upgrade) {
-                        (Some(client), Some(upstream)) => {
-                            tunnel = Some(Tunnel::new(client, upstream, in_flight));
-                            rsp.map(|_| ResponseBody::empty(None))
-                        }
-                        // A 101 the client never asked for cannot be honoured.
-                        _ => ProxyError::Protocol("upgrade without a request to upgrade".into())
-                            .into_response(&version.name, Some(in_flight)),
-                    }
-                } else {
-                    in_flight.judge_at_end(Observation {
-                        success: !rsp.status().is_server_error(),
-                        latency: to_headers,
-                        tokens,
-                    });
-                    judge_now = false;
-                    let idle_limit = table.policy.stream_idle_timeout;
-                    rsp.map(|body| ResponseBody::upstream(body, in_flight, idle_limit))
-                }
+        let Answer {
+            mut rsp,
+            tunnel,
+            tokens,
+            judged,
+        } = match result {
+            Ok((rsp, client_upgrade)) => {
+                relay(rsp, client_upgrade, &table, &version, in_flight, to_headers)
             }
             Err(error) => {
-                refused = error.is_refusal();
-                judge_now = error.counts_against_version();
-                if let Some(kind) = error.upstream_kind() {
-                    version.metrics.record_upstream_error(kind);
-                }
-                tracing::debug!(version = %version.name, %error, "request failed");
-                let mut rsp = error.into_response(&version.name, Some(in_flight));
-                if refused {
-                    // A request refused (or cut short by its client) pins
-                    // no one to a cohort; and what follows it on the
-                    // connection (a CONNECT's tunnel, a body framed one way
-                    // or another, the rest of a stalled one) is not read as
-                    // requests: hyper closes once this is sent, as nginx does.
+                // A request refused (or cut short by its client) pins no
+                // one to a cohort.
+                if error.is_refusal() {
                     new_cookie = None;
-                    if http_version <= http::Version::HTTP_11 {
-                        rsp.headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
                 }
-                rsp
+                answer_error(error, &version, in_flight, http_version)
             }
         };
         tag(&mut rsp, &table, &version, new_cookie.as_deref(), self.tls);
         version.metrics.record_response(rsp.status(), to_headers);
-        // The guardrails judge the version by what its upstreams did: a
-        // request refused unread, or whose client stopped sending its body
-        // or left part way through it, says nothing of it, and a client
-        // must not be able to fail a canary by sending malformed, stalled
-        // or unfinished requests. A client that gave up on an open-ended
-        // body while it waited is a failure, as one that gave up on any
-        // other request is (a 499).
-        if judge_now {
+        if let Judged::AtHead { success } = judged {
             version.window.record(
                 clock::since_start_at(answered.into_std()),
                 Observation {
-                    success: !refused && !rsp.status().is_server_error(),
+                    success,
                     latency: to_headers,
                     tokens,
                 },
@@ -358,6 +312,120 @@ impl Proxy {
         };
         record_outcome(version, index, ok, table);
         result
+    }
+}
+
+/// A response on its way to the client, and what the guardrails are to
+/// make of it.
+struct Answer {
+    rsp: Response<ResponseBody>,
+    /// An upgrade both sides agreed to, run once the response is sent.
+    tunnel: Option<Tunnel>,
+    /// What the upstream said the request spent (`metrics.tokens_header`).
+    tokens: Option<u64>,
+    judged: Judged,
+}
+
+/// When the guardrails hear of a request's outcome. They judge the version
+/// by what its upstreams did: a request refused unread, or whose client
+/// stopped sending its body or left part way through it, says nothing of
+/// it, and a client must not be able to fail a canary by sending malformed,
+/// stalled or unfinished requests. A client that gave up on an open-ended
+/// body while it waited is a failure, as one that gave up on any other
+/// request is (a 499).
+enum Judged {
+    /// Now, at the response head.
+    AtHead { success: bool },
+    /// When the response body ends, streams included (`InFlight`).
+    AtEnd,
+    /// Never.
+    Not,
+}
+
+/// An upstream's response, relayed: its body streamed through, or its
+/// upgrade paired with the client's.
+fn relay(
+    mut rsp: Response<UpstreamBody>,
+    client_upgrade: Option<OnUpgrade>,
+    table: &RouteTable,
+    version: &Version,
+    mut in_flight: body::InFlight,
+    to_headers: std::time::Duration,
+) -> Answer {
+    let tokens = forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref());
+    if let Some(tokens) = tokens {
+        version.metrics.tokens.increment(tokens);
+    }
+    if rsp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        in_flight.judge_at_end(Observation {
+            success: !rsp.status().is_server_error(),
+            latency: to_headers,
+            tokens,
+        });
+        let idle_limit = table.policy.stream_idle_timeout;
+        return Answer {
+            rsp: rsp.map(|body| ResponseBody::upstream(body, in_flight, idle_limit)),
+            tunnel: None,
+            tokens,
+            judged: Judged::AtEnd,
+        };
+    }
+    // hyper keeps a response's upgrade in its extensions.
+    let upstream_upgrade = rsp.extensions_mut().remove::<OnUpgrade>();
+    let (rsp, tunnel) = match (client_upgrade, upstream_upgrade) {
+        (Some(client), Some(upstream)) => (
+            rsp.map(|_| ResponseBody::empty(None)),
+            Some(Tunnel::new(client, upstream, in_flight)),
+        ),
+        // A 101 the client never asked for cannot be honoured.
+        _ => (
+            ProxyError::Protocol("upgrade without a request to upgrade".into())
+                .into_response(&version.name, Some(in_flight)),
+            None,
+        ),
+    };
+    let success = !rsp.status().is_server_error();
+    Answer {
+        rsp,
+        tunnel,
+        tokens,
+        judged: Judged::AtHead { success },
+    }
+}
+
+/// The proxy's own answer to a request that failed, recorded against the
+/// upstream it failed at, if any.
+fn answer_error(
+    error: ProxyError,
+    version: &Version,
+    in_flight: body::InFlight,
+    http_version: http::Version,
+) -> Answer {
+    if let Some(kind) = error.upstream_kind() {
+        version.metrics.record_upstream_error(kind);
+    }
+    tracing::debug!(version = %version.name, %error, "request failed");
+    let refused = error.is_refusal();
+    // Every failure that counts is one: an upstream's (a 5xx), or a
+    // client's giving up on an open-ended body (a 499).
+    let judged = if error.counts_against_version() {
+        Judged::AtHead { success: false }
+    } else {
+        Judged::Not
+    };
+    let mut rsp = error.into_response(&version.name, Some(in_flight));
+    // What follows a refused request on the connection (a CONNECT's
+    // tunnel, a body framed one way or another, the rest of a stalled one)
+    // is not read as requests: hyper closes once this is sent, as nginx does.
+    if refused && http_version <= http::Version::HTTP_11 {
+        rsp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Answer {
+        rsp,
+        tunnel: None,
+        tokens: None,
+        judged,
     }
 }
 
