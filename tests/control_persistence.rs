@@ -86,6 +86,12 @@ impl Files {
         blocker
     }
 
+    /// The state file, which must be whole JSON.
+    fn saved(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(&self.state).expect("the state file"))
+            .expect("the state file is whole JSON")
+    }
+
     fn last_audit(&self) -> Value {
         self.audit().pop().expect("an audit line")
     }
@@ -261,8 +267,7 @@ async fn a_corrupt_state_file_stops_the_start_until_reset() {
         (&last["action"], &last["source"]),
         (&"reset".into(), &"start".into())
     );
-    let saved: Value = serde_json::from_slice(&std::fs::read(&files.state).expect("state"))
-        .expect("the state file is whole again");
+    let saved = files.saved();
     assert_eq!(saved["canary"]["weight"], 10.0, "{saved}");
     // Nothing is lost: the unreadable file is kept beside the new one.
     let dir = files.state.parent().expect("a state directory");
@@ -301,10 +306,7 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     let first = Process::serve(&files.config, &[]).await;
     let admin = AdminApi::new(first.admin);
     admin.set_weight(40.0, false).await;
-    let saved = || -> Value {
-        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
-            .expect("the state file is JSON")
-    };
+    let saved = || files.saved();
     assert_eq!(saved()["status"], "steady");
 
     let blocker = files.block_writes(&first);
@@ -411,9 +413,7 @@ async fn a_rollout_whose_step_the_disk_refuses_ends_at_once_and_is_saved_later()
 
     std::fs::remove_dir(&blocker).expect("remove the blocker");
     eventually("the rollout's end to reach the state file", || {
-        let saved: Value =
-            serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
-                .expect("the state file is JSON");
+        let saved = files.saved();
         saved["status"] == "steady" && saved["rollout"]["phase"] == "superseded"
     })
     .await;
@@ -454,12 +454,7 @@ async fn an_abort_the_disk_refuses_ends_the_rollout_with_its_rollback() {
     std::fs::remove_dir(&blocker).expect("remove the blocker");
     eventually(
         "the abort to reach the state file and the audit log",
-        || {
-            let saved: Value =
-                serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
-                    .expect("the state file is JSON");
-            saved["status"] == "rolled_back" && files.last_audit()["action"] == "rollback"
-        },
+        || files.saved()["status"] == "rolled_back" && files.last_audit()["action"] == "rollback",
     )
     .await;
     let last = files.last_audit();
@@ -659,9 +654,7 @@ async fn an_unreadable_saved_rollout_stops_the_start_by_field() {
     })
     .await;
     assert_eq!(first.stop().await, Some(0));
-    let saved: Value =
-        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
-            .expect("a JSON state file");
+    let saved = files.saved();
 
     let audit = std::fs::read(&files.audit).expect("the audit log");
     for (key, value, field) in [
@@ -742,9 +735,7 @@ async fn a_plan_whose_start_was_cut_short_starts_on_the_next_start() {
     assert_eq!(state["status"], "progressing", "{state}");
     assert_eq!(state["rollout"]["phase"], "progressing", "{state}");
     assert_eq!(process.stop().await, Some(0));
-    let saved: Value =
-        serde_json::from_slice(&std::fs::read(&files.state).expect("the state file"))
-            .expect("JSON");
+    let saved = files.saved();
     assert_eq!(saved.get("rollout_due"), None, "{saved}");
 
     // Started once: the next start resumes it rather than starting it again.
