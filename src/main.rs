@@ -1,5 +1,8 @@
 //! The `cohort` binary: parse the command line, set up logging, run.
 
+// The one exception, jemalloc's options below, says why it is sound.
+#![deny(unsafe_code)]
+
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
@@ -33,6 +36,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // the representation of a non-null `const char *`, and these bytes are
 // immutable, live as long as the program and end in a NUL.
 #[cfg(not(target_env = "msvc"))]
+#[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static JEMALLOC_OPTIONS: &[u8; 28] = b"tcache_nslots_small_min:128\0";
 
