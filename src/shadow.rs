@@ -49,7 +49,7 @@ use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow
 use crate::proxy::body::BodyProgress;
 use crate::proxy::{Peer, ProxyError, forward};
 use crate::routing::{Cohort, Weight, bucket};
-use crate::table::{Policy, Version};
+use crate::table::{Gate, Policy, Version, WindowFrom};
 
 /// The header every shadow copy carries, so the shadow can tell copies from users.
 pub static X_COHORT_SHADOW: HeaderName = HeaderName::from_static("x-cohort-shadow");
@@ -390,12 +390,12 @@ impl Shadow {
             version: Arc::new(Version::new(
                 config,
                 Cohort::Shadow,
-                false,
+                Gate::Open,
                 policy.window_slot,
                 previous
                     .map(|p| &*p.version)
                     .filter(|v| v.name == config.name),
-                true,
+                WindowFrom::Predecessor,
             )),
             percent,
             sender: Arc::new(Sender {

@@ -71,24 +71,42 @@ struct Closes {
     latest: AtomicU64,
 }
 
+/// Whether a version's new upstreams take traffic before a probe passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    /// Until one passes (the readiness gate of a new canary).
+    UntilProbed,
+}
+
+/// Whether a version that succeeds another goes on with its rollout window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowFrom {
+    Predecessor,
+    /// A fresh one: a canary installed again after its rollback is judged
+    /// afresh, not on the requests that condemned it.
+    Fresh,
+}
+
 impl Version {
-    /// A version. `gated` upstreams (a canary's) take no traffic until
-    /// they pass a health check. `predecessor` is the same version (by
-    /// name) in the table this one replaces, when the change kept it but
-    /// altered it (another upstream list, or a promotion from canary to
-    /// stable): the health of each upstream it still lists, its rollout
-    /// window (unless not `keep_window`) and its open streams carry over, so
-    /// a reload neither forgets an upstream known bad nor re-gates a canary
-    /// already open.
+    /// A version. Under [`Gate::UntilProbed`] its upstreams (a canary's)
+    /// take no traffic until they pass a health check. `predecessor` is the
+    /// same version (by name) in the table this one replaces, when the
+    /// change kept it but altered it (another upstream list, or a promotion
+    /// from canary to stable): the health of each upstream it still lists,
+    /// its rollout window (as `window` says) and its open streams carry
+    /// over, so a reload neither forgets an upstream known bad nor re-gates
+    /// a canary already open.
     #[must_use]
     pub fn new(
         config: &VersionConfig,
         cohort: Cohort,
-        gated: bool,
+        gate: Gate,
         window_slot: Duration,
         predecessor: Option<&Version>,
-        keep_window: bool,
+        window: WindowFrom,
     ) -> Version {
+        let gated = gate == Gate::UntilProbed;
         let carried = |upstream: &UpstreamAddr| {
             let predecessor = predecessor?;
             let i = predecessor.upstreams.iter().position(|u| u == upstream)?;
@@ -102,13 +120,15 @@ impl Version {
             .iter()
             .map(|upstream| carried(upstream).unwrap_or_else(|| Arc::new(Health::new(!gated))))
             .collect();
-        let window = Window::new(window_slot);
+        let fresh = Window::new(window_slot);
         let window = match predecessor {
             // A new rollout interval changes the slots: the old ones cannot be read with it.
-            Some(p) if keep_window && p.window.slot_len() == window.slot_len() => {
+            Some(p)
+                if window == WindowFrom::Predecessor && p.window.slot_len() == fresh.slot_len() =>
+            {
                 Arc::clone(&p.window)
             }
-            _ => Arc::new(window),
+            _ => Arc::new(fresh),
         };
         let closes = predecessor.map_or_else(
             || {
@@ -338,13 +358,23 @@ impl RouteTable {
                 .into_iter()
                 .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
                 .find(|v| v.name == config.name);
+            let gate = if gate_new_canary && cohort == Cohort::Canary {
+                Gate::UntilProbed
+            } else {
+                Gate::Open
+            };
+            let window = if reinstalled {
+                WindowFrom::Fresh
+            } else {
+                WindowFrom::Predecessor
+            };
             Arc::new(Version::new(
                 config,
                 cohort,
-                gate_new_canary && cohort == Cohort::Canary,
+                gate,
                 policy.window_slot,
                 predecessor.map(AsRef::as_ref),
-                !reinstalled,
+                window,
             ))
         };
         let salt = policy
@@ -545,10 +575,10 @@ mod tests {
         let version = Version::new(
             &config,
             Cohort::Stable,
-            false,
+            Gate::Open,
             Duration::from_secs(1),
             None,
-            true,
+            WindowFrom::Predecessor,
         );
         let next = |first, last| version.pick_other(first, last).map(|(i, _)| i);
         assert_eq!(
