@@ -912,204 +912,9 @@ mod raw {
                 c.problem(&key, "is not a known key");
             }
 
-            let listen = ListenConfig {
-                addr: c.socket_addr("listen.addr", self.listen.addr, "0.0.0.0:8080"),
-                workers: match self.listen.workers {
-                    None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    Some(n) if n > MAX_WORKERS => {
-                        c.problem(
-                            "listen.workers",
-                            format!("{n} is more than {MAX_WORKERS} threads; 0 is one per core"),
-                        );
-                        1
-                    }
-                    Some(n) => n,
-                },
-                drain_timeout: c.duration(
-                    "listen.drain_timeout",
-                    self.listen.drain_timeout,
-                    Duration::from_secs(30),
-                ),
-                header_read_timeout: c.positive_duration(
-                    "listen.header_read_timeout",
-                    self.listen.header_read_timeout,
-                    Duration::from_secs(10),
-                ),
-                // nginx's `keepalive_timeout` default.
-                keepalive_timeout: c.positive_duration(
-                    "listen.keepalive_timeout",
-                    self.listen.keepalive_timeout,
-                    Duration::from_secs(75),
-                ),
-                // nginx's `send_timeout` default.
-                send_timeout: c.positive_duration(
-                    "listen.send_timeout",
-                    self.listen.send_timeout,
-                    Duration::from_secs(60),
-                ),
-                // HAProxy's usual `timeout tunnel` for WebSockets; nginx
-                // cuts one quiet for `proxy_read_timeout`, 60 s by default,
-                // which closes an agent's socket between two turns.
-                tunnel_idle_timeout: c.positive_duration(
-                    "listen.tunnel_idle_timeout",
-                    self.listen.tunnel_idle_timeout,
-                    Duration::from_secs(3600),
-                ),
-                max_connections: c.value(
-                    "listen.max_connections",
-                    self.listen.max_connections,
-                    10_000,
-                    |n| {
-                        // The most a tokio semaphore holds; more would panic at start.
-                        let most = tokio::sync::Semaphore::MAX_PERMITS;
-                        if n == 0 {
-                            Err("must be at least 1".into())
-                        } else if n > most {
-                            Err(format!("must be at most {most}"))
-                        } else {
-                            Ok(n)
-                        }
-                    },
-                ),
-                tls: self.listen.tls.and_then(|tls| {
-                    let alpn = c.value(
-                        "listen.tls.alpn",
-                        tls.alpn,
-                        vec!["h2".into(), "http/1.1".into()],
-                        |list| match list.iter().find(|p| *p != "h2" && *p != "http/1.1") {
-                            Some(p) => Err(format!("{p:?} is not one of \"h2\", \"http/1.1\"")),
-                            None => Ok(list),
-                        },
-                    );
-                    let cert =
-                        c.required_path("listen.tls.cert", tls.cert, "a PEM certificate chain");
-                    let key = c.required_path("listen.tls.key", tls.key, "a PEM private key");
-                    Some(TlsConfig {
-                        cert: cert?,
-                        key: key?,
-                        alpn,
-                    })
-                }),
-            };
-
-            let upstream = UpstreamConfig {
-                connect_timeout: c.positive_duration(
-                    "upstream.connect_timeout",
-                    self.upstream.connect_timeout,
-                    Duration::from_secs(5),
-                ),
-                response_timeout: c.positive_duration(
-                    "upstream.response_timeout",
-                    self.upstream.response_timeout,
-                    Duration::from_secs(60),
-                ),
-                // "0s" turns it off.
-                stream_idle_timeout: Some(c.duration(
-                    "upstream.stream_idle_timeout",
-                    self.upstream.stream_idle_timeout,
-                    Duration::from_secs(3600),
-                ))
-                .filter(|limit| !limit.is_zero()),
-                idle_timeout: c.positive_duration(
-                    "upstream.idle_timeout",
-                    self.upstream.idle_timeout,
-                    Duration::from_secs(90),
-                ),
-                max_idle_per_host: self.upstream.max_idle_per_host.unwrap_or(256),
-                ca_file: self.upstream.ca_file,
-            };
-
-            let r = self.routing;
-            let routing = RoutingConfig {
-                // An empty salt would be taken as one, not as "unset".
-                salt: c.value("routing.salt", r.salt, None, |s| {
-                    if s.is_empty() {
-                        Err("must not be empty; leave it out to salt with the canary's name".into())
-                    } else {
-                        Ok(Some(s))
-                    }
-                }),
-                sticky_keys: match r.sticky_keys {
-                    None => vec![KeySource::Header(HeaderName::from_static("x-user-id"))],
-                    Some(list) => list
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, s)| match KeySource::parse(s) {
-                            Ok(source) => Some(source),
-                            Err(message) => {
-                                c.problem(&format!("routing.sticky_keys[{i}]"), message);
-                                None
-                            }
-                        })
-                        .collect(),
-                },
-                fallback: c.value(
-                    "routing.fallback",
-                    r.fallback,
-                    Fallback::Cookie,
-                    |s| match s.as_str() {
-                        "cookie" => Ok(Fallback::Cookie),
-                        "client_ip" => Ok(Fallback::ClientIp),
-                        "stable" => Ok(Fallback::Stable),
-                        _ => Err(format!(
-                            "{s:?} is not one of \"cookie\", \"client_ip\", \"stable\""
-                        )),
-                    },
-                ),
-                cookie_name: c.value(
-                    "routing.cookie_name",
-                    r.cookie_name,
-                    "cohort_id".to_owned(),
-                    |s| {
-                        if crate::routing::key::is_cookie_name(&s) {
-                            Ok(s)
-                        } else {
-                            Err(format!("{s:?} is not a valid cookie name"))
-                        }
-                    },
-                ),
-                // `Max-Age` counts whole seconds, and zero makes a browser
-                // drop the cookie at once: a keyless user would draw a new
-                // cohort on every request.
-                cookie_max_age: c.value(
-                    "routing.cookie_max_age",
-                    r.cookie_max_age,
-                    Duration::from_secs(30 * 24 * 3600),
-                    |s| {
-                        parse_duration(&s).and_then(|d| {
-                            if d < Duration::from_secs(1) {
-                                Err(format!(
-                                    "{s:?} must be at least 1s (Max-Age counts whole seconds)"
-                                ))
-                            } else {
-                                Ok(d)
-                            }
-                        })
-                    },
-                ),
-                version_header: c
-                    .own_header("routing.version_header", r.version_header)
-                    .unwrap_or(HeaderName::from_static("x-agent-version")),
-                override_header: c.own_header("routing.override_header", r.override_header),
-                on_rollback: c.value(
-                    "routing.on_rollback",
-                    r.on_rollback,
-                    OnRollback::Drain,
-                    |s| match s.as_str() {
-                        "drain" => Ok(OnRollback::Drain),
-                        "close" => Ok(OnRollback::Close),
-                        _ => Err(format!("{s:?} is not one of \"drain\", \"close\"")),
-                    },
-                ),
-            };
-
-            if routing.override_header.as_ref() == Some(&routing.version_header) {
-                c.problem(
-                    "routing.override_header",
-                    "must differ from routing.version_header, which the proxy sets itself",
-                );
-            }
-
+            let listen = validate_listen(&mut c, self.listen);
+            let upstream = validate_upstream(&mut c, self.upstream);
+            let routing = validate_routing(&mut c, self.routing);
             let versions = match self.versions {
                 None => {
                     c.problem("versions.stable", "is required");
@@ -1118,179 +923,16 @@ mod raw {
                 Some(v) => validate_versions(&mut c, v),
             };
 
-            let admin = AdminConfig {
-                addr: c.socket_addr("admin.addr", self.admin.addr, "127.0.0.1:9901"),
-                token_file: self.admin.token_file,
-                metrics_auth: self.admin.metrics_auth.unwrap_or(false),
-            };
-            if shares_port(admin.addr, listen.addr) {
-                c.problem(
-                    "admin.addr",
-                    format!(
-                        "{} takes the port of listen.addr {}; the admin listener needs one of its own",
-                        admin.addr, listen.addr
-                    ),
-                );
-            }
-            // The rules that read the environment: the token may come from it.
-            let no_token = admin.token_file.is_none() && std::env::var_os(TOKEN_ENV).is_none();
-            if admin.metrics_auth && no_token {
-                c.problem(
-                    "admin.metrics_auth",
-                    "needs a token to ask for: set admin.token_file or COHORT_ADMIN_TOKEN",
-                );
-            }
-            if !admin.addr.ip().is_loopback() && no_token {
-                c.problem(
-                    "admin.addr",
-                    format!(
-                        "{} is not a loopback address, so the admin API needs a token: set admin.token_file or COHORT_ADMIN_TOKEN",
-                        admin.addr
-                    ),
-                );
-            }
-
-            let state = StateConfig {
-                path: self
-                    .state
-                    .path
-                    .unwrap_or_else(|| PathBuf::from("cohort-state.json")),
-                audit_log: self
-                    .state
-                    .audit_log
-                    .unwrap_or_else(|| PathBuf::from("cohort-audit.jsonl")),
-            };
-
-            for (key, path) in [
-                ("state.path", &state.path),
-                ("state.audit_log", &state.audit_log),
-            ] {
-                if path.file_name().is_none() {
-                    c.problem(
-                        key,
-                        format!("{:?} names no file", path.display().to_string()),
-                    );
-                }
-            }
-            if names_one_file(&state.path, &state.audit_log) {
-                c.problem(
-                    "state.audit_log",
-                    "must differ from state.path: the state file is rewritten whole, the log appended to",
-                );
-            }
-
+            let admin = validate_admin(&mut c, self.admin, listen.addr);
+            let state = validate_state(&mut c, self.state);
             let metrics = MetricsConfig {
                 tokens_header: c.header("metrics.tokens_header", self.metrics.tokens_header),
             };
-
             let rollout = self.rollout.map(|r| validate_rollout(&mut c, "rollout", r));
-
-            let h = self.health;
-            let health = HealthConfig {
-                path: c.value("health.path", h.path, "/health".to_owned(), |p| {
-                    if !p.starts_with('/') {
-                        Err(format!("{p:?} is not a path starting with '/'"))
-                    } else if p.parse::<http::uri::PathAndQuery>().is_err() {
-                        Err(format!(
-                            "{p:?} is not a valid request path (spaces and other \
-                             characters outside a URI must be percent-encoded)"
-                        ))
-                    } else {
-                        Ok(p)
-                    }
-                }),
-                interval: c.positive_duration(
-                    "health.interval",
-                    h.interval,
-                    Duration::from_secs(5),
-                ),
-                timeout: c.positive_duration("health.timeout", h.timeout, Duration::from_secs(1)),
-                healthy_threshold: c.at_least_one(
-                    "health.healthy_threshold",
-                    h.healthy_threshold,
-                    2,
-                ),
-                unhealthy_threshold: c.at_least_one(
-                    "health.unhealthy_threshold",
-                    h.unhealthy_threshold,
-                    3,
-                ),
-                eject_after_errors: c.at_least_one(
-                    "health.eject_after_errors",
-                    h.eject_after_errors,
-                    5,
-                ),
-                eject_for: c.positive_duration(
-                    "health.eject_for",
-                    h.eject_for,
-                    Duration::from_secs(30),
-                ),
-                canary_unavailable: c.value(
-                    "health.canary_unavailable",
-                    h.canary_unavailable,
-                    CanaryUnavailable::Stable,
-                    |s| match s.as_str() {
-                        "stable" => Ok(CanaryUnavailable::Stable),
-                        "error" => Ok(CanaryUnavailable::Error),
-                        _ => Err(format!("{s:?} is not one of \"stable\", \"error\"")),
-                    },
-                ),
-            };
-
-            let shadow = self.shadow.map(|s| ShadowConfig {
-                name: c.version_name("shadow.name", s.name),
-                upstreams: c.shadow_upstreams("shadow.upstreams", s.upstreams),
-                // Required: a shadow with no share would mirror nothing,
-                // silently.
-                percent: match s.percent {
-                    None => {
-                        c.problem(
-                            "shadow.percent",
-                            "is required: the share of requests to mirror, 0 to 100",
-                        );
-                        Weight::ZERO
-                    }
-                    percent => c.weight("shadow.percent", percent).unwrap_or(Weight::ZERO),
-                },
-                max_body: c.value("shadow.max_body", s.max_body, 1 << 20, |s| parse_size(&s)),
-                methods: s.methods.map_or_else(
-                    || vec![http::Method::GET, http::Method::HEAD],
-                    |list| {
-                        if list.is_empty() {
-                            c.problem(
-                                "shadow.methods",
-                                "is empty: name at least one method, or remove [shadow]",
-                            );
-                        }
-                        list.iter()
-                            .enumerate()
-                            .filter_map(|(i, m)| {
-                                match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                                    Ok(method) => Some(method),
-                                    Err(_) => {
-                                        c.problem(
-                                            &format!("shadow.methods[{i}]"),
-                                            format!("{m:?} is not an HTTP method"),
-                                        );
-                                        None
-                                    }
-                                }
-                            })
-                            .collect()
-                    },
-                ),
-            });
-
-            if let (Some(versions), Some(shadow)) = (&versions, &shadow) {
-                let mut names = vec![&versions.stable.name];
-                names.extend(versions.canary.as_ref().map(|(c, _)| &c.name));
-                if names.contains(&&shadow.name) {
-                    c.problem(
-                        "shadow.name",
-                        format!("{:?} is already a version's name", shadow.name),
-                    );
-                }
-            }
+            let health = validate_health(&mut c, self.health);
+            let shadow = self
+                .shadow
+                .map(|s| validate_shadow(&mut c, s, versions.as_ref()));
 
             match versions {
                 Some(versions) if c.problems.is_empty() => Ok(super::Config {
@@ -1308,6 +950,382 @@ mod raw {
                 _ => Err(c.problems),
             }
         }
+    }
+
+    fn validate_listen(c: &mut Checker, listen: Listen) -> ListenConfig {
+        ListenConfig {
+            addr: c.socket_addr("listen.addr", listen.addr, "0.0.0.0:8080"),
+            workers: match listen.workers {
+                None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) if n > MAX_WORKERS => {
+                    c.problem(
+                        "listen.workers",
+                        format!("{n} is more than {MAX_WORKERS} threads; 0 is one per core"),
+                    );
+                    1
+                }
+                Some(n) => n,
+            },
+            drain_timeout: c.duration(
+                "listen.drain_timeout",
+                listen.drain_timeout,
+                Duration::from_secs(30),
+            ),
+            header_read_timeout: c.positive_duration(
+                "listen.header_read_timeout",
+                listen.header_read_timeout,
+                Duration::from_secs(10),
+            ),
+            // nginx's `keepalive_timeout` default.
+            keepalive_timeout: c.positive_duration(
+                "listen.keepalive_timeout",
+                listen.keepalive_timeout,
+                Duration::from_secs(75),
+            ),
+            // nginx's `send_timeout` default.
+            send_timeout: c.positive_duration(
+                "listen.send_timeout",
+                listen.send_timeout,
+                Duration::from_secs(60),
+            ),
+            // HAProxy's usual `timeout tunnel` for WebSockets; nginx
+            // cuts one quiet for `proxy_read_timeout`, 60 s by default,
+            // which closes an agent's socket between two turns.
+            tunnel_idle_timeout: c.positive_duration(
+                "listen.tunnel_idle_timeout",
+                listen.tunnel_idle_timeout,
+                Duration::from_secs(3600),
+            ),
+            max_connections: c.value(
+                "listen.max_connections",
+                listen.max_connections,
+                10_000,
+                |n| {
+                    // The most a tokio semaphore holds; more would panic at start.
+                    let most = tokio::sync::Semaphore::MAX_PERMITS;
+                    if n == 0 {
+                        Err("must be at least 1".into())
+                    } else if n > most {
+                        Err(format!("must be at most {most}"))
+                    } else {
+                        Ok(n)
+                    }
+                },
+            ),
+            tls: listen.tls.and_then(|tls| {
+                let alpn = c.value(
+                    "listen.tls.alpn",
+                    tls.alpn,
+                    vec!["h2".into(), "http/1.1".into()],
+                    |list| match list.iter().find(|p| *p != "h2" && *p != "http/1.1") {
+                        Some(p) => Err(format!("{p:?} is not one of \"h2\", \"http/1.1\"")),
+                        None => Ok(list),
+                    },
+                );
+                let cert = c.required_path("listen.tls.cert", tls.cert, "a PEM certificate chain");
+                let key = c.required_path("listen.tls.key", tls.key, "a PEM private key");
+                Some(TlsConfig {
+                    cert: cert?,
+                    key: key?,
+                    alpn,
+                })
+            }),
+        }
+    }
+
+    fn validate_upstream(c: &mut Checker, upstream: Upstream) -> UpstreamConfig {
+        UpstreamConfig {
+            connect_timeout: c.positive_duration(
+                "upstream.connect_timeout",
+                upstream.connect_timeout,
+                Duration::from_secs(5),
+            ),
+            response_timeout: c.positive_duration(
+                "upstream.response_timeout",
+                upstream.response_timeout,
+                Duration::from_secs(60),
+            ),
+            // "0s" turns it off.
+            stream_idle_timeout: Some(c.duration(
+                "upstream.stream_idle_timeout",
+                upstream.stream_idle_timeout,
+                Duration::from_secs(3600),
+            ))
+            .filter(|limit| !limit.is_zero()),
+            idle_timeout: c.positive_duration(
+                "upstream.idle_timeout",
+                upstream.idle_timeout,
+                Duration::from_secs(90),
+            ),
+            max_idle_per_host: upstream.max_idle_per_host.unwrap_or(256),
+            ca_file: upstream.ca_file,
+        }
+    }
+
+    fn validate_routing(c: &mut Checker, r: Routing) -> RoutingConfig {
+        let routing = RoutingConfig {
+            // An empty salt would be taken as one, not as "unset".
+            salt: c.value("routing.salt", r.salt, None, |s| {
+                if s.is_empty() {
+                    Err("must not be empty; leave it out to salt with the canary's name".into())
+                } else {
+                    Ok(Some(s))
+                }
+            }),
+            sticky_keys: match r.sticky_keys {
+                None => vec![KeySource::Header(HeaderName::from_static("x-user-id"))],
+                Some(list) => list
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| match KeySource::parse(s) {
+                        Ok(source) => Some(source),
+                        Err(message) => {
+                            c.problem(&format!("routing.sticky_keys[{i}]"), message);
+                            None
+                        }
+                    })
+                    .collect(),
+            },
+            fallback: c.value(
+                "routing.fallback",
+                r.fallback,
+                Fallback::Cookie,
+                |s| match s.as_str() {
+                    "cookie" => Ok(Fallback::Cookie),
+                    "client_ip" => Ok(Fallback::ClientIp),
+                    "stable" => Ok(Fallback::Stable),
+                    _ => Err(format!(
+                        "{s:?} is not one of \"cookie\", \"client_ip\", \"stable\""
+                    )),
+                },
+            ),
+            cookie_name: c.value(
+                "routing.cookie_name",
+                r.cookie_name,
+                "cohort_id".to_owned(),
+                |s| {
+                    if crate::routing::key::is_cookie_name(&s) {
+                        Ok(s)
+                    } else {
+                        Err(format!("{s:?} is not a valid cookie name"))
+                    }
+                },
+            ),
+            // `Max-Age` counts whole seconds, and zero makes a browser
+            // drop the cookie at once: a keyless user would draw a new
+            // cohort on every request.
+            cookie_max_age: c.value(
+                "routing.cookie_max_age",
+                r.cookie_max_age,
+                Duration::from_secs(30 * 24 * 3600),
+                |s| {
+                    parse_duration(&s).and_then(|d| {
+                        if d < Duration::from_secs(1) {
+                            Err(format!(
+                                "{s:?} must be at least 1s (Max-Age counts whole seconds)"
+                            ))
+                        } else {
+                            Ok(d)
+                        }
+                    })
+                },
+            ),
+            version_header: c
+                .own_header("routing.version_header", r.version_header)
+                .unwrap_or(HeaderName::from_static("x-agent-version")),
+            override_header: c.own_header("routing.override_header", r.override_header),
+            on_rollback: c.value(
+                "routing.on_rollback",
+                r.on_rollback,
+                OnRollback::Drain,
+                |s| match s.as_str() {
+                    "drain" => Ok(OnRollback::Drain),
+                    "close" => Ok(OnRollback::Close),
+                    _ => Err(format!("{s:?} is not one of \"drain\", \"close\"")),
+                },
+            ),
+        };
+
+        if routing.override_header.as_ref() == Some(&routing.version_header) {
+            c.problem(
+                "routing.override_header",
+                "must differ from routing.version_header, which the proxy sets itself",
+            );
+        }
+        routing
+    }
+
+    /// `[admin]`, with the rules that read the environment: the token may come from it.
+    fn validate_admin(c: &mut Checker, raw: Admin, listen_addr: SocketAddr) -> AdminConfig {
+        let admin = AdminConfig {
+            addr: c.socket_addr("admin.addr", raw.addr, "127.0.0.1:9901"),
+            token_file: raw.token_file,
+            metrics_auth: raw.metrics_auth.unwrap_or(false),
+        };
+        if shares_port(admin.addr, listen_addr) {
+            c.problem(
+                "admin.addr",
+                format!(
+                    "{} takes the port of listen.addr {listen_addr}; the admin listener needs one of its own",
+                    admin.addr
+                ),
+            );
+        }
+        // The rules that read the environment: the token may come from it.
+        let no_token = admin.token_file.is_none() && std::env::var_os(TOKEN_ENV).is_none();
+        if admin.metrics_auth && no_token {
+            c.problem(
+                "admin.metrics_auth",
+                "needs a token to ask for: set admin.token_file or COHORT_ADMIN_TOKEN",
+            );
+        }
+        if !admin.addr.ip().is_loopback() && no_token {
+            c.problem(
+                "admin.addr",
+                format!(
+                    "{} is not a loopback address, so the admin API needs a token: set admin.token_file or COHORT_ADMIN_TOKEN",
+                    admin.addr
+                ),
+            );
+        }
+        admin
+    }
+
+    fn validate_state(c: &mut Checker, raw: State) -> StateConfig {
+        let state = StateConfig {
+            path: raw
+                .path
+                .unwrap_or_else(|| PathBuf::from("cohort-state.json")),
+            audit_log: raw
+                .audit_log
+                .unwrap_or_else(|| PathBuf::from("cohort-audit.jsonl")),
+        };
+
+        for (key, path) in [
+            ("state.path", &state.path),
+            ("state.audit_log", &state.audit_log),
+        ] {
+            if path.file_name().is_none() {
+                c.problem(
+                    key,
+                    format!("{:?} names no file", path.display().to_string()),
+                );
+            }
+        }
+        if names_one_file(&state.path, &state.audit_log) {
+            c.problem(
+                "state.audit_log",
+                "must differ from state.path: the state file is rewritten whole, the log appended to",
+            );
+        }
+        state
+    }
+
+    fn validate_health(c: &mut Checker, h: Health) -> HealthConfig {
+        HealthConfig {
+            path: c.value("health.path", h.path, "/health".to_owned(), |p| {
+                if !p.starts_with('/') {
+                    Err(format!("{p:?} is not a path starting with '/'"))
+                } else if p.parse::<http::uri::PathAndQuery>().is_err() {
+                    Err(format!(
+                        "{p:?} is not a valid request path (spaces and other \
+                         characters outside a URI must be percent-encoded)"
+                    ))
+                } else {
+                    Ok(p)
+                }
+            }),
+            interval: c.positive_duration("health.interval", h.interval, Duration::from_secs(5)),
+            timeout: c.positive_duration("health.timeout", h.timeout, Duration::from_secs(1)),
+            healthy_threshold: c.at_least_one("health.healthy_threshold", h.healthy_threshold, 2),
+            unhealthy_threshold: c.at_least_one(
+                "health.unhealthy_threshold",
+                h.unhealthy_threshold,
+                3,
+            ),
+            eject_after_errors: c.at_least_one(
+                "health.eject_after_errors",
+                h.eject_after_errors,
+                5,
+            ),
+            eject_for: c.positive_duration(
+                "health.eject_for",
+                h.eject_for,
+                Duration::from_secs(30),
+            ),
+            canary_unavailable: c.value(
+                "health.canary_unavailable",
+                h.canary_unavailable,
+                CanaryUnavailable::Stable,
+                |s| match s.as_str() {
+                    "stable" => Ok(CanaryUnavailable::Stable),
+                    "error" => Ok(CanaryUnavailable::Error),
+                    _ => Err(format!("{s:?} is not one of \"stable\", \"error\"")),
+                },
+            ),
+        }
+    }
+
+    fn validate_shadow(
+        c: &mut Checker,
+        s: Shadow,
+        versions: Option<&VersionsConfig>,
+    ) -> ShadowConfig {
+        let shadow = ShadowConfig {
+            name: c.version_name("shadow.name", s.name),
+            upstreams: c.shadow_upstreams("shadow.upstreams", s.upstreams),
+            // Required: a shadow with no share would mirror nothing,
+            // silently.
+            percent: match s.percent {
+                None => {
+                    c.problem(
+                        "shadow.percent",
+                        "is required: the share of requests to mirror, 0 to 100",
+                    );
+                    Weight::ZERO
+                }
+                percent => c.weight("shadow.percent", percent).unwrap_or(Weight::ZERO),
+            },
+            max_body: c.value("shadow.max_body", s.max_body, 1 << 20, |s| parse_size(&s)),
+            methods: s.methods.map_or_else(
+                || vec![http::Method::GET, http::Method::HEAD],
+                |list| {
+                    if list.is_empty() {
+                        c.problem(
+                            "shadow.methods",
+                            "is empty: name at least one method, or remove [shadow]",
+                        );
+                    }
+                    list.iter()
+                        .enumerate()
+                        .filter_map(|(i, m)| {
+                            match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                                Ok(method) => Some(method),
+                                Err(_) => {
+                                    c.problem(
+                                        &format!("shadow.methods[{i}]"),
+                                        format!("{m:?} is not an HTTP method"),
+                                    );
+                                    None
+                                }
+                            }
+                        })
+                        .collect()
+                },
+            ),
+        };
+
+        if let Some(versions) = versions {
+            let mut names = vec![&versions.stable.name];
+            names.extend(versions.canary.as_ref().map(|(c, _)| &c.name));
+            if names.contains(&&shadow.name) {
+                c.problem(
+                    "shadow.name",
+                    format!("{:?} is already a version's name", shadow.name),
+                );
+            }
+        }
+        shadow
     }
 
     fn validate_versions(c: &mut Checker, v: Versions) -> Option<VersionsConfig> {
