@@ -18,7 +18,8 @@
 //! connection, a cap on connections),
 //! authentication (a 401 carries the `WWW-Authenticate: Bearer` challenge;
 //! the token and `admin.metrics_auth` are replaced whole on a reload), the
-//! one `match` on (method, path), `HEAD` answered as `GET`, and the JSON
+//! endpoints and the one method each answers (`Endpoint`), `HEAD` answered
+//! as `GET`, and the JSON
 //! error shape. Does not own what the calls do
 //! (`control`, via `handlers`).
 
@@ -79,7 +80,7 @@ pub enum AdminError {
     #[error("{0}")]
     NotFound(String),
     #[error("{method} is not allowed here; use {allow}")]
-    MethodNotAllowed { method: Method, allow: &'static str },
+    MethodNotAllowed { method: Method, allow: Method },
     #[error("{0}")]
     Conflict(String),
     #[error("the body is over the {} KiB limit of admin requests", .0 / 1024)]
@@ -140,7 +141,7 @@ impl Admin {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> AdminResponse {
-        let result = self.route(req).await;
+        let result = self.dispatch(req).await;
         result.unwrap_or_else(|error| {
             let mut rsp = json(
                 error.status(),
@@ -148,8 +149,10 @@ impl Admin {
             );
             match error {
                 AdminError::MethodNotAllowed { allow, .. } => {
-                    rsp.headers_mut()
-                        .insert(ALLOW, HeaderValue::from_static(allow));
+                    // A standard method's name is a valid header value.
+                    if let Ok(allow) = HeaderValue::from_str(allow.as_str()) {
+                        rsp.headers_mut().insert(ALLOW, allow);
+                    }
                 }
                 // The challenge names the scheme to answer with (RFC 6750 section 3).
                 AdminError::Unauthorized => {
@@ -162,7 +165,7 @@ impl Admin {
         })
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<AdminResponse, AdminError> {
+    async fn dispatch(&self, req: Request<Incoming>) -> Result<AdminResponse, AdminError> {
         let path = req.uri().path().to_owned();
         // HEAD is answered as GET without the body (hyper leaves it out),
         // for uptime checkers and `curl -I`.
@@ -180,12 +183,20 @@ impl Admin {
                 authorize(access.token.as_deref(), &req)?;
             }
         }
+        let endpoint = Endpoint::at(&path)
+            .ok_or_else(|| AdminError::NotFound(format!("no admin endpoint at {path}")))?;
+        if method != endpoint.method() {
+            return Err(AdminError::MethodNotAllowed {
+                method: sent,
+                allow: endpoint.method(),
+            });
+        }
         let ok = |value: serde_json::Value| Ok(json(StatusCode::OK, &value));
         // A change answers with the state it made, shown as `GET /admin/state` shows it.
         let changed = |live: LiveState| ok(self.control.with_health(&live));
-        match (&method, path.as_str()) {
-            (&Method::GET, "/health") => ok(serde_json::json!({"status": "ok"})),
-            (&Method::GET, "/ready") => {
+        match endpoint {
+            Endpoint::Health => ok(serde_json::json!({"status": "ok"})),
+            Endpoint::Ready => {
                 if self.ready.load(Ordering::Acquire) {
                     ok(serde_json::json!({"status": "ready"}))
                 } else {
@@ -195,7 +206,7 @@ impl Admin {
                     ))
                 }
             }
-            (&Method::GET, "/metrics") => {
+            Endpoint::Metrics => {
                 let table = self.control.table().snapshot();
                 let mut text =
                     crate::metrics::retain_live_series(&self.metrics.render(), |v, c| {
@@ -209,36 +220,19 @@ impl Admin {
                 );
                 Ok(rsp)
             }
-            (&Method::GET, "/admin/state") => ok(self.rollouts.state_with_health()),
-            (&Method::PUT, "/admin/weight") => changed(handlers::weight(&self.control, req).await?),
-            (&Method::POST, "/admin/rollback") => {
-                changed(handlers::rollback(&self.control, req).await?)
-            }
-            (&Method::POST, "/admin/promote") => {
-                changed(handlers::promote(&self.control, req).await?)
-            }
-            (&Method::PUT, "/admin/canary") => changed(handlers::canary(&self.control, req).await?),
-            (&Method::PUT, "/admin/shadow") => changed(handlers::shadow(&self.control, req).await?),
-            (&Method::GET, "/admin/route") => ok(to_json(&handlers::route(&self.control, &req)?)),
-            (&Method::POST, "/admin/rollout") => {
-                changed(handlers::rollout_start(&self.rollouts, req).await?)
-            }
-            (&Method::POST, "/admin/rollout/approve") => {
+            Endpoint::State => ok(self.rollouts.state_with_health()),
+            Endpoint::Weight => changed(handlers::weight(&self.control, req).await?),
+            Endpoint::Rollback => changed(handlers::rollback(&self.control, req).await?),
+            Endpoint::Promote => changed(handlers::promote(&self.control, req).await?),
+            Endpoint::Canary => changed(handlers::canary(&self.control, req).await?),
+            Endpoint::Shadow => changed(handlers::shadow(&self.control, req).await?),
+            Endpoint::Route => ok(to_json(&handlers::route(&self.control, &req)?)),
+            Endpoint::RolloutStart => changed(handlers::rollout_start(&self.rollouts, req).await?),
+            Endpoint::RolloutApprove => {
                 changed(handlers::rollout_approve(&self.rollouts, req).await?)
             }
-            (&Method::POST, "/admin/rollout/abort") => {
-                changed(handlers::rollout_abort(&self.rollouts, req).await?)
-            }
-            (&Method::POST, "/admin/signals") => {
-                ok(to_json(&handlers::signals(&self.rollouts, req).await?))
-            }
-            (_, path) => match allowed_method(path) {
-                Some(allow) => Err(AdminError::MethodNotAllowed {
-                    method: sent,
-                    allow,
-                }),
-                None => Err(AdminError::NotFound(format!("no admin endpoint at {path}"))),
-            },
+            Endpoint::RolloutAbort => changed(handlers::rollout_abort(&self.rollouts, req).await?),
+            Endpoint::Signals => ok(to_json(&handlers::signals(&self.rollouts, req).await?)),
         }
     }
 }
@@ -347,19 +341,63 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
-/// The method each endpoint answers, for the `Allow` header of a 405.
-fn allowed_method(path: &str) -> Option<&'static str> {
-    Some(match path {
-        "/health" | "/ready" | "/metrics" | "/admin/state" | "/admin/route" => "GET",
-        "/admin/weight" | "/admin/canary" | "/admin/shadow" => "PUT",
-        "/admin/rollback"
-        | "/admin/promote"
-        | "/admin/rollout"
-        | "/admin/rollout/approve"
-        | "/admin/rollout/abort"
-        | "/admin/signals" => "POST",
-        _ => return None,
-    })
+/// The admin listener's endpoints (SPEC section 3), each answering one method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Health,
+    Ready,
+    Metrics,
+    State,
+    Weight,
+    Rollback,
+    Promote,
+    Canary,
+    Shadow,
+    Route,
+    RolloutStart,
+    RolloutApprove,
+    RolloutAbort,
+    Signals,
+}
+
+impl Endpoint {
+    fn at(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/health" => Endpoint::Health,
+            "/ready" => Endpoint::Ready,
+            "/metrics" => Endpoint::Metrics,
+            "/admin/state" => Endpoint::State,
+            "/admin/weight" => Endpoint::Weight,
+            "/admin/rollback" => Endpoint::Rollback,
+            "/admin/promote" => Endpoint::Promote,
+            "/admin/canary" => Endpoint::Canary,
+            "/admin/shadow" => Endpoint::Shadow,
+            "/admin/route" => Endpoint::Route,
+            "/admin/rollout" => Endpoint::RolloutStart,
+            "/admin/rollout/approve" => Endpoint::RolloutApprove,
+            "/admin/rollout/abort" => Endpoint::RolloutAbort,
+            "/admin/signals" => Endpoint::Signals,
+            _ => return None,
+        })
+    }
+
+    /// The one method it answers (and names in the `Allow` header of a 405).
+    fn method(self) -> Method {
+        match self {
+            Endpoint::Health
+            | Endpoint::Ready
+            | Endpoint::Metrics
+            | Endpoint::State
+            | Endpoint::Route => Method::GET,
+            Endpoint::Weight | Endpoint::Canary | Endpoint::Shadow => Method::PUT,
+            Endpoint::Rollback
+            | Endpoint::Promote
+            | Endpoint::RolloutStart
+            | Endpoint::RolloutApprove
+            | Endpoint::RolloutAbort
+            | Endpoint::Signals => Method::POST,
+        }
+    }
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
