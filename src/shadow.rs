@@ -47,7 +47,7 @@ use crate::BoxError;
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
 use crate::proxy::body::BodyProgress;
-use crate::proxy::{Peer, ProxyError, forward};
+use crate::proxy::{Peer, ProxyError, rewrite};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Gate, Policy, Version, WindowFrom};
 
@@ -431,7 +431,7 @@ impl Shadow {
         if !policy.shadow.methods.contains(req.method()) || !self.covers(key) {
             return None;
         }
-        if forward::is_upgrade(req) {
+        if rewrite::is_upgrade(req) {
             return None;
         }
         let declared = req.body().size_hint().exact();
@@ -457,7 +457,7 @@ impl Shadow {
             let (body, tap) = CopyBody::channel(policy.shadow.max_body);
             (body, Some(tap))
         };
-        let mut copy = forward::upstream_request(
+        let mut copy = rewrite::upstream_request(
             Request::from_parts(crate::upstream::copy_head(req), body),
             &policy.routing.version_header,
             &self.version.header_value,
@@ -544,7 +544,7 @@ async fn exchange(
     match result {
         Ok(rsp) => {
             metrics.record_response(rsp.status(), started.elapsed());
-            if let Some(tokens) = forward::tokens(rsp.headers(), limits.tokens_header.as_ref()) {
+            if let Some(tokens) = rewrite::tokens(rsp.headers(), limits.tokens_header.as_ref()) {
                 metrics.tokens.increment(tokens);
             }
             let mut body = rsp.into_body();

@@ -9,7 +9,7 @@
 //! the latter from the header map, so the request handler cannot see that a
 //! request carried both; the guard sees the raw head first. Does not own:
 //! parsing requests for real (hyper) or answering the refused request
-//! (`forward::check_request`).
+//! (`rewrite::check_request`).
 
 use std::io;
 use std::mem::MaybeUninit;

@@ -39,7 +39,7 @@ use tokio_rustls::server::TlsStream;
 use super::framing::{AmbiguousFraming, H2_PREFACE};
 use super::h2stream::{ReportingBody, StreamExecutor};
 use super::idle::{Activity, ClientIo, Tracked};
-use super::{Peer, Proxy, ResponseBody, Tunnel, forward};
+use super::{Peer, Proxy, ResponseBody, Tunnel, rewrite};
 use crate::BoxError;
 use crate::config::ListenConfig;
 use crate::metrics::Counted;
@@ -340,7 +340,7 @@ where
     service_fn(move |req| {
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
-        let upgrading = forward::is_upgrade(&req).then(|| client.activity.upgrading());
+        let upgrading = rewrite::is_upgrade(&req).then(|| client.activity.upgrading());
         async move {
             let (rsp, tunnel) = client
                 .proxy

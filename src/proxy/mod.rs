@@ -9,16 +9,18 @@
 //! Does not own: accepting connections and their lifecycle ([`listener`],
 //! with [`idle`] for freeing idle ones and [`h2stream`] for the HTTP/2
 //! streams' tasks), header rewriting
-//! ([`forward`]), the mapping of failures to responses ([`error`]), or the
+//! ([`rewrite`]), the tunnel of an upgraded connection ([`tunnel`]), the
+//! mapping of failures to responses ([`error`]), or the
 //! routing rule itself (`routing`).
 
 pub mod body;
 pub mod error;
-pub mod forward;
 pub mod framing;
 pub mod h2stream;
 pub mod idle;
 pub mod listener;
+pub mod rewrite;
+pub mod tunnel;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -42,8 +44,9 @@ type UpstreamBody = upstream::UpstreamBody<TeeBody>;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
-pub use forward::{Peer, Tunnel};
 pub use framing::AmbiguousFraming;
+pub use rewrite::Peer;
+pub use tunnel::Tunnel;
 
 /// Everything a request needs, shared by every connection of a listener.
 #[derive(Debug)]
@@ -110,7 +113,7 @@ impl Proxy {
         let mut in_flight =
             body::InFlight::start(Arc::clone(&version), started, decision, peer.addr);
         let http_version = req.version();
-        let result = match forward::check_request(&req, framing) {
+        let result = match rewrite::check_request(&req, framing) {
             Err(error) => Err(error),
             Ok(()) => {
                 // A copy for the shadow, if it takes this request; never waits.
@@ -118,7 +121,7 @@ impl Proxy {
                     shadow.offer(&req, key.as_deref(), &table.policy, peer, self.tls)
                 });
                 let client_upgrade =
-                    forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+                    rewrite::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
                 let mut req = req.map(|body| TeeBody::new(body, tap));
                 if !req.body().is_end_stream() {
                     let timeout = table.policy.response_timeout;
@@ -194,7 +197,7 @@ impl Proxy {
         started: Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
-        let mut req = forward::upstream_request(
+        let mut req = rewrite::upstream_request(
             req,
             &table.policy.routing.version_header,
             &version.header_value,
@@ -227,7 +230,7 @@ impl Proxy {
                 }
             };
             let failed = match waited {
-                Some(Ok(rsp)) => break forward::downstream_response(rsp),
+                Some(Ok(rsp)) => break rewrite::downstream_response(rsp),
                 // The exchange failed because the client's body did: not
                 // the upstream's doing, and nothing to try again.
                 Some(Err(failed))
@@ -352,7 +355,7 @@ fn relay(
     mut in_flight: body::InFlight,
     to_headers: std::time::Duration,
 ) -> Answer {
-    let tokens = forward::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref());
+    let tokens = rewrite::tokens(rsp.headers(), table.policy.metrics.tokens_header.as_ref());
     if let Some(tokens) = tokens {
         version.metrics.tokens.increment(tokens);
     }

@@ -1,4 +1,4 @@
-//! What the proxy changes on the way through, and upgraded-connection tunnels.
+//! What the proxy checks and rewrites in the messages it passes on.
 //!
 //! Owns: refusing what must not reach an upstream (request framing that
 //! could smuggle a second request, a transfer coding other than `chunked`,
@@ -7,10 +7,9 @@
 //! those named in `Connection`), the upstream request (origin-form URI,
 //! `Host`, joined cookies, version header, `x-forwarded-*`, a chunked
 //! `GET` body kept, with the client's address as a [`Peer`]), a response's
-//! framing headers, the tokens header, and the byte tunnel of an upgraded
-//! connection. Does not own:
-//! choosing where to send (`routing`, `table`) or what a failure looks
-//! like (`error`).
+//! framing headers, and reading the tokens header. Does not own: choosing
+//! where to send (`routing`, `table`), what a failure looks like (`error`),
+//! or the tunnel of an upgraded connection (`tunnel`).
 
 use std::net::SocketAddr;
 
@@ -20,10 +19,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Body;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 
-use super::body::InFlight;
 use super::error::ProxyError;
 use super::framing::AmbiguousFraming;
 use crate::shadow::X_COHORT_SHADOW;
@@ -348,60 +344,6 @@ pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
         (value.is_finite() && value >= 0.0).then(|| value.round() as u64)
     })?;
     (tokens <= MAX_TOKENS).then_some(tokens)
-}
-
-/// The byte tunnel of an upgraded connection, from the `101` on.
-///
-/// Run by the client connection's task (see `listener`) once hyper has
-/// sent the `101` and handed the socket over, so that the tunnel keeps the
-/// connection's place in the listener's drain and in
-/// `listen.max_connections`, as any other open connection does.
-#[derive(Debug)]
-pub struct Tunnel {
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    /// The version's in-flight gauge, held until both sides are done.
-    in_flight: InFlight,
-}
-
-impl Tunnel {
-    #[must_use]
-    pub fn new(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) -> Tunnel {
-        Tunnel {
-            client,
-            upstream,
-            in_flight,
-        }
-    }
-
-    /// Pipes bytes both ways until either side closes, or until the
-    /// version's streams are ordered closed (`on_rollback = "close"`).
-    /// The listener that runs it cuts it when idle or unread.
-    pub async fn run(self) {
-        let Tunnel {
-            client,
-            upstream,
-            in_flight,
-        } = self;
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(error) => {
-                tracing::debug!(%error, "upgrade failed");
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "upgraded connection ended");
-                }
-            }
-            () = in_flight.closed() => tracing::debug!("upgraded connection closed by rollback"),
-        }
-        drop(in_flight);
-    }
 }
 
 /// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]), any header the
