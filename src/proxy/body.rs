@@ -1,19 +1,23 @@
 //! The response body the proxy hands to hyper, and the in-flight guard it carries.
 //!
-//! Owns: streaming an upstream body through frame by frame (never buffered
-//! whole), the proxy's own small bodies, and [`InFlight`], which holds a
-//! version's in-flight gauge from the request's start to the body's end (or
-//! the client's disconnect) and then records the response duration, and in
-//! the version's window the outcome of a streamed response (a failure if
-//! its upstream cut it) or, for a request its client abandoned before the
-//! response head, a 499, its access log line and a failure. Also
-//! ends a stream whose version was rolled back with `on_rollback = "close"`
-//! after its head, or that went silent both ways (no byte from its
-//! upstream, none of the request body) for `upstream.stream_idle_timeout`,
-//! counts an upstream that fails mid-body among the version's upstream errors,
-//! and keeps [`BodyProgress`], how far a request body has got (which the
-//! response timeout counts from), whether it waits on its client, and when
-//! one left silent after its response has ended is due to be cut.
+//! Owns:
+//! - [`ResponseBody`]: an upstream body streamed through frame by frame
+//!   (never buffered whole), or the proxy's own small body. It ends a
+//!   stream whose version was rolled back with `on_rollback = "close"`
+//!   after its head, or that went silent both ways (no byte from its
+//!   upstream, none of the request body) for
+//!   `upstream.stream_idle_timeout`, and counts an upstream that fails
+//!   mid-body among the version's upstream errors.
+//! - [`InFlight`]: holds a version's in-flight gauge from the request's
+//!   start to the body's end (or the client's disconnect), then records the
+//!   response duration, and in the version's window the outcome of a
+//!   streamed response (a failure if its upstream cut it); for a request
+//!   its client abandoned before the response head, a 499, its access log
+//!   line and a failure.
+//! - [`BodyProgress`]: how far a request body has got (which the response
+//!   timeout counts from), whether it waits on its client, and when one
+//!   left silent after its response has ended is due to be cut.
+//!
 //! Does not own: when the response head is due (`Proxy::forward`), the
 //! HTTP/2 stream's send timeout (`h2stream`), or the metric names
 //! (`metrics`).
