@@ -275,7 +275,10 @@ fn check(path: &std::path::Path) -> ExitCode {
     let problems = match Config::load(path) {
         Ok(config) => {
             let mut problems = config.check_files();
-            problems.extend(crate::state::file::check(&config.state));
+            problems.extend(crate::state::file::check(
+                &config.state,
+                crate::rollout::controller::check_saved,
+            ));
             problems
         }
         Err(ConfigError::Invalid(problems)) => problems,

@@ -302,6 +302,30 @@ fn check_refuses_the_state_files_a_start_would_refuse() {
         !scratch.path().join("s.json").exists(),
         "check wrote a state file"
     );
+
+    // A state file that reads, but whose status says a rollout runs that
+    // it does not hold: a start could not resume it.
+    let text = format!(
+        "[state]\npath = \"{dir}/seeded.json\"\naudit_log = \"{dir}/audit.jsonl\"\n\n{STABLE_ONLY}\n\
+         [versions.canary]\nname = \"v2\"\nupstreams = [\"127.0.0.1:9002\"]\nweight = 10\n"
+    );
+    let config_path = scratch.write("seeded.toml", &text);
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid config");
+    let store = cohort::state::file::FileStore::new(parsed.state.path.clone());
+    cohort::state::restore(&store, &parsed.versions, None, false, false).expect("a seed");
+    assert!(check(&config_path).status.success());
+    let seeded = std::fs::read_to_string(&parsed.state.path).expect("the seed");
+    let running = seeded.replacen("\"status\": \"steady\"", "\"status\": \"progressing\"", 1);
+    assert_ne!(seeded, running);
+    std::fs::write(&parsed.state.path, running).expect("edit the seed");
+    let output = check(&config_path);
+    let text = printed(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("state.path: ") && l.contains("rollout: missing")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -20,10 +20,14 @@ use crate::config::{Problem, StateConfig};
 
 /// What a start would refuse in the files `[state]` names, each named by
 /// its key, for `cohort check`: a path that is a directory, or under a
-/// file, and a state file that cannot be read or is not valid. Changes
-/// nothing on disk.
+/// file, and a state file that cannot be read, is not valid, or whose
+/// saved rollout `resumable` says cannot be resumed. Changes nothing on
+/// disk.
 #[must_use]
-pub fn check(config: &StateConfig) -> Vec<Problem> {
+pub fn check(
+    config: &StateConfig,
+    resumable: impl Fn(&super::LiveState) -> Result<(), String>,
+) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (key, path) in [
         ("state.path", &config.path),
@@ -52,14 +56,23 @@ pub fn check(config: &StateConfig) -> Vec<Problem> {
             )));
         }
     }
-    if problems.is_empty()
-        && let Err(error) = FileStore::new(config.path.clone()).read()
-    {
-        problems.push(Problem {
-            key: "state.path".to_owned(),
-            message: error.to_string(),
-        });
+    if !problems.is_empty() {
+        return problems;
     }
+    let unreadable = match FileStore::new(config.path.clone()).read() {
+        Ok(None) => None,
+        Ok(Some(saved)) => resumable(&saved.live)
+            .err()
+            .map(|message| StateError::Corrupt {
+                path: config.path.display().to_string(),
+                message,
+            }),
+        Err(error) => Some(error),
+    };
+    problems.extend(unreadable.map(|error| Problem {
+        key: "state.path".to_owned(),
+        message: error.to_string(),
+    }));
     problems
 }
 
