@@ -428,21 +428,33 @@ fn place(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 }
 
 /// Whether `a` and `b` name one file however each is spelt (`s.json` and
-/// `./s.json`, a relative and an absolute path, a linked directory):
-/// compared after resolving each against the working directory and
-/// through the links that exist.
+/// `./s.json`, a relative and an absolute path, a linked directory, `..`):
+/// compared after resolving each against the working directory, through
+/// the links of the part that exists, and by name in the part that does not
+/// exist yet.
 fn names_one_file(a: &Path, b: &Path) -> bool {
     fn resolved(path: &Path) -> PathBuf {
-        if let Ok(real) = path.canonicalize() {
-            return real;
-        }
+        use std::path::Component;
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        match (absolute.parent(), absolute.file_name()) {
-            (Some(dir), Some(name)) => dir
-                .canonicalize()
-                .map_or_else(|_| absolute.clone(), |dir| dir.join(name)),
-            _ => absolute,
+        let parts: Vec<Component<'_>> = absolute.components().collect();
+        // The longest leading part that exists (the root, at least).
+        let (mut out, rest) = (0..=parts.len())
+            .rev()
+            .find_map(|i| {
+                let existing: PathBuf = parts[..i].iter().collect();
+                existing.canonicalize().ok().map(|real| (real, &parts[i..]))
+            })
+            .unwrap_or_else(|| (PathBuf::new(), &parts[..]));
+        for part in rest {
+            match part {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
         }
+        out
     }
     a == b || resolved(a) == resolved(b)
 }
@@ -1640,6 +1652,7 @@ mod tests {
         for (a, b) in [
             ("s.json", "./s.json"),
             ("s.json", "src/../s.json"),
+            ("no-such/s.json", "no-such/x/../s.json"),
             ("s.json", here.join("s.json").to_str().expect("UTF-8")),
         ] {
             assert!(names_one_file(Path::new(a), Path::new(b)), "{a} {b}");
