@@ -5,8 +5,9 @@
 //! reload the config), the
 //! rollback latch, and the order each change is made in: check, persist
 //! (state file, then audit log), swap the table, publish metrics and tell
-//! the watchers of [`Control::changes`]. A rollback swaps first, and one
-//! the state file refused is saved again until it takes, as are audit
+//! the watchers of [`Control::changes`]. A rollback, and a rollout's end,
+//! swap first and hold even when the state file refuses them (see
+//! `made_anyway`): they are saved again until it takes, as are audit
 //! lines the log refused. A rollout's look that changes only its progress
 //! is saved without a new generation or an audit line; a reload that
 //! places users anew without changing the live state is audited. Changes are
@@ -706,9 +707,9 @@ impl Control {
     }
 
     /// Applies `edit` to a copy of the live state; if it changed anything,
-    /// persists it, swaps the table and audits it. A rollback swaps first,
-    /// so traffic leaves the canary even if the disk is slow or failing
-    /// (see [`made_anyway`]).
+    /// persists it, swaps the table and audits it. A rollback (and a
+    /// rollout's end) swaps first, so traffic leaves the canary even if
+    /// the disk is slow or failing (see [`made_anyway`]).
     fn change(
         &self,
         action: Action,
@@ -762,13 +763,23 @@ impl Control {
         let mut current = self.lock();
         // Saved before anything else, so the state file never skips a
         // change; what is made anyway queues behind it instead.
-        if let Err(error) = self.save_unsaved(&mut current)
-            && made_anyway(action).is_none()
-        {
-            return Err(error);
-        }
+        let still_unsaved = match self.save_unsaved(&mut current) {
+            Ok(()) => None,
+            Err(error) => match made_anyway(action) {
+                None => return Err(error.into()),
+                Some(made) => Some(ControlError::Unsaved { made, error }),
+            },
+        };
         let mut next = current.saved.clone();
         edit(&mut next)?;
+        // Nothing to make (a rollback repeated), but what is live is still
+        // not saved: not an `Ok`, which would pass for a saved change to a
+        // caller that retries until it succeeds.
+        if next == current.saved
+            && let Some(unsaved) = still_unsaved
+        {
+            return Err(unsaved);
+        }
         self.commit(&mut current, action, reason, source, next)
     }
 
@@ -845,7 +856,7 @@ impl Control {
     /// any, and audits the change that made it. Run before every change,
     /// so the state file never skips one, and every second (see
     /// [`Control::keep_saved`]).
-    fn save_unsaved(&self, current: &mut Current) -> Result<(), ControlError> {
+    fn save_unsaved(&self, current: &mut Current) -> Result<(), StateError> {
         let Some(unsaved) = &current.unsaved else {
             return Ok(());
         };
@@ -887,7 +898,7 @@ impl Control {
         if let Err(error) = self.audit.retry() {
             tracing::error!(%error, "audit lines held back are lost: the log still refuses them");
         }
-        saved
+        saved.map_err(ControlError::from)
     }
 
     /// Retries saving a live state that a failed write left in memory

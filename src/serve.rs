@@ -421,8 +421,10 @@ async fn reload_config(server: &mut Server, path: &Path) -> Result<(), ReloadRef
         metrics_auth: config.admin.metrics_auth,
     };
     if access.token.is_none() && !server.admin_addr.ip().is_loopback() {
-        return Err(ReloadRefused::one(ServeError::AdminExposed(
-            server.admin_addr,
+        // The environment was read at start: only the file can bring one now.
+        return Err(ReloadRefused::one(format!(
+            "admin.token_file: the admin listener {} is not on loopback, so the admin API needs a token: set admin.token_file",
+            server.admin_addr
         )));
     }
     // Before anything is applied: a new `listen.addr` that cannot be bound

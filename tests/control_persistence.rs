@@ -333,6 +333,12 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
         "{state}"
     );
     assert_eq!(saved()["status"], "steady");
+    // Asked again, it is still not saved, and says so: automation that
+    // retries until it succeeds goes on.
+    let again = admin
+        .call(Method::POST, "/admin/rollback", json!({"reason": "again"}))
+        .await;
+    assert_eq!(again.status, 500, "{again:?}");
     // No other change may overtake the unsaved one.
     let reply = admin
         .call(
@@ -412,12 +418,17 @@ async fn a_rollout_whose_step_the_disk_refuses_ends_at_once_and_is_saved_later()
     );
 
     std::fs::remove_dir(&blocker).expect("remove the blocker");
-    eventually("the rollout's end to reach the state file", || {
-        let saved = files.saved();
-        saved["status"] == "steady" && saved["rollout"]["phase"] == "superseded"
-    })
+    // The state file first, then its audit line.
+    eventually(
+        "the rollout's end to reach the state file and the audit log",
+        || {
+            let saved = files.saved();
+            saved["status"] == "steady"
+                && saved["rollout"]["phase"] == "superseded"
+                && files.last_audit()["action"] == "rollout_end"
+        },
+    )
     .await;
-    assert_eq!(files.last_audit()["action"], "rollout_end");
     admin.set_weight(30.0, false).await;
     assert_eq!(process.stop().await, Some(0));
 }

@@ -976,13 +976,19 @@ impl Rollouts {
             }
             Phase::Superseded | Phase::Progressing | Phase::Paused => self.record_end(&progress),
         };
-        // A promotion the disk refused is not made: the rollout still
-        // ends, leaving the canary at its last weight.
+        // A promotion refused (the disk refused it, or a change outside
+        // the rollout came first) is not made: the rollout still ends,
+        // leaving the canary at its last weight.
         let result = match result {
             Err(error) if phase == Phase::Promoted => {
                 phase = Phase::Superseded;
                 progress.phase = phase;
-                progress.reason = Some(format!("the promotion could not be saved: {error}"));
+                progress.reason = Some(match error {
+                    ControlError::Persist(_) => {
+                        format!("the promotion could not be saved: {error}")
+                    }
+                    _ => format!("not promoted: {error}"),
+                });
                 self.record_end(&progress)
             }
             result => result,

@@ -60,8 +60,8 @@ pub enum Action {
     Promote,
     Canary,
     Shadow,
-    /// A reload changed how users are placed (salt, sticky keys, fallback)
-    /// and nothing else of the live state.
+    /// A reload changed how users are placed (the salt in effect, the
+    /// sticky keys) and nothing else of the live state.
     Routing,
     /// A reload changed `[versions]`: the live state was seeded anew.
     Reseed,
@@ -69,7 +69,8 @@ pub enum Action {
     RolloutPause,
     RolloutApprove,
     RolloutStage,
-    /// A rollout paused itself for want of data to judge.
+    /// A rollout's progress saved as a shutdown suspends it, to resume at
+    /// the next start.
     RolloutSuspend,
     /// A rollout's look that changed more than its own progress.
     RolloutEvaluation,
