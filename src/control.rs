@@ -307,15 +307,15 @@ impl Control {
     /// Promotes `canary` at the end of its rollout, recording the
     /// rollout's last `progress` in the same write: a crash cannot leave
     /// the rollout's end saved without the promotion it implies. Refused
-    /// if `canary` is no longer the live canary.
+    /// if `canary` is no longer the live canary, or, as an operator's
+    /// promotion is, if none of its upstreams is healthy: a plan that ends
+    /// at an approval gate may never have judged it on real traffic.
     pub fn promote_rollout(
         &self,
         canary: &str,
         progress: serde_json::Value,
     ) -> Result<LiveState, ControlError> {
-        // The plan's guardrails have judged the canary on real traffic,
-        // which stands in for the health check a promotion asks for.
-        self.promote_recording(true, Actor::Rollout, Some((canary, progress)))
+        self.promote_recording(false, Actor::Rollout, Some((canary, progress)))
     }
 
     fn promote_recording(

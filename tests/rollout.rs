@@ -2290,3 +2290,45 @@ async fn break_off_over_http2(
         .await;
     eventually_async("the upload over", || over()).await;
 }
+
+/// A plan that ends at an approval gate may never have judged its canary:
+/// approved, it promotes only a canary an operator's promotion would, and
+/// one none of whose upstreams ever passed a probe ends the rollout
+/// without it instead of taking every user to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_ending_at_a_gate_does_not_promote_a_canary_never_healthy() {
+    let stable = Backend::start(STABLE).await;
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table("stages = [ { pause = true } ]", "")
+    );
+    let server = start_cohort(&config(&[stable.addr], None, &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let dead = support::dead_addr().await;
+    let body = json!({"name": CANARY, "upstreams": [dead.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let promote = admin.call(Method::POST, "/admin/promote", json!({})).await;
+    assert_eq!(promote.status, StatusCode::CONFLICT, "{promote:?}");
+
+    let reply = admin
+        .call(Method::POST, "/admin/rollout", json!(null))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    admin
+        .call(Method::POST, "/admin/rollout/approve", json!({}))
+        .await;
+    eventually_async("the rollout to end", || async {
+        admin.state().await["rollout"]["phase"] == "superseded"
+    })
+    .await;
+    let state = admin.state().await;
+    assert_eq!(state["stable"]["name"], STABLE, "{state:#}");
+    assert_eq!(state["canary"]["name"], CANARY, "{state:#}");
+    assert!(
+        state["rollout"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not promoted") && r.contains("healthy")),
+        "{state:#}"
+    );
+}
