@@ -30,6 +30,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::connect::CountingConnector;
@@ -88,8 +89,37 @@ struct Host<B> {
 }
 
 struct Idle<B> {
-    sender: SendRequest<B>,
+    conn: Conn<B>,
     since: Instant,
+}
+
+/// One connection: its sender, and its task, which an exchange dropped
+/// before its answer ends (see [`Unanswered`]).
+struct Conn<B> {
+    sender: SendRequest<B>,
+    task: AbortHandle,
+}
+
+/// Ends a connection whose exchange is dropped before its answer came (the
+/// response timeout ran out, or the client left). hyper would otherwise go
+/// on writing the request body to an upstream that reads none, holding
+/// both the upstream's socket and the client's (whose body it is), for as
+/// long as the upstream keeps its end open. An HTTP/2 stream is reset
+/// instead, its connection kept.
+struct Unanswered<'a>(Option<&'a AbortHandle>);
+
+impl Unanswered<'_> {
+    fn answered(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0 {
+            task.abort();
+        }
+    }
 }
 
 impl<B> Http1Pool<B>
@@ -150,19 +180,19 @@ where
         loop {
             let reused = pooled.is_some();
             let mut resend = None;
-            let mut sender = match pooled.take() {
-                Some((sender, idle_for)) => {
+            let mut conn = match pooled.take() {
+                Some((conn, idle_for)) => {
                     if idle_for >= RESEND_AFTER_IDLE {
                         resend = head_to_resend(&req);
                     }
-                    sender
+                    conn
                 }
                 None => match self.connect(authority).await {
-                    Ok(sender) => {
+                    Ok(conn) => {
                         // New connections are rare enough to pay for the
                         // copy that lets another upstream take the request.
                         resend = head_to_resend(&req);
-                        sender
+                        conn
                     }
                     Err(error) => {
                         return Err(SendError {
@@ -172,13 +202,17 @@ where
                     }
                 },
             };
-            match sender.try_send_request(req).await {
+            let mut unanswered = Unanswered(Some(&conn.task));
+            let sent = conn.sender.try_send_request(req).await;
+            unanswered.answered();
+            drop(unanswered);
+            match sent {
                 Ok(rsp) => {
                     // An upgraded connection belongs to its tunnel from now on.
                     let lease = (rsp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
                         pool: Arc::clone(&self.shared),
                         authority: authority.clone(),
-                        sender,
+                        conn,
                     });
                     return Ok(rsp.map(|incoming| UpstreamBody {
                         incoming,
@@ -214,7 +248,7 @@ where
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, Error> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn<B>, Error> {
         let uri = Uri::builder()
             .scheme(self.shared.scheme.clone())
             .authority(authority.clone())
@@ -228,22 +262,23 @@ where
         let (sender, connection) = http1::handshake(io)
             .await
             .map_err(|e| Error::Connect(e.into()))?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "upstream connection ended");
             }
-        });
+        })
+        .abort_handle();
         if !self.shared.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.shared)));
         }
-        Ok(sender)
+        Ok(Conn { sender, task })
     }
 }
 
 impl<B> Shared<B> {
     /// The newest idle connection to `authority` that can take a request
     /// now, and how long it has been idle.
-    fn checkout(&self, authority: &Authority) -> Option<(SendRequest<B>, Duration)> {
+    fn checkout(&self, authority: &Authority) -> Option<(Conn<B>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let host = idle.iter_mut().find(|host| host.authority == *authority)?;
         // Checked here as well as by the sweeper, which runs only every half
@@ -252,22 +287,22 @@ impl<B> Shared<B> {
         // Closed ones go; so does one still finishing its last exchange (an
         // answer that came before its request body was all sent): it closes
         // when that ends, rather than making this request wait.
-        while let Some(Idle { sender, since }) = host.connections.pop() {
+        while let Some(Idle { conn, since }) = host.connections.pop() {
             let idle_for = now.saturating_duration_since(since);
             if idle_for >= self.idle_timeout {
                 // The older ones have been idle longer still.
                 host.connections.clear();
                 break;
             }
-            if sender.is_ready() {
-                return Some((sender, idle_for));
+            if conn.sender.is_ready() {
+                return Some((conn, idle_for));
             }
         }
         None
     }
 
-    fn put_back(&self, authority: Authority, sender: SendRequest<B>) {
-        if sender.is_closed() {
+    fn put_back(&self, authority: Authority, conn: Conn<B>) {
+        if conn.sender.is_closed() {
             return;
         }
         let since = Instant::now();
@@ -284,7 +319,7 @@ impl<B> Shared<B> {
         };
         let connections = &mut idle[index].connections;
         if connections.len() < self.max_idle_per_host {
-            connections.push(Idle { sender, since });
+            connections.push(Idle { conn, since });
         }
     }
 
@@ -294,7 +329,7 @@ impl<B> Shared<B> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for host in idle.iter_mut() {
             host.connections
-                .retain(|conn| conn.since > deadline && !conn.sender.is_closed());
+                .retain(|idle| idle.since > deadline && !idle.conn.sender.is_closed());
         }
         idle.retain(|host| !host.connections.is_empty());
     }
@@ -362,12 +397,12 @@ fn host_field<'a>(authority: &'a Authority, scheme: &Scheme) -> &'a str {
 struct Lease<B> {
     pool: Arc<Shared<B>>,
     authority: Authority,
-    sender: SendRequest<B>,
+    conn: Conn<B>,
 }
 
 impl<B> Lease<B> {
     fn give_back(self) {
-        self.pool.put_back(self.authority, self.sender);
+        self.pool.put_back(self.authority, self.conn);
     }
 }
 
@@ -643,7 +678,7 @@ mod tests {
                 let idle = pool.shared.idle.lock().unwrap();
                 idle.iter()
                     .flat_map(|host| &host.connections)
-                    .all(|conn| conn.sender.is_closed())
+                    .all(|idle| idle.conn.sender.is_closed())
             })
             .await;
         }
