@@ -1332,3 +1332,38 @@ async fn a_stream_reset_mid_body_leaves_its_connection_and_others_working() {
     drop(raw);
     server.shutdown().await;
 }
+
+/// A client that resets most of its streams once the proxy has taken them
+/// (a rapid reset paced to pass h2's own guard, which counts only streams
+/// reset before they are taken) costs an upstream request each: past 500
+/// streams, more than half of them reset, its connection is told to go,
+/// as Envoy does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_most_of_its_streams_is_told_to_go() {
+    let slow = SlowBackend::start(STABLE).await;
+    let server = cohort(&[slow.addr], None, "").await;
+    let mut raw = RawH2::open(server.proxy_addr()).await;
+    let block = tls_support::request_block(Method::GET, "a", "/slow", &[("x-user-id", "alice")]);
+    let mut id = 1u32;
+    for round in 1..=30 {
+        let first = id;
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+            id += 2;
+        }
+        raw.write(&batch).await;
+        eventually("the round's requests reaching the upstream", || {
+            slow.hits() >= round * 20
+        })
+        .await;
+        let mut resets = Vec::new();
+        for stream in (first..id).step_by(2) {
+            resets.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+        }
+        raw.write(&resets).await;
+    }
+    let goaway = raw.until(|f| f.kind == GOAWAY).await;
+    assert!(goaway.is_some(), "the connection ended without a GOAWAY");
+    slow.release();
+}

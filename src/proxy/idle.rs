@@ -55,6 +55,9 @@ pub struct Activity {
     requests: AtomicU64,
     /// Requests whose response body hyper has not dropped yet.
     open_requests: AtomicUsize,
+    /// Requests whose client gave up on them before their response head:
+    /// on HTTP/2, streams it reset (see [`Activity::resets_most_streams`]).
+    abandoned: AtomicU64,
     /// The last read ended between two requests.
     between_requests: AtomicBool,
     /// The last read ended inside a request head.
@@ -76,6 +79,7 @@ impl Activity {
             blocked_at: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
+            abandoned: AtomicU64::new(0),
             between_requests: AtomicBool::new(true),
             in_head: AtomicBool::new(false),
             keep_open: AtomicBool::new(false),
@@ -157,7 +161,21 @@ impl Activity {
     pub fn open_request(self: &Arc<Self>) -> OpenRequest {
         self.open_requests.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        OpenRequest(Arc::clone(self))
+        OpenRequest {
+            activity: Arc::clone(self),
+            answered: false,
+        }
+    }
+
+    /// Whether the client resets most of the streams it opens before their
+    /// answer: a rapid reset (CVE-2023-44487) paced to pass h2's own guard,
+    /// which counts only streams reset before hyper takes them. Each one
+    /// costs an upstream request, and over HTTP/1.1 an upstream connection.
+    /// Envoy's rule: more than half of at least [`RESET_STREAMS_JUDGED`].
+    #[must_use]
+    pub fn resets_most_streams(&self) -> bool {
+        let requests = self.requests();
+        requests >= RESET_STREAMS_JUDGED && self.abandoned.load(Ordering::Relaxed) * 2 > requests
     }
 }
 
@@ -171,13 +189,24 @@ impl Drop for Upgrading {
     }
 }
 
-/// A request counted in [`Activity`] until dropped.
+/// How many streams a connection must have opened before the share its
+/// client reset is judged (Envoy's `premature_reset_total_stream_count`).
+pub const RESET_STREAMS_JUDGED: u64 = 500;
+
+/// A request counted in [`Activity`] until dropped; abandoned if dropped
+/// before it became a response body ([`Tracked`]).
 #[derive(Debug)]
-pub struct OpenRequest(Arc<Activity>);
+pub struct OpenRequest {
+    activity: Arc<Activity>,
+    answered: bool,
+}
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
+        self.activity.open_requests.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered {
+            self.activity.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -191,7 +220,8 @@ pub struct Tracked<B> {
 
 impl<B> Tracked<B> {
     #[must_use]
-    pub fn new(body: B, open: OpenRequest) -> Tracked<B> {
+    pub fn new(body: B, mut open: OpenRequest) -> Tracked<B> {
+        open.answered = true;
         Tracked { body, _open: open }
     }
 }

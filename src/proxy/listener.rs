@@ -683,6 +683,14 @@ impl Connection {
                     if activity.requests() == 0 && now >= first_head {
                         break;
                     }
+                    if activity.resets_most_streams() {
+                        tracing::warn!(
+                            client.addr = %self.peer,
+                            streams = activity.requests(),
+                            "HTTP/2 client resets most of its streams before their answer; closing its connection"
+                        );
+                        break;
+                    }
                     let seen = activity.transfers();
                     if seen != transfers || activity.has_open_requests() {
                         transfers = seen;
