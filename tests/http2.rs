@@ -1367,3 +1367,46 @@ async fn a_client_that_resets_most_of_its_streams_is_told_to_go() {
     assert!(goaway.is_some(), "the connection ended without a GOAWAY");
     slow.release();
 }
+
+/// An HTTP/2 upstream whose connection breaks mid-body broke the exchange
+/// off, as an HTTP/1.1 one that closes mid-body does: `kind="reset"`.
+#[tokio::test]
+async fn an_h2c_upstream_that_closes_mid_body_counts_as_a_reset() {
+    const NAME: &str = "h2-cut";
+    let upstream = RawH2Upstream::start(|stream| match stream {
+        1 => StreamTurn::CutMidBody,
+        _ => StreamTurn::Answer,
+    })
+    .await;
+    let server = behind_raw_h2(NAME, &upstream).await;
+    let mut client = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = within("the cut response", client.read_to_end(&mut answer)).await;
+    // Cut short (or not sent at all, the head still unflushed): never whole.
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(!answer.ends_with("0\r\n\r\n"), "a whole body: {answer}");
+    let kind = |kind| {
+        let server = &server;
+        async move {
+            support::metric(
+                server,
+                "cohort_upstream_errors_total",
+                &[("version", NAME), ("kind", kind)],
+            )
+            .await
+        }
+    };
+    eventually_async("the broken exchange counted", || async {
+        kind("reset").await == Some(1.0)
+    })
+    .await;
+    assert!(kind("protocol").await.is_none_or(|n| n == 0.0));
+    server.shutdown().await;
+}

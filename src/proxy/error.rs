@@ -103,11 +103,16 @@ impl ProxyError {
     fn classify(error: &(dyn std::error::Error + 'static), is_connect: bool) -> ProxyError {
         let detail = chain(error);
         let causes = || std::iter::successors(Some(error), |e| e.source());
-        let io_kind =
-            causes().find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
+        let h2 = crate::upstream::h2_cause(error);
+        // h2 keeps the I/O error of a connection that broke (an HTTP/2
+        // upstream that closed mid-stream) out of the `source()` chain.
+        let io_kind = causes()
+            .find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind))
+            .or_else(|| h2.and_then(h2::Error::get_io).map(std::io::Error::kind));
         let hyper = causes().find_map(|e| e.downcast_ref::<hyper::Error>());
-        // An HTTP/2 upstream's RST_STREAM or GOAWAY: it ended the exchange.
-        let h2_ended = crate::upstream::h2_cause(error).is_some_and(h2::Error::is_remote);
+        // An HTTP/2 upstream's RST_STREAM or GOAWAY, or its connection
+        // broken: it ended the exchange.
+        let h2_ended = h2.is_some_and(|e| e.is_remote() || e.is_io());
         use std::io::ErrorKind::*;
         match io_kind {
             Some(TimedOut) => ProxyError::Timeout(detail),

@@ -678,6 +678,9 @@ pub enum StreamTurn {
     /// as the last processed, so this one goes unprocessed; the connection
     /// stays open, and any stream opened on it later goes unanswered.
     GoAway,
+    /// `:status 200` and the start of a body, then the connection closed
+    /// with no more of it.
+    CutMidBody,
 }
 
 /// An h2c upstream written in raw frames, to do what a library server
@@ -768,6 +771,12 @@ async fn serve_raw_h2(
                 // 0x88: `:status 200`, index 8 of HPACK's static table.
                 StreamTurn::Answer => frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x88]),
                 StreamTurn::Reset(code) => frame(RST_STREAM, 0, stream, &code.to_be_bytes()),
+                StreamTurn::CutMidBody => {
+                    let mut reply = frame(HEADERS, END_HEADERS, stream, &[0x88]);
+                    reply.extend(frame(DATA, 0, stream, b"the start"));
+                    let _ = tcp.write_all(&reply).await;
+                    return;
+                }
                 StreamTurn::GoAway => {
                     gone_away = true;
                     let mut last_and_code = stream.saturating_sub(2).to_be_bytes().to_vec();
