@@ -1373,9 +1373,12 @@ async fn a_client_that_resets_most_of_its_streams_is_told_to_go() {
 #[tokio::test]
 async fn an_h2c_upstream_that_closes_mid_body_counts_as_a_reset() {
     const NAME: &str = "h2-cut";
+    // Every request's (after the first health probe): a broken connection
+    // may leave the response head unread, and the request then goes once
+    // more, on another connection.
     let upstream = RawH2Upstream::start(|stream| match stream {
-        1 => StreamTurn::CutMidBody,
-        _ => StreamTurn::Answer,
+        0 => StreamTurn::Answer,
+        _ => StreamTurn::CutMidBody,
     })
     .await;
     let server = behind_raw_h2(NAME, &upstream).await;
@@ -1384,14 +1387,18 @@ async fn an_h2c_upstream_that_closes_mid_body_counts_as_a_reset() {
         .expect("connect");
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     client
-        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
         .await
         .expect("send");
     let mut answer = Vec::new();
     let _ = within("the cut response", client.read_to_end(&mut answer)).await;
-    // Cut short (or not sent at all, the head still unflushed): never whole.
+    // A 502, or a 200 cut short (or not sent at all, its head unflushed):
+    // never a whole body.
     let answer = String::from_utf8_lossy(&answer);
-    assert!(!answer.ends_with("0\r\n\r\n"), "a whole body: {answer}");
+    assert!(
+        !(answer.starts_with("HTTP/1.1 200") && answer.ends_with("0\r\n\r\n")),
+        "a whole body: {answer}"
+    );
     let kind = |kind| {
         let server = &server;
         async move {
@@ -1404,7 +1411,7 @@ async fn an_h2c_upstream_that_closes_mid_body_counts_as_a_reset() {
         }
     };
     eventually_async("the broken exchange counted", || async {
-        kind("reset").await == Some(1.0)
+        kind("reset").await.is_some_and(|n| n >= 1.0)
     })
     .await;
     assert!(kind("protocol").await.is_none_or(|n| n == 0.0));
