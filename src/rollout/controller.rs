@@ -897,7 +897,7 @@ impl Rollouts {
                 // the time this evaluation saved.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
                 progress.reason = Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, no eval_score reported, or a canary measuring past a limit without proof); approve to keep waiting, or abort",
+                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting, or abort",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
                 ));
