@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::{cohort, eventually_async, metric, within};
+use support::{cohort, eventually_async, metric, read_head, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,15 +25,8 @@ async fn an_upstream_that_reads_no_body_is_let_go_at_the_response_timeout() {
         while let Ok((mut stream, _)) = listener.accept().await {
             let uploads = uploads.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut byte = [0u8; 1];
-                    if stream.read_exact(&mut byte).await.is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                if head.starts_with(b"POST") {
+                let head = read_head(&mut stream).await;
+                if head.starts_with("POST") {
                     let _ = uploads.send(stream);
                 } else {
                     // A health probe.
