@@ -13,8 +13,10 @@
 //! served again first); [`Activity`], what the connection's task reads to
 //! tell that hyper is idle (bytes moved, open requests, whether the bytes
 //! read so far end between two requests) or that a write is waiting for
-//! the client to read; [`OpenRequest`] and [`Tracked`], which keep a
-//! request counted open until hyper drops its response body; and
+//! the client to read, and whether an HTTP/2 client resets most of its
+//! streams before their answer; [`OpenRequest`] and [`Tracked`], which keep
+//! a request counted open until hyper drops its response body (and count
+//! it abandoned if it never got one); and
 //! [`Upgrading`], which marks an upgrade request waiting for its answer,
 //! so that a drain does not start under it.
 //! Does not own: when to take a socket back or give up on a client, or the

@@ -8,8 +8,9 @@
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
 //! (see [`idle`](super::idle)), the client timeouts, running an upgraded
 //! connection's tunnel on the connection's task (and cutting it when idle,
-//! or when its client stops reading), and the graceful drain on
-//! shutdown (which waits for tunnels too). Does not own: what happens to a
+//! or when its client stops reading), telling an HTTP/2 client that resets
+//! most of its streams to go, and the graceful drain on shutdown (which
+//! waits for tunnels too). Does not own: what happens to a
 //! request (`Proxy::handle`) or the certificate (`tls`).
 
 use std::convert::{self, Infallible};

@@ -4,8 +4,9 @@
 //! `state.audit_log`, synced to disk before the change is acknowledged,
 //! keeping the file whole lines when a write fails part way (a full disk),
 //! and holding the lines a failed write could not append until a later
-//! append or [`AuditLog::retry`] gets them in, in order. Does not own
-//! deciding what changed.
+//! append or [`AuditLog::retry`] gets them in, in order, into a fresh file
+//! if the log was rotated away; and the names of its actions and sources
+//! ([`Action`], [`Actor`]). Does not own deciding what changed.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;

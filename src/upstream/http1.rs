@@ -7,8 +7,9 @@
 //! a new connection when a pooled one closed before the request was written
 //! (or, for an idempotent request without a body, closed unanswered after
 //! a long idle), giving a request back for another upstream when a new
-//! connection fails the same ways, and closing connections idle longer
-//! than `idle_timeout`.
+//! connection fails the same ways, ending the connection of an exchange
+//! dropped before its answer, and closing connections idle longer than
+//! `idle_timeout`.
 //!
 //! Each worker has its own pool, so a request never waits on another thread;
 //! and because a connection comes back from the body that used it, no task is
