@@ -588,16 +588,19 @@ impl Control {
 
     /// Applies a reloaded config: routing options always; `[versions]` only
     /// when it changed since the live state was seeded from it, and
-    /// `[shadow]` likewise ([`Control::follow_config_shadow`]).
+    /// `[shadow]` likewise ([`Control::follow_config_shadow`]). All or
+    /// nothing: a change the disk refuses, or a `[shadow]` named as a live
+    /// version is, leaves the running config as it was.
     pub fn reload(&self, config: &Config) -> Result<Reloaded, ControlError> {
-        let reloaded = self.reload_versions(config)?;
-        match self.follow_config_shadow(config.shadow.as_ref(), Actor::Signal) {
-            Ok(live) => Ok(Reloaded { live, ..reloaded }),
-            Err(error) => {
-                tracing::error!(%error, "the reloaded [shadow] cannot be applied");
-                Ok(reloaded)
-            }
+        let versions_changed =
+            crate::state::versions_digest(&config.versions) != self.lock().saved.versions_digest;
+        // A changed `[versions]` re-seeds the shadow with the versions, in
+        // the same write; otherwise the shadow goes first, so that the
+        // routing options are not applied when it cannot be.
+        if !versions_changed {
+            self.follow_config_shadow(config.shadow.as_ref(), Actor::Signal)?;
         }
+        self.reload_versions(config)
     }
 
     fn reload_versions(&self, config: &Config) -> Result<Reloaded, ControlError> {

@@ -374,6 +374,58 @@ async fn a_rollback_that_could_not_be_saved_is_saved_once_the_disk_allows() {
     assert_eq!(second.stop().await, Some(0));
 }
 
+/// A SIGHUP whose `[shadow]` change the disk refuses applies nothing of
+/// the reloaded config: not its routing salt either. The next SIGHUP, once
+/// the disk allows, applies both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_shadow_the_disk_refuses_applies_nothing() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mirror = Backend::start("persist-mirror").await;
+    let mut files = Files::new(config(
+        &[stable.addr],
+        Some((&[canary.addr], 10.0)),
+        "[routing]\nsalt = \"before\"\n",
+    ));
+    let process = Process::serve(&files.config, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let salt = || async {
+        let reply = admin
+            .call(Method::GET, "/admin/route?key=k", Value::Null)
+            .await;
+        reply.json()["salt"].clone()
+    };
+    assert_eq!(salt().await, "before");
+
+    files.rewrite("salt = \"before\"", "salt = \"after\"");
+    files.text.push_str(&format!(
+        "\n[shadow]\nname = \"persist-mirror\"\nupstreams = [\"{}\"]\npercent = 100\n",
+        mirror.addr
+    ));
+    std::fs::write(&files.config, &files.text).expect("rewrite the config");
+    let blocker = files.block_writes(&process);
+    process.signal("HUP");
+    process
+        .log_line(&["config reload refused", "cannot write the state file"])
+        .await;
+    assert_eq!(salt().await, "before");
+    assert_eq!(admin.state().await["shadow"], Value::Null);
+
+    std::fs::remove_dir(&blocker).expect("remove the blocker");
+    process.signal("HUP");
+    eventually_async("the second reload to apply the salt", || async {
+        salt().await == "after"
+    })
+    .await;
+    assert_eq!(admin.state().await["shadow"]["name"], "persist-mirror");
+    assert_eq!(saved_shadow(&files), "persist-mirror");
+    assert_eq!(process.stop().await, Some(0));
+}
+
+fn saved_shadow(files: &Files) -> Value {
+    files.saved()["shadow"]["name"].clone()
+}
+
 /// A rollout whose step the disk refuses ends, and its end is live at once
 /// (so it no longer reads as running, refusing weight changes with nothing
 /// left to abort) and saved once the disk allows; the approval that step
