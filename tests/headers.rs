@@ -3,7 +3,8 @@
 //! Owns: the version header and `x-forwarded-*` on the upstream request, and
 //! the removal of hop-by-hop headers (the fixed list and those named in
 //! `Connection`) in both directions (`Trailer` is not one: trailers reach an
-//! HTTP/1.1 client that accepts them), an h2c upgrade kept to its hop, the `Host` of an absolute-form
+//! HTTP/1.1 client that accepts them), an h2c upgrade kept to its hop (alone
+//! or beside another protocol), the `Host` of an absolute-form
 //! request, a response's stale `Content-Length` beside its chunks, and an
 //! HTTP/1.0 upstream's answer sent as HTTP/1.1 on a kept-alive client
 //! connection. Requests go as raw bytes so that the
@@ -147,6 +148,23 @@ async fn an_h2c_upgrade_is_not_passed_on() {
             "{name} reached the upstream: {seen:?}"
         );
     }
+}
+
+/// Offered beside another protocol, `h2c` is dropped from the `Upgrade`
+/// the upstream gets, and the other protocol passed on.
+#[tokio::test]
+async fn h2c_is_dropped_from_an_upgrade_offering_others_too() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let request = "GET /chat HTTP/1.1\r\n\
+                   Host: agent.example.com\r\n\
+                   Connection: Upgrade\r\n\
+                   Upgrade: h2c, websocket, H2C\r\n\
+                   \r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    // The backend answers an ordinary 200: it does not switch.
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.seen("upgrade"), ["websocket"], "{reply:?}");
 }
 
 #[tokio::test]

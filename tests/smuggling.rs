@@ -3,7 +3,8 @@
 //! Owns: ambiguous framing (conflicting `Content-Length`s, `Content-Length`
 //! with `Transfer-Encoding` in either order, a transfer coding other than
 //! `chunked`), an oversized head, a malformed request line, a target of a
-//! host alone, no `Host`, two of them or an invalid one, and `CONNECT` (a
+//! host alone or of `*` (but for `OPTIONS`), no `Host`, two of them or an
+//! invalid one, and `CONNECT` (a
 //! tunnel to whatever the client names), each sent as raw bytes; the
 //! answer is a 4xx or 501, the connection is closed after it, and the
 //! upstream's request counter stays at zero. Does not own: upstream
@@ -98,6 +99,27 @@ async fn a_target_of_a_host_alone_is_refused() {
         400,
     )
     .await;
+}
+
+/// `*` (asterisk form) asks about the server as a whole, which only
+/// `OPTIONS` may; that one still reaches the upstream.
+#[tokio::test]
+async fn a_target_of_an_asterisk_is_only_for_options() {
+    refused(
+        "GET *",
+        b"GET * HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        400,
+    )
+    .await;
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    let reply = raw_exchange(
+        server.proxy_addr(),
+        b"OPTIONS * HTTP/1.1\r\nHost: good.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(stable.hits(), 1);
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! Owns: refusing what must not reach an upstream (request framing that
 //! could smuggle a second request, a transfer coding other than `chunked`,
-//! `CONNECT`, a target of a host alone or with user info, and a missing,
+//! `CONNECT`, a target of a host alone, with user info or of `*` but for
+//! `OPTIONS`, and a missing,
 //! repeated or invalid `Host`), stripping hop-by-hop headers both ways (and
 //! those named in `Connection`), the upstream request (origin-form URI,
 //! `Host`, joined cookies, version header, `x-forwarded-*`, a chunked
@@ -125,6 +126,14 @@ pub fn check_request<B>(req: &Request<B>, framing: &AmbiguousFraming) -> Result<
 /// more than one, or an invalid one, in HTTP/1.1).
 fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
     let uri = req.uri();
+    // The asterisk form asks about the server as a whole, which only
+    // OPTIONS does (RFC 9112 section 3.2.4); an origin-form path starts
+    // with `/`.
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Err(ProxyError::BadRequest(
+            "a request target of * is only for OPTIONS",
+        ));
+    }
     if let Some(authority) = uri.authority() {
         // `GET host:port HTTP/1.1` (authority form) is for CONNECT alone
         // (RFC 9112 section 3.2.3); forwarded, it would name a host past
@@ -188,15 +197,42 @@ fn is_chunked_alone(headers: &HeaderMap) -> bool {
 /// Whether the client asks to switch protocols (WebSocket and other
 /// `Upgrade`s). An upgrade to `h2c` is not passed on: which HTTP version
 /// a connection speaks is each hop's own business (RFC 9113 dropped the
-/// upgrade), so the request goes on as plain HTTP/1.1, as Envoy does.
+/// upgrade), so a request offering it alone goes on as plain HTTP/1.1, as
+/// Envoy does, and one offering others too goes on without it.
 #[must_use]
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req
             .headers()
             .get(UPGRADE)
-            .is_some_and(|protocol| !protocol.as_bytes().eq_ignore_ascii_case(b"h2c"))
+            .is_some_and(|protocols| upgrade_tokens(protocols).any(|p| !is_h2c(p)))
         && connection_has(req.headers(), "upgrade")
+}
+
+/// The protocols an `Upgrade` value offers, in order.
+fn upgrade_tokens(protocols: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    protocols
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|protocol| !protocol.is_empty())
+}
+
+fn is_h2c(protocol: &[u8]) -> bool {
+    protocol.eq_ignore_ascii_case(b"h2c")
+}
+
+/// The `Upgrade` an upstream is sent: the client's without `h2c` (see
+/// [`is_upgrade`]). Most name one protocol, and are passed on as they are.
+fn upgrade_for_upstream(protocols: HeaderValue) -> HeaderValue {
+    if !protocols.as_bytes().contains(&b',') {
+        return protocols;
+    }
+    let kept: Vec<&[u8]> = upgrade_tokens(&protocols)
+        .filter(|protocol| !is_h2c(protocol))
+        .collect();
+    // Tokens of a valid value, joined by ", ": valid too.
+    HeaderValue::from_bytes(&kept.join(&b", "[..])).unwrap_or(protocols)
 }
 
 /// Turns a client request into the request for an upstream (also used for
@@ -212,7 +248,12 @@ pub fn upstream_request<B: Body>(
     tls: bool,
 ) -> Request<B> {
     let upgrade = is_upgrade(&req)
-        .then(|| req.headers().get(UPGRADE).cloned())
+        .then(|| {
+            req.headers()
+                .get(UPGRADE)
+                .cloned()
+                .map(upgrade_for_upstream)
+        })
         .flatten();
     let (mut parts, body) = req.into_parts();
 
