@@ -6,7 +6,8 @@
 //! end ([`UpstreamBody`] carries it until then), sending a request again on
 //! a new connection when a pooled one closed before the request was written
 //! (or, for an idempotent request without a body, closed unanswered after
-//! a long idle), giving a request back for another upstream when a new
+//! a long idle, or at any time on an upstream seen closing connections
+//! unannounced), giving a request back for another upstream when a new
 //! connection fails the same ways, ending the connection of an exchange
 //! dropped before its answer, and closing connections idle longer than
 //! `idle_timeout`.
@@ -44,7 +45,8 @@ use crate::BoxError;
 /// common), and the request is then lost unanswered. An idempotent request
 /// without a body sent on one keeps a copy of its head, and is sent again
 /// on a new connection if that happens, as nginx does on a cached
-/// connection. Busier connections are not worth the copy.
+/// connection. Busier connections are not worth the copy, but for an
+/// upstream seen closing one unannounced (see [`Host::closes_unannounced`]).
 const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Idle HTTP/1.1 connections, by upstream. Cheap to clone: clones share the pool.
@@ -87,6 +89,19 @@ struct Host<B> {
     authority: Authority,
     /// Oldest first; connections are lent newest first.
     connections: Vec<Idle<B>>,
+    /// A connection of this upstream closed unanswered soon after a
+    /// response that kept it alive: it closes connections without saying
+    /// so (no `Connection: close`), and a request sent in the moment
+    /// before the close is seen would be lost. From then on each request
+    /// to it that may be sent again keeps the copy that lets it be.
+    closes_unannounced: bool,
+}
+
+/// An idle connection taken from the pool, and whether a request sent on
+/// it should keep a copy of its head (see [`RESEND_AFTER_IDLE`]).
+struct Pooled<B> {
+    conn: Conn<B>,
+    keep_copy: bool,
 }
 
 struct Idle<B> {
@@ -182,8 +197,8 @@ where
             let reused = pooled.is_some();
             let mut resend = None;
             let mut conn = match pooled.take() {
-                Some((conn, idle_for)) => {
-                    if idle_for >= RESEND_AFTER_IDLE {
+                Some(Pooled { conn, keep_copy }) => {
+                    if keep_copy {
                         resend = head_to_resend(&req);
                     }
                     conn
@@ -224,7 +239,11 @@ where
                 Err(mut error) => {
                     // Written, but the connection closed with no answer: an
                     // idempotent request may be sent again (RFC 9110 9.2.2).
-                    let unanswered = resend.filter(|_| closed_unanswered(error.error()));
+                    let closed = closed_unanswered(error.error());
+                    if reused && closed && resend.is_none() {
+                        self.shared.closes_unannounced(authority);
+                    }
+                    let unanswered = resend.filter(|_| closed);
                     let again = error
                         .take_message()
                         .or_else(|| unanswered.map(|head| Request::from_parts(head, B::default())));
@@ -277,9 +296,8 @@ where
 }
 
 impl<B> Shared<B> {
-    /// The newest idle connection to `authority` that can take a request
-    /// now, and how long it has been idle.
-    fn checkout(&self, authority: &Authority) -> Option<(Conn<B>, Duration)> {
+    /// The newest idle connection to `authority` that can take a request now.
+    fn checkout(&self, authority: &Authority) -> Option<Pooled<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let host = idle.iter_mut().find(|host| host.authority == *authority)?;
         // Checked here as well as by the sweeper, which runs only every half
@@ -296,7 +314,8 @@ impl<B> Shared<B> {
                 break;
             }
             if conn.sender.is_ready() {
-                return Some((conn, idle_for));
+                let keep_copy = idle_for >= RESEND_AFTER_IDLE || host.closes_unannounced;
+                return Some(Pooled { conn, keep_copy });
             }
         }
         None
@@ -308,32 +327,52 @@ impl<B> Shared<B> {
         }
         let since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let index = match idle.iter().position(|host| host.authority == authority) {
-            Some(index) => index,
-            None => {
-                idle.push(Host {
-                    authority,
-                    connections: Vec::new(),
-                });
-                idle.len() - 1
-            }
-        };
-        let connections = &mut idle[index].connections;
+        let connections = &mut host_entry(&mut idle, authority).connections;
         if connections.len() < self.max_idle_per_host {
             connections.push(Idle { conn, since });
         }
     }
 
+    /// Notes that `authority` closes connections unannounced (see
+    /// [`Host::closes_unannounced`]).
+    fn closes_unannounced(&self, authority: &Authority) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let host = host_entry(&mut idle, authority.clone());
+        if !host.closes_unannounced {
+            tracing::info!(
+                upstream = %authority,
+                "the upstream closed a kept-alive connection unannounced; idempotent requests to it now keep a copy to send again"
+            );
+            host.closes_unannounced = true;
+        }
+    }
+
     /// Closes the connections idle since before `deadline`, and forgets
-    /// upstreams left with none.
+    /// upstreams left with none (but what they were seen doing).
     fn close_idle_since(&self, deadline: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for host in idle.iter_mut() {
             host.connections
                 .retain(|idle| idle.since > deadline && !idle.conn.sender.is_closed());
         }
-        idle.retain(|host| !host.connections.is_empty());
+        idle.retain(|host| !host.connections.is_empty() || host.closes_unannounced);
     }
+}
+
+/// The entry of `authority` in `idle`, added if missing.
+fn host_entry<B>(idle: &mut Vec<Host<B>>, authority: Authority) -> &mut Host<B> {
+    let index = match idle.iter().position(|host| host.authority == authority) {
+        Some(index) => index,
+        None => {
+            idle.push(Host {
+                authority,
+                connections: Vec::new(),
+                closes_unannounced: false,
+            });
+            idle.len() - 1
+        }
+    };
+    &mut idle[index]
 }
 
 /// A copy of `req`'s head, if it may be sent again: an idempotent method
@@ -520,6 +559,20 @@ mod tests {
         Request::get("/").body(Empty::new()).unwrap()
     }
 
+    /// Reads one request head (a GET's: no body follows) from `stream`;
+    /// empty if the client closes before a whole one.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return Vec::new(),
+                Ok(read) => head.extend_from_slice(&buf[..read]),
+            }
+        }
+        head
+    }
+
     #[test]
     fn only_an_idempotent_request_without_a_body_is_kept_to_send_again() {
         let head = head_to_resend(
@@ -655,13 +708,8 @@ mod tests {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 let n = counted.fetch_add(1, Ordering::SeqCst);
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let read = stream.read(&mut buf).await.unwrap();
-                    assert!(read > 0, "the client closed before a full request head");
-                    head.extend_from_slice(&buf[..read]);
-                }
+                let head = read_head(&mut stream).await;
+                assert!(!head.is_empty(), "the client closed before a request head");
                 let body = format!("answer {n}");
                 let rsp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
@@ -684,6 +732,43 @@ mod tests {
             .await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_seen_closing_connections_unannounced_loses_no_more_requests() {
+        // Answers the first request of each connection with a keep-alive
+        // response; reads the second, then closes without answering, as an
+        // upstream does when its close crosses the next request.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = authority(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    for answer in [true, false] {
+                        let head = read_head(&mut stream).await;
+                        if head.is_empty() || !answer {
+                            return;
+                        }
+                        let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        stream.write_all(rsp.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        let pool = pool(Duration::from_secs(60));
+        let mut lost = Vec::new();
+        for n in 0..10 {
+            match pool.send(&upstream, get()).await {
+                Ok(rsp) => {
+                    rsp.into_body().collect().await.unwrap();
+                }
+                Err(failed) => lost.push((n, failed.retry.is_some())),
+            }
+        }
+        // The second request finds out, and is lost (it had no copy); the
+        // rest are sent again on a new connection when theirs closes.
+        assert_eq!(lost, [(1, false)]);
     }
 
     #[test]
