@@ -1382,8 +1382,15 @@ mod raw {
     }
 
     /// Validates a rollout plan; `prefix` is the key it sits under in the document.
+    /// `[rollout]`, its keys named under `prefix` (none for a plan document).
     pub(super) fn validate_rollout(c: &mut Checker, prefix: &str, r: Rollout) -> RolloutConfig {
-        let key = |k: &str| format!("{prefix}.{k}");
+        let key = |k: &str| {
+            if prefix.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{prefix}.{k}")
+            }
+        };
         let stages = match r.stages {
             None => {
                 c.problem(
@@ -1399,7 +1406,7 @@ mod raw {
                 list.into_iter()
                     .enumerate()
                     .filter_map(|(i, s)| {
-                        let k = format!("{prefix}.stages[{i}]");
+                        let k = format!("{}[{i}]", key("stages"));
                         match (s.pause, s.weight, s.duration) {
                             (Some(true), None, None) => Some(Stage::Pause),
                             (None | Some(false), Some(w), Some(d)) => {
@@ -1481,7 +1488,8 @@ mod raw {
 }
 
 /// Validates a rollout plan given as JSON in the shape of the `[rollout]`
-/// table (the admin API's `POST /admin/rollout` body).
+/// table (the admin API's `POST /admin/rollout` body). Problems name keys
+/// as the document has them (`stages[0].weight`), not under `rollout.`.
 ///
 /// A wrong type or an unknown key is a [`ConfigError::Syntax`]: the document
 /// is malformed (SPEC section 3: 400). A value out of range is a
@@ -1493,18 +1501,18 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
     };
     let mut unknown = Vec::new();
     let mut note_unknown = |path: serde_ignored::Path<'_>| {
-        unknown.push(format!("rollout.{}: is not a known key", dotted_key(&path)));
+        unknown.push(format!("{}: is not a known key", dotted_key(&path)));
     };
     let value = serde_ignored::Deserializer::new(value, &mut note_unknown);
     let plan: raw::Rollout = serde_path_to_error::deserialize(value)
-        .map_err(|error| syntax(keyed("rollout", error.path(), error.inner())))?;
+        .map_err(|error| syntax(keyed("", error.path(), error.inner())))?;
     // Unlike a config file's, a plan's unknown keys are not listed with the
     // values out of range: the admin API answers them with another status.
     if !unknown.is_empty() {
         return Err(syntax(unknown.join("; ")));
     }
     let mut c = raw::Checker::default();
-    let plan = raw::validate_rollout(&mut c, "rollout", plan);
+    let plan = raw::validate_rollout(&mut c, "", plan);
     if c.problems.is_empty() {
         Ok(plan)
     } else {
@@ -1993,17 +2001,17 @@ mod tests {
                 "stages": [{"weight": 10, "duration": "1s", "pace": 2}],
                 "guardrails": {"succes_rate_min": 0.9},
             })),
-            "rollout.guardrails.succes_rate_min: is not a known key; \
-             rollout.stages[0].pace: is not a known key"
+            "guardrails.succes_rate_min: is not a known key; \
+             stages[0].pace: is not a known key"
         );
         assert_eq!(
             syntax(serde_json::json!({"stages": [stage], "failure_limit": "two"})),
-            "rollout.failure_limit: invalid type: string \"two\", expected u32"
+            "failure_limit: invalid type: string \"two\", expected u32"
         );
         match rollout_from_json(serde_json::json!({"stages": [{"weight": -5, "duration": "1s"}]})) {
             Err(ConfigError::Invalid(problems)) => {
                 assert_eq!(problems.len(), 1, "{problems:?}");
-                assert_eq!(problems[0].key, "rollout.stages[0].weight");
+                assert_eq!(problems[0].key, "stages[0].weight");
             }
             other => panic!("expected a problem, got {other:?}"),
         }

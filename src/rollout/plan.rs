@@ -269,29 +269,28 @@ fn from_manifest(text: &str) -> Result<Value, PlanError> {
     Ok(plan)
 }
 
-/// The manifest's name for a key of the plan it maps onto.
+/// The manifest's name for a key of the plan it maps onto: under
+/// `rollout:`, and in the manifest's words.
 fn manifest_key(plan_key: &str) -> String {
     const RENAMED: [(&str, &str); 3] = [
         (
-            "rollout.guardrails.success_rate_min",
-            "rollout.guardrails.task_success_rate.min",
+            "guardrails.success_rate_min",
+            "guardrails.task_success_rate.min",
         ),
         (
-            "rollout.guardrails.p95_latency_ms_max",
-            "rollout.guardrails.p95_latency_ms.max",
+            "guardrails.p95_latency_ms_max",
+            "guardrails.p95_latency_ms.max",
         ),
-        (
-            "rollout.guardrails.eval_score_min",
-            "rollout.guardrails.eval_score.min",
-        ),
+        ("guardrails.eval_score_min", "guardrails.eval_score.min"),
     ];
-    if let Some((_, named)) = RENAMED.iter().find(|(plan, _)| *plan == plan_key) {
-        return (*named).to_owned();
-    }
-    match plan_key.strip_suffix(".weight") {
-        Some(stage) if stage.starts_with("rollout.stages[") => format!("{stage}.traffic"),
-        _ => plan_key.to_owned(),
-    }
+    let named = match RENAMED.iter().find(|(plan, _)| *plan == plan_key) {
+        Some((_, named)) => (*named).to_owned(),
+        None => match plan_key.strip_suffix(".weight") {
+            Some(stage) if stage.starts_with("stages[") => format!("{stage}.traffic"),
+            _ => plan_key.to_owned(),
+        },
+    };
+    format!("rollout.{named}")
 }
 
 /// The plan document of a validated plan (the inverse of
@@ -528,14 +527,11 @@ rollout:
             )
         };
         for (guardrails, key) in [
-            (
-                "p95_latency_ms_min = 100",
-                "rollout.guardrails.p95_latency_ms_min",
-            ),
-            ("eval_score_max = 0.2", "rollout.guardrails.eval_score_max"),
+            ("p95_latency_ms_min = 100", "guardrails.p95_latency_ms_min"),
+            ("eval_score_max = 0.2", "guardrails.eval_score_max"),
             (
                 "p95_latency_ms = { min = 100 }",
-                "rollout.guardrails.p95_latency_ms",
+                "guardrails.p95_latency_ms",
             ),
         ] {
             match rollout_from_json(document(&plan(guardrails)).unwrap()) {
