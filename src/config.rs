@@ -940,6 +940,12 @@ mod raw {
             let metrics = MetricsConfig {
                 tokens_header: c.header("metrics.tokens_header", self.metrics.tokens_header),
             };
+            if metrics.tokens_header.as_ref() == Some(&routing.version_header) {
+                c.problem(
+                    "metrics.tokens_header",
+                    "must differ from routing.version_header, which the proxy sets itself on responses",
+                );
+            }
             let rollout = self.rollout.map(|r| validate_rollout(&mut c, "rollout", r));
             let health = validate_health(&mut c, self.health);
             let shadow = self
@@ -1162,6 +1168,19 @@ mod raw {
             c.problem(
                 "routing.override_header",
                 "must differ from routing.version_header, which the proxy sets itself",
+            );
+        }
+        // The proxy writes the version over the client's value on the
+        // upstream request: the user's key would never reach the agent.
+        if routing.sticky_keys.iter().any(
+            |source| matches!(source, KeySource::Header(name) if *name == routing.version_header),
+        ) {
+            c.problem(
+                "routing.version_header",
+                format!(
+                    "{:?} is a header routing.sticky_keys reads the user's key from; the proxy would overwrite it with the version's name",
+                    routing.version_header.as_str()
+                ),
             );
         }
         routing
@@ -1850,6 +1869,30 @@ mod tests {
             found,
             [
                 "routing.override_header: must differ from routing.version_header, which the proxy sets itself"
+            ]
+        );
+        // Nor may it be a header the user's key is read from, nor the one
+        // responses report tokens in.
+        let found = problems(&format!(
+            "{MINIMAL}\n[routing]\nversion_header = \"x-user-id\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "routing.version_header: \"x-user-id\" is a header routing.sticky_keys reads the user's key from; the proxy would overwrite it with the version's name"
+            ]
+        );
+        let found = problems(&format!(
+            "{MINIMAL}\n[routing]\nversion_header = \"x-v\"\nsticky_keys = [\"cookie:uid\", \"header:X-V\"]\n"
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        let found = problems(&format!(
+            "{MINIMAL}\n[metrics]\ntokens_header = \"X-Agent-Version\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "metrics.tokens_header: must differ from routing.version_header, which the proxy sets itself on responses"
             ]
         );
     }
