@@ -25,10 +25,12 @@ use crate::config::TOKEN_ENV;
 /// A ctl call that failed, with what to tell the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("--admin {0:?} is not a URL such as http://127.0.0.1:9901")]
+    #[error(
+        "the admin URL {0:?} (--admin, or else COHORT_ADMIN) is not a URL such as http://127.0.0.1:9901"
+    )]
     BadUrl(String),
     #[error(
-        "--admin {0:?}: https admin URLs are not supported; the admin listener speaks plain HTTP \
+        "the admin URL {0:?} (--admin, or else COHORT_ADMIN): https admin URLs are not supported; the admin listener speaks plain HTTP \
          (put a TLS terminator in front and give its plain side, or reach it through an SSH tunnel)"
     )]
     HttpsUrl(String),
@@ -193,9 +195,12 @@ fn read_token_file(path: &Path) -> Result<String, CtlError> {
 
 /// Parses `--timeout`: a duration such as `"10s"`, longer than zero.
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = crate::config::parse_duration(text)?;
+    // clap names the option alone, even for a value from the environment.
+    let from = "--timeout, or else COHORT_CTL_TIMEOUT";
+    let timeout =
+        crate::config::parse_duration(text).map_err(|error| format!("{error} ({from})"))?;
     if timeout.is_zero() {
-        return Err("a timeout must be longer than 0".to_owned());
+        return Err(format!("a timeout must be longer than 0 ({from})"));
     }
     Ok(timeout)
 }

@@ -360,6 +360,31 @@ async fn an_https_admin_url_is_refused_as_unsupported() {
     }
 }
 
+/// A bad admin URL or timeout from the environment is refused naming the
+/// variable, not only the option it stands in for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_value_from_the_environment_names_its_variable() {
+    for (variable, value) in [
+        ("COHORT_ADMIN", "127.0.0.1:9901"),
+        ("COHORT_CTL_TIMEOUT", "abc"),
+    ] {
+        let mut command = tokio::process::Command::new(COHORT_BIN);
+        command
+            .args(["ctl", "status"])
+            .env_remove("COHORT_ADMIN")
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .env_remove("COHORT_ADMIN_TOKEN_FILE")
+            .env_remove("COHORT_CTL_TIMEOUT")
+            .env(variable, value)
+            .kill_on_drop(true);
+        let message = refused(&run(command, variable).await, variable);
+        assert!(
+            message.contains(variable) && message.contains(value),
+            "{message}"
+        );
+    }
+}
+
 /// A weight JSON cannot carry (NaN, infinity) is refused before any call,
 /// naming the argument, as `cohort route --weight` does: sent, it would be
 /// `null`.
