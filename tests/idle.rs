@@ -5,7 +5,8 @@
 //! `keepalive_timeout` (a connection that never sent a request, or sent
 //! its first head too slowly, at `header_read_timeout` after the accept; one
 //! that leaves a later head unfinished, that long after its first bytes,
-//! though not an upload still arriving after its early answer), and
+//! though not an upload still arriving after its early answer, nor heads
+//! that each come in time, back to back), and
 //! neither it nor a silent new connection holds up a drain.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
@@ -486,4 +487,28 @@ async fn a_drain_closes_idle_connections_without_waiting_for_them() {
     for stream in [&mut freed, &mut fresh, &mut silent] {
         assert_closed(stream).await;
     }
+}
+
+/// Each head here arrives in two pieces 300 ms apart, well within the
+/// header read timeout (1 s), and the next head starts as soon as the
+/// answer is read: nearly every idle check finds a head under way, but
+/// never the same one twice. The timeout is per head, so none is cut.
+#[tokio::test]
+async fn heads_that_each_come_in_time_are_not_timed_as_one() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let listen = "header_read_timeout = \"1s\"\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let mut stream = connect(&server).await;
+    for i in 0..15 {
+        let head = get(&format!("/r{i}"), "alice");
+        let (start, rest) = head.split_at(20);
+        send(&mut stream, start).await;
+        // The client's own pace (a slow link), not a wait on the proxy.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        send(&mut stream, rest).await;
+        let answer = read_answers(&mut stream, 1).await.remove(0);
+        assert_eq!(answer.status, 200, "request {i}");
+    }
+    server.shutdown().await;
 }

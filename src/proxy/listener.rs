@@ -556,8 +556,11 @@ impl Connection {
         let head_timer = OptionFuture::from(head_due.map(tokio::time::sleep_until));
         tokio::pin!(head_timer);
         let mut awaiting_head = head_due.is_some();
-        // The first check that found part of a later request head read.
-        let mut head_started: Option<Instant> = None;
+        // The first check that found part of a later request head read,
+        // and how many requests the connection had begun by then: a head
+        // found after another request began is a new head, with a timer
+        // of its own.
+        let mut head_started: Option<(Instant, u64)> = None;
         loop {
             tokio::select! {
                 biased;
@@ -601,7 +604,11 @@ impl Connection {
                         // nginx's `client_header_timeout` counts a head
                         // from its first bytes (here never sooner, and up
                         // to two checks later).
-                        let started = *head_started.get_or_insert(now);
+                        let requests = activity.requests();
+                        if head_started.is_some_and(|(_, seen)| seen != requests) {
+                            head_started = None;
+                        }
+                        let (started, _) = *head_started.get_or_insert((now, requests));
                         let timeout = self.settings.header_read_timeout;
                         if now.saturating_duration_since(started) >= timeout {
                             return Err(HEAD_TIMED_OUT.into());
