@@ -22,13 +22,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
 use crate::config::{Config, ListenConfig, UpstreamConfig};
 use crate::control::{Control, ControlError};
-use crate::proxy::{Proxy, listener};
+use crate::proxy::Proxy;
+use crate::proxy::listener::{self, ConnectionSlots};
 use crate::rollout::controller::Rollouts;
 use crate::rollout::plan;
 use crate::rollout::webhook::Webhooks;
@@ -666,7 +667,7 @@ fn spawn_generation(
         upstream: config.upstream.clone(),
         upstream_tls,
         server_tls,
-        permits: Arc::new(Semaphore::new(config.listen.max_connections)),
+        slots: Arc::new(ConnectionSlots::new(config.listen.max_connections)),
     });
     let count = config.listen.workers.max(1);
     let mut workers = Vec::with_capacity(count);
@@ -709,7 +710,7 @@ struct WorkerShared {
     upstream: crate::config::UpstreamConfig,
     upstream_tls: Arc<rustls::ClientConfig>,
     server_tls: Option<Arc<ServerTls>>,
-    permits: Arc<Semaphore>,
+    slots: Arc<ConnectionSlots>,
 }
 
 /// Starts proxy worker `index`: a thread running a single-threaded runtime
@@ -751,7 +752,7 @@ fn spawn_worker(
                     proxy,
                     &shared.listen,
                     shared.server_tls.clone(),
-                    Arc::clone(&shared.permits),
+                    Arc::clone(&shared.slots),
                     stop,
                 )
                 .await;

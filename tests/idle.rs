@@ -7,7 +7,8 @@
 //! that leaves a later head unfinished, that long after its first bytes,
 //! though not an upload still arriving after its early answer, nor heads
 //! that each come in time, back to back), and
-//! neither it nor a silent new connection holds up a drain.
+//! neither it nor a silent new connection holds up a drain; a full proxy
+//! closes its longest-idle one for a new client.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.
@@ -21,7 +22,8 @@ use cohort::serve::Server;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use support::{
-    Backend, CANARY, STABLE, WsBackend, client, config, eventually_async, start_cohort, within,
+    Backend, CANARY, STABLE, SlowBackend, WsBackend, client, config, eventually, eventually_async,
+    start_cohort, within,
 };
 use tls_support::{Pki, listen_tls, tls_client, tls_connect};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -510,5 +512,58 @@ async fn heads_that_each_come_in_time_are_not_timed_as_one() {
         let answer = read_answers(&mut stream, 1).await.remove(0);
         assert_eq!(answer.status, 200, "request {i}");
     }
+    server.shutdown().await;
+}
+
+/// With every `listen.max_connections` slot held, by connections idle
+/// between requests, a new client is served: the connection that has
+/// waited longest for a next request is closed for it, as nginx reuses
+/// idle connections when `worker_connections` run out.
+#[tokio::test]
+async fn a_full_proxy_closes_its_longest_idle_connection_for_a_new_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let listen = "max_connections = 2\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let admin = server.admin_addr();
+    let mut oldest = connect(&server).await;
+    assert_eq!(ask(&mut oldest, "/", "alice").await.status, 200);
+    wait_for_idle(admin, 1.0).await;
+    let mut newer = connect(&server).await;
+    assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
+    wait_for_idle(admin, 2.0).await;
+
+    let mut third = connect(&server).await;
+    assert_eq!(ask(&mut third, "/", "carol").await.status, 200);
+    assert_closed(&mut oldest).await;
+    assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
+    server.shutdown().await;
+}
+
+/// A full proxy closes no busy connection for a new client: the client
+/// is served once one of them has answered and is idle.
+#[tokio::test]
+async fn a_full_proxy_closes_no_busy_connection_for_a_new_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = SlowBackend::start(STABLE).await;
+    let listen = "max_connections = 2\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let mut busy = [connect(&server).await, connect(&server).await];
+    for (stream, user) in busy.iter_mut().zip(["alice", "bob"]) {
+        send(stream, &get("/", user)).await;
+    }
+    eventually("both requests to reach the backend", || backend.hits() == 2).await;
+
+    let mut third = connect(&server).await;
+    send(&mut third, &get("/", "carol")).await;
+    backend.release();
+    for stream in &mut busy {
+        let answer = read_answers(stream, 1).await.remove(0);
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, SlowBackend::BODY)
+        );
+    }
+    assert_eq!(read_answers(&mut third, 1).await.remove(0).status, 200);
     server.shutdown().await;
 }

@@ -3,7 +3,8 @@
 //! Owns: accepting client connections (up to `listen.max_connections` at a
 //! time), the TLS handshake on a TLS listener, choosing HTTP/1.1 (with
 //! upgrades) or HTTP/2 (by ALPN, or with prior knowledge on a plain
-//! listener), serving each connection with hyper behind a
+//! listener), closing the longest-idle keep-alive connection when a client
+//! waits for a slot a full proxy has none of ([`ConnectionSlots`]), serving each connection with hyper behind a
 //! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
 //! (see [`idle`](super::idle)), the client timeouts, running an upgraded
@@ -23,6 +24,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt as _;
 use futures_util::future::OptionFuture;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -32,7 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -78,22 +80,72 @@ const CLIENT_NOTSENT_LOWAT: u32 = 512 * 1024;
 /// the `GOAWAY` is answered first, however long it takes.
 const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// The `listen.max_connections` slots that every listener of a set of
+/// workers shares: each open connection holds one. When a client waits and
+/// none is free, the connection that has waited longest for a next request
+/// is closed to free one, as nginx reuses its idle keep-alive connections
+/// when `worker_connections` run out; idle connections would otherwise
+/// hold every slot for up to `listen.keepalive_timeout` while new clients
+/// wait in the backlog.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    permits: Arc<Semaphore>,
+    /// Heard by the connections waiting for a next request (see
+    /// [`Connection::wait_for_request`]): tokio's `Notify` wakes the one
+    /// that has waited longest.
+    reclaim: Notify,
+}
+
+impl ConnectionSlots {
+    #[must_use]
+    pub fn new(max_connections: usize) -> ConnectionSlots {
+        ConnectionSlots {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            reclaim: Notify::new(),
+        }
+    }
+
+    /// A slot for a connection just accepted. When none is free, the
+    /// connection that has waited longest for a next request is closed
+    /// for it (or, if none is idle, the next to become so), and the new
+    /// one waits for its slot in hand, while the clients after it wait in
+    /// the kernel's backlog: its worker accepts no more meanwhile.
+    ///
+    /// Taken after the accept, not before: a worker holding a slot while
+    /// it waits to accept would keep that slot from the client another
+    /// worker accepted.
+    async fn take(&self) -> OwnedSemaphorePermit {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return permit;
+        }
+        self.reclaim.notify_one();
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        // A slot freed some other way first: no idle connection needs to
+        // close for it after all.
+        let _ = self.reclaim.notified().now_or_never();
+        permit
+    }
+}
+
 /// Accepts and serves connections (on any of `listeners`: usually one, more
 /// after a reload to fewer workers) until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
 /// `tls`, each connection first completes a TLS handshake (within
 /// `header_read_timeout`) and speaks HTTP/2 if ALPN chose `h2`. Each open
-/// connection holds one of `permits` (`listen.max_connections`, shared by
+/// connection holds one of `slots` (`listen.max_connections`, shared by
 /// every worker's listener).
 pub async fn serve(
     listeners: Vec<TcpListener>,
     proxy: Arc<Proxy>,
     config: &ListenConfig,
     tls: Option<Arc<ServerTls>>,
-    permits: Arc<Semaphore>,
+    slots: Arc<ConnectionSlots>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let settings = Arc::new(Settings::new(config));
+    let settings = Arc::new(Settings::new(config, Arc::clone(&slots)));
     // Sent once to start the drain; every connection holds a receiver, so
     // the sender learns when the last one has ended.
     let (drain, drain_signal) = watch::channel(false);
@@ -101,22 +153,21 @@ pub async fn serve(
     let mut next_listener = 0;
     tokio::pin!(shutdown);
     loop {
-        // Take a permit before accepting, so a full proxy leaves new
-        // connections in the kernel's backlog instead of failing them.
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        let accepted = tokio::select! {
+            accepted = accept_any(&listeners, &mut next_listener) => accepted,
             () = &mut shutdown => break,
         };
-        let (stream, peer) = tokio::select! {
-            accepted = accept_any(&listeners, &mut next_listener) => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = tokio::select! {
+            permit = slots.take() => permit,
             () = &mut shutdown => break,
         };
         if let Err(error) = stream.set_nodelay(true) {
@@ -191,10 +242,11 @@ struct Settings {
     idle_check: Duration,
     /// Connections waiting for a request with nothing of hyper's.
     idle_connections: ::metrics::Gauge,
+    slots: Arc<ConnectionSlots>,
 }
 
 impl Settings {
-    fn new(config: &ListenConfig) -> Settings {
+    fn new(config: &ListenConfig, slots: Arc<ConnectionSlots>) -> Settings {
         let mut http1 = http1::Builder::new();
         // hyper's own header-read timer is a boxed sleep that each request
         // of a keep-alive connection sets up, registers (hyper looks for
@@ -227,6 +279,7 @@ impl Settings {
                 .min(config.keepalive_timeout / 2)
                 .max(Duration::from_millis(1)),
             idle_connections: crate::metrics::idle_client_connections(),
+            slots,
         }
     }
 }
@@ -785,6 +838,13 @@ impl Connection {
             ready = io.get_ref().tcp().readable() => ready.map(|()| true),
             () = tokio::time::sleep_until(deadline) => Ok(false),
             () = draining(&mut self.drain) => Ok(false),
+            () = self.settings.slots.reclaim.notified() => {
+                tracing::warn!(
+                    client.addr = %self.peer,
+                    "listen.max_connections reached: closing the longest-idle keep-alive connection for a new client"
+                );
+                Ok(false)
+            }
         }
     }
 }
