@@ -186,6 +186,11 @@ fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConf
             },
         })?;
     config.alpn_protocols = alpn.to_vec();
+    // A client that offers only `http/1.0` speaks HTTP/1.x too: served,
+    // as nginx serves it, rather than refused the handshake.
+    if alpn.iter().any(|p| p == b"http/1.1") {
+        config.alpn_protocols.push(b"http/1.0".to_vec());
+    }
     Ok(config)
 }
 

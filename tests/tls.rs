@@ -386,3 +386,24 @@ async fn sighup_with_a_refused_config_keeps_the_old_certificate() {
     assert_eq!(served().await, second.der);
     assert_eq!(process.stop().await, Some(0));
 }
+
+/// A client that offers only `http/1.0` by ALPN is served HTTP/1.x, as
+/// nginx serves it, rather than refused the handshake.
+#[tokio::test]
+async fn a_client_offering_only_http10_by_alpn_is_served() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("first");
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&leaf)).await;
+    let addr = server.proxy_addr();
+    let stream = tls_connect(addr, &tls_client(&pki.ca, &["http/1.0"])).await;
+    assert_eq!(alpn(&stream).as_deref(), Some("http/1.0"));
+    let mut h1 = h1_over(stream).await;
+    let (_, reply) = send_h1(
+        &mut h1,
+        get(&format!("https://localhost:{}/a", addr.port()), &[]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.backend(), STABLE);
+}
