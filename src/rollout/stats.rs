@@ -25,8 +25,9 @@
 //! - `fail`: the data show that the limit is breached: the test of "the
 //!   canary is within the limit" rejects at this look's level.
 //! - `inconclusive` too: enough data and no significant breach, but the
-//!   canary's measured value is past the limit
-//!   ([`Evaluation::measured_within`]): the data have not decided yet.
+//!   canary's measured value is past the limit: the data have not decided
+//!   yet. A p95 is measured as its test counts it: past a limit when more
+//!   than 5% of the canary falls in latency bins wholly above it.
 //! - `pass`: enough data, no significant breach, and the measured value
 //!   within the limit. The gate does not ask
 //!   the canary to prove itself within the limit at every look: with a 1%
@@ -147,27 +148,6 @@ pub struct Evaluation {
     pub verdict: Verdict,
 }
 
-impl Evaluation {
-    /// Whether the canary's measured value is within the limit. No proven
-    /// breach is not enough for a pass: at 1% a canary can measure past its
-    /// limit for a long while before the data prove it, and such a look is
-    /// inconclusive, so the canary holds its stage instead of taking more
-    /// users (and, held too long, pauses for a person).
-    #[must_use]
-    pub fn measured_within(&self) -> bool {
-        let Some(canary) = self.canary else {
-            return true;
-        };
-        match (self.guardrail.as_ref(), self.stable) {
-            ("success_rate" | "eval_score", _) => canary >= self.limit,
-            ("success_rate_drop", Some(stable)) => stable - canary <= self.limit,
-            ("p95_latency_ratio" | "tokens_ratio", Some(stable)) => canary <= stable * self.limit,
-            ("p95_latency_ms", _) => canary <= self.limit,
-            _ => true,
-        }
-    }
-}
-
 /// The looks a plan makes if every stage ends on time: one per `interval`
 /// of every weighted stage (pauses have no planned length), at least one.
 #[must_use]
@@ -230,13 +210,20 @@ pub fn evaluate(
     // one needs stable's too.
     let canary_enough = canary.requests >= min_requests;
     let both_enough = |stable: &Sample| canary_enough && stable.requests >= min_requests;
-    let judge = |enough: bool, p_breach: f64| {
+    // No proven breach is not enough for a pass: at 1% a canary can
+    // measure past its limit (`within` false) for a long while before the
+    // data prove it, and such a look is inconclusive, so the canary holds
+    // its stage instead of taking more users (and, held too long, pauses
+    // for a person).
+    let judge = |enough: bool, p_breach: f64, within: bool| {
         if !enough {
             Verdict::Inconclusive
         } else if p_breach <= alpha {
             Verdict::Fail
-        } else {
+        } else if within {
             Verdict::Pass
+        } else {
+            Verdict::Inconclusive
         }
     };
     let rate = |s: &Sample| (s.requests > 0).then(|| s.successes as f64 / s.requests as f64);
@@ -248,19 +235,13 @@ pub fn evaluate(
 
     let mut out = Vec::new();
     let mut push = |guardrail: &'static str, stable, canary, limit, verdict| {
-        let mut evaluation = Evaluation {
+        out.push(Evaluation {
             guardrail: Cow::Borrowed(guardrail),
             stable,
             canary,
             limit,
             verdict,
-        };
-        // No breach proven, but the canary measures past its limit: not a
-        // pass either. It waits for the data to decide.
-        if evaluation.verdict == Verdict::Pass && !evaluation.measured_within() {
-            evaluation.verdict = Verdict::Inconclusive;
-        }
-        out.push(evaluation);
+        });
     };
     if let Some(floor) = g.success_rate_min {
         let p = if at_most_expected(
@@ -272,12 +253,13 @@ pub fn evaluate(
         } else {
             binomial_at_most(canary.successes, canary.requests, floor)
         };
+        let within = canary_rate.is_none_or(|rate| rate >= floor);
         push(
             "success_rate",
             stable_rate,
             canary_rate,
             floor,
-            judge(canary_enough, p),
+            judge(canary_enough, p, within),
         );
     }
     if let Some(drop) = g.success_rate_drop_max {
@@ -289,7 +271,11 @@ pub fn evaluate(
                 canary.requests,
                 drop,
             );
-            judge(both_enough(stable), upper_p(z))
+            let within = match (stable_rate, canary_rate) {
+                (Some(stable), Some(canary)) => stable - canary <= drop,
+                _ => true,
+            };
+            judge(both_enough(stable), upper_p(z), within)
         });
         push("success_rate_drop", stable_rate, canary_rate, drop, verdict);
     }
@@ -298,20 +284,25 @@ pub fn evaluate(
         // bound the ratio cannot be judged, which is not a pass.
         let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
             match p95_ratio_p(stable, canary, ratio, alpha / 2.0) {
-                Some(p) => judge(both_enough(stable), p * 2.0),
+                Some(p) => judge(
+                    both_enough(stable),
+                    p * 2.0,
+                    p95_within_ratio(stable, canary, ratio),
+                ),
                 None => Verdict::Inconclusive,
             }
         });
         push("p95_latency_ratio", stable_p95, canary_p95, ratio, verdict);
     }
     if let Some(ceiling_ms) = g.p95_latency_ms_max {
-        let p = exceedance_p(canary, ceiling_ms * 1_000.0);
+        let ceiling = ceiling_ms * 1_000.0;
+        let within = at_most_expected(count_at_or_above(canary, ceiling), canary.requests, 0.05);
         push(
             "p95_latency_ms",
             stable_p95,
             canary_p95,
             ceiling_ms,
-            judge(canary_enough, p),
+            judge(canary_enough, exceedance_p(canary, ceiling), within),
         );
     }
     if let Some(ratio) = g.tokens_ratio_max {
@@ -323,7 +314,11 @@ pub fn evaluate(
             } else {
                 0.0
             };
-            judge(enough, upper_p(z))
+            let within = match (mean_tokens(stable), mean_tokens(canary)) {
+                (Some(stable), Some(canary)) => canary <= ratio * stable,
+                _ => true,
+            };
+            judge(enough, upper_p(z), within)
         });
         push(
             "tokens_ratio",
@@ -517,19 +512,29 @@ fn p95_ratio_p(stable: &Sample, canary: &Sample, ratio: f64, bound_alpha: f64) -
     // The bound is at or above the point estimate's bin (its rank is at
     // least the nearest rank for any bound_alpha < 1/2): if the canary is
     // not above 5% even at the point estimate, it is not at the bound.
-    let nearest = (0.95 * stable.requests as f64).ceil() as u64;
-    let (lower, _) = latency_bin_edges(bin_of_rank(&stable.latency, nearest.max(1)));
-    if at_most_expected(
-        count_at_or_above(canary, ratio * lower as f64),
-        canary.requests,
-        0.05,
-    ) {
+    if p95_within_ratio(stable, canary, ratio) {
         return Some(1.0);
     }
     // Too few stable requests to bound its p95: nothing to compare with yet.
     let rank = p95_upper_rank(stable.requests, bound_alpha)?;
     let (_, upper) = latency_bin_edges(bin_of_rank(&stable.latency, rank));
     Some(exceedance_p(canary, ratio * upper as f64))
+}
+
+/// Whether the canary measures within `ratio` times the stable p95, as the
+/// ratio test counts it: at most 5% of the canary in bins wholly at or
+/// above `ratio` times the lower edge of the stable p95's bin.
+fn p95_within_ratio(stable: &Sample, canary: &Sample, ratio: f64) -> bool {
+    if stable.requests == 0 {
+        return true;
+    }
+    let nearest = (0.95 * stable.requests as f64).ceil() as u64;
+    let (lower, _) = latency_bin_edges(bin_of_rank(&stable.latency, nearest.max(1)));
+    at_most_expected(
+        count_at_or_above(canary, ratio * lower as f64),
+        canary.requests,
+        0.05,
+    )
 }
 
 /// The smallest `k` such that the `k`-th smallest of `n` observations is at
@@ -935,29 +940,62 @@ mod tests {
     }
 
     #[test]
-    fn a_measured_value_is_within_its_limit_in_each_guardrails_direction() {
-        let eval =
-            |guardrail: &'static str, stable: Option<f64>, canary: f64, limit: f64| Evaluation {
-                guardrail: Cow::Borrowed(guardrail),
-                stable,
-                canary: Some(canary),
-                limit,
-                verdict: Verdict::Pass,
+    fn a_canary_measured_past_a_limit_without_proof_is_inconclusive() {
+        let look = Look {
+            index: 1,
+            planned: 60,
+        };
+        let only = |set: fn(&mut Guardrails)| {
+            let mut guardrails = Guardrails {
+                success_rate_min: None,
+                success_rate_drop_max: None,
+                p95_latency_ratio_max: None,
+                p95_latency_ms_max: None,
+                tokens_ratio_max: None,
+                eval_score_min: None,
+                confidence: 0.95,
             };
-        let cases = [
-            (eval("success_rate", Some(0.99), 0.9565, 0.97), false),
-            (eval("success_rate", Some(0.99), 0.975, 0.97), true),
-            (eval("success_rate_drop", Some(0.99), 0.95, 0.02), false),
-            (eval("success_rate_drop", Some(0.99), 0.98, 0.02), true),
-            (eval("p95_latency_ratio", Some(100.0), 130.0, 1.2), false),
-            (eval("p95_latency_ratio", Some(100.0), 110.0, 1.2), true),
-            (eval("p95_latency_ms", None, 900.0, 800.0), false),
-            (eval("tokens_ratio", Some(10.0), 16.0, 1.5), false),
-            (eval("eval_score", None, 0.8, 0.9), false),
-            (eval("eval_score", None, 0.95, 0.9), true),
-        ];
-        for (evaluation, within) in cases {
-            assert_eq!(evaluation.measured_within(), within, "{evaluation:?}");
-        }
+            set(&mut guardrails);
+            guardrails
+        };
+        let verdict = |guardrails: &Guardrails, stable: Option<&Sample>, canary: &Sample| {
+            evaluate(guardrails, stable, canary, None, 200, look)[0].verdict
+        };
+        let floor = only(|g| g.success_rate_min = Some(0.97));
+        let stable = sample(20_000, 19_800, |i| 500 + i % 500);
+        assert_eq!(
+            verdict(&floor, None, &sample(400, 386, |_| 500)),
+            Verdict::Inconclusive
+        );
+        assert_eq!(
+            verdict(&floor, None, &sample(400, 390, |_| 500)),
+            Verdict::Pass
+        );
+        let drop = only(|g| g.success_rate_drop_max = Some(0.02));
+        let canary = sample(400, 386, |_| 500);
+        assert_eq!(
+            verdict(&drop, Some(&stable), &canary),
+            Verdict::Inconclusive
+        );
+        let canary = sample(400, 392, |_| 500);
+        assert_eq!(verdict(&drop, Some(&stable), &canary), Verdict::Pass);
+
+        // A p95 is past its ceiling when more than 5% of the canary is in
+        // bins wholly above it, as its test counts: every request at
+        // 7.87 s, in a bin that reaches past 7.9 s, is within a 7.9 s
+        // ceiling, not held for ever as past it.
+        let ceiling = only(|g| g.p95_latency_ms_max = Some(7_900.0));
+        assert_eq!(
+            verdict(&ceiling, None, &sample(1_000, 1_000, |_| 7_870)),
+            Verdict::Pass
+        );
+        // Seven percent in bins wholly above it: past, though not proven.
+        let some_slow = sample(300, 300, |i| if i < 21 { 9_000 } else { 1_000 });
+        assert_eq!(verdict(&ceiling, None, &some_slow), Verdict::Inconclusive);
+        let ratio = only(|g| g.p95_latency_ratio_max = Some(1.2));
+        assert_eq!(
+            verdict(&ratio, Some(&stable), &sample(300, 300, |_| 500)),
+            Verdict::Pass
+        );
     }
 }
