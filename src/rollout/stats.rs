@@ -48,7 +48,13 @@
 //!   score test with the margin `d` (Farrington and Manning, 1990); the
 //!   variance is taken at the maximum-likelihood rates restricted to
 //!   `p_stable - p_canary = d`, found by bisection on the score. At `d = 0`
-//!   it is the classic pooled two-proportion z-test.
+//!   it is the classic pooled two-proportion z-test. With failures rare
+//!   (a reliable service, a small canary) its normal approximation is far
+//!   from exact: one canary failure in 200 against none in 20 000 stable
+//!   scores z = 10. So a breach must also be significant under Fisher's
+//!   exact test of "the canary fails no more often than stable" (the
+//!   hypergeometric tail of the canary's share of all failures), which any
+//!   breach of a margin `d >= 0` is a breach of too.
 //! - `p95_latency_ms` (ceiling `L`): if the canary's p95 were at most `L`,
 //!   at most 5% of its requests would be slower than `L`; exact binomial
 //!   test of the count above `L` against 5%. Only histogram bins wholly
@@ -98,7 +104,7 @@
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
-use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Hypergeometric, Normal};
 
 use crate::config::{Guardrails, RolloutConfig, Stage};
 use crate::rollout::window::{LATENCY_BINS, Sample, latency_bin, latency_bin_edges};
@@ -271,11 +277,17 @@ pub fn evaluate(
                 canary.requests,
                 drop,
             );
+            // The exact tail only where the score test would fail: it
+            // costs a sum over the failures.
+            let p = match upper_p(z) {
+                p if p <= alpha => p.max(more_failures_p(stable, canary)),
+                p => p,
+            };
             let within = match (stable_rate, canary_rate) {
                 (Some(stable), Some(canary)) => stable - canary <= drop,
                 _ => true,
             };
-            judge(both_enough(stable), upper_p(z), within)
+            judge(both_enough(stable), p, within)
         });
         push("success_rate_drop", stable_rate, canary_rate, drop, verdict);
     }
@@ -417,6 +429,27 @@ pub fn drop_z(x1: u64, n1: u64, x2: u64, n2: u64, drop: f64) -> f64 {
         observed / variance.sqrt()
     } else {
         f64::INFINITY
+    }
+}
+
+/// Fisher's exact one-sided p-value of "the canary fails no more often
+/// than stable": given all the failures of both, the chance that the
+/// canary's share of them is at least what it is, were they spread over
+/// the requests at random (hypergeometric).
+#[must_use]
+pub fn more_failures_p(stable: &Sample, canary: &Sample) -> f64 {
+    let failures = |s: &Sample| s.requests - s.successes;
+    let (canary_failures, all_failures) = (failures(canary), failures(canary) + failures(stable));
+    if canary_failures == 0 {
+        return 1.0;
+    }
+    match Hypergeometric::new(
+        stable.requests + canary.requests,
+        canary.requests,
+        all_failures,
+    ) {
+        Ok(h) => h.sf(canary_failures - 1),
+        Err(_) => 1.0,
     }
 }
 
@@ -615,6 +648,40 @@ mod tests {
         assert!(close(upper_p(z), 0.023_835, 1e-5), "{}", upper_p(z));
         // A canary at least as good as the stable has nothing to test.
         assert_eq!(drop_z(80, 100, 90, 100, 0.0), 0.0);
+    }
+
+    #[test]
+    fn a_drop_is_not_proven_on_failures_too_rare_for_the_normal_approximation() {
+        let look = Look {
+            index: 30,
+            planned: 1_040,
+        };
+        let drop = Guardrails {
+            success_rate_min: None,
+            success_rate_drop_max: Some(0.0),
+            p95_latency_ratio_max: None,
+            p95_latency_ms_max: None,
+            tokens_ratio_max: None,
+            eval_score_min: None,
+            confidence: 0.95,
+        };
+        // One canary failure in 200 against none in 20 000: the score test
+        // says z = 10, Fisher's exact test p = 200 / 20 200.
+        let stable = sample(20_000, 20_000, |_| 100);
+        let canary = sample(200, 199, |_| 100);
+        assert!(drop_z(20_000, 20_000, 199, 200, 0.0) > 9.0);
+        assert!(close(
+            more_failures_p(&stable, &canary),
+            200.0 / 20_200.0,
+            1e-9
+        ));
+        let judged = evaluate(&drop, Some(&stable), &canary, None, 200, look);
+        assert_ne!(judged[0].verdict, Verdict::Fail, "{judged:?}");
+        // A canary that does fail more often is still proven to.
+        let stable = sample(20_000, 19_980, |_| 100);
+        let canary = sample(200, 190, |_| 100);
+        let judged = evaluate(&drop, Some(&stable), &canary, None, 200, look);
+        assert_eq!(judged[0].verdict, Verdict::Fail, "{judged:?}");
     }
 
     #[test]
