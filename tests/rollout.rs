@@ -2110,7 +2110,9 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
     assert!(
         paused["rollout"]["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("fewer than 1000 requests")),
+            .is_some_and(|r| r.contains("fewer than 1000 requests")
+                && r.contains("within the window of the last")
+                && r.contains("rollout.interval")),
         "{paused:#}"
     );
     // The stage's clock stands still while paused, in the state too.

@@ -896,10 +896,16 @@ impl Rollouts {
                 // back) instead of rolling back. The stage's clock stops at
                 // the time this evaluation saved.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
+                // The window reaches back a fixed number of intervals: at
+                // low traffic it may never hold `min_requests` of the
+                // canary, however long the stage, and waiting cannot help.
+                let window = plan.interval * Window::SLOTS as u32;
                 progress.reason = Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting, or abort",
+                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, within the window of the last {2}, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting, or abort. Too few requests in {2} at this weight will not change by waiting: a longer rollout.interval widens the window ({3} intervals), a lower rollout.min_requests asks for fewer",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
+                    humantime::format_duration(window),
+                    Window::SLOTS,
                 ));
                 clock = StageClock {
                     spent: elapsed,
