@@ -278,7 +278,7 @@ mod tests {
         let before = tls.current.load_full();
         assert_eq!(
             before.alpn_protocols,
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()]
         );
 
         // A certificate whose key is elsewhere.
