@@ -540,8 +540,9 @@ async fn a_full_proxy_closes_its_longest_idle_connection_for_a_new_client() {
     server.shutdown().await;
 }
 
-/// A full proxy closes no busy connection for a new client: the client
-/// is served once one of them has answered and is idle.
+/// A full proxy closes no busy connection for a new client: the clients
+/// are served once those have answered and are idle, each of them, though
+/// they wait on different workers.
 #[tokio::test]
 async fn a_full_proxy_closes_no_busy_connection_for_a_new_client() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -554,8 +555,10 @@ async fn a_full_proxy_closes_no_busy_connection_for_a_new_client() {
     }
     eventually("both requests to reach the backend", || backend.hits() == 2).await;
 
-    let mut third = connect(&server).await;
-    send(&mut third, &get("/", "carol")).await;
+    let mut waiting = [connect(&server).await, connect(&server).await];
+    for (stream, user) in waiting.iter_mut().zip(["carol", "dave"]) {
+        send(stream, &get("/", user)).await;
+    }
     backend.release();
     for stream in &mut busy {
         let answer = read_answers(stream, 1).await.remove(0);
@@ -564,6 +567,8 @@ async fn a_full_proxy_closes_no_busy_connection_for_a_new_client() {
             (200, SlowBackend::BODY)
         );
     }
-    assert_eq!(read_answers(&mut third, 1).await.remove(0).status, 200);
+    for stream in &mut waiting {
+        assert_eq!(read_answers(stream, 1).await.remove(0).status, 200);
+    }
     server.shutdown().await;
 }

@@ -4,7 +4,8 @@
 //! time), the TLS handshake on a TLS listener, choosing HTTP/1.1 (with
 //! upgrades) or HTTP/2 (by ALPN, or with prior knowledge on a plain
 //! listener), closing the longest-idle keep-alive connection when a client
-//! waits for a slot a full proxy has none of ([`ConnectionSlots`]), serving each connection with hyper behind a
+//! waits for a slot a full proxy has none of ([`ConnectionSlots`]),
+//! serving each connection with hyper behind a
 //! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
 //! (see [`idle`](super::idle)), the client timeouts, running an upgraded
@@ -80,6 +81,18 @@ const CLIENT_NOTSENT_LOWAT: u32 = 512 * 1024;
 /// the `GOAWAY` is answered first, however long it takes.
 const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How often a client waiting for a slot asks again for an idle
+/// connection to be closed for it: a `Notify` keeps one request when no
+/// connection is idle, so with several workers waiting one request may
+/// stand for two, and the slot one request freed may go to another
+/// worker's client.
+const RECLAIM_AGAIN: Duration = Duration::from_secs(1);
+
+/// At most one warning per this long that idle connections are being
+/// closed for new clients (as nginx's "worker_connections are not
+/// enough"); the rest are logged at debug level.
+const RECLAIM_WARNING_EVERY: Duration = Duration::from_secs(1);
+
 /// The `listen.max_connections` slots that every listener of a set of
 /// workers shares: each open connection holds one. When a client waits and
 /// none is free, the connection that has waited longest for a next request
@@ -94,6 +107,8 @@ pub struct ConnectionSlots {
     /// [`Connection::wait_for_request`]): tokio's `Notify` wakes the one
     /// that has waited longest.
     reclaim: Notify,
+    /// When the last warning of a reclaim was logged.
+    warned: Mutex<Option<Instant>>,
 }
 
 impl ConnectionSlots {
@@ -102,6 +117,7 @@ impl ConnectionSlots {
         ConnectionSlots {
             permits: Arc::new(Semaphore::new(max_connections)),
             reclaim: Notify::new(),
+            warned: Mutex::new(None),
         }
     }
 
@@ -118,15 +134,36 @@ impl ConnectionSlots {
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return permit;
         }
-        self.reclaim.notify_one();
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        // One wait, so the client keeps its place in the semaphore's queue.
+        let acquire = Arc::clone(&self.permits).acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            self.reclaim.notify_one();
+            tokio::select! {
+                permit = &mut acquire => break permit.expect("the semaphore is never closed"),
+                () = tokio::time::sleep(RECLAIM_AGAIN) => {}
+            }
+        };
         // A slot freed some other way first: no idle connection needs to
         // close for it after all.
         let _ = self.reclaim.notified().now_or_never();
         permit
+    }
+
+    /// Logs that `client`'s idle connection is closed for a new client:
+    /// a warning at most every [`RECLAIM_WARNING_EVERY`].
+    fn log_reclaim(&self, client: SocketAddr) {
+        let now = Instant::now();
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        if warned.is_none_or(|at| now.saturating_duration_since(at) >= RECLAIM_WARNING_EVERY) {
+            *warned = Some(now);
+            tracing::warn!(
+                client.addr = %client,
+                "listen.max_connections reached: closing the longest-idle keep-alive connection for a new client"
+            );
+        } else {
+            tracing::debug!(client.addr = %client, "closing an idle connection for a new client");
+        }
     }
 }
 
@@ -166,9 +203,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let permit = tokio::select! {
-            permit = slots.take() => permit,
-            () = &mut shutdown => break,
+        // A client accepted, then stopped for: served all the same (the
+        // drain answers and closes it), not dropped unanswered, as it
+        // would not have been left in the backlog for the next workers.
+        let (permit, stopping) = tokio::select! {
+            permit = slots.take() => (Some(permit), false),
+            () = &mut shutdown => (None, true),
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, client.addr = %peer, "cannot set TCP_NODELAY");
@@ -195,6 +235,9 @@ pub async fn serve(
             drop(counted);
             drop(permit);
         });
+        if stopping {
+            break;
+        }
     }
     drop(listeners);
     drop(drain_signal);
@@ -835,14 +878,13 @@ impl Connection {
         deadline: Instant,
     ) -> std::io::Result<bool> {
         tokio::select! {
+            // A request that has come is served, whatever else is due.
+            biased;
             ready = io.get_ref().tcp().readable() => ready.map(|()| true),
             () = tokio::time::sleep_until(deadline) => Ok(false),
             () = draining(&mut self.drain) => Ok(false),
             () = self.settings.slots.reclaim.notified() => {
-                tracing::warn!(
-                    client.addr = %self.peer,
-                    "listen.max_connections reached: closing the longest-idle keep-alive connection for a new client"
-                );
+                self.settings.slots.log_reclaim(self.peer);
                 Ok(false)
             }
         }

@@ -89,10 +89,10 @@ struct Host<B> {
     authority: Authority,
     /// Oldest first; connections are lent newest first.
     connections: Vec<Idle<B>>,
-    /// A connection of this upstream closed unanswered soon after a
-    /// response that kept it alive: it closes connections without saying
-    /// so (no `Connection: close`), and a request sent in the moment
-    /// before the close is seen would be lost. From then on each request
+    /// A kept-alive connection of this upstream, lent again before it had
+    /// been idle long enough to keep a copy, closed unanswered: it closes
+    /// connections without saying so (no `Connection: close`), and a
+    /// request sent in the moment before the close is seen would be lost. From then on each request
     /// to it that may be sent again keeps the copy that lets it be.
     closes_unannounced: bool,
 }
