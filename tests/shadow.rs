@@ -681,3 +681,35 @@ async fn request_bodies_are_mirrored_while_they_stream_up_to_max_body() {
     assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
     server.shutdown().await;
 }
+
+/// A reloaded `[shadow]` named as a live version (here a canary installed
+/// through the admin API) refuses the whole reload: the salt edited in the
+/// same config is not applied either.
+#[tokio::test]
+async fn a_reloaded_shadow_named_as_a_live_version_refuses_the_whole_reload() {
+    let stable = Backend::start("sh-clash-stable").await;
+    let canary = Backend::start("sh-clash-canary").await;
+    let toml = support::config(&[stable.addr], None, "[routing]\nsalt = \"before\"\n");
+    let server = support::start_cohort(&toml).await;
+    let body = format!(
+        r#"{{"name": "sh-clash-canary", "upstreams": ["{}"], "weight": 10}}"#,
+        canary.addr
+    );
+    let reply = admin(&server, Method::PUT, "/admin/canary", &body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    let edited = format!(
+        "{}\n[shadow]\nname = \"sh-clash-canary\"\nupstreams = [\"{}\"]\npercent = 100\n",
+        toml.replace("salt = \"before\"", "salt = \"after\""),
+        stable.addr
+    );
+    let config = cohort::config::Config::parse(&edited, "test").expect("a valid config");
+    let refused = server
+        .control()
+        .reload(&config)
+        .expect_err("a refused reload");
+    assert!(refused.to_string().contains("shadow.name"), "{refused}");
+    assert_eq!(server.control().explain("k").salt, "before");
+    assert!(server.control().state().shadow.is_none());
+    server.shutdown().await;
+}
