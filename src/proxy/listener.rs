@@ -88,9 +88,10 @@ const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// worker's client.
 const RECLAIM_AGAIN: Duration = Duration::from_secs(1);
 
-/// At most one warning per this long that idle connections are being
-/// closed for new clients (as nginx's "worker_connections are not
-/// enough"); the rest are logged at debug level.
+/// At most one warning per this long that the proxy is full and idle
+/// connections are being closed for new clients, or cannot be (as
+/// nginx's "worker_connections are not enough"); the rest are logged at
+/// debug level.
 const RECLAIM_WARNING_EVERY: Duration = Duration::from_secs(1);
 
 /// The `listen.max_connections` slots that every listener of a set of
@@ -140,8 +141,18 @@ impl ConnectionSlots {
         let permit = loop {
             self.reclaim.notify_one();
             tokio::select! {
+                // A slot that came is taken, whatever else is due.
+                biased;
                 permit = &mut acquire => break permit.expect("the semaphore is never closed"),
-                () = tokio::time::sleep(RECLAIM_AGAIN) => {}
+                () = tokio::time::sleep(RECLAIM_AGAIN) => {
+                    // Still none: what holds the slots cannot be closed
+                    // for it (busy, HTTP/2, tunnels), and the operator
+                    // must hear that the proxy is full.
+                    self.warn(
+                        "listen.max_connections reached: a new client waits for a slot, and no idle HTTP/1.1 connection can be closed for it",
+                        None,
+                    );
+                }
             }
         };
         // A slot freed some other way first: no idle connection needs to
@@ -150,19 +161,17 @@ impl ConnectionSlots {
         permit
     }
 
-    /// Logs that `client`'s idle connection is closed for a new client:
-    /// a warning at most every [`RECLAIM_WARNING_EVERY`].
-    fn log_reclaim(&self, client: SocketAddr) {
+    /// Logs that the proxy is full (with the idle connection closed for
+    /// a new client, if one is): a warning at most every
+    /// [`RECLAIM_WARNING_EVERY`], the rest at debug level.
+    fn warn(&self, message: &str, closed: Option<SocketAddr>) {
         let now = Instant::now();
         let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
         if warned.is_none_or(|at| now.saturating_duration_since(at) >= RECLAIM_WARNING_EVERY) {
             *warned = Some(now);
-            tracing::warn!(
-                client.addr = %client,
-                "listen.max_connections reached: closing the longest-idle keep-alive connection for a new client"
-            );
+            tracing::warn!(client.addr = ?closed, "{message}");
         } else {
-            tracing::debug!(client.addr = %client, "closing an idle connection for a new client");
+            tracing::debug!(client.addr = ?closed, "{message}");
         }
     }
 }
@@ -884,7 +893,10 @@ impl Connection {
             () = tokio::time::sleep_until(deadline) => Ok(false),
             () = draining(&mut self.drain) => Ok(false),
             () = self.settings.slots.reclaim.notified() => {
-                self.settings.slots.log_reclaim(self.peer);
+                self.settings.slots.warn(
+                    "listen.max_connections reached: closing the longest-idle keep-alive connection for a new client",
+                    Some(self.peer),
+                );
                 Ok(false)
             }
         }
