@@ -10,7 +10,8 @@
 //! `listen.addr` cannot be bound; SIGHUP with a new canary
 //! starts the config's rollout plan for it; a stream cut at the end of a
 //! replaced worker's drain leaves `cohort_client_connections`; fewer
-//! workers after SIGHUP keep every listening socket.
+//! workers after SIGHUP keep every listening socket; a client held for a
+//! connection slot is served across a SIGHUP that restarts the workers.
 //! Does not own: SIGTERM's drain (`cli`, `shutdown`), restarts
 //! (`control_persistence`).
 
@@ -21,7 +22,8 @@ use std::path::PathBuf;
 use http::Method;
 use support::{
     AdminApi, Backend, CANARY, COHORT_BIN, Http, KeepAlive, Process, STABLE, SlowBackend,
-    SseTicker, audit_lines, config, eventually, eventually_async, read_until, within,
+    SseTicker, audit_lines, config, eventually, eventually_async, read_until, with_listen_keys,
+    within,
 };
 
 /// Writes `text` as the config file of a fresh state directory.
@@ -525,4 +527,45 @@ async fn sighup_rotates_the_admin_token_and_applies_metrics_auth() {
 fn free_port() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("its address")
+}
+
+/// A client accepted while every `listen.max_connections` slot is busy,
+/// and held for one, is served by its workers when a SIGHUP replaces
+/// them, not dropped unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_held_for_a_slot_is_served_across_a_sighup_worker_restart() {
+    let slow = SlowBackend::start(STABLE).await;
+    let text = with_listen_keys(
+        &config(
+            &[slow.addr],
+            None,
+            "[upstream]\nresponse_timeout = \"60s\"\n",
+        ),
+        "workers = 1\nmax_connections = 1\nkeepalive_timeout = \"60s\"\n",
+    );
+    let (path, _) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let proxy = process.proxy;
+    let busy = tokio::spawn(async move { Http::new(proxy).get("/", &[]).await });
+    eventually_async("the busy request to reach the backend", || async {
+        slow.hits() == 1
+    })
+    .await;
+    let held = tokio::spawn(async move { Http::new(proxy).get("/", &[]).await });
+    process.log_line(&["a new client waits for a slot"]).await;
+
+    let edited = text.replacen(
+        "keepalive_timeout = \"60s\"",
+        "keepalive_timeout = \"61s\"",
+        1,
+    );
+    std::fs::write(&path, edited).expect("edit the config");
+    process.signal("HUP");
+    process.log_line(&["proxy workers restarted"]).await;
+    slow.release();
+    for (what, task) in [("busy", busy), ("held", held)] {
+        let reply = within(what, task).await.expect("the request's task");
+        assert_eq!(reply.status, 200, "{what}: {reply:?}");
+    }
+    assert_eq!(process.stop().await, Some(0));
 }
