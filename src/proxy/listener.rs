@@ -108,7 +108,7 @@ pub struct ConnectionSlots {
     /// [`Connection::wait_for_request`]): tokio's `Notify` wakes the one
     /// that has waited longest.
     reclaim: Notify,
-    /// When the last warning of a reclaim was logged.
+    /// When the last warning that the proxy is full was logged.
     warned: Mutex<Option<Instant>>,
 }
 
