@@ -89,11 +89,13 @@ struct Host<B> {
     authority: Authority,
     /// Oldest first; connections are lent newest first.
     connections: Vec<Idle<B>>,
-    /// A kept-alive connection of this upstream, lent again before it had
-    /// been idle long enough to keep a copy, closed unanswered: it closes
+    /// A kept-alive connection of this upstream closed unanswered under a
+    /// request that kept no copy (lent again soon after its last
+    /// response, or a request that may not be sent again): it closes
     /// connections without saying so (no `Connection: close`), and a
-    /// request sent in the moment before the close is seen would be lost. From then on each request
-    /// to it that may be sent again keeps the copy that lets it be.
+    /// request sent in the moment before the close is seen is lost. From
+    /// then on each request to it that may be sent again keeps the copy
+    /// that lets it be.
     closes_unannounced: bool,
 }
 
