@@ -1,7 +1,8 @@
 //! TLS settings: the listener's certificate and the roots `https://` upstreams are checked against.
 //!
 //! Owns: reading the PEM certificate chain and private key of `[listen.tls]`
-//! into a rustls server config (TLS 1.2 and 1.3, ALPN from `listen.tls.alpn`),
+//! into a rustls server config (TLS 1.2 and 1.3, ALPN from `listen.tls.alpn`,
+//! with `http/1.0` served beside `http/1.1`),
 //! swapping in a new pair on reload while a bad pair leaves the old one
 //! serving ([`ServerTls`]), and the client config for `https://` upstreams:
 //! the system's roots, or only those of `upstream.ca_file` ([`client_config`]).
