@@ -2111,8 +2111,8 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
         paused["rollout"]["reason"]
             .as_str()
             .is_some_and(|r| r.contains("fewer than 1000 requests")
-                && r.contains("within the window of the last")
-                && r.contains("rollout.interval")),
+                && r.contains("since the weight took effect")
+                && r.contains("rollout.min_requests")),
         "{paused:#}"
     );
     // The stage's clock stands still while paused, in the state too.
@@ -2150,6 +2150,44 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
         .await;
     assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
     assert_eq!(aborted.json()["status"], "rolled_back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_took_effect() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    // Windows of 60 slots of 20 ms reach back 1.2 s, in which the paced
+    // requests below never bring either cohort to `min_requests`; the
+    // stage's time is up long before they come in.
+    let plan = json!({
+        "interval": "20ms",
+        "min_requests": 20,
+        "failure_limit": 1,
+        "inconclusive_limit": 500,
+        "stages": [{"weight": 50, "duration": "100ms"}],
+        "guardrails": {"success_rate_min": 0.9, "success_rate_drop_max": 0.1},
+    });
+    let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
+    let http = Http::new(proxy);
+    let paced = tokio::spawn(async move {
+        for n in 0.. {
+            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
+            // At most ten requests a second: twelve in a window's span.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Judged on the last span alone, the stage would wait for ever, and
+    // after 500 inconclusive looks pause for a person.
+    let ended = wait_state(&admin, "the promotion, or a pause", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    paced.abort();
+    assert_eq!(ended["status"], "steady", "{ended:#}");
+    assert_eq!(ended["rollout"]["phase"], "promoted", "{ended:#}");
+    for guardrail in ["success_rate", "success_rate_drop"] {
+        assert_eq!(verdict(&ended, guardrail), "pass", "{guardrail}: {ended:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

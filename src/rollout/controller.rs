@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::judge::{self, Verdict};
+use super::judge::{self, Tallies, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
 use super::window::Window;
@@ -604,10 +604,10 @@ impl Rollouts {
         // An approval is answered once the stage after the gate is in
         // effect, so the answer shows where the rollout went.
         let mut approval = None;
-        // When the weight now in effect took effect (on the scale of
-        // `clock::since_start`): the guardrails judge what was served at
-        // it. Unknown after a restart, whose windows start empty anyway.
-        let mut weight_since = None;
+        // What was served at the weight now in effect, since it took
+        // effect: the guardrails judge that. When is unknown after a
+        // restart, whose windows start empty anyway.
+        let mut tallies = Tallies::since(None);
         while progress.stage < plan.stages.len() {
             let outcome = match plan.stages[progress.stage] {
                 Stage::Pause => {
@@ -616,7 +616,7 @@ impl Rollouts {
                         &mut progress,
                         &mut inbox,
                         &mut approval,
-                        weight_since,
+                        &mut tallies,
                     )
                     .await
                 }
@@ -628,7 +628,7 @@ impl Rollouts {
                         stage,
                         &mut inbox,
                         &mut approval,
-                        &mut weight_since,
+                        &mut tallies,
                     )
                     .await
                 }
@@ -685,15 +685,15 @@ impl Rollouts {
         }
     }
 
-    /// Waits for approval, judging the canary at its weight, in effect
-    /// since `weight_since` (if known), meanwhile.
+    /// Waits for approval, judging the canary at its weight (see
+    /// `tallies`) meanwhile.
     async fn pause(
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
-        weight_since: Option<Duration>,
+        tallies: &mut Tallies,
     ) -> Result<(), Stop> {
         progress.phase = Phase::Paused;
         progress.time_left_ms = None;
@@ -725,7 +725,7 @@ impl Rollouts {
                 () = tokio::time::sleep_until(next_look), if self.serves_anyone(progress) => {
                     next_look = Instant::now() + plan.interval;
                     self.still_ours(progress)?;
-                    self.look_while_paused(plan, progress, weight_since)?;
+                    self.look_while_paused(plan, progress, tallies)?;
                 }
             }
         }
@@ -755,9 +755,9 @@ impl Rollouts {
         &self,
         plan: &RolloutConfig,
         progress: &mut Progress,
-        weight_since: Option<Duration>,
+        tallies: &mut Tallies,
     ) -> Result<(), Stop> {
-        let (_, tripped) = self.look(plan, progress, Pausing::Yes, true, weight_since);
+        let (_, tripped) = self.look(plan, progress, Pausing::Yes, true, tallies);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
         progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
         let failed: Vec<String> = tripped
@@ -770,9 +770,8 @@ impl Rollouts {
         self.save_look(progress)
     }
 
-    /// One look at the guardrails over the versions' windows since the
-    /// weight in effect took effect (`weight_since`; the whole span when
-    /// unknown, or when that is longer), recorded in `progress`: the
+    /// One look at the guardrails over what the versions served at the
+    /// weight in effect (see [`judge::evaluate`]), recorded in `progress`: the
     /// overall verdict, and the guardrails whose run of failed looks
     /// reached the plan's `failure_limit` (the inconclusive run among
     /// them; see [`judge::count_failures`]), `waiting_counts` saying
@@ -783,7 +782,7 @@ impl Rollouts {
         progress: &mut Progress,
         pausing: Pausing,
         waiting_counts: bool,
-        weight_since: Option<Duration>,
+        tallies: &mut Tallies,
     ) -> (Verdict, Vec<String>) {
         progress.evaluations += 1;
         if pausing == Pausing::Yes {
@@ -801,7 +800,7 @@ impl Rollouts {
             plan,
             u32::try_from(index).unwrap_or(u32::MAX),
             self.canary_eval_score(&table),
-            weight_since,
+            tallies,
         );
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
@@ -823,12 +822,11 @@ impl Rollouts {
         (weight, duration): (f64, Duration),
         inbox: &mut Inbox,
         approval: &mut Option<Reply>,
-        weight_since: &mut Option<Duration>,
+        tallies: &mut Tallies,
     ) -> Result<(), Stop> {
         // Paused for lack of data when the process stopped: still paused.
         if progress.phase == Phase::Paused {
-            self.pause(plan, progress, inbox, approval, *weight_since)
-                .await?;
+            self.pause(plan, progress, inbox, approval, tallies).await?;
             progress.reason = None;
         }
         progress.phase = Phase::Progressing;
@@ -852,7 +850,7 @@ impl Rollouts {
         // from before it was served at another weight, which says little of
         // this one (and a burst shared by both cohorts just after the step
         // would weigh on the canary's window alone).
-        *weight_since = Some(crate::clock::since_start());
+        *tallies = Tallies::since(Some(crate::clock::since_start()));
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
@@ -888,32 +886,24 @@ impl Rollouts {
             progress.stage_elapsed_ms = millis(elapsed);
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
             let stage_over = elapsed >= duration;
-            let (verdict, tripped) =
-                self.look(plan, progress, Pausing::No, stage_over, *weight_since);
+            let (verdict, tripped) = self.look(plan, progress, Pausing::No, stage_over, tallies);
             if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
                 // back) instead of rolling back. The stage's clock stops at
                 // the time this evaluation saved.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
-                // The window reaches back a fixed number of intervals: at
-                // low traffic it may never hold `min_requests` of the
-                // canary, however long the stage, and waiting cannot help.
-                let window = plan.interval * Window::SLOTS as u32;
                 progress.reason = Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, within the window of the last {2}, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting, or abort. Too few requests in {2} at this weight will not change by waiting: a longer rollout.interval widens the window ({3} intervals), a lower rollout.min_requests asks for fewer",
+                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, since the weight took effect, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting (the requests served at this weight go on adding up), or abort. A lower rollout.min_requests asks for fewer",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
-                    humantime::format_duration(window),
-                    Window::SLOTS,
                 ));
                 clock = StageClock {
                     spent: elapsed,
                     since: None,
                 };
                 show(clock, progress);
-                self.pause(plan, progress, inbox, approval, *weight_since)
-                    .await?;
+                self.pause(plan, progress, inbox, approval, tallies).await?;
                 clock.start();
                 progress.phase = Phase::Progressing;
                 progress.reason = None;

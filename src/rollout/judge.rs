@@ -2,9 +2,8 @@
 //!
 //! Owns: whether the canary can take requests at all ([`CANARY_AVAILABLE`],
 //! judged first at every look), taking both cohorts' samples from the live
-//! table over the same window (the slots since the weight in effect took
-//! effect, when the caller knows; stable's only while it serves a cohort,
-//! that is below 100%), asking [`stats`] for a verdict on each configured
+//! table over the same span (see [`evaluate`]; stable's only while it
+//! serves a cohort, that is below 100%), asking [`stats`] for a verdict on each configured
 //! guardrail, summing them up (any failure fails; else any inconclusive, or
 //! no guardrail judged at all, waits; else pass, a guardrail not applicable
 //! counting for nothing),
@@ -16,10 +15,11 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::stats::{self, Look};
-use super::window::Window;
+use super::window::{Sample, Tally, Window};
 use crate::clock;
 use crate::config::RolloutConfig;
 use crate::routing::Weight;
@@ -31,37 +31,89 @@ pub use super::stats::{Evaluation, Verdict};
 /// the canary can take a request.
 pub const CANARY_AVAILABLE: &str = "canary_available";
 
+/// Both cohorts' counts since the weight in effect took effect: what a
+/// look falls back on when the windows' last span holds too few requests.
+/// Kept by the caller from one look to the next, and begun afresh at each
+/// change of weight.
+pub struct Tallies {
+    /// When the weight took effect (on [`clock::since_start`]'s scale), if
+    /// known: after a restart it is not, and the tallies begin with what
+    /// the windows hold.
+    since: Option<Duration>,
+    stable: Option<Tally>,
+    canary: Option<Tally>,
+}
+
+impl Tallies {
+    /// Tallies from `since`, or from what the windows hold at the first look.
+    #[must_use]
+    pub fn since(since: Option<Duration>) -> Self {
+        Self {
+            since,
+            stable: None,
+            canary: None,
+        }
+    }
+
+    /// `window`'s count in `tally`, which begins again if it counts
+    /// another window (a version reinstalled, or its slots resized).
+    fn sample(
+        tally: &mut Option<Tally>,
+        window: &Arc<Window>,
+        since: Option<Duration>,
+        now: Duration,
+    ) -> Sample {
+        match tally {
+            Some(tally) if tally.counts(window) => tally.sample(now),
+            _ => tally.insert(Tally::new(window, since, now)).sample(now),
+        }
+    }
+}
+
 /// Evaluates the canary's availability, then every configured guardrail, at
-/// look number `look` (from 1, counted over the whole rollout), over what
-/// the windows recorded in the slots since `since` (on
-/// [`clock::since_start`]'s scale), or over their whole span. Without a canary there is nothing to judge,
-/// which passes.
+/// look number `look` (from 1, counted over the whole rollout).
+///
+/// Both cohorts are judged over the same slots: those of the windows' last
+/// span that began after the weight took effect (the whole span when
+/// unknown), so that a canary that goes bad late in a long stage is not
+/// hidden by the hours it was fine. When these hold fewer than
+/// `min_requests` of either cohort judged, both are judged over everything
+/// since the weight took effect instead: at low traffic a canary may need
+/// longer than a span to reach `min_requests`, and waiting for it must
+/// help. Without a canary there is nothing to judge, which passes.
 #[must_use]
 pub fn evaluate(
     table: &RouteTable,
     plan: &RolloutConfig,
     look: u32,
     eval_score: Option<f64>,
-    since: Option<Duration>,
+    tallies: &mut Tallies,
 ) -> Vec<Evaluation> {
     let Some(canary) = &table.canary else {
         return Vec::new();
     };
     let now = clock::since_start();
-    // For both cohorts the same minutes: the slots since the weight in
-    // effect took effect, when the caller knows, else the whole span (at
-    // 1% a canary needs most of it to reach `min_requests`).
+    let since = tallies.since;
     let span = table.stable.window.span().min(canary.version.window.span());
-    let sample = |window: &Window| match since {
+    let last_span = |window: &Window| match since {
         Some(since) => window.snapshot_since(now, since),
         None => window.snapshot(now, span),
     };
+    // Kept up at every look, used or not: a tally must see every span.
+    let stable_tally = Tallies::sample(&mut tallies.stable, &table.stable.window, since, now);
+    let canary_tally = Tallies::sample(&mut tallies.canary, &canary.version.window, since, now);
     // At 100% stable serves no cohort by design: its window only drains, and
     // what is left in it says nothing about the canary. The relative
     // guardrails are then not applicable, rather than inconclusive for
     // ever, which would hold a healthy canary at its last stage.
-    let stable = (canary.weight < Weight::FULL).then(|| sample(&table.stable.window));
-    let canary_sample = sample(&canary.version.window);
+    let judges_stable = canary.weight < Weight::FULL;
+    let mut stable = judges_stable.then(|| last_span(&table.stable.window));
+    let mut canary_sample = last_span(&canary.version.window);
+    let thin = |sample: &Sample| sample.requests < plan.min_requests;
+    if thin(&canary_sample) || stable.as_ref().is_some_and(thin) {
+        stable = judges_stable.then_some(stable_tally);
+        canary_sample = canary_tally;
+    }
     let mut evaluations = vec![availability(&canary.version)];
     evaluations.extend(stats::evaluate(
         &plan.guardrails,

@@ -2,7 +2,9 @@
 //!
 //! Owns: recording the outcome of every proxied request of a cohort
 //! (success, latency, tokens) into a ring of fixed time slots, and summing
-//! the slots of a window into a [`Sample`] for the guardrails. Does not own:
+//! the slots of a window into a [`Sample`] for the guardrails, and a
+//! [`Tally`] that keeps adding a window's slots up past the ring's span.
+//! Does not own:
 //! the clock (time is an argument: a [`Duration`] since an origin the caller
 //! keeps), deciding what a success is (the proxy says), or judging a sample
 //! (`rollout::stats`).
@@ -19,8 +21,14 @@
 //! older period, bump a few counters. A running total over all live slots
 //! is kept beside the slots, so a snapshot of the whole span is a copy, and
 //! a shorter one sums only the slots it covers.
+//!
+//! A [`Tally`] reaches further back than the ring: at each look it moves
+//! the slots that closed since the last one into a sum of its own, so a
+//! stage longer than the span is counted whole as long as it is looked at
+//! at least once a span. It costs recording nothing.
 
-use std::sync::{Mutex, PoisonError};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Latency histogram bins: 16 exact bins for 0..16 µs, then 16 sub-bins for
@@ -104,6 +112,17 @@ impl Sample {
             self.token_sum += tokens;
             self.token_sum_sq += u128::from(tokens) * u128::from(tokens);
         }
+    }
+
+    fn merge(&mut self, other: &Sample) {
+        self.requests += other.requests;
+        self.successes += other.successes;
+        for (total, &count) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *total += count;
+        }
+        self.token_requests += other.token_requests;
+        self.token_sum += other.token_sum;
+        self.token_sum_sq += other.token_sum_sq;
     }
 
     fn add_slot(&mut self, slot: &Slot) {
@@ -317,6 +336,71 @@ impl Window {
         }
         sample
     }
+
+    /// The sum of the slots of `periods` the ring still holds at `now`.
+    fn sum_periods(&self, now: Duration, periods: Range<u64>) -> Sample {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.advance(self.period(now));
+        let mut sample = Sample::default();
+        for slot in ring.slots.iter().filter(|s| periods.contains(&s.period)) {
+            sample.add_slot(slot);
+        }
+        sample
+    }
+}
+
+/// Everything one [`Window`] recorded in the slots that began after a point
+/// in time, however long ago: the ring forgets a slot once it is a span
+/// old, so the tally takes each slot over into a sum of its own once the
+/// slot has closed.
+///
+/// Looked at ([`Tally::sample`]) less often than once a span, it misses the
+/// slots that fell out of the ring meanwhile.
+pub struct Tally {
+    window: Arc<Window>,
+    /// The slots taken over: the periods from the first counted up to
+    /// `next`.
+    closed: Sample,
+    /// The first period not yet in `closed`.
+    next: u64,
+}
+
+impl Tally {
+    /// A tally of `window` from the first slot that begins after `since`
+    /// (the slot `since` falls in may hold requests from before it), or,
+    /// with no `since`, from the oldest slot the ring holds at `now`.
+    #[must_use]
+    pub fn new(window: &Arc<Window>, since: Option<Duration>, now: Duration) -> Self {
+        let next = match since {
+            Some(since) => window.period(since) + 1,
+            None => window.period(now).saturating_sub(Window::SLOTS as u64 - 1),
+        };
+        Self {
+            window: Arc::clone(window),
+            closed: Sample::default(),
+            next,
+        }
+    }
+
+    /// Whether this is a tally of `window`.
+    #[must_use]
+    pub fn counts(&self, window: &Arc<Window>) -> bool {
+        Arc::ptr_eq(&self.window, window)
+    }
+
+    /// Everything counted up to `now`: the closed slots taken over so far
+    /// and the slot still open.
+    pub fn sample(&mut self, now: Duration) -> Sample {
+        let current = self.window.period(now);
+        if current > self.next {
+            let closed = self.window.sum_periods(now, self.next..current);
+            self.closed.merge(&closed);
+            self.next = current;
+        }
+        let mut sample = self.window.sum_periods(now, self.next..current + 1);
+        sample.merge(&self.closed);
+        sample
+    }
 }
 
 // Whole units of a duration in u64 arithmetic (the u128 of `as_millis`
@@ -425,6 +509,46 @@ mod tests {
         // An observation older than the span is dropped, not misfiled.
         window.record(s(900), obs(true, 50, None));
         assert_eq!(window.snapshot(s(1_000), window.span()).requests, 0);
+    }
+
+    #[test]
+    fn a_tally_counts_past_the_span_of_the_ring() {
+        let window = Arc::new(Window::new(Duration::from_secs(1)));
+        let s = Duration::from_secs;
+        window.record(s(3), obs(true, 50, None));
+        let mut tally = Tally::new(&window, Some(s(3)), s(3));
+        let mut expected = Sample::default();
+        for t in 4..300 {
+            let observation = obs(t % 3 != 0, t, Some(t));
+            window.record(s(t), observation);
+            expected.add(observation);
+            // Looked at every ten slots: less than a span apart.
+            if t % 10 == 0 {
+                let sample = tally.sample(s(t));
+                assert_eq!(sample.requests, t - 3, "at {t} s");
+            }
+        }
+        assert_eq!(tally.sample(s(299)), expected);
+        assert_eq!(window.snapshot(s(299), window.span()).requests, 60);
+        // A look in the same slot again counts nothing twice.
+        assert_eq!(tally.sample(s(299)), expected);
+        // Without a `since`, the tally starts from what the ring holds.
+        let mut from_now = Tally::new(&window, None, s(299));
+        assert_eq!(from_now.sample(s(299)).requests, 60);
+        assert!(from_now.counts(&window));
+        assert!(!from_now.counts(&Arc::new(Window::new(Duration::from_secs(1)))));
+    }
+
+    #[test]
+    fn a_tally_begun_in_the_open_slot_counts_from_the_next() {
+        let window = Arc::new(Window::new(Duration::from_secs(10)));
+        let s = Duration::from_secs;
+        window.record(s(11), obs(true, 1, None));
+        let mut tally = Tally::new(&window, Some(s(12)), s(12));
+        window.record(s(15), obs(true, 1, None));
+        assert_eq!(tally.sample(s(15)).requests, 0);
+        window.record(s(25), obs(true, 1, None));
+        assert_eq!(tally.sample(s(25)).requests, 1);
     }
 
     #[test]
