@@ -8,7 +8,8 @@
 //! though not an upload still arriving after its early answer, nor heads
 //! that each come in time, back to back), and
 //! neither it nor a silent new connection holds up a drain; a full proxy
-//! closes its longest-idle one for a new client.
+//! closes its longest-idle one for a new client; and one whose upgrade was
+//! declined is freed like any other.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.
@@ -570,5 +571,41 @@ async fn a_full_proxy_closes_no_busy_connection_for_a_new_client() {
     for stream in &mut waiting {
         assert_eq!(read_answers(stream, 1).await.remove(0).status, 200);
     }
+    server.shutdown().await;
+}
+
+/// An upgrade its upstream declines (a plain `200`), or one the proxy
+/// drops (`h2c`), leaves a connection like any other: freed once idle, not
+/// closed at the header read timeout, and serving its next request.
+#[tokio::test]
+async fn a_connection_whose_upgrade_was_declined_is_freed_and_serves_its_next_request() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, "")).await;
+    let mut stream = connect(&server).await;
+    for upgrade in ["websocket", "h2c"] {
+        send(
+            &mut stream,
+            &format!(
+                "GET /ws HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
+                 connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+        // Not counted in a head: it would close at the header read timeout.
+        wait_for_idle(server.admin_addr(), 1.0).await;
+        assert_eq!(ask(&mut stream, "/", "alice").await.status, 200);
+        wait_for_idle(server.admin_addr(), 1.0).await;
+    }
+    let smuggling = "POST / HTTP/1.1\r\nhost: cohort\r\nx-user-id: bob\r\n\
+                     content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    send(&mut stream, smuggling).await;
+    assert_eq!(read_answers(&mut stream, 1).await[0].status, 400);
+    assert_eq!(
+        backend.hits(),
+        4,
+        "the smuggling request reached the upstream"
+    );
     server.shutdown().await;
 }

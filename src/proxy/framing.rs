@@ -105,11 +105,18 @@ impl<T> FramingGuard<T> {
 
     /// Whether a request head has begun and not ended: part of it has been
     /// read, or a head that may upgrade the connection was the last one
-    /// (if the upgrade is declined, the next head is awaited from there,
-    /// as hyper's own header-read timer did). Not while a body is read.
+    /// and its upgrade has not been declined ([`Self::upgrade_declined`]).
+    /// Not while a body is read.
     #[must_use]
     pub fn in_head(&self) -> bool {
         self.sniffer.in_head()
+    }
+
+    /// Says that the upgrade the last head asked for was declined (its
+    /// answer was no `101`): hyper reads the next request from here, so the
+    /// guard expects one too.
+    pub fn upgrade_declined(&mut self) {
+        self.sniffer.upgrade = false;
     }
 
     /// The wrapped connection.
@@ -264,7 +271,8 @@ enum Parsed {
 /// the flag, except where hyper has no more HTTP/1 requests to parse: the
 /// HTTP/2 preface, and the bytes right after a head that may upgrade the
 /// connection (tunnelled bytes are no HTTP). If an upgrade is declined,
-/// hyper reads the next request, and so does the guard.
+/// hyper reads the next request, and so does the guard; told so, it also
+/// sees the connection between requests again.
 #[derive(Debug)]
 struct Sniffer {
     state: State,

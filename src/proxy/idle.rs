@@ -18,7 +18,9 @@
 //! a request counted open until hyper drops its response body (and count
 //! it abandoned if it never got one); and
 //! [`Upgrading`], which marks an upgrade request waiting for its answer,
-//! so that a drain does not start under it.
+//! so that a drain does not start under it (and [`Activity::decline_upgrade`],
+//! which tells the guard an upgrade was declined, so that the connection
+//! is idle again, not in a head, once its answer is out).
 //! Does not own: when to take a socket back or give up on a client, or the
 //! serving loop (`listener`).
 
@@ -71,6 +73,9 @@ pub struct Activity {
     /// not start under it: hyper would send the `101` with `connection:
     /// upgrade, close`, and clients refuse that switch.
     upgrading: AtomicBool,
+    /// The last request asked for an upgrade and was answered without
+    /// one, and the guard has not been told yet.
+    upgrade_declined: AtomicBool,
 }
 
 impl Activity {
@@ -86,6 +91,7 @@ impl Activity {
             in_head: AtomicBool::new(false),
             keep_open: AtomicBool::new(false),
             upgrading: AtomicBool::new(false),
+            upgrade_declined: AtomicBool::new(false),
         }
     }
 
@@ -156,6 +162,16 @@ impl Activity {
     pub fn upgrading(self: &Arc<Self>) -> Upgrading {
         self.upgrading.store(true, Ordering::Relaxed);
         Upgrading(Arc::clone(self))
+    }
+
+    /// Says that the request just answered asked for an upgrade (any
+    /// `Upgrade` header) and got none: the framing guard, which had stopped
+    /// expecting a next head after it, learns so at the connection's next
+    /// read, which hyper makes as soon as the answer is out. Until then
+    /// the connection reads as in a head: not idle, and timed by
+    /// `header_read_timeout`.
+    pub fn decline_upgrade(&self) {
+        self.upgrade_declined.store(true, Ordering::Relaxed);
     }
 
     /// Counts a request open until the returned guard is dropped.
@@ -303,6 +319,17 @@ impl<T> ClientIo<T> {
     pub fn has_rewound(&self) -> bool {
         !self.rewound.is_empty()
     }
+
+    /// Tells the activity where the bytes read so far end, as the guard sees it.
+    fn report_framing(&self) {
+        let activity = &self.activity;
+        activity
+            .between_requests
+            .store(self.guard.between_requests(), Ordering::Relaxed);
+        activity
+            .in_head
+            .store(self.guard.in_head(), Ordering::Relaxed);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
@@ -313,15 +340,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        // A load first: a swap on every read would cost a locked instruction.
+        if this.activity.upgrade_declined.load(Ordering::Relaxed) {
+            this.activity
+                .upgrade_declined
+                .store(false, Ordering::Relaxed);
+            this.guard.upgrade_declined();
+            this.report_framing();
+        }
         if this.rewound.is_empty() {
             ready!(Pin::new(&mut this.guard).poll_read(cx, buf))?;
-            let activity = &this.activity;
-            activity
-                .between_requests
-                .store(this.guard.between_requests(), Ordering::Relaxed);
-            activity
-                .in_head
-                .store(this.guard.in_head(), Ordering::Relaxed);
+            this.report_framing();
         } else {
             let n = this.rewound.len().min(buf.remaining());
             buf.put_slice(&this.rewound[..n]);

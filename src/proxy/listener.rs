@@ -8,7 +8,8 @@
 //! serving each connection with hyper behind a
 //! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
 //! taking an idle HTTP/1.1 connection back from hyper to free its buffers
-//! (see [`idle`](super::idle)), the client timeouts, running an upgraded
+//! (see [`idle`](super::idle); through the upgrade hyper promised after
+//! one was declined), the client timeouts, running an upgraded
 //! connection's tunnel on the connection's task (and cutting it when idle,
 //! or when its client stops reading), telling an HTTP/2 client that resets
 //! most of its streams to go, and the graceful drain on shutdown (which
@@ -27,10 +28,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::FutureExt as _;
 use futures_util::future::OptionFuture;
-use http::{Request, Response};
+use http::header::UPGRADE;
+use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -414,6 +417,9 @@ struct Client {
     /// task to run once hyper hands the socket over. Boxed: few connections
     /// ever upgrade, and every one holds the slot.
     tunnel: Mutex<Option<Box<Tunnel>>>,
+    /// The upgrade the last request that asked for one was promised, if it
+    /// was declined (see [`Connection::serve_until_idle`]).
+    declined_upgrade: Mutex<Option<OnUpgrade>>,
 }
 
 impl Client {
@@ -423,12 +429,18 @@ impl Client {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
     }
+
+    fn declined_upgrade(&self) -> std::sync::MutexGuard<'_, Option<OnUpgrade>> {
+        self.declined_upgrade
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Serves `Proxy::handle` to one client connection, each response body
 /// counted open (see [`Activity`]) until hyper drops it and handed to hyper
 /// as `wrap` makes it, and an upgrade's tunnel kept in the client's slot.
-fn service<B, W>(
+fn client_service<B, W>(
     client: Arc<Client>,
     wrap: W,
 ) -> impl hyper::service::Service<
@@ -446,7 +458,15 @@ where
     service_fn(move |req| {
         let client = Arc::clone(&client);
         let open = client.activity.open_request();
-        let upgrading = rewrite::is_upgrade(&req).then(|| client.activity.upgrading());
+        // Any `Upgrade` header, `h2c` included: hyper then promises the
+        // request an upgrade, and the framing guard stops expecting a next
+        // head after it.
+        let promised = req
+            .headers()
+            .contains_key(UPGRADE)
+            .then(|| req.extensions().get::<OnUpgrade>().cloned());
+        let upgrading =
+            (promised.is_some() && rewrite::is_upgrade(&req)).then(|| client.activity.upgrading());
         async move {
             let (rsp, tunnel) = client
                 .proxy
@@ -454,6 +474,14 @@ where
                 .await;
             // hyper writes the head in the same poll that takes the response.
             drop(upgrading);
+            if let Some(promised) = promised
+                && rsp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                client.activity.decline_upgrade();
+                if promised.is_some() {
+                    *client.declined_upgrade() = promised;
+                }
+            }
             if let Some(tunnel) = tunnel {
                 *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Box::new(tunnel));
@@ -463,6 +491,14 @@ where
             Ok::<_, Infallible>(rsp.map(|body| wrap(Tracked::new(body, open))))
         }
     })
+}
+
+/// An idle HTTP/1.1 connection's socket, as hyper handed it back.
+enum Released<S, Svc> {
+    Parts(http1::Parts<TokioIo<ClientIo<S>>, Svc>),
+    /// Through a declined upgrade (see [`Connection::serve_until_idle`]),
+    /// without the service, which hyper dropped.
+    Upgraded(hyper::upgrade::Parts<TokioIo<ClientIo<S>>>),
 }
 
 /// One accepted client connection, until it ends.
@@ -548,9 +584,10 @@ impl Connection {
             framing: io.framing(),
             activity: Arc::clone(&activity),
             tunnel: Mutex::new(None),
+            declined_upgrade: Mutex::new(None),
         });
         if h2 {
-            let service = service(Arc::clone(&client), ReportingBody::new);
+            let service = client_service(Arc::clone(&client), ReportingBody::new);
             // Boxed where it is made: a binding would keep room for it in
             // the task after the move.
             let conn = Box::pin(
@@ -560,7 +597,7 @@ impl Connection {
             );
             return self.serve_h2(conn, &activity, first_head).await;
         }
-        let mut service = service(Arc::clone(&client), convert::identity);
+        let mut service = client_service(Arc::clone(&client), convert::identity);
         // When the connection last served a request, and how many it had then.
         let mut served = (Instant::now(), 0);
         loop {
@@ -574,11 +611,16 @@ impl Connection {
                     .with_upgrades(),
             );
             let head_due = (activity.requests() == 0).then_some(first_head);
-            match self.serve_until_idle(conn, &activity, head_due).await? {
-                Some(parts) => {
+            match self.serve_until_idle(conn, &client, head_due).await? {
+                Some(Released::Parts(parts)) => {
                     io = parts.io.into_inner();
                     io.rewind(parts.read_buf);
                     service = parts.service;
+                }
+                Some(Released::Upgraded(parts)) => {
+                    io = parts.io.into_inner();
+                    io.rewind(parts.read_buf);
+                    service = client_service(Arc::clone(&client), convert::identity);
                 }
                 None => {
                     // After an upgrade the tunnel carries the connection on,
@@ -617,7 +659,14 @@ impl Connection {
 
     /// Serves HTTP/1.1 with hyper until the connection ends (`None`), or
     /// until it has been idle for a whole check and hyper has handed the
-    /// socket back (`Some`). With `head_due`, the connection is closed if
+    /// socket back (`Some`).
+    ///
+    /// After an upgrade was declined, hyper still expects it for as long as
+    /// that connection lasts: told to let go of the idle connection, it
+    /// hands the socket over as upgraded, to the upgrade it promised
+    /// the request (kept in `client`), and it comes back from there.
+    ///
+    /// With `head_due`, the connection is closed if
     /// no request head has come by then. A later head is timed at the idle
     /// checks, from the first that sees part of it (see [`Settings::new`]),
     /// and a client that takes nothing of a response for the send timeout
@@ -625,9 +674,9 @@ impl Connection {
     async fn serve_until_idle<S, Svc, B>(
         &mut self,
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>>,
-        activity: &Activity,
+        client: &Client,
         head_due: Option<Instant>,
-    ) -> Result<Option<http1::Parts<TokioIo<ClientIo<S>>, Svc>>, BoxError>
+    ) -> Result<Option<Released<S, Svc>>, BoxError>
     where
         S: Socket,
         Svc: HttpService<Incoming, ResBody = B>,
@@ -635,6 +684,7 @@ impl Connection {
         B: Body + 'static,
         B::Error: Into<BoxError>,
     {
+        let activity = &*client.activity;
         let check = self.settings.idle_check;
         let mut checks = tokio::time::interval_at(Instant::now() + check, check);
         // Checks that fell behind must not fire back to back: each one
@@ -749,10 +799,20 @@ impl Connection {
                 }
             }
         }
-        // An upgraded connection has no parts: the tunnel holds the socket.
-        Ok(released
-            .then(|| Pin::into_inner(conn).into_parts())
-            .flatten())
+        if !released {
+            return Ok(None);
+        }
+        if let Some(parts) = Pin::into_inner(conn).into_parts() {
+            return Ok(Some(Released::Parts(parts)));
+        }
+        let promised = client.declined_upgrade().take();
+        let Some(promised) = promised else {
+            return Err("an idle connection was handed over as upgraded".into());
+        };
+        match promised.await?.downcast() {
+            Ok(parts) => Ok(Some(Released::Upgraded(parts))),
+            Err(_) => Err("an idle connection came back from hyper as another type".into()),
+        }
     }
 
     /// Serves HTTP/2 to the connection's end. It is shut down gracefully
