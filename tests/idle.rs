@@ -8,7 +8,7 @@
 //! though not an upload still arriving after its early answer, nor heads
 //! that each come in time, back to back), and
 //! neither it nor a silent new connection holds up a drain; a full proxy
-//! closes its longest-idle one for a new client; and one whose upgrade was
+//! closes its longest-idle one (HTTP/1.1 or HTTP/2) for a new client; and one whose upgrade was
 //! declined is freed like any other.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use cohort::serve::Server;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{
     Backend, CANARY, STABLE, SlowBackend, WsBackend, client, config, eventually, eventually_async,
     start_cohort, within,
@@ -607,5 +608,37 @@ async fn a_connection_whose_upgrade_was_declined_is_freed_and_serves_its_next_re
         4,
         "the smuggling request reached the upstream"
     );
+    server.shutdown().await;
+}
+
+/// An HTTP/2 connection with no stream open is closed (`GOAWAY`) for a new
+/// client when it holds the last slot.
+#[tokio::test]
+async fn a_full_proxy_closes_an_idle_http2_connection_for_a_new_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let listen = "max_connections = 1\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let (mut h2, h2_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(connect(&server).await))
+        .await
+        .expect("an HTTP/2 handshake");
+    let h2_conn = tokio::spawn(h2_conn);
+    let request = http::Request::get("http://cohort/")
+        .header("x-user-id", "alice")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("a request");
+    let rsp = within("the HTTP/2 answer", h2.send_request(request))
+        .await
+        .expect("an answer");
+    assert_eq!(rsp.status(), 200);
+    drop(rsp);
+
+    let mut newer = connect(&server).await;
+    assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
+    within("the HTTP/2 connection's close", h2_conn)
+        .await
+        .expect("the connection task")
+        .expect("a graceful close");
     server.shutdown().await;
 }

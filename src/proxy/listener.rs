@@ -108,8 +108,9 @@ const RECLAIM_WARNING_EVERY: Duration = Duration::from_secs(1);
 pub struct ConnectionSlots {
     permits: Arc<Semaphore>,
     /// Heard by the connections waiting for a next request (see
-    /// [`Connection::wait_for_request`]): tokio's `Notify` wakes the one
-    /// that has waited longest.
+    /// [`Connection::wait_for_request`], and HTTP/2 connections with no
+    /// stream open, see [`Connection::serve_h2`]): tokio's `Notify` wakes
+    /// the one that has waited longest.
     reclaim: Notify,
     /// When the last warning that the proxy is full was logged.
     warned: Mutex<Option<Instant>>,
@@ -149,10 +150,10 @@ impl ConnectionSlots {
                 permit = &mut acquire => break permit.expect("the semaphore is never closed"),
                 () = tokio::time::sleep(RECLAIM_AGAIN) => {
                     // Still none: what holds the slots cannot be closed
-                    // for it (busy, HTTP/2, tunnels), and the operator
-                    // must hear that the proxy is full.
+                    // for it (busy, tunnels), and the operator must hear
+                    // that the proxy is full.
                     self.warn(
-                        "listen.max_connections reached: a new client waits for a slot, and no idle HTTP/1.1 connection can be closed for it",
+                        "listen.max_connections reached: a new client waits for a slot, and no idle connection can be closed for it",
                         None,
                     );
                 }
@@ -822,7 +823,9 @@ impl Connection {
     /// would keep it, and its buffers, open for as long as the client does.
     /// One that has opened no stream by `first_head` is closed the same
     /// way (to within a check), as an HTTP/1.1 connection with no request
-    /// is. One told to close that has had no open stream for
+    /// is, and so is one with no stream open for a whole check when a new
+    /// client waits for a slot (see [`ConnectionSlots`]), as nginx closes
+    /// idle HTTP/2 connections for one. One told to close that has had no open stream for
     /// [`H2_CLOSE_GRACE`] is dropped. `conn` comes boxed: a task is as
     /// large as its largest state.
     async fn serve_h2<C>(
@@ -844,12 +847,48 @@ impl Connection {
         let mut last_active = Instant::now();
         let drain = draining(&mut self.drain);
         tokio::pin!(drain);
+        // Heard while no stream has been open for a whole check, in the
+        // line of connections that wait for a next request, from when it
+        // began to wait: a fresh one, not in the line yet, whenever a
+        // stream is open.
+        let slots = Arc::clone(&self.settings.slots);
+        let reclaim = slots.reclaim.notified();
+        tokio::pin!(reclaim);
+        let mut idle = false;
+        let mut requests = activity.requests();
         loop {
             tokio::select! {
                 biased;
                 result = conn.as_mut() => return result.map_err(Into::into),
                 () = &mut drain => break,
+                () = &mut reclaim, if idle => {
+                    if activity.has_open_requests() || activity.requests() != requests {
+                        // A stream came since the check: the request goes
+                        // to the next idle connection.
+                        slots.reclaim.notify_one();
+                        idle = false;
+                        reclaim.set(slots.reclaim.notified());
+                        continue;
+                    }
+                    slots.warn(
+                        "listen.max_connections reached: closing the longest-idle keep-alive connection (HTTP/2) for a new client",
+                        Some(self.peer),
+                    );
+                    break;
+                }
                 now = checks.tick() => {
+                    let streams_since = activity.requests() != requests;
+                    requests = activity.requests();
+                    // As over HTTP/1.1, one that has yet to open a stream
+                    // waits for its first until `first_head`.
+                    if activity.has_open_requests() || streams_since || requests == 0 {
+                        if idle {
+                            idle = false;
+                            reclaim.set(slots.reclaim.notified());
+                        }
+                    } else {
+                        idle = true;
+                    }
                     if send_watch.timed_out(activity, now) {
                         return Err(SEND_TIMED_OUT.into());
                     }
