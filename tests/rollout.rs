@@ -2190,6 +2190,56 @@ async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_
     }
 }
 
+/// A pause for too little data that a restart resumed goes on counting the
+/// requests served at its weight, and an approval keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_after_a_restart_keeps_what_the_resumed_pause_counted() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "min_requests = 20\ninconclusive_limit = 10\n\
+                stages = [ { weight = 50, duration = \"100ms\" } ]";
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table_every("20ms", plan, "success_rate_min = 0.9")
+    );
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let first = Process::serve(&path, &[]).await;
+    // No traffic: the stage pauses for data.
+    wait_state(&AdminApi::new(first.admin), "the pause for data", |s| {
+        s["status"] == "paused"
+    })
+    .await;
+    first.kill9().await;
+
+    let second = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(second.admin);
+    let http = Http::new(second.proxy);
+    let paced = tokio::spawn(async move {
+        for n in 0.. {
+            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
+            // At most ten requests a second: twelve in a window's span.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    wait_state(&admin, "a passing look while paused", |s| {
+        s["status"] == "paused" && verdict(s, "success_rate") == "pass"
+    })
+    .await;
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    let ended = wait_state(&admin, "the promotion, or a pause", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    paced.abort();
+    assert_eq!(ended["status"], "steady", "{ended:#}");
+    assert_eq!(ended["rollout"]["phase"], "promoted", "{ended:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up_on_do() {
     // The canary has a name of its own: its counters, read below, are this test's alone.

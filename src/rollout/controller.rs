@@ -825,7 +825,8 @@ impl Rollouts {
         tallies: &mut Tallies,
     ) -> Result<(), Stop> {
         // Paused for lack of data when the process stopped: still paused.
-        if progress.phase == Phase::Paused {
+        let resumed_paused = progress.phase == Phase::Paused;
+        if resumed_paused {
             self.pause(plan, progress, inbox, approval, tallies).await?;
             progress.reason = None;
         }
@@ -849,8 +850,11 @@ impl Rollouts {
         // From here the stage's weight is in effect: what the windows hold
         // from before it was served at another weight, which says little of
         // this one (and a burst shared by both cohorts just after the step
-        // would weigh on the canary's window alone).
-        *tallies = Tallies::since(Some(crate::clock::since_start()));
+        // would weigh on the canary's window alone). A pause resumed after
+        // a restart served at this weight already, and its counts go on.
+        if !resumed_paused {
+            *tallies = Tallies::since(Some(crate::clock::since_start()));
+        }
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::stats::{self, Look};
+use super::stats::{self, Cohorts, Look};
 use super::window::{Sample, Tally, Window};
 use crate::clock;
 use crate::config::RolloutConfig;
@@ -32,16 +32,16 @@ pub use super::stats::{Evaluation, Verdict};
 pub const CANARY_AVAILABLE: &str = "canary_available";
 
 /// Both cohorts' counts since the weight in effect took effect: what a
-/// look falls back on when the windows' last span holds too few requests.
-/// Kept by the caller from one look to the next, and begun afresh at each
-/// change of weight.
+/// guardrail is judged over when the windows' last span holds too little
+/// data for it. Kept by the caller from one look to the next, and begun
+/// afresh when a weight takes effect.
 pub struct Tallies {
     /// When the weight took effect (on [`clock::since_start`]'s scale), if
     /// known: after a restart it is not, and the tallies begin with what
     /// the windows hold.
     since: Option<Duration>,
-    stable: Option<Tally>,
-    canary: Option<Tally>,
+    /// Stable's and the canary's, both begun at the same look.
+    tallies: Option<(Tally, Tally)>,
 }
 
 impl Tallies {
@@ -50,23 +50,35 @@ impl Tallies {
     pub fn since(since: Option<Duration>) -> Self {
         Self {
             since,
-            stable: None,
-            canary: None,
+            tallies: None,
         }
     }
 
-    /// `window`'s count in `tally`, which begins again if it counts
-    /// another window (a version reinstalled, or its slots resized).
-    fn sample(
-        tally: &mut Option<Tally>,
-        window: &Arc<Window>,
-        since: Option<Duration>,
+    /// Both cohorts' counts up to `now`. Both begin again, from `now`,
+    /// when either counts another window than the table's (a version's
+    /// window begun afresh, or its slots resized by a reload): the two
+    /// cohorts must be counted over the same span, and the new window
+    /// holds nothing from before.
+    fn samples(
+        &mut self,
+        stable: &Arc<Window>,
+        canary: &Arc<Window>,
         now: Duration,
-    ) -> Sample {
-        match tally {
-            Some(tally) if tally.counts(window) => tally.sample(now),
-            _ => tally.insert(Tally::new(window, since, now)).sample(now),
-        }
+    ) -> (Sample, Sample) {
+        let (stable_tally, canary_tally) = match &mut self.tallies {
+            Some((s, c)) if s.counts(stable) && c.counts(canary) => (s, c),
+            tallies => {
+                let from = if tallies.is_some() {
+                    Some(now)
+                } else {
+                    self.since
+                };
+                let fresh = (Tally::new(stable, from, now), Tally::new(canary, from, now));
+                let (s, c) = tallies.insert(fresh);
+                (s, c)
+            }
+        };
+        (stable_tally.sample(now), canary_tally.sample(now))
     }
 }
 
@@ -76,11 +88,12 @@ impl Tallies {
 /// Both cohorts are judged over the same slots: those of the windows' last
 /// span that began after the weight took effect (the whole span when
 /// unknown), so that a canary that goes bad late in a long stage is not
-/// hidden by the hours it was fine. When these hold fewer than
-/// `min_requests` of either cohort judged, both are judged over everything
-/// since the weight took effect instead: at low traffic a canary may need
-/// longer than a span to reach `min_requests`, and waiting for it must
-/// help. Without a canary there is nothing to judge, which passes.
+/// hidden by the hours it was fine. A guardrail those slots hold too
+/// little data for (`min_requests` of the cohorts it judges) is judged
+/// over everything since the weight took effect instead: at low traffic a
+/// canary may need longer than a span to reach `min_requests`, and waiting
+/// for it must help (see [`stats::evaluate_over`]). Without a canary
+/// there is nothing to judge, which passes.
 #[must_use]
 pub fn evaluate(
     table: &RouteTable,
@@ -93,32 +106,35 @@ pub fn evaluate(
         return Vec::new();
     };
     let now = clock::since_start();
-    let since = tallies.since;
     let span = table.stable.window.span().min(canary.version.window.span());
-    let last_span = |window: &Window| match since {
+    let last_span = |window: &Window| match tallies.since {
         Some(since) => window.snapshot_since(now, since),
         None => window.snapshot(now, span),
     };
-    // Kept up at every look, used or not: a tally must see every span.
-    let stable_tally = Tallies::sample(&mut tallies.stable, &table.stable.window, since, now);
-    let canary_tally = Tallies::sample(&mut tallies.canary, &canary.version.window, since, now);
     // At 100% stable serves no cohort by design: its window only drains, and
     // what is left in it says nothing about the canary. The relative
     // guardrails are then not applicable, rather than inconclusive for
     // ever, which would hold a healthy canary at its last stage.
     let judges_stable = canary.weight < Weight::FULL;
-    let mut stable = judges_stable.then(|| last_span(&table.stable.window));
-    let mut canary_sample = last_span(&canary.version.window);
-    let thin = |sample: &Sample| sample.requests < plan.min_requests;
-    if thin(&canary_sample) || stable.as_ref().is_some_and(thin) {
-        stable = judges_stable.then_some(stable_tally);
-        canary_sample = canary_tally;
-    }
+    let recent_stable = judges_stable.then(|| last_span(&table.stable.window));
+    let recent_canary = last_span(&canary.version.window);
+    // Kept up at every look, used or not: a tally must see every span.
+    let (stage_stable, stage_canary) =
+        tallies.samples(&table.stable.window, &canary.version.window, now);
+    let stage_stable = judges_stable.then_some(stage_stable);
     let mut evaluations = vec![availability(&canary.version)];
-    evaluations.extend(stats::evaluate(
+    let recent = Cohorts {
+        stable: recent_stable.as_ref(),
+        canary: &recent_canary,
+    };
+    let stage = Cohorts {
+        stable: stage_stable.as_ref(),
+        canary: &stage_canary,
+    };
+    evaluations.extend(stats::evaluate_over(
         &plan.guardrails,
-        stable.as_ref(),
-        &canary_sample,
+        recent,
+        Some(stage),
         eval_score,
         plan.min_requests,
         Look {
@@ -322,6 +338,38 @@ mod tests {
             .iter()
             .map(|l| count_failures(&mut runs, &mut inconclusive_looks, l, plan, true))
             .collect()
+    }
+
+    #[test]
+    fn both_tallies_begin_again_when_either_window_is_replaced() {
+        let s = Duration::from_secs;
+        let observation = super::super::window::Observation {
+            success: true,
+            latency: Duration::from_millis(1),
+            tokens: None,
+        };
+        let (stable, canary) = (Arc::new(Window::new(s(1))), Arc::new(Window::new(s(1))));
+        let mut tallies = Tallies::since(Some(s(0)));
+        for t in 1..100 {
+            stable.record(s(t), observation);
+            canary.record(s(t), observation);
+            if t % 10 == 0 {
+                let _ = tallies.samples(&stable, &canary, s(t));
+            }
+        }
+        let (a, b) = tallies.samples(&stable, &canary, s(99));
+        assert_eq!((a.requests, b.requests), (99, 99));
+        // Stable's window resized by a reload: it holds nothing from
+        // before, so neither tally counts from before.
+        let resized = Arc::new(Window::new(s(2)));
+        let (a, b) = tallies.samples(&resized, &canary, s(100));
+        assert_eq!((a.requests, b.requests), (0, 0));
+        for t in 102..110 {
+            resized.record(s(t), observation);
+            canary.record(s(t), observation);
+        }
+        let (a, b) = tallies.samples(&resized, &canary, s(110));
+        assert_eq!((a.requests, b.requests), (8, 8));
     }
 
     #[test]

@@ -38,6 +38,12 @@
 //!   `min_requests`, and power grows as the window fills and the canary's
 //!   share grows (a regression too small to show at 1% shows at 10%).
 //!
+//! A look may also pass everything since the weight took effect
+//! ([`evaluate_over`]): a guardrail the window holds too little data for
+//! is then judged over that instead, with a single test, so no level is
+//! spent twice; and it passes only if the window does not measure the
+//! canary past the limit.
+//!
 //! # Tests
 //!
 //! Each is one-sided, asking "is the canary worse than the limit?":
@@ -185,6 +191,26 @@ pub fn look_alpha(confidence: f64, look: Look, guardrails: usize) -> f64 {
     alpha * share / guardrails.max(1) as f64
 }
 
+/// Both cohorts' samples over one span; `stable` is `None` when stable
+/// takes no traffic by design (the canary at 100%).
+#[derive(Debug, Clone, Copy)]
+pub struct Cohorts<'a> {
+    pub stable: Option<&'a Sample>,
+    pub canary: &'a Sample,
+}
+
+/// What one guardrail measured over one pair of samples.
+struct Measured {
+    /// Enough data for the guardrail to judge.
+    enough: bool,
+    /// The p-value of "the canary is within the limit".
+    p_breach: f64,
+    /// The canary's measured value is within the limit (so with no data).
+    within: bool,
+    stable: Option<f64>,
+    canary: Option<f64>,
+}
+
 /// Judges every configured guardrail at one look. The stable and canary
 /// samples must cover the same window; `stable` is `None` when stable takes
 /// no traffic by design (the canary at 100%), which leaves the relative
@@ -199,8 +225,28 @@ pub fn evaluate(
     min_requests: u64,
     look: Look,
 ) -> Vec<Evaluation> {
+    let cohorts = Cohorts { stable, canary };
+    evaluate_over(guardrails, cohorts, None, eval_score, min_requests, look)
+}
+
+/// [`evaluate`], over the `recent` samples (the windows' last span), save
+/// that a guardrail they hold too little data for is judged over `stage`
+/// (everything since the weight took effect) if given; a pass there also
+/// needs the canary not to measure past the limit in `recent`, so that
+/// the hours a canary was fine cannot outvote the few requests it has
+/// failed since. Only one test is made per guardrail: no level is spent
+/// twice.
+#[must_use]
+pub fn evaluate_over(
+    guardrails: &Guardrails,
+    recent: Cohorts<'_>,
+    stage: Option<Cohorts<'_>>,
+    eval_score: Option<f64>,
+    min_requests: u64,
+    look: Look,
+) -> Vec<Evaluation> {
     let g = guardrails;
-    let compared = stable.is_some();
+    let compared = recent.stable.is_some();
     let tests = [
         (g.success_rate_min, true),
         (g.success_rate_drop_max, compared),
@@ -212,35 +258,36 @@ pub fn evaluate(
     .filter(|(limit, judged)| limit.is_some() && *judged)
     .count();
     let alpha = look_alpha(g.confidence, look, tests);
-    // An absolute guardrail needs only the canary's requests; a relative
-    // one needs stable's too.
-    let canary_enough = canary.requests >= min_requests;
-    let both_enough = |stable: &Sample| canary_enough && stable.requests >= min_requests;
     // No proven breach is not enough for a pass: at 1% a canary can
     // measure past its limit (`within` false) for a long while before the
     // data prove it, and such a look is inconclusive, so the canary holds
     // its stage instead of taking more users (and, held too long, pauses
     // for a person).
-    let judge = |enough: bool, p_breach: f64, within: bool| {
-        if !enough {
+    let judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
+        let last = measure(recent);
+        let (measured, may_pass) = match stage {
+            Some(stage) if !last.enough => (measure(stage), last.within),
+            _ => (last, true),
+        };
+        let verdict = if !measured.enough {
             Verdict::Inconclusive
-        } else if p_breach <= alpha {
+        } else if measured.p_breach <= alpha {
             Verdict::Fail
-        } else if within {
+        } else if measured.within && may_pass {
             Verdict::Pass
         } else {
             Verdict::Inconclusive
-        }
+        };
+        (verdict, measured.stable, measured.canary)
     };
-    let rate = |s: &Sample| (s.requests > 0).then(|| s.successes as f64 / s.requests as f64);
+    // A relative guardrail with no stable cohort: not judged.
+    let not_applicable = || (Verdict::NotApplicable, None, rate(recent.canary));
     let p95_ms = |s: &Sample| p95_micros(s).map(|us| us / 1_000.0);
-    let (stable_rate, canary_rate) = (stable.and_then(rate), rate(canary));
-    let (stable_p95, canary_p95) = (stable.and_then(p95_ms), p95_ms(canary));
     let mean_tokens =
         |s: &Sample| (s.token_requests > 0).then(|| s.token_sum as f64 / s.token_requests as f64);
 
     let mut out = Vec::new();
-    let mut push = |guardrail: &'static str, stable, canary, limit, verdict| {
+    let mut push = |guardrail: &'static str, limit, (verdict, stable, canary)| {
         out.push(Evaluation {
             guardrail: Cow::Borrowed(guardrail),
             stable,
@@ -250,95 +297,130 @@ pub fn evaluate(
         });
     };
     if let Some(floor) = g.success_rate_min {
-        let p = if at_most_expected(
-            canary.requests - canary.successes,
-            canary.requests,
-            1.0 - floor,
-        ) {
-            1.0
-        } else {
-            binomial_at_most(canary.successes, canary.requests, floor)
-        };
-        let within = canary_rate.is_none_or(|rate| rate >= floor);
-        push(
-            "success_rate",
-            stable_rate,
-            canary_rate,
-            floor,
-            judge(canary_enough, p, within),
-        );
-    }
-    if let Some(drop) = g.success_rate_drop_max {
-        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
-            let z = drop_z(
-                stable.successes,
-                stable.requests,
-                canary.successes,
-                canary.requests,
-                drop,
-            );
-            // The exact tail only where the score test would fail: it
-            // costs a sum over the failures.
-            let p = match upper_p(z) {
-                p if p <= alpha => p.max(more_failures_p(stable, canary)),
-                p => p,
+        let judged = judge(&|c| {
+            let canary = c.canary;
+            let failures = canary.requests - canary.successes;
+            let p = if at_most_expected(failures, canary.requests, 1.0 - floor) {
+                1.0
+            } else {
+                binomial_at_most(canary.successes, canary.requests, floor)
             };
-            let within = match (stable_rate, canary_rate) {
-                (Some(stable), Some(canary)) => stable - canary <= drop,
-                _ => true,
-            };
-            judge(both_enough(stable), p, within)
-        });
-        push("success_rate_drop", stable_rate, canary_rate, drop, verdict);
-    }
-    if let Some(ratio) = g.p95_latency_ratio_max {
-        // Half the level goes to the bound of the stable p95; without that
-        // bound the ratio cannot be judged, which is not a pass.
-        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
-            match p95_ratio_p(stable, canary, ratio, alpha / 2.0) {
-                Some(p) => judge(
-                    both_enough(stable),
-                    p * 2.0,
-                    p95_within_ratio(stable, canary, ratio),
-                ),
-                None => Verdict::Inconclusive,
+            Measured {
+                // An absolute guardrail needs only the canary's requests.
+                enough: canary.requests >= min_requests,
+                p_breach: p,
+                within: rate(canary).is_none_or(|rate| rate >= floor),
+                stable: c.stable.and_then(rate),
+                canary: rate(canary),
             }
         });
-        push("p95_latency_ratio", stable_p95, canary_p95, ratio, verdict);
+        push("success_rate", floor, judged);
+    }
+    if let Some(drop) = g.success_rate_drop_max {
+        let judged = if compared {
+            judge(&|c| {
+                let Some(stable) = c.stable else {
+                    return Measured::nothing();
+                };
+                let canary = c.canary;
+                let z = drop_z(
+                    stable.successes,
+                    stable.requests,
+                    canary.successes,
+                    canary.requests,
+                    drop,
+                );
+                // The exact tail only where the score test would fail: it
+                // costs a sum over the failures.
+                let p = match upper_p(z) {
+                    p if p <= alpha => p.max(more_failures_p(stable, canary)),
+                    p => p,
+                };
+                let (stable_rate, canary_rate) = (rate(stable), rate(canary));
+                Measured {
+                    enough: both_hold(stable, canary, min_requests),
+                    p_breach: p,
+                    within: match (stable_rate, canary_rate) {
+                        (Some(stable), Some(canary)) => stable - canary <= drop,
+                        _ => true,
+                    },
+                    stable: stable_rate,
+                    canary: canary_rate,
+                }
+            })
+        } else {
+            not_applicable()
+        };
+        push("success_rate_drop", drop, judged);
+    }
+    if let Some(ratio) = g.p95_latency_ratio_max {
+        let judged = if compared {
+            judge(&|c| {
+                let Some(stable) = c.stable else {
+                    return Measured::nothing();
+                };
+                let canary = c.canary;
+                // Half the level goes to the bound of the stable p95;
+                // without that bound the ratio cannot be judged, as with
+                // too few requests.
+                let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
+                Measured {
+                    enough: p.is_some() && both_hold(stable, canary, min_requests),
+                    p_breach: p.map_or(1.0, |p| p * 2.0),
+                    within: p95_within_ratio(stable, canary, ratio),
+                    stable: p95_ms(stable),
+                    canary: p95_ms(canary),
+                }
+            })
+        } else {
+            (Verdict::NotApplicable, None, p95_ms(recent.canary))
+        };
+        push("p95_latency_ratio", ratio, judged);
     }
     if let Some(ceiling_ms) = g.p95_latency_ms_max {
         let ceiling = ceiling_ms * 1_000.0;
-        let within = at_most_expected(count_at_or_above(canary, ceiling), canary.requests, 0.05);
-        push(
-            "p95_latency_ms",
-            stable_p95,
-            canary_p95,
-            ceiling_ms,
-            judge(canary_enough, exceedance_p(canary, ceiling), within),
-        );
+        let judged = judge(&|c| {
+            let canary = c.canary;
+            Measured {
+                enough: canary.requests >= min_requests,
+                p_breach: exceedance_p(canary, ceiling),
+                within: at_most_expected(count_at_or_above(canary, ceiling), canary.requests, 0.05),
+                stable: c.stable.and_then(p95_ms),
+                canary: p95_ms(canary),
+            }
+        });
+        push("p95_latency_ms", ceiling_ms, judged);
     }
     if let Some(ratio) = g.tokens_ratio_max {
-        let verdict = stable.map_or(Verdict::NotApplicable, |stable| {
-            let enough = stable.token_requests >= min_requests.max(2)
-                && canary.token_requests >= min_requests.max(2);
-            let z = if enough {
-                tokens_z(stable, canary, ratio)
-            } else {
-                0.0
-            };
-            let within = match (mean_tokens(stable), mean_tokens(canary)) {
-                (Some(stable), Some(canary)) => canary <= ratio * stable,
-                _ => true,
-            };
-            judge(enough, upper_p(z), within)
-        });
-        push(
-            "tokens_ratio",
-            stable.and_then(mean_tokens),
-            mean_tokens(canary),
-            ratio,
-            verdict,
-        );
+        let judged = if compared {
+            judge(&|c| {
+                let Some(stable) = c.stable else {
+                    return Measured::nothing();
+                };
+                let canary = c.canary;
+                let enough = stable.token_requests >= min_requests.max(2)
+                    && canary.token_requests >= min_requests.max(2);
+                let z = if enough {
+                    tokens_z(stable, canary, ratio)
+                } else {
+                    0.0
+                };
+                let (stable_mean, canary_mean) = (mean_tokens(stable), mean_tokens(canary));
+                Measured {
+                    enough,
+                    p_breach: upper_p(z),
+                    within: match (stable_mean, canary_mean) {
+                        (Some(stable), Some(canary)) => canary <= ratio * stable,
+                        _ => true,
+                    },
+                    stable: stable_mean,
+                    canary: canary_mean,
+                }
+            })
+        } else {
+            (Verdict::NotApplicable, None, mean_tokens(recent.canary))
+        };
+        push("tokens_ratio", ratio, judged);
     }
     if let Some(floor) = g.eval_score_min {
         let verdict = match eval_score {
@@ -346,9 +428,32 @@ pub fn evaluate(
             Some(score) if score < floor => Verdict::Fail,
             Some(_) => Verdict::Pass,
         };
-        push(EVAL_SCORE, None, eval_score, floor, verdict);
+        push(EVAL_SCORE, floor, (verdict, None, eval_score));
     }
     out
+}
+
+impl Measured {
+    /// Nothing to judge.
+    fn nothing() -> Measured {
+        Measured {
+            enough: false,
+            p_breach: 1.0,
+            within: true,
+            stable: None,
+            canary: None,
+        }
+    }
+}
+
+/// A sample's success rate, if it has requests.
+fn rate(sample: &Sample) -> Option<f64> {
+    (sample.requests > 0).then(|| sample.successes as f64 / sample.requests as f64)
+}
+
+/// Whether both cohorts hold `min_requests`, as a relative guardrail needs.
+fn both_hold(stable: &Sample, canary: &Sample, min_requests: u64) -> bool {
+    stable.requests >= min_requests && canary.requests >= min_requests
 }
 
 fn standard_normal() -> Normal {
@@ -1063,6 +1168,125 @@ mod tests {
         assert_eq!(
             verdict(&ratio, Some(&stable), &sample(300, 300, |_| 500)),
             Verdict::Pass
+        );
+    }
+
+    /// Guardrails with only these set, at 95% confidence.
+    fn only(set: impl FnOnce(&mut Guardrails)) -> Guardrails {
+        let mut g = Guardrails {
+            success_rate_min: None,
+            success_rate_drop_max: None,
+            p95_latency_ratio_max: None,
+            p95_latency_ms_max: None,
+            tokens_ratio_max: None,
+            eval_score_min: None,
+            confidence: 0.95,
+        };
+        set(&mut g);
+        g
+    }
+
+    /// Each guardrail's verdict over the last span `recent` of a stage
+    /// whose whole is `stage`, at `min_requests` of 200.
+    fn over_stage(
+        g: &Guardrails,
+        recent: (&Sample, &Sample),
+        stage: (&Sample, &Sample),
+    ) -> Vec<(&'static str, Verdict)> {
+        let look = Look {
+            index: 1,
+            planned: 10,
+        };
+        let recent = Cohorts {
+            stable: Some(recent.0),
+            canary: recent.1,
+        };
+        let stage = Cohorts {
+            stable: Some(stage.0),
+            canary: stage.1,
+        };
+        evaluate_over(g, recent, Some(stage), None, 200, look)
+            .into_iter()
+            .map(|e| match e.guardrail {
+                Cow::Borrowed(name) => (name, e.verdict),
+                Cow::Owned(_) => unreachable!("fresh evaluations name their guardrail literally"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_guardrail_the_last_span_holds_too_little_for_is_judged_over_the_stage() {
+        let g = only(|g| {
+            g.success_rate_min = Some(0.9);
+            g.success_rate_drop_max = Some(0.05);
+        });
+        let few = sample(20, 20, |_| 100);
+        let healthy = sample(400, 396, |_| 100);
+        assert_eq!(
+            over_stage(&g, (&few, &few), (&healthy, &healthy)),
+            [
+                ("success_rate", Verdict::Pass),
+                ("success_rate_drop", Verdict::Pass)
+            ]
+        );
+        // The stage proves a canary failing one request in four.
+        let failing = sample(400, 300, |_| 100);
+        assert_eq!(
+            over_stage(&g, (&few, &few), (&healthy, &failing)),
+            [
+                ("success_rate", Verdict::Fail),
+                ("success_rate_drop", Verdict::Fail)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_stage_cannot_pass_a_canary_its_last_span_measures_past_the_limit() {
+        let g = only(|g| g.success_rate_min = Some(0.9));
+        // 29 requests since the last span began, all failed; the hours
+        // before were fine enough to carry the stage's rate above 0.9.
+        let stable = sample(5_000, 5_000, |_| 100);
+        let recent = sample(29, 0, |_| 100);
+        let stage = sample(2_000, 1_850, |_| 100);
+        assert_eq!(
+            over_stage(&g, (&stable, &recent), (&stable, &stage)),
+            [("success_rate", Verdict::Inconclusive)]
+        );
+    }
+
+    #[test]
+    fn a_last_span_with_enough_of_the_canary_judges_an_absolute_guardrail_whatever_stable_has() {
+        let g = only(|g| g.success_rate_min = Some(0.9));
+        // At 95%, stable has few requests; the canary fails half of its
+        // last span's, after hours of good ones.
+        let stable = sample(5, 5, |_| 100);
+        let recent = sample(580, 280, |_| 100);
+        let stage = sample(6_000, 5_600, |_| 100);
+        assert_eq!(
+            over_stage(&g, (&stable, &recent), (&stable, &stage)),
+            [("success_rate", Verdict::Fail)]
+        );
+    }
+
+    #[test]
+    fn tokens_the_last_span_holds_too_few_of_are_judged_over_the_stage() {
+        let g = only(|g| g.tokens_ratio_max = Some(1.2));
+        // Every request counts; one in ten reports tokens.
+        let with_tokens = |requests: u64| {
+            let mut s = Sample::default();
+            for i in 0..requests {
+                s.add(Observation {
+                    success: true,
+                    latency: Duration::from_millis(100),
+                    tokens: (i % 10 == 0).then_some(100 + i % 20),
+                });
+            }
+            s
+        };
+        let (recent, stage) = (with_tokens(300), with_tokens(3_000));
+        assert_eq!(
+            over_stage(&g, (&recent, &recent), (&stage, &stage)),
+            [("tokens_ratio", Verdict::Pass)]
         );
     }
 }
