@@ -2190,6 +2190,50 @@ async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_
     }
 }
 
+/// At the stage's end, a canary that measures past a limit without proof is
+/// shown to a person, not looked at again until a look happens to pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_past_a_limit_unproven_at_the_stages_end_pauses_for_a_person() {
+    let stable = Backend::start(STABLE).await;
+    // One request in four fails, against a floor of 0.85: far too few
+    // requests, at the stage's end, to prove it.
+    let canary = TunedBackend::start(
+        CANARY,
+        Tuning {
+            fail_every: Some(4),
+            ..Tuning::default()
+        },
+    )
+    .await;
+    let plan = json!({
+        "interval": INTERVAL,
+        "min_requests": 20,
+        "stages": [{"weight": 50, "duration": "300ms"}],
+        "guardrails": {"success_rate_min": 0.85},
+    });
+    let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
+    let http = Http::new(proxy);
+    let paced = tokio::spawn(async move {
+        for n in 0.. {
+            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
+            // About fifty canary requests a second: the proof would take
+            // seconds, the stage's end comes first.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let ended = wait_state(&admin, "the end of the stage", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    paced.abort();
+    assert_eq!(ended["status"], "paused", "{ended:#}");
+    let reason = ended["rollout"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("measures past a limit") && reason.contains("success_rate: canary"),
+        "{ended:#}"
+    );
+}
+
 /// A pause for too little data that a restart resumed goes on counting the
 /// requests served at its weight, and an approval keeps them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -858,6 +858,9 @@ impl Rollouts {
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
+        // Whether a person has been shown the canary measuring past a
+        // limit at the stage's end, and approved.
+        let mut past_limit_shown = false;
         let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
@@ -891,17 +894,39 @@ impl Rollouts {
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
             let stage_over = elapsed >= duration;
             let (verdict, tripped) = self.look(plan, progress, Pausing::No, stage_over, tallies);
-            if !tripped.is_empty() && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN) {
+            let hold = if !tripped.is_empty()
+                && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN)
+            {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
-                // back) instead of rolling back. The stage's clock stops at
-                // the time this evaluation saved.
+                // back) instead of rolling back.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
-                progress.reason = Some(format!(
+                Some(format!(
                     "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, since the weight took effect, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting (the requests served at this weight go on adding up), or abort. A lower rollout.min_requests asks for fewer",
                     plan.min_requests,
                     u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
-                ));
+                ))
+            } else if !tripped.is_empty() {
+                return Err(rollback_for(progress, &tripped, plan));
+            } else if stage_over && verdict == Verdict::Inconclusive && !past_limit_shown {
+                // The stage's time is up and the canary measures past a
+                // limit, unproven. Looking again until one look happens to
+                // measure it within would promote a canary just past its
+                // limit far more often than one look does (optional
+                // stopping): the first look with the data decides, and a
+                // person decides on this one.
+                judge::past_limit(&progress.last_evaluation).map(|past| {
+                    past_limit_shown = true;
+                    format!(
+                        "paused: at the stage's end the canary measures past a limit, without proof ({past}); approve to go on judging at this stage (it ends at the first look that passes), or abort"
+                    )
+                })
+            } else {
+                None
+            };
+            if let Some(reason) = hold {
+                // The stage's clock stops at the time this evaluation saved.
+                progress.reason = Some(reason);
                 clock = StageClock {
                     spent: elapsed,
                     since: None,
@@ -918,14 +943,11 @@ impl Rollouts {
                 next_look = Instant::now() + plan.interval;
                 continue;
             }
-            if !tripped.is_empty() {
-                return Err(rollback_for(progress, &tripped, plan));
-            }
             self.save_look(progress)?;
             // A stage ends only on a passing evaluation: an inconclusive one
-            // (too little data, or a canary that measures past a limit
-            // without proof yet) waits, and a failing one (a guardrail, or
-            // a canary with no upstream available) holds it.
+            // (too little data, or, once approved, a canary that measures
+            // past a limit without proof yet) waits, and a failing one (a
+            // guardrail, or a canary with no upstream available) holds it.
             if stage_over && verdict == Verdict::Pass {
                 return Ok(());
             }

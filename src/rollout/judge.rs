@@ -170,6 +170,7 @@ fn availability(canary: &Version) -> Evaluation {
         } else {
             Verdict::Fail
         },
+        past_limit: false,
     }
 }
 
@@ -262,6 +263,31 @@ pub fn count_failures(
         .collect()
 }
 
+/// The guardrails of a look that measure the canary past their limit
+/// without proof (see [`Evaluation::past_limit`]), with their values, if
+/// any do.
+#[must_use]
+pub fn past_limit(evaluations: &[Evaluation]) -> Option<String> {
+    let past: Vec<String> = evaluations
+        .iter()
+        .filter(|e| e.past_limit)
+        .map(describe)
+        .collect();
+    (!past.is_empty()).then(|| past.join("; "))
+}
+
+/// One guardrail's evaluation, for a reason: its values and limit.
+fn describe(e: &Evaluation) -> String {
+    let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
+    format!(
+        "{}: canary {} vs stable {} (limit {})",
+        e.guardrail,
+        show(e.canary),
+        show(e.stable),
+        e.limit
+    )
+}
+
 /// The rollback reason: the guardrails whose run reached `failure_limit`
 /// (from [`count_failures`]), with both values and the limit.
 #[must_use]
@@ -270,7 +296,6 @@ pub fn failure_reason(
     tripped: &[String],
     failure_limit: u32,
 ) -> String {
-    let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
     let failing: Vec<String> = evaluations
         .iter()
         .filter(|e| tripped.iter().any(|t| *t == e.guardrail))
@@ -278,13 +303,7 @@ pub fn failure_reason(
             if e.guardrail == CANARY_AVAILABLE {
                 format!("{CANARY_AVAILABLE}: no upstream of the canary is available")
             } else {
-                format!(
-                    "{}: canary {} vs stable {} (limit {})",
-                    e.guardrail,
-                    show(e.canary),
-                    show(e.stable),
-                    e.limit
-                )
+                describe(e)
             }
         })
         .collect();
@@ -327,6 +346,7 @@ mod tests {
                 canary: Some(0.9),
                 limit: 0.97,
                 verdict,
+                past_limit: false,
             })
             .collect()
     }

@@ -158,6 +158,11 @@ pub struct Evaluation {
     pub canary: Option<f64>,
     pub limit: f64,
     pub verdict: Verdict,
+    /// An inconclusive verdict on enough data: the canary measures past
+    /// the limit, without proof yet. Not saved: it decides only the look
+    /// that made it.
+    #[serde(skip)]
+    pub past_limit: bool,
 }
 
 /// The looks a plan makes if every stage ends on time: one per `interval`
@@ -278,22 +283,24 @@ pub fn evaluate_over(
         } else {
             Verdict::Inconclusive
         };
-        (verdict, measured.stable, measured.canary)
+        let past_limit = measured.enough && verdict == Verdict::Inconclusive;
+        (verdict, measured.stable, measured.canary, past_limit)
     };
     // A relative guardrail with no stable cohort: not judged.
-    let not_applicable = || (Verdict::NotApplicable, None, rate(recent.canary));
+    let not_applicable = || (Verdict::NotApplicable, None, rate(recent.canary), false);
     let p95_ms = |s: &Sample| p95_micros(s).map(|us| us / 1_000.0);
     let mean_tokens =
         |s: &Sample| (s.token_requests > 0).then(|| s.token_sum as f64 / s.token_requests as f64);
 
     let mut out = Vec::new();
-    let mut push = |guardrail: &'static str, limit, (verdict, stable, canary)| {
+    let mut push = |guardrail: &'static str, limit, (verdict, stable, canary, past_limit)| {
         out.push(Evaluation {
             guardrail: Cow::Borrowed(guardrail),
             stable,
             canary,
             limit,
             verdict,
+            past_limit,
         });
     };
     if let Some(floor) = g.success_rate_min {
@@ -373,7 +380,7 @@ pub fn evaluate_over(
                 }
             })
         } else {
-            (Verdict::NotApplicable, None, p95_ms(recent.canary))
+            (Verdict::NotApplicable, None, p95_ms(recent.canary), false)
         };
         push("p95_latency_ratio", ratio, judged);
     }
@@ -418,7 +425,12 @@ pub fn evaluate_over(
                 }
             })
         } else {
-            (Verdict::NotApplicable, None, mean_tokens(recent.canary))
+            (
+                Verdict::NotApplicable,
+                None,
+                mean_tokens(recent.canary),
+                false,
+            )
         };
         push("tokens_ratio", ratio, judged);
     }
@@ -428,7 +440,7 @@ pub fn evaluate_over(
             Some(score) if score < floor => Verdict::Fail,
             Some(_) => Verdict::Pass,
         };
-        push(EVAL_SCORE, floor, (verdict, None, eval_score));
+        push(EVAL_SCORE, floor, (verdict, None, eval_score, false));
     }
     out
 }
