@@ -2225,13 +2225,27 @@ async fn a_canary_past_a_limit_unproven_at_the_stages_end_pauses_for_a_person() 
         s["status"] != "progressing"
     })
     .await;
-    paced.abort();
     assert_eq!(ended["status"], "paused", "{ended:#}");
     let reason = ended["rollout"]["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("measures past a limit") && reason.contains("success_rate: canary"),
         "{ended:#}"
     );
+    // Approved, it is judged on at the stage, not paused again for the
+    // same: held until the data prove the breach, or, waiting too long,
+    // paused for that.
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    let ended = wait_state(&admin, "the next end", |s| s["status"] != "progressing").await;
+    paced.abort();
+    let reason = ended["rollout"]["reason"].as_str().unwrap_or_default();
+    match ended["status"].as_str() {
+        Some("rolled_back") => assert!(reason.contains("success_rate"), "{ended:#}"),
+        Some("paused") => assert!(reason.contains("inconclusive for 40 looks"), "{ended:#}"),
+        _ => panic!("neither held nor rolled back: {ended:#}"),
+    }
 }
 
 /// A pause for too little data that a restart resumed goes on counting the

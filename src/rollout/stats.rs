@@ -41,8 +41,8 @@
 //! A look may also pass everything since the weight took effect
 //! ([`evaluate_over`]): a guardrail the window holds too little data for
 //! is then judged over that instead, with a single test, so no level is
-//! spent twice; and it passes only if the window does not measure the
-//! canary past the limit.
+//! spent twice; and it passes only if the window does not show the canary
+//! past the limit at the plan's own level (a check that fails nothing).
 //!
 //! # Tests
 //!
@@ -237,10 +237,11 @@ pub fn evaluate(
 /// [`evaluate`], over the `recent` samples (the windows' last span), save
 /// that a guardrail they hold too little data for is judged over `stage`
 /// (everything since the weight took effect) if given; a pass there also
-/// needs the canary not to measure past the limit in `recent`, so that
-/// the hours a canary was fine cannot outvote the few requests it has
-/// failed since. Only one test is made per guardrail: no level is spent
-/// twice.
+/// needs `recent` not to show the canary past the limit at the plan's
+/// level (`1 - confidence`), so that the hours a canary was fine cannot
+/// outvote the requests it has failed since. That check can only hold a
+/// pass, never fail a guardrail, so only one test per guardrail spends
+/// the look's level.
 #[must_use]
 pub fn evaluate_over(
     guardrails: &Guardrails,
@@ -268,23 +269,36 @@ pub fn evaluate_over(
     // data prove it, and such a look is inconclusive, so the canary holds
     // its stage instead of taking more users (and, held too long, pauses
     // for a person).
-    let judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
-        let last = measure(recent);
-        let (measured, may_pass) = match stage {
-            Some(stage) if !last.enough => (measure(stage), last.within),
-            _ => (last, true),
-        };
+    let verdict_of = |measured: Measured| {
         let verdict = if !measured.enough {
             Verdict::Inconclusive
         } else if measured.p_breach <= alpha {
             Verdict::Fail
-        } else if measured.within && may_pass {
+        } else if measured.within {
             Verdict::Pass
         } else {
             Verdict::Inconclusive
         };
         let past_limit = measured.enough && verdict == Verdict::Inconclusive;
         (verdict, measured.stable, measured.canary, past_limit)
+    };
+    // The level at which the few requests of a thin last span may show the
+    // canary past its limit, to hold a pass over the whole stage: the
+    // plan's own, not a look's share of it, as this fails nothing.
+    let veto_level = (1.0 - g.confidence).clamp(0.0, 1.0);
+    let judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
+        let last = measure(recent);
+        let Some(stage) = stage.filter(|_| !last.enough) else {
+            return verdict_of(last);
+        };
+        let judged = verdict_of(measure(stage));
+        // However well the stage went, a pass needs the requests since the
+        // last span began not to show the canary past the limit; one bad
+        // request among a handful shows nothing.
+        if judged.0 == Verdict::Pass && !last.within && last.p_breach <= veto_level {
+            return (Verdict::Inconclusive, last.stable, last.canary, true);
+        }
+        judged
     };
     // A relative guardrail with no stable cohort: not judged.
     let not_applicable = || (Verdict::NotApplicable, None, rate(recent.canary), false);
@@ -337,10 +351,11 @@ pub fn evaluate_over(
                     canary.requests,
                     drop,
                 );
-                // The exact tail only where the score test would fail: it
-                // costs a sum over the failures.
+                // The exact tail only where the score test would fail or
+                // hold a pass (see `veto_level`): it costs a sum over the
+                // failures.
                 let p = match upper_p(z) {
-                    p if p <= alpha => p.max(more_failures_p(stable, canary)),
+                    p if p <= alpha.max(veto_level) => p.max(more_failures_p(stable, canary)),
                     p => p,
                 };
                 let (stable_rate, canary_rate) = (rate(stable), rate(canary));
@@ -1263,6 +1278,32 @@ mod tests {
         assert_eq!(
             over_stage(&g, (&stable, &recent), (&stable, &stage)),
             [("success_rate", Verdict::Inconclusive)]
+        );
+        // Past the limit, with the values that show it.
+        let look = Look {
+            index: 1,
+            planned: 10,
+        };
+        let cohorts = |canary| Cohorts {
+            stable: Some(&stable),
+            canary,
+        };
+        let judged = evaluate_over(&g, cohorts(&recent), Some(cohorts(&stage)), None, 200, look);
+        assert!(judged[0].past_limit, "{judged:?}");
+        assert_eq!(judged[0].canary, Some(0.0), "{judged:?}");
+    }
+
+    #[test]
+    fn one_failure_among_a_thin_last_spans_few_requests_does_not_hold_a_pass_over_the_stage() {
+        let g = only(|g| g.success_rate_min = Some(0.97));
+        // 1% of a service of one request a second, at the end of a 6 h
+        // stage: 18 canary requests in the last 30 minutes, one failed;
+        // 220 in the stage, two failed.
+        let (recent_stable, recent) = (sample(1_782, 1_764, |_| 100), sample(18, 17, |_| 100));
+        let (stage_stable, stage) = (sample(21_380, 21_166, |_| 100), sample(220, 218, |_| 100));
+        assert_eq!(
+            over_stage(&g, (&recent_stable, &recent), (&stage_stable, &stage)),
+            [("success_rate", Verdict::Pass)]
         );
     }
 
