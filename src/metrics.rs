@@ -340,7 +340,8 @@ pub fn client_connections() -> Gauge {
     gauge!(CLIENT_CONNECTIONS)
 }
 
-/// The gauge of idle client connections whose HTTP/1.1 buffers were freed.
+/// The gauge of idle client connections: HTTP/1.1 ones whose buffers were
+/// freed, and HTTP/2 ones with no stream open for a whole check.
 pub fn idle_client_connections() -> Gauge {
     gauge!(IDLE_CLIENT_CONNECTIONS)
 }

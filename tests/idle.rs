@@ -8,8 +8,9 @@
 //! though not an upload still arriving after its early answer, nor heads
 //! that each come in time, back to back), and
 //! neither it nor a silent new connection holds up a drain; a full proxy
-//! closes its longest-idle one (HTTP/1.1 or HTTP/2) for a new client; and one whose upgrade was
-//! declined is freed like any other.
+//! closes its longest-idle one (HTTP/1.1 or HTTP/2, one whose peer has
+//! gone included, and one at a time) for a new client; and one whose
+//! upgrade was declined is freed, and closes, like any other.
 //!
 //! The tests share one process-wide `cohort_client_connections_idle`
 //! gauge, so they run one at a time.
@@ -18,6 +19,10 @@ mod support;
 mod tls_support;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use cohort::serve::Server;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -28,7 +33,7 @@ use support::{
     start_cohort, within,
 };
 use tls_support::{Pki, listen_tls, tls_client, tls_connect};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
@@ -640,5 +645,158 @@ async fn a_full_proxy_closes_an_idle_http2_connection_for_a_new_client() {
         .await
         .expect("the connection task")
         .expect("a graceful close");
+    server.shutdown().await;
+}
+
+/// A client socket whose reads can be stopped: once muted, the client's
+/// HTTP/2 connection reads nothing more, as a peer that has gone away
+/// does, so it never acknowledges a `GOAWAY`'s ping and never closes.
+struct Muted {
+    inner: TcpStream,
+    muted: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Muted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.muted.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Muted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 connection answered once, then silent (its reads muted), and
+/// idle in the proxy's count. The sender is returned to be held: dropping
+/// it would have the client close.
+async fn silent_h2(
+    server: &Server,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let muted = Arc::new(AtomicBool::new(false));
+    let io = Muted {
+        inner: connect(server).await,
+        muted: Arc::clone(&muted),
+    };
+    let (mut h2, h2_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(h2_conn);
+    let request = http::Request::get("http://cohort/")
+        .header("x-user-id", "alice")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("a request");
+    let rsp = within("the HTTP/2 answer", h2.send_request(request))
+        .await
+        .expect("an answer");
+    assert_eq!(rsp.status(), 200);
+    drop(rsp);
+    muted.store(true, Ordering::Relaxed);
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    h2
+}
+
+/// An idle HTTP/2 connection closed for a new client, whose peer has gone
+/// and never finishes closing, frees its slot at once: the one client
+/// costs one connection, not the next idle one too.
+#[tokio::test]
+async fn a_silent_http2_connection_closed_for_a_new_client_costs_no_other_connection() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    let listen = "max_connections = 2\nkeepalive_timeout = \"60s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let _h2 = silent_h2(&server).await;
+    let mut newer = connect(&server).await;
+    assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
+    wait_for_idle(server.admin_addr(), 2.0).await;
+
+    let mut third = connect(&server).await;
+    assert_eq!(ask(&mut third, "/", "carol").await.status, 200);
+    // The HTTP/2 connection was the one closed for it, and no other.
+    assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
+    server.shutdown().await;
+}
+
+/// An HTTP/2 connection that closes at its keep-alive timeout leaves the
+/// line of idle connections: the notification a new client sends goes to
+/// the next one, and none is left over to close another for no one.
+#[tokio::test]
+async fn an_http2_connection_closing_at_its_keepalive_timeout_leaves_the_line() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = Backend::start(STABLE).await;
+    // Long enough for dave's connection to outlast the HTTP/2 one's
+    // keep-alive timeout and the 5 s it then takes to be dropped.
+    let listen = "max_connections = 3\nkeepalive_timeout = \"8s\"";
+    let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
+    let admin = server.admin_addr();
+    let _h2 = silent_h2(&server).await;
+    // Past its keep-alive timeout it is told to close, not counted idle,
+    // and, silent, takes 5 s to be dropped.
+    wait_for_idle(admin, 0.0).await;
+    let mut b = connect(&server).await;
+    assert_eq!(ask(&mut b, "/", "bob").await.status, 200);
+    let mut d = connect(&server).await;
+    assert_eq!(ask(&mut d, "/", "dave").await.status, 200);
+    wait_for_idle(admin, 2.0).await;
+
+    let mut c = connect(&server).await;
+    assert_eq!(ask(&mut c, "/", "carol").await.status, 200);
+    // bob's connection, the longest idle, was closed for carol; once the
+    // HTTP/2 connection has gone, dave's is still open.
+    wait_for_gauge(admin, "cohort_client_connections", 2.0).await;
+    assert_closed(&mut b).await;
+    assert_eq!(ask(&mut d, "/", "dave").await.status, 200);
+    server.shutdown().await;
+}
+
+/// A TLS connection whose upgrade was declined, later closed with its
+/// last answer, ends with a `close_notify`, as any other does.
+#[tokio::test]
+async fn a_tls_connection_whose_upgrade_was_declined_closes_cleanly() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let backend = Backend::start(STABLE).await;
+    let tls = listen_tls(&pki.leaf("declined"));
+    let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, &tls)).await;
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    send(
+        &mut stream,
+        "GET /ws HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
+         connection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
+    send(
+        &mut stream,
+        "GET / HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let mut rest = Vec::new();
+    let read = within("the close", stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{read:?}");
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
     server.shutdown().await;
 }

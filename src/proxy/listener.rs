@@ -36,7 +36,7 @@ use hyper::service::{HttpService, service_fn};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -83,6 +83,12 @@ const CLIENT_NOTSENT_LOWAT: u32 = 512 * 1024;
 /// up. Past this it is dropped. A stream the client opened before it saw
 /// the `GOAWAY` is answered first, however long it takes.
 const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an idle HTTP/2 connection closed for a client waiting for its
+/// slot has to finish closing before it is dropped: about a round trip,
+/// and well under [`RECLAIM_AGAIN`], so that one waiting client costs one
+/// connection.
+const RECLAIMED_H2_GRACE: Duration = Duration::from_millis(200);
 
 /// How often a client waiting for a slot asks again for an idle
 /// connection to be closed for it: a `Notify` keeps one request when no
@@ -296,7 +302,8 @@ struct Settings {
     tunnel_idle_timeout: Duration,
     /// How often a serving HTTP/1.1 connection is checked for idleness.
     idle_check: Duration,
-    /// Connections waiting for a request with nothing of hyper's.
+    /// Connections waiting for a request with nothing of hyper's, and
+    /// HTTP/2 ones with no stream open for a whole check.
     idle_connections: ::metrics::Gauge,
     slots: Arc<ConnectionSlots>,
 }
@@ -628,10 +635,24 @@ impl Connection {
                     // still counted open and still holding up a drain
                     // (until `drain_timeout`), as nginx's old workers keep
                     // their WebSockets on a reload.
-                    return match client.take_tunnel() {
-                        Some(tunnel) => Box::pin(self.run_tunnel(*tunnel, &activity)).await,
-                        None => Ok(()),
-                    };
+                    if let Some(tunnel) = client.take_tunnel() {
+                        return Box::pin(self.run_tunnel(*tunnel, &activity)).await;
+                    }
+                    // hyper ends a connection that still holds the upgrade
+                    // it promised a declined request by handing the socket
+                    // over to it, unshut: it is shut down here, as hyper
+                    // would have (over TLS, with its `close_notify`).
+                    let promised = client.declined_upgrade().take();
+                    if let Some(promised) = promised
+                        && let Ok(upgraded) = promised.await
+                        && let Ok(parts) = upgraded.downcast::<TokioIo<ClientIo<S>>>()
+                    {
+                        let mut io = parts.io.into_inner();
+                        let shutdown =
+                            tokio::time::timeout(self.settings.idle_check, io.shutdown());
+                        let _ = shutdown.await;
+                    }
+                    return Ok(());
                 }
             }
             if activity.requests() != served.1 {
@@ -854,19 +875,21 @@ impl Connection {
         let slots = Arc::clone(&self.settings.slots);
         let reclaim = slots.reclaim.notified();
         tokio::pin!(reclaim);
-        let mut idle = false;
+        // Counted among the idle connections while in the line.
+        let mut idle: Option<Counted> = None;
         let mut requests = activity.requests();
+        let mut reclaimed = false;
         loop {
             tokio::select! {
                 biased;
                 result = conn.as_mut() => return result.map_err(Into::into),
                 () = &mut drain => break,
-                () = &mut reclaim, if idle => {
+                () = &mut reclaim, if idle.is_some() => {
                     if activity.has_open_requests() || activity.requests() != requests {
                         // A stream came since the check: the request goes
                         // to the next idle connection.
                         slots.reclaim.notify_one();
-                        idle = false;
+                        idle = None;
                         reclaim.set(slots.reclaim.notified());
                         continue;
                     }
@@ -874,6 +897,7 @@ impl Connection {
                         "listen.max_connections reached: closing the longest-idle keep-alive connection (HTTP/2) for a new client",
                         Some(self.peer),
                     );
+                    reclaimed = true;
                     break;
                 }
                 now = checks.tick() => {
@@ -882,12 +906,11 @@ impl Connection {
                     // As over HTTP/1.1, one that has yet to open a stream
                     // waits for its first until `first_head`.
                     if activity.has_open_requests() || streams_since || requests == 0 {
-                        if idle {
-                            idle = false;
+                        if idle.take().is_some() {
                             reclaim.set(slots.reclaim.notified());
                         }
-                    } else {
-                        idle = true;
+                    } else if idle.is_none() {
+                        idle = Some(Counted::new(self.settings.idle_connections.clone()));
                     }
                     if send_watch.timed_out(activity, now) {
                         return Err(SEND_TIMED_OUT.into());
@@ -913,10 +936,26 @@ impl Connection {
                 }
             }
         }
+        // Out of the line: a notification that came meanwhile goes to the
+        // next connection in it, not to this one, which is closing anyway.
+        reclaim.set(slots.reclaim.notified());
+        drop(idle);
         // Open streams finish (on a drain, within the listener's drain
         // timeout), and so do those the client opened before it saw the
         // `GOAWAY`; then the client has the grace to close.
         conn.as_mut().graceful_shutdown();
+        if reclaimed {
+            // A client waits for the slot, and this connection had no
+            // stream open: its client has a moment to take the `GOAWAY`
+            // (one that has gone never acknowledges it), as nginx closes
+            // such a connection at once.
+            match tokio::time::timeout(RECLAIMED_H2_GRACE, conn.as_mut()).await {
+                Ok(result) => return result.map_err(Into::into),
+                Err(_) if !activity.has_open_requests() => return Ok(()),
+                // A stream it opened before it saw the `GOAWAY` is answered.
+                Err(_) => {}
+            }
+        }
         let mut last_open = Instant::now();
         loop {
             tokio::select! {
