@@ -422,7 +422,10 @@ pub fn evaluate_over(
                 let canary = c.canary;
                 let enough = stable.token_requests >= min_requests.max(2)
                     && canary.token_requests >= min_requests.max(2);
-                let z = if enough {
+                // Computed on few requests too, for a thin last span to hold
+                // a pass with (`enough` still gates a failure); a variance
+                // needs two.
+                let z = if stable.token_requests >= 2 && canary.token_requests >= 2 {
                     tokens_z(stable, canary, ratio)
                 } else {
                     0.0
@@ -1304,6 +1307,33 @@ mod tests {
         assert_eq!(
             over_stage(&g, (&recent_stable, &recent), (&stage_stable, &stage)),
             [("success_rate", Verdict::Pass)]
+        );
+    }
+
+    #[test]
+    fn a_thin_last_span_far_past_the_tokens_ratio_holds_a_pass_over_the_stage() {
+        let g = only(|g| g.tokens_ratio_max = Some(1.15));
+        let tokens = |sample: &mut Sample, n: u64, base: u64| {
+            for i in 0..n {
+                sample.add(Observation {
+                    success: true,
+                    latency: Duration::from_millis(100),
+                    tokens: Some(base + i % 50),
+                });
+            }
+        };
+        // The last span: 18 canary requests at about 1.6 times stable's
+        // tokens; the stage: those, after 202 like stable's.
+        let (mut recent_stable, mut recent) = (Sample::default(), Sample::default());
+        tokens(&mut recent_stable, 1_782, 100);
+        tokens(&mut recent, 18, 180);
+        let (mut stage_stable, mut stage) = (Sample::default(), Sample::default());
+        tokens(&mut stage_stable, 21_380, 100);
+        tokens(&mut stage, 202, 100);
+        tokens(&mut stage, 18, 180);
+        assert_eq!(
+            over_stage(&g, (&recent_stable, &recent), (&stage_stable, &stage)),
+            [("tokens_ratio", Verdict::Inconclusive)]
         );
     }
 
