@@ -163,6 +163,14 @@ fn get(path: &str, user: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: cohort\r\nx-user-id: {user}\r\n\r\n")
 }
 
+/// A GET asking for an upgrade to `protocol`, which a plain backend declines.
+fn asking_upgrade(protocol: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
+         connection: upgrade\r\nupgrade: {protocol}\r\n\r\n"
+    )
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_freed_and_still_serves_requests_pipelined_or_not() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -590,14 +598,7 @@ async fn a_connection_whose_upgrade_was_declined_is_freed_and_serves_its_next_re
     let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, "")).await;
     let mut stream = connect(&server).await;
     for upgrade in ["websocket", "h2c"] {
-        send(
-            &mut stream,
-            &format!(
-                "GET /ws HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
-                 connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
-            ),
-        )
-        .await;
+        send(&mut stream, &asking_upgrade(upgrade)).await;
         assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
         // Not counted in a head: it would close at the header read timeout.
         wait_for_idle(server.admin_addr(), 1.0).await;
@@ -790,12 +791,7 @@ async fn a_tls_connection_whose_upgrade_was_declined_closes_cleanly() {
     let server = start_cohort(&idle_config(&[backend.addr], None, QUICK, &tls)).await;
     let client = tls_client(&pki.ca, &["http/1.1"]);
     let mut stream = tls_connect(server.proxy_addr(), &client).await;
-    send(
-        &mut stream,
-        "GET /ws HTTP/1.1\r\nhost: cohort\r\nx-user-id: alice\r\n\
-         connection: upgrade\r\nupgrade: websocket\r\n\r\n",
-    )
-    .await;
+    send(&mut stream, &asking_upgrade("websocket")).await;
     assert_eq!(read_answers(&mut stream, 1).await[0].status, 200);
     send(
         &mut stream,

@@ -133,6 +133,19 @@ impl Drop for Traffic {
     }
 }
 
+/// Keyed GETs one after another, each key new, with a pause of `every`
+/// after each answer, until aborted: traffic at a known highest rate.
+fn paced_traffic(proxy: SocketAddr, every: Duration) -> tokio::task::JoinHandle<()> {
+    let http = Http::new(proxy);
+    tokio::spawn(async move {
+        for n in 0.. {
+            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
+            // The traffic's pace, not a wait for anything.
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
 /// Polls `GET /admin/state`, handing every state to `each`, until `done`
 /// holds; returns that state. Fails the test after `limit`.
 async fn poll_state(
@@ -2168,14 +2181,8 @@ async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_
         "guardrails": {"success_rate_min": 0.9, "success_rate_drop_max": 0.1},
     });
     let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
-    let http = Http::new(proxy);
-    let paced = tokio::spawn(async move {
-        for n in 0.. {
-            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
-            // At most ten requests a second: twelve in a window's span.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    // At most ten requests a second: twelve in a window's span.
+    let paced = paced_traffic(proxy, Duration::from_millis(100));
     // Judged on the last span alone, the stage would wait for ever, and
     // after 500 inconclusive looks pause for a person.
     let ended = wait_state(&admin, "the promotion, or a pause", |s| {
@@ -2212,15 +2219,9 @@ async fn a_canary_past_a_limit_unproven_at_the_stages_end_pauses_for_a_person() 
         "guardrails": {"success_rate_min": 0.85},
     });
     let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
-    let http = Http::new(proxy);
-    let paced = tokio::spawn(async move {
-        for n in 0.. {
-            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
-            // About fifty canary requests a second: the proof would take
-            // seconds, the stage's end comes first.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    // About fifty canary requests a second: the proof would take seconds,
+    // the stage's end comes first.
+    let paced = paced_traffic(proxy, Duration::from_millis(10));
     let ended = wait_state(&admin, "the end of the stage", |s| {
         s["status"] != "progressing"
     })
@@ -2273,14 +2274,8 @@ async fn an_approval_after_a_restart_keeps_what_the_resumed_pause_counted() {
 
     let second = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(second.admin);
-    let http = Http::new(second.proxy);
-    let paced = tokio::spawn(async move {
-        for n in 0.. {
-            let _ = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
-            // At most ten requests a second: twelve in a window's span.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    // At most ten requests a second: twelve in a window's span.
+    let paced = paced_traffic(second.proxy, Duration::from_millis(100));
     wait_state(&admin, "a passing look while paused", |s| {
         s["status"] == "paused" && verdict(s, "success_rate") == "pass"
     })
