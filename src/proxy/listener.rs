@@ -845,8 +845,9 @@ impl Connection {
     /// One that has opened no stream by `first_head` is closed the same
     /// way (to within a check), as an HTTP/1.1 connection with no request
     /// is, and so is one with no stream open for a whole check when a new
-    /// client waits for a slot (see [`ConnectionSlots`]), as nginx closes
-    /// idle HTTP/2 connections for one. One told to close that has had no open stream for
+    /// client waits for a slot (see [`ConnectionSlots`]; dropped after
+    /// [`RECLAIMED_H2_GRACE`]), as nginx closes idle HTTP/2 connections for
+    /// one. One told to close that has had no open stream for
     /// [`H2_CLOSE_GRACE`] is dropped. `conn` comes boxed: a task is as
     /// large as its largest state.
     async fn serve_h2<C>(

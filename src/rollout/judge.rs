@@ -2,16 +2,16 @@
 //!
 //! Owns: whether the canary can take requests at all ([`CANARY_AVAILABLE`],
 //! judged first at every look), taking both cohorts' samples from the live
-//! table over the same span (see [`evaluate`]; stable's only while it
-//! serves a cohort, that is below 100%), asking [`stats`] for a verdict on each configured
+//! table over the same spans (the windows' last span and the stage's
+//! [`Tallies`], see [`evaluate`]; stable's only while it serves a cohort,
+//! that is below 100%), asking [`stats`] for a verdict on each configured
 //! guardrail, summing them up (any failure fails; else any inconclusive, or
 //! no guardrail judged at all, waits; else pass, a guardrail not applicable
-//! counting for nothing),
-//! counting each guardrail's failed looks in a row against
-//! `failure_limit` (and inconclusive ones, once the caller says they count),
-//! and wording the rollback reason. Does not own the
-//! statistical method or upstream health (`health`, read here through the
-//! table).
+//! counting for nothing), counting each guardrail's failed looks in a row
+//! against `failure_limit` (and inconclusive ones, once the caller says
+//! they count), and wording the reasons of a rollback or of a pause for a
+//! canary past a limit. Does not own the statistical method or upstream
+//! health (`health`, read here through the table).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
