@@ -638,19 +638,12 @@ impl Connection {
                     if let Some(tunnel) = client.take_tunnel() {
                         return Box::pin(self.run_tunnel(*tunnel, &activity)).await;
                     }
-                    // hyper ends a connection that still holds the upgrade
-                    // it promised a declined request by handing the socket
-                    // over to it, unshut: it is shut down here, as hyper
-                    // would have (over TLS, with its `close_notify`).
+                    // Boxed: few connections need it, and the task is as
+                    // large as its largest state.
                     let promised = client.declined_upgrade().take();
-                    if let Some(promised) = promised
-                        && let Ok(upgraded) = promised.await
-                        && let Ok(parts) = upgraded.downcast::<TokioIo<ClientIo<S>>>()
-                    {
-                        let mut io = parts.io.into_inner();
-                        let shutdown =
-                            tokio::time::timeout(self.settings.idle_check, io.shutdown());
-                        let _ = shutdown.await;
+                    if let Some(promised) = promised {
+                        let limit = self.settings.idle_check;
+                        Box::pin(shut_down_declined::<S>(promised, limit)).await;
                     }
                     return Ok(());
                 }
@@ -1039,6 +1032,19 @@ impl Connection {
                 Ok(false)
             }
         }
+    }
+}
+
+/// Shuts down the socket of a connection that hyper ended through the
+/// upgrade it had promised a declined request: hyper hands the socket over
+/// to that upgrade unshut, so it is shut down here, as hyper would have
+/// (over TLS, with its `close_notify`), for at most `limit`.
+async fn shut_down_declined<S: Socket>(promised: OnUpgrade, limit: Duration) {
+    if let Ok(upgraded) = promised.await
+        && let Ok(parts) = upgraded.downcast::<TokioIo<ClientIo<S>>>()
+    {
+        let mut io = parts.io.into_inner();
+        let _ = tokio::time::timeout(limit, io.shutdown()).await;
     }
 }
 
