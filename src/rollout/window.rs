@@ -1,13 +1,12 @@
 //! The sliding window of observations of one cohort.
 //!
 //! Owns: recording the outcome of every proxied request of a cohort
-//! (success, latency, tokens) into a ring of fixed time slots, and summing
-//! the slots of a window into a [`Sample`] for the guardrails, and a
+//! (success, latency, tokens) into a ring of fixed time slots, summing the
+//! slots of a window into a [`Sample`] for the guardrails, and the
 //! [`Tally`] that keeps adding a window's slots up past the ring's span.
-//! Does not own:
-//! the clock (time is an argument: a [`Duration`] since an origin the caller
-//! keeps), deciding what a success is (the proxy says), or judging a sample
-//! (`rollout::stats`).
+//! Does not own: the clock (time is an argument: a [`Duration`] since an
+//! origin the caller keeps), deciding what a success is (the proxy says),
+//! or judging a sample (`rollout::stats`).
 //!
 //! # Shape
 //!
