@@ -5,8 +5,10 @@
 //! since the weight took effect, go on; wait at a pause for approval,
 //! judging meanwhile), rolling back when a guardrail fails `failure_limit`
 //! looks in a row, pausing for a person when the guardrails still lack data
-//! once the stage's time is up, the end (promote or hold), ending at once when a change
-//! made outside it (a rollback, a promotion, a new canary) supersedes it,
+//! once the stage's time is up, or when the first look then measures the
+//! canary past a limit without proof, the end (promote or hold), ending at
+//! once when a change made outside it (a rollback, a promotion, a new
+//! canary) supersedes it,
 //! the stage's clock (shown live in `GET /admin/state`, saved at every
 //! evaluation and on a graceful shutdown), resuming after a restart with
 //! the time already spent counted, and webhook events. It changes the world
