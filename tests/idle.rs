@@ -625,20 +625,7 @@ async fn a_full_proxy_closes_an_idle_http2_connection_for_a_new_client() {
     let backend = Backend::start(STABLE).await;
     let listen = "max_connections = 1\nkeepalive_timeout = \"60s\"";
     let server = start_cohort(&idle_config(&[backend.addr], None, listen, "")).await;
-    let (mut h2, h2_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(connect(&server).await))
-        .await
-        .expect("an HTTP/2 handshake");
-    let h2_conn = tokio::spawn(h2_conn);
-    let request = http::Request::get("http://cohort/")
-        .header("x-user-id", "alice")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("a request");
-    let rsp = within("the HTTP/2 answer", h2.send_request(request))
-        .await
-        .expect("an answer");
-    assert_eq!(rsp.status(), 200);
-    drop(rsp);
+    let (_h2, h2_conn) = h2_answered_once(connect(&server).await).await;
 
     let mut newer = connect(&server).await;
     assert_eq!(ask(&mut newer, "/", "bob").await.status, 200);
@@ -700,11 +687,25 @@ async fn silent_h2(
         inner: connect(server).await,
         muted: Arc::clone(&muted),
     };
+    let (h2, _) = h2_answered_once(io).await;
+    muted.store(true, Ordering::Relaxed);
+    wait_for_idle(server.admin_addr(), 1.0).await;
+    h2
+}
+
+/// An HTTP/2 client connection over `io` whose first GET was answered
+/// `200`, and the task that runs the connection.
+async fn h2_answered_once(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let (mut h2, h2_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(io))
         .await
         .expect("an HTTP/2 handshake");
-    tokio::spawn(h2_conn);
+    let h2_conn = tokio::spawn(h2_conn);
     let request = http::Request::get("http://cohort/")
         .header("x-user-id", "alice")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -713,10 +714,7 @@ async fn silent_h2(
         .await
         .expect("an answer");
     assert_eq!(rsp.status(), 200);
-    drop(rsp);
-    muted.store(true, Ordering::Relaxed);
-    wait_for_idle(server.admin_addr(), 1.0).await;
-    h2
+    (h2, h2_conn)
 }
 
 /// An idle HTTP/2 connection closed for a new client, whose peer has gone
