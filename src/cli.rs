@@ -251,10 +251,10 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
     // The proxy workers run on threads of their own (`serve::start`); this
     // runtime carries the admin listener, health checks, the rollout
     // controller and signals, which need little. It has two threads all
-    // the same: the rollout controller writes and syncs the state file on
-    // its own thread (admin changes do on the blocking pool), and a disk
-    // that stalls must not stall `/health`, `/metrics` and the health
-    // probes with it.
+    // the same, so that one busy with a rollout's look leaves the other to
+    // answer. Writes of the state file run off them (`control::on_disk`,
+    // and the blocking pool for admin changes): a disk that stalls must
+    // not stall `/health`, `/metrics` and the health probes with it.
     let options = crate::serve::StartOptions { reset_state };
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -58,6 +58,19 @@ pub enum ControlError {
     },
 }
 
+/// Runs `change`, a change through [`Control`] (which writes and syncs the
+/// state file), from an async task: the rollout's, or the signals'. On a
+/// multi-threaded runtime the thread first hands its other tasks to
+/// another (`block_in_place`), so that a disk that stalls stalls the
+/// change alone, not `/health`, `/metrics` or the admin API beside it. A
+/// single-threaded runtime (in tests) has no other thread to hand them to.
+pub(crate) fn on_disk<T>(change: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|runtime| runtime.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(change),
+        _ => change(),
+    }
+}
+
 /// Where one key lands under the live table (`GET /admin/route`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
@@ -1224,5 +1237,52 @@ mod tests {
         change.join().unwrap().expect("the change is saved");
         runtime.shutdown_background();
         answered.expect("a task on the runtime ran on while the write stalled");
+    }
+
+    #[test]
+    fn a_rollout_saving_on_a_stalled_disk_does_not_hold_a_runtime_thread() {
+        let stalled = stalled();
+        // One worker, as in the test above.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls = crate::tls::client_config(None).unwrap();
+        let rollouts = crate::rollout::controller::Rollouts::new(
+            Arc::clone(&stalled.control),
+            None,
+            crate::rollout::webhook::Webhooks::new(tls),
+        );
+        // Started as the admin API starts one, off the runtime; its task
+        // then looks, and saves, every 20 ms.
+        let start = thread::spawn({
+            let rollouts = Arc::clone(&rollouts);
+            let runtime = runtime.handle().clone();
+            move || {
+                let _entered = runtime.enter();
+                let plan = serde_json::json!({
+                    "interval": "20ms",
+                    "stages": [{"weight": 20, "duration": "1h"}],
+                });
+                rollouts.start(Some(plan), Actor::Api)
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start saves");
+        stalled.go.send(()).unwrap();
+        start.join().unwrap().expect("the rollout starts");
+
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the rollout's task saves");
+        let (tx, rx) = mpsc::channel();
+        runtime.spawn(async move { tx.send(()) });
+        let answered = rx.recv_timeout(DEADLINE);
+        runtime.shutdown_background();
+        answered.expect("a task on the runtime ran while the rollout's save stalled");
     }
 }

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
 use crate::config::{Config, ListenConfig, UpstreamConfig};
-use crate::control::{Control, ControlError};
+use crate::control::{Control, ControlError, on_disk};
 use crate::proxy::Proxy;
 use crate::proxy::listener::{self, ConnectionSlots};
 use crate::rollout::controller::Rollouts;
@@ -389,7 +389,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
 /// What SIGUSR1 does: roll back, and say whether anything changed.
 pub(crate) fn rollback_on_signal(control: &Control) {
     let before = control.state().generation;
-    match control.rollback("SIGUSR1 received", Source::Signal) {
+    match on_disk(|| control.rollback("SIGUSR1 received", Source::Signal)) {
         // No canary, or one rolled back already: nothing changed.
         Ok(state) if state.generation == before => {
             tracing::info!("SIGUSR1: nothing to roll back");
@@ -433,7 +433,7 @@ async fn reload_config(server: &mut Server, path: &Path) -> Result<(), ReloadRef
     let next_workers = server
         .prepare_workers(&config)
         .map_err(ReloadRefused::one)?;
-    let reloaded = server.control.reload(&config).map_err(ReloadRefused::one)?;
+    let reloaded = on_disk(|| server.control.reload(&config)).map_err(ReloadRefused::one)?;
     let plan = config.rollout.as_ref().map(plan::to_document);
     let start_plan = plan.is_some() && reloaded.new_canary;
     server.rollouts.set_default_plan(plan);

@@ -30,7 +30,7 @@ use super::stats;
 use super::webhook::Webhooks;
 use super::window::Window;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
-use crate::control::{Control, ControlError};
+use crate::control::{Control, ControlError, on_disk};
 use crate::state::audit::{Action, Actor};
 use crate::state::{LiveState, Source};
 use crate::table::{RouteTable, Status};
@@ -978,17 +978,16 @@ impl Rollouts {
                     (Source::Api, "rollout aborted")
                 };
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
-                self.control.rollback_rollout(
-                    &reason,
-                    source,
-                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
-                )
+                let recorded =
+                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON");
+                on_disk(|| self.control.rollback_rollout(&reason, source, recorded))
             }
-            Phase::Promoted => self.control.promote_rollout(
-                &progress.canary,
-                serde_json::to_value(&progress).expect("rollout progress serialises to JSON"),
-            ),
-            Phase::Held => {
+            Phase::Promoted => {
+                let recorded =
+                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON");
+                on_disk(|| self.control.promote_rollout(&progress.canary, recorded))
+            }
+            Phase::Held => on_disk(|| {
                 self.control
                     .rollout_change(Action::RolloutDone, None, Actor::Rollout, |live| {
                         // A rollback just before keeps its latch.
@@ -997,7 +996,7 @@ impl Rollouts {
                         }
                         live.rollout = serde_json::to_value(&progress).ok();
                     })
-            }
+            }),
             Phase::Superseded | Phase::Progressing | Phase::Paused => self.record_end(&progress),
         };
         // A promotion refused (the disk refused it, or a change outside
@@ -1055,17 +1054,19 @@ impl Rollouts {
     /// ended because its progress could not be saved leaves the canary
     /// steady at its last weight.
     fn record_end(&self, progress: &Progress) -> Result<LiveState, ControlError> {
-        self.control.rollout_change(
-            Action::RolloutEnd,
-            progress.reason.as_deref(),
-            Actor::Rollout,
-            |live| {
-                if matches!(live.status, Status::Progressing | Status::Paused) {
-                    live.status = Status::Steady;
-                }
-                live.rollout = serde_json::to_value(progress).ok();
-            },
-        )
+        on_disk(|| {
+            self.control.rollout_change(
+                Action::RolloutEnd,
+                progress.reason.as_deref(),
+                Actor::Rollout,
+                |live| {
+                    if matches!(live.status, Status::Progressing | Status::Paused) {
+                        live.status = Status::Steady;
+                    }
+                    live.rollout = serde_json::to_value(progress).ok();
+                },
+            )
+        })
     }
 
     /// Fails with `Superseded` when a change outside the rollout ended it.
@@ -1104,7 +1105,7 @@ impl Rollouts {
     /// into effect, and the next one saves again.
     fn save_look(&self, progress: &mut Progress) -> Result<(), Stop> {
         self.still_ours(progress)?;
-        if let Err(error) = self.control.rollout_look(progress_edit(progress, false)) {
+        if let Err(error) = on_disk(|| self.control.rollout_look(progress_edit(progress, false))) {
             tracing::warn!(%error, "cannot save the rollout's look; the next one tries again");
         }
         Ok(())
@@ -1118,12 +1119,14 @@ impl Rollouts {
         source: Actor,
         reason: Option<&str>,
     ) -> Result<LiveState, ControlError> {
-        self.control.rollout_change(
-            action,
-            reason,
-            source,
-            progress_edit(progress, action == Action::RolloutStart),
-        )
+        on_disk(|| {
+            self.control.rollout_change(
+                action,
+                reason,
+                source,
+                progress_edit(progress, action == Action::RolloutStart),
+            )
+        })
     }
 }
 
