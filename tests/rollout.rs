@@ -2249,6 +2249,57 @@ async fn a_canary_past_a_limit_unproven_at_the_stages_end_pauses_for_a_person() 
     }
 }
 
+/// The pause for a canary past a limit at its stage's end is asked for once
+/// a stage, a restart during it included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_paused_for_a_canary_past_a_limit_asks_once_across_a_restart() {
+    let stable = Backend::start(STABLE).await;
+    // As in the test above: one request in four fails, against a floor of 0.85.
+    let canary = TunedBackend::start(
+        CANARY,
+        Tuning {
+            fail_every: Some(4),
+            ..Tuning::default()
+        },
+    )
+    .await;
+    let plan = "min_requests = 20
+stages = [ { weight = 50, duration = \"300ms\" } ]";
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table_every(INTERVAL, plan, "success_rate_min = 0.85")
+    );
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let first = Process::serve(&path, &[]).await;
+    let paced = paced_traffic(first.proxy, Duration::from_millis(10));
+    let paused = wait_state(&AdminApi::new(first.admin), "the end of the stage", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    paced.abort();
+    let reason = paused["rollout"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("measures past a limit"), "{paused:#}");
+    first.kill9().await;
+
+    let second = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(second.admin);
+    let approved = admin
+        .call(Method::POST, "/admin/rollout/approve", Value::Null)
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    let paced = paced_traffic(second.proxy, Duration::from_millis(10));
+    let ended = wait_state(&admin, "the next end", |s| s["status"] != "progressing").await;
+    paced.abort();
+    let reason = ended["rollout"]["reason"].as_str().unwrap_or_default();
+    match ended["status"].as_str() {
+        Some("rolled_back") => assert!(reason.contains("success_rate"), "{ended:#}"),
+        Some("paused") => assert!(reason.contains("inconclusive for"), "{ended:#}"),
+        _ => panic!("neither held nor rolled back: {ended:#}"),
+    }
+}
+
 /// A pause for too little data that a restart resumed goes on counting the
 /// requests served at its weight, and an approval keeps them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

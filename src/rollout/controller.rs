@@ -143,6 +143,12 @@ pub struct Progress {
     /// Every guardrail's last evaluation: stable value, canary value, limit, verdict.
     pub last_evaluation: Vec<judge::Evaluation>,
     pub reason: Option<String>,
+    /// Whether this stage has paused once for a canary measuring past a
+    /// limit, unproven, at its end: after the approval, it goes on judging
+    /// without pausing for that again, across a restart too. Absent when
+    /// false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_past_limit: bool,
 }
 
 enum Command {
@@ -370,6 +376,7 @@ impl Rollouts {
             pause_looks: 0,
             last_evaluation: Vec::new(),
             reason: None,
+            paused_past_limit: false,
         };
         let state = self.save(&progress, Action::RolloutStart, source, None)?;
         *running = Some(self.spawn(plan, progress));
@@ -642,6 +649,7 @@ impl Rollouts {
                     progress.stage_elapsed_ms = 0;
                     progress.consecutive_failures = 0;
                     progress.failure_runs.clear();
+                    progress.paused_past_limit = false;
                     progress.consecutive_inconclusive = 0;
                 }
                 Err(Stop::End(ending)) => {
@@ -860,9 +868,6 @@ impl Rollouts {
         self.webhooks
             .send(&plan.webhooks, "stage", &self.control.state());
         self.answer(approval);
-        // Whether a person has been shown the canary measuring past a
-        // limit at the stage's end, and approved.
-        let mut past_limit_shown = false;
         let mut next_look = Instant::now() + plan.interval;
         loop {
             tokio::select! {
@@ -910,7 +915,8 @@ impl Rollouts {
                 ))
             } else if !tripped.is_empty() {
                 return Err(rollback_for(progress, &tripped, plan));
-            } else if stage_over && verdict == Verdict::Inconclusive && !past_limit_shown {
+            } else if stage_over && verdict == Verdict::Inconclusive && !progress.paused_past_limit
+            {
                 // The stage's time is up and the canary measures past a
                 // limit, unproven. Looking again until one look happens to
                 // measure it within would promote a canary just past its
@@ -918,7 +924,7 @@ impl Rollouts {
                 // stopping): the first look with the data decides, and a
                 // person decides on this one.
                 judge::past_limit(&progress.last_evaluation).map(|past| {
-                    past_limit_shown = true;
+                    progress.paused_past_limit = true;
                     format!(
                         "paused: at the stage's end the canary measures past a limit, without proof ({past}); approve to go on judging at this stage (it ends at the first look that passes), or abort"
                     )
