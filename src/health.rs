@@ -5,8 +5,8 @@
 //! ([`run_checks`]), and the rules of SPEC section 10: an upstream is
 //! marked unhealthy after `unhealthy_threshold` failed probes and healthy
 //! again after `healthy_threshold` good ones; it is ejected for `eject_for`
-//! after `eject_after_errors` consecutive connect errors or 5xx on real
-//! traffic; every canary (from the config or the state file on start,
+//! after `eject_after_errors` consecutive failed exchanges (no connection,
+//! a timeout, a reset) or 5xx answers on real traffic; every canary (from the config or the state file on start,
 //! or installed at run time) starts unhealthy, so it gets no traffic until
 //! one of its upstreams passes a probe ([`probe_gated`] probes the one there
 //! on start before the proxy accepts), as does an upstream added to an open
@@ -46,7 +46,7 @@ pub struct Health {
     healthy: AtomicBool,
     good_probes: AtomicU32,
     bad_probes: AtomicU32,
-    /// Consecutive connect errors or 5xx on real traffic.
+    /// Consecutive failed exchanges or 5xx answers on real traffic.
     errors: AtomicU32,
     ejected_until_ms: AtomicU64,
     /// When the last active probe started (0: never). Kept rather than when

@@ -66,8 +66,9 @@ pub struct ShadowPolicy {
     pub methods: Vec<Method>,
     /// Time allowed to connect to a shadow upstream.
     pub connect_timeout: Duration,
-    /// Time allowed for a whole copy: response headers and body.
-    pub timeout: Duration,
+    /// Time allowed for a whole copy, response headers and body:
+    /// `upstream.response_timeout`, as for the requests it copies.
+    pub copy_timeout: Duration,
 }
 
 impl ShadowPolicy {
@@ -78,7 +79,7 @@ impl ShadowPolicy {
             max_body: shadow.map_or(1 << 20, |s| s.max_body),
             methods: shadow.map_or_else(|| vec![Method::GET, Method::HEAD], |s| s.methods.clone()),
             connect_timeout: config.upstream.connect_timeout,
-            timeout: config.upstream.response_timeout,
+            copy_timeout: config.upstream.response_timeout,
         }
     }
 }
@@ -472,7 +473,7 @@ impl Shadow {
             copy,
             Arc::clone(&self.version),
             Limits {
-                timeout: policy.shadow.timeout,
+                timeout: policy.shadow.copy_timeout,
                 tokens_header: policy.metrics.tokens_header.clone(),
             },
             slot,
@@ -488,14 +489,14 @@ fn bodiless<B: Body>(req: &Request<B>) -> bool {
 
 /// What a copy's exchange is held to, and read for, from the policy.
 struct Limits {
-    /// `shadow.timeout`: the whole exchange, response body included.
+    /// [`ShadowPolicy::copy_timeout`]: the whole exchange, response body included.
     timeout: Duration,
     /// `metrics.tokens_header`: the shadow's spend, as the real path reads it.
     tokens_header: Option<HeaderName>,
 }
 
 /// Sends one copy, reads its response to the end and discards it, and
-/// records it under `cohort="shadow"`; gives up after `shadow.timeout`.
+/// records it under `cohort="shadow"`; gives up after `limits.timeout`.
 async fn send(
     client: ShadowClient,
     copy: Request<CopyBody>,

@@ -305,9 +305,11 @@ impl Proxy {
         {
             tracing::warn!(version = %version.name, %upstream, %error, "upstream request failed");
         }
-        // Passive health: consecutive connect errors and 5xx eject the
-        // upstream. A client that stalled or broke its body off says
-        // nothing of it either way.
+        // Passive health: consecutive failed exchanges (no connection, a
+        // timeout, a reset, a broken answer: the client's 502 or 504) and
+        // 5xx answers eject the upstream, as Envoy's gateway failures do. A
+        // client that stalled or broke its body off says nothing of it
+        // either way.
         let ok = match &result {
             Ok(rsp) => !rsp.status().is_server_error(),
             Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => return result,

@@ -1,7 +1,7 @@
 //! Upstreams: where a version's requests go and the pooled clients that take them there.
 //!
-//! Owns: the upstream address forms of SPEC section 9 (`host:port`,
-//! `https://host:port`, `h2c://host:port`), and the keep-alive connection
+//! Owns: the upstream address forms of SPEC section 9 (`host:port`, also
+//! written `http://host:port`, `https://host:port`, `h2c://host:port`), and the keep-alive connection
 //! pools shared by every version of a worker, for HTTP/1.1 ([`http1`]) and
 //! HTTP/2 ([`http2`]), and which one an `https://` request goes to: HTTP/2
 //! unless ALPN chose HTTP/1.1 (HTTP/1.1 alone for upgrades, which HTTP/2
@@ -55,7 +55,8 @@ pub struct UpstreamAddr {
 }
 
 impl UpstreamAddr {
-    /// Parses `host:port`, `h2c://host:port` or `https://host:port`.
+    /// Parses `host:port` (or `http://host:port`, the same), `h2c://host:port`
+    /// or `https://host:port`.
     pub fn parse(text: &str) -> Result<UpstreamAddr, String> {
         let (protocol, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (Protocol::Https, rest)
