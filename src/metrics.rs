@@ -267,6 +267,7 @@ impl VersionMetrics {
     }
 
     pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
+        // In `ALL`'s order, which is the declaration's (tested below).
         self.upstream_errors[kind as usize].increment(1);
     }
 }
@@ -356,12 +357,39 @@ pub fn record_rollback(source: Source) {
     counter!(ROLLBACKS_TOTAL, "source" => source.as_str()).increment(1);
 }
 
-/// Counts one canary-cohort request served by stable.
+/// Counts one canary-cohort request served by stable. The handle is
+/// resolved once: with the canary down, every request of its cohort counts.
 pub fn record_canary_fallback() {
-    counter!(CANARY_FALLBACKS_TOTAL).increment(1);
+    static FALLBACKS: OnceLock<Counter> = OnceLock::new();
+    FALLBACKS
+        .get_or_init(|| counter!(CANARY_FALLBACKS_TOTAL))
+        .increment(1);
 }
 
-/// Counts one shadow copy not sent, by `reason`.
+/// Counts one shadow copy not sent, by `reason`; the handles are resolved once.
 pub fn record_shadow_dropped(reason: ShadowDropReason) {
-    counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()).increment(1);
+    static DROPPED: OnceLock<[Counter; 3]> = OnceLock::new();
+    DROPPED.get_or_init(|| {
+        ShadowDropReason::ALL
+            .map(|reason| counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()))
+    })[reason as usize]
+        .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handles of a bounded label are kept in an array in `ALL`'s
+    /// order and looked up by the value's discriminant: both orders must
+    /// agree.
+    #[test]
+    fn label_values_are_listed_in_declaration_order() {
+        for (index, kind) in UpstreamErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, index, "{kind:?}");
+        }
+        for (index, reason) in ShadowDropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, index, "{reason:?}");
+        }
+    }
 }
