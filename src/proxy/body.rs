@@ -400,20 +400,22 @@ impl ResponseBody {
     }
 
     #[must_use]
-    pub fn full(bytes: impl Into<Bytes>, in_flight: Option<InFlight>) -> ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>, in_flight: InFlight) -> ResponseBody {
         ResponseBody {
             inner: Inner::Full(Some(bytes.into())),
-            in_flight,
+            in_flight: Some(in_flight),
             closing: None,
             idle: None,
         }
     }
 
+    /// A body with nothing in it, whose request is recorded elsewhere (an
+    /// upgrade's, by its tunnel).
     #[must_use]
-    pub fn empty(in_flight: Option<InFlight>) -> ResponseBody {
+    pub fn empty() -> ResponseBody {
         ResponseBody {
             inner: Inner::Full(None),
-            in_flight,
+            in_flight: None,
             closing: None,
             idle: None,
         }

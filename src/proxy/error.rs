@@ -171,20 +171,16 @@ impl ProxyError {
             ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::ClientClosed { .. } => "client_closed",
             ProxyError::NoUpstream => "unavailable",
-            ProxyError::Unsupported(_) => "protocol",
-            _ => self
-                .upstream_kind()
-                .map_or("internal", UpstreamErrorKind::as_str),
+            ProxyError::Unsupported(_) | ProxyError::Protocol(_) => "protocol",
+            ProxyError::Connect(_) => "connect",
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::Reset(_) => "reset",
         }
     }
 
     /// `{"error": kind, "version": name, "detail": text}` with the matching status.
     #[must_use]
-    pub fn into_response(
-        self,
-        version: &str,
-        in_flight: Option<InFlight>,
-    ) -> Response<ResponseBody> {
+    pub fn into_response(self, version: &str, in_flight: InFlight) -> Response<ResponseBody> {
         let body = serde_json::json!({
             "error": self.kind(),
             "version": version,

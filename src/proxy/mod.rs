@@ -379,13 +379,13 @@ fn relay(
     let upstream_upgrade = rsp.extensions_mut().remove::<OnUpgrade>();
     let (rsp, tunnel) = match (client_upgrade, upstream_upgrade) {
         (Some(client), Some(upstream)) => (
-            rsp.map(|_| ResponseBody::empty(None)),
+            rsp.map(|_| ResponseBody::empty()),
             Some(Tunnel::new(client, upstream, in_flight)),
         ),
         // A 101 the client never asked for cannot be honoured.
         _ => (
             ProxyError::Protocol("upgrade without a request to upgrade".into())
-                .into_response(&version.name, Some(in_flight)),
+                .into_response(&version.name, in_flight),
             None,
         ),
     };
@@ -418,7 +418,7 @@ fn answer_error(
     } else {
         Judged::Not
     };
-    let mut rsp = error.into_response(&version.name, Some(in_flight));
+    let mut rsp = error.into_response(&version.name, in_flight);
     // What follows a refused request on the connection (a CONNECT's
     // tunnel, a body framed one way or another, the rest of a stalled one)
     // is not read as requests: hyper closes once this is sent, as nginx does.
