@@ -1,19 +1,24 @@
 //! The control plane: every change of the live route table, in one place.
 //!
-//! Owns: the operations of SPEC section 3 (set the weight, roll back,
-//! promote, install a canary, install or remove the shadow, explain a key,
-//! reload the config), the
-//! rollback latch, and the order each change is made in: check, persist
-//! (state file, then audit log), swap the table, publish metrics and tell
-//! the watchers of [`Control::changes`]. A rollback, and a rollout's end,
-//! swap first and hold even when the state file refuses them (see
-//! `made_anyway`): they are saved again until it takes, as are audit
-//! lines the log refused. A rollout's look that changes only its progress
-//! is saved without a new generation or an audit line; a reload that
-//! places users anew without changing the live state is audited. Changes are
-//! serialised by one lock, so two admin calls never interleave; readers of
-//! the live state take a copy that never waits for that lock. Does not own:
-//! HTTP (`admin`), the file format (`state`), or routing (`routing`).
+//! Owns:
+//! - The operations of SPEC section 3 on [`Control`]: set the weight, roll
+//!   back, promote, install a canary, install or remove the shadow, explain
+//!   a key, reload the config.
+//! - The rollback latch.
+//! - The order each change is made in: check, persist (state file, then
+//!   audit log), swap the table, publish metrics and tell the watchers of
+//!   [`Control::changes`].
+//! - Changes made anyway: a rollback, and a rollout's end, swap first and
+//!   hold even when the state file refuses them (see `made_anyway`). They
+//!   are saved again until it takes, as are audit lines the log refused.
+//! - What is saved and audited: a rollout's look that changes only its
+//!   progress is saved without a new generation or an audit line; a reload
+//!   that places users anew without changing the live state is audited.
+//! - Serialising changes by one lock, so two admin calls never interleave;
+//!   readers of the live state take a copy that never waits for that lock.
+//!
+//! Does not own: HTTP (`admin`), the file format (`state`), or routing
+//! (`routing`).
 
 use std::sync::{Arc, Mutex, TryLockError};
 

@@ -1,21 +1,27 @@
 //! Upstream health: active checks, passive ejection and the readiness gate.
 //!
-//! Owns: the health of each upstream of each version ([`Health`]), the
-//! background task that probes every upstream of the live table (the shadow's too)
-//! ([`run_checks`]), and the rules of SPEC section 10: an upstream is
-//! marked unhealthy after `unhealthy_threshold` failed probes and healthy
-//! again after `healthy_threshold` good ones; it is ejected for `eject_for`
-//! after `eject_after_errors` consecutive failed exchanges (no connection,
-//! a timeout, a reset) or 5xx answers on real traffic; every canary (from the config or the state file on start,
-//! or installed at run time) starts unhealthy, so it gets no traffic until
-//! one of its upstreams passes a probe ([`probe_gated`] probes the one there
-//! on start before the proxy accepts), as does an upstream added to an open
-//! canary (a canary installed again under its own name keeps what was
-//! learnt of the upstreams it keeps: `table::Version::new`); the log line of each change of
-//! verdict, with why the probe failed; and the `cohort_upstream_healthy`
-//! lines of a scrape ([`write_gauges`]). Does not own choosing among upstreams
-//! (`table::Version::pick`), the fallback to stable, or logging an
-//! ejection (`proxy`, which knows the request's version).
+//! Owns:
+//! - [`Health`]: the health of each upstream of each version.
+//! - [`run_checks`]: the background task that probes every upstream of the
+//!   live table (the shadow's too).
+//! - The rules of SPEC section 10:
+//!   - an upstream is marked unhealthy after `unhealthy_threshold` failed
+//!     probes, and healthy again after `healthy_threshold` good ones;
+//!   - it is ejected for `eject_for` after `eject_after_errors` consecutive
+//!     failed exchanges (no connection, a timeout, a reset) or 5xx answers
+//!     on real traffic;
+//!   - every canary (from the config or the state file on start, or
+//!     installed at run time) starts unhealthy, so it gets no traffic until
+//!     one of its upstreams passes a probe ([`probe_gated`] probes the one
+//!     there on start before the proxy accepts); so does an upstream added
+//!     to an open canary. A canary installed again under its own name keeps
+//!     what was learnt of the upstreams it keeps (`table::Version::new`).
+//! - The log line of each change of verdict, with why the probe failed.
+//! - [`write_gauges`]: the `cohort_upstream_healthy` lines of a scrape.
+//!
+//! Does not own: choosing among upstreams (`table::Version::pick`), the
+//! fallback to stable (`table::RouteTable::canary_may_fall_back`), or
+//! logging an ejection (`proxy`, which knows the request's version).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

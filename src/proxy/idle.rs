@@ -8,19 +8,24 @@
 //! while, waits for the next request holding nothing but the socket, and
 //! then serves it with a fresh hyper connection.
 //!
-//! Owns: [`ClientIo`], the client connection as hyper reads and writes it
-//! (behind the framing guard, with the bytes hyper had read but not parsed
-//! served again first); [`Activity`], what the connection's task reads to
-//! tell that hyper is idle (bytes moved, open requests, whether the bytes
-//! read so far end between two requests) or that a write is waiting for
-//! the client to read, and whether an HTTP/2 client resets most of its
-//! streams before their answer; [`OpenRequest`] and [`Tracked`], which keep
-//! a request counted open until hyper drops its response body (and count
-//! it abandoned if it never got one); and
-//! [`Upgrading`], which marks an upgrade request waiting for its answer,
-//! so that a drain does not start under it (and [`Activity::decline_upgrade`],
-//! which tells the guard an upgrade was declined, so that the connection
-//! is idle again, not in a head, once its answer is out).
+//! Owns:
+//! - [`ClientIo`]: the client connection as hyper reads and writes it,
+//!   behind the framing guard, with the bytes hyper had read but not parsed
+//!   served again first.
+//! - [`Activity`]: what the connection's task reads to tell that hyper is
+//!   idle (bytes moved, open requests, whether the bytes read so far end
+//!   between two requests) or that a write is waiting for the client to
+//!   read, and whether an HTTP/2 client resets most of its streams before
+//!   their answer.
+//! - [`OpenRequest`] and [`Tracked`]: keep a request counted open until
+//!   hyper drops its response body, and count it abandoned if it never got
+//!   one.
+//! - [`Upgrading`]: marks an upgrade request waiting for its answer, so
+//!   that a drain does not start under it.
+//! - [`Activity::decline_upgrade`]: tells the guard an upgrade was
+//!   declined, so that the connection is idle again, not in a head, once
+//!   its answer is out.
+//!
 //! Does not own: when to take a socket back or give up on a client, or the
 //! serving loop (`listener`).
 

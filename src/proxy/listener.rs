@@ -1,20 +1,26 @@
 //! The proxy's accept loop and connection lifecycle.
 //!
-//! Owns: accepting client connections (up to `listen.max_connections` at a
-//! time), the TLS handshake on a TLS listener, choosing HTTP/1.1 (with
-//! upgrades) or HTTP/2 (by ALPN, or with prior knowledge on a plain
-//! listener), closing the longest-idle keep-alive connection when a client
-//! waits for a slot a full proxy has none of ([`ConnectionSlots`]),
-//! serving each connection with hyper behind a
-//! [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes,
-//! taking an idle HTTP/1.1 connection back from hyper to free its buffers
-//! (see [`idle`](super::idle); through the upgrade hyper promised after
-//! one was declined), the client timeouts, running an upgraded
-//! connection's tunnel on the connection's task (and cutting it when idle,
-//! or when its client stops reading), telling an HTTP/2 client that resets
-//! most of its streams to go, and the graceful drain on shutdown (which
-//! waits for tunnels too). Does not own: what happens to a
-//! request (`Proxy::handle`) or the certificate (`tls`).
+//! Owns:
+//! - Accepting client connections ([`serve`]), up to
+//!   `listen.max_connections` at a time.
+//! - Closing the longest-idle keep-alive connection when a client waits for
+//!   a slot and every slot is taken ([`ConnectionSlots`]).
+//! - The TLS handshake on a TLS listener.
+//! - Choosing HTTP/1.1 (with upgrades) or HTTP/2 (by ALPN, or with prior
+//!   knowledge on a plain listener).
+//! - Serving each connection with hyper behind a
+//!   [`FramingGuard`](super::framing::FramingGuard) on the decrypted bytes.
+//! - Taking an idle HTTP/1.1 connection back from hyper to free its buffers
+//!   (see [`idle`](super::idle)), also through the upgrade hyper promised
+//!   after one was declined.
+//! - The client timeouts.
+//! - Running an upgraded connection's tunnel on the connection's task, and
+//!   cutting it when idle or when its client stops reading.
+//! - Telling an HTTP/2 client that resets most of its streams to go.
+//! - The graceful drain on shutdown, which waits for tunnels too.
+//!
+//! Does not own: what happens to a request (`Proxy::handle`) or the
+//! certificate (`tls`).
 
 use std::convert::{self, Infallible};
 use std::future::Future;

@@ -1,20 +1,29 @@
 //! The rollout controller: steps a canary through a plan's stages.
 //!
-//! Owns: starting, approving and aborting a rollout, the stage machine (set
-//! the weight, wait the duration, judge at every interval what was served
-//! since the weight took effect, go on; wait at a pause for approval,
-//! judging meanwhile), rolling back when a guardrail fails `failure_limit`
-//! looks in a row, pausing for a person when the guardrails still lack data
-//! once the stage's time is up, or when the first look then measures the
-//! canary past a limit without proof, the end (promote or hold), ending at
-//! once when a change made outside it (a rollback, a promotion, a new
-//! canary) supersedes it,
-//! the stage's clock (shown live in `GET /admin/state`, saved at every
-//! evaluation and on a graceful shutdown), resuming after a restart with
-//! the time already spent counted, and webhook events. It changes the world
-//! only through `Control`, and its progress lives in the live state under
-//! `rollout`. Does not own the statistics or the counting of failed looks
-//! (`judge`, `stats`).
+//! Owns:
+//! - Starting, approving and aborting a rollout ([`Rollouts::start`],
+//!   [`Rollouts::approve`], [`Rollouts::abort`]).
+//! - The stage machine: set the weight, wait the duration, judge at every
+//!   interval what was served since the weight took effect, go on; at a
+//!   pause, wait for approval, judging meanwhile.
+//! - Rolling back when a guardrail fails `failure_limit` looks in a row.
+//! - Pausing for a person when the guardrails still lack data once the
+//!   stage's time is up, or when the first look then measures the canary
+//!   past a limit without proof.
+//! - The end: promote or hold.
+//! - Ending at once when a change made outside it (a rollback, a promotion,
+//!   a new canary) supersedes it.
+//! - The stage's clock: shown live in `GET /admin/state`, saved at every
+//!   evaluation and on a graceful shutdown ([`Rollouts::suspend`]).
+//! - Resuming after a restart with the time already spent counted
+//!   ([`Rollouts::resume`]).
+//! - Webhook events.
+//!
+//! It changes the world only through `Control`, and its progress
+//! ([`Progress`]) lives in the live state under `rollout`.
+//!
+//! Does not own: the statistics (`stats`) or the counting of failed looks
+//! (`judge`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

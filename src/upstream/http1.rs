@@ -1,16 +1,19 @@
 //! The HTTP/1.1 connection pool: of plain `host:port` upstreams, and of
 //! `https://` ones over HTTP/1.1.
 //!
-//! Owns: keeping open HTTP/1.1 connections per upstream, lending one to each
-//! exchange and taking it back when the response body has been read to its
-//! end ([`UpstreamBody`] carries it until then), sending a request again on
-//! a new connection when a pooled one closed before the request was written
-//! (or, for an idempotent request without a body, closed unanswered after
-//! a long idle, or at any time on an upstream seen closing connections
-//! unannounced), giving a request back for another upstream when a new
-//! connection fails the same ways, ending the connection of an exchange
-//! dropped before its answer, and closing connections idle longer than
-//! `idle_timeout`.
+//! Owns:
+//! - Keeping open HTTP/1.1 connections per upstream ([`Http1Pool`]).
+//! - Lending one to each exchange and taking it back when the response body
+//!   has been read to its end ([`UpstreamBody`] carries it until then).
+//! - Sending a request again on a new connection when a pooled one closed
+//!   before the request was written; for an idempotent request without a
+//!   body, also when one closed unanswered after lying idle for
+//!   `RESEND_AFTER_IDLE` (1 s) or more, or at any time on an upstream seen
+//!   closing connections unannounced.
+//! - Giving a request back for another upstream when a new connection fails
+//!   the same ways.
+//! - Ending the connection of an exchange dropped before its answer.
+//! - Closing connections idle longer than `idle_timeout`.
 //!
 //! Each worker has its own pool, so a request never waits on another thread;
 //! and because a connection comes back from the body that used it, no task is

@@ -1,17 +1,22 @@
 //! Cohort's own pool of HTTP/2 connections: to `h2c://` upstreams, and to
 //! `https://` ones that ALPN brings to HTTP/2.
 //!
-//! Owns: the connections to each upstream, each carrying at most
-//! [`MAX_STREAMS`] requests at once, or as many as the upstream allows if
-//! fewer, with a new one opened when every open one is full (as Envoy
-//! does), by one request at a time; counting a request's stream from its
-//! send to the drop of its response body (`StreamSlot`); sending a
-//! request again on another connection when a pooled one it was given
-//! closed (after a `GOAWAY`) before taking it, and giving back one a new
-//! connection lost, as the HTTP/1.1 pool does; closing connections that
-//! carried no stream for `idle_timeout`; and remembering, for
-//! [`ASK_ALPN_AGAIN_AFTER`], the `https://` upstreams whose ALPN chose
-//! HTTP/1.1, which it opens no connections to meanwhile.
+//! Owns:
+//! - The connections to each upstream ([`Http2Pool`]), each carrying at
+//!   most [`MAX_STREAMS`] requests at once, or as many as the upstream
+//!   allows if fewer.
+//! - Opening a new connection when every open one is full (as Envoy does),
+//!   by one request at a time.
+//! - Counting a request's stream from its send to the drop of its response
+//!   body (`StreamSlot`).
+//! - Sending a request again on another connection when a pooled one it
+//!   was given closed (after a `GOAWAY`) before taking it.
+//! - Giving back a request that a new connection lost, as the HTTP/1.1 pool
+//!   does.
+//! - Closing connections that carried no stream for `idle_timeout`.
+//! - Remembering, for [`ASK_ALPN_AGAIN_AFTER`], the `https://` upstreams
+//!   whose ALPN chose HTTP/1.1, and opening no connections to them
+//!   meanwhile ([`Http2Pool::speaks_http1_only`]).
 //!
 //! One connection per upstream, which hyper-util's pooled client shares,
 //! would not do: once as many streams are open as the upstream allows
