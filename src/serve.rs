@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
-use crate::config::{Config, ListenConfig, UpstreamConfig};
+use crate::config::{Config, ConfigError, ListenConfig, Problem, UpstreamConfig};
 use crate::control::{Control, ControlError, on_disk};
 use crate::proxy::Proxy;
 use crate::proxy::listener::{self, ConnectionSlots};
@@ -63,8 +63,11 @@ pub enum ServeError {
         "admin.addr {0} is not a loopback address, so the admin API needs a token: set admin.token_file or COHORT_ADMIN_TOKEN"
     )]
     AdminExposed(SocketAddr),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `admin.token_file`, or `COHORT_ADMIN_TOKEN`, holds no usable token.
     #[error("{0}")]
-    Config(String),
+    AdminToken(Problem),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot register signal handlers: {0}")]
@@ -195,10 +198,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         .transpose()?
         .map(Arc::new);
     let upstream_tls = tls::client_config(config.upstream.ca_file.as_deref())?;
-    let token = config
-        .admin
-        .token()
-        .map_err(|problem| ServeError::Config(problem.to_string()))?;
+    let token = config.admin.token().map_err(ServeError::AdminToken)?;
     if token.is_none() && !config.admin.addr.ip().is_loopback() {
         return Err(ServeError::AdminExposed(config.admin.addr));
     }
@@ -330,7 +330,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
     let mut signals = Signals::register().map_err(ServeError::Signals)?;
-    let config = Config::load(path).map_err(|e| ServeError::Config(e.to_string()))?;
+    let config = Config::load(path)?;
     let mut server = start_with(config, options).await?;
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {

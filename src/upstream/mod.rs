@@ -277,7 +277,7 @@ where
                 self.https1
                     .send(&upstream.authority, req)
                     .await
-                    .map_err(|failed| put_back(failed, host, None))
+                    .map_err(|failed| restore_for_retry(failed, host, None))
             }
         }
     }
@@ -304,11 +304,11 @@ where
     *req.version_mut() = Version::HTTP_2;
     pool.send(&upstream.authority, req)
         .await
-        .map_err(|failed| put_back(failed, host, Some(version)))
+        .map_err(|failed| restore_for_retry(failed, host, Some(version)))
 }
 
 /// Puts `host` and `version` back on the request a failed send gave back.
-fn put_back<B>(
+fn restore_for_retry<B>(
     mut failed: SendError<B>,
     host: Option<http::HeaderValue>,
     version: Option<Version>,
