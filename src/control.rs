@@ -79,6 +79,8 @@ pub(crate) fn on_disk<T>(change: impl FnOnce() -> T) -> T {
 /// Where one key lands under the live table (`GET /admin/route`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
+    /// The key as text: a byte that is not UTF-8 shows as U+FFFD, though
+    /// the bucket is the key's own bytes'.
     pub key: String,
     pub bucket: u16,
     pub cohort: &'static str,
@@ -580,9 +582,9 @@ impl Control {
 
     /// Where `key` lands under the live table.
     #[must_use]
-    pub fn explain(&self, key: &str) -> Explanation {
+    pub fn explain(&self, key: &[u8]) -> Explanation {
         let table = self.table.load();
-        let placement = routing::place(table.salt.as_bytes(), table.weight(), key.as_bytes());
+        let placement = routing::place(table.salt.as_bytes(), table.weight(), key);
         let cohort = if table.canary.is_some() {
             placement.cohort
         } else {
@@ -593,7 +595,7 @@ impl Control {
             cohort == Cohort::Canary && table.canary_may_fall_back() && !version.has_available();
         let served_by = if falls_back { &table.stable } else { version };
         Explanation {
-            key: key.to_owned(),
+            key: String::from_utf8_lossy(key).into_owned(),
             bucket: placement.bucket,
             cohort: cohort.as_str(),
             version: version.name.clone(),

@@ -574,10 +574,8 @@ async fn route_explains_a_key_as_place_does() {
     let explain = |key: &str| {
         let admin = admin.clone();
         let path = format!(
-            "/admin/route?{}",
-            form_urlencoded::Serializer::new(String::new())
-                .append_pair("key", key)
-                .finish()
+            "/admin/route?key={}",
+            percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
         );
         async move {
             let reply = admin.raw(Method::GET, &path, "").await;
@@ -629,6 +627,19 @@ async fn route_explains_a_key_as_place_does() {
             }
         }
     }
+
+    // A key that is not UTF-8 is placed by its own bytes, as a header's
+    // or a query's is.
+    let latin1 = admin
+        .raw(Method::GET, "/admin/route?key=ren%E9", "")
+        .await
+        .json();
+    let placement = cohort::routing::place(
+        CANARY.as_bytes(),
+        cohort::routing::Weight::from_percent(100.0).expect("a weight"),
+        b"ren\xe9",
+    );
+    assert_eq!(latin1["bucket"], placement.bucket, "{latin1}");
 
     let missing = admin.raw(Method::GET, "/admin/route", "").await;
     assert!(error_text(&missing, 400).contains("key"));

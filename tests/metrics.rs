@@ -928,7 +928,7 @@ async fn prometheus_scrapes_the_canary_request_rate_by_version() {
     let query = "sum by (version) (rate(cohort_requests_total{cohort=\"canary\",version=~\"prom-.*\"}[5s]))";
     let path = format!(
         "/api/v1/query?query={}",
-        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
+        percent_encoding::utf8_percent_encode(query, percent_encoding::NON_ALPHANUMERIC)
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let result = loop {

@@ -709,7 +709,7 @@ async fn a_reloaded_shadow_named_as_a_live_version_refuses_the_whole_reload() {
         .reload(&config)
         .expect_err("a refused reload");
     assert!(refused.to_string().contains("shadow.name"), "{refused}");
-    assert_eq!(server.control().explain("k").salt, "before");
+    assert_eq!(server.control().explain(b"k").salt, "before");
     assert!(server.control().state().shadow.is_none());
     server.shutdown().await;
 }

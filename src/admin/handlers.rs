@@ -185,11 +185,11 @@ pub async fn shadow(
 }
 
 pub fn route(control: &Control, req: &Request<Incoming>) -> Result<Explanation, AdminError> {
+    // Decoded as the proxy decodes a `query:` key, to bytes.
     let key = req
         .uri()
         .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(name, _)| name == "key"))
-        .map(|(_, value)| value.into_owned())
+        .and_then(|query| crate::routing::key::query_value(query, "key"))
         .filter(|key| !key.is_empty())
         .ok_or_else(|| {
             AdminError::BadRequest("the query parameter key is required: /admin/route?key=K".into())

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderName, Uri};
+use percent_encoding::percent_decode;
 
 use super::Cohort;
 
@@ -46,7 +47,7 @@ impl KeySource {
         let value = match self {
             KeySource::Header(name) => headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
             KeySource::Cookie(name) => cookie(headers, name).map(Cow::Borrowed),
-            KeySource::Query(name) => query(uri, name),
+            KeySource::Query(name) => query_value(uri.query()?, name),
         };
         value.filter(|v| !v.is_empty())
     }
@@ -128,14 +129,32 @@ pub fn is_cookie_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// The percent-decoded value of query parameter `name`.
-fn query<'a>(uri: &'a Uri, name: &str) -> Option<Cow<'a, [u8]>> {
-    form_urlencoded::parse(uri.query()?.as_bytes())
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| match v {
-            Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
-            Cow::Owned(s) => Cow::Owned(s.into_bytes()),
-        })
+/// The value of the first parameter `name` in `query` (the part of a URI
+/// after `?`), decoded as a form is (`+` a space, `%XX` a byte) to bytes,
+/// none of them read as UTF-8: the key `%E9` is the byte 0xE9, which the
+/// SPEC's hash is computed over, as for a header's.
+#[must_use]
+pub fn query_value<'a>(query: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
+    query.as_bytes().split(|&b| b == b'&').find_map(|pair| {
+        let (n, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, &b""[..]),
+        };
+        (form_decoded(n).as_ref() == name.as_bytes()).then(|| form_decoded(v))
+    })
+}
+
+/// `application/x-www-form-urlencoded` bytes, decoded.
+fn form_decoded(encoded: &[u8]) -> Cow<'_, [u8]> {
+    if encoded.contains(&b'+') {
+        let spaced: Vec<u8> = encoded
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        Cow::Owned(percent_decode(&spaced).collect())
+    } else {
+        percent_decode(encoded).into()
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +198,18 @@ mod tests {
             extract(&HeaderMap::new(), &plain, &sources, "cohort_id"),
             None
         );
+    }
+
+    #[test]
+    fn a_query_key_is_decoded_to_its_own_bytes() {
+        let user = |query| query_value(query, "user");
+        // Not UTF-8: two users stay two keys.
+        assert_eq!(user("user=ren%E9&x=1").as_deref(), Some(&b"ren\xe9"[..]));
+        assert_eq!(user("user=ren%E8").as_deref(), Some(&b"ren\xe8"[..]));
+        assert_eq!(user("a=1&user=a+b%2Bc").as_deref(), Some(&b"a b+c"[..]));
+        assert_eq!(user("us%65r=x&user=y").as_deref(), Some(&b"x"[..]));
+        assert_eq!(user("user").as_deref(), Some(&b""[..]));
+        assert_eq!(user("users=1&&=2"), None);
     }
 
     #[test]
