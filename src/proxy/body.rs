@@ -422,6 +422,9 @@ impl ResponseBody {
     }
 }
 
+/// Why a response stream of a rolled-back version is cut.
+const ROLLED_BACK: &str = "stream closed: its version was rolled back";
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -436,9 +439,7 @@ impl Body for ResponseBody {
         // of the frame before are sent: see `h2stream::ReportingBody`).
         if this.in_flight.as_ref().is_some_and(InFlight::is_closed) {
             this.in_flight.take();
-            return Poll::Ready(Some(Err(
-                "stream closed: its version was rolled back".into()
-            )));
+            return Poll::Ready(Some(Err(ROLLED_BACK.into())));
         }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -483,9 +484,8 @@ impl Body for ResponseBody {
                             .closing
                             .get_or_insert_with(|| Box::pin(in_flight.closed()));
                         if closing.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Some(Err(
-                                "stream closed: its version was rolled back".into(),
-                            )));
+                            this.in_flight.take();
+                            return Poll::Ready(Some(Err(ROLLED_BACK.into())));
                         }
                     }
                     Poll::Pending
