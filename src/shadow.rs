@@ -8,15 +8,14 @@
 //! metrics under `cohort="shadow"`. A copy never delays or fails the real
 //! request: at most [`MAX_IN_FLIGHT`] copies are open per shadow, and one
 //! more is dropped and counted in `cohort_shadow_dropped_total`, as is a copy
-//! that times out. Does not own: the real request (`proxy`), when the shadow
-//! is installed or removed (`control`), or its health (`health`). The
-//! [`TeeBody`] does carry the real body's progress for the proxy, and cuts
-//! it when that says so (`proxy::body::BodyProgress`): it is the one part
-//! of the request alive for the body's whole life.
+//! that times out. Does not own: the real request and its body
+//! (`proxy`, whose `RequestBody` feeds the copy through its [`Tap`]), when
+//! the shadow is installed or removed (`control`), or its health
+//! (`health`).
 //!
 //! Request bodies are copied while they stream to the real upstream, never
-//! buffered first: the real request's body is a [`TeeBody`] that hands a
-//! clone of each data frame to the copy's [`CopyBody`] through a small
+//! buffered first: the real request's body hands each data frame to its
+//! [`Tap`], which passes a clone to the copy's [`CopyBody`] over a small
 //! bounded channel, without waiting. A copy whose body turns out larger than
 //! `shadow.max_body` (reason `too_large`), or that falls [`COPY_FRAMES`]
 //! frames behind (reason `queue_full`), is abandoned: its task stops at
@@ -35,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt as _;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -46,7 +45,6 @@ use tokio::time::Instant;
 use crate::BoxError;
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
-use crate::proxy::body::BodyProgress;
 use crate::proxy::{Peer, ProxyError, rewrite};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Gate, Policy, Version, WindowFrom};
@@ -94,26 +92,6 @@ type ShadowClient = Client<HttpConnector, CopyBody>;
 /// a time cannot make a copy hold much.
 pub const COPY_FRAMES: usize = 256;
 
-/// The real request's body on its way upstream: every frame passes through
-/// unchanged and, when the request is mirrored, a clone of each data frame
-/// (a reference count, not a copy of the bytes) goes to the shadow's copy.
-/// Without a shadow this is one `Option` check per frame. It also cuts a
-/// body whose client falls silent once its response has ended (see
-/// [`BodyProgress`]).
-///
-/// The default is an empty body, for a bodiless request sent again.
-#[derive(Debug, Default)]
-pub struct TeeBody {
-    /// `None` for an empty body.
-    inner: Option<Incoming>,
-    tap: Option<Tap>,
-    /// Told of every frame, when the proxy waits on the body (see [`TeeBody::watch`]).
-    progress: Option<Arc<BodyProgress>>,
-    /// Armed when the response has ended and the body still waits on its
-    /// client: it cuts the body then (see [`BodyProgress`]).
-    cut: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
 /// The sending end of a copy's body.
 #[derive(Debug)]
 pub struct Tap {
@@ -137,68 +115,20 @@ impl Drop for Tap {
     }
 }
 
-impl TeeBody {
-    #[must_use]
-    pub fn new(inner: Incoming, tap: Option<Tap>) -> TeeBody {
-        TeeBody {
-            inner: Some(inner),
-            tap,
-            progress: None,
-            cut: None,
-        }
-    }
-
-    /// Follows how far the body gets from now on: the response timeout of
-    /// a request with a body (`timeout`) counts from its last frame. Over
-    /// HTTP/2 (`http2`), only a body of a declared length is an upload
-    /// (see [`BodyProgress::new`]).
-    pub fn watch(&mut self, timeout: Duration, http2: bool) -> Arc<BodyProgress> {
-        let upload = !http2 || self.size_hint().exact().is_some();
-        Arc::clone(
-            self.progress
-                .get_or_insert_with(|| BodyProgress::new(upload, timeout)),
-        )
-    }
-
-    /// The progress [`TeeBody::watch`] follows, if it was asked to.
-    #[must_use]
-    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
-        self.progress.clone()
-    }
-
-    /// The timeout, if the body has waited on its client for that long
-    /// since its response ended; registers `cx` otherwise.
-    fn cut_after(
-        progress: Option<&BodyProgress>,
-        cut: &mut Option<Pin<Box<tokio::time::Sleep>>>,
-        cx: &mut Context<'_>,
-    ) -> Option<Duration> {
-        let progress = progress?;
-        let due = progress.cut_due(cx)?;
-        let timer = cut.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
-        }
-        timer
-            .as_mut()
-            .poll(cx)
-            .is_ready()
-            .then(|| progress.timeout())
-    }
-
+impl Tap {
     /// Passes `frame` to the copy; `false` when the copy must be abandoned.
-    fn feed(tap: &mut Tap, frame: &Frame<Bytes>) -> bool {
+    pub fn feed(&mut self, frame: &Frame<Bytes>) -> bool {
         let Some(data) = frame.data_ref() else {
             // Trailers are not mirrored; the copy's body ends without them.
             return true;
         };
         let len = data.len() as u64;
-        if len > tap.left {
+        if len > self.left {
             record_shadow_dropped(ShadowDropReason::TooLarge);
             return false;
         }
-        tap.left -= len;
-        match tap.frames.try_send(data.clone()) {
+        self.left -= len;
+        match self.frames.try_send(data.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 record_shadow_dropped(ShadowDropReason::QueueFull);
@@ -208,65 +138,11 @@ impl TeeBody {
             Err(TrySendError::Closed(_)) => false,
         }
     }
-}
 
-impl Body for TeeBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let Some(inner) = &mut this.inner else {
-            return Poll::Ready(None);
-        };
-        let mut polled = Pin::new(&mut *inner).poll_frame(cx).map_err(BoxError::from);
-        if let Some(progress) = &this.progress {
-            match &polled {
-                Poll::Pending => progress.awaiting_client(),
-                Poll::Ready(Some(Err(_))) => progress.broken_off(),
-                Poll::Ready(_) => progress.moved(),
-            }
-        }
-        if polled.is_pending()
-            && let Some(timeout) = Self::cut_after(this.progress.as_deref(), &mut this.cut, cx)
-        {
-            polled = Poll::Ready(Some(Err(format!(
-                "request body cut: nothing of it from the client for {timeout:?} after its response ended (upstream.response_timeout)"
-            )
-            .into())));
-        }
-        let frame = ready!(polled);
-        if let Some(tap) = &mut this.tap {
-            let keep = match &frame {
-                Some(Ok(frame)) => Self::feed(tap, frame),
-                Some(Err(_)) => false,
-                None => {
-                    tap.complete.store(true, Ordering::Release);
-                    false
-                }
-            };
-            // hyper may stop polling once the body says it has ended.
-            if keep && inner.is_end_stream() {
-                tap.complete.store(true, Ordering::Release);
-                this.tap = None;
-            } else if !keep {
-                this.tap = None;
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    /// Tells the copy that the real body ended whole, then lets it go: the
+    /// copy's body ends as the real one did.
+    pub fn complete(self) {
+        self.complete.store(true, Ordering::Release);
     }
 }
 
@@ -417,7 +293,7 @@ impl Shadow {
     /// Sends a copy of `req` to the shadow if the rules pick it. Returns at
     /// once: the copy is sent by its own task, or dropped and counted. When
     /// the request has a body, the returned [`Tap`] must go into the real
-    /// request's [`TeeBody`], which feeds the copy as the body streams.
+    /// request's body, which feeds the copy through it as the body streams.
     /// `key` is the request's sticky key (or the fallback key drawn for it);
     /// keyless requests are not mirrored.
     pub fn offer<B: Body>(

@@ -1,6 +1,12 @@
-//! The response body the proxy hands to hyper, and the in-flight guard it carries.
+//! The bodies the proxy hands to hyper (the request's, for its upstream;
+//! the response's, for its client), and the in-flight guard a response
+//! carries.
 //!
 //! Owns:
+//! - [`RequestBody`]: the client's body on its way upstream, frame by
+//!   frame, feeding a shadow copy's [`Tap`] when the request is mirrored;
+//!   it tells [`BodyProgress`] of every frame and cuts a body whose client
+//!   fell silent after its response ended.
 //! - [`ResponseBody`]: an upstream body streamed through frame by frame
 //!   (never buffered whole), or the proxy's own small body. It ends a
 //!   stream whose version was rolled back with `on_rollback = "close"`
@@ -27,13 +33,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::StatusCode;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use super::ProxyError;
@@ -41,9 +47,136 @@ use crate::BoxError;
 use crate::metrics::UpstreamErrorKind;
 use crate::rollout::window::Observation;
 use crate::routing::Decision;
-use crate::shadow::TeeBody;
+use crate::shadow::Tap;
 use crate::table::Version;
 use crate::upstream::UpstreamBody;
+
+/// The real request's body on its way upstream: every frame passes through
+/// unchanged and, when the request is mirrored, a clone of each data frame
+/// (a reference count, not a copy of the bytes) goes to the shadow's copy
+/// through its [`Tap`].
+/// Without a shadow this is one `Option` check per frame. It also cuts a
+/// body whose client falls silent once its response has ended (see
+/// [`BodyProgress`]).
+///
+/// The default is an empty body, for a bodiless request sent again.
+#[derive(Debug, Default)]
+pub struct RequestBody {
+    /// `None` for an empty body.
+    inner: Option<Incoming>,
+    tap: Option<Tap>,
+    /// Told of every frame, when the proxy waits on the body (see [`RequestBody::watch`]).
+    progress: Option<Arc<BodyProgress>>,
+    /// Armed when the response has ended and the body still waits on its
+    /// client: it cuts the body then (see [`BodyProgress`]).
+    cut: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl RequestBody {
+    #[must_use]
+    pub fn new(inner: Incoming, tap: Option<Tap>) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            tap,
+            progress: None,
+            cut: None,
+        }
+    }
+
+    /// Follows how far the body gets from now on: the response timeout of
+    /// a request with a body (`timeout`) counts from its last frame. Over
+    /// HTTP/2 (`http2`), only a body of a declared length is an upload
+    /// (see [`BodyProgress::new`]).
+    pub fn watch(&mut self, timeout: Duration, http2: bool) -> Arc<BodyProgress> {
+        let upload = !http2 || self.size_hint().exact().is_some();
+        Arc::clone(
+            self.progress
+                .get_or_insert_with(|| BodyProgress::new(upload, timeout)),
+        )
+    }
+
+    /// The progress [`RequestBody::watch`] follows, if it was asked to.
+    #[must_use]
+    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
+        self.progress.clone()
+    }
+
+    /// The timeout, if the body has waited on its client for that long
+    /// since its response ended; registers `cx` otherwise.
+    fn cut_after(
+        progress: Option<&BodyProgress>,
+        cut: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Option<Duration> {
+        let progress = progress?;
+        let due = progress.cut_due(cx)?;
+        let timer = cut.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| progress.timeout())
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let mut polled = Pin::new(&mut *inner).poll_frame(cx).map_err(BoxError::from);
+        if let Some(progress) = &this.progress {
+            match &polled {
+                Poll::Pending => progress.awaiting_client(),
+                Poll::Ready(Some(Err(_))) => progress.broken_off(),
+                Poll::Ready(_) => progress.moved(),
+            }
+        }
+        if polled.is_pending()
+            && let Some(timeout) = Self::cut_after(this.progress.as_deref(), &mut this.cut, cx)
+        {
+            polled = Poll::Ready(Some(Err(format!(
+                "request body cut: nothing of it from the client for {timeout:?} after its response ended (upstream.response_timeout)"
+            )
+            .into())));
+        }
+        let frame = ready!(polled);
+        if let Some(tap) = &mut this.tap {
+            let fed = matches!(&frame, Some(Ok(frame)) if tap.feed(frame));
+            // hyper may stop polling once the body says it has ended.
+            let ended = frame.is_none() || (fed && inner.is_end_stream());
+            if ended || !fed {
+                // A tap let go before the end abandons its copy.
+                if let Some(tap) = this.tap.take()
+                    && ended
+                {
+                    tap.complete();
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
 
 /// A request of `version` that has not finished yet: counted in
 /// `cohort_requests_in_flight` until dropped, when it records the response
@@ -323,7 +456,7 @@ impl Drop for InFlight {
 }
 
 enum Inner {
-    Upstream(UpstreamBody<TeeBody>),
+    Upstream(UpstreamBody<RequestBody>),
     Full(Option<Bytes>),
 }
 
@@ -383,7 +516,7 @@ impl ResponseBody {
     /// An upstream's body, cut after `idle_limit` without a byte, if set.
     #[must_use]
     pub fn upstream(
-        body: UpstreamBody<TeeBody>,
+        body: UpstreamBody<RequestBody>,
         in_flight: InFlight,
         idle_limit: Option<Duration>,
     ) -> ResponseBody {

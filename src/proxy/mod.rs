@@ -35,14 +35,13 @@ use crate::clock;
 use crate::config::Fallback;
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
-use crate::shadow::TeeBody;
 use crate::table::{RouteTable, Table, Version};
 use crate::upstream::{self, UpstreamAddr, UpstreamClient};
 
 /// An upstream's response body as the proxy receives it.
-type UpstreamBody = upstream::UpstreamBody<TeeBody>;
+type UpstreamBody = upstream::UpstreamBody<RequestBody>;
 
-pub use body::ResponseBody;
+pub use body::{RequestBody, ResponseBody};
 pub use error::ProxyError;
 pub use framing::AmbiguousFraming;
 pub use rewrite::Peer;
@@ -52,14 +51,14 @@ pub use tunnel::Tunnel;
 #[derive(Debug)]
 pub struct Proxy {
     table: Arc<Table>,
-    client: UpstreamClient,
+    client: UpstreamClient<RequestBody>,
     /// Whether clients reach this listener over TLS (`x-forwarded-proto`, `Secure` cookies).
     tls: bool,
 }
 
 impl Proxy {
     #[must_use]
-    pub fn new(table: Arc<Table>, client: UpstreamClient, tls: bool) -> Proxy {
+    pub fn new(table: Arc<Table>, client: UpstreamClient<RequestBody>, tls: bool) -> Proxy {
         Proxy { table, client, tls }
     }
 
@@ -122,7 +121,7 @@ impl Proxy {
                 });
                 let client_upgrade =
                     rewrite::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-                let mut req = req.map(|body| TeeBody::new(body, tap));
+                let mut req = req.map(|body| RequestBody::new(body, tap));
                 if !req.body().is_end_stream() {
                     let timeout = table.policy.response_timeout;
                     let http2 = http_version == http::Version::HTTP_2;
@@ -189,7 +188,7 @@ impl Proxy {
     /// the only one; a failure that ends the request counts.
     async fn forward(
         &self,
-        req: Request<TeeBody>,
+        req: Request<RequestBody>,
         table: &RouteTable,
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,

@@ -30,7 +30,7 @@ use rustls::ClientConfig;
 
 use crate::BoxError;
 use crate::config::UpstreamConfig;
-use crate::shadow::TeeBody;
+
 use connect::CountingConnector;
 use http1::Http1Pool;
 pub use http1::UpstreamBody;
@@ -142,11 +142,11 @@ impl<'de> serde::Deserialize<'de> for UpstreamAddr {
 /// The pooled connections every proxied request goes through, one pool per
 /// way of speaking: `host:port` over HTTP/1.1, `h2c://` over HTTP/2, and
 /// `https://` over HTTP/2 or, when ALPN chooses it, HTTP/1.1, each over TLS.
-/// Requests carry the real request's body as a `shadow::TeeBody` (which
-/// also feeds a shadow copy, when there is one); generic over the body so
-/// that health probes reach every upstream form the way requests do.
+/// Generic over the body: the proxy's requests carry a
+/// `proxy::RequestBody`, and health probes reach every upstream form the
+/// way requests do with an empty one.
 #[derive(Debug, Clone)]
-pub struct UpstreamClient<B = TeeBody> {
+pub struct UpstreamClient<B> {
     http1: Http1Pool<B>,
     h2c: Http2Pool<B>,
     /// `https://` upstreams, offered HTTP/2 and HTTP/1.1 by ALPN; those
@@ -386,7 +386,12 @@ pub fn origin_form(uri: &mut Uri) {
 /// connection counted in `cohort_upstream_connections`, HTTP/2 flow-control
 /// windows that keep streams from holding each other up; `tls` for `https://`.
 #[must_use]
-pub fn client(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient {
+pub fn client<B>(config: &UpstreamConfig, tls: Arc<ClientConfig>) -> UpstreamClient<B>
+where
+    B: Body + Default + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let open = crate::metrics::upstream_connections();
     pools(
         |tls| CountingConnector::new(config.connect_timeout, tls, open.clone()),
