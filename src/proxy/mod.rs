@@ -7,8 +7,8 @@
 //! upstream's response) or `answer_error` (the proxy's own), which say
 //! when the guardrails are to judge it.
 //! Does not own: accepting connections and their lifecycle ([`listener`],
-//! with [`idle`] for freeing idle ones and [`h2stream`] for the HTTP/2
-//! streams' tasks), header rewriting
+//! with [`slots`] for `listen.max_connections`, [`idle`] for freeing idle
+//! ones and [`h2stream`] for the HTTP/2 streams' tasks), header rewriting
 //! ([`rewrite`]), the tunnel of an upgraded connection ([`tunnel`]), the
 //! mapping of failures to responses ([`error`]), or the
 //! routing rule itself (`routing`).
@@ -20,6 +20,7 @@ pub mod h2stream;
 pub mod idle;
 pub mod listener;
 pub mod rewrite;
+pub mod slots;
 pub mod tunnel;
 
 use std::borrow::Cow;
