@@ -11,11 +11,15 @@
 //! - Changes made anyway: a rollback, and a rollout's end, swap first and
 //!   hold even when the state file refuses them (see `made_anyway`). They
 //!   are saved again until it takes, as are audit lines the log refused.
+//! - A rollback takes traffic off the canary before it waits for the lock,
+//!   and the tables that the changes ahead of it install keep the canary
+//!   rolled back (`Control::rollbacks_under_way`).
 //! - What is saved and audited: a rollout's look that changes only its
 //!   progress is saved without a new generation or an audit line; a reload
 //!   that places users anew without changing the live state is audited.
 //! - Serialising changes by one lock, so two admin calls never interleave;
-//!   readers of the live state take a copy that never waits for that lock.
+//!   readers of the live state take a copy that never waits for that lock
+//!   (and shows a rollback once it is made).
 //!
 //! Does not own: HTTP (`admin`), the file format (`state`), or routing
 //! (`routing`).
@@ -119,6 +123,21 @@ pub struct Control {
     live: ArcSwap<LiveState>,
     /// The generation of the live state, for those who act on its changes.
     changes: watch::Sender<u64>,
+    /// Rollbacks that have taken traffic off the canary and wait for the
+    /// lock to be made: while any does, every table installed keeps the
+    /// canary rolled back (see [`Control::install`]). Held only while a
+    /// table is swapped, never across a write.
+    rollbacks_under_way: Mutex<usize>,
+}
+
+/// A rollback between taking traffic off the canary and being made; it
+/// stops counting in [`Control::rollbacks_under_way`] when dropped.
+struct RollbackUnderWay<'a>(&'a Control);
+
+impl Drop for RollbackUnderWay<'_> {
+    fn drop(&mut self) {
+        *self.0.rollbacks_under_way() -= 1;
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +194,7 @@ impl Control {
                 policy,
                 unsaved: None,
             }),
+            rollbacks_under_way: Mutex::new(0),
         }
     }
 
@@ -200,8 +220,9 @@ impl Control {
     }
 
     /// The live state. Never waits for a change in progress: it is the
-    /// state before it until the change is made (or, for a rollback, as
-    /// soon as traffic has left the canary).
+    /// state before it until the change is made (a rollback, which swaps
+    /// the table before it writes, is shown from that swap; traffic may
+    /// leave the canary sooner, while a change ahead of it is written).
     #[must_use]
     pub fn state(&self) -> LiveState {
         LiveState::clone(&self.live.load())
@@ -285,6 +306,18 @@ impl Control {
         rollout: Option<serde_json::Value>,
     ) -> Result<LiveState, ControlError> {
         let previous = self.table.snapshot();
+        // Traffic leaves the canary before the lock is waited for: another
+        // change being written (a weight, a rollout's look) holds it for
+        // as long as the disk takes, and a rollback must not queue behind
+        // it. Until this one is made, the tables those changes install
+        // keep the canary rolled back too.
+        let under_way = self.take_traffic_off_the_canary();
+        if self.table.load().status == Status::RolledBack
+            && previous.policy.routing.on_rollback == crate::config::OnRollback::Close
+            && let Some(canary) = &previous.canary
+        {
+            canary.version.close_streams();
+        }
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
             if rollout.is_some() {
                 live.rollout = rollout;
@@ -305,15 +338,23 @@ impl Control {
             crate::metrics::record_rollback(source);
             Ok(())
         });
-        // The table is swapped before the state is saved, so the rollback
-        // is in effect even when saving it failed: so is the close.
-        if self.table.load().status == Status::RolledBack
-            && previous.policy.routing.on_rollback == crate::config::OnRollback::Close
-            && let Some(canary) = &previous.canary
-        {
-            canary.version.close_streams();
-        }
+        drop(under_way);
         result
+    }
+
+    /// Installs the live table with its canary rolled back, and keeps every
+    /// table installed so until the returned guard is dropped.
+    fn take_traffic_off_the_canary(&self) -> RollbackUnderWay<'_> {
+        let mut under_way = self.rollbacks_under_way();
+        *under_way += 1;
+        self.table.store(self.table.snapshot().rolled_back());
+        RollbackUnderWay(self)
+    }
+
+    fn rollbacks_under_way(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.rollbacks_under_way
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Makes the canary the stable version; there is no canary after. A
@@ -712,9 +753,16 @@ impl Control {
 
     /// Swaps in the route table for `live`, carrying over the current
     /// table's unchanged versions (see [`build`]).
+    /// Swaps in the table `live` describes; with its canary rolled back
+    /// while a rollback is under way (see [`Control::rollbacks_under_way`]).
     fn install(&self, live: &LiveState, policy: &Arc<Policy>) {
-        self.table
-            .store(build(live, policy, Some(&self.table.snapshot()), true));
+        let under_way = self.rollbacks_under_way();
+        let table = build(live, policy, Some(&self.table.snapshot()), true);
+        self.table.store(if *under_way > 0 {
+            table.rolled_back()
+        } else {
+            table
+        });
     }
 
     /// Makes `next` the state held, and its live part the one readers see.
@@ -1217,6 +1265,76 @@ mod tests {
         go.send(()).unwrap();
         let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
         assert_eq!(control.state(), rolled_back);
+    }
+
+    /// The table's status and canary weight, polled every 10 ms until it is
+    /// rolled back or the deadline passes.
+    fn rolled_back_within_deadline(control: &Control) -> (Status, Option<Weight>) {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let table = control.table().snapshot();
+            let seen = (table.status, table.canary.as_ref().map(|c| c.weight));
+            if seen.0 == Status::RolledBack || std::time::Instant::now() > deadline {
+                return seen;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_rollback_takes_traffic_off_the_canary_while_another_change_is_written() {
+        let stalled = stalled();
+        let change = stall_a_change(&stalled);
+        let rollback = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || control.rollback("a test", Source::Signal)
+        });
+        let during_the_write = rolled_back_within_deadline(&stalled.control);
+        let write_stalled = !change.is_finished();
+
+        // The weight change is made after its write, and does not put
+        // traffic back on the canary before the rollback is made after it.
+        stalled.go.send(()).unwrap();
+        let changed = change.join().unwrap().expect("the change is saved");
+        assert_eq!(changed.weight().percent(), 50.0);
+        let table = stalled.control.table().snapshot();
+        let after_the_change = (table.status, table.canary.as_ref().map(|c| c.weight));
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the rollback writes the state");
+        stalled.go.send(()).unwrap();
+        let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
+
+        assert!(
+            write_stalled && during_the_write == (Status::RolledBack, Some(Weight::ZERO)),
+            "the rollback waited for the other change's write: {during_the_write:?}"
+        );
+        assert_eq!(after_the_change, (Status::RolledBack, Some(Weight::ZERO)));
+        assert_eq!(
+            (rolled_back.generation, rolled_back.status),
+            (3, Status::RolledBack)
+        );
+        assert_eq!(stalled.control.state(), rolled_back);
+    }
+
+    #[test]
+    fn a_change_made_while_a_rollback_is_under_way_keeps_the_canary_rolled_back() {
+        let stalled = stalled();
+        let under_way = stalled.control.take_traffic_off_the_canary();
+        // The change's write goes through at once.
+        stalled.go.send(()).unwrap();
+        let changed = stalled
+            .control
+            .set_weight(Weight::from_percent(50.0).unwrap(), false)
+            .expect("the change is saved");
+        assert_eq!(changed.weight().percent(), 50.0);
+        let table = stalled.control.table().snapshot();
+        assert_eq!(
+            (table.status, table.canary.as_ref().map(|c| c.weight)),
+            (Status::RolledBack, Some(Weight::ZERO))
+        );
+        drop(under_way);
     }
 
     #[test]

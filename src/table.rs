@@ -302,6 +302,18 @@ impl RouteTable {
             .chain(self.shadow.as_ref().map(|s| &s.version))
     }
 
+    /// This table with everyone on stable, as a rollback leaves it: its
+    /// canary, if any, kept at weight 0 and latched.
+    #[must_use]
+    pub fn rolled_back(&self) -> RouteTable {
+        let mut table = self.clone();
+        if let Some(canary) = &mut table.canary {
+            canary.weight = Weight::ZERO;
+            table.status = Status::RolledBack;
+        }
+        table
+    }
+
     /// Whether the table holds `version` in `cohort` (named as the metrics'
     /// `cohort` label names it).
     #[must_use]
