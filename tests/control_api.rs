@@ -140,6 +140,50 @@ async fn the_admin_api_requires_the_configured_token() {
     assert_eq!(changed["canary"]["weight"], 20.0, "{changed}");
 }
 
+/// A page open in the operator's browser cannot drive the admin API: not
+/// by a cross-site request, nor, without a token, by pointing its own
+/// name at the admin listener (DNS rebinding).
+#[tokio::test]
+async fn the_admin_api_takes_no_calls_from_web_pages() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 10.0)), "")).await;
+    let http = Http::new(server.admin_addr());
+    let rollback = |headers: &'static [(&'static str, &'static str)]| {
+        http.send(
+            Method::POST,
+            "/admin/rollback",
+            headers,
+            bytes::Bytes::from_static(b"{\"reason\":\"from a page\"}"),
+        )
+    };
+
+    let cross_site = rollback(&[
+        ("origin", "https://evil.example"),
+        ("content-type", "text/plain"),
+    ])
+    .await;
+    assert!(error_text(&cross_site, 403).contains("Origin"));
+    let fetched = rollback(&[("sec-fetch-site", "cross-site")]).await;
+    error_text(&fetched, 403);
+    let rebound = http
+        .get("/admin/state", &[("host", "evil.example:9901")])
+        .await;
+    assert!(error_text(&rebound, 403).contains("evil.example"));
+    let state = AdminApi::new(server.admin_addr()).state().await;
+    assert_eq!(state["status"], "steady", "{state}");
+
+    // Programs, by address or as localhost, and scrapers by any name.
+    for host in ["localhost:9901", "127.0.0.1", "[::1]:9901"] {
+        let reply = http.get("/admin/state", &[("host", host)]).await;
+        assert_eq!(reply.status, 200, "{host}: {reply:?}");
+    }
+    let scrape = http.get("/metrics", &[("host", "cohort.internal")]).await;
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    let rolled_back = rollback(&[("sec-fetch-site", "none")]).await;
+    assert_eq!(rolled_back.status, 200, "{rolled_back:?}");
+}
+
 #[tokio::test]
 async fn bad_bodies_are_400_and_values_out_of_range_422() {
     let stable = Backend::start(STABLE).await;

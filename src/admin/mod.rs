@@ -17,7 +17,8 @@
 //! bounds what an admin client can hold: a head timeout, a lifetime per
 //! connection, a cap on connections),
 //! authentication (a 401 carries the `WWW-Authenticate: Bearer` challenge;
-//! the token and `admin.metrics_auth` are replaced whole on a reload), the
+//! the token and `admin.metrics_auth` are replaced whole on a reload),
+//! refusing `/admin/*` calls made by web pages (`refuse_web_pages`), the
 //! endpoints and the one method each answers (`Endpoint`), `HEAD` answered
 //! as `GET`, and the JSON
 //! error shape. Does not own what the calls do
@@ -26,13 +27,14 @@
 mod handlers;
 
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -78,6 +80,8 @@ pub enum AdminError {
     #[error("a valid \"Authorization: Bearer <token>\" header is required")]
     Unauthorized,
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{method} is not allowed here; use {allow}")]
     MethodNotAllowed { method: Method, allow: Method },
@@ -96,6 +100,7 @@ impl AdminError {
         match self {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
@@ -182,6 +187,9 @@ impl Admin {
             if needs_token {
                 authorize(access.token.as_deref(), &req)?;
             }
+            if path.starts_with("/admin/") {
+                refuse_web_pages(access.token.is_none(), &req)?;
+            }
         }
         let endpoint = Endpoint::at(&path)
             .ok_or_else(|| AdminError::NotFound(format!("no admin endpoint at {path}")))?;
@@ -255,6 +263,55 @@ fn authorize<B>(expected: Option<&str>, req: &Request<B>) -> Result<(), AdminErr
     } else {
         Err(AdminError::Unauthorized)
     }
+}
+
+/// Refuses an `/admin/*` call that a web browser made for a page. The
+/// admin API is for programs (`cohort ctl`, curl, automation), and a page
+/// the operator happens to open must not roll back, promote or install a
+/// canary through it (cross-site request forgery): browsers mark what a
+/// page sends with `Origin` or `Sec-Fetch-Site` (`none` is the operator
+/// typing the address). Without a token (`tokenless`: on loopback only),
+/// the `Host` must be `localhost` or an IP address: a page whose own name
+/// an attacker points at 127.0.0.1 (DNS rebinding) sends that name.
+fn refuse_web_pages<B>(tokenless: bool, req: &Request<B>) -> Result<(), AdminError> {
+    let headers = req.headers();
+    let from_a_page = headers.contains_key(ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site.as_bytes() != b"none");
+    if from_a_page {
+        return Err(AdminError::Forbidden(
+            "the admin API takes no calls from web pages (the request has an Origin or Sec-Fetch-Site header)".into(),
+        ));
+    }
+    if tokenless
+        && let Some(host) = headers.get(HOST)
+        && !is_address_or_localhost(host.as_bytes())
+    {
+        return Err(AdminError::Forbidden(format!(
+            "Host {:?} does not name this machine: without admin.token_file, the admin API answers only to localhost or an IP address",
+            String::from_utf8_lossy(host.as_bytes())
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a `Host` value is `localhost` or an IP address (with or without
+/// a port): not a domain name, which whoever owns it can point at 127.0.0.1.
+fn is_address_or_localhost(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<Ipv6Addr>().is_ok());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok()
 }
 
 /// The credentials of an `Authorization: Bearer ...` value. The scheme's
@@ -410,4 +467,33 @@ fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
     rsp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_an_address_or_localhost_or_refused() {
+        for host in [
+            "localhost",
+            "LOCALHOST:9901",
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "[::1]",
+            "[::1]:9901",
+        ] {
+            assert!(is_address_or_localhost(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9901",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "",
+        ] {
+            assert!(!is_address_or_localhost(host.as_bytes()), "{host}");
+        }
+    }
 }
