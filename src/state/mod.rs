@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{ShadowConfig, VersionConfig, VersionsConfig, check_version_name};
 use crate::routing::Weight;
 use crate::table::Status;
-use crate::upstream::UpstreamAddr;
+use crate::upstream::{Protocol, UpstreamAddr};
 
 /// The live state, as served by `GET /admin/state` and saved to `state.path`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -408,6 +408,17 @@ impl LiveState {
                     "{field}.upstreams: must name at least one upstream"
                 ));
             }
+            // As the config and the admin API refuse it: a repeated
+            // upstream would take twice its share.
+            if let Some((i, upstream)) = upstreams
+                .iter()
+                .enumerate()
+                .find(|(i, u)| upstreams[..*i].contains(u))
+            {
+                return Err(format!(
+                    "{field}.upstreams[{i}]: \"{upstream}\" is listed twice"
+                ));
+            }
             Ok(())
         };
         let share = |field: &str, percent: f64| {
@@ -441,6 +452,15 @@ impl LiveState {
         if let Some(shadow) = &self.shadow {
             version("shadow", &shadow.name, &shadow.upstreams)?;
             share("shadow.percent", shadow.percent)?;
+            if let Some(i) = shadow
+                .upstreams
+                .iter()
+                .position(|u| u.protocol != Protocol::Http1)
+            {
+                return Err(format!(
+                    "shadow.upstreams[{i}]: a shadow is reached over plain HTTP/1.1; write it \"host:port\""
+                ));
+            }
             let taken = self.stable.name == shadow.name
                 || self.canary.as_ref().is_some_and(|c| c.name == shadow.name);
             if taken {
@@ -449,6 +469,14 @@ impl LiveState {
                     shadow.name
                 ));
             }
+        }
+        if let Some(rollback) = &self.last_rollback {
+            humantime::parse_rfc3339(&rollback.at).map_err(|error| {
+                format!(
+                    "last_rollback.at: {:?} is not an RFC 3339 time ({error})",
+                    rollback.at
+                )
+            })?;
         }
         Ok(())
     }
@@ -1018,7 +1046,23 @@ mod tests {
         let (store, path, _dir) = store();
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let text = serde_json::to_value(&saved).unwrap();
-        let edits: [(&str, serde_json::Value, &str); 8] = [
+        let upstream = text["stable"]["upstreams"][0].clone();
+        let edits: [(&str, serde_json::Value, &str); 11] = [
+            (
+                "/stable/upstreams",
+                serde_json::json!([upstream, upstream]),
+                "stable.upstreams[1]",
+            ),
+            (
+                "/shadow",
+                serde_json::json!({"name": "sx", "upstreams": ["h2c://127.0.0.1:1"], "percent": 5.0}),
+                "shadow.upstreams[0]",
+            ),
+            (
+                "/last_rollback",
+                serde_json::json!({"at": "yesterday", "reason": "r", "source": "api"}),
+                "last_rollback.at",
+            ),
             ("/canary/weight", 500.into(), "canary.weight"),
             ("/generation", "9".into(), "generation"),
             ("/status", "sometimes".into(), "status"),
