@@ -318,8 +318,9 @@ impl Control {
         {
             canary.version.close_streams();
         }
+        let by_its_rollout = rollout.is_some();
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
-            if rollout.is_some() {
+            if by_its_rollout {
                 live.rollout = rollout;
             }
             let Some(canary) = live.canary.as_mut() else {
@@ -335,6 +336,11 @@ impl Control {
                 reason: reason.to_owned(),
                 source,
             });
+            // One running is ended by it, in the same change, as by a
+            // promotion (the controller then records why).
+            if !by_its_rollout {
+                live.supersede_rollout();
+            }
             crate::metrics::record_rollback(source);
             Ok(())
         });

@@ -1279,6 +1279,10 @@ async fn a_rollback_from_outside_ends_the_rollout_at_once() {
         .call(Method::POST, "/admin/rollback", json!({"reason": "pager"}))
         .await;
     assert_eq!(rolled_back.status, StatusCode::OK, "{rolled_back:?}");
+    // In its answer already, as for a promotion.
+    let answer = rolled_back.json();
+    assert_eq!(rollout_phase(&answer), "superseded", "{answer:#}");
+    assert!(answer["rollout"]["time_left_ms"].is_null(), "{answer:#}");
     let ended = wait_state(&admin, "the rollout to end", |s| {
         rollout_phase(s) == "superseded"
     })
