@@ -1244,15 +1244,10 @@ async fn pause_waits_for_approval_and_abort_rolls_back() {
             .is_some_and(|e| e.contains("/admin/rollback")),
         "{again:?}"
     );
-    // Told as a rollback, like any other. (Deliveries are not ordered.)
-    let sorted = || {
-        let mut events = hooks.events();
-        events.sort();
-        events
-    };
+    // Told as a rollback, like any other, and in the order it all happened.
     support::eventually(
         "the webhooks of two stages, the pause and the rollback",
-        || sorted() == ["pause", "rollback", "stage", "stage"],
+        || hooks.events() == ["stage", "pause", "stage", "rollback"],
     )
     .await;
     all_on_stable(server.proxy_addr()).await;

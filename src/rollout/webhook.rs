@@ -1,13 +1,19 @@
-//! Rollout webhooks: a JSON event to each of a plan's URLs, with retries.
+//! Rollout webhooks: a JSON event to each of a plan's URLs, in order, with
+//! retries.
 //!
-//! Owns: delivering `{"event", "at", "state"}` on stage change, pause,
+//! Owns: delivering `{"id", "event", "at", "state"}` on stage change, pause,
 //! rollback and promotion, over `http://` or `https://` (trusting what
-//! `https://` upstreams are trusted with). Delivery runs in its own task and
-//! is never awaited, so a slow or failing webhook never delays a rollback.
-//! Does not own: when an event happens (the rollout `controller`), or what
-//! the state in it says (`state`).
+//! `https://` upstreams are trusted with). Each URL has one queue, drained
+//! by its own task: an event goes out once the one before it was answered
+//! or given up, so a receiver hears a rollout's events in the order they
+//! happened, retries included. Delivery is at least once (an attempt that
+//! timed out may have arrived): the `id` tells a repeat. Nothing here is
+//! awaited by the rollout, so a slow or failing webhook never delays a
+//! rollback. Does not own: when an event happens (the rollout
+//! `controller`), or what the state in it says (`state`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use metrics::Gauge;
 use rustls::ClientConfig;
+use tokio::sync::mpsc;
 
 use crate::state::{LiveState, now_rfc3339};
 use crate::upstream::connect::CountingConnector;
@@ -27,10 +34,19 @@ const ATTEMPTS: u32 = 3;
 /// Time allowed for one attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The client that calls webhooks.
+type WebhookClient = Client<CountingConnector, Full<Bytes>>;
+
+/// One event on its way to a URL.
+struct Event {
+    name: &'static str,
+    body: Bytes,
+}
+
+/// The client that calls webhooks, and the queue of each URL it has called.
 #[derive(Debug, Clone)]
 pub struct Webhooks {
-    client: Client<CountingConnector, Full<Bytes>>,
+    client: WebhookClient,
+    queues: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>>,
 }
 
 impl Webhooks {
@@ -41,41 +57,66 @@ impl Webhooks {
         let connector = CountingConnector::new(ATTEMPT_TIMEOUT, tls, Gauge::noop());
         Webhooks {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            queues: Arc::default(),
         }
     }
 
-    /// Sends `event` with the live state to every one of `urls`, in the background.
+    /// Queues `event` with the live state for every one of `urls`; returns
+    /// at once.
     pub fn send(&self, urls: &[String], event: &'static str, state: &LiveState) {
         if urls.is_empty() {
             return;
         }
         let body = Bytes::from(
-            serde_json::json!({"event": event, "at": now_rfc3339(), "state": state}).to_string(),
+            serde_json::json!({
+                "id": crate::routing::key::fresh_id(),
+                "event": event,
+                "at": now_rfc3339(),
+                "state": state,
+            })
+            .to_string(),
         );
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
         for url in urls {
-            let (client, url, body) = (self.client.clone(), url.clone(), body.clone());
-            tokio::spawn(async move {
-                for attempt in 1..=ATTEMPTS {
-                    let Err(error) = deliver(&client, &url, body.clone()).await else {
-                        return;
-                    };
-                    if attempt == ATTEMPTS {
-                        tracing::error!(%url, attempt, %error, event, "webhook delivery failed; giving up");
-                        return;
-                    }
-                    tracing::warn!(%url, attempt, %error, event, "webhook delivery failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
-                }
+            let event = Event {
+                name: event,
+                body: body.clone(),
+            };
+            let queue = queues.entry(url.clone()).or_insert_with(|| {
+                let (queue, events) = mpsc::unbounded_channel();
+                tokio::spawn(drain(self.client.clone(), url.clone(), events));
+                queue
             });
+            if let Err(mpsc::error::SendError(event)) = queue.send(event) {
+                // Its task is gone (its runtime ended, in tests): a new one.
+                let (fresh, events) = mpsc::unbounded_channel();
+                tokio::spawn(drain(self.client.clone(), url.clone(), events));
+                let _ = fresh.send(event);
+                *queue = fresh;
+            }
         }
     }
 }
 
-async fn deliver(
-    client: &Client<CountingConnector, Full<Bytes>>,
-    url: &str,
-    body: Bytes,
-) -> Result<(), String> {
+/// Delivers `url`'s events one after the other, each tried up to
+/// [`ATTEMPTS`] times, until every sender of its queue is gone.
+async fn drain(client: WebhookClient, url: String, mut events: mpsc::UnboundedReceiver<Event>) {
+    while let Some(Event { name, body }) = events.recv().await {
+        for attempt in 1..=ATTEMPTS {
+            let Err(error) = deliver(&client, &url, body.clone()).await else {
+                break;
+            };
+            if attempt == ATTEMPTS {
+                tracing::error!(%url, attempt, %error, event = name, "webhook delivery failed; giving up");
+                break;
+            }
+            tracing::warn!(%url, attempt, %error, event = name, "webhook delivery failed; retrying");
+            tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
+        }
+    }
+}
+
+async fn deliver(client: &WebhookClient, url: &str, body: Bytes) -> Result<(), String> {
     let req = Request::post(url)
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(body))
@@ -85,5 +126,76 @@ async fn deliver(
         Ok(Ok(rsp)) => Err(format!("status {}", rsp.status())),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt as _;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+
+    /// A receiver that answers the first call it gets 500 and records
+    /// every call's event, in the order they came.
+    async fn failing_once() -> (SocketAddr, Arc<Mutex<Vec<(String, bool)>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let seen = Arc::clone(&calls);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let mut seen = seen.lock().unwrap();
+                        let answered = !seen.is_empty();
+                        seen.push((event["event"].as_str().unwrap().to_owned(), answered));
+                        let mut rsp = http::Response::new(Full::new(Bytes::new()));
+                        if !answered {
+                            *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        Ok::<_, hyper::Error>(rsp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, calls)
+    }
+
+    #[tokio::test]
+    async fn a_url_hears_its_events_in_order_retries_included() {
+        let (addr, calls) = failing_once().await;
+        let webhooks = Webhooks::new(crate::tls::client_config(None).unwrap());
+        let config = crate::config::two_versions(10);
+        let state = LiveState::seed(&config.versions, None, 1);
+        let urls = [format!("http://{addr}/hook")];
+        webhooks.send(&urls, "stage", &state);
+        webhooks.send(&urls, "rollback", &state);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while calls.lock().unwrap().len() < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The stage's first attempt failed: it was sent again before the rollback.
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                ("stage".to_owned(), false),
+                ("stage".to_owned(), true),
+                ("rollback".to_owned(), true),
+            ]
+        );
     }
 }
