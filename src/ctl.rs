@@ -6,6 +6,7 @@
 //! with the server's message (or the cause) on failure. Does not own the
 //! API's behaviour (`admin`, `control`).
 
+use std::borrow::Cow;
 use std::env::VarError;
 use std::error::Error;
 use std::fmt::Write as _;
@@ -320,7 +321,7 @@ fn rollout_line(rollout: &Value) -> String {
     let stages = rollout["stages"].as_u64().unwrap_or(0);
     let stage = format!("{}/{stages}", (stage + 1).min(stages));
     let (weight, evaluations) = (&rollout["weight"], &rollout["evaluations"]);
-    if !matches!(phase, "progressing" | "paused") {
+    if !matches!(&*phase, "progressing" | "paused") {
         return format!(
             "{phase}  at stage {stage} (weight {weight}% then)  evaluations {evaluations}"
         );
@@ -415,8 +416,8 @@ pub fn render_state(state: &Value) -> String {
                 );
             }
         }
-        if let Some(reason) = rollout["reason"].as_str() {
-            let _ = writeln!(out, "            {reason}");
+        if rollout["reason"].is_string() {
+            let _ = writeln!(out, "            {}", text(&rollout["reason"]));
         }
     }
     if let Some(line) = rollback_line(state) {
@@ -436,7 +437,7 @@ enum Role {
 
 /// One upstream's entry in the version's `health` list of `GET /admin/state`.
 struct UpstreamHealth<'a> {
-    upstream: &'a str,
+    upstream: Cow<'a, str>,
     healthy: bool,
     ejected: bool,
 }
@@ -510,7 +511,7 @@ fn unavailable(version: &Value, role: Role) -> Option<String> {
 /// rollback is history, shown with its time.
 fn rollback_line(state: &Value) -> Option<String> {
     let rollback = state["last_rollback"].as_object()?;
-    let field = |name: &str| rollback.get(name).map_or("-", text);
+    let field = |name: &str| rollback.get(name).map_or(Cow::Borrowed("-"), text);
     let (at, source, reason) = (field("at"), field("source"), field("reason"));
     let canary = &state["canary"];
     if state["status"] == "rolled_back" && canary.is_object() {
@@ -525,8 +526,26 @@ fn rollback_line(state: &Value) -> Option<String> {
     }
 }
 
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or("-")
+/// A string field as printed to a terminal: `-` when absent, and each
+/// control character escaped (`\n`, `\u{1b}`), so that a reason given by
+/// one caller cannot forge lines, or send escape sequences, to whoever
+/// reads `ctl status`.
+fn text(value: &Value) -> Cow<'_, str> {
+    let Some(text) = value.as_str() else {
+        return Cow::Borrowed("-");
+    };
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
 }
 
 #[cfg(test)]
@@ -579,6 +598,25 @@ mod tests {
              \x20           no upstream of v2 is available: its cohort is served by stable (always before its first good probe), or gets 503s (health.canary_unavailable)\n\
              shadow      v9  [d:1 (not healthy)]  percent 10.0%\n\
              \x20           no upstream of v9 is available: no copies are sent\n"
+        );
+    }
+
+    #[test]
+    fn a_reason_cannot_forge_a_line_or_reach_the_terminal() {
+        let state = serde_json::json!({
+            "generation": 9, "status": "rolled_back",
+            "stable": {"name": "v1", "upstreams": ["a:1"]},
+            "canary": {"name": "v3", "upstreams": ["c:1"], "weight": 0.0},
+            "last_rollback": {"at": "2026-04-19T10:00:00Z", "source": "api",
+                "reason": "x\nstatus      steady\u{1b}[31mred"},
+            "shadow": null, "rollout": null,
+        });
+        let shown = render_state(&state);
+        assert!(!shown.contains('\u{1b}'), "{shown}");
+        assert_eq!(shown.lines().filter(|l| l.starts_with("status")).count(), 1);
+        assert!(
+            shown.contains(r"api: x\nstatus      steady\u{1b}[31mred"),
+            "{shown}"
         );
     }
 
