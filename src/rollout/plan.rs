@@ -85,7 +85,10 @@ struct Manifest {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping of rollout keys (stages, guardrails, ...)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of rollout keys (stages, guardrails, ...)"
+)]
 struct ManifestRollout {
     stages: Vec<ManifestStage>,
     #[serde(default)]

@@ -111,7 +111,10 @@ pub struct Rollback {
 /// What the state file holds: the live state and the digests of the
 /// config sections it was taken from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a JSON object of the state file's fields")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object of the state file's fields"
+)]
 pub struct SavedState {
     /// Of the `[versions]` section the state was seeded from.
     pub versions_digest: String,
