@@ -713,3 +713,89 @@ async fn a_reloaded_shadow_named_as_a_live_version_refuses_the_whole_reload() {
     assert!(server.control().state().shadow.is_none());
     server.shutdown().await;
 }
+
+/// The shadow's `max_body` 64 KiB, every POST mirrored.
+fn mirroring_posts(shadow: &ShadowBackend, name: &str) -> String {
+    format!(
+        "{ROUTING}\n[shadow]\nname = \"{name}\"\nupstreams = [\"{}\"]\npercent = 100\n\
+         methods = [\"POST\"]\nmax_body = \"64KiB\"\n",
+        shadow.addr
+    )
+}
+
+/// Waits for the shadow's next copy after the `before` it had seen, and
+/// returns its body as the shadow read it.
+async fn next_copy(shadow: &ShadowBackend, before: usize) -> Option<Bytes> {
+    eventually("the copy at the shadow", || shadow.seen().len() > before).await;
+    shadow.seen()[before].body.clone()
+}
+
+/// Trailers are the body's last frame: the copy ends whole without them.
+#[tokio::test]
+async fn a_body_that_ends_with_trailers_is_mirrored_whole() {
+    let stable = Backend::start(STABLE).await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = mirroring_posts(&shadow, "sh-trailers");
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    for (what, request) in [
+        (
+            "without trailers",
+            "POST / HTTP/1.1\r\nhost: x\r\nx-user: poster\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "with trailers",
+            "POST / HTTP/1.1\r\nhost: x\r\nx-user: poster\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\n",
+        ),
+    ] {
+        let before = shadow.seen().len();
+        let reply = support::raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+        assert_eq!(reply.status, 200, "{what}: {reply:?}");
+        let copy = next_copy(&shadow, before).await;
+        assert_eq!(copy.as_deref(), Some(&b"hello"[..]), "{what}");
+    }
+    server.shutdown().await;
+}
+
+/// An HTTP/2 upload of a declared length is whole once that much has come,
+/// whether `END_STREAM` rides on its last DATA frame or on an empty one
+/// after it (as Python's `h2` sends it): here as late as can be, once the
+/// answer is in, for hyper's HTTP/1.1 client has dropped the body by then.
+#[tokio::test]
+async fn an_http2_upload_ended_by_an_empty_data_frame_is_mirrored_whole() {
+    let stable = Backend::start(STABLE).await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = mirroring_posts(&shadow, "sh-h2-end");
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let tcp = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2 handshake");
+    tokio::spawn(connection);
+    for separate_end in [false, true] {
+        let before = shadow.seen().len();
+        let mut h2 = h2.clone().ready().await.expect("ready");
+        let req = Request::post(format!("http://{}/", server.proxy_addr()))
+            .header("x-user", "poster")
+            .header("content-length", "5")
+            .body(())
+            .expect("a request");
+        let (rsp, mut stream) = h2.send_request(req, false).expect("sent");
+        stream
+            .send_data(Bytes::from_static(b"hello"), !separate_end)
+            .expect("data");
+        let rsp = rsp.await.expect("an answer");
+        assert_eq!(rsp.status(), 200);
+        if separate_end {
+            stream.send_data(Bytes::new(), true).expect("end of stream");
+        }
+        let copy = next_copy(&shadow, before).await;
+        assert_eq!(
+            copy.as_deref(),
+            Some(&b"hello"[..]),
+            "END_STREAM on its own: {separate_end}"
+        );
+    }
+    server.shutdown().await;
+}
