@@ -859,11 +859,13 @@ mod raw {
             if list.is_empty() {
                 self.problem(key, "must name at least one upstream");
             }
+            // By address, as the admin API and the state file compare
+            // them: a host's name is the same in any case.
             let mut seen = HashSet::new();
             let mut parsed = Vec::with_capacity(list.len());
             for (i, text) in list.iter().enumerate() {
                 match UpstreamAddr::parse(text) {
-                    Ok(addr) if !seen.insert(addr.to_string()) => {
+                    Ok(addr) if !seen.insert(addr.clone()) => {
                         self.problem(&format!("{key}[{i}]"), format!("{text:?} is listed twice"))
                     }
                     Ok(addr) => parsed.push(addr),
@@ -1695,6 +1697,22 @@ mod tests {
             Err(ConfigError::Invalid(problems)) => problems.iter().map(|p| p.to_string()).collect(),
             other => panic!("expected problems, got {other:?}"),
         }
+    }
+
+    /// As the admin API and the state file compare them: a host's name
+    /// is the same in any case, so the state file a config seeds is one a
+    /// restart reads.
+    #[test]
+    fn an_upstream_listed_twice_in_two_cases_is_listed_twice() {
+        let text = r#"
+            [versions.stable]
+            name = "v1"
+            upstreams = ["localhost:9001", "LOCALHOST:9001"]
+        "#;
+        assert_eq!(
+            problems(text),
+            ["versions.stable.upstreams[1]: \"LOCALHOST:9001\" is listed twice"]
+        );
     }
 
     #[test]
