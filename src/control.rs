@@ -13,7 +13,9 @@
 //!   are saved again until it takes, as are audit lines the log refused.
 //! - A rollback takes traffic off the canary before it waits for the lock,
 //!   and the tables that the changes ahead of it install keep the canary
-//!   rolled back (`Control::rollbacks_under_way`).
+//!   rolled back (`Control::rollbacks_under_way`); once it is made (or
+//!   found nothing to do), the table is the live state's again, and only
+//!   then are the rolled-back canary's streams cut.
 //! - What is saved and audited: a rollout's look that changes only its
 //!   progress is saved without a new generation or an audit line; a reload
 //!   that places users anew without changing the live state is audited.
@@ -290,38 +292,42 @@ impl Control {
     /// [`Control::rollback`] by a rollout that ends with it (a guardrail, an
     /// abort), its end recorded in the same change: when the disk refuses
     /// the rollback, the rollout's end is live, and saved, with it.
+    /// Refused if `canary` is no longer the live canary under its rollout:
+    /// one installed since (a new canary, or the same name again) was not
+    /// judged, and a rollback or promotion from outside ended the rollout.
     pub fn rollback_rollout(
         &self,
+        canary: &str,
         reason: &str,
         source: Source,
         progress: serde_json::Value,
     ) -> Result<LiveState, ControlError> {
-        self.roll_back(reason, source, Some(progress))
+        self.roll_back(reason, source, Some((canary, progress)))
     }
 
     fn roll_back(
         &self,
         reason: &str,
         source: Source,
-        rollout: Option<serde_json::Value>,
+        rollout: Option<(&str, serde_json::Value)>,
     ) -> Result<LiveState, ControlError> {
-        let previous = self.table.snapshot();
         // Traffic leaves the canary before the lock is waited for: another
         // change being written (a weight, a rollout's look) holds it for
         // as long as the disk takes, and a rollback must not queue behind
         // it. Until this one is made, the tables those changes install
         // keep the canary rolled back too.
         let under_way = self.take_traffic_off_the_canary();
-        if self.table.load().status == Status::RolledBack
-            && previous.policy.routing.on_rollback == crate::config::OnRollback::Close
-            && let Some(canary) = &previous.canary
-        {
-            canary.version.close_streams();
-        }
         let by_its_rollout = rollout.is_some();
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
-            if by_its_rollout {
-                live.rollout = rollout;
+            if let Some((rolled_out, progress)) = rollout {
+                if live.canary.as_ref().is_none_or(|c| c.name != rolled_out)
+                    || !matches!(live.status, Status::Progressing | Status::Paused)
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "the canary is no longer {rolled_out:?} under its rollout"
+                    )));
+                }
+                live.rollout = Some(progress);
             }
             let Some(canary) = live.canary.as_mut() else {
                 return Ok(());
@@ -345,6 +351,24 @@ impl Control {
             Ok(())
         });
         drop(under_way);
+        // Now the table is the live state's, whatever the change did: a
+        // change ahead of this one, or one that came between its end and
+        // the guard's drop, installed it with the canary rolled back, and
+        // a rollback that found nothing to do (or was refused) installed
+        // nothing.
+        let table = {
+            let current = self.lock();
+            self.install(&current.saved.live, &current.policy);
+            self.table.snapshot()
+        };
+        // The streams of the canary this left rolled back, not of one a
+        // change ahead of it promoted or replaced.
+        if table.status == Status::RolledBack
+            && table.policy.routing.on_rollback == crate::config::OnRollback::Close
+            && let Some(canary) = &table.canary
+        {
+            canary.version.close_streams();
+        }
         result
     }
 
@@ -1199,8 +1223,11 @@ mod tests {
     }
 
     fn stalled() -> Stalled {
+        stalled_with(&crate::config::two_versions(10))
+    }
+
+    fn stalled_with(config: &Config) -> Stalled {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::two_versions(10);
         let file = FileStore::new(dir.path().join("state.json"));
         let (saved, _, _) =
             crate::state::restore(&file, &config.versions, None, false, false).unwrap();
@@ -1214,7 +1241,7 @@ mod tests {
         let audit = AuditLog::open(dir.path().join("audit.jsonl")).unwrap();
         let control = Arc::new(Control::new(
             saved,
-            Arc::new(Policy::from_config(&config)),
+            Arc::new(Policy::from_config(config)),
             Box::new(disk),
             audit,
         ));
@@ -1322,6 +1349,169 @@ mod tests {
             (3, Status::RolledBack)
         );
         assert_eq!(stalled.control.state(), rolled_back);
+    }
+
+    #[test]
+    fn an_abort_while_a_rollouts_start_is_written_does_not_hold_a_runtime_thread() {
+        let stalled = stalled();
+        // One worker, as in the tests above.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls = crate::tls::client_config(None).unwrap();
+        let rollouts = crate::rollout::controller::Rollouts::new(
+            Arc::clone(&stalled.control),
+            None,
+            crate::rollout::webhook::Webhooks::new(tls),
+        );
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        runtime.spawn({
+            let (rollouts, started) = (Arc::clone(&rollouts), Arc::clone(&started));
+            async move {
+                let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
+                let _ = rollouts.start(Some(plan), Actor::Api);
+                started.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start saves");
+        let (tx, rx) = mpsc::channel();
+        runtime.spawn({
+            let rollouts = Arc::clone(&rollouts);
+            async move {
+                let aborted = rollouts.abort(Some("the disk is slow")).await;
+                let _ = tx.send(aborted);
+            }
+        });
+        let aborted = rx.recv_timeout(DEADLINE);
+        let while_the_start_was_written = !started.load(std::sync::atomic::Ordering::SeqCst);
+        stalled.go.send(()).unwrap();
+        runtime.shutdown_background();
+        assert!(
+            while_the_start_was_written,
+            "the abort waited for the start's write"
+        );
+        assert!(
+            matches!(aborted, Ok(Err(ControlError::Conflict(_)))),
+            "{aborted:?}"
+        );
+    }
+
+    /// Runs `rollback` on its own thread, and waits until it has taken
+    /// traffic off the canary and waits for the lock.
+    fn a_rollback_under_way(
+        control: &Arc<Control>,
+        rollback: impl FnOnce(&Control) -> Result<LiveState, ControlError> + Send + 'static,
+    ) -> thread::JoinHandle<Result<LiveState, ControlError>> {
+        let rolling_back = thread::spawn({
+            let control = Arc::clone(control);
+            move || rollback(&control)
+        });
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while *control.rollbacks_under_way() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no rollback under way"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        rolling_back
+    }
+
+    #[test]
+    fn a_rollback_that_finds_the_canary_promoted_cuts_no_stream_of_it() {
+        let mut config = crate::config::two_versions(10);
+        config.routing.on_rollback = crate::config::OnRollback::Close;
+        let stalled = stalled_with(&config);
+        let canary = Arc::clone(
+            &stalled
+                .control
+                .table()
+                .snapshot()
+                .canary
+                .as_ref()
+                .unwrap()
+                .version,
+        );
+        let closes = canary.close_epoch();
+        let promote = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || control.promote(true, Actor::Api)
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the promotion writes the state");
+        let rollback = a_rollback_under_way(&stalled.control, |control| {
+            control.rollback("a test", Source::Api)
+        });
+        stalled.go.send(()).unwrap();
+        let promoted = promote.join().unwrap().expect("the promotion is saved");
+        let after = rollback.join().unwrap().expect("the rollback answers");
+
+        assert_eq!(after, promoted, "nothing was left to roll back");
+        let table = stalled.control.table().snapshot();
+        assert_eq!(
+            (table.stable.name.as_str(), table.status),
+            ("v2", Status::Steady)
+        );
+        assert_eq!(
+            table.stable.close_epoch(),
+            closes,
+            "the promoted version's streams were cut"
+        );
+    }
+
+    #[test]
+    fn a_rollouts_rollback_leaves_a_canary_installed_meanwhile_alone() {
+        let stalled = stalled();
+        stalled.go.send(()).unwrap();
+        stalled
+            .control
+            .rollout_change(Action::RolloutStart, None, Actor::Api, |live| {
+                live.status = Status::Progressing;
+                live.rollout = Some(serde_json::json!({"canary": "v2", "phase": "progressing"}));
+            })
+            .unwrap();
+        let install = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || {
+                let upstreams = ["127.0.0.1:9003".to_owned()];
+                control.install_canary("v3", &upstreams, Weight::from_percent(10.0).unwrap(), false)
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start writes");
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the install writes the state");
+        let rollback = a_rollback_under_way(&stalled.control, |control| {
+            let progress = serde_json::json!({"canary": "v2", "phase": "rolled_back"});
+            control.rollback_rollout("v2", "guardrail failed", Source::Guardrail, progress)
+        });
+        stalled.go.send(()).unwrap();
+        let installed = install.join().unwrap().expect("v3 is installed");
+        let refused = rollback.join().unwrap();
+
+        assert!(
+            matches!(refused, Err(ControlError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert_eq!(stalled.control.state(), installed);
+        let table = stalled.control.table().snapshot();
+        let canary = table.canary.as_ref().unwrap();
+        assert_eq!(
+            (canary.version.name.as_str(), canary.weight, table.status),
+            ("v3", Weight::from_percent(10.0).unwrap(), Status::Steady),
+            "v3 is served as installed"
+        );
     }
 
     #[test]

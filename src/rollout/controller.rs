@@ -427,7 +427,7 @@ impl Rollouts {
     /// installed, once the rollout that the new canary ended (if any) has
     /// recorded its end, which it does as soon as it sees the change.
     pub async fn start_configured(self: &Arc<Self>) -> Result<LiveState, ControlError> {
-        let previous = self.running().clone();
+        let previous = self.try_running()?.clone();
         if let Some(previous) = previous {
             let ended = tokio::time::timeout(Duration::from_secs(5), previous.closed()).await;
             if ended.is_err() {
@@ -573,7 +573,10 @@ impl Rollouts {
                 }
             }
             // None running: nothing to save.
-            Err(_) if self.running().as_ref().is_none_or(mpsc::Sender::is_closed) => {}
+            Err(_)
+                if self
+                    .try_running()
+                    .is_ok_and(|running| running.as_ref().is_none_or(mpsc::Sender::is_closed)) => {}
             Err(error) => tracing::warn!(%error, "the rollout's progress was not saved"),
         }
     }
@@ -591,7 +594,7 @@ impl Rollouts {
     }
 
     fn command(&self, command: Command) -> Result<(), ControlError> {
-        let running = self.running();
+        let running = self.try_running()?;
         let sender = running
             .as_ref()
             .filter(|tx| !tx.is_closed())
@@ -603,6 +606,22 @@ impl Rollouts {
 
     fn running(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Command>>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Rollouts::running`] for the async callers (commands, a reload, a
+    /// shutdown): a start holds the lock while it saves the rollout's
+    /// first step, and a disk that stalls must not stall a runtime thread
+    /// waiting on it.
+    fn try_running(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, Option<mpsc::Sender<Command>>>, ControlError> {
+        match self.running.try_lock() {
+            Ok(running) => Ok(running),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(ControlError::Conflict(
+                "a rollout is starting (its first step is being saved); try again".into(),
+            )),
+        }
     }
 
     fn spawn(self: &Arc<Self>, plan: RolloutConfig, progress: Progress) -> mpsc::Sender<Command> {
@@ -995,7 +1014,10 @@ impl Rollouts {
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
                 let recorded =
                     serde_json::to_value(&progress).expect("rollout progress serialises to JSON");
-                on_disk(|| self.control.rollback_rollout(&reason, source, recorded))
+                on_disk(|| {
+                    self.control
+                        .rollback_rollout(&progress.canary, &reason, source, recorded)
+                })
             }
             Phase::Promoted => {
                 let recorded =
@@ -1027,6 +1049,18 @@ impl Rollouts {
                     }
                     _ => format!("not promoted: {error}"),
                 });
+                self.record_end(&progress)
+            }
+            // A rollback refused because a change outside the rollout came
+            // first (a new canary, or a rollback or promotion of this
+            // one): that change ended the rollout, and its canary is not
+            // this rollout's to roll back.
+            Err(ControlError::Conflict(_))
+                if matches!(phase, Phase::RolledBack | Phase::Aborted) =>
+            {
+                phase = Phase::Superseded;
+                progress.phase = phase;
+                progress.reason = Some("ended by a change outside the rollout".into());
                 self.record_end(&progress)
             }
             result => result,
