@@ -126,7 +126,8 @@ pub struct Server {
 #[derive(Debug, Clone, PartialEq)]
 struct RestartOnly {
     admin_addr: SocketAddr,
-    state: (PathBuf, PathBuf),
+    state_path: PathBuf,
+    audit_log: PathBuf,
     tls: Option<(PathBuf, PathBuf, Vec<String>)>,
     ca_file: Option<PathBuf>,
 }
@@ -135,7 +136,8 @@ impl RestartOnly {
     fn of(config: &Config) -> RestartOnly {
         RestartOnly {
             admin_addr: config.admin.addr,
-            state: (config.state.path.clone(), config.state.audit_log.clone()),
+            state_path: config.state.path.clone(),
+            audit_log: config.state.audit_log.clone(),
             tls: config
                 .listen
                 .tls
@@ -151,8 +153,11 @@ impl RestartOnly {
         if self.admin_addr != other.admin_addr {
             keys.push("admin.addr");
         }
-        if self.state != other.state {
-            keys.push("state.path, state.audit_log");
+        if self.state_path != other.state_path {
+            keys.push("state.path");
+        }
+        if self.audit_log != other.audit_log {
+            keys.push("state.audit_log");
         }
         if self.tls != other.tls {
             keys.push("listen.tls");
@@ -772,5 +777,24 @@ fn stopped(shutdown: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + 
     async move {
         // An error means the sender is gone, which is a stop as well.
         let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_each_restart_only_key_it_changes() {
+        let config = |audit_log: &str| {
+            let text = format!(
+                "[versions.stable]\nname = \"v1\"\nupstreams = [\"127.0.0.1:9001\"]\n\
+                 [state]\naudit_log = \"{audit_log}\"\n"
+            );
+            RestartOnly::of(&Config::parse(&text, "test").expect("a valid config"))
+        };
+        let running = config("a.jsonl");
+        assert_eq!(running.changed(&config("a.jsonl")), Vec::<&str>::new());
+        assert_eq!(running.changed(&config("b.jsonl")), ["state.audit_log"]);
     }
 }
