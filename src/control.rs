@@ -268,7 +268,7 @@ impl Control {
             let canary = live
                 .canary
                 .as_mut()
-                .ok_or_else(|| ControlError::Conflict("there is no canary to weigh; install one with PUT /admin/canary".into()))?;
+                .ok_or_else(|| ControlError::Conflict("there is no canary to weigh; install one (PUT /admin/canary, or cohort ctl canary)".into()))?;
             if rolled_back && weight > Weight::ZERO && !force {
                 return Err(ControlError::Conflict(format!(
                     "the canary {:?} was rolled back; send \"force\": true or install a new canary to raise its weight",

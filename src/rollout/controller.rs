@@ -343,7 +343,7 @@ impl Rollouts {
         let live = self.control.state();
         let canary = live.canary.as_ref().ok_or_else(|| {
             ControlError::Conflict(
-                "there is no canary to roll out; install one with PUT /admin/canary".into(),
+                "there is no canary to roll out; install one (PUT /admin/canary, or cohort ctl canary)".into(),
             )
         })?;
         // A rollout raises the weight: it must not lift the rollback latch,
