@@ -1253,6 +1253,26 @@ mod tests {
         }
     }
 
+    /// A runtime with one worker: a task that holds it up holds up every
+    /// other task on it, as `/health` and `/metrics` would be.
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The rollouts of `stalled`'s control plane.
+    fn rollouts_of(stalled: &Stalled) -> Arc<crate::rollout::controller::Rollouts> {
+        let tls = crate::tls::client_config(None).unwrap();
+        crate::rollout::controller::Rollouts::new(
+            Arc::clone(&stalled.control),
+            None,
+            crate::rollout::webhook::Webhooks::new(tls),
+        )
+    }
+
     /// Starts a weight change on its own thread, and waits until its write stalls.
     fn stall_a_change(stalled: &Stalled) -> thread::JoinHandle<Result<LiveState, ControlError>> {
         let change = thread::spawn({
@@ -1354,18 +1374,8 @@ mod tests {
     #[test]
     fn an_abort_while_a_rollouts_start_is_written_does_not_hold_a_runtime_thread() {
         let stalled = stalled();
-        // One worker, as in the tests above.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let tls = crate::tls::client_config(None).unwrap();
-        let rollouts = crate::rollout::controller::Rollouts::new(
-            Arc::clone(&stalled.control),
-            None,
-            crate::rollout::webhook::Webhooks::new(tls),
-        );
+        let runtime = one_worker();
+        let rollouts = rollouts_of(&stalled);
         let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         runtime.spawn({
             let (rollouts, started) = (Arc::clone(&rollouts), Arc::clone(&started));
@@ -1539,11 +1549,7 @@ mod tests {
         let change = stall_a_change(&stalled);
         // One worker: were the retry to wait for the state lock on it,
         // nothing else on the runtime (`/health`, `/metrics`) would run.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = one_worker();
         runtime.spawn(Arc::clone(&stalled.control).keep_saved(std::future::pending::<()>()));
         // A task that answers every 10 ms, for more than the retry's
         // one-second period, so that a retry falls within it.
@@ -1563,18 +1569,8 @@ mod tests {
     #[test]
     fn a_rollout_saving_on_a_stalled_disk_does_not_hold_a_runtime_thread() {
         let stalled = stalled();
-        // One worker, as in the test above.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let tls = crate::tls::client_config(None).unwrap();
-        let rollouts = crate::rollout::controller::Rollouts::new(
-            Arc::clone(&stalled.control),
-            None,
-            crate::rollout::webhook::Webhooks::new(tls),
-        );
+        let runtime = one_worker();
+        let rollouts = rollouts_of(&stalled);
         // Started as the admin API starts one, off the runtime; its task
         // then looks, and saves, every 20 ms.
         let start = thread::spawn({
