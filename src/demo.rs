@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -84,8 +85,12 @@ async fn run_with(config: Config) -> Result<(), DemoError> {
         }
     }
 
-    let mut signals = Signals::register().map_err(ServeError::Signals)?;
+    let (mut signals, rollbacks) = Signals::register().map_err(ServeError::Signals)?;
     let server = crate::serve::start(config.clone()).await?;
+    tokio::spawn(crate::serve::roll_back_on_each(
+        rollbacks,
+        Arc::clone(server.control()),
+    ));
     let proxy = server.proxy_addr();
     let admin = server.admin_addr();
     println!(
@@ -107,7 +112,6 @@ Ctrl-C stops it all.",
     loop {
         match signals.recv().await {
             Signal::Shutdown => break,
-            Signal::Rollback => crate::serve::rollback_on_signal(server.control()),
             Signal::Reload => {
                 tracing::info!("SIGHUP: the demo's config is built in; there is nothing to reload");
             }

@@ -34,7 +34,7 @@ use crate::proxy::slots::ConnectionSlots;
 use crate::rollout::controller::Rollouts;
 use crate::rollout::plan;
 use crate::rollout::webhook::Webhooks;
-use crate::signals::{Signal, Signals};
+use crate::signals::{Rollbacks, Signal, Signals};
 use crate::state::audit::{Actor, AuditLog};
 use crate::state::file::FileStore;
 use crate::state::{self, Source, StateError, StateStore as _};
@@ -335,14 +335,16 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
-    let mut signals = Signals::register().map_err(ServeError::Signals)?;
+    let (mut signals, rollbacks) = Signals::register().map_err(ServeError::Signals)?;
     let config = Config::load(path)?;
     let mut server = start_with(config, options).await?;
+    // Through the drain too: SIGUSR1 still rolls back meanwhile, and
+    // `on_rollback = "close"` still cuts the canary's streams.
+    tokio::spawn(roll_back_on_each(rollbacks, Arc::clone(&server.control)));
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {
         match signals.recv().await {
             Signal::Shutdown => break,
-            Signal::Rollback => rollback_on_signal(&server.control),
             // The certificate files are read again whether or not the config
             // changed, but not when the config was refused: one reload, one verdict.
             Signal::Reload => {
@@ -370,15 +372,13 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     let control = Arc::clone(&server.control);
     let drained = server.shutdown();
     tokio::pin!(drained);
-    // The drain may last as long as the longest stream: SIGUSR1 still
-    // rolls back meanwhile (and `on_rollback = "close"` still cuts the
-    // canary's streams), and a second SIGTERM or SIGINT stops waiting, as
-    // nginx's fast shutdown after a graceful one.
+    // The drain may last as long as the longest stream: a second SIGTERM
+    // or SIGINT stops waiting, as nginx's fast shutdown after a graceful
+    // one.
     loop {
         tokio::select! {
             () = &mut drained => break,
             signal = signals.recv() => match signal {
-                Signal::Rollback => rollback_on_signal(&control),
                 Signal::Reload => tracing::info!("SIGHUP ignored: shutting down"),
                 Signal::Shutdown => {
                     tracing::warn!("stop signalled again: exiting without waiting for the drain");
@@ -392,8 +392,17 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     control.save_before_exit().map_err(ServeError::Unsaved)
 }
 
+/// Rolls back at each SIGUSR1, for as long as the runtime runs: on a task
+/// of its own, so that a reload waiting on the disk never holds it up.
+pub(crate) async fn roll_back_on_each(mut rollbacks: Rollbacks, control: Arc<Control>) {
+    loop {
+        rollbacks.recv().await;
+        rollback_on_signal(&control);
+    }
+}
+
 /// What SIGUSR1 does: roll back, and say whether anything changed.
-pub(crate) fn rollback_on_signal(control: &Control) {
+fn rollback_on_signal(control: &Control) {
     let before = control.state().generation;
     match on_disk(|| control.rollback("SIGUSR1 received", Source::Signal)) {
         // No canary, or one rolled back already: nothing changed.
