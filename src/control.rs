@@ -125,20 +125,60 @@ pub struct Control {
     live: ArcSwap<LiveState>,
     /// The generation of the live state, for those who act on its changes.
     changes: watch::Sender<u64>,
-    /// Rollbacks that have taken traffic off the canary and wait for the
-    /// lock to be made: while any does, every table installed keeps the
-    /// canary rolled back (see [`Control::install`]). Held only while a
-    /// table is swapped, never across a write.
-    rollbacks_under_way: Mutex<usize>,
+    /// What the live table is made of. Held only while a table is
+    /// swapped, never across a write.
+    installing: Mutex<Installing>,
 }
 
-/// A rollback between taking traffic off the canary and being made; it
-/// stops counting in [`Control::rollbacks_under_way`] when dropped.
-struct RollbackUnderWay<'a>(&'a Control);
+/// The table the live state describes, and the rollbacks under way.
+#[derive(Debug)]
+struct Installing {
+    /// The table the live state describes, as last built. The live table
+    /// is this one, but with its canary rolled back while a rollback of it
+    /// is under way; the next build carries versions over from this one,
+    /// so that a rollback under way does not start a canary's window
+    /// afresh as a real one does.
+    built: Arc<RouteTable>,
+    /// The canary each rollback under way is for: a rollout's, by name, or
+    /// (`None`) whichever is live when it is made.
+    rollbacks: Vec<Option<String>>,
+}
+
+impl Installing {
+    /// Swaps `built` in as the live table, its canary rolled back if a
+    /// rollback under way is for it.
+    fn show(&self, table: &Table) {
+        let canary = self.built.canary.as_ref().map(|c| c.version.name.as_str());
+        let rolled_back = self
+            .rollbacks
+            .iter()
+            .any(|rollback| rollback.is_none() || rollback.as_deref() == canary);
+        table.store(if rolled_back {
+            self.built.rolled_back()
+        } else {
+            RouteTable::clone(&self.built)
+        });
+    }
+}
+
+/// A rollback between taking traffic off its canary and being made;
+/// dropped, it is no longer under way (its caller installs the table
+/// again, see [`Control::roll_back`]).
+struct RollbackUnderWay<'a> {
+    control: &'a Control,
+    canary: Option<String>,
+}
 
 impl Drop for RollbackUnderWay<'_> {
     fn drop(&mut self) {
-        *self.0.rollbacks_under_way() -= 1;
+        let mut installing = self.control.installing();
+        if let Some(at) = installing
+            .rollbacks
+            .iter()
+            .position(|rollback| *rollback == self.canary)
+        {
+            installing.rollbacks.swap_remove(at);
+        }
     }
 }
 
@@ -183,7 +223,8 @@ impl Control {
         store: Box<dyn StateStore>,
         audit: AuditLog,
     ) -> Control {
-        let table = Arc::new(Table::new(build(&saved.live, &policy, None, true)));
+        let built = Arc::new(build(&saved.live, &policy, None, true));
+        let table = Arc::new(Table::new(RouteTable::clone(&built)));
         publish(&saved.live);
         Control {
             table,
@@ -196,7 +237,10 @@ impl Control {
                 policy,
                 unsaved: None,
             }),
-            rollbacks_under_way: Mutex::new(0),
+            installing: Mutex::new(Installing {
+                built,
+                rollbacks: Vec::new(),
+            }),
         }
     }
 
@@ -315,8 +359,10 @@ impl Control {
         // change being written (a weight, a rollout's look) holds it for
         // as long as the disk takes, and a rollback must not queue behind
         // it. Until this one is made, the tables those changes install
-        // keep the canary rolled back too.
-        let under_way = self.take_traffic_off_the_canary();
+        // keep the canary rolled back too; a rollout's rollback is for
+        // its own canary alone.
+        let (under_way, taken_off) =
+            self.take_traffic_off_the_canary(rollout.as_ref().map(|(canary, _)| *canary));
         let by_its_rollout = rollout.is_some();
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
             if let Some((rolled_out, progress)) = rollout {
@@ -361,30 +407,69 @@ impl Control {
             self.install(&current.saved.live, &current.policy);
             self.table.snapshot()
         };
-        // The streams of the canary this left rolled back, not of one a
-        // change ahead of it promoted or replaced.
+        // The rolled-back canary's streams were cut as it was rolled back
+        // (see `commit`). An operator's rollback asked while a new canary
+        // was being written rolled back the new one; the one it took
+        // traffic off, replaced meanwhile, was the one meant to stop
+        // talking now. One promoted meanwhile is left alone.
+        if table.policy.routing.on_rollback == crate::config::OnRollback::Close
+            && let Some(replaced) = taken_off.filter(|_| !by_its_rollout)
+            && table.stable.name != replaced.name
+            && table
+                .canary
+                .as_ref()
+                .is_none_or(|c| c.version.name != replaced.name)
+        {
+            replaced.close_streams();
+        }
+        result
+    }
+
+    /// Swaps in the live table with the canary rolled back (only the one
+    /// named `canary`, if given), and keeps every table installed so
+    /// until the returned guard is dropped. Also returns the canary that
+    /// traffic was taken off, if any.
+    fn take_traffic_off_the_canary(
+        &self,
+        canary: Option<&str>,
+    ) -> (RollbackUnderWay<'_>, Option<Arc<crate::table::Version>>) {
+        let canary = canary.map(str::to_owned);
+        let mut installing = self.installing();
+        installing.rollbacks.push(canary.clone());
+        installing.show(&self.table);
+        let taken_off = installing
+            .built
+            .canary
+            .as_ref()
+            .filter(|c| canary.as_ref().is_none_or(|name| c.version.name == *name))
+            .map(|c| Arc::clone(&c.version));
+        (
+            RollbackUnderWay {
+                control: self,
+                canary,
+            },
+            taken_off,
+        )
+    }
+
+    fn installing(&self) -> std::sync::MutexGuard<'_, Installing> {
+        self.installing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// With `on_rollback = "close"`, ends the open streams of the canary
+    /// the live table holds rolled back: as it is rolled back, before the
+    /// rollback is written, so that a bad version stops talking to users
+    /// however long the disk takes.
+    fn cut_rolled_back_streams(&self) {
+        let table = self.table.load();
         if table.status == Status::RolledBack
             && table.policy.routing.on_rollback == crate::config::OnRollback::Close
             && let Some(canary) = &table.canary
         {
             canary.version.close_streams();
         }
-        result
-    }
-
-    /// Installs the live table with its canary rolled back, and keeps every
-    /// table installed so until the returned guard is dropped.
-    fn take_traffic_off_the_canary(&self) -> RollbackUnderWay<'_> {
-        let mut under_way = self.rollbacks_under_way();
-        *under_way += 1;
-        self.table.store(self.table.snapshot().rolled_back());
-        RollbackUnderWay(self)
-    }
-
-    fn rollbacks_under_way(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.rollbacks_under_way
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Makes the canary the stable version; there is no canary after. A
@@ -781,18 +866,13 @@ impl Control {
         })
     }
 
-    /// Swaps in the route table for `live`, carrying over the current
-    /// table's unchanged versions (see [`build`]).
-    /// Swaps in the table `live` describes; with its canary rolled back
-    /// while a rollback is under way (see [`Control::rollbacks_under_way`]).
+    /// Swaps in the route table for `live`, carrying over the unchanged
+    /// versions of the table last built (see [`build`]); with its canary
+    /// rolled back while a rollback of it is under way (see [`Installing`]).
     fn install(&self, live: &LiveState, policy: &Arc<Policy>) {
-        let under_way = self.rollbacks_under_way();
-        let table = build(live, policy, Some(&self.table.snapshot()), true);
-        self.table.store(if *under_way > 0 {
-            table.rolled_back()
-        } else {
-            table
-        });
+        let mut installing = self.installing();
+        installing.built = Arc::new(build(live, policy, Some(&installing.built), true));
+        installing.show(&self.table);
     }
 
     /// Makes `next` the state held, and its live part the one readers see.
@@ -915,6 +995,9 @@ impl Control {
         if swap_first {
             self.install(&next.live, &current.policy);
             self.live.store(Arc::new(next.live.clone()));
+            if action == Action::Rollback {
+                self.cut_rolled_back_streams();
+            }
         }
         if let Err(error) = self.store.write(Some(on_disk), &next) {
             let Some(made) = made_anyway else {
@@ -1422,7 +1505,7 @@ mod tests {
             move || rollback(&control)
         });
         let deadline = std::time::Instant::now() + DEADLINE;
-        while *control.rollbacks_under_way() == 0 {
+        while control.installing().rollbacks.is_empty() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no rollback under way"
@@ -1434,19 +1517,7 @@ mod tests {
 
     #[test]
     fn a_rollback_that_finds_the_canary_promoted_cuts_no_stream_of_it() {
-        let mut config = crate::config::two_versions(10);
-        config.routing.on_rollback = crate::config::OnRollback::Close;
-        let stalled = stalled_with(&config);
-        let canary = Arc::clone(
-            &stalled
-                .control
-                .table()
-                .snapshot()
-                .canary
-                .as_ref()
-                .unwrap()
-                .version,
-        );
+        let (stalled, canary) = stalled_closing();
         let closes = canary.close_epoch();
         let promote = thread::spawn({
             let control = Arc::clone(&stalled.control);
@@ -1479,6 +1550,8 @@ mod tests {
     #[test]
     fn a_rollouts_rollback_leaves_a_canary_installed_meanwhile_alone() {
         let stalled = stalled();
+        // v2 under its rollout, then v3 installed: both written at once.
+        stalled.go.send(()).unwrap();
         stalled.go.send(()).unwrap();
         stalled
             .control
@@ -1487,6 +1560,102 @@ mod tests {
                 live.rollout = Some(serde_json::json!({"canary": "v2", "phase": "progressing"}));
             })
             .unwrap();
+        let upstreams = ["127.0.0.1:9003".to_owned()];
+        let ten = Weight::from_percent(10.0).unwrap();
+        let installed = stalled
+            .control
+            .install_canary("v3", &upstreams, ten, false)
+            .expect("v3 is installed");
+        let v3 = Arc::clone(
+            &stalled
+                .control
+                .table()
+                .snapshot()
+                .canary
+                .as_ref()
+                .unwrap()
+                .version,
+        );
+        for _ in 0..2 {
+            stalled.begun.recv_timeout(DEADLINE).expect("a write");
+        }
+
+        // v2's guardrail trips while another change is being written.
+        let weight = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || control.set_weight(Weight::from_percent(20.0).unwrap(), false)
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the weight writes the state");
+        let rollback = a_rollback_under_way(&stalled.control, |control| {
+            let progress = serde_json::json!({"canary": "v2", "phase": "rolled_back"});
+            control.rollback_rollout("v2", "guardrail failed", Source::Guardrail, progress)
+        });
+        let table = stalled.control.table().snapshot();
+        let during_the_write = (table.status, table.weight());
+        stalled.go.send(()).unwrap();
+        weight.join().unwrap().expect("the weight is saved");
+        let refused = rollback.join().unwrap();
+
+        assert!(
+            matches!(refused, Err(ControlError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            during_the_write,
+            (installed.status, ten),
+            "v2's rollback took v3's users off it"
+        );
+        let table = stalled.control.table().snapshot();
+        let canary = table.canary.as_ref().unwrap();
+        assert_eq!(
+            (canary.version.name.as_str(), canary.weight, table.status),
+            ("v3", Weight::from_percent(20.0).unwrap(), Status::Steady),
+            "v3 is served at its weight"
+        );
+        assert!(
+            Arc::ptr_eq(&canary.version.window, &v3.window),
+            "v3's window (what its guardrails judge) was started afresh"
+        );
+    }
+
+    /// As [`stalled`], with `routing.on_rollback = "close"`; and its canary.
+    fn stalled_closing() -> (Stalled, Arc<crate::table::Version>) {
+        let mut config = crate::config::two_versions(10);
+        config.routing.on_rollback = crate::config::OnRollback::Close;
+        let stalled = stalled_with(&config);
+        let table = stalled.control.table().snapshot();
+        let canary = Arc::clone(&table.canary.as_ref().unwrap().version);
+        (stalled, canary)
+    }
+
+    #[test]
+    fn a_rollback_cuts_the_canarys_streams_before_its_write() {
+        let (stalled, v2) = stalled_closing();
+        let closes = v2.close_epoch();
+        let rollback = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || control.rollback("v2 is bad", Source::Api)
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the rollback writes the state");
+        let cut_during_the_write = v2.close_epoch() > closes;
+        stalled.go.send(()).unwrap();
+        rollback.join().unwrap().expect("the rollback is saved");
+        assert!(
+            cut_during_the_write,
+            "v2's streams ran on while the rollback was written"
+        );
+    }
+
+    #[test]
+    fn a_rollback_asked_while_a_new_canary_is_written_cuts_the_one_it_took_traffic_off() {
+        let (stalled, v2) = stalled_closing();
+        let closes = v2.close_epoch();
         let install = thread::spawn({
             let control = Arc::clone(&stalled.control);
             move || {
@@ -1497,37 +1666,29 @@ mod tests {
         stalled
             .begun
             .recv_timeout(DEADLINE)
-            .expect("the start writes");
+            .expect("the install writes the state");
+        let rollback = a_rollback_under_way(&stalled.control, |control| {
+            control.rollback("v2 is bad", Source::Api)
+        });
+        assert_eq!(stalled.control.table().snapshot().weight(), Weight::ZERO);
+        stalled.go.send(()).unwrap();
+        install.join().unwrap().expect("v3 is installed");
         stalled
             .begun
             .recv_timeout(DEADLINE)
-            .expect("the install writes the state");
-        let rollback = a_rollback_under_way(&stalled.control, |control| {
-            let progress = serde_json::json!({"canary": "v2", "phase": "rolled_back"});
-            control.rollback_rollout("v2", "guardrail failed", Source::Guardrail, progress)
-        });
+            .expect("the rollback writes the state");
         stalled.go.send(()).unwrap();
-        let installed = install.join().unwrap().expect("v3 is installed");
-        let refused = rollback.join().unwrap();
-
-        assert!(
-            matches!(refused, Err(ControlError::Conflict(_))),
-            "{refused:?}"
-        );
-        assert_eq!(stalled.control.state(), installed);
-        let table = stalled.control.table().snapshot();
-        let canary = table.canary.as_ref().unwrap();
-        assert_eq!(
-            (canary.version.name.as_str(), canary.weight, table.status),
-            ("v3", Weight::from_percent(10.0).unwrap(), Status::Steady),
-            "v3 is served as installed"
-        );
+        let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
+        // In the order the lock was taken: v3, then its rollback.
+        assert_eq!(rolled_back.canary.as_ref().unwrap().name, "v3");
+        assert_eq!(rolled_back.status, Status::RolledBack);
+        assert!(v2.close_epoch() > closes, "v2's streams ran on");
     }
 
     #[test]
     fn a_change_made_while_a_rollback_is_under_way_keeps_the_canary_rolled_back() {
         let stalled = stalled();
-        let under_way = stalled.control.take_traffic_off_the_canary();
+        let (under_way, _) = stalled.control.take_traffic_off_the_canary(None);
         // The change's write goes through at once.
         stalled.go.send(()).unwrap();
         let changed = stalled
