@@ -11,11 +11,12 @@
 //! - Changes made anyway: a rollback, and a rollout's end, swap first and
 //!   hold even when the state file refuses them (see `made_anyway`). They
 //!   are saved again until it takes, as are audit lines the log refused.
-//! - A rollback takes traffic off the canary before it waits for the lock,
-//!   and the tables that the changes ahead of it install keep the canary
-//!   rolled back (`Control::rollbacks_under_way`); once it is made (or
-//!   found nothing to do), the table is the live state's again, and only
-//!   then are the rolled-back canary's streams cut.
+//! - A rollback takes traffic off the canary (a rollout's: its own canary
+//!   only) before it waits for the lock, and the tables that the changes
+//!   ahead of it install keep that canary rolled back (`Installing`); once
+//!   it is made (or found nothing to do), the table is the live state's
+//!   again. With `on_rollback = "close"`, the rolled-back canary's streams
+//!   are cut as it is rolled back, before the write.
 //! - What is saved and audited: a rollout's look that changes only its
 //!   progress is saved without a new generation or an audit line; a reload
 //!   that places users anew without changing the live state is audited.
