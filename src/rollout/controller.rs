@@ -619,7 +619,7 @@ impl Rollouts {
             Ok(running) => Ok(running),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => Err(ControlError::Conflict(
-                "a rollout is starting (its first step is being saved); try again".into(),
+                "the rollout is busy (starting, its first step being saved, or taking another command); try again".into(),
             )),
         }
     }
