@@ -163,8 +163,8 @@ impl Installing {
 }
 
 /// A rollback between taking traffic off its canary and being made;
-/// dropped, it is no longer under way (its caller installs the table
-/// again, see [`Control::roll_back`]).
+/// dropped, it is no longer under way, and the live table is the one the
+/// live state describes again (but for other rollbacks under way).
 struct RollbackUnderWay<'a> {
     control: &'a Control,
     canary: Option<String>,
@@ -180,6 +180,9 @@ impl Drop for RollbackUnderWay<'_> {
         {
             installing.rollbacks.swap_remove(at);
         }
+        // A rollback made installed its own table already; one that found
+        // nothing to do, or was refused, gives its canary its traffic back.
+        installing.show(&self.control.table);
     }
 }
 
@@ -331,6 +334,17 @@ impl Control {
     /// Sends everyone to stable at once and latches until a new canary or a
     /// forced weight. Idempotent: rolling back a rolled-back canary changes nothing.
     pub fn rollback(&self, reason: &str, source: Source) -> Result<LiveState, ControlError> {
+        self.roll_back(reason, source, None).map(|(live, _)| live)
+    }
+
+    /// [`Control::rollback`], saying also whether this call rolled a canary
+    /// back: `false` when, by the time it was made, there was none (a
+    /// promotion ahead of it, say) or it was rolled back already.
+    pub fn rollback_telling(
+        &self,
+        reason: &str,
+        source: Source,
+    ) -> Result<(LiveState, bool), ControlError> {
         self.roll_back(reason, source, None)
     }
 
@@ -348,6 +362,7 @@ impl Control {
         progress: serde_json::Value,
     ) -> Result<LiveState, ControlError> {
         self.roll_back(reason, source, Some((canary, progress)))
+            .map(|(live, _)| live)
     }
 
     fn roll_back(
@@ -355,7 +370,7 @@ impl Control {
         reason: &str,
         source: Source,
         rollout: Option<(&str, serde_json::Value)>,
-    ) -> Result<LiveState, ControlError> {
+    ) -> Result<(LiveState, bool), ControlError> {
         // Traffic leaves the canary before the lock is waited for: another
         // change being written (a weight, a rollout's look) holds it for
         // as long as the disk takes, and a rollback must not queue behind
@@ -365,6 +380,7 @@ impl Control {
         let (under_way, taken_off) =
             self.take_traffic_off_the_canary(rollout.as_ref().map(|(canary, _)| *canary));
         let by_its_rollout = rollout.is_some();
+        let mut made = false;
         let result = self.change(Action::Rollback, Some(reason), source.into(), |live| {
             if let Some((rolled_out, progress)) = rollout {
                 if live.canary.as_ref().is_none_or(|c| c.name != rolled_out)
@@ -384,6 +400,7 @@ impl Control {
             }
             canary.weight = 0.0;
             live.status = Status::RolledBack;
+            made = true;
             live.last_rollback = Some(Rollback {
                 at: crate::state::now_rfc3339(),
                 reason: reason.to_owned(),
@@ -398,16 +415,7 @@ impl Control {
             Ok(())
         });
         drop(under_way);
-        // Now the table is the live state's, whatever the change did: a
-        // change ahead of this one, or one that came between its end and
-        // the guard's drop, installed it with the canary rolled back, and
-        // a rollback that found nothing to do (or was refused) installed
-        // nothing.
-        let table = {
-            let current = self.lock();
-            self.install(&current.saved.live, &current.policy);
-            self.table.snapshot()
-        };
+        let table = self.table.snapshot();
         // The rolled-back canary's streams were cut as it was rolled back
         // (see `commit`). An operator's rollback asked while a new canary
         // was being written rolled back the new one; the one it took
@@ -423,7 +431,7 @@ impl Control {
         {
             replaced.close_streams();
         }
-        result
+        result.map(|live| (live, made))
     }
 
     /// Swaps in the live table with the canary rolled back (only the one
@@ -1424,7 +1432,7 @@ mod tests {
         let change = stall_a_change(&stalled);
         let rollback = thread::spawn({
             let control = Arc::clone(&stalled.control);
-            move || control.rollback("a test", Source::Signal)
+            move || control.rollback_telling("a test", Source::Signal)
         });
         let during_the_write = rolled_back_within_deadline(&stalled.control);
         let write_stalled = !change.is_finished();
@@ -1441,8 +1449,9 @@ mod tests {
             .recv_timeout(DEADLINE)
             .expect("the rollback writes the state");
         stalled.go.send(()).unwrap();
-        let rolled_back = rollback.join().unwrap().expect("the rollback is saved");
+        let (rolled_back, made) = rollback.join().unwrap().expect("the rollback is saved");
 
+        assert!(made, "the rollback says it did not roll back");
         assert!(
             write_stalled && during_the_write == (Status::RolledBack, Some(Weight::ZERO)),
             "the rollback waited for the other change's write: {during_the_write:?}"
@@ -1497,10 +1506,10 @@ mod tests {
 
     /// Runs `rollback` on its own thread, and waits until it has taken
     /// traffic off the canary and waits for the lock.
-    fn a_rollback_under_way(
+    fn a_rollback_under_way<T: Send + 'static>(
         control: &Arc<Control>,
-        rollback: impl FnOnce(&Control) -> Result<LiveState, ControlError> + Send + 'static,
-    ) -> thread::JoinHandle<Result<LiveState, ControlError>> {
+        rollback: impl FnOnce(&Control) -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
         let rolling_back = thread::spawn({
             let control = Arc::clone(control);
             move || rollback(&control)
@@ -1529,13 +1538,14 @@ mod tests {
             .recv_timeout(DEADLINE)
             .expect("the promotion writes the state");
         let rollback = a_rollback_under_way(&stalled.control, |control| {
-            control.rollback("a test", Source::Api)
+            control.rollback_telling("a test", Source::Api)
         });
         stalled.go.send(()).unwrap();
         let promoted = promote.join().unwrap().expect("the promotion is saved");
-        let after = rollback.join().unwrap().expect("the rollback answers");
+        let (after, made) = rollback.join().unwrap().expect("the rollback answers");
 
         assert_eq!(after, promoted, "nothing was left to roll back");
+        assert!(!made, "the rollback says it rolled back");
         let table = stalled.control.table().snapshot();
         assert_eq!(
             (table.stable.name.as_str(), table.status),
@@ -1684,6 +1694,31 @@ mod tests {
         assert_eq!(rolled_back.canary.as_ref().unwrap().name, "v3");
         assert_eq!(rolled_back.status, Status::RolledBack);
         assert!(v2.close_epoch() > closes, "v2's streams ran on");
+    }
+
+    #[test]
+    fn a_change_made_while_a_rollback_is_under_way_keeps_the_canarys_window() {
+        let stalled = stalled();
+        let table = stalled.control.table().snapshot();
+        let v2 = Arc::clone(&table.canary.as_ref().unwrap().version);
+        let (under_way, _) = stalled.control.take_traffic_off_the_canary(None);
+        stalled.go.send(()).unwrap();
+        stalled
+            .control
+            .set_weight(Weight::from_percent(50.0).unwrap(), false)
+            .expect("the change is saved");
+        drop(under_way);
+        // Not made after all: the canary has its traffic, and its window.
+        let table = stalled.control.table().snapshot();
+        let canary = table.canary.as_ref().unwrap();
+        assert_eq!(
+            (table.status, canary.weight),
+            (Status::Steady, Weight::from_percent(50.0).unwrap())
+        );
+        assert!(
+            Arc::ptr_eq(&canary.version.window, &v2.window),
+            "a change made while a rollback was under way started v2's window afresh"
+        );
     }
 
     #[test]

@@ -401,17 +401,24 @@ pub(crate) async fn roll_back_on_each(mut rollbacks: Rollbacks, control: Arc<Con
     }
 }
 
-/// What SIGUSR1 does: roll back, and say whether anything changed.
+/// What SIGUSR1 does: roll back, and say whether it did.
 fn rollback_on_signal(control: &Control) {
-    let before = control.state().generation;
-    match on_disk(|| control.rollback("SIGUSR1 received", Source::Signal)) {
-        // No canary, or one rolled back already: nothing changed.
-        Ok(state) if state.generation == before => {
-            tracing::info!("SIGUSR1: nothing to roll back");
-        }
-        Ok(state) => {
+    match on_disk(|| control.rollback_telling("SIGUSR1 received", Source::Signal)) {
+        Ok((state, true)) => {
             tracing::warn!(generation = state.generation, "rolled back by SIGUSR1");
         }
+        // No canary (a promotion may have come first), or one rolled back
+        // already.
+        Ok((state, false)) => match &state.canary {
+            None => tracing::warn!(
+                stable = %state.stable.name,
+                "SIGUSR1: nothing to roll back: there is no canary"
+            ),
+            Some(canary) => tracing::info!(
+                canary = %canary.name,
+                "SIGUSR1: nothing to roll back: the canary is rolled back already"
+            ),
+        },
         Err(error) => tracing::error!(%error, "rollback by SIGUSR1 failed"),
     }
 }
