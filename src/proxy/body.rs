@@ -154,13 +154,10 @@ impl Body for RequestBody {
         if let Some(tap) = &mut this.tap {
             let fed = matches!(&frame, Some(Ok(frame)) if tap.feed(frame));
             // hyper may stop polling once the body has ended without
-            // saying so again: once it says it has ended, once all of a
-            // declared length has come (its HTTP/1.1 client writes no
-            // more, even before an HTTP/2 client's `END_STREAM` in a DATA
-            // frame of its own), and after trailers, the last frame.
-            let whole = inner.is_end_stream()
-                || inner.size_hint().exact() == Some(0)
-                || matches!(&frame, Some(Ok(frame)) if frame.is_trailers());
+            // saying so again: once it says it has ended, and after
+            // trailers, the last frame.
+            let whole =
+                inner.is_end_stream() || matches!(&frame, Some(Ok(frame)) if frame.is_trailers());
             let ended = frame.is_none() || (fed && whole);
             if ended || !fed {
                 // A tap let go before the end abandons its copy.
