@@ -289,7 +289,7 @@ fn refuse_web_pages<B>(tokenless: bool, req: &Request<B>) -> Result<(), AdminErr
         && !is_address_or_localhost(host.as_bytes())
     {
         return Err(AdminError::Forbidden(format!(
-            "Host {:?} does not name this machine: without admin.token_file, the admin API answers only to localhost or an IP address",
+            "Host {:?} does not name this machine: without a token (admin.token_file or COHORT_ADMIN_TOKEN), the admin API answers only to localhost or an IP address",
             String::from_utf8_lossy(host.as_bytes())
         )));
     }
@@ -302,13 +302,15 @@ fn is_address_or_localhost(host: &[u8]) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
+    let is_port = |port: &str| port.bytes().all(|b| b.is_ascii_digit());
     if let Some(bracketed) = host.strip_prefix('[') {
-        return bracketed
-            .split_once(']')
-            .is_some_and(|(ip, _)| ip.parse::<Ipv6Addr>().is_ok());
+        return bracketed.split_once(']').is_some_and(|(ip, rest)| {
+            ip.parse::<Ipv6Addr>().is_ok()
+                && (rest.is_empty() || rest.strip_prefix(':').is_some_and(is_port))
+        });
     }
     let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some((name, port)) if is_port(port) => name,
         _ => host,
     };
     name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok()
@@ -491,6 +493,7 @@ mod tests {
             "localhost.evil.example",
             "127.0.0.1.nip.io",
             "[::1",
+            "[::1]evil.example",
             "",
         ] {
             assert!(!is_address_or_localhost(host.as_bytes()), "{host}");
