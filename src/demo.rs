@@ -87,7 +87,7 @@ async fn run_with(config: Config) -> Result<(), DemoError> {
 
     let (mut signals, rollbacks) = Signals::register().map_err(ServeError::Signals)?;
     let server = crate::serve::start(config.clone()).await?;
-    tokio::spawn(crate::serve::roll_back_on_each(
+    let rolling_back = tokio::spawn(crate::serve::roll_back_on_each(
         rollbacks,
         Arc::clone(server.control()),
     ));
@@ -118,6 +118,9 @@ Ctrl-C stops it all.",
         }
     }
     server.shutdown().await;
+    // A rollback under way finishes before the state directory goes.
+    rolling_back.abort();
+    let _ = rolling_back.await;
     Ok(())
 }
 

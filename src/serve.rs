@@ -340,7 +340,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     let mut server = start_with(config, options).await?;
     // Through the drain too: SIGUSR1 still rolls back meanwhile, and
     // `on_rollback = "close"` still cuts the canary's streams.
-    tokio::spawn(roll_back_on_each(rollbacks, Arc::clone(&server.control)));
+    let rolling_back = tokio::spawn(roll_back_on_each(rollbacks, Arc::clone(&server.control)));
     tracing::info!(proxy.addr = %server.proxy_addr(), admin.addr = %server.admin_addr(), "cohort is serving");
     loop {
         match signals.recv().await {
@@ -387,6 +387,9 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
             },
         }
     }
+    // A rollback under way finishes first; none starts after.
+    rolling_back.abort();
+    let _ = rolling_back.await;
     // The next start reads the state file: a rollback it does not hold
     // would bring the canary back, so exiting without it is an error.
     control.save_before_exit().map_err(ServeError::Unsaved)
