@@ -4,7 +4,9 @@
 //! route table, metrics, readiness: a start that fails changes nothing) and
 //! of shutdown (not ready, the rollout saved and stopped, stop accepting,
 //! drain, stop the admin listener, a last try at saving a state the disk
-//! refused), what each OS signal does, and the thread layout:
+//! refused), what each OS signal does (SIGUSR1 on a task of its own, so
+//! that a reload waiting on the disk never holds up a rollback), and the
+//! thread layout:
 //! `listen.workers` proxy workers, each a thread with its own single-threaded
 //! runtime, listening socket (`SO_REUSEPORT` on one address when there are
 //! several), `Proxy` and upstream connection pools, so a request never
