@@ -58,8 +58,8 @@ pub struct Health {
     /// When the last active probe started (0: never). Kept rather than when
     /// the next is due, so a shorter `health.interval` applies at once.
     probed_at_ms: AtomicU64,
-    /// Set for a canary installed at run time until its first good probe,
-    /// which alone opens it (the readiness gate).
+    /// Set for a canary's upstreams (however it was installed) until their
+    /// first good probe, which alone opens them (the readiness gate).
     gated: AtomicBool,
     /// Set while a probe is out, so a slow upstream is never probed twice at once.
     probing: AtomicBool,

@@ -1,10 +1,11 @@
 //! The composition root: build everything from a [`Config`], run it, drain it.
 //!
-//! Owns: the order of start-up (TLS, listeners, then the state and the
-//! route table, metrics, readiness: a start that fails changes nothing) and
-//! of shutdown (not ready, the rollout saved and stopped, stop accepting,
-//! drain, stop the admin listener, a last try at saving a state the disk
-//! refused), what each OS signal does (SIGUSR1 on a task of its own, so
+//! Owns: the order of start-up (TLS, listeners, metrics, the audit log,
+//! then the state and the route table, the workers, readiness: a start
+//! that cannot read its files or bind its addresses changes nothing) and
+//! of shutdown (not ready, stop accepting and, in the same step, ask the
+//! rollout to save and stop, drain, stop the admin listener, a last try at
+//! saving a state the disk refused), what each OS signal does (SIGUSR1 on a task of its own, so
 //! that a reload waiting on the disk never holds up a rollback), and the
 //! thread layout:
 //! `listen.workers` proxy workers, each a thread with its own single-threaded
@@ -614,8 +615,10 @@ impl Server {
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
-        // First: a rollout judging through the drain would count stage time
-        // and judge a window that no longer fills, and might even promote.
+        // Asked at once (the command is sent before the first await), and
+        // waited for: a rollout judging through the drain would count stage
+        // time and judge a window that no longer fills, and might even
+        // promote. The drain does not wait for it.
         self.rollouts.suspend().await;
         // The kept duplicates would hold the listening sockets open (and
         // the kernel would go on queueing connections) after the workers stop.
