@@ -5,9 +5,9 @@
 //!   back, promote, install a canary, install or remove the shadow, explain
 //!   a key, reload the config.
 //! - The rollback latch.
-//! - The order each change is made in: check, persist (state file, then
-//!   audit log), swap the table, publish metrics and tell the watchers of
-//!   [`Control::changes`].
+//! - The order each change is made in: check, write the state file, swap
+//!   the table, publish metrics and tell the watchers of
+//!   [`Control::changes`], then write the audit line.
 //! - Changes made anyway: a rollback, and a rollout's end, swap first and
 //!   hold even when the state file refuses them (see `made_anyway`). They
 //!   are saved again until it takes, as are audit lines the log refused.
@@ -792,7 +792,6 @@ impl Control {
         let policy = Arc::new(Policy::from_config(config));
         let digest = crate::state::versions_digest(&config.versions);
         let mut current = self.lock();
-        self.save_unsaved(&mut current)?;
         if digest == current.saved.versions_digest {
             let salt_before = self.table.load().salt.clone();
             let keys_before = current.policy.routing.sticky_keys.clone();
@@ -840,6 +839,10 @@ impl Control {
                 new_canary: false,
             });
         }
+        // Saved first, so that the state file never skips a change. Only
+        // here: the other way writes nothing, so it cannot fail after the
+        // shadow went live.
+        self.save_unsaved(&mut current)?;
         let before = current.saved.live.clone();
         let live = current.saved.reseed(
             &config.versions,
