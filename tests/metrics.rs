@@ -643,16 +643,21 @@ async fn in_flight_returns_to_zero_when_an_upgraded_connection_ends() {
     );
 }
 
-/// Reads from `socket` until what it has read contains `marker`.
+/// Reads from `socket` until what it has read contains `marker`, failing
+/// the test if it has not come by the deadline.
 async fn read_until(socket: &mut TcpStream, marker: &[u8]) -> Vec<u8> {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !received.windows(marker.len()).any(|w| w == marker) {
-        let n = socket.read(&mut buf).await.expect("read");
-        assert_ne!(n, 0, "closed before {marker:?}: {received:?}");
-        received.extend_from_slice(&buf[..n]);
-    }
-    received
+    let what = format!("{:?} from the proxy", String::from_utf8_lossy(marker));
+    support::within(&what, async {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !received.windows(marker.len()).any(|w| w == marker) {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert_ne!(n, 0, "closed before {marker:?}: {received:?}");
+            received.extend_from_slice(&buf[..n]);
+        }
+        received
+    })
+    .await
 }
 
 #[tokio::test]
@@ -778,35 +783,32 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
     );
     assert_eq!(build.2, 1.0);
 
-    match Command::new("promtool")
+    let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-    {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("skipping the promtool check: promtool is not installed");
-        }
-        Err(error) => panic!("cannot run promtool: {error}"),
-        Ok(mut child) => {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(s.0.as_bytes())
-                .expect("write to promtool");
-            let output = child.wait_with_output().expect("promtool ends");
-            assert!(
-                output.status.success(),
-                "promtool check metrics failed:\n{}{}\n--- scraped text ---\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr),
-                s.0
-            );
-        }
-    }
+        .unwrap_or_else(|error| panic!("cannot run promtool ({NEEDS_PROMETHEUS}): {error}"));
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(s.0.as_bytes())
+        .expect("write to promtool");
+    let output = promtool.wait_with_output().expect("promtool ends");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- scraped text ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        s.0
+    );
 }
+
+/// What a test that runs Prometheus's own tools needs.
+const NEEDS_PROMETHEUS: &str =
+    "Debian package prometheus; scripts/test.sh installs it when it is missing";
 
 // ---------------------------------------------------------------------------
 // A real Prometheus server.
@@ -821,8 +823,8 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `target` every second; `None` if it is not installed.
-    async fn start(target: SocketAddr) -> Option<Prometheus> {
+    /// Starts Prometheus scraping `target` every second.
+    async fn start(target: SocketAddr) -> Prometheus {
         let dir = tempfile::Builder::new()
             .prefix("cohort-metrics-test-")
             .tempdir()
@@ -851,12 +853,10 @@ impl Prometheus {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(error) => panic!("cannot start prometheus: {error}"),
-        };
-        Some(Prometheus { child, dir, addr })
+        let child = spawned.unwrap_or_else(|error| {
+            panic!("cannot start prometheus ({NEEDS_PROMETHEUS}): {error}")
+        });
+        Prometheus { child, dir, addr }
     }
 
     fn log(&self) -> String {
@@ -899,10 +899,7 @@ async fn prometheus_get(
 async fn prometheus_scrapes_the_canary_request_rate_by_version() {
     let backend = backend().await;
     let server = cohort(("prom-v1", backend.addr), Some(("prom-v2", backend.addr))).await;
-    let Some(prometheus) = Prometheus::start(server.admin_addr()).await else {
-        eprintln!("skipping the Prometheus test: the prometheus binary is not installed");
-        return;
-    };
+    let prometheus = Prometheus::start(server.admin_addr()).await;
     let client = client();
 
     // Steady traffic to both versions while Prometheus scrapes.

@@ -67,8 +67,7 @@ async fn an_upstream_that_reads_no_body_is_let_go_at_the_response_timeout() {
     drop(from_proxy);
 
     // The upstream holds its end open and reads nothing more.
-    let _held = upload
-        .recv()
+    let _held = within("the upload at the upstream", upload.recv())
         .await
         .expect("the upload reached the upstream");
     eventually_async("the proxy to let go of the upstream connection", || async {
