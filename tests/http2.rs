@@ -37,8 +37,8 @@ use support::{
 };
 use tls_support::{
     ACK, BigH2Backend, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS,
-    PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, have, listen_tls,
-    request_block, run, seen_version, send_h2, tls_client, tls_connect,
+    PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, listen_tls,
+    request_block, require, run, seen_version, send_h2, tls_client, tls_connect,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -1068,9 +1068,7 @@ async fn a_request_moves_on_from_an_h2c_or_https_upstream_that_refuses() {
 
 #[tokio::test]
 async fn curl_speaks_http2_with_prior_knowledge() {
-    if !have("curl") {
-        return;
-    }
+    require("curl");
     let stable = Backend::start(STABLE).await;
     let server = cohort(&[stable.addr], None, "").await;
     let (ok, out) = run(
@@ -1095,9 +1093,8 @@ async fn curl_speaks_http2_with_prior_knowledge() {
 
 #[tokio::test]
 async fn nghttp_and_h2load_speak_h2c() {
-    if !have("nghttp") || !have("h2load") {
-        return;
-    }
+    require("nghttp");
+    require("h2load");
     let stable = Backend::start(STABLE).await;
     let server = cohort(&[stable.addr], None, "").await;
     let target = url(&server, "/via-nghttp");

@@ -16,7 +16,7 @@ use http::{StatusCode, Version};
 use http_body_util::BodyExt as _;
 use support::{Backend, CANARY, STABLE, SseBackend, cohort, key_on, read_head, within};
 use tls_support::{
-    Pki, alpn, get, h1_over, h2_over, have, listen_tls, peer_cert, run, send_h1, send_h2,
+    Pki, alpn, get, h1_over, h2_over, listen_tls, peer_cert, require, run, send_h1, send_h2,
     tls_client, tls_connect,
 };
 use tokio::io::AsyncWriteExt as _;
@@ -233,9 +233,7 @@ async fn a_broken_pair_is_refused_by_file_name_and_the_old_certificate_stays() {
 
 #[tokio::test]
 async fn curl_speaks_http2_over_tls() {
-    if !have("curl") {
-        return;
-    }
+    require("curl");
     let pki = Pki::new();
     let leaf = pki.leaf("curl");
     let stable = Backend::start(STABLE).await;
@@ -270,9 +268,8 @@ async fn curl_speaks_http2_over_tls() {
 
 #[tokio::test]
 async fn nghttp_and_h2load_speak_http2_over_tls() {
-    if !have("nghttp") || !have("h2load") {
-        return;
-    }
+    require("nghttp");
+    require("h2load");
     let pki = Pki::new();
     let leaf = pki.leaf("nghttp");
     let stable = Backend::start(STABLE).await;

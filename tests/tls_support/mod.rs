@@ -795,18 +795,20 @@ async fn serve_raw_h2(
 // ---------------------------------------------------------------------------
 // Tools
 
-/// Whether `program` can be run; prints why a test is skipped if not.
-pub fn have(program: &str) -> bool {
-    let found = std::process::Command::new(program)
+/// Fails the test unless `program` can be run: a test that passed without
+/// its tool would claim what it never checked.
+pub fn require(program: &str) {
+    if let Err(error) = std::process::Command::new(program)
         .arg("--version")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .is_ok();
-    if !found {
-        println!("skipped: {program} is not installed (Debian package curl / nghttp2-client)");
+    {
+        panic!(
+            "cannot run {program} (Debian package curl or nghttp2-client; \
+             scripts/test.sh installs them when they are missing): {error}"
+        );
     }
-    found
 }
 
 /// Runs `program` with `args` to its end (within the deadline); returns its status and output.
