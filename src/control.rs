@@ -285,13 +285,18 @@ impl Control {
             Origin::Seeded => "no saved state: seeded from the config",
             Origin::Restored => "restored the saved state",
             Origin::Reseeded => {
-                "the config's [versions] changed since the state was seeded: re-seeded from the config"
+                "the config's [versions] changed since the state was seeded: re-seeded from the \
+                 config, whose renamed versions replace the live ones; the others stay as they \
+                 were live"
             }
             Origin::Reset => "--reset-state: re-seeded from the config",
         };
+        let live = &current.saved.live;
         tracing::info!(
             origin = origin.as_str(),
-            generation = current.saved.live.generation,
+            generation = live.generation,
+            stable = %live.stable.name,
+            canary = live.canary.as_ref().map_or("none", |c| c.name.as_str()),
             "{reason}"
         );
         self.write_audit(
