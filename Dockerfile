@@ -2,7 +2,8 @@
 #
 #   docker build -t cohort .
 #   mkdir deploy && cp config/cohort.toml deploy/   # then edit listen.addr and the upstreams
-#   docker run -p 8080:8080 --stop-timeout 40 -v "$PWD/deploy:/etc/cohort:ro" cohort
+#   docker run -p 8080:8080 --stop-timeout 40 -v "$PWD/deploy:/etc/cohort:ro" \
+#     -v cohort-state:/var/lib/cohort cohort
 #
 # The image carries no config: mount a directory holding cohort.toml at
 # /etc/cohort (config/cohort.toml is a commented example, made for
@@ -15,7 +16,9 @@
 # probes GET /health on 127.0.0.1:9901 from inside the container, so
 # admin.addr must be 127.0.0.1:9901 or 0.0.0.0:9901; a non-loopback
 # admin.addr needs a token (admin.token_file or COHORT_ADMIN_TOKEN).
-# Relative state paths land in /var/lib/cohort, the working directory.
+# Relative state paths land in /var/lib/cohort, the working directory: mount
+# a volume there (cohort-state above), or a re-created container forgets the
+# live state (rollbacks, promotions) and starts from the config again.
 
 # --- build ---------------------------------------------------------------
 FROM rust:1-bookworm AS builder
@@ -53,7 +56,8 @@ RUN apt-get update \
  && chown cohort:cohort /var/lib/cohort
 
 COPY --from=builder /usr/local/bin/cohort /usr/local/bin/cohort
-USER cohort
+# Numeric, so that Kubernetes' runAsNonRoot can tell it is not root.
+USER 10001:10001
 WORKDIR /var/lib/cohort
 EXPOSE 8080 9901
 VOLUME ["/etc/cohort", "/var/lib/cohort"]
