@@ -4,6 +4,9 @@
 //! runs on, and exit codes. Every command is a call into the library, so
 //! `main` stays a one-liner.
 
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -65,9 +68,10 @@ pub enum Command {
         /// The canary weight in percent.
         #[arg(long)]
         weight: f64,
-        /// The sticky keys to place, such as user ids.
+        /// The sticky keys to place, such as user ids: their bytes as
+        /// given, UTF-8 or not, as a header's are.
         #[arg(required = true)]
-        keys: Vec<String>,
+        keys: Vec<OsString>,
     },
     /// Drive a running proxy through its admin API.
     Ctl {
@@ -306,7 +310,7 @@ fn sendable_weight(arg: &str, weight: f64) -> Result<f64, String> {
     }
 }
 
-fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {
+fn route(salt: &str, weight: f64, keys: &[OsString]) -> ExitCode {
     // The config refuses an empty `routing.salt`, so no proxy draws buckets with one.
     if salt.is_empty() {
         return fail(
@@ -320,15 +324,25 @@ fn route(salt: &str, weight: f64, keys: &[String]) -> ExitCode {
         Err(message) => return fail(format!("--weight: {message}")),
     };
     // The proxy takes an empty value for no key at all.
-    if let Some(empty) = keys.iter().position(String::is_empty) {
+    if let Some(empty) = keys.iter().position(|key| key.is_empty()) {
         return fail(format!(
             "key {}: an empty key is no key; such a request follows routing.fallback",
             empty + 1
         ));
     }
+    let mut out = std::io::stdout().lock();
     for key in keys {
-        let placement = routing::place(salt.as_bytes(), weight, key.as_bytes());
-        println!("{key}\t{}\t{}", placement.bucket, placement.cohort.as_str());
+        let key = key.as_bytes();
+        let placement = routing::place(salt.as_bytes(), weight, key);
+        let line = format!("\t{}\t{}\n", placement.bucket, placement.cohort.as_str());
+        // A closed pipe (`| head`) ends the listing; `println!` would panic.
+        if out
+            .write_all(key)
+            .and_then(|()| out.write_all(line.as_bytes()))
+            .is_err()
+        {
+            break;
+        }
     }
     ExitCode::SUCCESS
 }

@@ -423,6 +423,22 @@ fn route_prints_bucket_and_cohort_per_key() {
     );
 }
 
+/// A key that is not UTF-8 is hashed as its bytes, as the proxy hashes a
+/// header's (`x-user-id: ren\xE9`, `?user=ren%E9`).
+#[test]
+fn route_places_a_key_by_its_bytes_utf8_or_not() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let key = std::ffi::OsStr::from_bytes(b"ren\xE9");
+    let output = Command::new(COHORT)
+        .args(["route", "--salt", "v2", "--weight", "50"])
+        .arg(key)
+        .output()
+        .expect("run the cohort binary");
+    assert!(output.status.success(), "{}", printed(&output));
+    // SHA-256("v2:ren\xE9"): its first 8 bytes, big-endian, mod 10000.
+    assert_eq!(output.stdout, b"ren\xE9\t9635\tstable\n");
+}
+
 #[test]
 fn route_refuses_an_empty_key_which_the_proxy_would_not_route_by() {
     let output = cohort(&["route", "--salt", "v2", "--weight", "50", "alice", ""]);
