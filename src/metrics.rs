@@ -76,7 +76,7 @@ impl UpstreamErrorKind {
     }
 }
 
-/// Why a shadow copy was not sent; the `reason` label of `cohort_shadow_dropped_total`.
+/// Why a shadow copy was not sent or given up; the `reason` label of `cohort_shadow_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShadowDropReason {
     /// The shadow's queue was full.
@@ -202,11 +202,14 @@ fn describe() {
         CANARY_FALLBACKS_TOTAL,
         "Canary-cohort requests served by stable because no canary upstream was healthy."
     );
-    describe_counter!(SHADOW_DROPPED_TOTAL, "Shadow copies not sent, by reason.");
+    describe_counter!(
+        SHADOW_DROPPED_TOTAL,
+        "Shadow copies not sent or given up, by reason."
+    );
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open right now.");
     describe_gauge!(
         IDLE_CLIENT_CONNECTIONS,
-        "Client connections idle between requests, their HTTP/1.1 buffers freed."
+        "Idle client connections: HTTP/1.1 between requests with their buffers freed, HTTP/2 with no stream open."
     );
     describe_gauge!(
         UPSTREAM_CONNECTIONS,
