@@ -1623,7 +1623,7 @@ pub fn check_version_name(name: &str) -> Result<(), String> {
         let shown: String = name.chars().take(128).collect();
         let more = if shown.len() < name.len() { "…" } else { "" };
         Err(format!(
-            "{shown:?}{more} is not a version name: 1 to 128 characters of letters, digits and -_.:+@"
+            "{shown:?}{more} is not a version name: 1 to 128 characters of ASCII letters, digits and -_.:+@"
         ))
     } else {
         Ok(())
