@@ -100,6 +100,17 @@ impl UpstreamAddr {
         if authority.port_u16() == Some(0) {
             return Err(format!("{text:?}: port 0 cannot be connected to"));
         }
+        // `Authority` takes any bracketed host; only an IPv6 address may be.
+        if let Some(inside) = authority
+            .host()
+            .strip_prefix('[')
+            .and_then(|host| host.strip_suffix(']'))
+            && inside.parse::<std::net::Ipv6Addr>().is_err()
+        {
+            return Err(format!(
+                "{text:?}: [{inside}] is not an IPv6 address, such as \"[::1]:9001\""
+            ));
+        }
         Ok(UpstreamAddr {
             protocol,
             authority,
@@ -616,10 +627,17 @@ pub(crate) mod tests {
             ":80",
             "u@agent:80",
             "127.0.0.1:0",
+            "[1.2.3.4]:80",
         ] {
             assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
         }
         let error = UpstreamAddr::parse("127.0.0.1:99999").unwrap_err();
         assert!(error.contains("port 99999 is out of range"), "{error}");
+        assert_eq!(
+            UpstreamAddr::parse("h2c://[::1]:9001").unwrap().to_string(),
+            "h2c://[::1]:9001"
+        );
+        let error = UpstreamAddr::parse("https://[zz]:443").unwrap_err();
+        assert!(error.contains("[zz] is not an IPv6 address"), "{error}");
     }
 }
