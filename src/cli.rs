@@ -223,7 +223,7 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
             Err(message) => return fail(message),
         },
         CtlCommand::Rollout(RolloutCommand::Start { file }) => {
-            let text = match std::fs::read_to_string(&file) {
+            let text = match crate::config::read_text(&file, crate::config::Pipes::Read) {
                 Ok(text) => text,
                 Err(error) => return fail(format!("cannot read {}: {error}", file.display())),
             };

@@ -196,9 +196,11 @@ fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConf
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsErrorKind> {
-    std::fs::read(path).map_err(|source| TlsErrorKind::Read {
-        path: path.to_owned(),
-        source,
+    crate::config::read_file(path, crate::config::Pipes::Refused).map_err(|source| {
+        TlsErrorKind::Read {
+            path: path.to_owned(),
+            source,
+        }
     })
 }
 
