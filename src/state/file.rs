@@ -226,6 +226,19 @@ fn name_the_field(text: &str) -> Option<String> {
         document,
     ))
     .err()?;
+    let message = error.inner().to_string();
+    // serde lists the live state's fields alone, as if they were all a file
+    // could hold.
+    if error.path().iter().count() == 1
+        && let Some(unknown) = message
+            .strip_prefix("unknown field ")
+            .and_then(|rest| rest.split_once(", expected"))
+            .map(|(field, _)| field)
+    {
+        return Some(format!(
+            "{unknown} is not a field this build of Cohort writes (a newer one's file?)"
+        ));
+    }
     // The live state's fields are the file's own, at its top level.
     Some(crate::config::keyed("", error.path(), error.inner()))
 }

@@ -20,6 +20,10 @@ use crate::routing::Weight;
 use crate::table::Status;
 use crate::upstream::{Protocol, UpstreamAddr};
 
+/// The highest generation a state file may hold: `i64::MAX`, which no count
+/// of changes reaches, so that counting on never wraps around.
+pub const MOST_GENERATION: u64 = i64::MAX as u64;
+
 /// The live state, as served by `GET /admin/state` and saved to `state.path`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,11 +428,24 @@ impl LiveState {
             }
             Ok(())
         };
-        let share = |field: &str, percent: f64| {
-            Weight::from_percent(percent)
-                .map(|_| ())
-                .map_err(|m| format!("{field}: {m}"))
+        // As the admin API rounds it before it saves it: a share off the
+        // 0.01 grid would be shown as it is, and served rounded.
+        let share = |field: &str, percent: f64| match Weight::from_percent(percent) {
+            Err(m) => Err(format!("{field}: {m}")),
+            Ok(weight) if weight.percent() != percent => Err(format!(
+                "{field}: {percent} is not in 0.01 steps (the nearest is {})",
+                weight.percent()
+            )),
+            Ok(_) => Ok(()),
         };
+        // Every change counts it up by one; so far from the top, it never
+        // wraps around to look older than the file it replaces.
+        if self.generation > MOST_GENERATION {
+            return Err(format!(
+                "generation: {} is over {MOST_GENERATION}, the most this build counts to",
+                self.generation
+            ));
+        }
         version("stable", &self.stable.name, &self.stable.upstreams)?;
         if let Some(canary) = &self.canary {
             version("canary", &canary.name, &canary.upstreams)?;
@@ -1050,7 +1067,7 @@ mod tests {
         let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
         let text = serde_json::to_value(&saved).unwrap();
         let upstream = text["stable"]["upstreams"][0].clone();
-        let edits: [(&str, serde_json::Value, &str); 11] = [
+        let edits: [(&str, serde_json::Value, &str); 13] = [
             (
                 "/stable/upstreams",
                 serde_json::json!([upstream, upstream]),
@@ -1067,7 +1084,9 @@ mod tests {
                 "last_rollback.at",
             ),
             ("/canary/weight", 500.into(), "canary.weight"),
+            ("/canary/weight", 0.004.into(), "canary.weight"),
             ("/generation", "9".into(), "generation"),
+            ("/generation", u64::MAX.into(), "generation"),
             ("/status", "sometimes".into(), "status"),
             ("/status", "rolled_back".into(), "canary.weight"),
             (
@@ -1090,6 +1109,22 @@ mod tests {
             assert!(error.contains(&format!("{field}:")), "{pointer}: {error}");
             assert!(error.contains("--reset-state"), "{error}");
         }
+    }
+
+    /// A newer build's field is named, not drowned in a list of the live
+    /// state's fields alone.
+    #[test]
+    fn a_state_file_with_a_field_this_build_does_not_know_is_refused_by_it() {
+        let (store, path, _dir) = store();
+        let (saved, _, _) = restore(&store, &versions(10), None, false, false).unwrap();
+        let mut text = serde_json::to_value(&saved).unwrap();
+        text["from_the_future"] = 1.into();
+        std::fs::write(&path, text.to_string()).unwrap();
+        let error = store.load().unwrap_err().to_string();
+        assert!(
+            error.contains("`from_the_future` is not a field this build of Cohort writes"),
+            "{error}"
+        );
     }
 
     #[test]
