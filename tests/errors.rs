@@ -403,6 +403,16 @@ async fn a_response_under_a_transfer_coding_other_than_chunked_gives_502() {
     .await;
 }
 
+/// hyper, handed a head whose body fails at once, would drop the
+/// connection without sending the head: the client would get no answer.
+#[tokio::test]
+async fn an_upstream_that_breaks_its_body_as_its_head_comes_gives_502() {
+    for _ in 0..20 {
+        assert_protocol_error_for(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+            .await;
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_that_hangs_up_mid_body_is_counted_as_a_reset() {
     // Ten bytes of the thousand it announced, then the connection closes.
@@ -639,6 +649,34 @@ async fn a_failed_upstream_is_named_in_the_log() {
         .log_line(&["upstream request failed", &addr.to_string()])
         .await;
     assert!(line.contains("not valid HTTP"), "{line}");
+}
+
+/// A body its upstream cuts has a log line naming the upstream: its client
+/// saw a head, so no other line tells of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_by_its_upstream_is_named_in_the_log() {
+    let addr =
+        support::raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
+    let text = support::config(&[addr], None, "");
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let process = support::Process::serve(&path, &[]).await;
+    let mut stream = TcpStream::connect(process.proxy).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
+        .await
+        .expect("send a request");
+    let head = support::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let line = process
+        .log_line(&["upstream failed mid-body", &addr.to_string()])
+        .await;
+    assert!(line.contains(&format!("version={STABLE}")), "{line}");
+    assert!(
+        line.contains("end of file before message length reached"),
+        "{line}"
+    );
 }
 
 /// The access log has a line for every request, an abandoned one too (as

@@ -12,8 +12,11 @@
 //!   stream whose version was rolled back with `on_rollback = "close"`
 //!   after its head, or that went silent both ways (no byte from its
 //!   upstream, none of the request body) for
-//!   `upstream.stream_idle_timeout`, and counts an upstream that fails
-//!   mid-body among the version's upstream errors.
+//!   `upstream.stream_idle_timeout`, and counts and logs an upstream that
+//!   fails mid-body.
+//! - [`read_ahead`]: what of an upstream body came with its head, read
+//!   before the head is handed on, so that a body broken from its start is
+//!   a 502 rather than a connection dropped unanswered.
 //! - [`InFlight`]: holds a version's in-flight gauge from the request's
 //!   start to the body's end (or the client's disconnect), then records the
 //!   response duration, and in the version's window the outcome of a
@@ -38,7 +41,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http::StatusCode;
+use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -253,6 +256,18 @@ impl InFlight {
         self.verdict = Some(observation);
     }
 
+    /// Logs that upstream `index` of the version cut this response's body
+    /// with `error`: the client saw its head, so no other line tells of it.
+    fn cut_by_upstream(&self, index: usize, error: &ProxyError) {
+        tracing::warn!(
+            version = %self.version.name,
+            upstream = %self.version.upstreams[index],
+            client = %self.client,
+            %error,
+            "upstream failed mid-body; the response is cut"
+        );
+    }
+
     /// The upstream cut the response body (see [`InFlight::judge_at_end`]),
     /// unless the client broke its own request body off first, which an
     /// upstream still reading it may answer by closing.
@@ -459,8 +474,83 @@ impl Drop for InFlight {
     }
 }
 
+/// An upstream's response body, with what of it had come with its head
+/// read already (see [`read_ahead`]).
+pub struct ReadAhead {
+    first: Option<Frame<Bytes>>,
+    body: UpstreamBody<RequestBody>,
+    /// Which of the version's upstreams sends it, for the log line of a cut.
+    upstream: usize,
+}
+
+/// Reads what of `rsp`'s body has already come, without waiting for more.
+/// An upstream that breaks its body straight after its head (a chunk size
+/// that is not one, a close before the length it declared) fails the
+/// exchange here, while its client can still be answered a 502: hyper,
+/// handed a head whose body fails at its first read, drops the connection
+/// with the head unsent, and the client would get no answer at all.
+/// `upstream` is the index of the version's upstream that answered.
+pub fn read_ahead(
+    rsp: Response<UpstreamBody<RequestBody>>,
+    upstream: usize,
+) -> Result<Response<ReadAhead>, ProxyError> {
+    let (parts, mut body) = rsp.into_parts();
+    let mut first = None;
+    // A `101`'s connection belongs to the tunnel, not to a body.
+    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        // No waker is kept: the consumer's own first poll, which always
+        // follows, registers its own.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(error))) => return Err(ProxyError::from_body(&error)),
+            Poll::Ready(Some(Ok(frame))) => first = Some(frame),
+            Poll::Ready(None) | Poll::Pending => {}
+        }
+    }
+    let body = ReadAhead {
+        first,
+        body,
+        upstream,
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+impl Body for ReadAhead {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |data| data.len() as u64);
+        let rest = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint.set_lower(rest.lower() + first);
+        hint
+    }
+}
+
 enum Inner {
-    Upstream(UpstreamBody<RequestBody>),
+    Upstream(ReadAhead),
     Full(Option<Bytes>),
 }
 
@@ -520,7 +610,7 @@ impl ResponseBody {
     /// An upstream's body, cut after `idle_limit` without a byte, if set.
     #[must_use]
     pub fn upstream(
-        body: UpstreamBody<RequestBody>,
+        body: ReadAhead,
         in_flight: InFlight,
         idle_limit: Option<Duration>,
     ) -> ResponseBody {
@@ -580,15 +670,19 @@ impl Body for ResponseBody {
         }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+            Inner::Upstream(body) => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Err(error))) => {
                     // The upstream failed mid-body (it closed or reset the
                     // connection, or broke the framing): the client sees the
-                    // stream cut, and the version's upstream errors count it.
-                    let kind = ProxyError::from_body(&error).upstream_kind();
-                    if let (Some(kind), Some(in_flight)) = (kind, &mut this.in_flight) {
-                        in_flight.version.metrics.record_upstream_error(kind);
-                        in_flight.upstream_failed();
+                    // stream cut, the version's upstream errors count it,
+                    // and the log says which upstream, as nginx's does.
+                    let failed = ProxyError::from_body(&error);
+                    if let Some(in_flight) = &mut this.in_flight {
+                        in_flight.cut_by_upstream(body.upstream, &failed);
+                        if let Some(kind) = failed.upstream_kind() {
+                            in_flight.version.metrics.record_upstream_error(kind);
+                            in_flight.upstream_failed();
+                        }
                     }
                     Poll::Ready(Some(Err(error.into())))
                 }
@@ -604,17 +698,18 @@ impl Body for ResponseBody {
                         && idle.is_over(cx, request_body)
                     {
                         let limit = idle.limit;
+                        let cut = ProxyError::Timeout(format!(
+                            "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
+                        ));
                         if let Some(mut in_flight) = this.in_flight.take() {
+                            in_flight.cut_by_upstream(body.upstream, &cut);
                             in_flight
                                 .version
                                 .metrics
                                 .record_upstream_error(UpstreamErrorKind::Timeout);
                             in_flight.upstream_failed();
                         }
-                        return Poll::Ready(Some(Err(format!(
-                            "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
-                        )
-                        .into())));
+                        return Poll::Ready(Some(Err(cut.to_string().into())));
                     }
                     if let Some(in_flight) = &this.in_flight {
                         let closing = this

@@ -37,10 +37,7 @@ use crate::config::Fallback;
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::table::{RouteTable, Table, Version};
-use crate::upstream::{self, UpstreamAddr, UpstreamClient};
-
-/// An upstream's response body as the proxy receives it.
-type UpstreamBody = upstream::UpstreamBody<RequestBody>;
+use crate::upstream::{UpstreamAddr, UpstreamClient};
 
 pub use body::{RequestBody, ResponseBody};
 pub use error::ProxyError;
@@ -195,7 +192,7 @@ impl Proxy {
         upstream: Option<(usize, &UpstreamAddr)>,
         peer: &Peer,
         started: Instant,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Response<body::ReadAhead>, ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let mut req = rewrite::upstream_request(
             req,
@@ -230,7 +227,10 @@ impl Proxy {
                 }
             };
             let failed = match waited {
-                Some(Ok(rsp)) => break rewrite::downstream_response(rsp),
+                Some(Ok(rsp)) => {
+                    break rewrite::downstream_response(rsp)
+                        .and_then(|rsp| body::read_ahead(rsp, index));
+                }
                 // The exchange failed because the client's body did: not
                 // the upstream's doing, and nothing to try again.
                 Some(Err(failed))
@@ -350,7 +350,7 @@ enum Judged {
 /// An upstream's response, relayed: its body streamed through, or its
 /// upgrade paired with the client's.
 fn relay(
-    mut rsp: Response<UpstreamBody>,
+    mut rsp: Response<body::ReadAhead>,
     client_upgrade: Option<OnUpgrade>,
     table: &RouteTable,
     version: &Version,
