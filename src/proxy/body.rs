@@ -13,10 +13,8 @@
 //!   after its head, or that went silent both ways (no byte from its
 //!   upstream, none of the request body) for
 //!   `upstream.stream_idle_timeout`, and counts and logs an upstream that
-//!   fails mid-body.
-//! - [`read_ahead`]: what of an upstream body came with its head, read
-//!   before the head is handed on, so that a body broken from its start is
-//!   a 502 rather than a connection dropped unanswered.
+//!   fails mid-body, handing the failure on only after what came before
+//!   it has been sent.
 //! - [`InFlight`]: holds a version's in-flight gauge from the request's
 //!   start to the body's end (or the client's disconnect), then records the
 //!   response duration, and in the version's window the outcome of a
@@ -41,7 +39,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -474,83 +472,14 @@ impl Drop for InFlight {
     }
 }
 
-/// An upstream's response body, with what of it had come with its head
-/// read already (see [`read_ahead`]).
-pub struct ReadAhead {
-    first: Option<Frame<Bytes>>,
-    body: UpstreamBody<RequestBody>,
-    /// Which of the version's upstreams sends it, for the log line of a cut.
-    upstream: usize,
-}
-
-/// Reads what of `rsp`'s body has already come, without waiting for more.
-/// An upstream that breaks its body straight after its head (a chunk size
-/// that is not one, a close before the length it declared) fails the
-/// exchange here, while its client can still be answered a 502: hyper,
-/// handed a head whose body fails at its first read, drops the connection
-/// with the head unsent, and the client would get no answer at all.
-/// `upstream` is the index of the version's upstream that answered.
-pub fn read_ahead(
-    rsp: Response<UpstreamBody<RequestBody>>,
-    upstream: usize,
-) -> Result<Response<ReadAhead>, ProxyError> {
-    let (parts, mut body) = rsp.into_parts();
-    let mut first = None;
-    // A `101`'s connection belongs to the tunnel, not to a body.
-    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-        // No waker is kept: the consumer's own first poll, which always
-        // follows, registers its own.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match Pin::new(&mut body).poll_frame(&mut cx) {
-            Poll::Ready(Some(Err(error))) => return Err(ProxyError::from_body(&error)),
-            Poll::Ready(Some(Ok(frame))) => first = Some(frame),
-            Poll::Ready(None) | Poll::Pending => {}
-        }
-    }
-    let body = ReadAhead {
-        first,
-        body,
-        upstream,
-    };
-    Ok(Response::from_parts(parts, body))
-}
-
-impl Body for ReadAhead {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(frame) = self.first.take() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let first = self
-            .first
-            .as_ref()
-            .and_then(Frame::data_ref)
-            .map_or(0, |data| data.len() as u64);
-        let rest = self.body.size_hint();
-        let mut hint = SizeHint::new();
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + first);
-        }
-        hint.set_lower(rest.lower() + first);
-        hint
-    }
-}
-
 enum Inner {
-    Upstream(ReadAhead),
+    Upstream {
+        body: UpstreamBody<RequestBody>,
+        /// Which of the version's upstreams sends it, for the log line of a cut.
+        upstream: usize,
+        /// The upstream's failure, held back for one poll (see `poll_frame`).
+        failed: Option<hyper::Error>,
+    },
     Full(Option<Bytes>),
 }
 
@@ -607,15 +536,21 @@ impl IdleLimit {
 }
 
 impl ResponseBody {
-    /// An upstream's body, cut after `idle_limit` without a byte, if set.
+    /// The body of the version's upstream `upstream`, cut after
+    /// `idle_limit` without a byte, if set.
     #[must_use]
     pub fn upstream(
-        body: ReadAhead,
+        body: UpstreamBody<RequestBody>,
+        upstream: usize,
         in_flight: InFlight,
         idle_limit: Option<Duration>,
     ) -> ResponseBody {
         ResponseBody {
-            inner: Inner::Upstream(body),
+            inner: Inner::Upstream {
+                body,
+                upstream,
+                failed: None,
+            },
             in_flight: Some(in_flight),
             closing: None,
             idle: idle_limit.map(|limit| IdleLimit {
@@ -670,21 +605,38 @@ impl Body for ResponseBody {
         }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(body) => match Pin::new(&mut *body).poll_frame(cx) {
+            Inner::Upstream { failed, .. } if failed.is_some() => {
+                Poll::Ready(failed.take().map(|error| Err(error.into())))
+            }
+            Inner::Upstream {
+                body,
+                upstream,
+                failed,
+            } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Err(error))) => {
                     // The upstream failed mid-body (it closed or reset the
                     // connection, or broke the framing): the client sees the
                     // stream cut, the version's upstream errors count it,
                     // and the log says which upstream, as nginx's does.
-                    let failed = ProxyError::from_body(&error);
+                    let cut = ProxyError::from_body(&error);
                     if let Some(in_flight) = &mut this.in_flight {
-                        in_flight.cut_by_upstream(body.upstream, &failed);
-                        if let Some(kind) = failed.upstream_kind() {
+                        in_flight.cut_by_upstream(*upstream, &cut);
+                        if let Some(kind) = cut.upstream_kind() {
                             in_flight.version.metrics.record_upstream_error(kind);
                             in_flight.upstream_failed();
                         }
                     }
-                    Poll::Ready(Some(Err(error.into())))
+                    // hyper drops a connection whose body fails without
+                    // sending what it holds: the head, if this is the body's
+                    // first poll, and the frames taken in the same turn (an
+                    // upstream that broke off in the read that brought them).
+                    // Handed on at the next poll, once hyper has sent them,
+                    // the failure cuts the stream after them, as nginx's
+                    // clients see it, rather than leave the client with no
+                    // answer at all.
+                    *failed = Some(error);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
                 Poll::Ready(frame) => {
                     if let Some(idle) = &mut this.idle {
@@ -702,7 +654,7 @@ impl Body for ResponseBody {
                             "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
                         ));
                         if let Some(mut in_flight) = this.in_flight.take() {
-                            in_flight.cut_by_upstream(body.upstream, &cut);
+                            in_flight.cut_by_upstream(*upstream, &cut);
                             in_flight
                                 .version
                                 .metrics
@@ -733,14 +685,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Upstream { body, failed, .. } => failed.is_none() && body.is_end_stream(),
             Inner::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Upstream(body) => body.size_hint(),
+            Inner::Upstream { body, .. } => body.size_hint(),
             Inner::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }

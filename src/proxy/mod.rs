@@ -37,7 +37,10 @@ use crate::config::Fallback;
 use crate::rollout::window::Observation;
 use crate::routing::{self, Cohort, key};
 use crate::table::{RouteTable, Table, Version};
-use crate::upstream::{UpstreamAddr, UpstreamClient};
+use crate::upstream::{self, UpstreamAddr, UpstreamClient};
+
+/// An upstream's response body as the proxy receives it.
+type UpstreamBody = upstream::UpstreamBody<RequestBody>;
 
 pub use body::{RequestBody, ResponseBody};
 pub use error::ProxyError;
@@ -127,7 +130,7 @@ impl Proxy {
                 }
                 self.forward(req, &table, &version, upstream, peer, started)
                     .await
-                    .map(|rsp| (rsp, client_upgrade))
+                    .map(|(rsp, upstream)| (rsp, upstream, client_upgrade))
             }
         };
 
@@ -144,9 +147,15 @@ impl Proxy {
             tokens,
             judged,
         } = match result {
-            Ok((rsp, client_upgrade)) => {
-                relay(rsp, client_upgrade, &table, &version, in_flight, to_headers)
-            }
+            Ok((rsp, upstream, client_upgrade)) => relay(
+                rsp,
+                upstream,
+                client_upgrade,
+                &table,
+                &version,
+                in_flight,
+                to_headers,
+            ),
             Err(error) => {
                 // A request refused (or cut short by its client) pins no
                 // one to a cohort.
@@ -192,7 +201,7 @@ impl Proxy {
         upstream: Option<(usize, &UpstreamAddr)>,
         peer: &Peer,
         started: Instant,
-    ) -> Result<Response<body::ReadAhead>, ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, usize), ProxyError> {
         let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
         let mut req = rewrite::upstream_request(
             req,
@@ -227,10 +236,7 @@ impl Proxy {
                 }
             };
             let failed = match waited {
-                Some(Ok(rsp)) => {
-                    break rewrite::downstream_response(rsp)
-                        .and_then(|rsp| body::read_ahead(rsp, index));
-                }
+                Some(Ok(rsp)) => break rewrite::downstream_response(rsp).map(|rsp| (rsp, index)),
                 // The exchange failed because the client's body did: not
                 // the upstream's doing, and nothing to try again.
                 Some(Err(failed))
@@ -311,7 +317,7 @@ impl Proxy {
         // client that stalled or broke its body off says nothing of it
         // either way.
         let ok = match &result {
-            Ok(rsp) => !rsp.status().is_server_error(),
+            Ok((rsp, _)) => !rsp.status().is_server_error(),
             Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => return result,
             Err(error) => error.upstream_kind().is_none(),
         };
@@ -350,7 +356,8 @@ enum Judged {
 /// An upstream's response, relayed: its body streamed through, or its
 /// upgrade paired with the client's.
 fn relay(
-    mut rsp: Response<body::ReadAhead>,
+    mut rsp: Response<UpstreamBody>,
+    upstream: usize,
     client_upgrade: Option<OnUpgrade>,
     table: &RouteTable,
     version: &Version,
@@ -369,7 +376,7 @@ fn relay(
         });
         let idle_limit = table.policy.stream_idle_timeout;
         return Answer {
-            rsp: rsp.map(|body| ResponseBody::upstream(body, in_flight, idle_limit)),
+            rsp: rsp.map(|body| ResponseBody::upstream(body, upstream, in_flight, idle_limit)),
             tunnel: None,
             tokens,
             judged: Judged::AtEnd,
