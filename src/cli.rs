@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Pipes};
 use crate::routing::{self, Weight};
 
 #[derive(Debug, Parser)]
@@ -223,7 +223,7 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
             Err(message) => return fail(message),
         },
         CtlCommand::Rollout(RolloutCommand::Start { file }) => {
-            let text = match crate::config::read_text(&file, crate::config::Pipes::Read) {
+            let text = match crate::config::read_text(&file, Pipes::Read) {
                 Ok(text) => text,
                 Err(error) => return fail(format!("cannot read {}: {error}", file.display())),
             };
@@ -276,7 +276,7 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
 /// `cohort check`: the config's values, then the files it names, as
 /// `serve` would meet them at start.
 fn check(path: &std::path::Path) -> ExitCode {
-    let problems = match Config::load(path) {
+    let problems = match Config::load(path, Pipes::Read) {
         Ok(config) => {
             let mut problems = config.check_files();
             problems.extend(crate::state::file::check(

@@ -247,9 +247,11 @@ impl fmt::Display for Problem {
 // === impl Config ===
 
 impl Config {
-    /// Reads and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = read_text(path, Pipes::Refused).map_err(|source| ConfigError::Read {
+    /// Reads and validates the file at `path`; a pipe only if `pipes`
+    /// allows (`cohort check --config <(envsubst < cohort.toml.in)` is read
+    /// once, for a person waiting; `serve` reads it again on SIGHUP).
+    pub fn load(path: &Path, pipes: Pipes) -> Result<Config, ConfigError> {
+        let text = read_text(path, pipes).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;

@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
-use crate::config::{Config, ConfigError, ListenConfig, Problem, UpstreamConfig};
+use crate::config::{Config, ConfigError, ListenConfig, Pipes, Problem, UpstreamConfig};
 use crate::control::{Control, ControlError, on_disk};
 use crate::proxy::Proxy;
 use crate::proxy::listener;
@@ -339,7 +339,7 @@ pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
     let (mut signals, rollbacks) = Signals::register().map_err(ServeError::Signals)?;
-    let config = Config::load(path)?;
+    let config = Config::load(path, Pipes::Refused)?;
     let mut server = start_with(config, options).await?;
     // Through the drain too: SIGUSR1 still rolls back meanwhile, and
     // `on_rollback = "close"` still cuts the canary's streams.
@@ -434,7 +434,7 @@ fn rollback_on_signal(control: &Control) {
 /// token, the certificate and key, the CA). A new canary from the reloaded
 /// config starts its `[rollout]` plan, as on a start.
 async fn reload_config(server: &mut Server, path: &Path) -> Result<(), ReloadRefused> {
-    let config = Config::load(path)
+    let config = Config::load(path, Pipes::Refused)
         .map_err(|error| ReloadRefused(error.to_string().lines().map(str::to_owned).collect()))?;
     let problems = config.check_files();
     if !problems.is_empty() {

@@ -147,6 +147,32 @@ fn check_reports_an_unknown_key_together_with_bad_values() {
     }
 }
 
+/// `check` reads a config from a pipe (`--config <(envsubst < tmpl)`), as
+/// a person waits for its answer; `serve` refuses one, which a reload
+/// would read again and find gone.
+#[test]
+fn check_reads_a_config_from_a_pipe_and_serve_refuses_one() {
+    let scratch = Scratch::new("pipe");
+    let fifo = scratch.path().join("cohort.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|status| status.success()), "mkfifo");
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::write(fifo, STABLE_ONLY).expect("write the pipe")
+    });
+    let output = check(&fifo);
+    writer.join().expect("the writer");
+    assert!(output.status.success(), "{}", printed(&output));
+
+    let output = cohort(&["serve", "--config", &fifo.display().to_string()]);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    assert!(
+        printed(&output).contains("a pipe, which could hold the read up for good"),
+        "{}",
+        printed(&output)
+    );
+}
+
 #[test]
 fn check_fails_on_a_missing_file() {
     let output = cohort(&["check", "--config", "no/such/cohort.toml"]);
