@@ -483,9 +483,14 @@ impl<B> Body for UpstreamBody<B> {
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.incoming).poll_frame(cx);
-        if let Poll::Ready(None) = polled
-            && let Some(lease) = this.lease.take()
-        {
+        // The end, or trailers: the last frame of a body, after which
+        // hyper's server asks for no more.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            _ => false,
+        };
+        if ended && let Some(lease) = this.lease.take() {
             lease.give_back();
         }
         polled
@@ -608,6 +613,49 @@ mod tests {
             let rsp = pool.send(&upstream, get()).await.unwrap();
             let body = rsp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body.len(), 100_000);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// What hyper's server does with a body that ends in trailers: it
+    /// stops polling once it has them, the body's last frame.
+    #[tokio::test]
+    async fn a_body_dropped_after_its_trailers_frees_its_connection() {
+        let (upstream, seen) = crate::upstream::tests::backend(|stream| async move {
+            let service = service_fn(|_req| async {
+                let frames = [
+                    Frame::data(Bytes::from_static(b"answer")),
+                    Frame::trailers(http::HeaderMap::from_iter([(
+                        http::HeaderName::from_static("grpc-status"),
+                        http::HeaderValue::from_static("0"),
+                    )])),
+                ]
+                .map(Ok::<_, Infallible>);
+                let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                // hyper's server sends the trailer fields its answer declares.
+                let rsp = Response::builder()
+                    .header(http::header::TRAILER, "grpc-status")
+                    .body(body);
+                Ok::<_, Infallible>(rsp.unwrap())
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
+        let pool = pool(Duration::from_secs(60));
+        for _ in 0..3 {
+            // And to a client that says it takes them.
+            let req = Request::get("/")
+                .header(http::header::TE, "trailers")
+                .body(Empty::new())
+                .unwrap();
+            let mut body = pool.send(&upstream, req).await.unwrap().into_body();
+            let data = body.frame().await.unwrap().unwrap();
+            assert_eq!(data.into_data().unwrap(), "answer");
+            let trailers = body.frame().await.unwrap().unwrap();
+            assert!(trailers.is_trailers(), "{trailers:?}");
+            drop(body);
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
