@@ -53,6 +53,18 @@ fn assert_error_body(reply: &support::Reply, kind: &str, version: &str) {
     assert_eq!(reply.version(), version, "errors are tagged too");
 }
 
+/// A `GET /` for `bob` on a connection of its own to `proxy`, and the
+/// answer's head; the connection is left open for the rest.
+async fn get_head(proxy: SocketAddr) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
+        .await
+        .expect("send a request");
+    let head = support::read_head(&mut stream).await;
+    (stream, head)
+}
+
 /// A connection to `proxy` with the head of a `length`-byte upload sent,
 /// its body to come.
 async fn upload_head(proxy: SocketAddr, length: usize) -> TcpStream {
@@ -413,14 +425,7 @@ async fn an_upstream_that_breaks_its_body_as_its_head_comes_still_gets_the_head_
         support::raw_upstream(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n").await;
     let server = cohort(&[addr], None, "").await;
     for _ in 0..20 {
-        let mut stream = TcpStream::connect(server.proxy_addr())
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
-            .await
-            .expect("send a request");
-        let head = support::read_head(&mut stream).await;
+        let (mut stream, head) = get_head(server.proxy_addr()).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(
             head.contains(&format!("x-agent-version: {STABLE}")),
@@ -444,14 +449,7 @@ async fn an_upstream_that_hangs_up_mid_body_is_counted_as_a_reset() {
         .await
         .unwrap_or(0.0);
 
-    let mut stream = TcpStream::connect(server.proxy_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
-        .await
-        .expect("send a request");
-    let head = support::read_head(&mut stream).await;
+    let (mut stream, head) = get_head(server.proxy_addr()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // The client sees the body cut short: the connection ends early.
     let mut body = Vec::new();
@@ -682,12 +680,7 @@ async fn a_body_cut_by_its_upstream_is_named_in_the_log() {
     let path = parsed.state.path.with_file_name("cohort.toml");
     std::fs::write(&path, &text).expect("write the config");
     let process = support::Process::serve(&path, &[]).await;
-    let mut stream = TcpStream::connect(process.proxy).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: bob\r\n\r\n")
-        .await
-        .expect("send a request");
-    let head = support::read_head(&mut stream).await;
+    let (_stream, head) = get_head(process.proxy).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let line = process
         .log_line(&["upstream failed mid-body", &addr.to_string()])
