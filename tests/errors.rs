@@ -328,6 +328,81 @@ async fn an_upload_its_client_breaks_off_is_not_counted_against_the_upstream() {
     assert_eq!(reply.status, 200, "the upstream was ejected: {reply:?}");
 }
 
+/// An upstream that answers an upload early and streams its answer, and a
+/// client that then resets its connection with its upload unfinished: hyper
+/// drops the upstream connection for the broken upload, and the cut that
+/// follows is the client's doing, not the upstream's.
+#[tokio::test]
+async fn an_upload_broken_off_after_an_early_answer_is_not_counted_against_the_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = support::read_head(&mut stream).await;
+                if !head.starts_with("POST") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nearly\r\n",
+                    )
+                    .await;
+                // Paced: a chunk every 100 ms, until the proxy lets go.
+                for _ in 0..50 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if stream.write_all(b"1\r\nx\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    const VERSION: &str = "broken-off-after-answer";
+    let toml = support::config(&[upstream], None, "").replace(
+        &format!("name = \"{STABLE}\""),
+        &format!("name = \"{VERSION}\""),
+    );
+    let server = support::start_cohort(&toml).await;
+    for _ in 0..3 {
+        let mut stream = upload_head(server.proxy_addr(), 1000).await;
+        stream.write_all(&[b'x'; 10]).await.expect("send a part");
+        let head = support::read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // Paced: some of the streamed answer comes first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(stream);
+    }
+    // Each answer's end, however it came, is recorded by then.
+    support::eventually_async("the answers to end", || async {
+        metric(
+            &server,
+            "cohort_requests_in_flight",
+            &[("version", VERSION)],
+        )
+        .await
+            == Some(0.0)
+    })
+    .await;
+    let upstream_errors = support::metric_sum(
+        &server,
+        "cohort_upstream_errors_total",
+        VERSION,
+        "kind",
+        &["connect", "timeout", "reset", "protocol"],
+    )
+    .await;
+    assert_eq!(
+        upstream_errors, 0.0,
+        "the upstream was blamed for the client's reset"
+    );
+}
+
 #[tokio::test]
 async fn an_upload_that_its_upstream_stops_reading_gives_504() {
     // An upstream that reads the request head and then nothing more.

@@ -266,19 +266,22 @@ impl InFlight {
         );
     }
 
-    /// The upstream cut the response body (see [`InFlight::judge_at_end`]),
-    /// unless the client broke its own request body off first, which an
-    /// upstream still reading it may answer by closing.
+    /// The upstream cut the response body (see [`InFlight::judge_at_end`]).
+    /// Not called when the client broke its own request body off first
+    /// ([`InFlight::client_broke_off`]).
     fn upstream_failed(&mut self) {
-        let client_broke_off = self
-            .body
-            .as_deref()
-            .is_some_and(BodyProgress::is_broken_off);
-        if let Some(verdict) = &mut self.verdict
-            && !client_broke_off
-        {
+        if let Some(verdict) = &mut self.verdict {
             verdict.success = false;
         }
+    }
+
+    /// Whether the client broke its request body off: an upstream still
+    /// reading it, or its connection, which hyper then drops, may well
+    /// fail the response after, and is not to blame for that.
+    fn client_broke_off(&self) -> bool {
+        self.body
+            .as_deref()
+            .is_some_and(BodyProgress::is_broken_off)
     }
 
     /// Whether the version's streams were ordered closed since this one's
@@ -617,9 +620,12 @@ impl Body for ResponseBody {
                     // The upstream failed mid-body (it closed or reset the
                     // connection, or broke the framing): the client sees the
                     // stream cut, the version's upstream errors count it,
-                    // and the log says which upstream, as nginx's does.
+                    // and the log says which upstream, as nginx's does;
+                    // unless the client broke its upload off first.
                     let cut = ProxyError::from_body(&error);
-                    if let Some(in_flight) = &mut this.in_flight {
+                    if let Some(in_flight) = &mut this.in_flight
+                        && !in_flight.client_broke_off()
+                    {
                         in_flight.cut_by_upstream(*upstream, &cut);
                         if let Some(kind) = cut.upstream_kind() {
                             in_flight.version.metrics.record_upstream_error(kind);
@@ -653,7 +659,9 @@ impl Body for ResponseBody {
                         let cut = ProxyError::Timeout(format!(
                             "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
                         ));
-                        if let Some(mut in_flight) = this.in_flight.take() {
+                        if let Some(mut in_flight) = this.in_flight.take()
+                            && !in_flight.client_broke_off()
+                        {
                             in_flight.cut_by_upstream(*upstream, &cut);
                             in_flight
                                 .version
