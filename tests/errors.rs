@@ -375,7 +375,7 @@ async fn an_upload_broken_off_after_an_early_answer_is_not_counted_against_the_u
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         // Paced: some of the streamed answer comes first.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stream.set_linger(Some(Duration::ZERO)).expect("linger");
+        stream.set_zero_linger().expect("a reset on drop");
         drop(stream);
     }
     // Each answer's end, however it came, is recorded by then.
