@@ -391,11 +391,12 @@ pub const MOST_FILE_BYTES: u64 = 16 << 20;
 /// Whether a file named to be read may be a pipe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pipes {
-    /// The server's files: a pipe that no one writes to would hold up a
-    /// start, a reload or `cohort check` for good.
+    /// The files a config names, and the config `serve` reads: a pipe that
+    /// no one writes to would hold up a start or a reload for good, and a
+    /// reload would find it gone.
     Refused,
-    /// `cohort ctl`'s, read once for a person who waits for the answer:
-    /// `--token-file <(pass cohort/token)`.
+    /// `cohort ctl`'s files and the config `cohort check` reads, read once
+    /// for a person who waits for the answer: `--token-file <(pass token)`.
     Read,
 }
 

@@ -5,9 +5,9 @@
 //! that cannot read its files or bind its addresses changes nothing) and
 //! of shutdown (not ready, stop accepting and, in the same step, ask the
 //! rollout to save and stop, drain, stop the admin listener, a last try at
-//! saving a state the disk refused), what each OS signal does (SIGUSR1 on a task of its own, so
-//! that a reload waiting on the disk never holds up a rollback), and the
-//! thread layout:
+//! saving a state the disk refused), what each OS signal does (SIGUSR1 on
+//! a task of its own, so that a reload waiting on the disk never holds up
+//! a rollback), and the thread layout:
 //! `listen.workers` proxy workers, each a thread with its own single-threaded
 //! runtime, listening socket (`SO_REUSEPORT` on one address when there are
 //! several), `Proxy` and upstream connection pools, so a request never
