@@ -294,7 +294,8 @@ fn label_value(value: &str) -> String {
 type ProbeClient = UpstreamClient<Empty<Bytes>>;
 
 /// Probes every upstream of the live table until `shutdown` resolves. New
-/// versions are probed at once; the others every `health.interval`. The
+/// versions are probed at once; the others every `health.interval`, and an
+/// upstream held back until its first good probe every second at least. The
 /// `[health]` settings are the live table's, so a reloaded config applies
 /// from the next probe on.
 pub async fn run_checks(
@@ -360,12 +361,24 @@ pub async fn probe_gated(
     futures_util::future::join_all(probes).await;
 }
 
+/// The most an upstream held back until its first good probe waits for
+/// the next one (`health.interval`, if that is shorter): it takes no
+/// traffic until then, so a canary whose container comes up just after a
+/// probe is not kept from its cohort for a whole interval, as Envoy's
+/// `unhealthy_interval` allows.
+const GATED_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Starts a probe of each upstream of `version` whose turn has come.
 fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &HealthConfig) {
     let now = now_ms();
     for (index, upstream) in version.upstreams.iter().enumerate() {
         let health = &version.health[index];
-        let interval = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
+        let interval = if health.gated.load(Ordering::Relaxed) {
+            config.interval.min(GATED_INTERVAL)
+        } else {
+            config.interval
+        };
+        let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let probed_at = health.probed_at_ms.load(Ordering::Relaxed);
         let too_soon = probed_at != 0 && now < probed_at.saturating_add(interval);
         if too_soon || health.probing.swap(true, Ordering::Relaxed) {

@@ -417,6 +417,33 @@ async fn a_canary_from_the_config_is_gated_on_a_first_start() {
     assert_eq!(live.hits(), 1);
 }
 
+/// A gated canary is probed every second until it opens, however long
+/// `health.interval` is: it takes no traffic until then.
+#[tokio::test]
+async fn a_gated_canary_is_probed_again_within_a_second_whatever_the_interval() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("late").await;
+    canary.stop().await;
+    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [health]\ninterval = \"1h\"\n";
+    let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), extra).await;
+    let client = Http::new(server.proxy_addr());
+    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+    assert_eq!(
+        client.get("/", &[("x-user", &on_canary)]).await.version(),
+        STABLE
+    );
+
+    // Up just after the probe before the first accept: with the hour's
+    // interval alone, the next probe would be an hour away.
+    canary.restart().await;
+    eventually_async("the canary's cohort reaches the canary", || async {
+        client.get("/", &[("x-user", &on_canary)]).await.version() == CANARY
+    })
+    .await;
+    server.shutdown().await;
+}
+
 /// Passive ejection of every canary upstream sends its cohort to stable
 /// (`canary_unavailable = "stable"`) or answers it 503 (`"error"`), rather
 /// than trying the ejected ones as a version with nowhere else to go does;
