@@ -1373,11 +1373,15 @@ mod tests {
         )
     }
 
-    /// Starts a weight change on its own thread, and waits until its write stalls.
-    fn stall_a_change(stalled: &Stalled) -> thread::JoinHandle<Result<LiveState, ControlError>> {
+    /// Starts a change of the weight to `percent` on its own thread, and
+    /// waits until its write stalls.
+    fn stall_a_change(
+        stalled: &Stalled,
+        percent: f64,
+    ) -> thread::JoinHandle<Result<LiveState, ControlError>> {
         let change = thread::spawn({
             let control = Arc::clone(&stalled.control);
-            move || control.set_weight(Weight::from_percent(50.0).unwrap(), false)
+            move || control.set_weight(Weight::from_percent(percent).unwrap(), false)
         });
         stalled
             .begun
@@ -1394,7 +1398,7 @@ mod tests {
         } = &stalled;
 
         // A weight change: the state read while it is written is the one before it.
-        let change = stall_a_change(&stalled);
+        let change = stall_a_change(&stalled, 50.0);
         let (live, shown) = read_state(control).expect("the read returns while the write stalls");
         assert_eq!((live.generation, live.weight().percent()), (1, 10.0));
         assert_eq!(shown["generation"], 1);
@@ -1437,7 +1441,7 @@ mod tests {
     #[test]
     fn a_rollback_takes_traffic_off_the_canary_while_another_change_is_written() {
         let stalled = stalled();
-        let change = stall_a_change(&stalled);
+        let change = stall_a_change(&stalled, 50.0);
         let rollback = thread::spawn({
             let control = Arc::clone(&stalled.control);
             move || control.rollback_telling("a test", Source::Signal)
@@ -1600,14 +1604,7 @@ mod tests {
         }
 
         // v2's guardrail trips while another change is being written.
-        let weight = thread::spawn({
-            let control = Arc::clone(&stalled.control);
-            move || control.set_weight(Weight::from_percent(20.0).unwrap(), false)
-        });
-        stalled
-            .begun
-            .recv_timeout(DEADLINE)
-            .expect("the weight writes the state");
+        let weight = stall_a_change(&stalled, 20.0);
         let rollback = a_rollback_under_way(&stalled.control, |control| {
             let progress = serde_json::json!({"canary": "v2", "phase": "rolled_back"});
             control.rollback_rollout("v2", "guardrail failed", Source::Guardrail, progress)
@@ -1751,7 +1748,7 @@ mod tests {
     #[test]
     fn the_retry_of_unsaved_state_does_not_hold_a_runtime_thread_while_a_write_stalls() {
         let stalled = stalled();
-        let change = stall_a_change(&stalled);
+        let change = stall_a_change(&stalled, 50.0);
         // One worker: were the retry to wait for the state lock on it,
         // nothing else on the runtime (`/health`, `/metrics`) would run.
         let runtime = one_worker();
