@@ -13,8 +13,9 @@
 //!   - every canary (from the config or the state file on start, or
 //!     installed at run time) starts unhealthy, so it gets no traffic until
 //!     one of its upstreams passes a probe ([`probe_gated`] probes the one
-//!     there on start before the proxy accepts); so does an upstream added
-//!     to an open canary. A canary installed again under its own name keeps
+//!     there on start before the proxy accepts, and [`run_checks`] every
+//!     second until it passes); so does an upstream added to an open
+//!     canary. A canary installed again under its own name keeps
 //!     what was learnt of the upstreams it keeps (`table::Version::new`).
 //! - The log line of each change of verdict, with why the probe failed.
 //! - [`write_gauges`]: the `cohort_upstream_healthy` lines of a scrape.

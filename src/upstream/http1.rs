@@ -452,7 +452,8 @@ impl<B> Lease<B> {
 }
 
 /// An upstream response body. For a pooled HTTP/1.1 connection, it gives
-/// the connection back to the pool once read to its end; dropped earlier,
+/// the connection back to the pool once read to its end (or its trailers,
+/// its last frame); dropped earlier,
 /// the connection closes instead, since the rest of the body is still on it.
 /// For a stream of a pooled HTTP/2 connection, it holds the stream's place
 /// on its connection until dropped.
