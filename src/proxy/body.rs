@@ -45,7 +45,6 @@ use tokio::time::Instant;
 
 use super::ProxyError;
 use crate::BoxError;
-use crate::metrics::UpstreamErrorKind;
 use crate::rollout::window::Observation;
 use crate::routing::Decision;
 use crate::shadow::Tap;
@@ -254,24 +253,28 @@ impl InFlight {
         self.verdict = Some(observation);
     }
 
-    /// Logs that upstream `index` of the version cut this response's body
-    /// with `error`: the client saw its head, so no other line tells of it.
-    fn cut_by_upstream(&self, index: usize, error: &ProxyError) {
+    /// Upstream `index` of the version cut this response's body with `cut`:
+    /// the log says which upstream, as nginx's does (the client saw the head,
+    /// so no other line tells of it), the version's upstream errors count it,
+    /// and the guardrails are told of a failure (see
+    /// [`InFlight::judge_at_end`]). None of it when the client broke its own
+    /// request body off first: the upstream is not to blame then.
+    fn cut_by_upstream(&mut self, index: usize, cut: &ProxyError) {
+        if self.client_broke_off() {
+            return;
+        }
         tracing::warn!(
             version = %self.version.name,
             upstream = %self.version.upstreams[index],
-            client = %self.client,
-            %error,
+            client.addr = %self.client,
+            error = %cut,
             "upstream failed mid-body; the response is cut"
         );
-    }
-
-    /// The upstream cut the response body (see [`InFlight::judge_at_end`]).
-    /// Not called when the client broke its own request body off first
-    /// ([`InFlight::client_broke_off`]).
-    fn upstream_failed(&mut self) {
-        if let Some(verdict) = &mut self.verdict {
-            verdict.success = false;
+        if let Some(kind) = cut.upstream_kind() {
+            self.version.metrics.record_upstream_error(kind);
+            if let Some(verdict) = &mut self.verdict {
+                verdict.success = false;
+            }
         }
     }
 
@@ -619,18 +622,9 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Err(error))) => {
                     // The upstream failed mid-body (it closed or reset the
                     // connection, or broke the framing): the client sees the
-                    // stream cut, the version's upstream errors count it,
-                    // and the log says which upstream, as nginx's does;
-                    // unless the client broke its upload off first.
-                    let cut = ProxyError::from_body(&error);
-                    if let Some(in_flight) = &mut this.in_flight
-                        && !in_flight.client_broke_off()
-                    {
-                        in_flight.cut_by_upstream(*upstream, &cut);
-                        if let Some(kind) = cut.upstream_kind() {
-                            in_flight.version.metrics.record_upstream_error(kind);
-                            in_flight.upstream_failed();
-                        }
+                    // stream cut.
+                    if let Some(in_flight) = &mut this.in_flight {
+                        in_flight.cut_by_upstream(*upstream, &ProxyError::from_body(&error));
                     }
                     // hyper drops a connection whose body fails without
                     // sending what it holds: the head, if this is the body's
@@ -659,15 +653,8 @@ impl Body for ResponseBody {
                         let cut = ProxyError::Timeout(format!(
                             "stream cut: no byte from the upstream for {limit:?} (upstream.stream_idle_timeout)"
                         ));
-                        if let Some(mut in_flight) = this.in_flight.take()
-                            && !in_flight.client_broke_off()
-                        {
+                        if let Some(mut in_flight) = this.in_flight.take() {
                             in_flight.cut_by_upstream(*upstream, &cut);
-                            in_flight
-                                .version
-                                .metrics
-                                .record_upstream_error(UpstreamErrorKind::Timeout);
-                            in_flight.upstream_failed();
                         }
                         return Poll::Ready(Some(Err(cut.to_string().into())));
                     }
