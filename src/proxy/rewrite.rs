@@ -44,7 +44,8 @@ static HOP_BY_HOP: [&HeaderName; 8] = [
     &PROXY_AUTHORIZATION,
 ];
 
-/// Where `TE` and `Transfer-Encoding` are in [`HOP_BY_HOP`].
+/// Where the entries that are read, not only removed, are in [`HOP_BY_HOP`].
+const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 3;
 const TRANSFER_ENCODING_INDEX: usize = 4;
 
@@ -410,7 +411,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // Read before `Connection` is: a client sending `TE` names it there
     // (RFC 9110 section 10.1.4).
     let accepts_trailers = present[TE_INDEX] && accepts_trailers(headers);
-    if present[0] {
+    if present[CONNECTION_INDEX] {
         // Collected before any is removed; most `Connection` headers name
         // options only, and then nothing is allocated.
         let named: Vec<HeaderName> = headers
@@ -451,7 +452,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
 /// comparing each name with every entry of the list.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
-        "connection" => 0,
+        "connection" => CONNECTION_INDEX,
         "keep-alive" => 1,
         "proxy-connection" => 2,
         "te" => TE_INDEX,
@@ -628,6 +629,7 @@ mod tests {
     fn transfer_encoding_is_where_its_index_says() {
         assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_INDEX], TRANSFER_ENCODING);
         assert_eq!(HOP_BY_HOP[TE_INDEX], TE);
+        assert_eq!(HOP_BY_HOP[CONNECTION_INDEX], CONNECTION);
         let mut h = HeaderMap::new();
         h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
         assert!(strip_hop_by_hop(&mut h).transfer_encoding);
