@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, Pipes};
+use crate::config::{Config, ConfigError};
+use crate::files::Pipes;
 use crate::routing::{self, Weight};
 
 #[derive(Debug, Parser)]
@@ -223,7 +224,7 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
             Err(message) => return fail(message),
         },
         CtlCommand::Rollout(RolloutCommand::Start { file }) => {
-            let text = match crate::config::read_text(&file, Pipes::Read) {
+            let text = match crate::files::read_text(&file, Pipes::Read) {
                 Ok(text) => text,
                 Err(error) => return fail(format!("cannot read {}: {error}", file.display())),
             };

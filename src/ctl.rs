@@ -183,7 +183,8 @@ pub fn token(given: Option<String>, file: Option<PathBuf>) -> Result<Option<Stri
 
 /// The token in the file at `path`, read as the server reads `admin.token_file`.
 fn read_token_file(path: &Path) -> Result<String, CtlError> {
-    use crate::config::{Pipes, TokenFileError};
+    use crate::config::TokenFileError;
+    use crate::files::Pipes;
     crate::config::read_token_file(path, Pipes::Read).map_err(|error| CtlError::TokenFile {
         path: path.to_owned(),
         problem: match error {

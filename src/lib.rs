@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`config`]: TOML -> validated [`config::Config`]; every problem named by its key.
+//! - [`files`]: what a file an operator names may be (regular, at most 16 MiB), read.
 //! - [`routing`]: the bucket formula, sticky keys, and the pure routing decision.
 //! - [`table`]: the live route table, one immutable snapshot behind `ArcSwap`.
 //! - [`upstream`]: upstream addresses and the pooled clients (HTTP/1.1, h2c, https).
@@ -40,6 +41,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+pub mod files;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

@@ -29,8 +29,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Access, Admin};
-use crate::config::{Config, ConfigError, ListenConfig, Pipes, Problem, UpstreamConfig};
+use crate::config::{Config, ConfigError, ListenConfig, Problem, UpstreamConfig};
 use crate::control::{Control, ControlError, on_disk};
+use crate::files::Pipes;
 use crate::proxy::Proxy;
 use crate::proxy::listener;
 use crate::proxy::slots::ConnectionSlots;

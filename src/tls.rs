@@ -196,7 +196,7 @@ fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConf
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsErrorKind> {
-    crate::config::read_file(path, crate::config::Pipes::Refused).map_err(|source| {
+    crate::files::read_file(path, crate::files::Pipes::Refused).map_err(|source| {
         TlsErrorKind::Read {
             path: path.to_owned(),
             source,

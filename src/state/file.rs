@@ -95,7 +95,7 @@ impl FileStore {
     }
 
     fn read(&self) -> Result<Option<SavedState>, StateError> {
-        let text = match crate::config::read_text(&self.path, crate::config::Pipes::Refused) {
+        let text = match crate::files::read_text(&self.path, crate::files::Pipes::Refused) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(source) => {
