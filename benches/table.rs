@@ -16,7 +16,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 
 use cohort::config::Config;
 use cohort::routing::Weight;
-use cohort::table::{RouteTable, Status, Table};
+use cohort::table::{Gate, RouteTable, Status, Table};
 
 const CONFIG: &str = r#"
 [versions.stable]
@@ -40,7 +40,7 @@ fn next_table(config: &Config, previous: &RouteTable, weight: Weight) -> RouteTa
         None,
         Arc::clone(&previous.policy),
         Some(previous),
-        true,
+        Gate::UntilProbed,
     )
 }
 

@@ -40,7 +40,7 @@ use crate::state::{
     CanaryState, LiveState, Origin, Rollback, SavedState, ShadowState, Source, StateError,
     StateStore, VersionState,
 };
-use crate::table::{Policy, RouteTable, Status, Table};
+use crate::table::{Gate, Policy, RouteTable, Status, Table};
 use crate::upstream::{Protocol, UpstreamAddr};
 
 /// Why a change was refused.
@@ -227,9 +227,9 @@ impl Control {
         store: Box<dyn StateStore>,
         audit: AuditLog,
     ) -> Control {
-        let built = Arc::new(build(&saved.live, &policy, None, true));
+        let built = Arc::new(build(&saved.live, &policy, None));
         let table = Arc::new(Table::new(RouteTable::clone(&built)));
-        publish(&saved.live);
+        record_table_gauges(&saved.live);
         Control {
             table,
             store,
@@ -888,7 +888,7 @@ impl Control {
     /// rolled back while a rollback of it is under way (see [`Installing`]).
     fn install(&self, live: &LiveState, policy: &Arc<Policy>) {
         let mut installing = self.installing();
-        installing.built = Arc::new(build(live, policy, Some(&installing.built), true));
+        installing.built = Arc::new(build(live, policy, Some(&installing.built)));
         installing.show(&self.table);
     }
 
@@ -900,7 +900,7 @@ impl Control {
 
     /// Makes `live` known: the table's gauges, then whoever watches [`Control::changes`].
     fn publish(&self, live: &LiveState) {
-        publish(live);
+        record_table_gauges(live);
         self.changes.send_replace(live.generation);
     }
 
@@ -1220,15 +1220,9 @@ fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlErr
 
 /// Builds the route table for `live` from `previous` (see
 /// [`RouteTable::build`]): unchanged versions are reused, changed ones keep
-/// their upstreams' health, window and open streams. With
-/// `gate_new_canary`, a canary not in `previous` passes the readiness gate
-/// before it gets traffic.
-fn build(
-    live: &LiveState,
-    policy: &Arc<Policy>,
-    previous: Option<&Arc<RouteTable>>,
-    gate_new_canary: bool,
-) -> RouteTable {
+/// their upstreams' health, window and open streams. A canary not in
+/// `previous` passes the readiness gate before it gets traffic.
+fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTable>>) -> RouteTable {
     let stable = live.stable.config();
     let canary = live.canary.as_ref().map(|c| {
         (
@@ -1256,11 +1250,12 @@ fn build(
         shadow.as_ref(),
         Arc::clone(policy),
         previous.map(AsRef::as_ref),
-        gate_new_canary,
+        Gate::UntilProbed,
     )
 }
 
-fn publish(live: &LiveState) {
+/// The route table's gauges (canary weight, generation) for `live`.
+fn record_table_gauges(live: &LiveState) {
     crate::metrics::record_table(live.weight().percent(), live.generation);
 }
 

@@ -314,16 +314,14 @@ impl RouteTable {
         table
     }
 
-    /// Whether the table holds `version` in `cohort` (named as the metrics'
-    /// `cohort` label names it).
+    /// Whether the table holds `version` in `cohort`.
     #[must_use]
-    pub fn holds(&self, version: &str, cohort: &str) -> bool {
+    pub fn holds(&self, version: &str, cohort: Cohort) -> bool {
         let named = |v: &Version| v.name == version;
         match cohort {
-            "stable" => named(&self.stable),
-            "canary" => self.canary.as_ref().is_some_and(|c| named(&c.version)),
-            "shadow" => self.shadow.as_ref().is_some_and(|s| named(&s.version)),
-            _ => false,
+            Cohort::Stable => named(&self.stable),
+            Cohort::Canary => self.canary.as_ref().is_some_and(|c| named(&c.version)),
+            Cohort::Shadow => self.shadow.as_ref().is_some_and(|s| named(&s.version)),
         }
     }
 
@@ -331,9 +329,9 @@ impl RouteTable {
     /// upstreams and cohort are reused, so their round-robin cursors, metric
     /// handles and open streams carry over (and the shadow's client). A
     /// version kept under another upstream list, or a canary promoted to
-    /// stable, succeeds its old self (see [`Version::new`]). With
-    /// `gate_new_canary`, the upstreams of a canary that was not in
-    /// `previous` (and upstreams new to one that was) wait for a good probe.
+    /// stable, succeeds its old self (see [`Version::new`]). `new_canary`
+    /// says whether the upstreams of a canary that was not in `previous`
+    /// (and upstreams new to one that was) wait for a good probe.
     /// A canary installed again after a rollback starts a new window.
     #[must_use]
     #[allow(clippy::too_many_arguments)]
@@ -345,7 +343,7 @@ impl RouteTable {
         shadow: Option<&(VersionConfig, Weight)>,
         policy: Arc<Policy>,
         previous: Option<&RouteTable>,
-        gate_new_canary: bool,
+        new_canary: Gate,
     ) -> RouteTable {
         let reuse = |config: &VersionConfig, cohort: Cohort| {
             let in_slot = previous.and_then(|p| match cohort {
@@ -370,10 +368,9 @@ impl RouteTable {
                 .into_iter()
                 .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
                 .find(|v| v.name == config.name);
-            let gate = if gate_new_canary && cohort == Cohort::Canary {
-                Gate::UntilProbed
-            } else {
-                Gate::Open
+            let gate = match cohort {
+                Cohort::Canary => new_canary,
+                _ => Gate::Open,
             };
             let window = if reinstalled {
                 WindowFrom::Fresh
@@ -436,7 +433,7 @@ impl RouteTable {
             shadow.as_ref(),
             Arc::new(Policy::from_config(config)),
             None,
-            false,
+            Gate::Open,
         )
     }
 
@@ -530,7 +527,7 @@ mod tests {
             None,
             policy(),
             previous,
-            true,
+            Gate::UntilProbed,
         )
     }
 
@@ -570,7 +567,7 @@ mod tests {
             None,
             policy(),
             Some(&before),
-            true,
+            Gate::UntilProbed,
         );
         assert!(promoted.stable.has_available());
     }

@@ -48,6 +48,7 @@ use tokio::sync::Semaphore;
 use crate::control::{Control, ControlError};
 use crate::health;
 use crate::rollout::controller::Rollouts;
+use crate::routing::Cohort;
 use crate::state::LiveState;
 
 /// What the admin endpoints read and drive.
@@ -218,7 +219,7 @@ impl Admin {
                 let table = self.control.table().snapshot();
                 let mut text =
                     crate::metrics::retain_live_series(&self.metrics.render(), |v, c| {
-                        table.holds(v, c)
+                        Cohort::from_label(c).is_some_and(|c| table.holds(v, c))
                     });
                 health::write_gauges(&table, &mut text);
                 let mut rsp = Response::new(Full::from(text));

@@ -32,6 +32,14 @@ impl Cohort {
             Cohort::Shadow => "shadow",
         }
     }
+
+    /// The cohort a `cohort` label names.
+    #[must_use]
+    pub fn from_label(label: &str) -> Option<Cohort> {
+        [Cohort::Stable, Cohort::Canary, Cohort::Shadow]
+            .into_iter()
+            .find(|c| c.as_str() == label)
+    }
 }
 
 /// Where one key lands under one salt and weight.
