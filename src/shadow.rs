@@ -48,6 +48,7 @@ use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow
 use crate::proxy::{Peer, ProxyError, rewrite};
 use crate::routing::{Cohort, Weight, bucket};
 use crate::table::{Gate, Policy, Version, WindowFrom};
+use crate::upstream::connect;
 
 /// The header every shadow copy carries, so the shadow can tell copies from users.
 pub static X_COHORT_SHADOW: HeaderName = HeaderName::from_static("x-cohort-shadow");
@@ -255,9 +256,7 @@ impl Shadow {
                 sender: Arc::clone(&previous.sender),
             };
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(policy.shadow.connect_timeout));
+        let connector = connect::http_connector(policy.shadow.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

@@ -4,9 +4,11 @@
 //! keep-alive probes, the connect timeout), the TLS handshake with the
 //! upstream's server name (under the same timeout, as nginx's
 //! `proxy_connect_timeout` covers its SSL handshake), and counting each open connection in
-//! `cohort_upstream_connections` from connect to close. Does not own: which
-//! connections are kept for reuse (the HTTP/1.1 pool in `http1`, the HTTP/2
-//! one in `http2`; hyper-util's, for webhooks), nor the trust roots (`tls`).
+//! `cohort_upstream_connections` from connect to close (the shadow's
+//! connections take the TCP settings alone: they are not counted). Does not
+//! own: which connections are kept for reuse (the HTTP/1.1 pool in `http1`,
+//! the HTTP/2 one in `http2`; hyper-util's, for the shadow and webhooks), nor
+//! the trust roots (`tls`).
 
 use std::fmt;
 use std::future::Future;
@@ -31,7 +33,8 @@ use tokio_rustls::client::TlsStream;
 use crate::BoxError;
 use crate::coalesce;
 
-fn http_connector(connect_timeout: Duration) -> HttpConnector {
+/// A TCP connector with the settings of every upstream connection.
+pub(crate) fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
