@@ -187,7 +187,7 @@ pub fn run(cli: Cli) -> ExitCode {
             reset_state,
         } => serve(&config, reset_state),
         Command::Check { config } => check(&config),
-        Command::Demo => runtime(0)
+        Command::Demo => control_runtime()
             .and_then(|rt| rt.block_on(crate::demo::run()).map_err(|e| e.to_string()))
             .map_or_else(fail, |()| ExitCode::SUCCESS),
         Command::Route { salt, weight, keys } => route(&salt, weight, &keys),
@@ -253,24 +253,11 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
 }
 
 fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
-    // The proxy workers run on threads of their own (`serve::start`); this
-    // runtime carries the admin listener, health checks, the rollout
-    // controller and signals, which need little. It has two threads all
-    // the same, so that one busy with a rollout's look leaves the other to
-    // answer. Writes of the state file run off them (`control::on_disk`,
-    // and the blocking pool for admin changes): a disk that stalls must
-    // not stall `/health`, `/metrics` and the health probes with it.
     let options = crate::serve::StartOptions { reset_state };
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("cohort-control")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-        .and_then(|rt| {
-            rt.block_on(crate::serve::run(path, options))
-                .map_err(|e| e.to_string())
-        });
+    let result = control_runtime().and_then(|rt| {
+        rt.block_on(crate::serve::run(path, options))
+            .map_err(|e| e.to_string())
+    });
     result.map_or_else(fail, |()| ExitCode::SUCCESS)
 }
 
@@ -348,13 +335,18 @@ fn route(salt: &str, weight: f64, keys: &[OsString]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A multi-threaded runtime with `workers` threads (0: one per core).
-fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
-    builder
+/// The runtime `serve` and `demo` run on. The proxy workers run on
+/// threads of their own (`serve::start`); this one carries the admin
+/// listener, health checks, the rollout controller and signals (and the
+/// demo's upstreams), which need little. It has two threads all the same,
+/// so that one busy with a rollout's look leaves the other to answer.
+/// Writes of the state file run off them (`control::on_disk`, and the
+/// blocking pool for admin changes): a disk that stalls must not stall
+/// `/health`, `/metrics` and the health probes with it.
+fn control_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cohort-control")
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))

@@ -236,57 +236,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         })?;
 
     let metrics = crate::metrics::install();
-    // Before the state is touched: a start that cannot audit changes none.
-    let audit =
-        AuditLog::open(config.state.audit_log.clone()).map_err(|source| ServeError::AuditLog {
-            path: config.state.audit_log.display().to_string(),
-            source,
-        })?;
-    let store = FileStore::new(config.state.path.clone());
-    let unreadable = |message| StateError::Corrupt {
-        path: config.state.path.display().to_string(),
-        message,
-    };
-    // A saved rollout that cannot be resumed stops the start before the
-    // state is written (a re-seed would carry it on).
-    if !options.reset_state
-        && let Some(saved) = store.load()?
-    {
-        crate::rollout::controller::check_saved(&saved.live).map_err(unreadable)?;
-    }
-    let (saved, origin, previous) = state::restore(
-        &store,
-        &config.versions,
-        config.shadow.as_ref(),
-        config.rollout.is_some(),
-        options.reset_state,
-    )?;
-    let control = Arc::new(Control::new(
-        saved,
-        Arc::new(Policy::from_config(&config)),
-        Box::new(store),
-        audit,
-    ));
-    control.record_start(origin, previous.as_ref().map(|p| &p.live));
-    if let Err(error) = control.follow_config_shadow(config.shadow.as_ref(), Actor::Start) {
-        tracing::error!(%error, "the config's [shadow] cannot be applied");
-    }
-    let rollouts = Rollouts::new(
-        Arc::clone(&control),
-        config.rollout.as_ref().map(plan::to_document),
-        Webhooks::new(Arc::clone(&upstream_tls)),
-    );
-    // A saved rollout carries on where it stopped; a canary fresh from the
-    // config starts the config's plan, if any, as does one that a seed
-    // installed just before the process stopped, before its plan started.
-    let resumed = rollouts.resume().map_err(unreadable)?;
-    if !resumed
-        && config.rollout.is_some()
-        && control.is_rollout_due()
-        && let Err(error) = rollouts.start(None, Actor::Start)
-    {
-        tracing::error!(%error, "cannot start the configured rollout");
-    }
+    let (control, rollouts) = restore_control(&config, options, &upstream_tls)?;
     let (shutdown, _) = watch::channel(false);
     let admin = Arc::new(Admin::new(
         metrics,
@@ -331,6 +281,68 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Server,
         admin_task,
         restart_only: RestartOnly::of(&config),
     })
+}
+
+/// Decides the live state (the state file's, or the config's; see
+/// [`state::restore`]) and the control plane over it: the audit log, the
+/// store, the config's shadow, and the rollout resumed or started.
+fn restore_control(
+    config: &Config,
+    options: StartOptions,
+    upstream_tls: &Arc<rustls::ClientConfig>,
+) -> Result<(Arc<Control>, Arc<Rollouts>), ServeError> {
+    // Before the state is touched: a start that cannot audit changes none.
+    let audit =
+        AuditLog::open(config.state.audit_log.clone()).map_err(|source| ServeError::AuditLog {
+            path: config.state.audit_log.display().to_string(),
+            source,
+        })?;
+    let store = FileStore::new(config.state.path.clone());
+    let unreadable = |message| StateError::Corrupt {
+        path: config.state.path.display().to_string(),
+        message,
+    };
+    // A saved rollout that cannot be resumed stops the start before the
+    // state is written (a re-seed would carry it on).
+    if !options.reset_state
+        && let Some(saved) = store.load()?
+    {
+        crate::rollout::controller::check_saved(&saved.live).map_err(unreadable)?;
+    }
+    let (saved, origin, previous) = state::restore(
+        &store,
+        &config.versions,
+        config.shadow.as_ref(),
+        config.rollout.is_some(),
+        options.reset_state,
+    )?;
+    let control = Arc::new(Control::new(
+        saved,
+        Arc::new(Policy::from_config(config)),
+        Box::new(store),
+        audit,
+    ));
+    control.record_start(origin, previous.as_ref().map(|p| &p.live));
+    if let Err(error) = control.follow_config_shadow(config.shadow.as_ref(), Actor::Start) {
+        tracing::error!(%error, "the config's [shadow] cannot be applied");
+    }
+    let rollouts = Rollouts::new(
+        Arc::clone(&control),
+        config.rollout.as_ref().map(plan::to_document),
+        Webhooks::new(Arc::clone(upstream_tls)),
+    );
+    // A saved rollout carries on where it stopped; a canary fresh from the
+    // config starts the config's plan, if any, as does one that a seed
+    // installed just before the process stopped, before its plan started.
+    let resumed = rollouts.resume().map_err(unreadable)?;
+    if !resumed
+        && config.rollout.is_some()
+        && control.is_rollout_due()
+        && let Err(error) = rollouts.start(None, Actor::Start)
+    {
+        tracing::error!(%error, "cannot start the configured rollout");
+    }
+    Ok((control, rollouts))
 }
 
 /// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns
