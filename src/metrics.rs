@@ -276,13 +276,14 @@ impl VersionMetrics {
 }
 
 /// Drops from a rendered scrape every series labelled with a `version`
-/// and a `cohort` that `is_live` says the route table no longer holds (a
-/// replaced canary, the stable version before a promotion, a removed
-/// shadow). The recorder keeps each series for the life of the process,
-/// and the handles a table resolves would stop counting if it forgot one;
-/// so a departed version leaves at render time, as the health gauges do
-/// (`health::write_gauges`), and a scrape neither grows with every release
-/// nor keeps a departed version's `in_flight` at its last value.
+/// and a `cohort` that `is_live` says to drop: those of a version that left
+/// the route table a while ago (a replaced canary, the stable version
+/// before a promotion, a removed shadow; see `Table::held_lately`). The
+/// recorder keeps each series for the life of the process, and the
+/// handles a table resolves would stop counting if it forgot one; so a
+/// departed version leaves at render time, and a scrape does not grow with
+/// every release. (The health gauges, which count nothing, leave at once:
+/// `health::write_gauges`.)
 #[must_use]
 pub fn retain_live_series(text: &str, is_live: impl Fn(&str, &str) -> bool) -> String {
     let mut out = String::with_capacity(text.len());

@@ -5,12 +5,14 @@
 //! `ArcSwap` handle through which requests load it and the control plane
 //! replaces it. A request loads the snapshot once and uses it to the end, so
 //! it never sees half a change; the next request, on any connection, sees the
-//! new one. Does not own: deciding a cohort (`routing`), persisting changes
-//! (`state`), or who may change it (`admin`).
+//! new one. [`Table`] also remembers, for a while, the versions that left
+//! it, so that their last counts reach a scrape. Does not own: deciding a
+//! cohort (`routing`), persisting changes (`state`), or who may change it
+//! (`admin`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
 use http::HeaderValue;
@@ -314,6 +316,15 @@ impl RouteTable {
         table
     }
 
+    /// The table's versions, each with its cohort.
+    fn cohorts(&self) -> impl Iterator<Item = (&Version, Cohort)> {
+        let canary = self.canary.as_ref().map(|c| (&*c.version, Cohort::Canary));
+        let shadow = self.shadow.as_ref().map(|s| (&*s.version, Cohort::Shadow));
+        std::iter::once((&*self.stable, Cohort::Stable))
+            .chain(canary)
+            .chain(shadow)
+    }
+
     /// Whether the table holds `version` in `cohort`.
     #[must_use]
     pub fn holds(&self, version: &str, cohort: Cohort) -> bool {
@@ -464,20 +475,44 @@ impl RouteTable {
     }
 }
 
+/// How long a version's metric series stay in the scrape after it leaves
+/// the table (a replaced canary, the stable version before a promotion, a
+/// removed shadow): long enough for Prometheus, at any usual scrape
+/// interval, to take what the version counted since its last scrape
+/// (Prometheus's own lookback is as long); short enough that a scrape does
+/// not grow with every release.
+pub const DEPARTED_SERIES_KEPT: Duration = Duration::from_secs(5 * 60);
+
 /// The handle requests load the live table through.
 #[derive(Debug)]
-pub struct Table(ArcSwap<RouteTable>);
+pub struct Table {
+    live: ArcSwap<RouteTable>,
+    /// Each version that left a cohort of the table, with when, for
+    /// [`DEPARTED_SERIES_KEPT`]; one that comes back is taken off. Its lock
+    /// also orders [`Table::store`]s, which are rare.
+    departed: Mutex<Vec<Departure>>,
+}
+
+#[derive(Debug)]
+struct Departure {
+    version: String,
+    cohort: Cohort,
+    at: Instant,
+}
 
 impl Table {
     #[must_use]
     pub fn new(table: RouteTable) -> Table {
-        Table(ArcSwap::from_pointee(table))
+        Table {
+            live: ArcSwap::from_pointee(table),
+            departed: Mutex::default(),
+        }
     }
 
     /// The live snapshot; cheap, lock-free, and consistent for as long as it is held.
     #[must_use]
     pub fn load(&self) -> Guard<Arc<RouteTable>> {
-        self.0.load()
+        self.live.load()
     }
 
     /// A full reference to the live snapshot, for holders that keep it
@@ -485,12 +520,49 @@ impl Table {
     /// is for short reads.
     #[must_use]
     pub fn snapshot(&self) -> Arc<RouteTable> {
-        self.0.load_full()
+        self.live.load_full()
     }
 
-    /// Installs `table` as the live snapshot.
+    /// Installs `table` as the live snapshot, and notes the versions that
+    /// leave a cohort with it.
     pub fn store(&self, table: RouteTable) {
-        self.0.store(Arc::new(table));
+        let next = Arc::new(table);
+        let mut departed = self.departed.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.live.swap(Arc::clone(&next));
+        let now = Instant::now();
+        departed.retain(|d| {
+            now.duration_since(d.at) < DEPARTED_SERIES_KEPT && !next.holds(&d.version, d.cohort)
+        });
+        for (version, cohort) in previous.cohorts() {
+            if !next.holds(&version.name, cohort) {
+                departed.push(Departure {
+                    version: version.name.clone(),
+                    cohort,
+                    at: now,
+                });
+            }
+        }
+    }
+
+    /// Whether the live table holds `version` in `cohort`, or did less
+    /// than [`DEPARTED_SERIES_KEPT`] ago: whether its series are scraped.
+    #[must_use]
+    pub fn held_lately(&self, version: &str, cohort: Cohort) -> bool {
+        self.held_within(version, cohort, Instant::now())
+    }
+
+    fn held_within(&self, version: &str, cohort: Cohort, now: Instant) -> bool {
+        self.live.load().holds(version, cohort)
+            || self
+                .departed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|d| {
+                    d.version == version
+                        && d.cohort == cohort
+                        && now.duration_since(d.at) < DEPARTED_SERIES_KEPT
+                })
     }
 }
 
@@ -553,6 +625,33 @@ mod tests {
             assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
             assert!(!Arc::ptr_eq(&new.window, &again.window));
         }
+    }
+
+    #[test]
+    fn a_departed_version_is_held_lately_for_a_while_then_not() {
+        let live = Table::new(table(Status::Steady, &version("v2", &[2]), None));
+        live.store(table(
+            Status::Steady,
+            &version("v3", &[3]),
+            Some(&live.snapshot()),
+        ));
+        let now = Instant::now();
+        assert!(live.held_within("v2", Cohort::Canary, now));
+        assert!(live.held_within("v3", Cohort::Canary, now));
+        assert!(live.held_within("v1", Cohort::Stable, now));
+        assert!(!live.held_within("v2", Cohort::Stable, now));
+        let later = now + DEPARTED_SERIES_KEPT;
+        assert!(!live.held_within("v2", Cohort::Canary, later));
+        assert!(live.held_within("v3", Cohort::Canary, later));
+
+        // Back in the table, a version is held for as long as it is there.
+        live.store(table(
+            Status::Steady,
+            &version("v2", &[2]),
+            Some(&live.snapshot()),
+        ));
+        assert!(live.held_within("v2", Cohort::Canary, later));
+        assert!(live.held_within("v3", Cohort::Canary, now));
     }
 
     #[test]

@@ -216,12 +216,12 @@ impl Admin {
                 }
             }
             Endpoint::Metrics => {
-                let table = self.control.table().snapshot();
+                let table = self.control.table();
                 let mut text =
                     crate::metrics::retain_live_series(&self.metrics.render(), |v, c| {
-                        Cohort::from_label(c).is_some_and(|c| table.holds(v, c))
+                        Cohort::from_label(c).is_some_and(|c| table.held_lately(v, c))
                     });
-                health::write_gauges(&table, &mut text);
+                health::write_gauges(&table.snapshot(), &mut text);
                 let mut rsp = Response::new(Full::from(text));
                 rsp.headers_mut().insert(
                     CONTENT_TYPE,
