@@ -160,6 +160,31 @@ pub struct Progress {
     pub paused_past_limit: bool,
 }
 
+impl Progress {
+    /// As kept in the live state.
+    fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("rollout progress serialises to JSON")
+    }
+
+    /// Sets `consecutive_failures` from `failure_runs`.
+    fn sync_consecutive_failures(&mut self) {
+        self.consecutive_failures = self.failure_runs.values().copied().max().unwrap_or(0);
+    }
+
+    /// Moves on to the next stage, whose time, runs and pause start afresh.
+    fn next_stage(&mut self) {
+        self.stage += 1;
+        self.stage_elapsed_ms = 0;
+        self.consecutive_failures = 0;
+        self.failure_runs.clear();
+        self.paused_past_limit = false;
+        self.consecutive_inconclusive = 0;
+    }
+}
+
+/// The reason a rollout ended by a change made outside it gives.
+const SUPERSEDED: &str = "ended by a change outside the rollout";
+
 enum Command {
     /// Passes a pause; answered once the rollout has moved on.
     Approve(Reply),
@@ -672,14 +697,7 @@ impl Rollouts {
             };
             self.show_clock(None);
             match outcome {
-                Ok(()) => {
-                    progress.stage += 1;
-                    progress.stage_elapsed_ms = 0;
-                    progress.consecutive_failures = 0;
-                    progress.failure_runs.clear();
-                    progress.paused_past_limit = false;
-                    progress.consecutive_inconclusive = 0;
-                }
+                Ok(()) => progress.next_stage(),
                 Err(Stop::End(ending)) => {
                     let why = progress.reason.clone();
                     self.end(&plan, progress, ending);
@@ -797,7 +815,7 @@ impl Rollouts {
     ) -> Result<(), Stop> {
         let (_, tripped) = self.look(plan, progress, Pausing::Yes, true, tallies);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
-        progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
+        progress.sync_consecutive_failures();
         let failed: Vec<String> = tripped
             .into_iter()
             .filter(|t| t != judge::INCONCLUSIVE_RUN)
@@ -848,7 +866,7 @@ impl Rollouts {
             plan,
             waiting_counts,
         );
-        progress.consecutive_failures = progress.failure_runs.values().copied().max().unwrap_or(0);
+        progress.sync_consecutive_failures();
         progress.last_evaluation = evaluation;
         (verdict, tripped)
     }
@@ -998,7 +1016,7 @@ impl Rollouts {
             // Superseded before the abort was read: the canary now
             // installed is not this rollout's to roll back.
             phase = Phase::Superseded;
-            progress.reason = Some("ended by a change outside the rollout".into());
+            progress.reason = Some(SUPERSEDED.into());
         }
         progress.phase = phase;
         progress.time_left_ms = None;
@@ -1012,29 +1030,20 @@ impl Rollouts {
                     (Source::Api, "rollout aborted")
                 };
                 let reason = progress.reason.clone().unwrap_or_else(|| fallback.into());
-                let recorded =
-                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON");
+                let recorded = progress.to_json();
                 on_disk(|| {
                     self.control
                         .rollback_rollout(&progress.canary, &reason, source, recorded)
                 })
             }
             Phase::Promoted => {
-                let recorded =
-                    serde_json::to_value(&progress).expect("rollout progress serialises to JSON");
+                let recorded = progress.to_json();
                 on_disk(|| self.control.promote_rollout(&progress.canary, recorded))
             }
-            Phase::Held => on_disk(|| {
-                self.control
-                    .rollout_change(Action::RolloutDone, None, Actor::Rollout, |live| {
-                        // A rollback just before keeps its latch.
-                        if matches!(live.status, Status::Progressing | Status::Paused) {
-                            live.status = Status::Steady;
-                        }
-                        live.rollout = serde_json::to_value(&progress).ok();
-                    })
-            }),
-            Phase::Superseded | Phase::Progressing | Phase::Paused => self.record_end(&progress),
+            Phase::Held => self.record_end(Action::RolloutDone, None, &progress),
+            Phase::Superseded | Phase::Progressing | Phase::Paused => {
+                self.record_end(Action::RolloutEnd, progress.reason.as_deref(), &progress)
+            }
         };
         // A promotion refused (the disk refused it, or a change outside
         // the rollout came first) is not made: the rollout still ends,
@@ -1049,7 +1058,7 @@ impl Rollouts {
                     }
                     _ => format!("not promoted: {error}"),
                 });
-                self.record_end(&progress)
+                self.record_end(Action::RolloutEnd, progress.reason.as_deref(), &progress)
             }
             // A rollback refused because a change outside the rollout came
             // first (a new canary, or a rollback or promotion of this
@@ -1060,8 +1069,8 @@ impl Rollouts {
             {
                 phase = Phase::Superseded;
                 progress.phase = phase;
-                progress.reason = Some("ended by a change outside the rollout".into());
-                self.record_end(&progress)
+                progress.reason = Some(SUPERSEDED.into());
+                self.record_end(Action::RolloutEnd, progress.reason.as_deref(), &progress)
             }
             result => result,
         };
@@ -1097,24 +1106,26 @@ impl Rollouts {
         }
     }
 
-    /// Records the end of a rollout that stopped short of its last stage
-    /// other than by a rollback. A superseded rollout no longer holds the
-    /// status: the change that superseded it set its own, and a rollout
-    /// ended because its progress could not be saved leaves the canary
-    /// steady at its last weight.
-    fn record_end(&self, progress: &Progress) -> Result<LiveState, ControlError> {
+    /// Records the end of a rollout other than by a rollback or promotion
+    /// (as `action`, for `reason`): held at its last stage, or stopped short
+    /// of it. The canary stays steady at its last weight; a rollback just
+    /// before keeps its latch, and a superseded rollout no longer holds the
+    /// status: the change that superseded it set its own.
+    fn record_end(
+        &self,
+        action: Action,
+        reason: Option<&str>,
+        progress: &Progress,
+    ) -> Result<LiveState, ControlError> {
+        let recorded = progress.to_json();
         on_disk(|| {
-            self.control.rollout_change(
-                Action::RolloutEnd,
-                progress.reason.as_deref(),
-                Actor::Rollout,
-                |live| {
+            self.control
+                .rollout_change(action, reason, Actor::Rollout, |live| {
                     if matches!(live.status, Status::Progressing | Status::Paused) {
                         live.status = Status::Steady;
                     }
-                    live.rollout = serde_json::to_value(progress).ok();
-                },
-            )
+                    live.rollout = Some(recorded);
+                })
         })
     }
 
@@ -1123,7 +1134,7 @@ impl Rollouts {
         if is_ours(&self.control.state(), &progress.canary) {
             Ok(())
         } else {
-            progress.reason = Some("ended by a change outside the rollout".into());
+            progress.reason = Some(SUPERSEDED.into());
             Err(Phase::Superseded)
         }
     }
@@ -1182,7 +1193,7 @@ impl Rollouts {
 /// The edit that writes `progress` into the live state with the weight
 /// and status it implies; `starting` for the rollout's first save.
 fn progress_edit(progress: &Progress, starting: bool) -> impl FnOnce(&mut LiveState) + '_ {
-    let value = serde_json::to_value(progress).expect("rollout progress serialises to JSON");
+    let value = progress.to_json();
     move |live| {
         if progress.phase.is_active() {
             // Checked again under the state's lock: a rollback, promote or
