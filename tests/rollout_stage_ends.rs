@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort::config::{RolloutConfig, rollout_from_json};
-use cohort::rollout::judge::{self, FailureRuns, INCONCLUSIVE_RUN};
+use cohort::rollout::judge::{self, FailureRuns};
 use cohort::rollout::stats::{self, Cohorts, Look, Verdict, evaluate_over};
 use cohort::rollout::window::{Observation, Tally, Window};
 use rand::rngs::Xoshiro256PlusPlus;
@@ -163,11 +163,11 @@ fn run(seed: u64, setup: &Setup, plan: &RolloutConfig) -> Outcome {
         let verdict = judge::overall(&evaluations);
         let tripped =
             judge::count_failures(&mut runs, &mut waiting, &evaluations, plan, stage_over);
-        if !tripped.is_empty() && tripped.iter().all(|t| t == INCONCLUSIVE_RUN) {
-            return Outcome::PausedForData;
-        }
-        if !tripped.is_empty() {
+        if !tripped.guardrails.is_empty() {
             return Outcome::RolledBack;
+        }
+        if tripped.inconclusive {
+            return Outcome::PausedForData;
         }
         if stage_over
             && setup.pause_past_limit

@@ -34,7 +34,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::judge::{self, Tallies, Verdict};
+use super::judge::{self, Tallies, Tripped, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
 use super::window::Window;
@@ -816,12 +816,8 @@ impl Rollouts {
         let (_, tripped) = self.look(plan, progress, Pausing::Yes, true, tallies);
         progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
         progress.sync_consecutive_failures();
-        let failed: Vec<String> = tripped
-            .into_iter()
-            .filter(|t| t != judge::INCONCLUSIVE_RUN)
-            .collect();
-        if !failed.is_empty() {
-            return Err(rollback_for(progress, &failed, plan));
+        if !tripped.guardrails.is_empty() {
+            return Err(rollback_for(progress, &tripped.guardrails, plan));
         }
         self.save_look(progress)
     }
@@ -839,7 +835,7 @@ impl Rollouts {
         pausing: Pausing,
         waiting_counts: bool,
         tallies: &mut Tallies,
-    ) -> (Verdict, Vec<String>) {
+    ) -> (Verdict, Tripped) {
         progress.evaluations += 1;
         if pausing == Pausing::Yes {
             progress.pause_looks += 1;
@@ -947,20 +943,14 @@ impl Rollouts {
             progress.time_left_ms = Some(time_left_ms(duration, elapsed));
             let stage_over = elapsed >= duration;
             let (verdict, tripped) = self.look(plan, progress, Pausing::No, stage_over, tallies);
-            let hold = if !tripped.is_empty()
-                && tripped.iter().all(|t| t == judge::INCONCLUSIVE_RUN)
-            {
+            let hold = if !tripped.guardrails.is_empty() {
+                return Err(rollback_for(progress, &tripped.guardrails, plan));
+            } else if tripped.inconclusive {
                 // Too little data is not a bad canary: as Argo Rollouts does,
                 // wait for a person (approve to wait longer, abort to roll
                 // back) instead of rolling back.
                 progress.failure_runs.remove(judge::INCONCLUSIVE_RUN);
-                Some(format!(
-                    "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, since the weight took effect, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting (the requests served at this weight go on adding up), or abort. A lower rollout.min_requests asks for fewer",
-                    plan.min_requests,
-                    u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
-                ))
-            } else if !tripped.is_empty() {
-                return Err(rollback_for(progress, &tripped, plan));
+                Some(inconclusive_pause(plan))
             } else if stage_over && verdict == Verdict::Inconclusive && !progress.paused_past_limit
             {
                 // The stage's time is up and the canary measures past a
@@ -971,9 +961,7 @@ impl Rollouts {
                 // person decides on this one.
                 judge::past_limit(&progress.last_evaluation).map(|past| {
                     progress.paused_past_limit = true;
-                    format!(
-                        "paused: at the stage's end the canary measures past a limit, without proof ({past}); approve to go on judging at this stage (it ends at the first look that passes), or abort"
-                    )
+                    past_limit_pause(&past)
                 })
             } else {
                 None
@@ -1244,6 +1232,23 @@ fn spending_index(looks: u64, pause_looks: u64, planned: u32, pausing: Pausing) 
     } else {
         planned + stage_looks.saturating_sub(planned) + pause_looks
     }
+}
+
+/// The reason of a pause for guardrails that stayed inconclusive too long.
+fn inconclusive_pause(plan: &RolloutConfig) -> String {
+    format!(
+        "paused: the guardrails were inconclusive for {1} looks in a row (fewer than {0} requests in the canary, or in stable for a comparison with it, since the weight took effect, no eval_score reported, a canary that has yet to pass its first health probe, or one measuring past a limit without proof); approve to keep waiting (the requests served at this weight go on adding up), or abort. A lower rollout.min_requests asks for fewer",
+        plan.min_requests,
+        u64::from(plan.inconclusive_limit) * u64::from(plan.failure_limit),
+    )
+}
+
+/// The reason of a pause at a stage's end for a canary measuring past a
+/// limit without proof (`past`: which, with their values).
+fn past_limit_pause(past: &str) -> String {
+    format!(
+        "paused: at the stage's end the canary measures past a limit, without proof ({past}); approve to go on judging at this stage (it ends at the first look that passes), or abort"
+    )
 }
 
 /// The rollback the guardrails in `tripped` call for, their values in its reason.

@@ -210,8 +210,17 @@ pub const INCONCLUSIVE_RUN: &str = "inconclusive";
 /// guardrail without a run has no entry.
 pub type FailureRuns = BTreeMap<String, u32>;
 
-/// Counts one look's `evaluations` into `runs` and returns the guardrails
-/// whose run reached the plan's `failure_limit`: none means go on.
+/// What a look's count of failures calls for (see [`count_failures`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tripped {
+    /// The guardrails whose run of failed looks reached `failure_limit`: a rollback.
+    pub guardrails: Vec<String>,
+    /// Whether the [`INCONCLUSIVE_RUN`] reached it: a pause for a person.
+    pub inconclusive: bool,
+}
+
+/// Counts one look's `evaluations` into `runs` and returns what reached
+/// the plan's `failure_limit`: nothing means go on.
 ///
 /// A guardrail that fails extends its own run and one that passes ends it;
 /// one that is inconclusive or not applicable leaves it as it was. So one
@@ -229,7 +238,7 @@ pub fn count_failures(
     evaluations: &[Evaluation],
     plan: &RolloutConfig,
     waiting_counts: bool,
-) -> Vec<String> {
+) -> Tripped {
     for evaluation in evaluations {
         match evaluation.verdict {
             Verdict::Fail => *runs.entry(evaluation.guardrail.to_string()).or_default() += 1,
@@ -257,10 +266,15 @@ pub fn count_failures(
             }
         }
     }
-    runs.iter()
-        .filter(|&(_, &run)| run >= plan.failure_limit)
-        .map(|(guardrail, _)| guardrail.clone())
-        .collect()
+    let mut tripped = Tripped::default();
+    for (run, _) in runs.iter().filter(|&(_, &n)| n >= plan.failure_limit) {
+        if run == INCONCLUSIVE_RUN {
+            tripped.inconclusive = true;
+        } else {
+            tripped.guardrails.push(run.clone());
+        }
+    }
+    tripped
 }
 
 /// The guardrails of a look that measure the canary past their limit
@@ -308,9 +322,9 @@ pub fn failure_reason(
         })
         .collect();
     if failing.is_empty() {
-        format!(
-            "guardrails inconclusive for too long ({failure_limit} failed evaluations in a row)"
-        )
+        // A run is judged at the look that extends it, so this look holds
+        // each tripped guardrail's evaluation; kept for a reason all the same.
+        format!("guardrails failed {failure_limit} evaluations in a row")
     } else {
         format!(
             "guardrail failed {failure_limit} evaluations in a row: {}",
@@ -351,13 +365,31 @@ mod tests {
             .collect()
     }
 
-    /// Counts `looks` in order; returns the guardrails that tripped at each.
-    fn count(plan: &RolloutConfig, looks: &[Vec<Evaluation>]) -> Vec<Vec<String>> {
+    /// Counts `looks` in order; returns what tripped at each.
+    fn count(plan: &RolloutConfig, looks: &[Vec<Evaluation>]) -> Vec<Tripped> {
         let (mut runs, mut inconclusive_looks) = (FailureRuns::new(), 0);
         looks
             .iter()
             .map(|l| count_failures(&mut runs, &mut inconclusive_looks, l, plan, true))
             .collect()
+    }
+
+    fn go_on() -> Tripped {
+        Tripped::default()
+    }
+
+    fn roll_back(guardrails: &[&str]) -> Tripped {
+        Tripped {
+            guardrails: guardrails.iter().map(|&g| g.to_owned()).collect(),
+            inconclusive: false,
+        }
+    }
+
+    fn pause() -> Tripped {
+        Tripped {
+            guardrails: vec![],
+            inconclusive: true,
+        }
     }
 
     #[test]
@@ -400,13 +432,13 @@ mod tests {
         for _ in 0..5 {
             let tripped =
                 count_failures(&mut runs, &mut inconclusive_looks, &waiting, &plan, false);
-            assert!(tripped.is_empty(), "{tripped:?}");
+            assert_eq!(tripped, go_on());
         }
         assert_eq!(inconclusive_looks, 0);
         let tripped = [false, true, true].map(|counts| {
             count_failures(&mut runs, &mut inconclusive_looks, &waiting, &plan, counts)
         });
-        assert_eq!(tripped[2], [INCONCLUSIVE_RUN]);
+        assert_eq!(tripped[2], pause());
     }
 
     #[test]
@@ -419,7 +451,7 @@ mod tests {
                 look(&[("success_rate", Fail), ("p95_latency_ms", Pass)]),
             ],
         );
-        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        assert!(tripped.iter().all(|t| *t == go_on()), "{tripped:?}");
     }
 
     #[test]
@@ -431,7 +463,7 @@ mod tests {
                 look(&[("success_rate", Fail), ("p95_latency_ms", Pass)]),
             ],
         );
-        assert_eq!(tripped, [vec![], vec!["success_rate".to_owned()]]);
+        assert_eq!(tripped, [go_on(), roll_back(&["success_rate"])]);
     }
 
     #[test]
@@ -446,8 +478,8 @@ mod tests {
                 look(&[("success_rate", Fail)]),
             ],
         );
-        assert_eq!(tripped[3], Vec::<String>::new());
-        assert_eq!(tripped[4], ["success_rate"]);
+        assert_eq!(tripped[3], go_on());
+        assert_eq!(tripped[4], roll_back(&["success_rate"]));
         // A pass ends the run.
         let tripped = count(
             &plan(2, 20),
@@ -457,7 +489,7 @@ mod tests {
                 look(&[("success_rate", Fail)]),
             ],
         );
-        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        assert!(tripped.iter().all(|t| *t == go_on()), "{tripped:?}");
     }
 
     #[test]
@@ -465,10 +497,8 @@ mod tests {
         let waiting = look(&[("success_rate", Inconclusive)]);
         // inconclusive_limit 2, failure_limit 2: four inconclusive looks in a row.
         let tripped = count(&plan(2, 2), &vec![waiting.clone(); 4]);
-        assert_eq!(tripped[2], Vec::<String>::new());
-        assert_eq!(tripped[3], [INCONCLUSIVE_RUN]);
-        let reason = failure_reason(&waiting, &tripped[3], 2);
-        assert!(reason.contains("inconclusive for too long"), "{reason}");
+        assert_eq!(tripped[2], go_on());
+        assert_eq!(tripped[3], pause());
 
         // A look that passes overall ends that run; a failing guardrail
         // does not add to it.
@@ -484,12 +514,12 @@ mod tests {
                 waiting.clone(),
             ],
         );
-        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        assert!(tripped.iter().all(|t| *t == go_on()), "{tripped:?}");
         let tripped = count(
             &plan(2, 2),
             &[waiting.clone(), waiting.clone(), failing, waiting.clone()],
         );
-        assert!(tripped.iter().all(Vec::is_empty), "{tripped:?}");
+        assert!(tripped.iter().all(|t| *t == go_on()), "{tripped:?}");
     }
 
     #[test]
@@ -508,26 +538,26 @@ mod tests {
                 look(&[("success_rate_drop", Fail)]),
             ],
         );
-        assert_eq!(tripped[1], Vec::<String>::new());
-        assert_eq!(tripped[2], ["success_rate_drop"]);
+        assert_eq!(tripped[1], go_on());
+        assert_eq!(tripped[2], roll_back(&["success_rate_drop"]));
         // Alone, it leaves the look with nothing judged, which waits as an
         // inconclusive one does, and too long a wait counts.
         let tripped = count(
             &plan(2, 1),
             &vec![look(&[("tokens_ratio", NotApplicable)]); 3],
         );
-        assert_eq!(tripped[0], Vec::<String>::new());
-        assert_eq!(tripped[1], [INCONCLUSIVE_RUN]);
+        assert_eq!(tripped[0], go_on());
+        assert_eq!(tripped[1], pause());
     }
 
     #[test]
     fn an_unavailable_canary_trips_like_a_guardrail_and_is_named_plainly() {
         let down = look(&[(CANARY_AVAILABLE, Fail), ("success_rate", Pass)]);
         let tripped = count(&plan(2, 20), &[down.clone(), down.clone()]);
-        assert_eq!(tripped[0], Vec::<String>::new());
-        assert_eq!(tripped[1], [CANARY_AVAILABLE]);
+        assert_eq!(tripped[0], go_on());
+        assert_eq!(tripped[1], roll_back(&[CANARY_AVAILABLE]));
         assert_eq!(
-            failure_reason(&down, &tripped[1], 2),
+            failure_reason(&down, &tripped[1].guardrails, 2),
             "guardrail failed 2 evaluations in a row: \
              canary_available: no upstream of the canary is available"
         );
