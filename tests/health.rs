@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cohort::routing::{self, Cohort, Weight};
 use cohort::serve::Server;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -38,7 +37,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{CANARY, Http, STABLE, admin, eventually, eventually_async, is_health_probe, metric};
+use support::{
+    CANARY, Http, STABLE, admin, eventually, eventually_async, is_health_probe, key_on, metric,
+};
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
 /// Passive ejection is pushed out of the way so the active checks are what is tested.
@@ -154,15 +155,6 @@ async fn state_health(server: &Server, field: &str, upstream: SocketAddr) -> Opt
         .as_bool()
 }
 
-/// The first key `{prefix}-N` that lands on `cohort` under `salt` at `weight` percent.
-fn key_on(salt: &str, weight: f64, cohort: Cohort, prefix: &str) -> String {
-    let weight = Weight::from_percent(weight).expect("a weight");
-    (0..10_000)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|k| routing::place(salt.as_bytes(), weight, k.as_bytes()).cohort == cohort)
-        .expect("a key on each side")
-}
-
 #[tokio::test]
 async fn a_dead_upstream_leaves_rotation_and_rejoins_when_it_is_back() {
     let a = Backend::start("a").await;
@@ -236,8 +228,8 @@ async fn a_canary_is_gated_until_its_first_good_probe() {
     .await;
     assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
     // The salt is the canary's name.
-    let on_canary = key_on("v2-gated", 50.0, Cohort::Canary, "user");
-    let on_stable = key_on("v2-gated", 50.0, Cohort::Stable, "user");
+    let on_canary = key_on("v2-gated", 50.0, CANARY, "user");
+    let on_stable = key_on("v2-gated", 50.0, STABLE, "user");
 
     let fallbacks = metric(&server, "cohort_canary_fallbacks_total", &[])
         .await
@@ -359,8 +351,8 @@ async fn canary_unavailable_error_answers_its_cohort_with_503() {
     )
     .await;
     assert_eq!(installed.status, StatusCode::OK, "{installed:?}");
-    let on_canary = key_on("v2-down", 50.0, Cohort::Canary, "user");
-    let on_stable = key_on("v2-down", 50.0, Cohort::Stable, "user");
+    let on_canary = key_on("v2-down", 50.0, CANARY, "user");
+    let on_stable = key_on("v2-down", 50.0, STABLE, "user");
 
     // Not yet open: served by stable, not refused.
     let reply = client.get("/", &[("x-user", &on_canary)]).await;
@@ -406,7 +398,7 @@ async fn a_canary_from_the_config_is_gated_on_a_first_start() {
         [health]\ninterval = \"1h\"\n";
     for (upstream, expected) in [(dead, STABLE), (live.addr, CANARY)] {
         let server = support::cohort(&[stable.addr], Some((&[upstream], 50.0)), extra).await;
-        let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+        let on_canary = key_on(CANARY, 50.0, CANARY, "user");
         let reply = Http::new(server.proxy_addr())
             .get("/", &[("x-user", &on_canary)])
             .await;
@@ -428,7 +420,7 @@ async fn a_gated_canary_is_probed_again_within_a_second_whatever_the_interval() 
         [health]\ninterval = \"1h\"\n";
     let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), extra).await;
     let client = Http::new(server.proxy_addr());
-    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+    let on_canary = key_on(CANARY, 50.0, CANARY, "user");
     assert_eq!(
         client.get("/", &[("x-user", &on_canary)]).await.version(),
         STABLE
@@ -461,7 +453,7 @@ async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
         );
         let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
         let client = Http::new(server.proxy_addr());
-        let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+        let on_canary = key_on(CANARY, 50.0, CANARY, "user");
         let reply = client.get("/", &[("x-user", &on_canary)]).await;
         assert_eq!(reply.version(), CANARY, "{mode}: {reply:?}");
         assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
@@ -562,7 +554,7 @@ async fn a_restored_canary_is_probed_before_the_first_request() {
         let server = support::start_cohort(&text).await;
         let state = admin(&server, Method::GET, "/admin/state", "").await.json();
         assert_eq!(state["canary"]["name"], name, "{state}");
-        let on_canary = key_on(name, 50.0, Cohort::Canary, "user");
+        let on_canary = key_on(name, 50.0, CANARY, "user");
         let reply = Http::new(server.proxy_addr())
             .get("/", &[("x-user", &on_canary)])
             .await;
@@ -641,7 +633,7 @@ async fn what_probes_learnt_survives_a_reload_and_a_promote() {
         state_health(&server, "canary", dead_canary).await,
         Some(false)
     );
-    let on_canary = key_on(CANARY, 50.0, Cohort::Canary, "user");
+    let on_canary = key_on(CANARY, 50.0, CANARY, "user");
     let reply = Http::new(server.proxy_addr())
         .get("/", &[("x-user", &on_canary)])
         .await;

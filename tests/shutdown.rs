@@ -2,7 +2,8 @@
 //!
 //! Owns: `Server::shutdown` with a request in flight (and `/ready`
 //! meanwhile), with a connection accepted but not yet used, and with an
-//! upgrade whose answer is still on its way. The test holds each in place
+//! upgrade whose answer is still on its way, and with a rollout running
+//! (suspended, not replaced, still abortable). The test holds each in place
 //! (the upstream holds the request, the client holds its first bytes) until
 //! the drain has begun, so "in flight" is a fact, not a race. Does not own:
 //! the SIGTERM path of the binary (`tests/cli.rs`).
@@ -13,8 +14,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::Method;
+use serde_json::{Value, json};
 use support::{
-    Http, STABLE, SlowBackend, cohort, eventually, eventually_async, metric, read_head,
+    AdminApi, Http, STABLE, SlowBackend, cohort, eventually, eventually_async, metric, read_head,
     wait_for_refusal, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -214,6 +217,66 @@ async fn an_upgrade_answered_during_the_drain_gets_a_working_tunnel() {
     );
     drop(client);
     within("the drain to finish once the tunnel closes", stopping)
+        .await
+        .expect("shutdown ran to the end");
+}
+
+/// A rollout that a shutdown suspended is not judged through the drain
+/// (it carries on at the next start), so no other rollout may start in its
+/// place; an abort, a rollback, is still made, as `POST /admin/rollback`
+/// is: the admin API answers through the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_suspended_by_the_drain_can_be_aborted_but_not_replaced() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let slow = SlowBackend::start(STABLE).await;
+    let canary = support::Backend::start(support::CANARY).await;
+    let toml = support::config(&[slow.addr], Some((&[canary.addr], 0.0)), "");
+    let audit = cohort::config::Config::parse(&toml, "test")
+        .expect("a valid config")
+        .state
+        .audit_log;
+    let server = support::start_cohort(&toml).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let plan = json!({"interval": "1s", "stages": [{"weight": 10, "duration": "1h"}]});
+    let started = admin
+        .call(Method::POST, "/admin/rollout", plan.clone())
+        .await;
+    assert_eq!(started.status, 200, "{started:?}");
+
+    // A request the upstream holds keeps the drain open.
+    let proxy = server.proxy_addr();
+    let user = support::key_on(support::CANARY, 10.0, STABLE, "user");
+    let in_flight = tokio::spawn(async move {
+        Http::new(proxy)
+            .get("/slow", &[("x-user-id", user.as_str())])
+            .await
+    });
+    eventually("the request reaching the upstream", || slow.hits() == 1).await;
+    let stopping = tokio::spawn(server.shutdown());
+    eventually("the rollout's suspension", || {
+        support::audit_lines(&audit)
+            .iter()
+            .any(|line| line["action"] == "rollout_suspend")
+    })
+    .await;
+
+    let again = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(again.status, 409, "{again:?}");
+    let aborted = admin
+        .call(Method::POST, "/admin/rollout/abort", Value::Null)
+        .await;
+    assert_eq!(aborted.status, 200, "{aborted:?}");
+    let state = aborted.json();
+    assert_eq!(state["status"], "rolled_back", "{state:#}");
+    assert_eq!(state["rollout"]["phase"], "aborted", "{state:#}");
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+
+    slow.release();
+    let reply = within("the in-flight response", in_flight)
+        .await
+        .expect("the client task ran");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    within("the drain to finish", stopping)
         .await
         .expect("shutdown ran to the end");
 }

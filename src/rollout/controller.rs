@@ -366,6 +366,13 @@ impl Rollouts {
             ));
         }
         let live = self.control.state();
+        // One that no task runs: a shutdown suspended it (the admin API
+        // answers through the drain), and it carries on at the next start.
+        if matches!(live.status, Status::Progressing | Status::Paused) {
+            return Err(ControlError::Conflict(
+                "a rollout is already running; abort it first".into(),
+            ));
+        }
         let canary = live.canary.as_ref().ok_or_else(|| {
             ControlError::Conflict(
                 "there is no canary to roll out; install one (PUT /admin/canary, or cohort ctl canary)".into(),
@@ -488,23 +495,41 @@ impl Rollouts {
     /// Aborts the running rollout, which rolls the canary back; answers
     /// with the state after both.
     pub async fn abort(&self, reason: Option<&str>) -> Result<LiveState, ControlError> {
+        let reason = reason.unwrap_or("rollout aborted").to_owned();
         let (reply, answer) = oneshot::channel();
-        self.command(Command::Abort {
-            reason: reason.unwrap_or("rollout aborted").to_owned(),
-            reply,
-        })
-        .map_err(|error| match error {
+        {
+            let running = self.try_running()?;
+            let Some(task) = running.as_ref().filter(|tx| !tx.is_closed()) else {
+                // Held: no start, and no other abort, comes between.
+                return self.abort_suspended(reason);
+            };
+            task.try_send(Command::Abort { reason, reply })
+                .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))?;
+        }
+        answer.await.unwrap_or_else(|_| Err(ended_before_abort()))
+    }
+
+    /// Aborts a rollout that the live state holds but no task runs: one a
+    /// shutdown suspended (see [`Rollouts::suspend`]). The admin API answers
+    /// through the drain, and an abort, a rollback, must be made then as
+    /// `POST /admin/rollback` is.
+    fn abort_suspended(&self, reason: String) -> Result<LiveState, ControlError> {
+        let Ok(Some((mut progress, plan))) = saved_rollout(&self.control.state()) else {
             // A canary a finished rollout left in place is rolled back as any other.
-            ControlError::Conflict(message) => ControlError::Conflict(format!(
-                "{message}; POST /admin/rollback (cohort ctl rollback) rolls the canary back"
-            )),
-            other => other,
-        })?;
-        answer.await.unwrap_or_else(|_| {
-            Err(ControlError::Conflict(
-                "the rollout ended before it could be aborted".into(),
-            ))
-        })
+            return Err(ControlError::Conflict(
+                "no rollout is running; POST /admin/rollback (cohort ctl rollback) rolls the canary back".into(),
+            ));
+        };
+        progress.reason = Some(reason);
+        let (reply, mut answer) = oneshot::channel();
+        let ending = Ending {
+            phase: Phase::Aborted,
+            reply: Some(reply),
+        };
+        self.end(&plan, progress, ending);
+        answer
+            .try_recv()
+            .unwrap_or_else(|_| Err(ended_before_abort()))
     }
 
     /// Records an outside judgement of `version` (`POST /admin/signals`).
@@ -623,7 +648,16 @@ impl Rollouts {
         let sender = running
             .as_ref()
             .filter(|tx| !tx.is_closed())
-            .ok_or_else(|| ControlError::Conflict("no rollout is running".into()))?;
+            .ok_or_else(|| {
+                ControlError::Conflict(
+                    if matches!(self.control.state().status, Status::Progressing | Status::Paused) {
+                        "the rollout is suspended while the server shuts down; it carries on at the next start"
+                    } else {
+                        "no rollout is running"
+                    }
+                    .into(),
+                )
+            })?;
         sender
             .try_send(command)
             .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))
@@ -1085,9 +1119,7 @@ impl Rollouts {
         if let Some(reply) = ending.reply {
             let answer = match phase {
                 Phase::Aborted => result,
-                _ => Err(ControlError::Conflict(
-                    "the rollout ended before it could be aborted".into(),
-                )),
+                _ => Err(ended_before_abort()),
             };
             // The caller may have given up waiting; the end stands.
             let _ = reply.send(answer);
@@ -1232,6 +1264,11 @@ fn spending_index(looks: u64, pause_looks: u64, planned: u32, pausing: Pausing) 
     } else {
         planned + stage_looks.saturating_sub(planned) + pause_looks
     }
+}
+
+/// The answer to an abort that the rollout's end came before.
+fn ended_before_abort() -> ControlError {
+    ControlError::Conflict("the rollout ended before it could be aborted".into())
 }
 
 /// The reason of a pause for guardrails that stayed inconclusive too long.
