@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::files::{Pipes, read_text};
 use crate::routing::{KeySource, Weight};
+use crate::shadow::SHADOW_PROTOCOL;
 use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{Protocol, UpstreamAddr};
 
@@ -856,7 +857,14 @@ mod raw {
             })
         }
 
-        fn upstreams(&mut self, key: &str, value: Option<Vec<String>>) -> Vec<UpstreamAddr> {
+        /// A version's upstreams; `for_shadow`, `host:port` only, since
+        /// copies go out over plain HTTP/1.1 (as `PUT /admin/shadow` checks too).
+        fn upstreams(
+            &mut self,
+            key: &str,
+            value: Option<Vec<String>>,
+            for_shadow: bool,
+        ) -> Vec<UpstreamAddr> {
             let Some(list) = value else {
                 self.problem(key, "is required: a list such as [\"127.0.0.1:9001\"]");
                 return Vec::new();
@@ -873,26 +881,16 @@ mod raw {
                     Ok(addr) if !seen.insert(addr.clone()) => {
                         self.problem(&format!("{key}[{i}]"), format!("{text:?} is listed twice"))
                     }
-                    Ok(addr) => parsed.push(addr),
+                    Ok(addr) => {
+                        if addr.protocol != Protocol::Http1 && for_shadow {
+                            self.problem(&format!("{key}[{i}]"), SHADOW_PROTOCOL);
+                        }
+                        parsed.push(addr);
+                    }
                     Err(message) => self.problem(&format!("{key}[{i}]"), message),
                 }
             }
             parsed
-        }
-
-        /// A shadow's upstreams: as [`Self::upstreams`], `host:port` only,
-        /// since copies go out over plain HTTP/1.1 (as `PUT /admin/shadow` checks too).
-        fn shadow_upstreams(&mut self, key: &str, value: Option<Vec<String>>) -> Vec<UpstreamAddr> {
-            let upstreams = self.upstreams(key, value);
-            for (i, upstream) in upstreams.iter().enumerate() {
-                if upstream.protocol != Protocol::Http1 {
-                    self.problem(
-                        &format!("{key}[{i}]"),
-                        "a shadow is reached over plain HTTP/1.1; write it \"host:port\"",
-                    );
-                }
-            }
-            upstreams
         }
 
         /// A path that must be given, or the problem `key: is required`.
@@ -1311,7 +1309,7 @@ mod raw {
     ) -> ShadowConfig {
         let shadow = ShadowConfig {
             name: c.version_name("shadow.name", s.name),
-            upstreams: c.shadow_upstreams("shadow.upstreams", s.upstreams),
+            upstreams: c.upstreams("shadow.upstreams", s.upstreams, true),
             // Required: a shadow with no share would mirror nothing,
             // silently.
             percent: match s.percent {
@@ -1381,14 +1379,14 @@ mod raw {
                 }
                 Some(VersionConfig {
                     name: c.version_name("versions.stable.name", s.name),
-                    upstreams: c.upstreams("versions.stable.upstreams", s.upstreams),
+                    upstreams: c.upstreams("versions.stable.upstreams", s.upstreams, false),
                 })
             }
         };
         let canary = v.canary.map(|s| {
             let version = VersionConfig {
                 name: c.version_name("versions.canary.name", s.name),
-                upstreams: c.upstreams("versions.canary.upstreams", s.upstreams),
+                upstreams: c.upstreams("versions.canary.upstreams", s.upstreams, false),
             };
             let weight = c
                 .weight("versions.canary.weight", s.weight)
@@ -1776,6 +1774,13 @@ mod tests {
         ));
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("shadow.upstreams[1]: "), "{found:?}");
+        // Named by its place in the list, past one that is not an address.
+        let found = problems(&format!(
+            "{MINIMAL}\n[shadow]\nname = \"v3\"\nupstreams = [\"nowhere\", \"https://eval:443\"]\npercent = 10\n"
+        ));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("shadow.upstreams[0]: "), "{found:?}");
+        assert_eq!(found[1], format!("shadow.upstreams[1]: {SHADOW_PROTOCOL}"));
     }
 
     #[test]

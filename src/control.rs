@@ -35,6 +35,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ShadowConfig, VersionConfig, check_version_name};
 use crate::routing::{self, Cohort, Weight};
+use crate::shadow::SHADOW_PROTOCOL;
 use crate::state::audit::{Action, Actor, AuditLog, Entry};
 use crate::state::{
     CanaryState, LiveState, Origin, Rollback, SavedState, ShadowState, Source, StateError,
@@ -623,7 +624,7 @@ impl Control {
             .find(|(_, u)| u.protocol != Protocol::Http1)
         {
             return Err(ControlError::Invalid(format!(
-                "upstreams[{i}]: a shadow is reached over plain HTTP/1.1; write it \"host:port\""
+                "upstreams[{i}]: {SHADOW_PROTOCOL}"
             )));
         }
         self.change(Action::Shadow, None, Actor::Api, |live| {

@@ -56,6 +56,10 @@ pub static X_COHORT_SHADOW: HeaderName = HeaderName::from_static("x-cohort-shado
 /// Copies open at once per shadow; one more is dropped (`queue_full`).
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// What the config, the admin API and the state file say of a shadow
+/// upstream that is not `host:port`: copies go out over plain HTTP/1.1.
+pub const SHADOW_PROTOCOL: &str = "a shadow is reached over plain HTTP/1.1; write it \"host:port\"";
+
 /// What the config says about copies, whichever shadow is installed.
 #[derive(Debug, Clone)]
 pub struct ShadowPolicy {

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ShadowConfig, VersionConfig, VersionsConfig, check_version_name};
 use crate::routing::Weight;
+use crate::shadow::SHADOW_PROTOCOL;
 use crate::table::Status;
 use crate::upstream::{Protocol, UpstreamAddr};
 
@@ -477,9 +478,7 @@ impl LiveState {
                 .iter()
                 .position(|u| u.protocol != Protocol::Http1)
             {
-                return Err(format!(
-                    "shadow.upstreams[{i}]: a shadow is reached over plain HTTP/1.1; write it \"host:port\""
-                ));
+                return Err(format!("shadow.upstreams[{i}]: {SHADOW_PROTOCOL}"));
             }
             let taken = self.stable.name == shadow.name
                 || self.canary.as_ref().is_some_and(|c| c.name == shadow.name);
