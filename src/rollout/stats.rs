@@ -252,24 +252,119 @@ pub fn evaluate_over(
     look: Look,
 ) -> Vec<Evaluation> {
     let g = guardrails;
+    // The relative guardrails are judged only beside a stable cohort.
     let compared = recent.stable.is_some();
-    let tests = [
-        (g.success_rate_min, true),
-        (g.success_rate_drop_max, compared),
-        (g.p95_latency_ratio_max, compared),
-        (g.p95_latency_ms_max, true),
-        (g.tokens_ratio_max, compared),
-    ]
-    .iter()
-    .filter(|(limit, judged)| limit.is_some() && *judged)
-    .count();
+    let absolute = [g.success_rate_min, g.p95_latency_ms_max];
+    let relative = [
+        g.success_rate_drop_max,
+        g.p95_latency_ratio_max,
+        g.tokens_ratio_max,
+    ];
+    let tests = absolute.iter().flatten().count()
+        + if compared {
+            relative.iter().flatten().count()
+        } else {
+            0
+        };
     let alpha = look_alpha(g.confidence, look, tests);
-    // No proven breach is not enough for a pass: at 1% a canary can
-    // measure past its limit (`within` false) for a long while before the
-    // data prove it, and such a look is inconclusive, so the canary holds
-    // its stage instead of taking more users (and, held too long, pauses
-    // for a person).
-    let verdict_of = |measured: Measured| {
+    // The level at which the few requests of a thin last span may show the
+    // canary past its limit, to hold a pass over the whole stage: the
+    // plan's own, not a look's share of it, as this fails nothing.
+    let veto_level = (1.0 - g.confidence).clamp(0.0, 1.0);
+    let judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
+        let last = measure(recent);
+        let Some(stage) = stage.filter(|_| !last.enough) else {
+            return Judged::of(&last, alpha);
+        };
+        let judged = Judged::of(&measure(stage), alpha);
+        // However well the stage went, a pass needs the requests since the
+        // last span began not to show the canary past the limit; one bad
+        // request among a handful shows nothing.
+        if judged.verdict == Verdict::Pass && !last.within && last.p_breach <= veto_level {
+            return Judged {
+                verdict: Verdict::Inconclusive,
+                stable: last.stable,
+                canary: last.canary,
+                past_limit: true,
+            };
+        }
+        judged
+    };
+    // A relative guardrail with no stable cohort: not judged, its canary
+    // value shown.
+    let relative_judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
+        if compared {
+            judge(measure)
+        } else {
+            Judged::not_applicable(measure(recent).canary)
+        }
+    };
+
+    let mut out = Vec::new();
+    let mut push = |guardrail: &'static str, limit, judged: Judged| {
+        out.push(Evaluation {
+            guardrail: Cow::Borrowed(guardrail),
+            stable: judged.stable,
+            canary: judged.canary,
+            limit,
+            verdict: judged.verdict,
+            past_limit: judged.past_limit,
+        });
+    };
+    if let Some(floor) = g.success_rate_min {
+        let judged = judge(&|c| success_rate(c, floor, min_requests));
+        push("success_rate", floor, judged);
+    }
+    if let Some(drop) = g.success_rate_drop_max {
+        let exact_below = alpha.max(veto_level);
+        let judged = relative_judge(&|c| success_rate_drop(c, drop, min_requests, exact_below));
+        push("success_rate_drop", drop, judged);
+    }
+    if let Some(ratio) = g.p95_latency_ratio_max {
+        let judged = relative_judge(&|c| p95_latency_ratio(c, ratio, min_requests, alpha));
+        push("p95_latency_ratio", ratio, judged);
+    }
+    if let Some(ceiling_ms) = g.p95_latency_ms_max {
+        let judged = judge(&|c| p95_latency_ceiling(c, ceiling_ms, min_requests));
+        push("p95_latency_ms", ceiling_ms, judged);
+    }
+    if let Some(ratio) = g.tokens_ratio_max {
+        let judged = relative_judge(&|c| tokens_ratio(c, ratio, min_requests));
+        push("tokens_ratio", ratio, judged);
+    }
+    if let Some(floor) = g.eval_score_min {
+        let verdict = match eval_score {
+            None => Verdict::Inconclusive,
+            Some(score) if score < floor => Verdict::Fail,
+            Some(_) => Verdict::Pass,
+        };
+        let judged = Judged {
+            verdict,
+            stable: None,
+            canary: eval_score,
+            past_limit: false,
+        };
+        push(EVAL_SCORE, floor, judged);
+    }
+    out
+}
+
+/// One guardrail's verdict at a look, with the values it was made on.
+struct Judged {
+    verdict: Verdict,
+    stable: Option<f64>,
+    canary: Option<f64>,
+    /// See [`Evaluation::past_limit`].
+    past_limit: bool,
+}
+
+impl Judged {
+    /// The verdict on `measured` at level `alpha`. No proven breach is not
+    /// enough for a pass: at 1% a canary can measure past its limit
+    /// (`within` false) for a long while before the data prove it, and
+    /// such a look is inconclusive, so the canary holds its stage instead
+    /// of taking more users (and, held too long, pauses for a person).
+    fn of(measured: &Measured, alpha: f64) -> Judged {
         let verdict = if !measured.enough {
             Verdict::Inconclusive
         } else if measured.p_breach <= alpha {
@@ -279,188 +374,154 @@ pub fn evaluate_over(
         } else {
             Verdict::Inconclusive
         };
-        let past_limit = measured.enough && verdict == Verdict::Inconclusive;
-        (verdict, measured.stable, measured.canary, past_limit)
-    };
-    // The level at which the few requests of a thin last span may show the
-    // canary past its limit, to hold a pass over the whole stage: the
-    // plan's own, not a look's share of it, as this fails nothing.
-    let veto_level = (1.0 - g.confidence).clamp(0.0, 1.0);
-    let judge = |measure: &dyn Fn(Cohorts<'_>) -> Measured| {
-        let last = measure(recent);
-        let Some(stage) = stage.filter(|_| !last.enough) else {
-            return verdict_of(last);
-        };
-        let judged = verdict_of(measure(stage));
-        // However well the stage went, a pass needs the requests since the
-        // last span began not to show the canary past the limit; one bad
-        // request among a handful shows nothing.
-        if judged.0 == Verdict::Pass && !last.within && last.p_breach <= veto_level {
-            return (Verdict::Inconclusive, last.stable, last.canary, true);
-        }
-        judged
-    };
-    // A relative guardrail with no stable cohort: not judged.
-    let not_applicable = || (Verdict::NotApplicable, None, rate(recent.canary), false);
-    let p95_ms = |s: &Sample| p95_micros(s).map(|us| us / 1_000.0);
-    let mean_tokens =
-        |s: &Sample| (s.token_requests > 0).then(|| s.token_sum as f64 / s.token_requests as f64);
-
-    let mut out = Vec::new();
-    let mut push = |guardrail: &'static str, limit, (verdict, stable, canary, past_limit)| {
-        out.push(Evaluation {
-            guardrail: Cow::Borrowed(guardrail),
-            stable,
-            canary,
-            limit,
+        Judged {
             verdict,
-            past_limit,
-        });
+            stable: measured.stable,
+            canary: measured.canary,
+            past_limit: measured.enough && verdict == Verdict::Inconclusive,
+        }
+    }
+
+    /// A relative guardrail with no stable cohort to compare with.
+    fn not_applicable(canary: Option<f64>) -> Judged {
+        Judged {
+            verdict: Verdict::NotApplicable,
+            stable: None,
+            canary,
+            past_limit: false,
+        }
+    }
+}
+
+/// `success_rate_min`: the canary's success rate at least `floor`.
+fn success_rate(c: Cohorts<'_>, floor: f64, min_requests: u64) -> Measured {
+    let canary = c.canary;
+    let failures = canary.requests - canary.successes;
+    let p = if at_most_expected(failures, canary.requests, 1.0 - floor) {
+        1.0
+    } else {
+        binomial_at_most(canary.successes, canary.requests, floor)
     };
-    if let Some(floor) = g.success_rate_min {
-        let judged = judge(&|c| {
-            let canary = c.canary;
-            let failures = canary.requests - canary.successes;
-            let p = if at_most_expected(failures, canary.requests, 1.0 - floor) {
-                1.0
-            } else {
-                binomial_at_most(canary.successes, canary.requests, floor)
-            };
-            Measured {
-                // An absolute guardrail needs only the canary's requests.
-                enough: canary.requests >= min_requests,
-                p_breach: p,
-                within: rate(canary).is_none_or(|rate| rate >= floor),
-                stable: c.stable.and_then(rate),
-                canary: rate(canary),
-            }
-        });
-        push("success_rate", floor, judged);
+    Measured {
+        // An absolute guardrail needs only the canary's requests.
+        enough: canary.requests >= min_requests,
+        p_breach: p,
+        within: rate(canary).is_none_or(|rate| rate >= floor),
+        stable: c.stable.and_then(rate),
+        canary: rate(canary),
     }
-    if let Some(drop) = g.success_rate_drop_max {
-        let judged = if compared {
-            judge(&|c| {
-                let Some(stable) = c.stable else {
-                    return Measured::nothing();
-                };
-                let canary = c.canary;
-                let z = drop_z(
-                    stable.successes,
-                    stable.requests,
-                    canary.successes,
-                    canary.requests,
-                    drop,
-                );
-                // The exact tail only where the score test would fail or
-                // hold a pass (see `veto_level`): it costs a sum over the
-                // failures.
-                let p = match upper_p(z) {
-                    p if p <= alpha.max(veto_level) => p.max(more_failures_p(stable, canary)),
-                    p => p,
-                };
-                let (stable_rate, canary_rate) = (rate(stable), rate(canary));
-                Measured {
-                    enough: both_hold(stable, canary, min_requests),
-                    p_breach: p,
-                    within: match (stable_rate, canary_rate) {
-                        (Some(stable), Some(canary)) => stable - canary <= drop,
-                        _ => true,
-                    },
-                    stable: stable_rate,
-                    canary: canary_rate,
-                }
-            })
-        } else {
-            not_applicable()
+}
+
+/// `success_rate_drop_max`: the canary's success rate at most `drop` below
+/// stable's. The exact tail is computed only where the score test's
+/// p-value is at most `exact_below` (where it would fail or hold a pass;
+/// see `veto_level`): it costs a sum over the failures.
+fn success_rate_drop(c: Cohorts<'_>, drop: f64, min_requests: u64, exact_below: f64) -> Measured {
+    let Some(stable) = c.stable else {
+        return Measured {
+            canary: rate(c.canary),
+            ..Measured::nothing()
         };
-        push("success_rate_drop", drop, judged);
+    };
+    let canary = c.canary;
+    let z = drop_z(
+        stable.successes,
+        stable.requests,
+        canary.successes,
+        canary.requests,
+        drop,
+    );
+    let p = match upper_p(z) {
+        p if p <= exact_below => p.max(more_failures_p(stable, canary)),
+        p => p,
+    };
+    let (stable_rate, canary_rate) = (rate(stable), rate(canary));
+    Measured {
+        enough: both_hold(stable, canary, min_requests),
+        p_breach: p,
+        within: match (stable_rate, canary_rate) {
+            (Some(stable), Some(canary)) => stable - canary <= drop,
+            _ => true,
+        },
+        stable: stable_rate,
+        canary: canary_rate,
     }
-    if let Some(ratio) = g.p95_latency_ratio_max {
-        let judged = if compared {
-            judge(&|c| {
-                let Some(stable) = c.stable else {
-                    return Measured::nothing();
-                };
-                let canary = c.canary;
-                // Half the level goes to the bound of the stable p95;
-                // without that bound the ratio cannot be judged, as with
-                // too few requests.
-                let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
-                Measured {
-                    enough: p.is_some() && both_hold(stable, canary, min_requests),
-                    p_breach: p.map_or(1.0, |p| p * 2.0),
-                    within: p95_within_ratio(stable, canary, ratio),
-                    stable: p95_ms(stable),
-                    canary: p95_ms(canary),
-                }
-            })
-        } else {
-            (Verdict::NotApplicable, None, p95_ms(recent.canary), false)
+}
+
+/// `p95_latency_ratio_max`: the canary's p95 at most `ratio` times stable's.
+/// Half the level `alpha` goes to the bound of the stable p95; without
+/// that bound the ratio cannot be judged, as with too few requests.
+fn p95_latency_ratio(c: Cohorts<'_>, ratio: f64, min_requests: u64, alpha: f64) -> Measured {
+    let Some(stable) = c.stable else {
+        return Measured {
+            canary: p95_ms(c.canary),
+            ..Measured::nothing()
         };
-        push("p95_latency_ratio", ratio, judged);
+    };
+    let canary = c.canary;
+    let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
+    Measured {
+        enough: p.is_some() && both_hold(stable, canary, min_requests),
+        p_breach: p.map_or(1.0, |p| p * 2.0),
+        within: p95_within_ratio(stable, canary, ratio),
+        stable: p95_ms(stable),
+        canary: p95_ms(canary),
     }
-    if let Some(ceiling_ms) = g.p95_latency_ms_max {
-        let ceiling = ceiling_ms * 1_000.0;
-        let judged = judge(&|c| {
-            let canary = c.canary;
-            Measured {
-                enough: canary.requests >= min_requests,
-                p_breach: exceedance_p(canary, ceiling),
-                within: at_most_expected(count_at_or_above(canary, ceiling), canary.requests, 0.05),
-                stable: c.stable.and_then(p95_ms),
-                canary: p95_ms(canary),
-            }
-        });
-        push("p95_latency_ms", ceiling_ms, judged);
+}
+
+/// `p95_latency_ms_max`: the canary's p95 at most `ceiling_ms`.
+fn p95_latency_ceiling(c: Cohorts<'_>, ceiling_ms: f64, min_requests: u64) -> Measured {
+    let ceiling = ceiling_ms * 1_000.0;
+    let canary = c.canary;
+    Measured {
+        enough: canary.requests >= min_requests,
+        p_breach: exceedance_p(canary, ceiling),
+        within: at_most_expected(count_at_or_above(canary, ceiling), canary.requests, 0.05),
+        stable: c.stable.and_then(p95_ms),
+        canary: p95_ms(canary),
     }
-    if let Some(ratio) = g.tokens_ratio_max {
-        let judged = if compared {
-            judge(&|c| {
-                let Some(stable) = c.stable else {
-                    return Measured::nothing();
-                };
-                let canary = c.canary;
-                let enough = stable.token_requests >= min_requests.max(2)
-                    && canary.token_requests >= min_requests.max(2);
-                // Computed on few requests too, for a thin last span to hold
-                // a pass with (`enough` still gates a failure); a variance
-                // needs two.
-                let z = if stable.token_requests >= 2 && canary.token_requests >= 2 {
-                    tokens_z(stable, canary, ratio)
-                } else {
-                    0.0
-                };
-                let (stable_mean, canary_mean) = (mean_tokens(stable), mean_tokens(canary));
-                Measured {
-                    enough,
-                    p_breach: upper_p(z),
-                    within: match (stable_mean, canary_mean) {
-                        (Some(stable), Some(canary)) => canary <= ratio * stable,
-                        _ => true,
-                    },
-                    stable: stable_mean,
-                    canary: canary_mean,
-                }
-            })
-        } else {
-            (
-                Verdict::NotApplicable,
-                None,
-                mean_tokens(recent.canary),
-                false,
-            )
+}
+
+/// `tokens_ratio_max`: the canary's mean tokens per request at most `ratio`
+/// times stable's.
+fn tokens_ratio(c: Cohorts<'_>, ratio: f64, min_requests: u64) -> Measured {
+    let Some(stable) = c.stable else {
+        return Measured {
+            canary: mean_tokens(c.canary),
+            ..Measured::nothing()
         };
-        push("tokens_ratio", ratio, judged);
+    };
+    let canary = c.canary;
+    let enough = stable.token_requests >= min_requests.max(2)
+        && canary.token_requests >= min_requests.max(2);
+    // Computed on few requests too, for a thin last span to hold a pass
+    // with (`enough` still gates a failure); a variance needs two.
+    let z = if stable.token_requests >= 2 && canary.token_requests >= 2 {
+        tokens_z(stable, canary, ratio)
+    } else {
+        0.0
+    };
+    let (stable_mean, canary_mean) = (mean_tokens(stable), mean_tokens(canary));
+    Measured {
+        enough,
+        p_breach: upper_p(z),
+        within: match (stable_mean, canary_mean) {
+            (Some(stable), Some(canary)) => canary <= ratio * stable,
+            _ => true,
+        },
+        stable: stable_mean,
+        canary: canary_mean,
     }
-    if let Some(floor) = g.eval_score_min {
-        let verdict = match eval_score {
-            None => Verdict::Inconclusive,
-            Some(score) if score < floor => Verdict::Fail,
-            Some(_) => Verdict::Pass,
-        };
-        push(EVAL_SCORE, floor, (verdict, None, eval_score, false));
-    }
-    out
+}
+
+/// A sample's p95 latency in milliseconds.
+fn p95_ms(sample: &Sample) -> Option<f64> {
+    p95_micros(sample).map(|us| us / 1_000.0)
+}
+
+/// A sample's mean tokens per request, over the requests that reported some.
+fn mean_tokens(sample: &Sample) -> Option<f64> {
+    (sample.token_requests > 0).then(|| sample.token_sum as f64 / sample.token_requests as f64)
 }
 
 impl Measured {
