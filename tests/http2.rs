@@ -202,6 +202,48 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
     server.shutdown().await;
 }
 
+/// With `on_rollback = "close"`, a rollback resets the canary's open
+/// HTTP/2 stream with `CANCEL`, a deliberate cut, not the `INTERNAL_ERROR`
+/// of a failure; the connection and its other streams go on.
+#[tokio::test]
+async fn a_close_rollback_cancels_the_canarys_http2_stream() {
+    let stable = Backend::start(STABLE).await;
+    let canary = SseBackend::start(CANARY).await;
+    let extra = format!("{}on_rollback = \"close\"\n", routing());
+    let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
+    let key = key_on(SALT, 50.0, CANARY, "h2-cancel");
+    let mut h2 = h2c(server.proxy_addr()).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the stream's head",
+        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", &key)])),
+    )
+    .await
+    .expect("a response");
+    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
+    let mut body = rsp.into_body();
+    within("the first event", body.frame())
+        .await
+        .expect("a frame")
+        .expect("a good frame");
+
+    server
+        .control()
+        .rollback("test", Source::Api)
+        .expect("a rollback");
+    let cut = within("the cut", body.frame())
+        .await
+        .expect("an error, not the end")
+        .expect_err("the stream is cut");
+    let reason = std::iter::successors(Some(&cut as &dyn std::error::Error), |e| e.source())
+        .find_map(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    assert_eq!(reason, Some(h2::Reason::CANCEL), "{cut:?}");
+    let (_, reply) = send_h2(&mut h2, get(&url(&server, "/"), &[("x-user-id", &key)])).await;
+    assert_eq!(reply.version(), STABLE);
+    server.shutdown().await;
+}
+
 /// Starts Cohort in front of `stable` with `listen_key` (a `key = value`
 /// line) added to its `[listen]` section.
 async fn cohort_listening_with(stable: SocketAddr, listen_key: &str) -> Server {

@@ -590,8 +590,30 @@ impl ResponseBody {
     }
 }
 
-/// Why a response stream of a rolled-back version is cut.
-const ROLLED_BACK: &str = "stream closed: its version was rolled back";
+/// Why a response stream of a rolled-back version is cut: a deliberate cut,
+/// which an HTTP/2 client sees as a reset with `CANCEL` (hyper takes the
+/// reason from an `h2::Error` among a body error's sources), not with the
+/// `INTERNAL_ERROR` of a failure.
+#[derive(Debug)]
+struct RolledBack(h2::Error);
+
+impl RolledBack {
+    fn error() -> BoxError {
+        Box::new(RolledBack(h2::Reason::CANCEL.into()))
+    }
+}
+
+impl std::fmt::Display for RolledBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stream closed: its version was rolled back")
+    }
+}
+
+impl std::error::Error for RolledBack {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
 
 impl Body for ResponseBody {
     type Data = Bytes;
@@ -607,7 +629,7 @@ impl Body for ResponseBody {
         // of the frame before are sent: see `h2stream::ReportingBody`).
         if this.in_flight.as_ref().is_some_and(InFlight::is_closed) {
             this.in_flight.take();
-            return Poll::Ready(Some(Err(ROLLED_BACK.into())));
+            return Poll::Ready(Some(Err(RolledBack::error())));
         }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -664,7 +686,7 @@ impl Body for ResponseBody {
                             .get_or_insert_with(|| Box::pin(in_flight.closed()));
                         if closing.as_mut().poll(cx).is_ready() {
                             this.in_flight.take();
-                            return Poll::Ready(Some(Err(ROLLED_BACK.into())));
+                            return Poll::Ready(Some(Err(RolledBack::error())));
                         }
                     }
                     Poll::Pending
