@@ -5,7 +5,8 @@
 //! ALPN), the `Secure` fallback cookie, `x-forwarded-proto: https`, reload
 //! of the certificate while a stream runs on an old connection, a broken
 //! pair refused with the old certificate still served, a SIGHUP whose
-//! config is refused leaving the certificate as it was, webhooks over TLS, and curl, nghttp and
+//! config is refused leaving the certificate as it was, plain HTTP sent to
+//! the TLS listener, webhooks over TLS, and curl, nghttp and
 //! h2load against the TLS listener. Certificates are made at test time.
 //! Does not own: HTTP/2 without TLS and upstream protocols (`tests/http2.rs`).
 
@@ -19,7 +20,7 @@ use tls_support::{
     Pki, alpn, get, h1_over, h2_over, listen_tls, peer_cert, require, run, send_h1, send_h2,
     tls_client, tls_connect,
 };
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SALT: &str = "tls-tests";
 
@@ -322,6 +323,47 @@ async fn the_framing_guard_reads_the_decrypted_stream() {
     let head = read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
+}
+
+/// A client that speaks plain HTTP to the TLS listener is told so in a
+/// plain `400`, as nginx tells it, rather than with a TLS alert it cannot
+/// read; the request reaches no upstream.
+#[tokio::test]
+async fn plain_http_on_the_tls_listener_gets_a_plain_400() {
+    let pki = Pki::new();
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, &listen_tls(&pki.leaf("plain"))).await;
+    let mut stream = tokio::net::TcpStream::connect(server.proxy_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    within(
+        "the answer and the close",
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .expect("read to the close");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.ends_with("The plain HTTP request was sent to the HTTPS port\n"),
+        "{answer}"
+    );
+    assert_eq!(stable.hits(), 0);
+
+    // TLS clients are served as before.
+    let client = tls_client(&pki.ca, &["http/1.1"]);
+    let mut stream = tls_connect(server.proxy_addr(), &client).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     server.shutdown().await;
 }
 

@@ -419,6 +419,35 @@ enum Released<S, Svc> {
     Upgraded(hyper::upgrade::Parts<TokioIo<ClientIo<S>>>),
 }
 
+/// Whether a client of the TLS listener opened with plain HTTP: a TLS
+/// record starts with its content type (a handshake is 22), a request line
+/// with an upper-case method. Peeked, so the handshake still reads it all.
+async fn speaks_plain_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// Tells a client that sent plain HTTP to the TLS listener so, as nginx
+/// does, rather than with a TLS alert it cannot read; then closes.
+async fn answer_plain_http(mut stream: TcpStream) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: &str = "The plain HTTP request was sent to the HTTPS port\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    stream.write_all(answer.as_bytes()).await?;
+    stream.shutdown().await?;
+    // What the client sent is read before the close: left unread, it would
+    // turn the close into a reset, which can cost the client the answer.
+    let mut unread = vec![0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(1..) = stream.read(&mut unread).await {}
+    })
+    .await;
+    Err("plain HTTP sent to the TLS listener".into())
+}
+
 /// One accepted client connection, until it ends.
 struct Connection {
     proxy: Arc<Proxy>,
@@ -445,6 +474,15 @@ impl Connection {
         let Some(acceptor) = tls else {
             return self.serve(ClientIo::new(stream), None, first_head).await;
         };
+        if Box::pin(tokio::time::timeout_at(
+            first_head,
+            speaks_plain_http(&stream),
+        ))
+        .await
+            == Ok(true)
+        {
+            return Box::pin(answer_plain_http(stream)).await;
+        }
         let handshake = Box::pin(acceptor.accept(stream));
         let stream = match tokio::time::timeout_at(first_head, handshake).await {
             Ok(Ok(stream)) => stream,
