@@ -1512,6 +1512,79 @@ mod tests {
         );
     }
 
+    /// An abort sent while a shutdown's suspension of the rollout is being
+    /// written waits in the rollout's inbox, which the suspended task drops:
+    /// the rollout is then aborted all the same, not reported ended.
+    #[test]
+    fn an_abort_sent_while_a_shutdown_saves_the_rollout_rolls_it_back() {
+        let stalled = stalled();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rollouts = rollouts_of(&stalled);
+        let starting = runtime.spawn({
+            let rollouts = Arc::clone(&rollouts);
+            async move {
+                let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
+                rollouts.start(Some(plan), Actor::Api)
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start saves");
+        stalled.go.send(()).unwrap();
+        runtime
+            .block_on(starting)
+            .unwrap()
+            .expect("the rollout starts");
+
+        // A suspension saves the time spent in the stage: once there is
+        // some, it has something to write.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while rollouts.state_with_health()["rollout"]["stage_elapsed_ms"] == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stage's clock stands"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        let suspending = runtime.spawn({
+            let rollouts = Arc::clone(&rollouts);
+            async move { rollouts.suspend().await }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the suspension saves");
+        let aborting = runtime.spawn({
+            let rollouts = Arc::clone(&rollouts);
+            async move { rollouts.abort(Some("a bad canary")).await }
+        });
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while rollouts.queued_commands() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abort is not sent"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // The suspension's write, then the abort's.
+        stalled.go.send(()).unwrap();
+        runtime.block_on(suspending).unwrap();
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the abort saves");
+        stalled.go.send(()).unwrap();
+        let aborted = runtime.block_on(aborting).unwrap();
+        runtime.shutdown_background();
+        let aborted = aborted.expect("the suspended rollout is aborted");
+        assert_eq!(aborted.status, crate::table::Status::RolledBack);
+    }
+
     /// Runs `rollback` on its own thread, and waits until it has taken
     /// traffic off the canary and waits for the lock.
     fn a_rollback_under_way<T: Send + 'static>(

@@ -626,6 +626,9 @@ impl Server {
     /// requests finish (up to `listen.drain_timeout`), then stops the admin
     /// listener, which answers through the drain (`/ready` with 503).
     pub async fn shutdown(self) {
+        // Before the proxy says it is not ready: no rollout starts in a
+        // drain, which nothing would suspend.
+        self.rollouts.shutting_down();
         self.admin.ready.store(false, Ordering::Release);
         self.shutdown.send_replace(true);
         // Asked at once (the command is sent before the first await), and

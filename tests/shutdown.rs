@@ -223,8 +223,8 @@ async fn an_upgrade_answered_during_the_drain_gets_a_working_tunnel() {
 
 /// A rollout that a shutdown suspended is not judged through the drain
 /// (it carries on at the next start), so no other rollout may start in its
-/// place; an abort, a rollback, is still made, as `POST /admin/rollback`
-/// is: the admin API answers through the drain.
+/// place, nor once it is gone; an abort, a rollback, is still made, as
+/// `POST /admin/rollback` is: the admin API answers through the drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_suspended_by_the_drain_can_be_aborted_but_not_replaced() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -260,7 +260,9 @@ async fn a_rollout_suspended_by_the_drain_can_be_aborted_but_not_replaced() {
     })
     .await;
 
-    let again = admin.call(Method::POST, "/admin/rollout", plan).await;
+    let again = admin
+        .call(Method::POST, "/admin/rollout", plan.clone())
+        .await;
     assert_eq!(again.status, 409, "{again:?}");
     let aborted = admin
         .call(Method::POST, "/admin/rollout/abort", Value::Null)
@@ -270,6 +272,23 @@ async fn a_rollout_suspended_by_the_drain_can_be_aborted_but_not_replaced() {
     assert_eq!(state["status"], "rolled_back", "{state:#}");
     assert_eq!(state["rollout"]["phase"], "aborted", "{state:#}");
     assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    // Nor may one start once none runs: nothing would suspend it.
+    let installed = admin
+        .call(
+            Method::PUT,
+            "/admin/canary",
+            json!({"name": "v3", "upstreams": [canary.addr.to_string()]}),
+        )
+        .await;
+    assert_eq!(installed.status, 200, "{installed:?}");
+    let fresh = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(fresh.status, 409, "{fresh:?}");
+    assert!(
+        fresh.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shutting down")),
+        "{fresh:?}"
+    );
 
     slow.release();
     let reply = within("the in-flight response", in_flight)

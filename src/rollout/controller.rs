@@ -26,6 +26,7 @@
 //! (`judge`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -310,6 +311,10 @@ pub struct Rollouts {
     default_plan: Mutex<Option<Value>>,
     webhooks: Webhooks,
     running: Mutex<Option<mpsc::Sender<Command>>>,
+    /// Set by [`Rollouts::suspend`]: the server shuts down, and no rollout
+    /// starts, as nothing would suspend it (it would judge a window that
+    /// no longer fills through the drain, and might promote).
+    draining: AtomicBool,
     /// The latest outside judgement per version (`POST /admin/signals`).
     eval_scores: Mutex<HashMap<String, EvalScore>>,
     /// The clock of the weighted stage the rollout's task is in, as the
@@ -330,6 +335,7 @@ impl Rollouts {
             default_plan: Mutex::new(default_plan),
             webhooks,
             running: Mutex::new(None),
+            draining: AtomicBool::new(false),
             eval_scores: Mutex::new(HashMap::new()),
             clock: Mutex::new(None),
         })
@@ -360,6 +366,11 @@ impl Rollouts {
             }
         })?;
         let mut running = self.running();
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ControlError::Conflict(
+                "the server is shutting down; start the rollout once it has restarted".into(),
+            ));
+        }
         if running.as_ref().is_some_and(|tx| !tx.is_closed()) {
             return Err(ControlError::Conflict(
                 "a rollout is already running; abort it first".into(),
@@ -501,24 +512,40 @@ impl Rollouts {
             let running = self.try_running()?;
             let Some(task) = running.as_ref().filter(|tx| !tx.is_closed()) else {
                 // Held: no start, and no other abort, comes between.
-                return self.abort_suspended(reason);
+                return self.abort_suspended(reason, no_rollout());
             };
-            task.try_send(Command::Abort { reason, reply })
+            let command = Command::Abort {
+                reason: reason.clone(),
+                reply,
+            };
+            task.try_send(command)
                 .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))?;
         }
-        answer.await.unwrap_or_else(|_| Err(ended_before_abort()))
+        if let Ok(answer) = answer.await {
+            return answer;
+        }
+        // The task stopped without reading it: it ended, or a shutdown
+        // suspended it while the abort waited, and then it is aborted here.
+        let running = self.try_running()?;
+        if running.as_ref().is_some_and(|tx| !tx.is_closed()) {
+            // A rollout started since: not the one this abort was for.
+            return Err(ended_before_abort());
+        }
+        self.abort_suspended(reason, ended_before_abort())
     }
 
     /// Aborts a rollout that the live state holds but no task runs: one a
     /// shutdown suspended (see [`Rollouts::suspend`]). The admin API answers
     /// through the drain, and an abort, a rollback, must be made then as
     /// `POST /admin/rollback` is.
-    fn abort_suspended(&self, reason: String) -> Result<LiveState, ControlError> {
+    /// `none` is the answer when the state holds no rollout to abort.
+    fn abort_suspended(
+        &self,
+        reason: String,
+        none: ControlError,
+    ) -> Result<LiveState, ControlError> {
         let Ok(Some((mut progress, plan))) = saved_rollout(&self.control.state()) else {
-            // A canary a finished rollout left in place is rolled back as any other.
-            return Err(ControlError::Conflict(
-                "no rollout is running; POST /admin/rollback (cohort ctl rollback) rolls the canary back".into(),
-            ));
+            return Err(none);
         };
         progress.reason = Some(reason);
         let (reply, mut answer) = oneshot::channel();
@@ -610,11 +637,18 @@ impl Rollouts {
         state
     }
 
+    /// From here no rollout starts: the server shuts down (see
+    /// [`Rollouts::suspend`], which says so too).
+    pub fn shutting_down(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
     /// Saves the running rollout's progress with the time spent in its
     /// stage, and stops its task without ending it, so that the next start
     /// resumes it where it stopped: for a graceful shutdown. Waits at most
     /// `SUSPEND_TIMEOUT` for the save.
     pub async fn suspend(&self) {
+        self.shutting_down();
         let (reply, saved) = oneshot::channel();
         match self.command(Command::Suspend(reply)) {
             Ok(()) => {
@@ -661,6 +695,14 @@ impl Rollouts {
         sender
             .try_send(command)
             .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))
+    }
+
+    /// Commands sent to the rollout's task that it has yet to read.
+    #[cfg(test)]
+    pub(crate) fn queued_commands(&self) -> usize {
+        self.running()
+            .as_ref()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Command>>> {
@@ -1264,6 +1306,15 @@ fn spending_index(looks: u64, pause_looks: u64, planned: u32, pausing: Pausing) 
     } else {
         planned + stage_looks.saturating_sub(planned) + pause_looks
     }
+}
+
+/// The answer to an abort with no rollout to abort.
+fn no_rollout() -> ControlError {
+    // A canary a finished rollout left in place is rolled back as any other.
+    ControlError::Conflict(
+        "no rollout is running; POST /admin/rollback (cohort ctl rollback) rolls the canary back"
+            .into(),
+    )
 }
 
 /// The answer to an abort that the rollout's end came before.
