@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
@@ -154,6 +154,10 @@ fn reason_body(reason: Option<String>) -> Value {
 /// The variable that names a file holding the admin token.
 const TOKEN_FILE_ENV: &str = "COHORT_ADMIN_TOKEN_FILE";
 
+/// The longest answer read from the admin API: far more than its state,
+/// with every guardrail's evaluation, ever takes.
+const MOST_REPLY_BYTES: usize = 4 << 20;
+
 /// The bearer token to send: `--token`, else the one in the file
 /// `--token-file` names, else `COHORT_ADMIN_TOKEN` or the one in the file
 /// `COHORT_ADMIN_TOKEN_FILE` names, but not both, since which was meant is
@@ -261,11 +265,18 @@ pub async fn send(
     let exchange = async {
         let rsp = client.request(req).await.map_err(|e| unreachable(&e))?;
         let status = rsp.status();
-        let body = rsp
-            .into_body()
+        // The admin API's answers are small: a longer one is another
+        // server's, and is not read whole into memory.
+        let body = Limited::new(rsp.into_body(), MOST_REPLY_BYTES)
             .collect()
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|error| match error.downcast::<LengthLimitError>() {
+                Ok(_) => CtlError::NotAdmin {
+                    url: url.clone(),
+                    status,
+                },
+                Err(error) => unreachable(&*error),
+            })?;
         Ok((status, body.to_bytes()))
     };
     let (status, bytes) = tokio::time::timeout(timeout, exchange)

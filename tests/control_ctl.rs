@@ -19,6 +19,7 @@ mod support;
 use std::net::SocketAddr;
 use std::process::Output;
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 use support::{
@@ -617,6 +618,15 @@ async fn a_reply_not_from_the_admin_api_is_a_failure() {
         "{message}"
     );
 
+    // A server that answers without end (a stream, a large download):
+    // not read whole, and failed long before the timeout.
+    let flood = flooding_server().await;
+    let message = refused(
+        &ctl(flood, None, &["--timeout", "1h", "status"]).await,
+        "ctl at a server that answers without end",
+    );
+    assert!(message.contains("not from a Cohort admin API"), "{message}");
+
     // An error reply that is not the admin API's either: a proxy's own
     // (a 502 or 503 that names a version), and a bare 404.
     let unreachable = cohort(&[dead_addr().await], None, "").await;
@@ -634,6 +644,30 @@ async fn a_reply_not_from_the_admin_api_is_a_failure() {
             "{message}"
         );
     }
+}
+
+/// A server that answers every connection with a 200 whose body never ends.
+async fn flooding_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let head = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n";
+                let chunk = vec![b'x'; 64 * 1024];
+                if stream.write_all(head).await.is_ok() {
+                    while stream.write_all(&chunk).await.is_ok() {}
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// A server that accepts connections and never answers on them.
