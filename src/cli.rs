@@ -244,10 +244,7 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
         Err(error) => return fail(format!("cannot start the runtime: {error}")),
     };
     match runtime.block_on(send(admin, token, timeout, call)) {
-        Ok(state) => {
-            print!("{}", render_state(&state));
-            ExitCode::SUCCESS
-        }
+        Ok(state) => print_out(|out| out.write_all(render_state(&state).as_bytes())),
         Err(error) => fail(error.to_string()),
     }
 }
@@ -277,8 +274,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(error) => return fail(error.to_string()),
     };
     if problems.is_empty() {
-        println!("ok");
-        return ExitCode::SUCCESS;
+        return print_out(|out| out.write_all(b"ok\n"));
     }
     for problem in problems {
         eprintln!("{problem}");
@@ -318,21 +314,31 @@ fn route(salt: &str, weight: f64, keys: &[OsString]) -> ExitCode {
             empty + 1
         ));
     }
-    let mut out = std::io::stdout().lock();
-    for key in keys {
-        let key = key.as_bytes();
-        let placement = routing::place(salt.as_bytes(), weight, key);
-        let line = format!("\t{}\t{}\n", placement.bucket, placement.cohort.as_str());
-        // A closed pipe (`| head`) ends the listing; `println!` would panic.
-        if out
-            .write_all(key)
-            .and_then(|()| out.write_all(line.as_bytes()))
-            .is_err()
-        {
-            break;
+    print_out(|out| {
+        for key in keys {
+            let key = key.as_bytes();
+            let placement = routing::place(salt.as_bytes(), weight, key);
+            let line = format!("\t{}\t{}\n", placement.bucket, placement.cohort.as_str());
+            out.write_all(key)?;
+            out.write_all(line.as_bytes())?;
         }
+        Ok(())
+    })
+}
+
+/// Writes a command's output with `write` to standard output, flushed. A
+/// closed pipe (`| head`, `| true`) is the reader's choice, not a failure
+/// of the command, whose work is done; any other error (a full disk) is a
+/// failure, said on standard error. (`println!` would panic on either.)
+fn print_out(
+    write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => fail(format!("cannot write the output: {error}")),
     }
-    ExitCode::SUCCESS
 }
 
 /// The runtime `serve` and `demo` run on. The proxy workers run on

@@ -449,6 +449,44 @@ fn route_prints_bucket_and_cohort_per_key() {
     );
 }
 
+/// Output that cannot be written fails the command, said on stderr, with
+/// no panic; output nobody reads (a closed pipe: `| head`, `| true`) is the
+/// reader's choice, and the command's work stands.
+#[test]
+fn output_that_cannot_be_written_fails_and_a_closed_pipe_does_not() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cohort.toml");
+    let shipped = shipped.to_str().expect("a UTF-8 path");
+    let route = ["route", "--salt", "v2", "--weight", "50", "alice"];
+    let check = ["check", "--config", shipped];
+    for args in [&route[..], &check[..]] {
+        let full = std::fs::File::create("/dev/full").expect("open /dev/full");
+        let output = Command::new(COHORT)
+            .args(args)
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .stdout(full)
+            .output()
+            .expect("run the cohort binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("cohort: cannot write the output"),
+            "{args:?}: {stderr}"
+        );
+
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let output = Command::new(COHORT)
+            .args(args)
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .stdout(writer)
+            .output()
+            .expect("run the cohort binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
 /// A key that is not UTF-8 is hashed as its bytes, as the proxy hashes a
 /// header's (`x-user-id: ren\xE9`, `?user=ren%E9`).
 #[test]
