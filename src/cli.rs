@@ -162,11 +162,12 @@ pub enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
-    /// Start a rollout from a plan: TOML, or an AgentRelease manifest (YAML).
+    /// Start a rollout from a plan: TOML, or an AgentRelease manifest (YAML);
+    /// without one, the config's `[rollout]` plan.
     Start {
         /// The plan: a TOML file shaped like the config's `[rollout]` table,
         /// or an AgentRelease manifest (YAML, `kind: AgentRelease`).
-        file: PathBuf,
+        file: Option<PathBuf>,
     },
     /// Pass the approval gate of a paused rollout.
     Approve,
@@ -223,13 +224,14 @@ fn ctl(admin: &str, token: Option<&str>, timeout: Duration, command: CtlCommand)
             Ok(weight) => Call::canary(name, upstreams, weight, force),
             Err(message) => return fail(message),
         },
-        CtlCommand::Rollout(RolloutCommand::Start { file }) => {
+        CtlCommand::Rollout(RolloutCommand::Start { file: None }) => Call::rollout_start(None),
+        CtlCommand::Rollout(RolloutCommand::Start { file: Some(file) }) => {
             let text = match crate::files::read_text(&file, Pipes::Read) {
                 Ok(text) => text,
                 Err(error) => return fail(format!("cannot read {}: {error}", file.display())),
             };
             match crate::rollout::plan::document(&text) {
-                Ok(plan) => Call::rollout_start(plan),
+                Ok(plan) => Call::rollout_start(Some(plan)),
                 Err(error) => return fail(format!("{}: {error}", file.display())),
             }
         }

@@ -118,12 +118,13 @@ impl Call {
         }
     }
 
+    /// With no plan, the server starts its config's `[rollout]` plan.
     #[must_use]
-    pub fn rollout_start(plan: Value) -> Call {
+    pub fn rollout_start(plan: Option<Value>) -> Call {
         Call {
             method: Method::POST,
             path: "/admin/rollout",
-            body: Some(plan),
+            body: plan,
         }
     }
 

@@ -882,12 +882,12 @@ async fn eval_score_below_its_floor_rolls_back() {
     )
     .await;
     let admin = AdminApi::new(server.admin_addr());
-    // An empty body starts the config's plan.
-    let started = admin
-        .call(Method::POST, "/admin/rollout", Value::Null)
-        .await;
-    assert_eq!(started.status, StatusCode::OK, "{started:?}");
-    assert_eq!(rollout_phase(&started.json()), "progressing");
+    // An empty body starts the config's plan, as `ctl rollout start` with
+    // no file sends it.
+    let started = ctl(server.admin_addr(), &["rollout", "start"]).await;
+    assert!(started.status.success(), "{started:?}");
+    let state = admin.state().await;
+    assert_eq!(rollout_phase(&state), "progressing", "{state:#}");
 
     let signal = |body: Value| {
         let admin = admin.clone();
