@@ -44,8 +44,7 @@ pub enum DemoError {
 pub async fn run() -> Result<(), DemoError> {
     let mut config = Config::parse(CONFIG, "config/cohort.toml (built in)")?;
     // Keep the demo's state out of the working directory.
-    let state_dir = std::env::temp_dir().join(format!("cohort-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&state_dir).map_err(DemoError::StateDir)?;
+    let state_dir = fresh_state_dir().map_err(DemoError::StateDir)?;
     config.state.path = state_dir.join("state.json");
     config.state.audit_log = state_dir.join("audit.jsonl");
     // The demo shows the override header, which the example leaves off:
@@ -55,6 +54,28 @@ pub async fn run() -> Result<(), DemoError> {
     // Nothing of the demo outlives it, whether it ran or failed to start.
     let _ = std::fs::remove_dir_all(&state_dir);
     result
+}
+
+/// A new directory of the demo's own, readable by its user alone: the
+/// demo starts afresh every time, never on a state a run before left
+/// behind (after a `kill -9`) or someone else put in its way.
+fn fresh_state_dir() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    loop {
+        let name = format!(
+            "cohort-demo-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let dir = std::env::temp_dir().join(name);
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Starts the demo upstreams and the proxy from `config`, and runs them until Ctrl-C.

@@ -763,7 +763,16 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
 /// one test, one after the other; SIGUSR1 rolls its canary back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
-    let state_dir = |pid: u32| std::env::temp_dir().join(format!("cohort-demo-{pid}"));
+    // The demo's own directories: `cohort-demo-<pid>-<random>`.
+    let state_dirs = |pid: u32| -> Vec<PathBuf> {
+        let prefix = format!("cohort-demo-{pid}-");
+        std::fs::read_dir(std::env::temp_dir())
+            .expect("read the temporary directory")
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|entry| entry.path())
+            .collect()
+    };
 
     let mut child = tokio::process::Command::new(COHORT)
         .arg("demo")
@@ -788,7 +797,16 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         }
     })
     .await;
-    assert!(state_dir(pid).exists());
+    let made = state_dirs(pid);
+    assert_eq!(made.len(), 1, "{made:?}");
+    let mode = std::fs::metadata(&made[0])
+        .expect("its state directory")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o700,
+        "the demo's state is its user's alone"
+    );
     // The README's first curl line: alice always gets the same version.
     let proxy = "127.0.0.1:8080".parse().expect("an address");
     let first = Http::new(proxy).get("/", &[("x-user-id", "alice")]).await;
@@ -820,7 +838,7 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         .await
         .expect("wait for the demo");
     assert_eq!(status.code(), Some(0), "{status:?}");
-    assert!(!state_dir(pid).exists(), "the demo left its state behind");
+    assert!(state_dirs(pid).is_empty(), "the demo left its state behind");
 
     // With a port taken, it says which, exits 1, and still leaves nothing.
     let taken = std::net::TcpListener::bind("127.0.0.1:9001").expect("take the stable port");
@@ -843,7 +861,7 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         "{failed:?}"
     );
     assert!(
-        !state_dir(pid).exists(),
+        state_dirs(pid).is_empty(),
         "a failed demo left its state behind"
     );
 }
