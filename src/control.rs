@@ -1369,6 +1369,30 @@ mod tests {
         )
     }
 
+    /// Starts `plan` as the admin API starts one, off `runtime` (on which
+    /// its task runs), and lets the start's write through.
+    fn start_on_a_stalled_disk(
+        stalled: &Stalled,
+        rollouts: &Arc<crate::rollout::controller::Rollouts>,
+        runtime: &tokio::runtime::Runtime,
+        plan: serde_json::Value,
+    ) {
+        let start = thread::spawn({
+            let rollouts = Arc::clone(rollouts);
+            let runtime = runtime.handle().clone();
+            move || {
+                let _entered = runtime.enter();
+                rollouts.start(Some(plan), Actor::Api)
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start saves");
+        stalled.go.send(()).unwrap();
+        start.join().unwrap().expect("the rollout starts");
+    }
+
     /// Starts a change of the weight to `percent` on its own thread, and
     /// waits until its write stalls.
     fn stall_a_change(
@@ -1524,22 +1548,8 @@ mod tests {
             .build()
             .unwrap();
         let rollouts = rollouts_of(&stalled);
-        let starting = runtime.spawn({
-            let rollouts = Arc::clone(&rollouts);
-            async move {
-                let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
-                rollouts.start(Some(plan), Actor::Api)
-            }
-        });
-        stalled
-            .begun
-            .recv_timeout(DEADLINE)
-            .expect("the start saves");
-        stalled.go.send(()).unwrap();
-        runtime
-            .block_on(starting)
-            .unwrap()
-            .expect("the rollout starts");
+        let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
+        start_on_a_stalled_disk(&stalled, &rollouts, &runtime, plan);
 
         // A suspension saves the time spent in the stage: once there is
         // some, it has something to write.
@@ -1842,26 +1852,12 @@ mod tests {
         let stalled = stalled();
         let runtime = one_worker();
         let rollouts = rollouts_of(&stalled);
-        // Started as the admin API starts one, off the runtime; its task
-        // then looks, and saves, every 20 ms.
-        let start = thread::spawn({
-            let rollouts = Arc::clone(&rollouts);
-            let runtime = runtime.handle().clone();
-            move || {
-                let _entered = runtime.enter();
-                let plan = serde_json::json!({
-                    "interval": "20ms",
-                    "stages": [{"weight": 20, "duration": "1h"}],
-                });
-                rollouts.start(Some(plan), Actor::Api)
-            }
+        // Its task then looks, and saves, every 20 ms.
+        let plan = serde_json::json!({
+            "interval": "20ms",
+            "stages": [{"weight": 20, "duration": "1h"}],
         });
-        stalled
-            .begun
-            .recv_timeout(DEADLINE)
-            .expect("the start saves");
-        stalled.go.send(()).unwrap();
-        start.join().unwrap().expect("the rollout starts");
+        start_on_a_stalled_disk(&stalled, &rollouts, &runtime, plan);
 
         stalled
             .begun

@@ -646,14 +646,20 @@ async fn a_reply_not_from_the_admin_api_is_a_failure() {
     }
 }
 
-/// A server that answers every connection with a 200 whose body never ends.
-async fn flooding_server() -> SocketAddr {
+/// A listener on a loopback port of its own, and its address.
+async fn loopback_listener() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
     let addr = listener
         .local_addr()
         .expect("a bound listener has an address");
+    (listener, addr)
+}
+
+/// A server that answers every connection with a 200 whose body never ends.
+async fn flooding_server() -> SocketAddr {
+    let (listener, addr) = loopback_listener().await;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -672,12 +678,7 @@ async fn flooding_server() -> SocketAddr {
 
 /// A server that accepts connections and never answers on them.
 async fn silent_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let addr = listener
-        .local_addr()
-        .expect("a bound listener has an address");
+    let (listener, addr) = loopback_listener().await;
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {

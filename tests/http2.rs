@@ -169,15 +169,7 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
     let key = key_on(SALT, 50.0, CANARY, "h2-stream");
     let mut h2 = h2c(server.proxy_addr()).await;
 
-    h2.ready().await.expect("an open connection");
-    let rsp = within(
-        "the stream's head",
-        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", &key)])),
-    )
-    .await
-    .expect("a response");
-    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
-    let mut body = rsp.into_body();
+    let mut body = open_canary_events(&mut h2, &server, &key).await;
     let first = within("the first event", body.frame())
         .await
         .expect("a frame")
@@ -202,6 +194,20 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
     server.shutdown().await;
 }
 
+/// Opens `/events` for `key`, a canary user, on `h2`: the stream's body,
+/// once its head says the canary serves it.
+async fn open_canary_events(h2: &mut H2, server: &Server, key: &str) -> Incoming {
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the stream's head",
+        h2.send_request(get(&url(server, "/events"), &[("x-user-id", key)])),
+    )
+    .await
+    .expect("a response");
+    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
+    rsp.into_body()
+}
+
 /// With `on_rollback = "close"`, a rollback resets the canary's open
 /// HTTP/2 stream with `CANCEL`, a deliberate cut, not the `INTERNAL_ERROR`
 /// of a failure; the connection and its other streams go on.
@@ -213,15 +219,7 @@ async fn a_close_rollback_cancels_the_canarys_http2_stream() {
     let server = cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
     let key = key_on(SALT, 50.0, CANARY, "h2-cancel");
     let mut h2 = h2c(server.proxy_addr()).await;
-    h2.ready().await.expect("an open connection");
-    let rsp = within(
-        "the stream's head",
-        h2.send_request(get(&url(&server, "/events"), &[("x-user-id", &key)])),
-    )
-    .await
-    .expect("a response");
-    assert_eq!(rsp.headers()["x-agent-version"], CANARY);
-    let mut body = rsp.into_body();
+    let mut body = open_canary_events(&mut h2, &server, &key).await;
     within("the first event", body.frame())
         .await
         .expect("a frame")
