@@ -651,7 +651,7 @@ mod tests {
             Some(&live.snapshot()),
         ));
         assert!(live.held_within("v2", Cohort::Canary, later));
-        assert!(live.held_within("v3", Cohort::Canary, now));
+        assert!(live.held_lately("v3", Cohort::Canary));
     }
 
     #[test]
