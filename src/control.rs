@@ -1595,6 +1595,58 @@ mod tests {
         assert_eq!(aborted.status, crate::table::Status::RolledBack);
     }
 
+    /// A shutdown that begins while a rollout's start is being written finds
+    /// no task to suspend: the rollout it started is left as saved, which
+    /// is suspended, not run through the drain.
+    #[test]
+    fn a_rollout_whose_start_a_shutdown_overtakes_is_left_suspended() {
+        let stalled = stalled();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rollouts = rollouts_of(&stalled);
+        let start = thread::spawn({
+            let rollouts = Arc::clone(&rollouts);
+            let runtime = runtime.handle().clone();
+            move || {
+                let _entered = runtime.enter();
+                let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
+                rollouts.start(Some(plan), Actor::Api)
+            }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the start saves");
+        // The shutdown, as `Server::shutdown` makes it.
+        rollouts.shutting_down();
+        runtime.block_on(rollouts.suspend());
+        stalled.go.send(()).unwrap();
+        let started = start.join().unwrap().expect("the start is made");
+        assert_eq!(started.status, crate::table::Status::Progressing);
+
+        // No task runs it: an abort, as during a drain, makes the rollback.
+        assert!(
+            !rollouts.runs_a_task(),
+            "the rollout runs through the drain"
+        );
+        let aborting = runtime.spawn({
+            let rollouts = Arc::clone(&rollouts);
+            async move { rollouts.abort(Some("a bad canary")).await }
+        });
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the abort saves");
+        stalled.go.send(()).unwrap();
+        let aborted = runtime.block_on(aborting).unwrap();
+        runtime.shutdown_background();
+        let aborted = aborted.expect("the suspended rollout is aborted");
+        assert_eq!(aborted.status, crate::table::Status::RolledBack);
+    }
+
     /// Runs `rollback` on its own thread, and waits until it has taken
     /// traffic off the canary and waits for the lock.
     fn a_rollback_under_way<T: Send + 'static>(

@@ -5,7 +5,8 @@
 //!   `listen.max_connections` at a time.
 //! - Closing the longest-idle keep-alive connection when a client waits for
 //!   a slot and every slot is taken ([`ConnectionSlots`]).
-//! - The TLS handshake on a TLS listener.
+//! - The TLS handshake on a TLS listener, and the plain `400` for a client
+//!   that speaks plain HTTP there.
 //! - Choosing HTTP/1.1 (with upgrades) or HTTP/2 (by ALPN, or with prior
 //!   knowledge on a plain listener).
 //! - Serving each connection with hyper behind a
@@ -460,7 +461,8 @@ impl Connection {
     /// Serves the connection to its end: on a plain listener HTTP/2 if it
     /// opens with the HTTP/2 preface, else HTTP/1.1; with `tls`, after the
     /// handshake, HTTP/2 if ALPN chose it (by the preface if no protocol
-    /// was negotiated).
+    /// was negotiated); a client that opens a TLS connection with plain
+    /// HTTP is told so and closed.
     ///
     /// The connection's task is as large as the largest state of this
     /// future, for the connection's whole life, so whatever most

@@ -366,7 +366,7 @@ impl Rollouts {
             }
         })?;
         let mut running = self.running();
-        if self.draining.load(Ordering::Acquire) {
+        if self.draining.load(Ordering::SeqCst) {
             return Err(ControlError::Conflict(
                 "the server is shutting down; start the rollout once it has restarted".into(),
             ));
@@ -431,7 +431,12 @@ impl Rollouts {
             paused_past_limit: false,
         };
         let state = self.save(&progress, Action::RolloutStart, source, None)?;
-        *running = Some(self.spawn(plan, progress));
+        // A shutdown that began during the save found no task to suspend:
+        // the rollout stays as saved, which is suspended, and carries on at
+        // the next start.
+        if !self.draining.load(Ordering::SeqCst) {
+            *running = Some(self.spawn(plan, progress));
+        }
         Ok(state)
     }
 
@@ -640,7 +645,7 @@ impl Rollouts {
     /// From here no rollout starts: the server shuts down (see
     /// [`Rollouts::suspend`], which says so too).
     pub fn shutting_down(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Saves the running rollout's progress with the time spent in its
@@ -695,6 +700,12 @@ impl Rollouts {
         sender
             .try_send(command)
             .map_err(|_| ControlError::Conflict("the rollout is busy; try again".into()))
+    }
+
+    /// Whether a task runs a rollout.
+    #[cfg(test)]
+    pub(crate) fn runs_a_task(&self) -> bool {
+        self.running().as_ref().is_some_and(|tx| !tx.is_closed())
     }
 
     /// Commands sent to the rollout's task that it has yet to read.
