@@ -156,12 +156,16 @@ fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
         (Some(_), Some(_)) => Err(ProxyError::BadRequest(
             "a request must not carry two host headers",
         )),
+        (Some(host), None) if host.is_empty() => Err(ProxyError::BadRequest(
+            "the host header is empty: an http URI names a host",
+        )),
         (Some(host), None) if !is_host(host.as_bytes()) => Err(ProxyError::BadRequest(
             "the host header holds a character no host has",
         )),
-        (None, _) if req.version() == Version::HTTP_11 && uri.authority().is_none() => Err(
-            ProxyError::BadRequest("an HTTP/1.1 request must carry a host header"),
-        ),
+        // Absolute form too (RFC 9112 section 3.2), as nginx has it.
+        (None, _) if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request must carry a host header",
+        )),
         _ => Ok(()),
     }
 }
@@ -169,8 +173,7 @@ fn check_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
 /// Whether `value` is written in the characters of a `Host`: those of
 /// RFC 3986's registered names, IPv6 literals and ports, so no user info,
 /// path or spaces. (A character check only, as nginx's is: what the
-/// upstream makes of the name is its own business.) Empty passes: RFC 9110
-/// section 7.2 has it for a target without an authority.
+/// upstream makes of the name is its own business.)
 fn is_host(value: &[u8]) -> bool {
     value.iter().all(|&b| {
         matches!(b,
