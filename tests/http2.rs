@@ -194,6 +194,36 @@ async fn a_stream_streams_and_rollback_moves_the_next_request_over_http2() {
     server.shutdown().await;
 }
 
+/// An upstream's trailers reach an HTTP/2 client without the hop-by-hop
+/// and framing fields it put in them, as its head would (h2 resets a
+/// stream whose trailers carry a connection-specific field).
+#[tokio::test]
+async fn trailers_reach_an_http2_client_without_hop_by_hop_fields() {
+    let upstream = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Sum: 1\r\nConnection: close\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await;
+    let server = cohort(&[upstream], None, &routing()).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the response",
+        h2.send_request(get(&url(&server, "/"), &[("te", "trailers")])),
+    )
+    .await
+    .expect("a response");
+    let whole = within("the body and its trailers", rsp.into_body().collect())
+        .await
+        .expect("the stream ends cleanly");
+    let trailers = whole.trailers().cloned().expect("trailers");
+    assert_eq!(trailers.get("x-sum").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert!(trailers.get("connection").is_none(), "{trailers:?}");
+    assert!(trailers.get("content-length").is_none(), "{trailers:?}");
+    assert_eq!(&whole.to_bytes()[..], b"hello");
+    server.shutdown().await;
+}
+
 /// Opens `/events` for `key`, a canary user, on `h2`: the stream's body,
 /// once its head says the canary serves it.
 async fn open_canary_events(h2: &mut H2, server: &Server, key: &str) -> Incoming {

@@ -664,7 +664,14 @@ impl Body for ResponseBody {
                     if let Some(idle) = &mut this.idle {
                         idle.moved = true;
                     }
-                    Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+                    Poll::Ready(frame.map(|frame| {
+                        frame.map_err(BoxError::from).map(|mut frame| {
+                            if let Some(trailers) = frame.trailers_mut() {
+                                super::rewrite::strip_trailers(trailers);
+                            }
+                            frame
+                        })
+                    }))
                 }
                 Poll::Pending => {
                     let request_body = this.in_flight.as_ref().and_then(|f| f.body.as_deref());

@@ -391,6 +391,16 @@ pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
     (tokens <= MAX_TOKENS).then_some(tokens)
 }
 
+/// Removes from a response's trailers what may not travel in them: the
+/// hop-by-hop fields, as from its head (an HTTP/2 client's stream would be
+/// reset for one), and the framing and routing fields that RFC 9110
+/// section 6.5.1 keeps out of trailers.
+pub fn strip_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers);
+    trailers.remove(CONTENT_LENGTH);
+    trailers.remove(HOST);
+}
+
 /// Removes the hop-by-hop headers (see [`HOP_BY_HOP`]), any header the
 /// `Connection` header names, and the shadow marker: only the proxy marks a
 /// copy, and a client's marker would make its real request look like one,
