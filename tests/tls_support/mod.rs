@@ -211,7 +211,14 @@ pub async fn send_h2(sender: &mut H2, req: Request<Full<Bytes>>) -> (Version, Re
 }
 
 /// Sends `req` on an HTTP/1.1 connection and reads the whole response.
-pub async fn send_h1(sender: &mut H1, req: Request<Full<Bytes>>) -> (Version, Reply) {
+/// Names the host in `Host`, as every HTTP/1.1 client must.
+pub async fn send_h1(sender: &mut H1, mut req: Request<Full<Bytes>>) -> (Version, Reply) {
+    if let Some(authority) = req.uri().authority()
+        && !req.headers().contains_key(http::header::HOST)
+    {
+        let host = http::HeaderValue::from_str(authority.as_str()).expect("a host");
+        req.headers_mut().insert(http::header::HOST, host);
+    }
     within("an HTTP/1.1 response", async {
         sender.ready().await.expect("the connection is open");
         let rsp = sender.send_request(req).await.expect("a response");
