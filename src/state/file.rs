@@ -162,7 +162,11 @@ impl FileStore {
     /// than [`LEFTOVER_AGE`] may be another process's write in progress,
     /// and is left alone.
     fn remove_leftovers(&self) {
-        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+        // Beside the file the path leads to, where writes are made.
+        let Ok(path) = link_target(&self.path) else {
+            return;
+        };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return;
         };
         let dir = if dir.as_os_str().is_empty() {
@@ -247,9 +251,33 @@ fn name_the_field(text: &str) -> Option<String> {
 /// write takes milliseconds from its creation to its rename.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Where `path` leads: itself, or the file its links point to (which need
+/// not exist yet).
+fn link_target(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut path = path.to_owned();
+    // As many links as the kernel follows.
+    for _ in 0..40 {
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Ok(path);
+        }
+        let target = fs::read_link(&path)?;
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    Err(std::io::Error::other("too many levels of links"))
+}
+
 /// Replaces `path` with `contents` so that readers and crashes see the old
 /// file or the new one, whole. An error means the old file is in place.
+/// A `path` that is a link is written where it points, as it is read
+/// there (replaced, the link would leave its target behind, on the volume
+/// the operator meant the state to live on); the file keeps its
+/// permissions (an operator's `chmod 600` stays).
 pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let path = &link_target(path)?;
+    let kept_permissions = fs::metadata(path).ok().map(|m| m.permissions());
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -267,6 +295,9 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
             .create(true)
             .truncate(true)
             .open(&temp)?;
+        if let Some(permissions) = kept_permissions {
+            file.set_permissions(permissions)?;
+        }
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&temp, path)
@@ -284,4 +315,39 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         tracing::warn!(%error, dir = %dir.display(), "cannot flush the directory after replacing a file");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_linked_file_is_written_where_it_points_and_keeps_its_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("volume");
+        fs::create_dir(&volume).unwrap();
+        let target = volume.join("state.json");
+        fs::write(&target, "old").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("state.json");
+        std::os::unix::fs::symlink("volume/state.json", &link).unwrap();
+
+        write_atomically(&link, b"new").unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+        let mode = fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A link to a file not there yet: the file is made where it points.
+        fs::remove_file(&target).unwrap();
+        write_atomically(&link, b"fresh").unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "fresh");
+    }
 }
