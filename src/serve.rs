@@ -298,6 +298,7 @@ fn restore_control(
             source,
         })?;
     let store = FileStore::new(config.state.path.clone());
+    store.check_writable()?;
     let unreadable = |message| StateError::Corrupt {
         path: config.state.path.display().to_string(),
         message,

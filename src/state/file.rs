@@ -157,6 +157,33 @@ impl StateStore for FileStore {
 }
 
 impl FileStore {
+    /// Whether a write could replace the state file: a temp file is made
+    /// and removed where a write makes one. A start checks it, so that a
+    /// proxy that could save no change (a read-only volume beneath a state
+    /// file it can read) does not serve as if it could; its first rollback
+    /// would not survive a restart.
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        let error = |source| StateError::Write {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let path = link_target(&self.path).map_err(error)?;
+        let mut temp_name = path.file_name().unwrap_or_default().to_owned();
+        temp_name.push(format!(".tmp.{}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        if let Some(dir) = temp.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(error)?;
+        }
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(error)?;
+        let _ = fs::remove_file(&temp);
+        Ok(())
+    }
+
     /// Removes the temp files of writes that a crash stopped before their
     /// rename (`<path>.tmp.<pid>`, see [`write_atomically`]). One younger
     /// than [`LEFTOVER_AGE`] may be another process's write in progress,
