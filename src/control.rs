@@ -1359,6 +1359,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A runtime with two workers, as the control runtime has: a rollout's
+    /// task and a command to it run side by side.
+    fn two_workers() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// The rollouts of `stalled`'s control plane.
     fn rollouts_of(stalled: &Stalled) -> Arc<crate::rollout::controller::Rollouts> {
         let tls = crate::tls::client_config(None).unwrap();
@@ -1542,11 +1552,7 @@ mod tests {
     #[test]
     fn an_abort_sent_while_a_shutdown_saves_the_rollout_rolls_it_back() {
         let stalled = stalled();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = two_workers();
         let rollouts = rollouts_of(&stalled);
         let plan = serde_json::json!({"stages": [{"weight": 20, "duration": "1h"}]});
         start_on_a_stalled_disk(&stalled, &rollouts, &runtime, plan);
@@ -1601,11 +1607,7 @@ mod tests {
     #[test]
     fn a_rollout_whose_start_a_shutdown_overtakes_is_left_suspended() {
         let stalled = stalled();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = two_workers();
         let rollouts = rollouts_of(&stalled);
         let start = thread::spawn({
             let rollouts = Arc::clone(&rollouts);
