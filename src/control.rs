@@ -1590,15 +1590,7 @@ mod tests {
         // The suspension's write, then the abort's.
         stalled.go.send(()).unwrap();
         runtime.block_on(suspending).unwrap();
-        stalled
-            .begun
-            .recv_timeout(DEADLINE)
-            .expect("the abort saves");
-        stalled.go.send(()).unwrap();
-        let aborted = runtime.block_on(aborting).unwrap();
-        runtime.shutdown_background();
-        let aborted = aborted.expect("the suspended rollout is aborted");
-        assert_eq!(aborted.status, crate::table::Status::RolledBack);
+        assert_rolled_back_by(&stalled, runtime, aborting);
     }
 
     /// A shutdown that begins while a rollout's start is being written finds
@@ -1638,6 +1630,16 @@ mod tests {
             let rollouts = Arc::clone(&rollouts);
             async move { rollouts.abort(Some("a bad canary")).await }
         });
+        assert_rolled_back_by(&stalled, runtime, aborting);
+    }
+
+    /// Lets `aborting`'s write through, and checks that it rolled the
+    /// suspended rollout back.
+    fn assert_rolled_back_by(
+        stalled: &Stalled,
+        runtime: tokio::runtime::Runtime,
+        aborting: tokio::task::JoinHandle<Result<LiveState, ControlError>>,
+    ) {
         stalled
             .begun
             .recv_timeout(DEADLINE)
