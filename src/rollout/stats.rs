@@ -418,10 +418,7 @@ fn success_rate(c: Cohorts<'_>, floor: f64, min_requests: u64) -> Measured {
 /// see `veto_level`): it costs a sum over the failures.
 fn success_rate_drop(c: Cohorts<'_>, drop: f64, min_requests: u64, exact_below: f64) -> Measured {
     let Some(stable) = c.stable else {
-        return Measured {
-            canary: rate(c.canary),
-            ..Measured::nothing()
-        };
+        return Measured::canary_alone(rate(c.canary));
     };
     let canary = c.canary;
     let z = drop_z(
@@ -453,10 +450,7 @@ fn success_rate_drop(c: Cohorts<'_>, drop: f64, min_requests: u64, exact_below: 
 /// that bound the ratio cannot be judged, as with too few requests.
 fn p95_latency_ratio(c: Cohorts<'_>, ratio: f64, min_requests: u64, alpha: f64) -> Measured {
     let Some(stable) = c.stable else {
-        return Measured {
-            canary: p95_ms(c.canary),
-            ..Measured::nothing()
-        };
+        return Measured::canary_alone(p95_ms(c.canary));
     };
     let canary = c.canary;
     let p = p95_ratio_p(stable, canary, ratio, alpha / 2.0);
@@ -486,10 +480,7 @@ fn p95_latency_ceiling(c: Cohorts<'_>, ceiling_ms: f64, min_requests: u64) -> Me
 /// times stable's.
 fn tokens_ratio(c: Cohorts<'_>, ratio: f64, min_requests: u64) -> Measured {
     let Some(stable) = c.stable else {
-        return Measured {
-            canary: mean_tokens(c.canary),
-            ..Measured::nothing()
-        };
+        return Measured::canary_alone(mean_tokens(c.canary));
     };
     let canary = c.canary;
     let enough = stable.token_requests >= min_requests.max(2)
@@ -525,6 +516,15 @@ fn mean_tokens(sample: &Sample) -> Option<f64> {
 }
 
 impl Measured {
+    /// A relative guardrail's with no stable cohort: nothing to judge,
+    /// the canary's `value` to show.
+    fn canary_alone(value: Option<f64>) -> Measured {
+        Measured {
+            canary: value,
+            ..Measured::nothing()
+        }
+    }
+
     /// Nothing to judge.
     fn nothing() -> Measured {
         Measured {
