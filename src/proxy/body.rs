@@ -10,7 +10,7 @@
 //! - [`ResponseBody`]: an upstream body streamed through frame by frame
 //!   (never buffered whole), or the proxy's own small body. It ends a
 //!   stream whose version was rolled back with `on_rollback = "close"`
-//!   after its head, or that went silent both ways (no byte from its
+//!   after its head (an HTTP/2 stream with `CANCEL`), or that went silent both ways (no byte from its
 //!   upstream, none of the request body) for
 //!   `upstream.stream_idle_timeout`, and counts and logs an upstream that
 //!   fails mid-body, handing the failure on only after what came before

@@ -4,8 +4,9 @@
 //! could smuggle a second request, a transfer coding other than `chunked`,
 //! `CONNECT`, a target of a host alone, with user info or of `*` but for
 //! `OPTIONS`, and a missing,
-//! repeated or invalid `Host`), stripping hop-by-hop headers both ways (and
-//! those named in `Connection`), the upstream request (origin-form URI,
+//! repeated, empty or invalid `Host`), stripping hop-by-hop headers both ways
+//! (and those named in `Connection`; from a response's trailers too), the
+//! upstream request (origin-form URI,
 //! `Host`, joined cookies, version header, `x-forwarded-*`, a chunked
 //! `GET` body kept, with the client's address as a [`Peer`]), a response's
 //! framing headers, and reading the tokens header. Does not own: choosing

@@ -14,7 +14,8 @@
 //! - Ending at once when a change made outside it (a rollback, a promotion,
 //!   a new canary) supersedes it.
 //! - The stage's clock: shown live in `GET /admin/state`, saved at every
-//!   evaluation and on a graceful shutdown ([`Rollouts::suspend`]).
+//!   evaluation and on a graceful shutdown ([`Rollouts::suspend`]), after
+//!   which no rollout starts and the suspended one can still be aborted.
 //! - Resuming after a restart with the time already spent counted
 //!   ([`Rollouts::resume`]).
 //! - Webhook events.

@@ -6,9 +6,11 @@
 //! one, never a torn one; reading refuses a file that is not whole JSON or
 //! fails [`super::LiveState::check`], a reset sets an unreadable file
 //! aside instead of overwriting it, a start removes the temp files of
-//! writes that a crash cut short, and [`check`] finds for `cohort check`
-//! what a start would refuse in the files `[state]` names. Does not own
-//! what the state means.
+//! writes that a crash cut short and checks that it can write at all, a
+//! `state.path` that is a link is written where it points (keeping the
+//! file's permissions), and [`check`] finds for `cohort check` what a start
+//! would refuse in the files `[state]` names. Does not own what the state
+//! means.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
