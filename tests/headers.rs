@@ -243,6 +243,29 @@ async fn trailers_reach_an_http1_client_that_accepts_them() {
     assert_eq!(reply.seen("te"), ["trailers"], "{reply:?}");
 }
 
+/// A request's trailers reach the upstream without the hop-by-hop, framing
+/// and routing fields a client put in them, as its head would: RFC 9110
+/// section 6.5.1 keeps those out of trailers, and an HTTP/2 upstream
+/// resets a stream whose trailers carry one.
+#[tokio::test]
+async fn request_trailers_reach_the_upstream_without_hop_by_hop_fields() {
+    let echo = Backend::start(STABLE).await;
+    let server = cohort(&[echo.addr], None, "").await;
+    let request = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+                   Trailer: x-checksum, keep-alive, content-length, host, proxy-authorization\r\n\r\n\
+                   5\r\nhello\r\n0\r\nx-checksum: 1\r\nkeep-alive: timeout=5\r\n\
+                   content-length: 5\r\nhost: elsewhere\r\nproxy-authorization: Basic eA==\r\n\r\n";
+    let reply = raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let json = reply.json();
+    assert_eq!(json["body_len"], 5, "{json}");
+    assert_eq!(
+        json["trailers"],
+        serde_json::json!([["x-checksum", "1"]]),
+        "{json}"
+    );
+}
+
 /// A request that names no host gets no `x-forwarded-host`: the client's
 /// own would pass for the proxy's, which upstreams trust.
 #[tokio::test]

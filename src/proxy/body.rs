@@ -150,7 +150,14 @@ impl Body for RequestBody {
             )
             .into())));
         }
-        let frame = ready!(polled);
+        let mut frame = ready!(polled);
+        // Trailers are filtered as the head was, for the upstream and the
+        // shadow's copy alike.
+        if let Some(Ok(frame)) = &mut frame
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            super::rewrite::strip_trailers(trailers);
+        }
         if let Some(tap) = &mut this.tap {
             let fed = matches!(&frame, Some(Ok(frame)) if tap.feed(frame));
             // hyper may stop polling once the body has ended without

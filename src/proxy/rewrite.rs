@@ -392,9 +392,9 @@ pub fn tokens(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<u64> {
     (tokens <= MAX_TOKENS).then_some(tokens)
 }
 
-/// Removes from a response's trailers what may not travel in them: the
-/// hop-by-hop fields, as from its head (an HTTP/2 client's stream would be
-/// reset for one), and the framing and routing fields that RFC 9110
+/// Removes from a message's trailers what may not travel in them: the
+/// hop-by-hop fields, as from its head (an HTTP/2 peer would reset the
+/// stream for one), and the framing and routing fields that RFC 9110
 /// section 6.5.1 keeps out of trailers.
 pub fn strip_trailers(trailers: &mut HeaderMap) {
     strip_hop_by_hop(trailers);

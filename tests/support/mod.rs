@@ -53,7 +53,7 @@ type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
 /// An HTTP backend that answers every request with its name and what it saw.
 ///
 /// The JSON body is `{"backend", "method", "uri", "headers": [[name, value]...],
-/// "body_len", "body_sha256"}`; the response also carries `x-backend: <name>`.
+/// "body_len", "body_sha256", "trailers": [[name, value]...]}`; the response also carries `x-backend: <name>`.
 /// A request with `x-want-hop-by-hop: 1` gets a response that carries
 /// hop-by-hop headers (and `x-kept: 1`, which is not one).
 #[derive(Debug, Clone)]
@@ -96,8 +96,12 @@ impl Backend {
         let (parts, mut body) = req.into_parts();
         let mut digest = Sha256::new();
         let mut body_len: u64 = 0;
+        let mut trailers = HeaderMap::new();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
+            if let Some(fields) = frame.trailers_ref() {
+                trailers.extend(fields.clone());
+            }
             if let Some(data) = frame.data_ref() {
                 digest.update(data);
                 body_len += data.len() as u64;
@@ -105,23 +109,25 @@ impl Backend {
                     .fetch_add(data.len() as u64, Ordering::SeqCst);
             }
         }
-        let headers: Vec<[String; 2]> = parts
-            .headers
-            .iter()
-            .map(|(n, v)| {
-                [
-                    n.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                ]
-            })
-            .collect();
+        let pairs = |fields: &HeaderMap| -> Vec<[String; 2]> {
+            fields
+                .iter()
+                .map(|(n, v)| {
+                    [
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    ]
+                })
+                .collect()
+        };
         let json = serde_json::json!({
             "backend": self.name,
             "method": parts.method.as_str(),
             "uri": parts.uri.to_string(),
-            "headers": headers,
+            "headers": pairs(&parts.headers),
             "body_len": body_len,
             "body_sha256": hex(&digest.finalize()),
+            "trailers": pairs(&trailers),
         });
         let mut rsp = Response::new(full(json.to_string()));
         let h = rsp.headers_mut();
