@@ -328,6 +328,25 @@ async fn an_upload_its_client_breaks_off_is_not_counted_against_the_upstream() {
     assert_eq!(reply.status, 200, "the upstream was ejected: {reply:?}");
 }
 
+/// A chunked body that does not parse (a chunk size, a trailer line) is
+/// the client's bad request, said so: `bad_request`, not a close.
+#[tokio::test]
+async fn a_chunked_body_that_does_not_parse_is_a_bad_request() {
+    let stable = Backend::start(STABLE).await;
+    let server = cohort(&[stable.addr], None, "").await;
+    for (what, body) in [
+        ("a chunk size", "5\r\nhello\r\nzz\r\n"),
+        ("a trailer line", "5\r\nhello\r\n0\r\nno colon here\r\n\r\n"),
+    ] {
+        let request =
+            format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+        let reply = support::raw_exchange(server.proxy_addr(), request.as_bytes()).await;
+        assert_eq!(reply.status, 400, "{what}: {reply:?}");
+        assert_eq!(reply.json()["error"], "bad_request", "{what}: {reply:?}");
+        assert_eq!(reply.header("x-agent-version"), Some(STABLE), "{what}");
+    }
+}
+
 /// An upstream that answers an upload early and streams its answer, and a
 /// client that then resets its connection with its upload unfinished: hyper
 /// drops the upstream connection for the broken upload, and the cut that

@@ -134,14 +134,15 @@ impl Body for RequestBody {
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let mut polled = Pin::new(&mut *inner).poll_frame(cx).map_err(BoxError::from);
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         if let Some(progress) = &this.progress {
             match &polled {
                 Poll::Pending => progress.awaiting_client(),
-                Poll::Ready(Some(Err(_))) => progress.broken_off(),
+                Poll::Ready(Some(Err(error))) => progress.broken_off(is_malformed(error)),
                 Poll::Ready(_) => progress.moved(),
             }
         }
+        let mut polled = polled.map_err(BoxError::from);
         if polled.is_pending()
             && let Some(timeout) = Self::cut_after(this.progress.as_deref(), &mut this.cut, cx)
         {
@@ -328,8 +329,12 @@ pub struct BodyProgress {
     /// Whether the body is waiting for the client's next frame.
     awaiting_client: AtomicBool,
     /// Whether the client broke the body off (closed or reset its
-    /// connection, or its HTTP/2 stream, part way through).
+    /// connection, or its HTTP/2 stream, part way through, or sent what
+    /// does not parse).
     broken_off: AtomicBool,
+    /// Whether what broke it off was bytes that do not parse (a chunk
+    /// size, a trailer), not a close.
+    malformed: AtomicBool,
     /// Whether the body is an upload, which its client sends whole before
     /// it waits for the answer: one of a declared length, or any over
     /// HTTP/1.1, whose exchanges go one way and then the other. One that
@@ -355,6 +360,7 @@ impl BodyProgress {
             last_frame: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             broken_off: AtomicBool::new(false),
+            malformed: AtomicBool::new(false),
             upload,
             timeout,
             response_over: AtomicBool::new(false),
@@ -403,9 +409,17 @@ impl BodyProgress {
         self.awaiting_client.load(Ordering::Relaxed)
     }
 
-    /// Records that the client's body failed: it was broken off.
-    pub fn broken_off(&self) {
+    /// Records that the client's body failed: it was broken off, by bytes
+    /// that do not parse if `malformed`.
+    pub fn broken_off(&self, malformed: bool) {
+        self.malformed.store(malformed, Ordering::Relaxed);
         self.broken_off.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the client's body broke off on bytes that do not parse.
+    #[must_use]
+    pub fn is_malformed(&self) -> bool {
+        self.malformed.load(Ordering::Relaxed)
     }
 
     /// Whether the client broke its body off.
@@ -432,6 +446,21 @@ impl BodyProgress {
     pub fn deadline(&self, timeout: Duration) -> Instant {
         self.created + Duration::from_nanos(self.last_frame.load(Ordering::Relaxed)) + timeout
     }
+}
+
+/// Whether a client's body failed on what it sent rather than on a close:
+/// hyper reports a chunk size or trailer that does not parse as an I/O
+/// error of kind `InvalidData` or `InvalidInput`, and a body cut short
+/// as `UnexpectedEof` or the connection's own error.
+fn is_malformed(error: &hyper::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            )
+        })
 }
 
 /// nginx's status for a request its client closed before the response.

@@ -16,6 +16,11 @@ pub enum ProxyError {
     /// The request could be read two ways, or cannot be forwarded at all.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The client's request body broke off on bytes that do not parse (a
+    /// chunk size, a trailer): 400, as for a bad head, and as little the
+    /// version's doing.
+    #[error("the request body does not parse: {0}")]
+    MalformedBody(String),
     /// The request uses a feature the proxy cannot carry (501).
     #[error("{0}")]
     NotImplemented(&'static str),
@@ -62,6 +67,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::MalformedBody(_)
                 | ProxyError::NotImplemented(_)
                 | ProxyError::ClientTimeout(_)
                 | ProxyError::ClientClosed { .. }
@@ -135,6 +141,7 @@ impl ProxyError {
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::MalformedBody(_)
             | ProxyError::NotImplemented(_)
             | ProxyError::ClientTimeout(_)
             | ProxyError::ClientClosed { .. }
@@ -150,7 +157,9 @@ impl ProxyError {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::ClientClosed { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::MalformedBody(_)
+            | ProxyError::ClientClosed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -166,7 +175,7 @@ impl ProxyError {
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::MalformedBody(_) => "bad_request",
             ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::ClientClosed { .. } => "client_closed",

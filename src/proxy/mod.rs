@@ -243,6 +243,9 @@ impl Proxy {
                     if let Some(progress) = progress.as_deref()
                         && progress.is_broken_off() =>
                 {
+                    if progress.is_malformed() {
+                        break Err(ProxyError::MalformedBody(error::chain(&failed.error)));
+                    }
                     break Err(ProxyError::ClientClosed {
                         detail: error::chain(&failed.error),
                         open_ended: !progress.is_upload(),
