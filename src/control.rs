@@ -279,9 +279,18 @@ impl Control {
         LiveState::clone(&self.live.load())
     }
 
-    /// Records how the live state was chosen on start.
+    /// Records how the live state was chosen on start. A restored state
+    /// newer than the audit log's last line was saved by changes whose
+    /// lines never went in (the process stopped between the two writes,
+    /// or the log refused them to the end): the line says so, with the
+    /// last state the log has as its `before`.
     pub fn record_start(&self, origin: Origin, previous: Option<&LiveState>) {
         let current = self.lock();
+        let live = &current.saved.live;
+        let unlogged = (origin == Origin::Restored)
+            .then(|| self.audit.last_after::<LiveState>())
+            .flatten()
+            .filter(|logged| logged.generation < live.generation);
         let reason = match origin {
             Origin::Seeded => "no saved state: seeded from the config",
             Origin::Restored => "restored the saved state",
@@ -292,7 +301,21 @@ impl Control {
             }
             Origin::Reset => "--reset-state: re-seeded from the config",
         };
-        let live = &current.saved.live;
+        let reason = match &unlogged {
+            Some(logged) => {
+                tracing::warn!(
+                    logged = logged.generation,
+                    saved = live.generation,
+                    "the state file has changes the audit log does not"
+                );
+                format!(
+                    "{reason}; the audit log's last line is of generation {}: the changes up to \
+                     generation {} were saved but not logged",
+                    logged.generation, live.generation
+                )
+            }
+            None => reason.to_owned(),
+        };
         tracing::info!(
             origin = origin.as_str(),
             generation = live.generation,
@@ -302,9 +325,9 @@ impl Control {
         );
         self.write_audit(
             Action::Start(origin),
-            previous,
-            &current.saved.live,
-            Some(reason),
+            previous.or(unlogged.as_ref()),
+            live,
+            Some(&reason),
             Actor::Start,
         );
     }

@@ -9,7 +9,8 @@
 //! a port that cannot be bound stops it before the state is touched; a
 //! restart does not start the configured plan again, but does start it for
 //! a canary whose seed was saved and whose plan was not (a stop between the
-//! two writes); a weight set at run time outlives an edit of `[versions]`
+//! two writes); a change saved but not logged (a stop between those two
+//! writes) is told at the next start; a weight set at run time outlives an edit of `[versions]`
 //! that leaves the canary and its weight alone; every audit line is JSON with time, action, before, after,
 //! reason and source. Does not own: the restore rule's unit tests
 //! (`state`), signals (`control_signals`).
@@ -188,6 +189,47 @@ async fn an_acknowledged_change_survives_kill_9_and_a_restart() {
         "{weight_line}"
     );
     assert_eq!(weight_line["source"], "api", "{weight_line}");
+    assert_eq!(third.stop().await, Some(0));
+}
+
+/// A change saved whose audit line never went in (the process stopped
+/// between the two writes) is told at the next start: its
+/// `restore` line names the gap and starts from the last state logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_saved_but_not_logged_is_told_at_the_next_start() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+
+    let first = Process::serve(&files.config, &[]).await;
+    let changed = AdminApi::new(first.admin).set_weight(37.5, false).await;
+    let generation = changed["generation"].as_u64().expect("a generation");
+    first.kill9().await;
+    // As a stop before the weight's line would leave the log.
+    let text = std::fs::read_to_string(&files.audit).expect("read the log");
+    let (seed, weight) = text.split_once('\n').expect("two lines");
+    assert!(weight.contains("\"weight\""), "{text}");
+    std::fs::write(&files.audit, format!("{seed}\n")).expect("cut the log");
+
+    let second = Process::serve(&files.config, &[]).await;
+    second
+        .log_line(&["the state file has changes the audit log does not"])
+        .await;
+    let last = files.last_audit();
+    assert_eq!(last["action"], "restore", "{last}");
+    assert_eq!(last["before"]["generation"], generation - 1, "{last}");
+    assert_eq!(last["before"]["canary"]["weight"], 10.0, "{last}");
+    assert_eq!(last["after"]["generation"], generation, "{last}");
+    assert_eq!(last["after"]["canary"]["weight"], 37.5, "{last}");
+    let reason = last["reason"].as_str().expect("a reason");
+    assert!(reason.contains("saved but not logged"), "{reason}");
+
+    // Once the log has caught up, a restart says nothing more.
+    assert_eq!(second.stop().await, Some(0));
+    let third = Process::serve(&files.config, &[]).await;
+    let last = files.last_audit();
+    assert_eq!(last["before"], Value::Null, "{last}");
+    assert_eq!(last["reason"], "restored the saved state", "{last}");
     assert_eq!(third.stop().await, Some(0));
 }
 

@@ -5,8 +5,10 @@
 //! keeping the file whole lines when a write fails part way (a full disk),
 //! and holding the lines a failed write could not append until a later
 //! append or [`AuditLog::retry`] gets them in, in order, into a fresh file
-//! if the log was rotated away; and the names of its actions and sources
-//! ([`Action`], [`Actor`]). Does not own deciding what changed.
+//! if the log was rotated away; reading back the state its last whole line
+//! left (so a start can tell a change that was saved but never logged);
+//! and the names of its actions and sources ([`Action`], [`Actor`]). Does
+//! not own deciding what changed.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::{Origin, Source, now_rfc3339};
 
@@ -40,6 +43,10 @@ struct Writer {
 /// memory. Past it the oldest are dropped, and said to be: a disk that
 /// refuses for days must not take the process's memory with it.
 const MAX_PENDING: usize = 16 * 1024 * 1024;
+
+/// How far back from its end [`AuditLog::last_after`] looks for the last
+/// whole line: a state with a rollout's every guardrail is a few KiB.
+const LAST_LINE_WITHIN: u64 = 1024 * 1024;
 
 /// One line of the audit log.
 #[derive(Debug)]
@@ -183,6 +190,27 @@ impl AuditLog {
         }
         let bytes = writer.pending.len();
         writer.write_pending(&self.path).map(|()| bytes)
+    }
+
+    /// The `after` of the log's last whole line: `None` when the log is
+    /// empty (new, or rotated away), when that line does not parse as a
+    /// `T` (an older format), or when it cannot be read. A line torn by a
+    /// crash is passed over for the whole one before it.
+    pub fn last_after<T: DeserializeOwned>(&self) -> Option<T> {
+        let _writer = self.lock();
+        let file = File::open(&self.path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let start = len.saturating_sub(LAST_LINE_WITHIN);
+        let mut tail = vec![0; usize::try_from(len - start).ok()?];
+        file.read_exact_at(&mut tail, start).ok()?;
+        // What follows the last newline is a torn line, or nothing.
+        let whole = &tail[..tail.iter().rposition(|&b| b == b'\n')?];
+        let last = whole.rsplit(|&b| b == b'\n').next()?;
+        #[derive(serde::Deserialize)]
+        struct Line<T> {
+            after: Option<T>,
+        }
+        serde_json::from_slice::<Line<T>>(last).ok()?.after
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
@@ -364,6 +392,33 @@ mod tests {
         log.append(&entry(Action::Promote))
             .expect("append after the removal");
         assert_eq!(actions(&path), ["promote"]);
+    }
+
+    /// The state a start compares its own with: the last whole line's,
+    /// passing over one a crash tore.
+    #[test]
+    fn the_last_whole_lines_after_is_read_back() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(path.clone()).expect("open the log");
+        assert_eq!(log.last_after::<u8>(), None, "an empty log");
+        for after in [1u8, 2] {
+            log.append(&Entry {
+                after: Some(&after),
+                ..entry(Action::Weight)
+            })
+            .expect("append");
+        }
+        assert_eq!(log.last_after::<u8>(), Some(2));
+        let mut torn = std::fs::read(&path).expect("read the log");
+        torn.extend_from_slice(b"{\"time\": \"20");
+        std::fs::write(&path, torn).expect("tear the log");
+        assert_eq!(
+            log.last_after::<u8>(),
+            Some(2),
+            "the torn line is passed over"
+        );
+        assert_eq!(log.last_after::<String>(), None, "another format");
     }
 
     #[test]
