@@ -6,9 +6,9 @@
 #
 # Installs nginx, haproxy, wrk, curl and python3 when missing (Debian, as
 # root or through sudo) and the fixed-rate load generator oha (cargo install,
-# into target/bench-tools), builds the release binary, runs the shared
-# comparison script (../shared/bench/compare.sh from the repository root, or
-# the path in COMPARE_SH) with ROUNDS interleaved rounds, then prints the
+# into target/bench-tools), builds the release binary, runs the comparison
+# script benches/peers.sh (or the one at COMPARE_SH) with ROUNDS interleaved
+# rounds, then prints the
 # median of each contender and Cohort's ratio to the best peer. The goal:
 # CPU per request at most 0.8x the best peer's, p99 no worse than the best
 # peer's.
@@ -25,6 +25,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 log() { printf 'compare: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
+
+# The peers' side of the comparison: backends, nginx, HAProxy and wrk, with
+# configs for the same 90/10 sticky split (COMPARE_SH: another copy of it).
+COMPARE_SH=${COMPARE_SH:-$ROOT/benches/peers.sh}
+[ -f "$COMPARE_SH" ] || die "no comparison script at $COMPARE_SH"
 
 # command -> Debian package (taskset is in util-linux, part of every Debian)
 declare -A PROVIDER=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [curl]=curl [taskset]=util-linux [python3]=python3)
@@ -45,17 +50,9 @@ if ((${#missing[@]})); then
   "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 # The Debian packages start their own nginx/haproxy services on ports the
-# comparison does not use; the shared script checks its ports before it starts.
+# comparison does not use; benches/peers.sh checks its ports before it starts.
 
 [ "$(nproc)" -ge 2 ] || log "warning: fewer than 2 cores; proxy and load generator will share one"
-
-COMPARE_SH=${COMPARE_SH:-$ROOT/../shared/bench/compare.sh}
-if [ ! -f "$COMPARE_SH" ]; then
-  die "no comparison script at $COMPARE_SH.
-It is kept outside the repository (it starts nginx, HAProxy and wrk with
-configs for the same 90/10 sticky split); put it at ../shared/bench/compare.sh
-next to this checkout or point COMPARE_SH at it."
-fi
 
 # oha corrects for coordinated omission (`--latency-correction`), which wrk does not.
 OHA=${OHA:-$(command -v oha || echo "$ROOT/target/bench-tools/bin/oha")}
