@@ -1175,11 +1175,29 @@ mod raw {
                 "must differ from routing.version_header, which the proxy sets itself",
             );
         }
+        let read_for_keys = |header: &HeaderName| {
+            routing
+                .sticky_keys
+                .iter()
+                .any(|source| matches!(source, KeySource::Header(name) if name == header))
+        };
+        // A user whose key is "canary" would be forced onto it.
+        if let Some(header) = routing
+            .override_header
+            .as_ref()
+            .filter(|h| read_for_keys(h))
+        {
+            c.problem(
+                "routing.override_header",
+                format!(
+                    "{:?} is a header routing.sticky_keys reads the user's key from; a user whose key is \"canary\" or \"stable\" would be forced there",
+                    header.as_str()
+                ),
+            );
+        }
         // The proxy writes the version over the client's value on the
         // upstream request: the user's key would never reach the agent.
-        if routing.sticky_keys.iter().any(
-            |source| matches!(source, KeySource::Header(name) if *name == routing.version_header),
-        ) {
+        if read_for_keys(&routing.version_header) {
             c.problem(
                 "routing.version_header",
                 format!(
@@ -1899,8 +1917,17 @@ mod tests {
                 "routing.override_header: must differ from routing.version_header, which the proxy sets itself"
             ]
         );
-        // Nor may it be a header the user's key is read from, nor the one
-        // responses report tokens in.
+        let found = problems(&format!(
+            "{MINIMAL}\n[routing]\noverride_header = \"X-User-Id\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "routing.override_header: \"x-user-id\" is a header routing.sticky_keys reads the user's key from; a user whose key is \"canary\" or \"stable\" would be forced there"
+            ]
+        );
+        // Nor may the version header be one the user's key is read from,
+        // nor the one responses report tokens in.
         let found = problems(&format!(
             "{MINIMAL}\n[routing]\nversion_header = \"x-user-id\"\n"
         ));
