@@ -266,6 +266,24 @@ async fn request_trailers_reach_the_upstream_without_hop_by_hop_fields() {
     );
 }
 
+/// A length an upstream wrote as a list of itself (`5, 5`, which RFC 9110
+/// lets a recipient take as `5`) reaches the client written once, which
+/// strict clients can read.
+#[tokio::test]
+async fn a_repeated_length_reaches_the_client_written_once() {
+    let upstream =
+        support::raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello").await;
+    let server = cohort(&[upstream], None, "").await;
+    let reply = raw_exchange(
+        server.proxy_addr(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("content-length"), Some("5"), "{reply:?}");
+    assert_eq!(reply.body, b"hello", "{reply:?}");
+}
+
 /// A request that names no host gets no `x-forwarded-host`: the client's
 /// own would pass for the proxy's, which upstreams trust.
 #[tokio::test]

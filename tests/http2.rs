@@ -224,6 +224,31 @@ async fn trailers_reach_an_http2_client_without_hop_by_hop_fields() {
     server.shutdown().await;
 }
 
+/// An upstream's 204 that names a length reaches an HTTP/2 client
+/// without it: RFC 9110 gives a 204 none, and the client would reset the
+/// stream for one.
+#[tokio::test]
+async fn a_204_with_a_length_reaches_an_http2_client_without_it() {
+    let upstream =
+        support::raw_upstream(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+    let server = cohort(&[upstream], None, &routing()).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the response",
+        h2.send_request(get(&url(&server, "/"), &[])),
+    )
+    .await
+    .expect("a response, not a reset stream");
+    assert_eq!(rsp.status(), 204);
+    assert!(rsp.headers().get("content-length").is_none(), "{rsp:?}");
+    let whole = within("the end of the stream", rsp.into_body().collect())
+        .await
+        .expect("the stream ends cleanly");
+    assert!(whole.to_bytes().is_empty());
+    server.shutdown().await;
+}
+
 /// Opens `/events` for `key`, a canary user, on `h2`: the stream's body,
 /// once its head says the canary serves it.
 async fn open_canary_events(h2: &mut H2, server: &Server, key: &str) -> Incoming {

@@ -365,6 +365,16 @@ pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>,
     // short (RFC 9112 section 6.3: Transfer-Encoding overrides it).
     if stripped.transfer_encoding {
         rsp.headers_mut().remove(CONTENT_LENGTH);
+    } else if let Some(length) = rsp.headers().get(CONTENT_LENGTH) {
+        // RFC 9110 section 8.6: a 204 has no length (an HTTP/2 client
+        // resets the stream for one), and a list of one length repeated,
+        // which hyper took as that length, goes on as the length alone,
+        // which strict clients can read.
+        if rsp.status() == StatusCode::NO_CONTENT {
+            rsp.headers_mut().remove(CONTENT_LENGTH);
+        } else if let Some(once) = length_written_once(length) {
+            rsp.headers_mut().insert(CONTENT_LENGTH, once);
+        }
     }
     if let Some(upgrade) = upgrade {
         rsp.headers_mut()
@@ -372,6 +382,13 @@ pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>,
         rsp.headers_mut().insert(UPGRADE, upgrade);
     }
     Ok(rsp)
+}
+
+/// The length a list of it repeated (`5, 5`) names, which hyper has
+/// checked are all the same; `None` for a length already written once.
+fn length_written_once(length: &HeaderValue) -> Option<HeaderValue> {
+    let comma = length.as_bytes().iter().position(|&b| b == b',')?;
+    HeaderValue::from_bytes(length.as_bytes()[..comma].trim_ascii()).ok()
 }
 
 /// The most tokens one response may report. No response spends four
