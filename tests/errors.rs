@@ -481,8 +481,8 @@ async fn a_101_that_names_no_protocol_is_a_502() {
 }
 
 /// A GET through Cohort to an upstream that answers `answer` gets a 502
-/// `protocol`.
-async fn assert_protocol_error_for(answer: &'static [u8]) {
+/// `protocol`, returned.
+async fn assert_protocol_error_for(answer: &'static [u8]) -> support::Reply {
     let addr = support::raw_upstream(answer).await;
     let server = cohort(&[addr], None, "").await;
     let reply = within(
@@ -492,11 +492,26 @@ async fn assert_protocol_error_for(answer: &'static [u8]) {
     .await;
     assert_eq!(reply.status, 502, "{reply:?}");
     assert_error_body(&reply, "protocol", STABLE);
+    reply
 }
 
 #[tokio::test]
 async fn an_upstream_that_does_not_speak_http_gives_502() {
     assert_protocol_error_for(b"this is not http\r\n\r\n").await;
+}
+
+/// A head of too many fields is a 502 whose detail says that too, not
+/// only a size: hyper calls both "too large".
+#[tokio::test]
+async fn a_head_of_too_many_fields_gives_502_saying_so() {
+    let fields: String = (0..150).map(|i| format!("x-field-{i}: 1\r\n")).collect();
+    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{fields}\r\n");
+    let reply = assert_protocol_error_for(answer.leak().as_bytes()).await;
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(detail.contains("over 100 header fields"), "{detail}");
 }
 
 #[tokio::test]

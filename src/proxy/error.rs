@@ -132,6 +132,10 @@ impl ProxyError {
             {
                 ProxyError::Reset(detail)
             }
+            // hyper says "too large" for too many fields as well as too many bytes.
+            _ if hyper.is_some_and(hyper::Error::is_parse_too_large) => ProxyError::Protocol(
+                format!("{detail} (over 100 header fields, or about 400 KiB)"),
+            ),
             _ => ProxyError::Protocol(detail),
         }
     }
