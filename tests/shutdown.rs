@@ -111,6 +111,40 @@ async fn a_connection_accepted_before_the_drain_has_its_first_request_answered()
     assert_eq!(backend.hits(), 1);
 }
 
+/// A keep-alive connection between two requests when the drain begins
+/// is not closed under the next one its client sends: that one is
+/// answered, with `connection: close`. (Closed at once, as hyper's own
+/// graceful shutdown would, a busy client loses a request at every
+/// reload that restarts the workers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_between_requests_has_its_next_one_answered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let backend = support::Backend::start(STABLE).await;
+    let server = cohort(&[backend.addr], None, "").await;
+    let proxy = server.proxy_addr();
+    let mut client = support::KeepAlive::connect(proxy).await;
+    let first = client.get("/first", &[("x-user-id", "alice")]).await;
+    assert_eq!(first.map(|r| r.status), Ok(http::StatusCode::OK));
+
+    let stopping = tokio::spawn(server.shutdown());
+    wait_for_refusal(proxy).await;
+    let next = client
+        .get("/next", &[("x-user-id", "alice")])
+        .await
+        .expect("the next request is answered");
+    assert_eq!(next.status, 200, "{next:?}");
+    assert_eq!(next.version(), STABLE);
+    assert_eq!(
+        next.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "{next:?}"
+    );
+    within("the drain to finish", stopping)
+        .await
+        .expect("shutdown ran to the end");
+    assert_eq!(backend.hits(), 2);
+}
+
 /// An upgrade backend that holds each `101` until the test opens the gate,
 /// then echoes what it reads on the upgraded connection. Anything else (the
 /// health probes) is answered `200` at once.

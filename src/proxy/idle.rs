@@ -81,6 +81,9 @@ pub struct Activity {
     /// The last request asked for an upgrade and was answered without
     /// one, and the guard has not been told yet.
     upgrade_declined: AtomicBool,
+    /// A drain is due: the next response says `connection: close`, and
+    /// hyper closes the connection behind it.
+    close_after_response: AtomicBool,
 }
 
 impl Activity {
@@ -97,6 +100,7 @@ impl Activity {
             keep_open: AtomicBool::new(false),
             upgrading: AtomicBool::new(false),
             upgrade_declined: AtomicBool::new(false),
+            close_after_response: AtomicBool::new(false),
         }
     }
 
@@ -177,6 +181,18 @@ impl Activity {
     /// `header_read_timeout`.
     pub fn decline_upgrade(&self) {
         self.upgrade_declined.store(true, Ordering::Relaxed);
+    }
+
+    /// Has the next response close the connection behind it (a drain).
+    pub fn close_after_response(&self) {
+        self.close_after_response.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a response is to say `connection: close` (see
+    /// [`Activity::close_after_response`]).
+    #[must_use]
+    pub fn closes_after_response(&self) -> bool {
+        self.close_after_response.load(Ordering::Relaxed)
     }
 
     /// Counts a request open until the returned guard is dropped.

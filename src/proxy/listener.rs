@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::future::OptionFuture;
-use http::header::UPGRADE;
-use http::{Request, Response, StatusCode};
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
@@ -387,10 +387,18 @@ where
         let upgrading =
             (promised.is_some() && rewrite::is_upgrade(&req)).then(|| client.activity.upgrading());
         async move {
-            let (rsp, tunnel) = client
+            let (mut rsp, tunnel) = client
                 .proxy
                 .handle(req, &client.peer, &client.framing)
                 .await;
+            // A drain that found this connection between requests ends it
+            // behind the answer to the request it was sending (HTTP/1.1).
+            if client.activity.closes_after_response()
+                && rsp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                rsp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             // hyper writes the head in the same poll that takes the response.
             drop(upgrading);
             if let Some(promised) = promised
@@ -661,10 +669,16 @@ impl Connection {
         let mut released = false;
         // hyper was told to close (a drain, or a release it was too busy for).
         let mut closing = false;
-        // A drain started before the first request head, or while an
-        // upgrade waited for its answer: telling hyper then would close the
-        // connection unanswered, or send the `101` with `connection:
-        // close`, which clients refuse. It is told at the next idle check.
+        // A drain that hyper has not been told of: told between requests,
+        // it would close the connection at once, under a request the
+        // client may be sending (all of it perhaps already in hyper's
+        // buffer: hyper counts a connection idle until a head is parsed),
+        // and told while an upgrade waits for its answer, it would send the
+        // `101` with `connection: close`, which clients refuse. So the next
+        // answer says `connection: close` instead (see `client_service`),
+        // and hyper is told at a check that finds a request open, or the
+        // connection quiet since the check before, as nginx closes an idle
+        // keep-alive connection.
         let mut drain_due = false;
         // One wait for the drain across the loop: a fresh one on every
         // wake-up would join the watch's list of waiters and leave it again.
@@ -696,11 +710,12 @@ impl Connection {
                 }
                 // Polled until it resolves once: `closing` or `drain_due` is set then.
                 () = &mut drain, if !closing && !drain_due => {
-                    if activity.requests() == 0 || activity.is_upgrading() {
-                        drain_due = true;
-                    } else {
+                    if activity.has_open_requests() && !activity.is_upgrading() {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                    } else {
+                        drain_due = true;
+                        activity.close_after_response();
                     }
                 }
                 // Still checked while closing: a client that stops reading
@@ -710,13 +725,6 @@ impl Connection {
                         return Err(SEND_TIMED_OUT.into());
                     }
                     if closing {
-                        continue;
-                    }
-                    if drain_due {
-                        if !activity.is_upgrading() {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
                         continue;
                     }
                     if activity.is_reading_head() {
@@ -737,6 +745,15 @@ impl Connection {
                         head_started = None;
                     }
                     let seen = activity.transfers();
+                    if drain_due {
+                        let quiet = seen == transfers && !activity.is_reading_head();
+                        transfers = seen;
+                        if !activity.is_upgrading() && (activity.has_open_requests() || quiet) {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        continue;
+                    }
                     if seen == transfers && activity.is_between_requests() {
                         // An idle hyper connection ends on its next poll,
                         // without reading from or writing to the socket;
