@@ -615,7 +615,14 @@ impl Control {
                     "the canary {name:?} was rolled back; install a new version, or send \"force\": true to expose it again"
                 )));
             }
-            live.rollout = None;
+            // A running rollout is ended by it, in the same change, as by
+            // a rollback or a promotion (its controller then records
+            // why); an ended one's record goes with its canary.
+            if matches!(live.status, Status::Progressing | Status::Paused) {
+                live.supersede_rollout();
+            } else {
+                live.rollout = None;
+            }
             live.canary = Some(CanaryState {
                 name: name.to_owned(),
                 upstreams,

@@ -1323,6 +1323,10 @@ async fn a_canary_installed_again_under_its_name_ends_the_rollout() {
     let body = json!({"name": CANARY, "upstreams": [replacement.addr.to_string()], "weight": 0});
     let reply = admin.call(Method::PUT, "/admin/canary", body).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    // In its answer already, as for a rollback or a promotion.
+    let answer = reply.json();
+    assert_eq!(rollout_phase(&answer), "superseded", "{answer:#}");
+    assert!(answer["rollout"]["time_left_ms"].is_null(), "{answer:#}");
     let ended = wait_state(&admin, "the rollout to end", |s| {
         rollout_phase(s) == "superseded"
     })
