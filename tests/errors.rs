@@ -10,10 +10,11 @@
 //! connection the upstream closed is sent again (and a `POST` is not),
 //! that one a new connection closes unanswered goes on to the next
 //! upstream, that an upstream hanging up mid-body is counted as a reset
-//! (and a client breaking its upload off is not), that an upload whose
+//! (and a client breaking its upload off is not, nor is a chunked body
+//! that does not parse, which is a `bad_request`), that an upload whose
 //! upstream answered early is cut once its client falls silent for the
 //! response timeout, that a `101` naming no
-//! protocol is a 502, that the log names an upstream that failed,
+//! protocol is a 502, as is a head of too many fields (saying so), that the log names an upstream that failed,
 //! and that a client that stops reading a response is cut off at
 //! `listen.send_timeout` (with the upstream connection it held) while a
 //! stream that is merely quiet is not.

@@ -5,7 +5,8 @@
 //! `Connection`) in both directions (`Trailer` is not one: trailers reach an
 //! HTTP/1.1 client that accepts them), an h2c upgrade kept to its hop (alone
 //! or beside another protocol), the `Host` of an absolute-form
-//! request, a response's stale `Content-Length` beside its chunks, and an
+//! request, a response's stale `Content-Length` beside its chunks, a
+//! length written as a list of itself, the trailers of a request, and an
 //! HTTP/1.0 upstream's answer sent as HTTP/1.1 on a kept-alive client
 //! connection. Requests go as raw bytes so that the
 //! test, not a client library, decides exactly which headers are sent.

@@ -1,7 +1,8 @@
 //! A graceful stop: open requests finish, new connections are refused.
 //!
 //! Owns: `Server::shutdown` with a request in flight (and `/ready`
-//! meanwhile), with a connection accepted but not yet used, and with an
+//! meanwhile), with a connection accepted but not yet used, with a
+//! keep-alive connection between two requests, and with an
 //! upgrade whose answer is still on its way, and with a rollout running
 //! (suspended, not replaced, still abortable). The test holds each in place
 //! (the upstream holds the request, the client holds its first bytes) until
