@@ -249,6 +249,34 @@ async fn a_204_with_a_length_reaches_an_http2_client_without_it() {
     server.shutdown().await;
 }
 
+/// A length an upstream repeats on two field lines (RFC 9110 section 8.6
+/// reads it as `5, 5`) reaches an HTTP/2 client once: the client would
+/// reset the stream for a repeated `content-length`.
+#[tokio::test]
+async fn a_length_repeated_on_two_lines_reaches_an_http2_client_once() {
+    let upstream = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let server = cohort(&[upstream], None, &routing()).await;
+    let mut h2 = h2c(server.proxy_addr()).await;
+    h2.ready().await.expect("an open connection");
+    let rsp = within(
+        "the response",
+        h2.send_request(get(&url(&server, "/"), &[])),
+    )
+    .await
+    .expect("a response, not a reset stream");
+    assert_eq!(rsp.status(), 200);
+    let lengths: Vec<_> = rsp.headers().get_all("content-length").iter().collect();
+    assert_eq!(lengths, ["5"], "{rsp:?}");
+    let whole = within("the end of the stream", rsp.into_body().collect())
+        .await
+        .expect("the stream ends cleanly");
+    assert_eq!(whole.to_bytes(), "hello");
+    server.shutdown().await;
+}
+
 /// Opens `/events` for `key`, a canary user, on `h2`: the stream's body,
 /// once its head says the canary serves it.
 async fn open_canary_events(h2: &mut H2, server: &Server, key: &str) -> Incoming {

@@ -365,16 +365,12 @@ pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>,
     // short (RFC 9112 section 6.3: Transfer-Encoding overrides it).
     if stripped.transfer_encoding {
         rsp.headers_mut().remove(CONTENT_LENGTH);
-    } else if let Some(length) = rsp.headers().get(CONTENT_LENGTH) {
+    } else if rsp.status() == StatusCode::NO_CONTENT {
         // RFC 9110 section 8.6: a 204 has no length (an HTTP/2 client
-        // resets the stream for one), and a list of one length repeated,
-        // which hyper took as that length, goes on as the length alone,
-        // which strict clients can read.
-        if rsp.status() == StatusCode::NO_CONTENT {
-            rsp.headers_mut().remove(CONTENT_LENGTH);
-        } else if let Some(once) = length_written_once(length) {
-            rsp.headers_mut().insert(CONTENT_LENGTH, once);
-        }
+        // resets the stream for one).
+        rsp.headers_mut().remove(CONTENT_LENGTH);
+    } else if let Some(once) = length_written_once(rsp.headers()) {
+        rsp.headers_mut().insert(CONTENT_LENGTH, once);
     }
     if let Some(upgrade) = upgrade {
         rsp.headers_mut()
@@ -384,11 +380,19 @@ pub fn downstream_response<B: Body>(mut rsp: Response<B>) -> Result<Response<B>,
     Ok(rsp)
 }
 
-/// The length a list of it repeated (`5, 5`) names, which hyper has
-/// checked are all the same; `None` for a length already written once.
-fn length_written_once(length: &HeaderValue) -> Option<HeaderValue> {
-    let comma = length.as_bytes().iter().position(|&b| b == b',')?;
-    HeaderValue::from_bytes(length.as_bytes()[..comma].trim_ascii()).ok()
+/// The length that a `Content-Length` repeated names (`5, 5` on one line,
+/// or on several), which hyper has checked are all the same; `None` for a
+/// length written once, or none. Passed on as written, the repeats would
+/// reach an HTTP/2 client as several fields, for which it resets the
+/// stream, and a strict HTTP/1.1 client could not read the length at all.
+fn length_written_once(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let first = lengths.next()?.as_bytes();
+    let comma = first.iter().position(|&b| b == b',');
+    if comma.is_none() && lengths.next().is_none() {
+        return None;
+    }
+    HeaderValue::from_bytes(first[..comma.unwrap_or(first.len())].trim_ascii()).ok()
 }
 
 /// The most tokens one response may report. No response spends four
