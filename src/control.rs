@@ -279,18 +279,26 @@ impl Control {
         LiveState::clone(&self.live.load())
     }
 
-    /// Records how the live state was chosen on start. A restored state
-    /// newer than the audit log's last line was saved by changes whose
-    /// lines never went in (the process stopped between the two writes,
-    /// or the log refused them to the end): the line says so, with the
-    /// last state the log has as its `before`.
+    /// Records how the live state was chosen on start. A saved state (the
+    /// one restored, or the one a re-seed replaced) newer than the audit
+    /// log's last line was saved by changes whose lines never went in (the
+    /// process stopped between the two writes, or the log refused them to
+    /// the end): the line says so, and a restore's has the last state the
+    /// log has as its `before`.
     pub fn record_start(&self, origin: Origin, previous: Option<&LiveState>) {
         let current = self.lock();
         let live = &current.saved.live;
-        let unlogged = (origin == Origin::Restored)
-            .then(|| self.audit.last_after::<LiveState>())
-            .flatten()
-            .filter(|logged| logged.generation < live.generation);
+        let saved = match origin {
+            Origin::Restored => Some(live),
+            Origin::Reseeded => previous,
+            Origin::Seeded | Origin::Reset => None,
+        };
+        let unlogged = saved.and_then(|saved| {
+            self.audit
+                .last_after::<LiveState>()
+                .filter(|logged| logged.generation < saved.generation)
+                .map(|logged| (logged, saved.generation))
+        });
         let reason = match origin {
             Origin::Seeded => "no saved state: seeded from the config",
             Origin::Restored => "restored the saved state",
@@ -302,16 +310,16 @@ impl Control {
             Origin::Reset => "--reset-state: re-seeded from the config",
         };
         let reason = match &unlogged {
-            Some(logged) => {
+            Some((logged, saved)) => {
                 tracing::warn!(
                     logged = logged.generation,
-                    saved = live.generation,
+                    saved,
                     "the state file has changes the audit log does not"
                 );
                 format!(
                     "{reason}; the audit log's last line is of generation {}: the changes up to \
-                     generation {} were saved but not logged",
-                    logged.generation, live.generation
+                     generation {saved} were saved but not logged",
+                    logged.generation
                 )
             }
             None => reason.to_owned(),
@@ -325,7 +333,7 @@ impl Control {
         );
         self.write_audit(
             Action::Start(origin),
-            previous.or(unlogged.as_ref()),
+            previous.or(unlogged.as_ref().map(|(logged, _)| logged)),
             live,
             Some(&reason),
             Actor::Start,

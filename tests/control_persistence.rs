@@ -192,24 +192,39 @@ async fn an_acknowledged_change_survives_kill_9_and_a_restart() {
     assert_eq!(third.stop().await, Some(0));
 }
 
+/// Kills `process` once it has set the canary's weight to `weight`, then
+/// cuts that change's line from the audit log, as a stop between the
+/// state file's write and the log's would leave it. Returns the change's
+/// generation.
+async fn set_weight_then_stop_before_its_audit_line(
+    process: Process,
+    files: &Files,
+    weight: f64,
+) -> u64 {
+    let changed = AdminApi::new(process.admin).set_weight(weight, false).await;
+    process.kill9().await;
+    let text = std::fs::read_to_string(&files.audit).expect("read the log");
+    let (kept, last) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .expect("a line before the weight's");
+    assert!(last.contains("\"weight\""), "{text}");
+    std::fs::write(&files.audit, format!("{kept}\n")).expect("cut the log");
+    changed["generation"].as_u64().expect("a generation")
+}
+
 /// A change saved whose audit line never went in (the process stopped
-/// between the two writes) is told at the next start: its
-/// `restore` line names the gap and starts from the last state logged.
+/// between the two writes) is told at the next start: its `restore` line
+/// names the gap and starts from the last state logged; a `reseed` line
+/// names it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_saved_but_not_logged_is_told_at_the_next_start() {
     let stable = Backend::start(STABLE).await;
     let canary = Backend::start(CANARY).await;
-    let files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
 
     let first = Process::serve(&files.config, &[]).await;
-    let changed = AdminApi::new(first.admin).set_weight(37.5, false).await;
-    let generation = changed["generation"].as_u64().expect("a generation");
-    first.kill9().await;
-    // As a stop before the weight's line would leave the log.
-    let text = std::fs::read_to_string(&files.audit).expect("read the log");
-    let (seed, weight) = text.split_once('\n').expect("two lines");
-    assert!(weight.contains("\"weight\""), "{text}");
-    std::fs::write(&files.audit, format!("{seed}\n")).expect("cut the log");
+    let generation = set_weight_then_stop_before_its_audit_line(first, &files, 37.5).await;
 
     let second = Process::serve(&files.config, &[]).await;
     second
@@ -230,7 +245,20 @@ async fn a_change_saved_but_not_logged_is_told_at_the_next_start() {
     let last = files.last_audit();
     assert_eq!(last["before"], Value::Null, "{last}");
     assert_eq!(last["reason"], "restored the saved state", "{last}");
-    assert_eq!(third.stop().await, Some(0));
+
+    // A gap before a start that re-seeds is named too.
+    let generation = set_weight_then_stop_before_its_audit_line(third, &files, 20.0).await;
+    files.rewrite(
+        &format!("name = \"{CANARY}\""),
+        &format!("name = \"{CANARY}-renamed\""),
+    );
+    let fourth = Process::serve(&files.config, &[]).await;
+    let last = files.last_audit();
+    assert_eq!(last["action"], "reseed", "{last}");
+    assert_eq!(last["before"]["generation"], generation, "{last}");
+    let reason = last["reason"].as_str().expect("a reason");
+    assert!(reason.contains("saved but not logged"), "{reason}");
+    assert_eq!(fourth.stop().await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
