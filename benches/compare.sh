@@ -64,7 +64,7 @@ export OHA
 
 log "cargo build --release"
 cargo build --release --locked --bin cohort
-export COHORT_BIN=$ROOT/target/release/cohort
+export COHORT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cohort
 export ROUNDS=${ROUNDS:-3}
 
 log "running $COMPARE_SH ${*:-} with ROUNDS=$ROUNDS"

@@ -451,7 +451,9 @@ impl BodyProgress {
 /// Whether a client's body failed on what it sent rather than on a close:
 /// hyper reports a chunk size or trailer that does not parse as an I/O
 /// error of kind `InvalidData` or `InvalidInput`, and a body cut short
-/// as `UnexpectedEof` or the connection's own error.
+/// as `UnexpectedEof` or the connection's own error. (TLS reports a
+/// client's fatal alert as `InvalidData` too, wrapping its own error: a
+/// close, not a malformed body.)
 fn is_malformed(error: &hyper::Error) -> bool {
     std::error::Error::source(error)
         .and_then(|source| source.downcast_ref::<std::io::Error>())
@@ -459,7 +461,9 @@ fn is_malformed(error: &hyper::Error) -> bool {
             matches!(
                 io.kind(),
                 std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-            )
+            ) && io
+                .get_ref()
+                .is_none_or(|inner| !inner.is::<rustls::Error>())
         })
 }
 
