@@ -18,7 +18,8 @@
 //! - Running an upgraded connection's tunnel on the connection's task, and
 //!   cutting it when idle or when its client stops reading.
 //! - Telling an HTTP/2 client that resets most of its streams to go.
-//! - The graceful drain on shutdown, which waits for tunnels too.
+//! - The graceful drain on shutdown, which waits for tunnels too and
+//!   closes no HTTP/1.1 connection under a request on its way.
 //!
 //! Does not own: what happens to a request (`Proxy::handle`) or the
 //! certificate (`tls`).

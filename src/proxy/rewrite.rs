@@ -5,11 +5,12 @@
 //! `CONNECT`, a target of a host alone, with user info or of `*` but for
 //! `OPTIONS`, and a missing,
 //! repeated, empty or invalid `Host`), stripping hop-by-hop headers both ways
-//! (and those named in `Connection`; from a response's trailers too), the
+//! (and those named in `Connection`; from trailers too), the
 //! upstream request (origin-form URI,
 //! `Host`, joined cookies, version header, `x-forwarded-*`, a chunked
 //! `GET` body kept, with the client's address as a [`Peer`]), a response's
-//! framing headers, and reading the tokens header. Does not own: choosing
+//! framing headers (a `204`'s length dropped, a repeated one written
+//! once), and reading the tokens header. Does not own: choosing
 //! where to send (`routing`, `table`), what a failure looks like (`error`),
 //! or the tunnel of an upgraded connection (`tunnel`).
 
