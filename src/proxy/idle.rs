@@ -15,8 +15,9 @@
 //! - [`Activity`]: what the connection's task reads to tell that hyper is
 //!   idle (bytes moved, open requests, whether the bytes read so far end
 //!   between two requests) or that a write is waiting for the client to
-//!   read, and whether an HTTP/2 client resets most of its streams before
-//!   their answer.
+//!   read, whether an HTTP/2 client resets most of its streams before
+//!   their answer, and whether a drain has the next response close the
+//!   connection.
 //! - [`OpenRequest`] and [`Tracked`]: keep a request counted open until
 //!   hyper drops its response body, and count it abandoned if it never got
 //!   one.
