@@ -21,7 +21,8 @@
 //! - [`write_gauges`]: the `cohort_upstream_healthy` lines of a scrape.
 //!
 //! Does not own: choosing among upstreams (`table::Version::pick`), the
-//! fallback to stable (`table::RouteTable::canary_may_fall_back`), or
+//! fallback to stable (`table::RouteTable::canary_may_fall_back`, and
+//! `proxy` for a request that no canary upstream takes), or
 //! logging an ejection (`proxy`, which knows the request's version).
 
 use std::future::Future;

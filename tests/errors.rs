@@ -97,11 +97,14 @@ async fn dies_after_its_first_probe() -> SocketAddr {
     addr
 }
 
+/// With `canary_unavailable = "error"`: in the default mode, stable
+/// answers a request that the canary refuses (`health` tests).
 #[tokio::test]
 async fn a_dead_canary_gives_502_to_its_cohort_only() {
     let stable = Backend::start(STABLE).await;
     let dead = dies_after_its_first_probe().await;
-    let server = cohort(&[stable.addr], Some((&[dead], 50.0)), "").await;
+    let no_fallback = "[health]\ncanary_unavailable = \"error\"\n";
+    let server = cohort(&[stable.addr], Some((&[dead], 50.0)), no_fallback).await;
     let http = Http::new(server.proxy_addr());
     let on_canary = key_on(CANARY, 50.0, CANARY, "c");
     let on_stable = key_on(CANARY, 50.0, STABLE, "s");

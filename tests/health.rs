@@ -459,12 +459,19 @@ async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
         assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
 
         canary.stop().await;
-        let mut failed = Vec::new();
+        // The refusals that eject it: answered by stable in the first
+        // mode (see the test below), with the 502 in the second.
+        let mut answered = Vec::new();
         for _ in 0..2 {
             let reply = client.get("/", &[("x-user", &on_canary)]).await;
-            failed.push(reply.status.as_u16());
+            answered.push((reply.status.as_u16(), reply.version().to_owned()));
         }
-        assert_eq!(failed, [502, 502], "{mode}: the errors that eject it");
+        let refused = if mode == "stable" {
+            (200, STABLE.to_owned())
+        } else {
+            (502, CANARY.to_owned())
+        };
+        assert_eq!(answered, [refused.clone(), refused], "{mode}");
         for _ in 0..5 {
             let reply = client.get("/", &[("x-user", &on_canary)]).await;
             if mode == "stable" {
@@ -479,6 +486,84 @@ async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
         assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(0.0));
         let state = admin(&server, Method::GET, "/admin/state", "").await.json();
         assert_eq!(state["canary"]["health"][0]["ejected"], true, "{state}");
+        server.shutdown().await;
+    }
+}
+
+/// A canary whose upstream refuses a request's connection, before any
+/// probe or ejection has taken it out, hands the request to stable
+/// (`canary_unavailable = "stable"`), body and all, since none of it was
+/// sent; the refusal still counts against the canary. With `"error"`, its
+/// cohort gets the 502.
+#[tokio::test]
+async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
+    for mode in ["stable", "error"] {
+        let stable = support::Backend::start(STABLE).await;
+        let canary = Backend::start("refusing").await;
+        // Probes an hour apart and no passive ejection: the canary stays
+        // available to the table throughout.
+        let extra = format!(
+            "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+            [health]\ninterval = \"1h\"\neject_after_errors = 1000\n\
+            canary_unavailable = \"{mode}\"\n"
+        );
+        let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
+        let client = Http::new(server.proxy_addr());
+        let on_canary = key_on(CANARY, 50.0, CANARY, "user");
+        let reply = client.get("/", &[("x-user", &on_canary)]).await;
+        assert_eq!(reply.version(), CANARY, "{mode}: {reply:?}");
+
+        canary.stop().await;
+        // The counters are the process's, shared with the other tests and
+        // the other mode: only their growth says anything.
+        let counter = |name, labels| {
+            let server = &server;
+            async move { metric(server, name, labels).await.unwrap_or(0.0) }
+        };
+        let refused = [("version", CANARY), ("kind", "connect")];
+        let refused_before = counter("cohort_upstream_errors_total", &refused).await;
+        let fallbacks_before = counter("cohort_canary_fallbacks_total", &[]).await;
+        let body = Bytes::from_static(b"a body that must arrive whole");
+        let mut answered = Vec::new();
+        for method in [Method::GET, Method::POST, Method::GET] {
+            let reply = client
+                .send(method, "/", &[("x-user", &on_canary)], body.clone())
+                .await;
+            answered.push((reply.status.as_u16(), reply.version().to_owned()));
+            if reply.status == StatusCode::OK {
+                assert_eq!(reply.backend(), STABLE, "{mode}: {reply:?}");
+                assert_eq!(reply.json()["body_len"], body.len(), "{mode}: {reply:?}");
+            }
+        }
+        let expected = if mode == "stable" {
+            (200, STABLE.to_owned())
+        } else {
+            (502, CANARY.to_owned())
+        };
+        assert_eq!(answered, vec![expected; 3], "{mode}");
+        assert_eq!(stable.hits(), if mode == "stable" { 3 } else { 0 });
+        assert_eq!(
+            stable.body_bytes_seen(),
+            if mode == "stable" {
+                3 * body.len() as u64
+            } else {
+                0
+            }
+        );
+        assert_eq!(
+            counter("cohort_upstream_errors_total", &refused).await,
+            refused_before + 3.0,
+            "{mode}"
+        );
+        if mode == "stable" {
+            let after = counter("cohort_canary_fallbacks_total", &[]).await;
+            assert!(
+                after >= fallbacks_before + 3.0,
+                "{fallbacks_before} -> {after}"
+            );
+        }
+        // Not ejected, nor probed down: the refusals alone did it.
+        assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
         server.shutdown().await;
     }
 }

@@ -854,6 +854,62 @@ async fn a_canary_whose_upstream_dies_is_held_and_rolled_back_not_promoted() {
     all_on_stable(server.proxy_addr()).await;
 }
 
+/// A canary whose upstream refuses connections while neither probes (an
+/// hour apart) nor the passive rule take it out: stable answers every
+/// request of its cohort, and the refusals, which no client sees, still
+/// fail the canary's success rate and roll it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_refuses_connections_is_judged_by_it_while_stable_answers() {
+    let stable = Backend::start(STABLE).await;
+    let canary = KillableBackend::start().await;
+    let plan = "min_requests = 20\ninconclusive_limit = 1000\n\
+                stages = [ { weight = 50, duration = \"1h\" } ]";
+    let extra = format!(
+        "[health]\ninterval = \"1h\"\neject_after_errors = 4000000000\n\n{}",
+        rollout_table(plan, "success_rate_min = 0.9")
+    );
+    let server = start_cohort(&config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    wait_state(&admin, "the rollout's first stage, open", |s| {
+        s["canary"]["weight"] == 50.0 && canary_available(s)
+    })
+    .await;
+
+    canary.kill();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (stop, http) = (Arc::clone(&stop), Http::new(server.proxy_addr()));
+        async move {
+            let mut answers = Vec::new();
+            for n in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let reply = http.get("/", &[("x-user-id", &format!("user-{n}"))]).await;
+                answers.push((reply.status.as_u16(), reply.version().to_owned()));
+            }
+            answers
+        }
+    });
+    let state = wait_state(&admin, "a guardrail rollback", |s| {
+        s["status"] == "rolled_back"
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let answers = traffic.await.expect("the traffic task");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, version)| *status == 200 && version == STABLE),
+        "a client saw the canary's refusals: {answers:?}"
+    );
+    assert_eq!(state["last_rollback"]["source"], "guardrail", "{state:#}");
+    let reason = rollback_reason(&state);
+    assert!(reason.contains("success_rate"), "{reason:?}");
+    // Still available by the health checks' account: the refusals alone did it.
+    assert!(canary_available(&state), "{state:#}");
+}
+
 /// A server whose config has a `[rollout]` (for the windows' slot and the
 /// plan an empty start uses) but no canary; the canary is installed through
 /// the API at weight 0, and has passed its first health probe.

@@ -241,6 +241,15 @@ impl InFlight {
         }
     }
 
+    /// Moves the request to `version` before it was answered (a canary's
+    /// cohort handed to stable): its gauge, and what it is recorded against.
+    pub fn move_to(&mut self, version: Arc<Version>) {
+        self.version.metrics.in_flight.decrement(1.0);
+        version.metrics.in_flight.increment(1.0);
+        self.close_epoch = version.close_epoch();
+        self.version = version;
+    }
+
     /// Follows the request body's progress (see the `body` field).
     pub fn watch_body(&mut self, progress: Arc<BodyProgress>) {
         self.body = Some(progress);

@@ -98,16 +98,19 @@ impl Proxy {
         let forced = key::forced_cohort(req.headers(), routing.override_header.as_ref());
         let decision = routing::decide(&table, key.as_deref(), forced);
         // A canary with no available upstream hands its cohort to stable,
-        // or answers 503 (`canary_unavailable = "error"`).
+        // or answers 503 (`canary_unavailable = "error"`); so does one whose
+        // every upstream fails this request before taking it (below).
         let mut version = table.version(decision.cohort);
         let canary = decision.cohort == Cohort::Canary;
         let mut upstream = version.pick(canary);
-        if upstream.is_none() && canary && table.canary_may_fall_back() {
+        let mut may_fall_back = canary && table.canary_may_fall_back();
+        if upstream.is_none() && may_fall_back {
             crate::metrics::record_canary_fallback();
             version = &table.stable;
             upstream = version.pick(false);
+            may_fall_back = false;
         }
-        let version = Arc::clone(version);
+        let mut version = Arc::clone(version);
 
         // Forward, with the version's in-flight gauge held until the body ends.
         let mut in_flight =
@@ -128,9 +131,35 @@ impl Proxy {
                     let http2 = http_version == http::Version::HTTP_2;
                     in_flight.watch_body(req.body_mut().watch(timeout, http2));
                 }
-                self.forward(req, &table, &version, upstream, peer, started)
-                    .await
-                    .map(|(rsp, upstream)| (rsp, upstream, client_upgrade))
+                let req = rewrite::upstream_request(
+                    req,
+                    &routing.version_header,
+                    &version.header_value,
+                    peer,
+                    self.tls,
+                );
+                let mut forwarded = self
+                    .forward(req, &table, &version, upstream, started, may_fall_back)
+                    .await;
+                if let Forwarded::GivenBack(error, mut req) = forwarded {
+                    // No canary upstream took it (a refused connection,
+                    // mostly): stable answers it, as it would had the canary
+                    // been known to be down. The canary's failure is counted
+                    // and judged all the same.
+                    canary_gave_back(&version, &error, started);
+                    version = Arc::clone(&table.stable);
+                    in_flight.move_to(Arc::clone(&version));
+                    req.headers_mut()
+                        .insert(&routing.version_header, version.header_value.clone());
+                    let upstream = version.pick(false);
+                    forwarded = self
+                        .forward(*req, &table, &version, upstream, started, false)
+                        .await;
+                }
+                match forwarded {
+                    Forwarded::Answered(rsp, upstream) => Ok((rsp, upstream, client_upgrade)),
+                    Forwarded::Failed(error) | Forwarded::GivenBack(error, _) => Err(error),
+                }
             }
         };
 
@@ -181,8 +210,9 @@ impl Proxy {
         (rsp, tunnel)
     }
 
-    /// Sends `req` to one of `version`'s upstreams and waits for the response
-    /// headers. A request that an upstream failed without it being sent
+    /// Sends `req`, rewritten for `version`, to one of its upstreams and
+    /// waits for the response headers. A request that an upstream failed
+    /// without it being sent
     /// (the connection was refused, or closed before the request went out),
     /// or an idempotent one without a body that a new connection closed
     /// unanswered, goes on to the version's next available upstream when
@@ -192,24 +222,21 @@ impl Proxy {
     /// streaming pushes back (see [`body::BodyProgress`]). The try of one
     /// that an HTTP/2 upstream says it did not process counts against no
     /// upstream, and it may go to the same upstream once more when that is
-    /// the only one; a failure that ends the request counts.
+    /// the only one; a failure that ends the request counts. With
+    /// `hand_back`, a request that the last upstream tried gave back comes
+    /// back to the caller ([`Forwarded::GivenBack`]), for another version.
     async fn forward(
         &self,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
         table: &RouteTable,
         version: &Version,
         upstream: Option<(usize, &UpstreamAddr)>,
-        peer: &Peer,
         started: Instant,
-    ) -> Result<(Response<UpstreamBody>, usize), ProxyError> {
-        let (mut index, mut upstream) = upstream.ok_or(ProxyError::NoUpstream)?;
-        let mut req = rewrite::upstream_request(
-            req,
-            &table.policy.routing.version_header,
-            &version.header_value,
-            peer,
-            self.tls,
-        );
+        hand_back: bool,
+    ) -> Forwarded {
+        let Some((mut index, mut upstream)) = upstream else {
+            return Forwarded::Failed(ProxyError::NoUpstream);
+        };
         let response_timeout = table.policy.response_timeout;
         // From the request's arrival, microseconds before it is sent:
         // one clock read fewer per request.
@@ -217,6 +244,7 @@ impl Proxy {
         let progress = req.body().progress();
         let first = index;
         let mut resent_unprocessed = false;
+        let mut given_back = None;
         let result = loop {
             let sent = self.client.request(upstream, req);
             tokio::pin!(sent);
@@ -305,6 +333,7 @@ impl Proxy {
                 req = retry;
                 continue;
             }
+            given_back = hand_back.then_some(retry);
             break Err(error);
         };
         // As nginx's error log does: which upstream failed, and how (the
@@ -320,13 +349,52 @@ impl Proxy {
         // client that stalled or broke its body off says nothing of it
         // either way.
         let ok = match &result {
-            Ok((rsp, _)) => !rsp.status().is_server_error(),
-            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => return result,
-            Err(error) => error.upstream_kind().is_none(),
+            Ok((rsp, _)) => Some(!rsp.status().is_server_error()),
+            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => None,
+            Err(error) => Some(error.upstream_kind().is_none()),
         };
-        record_outcome(version, index, ok, table);
-        result
+        if let Some(ok) = ok {
+            record_outcome(version, index, ok, table);
+        }
+        match (result, given_back) {
+            (Ok((rsp, index)), _) => Forwarded::Answered(rsp, index),
+            (Err(error), Some(req)) => Forwarded::GivenBack(error, Box::new(req)),
+            (Err(error), None) => Forwarded::Failed(error),
+        }
     }
+}
+
+/// How [`Proxy::forward`] ended.
+enum Forwarded {
+    /// The response head, and which of the version's upstreams sent it.
+    Answered(Response<UpstreamBody>, usize),
+    /// The failure to answer the client with.
+    Failed(ProxyError),
+    /// The failure, and the request given back for another version (see
+    /// `upstream::SendError`): nothing of it reached an upstream, or it is
+    /// idempotent, without a body, and a new connection closed without
+    /// answering it. Boxed: it is rare, and the future holds the enum.
+    GivenBack(ProxyError, Box<Request<RequestBody>>),
+}
+
+/// What the canary is told of a request that none of its upstreams took,
+/// which stable is to answer: the upstream's error in its metrics, and a
+/// failure for the guardrails, which would otherwise never hear of it.
+fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) {
+    if let Some(kind) = error.upstream_kind() {
+        canary.metrics.record_upstream_error(kind);
+    }
+    crate::metrics::record_canary_fallback();
+    let now = Instant::now();
+    canary.window.record(
+        clock::since_start_at(now.into_std()),
+        Observation {
+            success: false,
+            latency: now - started,
+            tokens: None,
+        },
+    );
+    tracing::warn!(version = %canary.name, %error, "no canary upstream took the request; stable answers it");
 }
 
 /// A response on its way to the client, and what the guardrails are to
