@@ -20,6 +20,10 @@
 # 10 s) against each proxy and divides the process's user and system time
 # (/proc/PID/stat) by the requests served: every proxy makes the same
 # socket calls per request, so the kernel part is a floor they share.
+# With SYSCALLS=1 it also counts, with `perf stat` (linux-perf), the
+# proxy's system calls, reads, writes, `epoll_wait`s and context switches
+# per request over the run (the tracepoints add a little kernel time to
+# every call, so read the CPU figures from a run without it).
 # With CPU_PATH=/big it asks for a 1 MiB body instead of a 7-byte one
 # (bulk transfers). With CPU_RATE=<rps> the load is oha at that fixed rate
 # instead of wrk at saturation (one user, `user-42`, as in `rate`): every
@@ -207,6 +211,13 @@ elif [ "$MODE" = cpu ]; then
     pid=${PID[$name]}
     size=$(curl -s -o /dev/null -w '%{size_download}' -H 'x-user-id: u' http://127.0.0.1:${PORT[$name]}${CPU_PATH:-/})
     echo "$name: a response to ${CPU_PATH:-/} has $size bytes" >&2
+    if [ "${SYSCALLS:-0}" = 1 ]; then
+      # Until the load generator is done (it takes under a second to start and stop).
+      perf stat -x, -o $W/perf.$name -p $pid -e raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom \
+        -e syscalls:sys_enter_read,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_writev \
+        -e syscalls:sys_enter_epoll_wait,context-switches -- sleep $((SECS + 1)) &
+      perf_pid=$!
+    fi
     read -r user0 sys0 < <(cpu_ticks $pid)
     if [ -n "${CPU_RATE:-}" ]; then
       out=$(taskset -c 0 "$OHA" --no-tui -q "$CPU_RATE" -z ${SECS}s -c 64 --latency-correction \
@@ -219,6 +230,15 @@ elif [ "$MODE" = cpu ]; then
     read -r user1 sys1 < <(cpu_ticks $pid)
     awk -v n=$name -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz=$hz -v r="$requests" \
       'BEGIN{printf "%-8s requests=%d user_us_per_req=%.2f system_us_per_req=%.2f\n", n, r, 1e6*u/hz/r, 1e6*s/hz/r}'
+    if [ "${SYSCALLS:-0}" = 1 ]; then
+      wait $perf_pid
+      awk -F, -v n=$name -v r="$requests" '
+        $3 ~ /sys_enter$/ {all = $1} $3 ~ /recvfrom|_read$/ {reads += $1}
+        $3 ~ /sendto|_write$|writev/ {writes += $1} $3 ~ /epoll_wait/ {waits = $1}
+        $3 == "context-switches" {switches = $1}
+        END {printf "%-8s syscalls_per_req=%.2f reads_per_req=%.2f writes_per_req=%.2f requests_per_epoll_wait=%.1f requests_per_context_switch=%.0f\n",
+          n, all / r, reads / r, writes / r, waits ? r / waits : 0, switches ? r / switches : 0}' $W/perf.$name
+    fi
   done
 else
   for name in nginx haproxy cohort; do
