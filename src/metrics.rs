@@ -200,7 +200,7 @@ fn describe() {
     );
     describe_counter!(
         CANARY_FALLBACKS_TOTAL,
-        "Canary-cohort requests served by stable because no canary upstream was healthy."
+        "Canary-cohort requests served by stable: no canary upstream was available, or every one refused the request."
     );
     describe_counter!(
         SHADOW_DROPPED_TOTAL,

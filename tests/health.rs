@@ -26,6 +26,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cohort::serve::Server;
@@ -34,11 +35,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
 use support::{
-    CANARY, Http, STABLE, admin, eventually, eventually_async, is_health_probe, key_on, metric,
+    CANARY, Http, STABLE, TunedBackend, Tuning, admin, eventually, eventually_async,
+    is_health_probe, key_on, metric,
 };
 
 /// Probes every 100 ms; two failures mark an upstream down, two successes up.
@@ -522,6 +525,8 @@ async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
         };
         let refused = [("version", CANARY), ("kind", "connect")];
         let refused_before = counter("cohort_upstream_errors_total", &refused).await;
+        let canary_502 = [("version", CANARY), ("code", "502")];
+        let canary_502_before = counter("cohort_requests_total", &canary_502).await;
         let fallbacks_before = counter("cohort_canary_fallbacks_total", &[]).await;
         let body = Bytes::from_static(b"a body that must arrive whole");
         let mut answered = Vec::new();
@@ -562,10 +567,68 @@ async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
                 "{fallbacks_before} -> {after}"
             );
         }
+        // Each refusal is the canary's 502 in its own numbers, whoever
+        // answered the client.
+        assert_eq!(
+            counter("cohort_requests_total", &canary_502).await,
+            canary_502_before + 3.0,
+            "{mode}"
+        );
         // Not ejected, nor probed down: the refusals alone did it.
         assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
         server.shutdown().await;
     }
+}
+
+/// An upstream that answers the health probe made before the proxy
+/// accepts (its first connection), then takes every connection and closes
+/// it `after` a while, unanswered: a canary that fails slowly.
+async fn closes_unanswered_after_its_first_probe(after: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        let (mut probe, _) = listener.accept().await.expect("the probe connects");
+        support::read_head(&mut probe).await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        probe.write_all(answer).await.expect("answer the probe");
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+/// Stable answers a request that the canary gave back with a response
+/// timeout of its own, as nginx gives a next upstream: a canary slow to
+/// fail does not spend stable's time, nor make stable's answer a 504.
+#[tokio::test]
+async fn stable_has_a_response_timeout_of_its_own_for_a_request_the_canary_gave_back() {
+    // The canary fails at 1.5 s, stable takes 1.5 s more: within a 2 s
+    // timeout for each, not for both together.
+    let stable = TunedBackend::start(
+        STABLE,
+        Tuning {
+            delay: Duration::from_millis(1500),
+            ..Tuning::default()
+        },
+    )
+    .await;
+    let canary = closes_unanswered_after_its_first_probe(Duration::from_millis(1500)).await;
+    let extra = "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [upstream]\nresponse_timeout = \"2s\"\n\n\
+        [health]\ninterval = \"1h\"\neject_after_errors = 1000\n";
+    let server = support::cohort(&[stable.addr], Some((&[canary], 50.0)), extra).await;
+    let on_canary = key_on(CANARY, 50.0, CANARY, "user");
+    let reply = Http::new(server.proxy_addr())
+        .get("/", &[("x-user", &on_canary)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.version(), STABLE);
+    assert_eq!(stable.hits(), 1);
+    server.shutdown().await;
 }
 
 #[tokio::test]

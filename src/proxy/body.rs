@@ -242,12 +242,14 @@ impl InFlight {
     }
 
     /// Moves the request to `version` before it was answered (a canary's
-    /// cohort handed to stable): its gauge, and what it is recorded against.
-    pub fn move_to(&mut self, version: Arc<Version>) {
+    /// cohort handed to stable): its gauge, what it is recorded against,
+    /// and the time its durations count from, `started`.
+    pub fn move_to(&mut self, version: Arc<Version>, started: Instant) {
         self.version.metrics.in_flight.decrement(1.0);
         version.metrics.in_flight.increment(1.0);
         self.close_epoch = version.close_epoch();
         self.version = version;
+        self.started = started;
     }
 
     /// Follows the request body's progress (see the `body` field).

@@ -112,7 +112,9 @@ impl Proxy {
         }
         let mut version = Arc::clone(version);
 
-        // Forward, with the version's in-flight gauge held until the body ends.
+        // Forward, with the version's in-flight gauge held until the body
+        // ends. A version's numbers time its own part of the request.
+        let mut timed_from = started;
         let mut in_flight =
             body::InFlight::start(Arc::clone(&version), started, decision, peer.addr);
         let http_version = req.version();
@@ -144,16 +146,17 @@ impl Proxy {
                 if let Forwarded::GivenBack(error, mut req) = forwarded {
                     // No canary upstream took it (a refused connection,
                     // mostly): stable answers it, as it would had the canary
-                    // been known to be down. The canary's failure is counted
-                    // and judged all the same.
-                    canary_gave_back(&version, &error, started);
+                    // been known to be down, with a response timeout of its
+                    // own, as nginx gives a next upstream. The canary's
+                    // failure is counted and judged all the same.
+                    timed_from = canary_gave_back(&version, &error, started);
                     version = Arc::clone(&table.stable);
-                    in_flight.move_to(Arc::clone(&version));
+                    in_flight.move_to(Arc::clone(&version), timed_from);
                     req.headers_mut()
                         .insert(&routing.version_header, version.header_value.clone());
                     let upstream = version.pick(false);
                     forwarded = self
-                        .forward(*req, &table, &version, upstream, started, false)
+                        .forward(*req, &table, &version, upstream, timed_from, false)
                         .await;
                 }
                 match forwarded {
@@ -169,7 +172,7 @@ impl Proxy {
         // response, when its body ends).
         in_flight.answered();
         let answered = Instant::now();
-        let to_headers = answered - started;
+        let to_headers = answered - timed_from;
         let Answer {
             mut rsp,
             tunnel,
@@ -377,15 +380,20 @@ enum Forwarded {
     GivenBack(ProxyError, Box<Request<RequestBody>>),
 }
 
-/// What the canary is told of a request that none of its upstreams took,
-/// which stable is to answer: the upstream's error in its metrics, and a
-/// failure for the guardrails, which would otherwise never hear of it.
-fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) {
+/// Records against the canary a request that none of its upstreams took,
+/// which stable is to answer, as the answer it would have had (a 502 or
+/// 504): in its metrics, so that its error ratio counts it, and for the
+/// guardrails, which would otherwise never hear of it. Returns the time of
+/// the hand-over.
+fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) -> Instant {
     if let Some(kind) = error.upstream_kind() {
         canary.metrics.record_upstream_error(kind);
     }
     crate::metrics::record_canary_fallback();
     let now = Instant::now();
+    canary
+        .metrics
+        .record_response(error.status(), now - started);
     canary.window.record(
         clock::since_start_at(now.into_std()),
         Observation {
@@ -395,6 +403,7 @@ fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) {
         },
     );
     tracing::warn!(version = %canary.name, %error, "no canary upstream took the request; stable answers it");
+    now
 }
 
 /// A response on its way to the client, and what the guardrails are to
