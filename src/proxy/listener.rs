@@ -159,8 +159,12 @@ pub async fn serve(
         };
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         let counted = Counted::new(open_connections.clone());
+        // The task holds every connection for its life, idle ones too: its
+        // log line reads the peer from `connection` rather than keep a copy
+        // (a few bytes that take the task into jemalloc's next size class).
         tokio::spawn(async move {
             if let Err(error) = connection.run(stream, acceptor).await {
+                let peer = connection.peer;
                 tracing::debug!(%error, client.addr = %peer, "connection ended with an error");
             }
             drop(counted);
