@@ -200,7 +200,7 @@ fn describe() {
     );
     describe_counter!(
         CANARY_FALLBACKS_TOTAL,
-        "Canary-cohort requests served by stable: no canary upstream was available, or every one refused the request."
+        "Canary-cohort requests sent to stable: no canary upstream was available, or every one refused the request."
     );
     describe_counter!(
         SHADOW_DROPPED_TOTAL,
@@ -361,7 +361,7 @@ pub fn record_rollback(source: Source) {
     counter!(ROLLBACKS_TOTAL, "source" => source.as_str()).increment(1);
 }
 
-/// Counts one canary-cohort request served by stable. The handle is
+/// Counts one canary-cohort request sent to stable. The handle is
 /// resolved once: with the canary down, every request of its cohort counts.
 pub fn record_canary_fallback() {
     static FALLBACKS: OnceLock<Counter> = OnceLock::new();

@@ -439,6 +439,35 @@ async fn a_gated_canary_is_probed_again_within_a_second_whatever_the_interval() 
     server.shutdown().await;
 }
 
+/// A server in front of `stable` and a 50% canary named `name`, with
+/// probes an hour apart, `canary_unavailable = mode` and the other `[health]` keys of
+/// `health`, whose canary answered a request of its cohort and has then
+/// stopped (its port refuses connections); with a client and a key of the
+/// canary's cohort.
+async fn canary_answered_then_stopped(
+    stable: SocketAddr,
+    name: &str,
+    health: &str,
+    mode: &str,
+) -> (Server, Backend, Http, String) {
+    let canary = Backend::start(name).await;
+    let extra = format!(
+        "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
+        [health]\ninterval = \"1h\"\ncanary_unavailable = \"{mode}\"\n{health}"
+    );
+    let toml = support::config(&[stable], Some((&[canary.addr], 50.0)), &extra)
+        .replace(&format!("name = \"{CANARY}\""), &format!("name = {name:?}"));
+    let server = support::start_cohort(&toml).await;
+    let client = Http::new(server.proxy_addr());
+    // Without `routing.salt`, the salt is the canary's name.
+    let on_canary = key_on(name, 50.0, CANARY, "user");
+    let reply = client.get("/", &[("x-user", &on_canary)]).await;
+    assert_eq!(reply.version(), name, "{mode}: {reply:?}");
+    assert_eq!(healthy_gauge(&server, name, canary.addr).await, Some(1.0));
+    canary.stop().await;
+    (server, canary, client, on_canary)
+}
+
 /// Passive ejection of every canary upstream sends its cohort to stable
 /// (`canary_unavailable = "stable"`) or answers it 503 (`"error"`), rather
 /// than trying the ejected ones as a version with nowhere else to go does;
@@ -447,21 +476,10 @@ async fn a_gated_canary_is_probed_again_within_a_second_whatever_the_interval() 
 async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
     for mode in ["stable", "error"] {
         let stable = Backend::start("stable").await;
-        let canary = Backend::start("ejected").await;
         // Probes an hour apart: only the passive rule acts within the test.
-        let extra = format!(
-            "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
-            [health]\ninterval = \"1h\"\neject_after_errors = 2\neject_for = \"1h\"\n\
-            canary_unavailable = \"{mode}\"\n"
-        );
-        let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
-        let client = Http::new(server.proxy_addr());
-        let on_canary = key_on(CANARY, 50.0, CANARY, "user");
-        let reply = client.get("/", &[("x-user", &on_canary)]).await;
-        assert_eq!(reply.version(), CANARY, "{mode}: {reply:?}");
-        assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
-
-        canary.stop().await;
+        let health = "eject_after_errors = 2\neject_for = \"1h\"\n";
+        let (server, canary, client, on_canary) =
+            canary_answered_then_stopped(stable.addr, CANARY, health, mode).await;
         // The refusals that eject it: answered by stable in the first
         // mode (see the test below), with the 502 in the second.
         let mut answered = Vec::new();
@@ -502,31 +520,19 @@ async fn an_ejected_canary_hands_its_cohort_to_stable_or_answers_503() {
 async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
     for mode in ["stable", "error"] {
         let stable = support::Backend::start(STABLE).await;
-        let canary = Backend::start("refusing").await;
         // Probes an hour apart and no passive ejection: the canary stays
         // available to the table throughout.
-        let extra = format!(
-            "[routing]\nsticky_keys = [\"header:x-user\"]\n\n\
-            [health]\ninterval = \"1h\"\neject_after_errors = 1000\n\
-            canary_unavailable = \"{mode}\"\n"
-        );
-        let server = support::cohort(&[stable.addr], Some((&[canary.addr], 50.0)), &extra).await;
-        let client = Http::new(server.proxy_addr());
-        let on_canary = key_on(CANARY, 50.0, CANARY, "user");
-        let reply = client.get("/", &[("x-user", &on_canary)]).await;
-        assert_eq!(reply.version(), CANARY, "{mode}: {reply:?}");
-
-        canary.stop().await;
-        // The counters are the process's, shared with the other tests and
-        // the other mode: only their growth says anything.
+        let health = "eject_after_errors = 1000\n";
+        // A name of its own: the metric series are the process's, and
+        // other tests stop canaries too.
+        let name = format!("v2-refusing-{mode}");
+        let (server, canary, client, on_canary) =
+            canary_answered_then_stopped(stable.addr, &name, health, mode).await;
+        // Except for the fallbacks, whose counter has no version label.
         let counter = |name, labels| {
             let server = &server;
             async move { metric(server, name, labels).await.unwrap_or(0.0) }
         };
-        let refused = [("version", CANARY), ("kind", "connect")];
-        let refused_before = counter("cohort_upstream_errors_total", &refused).await;
-        let canary_502 = [("version", CANARY), ("code", "502")];
-        let canary_502_before = counter("cohort_requests_total", &canary_502).await;
         let fallbacks_before = counter("cohort_canary_fallbacks_total", &[]).await;
         let body = Bytes::from_static(b"a body that must arrive whole");
         let mut answered = Vec::new();
@@ -543,7 +549,7 @@ async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
         let expected = if mode == "stable" {
             (200, STABLE.to_owned())
         } else {
-            (502, CANARY.to_owned())
+            (502, name.clone())
         };
         assert_eq!(answered, vec![expected; 3], "{mode}");
         assert_eq!(stable.hits(), if mode == "stable" { 3 } else { 0 });
@@ -555,9 +561,10 @@ async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
                 0
             }
         );
+        let refused = [("version", name.as_str()), ("kind", "connect")];
         assert_eq!(
             counter("cohort_upstream_errors_total", &refused).await,
-            refused_before + 3.0,
+            3.0,
             "{mode}"
         );
         if mode == "stable" {
@@ -569,13 +576,22 @@ async fn a_canary_that_refuses_a_request_hands_it_to_stable() {
         }
         // Each refusal is the canary's 502 in its own numbers, whoever
         // answered the client.
+        let canary_502 = [("version", name.as_str()), ("code", "502")];
         assert_eq!(
             counter("cohort_requests_total", &canary_502).await,
-            canary_502_before + 3.0,
+            3.0,
             "{mode}"
         );
+        // And in both durations, with the request it answered first.
+        for histogram in [
+            "cohort_request_duration_seconds_count",
+            "cohort_response_duration_seconds_count",
+        ] {
+            let count = metric(&server, histogram, &[("version", name.as_str())]).await;
+            assert_eq!(count, Some(4.0), "{mode}: {histogram}");
+        }
         // Not ejected, nor probed down: the refusals alone did it.
-        assert_eq!(healthy_gauge(&server, CANARY, canary.addr).await, Some(1.0));
+        assert_eq!(healthy_gauge(&server, &name, canary.addr).await, Some(1.0));
         server.shutdown().await;
     }
 }

@@ -197,7 +197,11 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct InFlight {
     version: Arc<Version>,
+    /// The request's arrival, for the access log.
     started: Instant,
+    /// Where the version's durations count from: the arrival, or the
+    /// hand-over of a request the canary gave back ([`InFlight::move_to`]).
+    timed_from: Instant,
     /// For the access log line of a request abandoned before its answer.
     decision: Decision,
     client: SocketAddr,
@@ -232,6 +236,7 @@ impl InFlight {
         InFlight {
             version,
             started,
+            timed_from: started,
             decision,
             client,
             close_epoch,
@@ -243,13 +248,13 @@ impl InFlight {
 
     /// Moves the request to `version` before it was answered (a canary's
     /// cohort handed to stable): its gauge, what it is recorded against,
-    /// and the time its durations count from, `started`.
-    pub fn move_to(&mut self, version: Arc<Version>, started: Instant) {
+    /// and the time its durations count from, `timed_from`.
+    pub fn move_to(&mut self, version: Arc<Version>, timed_from: Instant) {
         self.version.metrics.in_flight.decrement(1.0);
         version.metrics.in_flight.increment(1.0);
         self.close_epoch = version.close_epoch();
         self.version = version;
-        self.started = started;
+        self.timed_from = timed_from;
     }
 
     /// Follows the request body's progress (see the `body` field).
@@ -485,7 +490,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let metrics = &self.version.metrics;
         let now = Instant::now();
-        let elapsed = now - self.started;
+        let elapsed = now - self.timed_from;
         metrics.in_flight.decrement(1.0);
         metrics.response_duration.record(elapsed);
         if let Some(body) = &self.body {

@@ -382,18 +382,18 @@ enum Forwarded {
 
 /// Records against the canary a request that none of its upstreams took,
 /// which stable is to answer, as the answer it would have had (a 502 or
-/// 504): in its metrics, so that its error ratio counts it, and for the
-/// guardrails, which would otherwise never hear of it. Returns the time of
-/// the hand-over.
+/// 504, with no body): in its metrics, so that its error ratio counts it,
+/// and for the guardrails, which would otherwise never hear of it. Returns
+/// the time of the hand-over.
 fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) -> Instant {
     if let Some(kind) = error.upstream_kind() {
         canary.metrics.record_upstream_error(kind);
     }
     crate::metrics::record_canary_fallback();
     let now = Instant::now();
-    canary
-        .metrics
-        .record_response(error.status(), now - started);
+    let metrics = &canary.metrics;
+    metrics.record_response(error.status(), now - started);
+    metrics.response_duration.record(now - started);
     canary.window.record(
         clock::since_start_at(now.into_std()),
         Observation {
