@@ -48,6 +48,9 @@ OHA=${OHA:-oha}
 for t in nginx haproxy wrk curl taskset python3; do
   command -v "$t" >/dev/null || { echo "extras.sh: '$t' not found" >&2; exit 1; }
 done
+if [ "${SYSCALLS:-0}" = 1 ] && ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+  echo "extras.sh: SYSCALLS=1 needs perf (linux-perf) allowed to read tracepoints (root, or perf_event_paranoid -1)" >&2; exit 1
+fi
 if [ "$MODE" = rate ] || [ -n "${CPU_RATE:-}" ]; then command -v "$OHA" >/dev/null || { echo "extras.sh: oha not found (cargo install oha)" >&2; exit 1; }; fi
 for p in 9101 9102 9201 9202 9203 9903; do
   if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "extras.sh: port $p is in use" >&2; exit 1; fi
