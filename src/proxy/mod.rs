@@ -2,7 +2,8 @@
 //!
 //! Owns: [`Proxy::handle`], which reads top to bottom in the order a request
 //! lives: load the table snapshot, read the sticky key, decide the cohort,
-//! offer the shadow a copy, forward to one of the version's upstreams, tag
+//! offer the shadow a copy, forward to one of the version's upstreams
+//! (stable's, for a request that every canary upstream turned away), tag
 //! the response, record it; the answer itself is shaped by `relay` (an
 //! upstream's response) or `answer_error` (the proxy's own), which say
 //! when the guardrails are to judge it.
@@ -215,14 +216,14 @@ impl Proxy {
 
     /// Sends `req`, rewritten for `version`, to one of its upstreams and
     /// waits for the response headers. A request that an upstream failed
-    /// without it being sent
-    /// (the connection was refused, or closed before the request went out),
-    /// or an idempotent one without a body that a new connection closed
-    /// unanswered, goes on to the version's next available upstream when
-    /// the client gives it back (see `upstream::SendError`), as
-    /// nginx's `proxy_next_upstream error timeout` does; each is tried once,
-    /// all within the one response timeout, which a request body still
-    /// streaming pushes back (see [`body::BodyProgress`]). The try of one
+    /// without it being sent (the connection was refused, or closed before
+    /// the request went out), or an idempotent one without a body that a
+    /// new connection closed unanswered, goes on to the version's next
+    /// available upstream when the client gives it back (see
+    /// `upstream::SendError`), as nginx's `proxy_next_upstream error
+    /// timeout` does; each is tried once, all within one response timeout
+    /// from `started`, which a request body still streaming pushes back
+    /// (see [`body::BodyProgress`]). The try of one
     /// that an HTTP/2 upstream says it did not process counts against no
     /// upstream, and it may go to the same upstream once more when that is
     /// the only one; a failure that ends the request counts. With
@@ -241,8 +242,8 @@ impl Proxy {
             return Forwarded::Failed(ProxyError::NoUpstream);
         };
         let response_timeout = table.policy.response_timeout;
-        // From the request's arrival, microseconds before it is sent:
-        // one clock read fewer per request.
+        // From the request's arrival (or its hand-over), microseconds
+        // before it is sent: one clock read fewer per request.
         let mut deadline = started + response_timeout;
         let progress = req.body().progress();
         let first = index;
@@ -386,19 +387,20 @@ enum Forwarded {
 /// and for the guardrails, which would otherwise never hear of it. Returns
 /// the time of the hand-over.
 fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) -> Instant {
+    let metrics = &canary.metrics;
     if let Some(kind) = error.upstream_kind() {
-        canary.metrics.record_upstream_error(kind);
+        metrics.record_upstream_error(kind);
     }
     crate::metrics::record_canary_fallback();
     let now = Instant::now();
-    let metrics = &canary.metrics;
-    metrics.record_response(error.status(), now - started);
-    metrics.response_duration.record(now - started);
+    let waited = now - started;
+    metrics.record_response(error.status(), waited);
+    metrics.response_duration.record(waited);
     canary.window.record(
         clock::since_start_at(now.into_std()),
         Observation {
             success: false,
-            latency: now - started,
+            latency: waited,
             tokens: None,
         },
     );
