@@ -16,7 +16,8 @@
 //!   fails mid-body, handing the failure on only after what came before
 //!   it has been sent.
 //! - [`InFlight`]: holds a version's in-flight gauge from the request's
-//!   start to the body's end (or the client's disconnect), then records the
+//!   start to the body's end (or the client's disconnect), moving it to
+//!   stable with a request the canary gave back, then records the
 //!   response duration, and in the version's window the outcome of a
 //!   streamed response (a failure if its upstream cut it); for a request
 //!   its client abandoned before the response head, a 499, its access log
