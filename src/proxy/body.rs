@@ -21,7 +21,7 @@
 //!   response duration, and in the version's window the outcome of a
 //!   streamed response (a failure if its upstream cut it); for a request
 //!   its client abandoned before the response head, a 499, its access log
-//!   line and a failure.
+//!   line and its wait.
 //! - [`BodyProgress`]: how far a request body has got (which the response
 //!   timeout counts from), whether it waits on its client, and when one
 //!   left silent after its response has ended is due to be cut.
@@ -502,9 +502,12 @@ impl Drop for InFlight {
             self.version.window.record(at, verdict);
         }
         if !self.answered {
-            // The client gave up waiting for this version: the wait it felt
-            // is recorded as a failure, so a canary that hangs is seen by
-            // its metrics and judged by the guardrails.
+            // The client gave up waiting for this version. The wait it felt
+            // is recorded, so a canary that hangs is seen by its metrics
+            // and by the latency guardrails (the wait is at most what the
+            // answer would have taken). It is no failure: a 499 is not a
+            // 5xx, and a client able to fail a canary at will by leaving
+            // could roll back any release.
             if let Ok(status) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
                 metrics.record_response(status, elapsed);
                 super::access::log(
@@ -525,7 +528,7 @@ impl Drop for InFlight {
                 self.version.window.record(
                     crate::clock::since_start_at(now.into_std()),
                     Observation {
-                        success: false,
+                        success: true,
                         latency: elapsed,
                         tokens: None,
                     },

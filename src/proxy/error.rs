@@ -60,7 +60,7 @@ impl ProxyError {
     /// Whether the request was refused unread (no upstream saw it), or cut
     /// short by its client (a body that stopped arriving or was broken
     /// off): the client connection is not to be trusted with another, and,
-    /// save as [`ProxyError::counts_against_version`] says, it says
+    /// save as [`ProxyError::verdict`] says, it says
     /// nothing of the version.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
@@ -74,13 +74,19 @@ impl ProxyError {
         )
     }
 
-    /// Whether the version's guardrails count this failure (as one): not a
-    /// refusal, save a client's giving up on an open-ended body.
+    /// What the version's guardrails make of this failure: `Some(false)`,
+    /// a failure (the upstream's, or the proxy's in reaching it);
+    /// `Some(true)`, a wait that failed nothing (a client that gave up on
+    /// an open-ended body while it waited: like any client that gives up
+    /// waiting, a 499, its wait judged as latency, not as an error, as the
+    /// success rate is the share that is not a 5xx); `None`, nothing (a
+    /// refusal). No client can fail a version by giving up on it.
     #[must_use]
-    pub fn counts_against_version(&self) -> bool {
+    pub fn verdict(&self) -> Option<bool> {
         match self {
-            ProxyError::ClientClosed { open_ended, .. } => *open_ended,
-            _ => !self.is_refusal(),
+            ProxyError::ClientClosed { open_ended, .. } => open_ended.then_some(true),
+            _ if self.is_refusal() => None,
+            _ => Some(false),
         }
     }
 

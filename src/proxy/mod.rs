@@ -423,9 +423,9 @@ struct Answer {
 /// by what its upstreams did: a request refused unread, or whose client
 /// stopped sending its body or left part way through it, says nothing of
 /// it, and a client must not be able to fail a canary by sending malformed,
-/// stalled or unfinished requests. A client that gave up on an open-ended
-/// body while it waited is a failure, as one that gave up on any other
-/// request is (a 499).
+/// stalled, unfinished or abandoned requests. A client that gave up on an
+/// open-ended body while it waited is a wait, as one that gave up on any
+/// other request is (a 499): its latency, not a failure.
 enum Judged {
     /// Now, at the response head.
     AtHead { success: bool },
@@ -500,12 +500,9 @@ fn answer_error(
     }
     tracing::debug!(version = %version.name, %error, "request failed");
     let refused = error.is_refusal();
-    // Every failure that counts is one: an upstream's (a 5xx), or a
-    // client's giving up on an open-ended body (a 499).
-    let judged = if error.counts_against_version() {
-        Judged::AtHead { success: false }
-    } else {
-        Judged::Not
+    let judged = match error.verdict() {
+        Some(success) => Judged::AtHead { success },
+        None => Judged::Not,
     };
     let mut rsp = error.into_response(&version.name, in_flight);
     // What follows a refused request on the connection (a CONNECT's
