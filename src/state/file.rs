@@ -176,12 +176,7 @@ impl FileStore {
         if let Some(dir) = temp.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(error)?;
         }
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)
-            .map_err(error)?;
+        create_temp(&temp).map_err(error)?;
         let _ = fs::remove_file(&temp);
         Ok(())
     }
@@ -298,6 +293,22 @@ fn link_target(path: &Path) -> std::io::Result<std::path::PathBuf> {
     Err(std::io::Error::other("too many levels of links"))
 }
 
+/// Creates the temp file `temp` anew, for this write alone. An entry
+/// already there (a crash's leftover, or a link planted in a directory
+/// others may write to, for the write to land on a file of their choosing
+/// and the rename to make the state file their link) is removed, never
+/// followed or truncated.
+fn create_temp(temp: &Path) -> std::io::Result<File> {
+    let create = || OpenOptions::new().write(true).create_new(true).open(temp);
+    match create() {
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(temp)?;
+            create()
+        }
+        created => created,
+    }
+}
+
 /// Replaces `path` with `contents` so that readers and crashes see the old
 /// file or the new one, whole. An error means the old file is in place.
 /// A `path` that is a link is written where it points, as it is read
@@ -319,11 +330,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     temp_name.push(format!(".tmp.{}", std::process::id()));
     let temp = dir.join(temp_name);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)?;
+        let mut file = create_temp(&temp)?;
         if let Some(permissions) = kept_permissions {
             file.set_permissions(permissions)?;
         }
@@ -378,5 +385,28 @@ mod tests {
         fs::remove_file(&target).unwrap();
         write_atomically(&link, b"fresh").unwrap();
         assert_eq!(fs::read_to_string(&target).unwrap(), "fresh");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temp_name_is_neither_followed_nor_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "someone else's").unwrap();
+        let path = dir.path().join("state.json");
+        fs::write(&path, "old").unwrap();
+        let temp = dir
+            .path()
+            .join(format!("state.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+
+        let store = FileStore::new(path.clone());
+        store.check_writable().unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "someone else's");
+
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "someone else's");
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
     }
 }
