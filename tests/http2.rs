@@ -37,8 +37,8 @@ use support::{
 };
 use tls_support::{
     ACK, BigH2Backend, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, H2, H2Backend, HEADERS,
-    PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, StreamTurn, frame, get, h2c, listen_tls,
-    request_block, require, run, seen_version, send_h2, tls_client, tls_connect,
+    PREFACE, Pki, RST_STREAM, RawH2, RawH2Upstream, SETTINGS, StreamTurn, frame, get, h2c,
+    listen_tls, request_block, require, run, seen_version, send_h2, tls_client, tls_connect,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -783,8 +783,8 @@ async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_co
     )
     .await;
     // Eight streams whose client reads nothing: each takes in what its
-    // client's 64 KiB window and its upstream stream's window hold, more
-    // in all than hyper's default connection window (5 MiB).
+    // client's 64 KiB window and its upstream stream's window (256 KiB)
+    // hold, and what waits for them in each server's send buffer.
     let (mut stalled, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(65_535)
         .handshake(TokioIo::new(
@@ -799,8 +799,8 @@ async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_co
     for _ in 0..8 {
         held.push(response_head(&mut stalled, get(&url(&server, "/big"), &[])).await);
     }
-    eventually("the slow streams to take in 5 MiB", || {
-        backend.taken() >= 5 << 20
+    eventually("the slow streams to take in their windows", || {
+        backend.taken() >= 8 * (256 << 10)
     })
     .await;
     // Another client's response shares their upstream connection.
@@ -809,6 +809,69 @@ async fn clients_that_read_slowly_do_not_hold_up_other_streams_of_an_upstream_co
     assert_eq!(reply.body.len(), BigH2Backend::SMALL);
     drop(held);
     server.shutdown().await;
+}
+
+/// A client that opens streams and reads nothing of them holds what their
+/// responses may buffer in the proxy: as many streams as nginx allows, and
+/// an HTTP/2 upstream may run 256 KiB ahead of each (hyper's 2 MiB let one
+/// client make the proxy hold 800 MB).
+#[tokio::test]
+async fn what_a_stalled_http2_client_may_hold_is_bounded() {
+    // An HTTP/2 upstream that only reads the settings it is sent.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("an address");
+    let server = cohort_named(("h2-bounds", &[format!("h2c://{upstream}")]), None, "").await;
+
+    let mut h2 = RawH2 {
+        stream: TcpStream::connect(server.proxy_addr())
+            .await
+            .expect("connect"),
+    };
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    h2.write(&hello).await;
+    let settings = h2
+        .until(|f| f.kind == SETTINGS && f.flags & ACK == 0)
+        .await
+        .expect("the proxy's SETTINGS");
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    assert_eq!(
+        setting(&settings.payload, MAX_CONCURRENT_STREAMS),
+        Some(128)
+    );
+
+    // A request makes the proxy connect (if its start-up probe has not).
+    let proxy = server.proxy_addr();
+    let request = tokio::spawn(async move { Http::new(proxy).get("/", &[]).await });
+    let (mut tcp, _) = within("the proxy to connect upstream", listener.accept())
+        .await
+        .expect("accept");
+    let mut preface = [0u8; 24];
+    tcp.read_exact(&mut preface).await.expect("the preface");
+    assert_eq!(&preface[..], PREFACE);
+    let mut upstream_side = RawH2 { stream: tcp };
+    let settings = upstream_side
+        .until(|f| f.kind == SETTINGS && f.flags & ACK == 0)
+        .await
+        .expect("the proxy's SETTINGS to its upstream");
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    assert_eq!(
+        setting(&settings.payload, INITIAL_WINDOW_SIZE),
+        Some(256 << 10)
+    );
+    request.abort();
+    drop(upstream_side);
+    server.shutdown().await;
+}
+
+/// The value of setting `id` in a SETTINGS frame's payload, if it is there.
+fn setting(payload: &[u8], id: u16) -> Option<u32> {
+    payload.chunks_exact(6).find_map(|entry| {
+        (u16::from_be_bytes([entry[0], entry[1]]) == id)
+            .then(|| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+    })
 }
 
 /// Starts Cohort with one worker, so that every request goes through the

@@ -98,6 +98,13 @@ const H2_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// connection.
 const RECLAIMED_H2_GRACE: Duration = Duration::from_millis(200);
 
+/// Streams an HTTP/2 client may have open at once: nginx's default.
+const H2_MAX_STREAMS: u32 = 128;
+
+/// How much of a stream's response may wait in the proxy for its HTTP/2
+/// client's flow-control window to open.
+const H2_SEND_BUFFER: usize = 64 << 10;
+
 /// Accepts and serves connections (on any of `listeners`: usually one, more
 /// after a reload to fewer workers) until `shutdown` resolves, then stops
 /// accepting and lets open requests finish for up to `drain_timeout`. With
@@ -238,9 +245,17 @@ impl Settings {
             .max_buf_size(MAX_HEAD_BYTES);
         let mut http2 = http2::Builder::new(StreamExecutor::new(config.send_timeout));
         // The same limit on a request's headers as over HTTP/1.1 (HPACK-decoded size).
+        // A client that opens streams and reads nothing of them holds, for
+        // each, what its response may buffer here and upstream: so as many
+        // streams as nginx allows (`http2_max_concurrent_streams`), where
+        // hyper's default is 200, and 64 KiB of each response queued for
+        // the client, where hyper's is 400 KiB (the upstream's window is
+        // as small: `upstream::H2_STREAM_WINDOW`).
         http2
             .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEAD_BYTES as u32);
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_send_buf_size(H2_SEND_BUFFER);
         Settings {
             http1,
             http2,

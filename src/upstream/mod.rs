@@ -449,9 +449,12 @@ where
 }
 
 /// How much of an HTTP/2 upstream stream's response may arrive before the
-/// proxy has passed it on (hyper's default): what a client that reads
-/// slowly leaves waiting in the proxy, per stream.
-pub(crate) const H2_STREAM_WINDOW: u32 = 2 << 20;
+/// proxy has passed it on: what a client that reads slowly, or not at all,
+/// leaves waiting in the proxy, per stream. hyper's default (2 MiB) let
+/// one HTTP/2 client that opened streams and read nothing make the proxy
+/// hold 800 MB; with 256 KiB it holds under 70 MB, and one large download
+/// over loopback goes as fast as with 2 MiB (`BENCHMARKS.md`).
+pub(crate) const H2_STREAM_WINDOW: u32 = 256 << 10;
 
 /// How much of all of an HTTP/2 upstream connection's responses may: room
 /// for 256 streams' windows, where hyper's default (5 MiB) holds two and a
@@ -459,7 +462,7 @@ pub(crate) const H2_STREAM_WINDOW: u32 = 2 << 20;
 /// that read slowly would otherwise hold up every other client's response
 /// from that upstream. A window grants the upstream leave to send, no
 /// memory; what waits stays bounded by the streams' own windows (so, at
-/// worst, 2 MiB for each stream whose client reads nothing).
+/// worst, 256 KiB for each stream whose client reads nothing).
 pub(crate) const H2_CONNECTION_WINDOW: u32 = 256 * H2_STREAM_WINDOW;
 
 /// `tls` with ALPN offering HTTP/1.1 alone.
