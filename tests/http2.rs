@@ -655,6 +655,34 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
     server.shutdown().await;
 }
 
+/// An upstream certificate that does not name its upstream fails the
+/// request without the client being told the names: the address the proxy
+/// asked for, and those the certificate holds.
+#[tokio::test]
+async fn a_certificate_for_another_name_is_not_described_to_the_client() {
+    let pki = Pki::new();
+    let leaf = pki.leaf_for("internal", &["billing.internal.example"]);
+    let backend = H2Backend::tls(STABLE, &leaf).await;
+    let upstream = format!("https://127.0.0.1:{}", backend.addr.port());
+    let ca = format!("[upstream]\nca_file = {:?}\n", pki.ca);
+    let server = cohort_named((STABLE, &[upstream]), None, &ca).await;
+    let reply = Http::new(server.proxy_addr()).get("/secure", &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    assert_eq!(reply.json()["error"], "connect");
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        detail.contains("not valid for the upstream's name"),
+        "{detail}"
+    );
+    assert!(!detail.contains("internal.example"), "{detail}");
+    assert!(!detail.contains("127.0.0.1"), "{detail}");
+    assert_eq!(backend.hits(), 0);
+    server.shutdown().await;
+}
+
 /// An upstream that accepts TCP connections and holds them open, never
 /// answering a byte (a TLS ClientHello included); returns its address and
 /// how many connections it has accepted.

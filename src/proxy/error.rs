@@ -213,14 +213,22 @@ impl ProxyError {
     }
 }
 
-/// An error and its causes, as one line.
-pub(super) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
+/// An error and its causes, as one line. An upstream certificate that does
+/// not name its upstream is told without the names, which are the
+/// operator's business, not the client's (the connector logs them).
+pub(super) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        if crate::upstream::connect::is_name_mismatch(cause) {
+            text.push_str("invalid peer certificate: not valid for the upstream's name");
+            break;
+        }
         text.push_str(&cause.to_string());
-        source = cause.source();
+        next = cause.source();
     }
     text
 }

@@ -33,6 +33,26 @@ use tokio_rustls::client::TlsStream;
 use crate::BoxError;
 use crate::coalesce;
 
+/// Whether `error` is an upstream certificate that does not name the
+/// upstream. Its text holds the name the proxy asked for and those the
+/// certificate has: an internal address and host names, which the answer
+/// to a client must not carry. The connector logs them.
+pub(crate) fn is_name_mismatch(error: &(dyn std::error::Error + 'static)) -> bool {
+    let rustls = error.downcast_ref::<rustls::Error>().or_else(|| {
+        error
+            .downcast_ref::<std::io::Error>()?
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+    });
+    matches!(
+        rustls,
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. }
+        ))
+    )
+}
+
 /// A TCP connector with the settings of every upstream connection.
 pub(crate) fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
@@ -107,7 +127,8 @@ impl tower_service::Service<Uri> for CountingConnector {
             let io = match server_name {
                 None => Transport::Tcp(tcp),
                 Some(name) => {
-                    let handshake = tls.connect(name?, tcp);
+                    let name = name?;
+                    let handshake = tls.connect(name.clone(), tcp);
                     let tls = tokio::time::timeout(handshake_timeout, handshake)
                         .await
                         .map_err(|_| {
@@ -115,7 +136,18 @@ impl tower_service::Service<Uri> for CountingConnector {
                                 std::io::ErrorKind::TimedOut,
                                 "the TLS handshake timed out",
                             )
-                        })??;
+                        })?
+                        .inspect_err(|error| {
+                            // Told here only: the client's answer leaves
+                            // the names out (`is_name_mismatch`).
+                            if is_name_mismatch(error) {
+                                tracing::warn!(
+                                    upstream = ?name,
+                                    %error,
+                                    "the upstream's certificate does not name it"
+                                );
+                            }
+                        })?;
                     Transport::Tls(Box::new(tls))
                 }
             };

@@ -78,9 +78,13 @@ impl Pki {
 
     /// Issues a leaf named `name` (its common name) into `<dir>/<name>.crt` and `.key`.
     pub fn leaf(&self, name: &str) -> Leaf {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .expect("leaf params");
+        self.leaf_for(name, &["localhost", "127.0.0.1"])
+    }
+
+    /// A leaf certificate for `names` alone.
+    pub fn leaf_for(&self, name: &str, names: &[&str]) -> Leaf {
+        let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().expect("a leaf key");
