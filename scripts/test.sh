@@ -4,8 +4,9 @@
 #
 # Needs a Rust toolchain. The build needs a C compiler (cc, from gcc, for
 # linking and for building jemalloc) and make (for jemalloc), and the tests
-# call promtool (prometheus), curl and nghttp (nghttp2-client); on Debian
-# they are installed with apt-get when missing, as root or through sudo.
+# call promtool (prometheus), curl, nghttp (nghttp2-client) and prlimit
+# (util-linux); on Debian they are installed with apt-get when missing, as
+# root or through sudo.
 # Safe to run any number of times.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ declare -A PROVIDER=(
   [prometheus]=prometheus
   [curl]=curl
   [nghttp]=nghttp2-client
+  [prlimit]=util-linux
 )
 
 missing=()

@@ -920,3 +920,72 @@ async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_no
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sse.finish(body).await;
 }
+
+/// A proxy out of file descriptors cannot connect upstream, and says so
+/// with a 503: its own shortage, which ejects no upstream (nginx counts no
+/// failed `socket()` against a peer), however low the ejection threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_out_of_file_descriptors_answers_503_and_ejects_no_upstream() {
+    let backend = Backend::start(STABLE).await;
+    let extra = "[health]\ninterval = \"1h\"\neject_after_errors = 1\n";
+    let text = support::with_listen_keys(
+        &support::config(&[backend.addr], None, extra),
+        "workers = 1",
+    );
+    let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
+    let path = parsed.state.path.with_file_name("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let process = support::Process::serve(&path, &[]).await;
+
+    // Room for four descriptors above its lowest free one (a new one takes
+    // the lowest): the clients below take them, and the rest wait in the
+    // listen backlog.
+    let open: std::collections::HashSet<u32> =
+        std::fs::read_dir(format!("/proc/{}/fd", process.pid()))
+            .expect("the process's descriptors")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    let lowest_free = (0..).find(|fd| !open.contains(fd)).expect("a free number");
+    let limit = format!("--nofile={}", lowest_free + 4);
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &process.pid(), &limit])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(TcpStream::connect(process.proxy).await.expect("connect"));
+    }
+    process.log_line(&["accept failed"]).await;
+
+    // The first client was accepted first; its request finds no descriptor.
+    let first = &mut clients[0];
+    first
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send a request");
+    let mut head = Vec::new();
+    let mut reader = BufReader::new(first);
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = within("the answer's head", reader.read_until(b'\n', &mut head))
+            .await
+            .expect("read the answer");
+        assert!(read > 0, "closed: {}", String::from_utf8_lossy(&head));
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let line = process.log_line(&["upstream request failed"]).await;
+    assert!(line.contains("Too many open files"), "{line}");
+
+    // With the clients gone, the one upstream serves again, never ejected.
+    drop(reader);
+    drop(clients);
+    let admin = support::AdminApi::new(process.admin);
+    let state = admin.state().await;
+    assert_eq!(state["stable"]["health"][0]["ejected"], false, "{state:#}");
+    let reply = Http::new(process.proxy)
+        .get("/", &[("x-user-id", "bob")])
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(backend.hits(), 1);
+}

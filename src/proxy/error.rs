@@ -41,6 +41,11 @@ pub enum ProxyError {
     /// The version has no upstream to send to.
     #[error("no upstream of this version is available")]
     NoUpstream,
+    /// The proxy could not open a connection for want of its own resources
+    /// (file descriptors, memory, local ports): 503, as for no upstream,
+    /// and held against neither the upstream nor the version.
+    #[error("the proxy cannot open another connection: {0}")]
+    OutOfResources(String),
     #[error("cannot connect to the upstream: {0}")]
     Connect(String),
     #[error("the upstream did not answer in time: {0}")]
@@ -85,6 +90,7 @@ impl ProxyError {
     pub fn verdict(&self) -> Option<bool> {
         match self {
             ProxyError::ClientClosed { open_ended, .. } => open_ended.then_some(true),
+            ProxyError::OutOfResources(_) => None,
             _ if self.is_refusal() => None,
             _ => Some(false),
         }
@@ -125,9 +131,11 @@ impl ProxyError {
         // An HTTP/2 upstream's RST_STREAM or GOAWAY, or its connection
         // broken: it ended the exchange.
         let h2_ended = h2.is_some_and(|e| e.is_remote() || e.is_io());
+        let errno = causes().find_map(|e| e.downcast_ref::<std::io::Error>()?.raw_os_error());
         use std::io::ErrorKind::*;
         match io_kind {
             Some(TimedOut) => ProxyError::Timeout(detail),
+            _ if errno.is_some_and(is_local_exhaustion) => ProxyError::OutOfResources(detail),
             _ if is_connect => ProxyError::Connect(detail),
             Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) => {
                 ProxyError::Reset(detail)
@@ -156,6 +164,7 @@ impl ProxyError {
             | ProxyError::ClientTimeout(_)
             | ProxyError::ClientClosed { .. }
             | ProxyError::NoUpstream
+            | ProxyError::OutOfResources(_)
             | ProxyError::Unsupported(_) => None,
             ProxyError::Connect(_) => Some(UpstreamErrorKind::Connect),
             ProxyError::Timeout(_) => Some(UpstreamErrorKind::Timeout),
@@ -172,7 +181,9 @@ impl ProxyError {
             | ProxyError::ClientClosed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoUpstream | ProxyError::OutOfResources(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect(_)
             | ProxyError::Reset(_)
@@ -189,7 +200,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::ClientClosed { .. } => "client_closed",
-            ProxyError::NoUpstream => "unavailable",
+            ProxyError::NoUpstream | ProxyError::OutOfResources(_) => "unavailable",
             ProxyError::Unsupported(_) | ProxyError::Protocol(_) => "protocol",
             ProxyError::Connect(_) => "connect",
             ProxyError::Timeout(_) => "timeout",
@@ -211,6 +222,17 @@ impl ProxyError {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         rsp
     }
+}
+
+/// Whether an I/O error's code says the proxy itself ran short: of file
+/// descriptors (its own or the system's), of memory for a socket, or of
+/// local ports to connect from. No upstream is to blame, as nginx does not
+/// count a failed `socket()` against a peer.
+fn is_local_exhaustion(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL
+    )
 }
 
 /// An error and its causes, as one line. An upstream certificate that does

@@ -299,7 +299,9 @@ impl Proxy {
                 }
             };
             let error = ProxyError::from_upstream(&failed.error);
-            let Some(retry) = failed.retry else {
+            // Short of its own resources, the proxy would fail the same way
+            // at any upstream.
+            let Some(retry) = failed.retry.filter(|_| error.upstream_kind().is_some()) else {
                 break Err(error);
             };
             // Given back only when another upstream, or for a request it did
@@ -341,9 +343,10 @@ impl Proxy {
             break Err(error);
         };
         // As nginx's error log does: which upstream failed, and how (the
-        // answer to the client names only the version).
+        // answer to the client names only the version); or that the proxy
+        // could not connect to it for want of descriptors.
         if let Err(error) = &result
-            && error.upstream_kind().is_some()
+            && (error.upstream_kind().is_some() || matches!(error, ProxyError::OutOfResources(_)))
         {
             tracing::warn!(version = %version.name, %upstream, %error, "upstream request failed");
         }
@@ -354,7 +357,11 @@ impl Proxy {
         // either way.
         let ok = match &result {
             Ok((rsp, _)) => Some(!rsp.status().is_server_error()),
-            Err(ProxyError::ClientTimeout(_) | ProxyError::ClientClosed { .. }) => None,
+            Err(
+                ProxyError::ClientTimeout(_)
+                | ProxyError::ClientClosed { .. }
+                | ProxyError::OutOfResources(_),
+            ) => None,
             Err(error) => Some(error.upstream_kind().is_none()),
         };
         if let Some(ok) = ok {
