@@ -349,11 +349,37 @@ fn restore_control(
 /// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns
 /// (at once on a second one). SIGUSR1 rolls back, during the drain too;
 /// SIGHUP reloads the config at `path` and the TLS certificate.
+/// Raises the process's soft limit on open files to its hard limit, as Go
+/// programs do at start and nginx's `worker_rlimit_nofile` is set for: the
+/// usual soft default of 1024 would turn clients away with "Too many open
+/// files" at about 500, each with a connection upstream, however high
+/// `listen.max_connections` is. Warns when even the hard limit is short of
+/// two descriptors per connection allowed.
+fn raise_open_files_limit(max_connections: usize) {
+    // Asking for the most the hard limit allows; an unlimited hard limit
+    // still caps it at the kernel's `nr_open` (2^20 by default).
+    let limit = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::increase_nofile_limit(1 << 20))
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft));
+    let needed = 2 * max_connections as u64 + 64;
+    match limit {
+        Ok(limit) if limit < needed => tracing::warn!(
+            open_files = limit,
+            listen.max_connections = max_connections,
+            "the open files limit (ulimit -n, systemd's LimitNOFILE) is below two per connection allowed; \
+             connections past it fail with \"Too many open files\""
+        ),
+        Ok(limit) => tracing::debug!(open_files = limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
+    }
+}
+
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
     let (mut signals, rollbacks) = Signals::register().map_err(ServeError::Signals)?;
     let config = Config::load(path, Pipes::Refused)?;
+    raise_open_files_limit(config.listen.max_connections);
     let mut server = start_with(config, options).await?;
     // Through the drain too: SIGUSR1 still rolls back meanwhile, and
     // `on_rollback = "close"` still cuts the canary's streams.

@@ -865,3 +865,77 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         "a failed demo left its state behind"
     );
 }
+
+/// `cohort serve` raises its soft limit on open files to the hard one, as
+/// Go programs do, and says when even that is short of
+/// `listen.max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
+    let backend = Backend::start(STABLE).await;
+    let scratch = Scratch::new("nofile");
+    let state = scratch.path().join("state.json");
+    let audit = scratch.path().join("audit.jsonl");
+    let config = scratch.write(
+        "cohort.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\nmax_connections = 5000\n\n\
+             [admin]\naddr = \"127.0.0.1:0\"\n\n\
+             [state]\npath = {state:?}\naudit_log = {audit:?}\n\n\
+             [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    // Started with a soft limit of 256 under a hard one of 4096: short of
+    // two descriptors for each of 5000 connections.
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(COHORT)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort serve under prlimit");
+    let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let warning = within("the open files warning", async {
+        loop {
+            let line = log
+                .next_line()
+                .await
+                .expect("read the log")
+                .expect("cohort serve exited before it warned");
+            if line.contains("open files limit") {
+                return line;
+            }
+        }
+    })
+    .await;
+    assert!(warning.contains("open_files=4096"), "{warning}");
+    assert!(warning.contains("max_connections=5000"), "{warning}");
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    // prlimit runs cohort in its own process: its limits are cohort's.
+    let pid = child.id().expect("the child is running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("the limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a line for open files");
+    let values: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(values[3..5], ["4096", "4096"], "{open_files}");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("cohort serve to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for cohort serve");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let _ = within("the log to end", drain).await;
+}
