@@ -106,6 +106,7 @@ async fn drain(client: WebhookClient, url: String, mut events: mpsc::UnboundedRe
             let Err(error) = deliver(&client, &url, body.clone()).await else {
                 break;
             };
+            let url = shown(&url);
             if attempt == ATTEMPTS {
                 tracing::error!(%url, attempt, %error, event = name, "webhook delivery failed; giving up");
                 break;
@@ -114,6 +115,27 @@ async fn drain(client: WebhookClient, url: String, mut events: mpsc::UnboundedRe
             tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
         }
     }
+}
+
+/// `url` as the log shows it: its scheme, host and port. A webhook's path
+/// and query are often its secret (a chat service's incoming webhook is a
+/// token in its path), and logs travel further than the config.
+fn shown(url: &str) -> String {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return "(not a valid URL)".to_owned();
+    };
+    let mut shown = format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.host().unwrap_or_default()
+    );
+    if let Some(port) = uri.port_u16() {
+        shown.push_str(&format!(":{port}"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        shown.push_str("/…");
+    }
+    shown
 }
 
 async fn deliver(client: &WebhookClient, url: &str, body: Bytes) -> Result<(), String> {
@@ -139,6 +161,14 @@ mod tests {
     use hyper_util::rt::TokioIo;
 
     use super::*;
+
+    #[test]
+    fn a_url_is_logged_without_its_path_query_or_user() {
+        let secret = "https://bot:pw@hooks.example.com/services/T0/B0/s3cret?token=x";
+        assert_eq!(shown(secret), "https://hooks.example.com/…");
+        assert_eq!(shown("http://127.0.0.1:9000/"), "http://127.0.0.1:9000");
+        assert_eq!(shown("http://[::1]:9000/hook"), "http://[::1]:9000/…");
+    }
 
     /// A receiver that answers the first call it gets 500 and records
     /// every call's event, in the order they came.
