@@ -46,7 +46,7 @@ use crate::BoxError;
 use crate::config::{Config, VersionConfig};
 use crate::metrics::{Counted, ShadowDropReason, UpstreamErrorKind, record_shadow_dropped};
 use crate::proxy::{Peer, ProxyError, rewrite};
-use crate::routing::{Cohort, Weight, bucket};
+use crate::routing::{BUCKETS, Cohort, Weight, bucket};
 use crate::table::{Gate, Policy, Version, WindowFrom};
 use crate::upstream::connect;
 
@@ -298,7 +298,8 @@ impl Shadow {
     /// the request has a body, the returned [`Tap`] must go into the real
     /// request's body, which feeds the copy through it as the body streams.
     /// `key` is the request's sticky key (or the fallback key drawn for it);
-    /// keyless requests are not mirrored.
+    /// a request with none (`routing.fallback = "stable"`) has no bucket to
+    /// go by, and is drawn at random, at the same share.
     pub fn offer<B: Body>(
         &self,
         req: &Request<B>,
@@ -307,8 +308,11 @@ impl Shadow {
         peer: &Peer,
         tls: bool,
     ) -> Option<Tap> {
-        let key = key?;
-        if !policy.shadow.methods.contains(req.method()) || !self.covers(key) {
+        let covered = match key {
+            Some(key) => self.covers(key),
+            None => self.percent.covers(rand::random_range(0..BUCKETS)),
+        };
+        if !policy.shadow.methods.contains(req.method()) || !covered {
             return None;
         }
         if rewrite::is_upgrade(req) {

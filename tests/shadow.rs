@@ -230,6 +230,44 @@ async fn the_shadow_gets_exactly_the_keys_the_bucket_rule_picks() {
     server.shutdown().await;
 }
 
+/// With `routing.fallback = "stable"` a request with no key has no bucket:
+/// it is mirrored at random at the shadow's share, so a shadow at 100% sees
+/// every one, and one at 0% none.
+#[tokio::test]
+async fn requests_with_no_key_are_mirrored_at_the_shadows_share() {
+    let stable = Backend::start("real").await;
+    let shadow = ShadowBackend::start(false).await;
+    let extra = format!(
+        "[routing]\nsticky_keys = [\"header:x-user\"]\nfallback = \"stable\"\n\n\
+         [shadow]\nname = \"sh-keyless\"\nupstreams = [\"{}\"]\npercent = 100\n",
+        shadow.addr
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let client = Http::new(server.proxy_addr());
+    for _ in 0..20 {
+        assert_real(&client.get("/", &[]).await, &stable);
+    }
+    eventually("every keyless request mirrored", || {
+        shadow.seen().len() == 20
+    })
+    .await;
+
+    let put = |percent| shadow_body("sh-keyless", shadow.addr, percent);
+    let off = admin(&server, Method::PUT, "/admin/shadow", &put(0.0)).await;
+    assert_eq!(off.status, StatusCode::OK, "{off:?}");
+    for _ in 0..20 {
+        assert_real(&client.get("/", &[]).await, &stable);
+    }
+    // A keyed request at 100% again is the marker that those before it
+    // had their chance to be mirrored.
+    let full = admin(&server, Method::PUT, "/admin/shadow", &put(100.0)).await;
+    assert_eq!(full.status, StatusCode::OK, "{full:?}");
+    client.get("/", &[("x-user", "marker")]).await;
+    eventually("the marker copy arrives", || shadow.seen().len() > 20).await;
+    assert_eq!(shadow.seen().len(), 21, "{:?}", shadow.seen());
+    server.shutdown().await;
+}
+
 /// A copy with no healthy shadow upstream to go to is counted as the real
 /// path would count it: a 503 of the shadow, in both histograms alike.
 #[tokio::test]
