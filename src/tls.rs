@@ -5,7 +5,8 @@
 //! with `http/1.0` served beside `http/1.1`),
 //! swapping in a new pair on reload while a bad pair leaves the old one
 //! serving ([`ServerTls`]), and the client config for `https://` upstreams:
-//! the system's roots, or only those of `upstream.ca_file` ([`client_config`]).
+//! the system's roots, or only those of `upstream.ca_file`, whose own
+//! certificates an upstream may present ([`client_config`]).
 //! Every error names the config key and the file. Does not own: the
 //! handshake on accepted connections (`proxy::listener`), connecting to
 //! upstreams (`upstream`), or when a reload happens (`serve`).
@@ -14,9 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{WebPkiServerVerifier, verify_server_name};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
@@ -59,6 +63,10 @@ pub enum TlsErrorKind {
         cert: PathBuf,
         key: PathBuf,
         source: Box<rustls::Error>,
+    },
+    #[error("its certificates cannot check upstreams' certificates: {source}")]
+    Verifier {
+        source: Box<rustls::client::VerifierBuilderError>,
     },
     #[error("{} holds a certificate that cannot be a trust root: {source}", path.display())]
     Root {
@@ -134,6 +142,7 @@ impl ServerTls {
 /// and as roots the certificates in `ca_file` if set, else the system's.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
+    let mut named = Vec::new();
     match ca_file {
         Some(path) => {
             let error = |kind| TlsError {
@@ -141,12 +150,13 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
                 kind,
             };
             for cert in read_certs(path).map_err(error)? {
-                roots.add(cert).map_err(|source| {
+                roots.add(cert.clone()).map_err(|source| {
                     error(TlsErrorKind::Root {
                         path: path.to_owned(),
                         source: Box::new(source),
                     })
                 })?;
+                named.push(cert);
             }
         }
         None => {
@@ -158,11 +168,95 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
             tracing::debug!(added, ignored, "loaded the system root certificates");
         }
     }
-    let mut config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let builder = ClientConfig::builder();
+    let mut config = if named.is_empty() {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        let webpki = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(builder.crypto_provider()),
+        )
+        .build()
+        .map_err(|source| TlsError {
+            key: "upstream.ca_file",
+            kind: TlsErrorKind::Verifier {
+                source: Box::new(source),
+            },
+        })?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NamedInCaFile { webpki, named }))
+            .with_no_client_auth()
+    };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The usual check of an upstream's certificate against `upstream.ca_file`,
+/// which also takes a certificate that is itself in that file and marked
+/// as a CA, as a self-signed one made by `openssl req -x509` is by default:
+/// the operator named that very certificate, and nginx and curl take it.
+/// WebPKI refuses a CA as a server's certificate. Such a certificate must
+/// still name the upstream; and it is in its validity period, which WebPKI
+/// checks before it looks at what kind of certificate it is.
+#[derive(Debug)]
+struct NamedInCaFile {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The certificates of `upstream.ca_file`, as they are in it.
+    named: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for NamedInCaFile {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verified {
+            // What WebPKI says of a CA used as a server's certificate (and
+            // of a few other kinds of certificate misuse).
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)))
+                if self.named.iter().any(|named| named == end_entity) =>
+            {
+                let parsed = ParsedCertificate::try_from(end_entity)?;
+                verify_server_name(&parsed, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            verified => verified,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 fn server_config(cert: &Path, key: &Path, alpn: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {

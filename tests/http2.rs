@@ -655,6 +655,37 @@ async fn an_https_upstream_is_reached_with_the_configured_ca_only() {
     server.shutdown().await;
 }
 
+/// A self-signed certificate marked as a CA (`openssl req -x509` makes
+/// them so), named in `upstream.ca_file`, is taken as nginx and curl take
+/// it; it must still name the upstream.
+#[tokio::test]
+async fn a_self_signed_ca_certificate_in_the_ca_file_is_taken() {
+    let pki = Pki::new();
+    let own = pki.self_signed_ca("own", &["localhost", "127.0.0.1"]);
+    let elsewhere = pki.self_signed_ca("elsewhere", &["elsewhere.example"]);
+    let other = pki.self_signed_ca("other", &["localhost", "127.0.0.1"]);
+    let backend = H2Backend::tls(STABLE, &own).await;
+    let misnamed = H2Backend::tls(STABLE, &elsewhere).await;
+    let cases = [
+        (&own, "127.0.0.1", &backend, StatusCode::OK),
+        (&own, "localhost", &backend, StatusCode::OK),
+        // In the file, but naming another host.
+        (&elsewhere, "127.0.0.1", &misnamed, StatusCode::BAD_GATEWAY),
+        // Of the same kind, but not in the file.
+        (&other, "127.0.0.1", &backend, StatusCode::BAD_GATEWAY),
+    ];
+    for (ca_file, host, upstream, status) in cases {
+        let ca = format!("[upstream]\nca_file = {:?}\n", ca_file.cert);
+        let upstream = format!("https://{host}:{}", upstream.addr.port());
+        let server = cohort_named((STABLE, std::slice::from_ref(&upstream)), None, &ca).await;
+        let reply = Http::new(server.proxy_addr()).get("/secure", &[]).await;
+        assert_eq!(reply.status, status, "{upstream}: {reply:?}");
+        server.shutdown().await;
+    }
+    assert_eq!(backend.hits(), 2);
+    assert_eq!(misnamed.hits(), 0);
+}
+
 /// An upstream certificate that does not name its upstream fails the
 /// request without the client being told the names: the address the proxy
 /// asked for, and those the certificate holds.

@@ -81,6 +81,26 @@ impl Pki {
         self.leaf_for(name, &["localhost", "127.0.0.1"])
     }
 
+    /// A self-signed certificate for `names` that is marked as a CA, as
+    /// `openssl req -x509` makes one by default, and its key: its own trust
+    /// root.
+    pub fn self_signed_ca(&self, name: &str, names: &[&str]) -> Leaf {
+        let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("a key");
+        let cert = params.self_signed(&key).expect("a self-signed certificate");
+        let leaf = Leaf {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+            der: cert.der().to_vec(),
+        };
+        std::fs::write(&leaf.cert, cert.pem()).expect("write the certificate");
+        std::fs::write(&leaf.key, key.serialize_pem()).expect("write the key");
+        leaf
+    }
+
     /// A leaf certificate for `names` alone.
     pub fn leaf_for(&self, name: &str, names: &[&str]) -> Leaf {
         let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
