@@ -888,11 +888,22 @@ impl Control {
         // shadow went live.
         self.save_unsaved(&mut current)?;
         let before = current.saved.live.clone();
-        let live = current.saved.reseed(
+        let mut live = current.saved.reseed(
             &config.versions,
             config.shadow.as_ref(),
             before.generation + 1,
         );
+        // An edit of versions the live state has moved past (promoted, or
+        // replaced through the API) changes nothing: the new section is
+        // saved as the one seen, and no generation or audit line says
+        // otherwise.
+        let unchanged = LiveState {
+            generation: before.generation,
+            ..live.clone()
+        } == before;
+        if unchanged {
+            live.generation = before.generation;
+        }
         let next = SavedState::seeded(
             live,
             &config.versions,
@@ -904,6 +915,16 @@ impl Control {
         self.keep(&mut current, next);
         current.policy = policy;
         self.install(&current.saved.live, &current.policy);
+        if unchanged {
+            tracing::info!(
+                generation = before.generation,
+                "config reloaded; [versions] changed, but only in versions the live state has moved past: nothing re-seeded"
+            );
+            return Ok(Reloaded {
+                live: before,
+                new_canary: false,
+            });
+        }
         self.publish(&current.saved.live);
         self.write_audit(
             Action::Reseed,

@@ -569,3 +569,46 @@ async fn a_client_held_for_a_slot_is_served_across_a_sighup_worker_restart() {
     }
     assert_eq!(process.stop().await, Some(0));
 }
+
+/// A SIGHUP whose `[versions]` edit is of versions the live state has moved
+/// past (its canary promoted) changes nothing, and says so: no new
+/// generation, no `reseed` audit line. The next start restores the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_editing_versions_the_state_moved_past_changes_nothing() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let text = config(&[stable.addr], Some((&[canary.addr], 50.0)), "");
+    let (path, audit) = write_config(&text);
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    let promoted = admin
+        .call(Method::POST, "/admin/promote", serde_json::Value::Null)
+        .await;
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    let before = admin.state().await;
+    assert_eq!(before["stable"]["name"], CANARY, "{before}");
+    let lines = audit_lines(&audit).len();
+
+    // The config still names the promoted canary, now at 20%.
+    std::fs::write(&path, text.replacen("weight = 50", "weight = 20", 1)).expect("edit");
+    process.signal("HUP");
+    process.log_line(&["nothing re-seeded", "moved past"]).await;
+    let after = admin.state().await;
+    assert_eq!(after, before);
+    assert_eq!(audit_lines(&audit).len(), lines);
+    let reply = Http::new(process.proxy)
+        .get("/", &[("x-user-id", "alice")])
+        .await;
+    assert_eq!(reply.version(), CANARY);
+    assert_eq!(process.stop().await, Some(0));
+
+    // Seen: the next start restores the state rather than re-seed it.
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+    assert_eq!(admin.state().await["generation"], before["generation"]);
+    assert_eq!(
+        audit_lines(&audit).last().expect("a line")["action"],
+        "restore"
+    );
+    assert_eq!(process.stop().await, Some(0));
+}
