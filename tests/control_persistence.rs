@@ -261,6 +261,36 @@ async fn a_change_saved_but_not_logged_is_told_at_the_next_start() {
     assert_eq!(fourth.stop().await, Some(0));
 }
 
+/// An edit of a canary since promoted decides nothing: the next start
+/// restores the state under its generation, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_versions_the_state_moved_past_restores_it() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
+
+    let first = Process::serve(&files.config, &[]).await;
+    let promoted = AdminApi::new(first.admin)
+        .call(
+            http::Method::POST,
+            "/admin/promote",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    let before = AdminApi::new(first.admin).state().await;
+    assert_eq!(first.stop().await, Some(0));
+
+    files.rewrite("weight = 10\n", "weight = 25\n");
+    let second = Process::serve(&files.config, &[]).await;
+    second.log_line(&["nothing re-seeded"]).await;
+    let after = AdminApi::new(second.admin).state().await;
+    assert_eq!(after, before);
+    let last = files.last_audit();
+    assert_eq!(last["action"], "restore", "{last}");
+    assert_eq!(second.stop().await, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_versions_section_reseeds_and_says_so() {
     let stable = Backend::start(STABLE).await;

@@ -674,6 +674,23 @@ pub fn restore(
         // A reset starts afresh: nothing of the previous state is kept.
         _ => (LiveState::seed(versions, shadow, generation), None),
     };
+    // An edit of versions the state has moved past (promoted, or replaced
+    // through the API) decides nothing: the state is restored, and the new
+    // section saved as the one seen, under the same generation.
+    if let Some(previous) = replaced {
+        let restored = LiveState {
+            generation: previous.live.generation,
+            ..live.clone()
+        };
+        if restored == previous.live {
+            tracing::info!(
+                "the config's [versions] changed, but only in versions the live state has moved past: nothing re-seeded"
+            );
+            let seeded = SavedState::seeded(restored, versions, shadow, replaced, plan);
+            store.write(Some(previous.live.generation), &seeded)?;
+            return Ok((seeded, Origin::Restored, None));
+        }
+    }
     let seeded = SavedState::seeded(live, versions, shadow, replaced, plan);
     store.write(previous.as_ref().map(|p| p.live.generation), &seeded)?;
     Ok((seeded, origin, previous))
