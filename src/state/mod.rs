@@ -829,7 +829,8 @@ mod tests {
         change(&store, &saved, promote);
         let edited = with_another_stable_upstream(versions(10));
         let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
-        assert_eq!(origin, Origin::Reseeded);
+        // Of a version no longer live, the edit decides nothing.
+        assert_eq!(origin, Origin::Restored);
         assert_eq!(reseeded.live.stable.name, "v2");
         assert!(reseeded.live.canary.is_none(), "{:?}", reseeded.live);
 
@@ -941,10 +942,11 @@ mod tests {
             restored.config_canary.as_ref().map(|c| c.name.as_str()),
             Some("v2")
         );
-        // Edited before it could learn them: the promotion stays all the same.
+        // Edited before it could learn them: the promotion stays all the
+        // same, and the edit, of a version no longer live, decides nothing.
         let edited = with_another_stable_upstream(versions(10));
         let (reseeded, origin, _) = restore(&store, &edited, None, false, false).unwrap();
-        assert_eq!(origin, Origin::Reseeded);
+        assert_eq!(origin, Origin::Restored);
         assert_eq!(reseeded.live.stable.name, "v2");
         assert!(reseeded.live.canary.is_none());
     }
