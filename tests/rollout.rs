@@ -2519,6 +2519,58 @@ async fn uploads_broken_off_do_not_count_and_streams_given_up_on_count_as_their_
     assert_eq!(abandoned().await, abandoned_before + given_up as f64);
 }
 
+/// A canary that passes its probes and answers no one, whose clients give
+/// up on it: with a success-rate guardrail alone it has no success rate to
+/// pass on, so it is never promoted; the rollout pauses for a person at
+/// the end of its stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_answers_no_one_is_not_promoted() {
+    const NAME: &str = "v2-answers-no-one";
+    let stable = Backend::start(STABLE).await;
+    let hung = Tuning {
+        answers_only: Some("/health"),
+        ..Tuning::default()
+    };
+    let canary = TunedBackend::start(NAME, hung).await;
+    let plan = "min_requests = 5\ninconclusive_limit = 1\n\
+                stages = [ { weight = 100, duration = \"1s\" } ]";
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table_every("200ms", plan, "success_rate_min = 0.9")
+    );
+    let toml = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra).replace(
+        &format!("name = \"{CANARY}\""),
+        &format!("name = \"{NAME}\""),
+    );
+    let server = start_cohort(&toml).await;
+    let admin = AdminApi::new(server.admin_addr());
+    wait_state(&admin, "the canary at 100%", |s| {
+        s["canary"]["weight"] == 100.0
+    })
+    .await;
+    // Clients that give up after a moment, one after the other, until the
+    // rollout has decided.
+    let proxy = server.proxy_addr();
+    let impatient = tokio::spawn(async move {
+        let http = Http::new(proxy);
+        for n in 0.. {
+            let user = format!("u{n}");
+            let headers = [("x-user-id", user.as_str())];
+            let _ = tokio::time::timeout(Duration::from_millis(50), http.get("/", &headers)).await;
+        }
+    });
+    let state = wait_state(&admin, "the rollout to decide", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    impatient.abort();
+    assert_eq!(state["status"], "paused", "{state:#}");
+    assert_eq!(verdict(&state, "success_rate"), "inconclusive", "{state:#}");
+    assert!(
+        support::metric_sum(&server, "cohort_requests_total", NAME, "code", &["499"]).await >= 5.0
+    );
+}
+
 /// Opens `count` HTTP/2 request streams with no length on one connection,
 /// sends 10 bytes of each body, and once all are in flight (`in_flight`
 /// says so) keeps them waiting for `wait` before it sends each a

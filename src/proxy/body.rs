@@ -298,7 +298,7 @@ impl InFlight {
         if let Some(kind) = cut.upstream_kind() {
             self.version.metrics.record_upstream_error(kind);
             if let Some(verdict) = &mut self.verdict {
-                verdict.success = false;
+                verdict.success = Some(false);
             }
         }
     }
@@ -505,9 +505,10 @@ impl Drop for InFlight {
             // The client gave up waiting for this version. The wait it felt
             // is recorded, so a canary that hangs is seen by its metrics
             // and by the latency guardrails (the wait is at most what the
-            // answer would have taken). It is no failure: a 499 is not a
-            // 5xx, and a client able to fail a canary at will by leaving
-            // could roll back any release.
+            // answer would have taken). The answer is unknown: neither a
+            // success nor a failure, or a client could roll back a healthy
+            // canary by leaving, or make a broken one pass; and a canary
+            // that answers no one has no success rate to pass on.
             if let Ok(status) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
                 metrics.record_response(status, elapsed);
                 super::access::log(
@@ -528,7 +529,7 @@ impl Drop for InFlight {
                 self.version.window.record(
                     crate::clock::since_start_at(now.into_std()),
                     Observation {
-                        success: true,
+                        success: None,
                         latency: elapsed,
                         tokens: None,
                     },

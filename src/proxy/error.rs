@@ -79,20 +79,21 @@ impl ProxyError {
         )
     }
 
-    /// What the version's guardrails make of this failure: `Some(false)`,
+    /// What the version's guardrails make of this failure: `Some(Some(false))`,
     /// a failure (the upstream's, or the proxy's in reaching it);
-    /// `Some(true)`, a wait that failed nothing (a client that gave up on
-    /// an open-ended body while it waited: like any client that gives up
-    /// waiting, a 499, its wait judged as latency, not as an error, as the
-    /// success rate is the share that is not a 5xx); `None`, nothing (a
-    /// refusal). No client can fail a version by giving up on it.
+    /// `Some(None)`, a wait with no answer (a client that gave up on an
+    /// open-ended body while it waited, as any client that gives up
+    /// waiting: its wait is judged as latency, and it is neither a success
+    /// nor a failure, so no client can fail a version, or pass one, by
+    /// giving up on it); `None`, nothing (a refusal, or the proxy's own
+    /// shortage). The inner value is [`Observation::success`](crate::rollout::window::Observation::success).
     #[must_use]
-    pub fn verdict(&self) -> Option<bool> {
+    pub fn verdict(&self) -> Option<Option<bool>> {
         match self {
-            ProxyError::ClientClosed { open_ended, .. } => open_ended.then_some(true),
+            ProxyError::ClientClosed { open_ended, .. } => open_ended.then_some(None),
             ProxyError::OutOfResources(_) => None,
             _ if self.is_refusal() => None,
-            _ => Some(false),
+            _ => Some(Some(false)),
         }
     }
 

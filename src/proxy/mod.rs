@@ -406,7 +406,7 @@ fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) -> I
     canary.window.record(
         clock::since_start_at(now.into_std()),
         Observation {
-            success: false,
+            success: Some(false),
             latency: waited,
             tokens: None,
         },
@@ -430,12 +430,13 @@ struct Answer {
 /// by what its upstreams did: a request refused unread, or whose client
 /// stopped sending its body or left part way through it, says nothing of
 /// it, and a client must not be able to fail a canary by sending malformed,
-/// stalled, unfinished or abandoned requests. A client that gave up on an
-/// open-ended body while it waited is a wait, as one that gave up on any
-/// other request is (a 499): its latency, not a failure.
+/// stalled, unfinished or abandoned requests, nor pass one with them. A
+/// client that gave up on an open-ended body while it waited is a wait, as
+/// one that gave up on any other request is (a 499): its latency, and
+/// neither a success nor a failure.
 enum Judged {
     /// Now, at the response head.
-    AtHead { success: bool },
+    AtHead { success: Option<bool> },
     /// When the response body ends, streams included (`InFlight`).
     AtEnd,
     /// Never.
@@ -459,7 +460,7 @@ fn relay(
     }
     if rsp.status() != StatusCode::SWITCHING_PROTOCOLS {
         in_flight.judge_at_end(Observation {
-            success: !rsp.status().is_server_error(),
+            success: Some(!rsp.status().is_server_error()),
             latency: to_headers,
             tokens,
         });
@@ -485,7 +486,7 @@ fn relay(
             None,
         ),
     };
-    let success = !rsp.status().is_server_error();
+    let success = Some(!rsp.status().is_server_error());
     Answer {
         rsp,
         tunnel,

@@ -1435,6 +1435,9 @@ pub struct Tuning {
     pub delay: Duration,
     /// Sent as `x-tokens: <tokens + request number % 11 - 5>`, a spread of ±5.
     pub tokens: Option<u64>,
+    /// Only requests for this path are answered; every other one is held
+    /// for good: a backend that passes its probes and answers no one.
+    pub answers_only: Option<&'static str>,
 }
 
 /// A backend that answers `ok` after [`Tuning::delay`], fails every
@@ -1462,6 +1465,12 @@ impl TunedBackend {
             let state = state.clone();
             async move {
                 let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
+                if tuning
+                    .answers_only
+                    .is_some_and(|path| path != req.uri().path())
+                {
+                    std::future::pending::<()>().await;
+                }
                 if !tuning.delay.is_zero() {
                     tokio::time::sleep(tuning.delay).await;
                 }
