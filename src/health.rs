@@ -354,7 +354,9 @@ pub async fn probe_gated(
             let uri = probe_uri(upstream, config);
             let client = &client;
             async move {
-                let probed = probe(client, upstream, &uri, config.timeout).await;
+                let Some(probed) = probe(client, upstream, &uri, config.timeout).await else {
+                    return;
+                };
                 if let Some(verdict) = health.record_probe(probed.is_ok(), config) {
                     verdict.log(&version.name, upstream, probed.err().as_deref());
                 }
@@ -397,7 +399,9 @@ fn probe_due(client: &ProbeClient, version: &std::sync::Arc<Version>, config: &H
         tokio::spawn(async move {
             let probed = probe(&client, &upstream, &uri, config.timeout).await;
             let health = &version.health[index];
-            if let Some(verdict) = health.record_probe(probed.is_ok(), &config) {
+            if let Some(probed) = probed
+                && let Some(verdict) = health.record_probe(probed.is_ok(), &config)
+            {
                 verdict.log(&version.name, &upstream, probed.err().as_deref());
             }
             health.probing.store(false, Ordering::Relaxed);
@@ -418,22 +422,36 @@ fn probe_uri(upstream: &UpstreamAddr, config: &HealthConfig) -> String {
 /// One probe: any HTTP answer below 500 within the timeout is healthy, so an
 /// upstream without a health endpoint (404) still counts as up. A failure
 /// says why, for the log: an operator sees a TLS name mismatch or a refused
-/// connection there, not only that the probe failed.
+/// connection there, not only that the probe failed. `None` when the proxy
+/// could not send it for want of its own descriptors or memory: no verdict
+/// on the upstream either way.
 async fn probe(
     client: &ProbeClient,
     upstream: &UpstreamAddr,
     uri: &str,
     timeout: Duration,
-) -> Result<(), String> {
-    let req = Request::get(uri)
+) -> Option<Result<(), String>> {
+    let req = match Request::get(uri)
         .header(USER_AGENT, "cohort-health-check")
         .body(Empty::new())
-        .map_err(|error| format!("cannot build the probe request: {error}"))?;
+    {
+        Ok(req) => req,
+        Err(error) => return Some(Err(format!("cannot build the probe request: {error}"))),
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     let rsp = match tokio::time::timeout_at(deadline, client.request(upstream, req)).await {
         Ok(Ok(rsp)) => rsp,
-        Ok(Err(failed)) => return Err(ProxyError::from_upstream(&failed.error).to_string()),
-        Err(_) => return Err(format!("no answer within {timeout:?}")),
+        Ok(Err(failed)) => {
+            return match ProxyError::from_upstream(&failed.error) {
+                // The proxy's own shortage says nothing of the upstream.
+                error @ ProxyError::OutOfResources(_) => {
+                    tracing::warn!(%upstream, %error, "health probe not sent");
+                    None
+                }
+                error => Some(Err(error.to_string())),
+            };
+        }
+        Err(_) => return Some(Err(format!("no answer within {timeout:?}"))),
     };
     let status = rsp.status();
     // Read the (small) answer to the end within the same time, so the
@@ -444,9 +462,9 @@ async fn probe(
     })
     .await;
     if status.as_u16() >= 500 {
-        return Err(format!("answered {status}"));
+        return Some(Err(format!("answered {status}")));
     }
-    Ok(())
+    Some(Ok(()))
 }
 
 /// How much of a health answer is read; the rest is left unread.

@@ -922,16 +922,20 @@ async fn a_stream_whose_upstream_is_quiet_for_longer_than_the_send_timeout_is_no
 }
 
 /// A proxy out of file descriptors cannot connect upstream, and says so
-/// with a 503: its own shortage, which ejects no upstream (nginx counts no
-/// failed `socket()` against a peer), however low the ejection threshold.
+/// with a 503: its own shortage, which neither ejects the upstream nor
+/// fails its probes (nginx counts no failed `socket()` against a peer),
+/// however low the thresholds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_out_of_file_descriptors_answers_503_and_ejects_no_upstream() {
-    let backend = Backend::start(STABLE).await;
-    let extra = "[health]\ninterval = \"1h\"\neject_after_errors = 1\n";
-    let text = support::with_listen_keys(
-        &support::config(&[backend.addr], None, extra),
-        "workers = 1",
-    );
+    // Closes each connection after its answer: every probe and request
+    // needs a new one.
+    let upstream = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+    )
+    .await;
+    let extra = "[health]\ninterval = \"100ms\"\nunhealthy_threshold = 1\n\
+                 healthy_threshold = 1000\neject_after_errors = 1\n";
+    let text = support::with_listen_keys(&support::config(&[upstream], None, extra), "workers = 1");
     let parsed = cohort::config::Config::parse(&text, "test").expect("a valid test config");
     let path = parsed.state.path.with_file_name("cohort.toml");
     std::fs::write(&path, &text).expect("write the config");
@@ -976,6 +980,8 @@ async fn a_proxy_out_of_file_descriptors_answers_503_and_ejects_no_upstream() {
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     let line = process.log_line(&["upstream request failed"]).await;
     assert!(line.contains("Too many open files"), "{line}");
+    let line = process.log_line(&["health probe not sent"]).await;
+    assert!(line.contains("Too many open files"), "{line}");
 
     // With the clients gone, the one upstream serves again, never ejected.
     drop(reader);
@@ -983,9 +989,10 @@ async fn a_proxy_out_of_file_descriptors_answers_503_and_ejects_no_upstream() {
     let admin = support::AdminApi::new(process.admin);
     let state = admin.state().await;
     assert_eq!(state["stable"]["health"][0]["ejected"], false, "{state:#}");
+    assert_eq!(state["stable"]["health"][0]["healthy"], true, "{state:#}");
     let reply = Http::new(process.proxy)
         .get("/", &[("x-user-id", "bob")])
         .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(backend.hits(), 1);
+    assert_eq!(reply.body, &b"ok"[..]);
 }

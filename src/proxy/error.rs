@@ -226,13 +226,14 @@ impl ProxyError {
 }
 
 /// Whether an I/O error's code says the proxy itself ran short: of file
-/// descriptors (its own or the system's), of memory for a socket, or of
-/// local ports to connect from. No upstream is to blame, as nginx does not
-/// count a failed `socket()` against a peer.
+/// descriptors (its own or the system's), or of memory for a socket. No
+/// upstream is to blame, as nginx does not count a failed `socket()`
+/// against a peer. (Not `EADDRNOTAVAIL`: it is also what an address the
+/// host cannot reach at all gets, such as `[::1]` with IPv6 off.)
 fn is_local_exhaustion(errno: i32) -> bool {
     matches!(
         errno,
-        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
     )
 }
 
