@@ -836,48 +836,13 @@ impl Control {
         let policy = Arc::new(Policy::from_config(config));
         let digest = crate::state::versions_digest(&config.versions);
         let mut current = self.lock();
+        let salt_before = self.table.load().salt.clone();
+        let keys_before = current.policy.routing.sticky_keys.clone();
         if digest == current.saved.versions_digest {
-            let salt_before = self.table.load().salt.clone();
-            let keys_before = current.policy.routing.sticky_keys.clone();
             current.policy = policy;
             self.install(&current.saved.live, &current.policy);
             tracing::info!("config reloaded; [versions] unchanged, the live state stays");
-            // The live state is the same, but users may not be where they
-            // were: the log says so, since it is a change of the route table.
-            let salt = &self.table.load().salt;
-            let keys = &current.policy.routing.sticky_keys;
-            let mut changed = Vec::new();
-            if *salt != salt_before {
-                changed.push(format!("the salt from {salt_before:?} to {salt:?}"));
-            }
-            if *keys != keys_before {
-                let list = |keys: &[crate::routing::key::KeySource]| {
-                    keys.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                changed.push(format!(
-                    "routing.sticky_keys from [{}] to [{}]",
-                    list(&keys_before),
-                    list(keys)
-                ));
-            }
-            if !changed.is_empty() {
-                let reason = format!(
-                    "config reloaded with {}: every user is placed anew",
-                    changed.join(" and ")
-                );
-                tracing::warn!(%reason, "routing changed");
-                let live = &current.saved.live;
-                self.write_audit(
-                    Action::Routing,
-                    Some(live),
-                    live,
-                    Some(&reason),
-                    Actor::Signal,
-                );
-            }
+            self.tell_routing_change(&current, &salt_before, &keys_before);
             return Ok(Reloaded {
                 live: current.saved.live.clone(),
                 new_canary: false,
@@ -920,6 +885,7 @@ impl Control {
                 generation = before.generation,
                 "config reloaded; [versions] changed, but only in versions the live state has moved past: nothing re-seeded"
             );
+            self.tell_routing_change(&current, &salt_before, &keys_before);
             return Ok(Reloaded {
                 live: before,
                 new_canary: false,
@@ -941,6 +907,51 @@ impl Control {
             new_canary: crate::state::new_canary(Some(&before), &current.saved.live),
             live: current.saved.live.clone(),
         })
+    }
+
+    /// Logs and audits a reload that left the live state as it was but
+    /// changed the salt or the sticky keys: users may not be where they
+    /// were, a change of the route table all the same.
+    fn tell_routing_change(
+        &self,
+        current: &Current,
+        salt_before: &str,
+        keys_before: &[crate::routing::key::KeySource],
+    ) {
+        let salt = &self.table.load().salt;
+        let keys = &current.policy.routing.sticky_keys;
+        let mut changed = Vec::new();
+        if salt.as_str() != salt_before {
+            changed.push(format!("the salt from {salt_before:?} to {salt:?}"));
+        }
+        if keys.as_slice() != keys_before {
+            let list = |keys: &[crate::routing::key::KeySource]| {
+                keys.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            changed.push(format!(
+                "routing.sticky_keys from [{}] to [{}]",
+                list(keys_before),
+                list(keys)
+            ));
+        }
+        if !changed.is_empty() {
+            let reason = format!(
+                "config reloaded with {}: every user is placed anew",
+                changed.join(" and ")
+            );
+            tracing::warn!(%reason, "routing changed");
+            let live = &current.saved.live;
+            self.write_audit(
+                Action::Routing,
+                Some(live),
+                live,
+                Some(&reason),
+                Actor::Signal,
+            );
+        }
     }
 
     /// Swaps in the route table for `live`, carrying over the unchanged

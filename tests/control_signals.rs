@@ -596,6 +596,20 @@ async fn sighup_editing_versions_the_state_moved_past_changes_nothing() {
     let after = admin.state().await;
     assert_eq!(after, before);
     assert_eq!(audit_lines(&audit).len(), lines);
+
+    // An edit of the same kind with a new salt: users are placed anew, and
+    // the log and the audit log say so.
+    let salted = text.replacen("weight = 50", "weight = 30", 1).replacen(
+        "[versions.stable]",
+        "[routing]\nsalt = \"brand-new\"\n\n[versions.stable]",
+        1,
+    );
+    std::fs::write(&path, salted).expect("edit");
+    process.signal("HUP");
+    process.log_line(&["routing changed", "brand-new"]).await;
+    let last = audit_lines(&audit).pop().expect("an audit line");
+    assert_eq!(last["action"], "routing", "{last}");
+    assert_eq!(admin.state().await["generation"], before["generation"]);
     let reply = Http::new(process.proxy)
         .get("/", &[("x-user-id", "alice")])
         .await;
