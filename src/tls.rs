@@ -196,9 +196,11 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
 /// which also takes a certificate that is itself in that file and marked
 /// as a CA, as a self-signed one made by `openssl req -x509` is by default:
 /// the operator named that very certificate, and nginx and curl take it.
-/// WebPKI refuses a CA as a server's certificate. Such a certificate must
-/// still name the upstream; and it is in its validity period, which WebPKI
-/// checks before it looks at what kind of certificate it is.
+/// WebPKI refuses a CA as a server's certificate (`CaUsedAsEndEntity`), and
+/// that refusal alone is overruled. Such a certificate must still name the
+/// upstream; it is in its validity period, which WebPKI checks before it
+/// looks at what kind of certificate it is; its extended key usage, which
+/// WebPKI checks after, is not checked.
 #[derive(Debug)]
 struct NamedInCaFile {
     webpki: Arc<WebPkiServerVerifier>,
@@ -223,10 +225,11 @@ impl ServerCertVerifier for NamedInCaFile {
             now,
         );
         match verified {
-            // What WebPKI says of a CA used as a server's certificate (and
-            // of a few other kinds of certificate misuse).
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)))
-                if self.named.iter().any(|named| named == end_entity) =>
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)))
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) && self.named.iter().any(|named| named == end_entity) =>
             {
                 let parsed = ParsedCertificate::try_from(end_entity)?;
                 verify_server_name(&parsed, server_name)?;
