@@ -337,6 +337,7 @@ impl KillableBackend {
 struct WebhookReceiver {
     addr: SocketAddr,
     events: Arc<std::sync::Mutex<Vec<String>>>,
+    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 impl WebhookReceiver {
@@ -347,19 +348,24 @@ impl WebhookReceiver {
         let receiver = WebhookReceiver {
             addr: listener.local_addr().expect("an address"),
             events: Arc::default(),
+            bodies: Arc::default(),
         };
         let events = Arc::clone(&receiver.events);
+        let bodies = Arc::clone(&receiver.bodies);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let events = Arc::clone(&events);
+                let bodies = Arc::clone(&bodies);
                 let service =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let events = Arc::clone(&events);
+                        let bodies = Arc::clone(&bodies);
                         async move {
                             let body = req.into_body().collect().await?.to_bytes();
                             let event: Value = serde_json::from_slice(&body).unwrap_or_default();
                             let name = event["event"].as_str().unwrap_or("?").to_owned();
                             events.lock().expect("not poisoned").push(name);
+                            bodies.lock().expect("not poisoned").push(event);
                             Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
                         }
                     });
@@ -374,6 +380,10 @@ impl WebhookReceiver {
 
     fn events(&self) -> Vec<String> {
         self.events.lock().expect("not poisoned").clone()
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().expect("not poisoned").clone()
     }
 }
 
@@ -2004,7 +2014,7 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
         "interval": INTERVAL,
         "on_success": "hold",
         "stages": [{"weight": 10, "duration": "200ms"}],
-        "webhooks": [format!("http://{}/hook", hooks.addr)],
+        "webhooks": [format!("http://{}/hook", hooks.addr), "http://127.0.0.1:9/services/s3cret"],
     });
     let started = admin.call(Method::POST, "/admin/rollout", plan).await;
     assert_eq!(started.status, StatusCode::OK, "{started:?}");
@@ -2013,6 +2023,16 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
         events.contains(&"stage".to_owned()) && events.contains(&"end".to_owned())
     })
     .await;
+    // Each receiver hears of the others' URLs only by host: a webhook's
+    // path is often its secret.
+    for body in hooks.bodies() {
+        let shown = &body["state"]["rollout"]["plan"]["webhooks"];
+        assert_eq!(
+            *shown,
+            json!([format!("http://{}/…", hooks.addr), "http://127.0.0.1:9/…"]),
+            "{body}"
+        );
+    }
 
     // A plan naming a URL that cannot be called is refused by its key.
     let plan = json!({"stages": [{"weight": 10, "duration": "1m"}], "webhooks": ["not a url"]});

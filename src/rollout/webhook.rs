@@ -67,6 +67,19 @@ impl Webhooks {
         if urls.is_empty() {
             return;
         }
+        // Every receiver is told of the plan, but of its webhooks only as
+        // the log shows them: a URL is often its receiver's secret.
+        let mut state = serde_json::to_value(state).unwrap_or_default();
+        if let Some(hooks) = state
+            .pointer_mut("/rollout/plan/webhooks")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            for hook in hooks {
+                if let Some(url) = hook.as_str() {
+                    *hook = shown(url).into();
+                }
+            }
+        }
         let body = Bytes::from(
             serde_json::json!({
                 "id": crate::routing::key::fresh_id(),
