@@ -346,9 +346,6 @@ fn restore_control(
     Ok((control, rollouts))
 }
 
-/// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns
-/// (at once on a second one). SIGUSR1 rolls back, during the drain too;
-/// SIGHUP reloads the config at `path` and the TLS certificate.
 /// Raises the process's soft limit on open files to its hard limit, as Go
 /// programs do at start and nginx's `worker_rlimit_nofile` is set for: the
 /// usual soft default of 1024 would turn clients away with "Too many open
@@ -374,6 +371,9 @@ fn raise_open_files_limit(max_connections: usize) {
     }
 }
 
+/// `cohort serve`: runs until SIGTERM or SIGINT, then drains and returns
+/// (at once on a second one). SIGUSR1 rolls back, during the drain too;
+/// SIGHUP reloads the config at `path` and the TLS certificate.
 pub async fn run(path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // First of all, so that a signal sent while the process starts is
     // acted on once it serves rather than killing it (the default action).
