@@ -98,7 +98,7 @@ fn observe(rng: &mut Xoshiro256PlusPlus, success: f64) -> Observation {
     let (u1, u2) = (unit(rng).max(f64::MIN_POSITIVE), unit(rng));
     let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
     Observation {
-        success: Some(unit(rng) < success),
+        success: unit(rng) < success,
         latency: Duration::from_secs_f64(0.8 * (0.5 * z).exp()),
         tokens: Some(200 + rng.next_u64() % 601),
     }

@@ -151,7 +151,7 @@ fn field(bits: u64, shift: u32, width: u32) -> u64 {
 fn observe(bits: u64, behaviour: &Behaviour) -> Observation {
     let latency = behaviour.latency_micros[field(bits, 0, 12) as usize];
     Observation {
-        success: Some(field(bits, 12, 20) < behaviour.success_below),
+        success: field(bits, 12, 20) < behaviour.success_below,
         latency: Duration::from_micros(u64::from(latency)),
         tokens: Some(200 + ((field(bits, 52, 12) * 601) >> 12)),
     }

@@ -21,7 +21,7 @@
 //!   response duration, and in the version's window the outcome of a
 //!   streamed response (a failure if its upstream cut it); for a request
 //!   its client abandoned before the response head, a 499, its access log
-//!   line and its wait.
+//!   line and a failure.
 //! - [`BodyProgress`]: how far a request body has got (which the response
 //!   timeout counts from), whether it waits on its client, and when one
 //!   left silent after its response has ended is due to be cut.
@@ -298,7 +298,7 @@ impl InFlight {
         if let Some(kind) = cut.upstream_kind() {
             self.version.metrics.record_upstream_error(kind);
             if let Some(verdict) = &mut self.verdict {
-                verdict.success = Some(false);
+                verdict.success = false;
             }
         }
     }
@@ -502,13 +502,9 @@ impl Drop for InFlight {
             self.version.window.record(at, verdict);
         }
         if !self.answered {
-            // The client gave up waiting for this version. The wait it felt
-            // is recorded, so a canary that hangs is seen by its metrics
-            // and by the latency guardrails (the wait is at most what the
-            // answer would have taken). The answer is unknown: neither a
-            // success nor a failure, or a client could roll back a healthy
-            // canary by leaving, or make a broken one pass; and a canary
-            // that answers no one has no success rate to pass on.
+            // The client gave up waiting for this version: the wait it felt
+            // is recorded as a failure, so a canary that hangs is seen by
+            // its metrics and judged by the guardrails.
             if let Ok(status) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
                 metrics.record_response(status, elapsed);
                 super::access::log(
@@ -529,7 +525,7 @@ impl Drop for InFlight {
                 self.version.window.record(
                     crate::clock::since_start_at(now.into_std()),
                     Observation {
-                        success: None,
+                        success: false,
                         latency: elapsed,
                         tokens: None,
                     },

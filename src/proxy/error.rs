@@ -65,7 +65,7 @@ impl ProxyError {
     /// Whether the request was refused unread (no upstream saw it), or cut
     /// short by its client (a body that stopped arriving or was broken
     /// off): the client connection is not to be trusted with another, and,
-    /// save as [`ProxyError::verdict`] says, it says
+    /// save as [`ProxyError::counts_against_version`] says, it says
     /// nothing of the version.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
@@ -79,21 +79,15 @@ impl ProxyError {
         )
     }
 
-    /// What the version's guardrails make of this failure: `Some(Some(false))`,
-    /// a failure (the upstream's, or the proxy's in reaching it);
-    /// `Some(None)`, a wait with no answer (a client that gave up on an
-    /// open-ended body while it waited, as any client that gives up
-    /// waiting: its wait is judged as latency, and it is neither a success
-    /// nor a failure, so no client can fail a version, or pass one, by
-    /// giving up on it); `None`, nothing (a refusal, or the proxy's own
-    /// shortage). The inner value is [`Observation::success`](crate::rollout::window::Observation::success).
+    /// Whether the version's guardrails count this failure (as one): not a
+    /// refusal, save a client's giving up on an open-ended body, nor the
+    /// proxy's own shortage.
     #[must_use]
-    pub fn verdict(&self) -> Option<Option<bool>> {
+    pub fn counts_against_version(&self) -> bool {
         match self {
-            ProxyError::ClientClosed { open_ended, .. } => open_ended.then_some(None),
-            ProxyError::OutOfResources(_) => None,
-            _ if self.is_refusal() => None,
-            _ => Some(Some(false)),
+            ProxyError::ClientClosed { open_ended, .. } => *open_ended,
+            ProxyError::OutOfResources(_) => false,
+            _ => !self.is_refusal(),
         }
     }
 

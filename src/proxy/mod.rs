@@ -406,7 +406,7 @@ fn canary_gave_back(canary: &Version, error: &ProxyError, started: Instant) -> I
     canary.window.record(
         clock::since_start_at(now.into_std()),
         Observation {
-            success: Some(false),
+            success: false,
             latency: waited,
             tokens: None,
         },
@@ -430,13 +430,12 @@ struct Answer {
 /// by what its upstreams did: a request refused unread, or whose client
 /// stopped sending its body or left part way through it, says nothing of
 /// it, and a client must not be able to fail a canary by sending malformed,
-/// stalled, unfinished or abandoned requests, nor pass one with them. A
-/// client that gave up on an open-ended body while it waited is a wait, as
-/// one that gave up on any other request is (a 499): its latency, and
-/// neither a success nor a failure.
+/// stalled or unfinished requests. A client that gave up on an open-ended
+/// body while it waited is a failure, as one that gave up on any other
+/// request is (a 499).
 enum Judged {
     /// Now, at the response head.
-    AtHead { success: Option<bool> },
+    AtHead { success: bool },
     /// When the response body ends, streams included (`InFlight`).
     AtEnd,
     /// Never.
@@ -460,7 +459,7 @@ fn relay(
     }
     if rsp.status() != StatusCode::SWITCHING_PROTOCOLS {
         in_flight.judge_at_end(Observation {
-            success: Some(!rsp.status().is_server_error()),
+            success: !rsp.status().is_server_error(),
             latency: to_headers,
             tokens,
         });
@@ -486,7 +485,7 @@ fn relay(
             None,
         ),
     };
-    let success = Some(!rsp.status().is_server_error());
+    let success = !rsp.status().is_server_error();
     Answer {
         rsp,
         tunnel,
@@ -508,9 +507,12 @@ fn answer_error(
     }
     tracing::debug!(version = %version.name, %error, "request failed");
     let refused = error.is_refusal();
-    let judged = match error.verdict() {
-        Some(success) => Judged::AtHead { success },
-        None => Judged::Not,
+    // Every failure that counts is one: an upstream's (a 5xx), or a
+    // client's giving up on an open-ended body (a 499).
+    let judged = if error.counts_against_version() {
+        Judged::AtHead { success: false }
+    } else {
+        Judged::Not
     };
     let mut rsp = error.into_response(&version.name, in_flight);
     // What follows a refused request on the connection (a CONNECT's

@@ -396,7 +396,7 @@ mod tests {
     fn both_tallies_begin_again_when_either_window_is_replaced() {
         let s = Duration::from_secs;
         let observation = super::super::window::Observation {
-            success: Some(true),
+            success: true,
             latency: Duration::from_millis(1),
             tokens: None,
         };

@@ -396,15 +396,15 @@ impl Judged {
 /// `success_rate_min`: the canary's success rate at least `floor`.
 fn success_rate(c: Cohorts<'_>, floor: f64, min_requests: u64) -> Measured {
     let canary = c.canary;
-    let failures = canary.answered() - canary.successes;
-    let p = if at_most_expected(failures, canary.answered(), 1.0 - floor) {
+    let failures = canary.requests - canary.successes;
+    let p = if at_most_expected(failures, canary.requests, 1.0 - floor) {
         1.0
     } else {
-        binomial_at_most(canary.successes, canary.answered(), floor)
+        binomial_at_most(canary.successes, canary.requests, floor)
     };
     Measured {
         // An absolute guardrail needs only the canary's requests.
-        enough: canary.answered() >= min_requests,
+        enough: canary.requests >= min_requests,
         p_breach: p,
         within: rate(canary).is_none_or(|rate| rate >= floor),
         stable: c.stable.and_then(rate),
@@ -423,9 +423,9 @@ fn success_rate_drop(c: Cohorts<'_>, drop: f64, min_requests: u64, exact_below: 
     let canary = c.canary;
     let z = drop_z(
         stable.successes,
-        stable.answered(),
+        stable.requests,
         canary.successes,
-        canary.answered(),
+        canary.requests,
         drop,
     );
     let p = match upper_p(z) {
@@ -434,7 +434,7 @@ fn success_rate_drop(c: Cohorts<'_>, drop: f64, min_requests: u64, exact_below: 
     };
     let (stable_rate, canary_rate) = (rate(stable), rate(canary));
     Measured {
-        enough: stable.answered() >= min_requests && canary.answered() >= min_requests,
+        enough: both_hold(stable, canary, min_requests),
         p_breach: p,
         within: match (stable_rate, canary_rate) {
             (Some(stable), Some(canary)) => stable - canary <= drop,
@@ -537,9 +537,9 @@ impl Measured {
     }
 }
 
-/// A sample's success rate, if it has answered requests.
+/// A sample's success rate, if it has requests.
 fn rate(sample: &Sample) -> Option<f64> {
-    (sample.answered() > 0).then(|| sample.successes as f64 / sample.answered() as f64)
+    (sample.requests > 0).then(|| sample.successes as f64 / sample.requests as f64)
 }
 
 /// Whether both cohorts hold `min_requests`, as a relative guardrail needs.
@@ -634,14 +634,14 @@ pub fn drop_z(x1: u64, n1: u64, x2: u64, n2: u64, drop: f64) -> f64 {
 /// the requests at random (hypergeometric).
 #[must_use]
 pub fn more_failures_p(stable: &Sample, canary: &Sample) -> f64 {
-    let failures = |s: &Sample| s.answered() - s.successes;
+    let failures = |s: &Sample| s.requests - s.successes;
     let (canary_failures, all_failures) = (failures(canary), failures(canary) + failures(stable));
     if canary_failures == 0 {
         return 1.0;
     }
     match Hypergeometric::new(
-        stable.answered() + canary.answered(),
-        canary.answered(),
+        stable.requests + canary.requests,
+        canary.requests,
         all_failures,
     ) {
         Ok(h) => h.sf(canary_failures - 1),
@@ -955,52 +955,11 @@ mod tests {
         ));
     }
 
-    /// Requests abandoned by their clients are neither successes nor
-    /// failures: a canary that answered no one has no success rate, and
-    /// give-ups cannot dilute the failures of one that answers badly; their
-    /// waits still count for latency.
-    #[test]
-    fn abandoned_requests_are_timed_but_not_judged_for_success() {
-        let gave_up = |s: &mut Sample, n: u64, ms: u64| {
-            for _ in 0..n {
-                s.add(Observation {
-                    success: None,
-                    latency: Duration::from_millis(ms),
-                    tokens: None,
-                });
-            }
-        };
-        let mut hung = Sample::default();
-        gave_up(&mut hung, 500, 2_000);
-        let alone = Cohorts {
-            stable: None,
-            canary: &hung,
-        };
-        let measured = success_rate(alone, 0.97, 20);
-        assert!(!measured.enough && measured.canary.is_none());
-        let measured = p95_latency_ceiling(alone, 1_000.0, 20);
-        assert!(measured.enough && !measured.within);
-
-        let mut failing = sample(40, 0, |_| 5);
-        gave_up(&mut failing, 400, 5);
-        let measured = success_rate(
-            Cohorts {
-                stable: None,
-                canary: &failing,
-            },
-            0.97,
-            20,
-        );
-        assert!(measured.enough && !measured.within);
-        assert_eq!(measured.canary, Some(0.0));
-        assert!(measured.p_breach < 1e-9, "{}", measured.p_breach);
-    }
-
     fn sample(requests: u64, successes: u64, latency_ms: impl Fn(u64) -> u64) -> Sample {
         let mut s = Sample::default();
         for i in 0..requests {
             s.add(Observation {
-                success: Some(i < successes),
+                success: i < successes,
                 latency: Duration::from_millis(latency_ms(i)),
                 tokens: Some(100 + i % 50),
             });
@@ -1418,7 +1377,7 @@ mod tests {
         let tokens = |sample: &mut Sample, n: u64, base: u64| {
             for i in 0..n {
                 sample.add(Observation {
-                    success: Some(true),
+                    success: true,
                     latency: Duration::from_millis(100),
                     tokens: Some(base + i % 50),
                 });
@@ -1461,7 +1420,7 @@ mod tests {
             let mut s = Sample::default();
             for i in 0..requests {
                 s.add(Observation {
-                    success: Some(true),
+                    success: true,
                     latency: Duration::from_millis(100),
                     tokens: (i % 10 == 0).then_some(100 + i % 20),
                 });

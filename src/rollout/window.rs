@@ -63,14 +63,10 @@ pub fn latency_bin_edges(bin: usize) -> (u64, u64) {
 /// The outcome of one proxied request, as the guardrails see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
-    /// Whether the version answered well: not a 5xx, not an upstream
-    /// error, and not a response body its upstream cut. `None` when its
-    /// client gave up waiting first: the answer is unknown, so neither a
-    /// success nor a failure, and only the wait (a lower bound of its
-    /// latency) is judged.
-    pub success: Option<bool>,
-    /// From the request's arrival to the end of the response head (or to
-    /// the client's giving up).
+    /// Not a 5xx, not an upstream error, and not a response body its
+    /// upstream cut.
+    pub success: bool,
+    /// From the request's arrival to the end of the response head.
     pub latency: Duration,
     /// Tokens the upstream reported for the request, if it reports any.
     pub tokens: Option<u64>,
@@ -79,11 +75,7 @@ pub struct Observation {
 /// Everything a cohort did over one window: what the guardrails judge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// Every request timed: those in `latency`.
     pub requests: u64,
-    /// Of them, those whose client gave up waiting: neither successes nor
-    /// failures (see [`Observation::success`]).
-    pub abandoned: u64,
     pub successes: u64,
     /// Request counts per latency bin (see [`latency_bin_edges`]).
     pub latency: Box<[u64; LATENCY_BINS]>,
@@ -98,7 +90,6 @@ impl Default for Sample {
     fn default() -> Self {
         Self {
             requests: 0,
-            abandoned: 0,
             successes: 0,
             latency: Box::new([0; LATENCY_BINS]),
             token_requests: 0,
@@ -109,19 +100,11 @@ impl Default for Sample {
 }
 
 impl Sample {
-    /// Requests the version answered (well or not): what a success rate is
-    /// out of.
-    #[must_use]
-    pub fn answered(&self) -> u64 {
-        self.requests - self.abandoned
-    }
-
     /// Adds one observation; for tests and simulations that build samples
     /// without a [`Window`].
     pub fn add(&mut self, observation: Observation) {
         self.requests += 1;
-        self.abandoned += u64::from(observation.success.is_none());
-        self.successes += u64::from(observation.success == Some(true));
+        self.successes += u64::from(observation.success);
         self.latency[latency_bin(micros(observation.latency))] += 1;
         if let Some(tokens) = observation.tokens {
             self.token_requests += 1;
@@ -132,7 +115,6 @@ impl Sample {
 
     fn merge(&mut self, other: &Sample) {
         self.requests += other.requests;
-        self.abandoned += other.abandoned;
         self.successes += other.successes;
         for (total, &count) in self.latency.iter_mut().zip(other.latency.iter()) {
             *total += count;
@@ -144,7 +126,6 @@ impl Sample {
 
     fn add_slot(&mut self, slot: &Slot) {
         self.requests += u64::from(slot.requests);
-        self.abandoned += u64::from(slot.abandoned);
         self.successes += u64::from(slot.successes);
         for (total, &count) in self.latency.iter_mut().zip(slot.latency.iter()) {
             *total += u64::from(count);
@@ -156,7 +137,6 @@ impl Sample {
 
     fn remove_slot(&mut self, slot: &Slot) {
         self.requests -= u64::from(slot.requests);
-        self.abandoned -= u64::from(slot.abandoned);
         self.successes -= u64::from(slot.successes);
         for (total, &count) in self.latency.iter_mut().zip(slot.latency.iter()) {
             *total -= u64::from(count);
@@ -174,7 +154,6 @@ struct Slot {
     /// Which period (`at / slot_len`) the slot holds; `u64::MAX` when empty.
     period: u64,
     requests: u32,
-    abandoned: u32,
     successes: u32,
     latency: [u32; LATENCY_BINS],
     token_requests: u32,
@@ -186,7 +165,6 @@ impl Slot {
     const EMPTY: Slot = Slot {
         period: u64::MAX,
         requests: 0,
-        abandoned: 0,
         successes: 0,
         latency: [0; LATENCY_BINS],
         token_requests: 0,
@@ -300,18 +278,12 @@ impl Window {
         let Ring { slots, total, .. } = &mut *ring;
         let slot = &mut slots[index];
         slot.period = period;
-        let (abandoned, success) = (
-            observation.success.is_none(),
-            observation.success == Some(true),
-        );
         slot.requests += 1;
-        slot.abandoned += u32::from(abandoned);
-        slot.successes += u32::from(success);
+        slot.successes += u32::from(observation.success);
         let bin = latency_bin(micros(observation.latency));
         slot.latency[bin] += 1;
         total.requests += 1;
-        total.abandoned += u64::from(abandoned);
-        total.successes += u64::from(success);
+        total.successes += u64::from(observation.success);
         total.latency[bin] += 1;
         if let Some(tokens) = observation.tokens {
             let squared = u128::from(tokens) * u128::from(tokens);
@@ -450,7 +422,7 @@ mod tests {
 
     fn obs(success: bool, ms: u64, tokens: Option<u64>) -> Observation {
         Observation {
-            success: Some(success),
+            success,
             latency: Duration::from_millis(ms),
             tokens,
         }
