@@ -2434,16 +2434,7 @@ async fn uploads_broken_off_do_not_count_against_the_canary_but_streams_given_up
     // Windows of 30 s: however slowly a loaded machine runs the streams
     // given up on below, enough of them are in the window at once.
     let extra = rollout_table_every("500ms", plan, "success_rate_min = 0.9");
-    let toml = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra).replace(
-        &format!("name = \"{CANARY}\""),
-        &format!("name = \"{NAME}\""),
-    );
-    let server = start_cohort(&toml).await;
-    let admin = AdminApi::new(server.admin_addr());
-    wait_state(&admin, "the canary at 100%", |s| {
-        s["canary"]["weight"] == 100.0
-    })
-    .await;
+    let (server, admin) = canary_at_100(stable.addr, (NAME, canary.addr), &extra).await;
     let in_flight = || async {
         metric(&server, "cohort_requests_in_flight", &[("version", NAME)])
             .await
@@ -2549,16 +2540,7 @@ async fn a_canary_that_answers_no_one_is_rolled_back() {
         "{FAST_HEALTH}\n{}",
         rollout_table_every("200ms", plan, "success_rate_min = 0.9")
     );
-    let toml = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra).replace(
-        &format!("name = \"{CANARY}\""),
-        &format!("name = \"{NAME}\""),
-    );
-    let server = start_cohort(&toml).await;
-    let admin = AdminApi::new(server.admin_addr());
-    wait_state(&admin, "the canary at 100%", |s| {
-        s["canary"]["weight"] == 100.0
-    })
-    .await;
+    let (server, admin) = canary_at_100(stable.addr, (NAME, canary.addr), &extra).await;
     // Clients that give up after a moment, one after the other, until the
     // rollout has decided.
     let proxy = server.proxy_addr();
@@ -2580,6 +2562,27 @@ async fn a_canary_that_answers_no_one_is_rolled_back() {
         rollback_reason(&state).contains("success_rate"),
         "{state:#}"
     );
+}
+
+/// Cohort with `stable`, and the canary `name` at `addr`, whose config's
+/// plan (in `extra`) takes it straight to 100%: the server once it is there.
+/// A canary with a name of its own has metric series of its own.
+async fn canary_at_100(
+    stable: SocketAddr,
+    (name, addr): (&str, SocketAddr),
+    extra: &str,
+) -> (Server, AdminApi) {
+    let toml = config(&[stable], Some((&[addr], 0.0)), extra).replace(
+        &format!("name = \"{CANARY}\""),
+        &format!("name = \"{name}\""),
+    );
+    let server = start_cohort(&toml).await;
+    let admin = AdminApi::new(server.admin_addr());
+    wait_state(&admin, "the canary at 100%", |s| {
+        s["canary"]["weight"] == 100.0
+    })
+    .await;
+    (server, admin)
 }
 
 /// Sends the head of an upload over HTTP/2 (of `length` bytes, or with no

@@ -91,14 +91,7 @@ impl Pki {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().expect("a key");
         let cert = params.self_signed(&key).expect("a self-signed certificate");
-        let leaf = Leaf {
-            cert: self.dir.join(format!("{name}.crt")),
-            key: self.dir.join(format!("{name}.key")),
-            der: cert.der().to_vec(),
-        };
-        std::fs::write(&leaf.cert, cert.pem()).expect("write the certificate");
-        std::fs::write(&leaf.key, key.serialize_pem()).expect("write the key");
-        leaf
+        self.write(name, &cert, &key)
     }
 
     /// A leaf certificate for `names` alone.
@@ -111,12 +104,17 @@ impl Pki {
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("a leaf certificate");
+        self.write(name, &cert, &key)
+    }
+
+    /// Writes `cert` and `key` as `<name>.crt` and `<name>.key`.
+    fn write(&self, name: &str, cert: &rcgen::Certificate, key: &KeyPair) -> Leaf {
         let leaf = Leaf {
             cert: self.dir.join(format!("{name}.crt")),
             key: self.dir.join(format!("{name}.key")),
             der: cert.der().to_vec(),
         };
-        std::fs::write(&leaf.cert, cert.pem()).expect("write the leaf");
+        std::fs::write(&leaf.cert, cert.pem()).expect("write the certificate");
         std::fs::write(&leaf.key, key.serialize_pem()).expect("write the key");
         leaf
     }
