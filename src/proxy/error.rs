@@ -42,7 +42,7 @@ pub enum ProxyError {
     #[error("no upstream of this version is available")]
     NoUpstream,
     /// The proxy could not open a connection for want of its own resources
-    /// (file descriptors, memory, local ports): 503, as for no upstream,
+    /// (file descriptors, socket memory): 503, as for no upstream,
     /// and held against neither the upstream nor the version.
     #[error("the proxy cannot open another connection: {0}")]
     OutOfResources(String),

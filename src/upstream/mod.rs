@@ -457,8 +457,7 @@ where
 pub(crate) const H2_STREAM_WINDOW: u32 = 256 << 10;
 
 /// How much of all of an HTTP/2 upstream connection's responses may: room
-/// for 256 streams' windows, where hyper's default (5 MiB) holds two and a
-/// half. Every stream of a connection shares its window, so a few clients
+/// for 256 streams' windows, where hyper's default (5 MiB) holds twenty. Every stream of a connection shares its window, so a few clients
 /// that read slowly would otherwise hold up every other client's response
 /// from that upstream. A window grants the upstream leave to send, no
 /// memory; what waits stays bounded by the streams' own windows (so, at
