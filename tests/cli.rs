@@ -688,22 +688,48 @@ fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
     addr.parse().ok()
 }
 
+/// A config of one worker, `listen_keys` (whole lines) in `[listen]`, the
+/// admin API on loopback, the state in `scratch`, and `stable` as the only
+/// version; written to `scratch`.
+fn one_version_config(
+    scratch: &Scratch,
+    stable: std::net::SocketAddr,
+    listen_keys: &str,
+) -> PathBuf {
+    let state = scratch.path().join("state.json");
+    let audit = scratch.path().join("audit.jsonl");
+    scratch.write(
+        "cohort.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\n{listen_keys}\n\n\
+             [admin]\naddr = \"127.0.0.1:0\"\n\n\
+             [state]\npath = {state:?}\naudit_log = {audit:?}\n\n\
+             [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{stable}\"]\n"
+        ),
+    )
+}
+
+/// Sends `child` SIGTERM and checks that it exits 0, its log (read by
+/// `drain`) ending with it.
+async fn exits_0_on_sigterm(mut child: tokio::process::Child, drain: tokio::task::JoinHandle<()>) {
+    let pid = child.id().expect("the child is running").to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("cohort serve to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for cohort serve");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let _ = within("the log to end", drain).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
     let backend = Backend::start(STABLE).await;
     let scratch = Scratch::new("serve");
-    let state = scratch.path().join("state.json");
-    let audit = scratch.path().join("audit.jsonl");
-    let config = scratch.write(
-        "cohort.toml",
-        &format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\ndrain_timeout = \"5s\"\n\n\
-             [admin]\naddr = \"127.0.0.1:0\"\n\n\
-             [state]\npath = {state:?}\naudit_log = {audit:?}\n\n\
-             [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{}\"]\n",
-            backend.addr
-        ),
-    );
+    let config = one_version_config(&scratch, backend.addr, "drain_timeout = \"5s\"");
 
     let mut child = tokio::process::Command::new(COHORT)
         .args(["serve", "--config"])
@@ -746,17 +772,7 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
     assert_eq!(reply.version(), STABLE);
     assert_eq!(reply.backend(), STABLE);
 
-    let pid = child.id().expect("the child is running").to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let status = within("cohort serve to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for cohort serve");
-    assert_eq!(status.code(), Some(0), "{status:?}");
-    let _ = within("the log to end", drain).await;
+    exits_0_on_sigterm(child, drain).await;
 }
 
 /// `cohort demo` binds fixed ports (the README's), so its two cases run in
@@ -873,18 +889,7 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
 async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
     let backend = Backend::start(STABLE).await;
     let scratch = Scratch::new("nofile");
-    let state = scratch.path().join("state.json");
-    let audit = scratch.path().join("audit.jsonl");
-    let config = scratch.write(
-        "cohort.toml",
-        &format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\nworkers = 1\nmax_connections = 5000\n\n\
-             [admin]\naddr = \"127.0.0.1:0\"\n\n\
-             [state]\npath = {state:?}\naudit_log = {audit:?}\n\n\
-             [versions.stable]\nname = \"{STABLE}\"\nupstreams = [\"{}\"]\n",
-            backend.addr
-        ),
-    );
+    let config = one_version_config(&scratch, backend.addr, "max_connections = 5000");
     // Started with a soft limit of 256 under a hard one of 4096: short of
     // two descriptors for each of 5000 connections.
     let mut child = tokio::process::Command::new("prlimit")
@@ -927,15 +932,5 @@ async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
         .expect("a line for open files");
     let values: Vec<&str> = open_files.split_whitespace().collect();
     assert_eq!(values[3..5], ["4096", "4096"], "{open_files}");
-
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let status = within("cohort serve to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for cohort serve");
-    assert_eq!(status.code(), Some(0), "{status:?}");
-    let _ = within("the log to end", drain).await;
+    exits_0_on_sigterm(child, drain).await;
 }
