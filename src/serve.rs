@@ -1,6 +1,7 @@
 //! The composition root: build everything from a [`Config`], run it, drain it.
 //!
-//! Owns: the order of start-up (TLS, listeners, metrics, the audit log,
+//! Owns: the process's open-files limit (raised to the hard one), the
+//! order of start-up (TLS, listeners, metrics, the audit log,
 //! then the state and the route table, the workers, readiness: a start
 //! that cannot read its files or bind its addresses changes nothing) and
 //! of shutdown (not ready, stop accepting and, in the same step, ask the
