@@ -1294,6 +1294,19 @@ fn parse_upstreams(upstreams: &[String]) -> Result<Vec<UpstreamAddr>, ControlErr
 /// their upstreams' health, window and open streams. A canary not in
 /// `previous` passes the readiness gate before it gets traffic.
 fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTable>>) -> RouteTable {
+    // The windows' slots follow a running rollout's interval, whatever the
+    // config's: each look then finds the slots closed since the last, and
+    // one `interval` after a step the first slot wholly at the new weight.
+    // With slots of a longer config interval, a plan that looks more often
+    // would see nothing of a short stage; with shorter ones, a plan that
+    // looks less often than once per span would lose requests between looks.
+    let policy = match running_interval(live) {
+        Some(slot) if slot != policy.window_slot => Arc::new(Policy {
+            window_slot: slot,
+            ..Policy::clone(policy)
+        }),
+        _ => Arc::clone(policy),
+    };
     let stable = live.stable.config();
     let canary = live.canary.as_ref().map(|c| {
         (
@@ -1319,10 +1332,23 @@ fn build(live: &LiveState, policy: &Arc<Policy>, previous: Option<&Arc<RouteTabl
         &stable,
         canary.as_ref(),
         shadow.as_ref(),
-        Arc::clone(policy),
+        policy,
         previous.map(AsRef::as_ref),
         Gate::UntilProbed,
     )
+}
+
+/// The interval of the rollout `live` says is running, read from its plan;
+/// `None` when none runs (or its plan cannot be read: a start refuses such
+/// a state, see `rollout::controller::check_saved`).
+fn running_interval(live: &LiveState) -> Option<std::time::Duration> {
+    if !matches!(live.status, Status::Progressing | Status::Paused) {
+        return None;
+    }
+    let plan = live.rollout.as_ref()?.get("plan")?.clone();
+    crate::config::rollout_from_json(plan)
+        .ok()
+        .map(|plan| plan.interval)
 }
 
 /// The route table's gauges (canary weight, generation) for `live`.

@@ -122,15 +122,12 @@ impl Version {
             .iter()
             .map(|upstream| carried(upstream).unwrap_or_else(|| Arc::new(Health::new(!gated))))
             .collect();
-        let fresh = Window::new(window_slot);
         let window = match predecessor {
             // A new rollout interval changes the slots: the old ones cannot be read with it.
-            Some(p)
-                if window == WindowFrom::Predecessor && p.window.slot_len() == fresh.slot_len() =>
-            {
+            Some(p) if window == WindowFrom::Predecessor && p.window.has_slot_len(window_slot) => {
                 Arc::clone(&p.window)
             }
-            _ => Arc::new(fresh),
+            _ => Arc::new(Window::new(window_slot)),
         };
         let closes = predecessor.map_or_else(
             || {
@@ -247,7 +244,7 @@ pub struct Canary {
 
 /// What a request needs to know besides the versions: read once per request
 /// with the table, so a reload changes it atomically too.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     pub routing: RoutingConfig,
     pub metrics: MetricsConfig,
@@ -259,7 +256,8 @@ pub struct Policy {
     /// How shadow copies are made, whichever shadow is installed.
     pub shadow: ShadowPolicy,
     /// One slot of the versions' rollout windows (which hold
-    /// [`Window::SLOTS`] of them): the config's rollout interval, else 30 s.
+    /// [`Window::SLOTS`] of them): the running rollout's interval (see
+    /// `control`), else the config's, else 30 s.
     pub window_slot: Duration,
 }
 
@@ -337,10 +335,11 @@ impl RouteTable {
     }
 
     /// A table for these versions. Versions of `previous` with the same name,
-    /// upstreams and cohort are reused, so their round-robin cursors, metric
-    /// handles and open streams carry over (and the shadow's client). A
-    /// version kept under another upstream list, or a canary promoted to
-    /// stable, succeeds its old self (see [`Version::new`]). `new_canary`
+    /// upstreams, cohort and window slot are reused, so their round-robin
+    /// cursors, metric handles and open streams carry over (and the shadow's
+    /// client). A version kept under another upstream list or window slot,
+    /// or a canary promoted to stable, succeeds its old self (see
+    /// [`Version::new`]). `new_canary`
     /// says whether the upstreams of a canary that was not in `previous`
     /// (and upstreams new to one that was) wait for a good probe.
     /// A canary installed again after a rollback starts a new window.
@@ -371,10 +370,12 @@ impl RouteTable {
                 && !reinstalled
                 && v.name == config.name
                 && v.upstreams == config.upstreams
+                && v.window.has_slot_len(policy.window_slot)
             {
                 return Arc::clone(v);
             }
-            // Kept under another upstream list, or a canary promoted to stable.
+            // Kept under another upstream list or another window slot, or a
+            // canary promoted to stable.
             let predecessor = in_slot
                 .into_iter()
                 .chain(previous.and_then(|p| p.canary.as_ref().map(|c| &c.version)))
@@ -624,6 +625,34 @@ mod tests {
             let again = &again.canary.as_ref().unwrap().version;
             assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
             assert!(!Arc::ptr_eq(&new.window, &again.window));
+        }
+    }
+
+    #[test]
+    fn another_window_slot_gives_unchanged_versions_new_windows_and_keeps_their_health() {
+        let before = table(Status::Steady, &version("v2", &[2]), None);
+        let resized = Arc::new(Policy {
+            window_slot: Duration::from_secs(1),
+            ..Policy::clone(&before.policy)
+        });
+        let after = RouteTable::build(
+            2,
+            Status::Steady,
+            &version("v1", &[1]),
+            Some(&(version("v2", &[2]), Weight::from_percent(10.0).unwrap())),
+            None,
+            resized,
+            Some(&before),
+            Gate::UntilProbed,
+        );
+        let (old, new) = (
+            &before.canary.as_ref().unwrap().version,
+            &after.canary.as_ref().unwrap().version,
+        );
+        for (old, new) in [(&before.stable, &after.stable), (old, new)] {
+            assert!(Arc::ptr_eq(&old.health[0], &new.health[0]));
+            assert!(!Arc::ptr_eq(&old.window, &new.window));
+            assert_eq!(new.window.slot_len(), Duration::from_secs(1));
         }
     }
 

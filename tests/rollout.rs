@@ -2179,6 +2179,39 @@ async fn each_stage_is_judged_on_the_requests_served_at_its_weight() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_that_looks_more_often_than_the_config_judges_each_look_on_its_own_slots() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    // No `[rollout]` in the config: its windows' slots would be 30 s long,
+    // and the plan's short stage would end before one closed.
+    let server = start_cohort(&config(&[stable.addr], None, FAST_HEALTH)).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"name": CANARY, "upstreams": [canary.addr.to_string()], "weight": 0});
+    let reply = admin.call(Method::PUT, "/admin/canary", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_canary_available(&admin).await;
+    let plan = json!({
+        "interval": INTERVAL,
+        "min_requests": 10,
+        "on_success": "promote",
+        "stages": [{"weight": 50, "duration": "300ms"}],
+        "guardrails": {"success_rate_min": 0.9},
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+
+    // Paused for want of data, it would wait for a person.
+    let traffic = Traffic::start(server.proxy_addr(), 2);
+    let ended = wait_state(&admin, "the rollout's end or pause", |s| {
+        s["status"] != "progressing"
+    })
+    .await;
+    drop(traffic);
+    assert_eq!(rollout_phase(&ended), "promoted", "{ended:#}");
+    assert_eq!(ended["stable"]["name"], CANARY, "{ended:#}");
+}
+
 #[tokio::test]
 async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back() {
     let server =

@@ -235,9 +235,7 @@ impl Window {
     /// milliseconds, at least one.
     #[must_use]
     pub fn new(slot_len: Duration) -> Self {
-        let slot_ms = u64::try_from(slot_len.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let slot_ms = whole_millis(slot_len);
         Self {
             slot_len: Duration::from_millis(slot_ms),
             slot_ms,
@@ -253,6 +251,13 @@ impl Window {
     #[must_use]
     pub fn slot_len(&self) -> Duration {
         self.slot_len
+    }
+
+    /// Whether this window's slots are the ones [`Window::new`] would make
+    /// of `slot_len`.
+    #[must_use]
+    pub fn has_slot_len(&self, slot_len: Duration) -> bool {
+        self.slot_ms == whole_millis(slot_len)
     }
 
     /// How far back a snapshot can reach.
@@ -400,6 +405,13 @@ impl Tally {
         sample.merge(&self.closed);
         sample
     }
+}
+
+/// A slot length in whole milliseconds, at least one.
+fn whole_millis(slot_len: Duration) -> u64 {
+    u64::try_from(slot_len.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 // Whole units of a duration in u64 arithmetic (the u128 of `as_millis`
