@@ -1111,6 +1111,7 @@ impl Control {
                 .changes
                 .push(change);
             self.publish(&current.saved.live);
+            log_change(action, source, reason, &current.saved.live);
             return Err(ControlError::Unsaved { made, error });
         }
         if !swap_first {
@@ -1118,6 +1119,7 @@ impl Control {
         }
         self.keep(current, next);
         self.publish(&current.saved.live);
+        log_change(action, source, reason, &current.saved.live);
         // Changes held back before this one are in the state file with it.
         self.audit_saved(current);
         self.write_audit(action, Some(&before), &current.saved.live, reason, source);
@@ -1349,6 +1351,28 @@ fn running_interval(live: &LiveState) -> Option<std::time::Duration> {
     crate::config::rollout_from_json(plan)
         .ok()
         .map(|plan| plan.interval)
+}
+
+/// Says in the process log what a change made live, as its audit line
+/// does (which waits for a disk that refuses it): who, what, why, and
+/// where the release stands now. A rollback, whoever made it, is a
+/// warning, as `SIGUSR1`'s always was.
+fn log_change(action: Action, source: Actor, reason: Option<&str>, live: &LiveState) {
+    let rolled_back = live.status == Status::RolledBack
+        && matches!(action, Action::Rollback | Action::RolloutEnd);
+    let (action, source) = (action.as_str(), source.as_str());
+    let (generation, status) = (live.generation, live.status.as_str());
+    let stable = live.stable.name.as_str();
+    let canary = live.canary.as_ref().map_or("none", |c| c.name.as_str());
+    let weight = live.weight().percent();
+    let why = reason
+        .map(|reason| format!(": {reason}"))
+        .unwrap_or_default();
+    if rolled_back {
+        tracing::warn!(%action, %source, generation, %status, %stable, %canary, weight, "rolled back{why}");
+    } else {
+        tracing::info!(%action, %source, generation, %status, %stable, %canary, weight, "live state changed{why}");
+    }
 }
 
 /// The route table's gauges (canary weight, generation) for `live`.

@@ -451,9 +451,8 @@ pub(crate) async fn roll_back_on_each(mut rollbacks: Rollbacks, control: Arc<Con
 /// What SIGUSR1 does: roll back, and say whether it did.
 fn rollback_on_signal(control: &Control) {
     match on_disk(|| control.rollback_telling("SIGUSR1 received", Source::Signal)) {
-        Ok((state, true)) => {
-            tracing::warn!(generation = state.generation, "rolled back by SIGUSR1");
-        }
+        // Logged as every rollback is, with its source and reason.
+        Ok((_, true)) => {}
         // No canary (a promotion may have come first), or one rolled back
         // already.
         Ok((state, false)) => match &state.canary {

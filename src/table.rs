@@ -38,6 +38,19 @@ pub enum Status {
     RolledBack,
 }
 
+impl Status {
+    /// The name `GET /admin/state` gives it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Steady => "steady",
+            Status::Progressing => "progressing",
+            Status::Paused => "paused",
+            Status::RolledBack => "rolled_back",
+        }
+    }
+}
+
 /// A named release and its upstreams.
 #[derive(Debug)]
 pub struct Version {

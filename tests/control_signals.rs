@@ -1,7 +1,8 @@
 //! OS signals to the running binary: `kill -USR1` and `kill -HUP`.
 //!
 //! Owns: SIGUSR1 rolls back with source `signal` (in `/admin/state`, the
-//! audit log and traffic); SIGHUP applies an edited config to the next
+//! audit log, the process log and traffic), and every change, by a signal
+//! or the API, is a line in the process log (a rollback a warning); SIGHUP applies an edited config to the next
 //! request without dropping an open keep-alive connection; SIGHUP with a
 //! moved listener and new upstream settings starts new workers while a
 //! request in flight finishes on the old ones; SIGHUP with an invalid config
@@ -76,7 +77,9 @@ async fn sigusr1_rolls_back_with_source_signal() {
         (&"rollback".into(), &"signal".into()),
         "{last}"
     );
-    process.log_line(&["rolled back by SIGUSR1"]).await;
+    process
+        .log_line(&["rolled back", "source=signal", "SIGUSR1 received"])
+        .await;
 
     // The latch holds as for an API rollback; a second signal changes
     // nothing, and says so.
@@ -92,6 +95,49 @@ async fn sigusr1_rolls_back_with_source_signal() {
         .await;
     assert_eq!(refused.status, 409, "{refused:?}");
     assert_eq!(admin.state().await["generation"], generation);
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// Every change of the live state is a line in the process log, as it is in
+/// the audit log; a rollback, whoever makes it, a warning that names its
+/// source and reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_logged_and_a_rollback_warns_with_its_source_and_reason() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let (path, _) = write_config(&config(&[stable.addr], Some((&[canary.addr], 50.0)), ""));
+    let process = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(process.admin);
+
+    let moved = admin
+        .call(
+            Method::PUT,
+            "/admin/weight",
+            serde_json::json!({"weight": 20}),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{moved:?}");
+    let line = process
+        .log_line(&["live state changed", "action=weight", "source=api"])
+        .await;
+    assert!(
+        line.contains("INFO") && line.contains("weight=20"),
+        "{line}"
+    );
+
+    let reason = "bad answers in #support";
+    let rolled_back = admin
+        .call(
+            Method::POST,
+            "/admin/rollback",
+            serde_json::json!({"reason": reason}),
+        )
+        .await;
+    assert_eq!(rolled_back.status, 200, "{rolled_back:?}");
+    let line = process
+        .log_line(&["rolled back", "action=rollback", "source=api"])
+        .await;
+    assert!(line.contains("WARN") && line.contains(reason), "{line}");
     assert_eq!(process.stop().await, Some(0));
 }
 
@@ -118,7 +164,9 @@ async fn sigusr1_during_the_drain_rolls_back_and_a_second_sigterm_exits() {
     process.signal("TERM");
     process.log_line(&["shutting down"]).await;
     process.signal("USR1");
-    process.log_line(&["rolled back by SIGUSR1"]).await;
+    process
+        .log_line(&["rolled back", "source=signal", "SIGUSR1 received"])
+        .await;
     eventually("the rollback audited", || {
         audit_lines(&audit)
             .last()

@@ -65,6 +65,19 @@ impl Phase {
     fn is_active(self) -> bool {
         matches!(self, Phase::Progressing | Phase::Paused)
     }
+
+    /// The name `GET /admin/state` gives it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Promoted => "promoted",
+            Phase::Held => "held",
+            Phase::RolledBack => "rolled_back",
+            Phase::Aborted => "aborted",
+            Phase::Superseded => "superseded",
+        }
+    }
 }
 
 /// Whether the rollout a saved state holds can be resumed; an error names
@@ -91,9 +104,9 @@ fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, 
     // ended or is for another canary, would refuse every weight change for
     // a rollout that never runs.
     if !progress.phase.is_active() {
-        let phase = serde_json::to_value(progress.phase).unwrap_or_default();
         return Err(format!(
-            "rollout.phase: {phase} has ended, though the status says a rollout is running"
+            "rollout.phase: \"{}\" has ended, though the status says a rollout is running",
+            progress.phase.as_str()
         ));
     }
     let canary = live.canary.as_ref().map(|c| c.name.as_str());
@@ -1158,16 +1171,16 @@ impl Rollouts {
         match &result {
             Ok(state) => {
                 self.webhooks.send(&plan.webhooks, event, state);
-                tracing::info!(phase = ?phase, "rollout ended");
+                tracing::info!(phase = %phase.as_str(), "rollout ended");
             }
             // In effect, though not saved yet (see `Control::keep_saved`).
             Err(error @ ControlError::Unsaved { .. }) => {
                 self.webhooks
                     .send(&plan.webhooks, event, &self.control.state());
-                tracing::error!(%error, phase = ?phase, "rollout ended; its end is not saved yet");
+                tracing::error!(%error, phase = %phase.as_str(), "rollout ended; its end is not saved yet");
             }
             Err(error) => {
-                tracing::error!(%error, phase = ?phase, "cannot record the end of the rollout")
+                tracing::error!(%error, phase = %phase.as_str(), "cannot record the end of the rollout")
             }
         }
         if let Some(reply) = ending.reply {
