@@ -56,7 +56,8 @@ pub struct UpstreamAddr {
 
 impl UpstreamAddr {
     /// Parses `host:port` (or `http://host:port`, the same), `h2c://host:port`
-    /// or `https://host:port`.
+    /// or `https://host:port`. A URL may end in `/`, as nginx's `proxy_pass`
+    /// is often written, but have no other path: requests keep their own.
     pub fn parse(text: &str) -> Result<UpstreamAddr, String> {
         let (protocol, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (Protocol::Https, rest)
@@ -70,6 +71,16 @@ impl UpstreamAddr {
             ));
         } else {
             (Protocol::Http1, text)
+        };
+        let rest = match rest.split_once('/') {
+            None => rest,
+            Some((authority, "")) if text.contains("://") => authority,
+            Some((authority, _)) => {
+                return Err(format!(
+                    "{text:?}: an upstream is an address with no path (a request goes with its own), such as \"{}{authority}\"",
+                    &text[..text.len() - rest.len()]
+                ));
+            }
         };
         let authority: Authority = rest
             .parse()
@@ -641,5 +652,25 @@ pub(crate) mod tests {
         );
         let error = UpstreamAddr::parse("https://[zz]:443").unwrap_err();
         assert!(error.contains("[zz] is not an IPv6 address"), "{error}");
+        // A URL may end in `/` as `proxy_pass` often does; no other path.
+        assert_eq!(
+            UpstreamAddr::parse("http://agent:80/").unwrap().to_string(),
+            "agent:80"
+        );
+        assert_eq!(
+            UpstreamAddr::parse("https://agent:443/").unwrap().to_string(),
+            "https://agent:443"
+        );
+        for (bad, shown) in [
+            ("http://agent:80/v2", "\"http://agent:80\""),
+            ("h2c://agent:80/v2/", "\"h2c://agent:80\""),
+            ("agent:80/", "\"agent:80\""),
+        ] {
+            let error = UpstreamAddr::parse(bad).unwrap_err();
+            assert!(
+                error.contains("no path") && error.ends_with(&format!("such as {shown}")),
+                "{error}"
+            );
+        }
     }
 }
