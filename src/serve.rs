@@ -352,7 +352,8 @@ fn restore_control(
 /// usual soft default of 1024 would turn clients away with "Too many open
 /// files" at about 500, each with a connection upstream, however high
 /// `listen.max_connections` is. Warns when even the hard limit is short of
-/// two descriptors per connection allowed.
+/// two descriptors per connection allowed and 64 for the rest (listeners,
+/// files, health probes).
 fn raise_open_files_limit(max_connections: usize) {
     // Asking for the most the hard limit allows; an unlimited hard limit
     // still caps it at the kernel's `nr_open` (2^20 by default).
@@ -363,9 +364,10 @@ fn raise_open_files_limit(max_connections: usize) {
     match limit {
         Ok(limit) if limit < needed => tracing::warn!(
             open_files = limit,
+            needed,
             listen.max_connections = max_connections,
-            "the open files limit (ulimit -n, systemd's LimitNOFILE) is below two per connection allowed; \
-             connections past it fail with \"Too many open files\""
+            "the open files limit (ulimit -n, systemd's LimitNOFILE) is below what listen.max_connections needs \
+             (two per connection, and 64 more); connections past it fail with \"Too many open files\""
         ),
         Ok(limit) => tracing::debug!(open_files = limit, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot read the open files limit"),

@@ -920,6 +920,7 @@ async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
     })
     .await;
     assert!(warning.contains("open_files=4096"), "{warning}");
+    assert!(warning.contains("needed=10064"), "{warning}");
     assert!(warning.contains("max_connections=5000"), "{warning}");
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
 
