@@ -361,6 +361,8 @@ fn control_runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn fail(message: String) -> ExitCode {
+    // After the log's last lines, which say what led here.
+    crate::logging::finish();
     eprintln!("cohort: {message}");
     ExitCode::FAILURE
 }

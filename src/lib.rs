@@ -29,6 +29,7 @@
 //! - [`ctl`]: `cohort ctl`, the admin API from the command line.
 //! - [`clock`]: the process-wide monotonic clock shared by health and rollout windows.
 //! - [`coalesce`]: small vectored writes sent as one plain write (client and plain TCP upstream sockets).
+//! - [`logging`]: the process log, written off the request path.
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -43,6 +44,7 @@ pub mod ctl;
 pub mod demo;
 pub mod files;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod rollout;

@@ -3,11 +3,9 @@
 // The one exception, jemalloc's options below, says why it is sound.
 #![deny(unsafe_code)]
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than the system allocator: it keeps long-lived small
 /// allocations apart from short-lived buffers and its background thread
@@ -41,17 +39,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static JEMALLOC_OPTIONS: &[u8; 28] = b"tcache_nslots_small_min:128\0";
 
 fn main() -> ExitCode {
-    // The access log is off unless RUST_LOG turns it on,
-    // e.g. RUST_LOG=info,cohort::proxy::access=info.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,cohort::proxy::access=off"));
-    // Colours only for a person at a terminal: journald, `docker logs` and
-    // log shippers get plain text (and `NO_COLOR` is honoured either way).
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
-    cohort::cli::run(cohort::cli::Cli::parse())
+    cohort::logging::install();
+    let code = cohort::cli::run(cohort::cli::Cli::parse());
+    cohort::logging::finish();
+    code
 }

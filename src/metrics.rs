@@ -41,6 +41,7 @@ pub const CLIENT_CONNECTIONS: &str = "cohort_client_connections";
 pub const IDLE_CLIENT_CONNECTIONS: &str = "cohort_client_connections_idle";
 pub const UPSTREAM_CONNECTIONS: &str = "cohort_upstream_connections";
 pub const BUILD_INFO: &str = "cohort_build_info";
+pub const LOG_LINES_DROPPED_TOTAL: &str = "cohort_log_lines_dropped_total";
 
 /// Histogram buckets, in seconds, for proxied agent calls: from a cached
 /// answer in about a millisecond to a long tool-using turn of a minute.
@@ -158,6 +159,7 @@ fn register_process_metrics() {
         counter!(SHADOW_DROPPED_TOTAL, "reason" => reason.as_str()).increment(0);
     }
     counter!(CANARY_FALLBACKS_TOTAL).increment(0);
+    counter!(LOG_LINES_DROPPED_TOTAL).increment(0);
     gauge!(CLIENT_CONNECTIONS).increment(0.0);
     gauge!(IDLE_CLIENT_CONNECTIONS).increment(0.0);
     gauge!(UPSTREAM_CONNECTIONS).increment(0.0);
@@ -201,6 +203,10 @@ fn describe() {
     describe_counter!(
         CANARY_FALLBACKS_TOTAL,
         "Canary-cohort requests sent to stable: no canary upstream was available, or every one refused the request."
+    );
+    describe_counter!(
+        LOG_LINES_DROPPED_TOTAL,
+        "Log lines dropped because stderr took none for a while (the queue before it was full)."
     );
     describe_counter!(
         SHADOW_DROPPED_TOTAL,
@@ -354,6 +360,12 @@ pub fn idle_client_connections() -> Gauge {
 /// The gauge of open upstream connections, resolved once by the pooled client's connector.
 pub fn upstream_connections() -> Gauge {
     gauge!(UPSTREAM_CONNECTIONS)
+}
+
+/// Sets the count of log lines dropped (`logging::dropped_lines`), which the
+/// log's writer keeps: read at each scrape.
+pub fn record_log_lines_dropped(total: u64) {
+    counter!(LOG_LINES_DROPPED_TOTAL).absolute(total);
 }
 
 /// Counts one rollback by `source`.

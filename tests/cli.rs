@@ -678,7 +678,12 @@ fn serve_and_demo_help_say_what_an_operator_must_know() {
 
 /// The `proxy.addr` the serve log announces, if `line` is that announcement.
 fn announced_proxy_addr(line: &str) -> Option<std::net::SocketAddr> {
-    let rest = &line[line.find("proxy.addr")? + "proxy.addr".len()..];
+    announced_addr(line, "proxy.addr")
+}
+
+/// The address the serve log announces as `key`, if `line` announces it.
+fn announced_addr(line: &str, key: &str) -> Option<std::net::SocketAddr> {
+    let rest = &line[line.find(key)? + key.len()..];
     // Skip `=` and any colour codes up to the address itself.
     let start = rest.find(|c: char| c.is_ascii_digit())?;
     let addr: String = rest[start..]
@@ -934,4 +939,78 @@ async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
     let values: Vec<&str> = open_files.split_whitespace().collect();
     assert_eq!(values[3..5], ["4096", "4096"], "{open_files}");
     exits_0_on_sigterm(child, drain).await;
+}
+
+/// A stderr that nobody reads (a stalled log driver, a full pipe) holds up
+/// neither requests nor a shutdown: lines past the log's queue are dropped
+/// and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stalls_holds_up_no_request_and_no_shutdown() {
+    let backend = Backend::start(STABLE).await;
+    let scratch = Scratch::new("stalled-log");
+    let config = one_version_config(&scratch, backend.addr, "");
+    let mut child = tokio::process::Command::new(COHORT)
+        .args(["serve", "--config"])
+        .arg(&config)
+        // A line per request: more than the pipe and the queue hold.
+        .env("RUST_LOG", "info,cohort::proxy::access=info")
+        .env("NO_COLOR", "1")
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort serve");
+    let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let (mut proxy, mut admin) = (None, None);
+    while proxy.is_none() || admin.is_none() {
+        let line = within("cohort serve to announce its addresses", log.next_line())
+            .await
+            .expect("read the log")
+            .expect("cohort serve exited before it announced its addresses");
+        proxy = proxy.or_else(|| announced_proxy_addr(&line));
+        admin = admin.or_else(|| announced_addr(&line, "admin.addr"));
+    }
+    let (proxy, admin) = (proxy.expect("read above"), admin.expect("read above"));
+    // From here on nobody reads the log; its pipe stays open.
+
+    let requests = cohort::logging::QUEUED_LINES + 4_000;
+    let clients = 8;
+    let sent: Vec<_> = (0..clients)
+        .map(|client| {
+            tokio::spawn(async move {
+                let http = Http::new(proxy);
+                for n in 0..requests / clients {
+                    let key = format!("user-{client}-{n}");
+                    let reply = http.get("/", &[("x-user-id", &key)]).await;
+                    assert_eq!(reply.status, 200, "{reply:?}");
+                }
+            })
+        })
+        .collect();
+    for client in sent {
+        client.await.expect("every request answered");
+    }
+    let metrics = AdminApi::new(admin)
+        .raw(http::Method::GET, "/metrics", "")
+        .await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    let dropped = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("cohort_log_lines_dropped_total "))
+        .and_then(|count| count.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no count of dropped lines in:\n{metrics}"));
+    assert!(dropped > 0.0, "{dropped}");
+
+    let pid = child.id().expect("the child is running").to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("cohort serve to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for cohort serve");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    drop(log);
 }

@@ -725,6 +725,7 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
         "cohort_client_connections",
         "cohort_upstream_connections",
         "cohort_upstream_healthy",
+        "cohort_log_lines_dropped_total",
         "cohort_build_info",
     ] {
         assert!(s.has_help(name), "no HELP for {name}");
@@ -738,6 +739,7 @@ async fn exports_the_proxy_own_series_and_passes_promtool() {
         );
     }
     assert_eq!(s.value("cohort_canary_fallbacks_total", &[]), Some(0.0));
+    assert_eq!(s.value("cohort_log_lines_dropped_total", &[]), Some(0.0));
     for reason in ["queue_full", "timeout", "too_large"] {
         assert_eq!(
             s.value("cohort_shadow_dropped_total", &[("reason", reason)]),

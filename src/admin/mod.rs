@@ -217,6 +217,7 @@ impl Admin {
                 }
             }
             Endpoint::Metrics => {
+                crate::metrics::record_log_lines_dropped(crate::logging::dropped_lines());
                 let table = self.control.table();
                 let mut text =
                     crate::metrics::retain_live_series(&self.metrics.render(), |v, c| {

@@ -658,7 +658,9 @@ pub(crate) mod tests {
             "agent:80"
         );
         assert_eq!(
-            UpstreamAddr::parse("https://agent:443/").unwrap().to_string(),
+            UpstreamAddr::parse("https://agent:443/")
+                .unwrap()
+                .to_string(),
             "https://agent:443"
         );
         for (bad, shown) in [
