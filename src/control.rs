@@ -148,18 +148,22 @@ struct Installing {
 
 impl Installing {
     /// Swaps `built` in as the live table, its canary rolled back if a
-    /// rollback under way is for it.
+    /// rollback under way is for it, and sets the table's gauges: the
+    /// canary's share is the one traffic sees, even while the state that
+    /// says so is still being written.
     fn show(&self, table: &Table) {
         let canary = self.built.canary.as_ref().map(|c| c.version.name.as_str());
         let rolled_back = self
             .rollbacks
             .iter()
             .any(|rollback| rollback.is_none() || rollback.as_deref() == canary);
-        table.store(if rolled_back {
+        let shown = if rolled_back {
             self.built.rolled_back()
         } else {
             RouteTable::clone(&self.built)
-        });
+        };
+        record_table_gauges(&shown);
+        table.store(shown);
     }
 }
 
@@ -230,7 +234,7 @@ impl Control {
     ) -> Control {
         let built = Arc::new(build(&saved.live, &policy, None));
         let table = Arc::new(Table::new(RouteTable::clone(&built)));
-        record_table_gauges(&saved.live);
+        record_table_gauges(&built);
         Control {
             table,
             store,
@@ -969,9 +973,8 @@ impl Control {
         current.saved = next;
     }
 
-    /// Makes `live` known: the table's gauges, then whoever watches [`Control::changes`].
+    /// Tells whoever watches [`Control::changes`] of `live`.
     fn publish(&self, live: &LiveState) {
-        record_table_gauges(live);
         self.changes.send_replace(live.generation);
     }
 
@@ -1375,9 +1378,10 @@ fn log_change(action: Action, source: Actor, reason: Option<&str>, live: &LiveSt
     }
 }
 
-/// The route table's gauges (canary weight, generation) for `live`.
-fn record_table_gauges(live: &LiveState) {
-    crate::metrics::record_table(live.weight().percent(), live.generation);
+/// The route table's gauges: the canary's weight, the generation.
+fn record_table_gauges(table: &RouteTable) {
+    let weight = table.canary.as_ref().map_or(0.0, |c| c.weight.percent());
+    crate::metrics::record_table(weight, table.generation);
 }
 
 #[cfg(test)]
@@ -1624,6 +1628,43 @@ mod tests {
             (3, Status::RolledBack)
         );
         assert_eq!(stalled.control.state(), rolled_back);
+    }
+
+    #[test]
+    fn the_canary_weight_gauge_reads_0_once_a_rollback_takes_traffic_off() {
+        let stalled = stalled();
+        let change = stall_a_change(&stalled, 50.0);
+        // The rollback's gauges, kept apart from other tests' (the
+        // process-wide recorder would mix them).
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = recorder.handle();
+        let rollback = thread::spawn({
+            let control = Arc::clone(&stalled.control);
+            move || {
+                metrics::with_local_recorder(&recorder, || {
+                    control.rollback_telling("a test", Source::Api)
+                })
+            }
+        });
+        let during_the_write = rolled_back_within_deadline(&stalled.control);
+        let gauge = scrape
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("cohort_canary_weight_percent "))
+            .map(str::to_owned);
+        let write_stalled = !change.is_finished();
+        stalled.go.send(()).unwrap();
+        change.join().unwrap().expect("the change is saved");
+        stalled
+            .begun
+            .recv_timeout(DEADLINE)
+            .expect("the rollback writes the state");
+        stalled.go.send(()).unwrap();
+        rollback.join().unwrap().expect("the rollback is saved");
+
+        assert!(write_stalled, "the change ahead was written first");
+        assert_eq!(during_the_write.0, Status::RolledBack);
+        assert_eq!(gauge.as_deref(), Some("0"), "{}", scrape.render());
     }
 
     #[test]
