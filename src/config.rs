@@ -530,6 +530,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// (A year of 365.25 days, as the duration syntax counts one.)
 const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
+/// The shortest `rollout.interval`: each look writes the state file, and a
+/// window's 60 slots of less would judge a fraction of a second. Refuses
+/// `"30ms"` written for `"30s"`.
+pub const MIN_ROLLOUT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Parses a byte size written as `"512"`, `"64KiB"`, `"1MiB"`, `"1MB"` or `"2GiB"`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
@@ -1495,7 +1500,17 @@ mod raw {
             }),
         };
         RolloutConfig {
-            interval: c.positive_duration(&key("interval"), r.interval, Duration::from_secs(30)),
+            interval: c.value(&key("interval"), r.interval, Duration::from_secs(30), |s| {
+                parse_duration(&s).and_then(|d| {
+                    if d < MIN_ROLLOUT_INTERVAL {
+                        Err(format!(
+                            "{s:?} is shorter than {MIN_ROLLOUT_INTERVAL:?}: every look is saved to the state file"
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                })
+            }),
             failure_limit: c.at_least_one(&key("failure_limit"), r.failure_limit, 2),
             // A guardrail judged on no requests is judged on noise.
             min_requests: c.at_least_one(&key("min_requests"), r.min_requests, 200),
@@ -2113,6 +2128,20 @@ mod tests {
             }
             other => panic!("expected a problem, got {other:?}"),
         }
+        // `"30ms"` for `"30s"`: a look, and a write of the state file, 33 times a second.
+        match rollout_from_json(serde_json::json!({"stages": [stage], "interval": "30ms"})) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert_eq!(problems[0].key, "interval");
+                assert!(
+                    problems[0].message.contains("shorter than 100ms"),
+                    "{problems:?}"
+                );
+            }
+            other => panic!("expected a problem, got {other:?}"),
+        }
+        let plan = rollout_from_json(serde_json::json!({"stages": [stage], "interval": "100ms"}));
+        assert_eq!(plan.unwrap().interval, MIN_ROLLOUT_INTERVAL);
     }
 
     #[test]

@@ -2282,11 +2282,11 @@ async fn too_little_data_pauses_the_rollout_for_a_person_instead_of_rolling_back
 async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_took_effect() {
     let stable = Backend::start(STABLE).await;
     let canary = Backend::start(CANARY).await;
-    // Windows of 60 slots of 20 ms reach back 1.2 s, in which the paced
-    // requests below never bring either cohort to `min_requests`; the
-    // stage's time is up long before they come in.
+    // Windows of 60 slots of 100 ms reach back 6 s, in which the paced
+    // requests below (15 a cohort) never bring either cohort to
+    // `min_requests`; the stage's time is up long before they come in.
     let plan = json!({
-        "interval": "20ms",
+        "interval": INTERVAL,
         "min_requests": 20,
         "failure_limit": 1,
         "inconclusive_limit": 500,
@@ -2294,8 +2294,8 @@ async fn at_low_traffic_a_stage_is_judged_on_everything_served_since_its_weight_
         "guardrails": {"success_rate_min": 0.9, "success_rate_drop_max": 0.1},
     });
     let (_server, admin, proxy) = rollout_started(stable.addr, canary.addr, plan).await;
-    // At most ten requests a second: twelve in a window's span.
-    let paced = paced_traffic(proxy, Duration::from_millis(100));
+    // At most five requests a second: thirty in a window's span.
+    let paced = paced_traffic(proxy, Duration::from_millis(200));
     // Judged on the last span alone, the stage would wait for ever, and
     // after 500 inconclusive looks pause for a person.
     let ended = wait_state(&admin, "the promotion, or a pause", |s| {
