@@ -2069,9 +2069,9 @@ mod tests {
         let stalled = stalled();
         let runtime = one_worker();
         let rollouts = rollouts_of(&stalled);
-        // Its task then looks, and saves, every 20 ms.
+        // Its task then looks, and saves, every 100 ms.
         let plan = serde_json::json!({
-            "interval": "20ms",
+            "interval": "100ms",
             "stages": [{"weight": 20, "duration": "1h"}],
         });
         start_on_a_stalled_disk(&stalled, &rollouts, &runtime, plan);

@@ -136,10 +136,11 @@ impl Version {
             .map(|upstream| carried(upstream).unwrap_or_else(|| Arc::new(Health::new(!gated))))
             .collect();
         let window = match predecessor {
-            // A new rollout interval changes the slots: the old ones cannot be read with it.
             Some(p) if window == WindowFrom::Predecessor && p.window.has_slot_len(window_slot) => {
                 Arc::clone(&p.window)
             }
+            // A new rollout interval changes the slots: the old ones cannot be read with it.
+            Some(p) if window == WindowFrom::Predecessor => Arc::new(p.window.resized(window_slot)),
             _ => Arc::new(Window::new(window_slot)),
         };
         let closes = predecessor.map_or_else(
@@ -638,6 +639,7 @@ mod tests {
             let again = &again.canary.as_ref().unwrap().version;
             assert!(Arc::ptr_eq(&new.health[0], &again.health[0]));
             assert!(!Arc::ptr_eq(&new.window, &again.window));
+            assert_ne!(new.window.lineage(), again.window.lineage());
         }
     }
 
@@ -666,6 +668,8 @@ mod tests {
             assert!(Arc::ptr_eq(&old.health[0], &new.health[0]));
             assert!(!Arc::ptr_eq(&old.window, &new.window));
             assert_eq!(new.window.slot_len(), Duration::from_secs(1));
+            // The same judgement of the version goes on in other slots.
+            assert_eq!(old.window.lineage(), new.window.lineage());
         }
     }
 

@@ -1046,6 +1046,32 @@ async fn eval_score_below_its_floor_rolls_back() {
     assert_eq!(state["status"], "progressing", "{state:#}");
 }
 
+/// A plan of another interval than the config's judges in windows of its
+/// own slots, but the canary is the same one: a score reported for it
+/// before the start still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eval_score_reported_before_a_plan_of_another_interval_counts() {
+    let server =
+        server_with_api_canary("stages = [ { weight = 1, duration = \"1s\" } ]", "", "").await;
+    let admin = AdminApi::new(server.admin_addr());
+    let body = json!({"version": CANARY, "eval_score": 0.95});
+    let reply = admin.call(Method::POST, "/admin/signals", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let plan = json!({
+        "interval": "200ms",
+        "inconclusive_limit": 1000,
+        "stages": [{"weight": 20, "duration": "1h"}],
+        "guardrails": {"eval_score_min": 0.9},
+    });
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let judged = wait_state(&admin, "a look at the eval score", |s| {
+        evaluation(s, "eval_score").is_some()
+    })
+    .await;
+    assert_eq!(verdict(&judged, "eval_score"), "pass", "{judged:#}");
+}
+
 /// A canary waiting at an approval gate still serves its share, so its
 /// guardrails are still judged there, as Argo Rollouts' background
 /// analysis runs through a pause: one that goes bad is rolled back at the

@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,6 @@ use tokio::time::Instant;
 use super::judge::{self, Tallies, Tripped, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
-use super::window::Window;
 use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
 use crate::control::{Control, ControlError, on_disk};
 use crate::state::audit::{Action, Actor};
@@ -308,12 +307,12 @@ struct Inbox {
 }
 
 /// An outside judgement of a version (`POST /admin/signals`), with the
-/// window it was reported against: the version as the guardrails judged it
-/// then.
+/// lineage of the window it was reported against: the version as the
+/// guardrails judged it then (see [`Window::lineage`](super::window::Window::lineage)).
 #[derive(Debug)]
 struct EvalScore {
     score: f64,
-    window: Weak<Window>,
+    lineage: u64,
 }
 
 /// Runs at most one rollout at a time.
@@ -610,19 +609,20 @@ impl Rollouts {
                 version.to_owned(),
                 EvalScore {
                     score,
-                    window: Arc::downgrade(&judged.window),
+                    lineage: judged.window.lineage(),
                 },
             );
     }
 
     /// The canary's score, if one was reported for it as `table` judges
     /// it: a canary installed again after its rollback starts a new window,
-    /// and the score of the one before, good or bad, is not its own.
+    /// and the score of the one before, good or bad, is not its own; one
+    /// whose window was only resized (a plan of another interval) keeps it.
     fn canary_eval_score(&self, table: &RouteTable) -> Option<f64> {
         let canary = &table.canary.as_ref()?.version;
         let scores = self.eval_scores.lock().unwrap_or_else(|p| p.into_inner());
         let kept = scores.get(&canary.name)?;
-        Weak::ptr_eq(&kept.window, &Arc::downgrade(&canary.window)).then_some(kept.score)
+        (kept.lineage == canary.window.lineage()).then_some(kept.score)
     }
 
     /// The live state as `GET /admin/state` shows it

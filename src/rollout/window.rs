@@ -27,6 +27,7 @@
 //! at least once a span. It costs recording nothing.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -216,6 +217,9 @@ pub struct Window {
     slot_len: Duration,
     /// `slot_len` in whole milliseconds, at least 1.
     slot_ms: u64,
+    /// Which judgement of its version this window counts for: new with a
+    /// new window, kept by one [`Window::resized`] from it.
+    lineage: u64,
     ring: Mutex<Ring>,
 }
 
@@ -235,10 +239,25 @@ impl Window {
     /// milliseconds, at least one.
     #[must_use]
     pub fn new(slot_len: Duration) -> Self {
+        static LINEAGES: AtomicU64 = AtomicU64::new(0);
+        Self::with_lineage(slot_len, LINEAGES.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// An empty window of slots of `slot_len` that goes on with this one's
+    /// judgement of its version (see [`Window::lineage`]): its slots cannot
+    /// be read with the new length, but what was said of the version
+    /// outside them (an `eval_score`) still holds.
+    #[must_use]
+    pub fn resized(&self, slot_len: Duration) -> Self {
+        Self::with_lineage(slot_len, self.lineage)
+    }
+
+    fn with_lineage(slot_len: Duration, lineage: u64) -> Self {
         let slot_ms = whole_millis(slot_len);
         Self {
             slot_len: Duration::from_millis(slot_ms),
             slot_ms,
+            lineage,
             ring: Mutex::new(Ring {
                 slots: vec![Slot::EMPTY; Self::SLOTS],
                 total: Sample::default(),
@@ -251,6 +270,14 @@ impl Window {
     #[must_use]
     pub fn slot_len(&self) -> Duration {
         self.slot_len
+    }
+
+    /// Which judgement of its version this window counts for: the same
+    /// for a window [`Window::resized`] from another, different for any
+    /// two made with [`Window::new`].
+    #[must_use]
+    pub fn lineage(&self) -> u64 {
+        self.lineage
     }
 
     /// Whether this window's slots are the ones [`Window::new`] would make
