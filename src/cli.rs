@@ -362,8 +362,7 @@ fn control_runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn fail(message: String) -> ExitCode {
     // After the log's last lines, which say what led here.
-    crate::logging::finish();
-    eprintln!("cohort: {message}");
+    crate::logging::last_words(&format!("cohort: {message}"));
     ExitCode::FAILURE
 }
 

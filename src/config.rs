@@ -1552,6 +1552,26 @@ mod raw {
 /// is malformed (SPEC section 3: 400). A value out of range is a
 /// [`ConfigError::Invalid`] (422).
 pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
+    rollout_from_document(value)
+}
+
+/// The plan of a running rollout, as the state file keeps it: read as
+/// [`rollout_from_json`] reads a new one, but with an `interval` shorter
+/// than [`MIN_ROLLOUT_INTERVAL`] (which builds before that floor took) read
+/// as the floor, so that a state they saved still starts.
+pub fn saved_rollout_from_json(mut value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
+    if let Some(interval) = value.get_mut("interval")
+        && interval
+            .as_str()
+            .and_then(|text| parse_duration(text).ok())
+            .is_some_and(|d| d < MIN_ROLLOUT_INTERVAL)
+    {
+        *interval = format!("{}ms", MIN_ROLLOUT_INTERVAL.as_millis()).into();
+    }
+    rollout_from_document(value)
+}
+
+fn rollout_from_document(value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
     let syntax = |message: String| ConfigError::Syntax {
         path: "rollout plan".to_owned(),
         message,
@@ -2142,6 +2162,10 @@ mod tests {
         }
         let plan = rollout_from_json(serde_json::json!({"stages": [stage], "interval": "100ms"}));
         assert_eq!(plan.unwrap().interval, MIN_ROLLOUT_INTERVAL);
+        // One that an earlier build saved running still starts, at the floor.
+        let saved =
+            saved_rollout_from_json(serde_json::json!({"stages": [stage], "interval": "20ms"}));
+        assert_eq!(saved.unwrap().interval, MIN_ROLLOUT_INTERVAL);
     }
 
     #[test]

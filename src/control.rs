@@ -896,16 +896,19 @@ impl Control {
             });
         }
         self.publish(&current.saved.live);
+        let reason = "config reloaded with a changed [versions]";
+        log_change(
+            Action::Reseed,
+            Actor::Signal,
+            Some(reason),
+            &current.saved.live,
+        );
         self.write_audit(
             Action::Reseed,
             Some(&before),
             &current.saved.live,
-            Some("config reloaded with a changed [versions]"),
+            Some(reason),
             Actor::Signal,
-        );
-        tracing::info!(
-            generation = current.saved.live.generation,
-            "config reloaded; [versions] changed, re-seeded"
         );
         Ok(Reloaded {
             new_canary: crate::state::new_canary(Some(&before), &current.saved.live),
@@ -1351,18 +1354,18 @@ fn running_interval(live: &LiveState) -> Option<std::time::Duration> {
         return None;
     }
     let plan = live.rollout.as_ref()?.get("plan")?.clone();
-    crate::config::rollout_from_json(plan)
+    crate::config::saved_rollout_from_json(plan)
         .ok()
         .map(|plan| plan.interval)
 }
 
 /// Says in the process log what a change made live, as its audit line
 /// does (which waits for a disk that refuses it): who, what, why, and
-/// where the release stands now. A rollback, whoever made it, is a
-/// warning, as `SIGUSR1`'s always was.
+/// where the release stands now. A rollback, whoever made it (a
+/// guardrail's too: see `Control::rollback_rollout`), is a warning, as
+/// `SIGUSR1`'s always was; the end it gives a rollout is not another.
 fn log_change(action: Action, source: Actor, reason: Option<&str>, live: &LiveState) {
-    let rolled_back = live.status == Status::RolledBack
-        && matches!(action, Action::Rollback | Action::RolloutEnd);
+    let rolled_back = action == Action::Rollback && live.status == Status::RolledBack;
     let (action, source) = (action.as_str(), source.as_str());
     let (generation, status) = (live.generation, live.status.as_str());
     let stable = live.stable.name.as_str();

@@ -7,21 +7,63 @@
 //! falls behind, a pipe nobody drains) cannot stop either; once the queue
 //! is full, lines are dropped and counted ([`dropped_lines`], exported as
 //! `cohort_log_lines_dropped_total`), as Docker's `mode=non-blocking` does.
-//! Does not own: what is logged, or the command line's own messages on
-//! stdout and stderr, which [`finish`] keeps in order with the log.
+//! `tracing-appender` has such a writer, but on exit with a full queue
+//! (which is when stderr has stalled) its guard prints to stdout, and can
+//! block there; this one writes only to stderr, from its thread, and an
+//! exit waits for it a bounded time.
+//! Does not own: what is logged, or the command line's output on stdout.
 
-use std::io::IsTerminal as _;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::io::{IsTerminal as _, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 /// The most lines waiting for the writer: a few MiB, a burst of an
 /// upstream's failures (a line each) at full load for a second or so.
 pub const QUEUED_LINES: usize = 16_384;
 
-/// The writer's guard, held until [`finish`], and its count of dropped lines.
-static WRITER: OnceLock<(Mutex<Option<WorkerGuard>>, ErrorCounter)> = OnceLock::new();
+/// How long [`finish`] waits for the lines queued before it to be written.
+const FINISH_WAIT: Duration = Duration::from_secs(1);
+
+/// The writer's end of the queue, once [`install`] has made it.
+static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+/// What the writer thread is sent.
+enum Message {
+    Line(Vec<u8>),
+    /// Answered once every line queued before it is written.
+    Written(SyncSender<()>),
+}
+
+/// The `io::Write` that `tracing` formats each line into: one write per
+/// line, queued whole or dropped whole.
+#[derive(Clone)]
+struct Queue {
+    sender: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Queue {
+    fn send(&self, line: &[u8]) {
+        if self.sender.try_send(Message::Line(line.to_vec())).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Write for Queue {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.send(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Sends every `tracing` line of the process to stderr through the writer
 /// thread. The access log is off unless `RUST_LOG` turns it on, e.g.
@@ -32,37 +74,70 @@ pub fn install() {
     // Colours only for a person at a terminal: journald, `docker logs` and
     // log shippers get plain text (and `NO_COLOR` is honoured either way).
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("cohort-log")
-        .finish(std::io::stderr());
-    if WRITER
-        .set((Mutex::new(Some(guard)), writer.error_counter()))
-        .is_err()
-    {
+    let (sender, queued) = sync_channel(QUEUED_LINES);
+    let queue = Queue {
+        sender,
+        dropped: Arc::default(),
+    };
+    if QUEUE.set(queue.clone()).is_err() {
         return;
     }
-    tracing_subscriber::fmt()
+    let writer = std::thread::Builder::new()
+        .name("cohort-log".into())
+        .spawn(move || write_out(&queued));
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(colour)
-        .init();
+        .with_ansi(colour);
+    match writer {
+        Ok(_) => subscriber.with_writer(move || queue.clone()).init(),
+        // Written where it is logged, then, as with no queue at all.
+        Err(error) => {
+            subscriber.with_writer(std::io::stderr).init();
+            tracing::warn!(%error, "cannot start the log's writer thread");
+        }
+    }
 }
 
-/// Writes out the lines still queued (waiting a second at most for a
-/// stalled stderr), so that what the process prints next comes after
-/// them. Lines logged afterwards are lost: called as the process ends.
+/// The writer thread: every line to stderr, in order, until the process ends.
+fn write_out(queued: &Receiver<Message>) {
+    for message in queued {
+        match message {
+            // Nowhere to say that stderr refused a line.
+            Message::Line(line) => drop(std::io::stderr().write_all(&line)),
+            Message::Written(written) => drop(written.send(())),
+        }
+    }
+}
+
+/// Waits, for a second at most, until the lines logged so far are written
+/// (a stalled stderr may take none), so that what the process prints as it
+/// exits comes after them.
 pub fn finish() {
-    if let Some((guard, _)) = WRITER.get() {
-        drop(guard.lock().unwrap_or_else(PoisonError::into_inner).take());
+    let Some(queue) = QUEUE.get() else {
+        return;
+    };
+    let (written, done) = sync_channel(1);
+    if queue.sender.try_send(Message::Written(written)).is_ok() {
+        let _ = done.recv_timeout(FINISH_WAIT);
+    }
+}
+
+/// The process's last words on stderr (`cohort: <why it failed>`): after the
+/// log's lines and, like them, never waiting on a stderr that takes nothing.
+pub fn last_words(message: &str) {
+    match QUEUE.get() {
+        Some(queue) => {
+            queue.send(format!("{message}\n").as_bytes());
+            finish();
+        }
+        None => eprintln!("{message}"),
     }
 }
 
 /// How many lines were dropped because the queue was full.
 #[must_use]
 pub fn dropped_lines() -> u64 {
-    WRITER
+    QUEUE
         .get()
-        .map_or(0, |(_, dropped)| dropped.dropped_lines() as u64)
+        .map_or(0, |queue| queue.dropped.load(Ordering::Relaxed))
 }

@@ -943,25 +943,25 @@ async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
 
 /// A stderr that nobody reads (a stalled log driver, a full pipe) holds up
 /// neither requests nor a shutdown: lines past the log's queue are dropped
-/// and counted.
+/// and counted. Here stdout and stderr are one pipe, as under systemd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stalls_holds_up_no_request_and_no_shutdown() {
     let backend = Backend::start(STABLE).await;
     let scratch = Scratch::new("stalled-log");
     let config = one_version_config(&scratch, backend.addr, "");
-    let mut child = tokio::process::Command::new(COHORT)
-        .args(["serve", "--config"])
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", "exec \"$0\" serve --config \"$1\" 2>&1", COHORT])
         .arg(&config)
         // A line per request: more than the pipe and the queue hold.
         .env("RUST_LOG", "info,cohort::proxy::access=info")
         .env("NO_COLOR", "1")
         .env_remove("COHORT_ADMIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("start cohort serve");
-    let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let mut log = BufReader::new(child.stdout.take().expect("piped output")).lines();
     let (mut proxy, mut admin) = (None, None);
     while proxy.is_none() || admin.is_none() {
         let line = within("cohort serve to announce its addresses", log.next_line())

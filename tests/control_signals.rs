@@ -100,7 +100,7 @@ async fn sigusr1_rolls_back_with_source_signal() {
 
 /// Every change of the live state is a line in the process log, as it is in
 /// the audit log; a rollback, whoever makes it, a warning that names its
-/// source and reason.
+/// source and reason, and one only when it ends a rollout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_is_logged_and_a_rollback_warns_with_its_source_and_reason() {
     let stable = Backend::start(STABLE).await;
@@ -125,6 +125,12 @@ async fn every_change_is_logged_and_a_rollback_warns_with_its_source_and_reason(
         "{line}"
     );
 
+    let plan = serde_json::json!({"stages": [{"weight": 30, "duration": "1h"}]});
+    let started = admin.call(Method::POST, "/admin/rollout", plan).await;
+    assert_eq!(started.status, 200, "{started:?}");
+    process
+        .log_line(&["live state changed", "action=rollout_start", "source=api"])
+        .await;
     let reason = "bad answers in #support";
     let rolled_back = admin
         .call(
@@ -138,6 +144,16 @@ async fn every_change_is_logged_and_a_rollback_warns_with_its_source_and_reason(
         .log_line(&["rolled back", "action=rollback", "source=api"])
         .await;
     assert!(line.contains("WARN") && line.contains(reason), "{line}");
+    // The rollout it ended says so, but is not a second rollback.
+    process
+        .log_line(&["live state changed", "action=rollout_end"])
+        .await;
+    let rollbacks = process
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("WARN") && l.contains("rolled back"))
+        .count();
+    assert_eq!(rollbacks, 1, "{:#?}", process.log());
     assert_eq!(process.stop().await, Some(0));
 }
 
@@ -508,6 +524,11 @@ async fn sighup_with_a_new_canary_starts_the_configured_rollout() {
         .rfind(|l| l["action"] == "rollout_start")
         .expect("an audit line for the start");
     assert_eq!(started["source"], "signal", "{started}");
+    // The re-seed that installed it is in the process log too.
+    let line = process
+        .log_line(&["live state changed", "action=reseed", "source=signal"])
+        .await;
+    assert!(line.contains("canary=v3"), "{line}");
     assert_eq!(process.stop().await, Some(0));
 }
 

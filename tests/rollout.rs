@@ -21,8 +21,8 @@
 //! admin API's error paths outside rollouts (`control_api`).
 //!
 //! Stages last about a second and the guardrails judge every 100 ms over
-//! windows of 60 such slots: the `[rollout]` table of each config sets that
-//! interval, which sizes the windows even when the plan comes from the API.
+//! windows of 60 such slots: a running plan's interval sizes the windows,
+//! and the `[rollout]` table of each config sets the same one.
 //! Tests wait on `GET /admin/state` with a deadline, never on a sleep.
 
 mod support;
@@ -2446,7 +2446,7 @@ async fn an_approval_after_a_restart_keeps_what_the_resumed_pause_counted() {
                 stages = [ { weight = 50, duration = \"100ms\" } ]";
     let extra = format!(
         "{FAST_HEALTH}\n{}",
-        rollout_table_every("20ms", plan, "success_rate_min = 0.9")
+        rollout_table(plan, "success_rate_min = 0.9")
     );
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
     let path = scratch_dir().join("cohort.toml");
@@ -2461,8 +2461,9 @@ async fn an_approval_after_a_restart_keeps_what_the_resumed_pause_counted() {
 
     let second = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(second.admin);
-    // At most ten requests a second: twelve in a window's span.
-    let paced = paced_traffic(second.proxy, Duration::from_millis(100));
+    // At most five requests a second: fifteen a cohort in a window's span
+    // (60 slots of 100 ms), short of `min_requests`.
+    let paced = paced_traffic(second.proxy, Duration::from_millis(200));
     wait_state(&admin, "a passing look while paused", |s| {
         s["status"] == "paused" && verdict(s, "success_rate") == "pass"
     })

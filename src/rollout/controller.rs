@@ -39,7 +39,9 @@ use tokio::time::Instant;
 use super::judge::{self, Tallies, Tripped, Verdict};
 use super::stats;
 use super::webhook::Webhooks;
-use crate::config::{ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json};
+use crate::config::{
+    ConfigError, OnSuccess, RolloutConfig, Stage, rollout_from_json, saved_rollout_from_json,
+};
 use crate::control::{Control, ControlError, on_disk};
 use crate::state::audit::{Action, Actor};
 use crate::state::{LiveState, Source};
@@ -116,7 +118,7 @@ fn saved_rollout(live: &LiveState) -> Result<Option<(Progress, RolloutConfig)>, 
             canary.map_or("(none)".to_owned(), |c| format!("{c:?}"))
         ));
     }
-    let plan = rollout_from_json(progress.plan.clone())
+    let plan = saved_rollout_from_json(progress.plan.clone())
         .map_err(|error| format!("rollout.plan: {error}"))?;
     if progress.stage >= plan.stages.len() {
         return Err(format!(
