@@ -74,22 +74,22 @@ pub fn install() {
     // Colours only for a person at a terminal: journald, `docker logs` and
     // log shippers get plain text (and `NO_COLOR` is honoured either way).
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
     let (sender, queued) = sync_channel(QUEUED_LINES);
+    let writer = std::thread::Builder::new()
+        .name("cohort-log".into())
+        .spawn(move || write_out(&queued));
     let queue = Queue {
         sender,
         dropped: Arc::default(),
     };
-    if QUEUE.set(queue.clone()).is_err() {
-        return;
-    }
-    let writer = std::thread::Builder::new()
-        .name("cohort-log".into())
-        .spawn(move || write_out(&queued));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour);
     match writer {
-        Ok(_) => subscriber.with_writer(move || queue.clone()).init(),
+        Ok(_) if QUEUE.set(queue.clone()).is_ok() => {
+            subscriber.with_writer(move || queue.clone()).init();
+        }
+        Ok(_) => {}
         // Written where it is logged, then, as with no queue at all.
         Err(error) => {
             subscriber.with_writer(std::io::stderr).init();
@@ -109,9 +109,9 @@ fn write_out(queued: &Receiver<Message>) {
     }
 }
 
-/// Waits, for a second at most, until the lines logged so far are written
-/// (a stalled stderr may take none), so that what the process prints as it
-/// exits comes after them.
+/// Waits, for a second at most, until the lines logged so far (and the
+/// [`last_words`]) are written: a stalled stderr may take none. Called as
+/// the process ends.
 pub fn finish() {
     let Some(queue) = QUEUE.get() else {
         return;
@@ -123,13 +123,11 @@ pub fn finish() {
 }
 
 /// The process's last words on stderr (`cohort: <why it failed>`): after the
-/// log's lines and, like them, never waiting on a stderr that takes nothing.
+/// log's lines and, like them, written by its thread, which [`finish`]
+/// waits for.
 pub fn last_words(message: &str) {
     match QUEUE.get() {
-        Some(queue) => {
-            queue.send(format!("{message}\n").as_bytes());
-            finish();
-        }
+        Some(queue) => queue.send(format!("{message}\n").as_bytes()),
         None => eprintln!("{message}"),
     }
 }
