@@ -1557,8 +1557,8 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
 
 /// The plan of a running rollout, as the state file keeps it: read as
 /// [`rollout_from_json`] reads a new one, but with an `interval` shorter
-/// than [`MIN_ROLLOUT_INTERVAL`] (which builds before that floor took) read
-/// as the floor, so that a state they saved still starts.
+/// than [`MIN_ROLLOUT_INTERVAL`] (which builds from before that floor
+/// accepted) read as the floor, so that a state they saved still starts.
 pub fn saved_rollout_from_json(mut value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
     if let Some(interval) = value.get_mut("interval")
         && interval

@@ -6,8 +6,8 @@
 //!   a key, reload the config.
 //! - The rollback latch.
 //! - The order each change is made in: check, write the state file, swap
-//!   the table, publish metrics and tell the watchers of
-//!   [`Control::changes`], then write the audit line.
+//!   the table (its gauges with it), tell the watchers of
+//!   [`Control::changes`], log it, then write the audit line.
 //! - Changes made anyway: a rollback, and a rollout's end, swap first and
 //!   hold even when the state file refuses them (see `made_anyway`). They
 //!   are saved again until it takes, as are audit lines the log refused.
