@@ -9,7 +9,8 @@
 //! canary at 100% judged by the absolute guardrails alone; a canary whose
 //! upstream dies, held at its stage and rolled back rather than promoted;
 //! a canary rolled back and installed again as it was, judged on its new
-//! requests alone;
+//! requests alone; a plan from the API judged in windows of its own
+//! interval, an `eval_score` reported before it still counted;
 //! the approval gate and abort; the stage's clock, live in the state, saved
 //! by a graceful shutdown and counted after `kill -9` of `cohort serve`; an
 //! AgentRelease manifest started and shown by `cohort ctl`; uploads broken
@@ -22,7 +23,7 @@
 //!
 //! Stages last about a second and the guardrails judge every 100 ms over
 //! windows of 60 such slots: a running plan's interval sizes the windows,
-//! and the `[rollout]` table of each config sets the same one.
+//! and the `[rollout]` table of most configs here sets the same one.
 //! Tests wait on `GET /admin/state` with a deadline, never on a sleep.
 
 mod support;
