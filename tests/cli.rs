@@ -714,6 +714,53 @@ fn one_version_config(
     )
 }
 
+/// `cohort serve --config <config>` run by `launcher` (a program and its
+/// arguments before cohort's own; empty for none), its log filtered by
+/// `filter`, the admin token only from the config under test, and killed
+/// when dropped. Colour and where the output goes are the caller's.
+fn serve_command(launcher: &[&str], config: &Path, filter: &str) -> tokio::process::Command {
+    let mut command = match launcher {
+        [] => tokio::process::Command::new(COHORT),
+        [program, args @ ..] => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args).arg(COHORT);
+            command
+        }
+    };
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", filter)
+        .env_remove("COHORT_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    command
+}
+
+/// Reads `log` line by line until `found` makes something of a line;
+/// fails the test if the log ends first, or after the deadline.
+async fn read_log_until<R, T>(
+    log: &mut tokio::io::Lines<R>,
+    what: &str,
+    mut found: impl FnMut(&str) -> Option<T>,
+) -> T
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    within(what, async {
+        loop {
+            let line = log
+                .next_line()
+                .await
+                .expect("read the log")
+                .unwrap_or_else(|| panic!("cohort serve exited before {what}"));
+            if let Some(found) = found(&line) {
+                return found;
+            }
+        }
+    })
+    .await
+}
+
 /// Sends `child` SIGTERM and checks that it exits 0, its log (read by
 /// `drain`) ending with it.
 async fn exits_0_on_sigterm(mut child: tokio::process::Child, drain: tokio::task::JoinHandle<()>) {
@@ -736,37 +783,22 @@ async fn serve_answers_on_its_port_and_exits_0_on_sigterm() {
     let scratch = Scratch::new("serve");
     let config = one_version_config(&scratch, backend.addr, "drain_timeout = \"5s\"");
 
-    let mut child = tokio::process::Command::new(COHORT)
-        .args(["serve", "--config"])
-        .arg(&config)
+    let mut child = serve_command(&[], &config, "info")
         .current_dir(&scratch.0)
-        .env("RUST_LOG", "info")
         // Colour is decided by the log's destination, a pipe here.
         .env_remove("NO_COLOR")
-        // The token comes from the config under test, never from the environment.
-        .env_remove("COHORT_ADMIN_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start cohort serve");
     let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
 
-    let proxy = within("cohort serve to announce its address", async {
-        loop {
-            let line = log
-                .next_line()
-                .await
-                .expect("read the log")
-                .expect("cohort serve exited before it announced its address");
-            assert!(
-                !line.contains('\u{1b}'),
-                "a colour code in a piped log: {line:?}"
-            );
-            if let Some(addr) = announced_proxy_addr(&line) {
-                return addr;
-            }
-        }
+    let proxy = read_log_until(&mut log, "it announced its address", |line| {
+        assert!(
+            !line.contains('\u{1b}'),
+            "a colour code in a piped log: {line:?}"
+        );
+        announced_proxy_addr(line)
     })
     .await;
     // Keep draining the log so the child never blocks on a full pipe.
@@ -897,31 +929,15 @@ async fn serve_raises_its_open_files_limit_and_warns_when_it_is_short() {
     let config = one_version_config(&scratch, backend.addr, "max_connections = 5000");
     // Started with a soft limit of 256 under a hard one of 4096: short of
     // two descriptors for each of 5000 connections.
-    let mut child = tokio::process::Command::new("prlimit")
-        .arg("--nofile=256:4096")
-        .arg(COHORT)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
+    let mut child = serve_command(&["prlimit", "--nofile=256:4096"], &config, "info")
         .env("NO_COLOR", "1")
-        .env_remove("COHORT_ADMIN_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start cohort serve under prlimit");
     let mut log = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let warning = within("the open files warning", async {
-        loop {
-            let line = log
-                .next_line()
-                .await
-                .expect("read the log")
-                .expect("cohort serve exited before it warned");
-            if line.contains("open files limit") {
-                return line;
-            }
-        }
+    let warning = read_log_until(&mut log, "the open files warning", |line| {
+        line.contains("open files limit").then(|| line.to_owned())
     })
     .await;
     assert!(warning.contains("open_files=4096"), "{warning}");
@@ -949,29 +965,22 @@ async fn a_log_reader_that_stalls_holds_up_no_request_and_no_shutdown() {
     let backend = Backend::start(STABLE).await;
     let scratch = Scratch::new("stalled-log");
     let config = one_version_config(&scratch, backend.addr, "");
-    let mut child = tokio::process::Command::new("sh")
-        .args(["-c", "exec \"$0\" serve --config \"$1\" 2>&1", COHORT])
-        .arg(&config)
-        // A line per request: more than the pipe and the queue hold.
-        .env("RUST_LOG", "info,cohort::proxy::access=info")
+    // A line per request: more than the pipe and the queue hold.
+    let filter = "info,cohort::proxy::access=info";
+    let mut child = serve_command(&["sh", "-c", "exec \"$@\" 2>&1", "sh"], &config, filter)
         .env("NO_COLOR", "1")
-        .env_remove("COHORT_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start cohort serve");
     let mut log = BufReader::new(child.stdout.take().expect("piped output")).lines();
-    let (mut proxy, mut admin) = (None, None);
-    while proxy.is_none() || admin.is_none() {
-        let line = within("cohort serve to announce its addresses", log.next_line())
-            .await
-            .expect("read the log")
-            .expect("cohort serve exited before it announced its addresses");
-        proxy = proxy.or_else(|| announced_proxy_addr(&line));
-        admin = admin.or_else(|| announced_addr(&line, "admin.addr"));
-    }
-    let (proxy, admin) = (proxy.expect("read above"), admin.expect("read above"));
+    let (proxy, admin) = read_log_until(&mut log, "it announced its addresses", |line| {
+        Some((
+            announced_proxy_addr(line)?,
+            announced_addr(line, "admin.addr")?,
+        ))
+    })
+    .await;
     // From here on nobody reads the log; its pipe stays open.
 
     let requests = cohort::logging::QUEUED_LINES + 4_000;
