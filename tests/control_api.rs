@@ -458,11 +458,7 @@ async fn promote_without_a_canary_is_a_conflict() {
     let canary = Backend::start(CANARY).await;
     let (server, admin) = with_token(&[stable.addr], Some((&[canary.addr], 10.0))).await;
 
-    let promoted = admin
-        .call(Method::POST, "/admin/promote", Value::Null)
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
-    let promoted = promoted.json();
+    let promoted = admin.promote().await;
     assert_eq!(promoted["stable"]["name"], CANARY, "{promoted}");
     assert_eq!(promoted["canary"], Value::Null, "{promoted}");
     let generation = promoted["generation"].clone();

@@ -270,14 +270,7 @@ async fn an_edit_of_versions_the_state_moved_past_restores_it() {
     let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
 
     let first = Process::serve(&files.config, &[]).await;
-    let promoted = AdminApi::new(first.admin)
-        .call(
-            http::Method::POST,
-            "/admin/promote",
-            serde_json::Value::Null,
-        )
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
+    AdminApi::new(first.admin).promote().await;
     let before = AdminApi::new(first.admin).state().await;
     assert_eq!(first.stop().await, Some(0));
 
@@ -706,10 +699,7 @@ async fn a_promotion_survives_an_edit_that_leaves_the_version_names_alone() {
     let canary = Backend::start(CANARY).await;
     let mut files = Files::new(config(&[stable.addr], Some((&[canary.addr], 10.0)), ""));
     let first = Process::serve(&files.config, &[]).await;
-    let promoted = AdminApi::new(first.admin)
-        .call(Method::POST, "/admin/promote", json!({}))
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
+    AdminApi::new(first.admin).promote().await;
     assert_eq!(first.stop().await, Some(0));
 
     // Another upstream for the config's stable (v1, no longer live).

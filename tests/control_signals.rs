@@ -650,10 +650,7 @@ async fn sighup_editing_versions_the_state_moved_past_changes_nothing() {
     let (path, audit) = write_config(&text);
     let process = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(process.admin);
-    let promoted = admin
-        .call(Method::POST, "/admin/promote", serde_json::Value::Null)
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
+    admin.promote().await;
     let before = admin.state().await;
     assert_eq!(before["stable"]["name"], CANARY, "{before}");
     let lines = audit_lines(&audit).len();

@@ -117,14 +117,7 @@ async fn an_sse_stream_on_the_canary_survives_a_weight_change_and_a_promote() {
         .expect("the canary stream runs on after a weight change");
 
     admin.set_weight(WEIGHT, false).await;
-    let promoted = admin
-        .call(
-            http::Method::POST,
-            "/admin/promote",
-            serde_json::Value::Null,
-        )
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
+    admin.promote().await;
     for _ in 0..3 {
         read_until(&mut stream, &canary.tick())
             .await
@@ -148,14 +141,7 @@ async fn a_websocket_on_the_canary_survives_a_weight_change_and_a_promote() {
     echo(&mut fresh, STABLE, "fresh").await;
     echo(&mut ws, CANARY, "after a weight change").await;
 
-    let promoted = admin
-        .call(
-            http::Method::POST,
-            "/admin/promote",
-            serde_json::Value::Null,
-        )
-        .await;
-    assert_eq!(promoted.status, 200, "{promoted:?}");
+    admin.promote().await;
     for i in 0..3 {
         echo(&mut ws, CANARY, &format!("after a promote {i}")).await;
     }

@@ -1194,6 +1194,15 @@ impl AdminApi {
         reply.json()
     }
 
+    /// `POST /admin/promote`, which must succeed; returns the new state.
+    pub async fn promote(&self) -> serde_json::Value {
+        let reply = self
+            .call(Method::POST, "/admin/promote", serde_json::Value::Null)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()
+    }
+
     /// `POST /admin/rollback`, which must succeed; returns the new state.
     pub async fn rollback(&self, reason: &str) -> serde_json::Value {
         let body = serde_json::json!({"reason": reason});
