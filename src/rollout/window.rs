@@ -19,7 +19,10 @@
 //! nothing: pick the slot from the time, clear it if it still holds an
 //! older period, bump a few counters. A running total over all live slots
 //! is kept beside the slots, so a snapshot of the whole span is a copy, and
-//! a shorter one sums only the slots it covers.
+//! a shorter one sums only the slots it covers. A window made again with
+//! other slots ([`Window::resized`], for a rollout of another interval)
+//! starts empty but keeps its [`Window::lineage`]: it goes on judging the
+//! same version, so what was said of it outside the slots still holds.
 //!
 //! A [`Tally`] reaches further back than the ring: at each look it moves
 //! the slots that closed since the last one into a sum of its own, so a
