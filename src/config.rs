@@ -1655,18 +1655,44 @@ const PROXY_HEADERS: [&str; 4] = [
     "x-cohort-shadow",
 ];
 
-/// A webhook is called with a POST over `http://` or `https://`.
+/// A webhook is called with a POST over `http://` or `https://`, with any
+/// user info in its URL sent as HTTP Basic authentication.
 fn check_webhook_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|_| format!("{url:?} is not a URL such as \"https://hooks.example/cohort\""))?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    if !scheme_ok || uri.authority().is_none() {
+    let Some(authority) = uri.authority().filter(|_| scheme_ok) else {
         return Err(format!(
             "{url:?} is not an http:// or https:// URL with a host"
         ));
+    };
+    check_url_port(authority).map_err(|problem| format!("{url:?}: {problem}"))
+}
+
+/// Whether the port a URL names, if it names one, can be connected to.
+/// `http::Uri` takes any digits after the host for a port, and a client
+/// connects to the scheme's default port when they are not a `u16`: a typo
+/// would send the request, and its credentials, to another service.
+pub fn check_url_port(authority: &http::uri::Authority) -> Result<(), String> {
+    let host_and_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    let Some((_, port)) = host_and_port
+        .rsplit_once(':')
+        // The colons of an IPv6 address in brackets, with no port after it.
+        .filter(|(_, port)| !port.contains(']'))
+    else {
+        return Ok(());
+    };
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("the port {port:?} is not a number"));
     }
-    Ok(())
+    match port.parse::<u16>() {
+        Ok(0) => Err("port 0 cannot be connected to".to_owned()),
+        Ok(_) => Ok(()),
+        // An empty port is the scheme's default (RFC 3986 section 3.2.3).
+        Err(_) if port.is_empty() => Ok(()),
+        Err(_) => Err(format!("port {port} is out of range (1 to 65535)")),
+    }
 }
 
 /// A version name is a header value and a metrics label: keep it short and printable.
@@ -1713,6 +1739,32 @@ mod tests {
         name = "v1"
         upstreams = ["127.0.0.1:9001"]
     "#;
+
+    /// A URL's port is a `u16` other than 0, or none: `http::Uri` reads
+    /// any digits, and a client would go to the default port instead.
+    #[test]
+    fn a_url_port_that_cannot_be_connected_to_is_refused() {
+        let check = |authority: &str| check_url_port(&authority.parse().unwrap());
+        for good in [
+            "h",
+            "h:80",
+            "h:",
+            "[::1]",
+            "[::1]:65535",
+            "bot:pw@h",
+            "bot:pw@h:8080",
+        ] {
+            assert_eq!(check(good), Ok(()), "{good}");
+        }
+        for (bad, problem) in [
+            ("h:99999", "port 99999 is out of range (1 to 65535)"),
+            ("bot:pw@h:70000", "port 70000 is out of range (1 to 65535)"),
+            ("[::1]:0", "port 0 cannot be connected to"),
+            ("h:0", "port 0 cannot be connected to"),
+        ] {
+            assert_eq!(check(bad), Err(problem.to_owned()), "{bad}");
+        }
+    }
 
     /// A section given as a value is named as a table, not by the type
     /// that reads it.
@@ -1900,6 +1952,10 @@ mod tests {
             (
                 "[rollout]\nwebhooks = [\"hooks.example/x\"]\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
                 "rollout.webhooks[0]: ",
+            ),
+            (
+                "[rollout]\nwebhooks = [\"http://127.0.0.1:99999/x\"]\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
+                "rollout.webhooks[0]: \"http://127.0.0.1:99999/x\": port 99999 is out of range",
             ),
         ];
         for (section, expected) in cases {

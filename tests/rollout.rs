@@ -2061,20 +2061,29 @@ async fn a_plan_from_the_api_calls_its_own_webhooks() {
         );
     }
 
-    // A plan naming a URL that cannot be called is refused by its key.
-    let plan = json!({"stages": [{"weight": 10, "duration": "1m"}], "webhooks": ["not a url"]});
-    let refused = admin.call(Method::POST, "/admin/rollout", plan).await;
-    assert_eq!(
-        refused.status,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "{refused:?}"
-    );
-    assert!(
-        refused.json()["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("webhooks[0]")),
-        "{refused:?}"
-    );
+    // A plan naming a URL that cannot be called is refused by its key,
+    // and so is one whose port a client would read as port 80.
+    for (url, problem) in [
+        ("not a url", "webhooks[0]"),
+        (
+            "http://127.0.0.1:99999/hook",
+            "webhooks[0]: \"http://127.0.0.1:99999/hook\": port 99999 is out of range",
+        ),
+    ] {
+        let plan = json!({"stages": [{"weight": 10, "duration": "1m"}], "webhooks": [url]});
+        let refused = admin.call(Method::POST, "/admin/rollout", plan).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{refused:?}"
+        );
+        assert!(
+            refused.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(problem)),
+            "{refused:?}"
+        );
+    }
 }
 
 /// A Cohort in front of `stable` and `canary`, the canary installed through

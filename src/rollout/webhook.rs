@@ -9,16 +9,20 @@
 //! happened, retries included. Delivery is at least once (an attempt that
 //! timed out may have arrived): the `id` tells a repeat. Nothing here is
 //! awaited by the rollout, so a slow or failing webhook never delays a
-//! rollback. Does not own: when an event happens (the rollout
+//! rollback. User info in a URL (`https://bot:pw@host/...`) is sent as
+//! HTTP Basic credentials, as curl and Go's HTTP client send it. Does not
+//! own: when an event happens (the rollout
 //! `controller`), or what the state in it says (`state`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
-use http::Request;
-use http::header::CONTENT_TYPE;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::uri::{Authority, Uri};
+use http::{HeaderValue, Request};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -114,9 +118,14 @@ impl Webhooks {
 /// Delivers `url`'s events one after the other, each tried up to
 /// [`ATTEMPTS`] times, until every sender of its queue is gone.
 async fn drain(client: WebhookClient, url: String, mut events: mpsc::UnboundedReceiver<Event>) {
+    let target = Target::parse(&url);
     while let Some(Event { name, body }) = events.recv().await {
         for attempt in 1..=ATTEMPTS {
-            let Err(error) = deliver(&client, &url, body.clone()).await else {
+            let delivered = match &target {
+                Ok(target) => deliver(&client, target, body.clone()).await,
+                Err(error) => Err(error.clone()),
+            };
+            let Err(error) = delivered else {
                 break;
             };
             let url = shown(&url);
@@ -151,11 +160,51 @@ fn shown(url: &str) -> String {
     shown
 }
 
-async fn deliver(client: &WebhookClient, url: &str, body: Bytes) -> Result<(), String> {
-    let req = Request::post(url)
+/// Where a URL's events go: the URL without its user info, and that user
+/// info as an `Authorization` header.
+struct Target {
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, String> {
+        let invalid = || "not a valid URL".to_owned();
+        let mut parts = url.parse::<Uri>().map_err(|_| invalid())?.into_parts();
+        let Some((user_info, host)) = parts
+            .authority
+            .as_ref()
+            .and_then(|authority| authority.as_str().rsplit_once('@'))
+        else {
+            return Ok(Target {
+                uri: Uri::from_parts(parts).map_err(|_| invalid())?,
+                authorization: None,
+            });
+        };
+        // RFC 7617: the user and the password, percent-decoded, joined by
+        // the first colon.
+        let decoded = percent_encoding::percent_decode_str(user_info).collect::<Vec<u8>>();
+        let credentials = base64::engine::general_purpose::STANDARD.encode(decoded);
+        let mut authorization =
+            HeaderValue::try_from(format!("Basic {credentials}")).map_err(|_| invalid())?;
+        authorization.set_sensitive(true);
+        parts.authority = Some(host.parse::<Authority>().map_err(|_| invalid())?);
+        Ok(Target {
+            uri: Uri::from_parts(parts).map_err(|_| invalid())?,
+            authorization: Some(authorization),
+        })
+    }
+}
+
+async fn deliver(client: &WebhookClient, target: &Target, body: Bytes) -> Result<(), String> {
+    let mut req = Request::post(target.uri.clone())
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
+    if let Some(authorization) = &target.authorization {
+        req.headers_mut()
+            .insert(AUTHORIZATION, authorization.clone());
+    }
     match tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)).await {
         Ok(Ok(rsp)) if rsp.status().is_success() => Ok(()),
         Ok(Ok(rsp)) => Err(format!("status {}", rsp.status())),
@@ -183,12 +232,22 @@ mod tests {
         assert_eq!(shown("http://[::1]:9000/hook"), "http://[::1]:9000/…");
     }
 
+    /// A call a receiver got: its event, whether it was answered 2xx, and
+    /// its `Authorization` and `Host` headers.
+    #[derive(Debug, PartialEq)]
+    struct Call {
+        event: String,
+        answered: bool,
+        authorization: Option<String>,
+        host: String,
+    }
+
     /// A receiver that answers the first call it gets 500 and records
-    /// every call's event, in the order they came.
-    async fn failing_once() -> (SocketAddr, Arc<Mutex<Vec<(String, bool)>>>) {
+    /// every call, in the order they came.
+    async fn failing_once() -> (SocketAddr, Arc<Mutex<Vec<Call>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let calls: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
         let seen = Arc::clone(&calls);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -196,11 +255,23 @@ mod tests {
                 let service = service_fn(move |req: Request<Incoming>| {
                     let seen = Arc::clone(&seen);
                     async move {
+                        let header = |name| {
+                            req.headers()
+                                .get(name)
+                                .map(|v: &HeaderValue| v.to_str().unwrap().to_owned())
+                        };
+                        let authorization = header(AUTHORIZATION);
+                        let host = header(http::header::HOST).unwrap_or_default();
                         let body = req.into_body().collect().await?.to_bytes();
                         let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
                         let mut seen = seen.lock().unwrap();
                         let answered = !seen.is_empty();
-                        seen.push((event["event"].as_str().unwrap().to_owned(), answered));
+                        seen.push(Call {
+                            event: event["event"].as_str().unwrap().to_owned(),
+                            answered,
+                            authorization,
+                            host,
+                        });
                         let mut rsp = http::Response::new(Full::new(Bytes::new()));
                         if !answered {
                             *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
@@ -232,13 +303,40 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The stage's first attempt failed: it was sent again before the rollback.
+        let calls: Vec<_> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|call| (call.event.clone(), call.answered))
+            .collect();
         assert_eq!(
-            *calls.lock().unwrap(),
+            calls,
             [
                 ("stage".to_owned(), false),
                 ("stage".to_owned(), true),
                 ("rollback".to_owned(), true),
             ]
         );
+    }
+
+    /// `http://user:password@host/` is sent to `host` with the user info as
+    /// Basic credentials (RFC 7617), percent-decoded, and not in `Host`.
+    #[tokio::test]
+    async fn user_info_in_a_url_is_sent_as_basic_credentials() {
+        let (addr, calls) = failing_once().await;
+        let webhooks = Webhooks::new(crate::tls::client_config(None).unwrap());
+        let config = crate::config::two_versions(10);
+        let state = LiveState::seed(&config.versions, None, 1);
+        webhooks.send(&[format!("http://bot:p%40ss@{addr}/hook")], "stage", &state);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while calls.lock().unwrap().len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let calls = calls.lock().unwrap();
+        let call = calls.last().expect("the webhook was called");
+        // base64("bot:p@ss")
+        assert_eq!(call.authorization.as_deref(), Some("Basic Ym90OnBAc3M="));
+        assert_eq!(call.host, addr.to_string());
     }
 }
