@@ -26,10 +26,8 @@ use crate::config::TOKEN_ENV;
 /// A ctl call that failed, with what to tell the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error(
-        "the admin URL {0:?} (--admin, or else COHORT_ADMIN) is not a URL such as http://127.0.0.1:9901"
-    )]
-    BadUrl(String),
+    #[error("the admin URL {url:?} (--admin, or else COHORT_ADMIN) {problem}")]
+    BadUrl { url: String, problem: String },
     #[error(
         "the admin URL {0:?} (--admin, or else COHORT_ADMIN): https admin URLs are not supported; the admin listener speaks plain HTTP \
          (put a TLS terminator in front and give its plain side, or reach it through an SSH tunnel)"
@@ -232,13 +230,29 @@ pub async fn send(
     if has_scheme("https://") {
         return Err(CtlError::HttpsUrl(admin.to_owned()));
     }
+    let bad_url = |problem: &str| CtlError::BadUrl {
+        url: admin.to_owned(),
+        problem: problem.to_owned(),
+    };
     if !has_scheme("http://") {
-        return Err(CtlError::BadUrl(admin.to_owned()));
+        return Err(bad_url("is not a URL such as http://127.0.0.1:9901"));
+    }
+    // The call's path is appended to the URL: after a query or a fragment
+    // it would be part of them, and user info would be sent nowhere.
+    if base.contains(['?', '#', '@']) {
+        return Err(bad_url(
+            "has a query, a fragment or user info: give the admin listener's address alone, \
+             such as http://127.0.0.1:9901 (the token goes in --token)",
+        ));
     }
     let url = format!("{base}{}", call.path);
     let uri: Uri = url
         .parse()
-        .map_err(|_| CtlError::BadUrl(admin.to_owned()))?;
+        .map_err(|_| bad_url("is not a URL such as http://127.0.0.1:9901"))?;
+    if let Some(authority) = uri.authority() {
+        crate::config::check_url_port(authority)
+            .map_err(|problem| bad_url(&format!("cannot be used: {problem}")))?;
+    }
     let body = call
         .body
         .map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));

@@ -7,8 +7,8 @@
 //! shadow, versions without an available upstream, and whether the last
 //! rollback is in effect included), non-zero with the server's message on
 //! a refusal, an unreachable admin API (with the cause), a missing or
-//! unsendable token, a weight JSON cannot carry, an https admin URL, a
-//! server that is not the admin API, or one that does not answer within
+//! unsendable token, a weight JSON cannot carry, an https admin URL or one
+//! that would go elsewhere (a port out of range, a query), a server that is not the admin API, or one that does not answer within
 //! `--timeout`; where the token comes from (`--token`, `--token-file` and
 //! their variables); and that each command's effect shows in
 //! `GET /admin/state`. Does not own: the admin API's own error paths
@@ -358,6 +358,51 @@ async fn an_https_admin_url_is_refused_as_unsupported() {
             "{message}"
         );
         assert!(!message.contains("not a URL"), "{message}");
+    }
+}
+
+/// An admin URL ctl would send somewhere else than it says is refused
+/// before any call: a port that is not a `u16` (a client would use port 80
+/// instead, token and all), and a query, fragment or user info that the
+/// call's path would be appended to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_url_that_would_go_elsewhere_is_refused_before_any_call() {
+    for (url, expected) in [
+        (
+            "http://127.0.0.1:99011",
+            "cannot be used: port 99011 is out of range (1 to 65535)",
+        ),
+        (
+            "http://127.0.0.1:0/",
+            "cannot be used: port 0 cannot be connected to",
+        ),
+        (
+            "http://127.0.0.1:9901/?x",
+            "has a query, a fragment or user info",
+        ),
+        (
+            "http://127.0.0.1:9901#x",
+            "has a query, a fragment or user info",
+        ),
+        (
+            "http://u:p@127.0.0.1:9901",
+            "has a query, a fragment or user info",
+        ),
+    ] {
+        let mut command = tokio::process::Command::new(COHORT_BIN);
+        command
+            .args(["ctl", "--admin", url, "--token", TOKEN, "rollback"])
+            .env_remove("COHORT_ADMIN")
+            .env_remove("COHORT_ADMIN_TOKEN")
+            .env_remove("COHORT_ADMIN_TOKEN_FILE")
+            .env_remove("COHORT_CTL_TIMEOUT")
+            .kill_on_drop(true);
+        let message = refused(&run(command, url).await, url);
+        assert!(
+            message.contains(&format!("the admin URL {url:?}")) && message.contains(expected),
+            "{url}: {message}"
+        );
+        assert!(!message.contains("cannot reach"), "{url}: {message}");
     }
 }
 
