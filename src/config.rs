@@ -1556,10 +1556,24 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
 }
 
 /// The plan of a running rollout, as the state file keeps it: read as
-/// [`rollout_from_json`] reads a new one, but with an `interval` shorter
-/// than [`MIN_ROLLOUT_INTERVAL`] (which builds from before that floor
-/// accepted) read as the floor, so that a state they saved still starts.
+/// [`rollout_from_json`] reads a new one, but so that a state an earlier
+/// build saved still starts: an `interval` shorter than
+/// [`MIN_ROLLOUT_INTERVAL`] is read as the floor, and a webhook whose port
+/// no connection can use (earlier builds sent its events to port 80) is
+/// left out, with a warning.
 pub fn saved_rollout_from_json(mut value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
+    if let Some(webhooks) = value
+        .get_mut("webhooks")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        webhooks.retain(|url| {
+            let Some(problem) = url.as_str().and_then(|url| check_webhook_url(url).err()) else {
+                return true;
+            };
+            tracing::warn!(%problem, "the running rollout's webhook is left out");
+            false
+        });
+    }
     if let Some(interval) = value.get_mut("interval")
         && interval
             .as_str()
@@ -2222,6 +2236,18 @@ mod tests {
         let saved =
             saved_rollout_from_json(serde_json::json!({"stages": [stage], "interval": "20ms"}));
         assert_eq!(saved.unwrap().interval, MIN_ROLLOUT_INTERVAL);
+    }
+
+    /// A running plan an earlier build saved with a webhook port out of
+    /// range still starts, without that webhook; a new plan is refused.
+    #[test]
+    fn a_saved_plan_keeps_only_the_webhooks_that_can_be_called() {
+        let stage = serde_json::json!({"weight": 1, "duration": "1m"});
+        let hooks = ["http://127.0.0.1:99999/hook", "http://127.0.0.1:9000/hook"];
+        let plan = serde_json::json!({"stages": [stage], "webhooks": hooks});
+        assert!(rollout_from_json(plan.clone()).is_err());
+        let saved = saved_rollout_from_json(plan).unwrap();
+        assert_eq!(saved.webhooks, ["http://127.0.0.1:9000/hook"]);
     }
 
     #[test]
