@@ -752,6 +752,7 @@ impl Control {
     pub fn with_health(&self, live: &LiveState) -> serde_json::Value {
         let table = self.table.snapshot();
         let mut value = serde_json::to_value(live).unwrap_or_default();
+        crate::rollout::webhook::hide_secrets(&mut value);
         let versions = [
             ("stable", Some(&table.stable)),
             ("canary", table.canary.as_ref().map(|c| &c.version)),
@@ -1234,10 +1235,17 @@ impl Control {
         reason: Option<&str>,
         source: Actor,
     ) {
+        // The audit log is a log: it shows webhooks as the process log does.
+        let shown = |state: &LiveState| {
+            let mut value = serde_json::to_value(state).unwrap_or_default();
+            crate::rollout::webhook::hide_secrets(&mut value);
+            value
+        };
+        let (before, after) = (before.map(shown), shown(after));
         let entry = Entry {
             action,
-            before,
-            after: Some(after),
+            before: before.as_ref(),
+            after: Some(&after),
             reason,
             source,
         };

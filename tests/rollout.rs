@@ -2031,6 +2031,50 @@ async fn the_audit_log_says_who_moved_a_rollout() {
     }
 }
 
+/// A webhook's path and user info are often its secret: the state file
+/// keeps them, to call it, but the admin API and the audit log (a log, and
+/// shipped as one) show only its scheme, host and port.
+#[tokio::test]
+async fn webhook_secrets_stay_in_the_state_file() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let secret = "http://bot:pw@127.0.0.1:9/services/s3cret";
+    let text = config(
+        &[stable.addr],
+        Some((&[canary.addr], 0.0)),
+        &rollout_table(
+            &format!("webhooks = [\"{secret}\"]\nstages = [ {{ pause = true }} ]"),
+            "",
+        ),
+    );
+    let state = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state;
+    let server = start_cohort(&text).await;
+    let admin = AdminApi::new(server.admin_addr());
+    let running = wait_state(&admin, "the configured rollout", |s| {
+        rollout_phase(s) == "paused"
+    })
+    .await;
+
+    let shown = json!(["http://127.0.0.1:9/…"]);
+    assert_eq!(running["rollout"]["plan"]["webhooks"], shown, "{running:#}");
+    let lines = support::audit_lines(&state.audit_log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["after"]["rollout"]["plan"]["webhooks"] == shown),
+        "{lines:#?}"
+    );
+    let audit = std::fs::read_to_string(&state.audit_log).expect("read the audit log");
+    assert!(
+        !audit.contains("s3cret") && !audit.contains("pw@"),
+        "{audit}"
+    );
+    let saved = std::fs::read_to_string(&state.path).expect("read the state file");
+    assert!(saved.contains(secret), "{saved}");
+}
+
 #[tokio::test]
 async fn a_plan_from_the_api_calls_its_own_webhooks() {
     let hooks = WebhookReceiver::start().await;

@@ -71,19 +71,8 @@ impl Webhooks {
         if urls.is_empty() {
             return;
         }
-        // Every receiver is told of the plan, but of its webhooks only as
-        // the log shows them: a URL is often its receiver's secret.
         let mut state = serde_json::to_value(state).unwrap_or_default();
-        if let Some(hooks) = state
-            .pointer_mut("/rollout/plan/webhooks")
-            .and_then(serde_json::Value::as_array_mut)
-        {
-            for hook in hooks {
-                if let Some(url) = hook.as_str() {
-                    *hook = shown(url).into();
-                }
-            }
-        }
+        hide_secrets(&mut state);
         let body = Bytes::from(
             serde_json::json!({
                 "id": crate::routing::key::fresh_id(),
@@ -135,6 +124,22 @@ async fn drain(client: WebhookClient, url: String, mut events: mpsc::UnboundedRe
             }
             tracing::warn!(%url, attempt, %error, event = name, "webhook delivery failed; retrying");
             tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
+        }
+    }
+}
+
+/// Replaces the webhook URLs of a live state's running plan with what the
+/// log shows of them ([`shown`]), for every view of the state but the state
+/// file: the admin API, the audit log, and the events sent to webhooks.
+pub fn hide_secrets(state: &mut serde_json::Value) {
+    if let Some(hooks) = state
+        .pointer_mut("/rollout/plan/webhooks")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for hook in hooks {
+            if let Some(url) = hook.as_str() {
+                *hook = shown(url).into();
+            }
         }
     }
 }
