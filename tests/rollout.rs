@@ -1606,6 +1606,52 @@ async fn a_graceful_shutdown_saves_the_stages_time() {
     assert_eq!(second.stop().await, Some(0));
 }
 
+/// A canary that served its cohort, and is down when the proxy comes back,
+/// is rolled back as one that goes down while the proxy runs. A restart
+/// holds every canary back until its first good probe, but this one has
+/// been open: it is down, not loading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_down_across_a_restart_is_rolled_back() {
+    let stable = Backend::start(STABLE).await;
+    let (canary, accepting) = Backend::start_abortable(CANARY).await;
+    let plan = "inconclusive_limit = 1000\nstages = [ { weight = 10, duration = \"1h\" } ]";
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table(plan, "success_rate_min = 0.5")
+    );
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(
+        &path,
+        config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra),
+    )
+    .expect("write the config");
+
+    let first = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(first.admin);
+    wait_state(&admin, "a look that sees the canary open", |s| {
+        verdict(s, "canary_available") == "pass"
+    })
+    .await;
+    assert_eq!(first.stop().await, Some(0));
+    accepting.abort();
+    let _ = accepting.await;
+
+    let second = Process::serve(&path, &[]).await;
+    let admin = AdminApi::new(second.admin);
+    let state = wait_state(&admin, "the rollback", |s| {
+        rollout_phase(s) == "rolled_back"
+    })
+    .await;
+    assert_eq!(state["canary"]["weight"], 0.0, "{state:#}");
+    assert!(
+        state["last_rollback"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("canary_available")),
+        "{state:#}"
+    );
+    assert_eq!(second.stop().await, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_stage_resumes_with_the_time_spent() {
     const STAGE_MS: u64 = 30_000;

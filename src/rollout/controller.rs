@@ -174,6 +174,12 @@ pub struct Progress {
     /// false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_past_limit: bool,
+    /// Whether a look of this rollout has seen the canary available: held
+    /// back again by a restart, and unavailable, it is then judged down
+    /// rather than waiting for its first probe (see `judge::evaluate`).
+    /// Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary_opened: bool,
 }
 
 impl Progress {
@@ -444,6 +450,7 @@ impl Rollouts {
             last_evaluation: Vec::new(),
             reason: None,
             paused_past_limit: false,
+            canary_opened: false,
         };
         let state = self.save(&progress, Action::RolloutStart, source, None)?;
         // A shutdown that began during the save found no task to suspend:
@@ -950,13 +957,19 @@ impl Rollouts {
             pausing,
         );
         let table = self.control.table().snapshot();
+        // A state saved before `canary_opened` existed has the last look's
+        // availability, which says the same.
+        let opened =
+            progress.canary_opened || judge::canary_was_available(&progress.last_evaluation);
         let evaluation = judge::evaluate(
             &table,
             plan,
             u32::try_from(index).unwrap_or(u32::MAX),
             self.canary_eval_score(&table),
             tallies,
+            opened,
         );
+        progress.canary_opened = opened || judge::canary_was_available(&evaluation);
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
             &mut progress.failure_runs,

@@ -83,7 +83,9 @@ impl Tallies {
 }
 
 /// Evaluates the canary's availability, then every configured guardrail, at
-/// look number `look` (from 1, counted over the whole rollout).
+/// look number `look` (from 1, counted over the whole rollout);
+/// `canary_opened` says whether an earlier look of the rollout saw the
+/// canary available (see [`availability`]).
 ///
 /// Both cohorts are judged over the same slots: those of the windows' last
 /// span that began after the weight took effect (the whole span when
@@ -101,6 +103,7 @@ pub fn evaluate(
     look: u32,
     eval_score: Option<f64>,
     tallies: &mut Tallies,
+    canary_opened: bool,
 ) -> Vec<Evaluation> {
     let Some(canary) = &table.canary else {
         return Vec::new();
@@ -122,7 +125,7 @@ pub fn evaluate(
     let (stage_stable, stage_canary) =
         tallies.samples(&table.stable.window, &canary.version.window, now);
     let stage_stable = judges_stable.then_some(stage_stable);
-    let mut evaluations = vec![availability(&canary.version)];
+    let mut evaluations = vec![availability(&canary.version, canary_opened)];
     let recent = Cohorts {
         stable: recent_stable.as_ref(),
         canary: &recent_canary,
@@ -156,7 +159,10 @@ pub fn evaluate(
 /// back. A canary that has yet to pass its first health probe has never
 /// served anyone (an agent may take minutes to load its model): the look
 /// waits, inconclusive, and too long a wait pauses the rollout for a person.
-fn availability(canary: &Version) -> Evaluation {
+/// Unless the rollout has seen it open (`opened`): a restart holds every
+/// canary back until its first probe, and one that served its cohort
+/// before it and answers no probe since is down, not loading.
+fn availability(canary: &Version, opened: bool) -> Evaluation {
     let available = canary.health.iter().filter(|h| h.is_available()).count();
     Evaluation {
         guardrail: Cow::Borrowed(CANARY_AVAILABLE),
@@ -165,13 +171,21 @@ fn availability(canary: &Version) -> Evaluation {
         limit: 1.0,
         verdict: if available > 0 {
             Verdict::Pass
-        } else if canary.awaits_first_probe() {
+        } else if canary.awaits_first_probe() && !opened {
             Verdict::Inconclusive
         } else {
             Verdict::Fail
         },
         past_limit: false,
     }
+}
+
+/// Whether `evaluations` (one look's) found the canary available.
+#[must_use]
+pub fn canary_was_available(evaluations: &[Evaluation]) -> bool {
+    evaluations
+        .iter()
+        .any(|e| e.guardrail == CANARY_AVAILABLE && e.verdict == Verdict::Pass)
 }
 
 /// The stage's verdict: any failure fails; else any inconclusive waits; a

@@ -66,6 +66,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::start_abortable(name).await.0
+    }
+
+    /// [`Backend::start`], and the task that accepts its connections:
+    /// aborted, it closes the listener, so that new connections are
+    /// refused (those already open stay).
+    pub async fn start_abortable(name: &str) -> (Backend, tokio::task::JoinHandle<()>) {
         let listener = bind().await;
         let backend = Backend {
             name: name.to_owned(),
@@ -74,11 +81,11 @@ impl Backend {
             body_bytes: Arc::default(),
         };
         let state = backend.clone();
-        tokio::spawn(serve_http(listener, move |req| {
+        let accepting = tokio::spawn(serve_http(listener, move |req| {
             let state = state.clone();
             async move { state.answer(req).await }
         }));
-        backend
+        (backend, accepting)
     }
 
     /// Requests this backend has received (counted when their head arrives).
