@@ -4,7 +4,9 @@
 //! Owns:
 //! - Keeping open HTTP/1.1 connections per upstream ([`Http1Pool`]).
 //! - Lending one to each exchange and taking it back when the response body
-//!   has been read to its end ([`UpstreamBody`] carries it until then).
+//!   has been read to its end ([`UpstreamBody`] carries it until then);
+//!   not one that answered in HTTP/1.0, on which hyper would drop the next
+//!   request's body of unknown length.
 //! - Sending a request again on a new connection when a pooled one closed
 //!   before the request was written; for an idempotent request without a
 //!   body, also when one closed unanswered after lying idle for
@@ -32,7 +34,7 @@ use std::time::Duration;
 
 use http::header::{Entry, HOST};
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::task::AbortHandle;
@@ -229,8 +231,15 @@ where
             drop(unanswered);
             match sent {
                 Ok(rsp) => {
-                    // An upgraded connection belongs to its tunnel from now on.
-                    let lease = (rsp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
+                    // An upgraded connection belongs to its tunnel from now
+                    // on. One that answered in HTTP/1.0 is not lent again:
+                    // hyper would send its next requests in HTTP/1.0, where a
+                    // body of no declared length (chunked from the client,
+                    // or an HTTP/2 stream's) cannot be framed, and hyper
+                    // drops it.
+                    let reusable = rsp.status() != StatusCode::SWITCHING_PROTOCOLS
+                        && rsp.version() != Version::HTTP_10;
+                    let lease = reusable.then(|| Lease {
                         pool: Arc::clone(&self.shared),
                         authority: authority.clone(),
                         conn,
