@@ -36,7 +36,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -418,6 +418,8 @@ async fn exchange(
 ) {
     let deadline = started + limits.timeout;
     let metrics = &version.metrics;
+    let mut copy = copy;
+    let connection = capture_connection(&mut copy);
     let result = match tokio::time::timeout_at(deadline, client.request(copy)).await {
         Ok(Ok(rsp)) => Ok(rsp),
         Ok(Err(error)) => Err(ProxyError::from_client(&error)),
@@ -427,6 +429,14 @@ async fn exchange(
     // for, and every copy it is sent is measured. Active probes still apply.
     match result {
         Ok(rsp) => {
+            // As the proxy's own pool does (`upstream::http1`): hyper would
+            // send the next copies on a connection that answered in
+            // HTTP/1.0 in HTTP/1.0, dropping a body of unknown length.
+            if rsp.version() == http::Version::HTTP_10
+                && let Some(connection) = connection.connection_metadata().as_ref()
+            {
+                connection.poison();
+            }
             metrics.record_response(rsp.status(), started.elapsed());
             if let Some(tokens) = rewrite::tokens(rsp.headers(), limits.tokens_header.as_ref()) {
                 metrics.tokens.increment(tokens);

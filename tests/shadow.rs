@@ -4,7 +4,8 @@
 //! exactly the keys the bucket rule (salted with its name) picks, marked
 //! `x-cohort-shadow: 1`; that its answers never reach a client; that a shadow
 //! which does not answer leaves the clients' throughput as it was; that POST
-//! is not mirrored by default; its `cohort="shadow"` metrics; and that
+//! is not mirrored by default; that a chunked body reaches a shadow that
+//! answers in HTTP/1.0; its `cohort="shadow"` metrics; and that
 //! `PUT /admin/shadow` installs and removes it durably. Does not own the
 //! routing of the real request (`tests/routing.rs`).
 
@@ -785,5 +786,37 @@ async fn a_body_that_ends_with_trailers_is_mirrored_whole() {
         let copy = next_copy(&shadow, before).await;
         assert_eq!(copy.as_deref(), Some(&b"hello"[..]), "{what}");
     }
+    server.shutdown().await;
+}
+
+/// A chunked body is mirrored whole to a shadow that answers in HTTP/1.0
+/// with keep-alive, copy after copy: the proxy does not send a copy on a
+/// connection hyper would speak HTTP/1.0 on, where it has no framing.
+#[tokio::test]
+async fn chunked_bodies_reach_a_shadow_that_answers_in_http_1_0() {
+    let stable = Backend::start("real-h10").await;
+    let shadow = support::Http10Backend::start().await;
+    let extra = format!(
+        "{ROUTING}\n[health]\ninterval = \"1h\"\n\n\
+         [shadow]\nname = \"sh-h10\"\nupstreams = [\"{}\"]\npercent = 100\nmethods = [\"POST\"]\n",
+        shadow.addr
+    );
+    let server = support::cohort(&[stable.addr], None, &extra).await;
+    let upload = "POST /upload HTTP/1.1\r\nhost: x\r\nx-user: u\r\n\
+                  transfer-encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n";
+    for copies in 1..=3 {
+        let reply = support::raw_exchange(server.proxy_addr(), upload.as_bytes()).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        eventually("the copy at the shadow", || {
+            shadow.received().matches("POST /upload").count() == copies
+        })
+        .await;
+    }
+    let received = shadow.received();
+    assert_eq!(
+        received.matches("hello world").count(),
+        3,
+        "the shadow got: {received}"
+    );
     server.shutdown().await;
 }

@@ -495,86 +495,12 @@ async fn a_stream_whose_upstream_falls_silent_is_cut_at_the_stream_idle_timeout(
     .await;
 }
 
-/// An upstream that answers every request in HTTP/1.0 with keep-alive,
-/// and keeps every byte it is sent: what hyper would send next on such a
-/// connection is HTTP/1.0, where a body of unknown length has no framing.
-struct Http10Backend {
-    addr: SocketAddr,
-    received: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl Http10Backend {
-    async fn start() -> Http10Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("an address");
-        let received: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
-        let kept = Arc::clone(&received);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(Self::serve(stream, Arc::clone(&kept)));
-            }
-        });
-        Http10Backend { addr, received }
-    }
-
-    /// Answers each request once its head, and a chunked body's last
-    /// chunk, are in.
-    async fn serve(mut stream: TcpStream, kept: Arc<std::sync::Mutex<Vec<u8>>>) {
-        let mut pending = Vec::new();
-        let mut buf = [0; 4096];
-        loop {
-            let Some(head_end) = find(&pending, b"\r\n\r\n") else {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        kept.lock()
-                            .expect("not poisoned")
-                            .extend_from_slice(&buf[..n]);
-                        pending.extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                }
-            };
-            let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
-            let mut end = head_end + 4;
-            if head.contains("transfer-encoding: chunked") {
-                match find(&pending[end..], b"0\r\n\r\n") {
-                    Some(last) => end += last + 5,
-                    None => match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            kept.lock()
-                                .expect("not poisoned")
-                                .extend_from_slice(&buf[..n]);
-                            pending.extend_from_slice(&buf[..n]);
-                            continue;
-                        }
-                    },
-                }
-            }
-            pending.drain(..end);
-            let ok = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
-            if stream.write_all(ok).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    fn received(&self) -> String {
-        String::from_utf8_lossy(&self.received.lock().expect("not poisoned")).into_owned()
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// A chunked upload reaches its upstream whole even after that upstream
 /// answered in HTTP/1.0 with keep-alive: the proxy does not send the next
 /// request on that connection.
 #[tokio::test]
 async fn a_chunked_body_reaches_an_upstream_that_answers_in_http_1_0() {
-    let upstream = Http10Backend::start().await;
+    let upstream = support::Http10Backend::start().await;
     let server = cohort(&[upstream.addr], None, "[health]\ninterval = \"1h\"\n").await;
     let mut client = TcpStream::connect(server.proxy_addr())
         .await
