@@ -1558,20 +1558,17 @@ pub fn rollout_from_json(value: serde_json::Value) -> Result<RolloutConfig, Conf
 /// The plan of a running rollout, as the state file keeps it: read as
 /// [`rollout_from_json`] reads a new one, but so that a state an earlier
 /// build saved still starts: an `interval` shorter than
-/// [`MIN_ROLLOUT_INTERVAL`] is read as the floor, and a webhook whose port
-/// no connection can use (earlier builds sent its events to port 80) is
-/// left out, with a warning.
+/// [`MIN_ROLLOUT_INTERVAL`] is read as the floor, and a webhook this build
+/// would refuse (earlier ones sent the events of one whose port is not a
+/// `u16` to port 80) is left out (the rollout's resume says so).
 pub fn saved_rollout_from_json(mut value: serde_json::Value) -> Result<RolloutConfig, ConfigError> {
     if let Some(webhooks) = value
         .get_mut("webhooks")
         .and_then(serde_json::Value::as_array_mut)
     {
         webhooks.retain(|url| {
-            let Some(problem) = url.as_str().and_then(|url| check_webhook_url(url).err()) else {
-                return true;
-            };
-            tracing::warn!(%problem, "the running rollout's webhook is left out");
-            false
+            url.as_str()
+                .is_none_or(|url| check_webhook_url(url).is_ok())
         });
     }
     if let Some(interval) = value.get_mut("interval")
@@ -1672,6 +1669,15 @@ const PROXY_HEADERS: [&str; 4] = [
 /// A webhook is called with a POST over `http://` or `https://`, with any
 /// user info in its URL sent as HTTP Basic authentication.
 fn check_webhook_url(url: &str) -> Result<(), String> {
+    // `http::Uri` takes bytes outside ASCII, which a URL holds only
+    // percent-encoded (RFC 3986): among them the `…` of a webhook as
+    // `GET /admin/state` shows it, its path hidden.
+    if !url.is_ascii() {
+        return Err(format!(
+            "{url:?} is not a URL: characters outside ASCII are percent-encoded in one \
+             (the admin API and the logs show a webhook's path as \"…\": give the whole URL)"
+        ));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|_| format!("{url:?} is not a URL such as \"https://hooks.example/cohort\""))?;
@@ -1970,6 +1976,10 @@ mod tests {
             (
                 "[rollout]\nwebhooks = [\"http://127.0.0.1:99999/x\"]\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
                 "rollout.webhooks[0]: \"http://127.0.0.1:99999/x\": port 99999 is out of range",
+            ),
+            (
+                "[rollout]\nwebhooks = [\"http://127.0.0.1:9/…\"]\nstages = [ { weight = 1, duration = \"1m\" } ]\n",
+                "rollout.webhooks[0]: \"http://127.0.0.1:9/…\" is not a URL: characters outside ASCII",
             ),
         ];
         for (section, expected) in cases {

@@ -1652,6 +1652,59 @@ async fn a_canary_down_across_a_restart_is_rolled_back() {
     assert_eq!(second.stop().await, Some(0));
 }
 
+/// A running plan saved with a webhook this build refuses (an earlier one
+/// sent the events of a port out of range to port 80) still resumes, with
+/// that webhook left out of the plan, and said so without its secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_webhook_that_cannot_be_called_is_left_out_at_resume() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let kept = "http://127.0.0.1:9/kept";
+    let plan = format!("webhooks = [\"{kept}\"]\nstages = [ {{ pause = true }} ]");
+    let text = config(
+        &[stable.addr],
+        Some((&[canary.addr], 0.0)),
+        &rollout_table(&plan, ""),
+    );
+    let state_file = cohort::config::Config::parse(&text, "test")
+        .expect("a valid config")
+        .state
+        .path;
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, &text).expect("write the config");
+    let first = Process::serve(&path, &[]).await;
+    wait_state(&AdminApi::new(first.admin), "the paused rollout", |s| {
+        rollout_phase(s) == "paused"
+    })
+    .await;
+    assert_eq!(first.stop().await, Some(0));
+
+    let bad = "http://bot:pw@127.0.0.1:99999/s3cret";
+    let mut saved = read_state_file(&state_file);
+    saved["rollout"]["plan"]["webhooks"] = json!([bad, kept]);
+    std::fs::write(&state_file, saved.to_string()).expect("write the state file");
+    let second = Process::serve(&path, &[]).await;
+    let warning = second
+        .log_line(&["the running rollout's webhook is left out"])
+        .await;
+    assert!(
+        warning.contains("http://127.0.0.1:99999/…") && !warning.contains("s3cret"),
+        "{warning}"
+    );
+    let resumed = wait_state(&AdminApi::new(second.admin), "a look saved", |s| {
+        s["rollout"]["plan"]["webhooks"] == json!(["http://127.0.0.1:9/…"])
+    })
+    .await;
+    assert_eq!(rollout_phase(&resumed), "paused", "{resumed:#}");
+    assert_eq!(second.stop().await, Some(0));
+    let saved = read_state_file(&state_file);
+    assert_eq!(
+        saved["rollout"]["plan"]["webhooks"],
+        json!([kept]),
+        "{saved:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_stage_resumes_with_the_time_spent() {
     const STAGE_MS: u64 = 30_000;

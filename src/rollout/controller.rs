@@ -466,9 +466,28 @@ impl Rollouts {
     /// stopped; returns whether there was one to resume. A start checks
     /// first, with [`check_saved`], that it can be read.
     pub fn resume(self: &Arc<Self>) -> Result<bool, String> {
-        let Some((progress, plan)) = saved_rollout(&self.control.state())? else {
+        let Some((mut progress, plan)) = saved_rollout(&self.control.state())? else {
             return Ok(false);
         };
+        // A webhook the plan was read without (see
+        // `config::saved_rollout_from_json`) leaves the plan it is saved with.
+        if let Some(saved) = progress
+            .plan
+            .get_mut("webhooks")
+            .and_then(Value::as_array_mut)
+        {
+            saved.retain(|url| {
+                let Some(url) = url.as_str() else { return true };
+                let kept = plan.webhooks.iter().any(|w| w == url);
+                if !kept {
+                    tracing::warn!(
+                        webhook = %super::webhook::shown(url),
+                        "the running rollout's webhook is left out: its URL, or its port, cannot be called"
+                    );
+                }
+                kept
+            });
+        }
         tracing::info!(
             stage = progress.stage,
             elapsed_ms = progress.stage_elapsed_ms,

@@ -147,18 +147,16 @@ pub fn hide_secrets(state: &mut serde_json::Value) {
 /// `url` as the log shows it: its scheme, host and port. A webhook's path
 /// and query are often its secret (a chat service's incoming webhook is a
 /// token in its path), and logs travel further than the config.
-fn shown(url: &str) -> String {
+pub fn shown(url: &str) -> String {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return "(not a valid URL)".to_owned();
     };
-    let mut shown = format!(
-        "{}://{}",
-        uri.scheme_str().unwrap_or("http"),
-        uri.host().unwrap_or_default()
-    );
-    if let Some(port) = uri.port_u16() {
-        shown.push_str(&format!(":{port}"));
-    }
+    // The host and port as written, whether or not the port can be used.
+    let host_and_port = uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit('@').next())
+        .unwrap_or_default();
+    let mut shown = format!("{}://{host_and_port}", uri.scheme_str().unwrap_or("http"));
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         shown.push_str("/…");
     }
@@ -187,8 +185,12 @@ impl Target {
             });
         };
         // RFC 7617: the user and the password, percent-decoded, joined by
-        // the first colon.
-        let decoded = percent_encoding::percent_decode_str(user_info).collect::<Vec<u8>>();
+        // the first colon; a user alone has an empty password, as curl and
+        // Go send it.
+        let mut decoded = percent_encoding::percent_decode_str(user_info).collect::<Vec<u8>>();
+        if !user_info.contains(':') {
+            decoded.push(b':');
+        }
         let credentials = base64::engine::general_purpose::STANDARD.encode(decoded);
         let mut authorization =
             HeaderValue::try_from(format!("Basic {credentials}")).map_err(|_| invalid())?;
@@ -235,6 +237,8 @@ mod tests {
         assert_eq!(shown(secret), "https://hooks.example.com/…");
         assert_eq!(shown("http://127.0.0.1:9000/"), "http://127.0.0.1:9000");
         assert_eq!(shown("http://[::1]:9000/hook"), "http://[::1]:9000/…");
+        // A port that cannot be used, as written: it is not port 80.
+        assert_eq!(shown("http://u:p@h:99999/x"), "http://h:99999/…");
     }
 
     /// A call a receiver got: its event, whether it was answered 2xx, and
@@ -343,5 +347,23 @@ mod tests {
         // base64("bot:p@ss")
         assert_eq!(call.authorization.as_deref(), Some("Basic Ym90OnBAc3M="));
         assert_eq!(call.host, addr.to_string());
+    }
+
+    /// Basic credentials are always `user:password`, an empty password
+    /// included (RFC 7617), and the URL they leave has no user info.
+    #[test]
+    fn user_info_without_a_password_gets_an_empty_one() {
+        for (url, credentials) in [
+            ("http://bot:pw@h:1/x", "Basic Ym90OnB3"), // bot:pw
+            ("http://bot:@h:1/x", "Basic Ym90Og=="),   // bot:
+            ("http://bot@h:1/x", "Basic Ym90Og=="),    // bot:
+            ("http://@h:1/x", "Basic Og=="),           // :
+            ("http://[::1]:1/x", ""),
+        ] {
+            let target = Target::parse(url).unwrap();
+            let sent = target.authorization.as_ref().map(|v| v.to_str().unwrap());
+            assert_eq!(sent.unwrap_or_default(), credentials, "{url}");
+            assert!(!target.uri.to_string().contains('@'), "{url}");
+        }
     }
 }
