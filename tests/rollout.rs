@@ -1655,6 +1655,50 @@ async fn a_canary_down_across_a_restart_is_rolled_back() {
 /// A running plan saved with a webhook this build refuses (an earlier one
 /// sent the events of a port out of range to port 80) still resumes, with
 /// that webhook left out of the plan, and said so without its secrets.
+/// A canary that was open, moved by a reload to upstreams that have yet to
+/// pass a probe (new containers loading), has served no one from them: it
+/// waits, inconclusive, as a canary never open does, and is not rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_moved_to_new_upstreams_waits_for_their_first_probe() {
+    let stable = Backend::start(STABLE).await;
+    let canary = Backend::start(CANARY).await;
+    let plan = "inconclusive_limit = 1000\nstages = [ { weight = 10, duration = \"1h\" } ]";
+    let extra = format!(
+        "{FAST_HEALTH}\n{}",
+        rollout_table(plan, "success_rate_min = 0.5")
+    );
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
+    let server = start_cohort(&text).await;
+    let admin = AdminApi::new(server.admin_addr());
+    wait_state(&admin, "a look that sees the canary open", |s| {
+        verdict(s, "canary_available") == "pass"
+    })
+    .await;
+
+    let loading = support::dead_addr().await;
+    let moved = text.replace(&canary.addr.to_string(), &loading.to_string());
+    assert_ne!(moved, text);
+    support::reload(&server, &moved);
+    let first = wait_state(&admin, "a look at the new upstream", |s| {
+        verdict(s, "canary_available") == "inconclusive"
+    })
+    .await;
+    let looks = first["rollout"]["evaluations"]
+        .as_u64()
+        .expect("evaluations");
+    // Past `failure_limit` (2) looks: a failing check would have rolled back.
+    let later = wait_state(&admin, "three more looks", |s| {
+        s["rollout"]["evaluations"].as_u64() >= Some(looks + 3)
+    })
+    .await;
+    assert_eq!(rollout_phase(&later), "progressing", "{later:#}");
+    assert_eq!(
+        verdict(&later, "canary_available"),
+        "inconclusive",
+        "{later:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saved_webhook_that_cannot_be_called_is_left_out_at_resume() {
     let stable = Backend::start(STABLE).await;

@@ -174,12 +174,13 @@ pub struct Progress {
     /// false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_past_limit: bool,
-    /// Whether a look of this rollout has seen the canary available: held
-    /// back again by a restart, and unavailable, it is then judged down
-    /// rather than waiting for its first probe (see `judge::evaluate`).
-    /// Absent when false.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub canary_opened: bool,
+    /// The canary's upstreams when a look last saw it available (absent
+    /// until one does). Held back again by a restart, and unavailable, a
+    /// canary with any of them is judged down rather than waiting for its
+    /// first probe (see `judge::evaluate`); one moved to other upstreams
+    /// has served no one from them, and waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary_open_on: Vec<String>,
 }
 
 impl Progress {
@@ -450,7 +451,7 @@ impl Rollouts {
             last_evaluation: Vec::new(),
             reason: None,
             paused_past_limit: false,
-            canary_opened: false,
+            canary_open_on: Vec::new(),
         };
         let state = self.save(&progress, Action::RolloutStart, source, None)?;
         // A shutdown that began during the save found no task to suspend:
@@ -976,10 +977,24 @@ impl Rollouts {
             pausing,
         );
         let table = self.control.table().snapshot();
-        // A state saved before `canary_opened` existed has the last look's
-        // availability, which says the same.
-        let opened =
-            progress.canary_opened || judge::canary_was_available(&progress.last_evaluation);
+        let upstreams: Vec<String> = table.canary.as_ref().map_or_else(Vec::new, |canary| {
+            canary
+                .version
+                .upstreams
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        });
+        // A state saved before `canary_open_on` existed says as much by
+        // its last look, on the upstreams it was saved with.
+        if progress.canary_open_on.is_empty()
+            && judge::canary_was_available(&progress.last_evaluation)
+        {
+            progress.canary_open_on.clone_from(&upstreams);
+        }
+        let opened = upstreams
+            .iter()
+            .any(|u| progress.canary_open_on.contains(u));
         let evaluation = judge::evaluate(
             &table,
             plan,
@@ -988,7 +1003,9 @@ impl Rollouts {
             tallies,
             opened,
         );
-        progress.canary_opened = opened || judge::canary_was_available(&evaluation);
+        if judge::canary_was_available(&evaluation) {
+            progress.canary_open_on = upstreams;
+        }
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(
             &mut progress.failure_runs,
