@@ -85,7 +85,7 @@ impl Tallies {
 /// Evaluates the canary's availability, then every configured guardrail, at
 /// look number `look` (from 1, counted over the whole rollout);
 /// `canary_opened` says whether an earlier look of the rollout saw the
-/// canary available on any of the upstreams it has now (see [`availability`]).
+/// canary available on any of the upstreams it has now (see `availability`).
 ///
 /// Both cohorts are judged over the same slots: those of the windows' last
 /// span that began after the weight took effect (the whole span when
