@@ -1530,6 +1530,18 @@ fn stage_clock(state: &Value) -> (u64, u64) {
 }
 
 /// The state file at `path`, as JSON.
+/// Writes `text` to a config file: its path, and that of the state file it
+/// names, for the tests that run `cohort serve` and start it again.
+fn config_file(text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let state_file = cohort::config::Config::parse(text, "test")
+        .expect("a valid config")
+        .state
+        .path;
+    let path = scratch_dir().join("cohort.toml");
+    std::fs::write(&path, text).expect("write the config");
+    (path, state_file)
+}
+
 fn read_state_file(path: &std::path::Path) -> Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("read the state file {}: {e}", path.display()));
@@ -1566,12 +1578,7 @@ async fn a_graceful_shutdown_saves_the_stages_time() {
     // Judged once an hour: only the shutdown can save the time spent.
     let extra = "[rollout]\ninterval = \"1h\"\nstages = [ { weight = 10, duration = \"2h\" } ]\n";
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), extra);
-    let state_file = cohort::config::Config::parse(&text, "test")
-        .expect("a valid config")
-        .state
-        .path;
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(&path, &text).expect("write the config");
+    let (path, state_file) = config_file(&text);
 
     let first = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(first.admin);
@@ -1619,12 +1626,8 @@ async fn a_canary_down_across_a_restart_is_rolled_back() {
         "{FAST_HEALTH}\n{}",
         rollout_table(plan, "success_rate_min = 0.5")
     );
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(
-        &path,
-        config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra),
-    )
-    .expect("write the config");
+    let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
+    let (path, _) = config_file(&text);
 
     let first = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(first.admin);
@@ -1710,12 +1713,7 @@ async fn a_saved_webhook_that_cannot_be_called_is_left_out_at_resume() {
         Some((&[canary.addr], 0.0)),
         &rollout_table(&plan, ""),
     );
-    let state_file = cohort::config::Config::parse(&text, "test")
-        .expect("a valid config")
-        .state
-        .path;
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(&path, &text).expect("write the config");
+    let (path, state_file) = config_file(&text);
     let first = Process::serve(&path, &[]).await;
     wait_state(&AdminApi::new(first.admin), "the paused rollout", |s| {
         rollout_phase(s) == "paused"
@@ -1758,12 +1756,7 @@ async fn restart_mid_stage_resumes_with_the_time_spent() {
                 stages = [ { weight = 10, duration = \"30s\" }, { weight = 100, duration = \"30s\" } ]";
     let extra = rollout_table(plan, "p95_latency_ms_max = 8000\neval_score_min = 0.5");
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
-    let state_file = cohort::config::Config::parse(&text, "test")
-        .expect("a valid config")
-        .state
-        .path;
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(&path, &text).expect("write the config");
+    let (path, state_file) = config_file(&text);
 
     let first = Process::serve(&path, &[]).await;
     let admin = AdminApi::new(first.admin);
@@ -2608,8 +2601,7 @@ async fn a_stage_paused_for_a_canary_past_a_limit_asks_once_across_a_restart() {
         rollout_table_every(INTERVAL, plan, "success_rate_min = 0.85")
     );
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(&path, &text).expect("write the config");
+    let (path, _) = config_file(&text);
     let first = Process::serve(&path, &[]).await;
     let paced = paced_traffic(first.proxy, Duration::from_millis(10));
     let paused = wait_state(&AdminApi::new(first.admin), "the end of the stage", |s| {
@@ -2646,8 +2638,7 @@ async fn an_approval_after_a_restart_keeps_what_the_resumed_pause_counted() {
         rollout_table(plan, "success_rate_min = 0.9")
     );
     let text = config(&[stable.addr], Some((&[canary.addr], 0.0)), &extra);
-    let path = scratch_dir().join("cohort.toml");
-    std::fs::write(&path, &text).expect("write the config");
+    let (path, _) = config_file(&text);
     let first = Process::serve(&path, &[]).await;
     // No traffic: the stage pauses for data.
     wait_state(&AdminApi::new(first.admin), "the pause for data", |s| {

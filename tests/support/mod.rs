@@ -526,39 +526,22 @@ impl Http10Backend {
         let mut pending = Vec::new();
         let mut buf = [0; 4096];
         loop {
-            let Some(head_end) = find_bytes(&pending, b"\r\n\r\n") else {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        kept.lock()
-                            .expect("not poisoned")
-                            .extend_from_slice(&buf[..n]);
-                        pending.extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                }
-            };
-            let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
-            let mut end = head_end + 4;
-            if head.contains("transfer-encoding: chunked") {
-                match find_bytes(&pending[end..], b"0\r\n\r\n") {
-                    Some(last) => end += last + 5,
-                    None => match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            kept.lock()
-                                .expect("not poisoned")
-                                .extend_from_slice(&buf[..n]);
-                            pending.extend_from_slice(&buf[..n]);
-                            continue;
-                        }
-                    },
+            while let Some(end) = request_end(&pending) {
+                pending.drain(..end);
+                let ok =
+                    b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(ok).await.is_err() {
+                    return;
                 }
             }
-            pending.drain(..end);
-            let ok = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
-            if stream.write_all(ok).await.is_err() {
-                return;
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    kept.lock()
+                        .expect("not poisoned")
+                        .extend_from_slice(&buf[..n]);
+                    pending.extend_from_slice(&buf[..n]);
+                }
             }
         }
     }
@@ -567,6 +550,17 @@ impl Http10Backend {
     pub fn received(&self) -> String {
         String::from_utf8_lossy(&self.received.lock().expect("not poisoned")).into_owned()
     }
+}
+
+/// Where the first whole request in `bytes` ends: its head, and a chunked
+/// body's last chunk.
+fn request_end(bytes: &[u8]) -> Option<usize> {
+    let head_end = find_bytes(bytes, b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    if !head.contains("transfer-encoding: chunked") {
+        return Some(head_end);
+    }
+    find_bytes(&bytes[head_end..], b"0\r\n\r\n").map(|last| head_end + last + 5)
 }
 
 fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
