@@ -2,8 +2,8 @@
 //!
 //! Owns: `Server::shutdown` with a request in flight (and `/ready`
 //! meanwhile), with a connection accepted but not yet used, with a
-//! keep-alive connection between two requests, and with an
-//! upgrade whose answer is still on its way, and with a rollout running
+//! keep-alive connection between two requests or streaming a response,
+//! and with an upgrade whose answer is still on its way, and with a rollout running
 //! (suspended, not replaced, still abortable). The test holds each in place
 //! (the upstream holds the request, the client holds its first bytes) until
 //! the drain has begun, so "in flight" is a fact, not a race. Does not own:
@@ -144,6 +144,100 @@ async fn a_keep_alive_connection_between_requests_has_its_next_one_answered() {
         .await
         .expect("shutdown ran to the end");
     assert_eq!(backend.hits(), 2);
+}
+
+/// An upstream whose `/stream` sends its head and a first chunk, then ends
+/// once the test says so; anything else (the health probes, the next
+/// request) is answered `ok` at once, on a kept-alive connection.
+async fn streaming_upstream(end: watch::Receiver<bool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut end = end.clone();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_request_head(&mut stream).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    let answered = if head.starts_with("GET /stream ") {
+                        let started =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                        let _ = stream.write_all(started).await;
+                        let _ = end.wait_for(|ended| *ended).await;
+                        stream.write_all(b"0\r\n\r\n").await
+                    } else {
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                    };
+                    if answered.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A request head up to its blank line, read a byte at a time; empty at
+/// the end of the connection.
+async fn read_request_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read_u8().await {
+            Ok(byte) => head.push(byte),
+            Err(_) => return String::new(),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A keep-alive connection whose response is streaming when the drain
+/// begins (its head already out, so it cannot say `connection: close`) is
+/// not closed behind that response, under the next request its client
+/// sends: the next one is answered, with `connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_streaming_a_response_has_its_next_request_answered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (end, ended) = watch::channel(false);
+    let upstream = streaming_upstream(ended).await;
+    let server = cohort(&[upstream], None, "").await;
+    let proxy = server.proxy_addr();
+    let mut client = TcpStream::connect(proxy).await.expect("connect");
+    client
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send the request");
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+
+    let stopping = tokio::spawn(server.shutdown());
+    wait_for_refusal(proxy).await;
+    end.send_replace(true);
+    let mut body = Vec::new();
+    while !body.ends_with(b"0\r\n\r\n") {
+        let byte = within("the stream's end", client.read_u8())
+            .await
+            .expect("the stream ends whole");
+        body.push(byte);
+    }
+    client
+        .write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send the next request");
+    let next = read_head(&mut client).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    assert_eq!(header(&next, "connection"), Some("close"), "{next}");
+    within("the drain to finish", stopping)
+        .await
+        .expect("shutdown ran to the end");
 }
 
 /// An upgrade backend that holds each `101` until the test opens the gate,

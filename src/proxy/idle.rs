@@ -65,6 +65,9 @@ pub struct Activity {
     requests: AtomicU64,
     /// Requests whose response body hyper has not dropped yet.
     open_requests: AtomicUsize,
+    /// Of those, the ones whose response head hyper has taken (and
+    /// written): a `connection: close` can no longer go in it.
+    answered_requests: AtomicUsize,
     /// Requests whose client gave up on them before their response head:
     /// on HTTP/2, streams it reset (see [`Activity::resets_most_streams`]).
     abandoned: AtomicU64,
@@ -95,6 +98,7 @@ impl Activity {
             blocked_at: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
+            answered_requests: AtomicUsize::new(0),
             abandoned: AtomicU64::new(0),
             between_requests: AtomicBool::new(true),
             in_head: AtomicBool::new(false),
@@ -136,6 +140,13 @@ impl Activity {
     #[must_use]
     pub fn has_open_requests(&self) -> bool {
         self.open_requests.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether a request is open whose response head hyper has yet to
+    /// take: closing the connection now puts `connection: close` in it.
+    #[must_use]
+    pub fn awaits_answer(&self) -> bool {
+        self.open_requests.load(Ordering::Relaxed) > self.answered_requests.load(Ordering::Relaxed)
     }
 
     /// No request is open and no part of a next one has been read. (hyper
@@ -244,7 +255,11 @@ pub struct OpenRequest {
 impl Drop for OpenRequest {
     fn drop(&mut self) {
         self.activity.open_requests.fetch_sub(1, Ordering::Relaxed);
-        if !self.answered {
+        if self.answered {
+            self.activity
+                .answered_requests
+                .fetch_sub(1, Ordering::Relaxed);
+        } else {
             self.activity.abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -262,6 +277,9 @@ impl<B> Tracked<B> {
     #[must_use]
     pub fn new(body: B, mut open: OpenRequest) -> Tracked<B> {
         open.answered = true;
+        open.activity
+            .answered_requests
+            .fetch_add(1, Ordering::Relaxed);
         Tracked { body, _open: open }
     }
 }

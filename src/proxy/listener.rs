@@ -692,13 +692,15 @@ impl Connection {
         // A drain that hyper has not been told of: told between requests,
         // it would close the connection at once, under a request the
         // client may be sending (all of it perhaps already in hyper's
-        // buffer: hyper counts a connection idle until a head is parsed),
+        // buffer: hyper counts a connection idle until a head is parsed);
+        // told while a response streams, its head already out, it would
+        // close the connection behind it, under the client's next request;
         // and told while an upgrade waits for its answer, it would send the
         // `101` with `connection: close`, which clients refuse. So the next
         // answer says `connection: close` instead (see `client_service`),
-        // and hyper is told at a check that finds a request open, or the
-        // connection quiet since the check before, as nginx closes an idle
-        // keep-alive connection.
+        // and hyper is told at a check that finds a request waiting for its
+        // answer, or the connection quiet, with no response open, since the
+        // check before, as nginx closes an idle keep-alive connection.
         let mut drain_due = false;
         // One wait for the drain across the loop: a fresh one on every
         // wake-up would join the watch's list of waiters and leave it again.
@@ -730,7 +732,7 @@ impl Connection {
                 }
                 // Polled until it resolves once: `closing` or `drain_due` is set then.
                 () = &mut drain, if !closing && !drain_due => {
-                    if activity.has_open_requests() && !activity.is_upgrading() {
+                    if activity.awaits_answer() && !activity.is_upgrading() {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     } else {
@@ -766,9 +768,11 @@ impl Connection {
                     }
                     let seen = activity.transfers();
                     if drain_due {
-                        let quiet = seen == transfers && !activity.is_reading_head();
+                        let quiet = seen == transfers
+                            && !activity.is_reading_head()
+                            && !activity.has_open_requests();
                         transfers = seen;
-                        if !activity.is_upgrading() && (activity.has_open_requests() || quiet) {
+                        if !activity.is_upgrading() && (activity.awaits_answer() || quiet) {
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
