@@ -1658,9 +1658,10 @@ async fn a_canary_down_across_a_restart_is_rolled_back() {
 /// A running plan saved with a webhook this build refuses (an earlier one
 /// sent the events of a port out of range to port 80) still resumes, with
 /// that webhook left out of the plan, and said so without its secrets.
-/// A canary that was open, moved by a reload to upstreams that have yet to
-/// pass a probe (new containers loading), has served no one from them: it
-/// waits, inconclusive, as a canary never open does, and is not rolled back.
+/// A canary that was open, moved by reloads to upstreams that have yet to
+/// pass a probe (new containers loading, added before the old one goes, as
+/// a rolling update does), has served no one from them: it waits,
+/// inconclusive, as a canary never open does, and is not rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_moved_to_new_upstreams_waits_for_their_first_probe() {
     let stable = Backend::start(STABLE).await;
@@ -1679,9 +1680,20 @@ async fn a_canary_moved_to_new_upstreams_waits_for_their_first_probe() {
     .await;
 
     let loading = support::dead_addr().await;
-    let moved = text.replace(&canary.addr.to_string(), &loading.to_string());
-    assert_ne!(moved, text);
-    support::reload(&server, &moved);
+    let (old, new) = (format!("\"{}\"", canary.addr), format!("\"{loading}\""));
+    let surged = text.replace(&old, &format!("{old}, {new}"));
+    assert_ne!(surged, text);
+    support::reload(&server, &surged);
+    let looks = admin.state().await["rollout"]["evaluations"].as_u64();
+    wait_state(&admin, "a look with both upstreams", |s| {
+        s["rollout"]["evaluations"].as_u64() > looks
+            && verdict(s, "canary_available") == "pass"
+            && s["canary"]["upstreams"]
+                .as_array()
+                .is_some_and(|u| u.len() == 2)
+    })
+    .await;
+    support::reload(&server, &text.replace(&old, &new));
     let first = wait_state(&admin, "a look at the new upstream", |s| {
         verdict(s, "canary_available") == "inconclusive"
     })
@@ -1730,7 +1742,7 @@ async fn a_saved_webhook_that_cannot_be_called_is_left_out_at_resume() {
         .log_line(&["the running rollout's webhook is left out"])
         .await;
     assert!(
-        warning.contains("http://127.0.0.1:99999/…") && !warning.contains("s3cret"),
+        warning.contains("http://…@127.0.0.1:99999/…") && !warning.contains("s3cret"),
         "{warning}"
     );
     let resumed = wait_state(&AdminApi::new(second.admin), "a look saved", |s| {
@@ -2193,7 +2205,7 @@ async fn webhook_secrets_stay_in_the_state_file() {
     })
     .await;
 
-    let shown = json!(["http://127.0.0.1:9/…"]);
+    let shown = json!(["http://…@127.0.0.1:9/…"]);
     assert_eq!(running["rollout"]["plan"]["webhooks"], shown, "{running:#}");
     let lines = support::audit_lines(&state.audit_log);
     assert!(

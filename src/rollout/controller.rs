@@ -174,11 +174,12 @@ pub struct Progress {
     /// false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_past_limit: bool,
-    /// The canary's upstreams when a look last saw it available (absent
-    /// until one does). Held back again by a restart, and unavailable, a
-    /// canary with any of them is judged down rather than waiting for its
-    /// first probe (see `judge::evaluate`); one moved to other upstreams
-    /// has served no one from them, and waits.
+    /// The canary's upstreams that the last look to find any available
+    /// found available (absent until one does, and in states saved before
+    /// it existed). Held back again by a restart, and unavailable, a canary
+    /// with any of them is judged down rather than waiting for its first
+    /// probe (see `judge::evaluate`); one moved to others has served no one
+    /// from them, and waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub canary_open_on: Vec<String>,
 }
@@ -977,24 +978,19 @@ impl Rollouts {
             pausing,
         );
         let table = self.control.table().snapshot();
-        let upstreams: Vec<String> = table.canary.as_ref().map_or_else(Vec::new, |canary| {
-            canary
-                .version
+        // The canary's upstreams, and whether each may take a request now.
+        let upstreams: Vec<(String, bool)> = table.canary.as_ref().map_or_else(Vec::new, |c| {
+            let health = c.version.health.iter().map(|h| h.is_available());
+            c.version
                 .upstreams
                 .iter()
                 .map(ToString::to_string)
+                .zip(health)
                 .collect()
         });
-        // A state saved before `canary_open_on` existed says as much by
-        // its last look, on the upstreams it was saved with.
-        if progress.canary_open_on.is_empty()
-            && judge::canary_was_available(&progress.last_evaluation)
-        {
-            progress.canary_open_on.clone_from(&upstreams);
-        }
         let opened = upstreams
             .iter()
-            .any(|u| progress.canary_open_on.contains(u));
+            .any(|(u, _)| progress.canary_open_on.contains(u));
         let evaluation = judge::evaluate(
             &table,
             plan,
@@ -1003,8 +999,13 @@ impl Rollouts {
             tallies,
             opened,
         );
-        if judge::canary_was_available(&evaluation) {
-            progress.canary_open_on = upstreams;
+        // Only those available: one added and still loading has served no one.
+        let available: Vec<String> = upstreams
+            .into_iter()
+            .filter_map(|(u, available)| available.then_some(u))
+            .collect();
+        if !available.is_empty() {
+            progress.canary_open_on = available;
         }
         let verdict = judge::overall(&evaluation);
         let tripped = judge::count_failures(

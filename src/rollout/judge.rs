@@ -180,14 +180,6 @@ fn availability(canary: &Version, opened: bool) -> Evaluation {
     }
 }
 
-/// Whether `evaluations` (one look's) found the canary available.
-#[must_use]
-pub fn canary_was_available(evaluations: &[Evaluation]) -> bool {
-    evaluations
-        .iter()
-        .any(|e| e.guardrail == CANARY_AVAILABLE && e.verdict == Verdict::Pass)
-}
-
 /// The stage's verdict: any failure fails; else any inconclusive waits; a
 /// guardrail that is not applicable counts for nothing, but a look at
 /// which every configured guardrail was not applicable (relative ones

@@ -144,19 +144,23 @@ pub fn hide_secrets(state: &mut serde_json::Value) {
     }
 }
 
-/// `url` as the log shows it: its scheme, host and port. A webhook's path
-/// and query are often its secret (a chat service's incoming webhook is a
+/// `url` as the log shows it: its scheme, host and port, with `…` for any
+/// user info, path and query. A webhook's path and query are often its secret (a chat service's incoming webhook is a
 /// token in its path), and logs travel further than the config.
 pub fn shown(url: &str) -> String {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return "(not a valid URL)".to_owned();
     };
-    // The host and port as written, whether or not the port can be used.
-    let host_and_port = uri
-        .authority()
-        .and_then(|a| a.as_str().rsplit('@').next())
-        .unwrap_or_default();
-    let mut shown = format!("{}://{host_and_port}", uri.scheme_str().unwrap_or("http"));
+    // The host and port as written, whether or not the port can be used;
+    // user info marked as hidden, as a path is, so that a URL copied from
+    // what is shown is refused rather than called without its credentials.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let (user_info, host_and_port) = match authority.rsplit_once('@') {
+        Some((_, host_and_port)) => ("…@", host_and_port),
+        None => ("", authority),
+    };
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let mut shown = format!("{scheme}://{user_info}{host_and_port}");
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         shown.push_str("/…");
     }
@@ -234,11 +238,12 @@ mod tests {
     #[test]
     fn a_url_is_logged_without_its_path_query_or_user() {
         let secret = "https://bot:pw@hooks.example.com/services/T0/B0/s3cret?token=x";
-        assert_eq!(shown(secret), "https://hooks.example.com/…");
+        assert_eq!(shown(secret), "https://…@hooks.example.com/…");
+        assert_eq!(shown("http://bot:pw@h:1/"), "http://…@h:1");
         assert_eq!(shown("http://127.0.0.1:9000/"), "http://127.0.0.1:9000");
         assert_eq!(shown("http://[::1]:9000/hook"), "http://[::1]:9000/…");
         // A port that cannot be used, as written: it is not port 80.
-        assert_eq!(shown("http://u:p@h:99999/x"), "http://h:99999/…");
+        assert_eq!(shown("http://u:p@h:99999/x"), "http://…@h:99999/…");
     }
 
     /// A call a receiver got: its event, whether it was answered 2xx, and
