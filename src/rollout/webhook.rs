@@ -145,8 +145,9 @@ pub fn hide_secrets(state: &mut serde_json::Value) {
 }
 
 /// `url` as the log shows it: its scheme, host and port, with `…` for any
-/// user info, path and query. A webhook's path and query are often its secret (a chat service's incoming webhook is a
-/// token in its path), and logs travel further than the config.
+/// user info, path and query. A webhook's path and query are often its
+/// secret (a chat service's incoming webhook is a token in its path), and
+/// logs travel further than the config.
 pub fn shown(url: &str) -> String {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return "(not a valid URL)".to_owned();
