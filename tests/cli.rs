@@ -763,7 +763,13 @@ where
 
 /// Sends `child` SIGTERM and checks that it exits 0, its log (read by
 /// `drain`) ending with it.
-async fn exits_0_on_sigterm(mut child: tokio::process::Child, drain: tokio::task::JoinHandle<()>) {
+async fn exits_0_on_sigterm(child: tokio::process::Child, drain: tokio::task::JoinHandle<()>) {
+    sigterm_exits_0(child).await;
+    let _ = within("the log to end", drain).await;
+}
+
+/// Sends `child` SIGTERM and checks that it exits 0.
+async fn sigterm_exits_0(mut child: tokio::process::Child) {
     let pid = child.id().expect("the child is running").to_string();
     let kill = Command::new("kill")
         .args(["-TERM", &pid])
@@ -774,7 +780,6 @@ async fn exits_0_on_sigterm(mut child: tokio::process::Child, drain: tokio::task
         .await
         .expect("wait for cohort serve");
     assert_eq!(status.code(), Some(0), "{status:?}");
-    let _ = within("the log to end", drain).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -882,15 +887,7 @@ async fn demo_serves_on_its_ports_and_leaves_nothing_behind() {
         Http::new(admin).get("/admin/state", &[]).await.json()["status"] == "rolled_back"
     })
     .await;
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let status = within("the demo to exit", child.wait())
-        .await
-        .expect("wait for the demo");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    sigterm_exits_0(child).await;
     assert!(state_dirs(pid).is_empty(), "the demo left its state behind");
 
     // With a port taken, it says which, exits 1, and still leaves nothing.
@@ -1011,15 +1008,6 @@ async fn a_log_reader_that_stalls_holds_up_no_request_and_no_shutdown() {
         .unwrap_or_else(|| panic!("no count of dropped lines in:\n{metrics}"));
     assert!(dropped > 0.0, "{dropped}");
 
-    let pid = child.id().expect("the child is running").to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let status = within("cohort serve to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for cohort serve");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    sigterm_exits_0(child).await;
     drop(log);
 }
