@@ -1,7 +1,8 @@
 //! `cohort ctl`: the admin API from the command line.
 //!
-//! Owns: turning ctl subcommands into admin calls, where the bearer token
-//! comes from, the call's deadline, telling the admin API's answer from any
+//! Owns: turning ctl subcommands into admin calls, refusing an admin URL
+//! they would go elsewhere with (a port out of range, a query, a fragment,
+//! user info), where the bearer token comes from, the call's deadline, telling the admin API's answer from any
 //! other server's, printing the live state readably, and exiting non-zero
 //! with the server's message (or the cause) on failure. Does not own the
 //! API's behaviour (`admin`, `control`).
